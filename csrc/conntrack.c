@@ -1,0 +1,221 @@
+/*
+ * conntrack.c -- natlb's own connection tracking table.
+ *
+ * Theory of operation: entries live in one preallocated array (max_flows,
+ * never grown) and are linked by index into hash chains; unused entries
+ * form a free list.  A flow is reached from both directions through one
+ * chain, because both directions are hashed on what they have in common,
+ * (client address, client port, protocol).  That lets one spinlock stripe
+ * cover a flow whichever queue/worker sees its packets, so two workers can
+ * share the table without a global lock.
+ *
+ * Expiry is lazy (an expired entry is never matched) and reclaimed by
+ * nl_ct_sweep, which workers call with a budget proportional to elapsed time.
+ *
+ * TCP state machine (simplified from IPVS), one row per event:
+ *     SYN (client)       -> SYN_SENT      timeout SYN
+ *     SYN+ACK (server)   -> SYN_RECV      timeout SYN
+ *     ACK in SYN_RECV    -> ESTABLISHED   timeout ESTABLISHED
+ *     FIN (either side)  -> FIN           timeout FIN
+ *     RST (either side)  -> CLOSE         timeout CLOSE
+ * A data packet refreshes the timeout of the state it is in.
+ */
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include "internal.h"
+
+static inline uint32_t fmix32(uint32_t h)
+{
+    h ^= h >> 16;
+    h *= 0x85ebca6bu;
+    h ^= h >> 13;
+    h *= 0xc2b2ae35u;
+    h ^= h >> 16;
+    return h;
+}
+
+int nl_ct_init(struct nl_ct *ct, uint32_t max_flows, const uint32_t *timeouts)
+{
+    memset(ct, 0, sizeof(*ct));
+    if (max_flows == 0 || max_flows >= NL_NIL)
+        return -1;
+    uint32_t nb = 1;
+    while (nb < max_flows && nb < (1u << 30))
+        nb <<= 1;
+    ct->flows = calloc(max_flows, sizeof(struct nl_flow));
+    ct->buckets = malloc((size_t)nb * sizeof(uint32_t));
+    if (!ct->flows || !ct->buckets) {
+        nl_ct_fini(ct);
+        return -1;
+    }
+    memset(ct->buckets, 0xff, (size_t)nb * sizeof(uint32_t));
+    ct->n_buckets = nb;
+    ct->max_flows = max_flows;
+    for (uint32_t i = 0; i < max_flows; i++)
+        ct->flows[i].next = (i + 1 < max_flows) ? i + 1 : NL_NIL;
+    ct->free_head = 0;
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    ct->seed = fmix32((uint32_t)ts.tv_nsec ^ (uint32_t)ts.tv_sec ^ (uint32_t)(uintptr_t)ct);
+    pthread_spin_init(&ct->free_lock, PTHREAD_PROCESS_PRIVATE);
+    for (int i = 0; i < NL_CT_STRIPES; i++)
+        pthread_spin_init(&ct->stripes[i], PTHREAD_PROCESS_PRIVATE);
+    memcpy(ct->timeout_ms, timeouts, sizeof(ct->timeout_ms));
+    return 0;
+}
+
+void nl_ct_fini(struct nl_ct *ct)
+{
+    free(ct->flows);
+    free(ct->buckets);
+    ct->flows = NULL;
+    ct->buckets = NULL;
+}
+
+uint32_t nl_ct_bucket(const struct nl_ct *ct, const struct nl_ct_key *k)
+{
+    uint32_t h = fmix32(k->client_addr ^ ct->seed);
+    h = fmix32(h ^ ((uint32_t)k->client_port << 8) ^ k->proto);
+    return h & (ct->n_buckets - 1);
+}
+
+struct nl_flow *nl_ct_find(struct nl_ct *ct, uint32_t bucket,
+                           const struct nl_ct_key *k, uint32_t now)
+{
+    for (uint32_t i = ct->buckets[bucket]; i != NL_NIL; i = ct->flows[i].next) {
+        struct nl_flow *f = &ct->flows[i];
+        if (f->client_addr != k->client_addr || f->client_port != k->client_port ||
+            f->proto != k->proto)
+            continue;
+        if (k->reply ? (f->backend_addr != k->other_addr || f->backend_port != k->other_port)
+                     : (f->vip_addr != k->other_addr || f->vip_port != k->other_port))
+            continue;
+        if (nl_time_before(f->expires_ms, now))
+            return NULL;            /* expired: the sweeper will reclaim it */
+        return f;
+    }
+    return NULL;
+}
+
+struct nl_flow *nl_ct_insert(struct nl_ct *ct, uint32_t bucket)
+{
+    pthread_spin_lock(&ct->free_lock);
+    uint32_t i = ct->free_head;
+    if (i != NL_NIL) {
+        ct->free_head = ct->flows[i].next;
+        ct->count++;
+    }
+    pthread_spin_unlock(&ct->free_lock);
+    if (i == NL_NIL)
+        return NULL;
+    struct nl_flow *f = &ct->flows[i];
+    memset(f, 0, sizeof(*f));
+    f->next = ct->buckets[bucket];
+    ct->buckets[bucket] = i;
+    return f;
+}
+
+static void unlink_at(struct nl_ct *ct, uint32_t *link)
+{
+    uint32_t i = *link;
+    struct nl_flow *f = &ct->flows[i];
+    *link = f->next;
+    f->state = NL_FS_FREE;
+    pthread_spin_lock(&ct->free_lock);
+    f->next = ct->free_head;
+    ct->free_head = i;
+    ct->count--;
+    pthread_spin_unlock(&ct->free_lock);
+}
+
+void nl_ct_remove(struct nl_ct *ct, uint32_t bucket, struct nl_flow *f)
+{
+    uint32_t target = (uint32_t)(f - ct->flows);
+    for (uint32_t *link = &ct->buckets[bucket]; *link != NL_NIL;
+         link = &ct->flows[*link].next) {
+        if (*link == target) {
+            unlink_at(ct, link);
+            return;
+        }
+    }
+}
+
+void nl_ct_tcp_update(struct nl_ct *ct, struct nl_flow *f, int reply,
+                      uint8_t fl, uint32_t now)
+{
+    uint8_t s = f->state;
+    if (fl & NL_TCP_RST)
+        s = NL_FS_CLOSE;
+    else if (fl & NL_TCP_FIN)
+        s = (s == NL_FS_CLOSE) ? s : NL_FS_FIN;
+    else if ((fl & NL_TCP_SYN) && (fl & NL_TCP_ACK) && reply && s == NL_FS_SYN_SENT)
+        s = NL_FS_SYN_RECV;
+    else if ((fl & NL_TCP_SYN) && !(fl & NL_TCP_ACK) && !reply && s == NL_FS_FREE)
+        s = NL_FS_SYN_SENT;
+    else if ((fl & NL_TCP_ACK) && !(fl & NL_TCP_SYN) && s == NL_FS_SYN_RECV && !reply)
+        s = NL_FS_ESTABLISHED;
+    f->state = s;
+    uint32_t t;
+    switch (s) {
+    case NL_FS_ESTABLISHED: t = ct->timeout_ms[NL_T_TCP_ESTABLISHED]; break;
+    case NL_FS_FIN: t = ct->timeout_ms[NL_T_TCP_FIN]; break;
+    case NL_FS_CLOSE: t = ct->timeout_ms[NL_T_TCP_CLOSE]; break;
+    default: t = ct->timeout_ms[NL_T_TCP_SYN]; break;
+    }
+    f->expires_ms = now + t;
+}
+
+/* Frees expired entries of one bucket; the caller holds its stripe. */
+static uint32_t sweep_bucket(struct nl_lb *lb, uint32_t b, uint32_t now)
+{
+    struct nl_ct *ct = &lb->ct;
+    uint32_t freed = 0;
+    uint32_t *link = &ct->buckets[b];
+    while (*link != NL_NIL) {
+        struct nl_flow *f = &ct->flows[*link];
+        if (nl_time_before(f->expires_ms, now)) {
+            __atomic_fetch_sub(&lb->active[f->backend_id], 1, __ATOMIC_RELAXED);
+            unlink_at(ct, link);
+            freed++;
+        } else {
+            link = &f->next;
+        }
+    }
+    return freed;
+}
+
+uint32_t nl_ct_sweep(struct nl_lb *lb, uint64_t now_ms, uint32_t max_buckets)
+{
+    struct nl_ct *ct = &lb->ct;
+    uint32_t now = (uint32_t)now_ms, freed = 0;
+    if (max_buckets > ct->n_buckets)
+        max_buckets = ct->n_buckets;
+    uint32_t start = __atomic_fetch_add(&ct->sweep_cursor, max_buckets, __ATOMIC_RELAXED);
+    for (uint32_t n = 0; n < max_buckets; n++) {
+        uint32_t b = (start + n) & (ct->n_buckets - 1);
+        if (__atomic_load_n(&ct->buckets[b], __ATOMIC_RELAXED) == NL_NIL)
+            continue;
+        pthread_spinlock_t *l = nl_ct_stripe(ct, b);
+        pthread_spin_lock(l);
+        freed += sweep_bucket(lb, b, now);
+        pthread_spin_unlock(l);
+    }
+    return freed;
+}
+
+uint32_t nl_ct_count(struct nl_lb *lb)
+{
+    return __atomic_load_n(&lb->ct.count, __ATOMIC_RELAXED);
+}
+
+uint32_t nl_ct_entry_size(void)
+{
+    return (uint32_t)sizeof(struct nl_flow);
+}
+
+uint64_t nl_ct_memory(struct nl_lb *lb)
+{
+    return (uint64_t)lb->ct.max_flows * sizeof(struct nl_flow) +
+           (uint64_t)lb->ct.n_buckets * sizeof(uint32_t);
+}

@@ -1,0 +1,170 @@
+/* internal.h -- structures private to the C core (not part of the cffi API). */
+#ifndef NATLB_INTERNAL_H
+#define NATLB_INTERNAL_H
+
+#include <stdint.h>
+#include <stddef.h>
+#include <pthread.h>
+#include "natlb.h"
+
+#define NL_LIKELY(x) __builtin_expect(!!(x), 1)
+#define NL_UNLIKELY(x) __builtin_expect(!!(x), 0)
+#define NL_NIL 0xffffffffu
+
+/* ---- packet view (packet.c) -------------------------------------------- */
+/* A parsed IPv4 TCP/UDP packet.  Pointers point into the caller's buffer;
+ * every offset was bounds-checked by nl_parse. */
+struct nl_pkt {
+    uint8_t *ip;
+    uint8_t *l4;
+    uint32_t l4len;          /* from the IP total length, not the buffer  */
+    uint8_t proto;
+    uint8_t tcp_flags;
+    uint32_t saddr, daddr;   /* network order */
+    uint16_t sport, dport;   /* network order */
+};
+
+#define NL_TCP_FIN 0x01
+#define NL_TCP_SYN 0x02
+#define NL_TCP_RST 0x04
+#define NL_TCP_ACK 0x10
+
+/* Returns -1 if the packet is usable, otherwise an NL_R_* reason. */
+int nl_parse(uint8_t *buf, uint32_t len, struct nl_pkt *p);
+/* Replace the source (or destination) address and port, fixing the IP
+ * checksum and the L4 checksum according to pkt_flags (NL_PKT_*). */
+void nl_rewrite(struct nl_pkt *p, int dst, uint32_t addr, uint16_t port,
+                uint32_t pkt_flags);
+
+/* ---- conntrack (conntrack.c) ------------------------------------------- */
+enum nl_flow_state {
+    NL_FS_FREE = 0,
+    NL_FS_SYN_SENT,          /* client SYN seen                            */
+    NL_FS_SYN_RECV,          /* server SYN-ACK seen                        */
+    NL_FS_ESTABLISHED,
+    NL_FS_FIN,               /* FIN seen                                   */
+    NL_FS_CLOSE,             /* RST seen                                   */
+    NL_FS_UDP,
+};
+
+/* One tracked flow: client <-> VIP on one side, client <-> backend on the
+ * other.  Both directions hash on (client addr, client port, proto), so one
+ * chain and one lock stripe hold both.  36 bytes (see the static assert). */
+struct nl_flow {
+    uint32_t client_addr;
+    uint32_t vip_addr;
+    uint32_t backend_addr;
+    uint16_t client_port;
+    uint16_t vip_port;
+    uint16_t backend_port;
+    uint8_t proto;
+    uint8_t state;           /* enum nl_flow_state                         */
+    uint32_t next;           /* chain (or free list) link, NL_NIL ends it  */
+    uint32_t expires_ms;     /* wrapping monotonic ms                      */
+    uint16_t service_id;
+    uint16_t backend_id;
+    uint32_t created_ms;
+};
+_Static_assert(sizeof(struct nl_flow) <= 64, "conntrack entry must stay small");
+
+#define NL_CT_STRIPES 1024
+
+struct nl_ct {
+    struct nl_flow *flows;           /* max_flows entries                  */
+    uint32_t *buckets;               /* head index per bucket              */
+    uint32_t n_buckets;              /* power of two                       */
+    uint32_t max_flows;
+    uint32_t seed;
+    uint32_t free_head;
+    uint32_t count;                  /* entries in use (under free_lock)   */
+    pthread_spinlock_t free_lock;
+    pthread_spinlock_t stripes[NL_CT_STRIPES];
+    uint32_t sweep_cursor;           /* next bucket the sweeper visits     */
+    uint32_t timeout_ms[NL_T_MAX];
+};
+
+/* Direction-neutral key: for a forward packet (src = client), for a reply
+ * (dst = client). */
+struct nl_ct_key {
+    uint32_t client_addr;
+    uint16_t client_port;
+    uint8_t proto;
+    uint8_t reply;           /* 0: match vip side, 1: match backend side  */
+    uint32_t other_addr;     /* vip (forward) or backend (reply)          */
+    uint16_t other_port;
+};
+
+int nl_ct_init(struct nl_ct *ct, uint32_t max_flows, const uint32_t *timeouts);
+void nl_ct_fini(struct nl_ct *ct);
+uint32_t nl_ct_bucket(const struct nl_ct *ct, const struct nl_ct_key *k);
+/* Caller holds the stripe lock of the key's bucket for these three. */
+struct nl_flow *nl_ct_find(struct nl_ct *ct, uint32_t bucket,
+                           const struct nl_ct_key *k, uint32_t now);
+struct nl_flow *nl_ct_insert(struct nl_ct *ct, uint32_t bucket);
+void nl_ct_remove(struct nl_ct *ct, uint32_t bucket, struct nl_flow *f);
+static inline pthread_spinlock_t *nl_ct_stripe(struct nl_ct *ct, uint32_t bucket)
+{
+    return &ct->stripes[bucket & (NL_CT_STRIPES - 1)];
+}
+/* Apply the TCP state machine for one packet; updates the expiry. */
+void nl_ct_tcp_update(struct nl_ct *ct, struct nl_flow *f, int reply,
+                      uint8_t tcp_flags, uint32_t now);
+static inline int nl_time_before(uint32_t a, uint32_t b)
+{
+    return (int32_t)(a - b) < 0;
+}
+
+/* ---- published tables (lb.c, scheduler.c) ------------------------------ */
+struct nl_service {
+    struct nl_service_spec spec;
+    struct nl_backend_spec *backends;
+    uint32_t n_backends;
+    uint16_t *table;
+    uint32_t table_len;
+    uint32_t rr_cursor;              /* atomically advanced by rr/wrr      */
+    uint8_t filled;
+};
+
+struct nl_snapshot {
+    uint32_t n_services;
+    struct nl_service *services;
+    uint32_t *index;                 /* open addressing: service no. + 1   */
+    uint32_t index_mask;
+};
+
+/* Counters private to one worker; summed when read, so no cache line is
+ * shared between workers on the hot path. */
+struct nl_worker_counters {
+    uint64_t reasons[NL_R_MAX];
+    uint64_t io_packets;
+    uint64_t io_batches;
+    struct nl_counters services[NL_MAX_SERVICES];
+    struct nl_counters backends[NL_MAX_BACKENDS];
+};
+
+struct nl_worker;
+
+struct nl_lb {
+    struct nl_config cfg;
+    struct nl_ct ct;
+    struct nl_snapshot *snap;        /* read with __atomic acquire         */
+    struct nl_worker_counters *counters;   /* n_workers + 1 blocks          */
+    int64_t *active;                 /* per backend id, atomic             */
+    uint32_t sched_seed;
+    /* workers */
+    struct nl_worker *workers;
+    uint32_t n_running;
+    volatile int stop;
+    uint64_t generation;             /* bumped on each publish             */
+    pthread_mutex_t publish_lock;
+};
+
+/* Choose a backend index within svc for a new flow, or -1. */
+int nl_schedule(struct nl_lb *lb, const struct nl_service *svc,
+                const struct nl_pkt *p);
+
+/* A worker brackets each batch with these two (see lb.c). */
+void nl_worker_enter(struct nl_lb *lb, uint32_t worker);
+void nl_worker_quiescent(struct nl_lb *lb, uint32_t worker);
+
+#endif

@@ -1,0 +1,421 @@
+/*
+ * lb.c -- the load balancer object: published snapshots, counters, and
+ * nl_process, which ties parse -> conntrack -> schedule -> rewrite together.
+ *
+ * Snapshot reclamation (quiescent-state based): a worker records the
+ * publish generation it saw before loading the snapshot pointer for a batch
+ * and clears it after the batch.  nl_publish stores the new pointer, then
+ * bumps the generation, and retires the old snapshot tagged with the new
+ * generation; it is freed once no worker is still inside a batch that began
+ * before that generation.  Packets never wait for a publish.
+ */
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include "internal.h"
+
+#define EPOCH_IDLE UINT64_MAX
+
+struct retired {
+    struct nl_snapshot *snap;
+    uint64_t gen;
+    struct retired *next;
+};
+
+/* Per-lb reclamation state, kept out of nl_lb's hot cache lines. */
+struct nl_reclaim {
+    uint64_t epoch[NL_MAX_WORKERS + 1];
+    struct retired *list;
+};
+
+static struct nl_reclaim *reclaim_of(struct nl_lb *lb);
+
+/* ---- snapshots --------------------------------------------------------- */
+
+struct nl_snapshot *nl_snapshot_new(uint32_t n_services)
+{
+    if (n_services > NL_MAX_SERVICES)
+        return NULL;
+    struct nl_snapshot *s = calloc(1, sizeof(*s));
+    if (!s)
+        return NULL;
+    s->n_services = n_services;
+    s->services = calloc(n_services ? n_services : 1, sizeof(struct nl_service));
+    uint32_t size = 4;
+    while (size < 2 * n_services)
+        size <<= 1;
+    s->index = calloc(size, sizeof(uint32_t));
+    s->index_mask = size - 1;
+    if (!s->services || !s->index) {
+        nl_snapshot_free(s);
+        return NULL;
+    }
+    return s;
+}
+
+void nl_snapshot_free(struct nl_snapshot *s)
+{
+    if (!s)
+        return;
+    for (uint32_t i = 0; s->services && i < s->n_services; i++) {
+        free(s->services[i].backends);
+        free(s->services[i].table);
+    }
+    free(s->services);
+    free(s->index);
+    free(s);
+}
+
+int nl_snapshot_set_service(struct nl_snapshot *s, uint32_t index,
+                            const struct nl_service_spec *spec,
+                            const struct nl_backend_spec *backends, uint32_t n_backends,
+                            const uint16_t *table, uint32_t table_len)
+{
+    if (!s || index >= s->n_services || spec->id >= NL_MAX_SERVICES ||
+        spec->scheduler > NL_SCHED_MAGLEV || (spec->proto != 6 && spec->proto != 17) ||
+        n_backends > NL_MAX_BACKENDS || n_backends > 65535)
+        return -1;
+    for (uint32_t i = 0; i < n_backends; i++)
+        if (backends[i].id >= NL_MAX_BACKENDS)
+            return -1;
+    for (uint32_t i = 0; i < table_len; i++)
+        if (table[i] >= n_backends)
+            return -1;
+    struct nl_service *svc = &s->services[index];
+    free(svc->backends);
+    free(svc->table);
+    memset(svc, 0, sizeof(*svc));
+    svc->spec = *spec;
+    svc->backends = malloc((n_backends ? n_backends : 1) * sizeof(*backends));
+    svc->table = malloc((table_len ? table_len : 1) * sizeof(*table));
+    if (!svc->backends || !svc->table)
+        return -1;
+    memcpy(svc->backends, backends, n_backends * sizeof(*backends));
+    memcpy(svc->table, table, table_len * sizeof(*table));
+    svc->n_backends = n_backends;
+    svc->table_len = table_len;
+    svc->filled = 1;
+    return 0;
+}
+
+static inline uint32_t svc_hash(uint32_t vip, uint16_t port, uint8_t proto)
+{
+    uint32_t h = vip * 0x9e3779b1u ^ ((uint32_t)port << 8 | proto) * 0x85ebca6bu;
+    return h ^ (h >> 15);
+}
+
+static int build_index(struct nl_snapshot *s)
+{
+    for (uint32_t i = 0; i < s->n_services; i++) {
+        struct nl_service *svc = &s->services[i];
+        if (!svc->filled)
+            return -1;
+        uint32_t h = svc_hash(svc->spec.vip, svc->spec.port, svc->spec.proto);
+        for (;; h++) {
+            uint32_t *slot = &s->index[h & s->index_mask];
+            if (*slot == 0) {
+                *slot = i + 1;
+                break;
+            }
+            const struct nl_service_spec *o = &s->services[*slot - 1].spec;
+            if (o->vip == svc->spec.vip && o->port == svc->spec.port &&
+                o->proto == svc->spec.proto)
+                return -1;
+        }
+    }
+    return 0;
+}
+
+static const struct nl_service *find_service(const struct nl_snapshot *s, uint32_t vip,
+                                             uint16_t port, uint8_t proto)
+{
+    if (!s)
+        return NULL;
+    for (uint32_t h = svc_hash(vip, port, proto);; h++) {
+        uint32_t slot = s->index[h & s->index_mask];
+        if (slot == 0)
+            return NULL;
+        const struct nl_service *svc = &s->services[slot - 1];
+        if (svc->spec.vip == vip && svc->spec.port == port && svc->spec.proto == proto)
+            return svc;
+    }
+}
+
+static void reclaim(struct nl_lb *lb)
+{
+    struct nl_reclaim *r = reclaim_of(lb);
+    uint64_t oldest = EPOCH_IDLE;
+    for (uint32_t w = 0; w <= NL_MAX_WORKERS; w++) {
+        uint64_t e = __atomic_load_n(&r->epoch[w], __ATOMIC_SEQ_CST);
+        if (e < oldest)
+            oldest = e;
+    }
+    struct retired **link = &r->list;
+    while (*link) {
+        struct retired *x = *link;
+        if (x->gen <= oldest) {
+            *link = x->next;
+            nl_snapshot_free(x->snap);
+            free(x);
+        } else {
+            link = &x->next;
+        }
+    }
+}
+
+int nl_publish(struct nl_lb *lb, struct nl_snapshot *snap)
+{
+    if (!snap || build_index(snap) < 0)
+        return -1;
+    struct retired *x = malloc(sizeof(*x));
+    if (!x)
+        return -1;
+    pthread_mutex_lock(&lb->publish_lock);
+    struct nl_snapshot *old = __atomic_exchange_n(&lb->snap, snap, __ATOMIC_SEQ_CST);
+    uint64_t gen = __atomic_add_fetch(&lb->generation, 1, __ATOMIC_SEQ_CST);
+    struct nl_reclaim *r = reclaim_of(lb);
+    x->snap = old;
+    x->gen = gen;
+    x->next = r->list;
+    r->list = x;
+    reclaim(lb);
+    pthread_mutex_unlock(&lb->publish_lock);
+    return 0;
+}
+
+void nl_worker_enter(struct nl_lb *lb, uint32_t worker)
+{
+    struct nl_reclaim *r = reclaim_of(lb);
+    __atomic_store_n(&r->epoch[worker], __atomic_load_n(&lb->generation, __ATOMIC_SEQ_CST),
+                     __ATOMIC_SEQ_CST);
+}
+
+void nl_worker_quiescent(struct nl_lb *lb, uint32_t worker)
+{
+    __atomic_store_n(&reclaim_of(lb)->epoch[worker], EPOCH_IDLE, __ATOMIC_RELEASE);
+}
+
+/* ---- lifetime ---------------------------------------------------------- */
+
+struct nl_lb_alloc {
+    struct nl_lb lb;
+    struct nl_reclaim reclaim;
+};
+
+static struct nl_reclaim *reclaim_of(struct nl_lb *lb)
+{
+    return &((struct nl_lb_alloc *)lb)->reclaim;
+}
+
+struct nl_lb *nl_create(const struct nl_config *cfg)
+{
+    if (!cfg || cfg->n_workers > NL_MAX_WORKERS || cfg->max_flows == 0)
+        return NULL;
+    for (int i = 0; i < NL_T_MAX; i++)
+        if (cfg->timeout_ms[i] == 0 || cfg->timeout_ms[i] > 0x3fffffffu)
+            return NULL;
+    struct nl_lb_alloc *a = calloc(1, sizeof(*a));
+    if (!a)
+        return NULL;
+    struct nl_lb *lb = &a->lb;
+    lb->cfg = *cfg;
+    for (uint32_t w = 0; w <= NL_MAX_WORKERS; w++)
+        a->reclaim.epoch[w] = EPOCH_IDLE;
+    lb->counters = calloc(cfg->n_workers + 1, sizeof(struct nl_worker_counters));
+    lb->active = calloc(NL_MAX_BACKENDS, sizeof(int64_t));
+    if (!lb->counters || !lb->active || nl_ct_init(&lb->ct, cfg->max_flows, cfg->timeout_ms) < 0) {
+        nl_destroy(lb);
+        return NULL;
+    }
+    lb->sched_seed = lb->ct.seed * 0x9e3779b1u + 1;
+    pthread_mutex_init(&lb->publish_lock, NULL);
+    return lb;
+}
+
+void nl_destroy(struct nl_lb *lb)
+{
+    if (!lb)
+        return;
+    nl_stop(lb);
+    struct nl_reclaim *r = reclaim_of(lb);
+    while (r->list) {
+        struct retired *x = r->list;
+        r->list = x->next;
+        nl_snapshot_free(x->snap);
+        free(x);
+    }
+    nl_snapshot_free(lb->snap);
+    nl_ct_fini(&lb->ct);
+    free(lb->counters);
+    free(lb->active);
+    free(lb);
+}
+
+/* ---- the data path ----------------------------------------------------- */
+
+static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
+                   const struct nl_service *svc, struct nl_pkt *p,
+                   uint32_t pkt_flags, uint32_t now)
+{
+    struct nl_ct *ct = &lb->ct;
+    struct nl_ct_key k = { p->saddr, p->sport, p->proto, 0, p->daddr, p->dport };
+    uint32_t b = nl_ct_bucket(ct, &k);
+    pthread_spinlock_t *lock = nl_ct_stripe(ct, b);
+    int is_syn = p->proto == 6 && (p->tcp_flags & (NL_TCP_SYN | NL_TCP_ACK)) == NL_TCP_SYN;
+
+    pthread_spin_lock(lock);
+    struct nl_flow *f = nl_ct_find(ct, b, &k, now);
+    if (f && is_syn && f->state >= NL_FS_FIN) {
+        /* The client reuses a closed connection's port: a new flow. */
+        __atomic_fetch_sub(&lb->active[f->backend_id], 1, __ATOMIC_RELAXED);
+        nl_ct_remove(ct, b, f);
+        f = NULL;
+    }
+    if (!f) {
+        int reason = -1, idx = -1;
+        if (p->proto == 6 && !is_syn)
+            reason = NL_R_NO_FLOW;
+        else if ((idx = nl_schedule(lb, svc, p)) < 0)
+            reason = NL_R_NO_BACKEND;
+        else if (!(f = nl_ct_insert(ct, b)))
+            reason = NL_R_TABLE_FULL;
+        if (reason >= 0) {
+            pthread_spin_unlock(lock);
+            wc->reasons[reason]++;
+            return NL_VERDICT_DROP;
+        }
+        const struct nl_backend_spec *be = &svc->backends[idx];
+        f->client_addr = p->saddr;
+        f->client_port = p->sport;
+        f->vip_addr = p->daddr;
+        f->vip_port = p->dport;
+        f->backend_addr = be->addr;
+        f->backend_port = be->port;
+        f->proto = p->proto;
+        f->service_id = (uint16_t)svc->spec.id;
+        f->backend_id = (uint16_t)be->id;
+        f->created_ms = now;
+        f->state = p->proto == 6 ? NL_FS_FREE : NL_FS_UDP;
+        __atomic_fetch_add(&lb->active[be->id], 1, __ATOMIC_RELAXED);
+        wc->services[svc->spec.id].new_flows++;
+        wc->backends[be->id].new_flows++;
+    }
+    if (p->proto == 6)
+        nl_ct_tcp_update(ct, f, 0, p->tcp_flags, now);
+    else
+        f->expires_ms = now + ct->timeout_ms[NL_T_UDP];
+    uint32_t baddr = f->backend_addr;
+    uint16_t bport = f->backend_port, bid = f->backend_id;
+    pthread_spin_unlock(lock);
+
+    nl_rewrite(p, 1, baddr, bport, pkt_flags);
+    uint32_t bytes = p->l4len + (uint32_t)(p->l4 - p->ip);
+    struct nl_counters *sc = &wc->services[svc->spec.id], *bc = &wc->backends[bid];
+    sc->packets_in++;
+    sc->bytes_in += bytes;
+    bc->packets_in++;
+    bc->bytes_in += bytes;
+    return NL_VERDICT_REWRITE;
+}
+
+static int reply(struct nl_lb *lb, struct nl_worker_counters *wc, struct nl_pkt *p,
+                 uint32_t pkt_flags, uint32_t now)
+{
+    struct nl_ct *ct = &lb->ct;
+    struct nl_ct_key k = { p->daddr, p->dport, p->proto, 1, p->saddr, p->sport };
+    uint32_t b = nl_ct_bucket(ct, &k);
+    pthread_spinlock_t *lock = nl_ct_stripe(ct, b);
+
+    pthread_spin_lock(lock);
+    struct nl_flow *f = nl_ct_find(ct, b, &k, now);
+    if (!f) {
+        pthread_spin_unlock(lock);
+        wc->reasons[NL_R_NOT_OURS]++;
+        return NL_VERDICT_ACCEPT;
+    }
+    if (p->proto == 6)
+        nl_ct_tcp_update(ct, f, 1, p->tcp_flags, now);
+    else
+        f->expires_ms = now + ct->timeout_ms[NL_T_UDP];
+    uint32_t vip = f->vip_addr;
+    uint16_t vport = f->vip_port, sid = f->service_id, bid = f->backend_id;
+    pthread_spin_unlock(lock);
+
+    nl_rewrite(p, 0, vip, vport, pkt_flags);
+    uint32_t bytes = p->l4len + (uint32_t)(p->l4 - p->ip);
+    wc->services[sid].packets_out++;
+    wc->services[sid].bytes_out += bytes;
+    wc->backends[bid].packets_out++;
+    wc->backends[bid].bytes_out += bytes;
+    return NL_VERDICT_REWRITE;
+}
+
+int nl_process(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
+               uint32_t pkt_flags, uint64_t now_ms)
+{
+    if (worker > lb->cfg.n_workers)
+        worker = lb->cfg.n_workers;
+    struct nl_worker_counters *wc = &lb->counters[worker];
+    struct nl_pkt p;
+    int r = nl_parse(pkt, len, &p);
+    if (r >= 0) {
+        wc->reasons[r]++;
+        return r == NL_R_UNSUPPORTED ? NL_VERDICT_ACCEPT : NL_VERDICT_DROP;
+    }
+    const struct nl_snapshot *snap = __atomic_load_n(&lb->snap, __ATOMIC_ACQUIRE);
+    const struct nl_service *svc = find_service(snap, p.daddr, p.dport, p.proto);
+    if (svc)
+        return forward(lb, wc, svc, &p, pkt_flags, (uint32_t)now_ms);
+    return reply(lb, wc, &p, pkt_flags, (uint32_t)now_ms);
+}
+
+/* ---- counters ---------------------------------------------------------- */
+
+static void sum_counters(struct nl_lb *lb, size_t offset, struct nl_counters *out, uint32_t n)
+{
+    memset(out, 0, n * sizeof(*out));
+    for (uint32_t w = 0; w <= lb->cfg.n_workers; w++) {
+        const struct nl_counters *src =
+            (const struct nl_counters *)((const char *)&lb->counters[w] + offset);
+        for (uint32_t i = 0; i < n; i++) {
+            out[i].packets_in += src[i].packets_in;
+            out[i].bytes_in += src[i].bytes_in;
+            out[i].packets_out += src[i].packets_out;
+            out[i].bytes_out += src[i].bytes_out;
+            out[i].new_flows += src[i].new_flows;
+        }
+    }
+}
+
+void nl_read_services(struct nl_lb *lb, struct nl_counters *out, uint32_t n)
+{
+    if (n > NL_MAX_SERVICES)
+        n = NL_MAX_SERVICES;
+    sum_counters(lb, offsetof(struct nl_worker_counters, services), out, n);
+}
+
+void nl_read_backends(struct nl_lb *lb, struct nl_counters *out, uint32_t n)
+{
+    if (n > NL_MAX_BACKENDS)
+        n = NL_MAX_BACKENDS;
+    sum_counters(lb, offsetof(struct nl_worker_counters, backends), out, n);
+    for (uint32_t i = 0; i < n; i++)
+        out[i].active_flows = __atomic_load_n(&lb->active[i], __ATOMIC_RELAXED);
+}
+
+void nl_read_reasons(struct nl_lb *lb, uint64_t *out)
+{
+    memset(out, 0, NL_R_MAX * sizeof(uint64_t));
+    for (uint32_t w = 0; w <= lb->cfg.n_workers; w++)
+        for (int r = 0; r < NL_R_MAX; r++)
+            out[r] += lb->counters[w].reasons[r];
+}
+
+void nl_read_io(struct nl_lb *lb, uint64_t *packets, uint64_t *batches)
+{
+    *packets = *batches = 0;
+    for (uint32_t w = 0; w <= lb->cfg.n_workers; w++) {
+        *packets += lb->counters[w].io_packets;
+        *batches += lb->counters[w].io_batches;
+    }
+}

@@ -1,0 +1,154 @@
+/*
+ * natlb.h -- the whole C/Python boundary of natlb.
+ *
+ * This file is read twice: by the C compiler (through internal.h, which
+ * includes <stdint.h> first) and by natlb/_build.py as the cffi cdef.  It
+ * must therefore stay "cdef-clean": integer #defines, plain structs and
+ * prototypes only, no #include, no #if, no macros with arguments.
+ *
+ * Byte order: every address and port in these structs is in NETWORK order,
+ * exactly as it sits in the packet, so the data path never swaps bytes.
+ *
+ * Threading: nl_process() and the NFQUEUE workers run without the GIL and
+ * may run concurrently.  The control plane publishes a whole new snapshot
+ * (nl_publish) instead of editing the live one, so a packet sees either the
+ * old or the new table, never a half-written one.
+ */
+
+/* ---- limits ------------------------------------------------------------ */
+#define NL_MAX_SERVICES 256      /* service ids are 0..NL_MAX_SERVICES-1    */
+#define NL_MAX_BACKENDS 4096     /* backend ids are 0..NL_MAX_BACKENDS-1    */
+#define NL_MAX_WORKERS 16
+
+/* ---- verdicts returned by nl_process ---------------------------------- */
+#define NL_VERDICT_ACCEPT 0      /* let the packet through unchanged       */
+#define NL_VERDICT_REWRITE 1     /* packet bytes were rewritten in place   */
+#define NL_VERDICT_DROP 2
+
+/* ---- per-packet flags given to nl_process (from NFQA_SKB_INFO) -------- */
+#define NL_PKT_CSUM_PARTIAL 1    /* L4 checksum field holds only the
+                                    pseudo-header sum (CHECKSUM_PARTIAL)  */
+#define NL_PKT_GSO 2             /* a GSO super-packet, segmented later   */
+
+/* ---- schedulers -------------------------------------------------------- */
+#define NL_SCHED_RR 0            /* table = eligible backends, cycled      */
+#define NL_SCHED_WRR 1           /* table = weighted sequence, cycled      */
+#define NL_SCHED_LC 2            /* no table: fewest active flows / weight */
+#define NL_SCHED_SH 3            /* table indexed by hash(client address)  */
+#define NL_SCHED_MAGLEV 4        /* maglev lookup table, hash(client tuple)*/
+
+/* ---- backend flags ----------------------------------------------------- */
+#define NL_BE_ELIGIBLE 1         /* may be chosen for new flows (lc)       */
+
+/* ---- conntrack timeouts (index into nl_config.timeout_ms) ------------- */
+#define NL_T_TCP_SYN 0           /* SYN seen, handshake not complete       */
+#define NL_T_TCP_ESTABLISHED 1
+#define NL_T_TCP_FIN 2           /* FIN seen in either direction           */
+#define NL_T_TCP_CLOSE 3         /* RST seen                               */
+#define NL_T_UDP 4
+#define NL_T_MAX 5
+
+/* ---- why a packet was dropped or passed (global counters) ------------- */
+#define NL_R_MALFORMED 0         /* bad IPv4/TCP/UDP header: dropped       */
+#define NL_R_FRAGMENT 1          /* IP fragment: dropped (no L4 header)    */
+#define NL_R_NO_FLOW 2           /* TCP non-SYN with no flow: dropped      */
+#define NL_R_NO_BACKEND 3        /* no eligible backend: dropped           */
+#define NL_R_TABLE_FULL 4        /* conntrack full, new flow dropped       */
+#define NL_R_NOT_OURS 5          /* matched no service or flow: passed     */
+#define NL_R_TRUNCATED 6         /* NFQUEUE gave a partial copy: dropped   */
+#define NL_R_UNSUPPORTED 7       /* not IPv4 TCP/UDP: passed               */
+#define NL_R_VERDICT_ERROR 8     /* verdict could not be sent              */
+#define NL_R_MAX 9
+
+/* Sizes the conntrack and sets its timeouts; fixed for the lb's lifetime. */
+struct nl_config {
+    uint32_t max_flows;             /* hard bound on conntrack entries     */
+    uint32_t n_workers;             /* NFQUEUE worker threads (<= 16)      */
+    uint32_t timeout_ms[5];         /* indexed by NL_T_*                   */
+};
+
+/* One real server of a service, as published by the control plane. */
+struct nl_backend_spec {
+    uint32_t addr;                  /* network order                       */
+    uint16_t port;                  /* network order                       */
+    uint16_t weight;                /* relative weight, used by lc         */
+    uint32_t id;                    /* stable counter slot < NL_MAX_BACKENDS */
+    uint32_t flags;                 /* NL_BE_*                             */
+};
+
+/* One virtual service (VIP, port, protocol). */
+struct nl_service_spec {
+    uint32_t vip;                   /* network order                       */
+    uint16_t port;                  /* network order                       */
+    uint8_t proto;                  /* 6 = TCP, 17 = UDP                   */
+    uint8_t scheduler;              /* NL_SCHED_*                          */
+    uint32_t id;                    /* stable counter slot < NL_MAX_SERVICES */
+};
+
+/* Traffic counters of one service or one backend, summed over workers. */
+struct nl_counters {
+    uint64_t packets_in;            /* client -> server direction          */
+    uint64_t bytes_in;
+    uint64_t packets_out;           /* server -> client direction          */
+    uint64_t bytes_out;
+    uint64_t new_flows;
+    int64_t active_flows;           /* conntrack entries now (backends)    */
+};
+
+struct nl_lb;
+struct nl_snapshot;
+
+/* ---- lifetime ---------------------------------------------------------- */
+/* NULL on bad config or out of memory. */
+struct nl_lb *nl_create(const struct nl_config *cfg);
+/* Stops the workers if running, then frees everything. */
+void nl_destroy(struct nl_lb *lb);
+
+/* ---- publishing backend tables ---------------------------------------- */
+struct nl_snapshot *nl_snapshot_new(uint32_t n_services);
+/* Fills service slot `index`.  `table` holds indices into `backends`
+ * (ignored by lc).  Copies everything.  0, or -1 on bad arguments. */
+int nl_snapshot_set_service(struct nl_snapshot *snap, uint32_t index,
+                            const struct nl_service_spec *svc,
+                            const struct nl_backend_spec *backends,
+                            uint32_t n_backends,
+                            const uint16_t *table, uint32_t table_len);
+/* Frees a snapshot that was never published. */
+void nl_snapshot_free(struct nl_snapshot *snap);
+/* Swaps the snapshot in and takes ownership; the previous one is freed
+ * once every running worker has finished the batch that might use it.
+ * 0, or -1 (snapshot incomplete or duplicate service; not taken). */
+int nl_publish(struct nl_lb *lb, struct nl_snapshot *snap);
+
+/* ---- the sans-IO data path -------------------------------------------- */
+/* Processes one IPv4 packet in place.  `worker` picks the counter block
+ * (0..n_workers; n_workers is reserved for callers outside the workers).
+ * `now_ms` is a monotonic clock in milliseconds.  Returns NL_VERDICT_*. */
+int nl_process(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
+               uint32_t pkt_flags, uint64_t now_ms);
+
+/* Reclaims expired flows in up to `max_buckets` buckets; returns how many
+ * flows it freed.  Workers call it themselves; exposed for tests. */
+uint32_t nl_ct_sweep(struct nl_lb *lb, uint64_t now_ms, uint32_t max_buckets);
+uint32_t nl_ct_count(struct nl_lb *lb);
+/* Bytes of one conntrack entry and of the whole preallocated table. */
+uint32_t nl_ct_entry_size(void);
+uint64_t nl_ct_memory(struct nl_lb *lb);
+
+/* ---- counters ---------------------------------------------------------- */
+/* Fill out[0..n) for ids 0..n-1. */
+void nl_read_services(struct nl_lb *lb, struct nl_counters *out, uint32_t n);
+void nl_read_backends(struct nl_lb *lb, struct nl_counters *out, uint32_t n);
+/* out[NL_R_MAX]: packets dropped or passed, by reason. */
+void nl_read_reasons(struct nl_lb *lb, uint64_t *out);
+/* Packets seen by the NFQUEUE workers and netlink receive batches. */
+void nl_read_io(struct nl_lb *lb, uint64_t *packets, uint64_t *batches);
+
+/* ---- NFQUEUE workers --------------------------------------------------- */
+#define NL_START_GSO 1           /* ask for GSO super-packets (fast bulk)   */
+/* Binds one netlink socket per queue number and starts one thread each.
+ * On failure nothing is left running and `err` holds a one-line reason. */
+int nl_start(struct nl_lb *lb, const uint16_t *queues, uint32_t n_queues,
+             uint32_t flags, char *err, uint32_t errlen);
+/* Stops and joins the workers (returns within about 100 ms). */
+void nl_stop(struct nl_lb *lb);

@@ -1,0 +1,365 @@
+/*
+ * nfqueue.c -- the thin I/O layer: one thread per NFQUEUE queue, talking
+ * nfnetlink directly (no Python, no per-packet allocation).
+ *
+ * Each loop iteration receives up to BATCH netlink datagrams with one
+ * recvmmsg (MSG_WAITFORONE: it returns as soon as one is there, so batching
+ * never adds latency), runs nl_process on every packet in place, and sends
+ * all verdicts with one sendmsg whose iovecs point at the rewritten packets
+ * in the receive slots.  The queue is fail-closed: no BYPASS/FAIL_OPEN flag,
+ * because a packet that skipped the rewrite would leak backend addresses.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <time.h>
+#include <unistd.h>
+#include <arpa/inet.h>
+#include <sys/socket.h>
+#include <sys/uio.h>
+#include <linux/netlink.h>
+#include <linux/netfilter.h>
+#include <linux/netfilter/nfnetlink.h>
+#include <linux/netfilter/nfnetlink_queue.h>
+#include "internal.h"
+
+#define BATCH 64
+/* One slot holds a whole GSO super-packet plus its netlink headers. */
+#define SLOT (65536 + 4096)
+#define RCVBUF (32 << 20)
+#define QUEUE_MAXLEN 16384
+#define SWEEP_PERIOD_MS 1000     /* a full conntrack sweep about once a second */
+
+struct verdict_msg {
+    struct nlmsghdr nlh;
+    struct nfgenmsg nfg;
+    struct nlattr vattr;
+    struct nfqnl_msg_verdict_hdr vhdr;
+    struct nlattr pattr;         /* NFQA_PAYLOAD header, payload follows */
+};
+
+struct nl_worker {
+    struct nl_lb *lb;
+    uint32_t index;
+    uint16_t queue;
+    int fd;
+    pthread_t thread;
+    uint32_t slot_size;
+    uint8_t *slots;
+    struct mmsghdr msgs[BATCH];
+    struct iovec rx_iov[BATCH];
+    struct verdict_msg verdicts[BATCH * 8];
+    struct iovec tx_iov[BATCH * 8 * 3];
+    uint64_t last_sweep_ms;
+};
+
+static uint64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+static void put_attr(uint8_t *buf, size_t *off, uint16_t type, const void *data, uint16_t len)
+{
+    struct nlattr *a = (struct nlattr *)(buf + *off);
+    a->nla_type = type;
+    a->nla_len = (uint16_t)(NLA_HDRLEN + len);
+    memcpy(buf + *off + NLA_HDRLEN, data, len);
+    *off += NLA_ALIGN(a->nla_len);
+}
+
+/* Sends one NFQNL_MSG_CONFIG message and waits for its ack. */
+static int config_msg(int fd, uint16_t queue, const uint8_t *attrs, size_t attrs_len)
+{
+    uint8_t buf[256];
+    struct nlmsghdr *nlh = (struct nlmsghdr *)buf;
+    struct nfgenmsg *nfg = (struct nfgenmsg *)(buf + NLMSG_HDRLEN);
+    size_t len = NLMSG_HDRLEN + NLMSG_ALIGN(sizeof(*nfg)) + attrs_len;
+    memset(buf, 0, sizeof(buf));
+    nlh->nlmsg_len = (uint32_t)len;
+    nlh->nlmsg_type = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_CONFIG;
+    nlh->nlmsg_flags = NLM_F_REQUEST | NLM_F_ACK;
+    nlh->nlmsg_seq = 1;
+    nfg->nfgen_family = AF_UNSPEC;
+    nfg->version = NFNETLINK_V0;
+    nfg->res_id = htons(queue);
+    memcpy(buf + NLMSG_HDRLEN + NLMSG_ALIGN(sizeof(*nfg)), attrs, attrs_len);
+    if (send(fd, buf, len, 0) < 0)
+        return -errno;
+    uint8_t rbuf[4096];
+    for (;;) {
+        ssize_t n = recv(fd, rbuf, sizeof(rbuf), 0);
+        if (n < 0)
+            return -errno;
+        for (struct nlmsghdr *r = (struct nlmsghdr *)rbuf; NLMSG_OK(r, (size_t)n);
+             r = NLMSG_NEXT(r, n)) {
+            if (r->nlmsg_type == NLMSG_ERROR)
+                return ((struct nlmsgerr *)NLMSG_DATA(r))->error;
+        }
+    }
+}
+
+static int open_queue(struct nl_worker *w, uint32_t flags, char *err, uint32_t errlen)
+{
+    w->fd = socket(AF_NETLINK, SOCK_RAW | SOCK_CLOEXEC, NETLINK_NETFILTER);
+    if (w->fd < 0) {
+        snprintf(err, errlen, "netlink socket: %s", strerror(errno));
+        return -1;
+    }
+    int one = 1, size = RCVBUF;
+    /* FORCE needs CAP_NET_ADMIN, which natlb has; fall back silently. */
+    if (setsockopt(w->fd, SOL_SOCKET, SO_RCVBUFFORCE, &size, sizeof(size)) < 0)
+        setsockopt(w->fd, SOL_SOCKET, SO_RCVBUF, &size, sizeof(size));
+    setsockopt(w->fd, SOL_SOCKET, SO_SNDBUFFORCE, &size, sizeof(size));
+    /* Overruns are counted by the kernel in /proc; an ENOBUFS error would
+     * only interrupt the loop. */
+    setsockopt(w->fd, SOL_NETLINK, NETLINK_NO_ENOBUFS, &one, sizeof(one));
+    struct sockaddr_nl sa = { .nl_family = AF_NETLINK };
+    if (bind(w->fd, (struct sockaddr *)&sa, sizeof(sa)) < 0) {
+        snprintf(err, errlen, "netlink bind: %s", strerror(errno));
+        return -1;
+    }
+    uint8_t attrs[128];
+    size_t off = 0;
+    struct nfqnl_msg_config_cmd cmd = { .command = NFQNL_CFG_CMD_BIND, .pf = htons(AF_INET) };
+    put_attr(attrs, &off, NFQA_CFG_CMD, &cmd, sizeof(cmd));
+    int rc = config_msg(w->fd, w->queue, attrs, off);
+    if (rc < 0) {
+        snprintf(err, errlen, "bind NFQUEUE %u: %s%s", w->queue, strerror(-rc),
+                 rc == -EBUSY ? " (another program owns this queue)" : "");
+        return -1;
+    }
+    off = 0;
+    struct nfqnl_msg_config_params params = { .copy_range = htonl(0xffff),
+                                              .copy_mode = NFQNL_COPY_PACKET };
+    put_attr(attrs, &off, NFQA_CFG_PARAMS, &params, sizeof(params));
+    uint32_t maxlen = htonl(QUEUE_MAXLEN);
+    put_attr(attrs, &off, NFQA_CFG_QUEUE_MAXLEN, &maxlen, sizeof(maxlen));
+    uint32_t f = htonl((flags & NL_START_GSO) ? NFQA_CFG_F_GSO : 0);
+    uint32_t mask = htonl(NFQA_CFG_F_GSO | NFQA_CFG_F_FAIL_OPEN);
+    put_attr(attrs, &off, NFQA_CFG_FLAGS, &f, sizeof(f));
+    put_attr(attrs, &off, NFQA_CFG_MASK, &mask, sizeof(mask));
+    rc = config_msg(w->fd, w->queue, attrs, off);
+    if (rc < 0) {
+        snprintf(err, errlen, "configure NFQUEUE %u: %s", w->queue, strerror(-rc));
+        return -1;
+    }
+    /* Receive timeout so the loop notices nl_stop. */
+    struct timeval tv = { .tv_sec = 0, .tv_usec = 100000 };
+    setsockopt(w->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    w->slot_size = SLOT;
+    w->slots = malloc((size_t)BATCH * w->slot_size);
+    if (!w->slots) {
+        snprintf(err, errlen, "out of memory for receive slots");
+        return -1;
+    }
+    for (int i = 0; i < BATCH; i++) {
+        w->rx_iov[i].iov_base = w->slots + (size_t)i * w->slot_size;
+        w->rx_iov[i].iov_len = w->slot_size;
+        memset(&w->msgs[i].msg_hdr, 0, sizeof(w->msgs[i].msg_hdr));
+        w->msgs[i].msg_hdr.msg_iov = &w->rx_iov[i];
+        w->msgs[i].msg_hdr.msg_iovlen = 1;
+    }
+    return 0;
+}
+
+/* Parses one NFQNL_MSG_PACKET, processes it and appends its verdict. */
+static void handle_packet(struct nl_worker *w, struct nlmsghdr *nlh, uint64_t now,
+                          size_t *nv, size_t *niov)
+{
+    struct nlattr *attr[NFQA_MAX + 1] = { 0 };
+    size_t off = NLMSG_HDRLEN + NLMSG_ALIGN(sizeof(struct nfgenmsg));
+    while (off + NLA_HDRLEN <= nlh->nlmsg_len) {
+        struct nlattr *a = (struct nlattr *)((uint8_t *)nlh + off);
+        if (a->nla_len < NLA_HDRLEN || off + a->nla_len > nlh->nlmsg_len)
+            break;
+        uint16_t type = a->nla_type & NLA_TYPE_MASK;
+        if (type <= NFQA_MAX)
+            attr[type] = a;
+        off += NLA_ALIGN(a->nla_len);
+    }
+    struct nl_worker_counters *wc = &w->lb->counters[w->index];
+    if (!attr[NFQA_PACKET_HDR] || attr[NFQA_PACKET_HDR]->nla_len < NLA_HDRLEN + 4)
+        return;
+    struct nfqnl_msg_packet_hdr *ph = (void *)((uint8_t *)attr[NFQA_PACKET_HDR] + NLA_HDRLEN);
+    uint8_t *pkt = NULL;
+    uint32_t len = 0, pkt_flags = 0;
+    int verdict = NL_VERDICT_DROP;
+    if (attr[NFQA_PAYLOAD]) {
+        pkt = (uint8_t *)attr[NFQA_PAYLOAD] + NLA_HDRLEN;
+        len = attr[NFQA_PAYLOAD]->nla_len - NLA_HDRLEN;
+    }
+    if (attr[NFQA_SKB_INFO]) {
+        uint32_t info;
+        memcpy(&info, (uint8_t *)attr[NFQA_SKB_INFO] + NLA_HDRLEN, 4);
+        info = ntohl(info);
+        if (info & NFQA_SKB_CSUMNOTREADY)
+            pkt_flags |= NL_PKT_CSUM_PARTIAL;
+        if (info & NFQA_SKB_GSO)
+            pkt_flags |= NL_PKT_GSO;
+    }
+    wc->io_packets++;
+    if (attr[NFQA_CAP_LEN] || !pkt) {
+        /* We only have part of the packet; returning it would truncate it. */
+        wc->reasons[NL_R_TRUNCATED]++;
+    } else {
+        verdict = nl_process(w->lb, w->index, pkt, len, pkt_flags, now);
+    }
+    struct verdict_msg *v = &w->verdicts[*nv];
+    uint32_t payload = verdict == NL_VERDICT_REWRITE ? len : 0;
+    memset(v, 0, sizeof(*v));
+    v->nlh.nlmsg_type = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_VERDICT;
+    v->nlh.nlmsg_flags = NLM_F_REQUEST;
+    v->nfg.nfgen_family = AF_UNSPEC;
+    v->nfg.version = NFNETLINK_V0;
+    v->nfg.res_id = htons(w->queue);
+    v->vattr.nla_type = NFQA_VERDICT_HDR;
+    v->vattr.nla_len = NLA_HDRLEN + sizeof(v->vhdr);
+    v->vhdr.verdict = htonl(verdict == NL_VERDICT_DROP ? NF_DROP : NF_ACCEPT);
+    v->vhdr.id = ph->packet_id;
+    size_t hdr = sizeof(*v) - sizeof(v->pattr);
+    static const uint8_t pad[4];
+    if (payload) {
+        v->pattr.nla_type = NFQA_PAYLOAD;
+        v->pattr.nla_len = (uint16_t)(NLA_HDRLEN + payload);
+        hdr = sizeof(*v);
+    }
+    v->nlh.nlmsg_len = (uint32_t)(hdr + payload);
+    w->tx_iov[(*niov)++] = (struct iovec){ v, hdr };
+    if (payload) {
+        w->tx_iov[(*niov)++] = (struct iovec){ pkt, payload };
+        if (NLMSG_ALIGN(payload) != payload)
+            w->tx_iov[(*niov)++] = (struct iovec){ (void *)pad, NLMSG_ALIGN(payload) - payload };
+    }
+    (*nv)++;
+}
+
+static void send_verdicts(struct nl_worker *w, size_t nv, size_t niov)
+{
+    if (!nv)
+        return;
+    struct sockaddr_nl to = { .nl_family = AF_NETLINK };
+    struct msghdr mh = { .msg_name = &to, .msg_namelen = sizeof(to),
+                         .msg_iov = w->tx_iov, .msg_iovlen = niov };
+    if (sendmsg(w->fd, &mh, 0) < 0)
+        w->lb->counters[w->index].reasons[NL_R_VERDICT_ERROR] += nv;
+}
+
+static void *worker_main(void *arg)
+{
+    struct nl_worker *w = arg;
+    struct nl_lb *lb = w->lb;
+    const size_t max_v = sizeof(w->verdicts) / sizeof(w->verdicts[0]);
+    w->last_sweep_ms = now_ms();
+    while (!__atomic_load_n(&lb->stop, __ATOMIC_RELAXED)) {
+        nl_worker_quiescent(lb, w->index);
+        int n = recvmmsg(w->fd, w->msgs, BATCH, MSG_WAITFORONE, NULL);
+        uint64_t now = now_ms();
+        if (n > 0) {
+            nl_worker_enter(lb, w->index);
+            lb->counters[w->index].io_batches++;
+            size_t nv = 0, niov = 0;
+            for (int i = 0; i < n; i++) {
+                uint8_t *buf = w->rx_iov[i].iov_base;
+                size_t left = w->msgs[i].msg_len;
+                for (struct nlmsghdr *nlh = (struct nlmsghdr *)buf; NLMSG_OK(nlh, left);
+                     nlh = NLMSG_NEXT(nlh, left)) {
+                    if (nlh->nlmsg_type != ((NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET))
+                        continue;
+                    if (nv == max_v) {
+                        send_verdicts(w, nv, niov);
+                        nv = niov = 0;
+                    }
+                    handle_packet(w, nlh, now, &nv, &niov);
+                }
+            }
+            send_verdicts(w, nv, niov);
+        }
+        uint64_t elapsed = now - w->last_sweep_ms;
+        if (elapsed >= 10) {
+            /* Sweep share proportional to time, split between workers. */
+            uint64_t nb = (uint64_t)lb->ct.n_buckets * elapsed / SWEEP_PERIOD_MS /
+                          (lb->n_running ? lb->n_running : 1) + 1;
+            nl_worker_quiescent(lb, w->index);
+            nl_ct_sweep(lb, now, nb > lb->ct.n_buckets ? lb->ct.n_buckets : (uint32_t)nb);
+            w->last_sweep_ms = now;
+        }
+    }
+    nl_worker_quiescent(lb, w->index);
+    return NULL;
+}
+
+static void close_worker(struct nl_worker *w)
+{
+    if (w->fd >= 0)
+        close(w->fd);
+    free(w->slots);
+    w->fd = -1;
+    w->slots = NULL;
+}
+
+int nl_start(struct nl_lb *lb, const uint16_t *queues, uint32_t n, uint32_t flags,
+             char *err, uint32_t errlen)
+{
+    if (lb->workers) {
+        snprintf(err, errlen, "workers already running");
+        return -1;
+    }
+    if (n == 0 || n > lb->cfg.n_workers) {
+        snprintf(err, errlen, "%u queues for %u workers", n, lb->cfg.n_workers);
+        return -1;
+    }
+    struct nl_worker *ws = calloc(n, sizeof(*ws));
+    if (!ws) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    for (uint32_t i = 0; i < n; i++)
+        ws[i].fd = -1;
+    uint32_t i;
+    for (i = 0; i < n; i++) {
+        ws[i].lb = lb;
+        ws[i].index = i;
+        ws[i].queue = queues[i];
+        if (open_queue(&ws[i], flags, err, errlen) < 0)
+            goto fail;
+    }
+    lb->stop = 0;
+    lb->n_running = 0;
+    for (i = 0; i < n; i++) {
+        if (pthread_create(&ws[i].thread, NULL, worker_main, &ws[i]) != 0) {
+            snprintf(err, errlen, "pthread_create: %s", strerror(errno));
+            __atomic_store_n(&lb->stop, 1, __ATOMIC_RELAXED);
+            for (uint32_t j = 0; j < i; j++)
+                pthread_join(ws[j].thread, NULL);
+            i = n;
+            goto fail;
+        }
+        lb->n_running++;
+    }
+    lb->workers = ws;
+    return 0;
+fail:
+    for (uint32_t j = 0; j < n; j++)
+        close_worker(&ws[j]);
+    free(ws);
+    lb->n_running = 0;
+    return -1;
+}
+
+void nl_stop(struct nl_lb *lb)
+{
+    if (!lb->workers)
+        return;
+    __atomic_store_n(&lb->stop, 1, __ATOMIC_RELAXED);
+    for (uint32_t i = 0; i < lb->n_running; i++)
+        pthread_join(lb->workers[i].thread, NULL);
+    for (uint32_t i = 0; i < lb->n_running; i++)
+        close_worker(&lb->workers[i]);
+    free(lb->workers);
+    lb->workers = NULL;
+    lb->n_running = 0;
+}

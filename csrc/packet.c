@@ -1,0 +1,165 @@
+/*
+ * packet.c -- parse and rewrite IPv4 TCP/UDP headers in a byte buffer.
+ *
+ * Theory of operation: nl_parse validates every header it will later touch
+ * against both the buffer length and the IP total length, so nl_rewrite can
+ * write without further checks.  Checksums:
+ *  - the IP header checksum is always complete: RFC 1624 incremental update;
+ *  - the L4 checksum depends on what the kernel handed us (pkt_flags):
+ *      complete       -> RFC 1624 incremental update (UDP 0 stays 0);
+ *      partial, GSO   -> the field holds only the pseudo-header sum and the
+ *                        kernel finishes it when segmenting: recompute that;
+ *      partial, plain -> the kernel marks the packet CHECKSUM_NONE after we
+ *                        return it, so nobody will finish the sum: compute
+ *                        the full checksum over the segment.
+ */
+#include <string.h>
+#include "internal.h"
+
+static inline uint16_t ld16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+static inline uint32_t ld32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static inline void st16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
+static inline void st32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
+
+int nl_parse(uint8_t *buf, uint32_t len, struct nl_pkt *p)
+{
+    if (len < 20 || (buf[0] >> 4) != 4)
+        return (len >= 1 && (buf[0] >> 4) == 6) ? NL_R_UNSUPPORTED : NL_R_MALFORMED;
+    uint32_t ihl = (uint32_t)(buf[0] & 0x0f) * 4;
+    uint32_t tot = ((uint32_t)buf[2] << 8) | buf[3];
+    if (ihl < 20 || tot < ihl || tot > len)
+        return NL_R_MALFORMED;
+    uint16_t frag = (uint16_t)(((uint32_t)buf[6] << 8) | buf[7]);
+    if (frag & 0x3fff)                  /* MF set or offset != 0 */
+        return NL_R_FRAGMENT;
+    p->ip = buf;
+    p->proto = buf[9];
+    p->saddr = ld32(buf + 12);
+    p->daddr = ld32(buf + 16);
+    p->l4 = buf + ihl;
+    p->l4len = tot - ihl;
+    p->tcp_flags = 0;
+    if (p->proto == 6) {
+        if (p->l4len < 20)
+            return NL_R_MALFORMED;
+        uint32_t doff = (uint32_t)(p->l4[12] >> 4) * 4;
+        if (doff < 20 || doff > p->l4len)
+            return NL_R_MALFORMED;
+        p->tcp_flags = p->l4[13];
+    } else if (p->proto == 17) {
+        if (p->l4len < 8)
+            return NL_R_MALFORMED;
+        uint32_t ulen = ((uint32_t)p->l4[4] << 8) | p->l4[5];
+        /* GSO UDP super-packets may carry a per-segment length; anything
+         * shorter than a header is simply wrong. */
+        if (ulen < 8 || ulen > p->l4len)
+            return NL_R_MALFORMED;
+    } else {
+        return NL_R_UNSUPPORTED;
+    }
+    p->sport = ld16(p->l4);
+    p->dport = ld16(p->l4 + 2);
+    return -1;
+}
+
+/* Ones' complement helpers over 32-bit accumulators. */
+static inline uint32_t csum_add(uint32_t sum, uint32_t v)
+{
+    sum += v;
+    return sum + (sum < v);
+}
+
+static inline uint16_t csum_fold(uint32_t sum)
+{
+    sum = (sum & 0xffff) + (sum >> 16);
+    sum = (sum & 0xffff) + (sum >> 16);
+    return (uint16_t)sum;
+}
+
+/* RFC 1624 eqn. 3 for a complemented checksum: HC' = ~(~HC + ~m + m'),
+ * with m a 32-bit quantity (two 16-bit words) in network order. */
+static inline uint16_t csum_replace4(uint16_t check, uint32_t from, uint32_t to)
+{
+    uint32_t sum = (uint16_t)~check;
+    sum = csum_add(sum, ~from);
+    sum = csum_add(sum, to);
+    return (uint16_t)~csum_fold(sum);
+}
+
+static inline uint16_t csum_replace2(uint16_t check, uint16_t from, uint16_t to)
+{
+    uint32_t sum = (uint16_t)~check;
+    sum = csum_add(sum, (uint16_t)~from);
+    sum = csum_add(sum, to);
+    return (uint16_t)~csum_fold(sum);
+}
+
+/* Sum of a buffer as 16-bit network-order words, as stored (no swapping:
+ * the ones' complement sum is byte-order independent). */
+static uint32_t csum_partial(const uint8_t *data, uint32_t len, uint32_t sum)
+{
+    uint64_t acc = sum;
+    while (len >= 8) {
+        uint64_t v;
+        memcpy(&v, data, 8);
+        acc += (v & 0xffffffffu) + (v >> 32);
+        data += 8;
+        len -= 8;
+    }
+    while (len >= 2) {
+        acc += ld16(data);
+        data += 2;
+        len -= 2;
+    }
+    if (len) {
+        uint16_t last = 0;
+        memcpy(&last, data, 1);
+        acc += last;
+    }
+    while (acc >> 32)
+        acc = (acc & 0xffffffffu) + (acc >> 32);
+    return (uint32_t)acc;
+}
+
+static uint32_t pseudo_sum(const struct nl_pkt *p)
+{
+    uint32_t sum = 0;
+    sum = csum_add(sum, ld32(p->ip + 12));
+    sum = csum_add(sum, ld32(p->ip + 16));
+    uint8_t tail[4] = { 0, p->proto, (uint8_t)(p->l4len >> 8), (uint8_t)p->l4len };
+    return csum_add(sum, ld32(tail));
+}
+
+void nl_rewrite(struct nl_pkt *p, int dst, uint32_t addr, uint16_t port,
+                uint32_t pkt_flags)
+{
+    uint8_t *ip_field = p->ip + (dst ? 16 : 12);
+    uint8_t *port_field = p->l4 + (dst ? 2 : 0);
+    uint32_t old_addr = ld32(ip_field);
+    uint16_t old_port = ld16(port_field);
+    uint8_t *csum_field = p->l4 + (p->proto == 6 ? 16 : 6);
+    uint16_t check = ld16(csum_field);
+
+    st32(ip_field, addr);
+    st16(port_field, port);
+    st16(p->ip + 10, csum_replace4(ld16(p->ip + 10), old_addr, addr));
+    if (dst) { p->daddr = addr; p->dport = port; }
+    else { p->saddr = addr; p->sport = port; }
+
+    if (!(pkt_flags & NL_PKT_CSUM_PARTIAL)) {
+        if (p->proto == 17 && check == 0)
+            return;                     /* UDP without checksum stays so */
+        check = csum_replace4(check, old_addr, addr);
+        check = csum_replace2(check, old_port, port);
+        if (p->proto == 17 && check == 0)
+            check = 0xffff;
+    } else if (pkt_flags & NL_PKT_GSO) {
+        check = csum_fold(pseudo_sum(p));
+    } else {
+        st16(csum_field, 0);
+        check = (uint16_t)~csum_fold(csum_partial(p->l4, p->l4len, pseudo_sum(p)));
+        if (p->proto == 17 && check == 0)
+            check = 0xffff;
+    }
+    st16(csum_field, check);
+}

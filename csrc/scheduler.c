@@ -1,0 +1,63 @@
+/*
+ * scheduler.c -- choose the backend of a new flow.
+ *
+ * Policy lives in Python: it computes each service's table (the eligible
+ * backends for rr, the weighted sequence for wrr, the bucket table for sh,
+ * the Maglev lookup table) and republishes it when health or weights change.
+ * Here we only index into that table, except for lc, which needs the live
+ * per-backend flow counts only the data path has.
+ */
+#include "internal.h"
+
+static inline uint32_t mix(uint32_t h)
+{
+    h ^= h >> 16;
+    h *= 0x7feb352du;
+    h ^= h >> 15;
+    h *= 0x846ca68bu;
+    h ^= h >> 16;
+    return h;
+}
+
+static int least_connections(struct nl_lb *lb, const struct nl_service *svc)
+{
+    int best = -1;
+    int64_t best_active = 0;
+    uint32_t best_weight = 1;
+    for (uint32_t i = 0; i < svc->n_backends; i++) {
+        const struct nl_backend_spec *b = &svc->backends[i];
+        if (!(b->flags & NL_BE_ELIGIBLE) || b->weight == 0)
+            continue;
+        int64_t a = __atomic_load_n(&lb->active[b->id], __ATOMIC_RELAXED);
+        /* a/w < best_a/best_w without division */
+        if (best < 0 || a * best_weight < best_active * b->weight) {
+            best = (int)i;
+            best_active = a;
+            best_weight = b->weight;
+        }
+    }
+    return best;
+}
+
+int nl_schedule(struct nl_lb *lb, const struct nl_service *svc, const struct nl_pkt *p)
+{
+    if (svc->spec.scheduler == NL_SCHED_LC)
+        return least_connections(lb, svc);
+    if (svc->table_len == 0)
+        return -1;
+    uint32_t slot;
+    switch (svc->spec.scheduler) {
+    case NL_SCHED_SH:
+        slot = mix(p->saddr ^ lb->sched_seed) % svc->table_len;
+        break;
+    case NL_SCHED_MAGLEV:
+        slot = mix(mix(p->saddr ^ lb->sched_seed) ^ ((uint32_t)p->sport << 8) ^ p->proto)
+               % svc->table_len;
+        break;
+    default: /* rr, wrr */
+        slot = __atomic_fetch_add((uint32_t *)&svc->rr_cursor, 1, __ATOMIC_RELAXED)
+               % svc->table_len;
+        break;
+    }
+    return svc->table[slot];
+}

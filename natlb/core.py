@@ -1,0 +1,230 @@
+"""The only door to the C core: owns ``ffi``/``lib``, validates arguments,
+turns return codes into exceptions and hands back plain Python values.
+
+Nothing else in natlb imports ``natlb._natlb_core``.
+"""
+
+from __future__ import annotations
+
+import enum
+import ipaddress
+import socket
+import struct
+from dataclasses import dataclass, field
+
+from natlb._natlb_core import ffi, lib
+
+MAX_SERVICES: int = lib.NL_MAX_SERVICES
+MAX_BACKENDS: int = lib.NL_MAX_BACKENDS
+MAX_WORKERS: int = lib.NL_MAX_WORKERS
+
+PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
+SCHEDULERS = {
+    "rr": lib.NL_SCHED_RR,
+    "wrr": lib.NL_SCHED_WRR,
+    "lc": lib.NL_SCHED_LC,
+    "sh": lib.NL_SCHED_SH,
+    "maglev": lib.NL_SCHED_MAGLEV,
+}
+TIMEOUT_KEYS = {
+    "tcp_syn": lib.NL_T_TCP_SYN,
+    "tcp_established": lib.NL_T_TCP_ESTABLISHED,
+    "tcp_fin": lib.NL_T_TCP_FIN,
+    "tcp_close": lib.NL_T_TCP_CLOSE,
+    "udp": lib.NL_T_UDP,
+}
+REASONS = {
+    "malformed": lib.NL_R_MALFORMED,
+    "fragment": lib.NL_R_FRAGMENT,
+    "no_flow": lib.NL_R_NO_FLOW,
+    "no_backend": lib.NL_R_NO_BACKEND,
+    "table_full": lib.NL_R_TABLE_FULL,
+    "not_ours": lib.NL_R_NOT_OURS,
+    "truncated": lib.NL_R_TRUNCATED,
+    "unsupported": lib.NL_R_UNSUPPORTED,
+    "verdict_error": lib.NL_R_VERDICT_ERROR,
+}
+PKT_CSUM_PARTIAL: int = lib.NL_PKT_CSUM_PARTIAL
+PKT_GSO: int = lib.NL_PKT_GSO
+
+
+class Verdict(enum.IntEnum):
+    ACCEPT = lib.NL_VERDICT_ACCEPT
+    REWRITE = lib.NL_VERDICT_REWRITE
+    DROP = lib.NL_VERDICT_DROP
+
+
+class CoreError(RuntimeError):
+    """The C core refused a request (bad table, no memory, queue unavailable)."""
+
+
+@dataclass(frozen=True)
+class BackendEntry:
+    address: str
+    port: int
+    weight: int
+    id: int
+    eligible: bool
+
+
+@dataclass(frozen=True)
+class ServiceTable:
+    """One service as the data path sees it; ``table`` indexes ``backends``."""
+
+    vip: str
+    port: int
+    protocol: str
+    scheduler: str
+    id: int
+    backends: tuple[BackendEntry, ...]
+    table: tuple[int, ...] = ()
+
+
+@dataclass
+class Counters:
+    packets_in: int = 0
+    bytes_in: int = 0
+    packets_out: int = 0
+    bytes_out: int = 0
+    new_flows: int = 0
+    active_flows: int = 0
+
+
+@dataclass
+class CoreConfig:
+    max_flows: int = 1 << 20
+    workers: int = 1
+    timeouts_ms: dict[str, int] = field(
+        default_factory=lambda: {
+            "tcp_syn": 60_000,
+            "tcp_established": 900_000,
+            "tcp_fin": 120_000,
+            "tcp_close": 10_000,
+            "udp": 300_000,
+        }
+    )
+
+
+def _addr(a: str) -> int:
+    # Network order kept as the C side reads it: the raw 4 bytes as a native int.
+    return struct.unpack("=I", ipaddress.IPv4Address(a).packed)[0]
+
+
+def _port(p: int) -> int:
+    return socket.htons(p)
+
+
+class Core:
+    """A C load balancer instance: conntrack, published tables, workers."""
+
+    def __init__(self, config: CoreConfig | None = None) -> None:
+        config = config or CoreConfig()
+        cfg = ffi.new("struct nl_config *")
+        cfg.max_flows = config.max_flows
+        cfg.n_workers = config.workers
+        for name, idx in TIMEOUT_KEYS.items():
+            cfg.timeout_ms[idx] = config.timeouts_ms[name]
+        lb = lib.nl_create(cfg)
+        if lb == ffi.NULL:
+            raise CoreError(f"cannot create the data path (max_flows={config.max_flows}, "
+                            f"workers={config.workers})")
+        self._lb = ffi.gc(lb, lib.nl_destroy)
+        self.workers = config.workers
+        self.running = False
+
+    def close(self) -> None:
+        if self._lb is not None:
+            self.stop()
+            lb, self._lb = self._lb, None
+            ffi.gc(lb, None)  # detach the finalizer: we free it now, once
+            lib.nl_destroy(lb)
+
+    # -- publishing -------------------------------------------------------
+    def publish(self, services: list[ServiceTable]) -> None:
+        """Atomically replace every service table the data path uses."""
+        snap = lib.nl_snapshot_new(len(services))
+        if snap == ffi.NULL:
+            raise CoreError(f"cannot allocate a snapshot of {len(services)} services")
+        try:
+            for i, s in enumerate(services):
+                spec = ffi.new("struct nl_service_spec *", {
+                    "vip": _addr(s.vip), "port": _port(s.port),
+                    "proto": PROTOCOLS[s.protocol], "scheduler": SCHEDULERS[s.scheduler],
+                    "id": s.id,
+                })
+                bes = ffi.new("struct nl_backend_spec[]", max(1, len(s.backends)))
+                for j, b in enumerate(s.backends):
+                    bes[j].addr = _addr(b.address)
+                    bes[j].port = _port(b.port)
+                    bes[j].weight = b.weight
+                    bes[j].id = b.id
+                    bes[j].flags = lib.NL_BE_ELIGIBLE if b.eligible else 0
+                table = ffi.new("uint16_t[]", list(s.table) or [0])
+                rc = lib.nl_snapshot_set_service(snap, i, spec, bes, len(s.backends),
+                                                 table, len(s.table))
+                if rc != 0:
+                    raise CoreError(f"service {s.vip}:{s.port}/{s.protocol}: table rejected")
+        except BaseException:
+            lib.nl_snapshot_free(snap)
+            raise
+        if lib.nl_publish(self._lb, snap) != 0:
+            lib.nl_snapshot_free(snap)
+            raise CoreError("snapshot rejected (duplicate service?)")
+
+    # -- sans-IO data path (tests, tools) ---------------------------------
+    def process(self, packet: bytes, now_ms: int, flags: int = 0) -> tuple[Verdict, bytes]:
+        """Run one packet through the data path, as a worker would."""
+        buf = ffi.new("uint8_t[]", packet) if packet else ffi.new("uint8_t[1]")
+        v = lib.nl_process(self._lb, self.workers, buf, len(packet), flags, now_ms)
+        return Verdict(v), bytes(ffi.buffer(buf, len(packet)))
+
+    def sweep(self, now_ms: int, max_buckets: int = 1 << 30) -> int:
+        return lib.nl_ct_sweep(self._lb, now_ms, max_buckets)
+
+    def flow_count(self) -> int:
+        return lib.nl_ct_count(self._lb)
+
+    def conntrack_memory(self) -> int:
+        return lib.nl_ct_memory(self._lb)
+
+    @staticmethod
+    def entry_size() -> int:
+        return lib.nl_ct_entry_size()
+
+    # -- counters ---------------------------------------------------------
+    def _read(self, fn, n: int) -> list[Counters]:
+        out = ffi.new("struct nl_counters[]", max(1, n))
+        fn(self._lb, out, n)
+        return [Counters(c.packets_in, c.bytes_in, c.packets_out, c.bytes_out,
+                         c.new_flows, c.active_flows) for c in out[0:n]]
+
+    def service_counters(self, n: int = MAX_SERVICES) -> list[Counters]:
+        return self._read(lib.nl_read_services, n)
+
+    def backend_counters(self, n: int = MAX_BACKENDS) -> list[Counters]:
+        return self._read(lib.nl_read_backends, n)
+
+    def reasons(self) -> dict[str, int]:
+        out = ffi.new("uint64_t[]", lib.NL_R_MAX)
+        lib.nl_read_reasons(self._lb, out)
+        return {name: out[idx] for name, idx in REASONS.items()}
+
+    def io(self) -> tuple[int, int]:
+        p = ffi.new("uint64_t *")
+        b = ffi.new("uint64_t *")
+        lib.nl_read_io(self._lb, p, b)
+        return p[0], b[0]
+
+    # -- NFQUEUE workers --------------------------------------------------
+    def start(self, queues: list[int], gso: bool = False) -> None:
+        err = ffi.new("char[]", 256)
+        qs = ffi.new("uint16_t[]", queues)
+        rc = lib.nl_start(self._lb, qs, len(queues), lib.NL_START_GSO if gso else 0, err, 256)
+        if rc != 0:
+            raise CoreError(ffi.string(err).decode())
+        self.running = True
+
+    def stop(self) -> None:
+        if self.running:
+            lib.nl_stop(self._lb)
+            self.running = False
