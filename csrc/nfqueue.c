@@ -264,7 +264,9 @@ static void *worker_main(void *arg)
             size_t nv = 0, niov = 0;
             for (int i = 0; i < n; i++) {
                 uint8_t *buf = w->rx_iov[i].iov_base;
-                size_t left = w->msgs[i].msg_len;
+                /* int, not size_t: NLMSG_NEXT subtracts the aligned length, which
+                 * can exceed what is left after an odd-sized last message. */
+                int left = (int)w->msgs[i].msg_len;
                 for (struct nlmsghdr *nlh = (struct nlmsghdr *)buf; NLMSG_OK(nlh, left);
                      nlh = NLMSG_NEXT(nlh, left)) {
                     if (nlh->nlmsg_type != ((NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET))

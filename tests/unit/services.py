@@ -1,6 +1,6 @@
 """Service tables shared by the unit tests."""
 
-from natlb.core import BackendEntry, Core, CoreConfig, ServiceTable
+from natlb.core import BackendEntry, ServiceTable
 from natlb.schedulers import Candidate, build_table
 
 VIP = "192.0.2.100"

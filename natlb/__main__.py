@@ -1,0 +1,5 @@
+import sys
+
+from natlb.cli import main
+
+sys.exit(main())

@@ -1,0 +1,139 @@
+"""The ``natlb`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+
+from natlb.config import LBConfig
+
+EXIT_CONFIG = 2
+
+
+def _die(msg: str, code: int = 1) -> int:
+    print(f"natlb: {msg}", file=sys.stderr)
+    return code
+
+
+def _socket_path(args: argparse.Namespace) -> str:
+    if args.socket:
+        return args.socket
+    if args.config:
+        from natlb.config import load
+
+        return load(args.config).lb.control_socket
+    return LBConfig().control_socket
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from natlb.config import load
+
+    cfg = load(args.config)
+    n = sum(len(s.backends) for s in cfg.services)
+    print(f"{args.config}: ok ({len(cfg.services)} services, {n} backends)")
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from natlb.config import load
+
+    cfg = load(args.config)  # before anything touches the system
+    if os.geteuid() != 0:
+        return _die("run needs root (NFQUEUE, nftables, addresses)")
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s.%(msecs)03d %(name)s: %(message)s",
+                        datefmt="%Y-%m-%d %H:%M:%S", stream=sys.stdout, force=True)
+    from natlb.daemon import run
+
+    return run(cfg)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from natlb.control import request
+    from natlb.status import render
+
+    reply = request(_socket_path(args), {"cmd": "status"})
+    if args.json:
+        print(json.dumps(reply["status"], indent=2))
+    else:
+        print(render(reply["status"]))
+    return 0
+
+
+def cmd_backend(args: argparse.Namespace) -> int:
+    from natlb.control import request
+
+    req = {"cmd": "backend", "action": args.action, "service": args.service,
+           "backend": args.backend}
+    if args.action == "weight":
+        if args.weight is None:
+            return _die("backend weight needs N", EXIT_CONFIG)
+        req["weight"] = args.weight
+    reply = request(_socket_path(args), req)
+    if not reply.get("ok"):
+        return _die(reply.get("error", "refused"))
+    print(f"{args.service} {reply['backend']}: admin {reply['admin']}, weight {reply['weight']}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    if os.geteuid() != 0:
+        return _die("demo needs root (it builds network namespaces)")
+    from natlb.demo import main
+
+    return main(connections=args.connections)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="natlb", description="NAT load balancer over NFQUEUE")
+    sub = p.add_subparsers(dest="command", required=True)
+    r = sub.add_parser("run", help="run in the foreground")
+    r.add_argument("-c", "--config", required=True)
+    r.add_argument("-v", "--verbose", action="store_true")
+    r.set_defaults(fn=cmd_run)
+    c = sub.add_parser("check", help="validate a config file (exit 0 or 2)")
+    c.add_argument("-c", "--config", required=True)
+    c.set_defaults(fn=cmd_check)
+    for name, fn, helptext in (("status", cmd_status, "show services, backends, counters"),):
+        s = sub.add_parser(name, help=helptext)
+        s.add_argument("--json", action="store_true")
+        s.add_argument("-c", "--config", help="read the control socket path from here")
+        s.add_argument("-s", "--socket", help="control socket path")
+        s.set_defaults(fn=fn)
+    b = sub.add_parser("backend", help="drain, enable, disable or re-weight a backend")
+    b.add_argument("action", choices=["drain", "enable", "disable", "weight"])
+    b.add_argument("service")
+    b.add_argument("backend", metavar="ADDRESS[:PORT]")
+    b.add_argument("weight", nargs="?", type=int)
+    b.add_argument("-c", "--config")
+    b.add_argument("-s", "--socket")
+    b.set_defaults(fn=cmd_backend)
+    d = sub.add_parser("demo", help="build namespaces, run traffic through natlb, fail a backend")
+    d.add_argument("--connections", type=int, default=300)
+    d.set_defaults(fn=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from natlb.config import ConfigError
+    from natlb.control import ControlError
+    from natlb.core import CoreError
+    from natlb.netsetup import NetSetupError
+    from natlb.steering import SteeringError
+
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except ConfigError as e:
+        return _die(f"config: {e}", EXIT_CONFIG)
+    except (ControlError, CoreError, NetSetupError, SteeringError, PermissionError) as e:
+        return _die(str(e.args[0]) if e.args else str(e))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,298 @@
+"""Load and validate natlb's TOML configuration.
+
+Every problem is a ConfigError whose message names the key path and the
+value, e.g. ``service[0].backend[1].port = 70000: must be 1..65535``.
+Validation never touches the system.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from natlb.core import MAX_BACKENDS, MAX_SERVICES, MAX_WORKERS
+
+SCHEDULERS = ("rr", "wrr", "lc", "sh", "maglev")
+PROTOCOLS = ("tcp", "udp")
+HEALTH_KINDS = ("tcp", "http", "udp", "none")
+
+
+class ConfigError(ValueError):
+    """The user's configuration is wrong; the message is one line."""
+
+
+@dataclass(frozen=True)
+class HealthConfig:
+    kind: str = "tcp"
+    interval_ms: int = 1000
+    timeout_ms: int = 500
+    rise: int = 2
+    fall: int = 2
+    port: int | None = None           # defaults to the backend port
+    path: str = "/"                   # http
+    expect_status: int = 200          # http
+    payload: str = "ping"             # udp
+    expect: str | None = None         # udp: substring the reply must hold
+
+
+@dataclass(frozen=True)
+class BackendConfig:
+    address: str
+    port: int
+    weight: int = 1
+
+    @property
+    def key(self) -> str:
+        return f"{self.address}:{self.port}"
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    name: str
+    vip: str
+    port: int
+    protocol: str
+    scheduler: str
+    health: HealthConfig
+    backends: tuple[BackendConfig, ...]
+
+
+@dataclass(frozen=True)
+class RouteConfig:
+    destination: str
+    gateway: str | None = None
+    device: str | None = None
+
+
+@dataclass(frozen=True)
+class LBConfig:
+    queue: int = 0
+    workers: int = 1
+    max_flows: int = 1 << 20
+    interface: str = "lo"
+    table: str = "natlb"
+    control_socket: str = "/run/natlb.sock"
+    gso: bool = False
+    timeouts_s: dict[str, float] = field(default_factory=lambda: {
+        "tcp_syn": 60.0, "tcp_established": 900.0, "tcp_fin": 120.0,
+        "tcp_close": 10.0, "udp": 300.0,
+    })
+    routes: tuple[RouteConfig, ...] = ()
+
+    @property
+    def queues(self) -> list[int]:
+        return list(range(self.queue, self.queue + self.workers))
+
+
+@dataclass(frozen=True)
+class Config:
+    lb: LBConfig
+    services: tuple[ServiceConfig, ...]
+
+
+# -- helpers ---------------------------------------------------------------
+
+def _fmt(v: Any) -> str:
+    return f'"{v}"' if isinstance(v, str) else repr(v)
+
+
+def _fail(path: str, value: Any, why: str) -> ConfigError:
+    return ConfigError(f"{path} = {_fmt(value)}: {why}")
+
+
+def _table(raw: Any, path: str) -> dict[str, Any]:
+    if not isinstance(raw, dict):
+        raise _fail(path, raw, "must be a table")
+    return raw
+
+
+def _known(raw: dict[str, Any], path: str, allowed: set[str]) -> None:
+    for k in raw:
+        if k not in allowed:
+            raise _fail(f"{path}.{k}" if path else k, raw[k], "unknown key")
+
+
+def _int(raw: dict[str, Any], key: str, path: str, default: int | None,
+         lo: int, hi: int) -> int:
+    if key not in raw:
+        if default is None:
+            raise ConfigError(f"{path}.{key}: missing (required)")
+        return default
+    v = raw[key]
+    if isinstance(v, bool) or not isinstance(v, int):
+        raise _fail(f"{path}.{key}", v, "must be an integer")
+    if not lo <= v <= hi:
+        raise _fail(f"{path}.{key}", v, f"must be {lo}..{hi}")
+    return v
+
+
+def _str(raw: dict[str, Any], key: str, path: str, default: str | None,
+         choices: tuple[str, ...] | None = None) -> str:
+    if key not in raw:
+        if default is None:
+            raise ConfigError(f"{path}.{key}: missing (required)")
+        return default
+    v = raw[key]
+    if not isinstance(v, str) or not v:
+        raise _fail(f"{path}.{key}", v, "must be a non-empty string")
+    if choices and v not in choices:
+        raise _fail(f"{path}.{key}", v, f"must be one of {', '.join(choices)}")
+    return v
+
+
+def _ipv4(raw: dict[str, Any], key: str, path: str) -> str:
+    v = _str(raw, key, path, None)
+    try:
+        return str(ipaddress.IPv4Address(v))
+    except ValueError:
+        raise _fail(f"{path}.{key}", v, "not an IPv4 address") from None
+
+
+# -- sections --------------------------------------------------------------
+
+def _health(raw: Any, path: str) -> HealthConfig:
+    raw = _table(raw, path)
+    _known(raw, path, {"kind", "interval_ms", "timeout_ms", "rise", "fall", "port", "path",
+                       "expect_status", "payload", "expect"})
+    d = HealthConfig()
+    h = HealthConfig(
+        kind=_str(raw, "kind", path, d.kind, HEALTH_KINDS),
+        interval_ms=_int(raw, "interval_ms", path, d.interval_ms, 10, 3_600_000),
+        timeout_ms=_int(raw, "timeout_ms", path, d.timeout_ms, 1, 3_600_000),
+        rise=_int(raw, "rise", path, d.rise, 1, 100),
+        fall=_int(raw, "fall", path, d.fall, 1, 100),
+        port=_int(raw, "port", path, 0, 1, 65535) if "port" in raw else None,
+        path=_str(raw, "path", path, d.path),
+        expect_status=_int(raw, "expect_status", path, d.expect_status, 100, 599),
+        payload=_str(raw, "payload", path, d.payload),
+        expect=_str(raw, "expect", path, "") if "expect" in raw else None,
+    )
+    if not h.path.startswith("/"):
+        raise _fail(f"{path}.path", h.path, "must start with /")
+    return h
+
+
+def _backend(raw: Any, path: str, service_port: int) -> BackendConfig:
+    raw = _table(raw, path)
+    _known(raw, path, {"address", "port", "weight"})
+    return BackendConfig(
+        address=_ipv4(raw, "address", path),
+        port=_int(raw, "port", path, service_port, 1, 65535),
+        weight=_int(raw, "weight", path, 1, 0, 65535),
+    )
+
+
+def _service(raw: Any, path: str) -> ServiceConfig:
+    raw = _table(raw, path)
+    _known(raw, path, {"name", "vip", "port", "protocol", "scheduler", "health", "backend"})
+    port = _int(raw, "port", path, None, 1, 65535)
+    backends_raw = raw.get("backend", [])
+    if not isinstance(backends_raw, list) or not backends_raw:
+        raise _fail(f"{path}.backend", backends_raw, "needs at least one [[service.backend]]")
+    backends = tuple(_backend(b, f"{path}.backend[{i}]", port)
+                     for i, b in enumerate(backends_raw))
+    seen: set[str] = set()
+    for i, b in enumerate(backends):
+        if b.key in seen:
+            raise _fail(f"{path}.backend[{i}]", b.key, "duplicate backend in this service")
+        seen.add(b.key)
+    return ServiceConfig(
+        name=_str(raw, "name", path, None),
+        vip=_ipv4(raw, "vip", path),
+        port=port,
+        protocol=_str(raw, "protocol", path, "tcp", PROTOCOLS),
+        scheduler=_str(raw, "scheduler", path, "rr", SCHEDULERS),
+        health=_health(raw.get("health", {}), f"{path}.health"),
+        backends=backends,
+    )
+
+
+def _route(raw: Any, path: str) -> RouteConfig:
+    raw = _table(raw, path)
+    _known(raw, path, {"destination", "gateway", "device"})
+    dest = _str(raw, "destination", path, None)
+    try:
+        dest = str(ipaddress.IPv4Network(dest, strict=True))
+    except ValueError:
+        raise _fail(f"{path}.destination", dest, "not an IPv4 network (a.b.c.d/len)") from None
+    gw = _ipv4(raw, "gateway", path) if "gateway" in raw else None
+    dev = _str(raw, "device", path, "") if "device" in raw else None
+    if not gw and not dev:
+        raise ConfigError(f"{path}: needs a gateway or a device")
+    return RouteConfig(dest, gw, dev)
+
+
+def _lb(raw: Any) -> LBConfig:
+    raw = _table(raw, "lb")
+    _known(raw, "lb", {"queue", "workers", "max_flows", "interface", "table",
+                       "control_socket", "gso", "timeouts", "route"})
+    d = LBConfig()
+    timeouts = dict(d.timeouts_s)
+    t_raw = _table(raw.get("timeouts", {}), "lb.timeouts")
+    _known(t_raw, "lb.timeouts", set(timeouts))
+    for k, v in t_raw.items():
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0.001 <= v <= 86400 * 7:
+            raise _fail(f"lb.timeouts.{k}", v, "must be seconds, 0.001..604800")
+        timeouts[k] = float(v)
+    workers = _int(raw, "workers", "lb", d.workers, 1, MAX_WORKERS)
+    queue = _int(raw, "queue", "lb", d.queue, 0, 65535 - workers + 1)
+    gso = raw.get("gso", d.gso)
+    if not isinstance(gso, bool):
+        raise _fail("lb.gso", gso, "must be true or false")
+    table = _str(raw, "table", "lb", d.table)
+    if not table.replace("_", "").isalnum() or len(table) > 32:
+        raise _fail("lb.table", table, "letters, digits and _ only, at most 32")
+    routes_raw = raw.get("route", [])
+    if not isinstance(routes_raw, list):
+        raise _fail("lb.route", routes_raw, "must be an array of tables ([[lb.route]])")
+    return LBConfig(
+        queue=queue,
+        workers=workers,
+        max_flows=_int(raw, "max_flows", "lb", d.max_flows, 16, 1 << 26),
+        interface=_str(raw, "interface", "lb", d.interface),
+        table=table,
+        control_socket=_str(raw, "control_socket", "lb", d.control_socket),
+        gso=gso,
+        timeouts_s=timeouts,
+        routes=tuple(_route(r, f"lb.route[{i}]") for i, r in enumerate(routes_raw)),
+    )
+
+
+def parse(raw: dict[str, Any]) -> Config:
+    _known(raw, "", {"lb", "service"})
+    lb = _lb(raw.get("lb", {}))
+    services_raw = raw.get("service", [])
+    if not isinstance(services_raw, list) or not services_raw:
+        raise _fail("service", services_raw, "needs at least one [[service]]")
+    if len(services_raw) > MAX_SERVICES:
+        raise _fail("service", len(services_raw), f"at most {MAX_SERVICES} services")
+    services = tuple(_service(s, f"service[{i}]") for i, s in enumerate(services_raw))
+    seen: dict[tuple[str, int, str], int] = {}
+    names: set[str] = set()
+    for i, s in enumerate(services):
+        k = (s.vip, s.port, s.protocol)
+        if k in seen:
+            raise _fail(f"service[{i}]", f"{s.vip}:{s.port}/{s.protocol}",
+                        f"duplicate of service[{seen[k]}]")
+        seen[k] = i
+        if s.name in names:
+            raise _fail(f"service[{i}].name", s.name, "duplicate service name")
+        names.add(s.name)
+    if sum(len(s.backends) for s in services) > MAX_BACKENDS:
+        raise ConfigError(f"service: more than {MAX_BACKENDS} backends in total")
+    return Config(lb, services)
+
+
+def load(path: str | Path) -> Config:
+    try:
+        text = Path(path).read_text()
+    except OSError as e:
+        raise ConfigError(f"config file {_fmt(str(path))}: {e.strerror}") from None
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"config file {_fmt(str(path))}: TOML syntax: {e}") from None
+    return parse(raw)

@@ -1,0 +1,112 @@
+"""The control socket: a root-only Unix stream socket, one JSON request and
+one JSON reply per connection.
+
+Requests: {"cmd": "status"}
+          {"cmd": "backend", "action": "drain|enable|disable|weight",
+           "service": NAME, "backend": "ADDR[:PORT]", "weight": N}
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import socket
+from collections.abc import Callable
+from typing import Any
+
+from natlb.pool import DISABLED, DRAINING, ENABLED, Pool, PoolError
+
+ACTIONS = {"drain": DRAINING, "enable": ENABLED, "disable": DISABLED}
+
+
+class ControlError(RuntimeError):
+    pass
+
+
+class ControlServer:
+    def __init__(self, path: str, pool: Pool, status: Callable[[], dict[str, Any]]) -> None:
+        self.path = path
+        self.pool = pool
+        self.status = status
+        self.server: asyncio.AbstractServer | None = None
+
+    @staticmethod
+    def check_free(path: str) -> None:
+        """Refuse to start beside a running natlb; clear a dead one's socket."""
+        if not os.path.exists(path):
+            return
+        probe = socket.socket(socket.AF_UNIX)
+        try:
+            probe.connect(path)
+        except OSError:
+            os.unlink(path)
+        else:
+            raise ControlError(f"control socket {path} is in use by a running natlb")
+        finally:
+            probe.close()
+
+    async def start(self) -> None:
+        self.check_free(self.path)
+        old = os.umask(0o077)
+        try:
+            self.server = await asyncio.start_unix_server(self._serve, self.path)
+        finally:
+            os.umask(old)
+        os.chmod(self.path, 0o600)
+
+    async def stop(self) -> None:
+        if self.server:
+            self.server.close()
+            await self.server.wait_closed()
+            self.server = None
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def handle(self, req: dict[str, Any]) -> dict[str, Any]:
+        cmd = req.get("cmd")
+        if cmd == "status":
+            return {"ok": True, "status": self.status()}
+        if cmd == "backend":
+            action = req.get("action")
+            service, backend = str(req.get("service")), str(req.get("backend"))
+            if action in ACTIONS:
+                b = self.pool.set_admin(service, backend, ACTIONS[action])
+            elif action == "weight":
+                b = self.pool.set_weight(service, backend, int(req.get("weight", -1)))
+            else:
+                return {"ok": False, "error": f"unknown backend action {action!r}"}
+            return {"ok": True, "backend": b.cfg.key, "admin": b.admin, "weight": b.weight}
+        return {"ok": False, "error": f"unknown command {cmd!r}"}
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            line = await asyncio.wait_for(reader.readline(), 5)
+            try:
+                reply = self.handle(json.loads(line))
+            except (PoolError, ValueError, TypeError) as e:
+                reply = {"ok": False, "error": str(e)}
+            writer.write(json.dumps(reply).encode() + b"\n")
+            await writer.drain()
+        except (TimeoutError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+
+def request(path: str, req: dict[str, Any], timeout: float = 5.0) -> dict[str, Any]:
+    with socket.socket(socket.AF_UNIX) as s:
+        s.settimeout(timeout)
+        try:
+            s.connect(path)
+        except FileNotFoundError:
+            raise ControlError(f"no natlb running (no control socket at {path})") from None
+        except OSError as e:
+            raise ControlError(f"control socket {path}: {e.strerror}") from None
+        s.sendall(json.dumps(req).encode() + b"\n")
+        data = b""
+        while chunk := s.recv(1 << 16):
+            data += chunk
+    return json.loads(data)

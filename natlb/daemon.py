@@ -1,0 +1,103 @@
+"""``natlb run``: wires the data path, the pool, health checks, the host
+network setup and the control socket together, and takes it all down again.
+
+Start order: bind the NFQUEUE workers first (a steering rule with no reader
+would drop traffic, since natlb is fail-closed), then addresses and sysctls,
+then the nftables table.  Stop order is the reverse, driven by the undo
+journal, so the table goes first and no packet waits on a dead queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+import time
+
+from natlb import netsetup
+from natlb.config import Config
+from natlb.control import ControlServer
+from natlb.core import PROTOCOLS, Core, CoreConfig
+from natlb.health import Monitor
+from natlb.pool import Pool
+from natlb.status import collect
+from natlb.steering import Match, Steering
+from natlb.undo import Journal
+
+log = logging.getLogger("natlb")
+
+
+def steering_matches(config: Config) -> list[Match]:
+    matches: list[Match] = []
+    seen: set[tuple[str, int, int, bool]] = set()
+    for s in config.services:
+        proto = PROTOCOLS[s.protocol]
+        wanted = [(s.vip, s.port, proto, False)]
+        wanted += [(b.address, b.port, proto, True) for b in s.backends]
+        for w in wanted:
+            if w not in seen:
+                seen.add(w)
+                matches.append(Match(*w))
+    return matches
+
+
+def core_config(config: Config) -> CoreConfig:
+    return CoreConfig(
+        max_flows=config.lb.max_flows,
+        workers=config.lb.workers,
+        timeouts_ms={k: max(1, int(v * 1000)) for k, v in config.lb.timeouts_s.items()},
+    )
+
+
+async def _serve(config: Config, pool: Pool) -> None:
+    lb = config.lb
+    started = time.time()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    control = ControlServer(lb.control_socket, pool,
+                            lambda: collect(pool, lb.queues, started, lb.max_flows))
+    await control.start()
+    monitor = Monitor(pool)
+    try:
+        monitor.start()
+        log.info("natlb running; control socket %s", lb.control_socket)
+        await stop.wait()
+        log.info("stopping")
+    finally:
+        await monitor.stop()
+        await control.stop()
+
+
+def _setup_host(config: Config, journal: Journal) -> None:
+    lb = config.lb
+    netsetup.apply(lb, (s.vip for s in config.services), journal)
+    steering = Steering(lb.table)
+    journal.record("nft_table", table=lb.table)
+    steering.install(steering_matches(config), lb.queues)
+    log.info("nftables table %s installed (%s queue verdict), queues %s",
+             lb.table, "nft" if steering.native_queue else "xt NFQUEUE", lb.queues)
+    for s in config.services:
+        log.info("service %s %s:%d/%s %s -> %s", s.name, s.vip, s.port, s.protocol,
+                 s.scheduler, ", ".join(b.key for b in s.backends))
+
+
+def run(config: Config) -> int:
+    ControlServer.check_free(config.lb.control_socket)
+    core = Core(core_config(config))
+    pool = Pool(config, core)
+    pool.publish()
+    core.start(config.lb.queues, gso=config.lb.gso)
+    journal = Journal(guardian=True)
+    try:
+        _setup_host(config, journal)
+        asyncio.run(_serve(config, pool))
+    finally:
+        errors = journal.undo()
+        for e in errors:
+            log.error("cleanup: %s", e)
+        core.stop()
+        core.close()
+        log.info("removed everything natlb added; bye")
+    return 0

@@ -1,0 +1,95 @@
+"""What ``natlb status`` reports: collected from the pool and C counters
+(daemon side) and rendered as a table (CLI side)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict
+from typing import Any
+
+from natlb.pool import Pool
+
+
+def queue_stats(queues: list[int]) -> list[dict[str, int]]:
+    """Kernel-side NFQUEUE counters for our queues (drops happen there)."""
+    out = []
+    try:
+        with open("/proc/net/netfilter/nfnetlink_queue") as f:
+            for line in f:
+                v = line.split()
+                if len(v) >= 7 and int(v[0]) in queues:
+                    out.append({"queue": int(v[0]), "waiting": int(v[2]),
+                                "queue_dropped": int(v[5]), "user_dropped": int(v[6])})
+    except OSError:
+        pass
+    return out
+
+
+def collect(pool: Pool, queues: list[int], started: float, max_flows: int) -> dict[str, Any]:
+    core = pool.core
+    svc_ctr = core.service_counters(len(pool.services))
+    n_backends = max((b.id for s in pool.services for b in s.backends), default=-1) + 1
+    be_ctr = core.backend_counters(n_backends)
+    services = []
+    for s in pool.services:
+        backends = []
+        for b in s.backends:
+            c = be_ctr[b.id]
+            backends.append({
+                "address": b.cfg.address, "port": b.cfg.port, "weight": b.weight,
+                "health": b.health, "admin": b.admin, "eligible": b.eligible,
+                "since": b.last_change, "last_check": b.last_detail, **asdict(c),
+            })
+        c = svc_ctr[s.id]
+        d = asdict(c)
+        d["active_flows"] = sum(b["active_flows"] for b in backends)
+        services.append({
+            "name": s.cfg.name, "vip": s.cfg.vip, "port": s.cfg.port,
+            "protocol": s.cfg.protocol, "scheduler": s.cfg.scheduler,
+            "health_check": s.cfg.health.kind, **d, "backends": backends,
+        })
+    packets, batches = core.io()
+    return {
+        "uptime_s": round(time.time() - started, 3),
+        "flows": core.flow_count(), "flow_capacity": max_flows,
+        "queued_packets": packets, "receive_batches": batches,
+        "reasons": core.reasons(), "queues": queue_stats(queues),
+        "services": services,
+    }
+
+
+def _human(n: int) -> str:
+    for unit in ("", "K", "M", "G", "T"):
+        if n < 1000:
+            return f"{n}{unit}"
+        n //= 1000
+    return f"{n}P"
+
+
+def render(st: dict[str, Any]) -> str:
+    lines = [f"natlb up {st['uptime_s']:.0f}s, flows {st['flows']}/{st['flow_capacity']}, "
+             f"queued packets {st['queued_packets']}"]
+    hdr = (f"  {'Prot LocalAddress:Port Scheduler':<38} {'State':<9} {'Weight':>6} "
+           f"{'ActFlows':>8} {'NewFlows':>8} {'InPkts':>8} {'OutPkts':>8} "
+           f"{'InBytes':>8} {'OutBytes':>8}")
+    lines.append(hdr)
+    for s in st["services"]:
+        name = f"{s['protocol'].upper()} {s['vip']}:{s['port']} {s['scheduler']} ({s['name']})"
+        lines.append(f"  {name:<38} {'':<9} {'':>6} {s['active_flows']:>8} {s['new_flows']:>8} "
+                     f"{_human(s['packets_in']):>8} {_human(s['packets_out']):>8} "
+                     f"{_human(s['bytes_in']):>8} {_human(s['bytes_out']):>8}")
+        for b in s["backends"]:
+            state = b["health"] if b["admin"] == "enabled" else b["admin"]
+            addr = f"  -> {b['address']}:{b['port']}"
+            lines.append(f"  {addr:<38} {state:<9} {b['weight']:>6} {b['active_flows']:>8} "
+                         f"{b['new_flows']:>8} {_human(b['packets_in']):>8} "
+                         f"{_human(b['packets_out']):>8} {_human(b['bytes_in']):>8} "
+                         f"{_human(b['bytes_out']):>8}")
+    dropped = {k: v for k, v in st["reasons"].items() if v}
+    if dropped:
+        lines.append("  dropped/passed: " + ", ".join(f"{k}={v}" for k, v in dropped.items()))
+    for q in st["queues"]:
+        if q["queue_dropped"] or q["user_dropped"]:
+            lines.append(f"  queue {q['queue']}: kernel dropped {q['queue_dropped']}, "
+                         f"socket overrun {q['user_dropped']}")
+    return "\n".join(lines)

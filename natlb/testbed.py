@@ -1,0 +1,217 @@
+"""A disposable test network in namespaces: client -- router -- N backends.
+
+    client 198.51.100.2/24 --- 198.51.100.1 [router: natlb, VIP on lo]
+                                 203.0.113.(4k+1)/30 --- backend k 203.0.113.(4k+2)
+
+Only documentation address ranges are used, and only inside namespaces
+created here.  Names carry a per-run prefix; close() kills exactly the
+processes it started (by pid) and deletes exactly the namespaces it made.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+VIP = "192.0.2.100"
+CLIENT_ADDR = "198.51.100.2"
+ROUTER_CLIENT_SIDE = "198.51.100.1"
+
+
+def backend_addr(k: int) -> str:
+    return f"203.0.113.{4 * k + 2}"
+
+
+def _ip(*args: str) -> None:
+    subprocess.run(["ip", *args], check=True, capture_output=True, text=True)
+
+
+@dataclass
+class Testbed:
+    n_backends: int = 3
+    prefix: str = field(default_factory=lambda: f"nl{os.getpid() % 100000:05d}{os.urandom(1).hex()}")
+    procs: list[subprocess.Popen] = field(default_factory=list)
+    namespaces: list[str] = field(default_factory=list)
+    workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="natlb-tb-")))
+
+    @property
+    def client(self) -> str:
+        return f"{self.prefix}-cl"
+
+    @property
+    def router(self) -> str:
+        return f"{self.prefix}-lb"
+
+    def backend(self, k: int) -> str:
+        return f"{self.prefix}-b{k}"
+
+    def backend_link(self, k: int) -> str:
+        """The router-side interface facing backend k."""
+        return f"b{k}"
+
+    # -- building ----------------------------------------------------------
+    def _netns(self, name: str) -> None:
+        _ip("netns", "add", name)
+        self.namespaces.append(name)
+        _ip("-n", name, "link", "set", "lo", "up")
+
+    def _veth(self, ns_a: str, name_a: str, ns_b: str, name_b: str) -> None:
+        tmp_a, tmp_b = f"{self.prefix}x", f"{self.prefix}y"
+        _ip("link", "add", tmp_a, "type", "veth", "peer", "name", tmp_b)
+        _ip("link", "set", tmp_a, "netns", ns_a)
+        _ip("link", "set", tmp_b, "netns", ns_b)
+        _ip("-n", ns_a, "link", "set", tmp_a, "name", name_a)
+        _ip("-n", ns_b, "link", "set", tmp_b, "name", name_b)
+        _ip("-n", ns_a, "link", "set", name_a, "up")
+        _ip("-n", ns_b, "link", "set", name_b, "up")
+
+    def build(self) -> Testbed:
+        try:
+            self._netns(self.client)
+            self._netns(self.router)
+            self._veth(self.client, "eth0", self.router, "cl0")
+            _ip("-n", self.client, "addr", "add", f"{CLIENT_ADDR}/24", "dev", "eth0")
+            _ip("-n", self.router, "addr", "add", f"{ROUTER_CLIENT_SIDE}/24", "dev", "cl0")
+            _ip("-n", self.client, "route", "add", "default", "via", ROUTER_CLIENT_SIDE)
+            for k in range(1, self.n_backends + 1):
+                ns = self.backend(k)
+                self._netns(ns)
+                self._veth(ns, "eth0", self.router, self.backend_link(k))
+                gw = f"203.0.113.{4 * k + 1}"
+                _ip("-n", ns, "addr", "add", f"{backend_addr(k)}/30", "dev", "eth0")
+                _ip("-n", self.router, "addr", "add", f"{gw}/30", "dev", self.backend_link(k))
+                _ip("-n", ns, "route", "add", "default", "via", gw)
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    # -- processes ---------------------------------------------------------
+    def spawn(self, ns: str, argv: list[str], **kw) -> subprocess.Popen:
+        p = subprocess.Popen(["ip", "netns", "exec", ns, *argv], **kw)
+        self.procs.append(p)
+        return p
+
+    def python(self, ns: str, module: str, *args: str, **kw) -> subprocess.Popen:
+        return self.spawn(ns, [sys.executable, "-m", module, *args], **kw)
+
+    def start_backend(self, k: int) -> subprocess.Popen:
+        p = self.python(self.backend(k), "natlb.testbed_hosts", "serve", "--name", f"b{k}",
+                        stdout=subprocess.PIPE, text=True)
+        line = p.stdout.readline() if p.stdout else ""
+        if line.strip() != "ready":
+            raise RuntimeError(f"backend b{k} did not start")
+        return p
+
+    def start_backends(self) -> dict[int, subprocess.Popen]:
+        return {k: self.start_backend(k) for k in range(1, self.n_backends + 1)}
+
+    def stop(self, p: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
+        if p.poll() is None:
+            p.send_signal(sig)
+            try:
+                p.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+    def write_config(self, text: str) -> Path:
+        path = self.workdir / "natlb.toml"
+        path.write_text(text)
+        return path
+
+    @property
+    def control_socket(self) -> str:
+        return str(self.workdir / "natlb.sock")
+
+    def start_natlb(self, config: Path, wait: float = 10.0) -> subprocess.Popen:
+        log = open(self.workdir / "natlb.log", "w")  # noqa: SIM115 -- lives with the process
+        p = self.python(self.router, "natlb", "run", "-c", str(config),
+                        stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if p.poll() is not None:
+                raise RuntimeError(f"natlb exited {p.returncode}:\n{self.natlb_log()}")
+            if "natlb running" in self.natlb_log():
+                return p
+            time.sleep(0.05)
+        raise RuntimeError(f"natlb did not start:\n{self.natlb_log()}")
+
+    def natlb_log(self) -> str:
+        try:
+            return (self.workdir / "natlb.log").read_text()
+        except FileNotFoundError:
+            return ""
+
+    def client_run(self, *args: str, timeout: float = 120) -> list[dict]:
+        """Run a client generator to completion; its JSON lines."""
+        p = self.python(self.client, "natlb.testbed_hosts", *args, stdout=subprocess.PIPE,
+                        text=True)
+        out, _ = p.communicate(timeout=timeout)
+        return [json.loads(line) for line in out.splitlines() if line.strip()]
+
+    def client_stream(self, *args: str) -> tuple[subprocess.Popen, Iterator[dict]]:
+        p = self.python(self.client, "natlb.testbed_hosts", *args, stdout=subprocess.PIPE,
+                        text=True)
+
+        def lines() -> Iterator[dict]:
+            assert p.stdout
+            for line in p.stdout:
+                if line.strip():
+                    yield json.loads(line)
+
+        return p, lines()
+
+    def router_cmd(self, *argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["ip", "netns", "exec", self.router, *argv],
+                              capture_output=True, text=True)
+
+    # -- teardown ----------------------------------------------------------
+    def close(self) -> None:
+        for p in reversed(self.procs):
+            self.stop(p)
+        self.procs.clear()
+        for ns in reversed(self.namespaces):
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+        self.namespaces.clear()
+
+    def __enter__(self) -> Testbed:
+        return self.build()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def basic_config(tb: Testbed, scheduler: str = "rr", health: str = "tcp",
+                 interval_ms: int = 100, extra_services: str = "", lb_extra: str = "") -> str:
+    backends = "\n".join(
+        f'[[service.backend]]\naddress = "{backend_addr(k)}"\nport = 80\n'
+        for k in range(1, tb.n_backends + 1))
+    return f"""
+[lb]
+control_socket = "{tb.control_socket}"
+{lb_extra}
+
+[[service]]
+name = "web"
+vip = "{VIP}"
+port = 80
+protocol = "tcp"
+scheduler = "{scheduler}"
+[service.health]
+kind = "{health}"
+interval_ms = {interval_ms}
+timeout_ms = {max(50, interval_ms)}
+rise = 2
+fall = 1
+{backends}
+{extra_services}
+"""

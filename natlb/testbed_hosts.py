@@ -1,0 +1,193 @@
+"""Programs that run inside the testbed's namespaces (``python -m
+natlb.testbed_hosts ...``): a backend serving HTTP and UDP echo that answer
+with its own name, and client load generators that print one JSON line per
+result.  Used by the integration tests, ``natlb demo`` and the benchmarks."""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import http.client
+import json
+import random
+import socket
+import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+CHUNK = 1 << 16
+
+
+def blob_chunks(size: int, seed: int):
+    rnd = random.Random(seed)
+    left = size
+    while left > 0:
+        n = min(CHUNK, left)
+        yield rnd.randbytes(n)
+        left -= n
+
+
+def serve(name: str, http_port: int, udp_port: int) -> int:
+    class Handler(BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+        def _send(self, body: bytes) -> None:
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def do_GET(self) -> None:
+            if self.path.startswith("/blob/"):
+                _, _, size, seed = self.path.split("/")
+                self.send_response(200)
+                self.send_header("Content-Length", size)
+                self.end_headers()
+                for c in blob_chunks(int(size), int(seed)):
+                    self.wfile.write(c)
+                return
+            self._send(f"{name}\n".encode())
+
+        def do_POST(self) -> None:
+            left = int(self.headers["Content-Length"])
+            h = hashlib.sha256()
+            while left:
+                c = self.rfile.read(min(CHUNK, left))
+                if not c:
+                    break
+                h.update(c)
+                left -= len(c)
+            self._send(f"{name} {h.hexdigest()}\n".encode())
+
+    ThreadingHTTPServer.allow_reuse_address = True
+    ThreadingHTTPServer.daemon_threads = True
+    httpd = ThreadingHTTPServer(("0.0.0.0", http_port), Handler)
+    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp.bind(("0.0.0.0", udp_port))
+
+    def echo() -> None:
+        while True:
+            data, peer = udp.recvfrom(65535)
+            udp.sendto(f"{name}:".encode() + data, peer)
+
+    threading.Thread(target=echo, daemon=True).start()
+    print("ready", flush=True)
+    httpd.serve_forever()
+    return 0
+
+
+def _emit(**kw: object) -> None:
+    print(json.dumps(kw), flush=True)
+
+
+def http_stream(host: str, port: int, count: int, interval_ms: int, timeout: float) -> int:
+    """One new TCP connection per request, at a fixed pace."""
+    start = time.monotonic()
+    for i in range(count):
+        due = start + i * interval_ms / 1000
+        time.sleep(max(0.0, due - time.monotonic()))
+        t0 = time.monotonic()
+        try:
+            c = http.client.HTTPConnection(host, port, timeout=timeout)
+            c.request("GET", "/", headers={"Connection": "close"})
+            body = c.getresponse().read().decode().strip()
+            c.close()
+            _emit(i=i, t=round(t0 - start, 4), ok=True, backend=body,
+                  ms=round((time.monotonic() - t0) * 1000, 2))
+        except OSError as e:
+            _emit(i=i, t=round(t0 - start, 4), ok=False, error=type(e).__name__,
+                  ms=round((time.monotonic() - t0) * 1000, 2))
+    return 0
+
+
+def udp_stream(host: str, port: int, count: int, interval_ms: int, timeout: float) -> int:
+    """One new UDP socket (so a new flow) per query."""
+    start = time.monotonic()
+    for i in range(count):
+        due = start + i * interval_ms / 1000
+        time.sleep(max(0.0, due - time.monotonic()))
+        t0 = time.monotonic()
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(timeout)
+            payload = f"q{i}".encode()
+            try:
+                s.sendto(payload, (host, port))
+                data, peer = s.recvfrom(65535)
+                name, _, echoed = data.partition(b":")
+                _emit(i=i, t=round(t0 - start, 4), ok=echoed == payload,
+                      backend=name.decode(), peer=f"{peer[0]}:{peer[1]}")
+            except OSError as e:
+                _emit(i=i, t=round(t0 - start, 4), ok=False, error=type(e).__name__)
+    return 0
+
+
+def blob(host: str, port: int, size: int, seed: int, timeout: float) -> int:
+    """Download `size` deterministic bytes and compare their hash."""
+    want = hashlib.sha256()
+    for c in blob_chunks(size, seed):
+        want.update(c)
+    t0 = time.monotonic()
+    c = http.client.HTTPConnection(host, port, timeout=timeout)
+    c.request("GET", f"/blob/{size}/{seed}")
+    r = c.getresponse()
+    got, n = hashlib.sha256(), 0
+    while chunk := r.read(CHUNK):
+        got.update(chunk)
+        n += len(chunk)
+    secs = time.monotonic() - t0
+    _emit(ok=got.hexdigest() == want.hexdigest() and n == size, bytes=n,
+          sha256=got.hexdigest(), expected=want.hexdigest(), seconds=round(secs, 3))
+    return 0
+
+
+def upload(host: str, port: int, size: int, seed: int, timeout: float) -> int:
+    want = hashlib.sha256()
+    for c in blob_chunks(size, seed):
+        want.update(c)
+    t0 = time.monotonic()
+    c = http.client.HTTPConnection(host, port, timeout=timeout)
+    c.putrequest("POST", "/upload")
+    c.putheader("Content-Length", str(size))
+    c.endheaders()
+    for chunk in blob_chunks(size, seed):
+        c.send(chunk)
+    body = c.getresponse().read().decode().split()
+    _emit(ok=len(body) == 2 and body[1] == want.hexdigest(), backend=body[0] if body else "",
+          seconds=round(time.monotonic() - t0, 3))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="natlb.testbed_hosts")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("serve")
+    s.add_argument("--name", required=True)
+    s.add_argument("--http-port", type=int, default=80)
+    s.add_argument("--udp-port", type=int, default=53)
+    for name in ("http-stream", "udp-stream", "blob", "upload"):
+        c = sub.add_parser(name)
+        c.add_argument("--host", required=True)
+        c.add_argument("--port", type=int, required=True)
+        c.add_argument("--count", type=int, default=1)
+        c.add_argument("--interval-ms", type=int, default=0)
+        c.add_argument("--timeout", type=float, default=2.0)
+        c.add_argument("--size", type=int, default=0)
+        c.add_argument("--seed", type=int, default=1)
+    a = p.parse_args(argv)
+    if a.cmd == "serve":
+        return serve(a.name, a.http_port, a.udp_port)
+    if a.cmd == "http-stream":
+        return http_stream(a.host, a.port, a.count, a.interval_ms, a.timeout)
+    if a.cmd == "udp-stream":
+        return udp_stream(a.host, a.port, a.count, a.interval_ms, a.timeout)
+    if a.cmd == "blob":
+        return blob(a.host, a.port, a.size, a.seed, a.timeout)
+    return upload(a.host, a.port, a.size, a.seed, a.timeout)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
