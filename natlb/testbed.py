@@ -37,7 +37,9 @@ def _ip(*args: str) -> None:
 @dataclass
 class Testbed:
     n_backends: int = 3
-    prefix: str = field(default_factory=lambda: f"nl{os.getpid() % 100000:05d}{os.urandom(1).hex()}")
+    # Unique per run: pid plus a random byte; fits interface names (<= 15).
+    prefix: str = field(default_factory=lambda: f"nl{os.getpid() % 100000:05d}"
+                                                f"{os.urandom(1).hex()}")
     procs: list[subprocess.Popen] = field(default_factory=list)
     namespaces: list[str] = field(default_factory=list)
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="natlb-tb-")))

@@ -13,7 +13,7 @@ def make_service(scheduler="rr", port=80, backend_port=8080, protocol="tcp", sid
     weights = weights or [1] * len(addrs)
     entries = tuple(
         BackendEntry(a, backend_port, w, sid * 16 + i, a not in down)
-        for i, (a, w) in enumerate(zip(addrs, weights))
+        for i, (a, w) in enumerate(zip(addrs, weights, strict=True))
     )
     cands = [Candidate(f"{b.address}:{b.port}", b.weight, b.eligible) for b in entries]
     return ServiceTable(VIP, port, protocol, scheduler, sid, entries,

@@ -51,7 +51,8 @@ def test_sh_is_stable_per_client():
     seen = spread(c, 400, src=lambda i: f"198.51.100.{1 + i % 20}", sport=lambda i: 2000 + i)
     assert len(seen) >= 2  # clients do spread
     for client in range(1, 21):
-        got = spread(c, 10, src=lambda i: f"198.51.100.{client}", sport=lambda i: 9000 + i)
+        addr = f"198.51.100.{client}"
+        got = spread(c, 10, src=lambda i, a=addr: a, sport=lambda i: 9000 + i)
         assert len(got) == 1
 
 
@@ -66,7 +67,7 @@ def test_maglev_moves_about_one_nth_on_removal():
     cands = [Candidate(f"203.0.113.{10 + i}:80", 1, True) for i in range(n)]
     before = maglev_table(cands)
     after = maglev_table([Candidate(c.key, 1, i != 4) for i, c in enumerate(cands)])
-    changed = sum(1 for a, b in zip(before, after) if a != b)
+    changed = sum(1 for a, b in zip(before, after, strict=True) if a != b)
     removed = before.count(4)
     assert abs(removed / len(before) - 1 / n) < 0.02  # each holds about 1/N
     # Slots of the survivors mostly stay: total movement about 1/N, not a reshuffle.

@@ -1,0 +1,54 @@
+"""Integration tier: needs root; every test network is built and removed here."""
+
+import os
+import subprocess
+
+import pytest
+
+from natlb.testbed import Testbed
+
+if os.geteuid() != 0:
+    pytest.skip("integration tests need root (network namespaces)", allow_module_level=True)
+
+
+@pytest.fixture(scope="module")
+def testbed():
+    tb = Testbed(n_backends=3).build()
+    try:
+        tb.backends = tb.start_backends()
+        yield tb
+    finally:
+        tb.close()
+
+
+@pytest.fixture
+def natlb(testbed):
+    """Start natlb in the router namespace with a config; stop it afterwards."""
+    started = []
+
+    def start(config_text: str):
+        p = testbed.start_natlb(testbed.write_config(config_text))
+        started.append(p)
+        return p
+
+    yield start
+    for p in started:
+        testbed.stop(p)
+        testbed.procs.remove(p)
+
+
+def router_state(tb: Testbed) -> str:
+    """Everything natlb might touch in the router namespace, as text."""
+    out = []
+    for cmd in (["nft", "list", "ruleset"], ["ip", "-4", "addr"], ["ip", "route"]):
+        out.append(tb.router_cmd(*cmd).stdout)
+    for path in ("ip_forward", "conf/all/accept_local", "conf/all/rp_filter"):
+        out.append(path + "=" + tb.router_cmd("cat", f"/proc/sys/net/ipv4/{path}").stdout)
+    return "\n".join(out)
+
+
+def natlb_cli(tb: Testbed, *args: str) -> subprocess.CompletedProcess:
+    import sys
+
+    return subprocess.run(["ip", "netns", "exec", tb.router, sys.executable, "-m", "natlb",
+                           *args], capture_output=True, text=True, timeout=30)
