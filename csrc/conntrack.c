@@ -175,7 +175,7 @@ static uint32_t sweep_bucket(struct nl_lb *lb, uint32_t b, uint32_t now)
     while (*link != NL_NIL) {
         struct nl_flow *f = &ct->flows[*link];
         if (nl_time_before(f->expires_ms, now)) {
-            __atomic_fetch_sub(&lb->active[f->backend_id], 1, __ATOMIC_RELAXED);
+            nl_flow_gauge(lb, f, f->state, -1);
             unlink_at(ct, link);
             freed++;
         } else {

@@ -109,6 +109,14 @@ static inline pthread_spinlock_t *nl_ct_stripe(struct nl_ct *ct, uint32_t bucket
 /* Apply the TCP state machine for one packet; updates the expiry. */
 void nl_ct_tcp_update(struct nl_ct *ct, struct nl_flow *f, int reply,
                       uint8_t tcp_flags, uint32_t now);
+/* Open flows count as active (lc balances on them); FIN/RST ones as inactive. */
+static inline int nl_flow_closing(uint8_t state)
+{
+    return state == NL_FS_FIN || state == NL_FS_CLOSE;
+}
+/* Moves a flow between the active/inactive gauges of its backend. */
+void nl_flow_gauge(struct nl_lb *lb, const struct nl_flow *f, uint8_t old_state, int delta);
+
 static inline int nl_time_before(uint32_t a, uint32_t b)
 {
     return (int32_t)(a - b) < 0;
@@ -149,7 +157,8 @@ struct nl_lb {
     struct nl_ct ct;
     struct nl_snapshot *snap;        /* read with __atomic acquire         */
     struct nl_worker_counters *counters;   /* n_workers + 1 blocks          */
-    int64_t *active;                 /* per backend id, atomic             */
+    int64_t *active;                 /* per backend id, atomic: open flows */
+    int64_t *inactive;               /* per backend id, atomic: closing    */
     uint32_t sched_seed;
     /* workers */
     struct nl_worker *workers;

@@ -223,7 +223,8 @@ struct nl_lb *nl_create(const struct nl_config *cfg)
         a->reclaim.epoch[w] = EPOCH_IDLE;
     lb->counters = calloc(cfg->n_workers + 1, sizeof(struct nl_worker_counters));
     lb->active = calloc(NL_MAX_BACKENDS, sizeof(int64_t));
-    if (!lb->counters || !lb->active || nl_ct_init(&lb->ct, cfg->max_flows, cfg->timeout_ms) < 0) {
+    lb->inactive = calloc(NL_MAX_BACKENDS, sizeof(int64_t));
+    if (!lb->counters || !lb->active || !lb->inactive || nl_ct_init(&lb->ct, cfg->max_flows, cfg->timeout_ms) < 0) {
         nl_destroy(lb);
         return NULL;
     }
@@ -248,10 +249,29 @@ void nl_destroy(struct nl_lb *lb)
     nl_ct_fini(&lb->ct);
     free(lb->counters);
     free(lb->active);
+    free(lb->inactive);
     free(lb);
 }
 
 /* ---- the data path ----------------------------------------------------- */
+
+void nl_flow_gauge(struct nl_lb *lb, const struct nl_flow *f, uint8_t state, int delta)
+{
+    int64_t *g = nl_flow_closing(state) ? lb->inactive : lb->active;
+    __atomic_fetch_add(&g[f->backend_id], delta, __ATOMIC_RELAXED);
+}
+
+/* TCP state update that keeps the per-backend gauges in step. */
+static void track_tcp(struct nl_lb *lb, struct nl_flow *f, int is_reply, uint8_t flags,
+                      uint32_t now)
+{
+    uint8_t before = f->state;
+    nl_ct_tcp_update(&lb->ct, f, is_reply, flags, now);
+    if (nl_flow_closing(before) != nl_flow_closing(f->state)) {
+        nl_flow_gauge(lb, f, before, -1);
+        nl_flow_gauge(lb, f, f->state, 1);
+    }
+}
 
 static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
                    const struct nl_service *svc, struct nl_pkt *p,
@@ -267,7 +287,7 @@ static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
     struct nl_flow *f = nl_ct_find(ct, b, &k, now);
     if (f && is_syn && f->state >= NL_FS_FIN) {
         /* The client reuses a closed connection's port: a new flow. */
-        __atomic_fetch_sub(&lb->active[f->backend_id], 1, __ATOMIC_RELAXED);
+        nl_flow_gauge(lb, f, f->state, -1);
         nl_ct_remove(ct, b, f);
         f = NULL;
     }
@@ -296,12 +316,12 @@ static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
         f->backend_id = (uint16_t)be->id;
         f->created_ms = now;
         f->state = p->proto == 6 ? NL_FS_FREE : NL_FS_UDP;
-        __atomic_fetch_add(&lb->active[be->id], 1, __ATOMIC_RELAXED);
+        nl_flow_gauge(lb, f, f->state, 1);
         wc->services[svc->spec.id].new_flows++;
         wc->backends[be->id].new_flows++;
     }
     if (p->proto == 6)
-        nl_ct_tcp_update(ct, f, 0, p->tcp_flags, now);
+        track_tcp(lb, f, 0, p->tcp_flags, now);
     else
         f->expires_ms = now + ct->timeout_ms[NL_T_UDP];
     uint32_t baddr = f->backend_addr;
@@ -334,7 +354,7 @@ static int reply(struct nl_lb *lb, struct nl_worker_counters *wc, struct nl_pkt 
         return NL_VERDICT_ACCEPT;
     }
     if (p->proto == 6)
-        nl_ct_tcp_update(ct, f, 1, p->tcp_flags, now);
+        track_tcp(lb, f, 1, p->tcp_flags, now);
     else
         f->expires_ms = now + ct->timeout_ms[NL_T_UDP];
     uint32_t vip = f->vip_addr;
@@ -399,8 +419,10 @@ void nl_read_backends(struct nl_lb *lb, struct nl_counters *out, uint32_t n)
     if (n > NL_MAX_BACKENDS)
         n = NL_MAX_BACKENDS;
     sum_counters(lb, offsetof(struct nl_worker_counters, backends), out, n);
-    for (uint32_t i = 0; i < n; i++)
+    for (uint32_t i = 0; i < n; i++) {
         out[i].active_flows = __atomic_load_n(&lb->active[i], __ATOMIC_RELAXED);
+        out[i].inactive_flows = __atomic_load_n(&lb->inactive[i], __ATOMIC_RELAXED);
+    }
 }
 
 void nl_read_reasons(struct nl_lb *lb, uint64_t *out)

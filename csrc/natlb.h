@@ -92,7 +92,8 @@ struct nl_counters {
     uint64_t packets_out;           /* server -> client direction          */
     uint64_t bytes_out;
     uint64_t new_flows;
-    int64_t active_flows;           /* conntrack entries now (backends)    */
+    int64_t active_flows;           /* backends: flows not yet closing     */
+    int64_t inactive_flows;         /* backends: FIN/RST seen, timing out  */
 };
 
 struct nl_lb;

@@ -88,6 +88,7 @@ class Counters:
     bytes_out: int = 0
     new_flows: int = 0
     active_flows: int = 0
+    inactive_flows: int = 0
 
 
 @dataclass
@@ -196,7 +197,7 @@ class Core:
         out = ffi.new("struct nl_counters[]", max(1, n))
         fn(self._lb, out, n)
         return [Counters(c.packets_in, c.bytes_in, c.packets_out, c.bytes_out,
-                         c.new_flows, c.active_flows) for c in out[0:n]]
+                         c.new_flows, c.active_flows, c.inactive_flows) for c in out[0:n]]
 
     def service_counters(self, n: int = MAX_SERVICES) -> list[Counters]:
         return self._read(lib.nl_read_services, n)

@@ -43,6 +43,7 @@ def collect(pool: Pool, queues: list[int], started: float, max_flows: int) -> di
         c = svc_ctr[s.id]
         d = asdict(c)
         d["active_flows"] = sum(b["active_flows"] for b in backends)
+        d["inactive_flows"] = sum(b["inactive_flows"] for b in backends)
         services.append({
             "name": s.cfg.name, "vip": s.cfg.vip, "port": s.cfg.port,
             "protocol": s.cfg.protocol, "scheduler": s.cfg.scheduler,
@@ -66,25 +67,26 @@ def _human(n: int) -> str:
     return f"{n}P"
 
 
+def _row(label: str, state: str, weight: str, c: dict[str, Any]) -> str:
+    return (f"  {label:<38} {state:<9} {weight:>6} {c['active_flows']:>8} "
+            f"{c['inactive_flows']:>7} {c['new_flows']:>8} {_human(c['packets_in']):>8} "
+            f"{_human(c['packets_out']):>8} {_human(c['bytes_in']):>8} "
+            f"{_human(c['bytes_out']):>8}")
+
+
 def render(st: dict[str, Any]) -> str:
+    """Like ``ipvsadm -Ln --stats``: a line per service, then its backends."""
     lines = [f"natlb up {st['uptime_s']:.0f}s, flows {st['flows']}/{st['flow_capacity']}, "
              f"queued packets {st['queued_packets']}"]
-    hdr = (f"  {'Prot LocalAddress:Port Scheduler':<38} {'State':<9} {'Weight':>6} "
-           f"{'ActFlows':>8} {'NewFlows':>8} {'InPkts':>8} {'OutPkts':>8} "
-           f"{'InBytes':>8} {'OutBytes':>8}")
-    lines.append(hdr)
+    lines.append(f"  {'Prot LocalAddress:Port Scheduler':<38} {'State':<9} {'Weight':>6} "
+                 f"{'ActFlows':>8} {'InActFl':>7} {'NewFlows':>8} {'InPkts':>8} "
+                 f"{'OutPkts':>8} {'InBytes':>8} {'OutBytes':>8}")
     for s in st["services"]:
         name = f"{s['protocol'].upper()} {s['vip']}:{s['port']} {s['scheduler']} ({s['name']})"
-        lines.append(f"  {name:<38} {'':<9} {'':>6} {s['active_flows']:>8} {s['new_flows']:>8} "
-                     f"{_human(s['packets_in']):>8} {_human(s['packets_out']):>8} "
-                     f"{_human(s['bytes_in']):>8} {_human(s['bytes_out']):>8}")
+        lines.append(_row(name, "", "", s))
         for b in s["backends"]:
             state = b["health"] if b["admin"] == "enabled" else b["admin"]
-            addr = f"  -> {b['address']}:{b['port']}"
-            lines.append(f"  {addr:<38} {state:<9} {b['weight']:>6} {b['active_flows']:>8} "
-                         f"{b['new_flows']:>8} {_human(b['packets_in']):>8} "
-                         f"{_human(b['packets_out']):>8} {_human(b['bytes_in']):>8} "
-                         f"{_human(b['bytes_out']):>8}")
+            lines.append(_row(f"  -> {b['address']}:{b['port']}", state, str(b["weight"]), b))
     dropped = {k: v for k, v in st["reasons"].items() if v}
     if dropped:
         lines.append("  dropped/passed: " + ", ".join(f"{k}={v}" for k, v in dropped.items()))

@@ -91,15 +91,16 @@ def http_stream(host: str, port: int, count: int, interval_ms: int, timeout: flo
         due = start + i * interval_ms / 1000
         time.sleep(max(0.0, due - time.monotonic()))
         t0 = time.monotonic()
+        wall = time.time()
         try:
             c = http.client.HTTPConnection(host, port, timeout=timeout)
             c.request("GET", "/", headers={"Connection": "close"})
             body = c.getresponse().read().decode().strip()
             c.close()
-            _emit(i=i, t=round(t0 - start, 4), ok=True, backend=body,
+            _emit(i=i, t=round(t0 - start, 4), wall=wall, ok=True, backend=body,
                   ms=round((time.monotonic() - t0) * 1000, 2))
         except OSError as e:
-            _emit(i=i, t=round(t0 - start, 4), ok=False, error=type(e).__name__,
+            _emit(i=i, t=round(t0 - start, 4), wall=wall, ok=False, error=type(e).__name__,
                   ms=round((time.monotonic() - t0) * 1000, 2))
     return 0
 

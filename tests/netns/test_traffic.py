@@ -131,7 +131,7 @@ def test_sigkill_is_cleaned_up_by_the_guardian(testbed, natlb):
 
 def test_bad_config_exits_2_and_touches_nothing(testbed):
     before = router_state(testbed)
-    bad = basic_config(testbed).replace('port = 80\nprotocol = "tcp"', 'port = 70000\nprotocol = "tcp"')
+    bad = basic_config(testbed).replace('port = 80\nprotocol', 'port = 70000\nprotocol')
     path = testbed.write_config(bad)
     r = natlb_cli(testbed, "run", "-c", str(path))
     assert r.returncode == 2

@@ -4,7 +4,7 @@ from scapy.layers.inet import IP, TCP, UDP
 
 from natlb.core import Core, CoreConfig, Verdict
 
-from .services import CLIENT, VIP, make_service
+from .services import BACKENDS, CLIENT, VIP, make_service
 
 TIMEOUTS = {"tcp_syn": 5_000, "tcp_established": 60_000, "tcp_fin": 3_000,
             "tcp_close": 1_000, "udp": 2_000}
@@ -58,6 +58,22 @@ def test_rst_shortens_timeout():
     c.process(syn(1002, "R"), 10)
     # Established would last 60 s; after RST the entry is gone after 1 s.
     assert c.process(syn(1002, "A"), 10 + 1_001)[0] == Verdict.DROP
+
+
+def test_fin_moves_flow_from_active_to_inactive():
+    c = small_core()
+    backend = open_flow(c, 1004, 0)
+    i = BACKENDS.index(backend)
+
+    def gauges():
+        b = c.backend_counters(3)[i]
+        return b.active_flows, b.inactive_flows
+
+    assert gauges() == (1, 0)
+    c.process(syn(1004, "FA"), 5)
+    assert gauges() == (0, 1)
+    c.sweep(5 + 3_001)
+    assert gauges() == (0, 0)
 
 
 def test_syn_after_fin_starts_new_flow():

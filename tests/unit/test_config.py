@@ -1,0 +1,107 @@
+"""Config validation: every error is one line naming the key and the value."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from natlb.config import ConfigError, load, parse
+
+EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "natlb.toml"
+
+MINIMAL = {
+    "service": [{
+        "name": "web", "vip": "192.0.2.100", "port": 80,
+        "backend": [{"address": "203.0.113.10"}],
+    }]
+}
+
+
+def with_(path, value):
+    import copy
+
+    raw = copy.deepcopy(MINIMAL)
+    node = raw
+    *parents, last = path
+    for p in parents:
+        node = node[p]
+    node[last] = value
+    return raw
+
+
+def test_example_config_loads():
+    cfg = load(EXAMPLE)
+    assert [s.name for s in cfg.services] == ["web", "dns"]
+    assert cfg.lb.queues == [0, 1]
+    assert cfg.services[0].backends[1].port == 80  # defaults to the service port
+
+
+def test_defaults():
+    cfg = parse(MINIMAL)
+    s = cfg.services[0]
+    assert (s.protocol, s.scheduler, s.backends[0].port, s.backends[0].weight) == ("tcp", "rr",
+                                                                                  80, 1)
+
+
+@pytest.mark.parametrize("path,value,message", [
+    (("service", 0, "port"), 70000, "service[0].port = 70000: must be 1..65535"),
+    (("service", 0, "vip"), "192.0.2.300", 'service[0].vip = "192.0.2.300": not an IPv4 address'),
+    (("service", 0, "scheduler"), "random",
+     'service[0].scheduler = "random": must be one of rr, wrr, lc, sh, maglev'),
+    (("service", 0, "protocol"), "sctp", 'service[0].protocol = "sctp": must be one of tcp, udp'),
+    (("service", 0, "colour"), "red", 'service[0].colour = "red": unknown key'),
+    (("service", 0, "backend", 0, "port"), 0, "service[0].backend[0].port = 0: must be 1..65535"),
+    (("service", 0, "backend", 0, "weight"), -1,
+     "service[0].backend[0].weight = -1: must be 0..65535"),
+    (("service", 0, "health"), {"kind": "icmp"},
+     'service[0].health.kind = "icmp": must be one of tcp, http, udp, none'),
+    (("service", 0, "health"), {"interval_ms": 1},
+     "service[0].health.interval_ms = 1: must be 10..3600000"),
+    (("lb",), {"workers": 99}, "lb.workers = 99: must be 1..16"),
+    (("lb",), {"timeouts": {"tcp_syn": 0}},
+     "lb.timeouts.tcp_syn = 0: must be seconds, 0.001..604800"),
+    (("lb",), {"table": "nat lb"}, 'lb.table = "nat lb": letters, digits and _ only, at most 32'),
+])
+def test_errors_name_key_and_value(path, value, message):
+    with pytest.raises(ConfigError) as e:
+        parse(with_(path, value))
+    assert str(e.value) == message
+
+
+def test_duplicate_service():
+    raw = {"service": MINIMAL["service"] * 2}
+    with pytest.raises(ConfigError, match=r"service\[1\] = \"192.0.2.100:80/tcp\": duplicate"):
+        parse(raw)
+
+
+def test_duplicate_backend():
+    raw = with_(("service", 0, "backend"), [{"address": "203.0.113.10"}] * 2)
+    with pytest.raises(ConfigError, match=r"backend\[1\].*duplicate backend"):
+        parse(raw)
+
+
+def test_missing_required():
+    with pytest.raises(ConfigError, match=r"^service\[0\].vip: missing"):
+        parse({"service": [{"name": "x", "port": 1, "backend": [{"address": "203.0.113.1"}]}]})
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, "-m", "natlb", *args], capture_output=True, text=True)
+
+
+def test_cli_check_ok_and_exit_2(tmp_path):
+    assert run_cli("check", "-c", str(EXAMPLE)).returncode == 0
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[service]]\nname="w"\nvip="192.0.2.1"\nport=80\nweight=3\n'
+                   '[[service.backend]]\naddress="203.0.113.1"\n')
+    r = run_cli("check", "-c", str(bad))
+    assert r.returncode == 2
+    assert r.stderr == "natlb: config: service[0].weight = 3: unknown key\n"
+
+
+def test_cli_check_reports_toml_syntax(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[[service]\n")
+    r = run_cli("check", "-c", str(bad))
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "TOML syntax" in r.stderr
