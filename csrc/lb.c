@@ -389,6 +389,19 @@ int nl_process(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
     return reply(lb, wc, &p, pkt_flags, (uint32_t)now_ms);
 }
 
+uint32_t nl_process_many(struct nl_lb *lb, uint32_t worker, uint8_t *bufs, uint32_t stride,
+                         const uint32_t *lens, uint8_t *verdicts, uint32_t n,
+                         uint32_t pkt_flags, uint64_t now_ms)
+{
+    uint32_t rewritten = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        int v = nl_process(lb, worker, bufs + (size_t)i * stride, lens[i], pkt_flags, now_ms);
+        verdicts[i] = (uint8_t)v;
+        rewritten += v == NL_VERDICT_REWRITE;
+    }
+    return rewritten;
+}
+
 /* ---- counters ---------------------------------------------------------- */
 
 static void sum_counters(struct nl_lb *lb, size_t offset, struct nl_counters *out, uint32_t n)

@@ -115,6 +115,29 @@ def _port(p: int) -> int:
     return socket.htons(p)
 
 
+class Batch:
+    """Packets laid out for nl_process_many."""
+
+    def __init__(self, packets: list[bytes], now_ms: int, flags: int = 0) -> None:
+        self.n = len(packets)
+        self.stride = max((len(p) for p in packets), default=1)
+        self.bufs = ffi.new("uint8_t[]", self.n * self.stride)
+        self.lens = ffi.new("uint32_t[]", [len(p) for p in packets])
+        self.verdicts = ffi.new("uint8_t[]", max(1, self.n))
+        self.now_ms = now_ms
+        self.flags = flags
+        self._packets = packets
+        self.reset()
+
+    def reset(self) -> None:
+        """Put the original bytes back (the core rewrites in place)."""
+        for i, p in enumerate(self._packets):
+            ffi.memmove(self.bufs + i * self.stride, p, len(p))
+
+    def verdict_list(self) -> list[Verdict]:
+        return [Verdict(v) for v in self.verdicts[0:self.n]]
+
+
 class Core:
     """A C load balancer instance: conntrack, published tables, workers."""
 
@@ -178,6 +201,17 @@ class Core:
         buf = ffi.new("uint8_t[]", packet) if packet else ffi.new("uint8_t[1]")
         v = lib.nl_process(self._lb, self.workers, buf, len(packet), flags, now_ms)
         return Verdict(v), bytes(ffi.buffer(buf, len(packet)))
+
+    def process_many(self, packets: list[bytes], now_ms: int, flags: int = 0) -> "Batch":
+        """Prepare a batch for process_batch (the buffers are reused)."""
+        return Batch(packets, now_ms, flags)
+
+    def process_batch(self, batch: "Batch") -> int:
+        """Run a prepared batch through the core in one call; returns rewrites.
+        Packets are rewritten in place, so a batch run twice sees its own
+        output the second time (fine for replies and established flows)."""
+        return lib.nl_process_many(self._lb, self.workers, batch.bufs, batch.stride, batch.lens,
+                                   batch.verdicts, batch.n, batch.flags, batch.now_ms)
 
     def sweep(self, now_ms: int, max_buckets: int = 1 << 30) -> int:
         return lib.nl_ct_sweep(self._lb, now_ms, max_buckets)

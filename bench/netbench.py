@@ -1,0 +1,411 @@
+"""End-to-end benchmark: natlb against the kernel's DNAT and HAProxy (nginx
+stream for UDP), measured in the same run on the same namespaces.
+
+    client --- router --- 3 backends (nginx, nsd, iperf3)
+
+The router runs one of: natlb, an nftables DNAT table, HAProxy (TCP mode,
+one thread) plus nginx stream (one worker) for UDP.  Load comes from wrk,
+dnsperf and iperf3 in the client namespace.  Results are medians over
+repetitions, printed as a table with natlb's ratio to each peer and written
+as Markdown, JSON and a PNG chart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from natlb.testbed import VIP, Testbed, backend_addr
+
+N_BACKENDS = 3
+PATHS = ("natlb", "kernel", "haproxy")
+METRICS = {
+    "conn_s": ("new conn/s", True),
+    "req_s": ("keep-alive req/s", True),
+    "dns_qps": ("DNS q/s (UDP)", True),
+    "bulk_mbit": ("bulk Mbit/s", True),
+    "p50_us": ("1-conn p50 us", False),
+    "p99_us": ("1-conn p99 us", False),
+}
+
+NGINX_BACKEND = """
+worker_processes 1;
+pid {dir}/nginx-b{k}.pid;
+error_log {dir}/nginx-b{k}.err;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  keepalive_requests 1000000;
+  server {{ listen 80 reuseport backlog=4096; location / {{ return 200 "b{k}\\n"; }} }}
+}}
+"""
+
+NSD_CONF = """
+server:
+  ip-address: 0.0.0.0
+  port: 53
+  username: ""
+  chroot: ""
+  zonesdir: "{dir}"
+  pidfile: "{dir}/nsd-b{k}.pid"
+  database: ""
+  zonelistfile: "{dir}/nsd-b{k}.zl"
+  xfrdfile: "{dir}/nsd-b{k}.xfrd"
+  server-count: 1
+  verbosity: 0
+  rrl-ratelimit: 0
+  rrl-whitelist-ratelimit: 0
+remote-control:
+  control-enable: no
+zone:
+  name: bench.test
+  zonefile: bench.test.zone
+"""
+
+ZONE = """$ORIGIN bench.test.
+$TTL 300
+@ IN SOA ns.bench.test. hostmaster.bench.test. 1 3600 600 86400 300
+@ IN NS ns.bench.test.
+ns IN A 203.0.113.2
+www IN A 203.0.113.3
+"""
+
+HAPROXY = """
+global
+  nbthread 1
+  maxconn 8000
+  pidfile {dir}/haproxy.pid
+defaults
+  mode tcp
+  timeout connect 2s
+  timeout client 30s
+  timeout server 30s
+frontend web
+  bind {vip}:80
+  default_backend web
+backend web
+  balance roundrobin
+{web_servers}
+frontend bulk
+  bind {vip}:5201
+  default_backend bulk
+backend bulk
+  balance source
+  server b1 {b1}:5201
+"""
+
+NGINX_STREAM = """
+worker_processes 1;
+pid {dir}/nginx-lb.pid;
+error_log {dir}/nginx-lb.err;
+events {{ worker_connections 4096; }}
+stream {{
+  upstream dns {{ {dns_servers} }}
+  server {{ listen {vip}:53 udp reuseport; proxy_pass dns; proxy_responses 1;
+           proxy_timeout 2s; }}
+}}
+"""
+
+KERNEL_NAT = """
+table ip natlb_bench_dnat {{
+  chain pre {{
+    type nat hook prerouting priority dstnat;
+    ip daddr {vip} tcp dport 80 dnat to numgen inc mod 3 map {{ 0 : {b1}, 1 : {b2}, 2 : {b3} }}
+    ip daddr {vip} udp dport 53 dnat to numgen inc mod 3 map {{ 0 : {b1}, 1 : {b2}, 2 : {b3} }}
+    ip daddr {vip} tcp dport 5201 dnat to {b1}
+  }}
+}}
+"""
+
+NATLB_CONFIG = """
+[lb]
+control_socket = "{sock}"
+workers = {workers}
+gso = {gso}
+[[service]]
+name = "web"
+vip = "{vip}"
+port = 80
+scheduler = "rr"
+[service.health]
+kind = "tcp"
+interval_ms = 1000
+{web}
+[[service]]
+name = "dns"
+vip = "{vip}"
+port = 53
+protocol = "udp"
+scheduler = "rr"
+[service.health]
+kind = "none"
+{web}
+[[service]]
+name = "bulk"
+vip = "{vip}"
+port = 5201
+scheduler = "sh"
+[service.health]
+kind = "none"
+[[service.backend]]
+address = "{b1}"
+"""
+
+
+class Bench:
+    def __init__(self, seconds: int, workers: int, gso: bool) -> None:
+        self.seconds = seconds
+        self.workers = workers
+        self.gso = gso
+        self.tb = Testbed(n_backends=N_BACKENDS)
+        self.dir = self.tb.workdir
+        self.addrs = {f"b{k}": backend_addr(k) for k in range(1, N_BACKENDS + 1)}
+
+    # -- environment -------------------------------------------------------
+    def setup(self) -> None:
+        self.tb.build()
+        d = self.dir
+        (d / "bench.test.zone").write_text(ZONE)
+        (d / "queries").write_text("www.bench.test A\n" * 10)
+        for k in range(1, N_BACKENDS + 1):
+            ns = self.tb.backend(k)
+            (d / f"nginx-b{k}.conf").write_text(NGINX_BACKEND.format(dir=d, k=k))
+            self.tb.spawn(ns, ["nginx", "-c", str(d / f"nginx-b{k}.conf"), "-g",
+                               "daemon off;"], stderr=subprocess.DEVNULL)
+            (d / f"nsd-b{k}.conf").write_text(NSD_CONF.format(dir=d, k=k))
+            self.tb.spawn(ns, ["nsd", "-d", "-c", str(d / f"nsd-b{k}.conf")],
+                          stderr=subprocess.DEVNULL)
+            self.tb.spawn(ns, ["iperf3", "-s", "-p", "5201"], stdout=subprocess.DEVNULL)
+        time.sleep(1.0)
+        self._check_backends()
+
+    def _check_backends(self) -> None:
+        """Ask each backend's nginx directly, from the router (no NAT yet)."""
+        for k in range(1, N_BACKENDS + 1):
+            code = ("import http.client as h;c=h.HTTPConnection('%s',80,timeout=2);"
+                    "c.request('GET','/');print(c.getresponse().read().decode().strip())"
+                    % backend_addr(k))
+            for _ in range(20):
+                got = self.router([sys.executable, "-c", code]).stdout.strip()
+                if got == f"b{k}":
+                    break
+                time.sleep(0.25)
+            else:
+                raise RuntimeError(f"backend b{k} nginx is not answering")
+
+    def client(self, argv: list[str], check: bool = True,
+               timeout: float | None = None) -> subprocess.CompletedProcess:
+        return subprocess.run(["ip", "netns", "exec", self.tb.client, *argv],
+                              capture_output=True, text=True, check=check,
+                              timeout=timeout or self.seconds + 30)
+
+    def router(self, argv: list[str], **kw) -> subprocess.CompletedProcess:
+        return subprocess.run(["ip", "netns", "exec", self.tb.router, *argv],
+                              capture_output=True, text=True, **kw)
+
+    # -- the three paths ---------------------------------------------------
+    def start(self, path: str) -> list[subprocess.Popen]:
+        fmt = dict(dir=self.dir, vip=VIP, **self.addrs)
+        if path == "natlb":
+            web = "\n".join(f'[[service.backend]]\naddress = "{a}"' for a in self.addrs.values())
+            cfg = self.tb.write_config(NATLB_CONFIG.format(
+                sock=self.tb.control_socket, workers=self.workers,
+                gso="true" if self.gso else "false", web=web, **fmt))
+            return [self.tb.start_natlb(cfg)]
+        self.router(["ip", "addr", "add", f"{VIP}/32", "dev", "lo"])
+        self.router(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        if path == "kernel":
+            (self.dir / "dnat.nft").write_text(KERNEL_NAT.format(**fmt))
+            self.router(["nft", "-f", str(self.dir / "dnat.nft")], check=True)
+            return []
+        servers = "\n".join(f"  server {n} {a}:80" for n, a in self.addrs.items())
+        (self.dir / "haproxy.cfg").write_text(HAPROXY.format(web_servers=servers, **fmt))
+        dns = " ".join(f"server {a}:53;" for a in self.addrs.values())
+        (self.dir / "nginx-lb.conf").write_text(NGINX_STREAM.format(dns_servers=dns, **fmt))
+        procs = [
+            self.tb.spawn(self.tb.router, ["haproxy", "-db", "-f", str(self.dir / "haproxy.cfg")],
+                          stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+            self.tb.spawn(self.tb.router, ["nginx", "-c", str(self.dir / "nginx-lb.conf"), "-g",
+                                           "daemon off;"], stderr=subprocess.DEVNULL),
+        ]
+        time.sleep(0.5)
+        return procs
+
+    def stop(self, path: str, procs: list[subprocess.Popen]) -> None:
+        for p in procs:
+            self.tb.stop(p)
+            self.tb.procs.remove(p)
+        if path == "kernel":
+            self.router(["nft", "delete", "table", "ip", "natlb_bench_dnat"])
+        if path != "natlb":
+            self.router(["ip", "addr", "del", f"{VIP}/32", "dev", "lo"])
+
+    # -- measurements ------------------------------------------------------
+    def wrk(self, *extra: str, conns: int = 32) -> str:
+        return self.client(["wrk", "-t1", f"-c{conns}", f"-d{self.seconds}s", "--latency",
+                            *extra, f"http://{VIP}/"]).stdout
+
+    @staticmethod
+    def _rate(out: str) -> float:
+        m = re.search(r"Requests/sec:\s+([\d.]+)", out)
+        errors = re.search(r"Socket errors: connect (\d+), read (\d+), write (\d+), timeout (\d+)",
+                           out)
+        if errors and sum(map(int, errors.groups())) > 0:
+            print(f"    wrk socket errors: {errors.group(0)}", flush=True)
+        return float(m.group(1)) if m else 0.0
+
+    @staticmethod
+    def _latency_us(out: str, pct: str) -> float:
+        m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
+        if not m:
+            return 0.0
+        return float(m.group(1)) * {"us": 1, "ms": 1000, "s": 1e6}[m.group(2)]
+
+    def dns(self) -> float:
+        out = self.client(["dnsperf", "-s", VIP, "-d", str(self.dir / "queries"), "-l",
+                           str(self.seconds), "-c", "16", "-q", "256", "-t", "2"],
+                          check=False).stdout
+        m = re.search(r"Queries per second:\s+([\d.]+)", out)
+        lost = re.search(r"Queries lost:\s+(\d+)", out)
+        if lost and int(lost.group(1)):
+            print(f"    dnsperf lost {lost.group(1)} queries", flush=True)
+        return float(m.group(1)) if m else 0.0
+
+    def bulk(self) -> float:
+        out = self.client(["iperf3", "-c", VIP, "-p", "5201", "-t", str(self.seconds), "-J"],
+                          check=False).stdout
+        try:
+            return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e6
+        except (ValueError, KeyError):
+            return 0.0
+
+    def natlb_cpu(self) -> tuple[float, int]:
+        """CPU seconds used by natlb's process and packets it handled."""
+        pid = next(int(x) for x in self.router(["pgrep", "-f", "natlb run"]).stdout.split())
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        ticks = int(fields[11]) + int(fields[12])
+        status = json.loads(subprocess.run(
+            [sys.executable, "-m", "natlb", "status", "--json", "-s", self.tb.control_socket],
+            capture_output=True, text=True).stdout)
+        return ticks / 100.0, status["queued_packets"]
+
+    def measure(self, path: str) -> dict[str, float]:
+        procs = self.start(path)
+        try:
+            r: dict[str, float] = {}
+            cpu0 = self.natlb_cpu() if path == "natlb" else None
+            r["conn_s"] = self._rate(self.wrk("-H", "Connection: close"))
+            r["req_s"] = self._rate(self.wrk())
+            r["dns_qps"] = self.dns()
+            r["bulk_mbit"] = self.bulk()
+            one = self.wrk(conns=1)
+            r["p50_us"] = self._latency_us(one, "50")
+            r["p99_us"] = self._latency_us(one, "99")
+            if cpu0:
+                cpu1 = self.natlb_cpu()
+                r["natlb_us_per_packet"] = (cpu1[0] - cpu0[0]) / max(1, cpu1[1] - cpu0[1]) * 1e6
+                r["natlb_packets"] = cpu1[1] - cpu0[1]
+            return r
+        finally:
+            self.stop(path, procs)
+
+    def close(self) -> None:
+        self.tb.close()
+
+
+def median_table(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for path in PATHS:
+        keys = runs[0][path].keys()
+        out[path] = {k: statistics.median(r[path][k] for r in runs) for k in keys}
+    return out
+
+
+def markdown(med: dict[str, dict[str, float]], meta: dict) -> str:
+    head = "| path | " + " | ".join(label for label, _ in METRICS.values()) + " |"
+    lines = [head, "|" + "---|" * (len(METRICS) + 1)]
+    for path in PATHS:
+        name = {"natlb": "natlb", "kernel": "kernel nft DNAT",
+                "haproxy": "HAProxy TCP 1 thread (UDP: nginx stream 1 worker)"}[path]
+        lines.append(f"| {name} | " + " | ".join(f"{med[path][k]:,.0f}" for k in METRICS) + " |")
+    for peer in ("kernel", "haproxy"):
+        cells = []
+        for k, (_, higher_better) in METRICS.items():
+            a, b = med["natlb"][k], med[peer][k]
+            cells.append(f"{a / b:.2f}x" if b else "n/a")
+        lines.append(f"| natlb / {peer} | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"natlb CPU per queued packet: {med['natlb']['natlb_us_per_packet']:.2f} us "
+                 f"(natlb process user+sys time / packets it handled, all tests of a run).")
+    lines.append(f"Medians of {meta['repetitions']} repetitions, {meta['seconds']} s per test, "
+                 f"natlb workers={meta['workers']} gso={meta['gso']}; "
+                 f"latency ratios: lower is better.")
+    return "\n".join(lines)
+
+
+def chart(med: dict[str, dict[str, float]], path: Path) -> None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("(matplotlib missing: no chart)")
+        return
+    fig, axes = plt.subplots(1, len(METRICS), figsize=(3 * len(METRICS), 3.2))
+    for ax, (k, (label, _)) in zip(axes, METRICS.items(), strict=True):
+        vals = [med[p][k] for p in PATHS]
+        ax.bar(PATHS, vals, color=["#2a7", "#888", "#c63"])
+        ax.set_title(label, fontsize=9)
+        ax.tick_params(axis="x", labelsize=8, rotation=30)
+    fig.suptitle("natlb vs kernel DNAT vs HAProxy (medians)")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--repetitions", type=int, default=3)
+    ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--no-gso", action="store_true")
+    ap.add_argument("--out", default="bench-results")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(exist_ok=True)
+    b = Bench(a.seconds, a.workers, not a.no_gso)
+    runs = []
+    try:
+        b.setup()
+        for rep in range(a.repetitions):
+            run = {}
+            for path in PATHS:
+                print(f"repetition {rep + 1}/{a.repetitions}: {path}", flush=True)
+                run[path] = b.measure(path)
+                print("   ", {k: round(v, 2) for k, v in run[path].items()}, flush=True)
+            runs.append(run)
+    finally:
+        b.close()
+    med = median_table(runs)
+    meta = {"repetitions": a.repetitions, "seconds": a.seconds, "workers": a.workers,
+            "gso": not a.no_gso, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+    md = markdown(med, meta)
+    (out / "bench.md").write_text(md + "\n")
+    (out / "bench.json").write_text(json.dumps({"meta": meta, "median": med, "runs": runs},
+                                               indent=2))
+    chart(med, out / "bench.png")
+    print()
+    print(md)
+    print(f"\nwritten: {out}/bench.md, bench.json, bench.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

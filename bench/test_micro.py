@@ -1,0 +1,95 @@
+"""Micro-benchmarks of the C core (no root): ns per packet.
+
+Run: scripts/microbench   (not part of the default test run)
+Each benchmark runs one C call over a batch of N packets, so the figure is
+C time per packet, not the cost of a Python-to-C call.
+"""
+
+import struct
+
+import pytest
+from scapy.layers.inet import IP, TCP, UDP
+
+from natlb.core import Core, CoreConfig, Verdict
+from tests.unit.services import VIP, make_service
+
+N = 20_000
+
+
+def syns(n, dport=80):
+    tmpl = bytes(IP(src="198.51.100.1", dst=VIP) / TCP(sport=1, dport=dport, flags="S"))
+    out = []
+    for i in range(n):
+        b = bytearray(tmpl)
+        b[12:16] = struct.pack("!I", 0xC6336400 + (i >> 16))   # 198.51.100.x
+        b[20:22] = struct.pack("!H", 1024 + (i & 0xFFFF) % 60000)
+        b[15] = (i * 7) & 255
+        out.append(bytes(IP(bytes(b))))   # let scapy fix checksums once
+    return out
+
+
+def per_packet(benchmark, core, batch, rounds=15):
+    """Time one C call over the batch, restoring its bytes between rounds."""
+    def setup():
+        batch.reset()
+        return (), {}
+
+    benchmark.pedantic(lambda: core.process_batch(batch), setup=setup, rounds=rounds)
+    benchmark.extra_info["ns_per_packet"] = round(benchmark.stats.stats.median / batch.n * 1e9,
+                                                  1)
+
+
+@pytest.fixture(scope="module")
+def established():
+    """A core with N flows set up, and a batch of ACKs for them."""
+    c = Core(CoreConfig(max_flows=1 << 17, workers=1))
+    c.publish([make_service("rr")])
+    pkts = syns(N)
+    first = c.process_many(pkts, now_ms=1)
+    assert c.process_batch(first) == N
+    acks = [p[:33] + bytes([0x10]) + p[34:] for p in pkts]     # flags = ACK
+    return c, c.process_many([bytes(IP(a)) for a in acks], now_ms=2)
+
+
+def test_rewrite_established_tcp(benchmark, established):
+    c, batch = established
+    per_packet(benchmark, c, batch)
+    assert batch.verdict_list() == [Verdict.REWRITE] * N
+
+
+@pytest.mark.parametrize("scheduler", ["rr", "wrr", "lc", "sh", "maglev"])
+def test_new_flow_per_scheduler(benchmark, scheduler):
+    """SYN of a new flow: lookup miss, backend choice, insert, rewrite."""
+    pkts = syns(N)
+    state = {}
+
+    def setup():
+        c = Core(CoreConfig(max_flows=1 << 16, workers=1))
+        c.publish([make_service(scheduler, addrs=[f"203.0.113.{i}" for i in range(1, 11)])])
+        state["c"], state["b"] = c, c.process_many(pkts, now_ms=1)
+        return (), {}
+
+    benchmark.pedantic(lambda: state["c"].process_batch(state["b"]), setup=setup, rounds=10)
+    benchmark.extra_info["ns_per_packet"] = round(benchmark.stats.stats.median / N * 1e9, 1)
+    assert state["b"].verdict_list() == [Verdict.REWRITE] * N
+
+
+def test_lookup_with_one_million_flows(benchmark):
+    total = 1_000_000
+    c = Core(CoreConfig(max_flows=total, workers=1))
+    c.publish([make_service("rr")])
+    tmpl = bytes(IP(src="198.51.100.1", dst=VIP) / UDP(sport=1, dport=80) / b"x")
+    c.publish([make_service("rr", protocol="udp")])
+    pkts = []
+    for i in range(total):
+        b = bytearray(tmpl)
+        b[12:16] = struct.pack("!I", 0xC6336400 + i // 65535)
+        b[20:22] = struct.pack("!H", 1 + i % 65535)
+        b[26:28] = b"\0\0"   # UDP checksum 0: valid and stays 0
+        pkts.append(bytes(b))
+    filled = c.process_many(pkts, now_ms=1)
+    assert c.process_batch(filled) == total and c.flow_count() == total
+    sample = c.process_many(pkts[::50], now_ms=2)   # lookups spread over the table
+    per_packet(benchmark, c, sample)
+    benchmark.extra_info["conntrack_bytes"] = c.conntrack_memory()
+    assert c.flow_count() == total
