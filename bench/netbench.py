@@ -129,6 +129,7 @@ NATLB_CONFIG = """
 control_socket = "{sock}"
 workers = {workers}
 gso = {gso}
+poll_us = {poll_us}
 [[service]]
 name = "web"
 vip = "{vip}"
@@ -160,7 +161,8 @@ address = "{b1}"
 
 
 class Bench:
-    def __init__(self, seconds: int, workers: int, gso: bool) -> None:
+    def __init__(self, seconds: int, workers: int, gso: bool, poll_us: int = 0) -> None:
+        self.poll_us = poll_us
         self.seconds = seconds
         self.workers = workers
         self.gso = gso
@@ -216,7 +218,7 @@ class Bench:
         if path == "natlb":
             web = "\n".join(f'[[service.backend]]\naddress = "{a}"' for a in self.addrs.values())
             cfg = self.tb.write_config(NATLB_CONFIG.format(
-                sock=self.tb.control_socket, workers=self.workers,
+                sock=self.tb.control_socket, workers=self.workers, poll_us=self.poll_us,
                 gso="true" if self.gso else "false", web=web, **fmt))
             return [self.tb.start_natlb(cfg)]
         self.router(["ip", "addr", "add", f"{VIP}/32", "dev", "lo"])
@@ -371,7 +373,7 @@ def markdown(med: dict[str, dict[str, float]], meta: dict) -> str:
         f"natlb's own thread: {med['natlb']['natlb_us_per_packet']:.2f} us per packet, most of it "
         f"kernel forwarding done in its verdict syscalls.")
     lines.append(f"Medians of {meta['repetitions']} repetitions, {meta['seconds']} s per test, "
-                 f"natlb workers={meta['workers']} gso={meta['gso']}; "
+                 f"natlb workers={meta['workers']} gso={meta['gso']} poll_us={meta['poll_us']}; "
                  f"latency ratios: lower is better.")
     return "\n".join(lines)
 
@@ -402,11 +404,12 @@ def main() -> int:
     ap.add_argument("--seconds", type=int, default=5)
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--no-gso", action="store_true")
+    ap.add_argument("--poll-us", type=int, default=0)
     ap.add_argument("--out", default="bench-results")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(exist_ok=True)
-    b = Bench(a.seconds, a.workers, not a.no_gso)
+    b = Bench(a.seconds, a.workers, not a.no_gso, a.poll_us)
     runs = []
     try:
         b.setup()
@@ -421,7 +424,7 @@ def main() -> int:
         b.close()
     med = median_table(runs)
     meta = {"repetitions": a.repetitions, "seconds": a.seconds, "workers": a.workers,
-            "gso": not a.no_gso, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "gso": not a.no_gso, "poll_us": a.poll_us, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     md = markdown(med, meta)
     (out / "bench.md").write_text(md + "\n")
     (out / "bench.json").write_text(json.dumps({"meta": meta, "median": med, "runs": runs},

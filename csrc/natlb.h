@@ -65,6 +65,7 @@ struct nl_config {
     uint32_t max_flows;             /* hard bound on conntrack entries     */
     uint32_t n_workers;             /* NFQUEUE worker threads (<= 16)      */
     uint32_t timeout_ms[5];         /* indexed by NL_T_*                   */
+    uint32_t poll_us;               /* busy-poll this long before sleeping */
 };
 
 /* One real server of a service, as published by the control plane. */

@@ -76,6 +76,7 @@ class LBConfig:
     table: str = "natlb"
     control_socket: str = "/run/natlb.sock"
     gso: bool = False
+    poll_us: int = 0
     timeouts_s: dict[str, float] = field(default_factory=lambda: {
         "tcp_syn": 60.0, "tcp_established": 900.0, "tcp_fin": 120.0,
         "tcp_close": 10.0, "udp": 300.0,
@@ -228,7 +229,7 @@ def _route(raw: Any, path: str) -> RouteConfig:
 def _lb(raw: Any) -> LBConfig:
     raw = _table(raw, "lb")
     _known(raw, "lb", {"queue", "workers", "max_flows", "interface", "table",
-                       "control_socket", "gso", "timeouts", "route"})
+                       "control_socket", "gso", "poll_us", "timeouts", "route"})
     d = LBConfig()
     timeouts = dict(d.timeouts_s)
     t_raw = _table(raw.get("timeouts", {}), "lb.timeouts")
@@ -256,6 +257,7 @@ def _lb(raw: Any) -> LBConfig:
         table=table,
         control_socket=_str(raw, "control_socket", "lb", d.control_socket),
         gso=gso,
+        poll_us=_int(raw, "poll_us", "lb", d.poll_us, 0, 10_000),
         timeouts_s=timeouts,
         routes=tuple(_route(r, f"lb.route[{i}]") for i, r in enumerate(routes_raw)),
     )

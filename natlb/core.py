@@ -95,6 +95,7 @@ class Counters:
 class CoreConfig:
     max_flows: int = 1 << 20
     workers: int = 1
+    poll_us: int = 0
     timeouts_ms: dict[str, int] = field(
         default_factory=lambda: {
             "tcp_syn": 60_000,
@@ -146,6 +147,7 @@ class Core:
         cfg = ffi.new("struct nl_config *")
         cfg.max_flows = config.max_flows
         cfg.n_workers = config.workers
+        cfg.poll_us = config.poll_us
         for name, idx in TIMEOUT_KEYS.items():
             cfg.timeout_ms[idx] = config.timeouts_ms[name]
         lb = lib.nl_create(cfg)
@@ -202,11 +204,11 @@ class Core:
         v = lib.nl_process(self._lb, self.workers, buf, len(packet), flags, now_ms)
         return Verdict(v), bytes(ffi.buffer(buf, len(packet)))
 
-    def process_many(self, packets: list[bytes], now_ms: int, flags: int = 0) -> "Batch":
+    def process_many(self, packets: list[bytes], now_ms: int, flags: int = 0) -> Batch:
         """Prepare a batch for process_batch (the buffers are reused)."""
         return Batch(packets, now_ms, flags)
 
-    def process_batch(self, batch: "Batch") -> int:
+    def process_batch(self, batch: Batch) -> int:
         """Run a prepared batch through the core in one call; returns rewrites.
         Packets are rewritten in place, so a batch run twice sees its own
         output the second time (fine for replies and established flows)."""

@@ -45,6 +45,7 @@ def core_config(config: Config) -> CoreConfig:
     return CoreConfig(
         max_flows=config.lb.max_flows,
         workers=config.lb.workers,
+        poll_us=config.lb.poll_us,
         timeouts_ms={k: max(1, int(v * 1000)) for k, v in config.lb.timeouts_s.items()},
     )
 
