@@ -22,6 +22,8 @@ struct nl_pkt {
     uint8_t tcp_flags;
     uint32_t saddr, daddr;   /* network order */
     uint16_t sport, dport;   /* network order */
+    uint32_t seq;            /* TCP, host order                            */
+    uint32_t seq_len;        /* TCP: payload + SYN + FIN, what seq advances */
 };
 
 #define NL_TCP_FIN 0x01
@@ -35,6 +37,10 @@ int nl_parse(uint8_t *buf, uint32_t len, struct nl_pkt *p);
  * checksum and the L4 checksum according to pkt_flags (NL_PKT_*). */
 void nl_rewrite(struct nl_pkt *p, int dst, uint32_t addr, uint16_t port,
                 uint32_t pkt_flags);
+/* Writes a 40-byte IPv4 TCP RST (addresses, ports network order; seq host
+ * order) with both checksums. */
+void nl_build_rst(uint8_t *buf, uint32_t saddr, uint32_t daddr, uint16_t sport, uint16_t dport,
+                  uint32_t seq);
 
 /* ---- conntrack (conntrack.c) ------------------------------------------- */
 enum nl_flow_state {
@@ -64,6 +70,11 @@ struct nl_flow {
     uint16_t service_id;
     uint16_t backend_id;
     uint32_t created_ms;
+    uint32_t client_seq_next;   /* TCP: next seq expected from each side,   */
+    uint32_t server_seq_next;   /* host order; the RSTs of a reset use them */
+    uint16_t held;              /* slot of the held SYN (see failover.c)    */
+    uint8_t tries;              /* backends this flow's SYN has been sent to */
+    uint8_t _pad;
 };
 _Static_assert(sizeof(struct nl_flow) <= 64, "conntrack entry must stay small");
 
@@ -138,6 +149,8 @@ struct nl_snapshot {
     struct nl_service *services;
     uint32_t *index;                 /* open addressing: service no. + 1   */
     uint32_t index_mask;
+    struct nl_service *by_id[NL_MAX_SERVICES];
+    uint8_t alive[NL_MAX_BACKENDS];  /* NL_BE_ALIVE by backend id          */
 };
 
 /* Counters private to one worker; summed when read, so no cache line is
@@ -151,6 +164,7 @@ struct nl_worker_counters {
 };
 
 struct nl_worker;
+struct nl_failover;
 
 struct nl_lb {
     struct nl_config cfg;
@@ -166,11 +180,33 @@ struct nl_lb {
     volatile int stop;
     uint64_t generation;             /* bumped on each publish             */
     pthread_mutex_t publish_lock;
+    struct nl_failover *fo;          /* failover.c                         */
+    int raw_fd;                      /* raw socket while workers run, or -1 */
 };
 
 /* Choose a backend index within svc for a new flow, or -1. */
 int nl_schedule(struct nl_lb *lb, const struct nl_service *svc,
                 const struct nl_pkt *p);
+/* The same, but never backend id `exclude` nor one that is not alive. */
+int nl_schedule_other(struct nl_lb *lb, const struct nl_service *svc,
+                      const struct nl_pkt *p, uint32_t exclude, const uint8_t *alive);
+
+/* ---- failover (failover.c) --------------------------------------------- */
+int nl_failover_init(struct nl_lb *lb);
+void nl_failover_fini(struct nl_lb *lb);
+/* Keeps a copy of a new flow's SYN (caller holds the flow's stripe). */
+void nl_hold_syn(struct nl_lb *lb, struct nl_flow *f, const uint8_t *pkt, uint32_t len,
+                 uint32_t now);
+/* Moves a SYN_SENT flow to another backend and sends its held SYN there
+ * (caller holds the stripe).  Returns 0, or -1 if it could not. */
+int nl_resteer_held(struct nl_lb *lb, struct nl_flow *f, uint32_t now);
+/* Moves a flow to another alive backend, for its current packet. */
+int nl_move_flow(struct nl_lb *lb, const struct nl_snapshot *snap, struct nl_flow *f,
+                 const struct nl_pkt *p);
+void nl_emit(struct nl_lb *lb, uint32_t kind, uint32_t service_id, uint32_t backend_id,
+             uint64_t now);
+uint32_t nl_syn_deadline_next(struct nl_lb *lb, uint32_t now);
+void nl_count_failover(struct nl_lb *lb, int which, uint64_t n);
 
 /* A worker brackets each batch with these two (see lb.c). */
 void nl_worker_enter(struct nl_lb *lb, uint32_t worker);

@@ -106,10 +106,16 @@ static inline uint32_t svc_hash(uint32_t vip, uint16_t port, uint8_t proto)
 
 static int build_index(struct nl_snapshot *s)
 {
+    memset(s->by_id, 0, sizeof(s->by_id));
+    memset(s->alive, 0, sizeof(s->alive));
     for (uint32_t i = 0; i < s->n_services; i++) {
         struct nl_service *svc = &s->services[i];
-        if (!svc->filled)
+        if (!svc->filled || s->by_id[svc->spec.id])
             return -1;
+        s->by_id[svc->spec.id] = svc;
+        for (uint32_t j = 0; j < svc->n_backends; j++)
+            if (svc->backends[j].flags & NL_BE_ALIVE)
+                s->alive[svc->backends[j].id] = 1;
         uint32_t h = svc_hash(svc->spec.vip, svc->spec.port, svc->spec.proto);
         for (;; h++) {
             uint32_t *slot = &s->index[h & s->index_mask];
@@ -209,7 +215,8 @@ static struct nl_reclaim *reclaim_of(struct nl_lb *lb)
 
 struct nl_lb *nl_create(const struct nl_config *cfg)
 {
-    if (!cfg || cfg->n_workers > NL_MAX_WORKERS || cfg->max_flows == 0)
+    if (!cfg || cfg->n_workers > NL_MAX_WORKERS || cfg->max_flows == 0 ||
+        cfg->resteer_tries == 0 || cfg->resteer_tries > 255)
         return NULL;
     for (int i = 0; i < NL_T_MAX; i++)
         if (cfg->timeout_ms[i] == 0 || cfg->timeout_ms[i] > 0x3fffffffu)
@@ -224,7 +231,8 @@ struct nl_lb *nl_create(const struct nl_config *cfg)
     lb->counters = calloc(cfg->n_workers + 1, sizeof(struct nl_worker_counters));
     lb->active = calloc(NL_MAX_BACKENDS, sizeof(int64_t));
     lb->inactive = calloc(NL_MAX_BACKENDS, sizeof(int64_t));
-    if (!lb->counters || !lb->active || !lb->inactive || nl_ct_init(&lb->ct, cfg->max_flows, cfg->timeout_ms) < 0) {
+    lb->raw_fd = -1;
+    if (!lb->counters || !lb->active || !lb->inactive || nl_failover_init(lb) < 0 || nl_ct_init(&lb->ct, cfg->max_flows, cfg->timeout_ms) < 0) {
         nl_destroy(lb);
         return NULL;
     }
@@ -247,6 +255,7 @@ void nl_destroy(struct nl_lb *lb)
     }
     nl_snapshot_free(lb->snap);
     nl_ct_fini(&lb->ct);
+    nl_failover_fini(lb);
     free(lb->counters);
     free(lb->active);
     free(lb->inactive);
@@ -274,8 +283,8 @@ static void track_tcp(struct nl_lb *lb, struct nl_flow *f, int is_reply, uint8_t
 }
 
 static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
-                   const struct nl_service *svc, struct nl_pkt *p,
-                   uint32_t pkt_flags, uint32_t now)
+                   const struct nl_snapshot *snap, const struct nl_service *svc,
+                   struct nl_pkt *p, uint32_t pkt_flags, uint32_t now)
 {
     struct nl_ct *ct = &lb->ct;
     struct nl_ct_key k = { p->saddr, p->sport, p->proto, 0, p->daddr, p->dport };
@@ -316,14 +325,29 @@ static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
         f->backend_id = (uint16_t)be->id;
         f->created_ms = now;
         f->state = p->proto == 6 ? NL_FS_FREE : NL_FS_UDP;
+        f->tries = 1;
+        f->held = 0xffff;
         nl_flow_gauge(lb, f, f->state, 1);
+        if (p->proto == 6)
+            nl_hold_syn(lb, f, p->ip, p->l4len + (uint32_t)(p->l4 - p->ip), now);
         wc->services[svc->spec.id].new_flows++;
         wc->backends[be->id].new_flows++;
+    } else if (!snap->alive[f->backend_id] &&
+               (p->proto == 17 || (is_syn && f->state == NL_FS_SYN_SENT))) {
+        /* Its backend is dead and nothing is lost by moving: a UDP flow,
+         * or a TCP flow the backend never answered (this is the client's
+         * SYN again). */
+        if (nl_move_flow(lb, snap, f, p) == 0 && is_syn) {
+            f->tries++;
+            nl_hold_syn(lb, f, p->ip, p->l4len + (uint32_t)(p->l4 - p->ip), now);
+        }
     }
-    if (p->proto == 6)
+    if (p->proto == 6) {
         track_tcp(lb, f, 0, p->tcp_flags, now);
-    else
+        f->client_seq_next = p->seq + p->seq_len;
+    } else {
         f->expires_ms = now + ct->timeout_ms[NL_T_UDP];
+    }
     uint32_t baddr = f->backend_addr;
     uint16_t bport = f->backend_port, bid = f->backend_id;
     pthread_spin_unlock(lock);
@@ -353,10 +377,21 @@ static int reply(struct nl_lb *lb, struct nl_worker_counters *wc, struct nl_pkt 
         wc->reasons[NL_R_NOT_OURS]++;
         return NL_VERDICT_ACCEPT;
     }
-    if (p->proto == 6)
+    if (p->proto == 6 && (p->tcp_flags & NL_TCP_RST) && f->state == NL_FS_SYN_SENT) {
+        /* The backend refused the connection: try the SYN elsewhere and
+         * keep the RST from the client. */
+        nl_emit(lb, NL_EV_SYN_RST, f->service_id, f->backend_id, now);
+        if (nl_resteer_held(lb, f, now) == 0) {
+            pthread_spin_unlock(lock);
+            return NL_VERDICT_DROP;
+        }
+    }
+    if (p->proto == 6) {
         track_tcp(lb, f, 1, p->tcp_flags, now);
-    else
+        f->server_seq_next = p->seq + p->seq_len;
+    } else {
         f->expires_ms = now + ct->timeout_ms[NL_T_UDP];
+    }
     uint32_t vip = f->vip_addr;
     uint16_t vport = f->vip_port, sid = f->service_id, bid = f->backend_id;
     pthread_spin_unlock(lock);
@@ -385,7 +420,7 @@ int nl_process(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
     const struct nl_snapshot *snap = __atomic_load_n(&lb->snap, __ATOMIC_ACQUIRE);
     const struct nl_service *svc = find_service(snap, p.daddr, p.dport, p.proto);
     if (svc)
-        return forward(lb, wc, svc, &p, pkt_flags, (uint32_t)now_ms);
+        return forward(lb, wc, snap, svc, &p, pkt_flags, (uint32_t)now_ms);
     return reply(lb, wc, &p, pkt_flags, (uint32_t)now_ms);
 }
 

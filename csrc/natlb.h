@@ -39,6 +39,8 @@
 
 /* ---- backend flags ----------------------------------------------------- */
 #define NL_BE_ELIGIBLE 1         /* may be chosen for new flows (lc)       */
+#define NL_BE_ALIVE 2            /* healthy: its flows stay on it; flows of
+                                    a backend without it are re-steered   */
 
 /* ---- conntrack timeouts (index into nl_config.timeout_ms) ------------- */
 #define NL_T_TCP_SYN 0           /* SYN seen, handshake not complete       */
@@ -66,6 +68,8 @@ struct nl_config {
     uint32_t n_workers;             /* NFQUEUE worker threads (<= 16)      */
     uint32_t timeout_ms[5];         /* indexed by NL_T_*                   */
     uint32_t poll_us;               /* busy-poll this long before sleeping */
+    uint32_t syn_timeout_ms;        /* no SYN-ACK this long: re-steer (0 off) */
+    uint32_t resteer_tries;         /* backends a SYN may try in all        */
 };
 
 /* One real server of a service, as published by the control plane. */
@@ -154,7 +158,49 @@ void nl_read_reasons(struct nl_lb *lb, uint64_t *out);
 /* Packets seen by the NFQUEUE workers and netlink receive batches. */
 void nl_read_io(struct nl_lb *lb, uint64_t *packets, uint64_t *batches);
 
+/* ---- failover: events, re-steering, packets natlb sends itself ----------- */
+#define NL_EV_SYN_RST 1          /* a backend answered a SYN with RST       */
+#define NL_EV_SYN_TIMEOUT 2      /* no SYN-ACK within syn_timeout_ms        */
+
+/* A passive failure seen by the data path, for the control plane to judge. */
+struct nl_event {
+    uint32_t kind;                  /* NL_EV_*                             */
+    uint32_t service_id;
+    uint32_t backend_id;
+    uint32_t _pad;
+    uint64_t time_ms;               /* the now_ms of the packet or tick    */
+};
+
+#define NL_F_RESTEERED 0         /* flows moved to another backend          */
+#define NL_F_SYN_RESENT 1        /* held SYNs natlb sent again itself       */
+#define NL_F_RESETS_SENT 2       /* RSTs sent for flows of a dead backend   */
+#define NL_F_OUTBOX_FULL 3       /* packets natlb could not queue to send   */
+#define NL_F_EVENTS_LOST 4       /* events dropped: ring full               */
+#define NL_F_SEND_ERRORS 5       /* raw socket send failures                */
+#define NL_F_MAX 6
+
+/* Readable when events are waiting (an eventfd); never blocks the workers. */
+int nl_event_fd(struct nl_lb *lb);
+/* Takes up to `max` events; returns how many. */
+uint32_t nl_read_events(struct nl_lb *lb, struct nl_event *out, uint32_t max);
+/* Re-steers SYNs whose deadline passed.  The workers call it; exposed so
+ * tests can drive time. */
+void nl_failover_tick(struct nl_lb *lb, uint64_t now_ms);
+/* Sends an RST to the client (and the backend) of every TCP flow on the
+ * backend and forgets its flows; returns the number of flows reset. */
+uint32_t nl_reset_backend(struct nl_lb *lb, uint32_t backend_id);
+/* Packets natlb originates (re-sent SYNs, RSTs) wait in an outbox.  Workers
+ * send them through a raw socket; without workers (tests) they stay there.
+ * nl_outbox_take copies the oldest into buf and returns its length, or 0. */
+uint32_t nl_outbox_take(struct nl_lb *lb, uint8_t *buf, uint32_t cap);
+/* Sends what is in the outbox now, if the workers' raw socket is open. */
+uint32_t nl_flush(struct nl_lb *lb);
+/* out[NL_F_MAX] */
+void nl_read_failover(struct nl_lb *lb, uint64_t *out);
+
 /* ---- NFQUEUE workers --------------------------------------------------- */
+/* Mark on packets natlb sends itself, so the nft table can untrack them. */
+#define NL_RAW_MARK 1851810401
 #define NL_START_GSO 1           /* ask for GSO super-packets (fast bulk)   */
 /* Binds one netlink socket per queue number and starts one thread each.
  * On failure nothing is left running and `err` holds a one-line reason. */

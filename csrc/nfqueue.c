@@ -54,6 +54,7 @@ struct nl_worker {
     struct iovec tx_iov[BATCH * 8 * 3];
     uint64_t last_sweep_ms;
     uint64_t poll_ns;
+    uint32_t timeout_ms;         /* current SO_RCVTIMEO                     */
 };
 
 static uint64_t now_ms(void)
@@ -151,6 +152,7 @@ static int open_queue(struct nl_worker *w, uint32_t flags, char *err, uint32_t e
     /* Receive timeout so the loop notices nl_stop. */
     struct timeval tv = { .tv_sec = 0, .tv_usec = 100000 };
     setsockopt(w->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    w->timeout_ms = 100;
     w->slot_size = SLOT;
     w->slots = malloc((size_t)BATCH * w->slot_size);
     if (!w->slots) {
@@ -272,6 +274,17 @@ static int receive(struct nl_worker *w)
     return recvmmsg(w->fd, w->msgs, BATCH, MSG_WAITFORONE, NULL);
 }
 
+/* Sleep in recvmmsg no longer than until the next held SYN is due. */
+static void set_timeout(struct nl_worker *w, uint32_t wait_ms)
+{
+    uint32_t ms = wait_ms > 100 ? 100 : (wait_ms < 1 ? 1 : wait_ms);
+    if (ms == w->timeout_ms)
+        return;
+    struct timeval tv = { .tv_sec = 0, .tv_usec = (suseconds_t)ms * 1000 };
+    setsockopt(w->fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    w->timeout_ms = ms;
+}
+
 static void *worker_main(void *arg)
 {
     struct nl_worker *w = arg;
@@ -304,6 +317,13 @@ static void *worker_main(void *arg)
             }
             send_verdicts(w, nv, niov);
         }
+        if (lb->cfg.syn_timeout_ms) {
+            if (n <= 0)
+                nl_worker_enter(lb, w->index);   /* the tick reads the snapshot */
+            nl_failover_tick(lb, now);
+            set_timeout(w, nl_syn_deadline_next(lb, (uint32_t)now));
+        }
+        nl_flush(lb);
         uint64_t elapsed = now - w->last_sweep_ms;
         if (elapsed >= 10) {
             /* Sweep share proportional to time, split between workers. */
@@ -354,6 +374,18 @@ int nl_start(struct nl_lb *lb, const uint16_t *queues, uint32_t n, uint32_t flag
         if (open_queue(&ws[i], flags, err, errlen) < 0)
             goto fail;
     }
+    /* Packets natlb originates (re-sent SYNs, RSTs) go out through a raw
+     * socket, marked so the nftables table can untrack them. */
+    int raw = socket(AF_INET, SOCK_RAW | SOCK_CLOEXEC, IPPROTO_RAW);
+    uint32_t mark = NL_RAW_MARK;
+    if (raw < 0 || setsockopt(raw, SOL_SOCKET, SO_MARK, &mark, sizeof(mark)) < 0) {
+        snprintf(err, errlen, "raw socket: %s", strerror(errno));
+        if (raw >= 0)
+            close(raw);
+        i = n;
+        goto fail;
+    }
+    __atomic_store_n(&lb->raw_fd, raw, __ATOMIC_RELEASE);
     lb->stop = 0;
     lb->n_running = 0;
     for (i = 0; i < n; i++) {
@@ -362,6 +394,7 @@ int nl_start(struct nl_lb *lb, const uint16_t *queues, uint32_t n, uint32_t flag
             __atomic_store_n(&lb->stop, 1, __ATOMIC_RELAXED);
             for (uint32_t j = 0; j < i; j++)
                 pthread_join(ws[j].thread, NULL);
+            close(__atomic_exchange_n(&lb->raw_fd, -1, __ATOMIC_ACQ_REL));
             i = n;
             goto fail;
         }
@@ -386,6 +419,9 @@ void nl_stop(struct nl_lb *lb)
         pthread_join(lb->workers[i].thread, NULL);
     for (uint32_t i = 0; i < lb->n_running; i++)
         close_worker(&lb->workers[i]);
+    int raw = __atomic_exchange_n(&lb->raw_fd, -1, __ATOMIC_ACQ_REL);
+    if (raw >= 0)
+        close(raw);
     free(lb->workers);
     lb->workers = NULL;
     lb->n_running = 0;

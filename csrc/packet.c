@@ -46,6 +46,10 @@ int nl_parse(uint8_t *buf, uint32_t len, struct nl_pkt *p)
         if (doff < 20 || doff > p->l4len)
             return NL_R_MALFORMED;
         p->tcp_flags = p->l4[13];
+        p->seq = ((uint32_t)p->l4[4] << 24) | ((uint32_t)p->l4[5] << 16) |
+                 ((uint32_t)p->l4[6] << 8) | p->l4[7];
+        p->seq_len = p->l4len - doff + !!(p->tcp_flags & NL_TCP_SYN) +
+                     !!(p->tcp_flags & NL_TCP_FIN);
     } else if (p->proto == 17) {
         if (p->l4len < 8)
             return NL_R_MALFORMED;
@@ -162,4 +166,29 @@ void nl_rewrite(struct nl_pkt *p, int dst, uint32_t addr, uint16_t port,
             check = 0xffff;
     }
     st16(csum_field, check);
+}
+
+void nl_build_rst(uint8_t *buf, uint32_t saddr, uint32_t daddr, uint16_t sport, uint16_t dport,
+                  uint32_t seq)
+{
+    memset(buf, 0, 40);
+    buf[0] = 0x45;
+    buf[3] = 40;
+    buf[6] = 0x40;                      /* DF */
+    buf[8] = 64;                        /* TTL */
+    buf[9] = 6;
+    st32(buf + 12, saddr);
+    st32(buf + 16, daddr);
+    st16(buf + 10, (uint16_t)~csum_fold(csum_partial(buf, 20, 0)));
+    uint8_t *tcp = buf + 20;
+    st16(tcp, sport);
+    st16(tcp + 2, dport);
+    tcp[4] = (uint8_t)(seq >> 24);
+    tcp[5] = (uint8_t)(seq >> 16);
+    tcp[6] = (uint8_t)(seq >> 8);
+    tcp[7] = (uint8_t)seq;
+    tcp[12] = 5 << 4;
+    tcp[13] = NL_TCP_RST;
+    struct nl_pkt p = { .ip = buf, .l4 = tcp, .l4len = 20, .proto = 6 };
+    st16(tcp + 16, (uint16_t)~csum_fold(csum_partial(tcp, 20, pseudo_sum(&p))));
 }

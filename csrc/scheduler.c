@@ -19,14 +19,18 @@ static inline uint32_t mix(uint32_t h)
     return h;
 }
 
-static int least_connections(struct nl_lb *lb, const struct nl_service *svc)
+/* Fewest active flows per unit of weight, skipping `exclude` and, when
+ * `alive` is given, backends that are not alive. */
+static int least_connections(struct nl_lb *lb, const struct nl_service *svc,
+                             uint32_t exclude, const uint8_t *alive)
 {
     int best = -1;
     int64_t best_active = 0;
     uint32_t best_weight = 1;
     for (uint32_t i = 0; i < svc->n_backends; i++) {
         const struct nl_backend_spec *b = &svc->backends[i];
-        if (!(b->flags & NL_BE_ELIGIBLE) || b->weight == 0)
+        if (!(b->flags & NL_BE_ELIGIBLE) || b->weight == 0 || b->id == exclude ||
+            (alive && !alive[b->id]))
             continue;
         int64_t a = __atomic_load_n(&lb->active[b->id], __ATOMIC_RELAXED);
         /* a/w < best_a/best_w without division */
@@ -39,25 +43,45 @@ static int least_connections(struct nl_lb *lb, const struct nl_service *svc)
     return best;
 }
 
+static uint32_t first_slot(struct nl_lb *lb, const struct nl_service *svc,
+                           const struct nl_pkt *p)
+{
+    switch (svc->spec.scheduler) {
+    case NL_SCHED_SH:
+        return mix(p->saddr ^ lb->sched_seed) % svc->table_len;
+    case NL_SCHED_MAGLEV:
+        return mix(mix(p->saddr ^ lb->sched_seed) ^ ((uint32_t)p->sport << 8) ^ p->proto)
+               % svc->table_len;
+    default: /* rr, wrr */
+        return __atomic_fetch_add((uint32_t *)&svc->rr_cursor, 1, __ATOMIC_RELAXED)
+               % svc->table_len;
+    }
+}
+
 int nl_schedule(struct nl_lb *lb, const struct nl_service *svc, const struct nl_pkt *p)
 {
     if (svc->spec.scheduler == NL_SCHED_LC)
-        return least_connections(lb, svc);
+        return least_connections(lb, svc, NL_NIL, NULL);
     if (svc->table_len == 0)
         return -1;
-    uint32_t slot;
-    switch (svc->spec.scheduler) {
-    case NL_SCHED_SH:
-        slot = mix(p->saddr ^ lb->sched_seed) % svc->table_len;
-        break;
-    case NL_SCHED_MAGLEV:
-        slot = mix(mix(p->saddr ^ lb->sched_seed) ^ ((uint32_t)p->sport << 8) ^ p->proto)
-               % svc->table_len;
-        break;
-    default: /* rr, wrr */
-        slot = __atomic_fetch_add((uint32_t *)&svc->rr_cursor, 1, __ATOMIC_RELAXED)
-               % svc->table_len;
-        break;
+    return svc->table[first_slot(lb, svc, p)];
+}
+
+int nl_schedule_other(struct nl_lb *lb, const struct nl_service *svc, const struct nl_pkt *p,
+                      uint32_t exclude, const uint8_t *alive)
+{
+    if (svc->spec.scheduler == NL_SCHED_LC)
+        return least_connections(lb, svc, exclude, alive);
+    if (svc->table_len == 0)
+        return -1;
+    /* Probe on from the usual slot, so a hashed flow still lands on a
+     * stable choice among the survivors. */
+    uint32_t slot = first_slot(lb, svc, p);
+    for (uint32_t i = 0; i < svc->table_len; i++) {
+        uint16_t idx = svc->table[(slot + i) % svc->table_len];
+        uint32_t id = svc->backends[idx].id;
+        if (id != exclude && alive[id])
+            return idx;
     }
-    return svc->table[slot];
+    return -1;
 }

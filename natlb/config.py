@@ -17,7 +17,9 @@ from natlb.core import MAX_BACKENDS, MAX_SERVICES, MAX_WORKERS
 
 SCHEDULERS = ("rr", "wrr", "lc", "sh", "maglev")
 PROTOCOLS = ("tcp", "udp")
-HEALTH_KINDS = ("tcp", "http", "udp", "none")
+HEALTH_KINDS = ("tcp", "http", "udp", "dns", "exec", "none")
+PASSIVE = ("down", "suspect", "ignore")
+ON_DOWN = ("reset", "keep")
 
 
 class ConfigError(ValueError):
@@ -34,8 +36,17 @@ class HealthConfig:
     port: int | None = None           # defaults to the backend port
     path: str = "/"                   # http
     expect_status: int = 200          # http
+    expect_body: str | None = None    # http: substring the body must hold
     payload: str = "ping"             # udp
     expect: str | None = None         # udp: substring the reply must hold
+    name: str = "."                   # dns: the name queried (type A)
+    command: tuple[str, ...] = ()     # exec: argv; NATLB_BACKEND=addr:port in env
+
+
+@dataclass(frozen=True)
+class FailoverConfig:
+    passive: str = "down"             # what a failure seen in traffic does
+    on_backend_down: str = "reset"    # established TCP flows of a dead backend
 
 
 @dataclass(frozen=True)
@@ -58,6 +69,7 @@ class ServiceConfig:
     scheduler: str
     health: HealthConfig
     backends: tuple[BackendConfig, ...]
+    failover: FailoverConfig = FailoverConfig()
 
 
 @dataclass(frozen=True)
@@ -77,6 +89,8 @@ class LBConfig:
     control_socket: str = "/run/natlb.sock"
     gso: bool = False
     poll_us: int = 0
+    syn_timeout_ms: int = 100
+    resteer_tries: int = 3
     timeouts_s: dict[str, float] = field(default_factory=lambda: {
         "tcp_syn": 60.0, "tcp_established": 900.0, "tcp_fin": 120.0,
         "tcp_close": 10.0, "udp": 300.0,
@@ -157,7 +171,12 @@ def _ipv4(raw: dict[str, Any], key: str, path: str) -> str:
 def _health(raw: Any, path: str) -> HealthConfig:
     raw = _table(raw, path)
     _known(raw, path, {"kind", "interval_ms", "timeout_ms", "rise", "fall", "port", "path",
-                       "expect_status", "payload", "expect"})
+                       "expect_status", "expect_body", "payload", "expect", "name", "command"})
+    command = raw.get("command", [])
+    if isinstance(command, str):
+        command = command.split()
+    if not isinstance(command, list) or not all(isinstance(c, str) and c for c in command):
+        raise _fail(f"{path}.command", command, "must be a list of strings")
     d = HealthConfig()
     h = HealthConfig(
         kind=_str(raw, "kind", path, d.kind, HEALTH_KINDS),
@@ -170,10 +189,26 @@ def _health(raw: Any, path: str) -> HealthConfig:
         expect_status=_int(raw, "expect_status", path, d.expect_status, 100, 599),
         payload=_str(raw, "payload", path, d.payload),
         expect=_str(raw, "expect", path, "") if "expect" in raw else None,
+        expect_body=_str(raw, "expect_body", path, "") if "expect_body" in raw else None,
+        name=_str(raw, "name", path, d.name),
+        command=tuple(command),
     )
     if not h.path.startswith("/"):
         raise _fail(f"{path}.path", h.path, "must start with /")
+    if h.kind == "exec" and not h.command:
+        raise ConfigError(f"{path}.command: missing (required for kind = \"exec\")")
+    if len(h.name) > 253 or any(len(label) > 63 for label in h.name.strip(".").split(".")):
+        raise _fail(f"{path}.name", h.name, "not a DNS name")
     return h
+
+
+def _failover(raw: Any, path: str) -> FailoverConfig:
+    raw = _table(raw, path)
+    _known(raw, path, {"passive", "on_backend_down"})
+    d = FailoverConfig()
+    return FailoverConfig(passive=_str(raw, "passive", path, d.passive, PASSIVE),
+                          on_backend_down=_str(raw, "on_backend_down", path,
+                                               d.on_backend_down, ON_DOWN))
 
 
 def _backend(raw: Any, path: str, service_port: int) -> BackendConfig:
@@ -188,7 +223,8 @@ def _backend(raw: Any, path: str, service_port: int) -> BackendConfig:
 
 def _service(raw: Any, path: str) -> ServiceConfig:
     raw = _table(raw, path)
-    _known(raw, path, {"name", "vip", "port", "protocol", "scheduler", "health", "backend"})
+    _known(raw, path, {"name", "vip", "port", "protocol", "scheduler", "health", "backend",
+                       "failover"})
     port = _int(raw, "port", path, None, 1, 65535)
     backends_raw = raw.get("backend", [])
     if not isinstance(backends_raw, list) or not backends_raw:
@@ -208,6 +244,7 @@ def _service(raw: Any, path: str) -> ServiceConfig:
         scheduler=_str(raw, "scheduler", path, "rr", SCHEDULERS),
         health=_health(raw.get("health", {}), f"{path}.health"),
         backends=backends,
+        failover=_failover(raw.get("failover", {}), f"{path}.failover"),
     )
 
 
@@ -229,7 +266,8 @@ def _route(raw: Any, path: str) -> RouteConfig:
 def _lb(raw: Any) -> LBConfig:
     raw = _table(raw, "lb")
     _known(raw, "lb", {"queue", "workers", "max_flows", "interface", "table",
-                       "control_socket", "gso", "poll_us", "timeouts", "route"})
+                       "control_socket", "gso", "poll_us", "syn_timeout_ms", "resteer_tries",
+                       "timeouts", "route"})
     d = LBConfig()
     timeouts = dict(d.timeouts_s)
     t_raw = _table(raw.get("timeouts", {}), "lb.timeouts")
@@ -258,6 +296,8 @@ def _lb(raw: Any) -> LBConfig:
         control_socket=_str(raw, "control_socket", "lb", d.control_socket),
         gso=gso,
         poll_us=_int(raw, "poll_us", "lb", d.poll_us, 0, 10_000),
+        syn_timeout_ms=_int(raw, "syn_timeout_ms", "lb", d.syn_timeout_ms, 0, 60_000),
+        resteer_tries=_int(raw, "resteer_tries", "lb", d.resteer_tries, 1, 16),
         timeouts_s=timeouts,
         routes=tuple(_route(r, f"lb.route[{i}]") for i, r in enumerate(routes_raw)),
     )

@@ -44,6 +44,16 @@ REASONS = {
     "unsupported": lib.NL_R_UNSUPPORTED,
     "verdict_error": lib.NL_R_VERDICT_ERROR,
 }
+FAILOVER_COUNTERS = {
+    "resteered": lib.NL_F_RESTEERED,
+    "syn_resent": lib.NL_F_SYN_RESENT,
+    "resets_sent": lib.NL_F_RESETS_SENT,
+    "outbox_full": lib.NL_F_OUTBOX_FULL,
+    "events_lost": lib.NL_F_EVENTS_LOST,
+    "send_errors": lib.NL_F_SEND_ERRORS,
+}
+EVENT_KINDS = {lib.NL_EV_SYN_RST: "syn_rst", lib.NL_EV_SYN_TIMEOUT: "syn_timeout"}
+RAW_MARK: int = lib.NL_RAW_MARK
 PKT_CSUM_PARTIAL: int = lib.NL_PKT_CSUM_PARTIAL
 PKT_GSO: int = lib.NL_PKT_GSO
 
@@ -64,7 +74,18 @@ class BackendEntry:
     port: int
     weight: int
     id: int
-    eligible: bool
+    eligible: bool       # may take new flows
+    alive: bool = True   # its flows may stay; if not, movable flows move
+
+
+@dataclass(frozen=True)
+class Event:
+    """A passive failure the data path saw (see csrc/failover.c)."""
+
+    kind: str            # syn_rst | syn_timeout
+    service_id: int
+    backend_id: int
+    time_ms: int
 
 
 @dataclass(frozen=True)
@@ -96,6 +117,8 @@ class CoreConfig:
     max_flows: int = 1 << 20
     workers: int = 1
     poll_us: int = 0
+    syn_timeout_ms: int = 0
+    resteer_tries: int = 3
     timeouts_ms: dict[str, int] = field(
         default_factory=lambda: {
             "tcp_syn": 60_000,
@@ -148,6 +171,8 @@ class Core:
         cfg.max_flows = config.max_flows
         cfg.n_workers = config.workers
         cfg.poll_us = config.poll_us
+        cfg.syn_timeout_ms = config.syn_timeout_ms
+        cfg.resteer_tries = config.resteer_tries
         for name, idx in TIMEOUT_KEYS.items():
             cfg.timeout_ms[idx] = config.timeouts_ms[name]
         lb = lib.nl_create(cfg)
@@ -184,7 +209,8 @@ class Core:
                     bes[j].port = _port(b.port)
                     bes[j].weight = b.weight
                     bes[j].id = b.id
-                    bes[j].flags = lib.NL_BE_ELIGIBLE if b.eligible else 0
+                    bes[j].flags = ((lib.NL_BE_ELIGIBLE if b.eligible else 0)
+                                    | (lib.NL_BE_ALIVE if b.alive else 0))
                 table = ffi.new("uint16_t[]", list(s.table) or [0])
                 rc = lib.nl_snapshot_set_service(snap, i, spec, bes, len(s.backends),
                                                  table, len(s.table))
@@ -251,6 +277,34 @@ class Core:
         b = ffi.new("uint64_t *")
         lib.nl_read_io(self._lb, p, b)
         return p[0], b[0]
+
+    # -- failover ---------------------------------------------------------
+    def event_fd(self) -> int:
+        return lib.nl_event_fd(self._lb)
+
+    def read_events(self, max_events: int = 256) -> list[Event]:
+        out = ffi.new("struct nl_event[]", max_events)
+        n = lib.nl_read_events(self._lb, out, max_events)
+        return [Event(EVENT_KINDS.get(e.kind, str(e.kind)), e.service_id, e.backend_id,
+                      e.time_ms) for e in out[0:n]]
+
+    def failover_tick(self, now_ms: int) -> None:
+        lib.nl_failover_tick(self._lb, now_ms)
+
+    def reset_backend(self, backend_id: int) -> int:
+        """RST the TCP flows of a backend (client and backend side)."""
+        return lib.nl_reset_backend(self._lb, backend_id)
+
+    def outbox_take(self) -> bytes | None:
+        """The oldest packet natlb queued to send itself (when no worker runs)."""
+        buf = ffi.new("uint8_t[]", 256)
+        n = lib.nl_outbox_take(self._lb, buf, 256)
+        return bytes(ffi.buffer(buf, n)) if n else None
+
+    def failover_counters(self) -> dict[str, int]:
+        out = ffi.new("uint64_t[]", lib.NL_F_MAX)
+        lib.nl_read_failover(self._lb, out)
+        return {name: out[idx] for name, idx in FAILOVER_COUNTERS.items()}
 
     # -- NFQUEUE workers --------------------------------------------------
     def start(self, queues: list[int], gso: bool = False) -> None:

@@ -17,7 +17,7 @@ import time
 from natlb import netsetup
 from natlb.config import Config
 from natlb.control import ControlServer
-from natlb.core import PROTOCOLS, Core, CoreConfig
+from natlb.core import PROTOCOLS, RAW_MARK, Core, CoreConfig
 from natlb.health import Monitor
 from natlb.pool import Pool
 from natlb.status import collect
@@ -46,6 +46,8 @@ def core_config(config: Config) -> CoreConfig:
         max_flows=config.lb.max_flows,
         workers=config.lb.workers,
         poll_us=config.lb.poll_us,
+        syn_timeout_ms=config.lb.syn_timeout_ms,
+        resteer_tries=config.lb.resteer_tries,
         timeouts_ms={k: max(1, int(v * 1000)) for k, v in config.lb.timeouts_s.items()},
     )
 
@@ -61,12 +63,20 @@ async def _serve(config: Config, pool: Pool) -> None:
                             lambda: collect(pool, lb.queues, started, lb.max_flows))
     await control.start()
     monitor = Monitor(pool)
+
+    def on_events() -> None:
+        # The data path signals its event fd; no polling, no per-packet Python.
+        for ev in pool.core.read_events():
+            pool.passive(ev.backend_id, ev.kind)
+
+    loop.add_reader(pool.core.event_fd(), on_events)
     try:
         monitor.start()
         log.info("natlb running; control socket %s", lb.control_socket)
         await stop.wait()
         log.info("stopping")
     finally:
+        loop.remove_reader(pool.core.event_fd())
         await monitor.stop()
         await control.stop()
 
@@ -76,7 +86,7 @@ def _setup_host(config: Config, journal: Journal) -> None:
     netsetup.apply(lb, (s.vip for s in config.services), journal)
     steering = Steering(lb.table)
     journal.record("nft_table", table=lb.table)
-    steering.install(steering_matches(config), lb.queues)
+    steering.install(steering_matches(config), lb.queues, mark=RAW_MARK)
     log.info("nftables table %s installed (%s queue verdict), queues %s",
              lb.table, "nft" if steering.native_queue else "xt NFQUEUE", lb.queues)
     for s in config.services:

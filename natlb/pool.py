@@ -1,19 +1,30 @@
 """Pool state: which backends may take new flows, and publishing that to C.
 
-Theory of operation.  A backend's *health* (up/down) comes from checkers
-and is debounced by rise/fall; its *admin* state (enabled/draining/
-disabled) comes from the operator.  It takes new flows only when both say
-so.  Whenever that changes, or a weight changes, the whole snapshot is
-rebuilt and published to the data path in one atomic swap; existing flows
-are untouched (they live in the C conntrack).
+Theory of operation.  A backend's *health* comes from active checks
+(debounced by rise/fall) and from passive failures the data path reports
+(a SYN answered with RST, a SYN never answered).  Its *admin* state
+(enabled/draining/disabled) comes from the operator.  It takes new flows
+only when healthy, enabled and weighted; its existing flows stay on it while
+it is healthy and not disabled (that is "alive" to the data path, which
+moves the movable flows of a backend that is not).  On every change the
+whole snapshot is rebuilt and published to C in one atomic swap.
 
-Health transitions, one row per (state, check result):
+Health transitions (TRANSITIONS below), one row per (state, event):
 
-    state   result  -> next state
-    up      ok         up     (failures reset)
-    up      fail       down   when `fall` consecutive failures
-    down    fail       down   (successes reset)
-    down    ok         up     when `rise` consecutive successes
+    state    event               -> next
+    up       check ok               up
+    up       check fail             down     after `fall` consecutive failures
+    up       passive (down)         down
+    up       passive (suspect)      suspect
+    suspect  check ok               up       one success clears a suspicion
+    suspect  check fail             down
+    suspect  passive (down)         down
+    down     check ok               up       after `rise` consecutive successes
+    down     check fail / passive   down
+
+When a backend goes down (or is disabled), a service with
+on_backend_down = "reset" has natlb send RSTs for its established TCP
+flows, so clients fail fast and reconnect to a live backend.
 """
 
 from __future__ import annotations
@@ -28,9 +39,27 @@ from natlb.schedulers import Candidate, build_table
 
 log = logging.getLogger("natlb.pool")
 
-UP, DOWN = "up", "down"
+UP, SUSPECT, DOWN = "up", "suspect", "down"
 ENABLED, DRAINING, DISABLED = "enabled", "draining", "disabled"
 ADMIN_STATES = (ENABLED, DRAINING, DISABLED)
+
+OK, FAIL, PASSIVE_DOWN, PASSIVE_SUSPECT = "ok", "fail", "passive-down", "passive-suspect"
+
+# (state, event) -> (next state, counter that must reach its threshold or None)
+TRANSITIONS: dict[tuple[str, str], tuple[str, str | None]] = {
+    (UP, OK): (UP, None),
+    (UP, FAIL): (DOWN, "fall"),
+    (UP, PASSIVE_DOWN): (DOWN, None),
+    (UP, PASSIVE_SUSPECT): (SUSPECT, None),
+    (SUSPECT, OK): (UP, None),
+    (SUSPECT, FAIL): (DOWN, None),
+    (SUSPECT, PASSIVE_DOWN): (DOWN, None),
+    (SUSPECT, PASSIVE_SUSPECT): (SUSPECT, None),
+    (DOWN, OK): (UP, "rise"),
+    (DOWN, FAIL): (DOWN, None),
+    (DOWN, PASSIVE_DOWN): (DOWN, None),
+    (DOWN, PASSIVE_SUSPECT): (DOWN, None),
+}
 
 
 @dataclass
@@ -49,6 +78,10 @@ class Backend:
     def eligible(self) -> bool:
         return self.health == UP and self.admin == ENABLED and self.weight > 0
 
+    @property
+    def alive(self) -> bool:
+        return self.health == UP and self.admin != DISABLED
+
 
 @dataclass
 class Service:
@@ -65,20 +98,24 @@ class Pool:
     def __init__(self, config: Config, core: Core) -> None:
         self.core = core
         self.services: list[Service] = []
+        self.by_backend_id: dict[int, tuple[Service, Backend]] = {}
         next_id = 0
         for sid, s in enumerate(config.services):
             backends = []
             for b in s.backends:
                 backends.append(Backend(b, next_id, b.weight))
                 next_id += 1
-            self.services.append(Service(s, sid, backends))
+            svc = Service(s, sid, backends)
+            self.services.append(svc)
+            for b in backends:
+                self.by_backend_id[b.id] = (svc, b)
         self.publishes = 0
 
     def tables(self) -> list[ServiceTable]:
         out = []
         for s in self.services:
-            entries = tuple(BackendEntry(b.cfg.address, b.cfg.port, b.weight, b.id, b.eligible)
-                            for b in s.backends)
+            entries = tuple(BackendEntry(b.cfg.address, b.cfg.port, b.weight, b.id, b.eligible,
+                                         b.alive) for b in s.backends)
             cands = [Candidate(b.cfg.key, b.weight, b.eligible) for b in s.backends]
             out.append(ServiceTable(s.cfg.vip, s.cfg.port, s.cfg.protocol, s.cfg.scheduler,
                                     s.id, entries, tuple(build_table(s.cfg.scheduler, cands))))
@@ -89,26 +126,58 @@ class Pool:
         self.publishes += 1
 
     # -- health -------------------------------------------------------------
-    def report(self, service: Service, backend: Backend, ok: bool, detail: str = "") -> bool:
-        """Apply one check result; returns True if the backend changed state."""
+    def _apply(self, service: Service, backend: Backend, event: str, detail: str) -> bool:
         hc = service.cfg.health
         backend.last_detail = detail
-        if ok:
+        if event == OK:
             backend.successes += 1
             backend.failures = 0
-            flip = backend.health == DOWN and backend.successes >= hc.rise
-        else:
+        elif event == FAIL:
             backend.failures += 1
             backend.successes = 0
-            flip = backend.health == UP and backend.failures >= hc.fall
-        if not flip:
+        nxt, counter = TRANSITIONS[(backend.health, event)]
+        if counter == "fall" and backend.failures < hc.fall:
+            nxt = backend.health
+        if counter == "rise" and backend.successes < hc.rise:
+            nxt = backend.health
+        if nxt == backend.health:
             return False
-        backend.health = UP if ok else DOWN
+        backend.health = nxt
         backend.last_change = time.time()
+        if nxt != UP:
+            backend.successes = 0
         self.publish()
         log.warning("service %s backend %s is %s%s", service.cfg.name, backend.cfg.key,
-                    backend.health.upper(), f" ({detail})" if detail else "")
+                    nxt.upper(), f" ({detail})" if detail else "")
+        if nxt == DOWN:
+            self._maybe_reset(service, backend)
         return True
+
+    def report(self, service: Service, backend: Backend, ok: bool, detail: str = "") -> bool:
+        """Apply one active check result; True if the backend changed state."""
+        return self._apply(service, backend, OK if ok else FAIL, detail)
+
+    def passive(self, backend_id: int, kind: str) -> bool:
+        """A failure the data path saw in live traffic."""
+        found = self.by_backend_id.get(backend_id)
+        if not found:
+            return False
+        service, backend = found
+        policy = service.cfg.failover.passive
+        if policy == "ignore" or service.cfg.health.kind == "none":
+            # Without active checks nothing could bring it back: only log.
+            log.info("service %s backend %s: passive failure %s (ignored)", service.cfg.name,
+                     backend.cfg.key, kind)
+            return False
+        event = PASSIVE_DOWN if policy == "down" else PASSIVE_SUSPECT
+        return self._apply(service, backend, event, f"passive: {kind}")
+
+    def _maybe_reset(self, service: Service, backend: Backend) -> None:
+        if service.cfg.protocol == "tcp" and service.cfg.failover.on_backend_down == "reset":
+            n = self.core.reset_backend(backend.id)
+            if n:
+                log.warning("service %s backend %s: reset %d established flows",
+                            service.cfg.name, backend.cfg.key, n)
 
     # -- operator -----------------------------------------------------------
     def find(self, service: str, backend: str) -> tuple[Service, Backend]:
@@ -132,6 +201,8 @@ class Pool:
             b.last_change = time.time()
             self.publish()
             log.warning("service %s backend %s admin state %s", svc.cfg.name, b.cfg.key, admin)
+            if admin == DISABLED:
+                self._maybe_reset(svc, b)
         return b
 
     def set_weight(self, service: str, backend: str, weight: int) -> Backend:

@@ -54,7 +54,8 @@ def collect(pool: Pool, queues: list[int], started: float, max_flows: int) -> di
         "uptime_s": round(time.time() - started, 3),
         "flows": core.flow_count(), "flow_capacity": max_flows,
         "queued_packets": packets, "receive_batches": batches,
-        "reasons": core.reasons(), "queues": queue_stats(queues),
+        "reasons": core.reasons(), "failover": core.failover_counters(),
+        "queues": queue_stats(queues),
         "services": services,
     }
 
@@ -90,6 +91,9 @@ def render(st: dict[str, Any]) -> str:
     dropped = {k: v for k, v in st["reasons"].items() if v}
     if dropped:
         lines.append("  dropped/passed: " + ", ".join(f"{k}={v}" for k, v in dropped.items()))
+    moved = {k: v for k, v in st.get("failover", {}).items() if v}
+    if moved:
+        lines.append("  failover: " + ", ".join(f"{k}={v}" for k, v in moved.items()))
     for q in st["queues"]:
         if q["queue_dropped"] or q["user_dropped"]:
             lines.append(f"  queue {q['queue']}: kernel dropped {q['queue_dropped']}, "

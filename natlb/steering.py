@@ -40,6 +40,8 @@ NFNL_MSG_BATCH_BEGIN = 0x10
 NFNL_MSG_BATCH_END = 0x11
 NETLINK_NETFILTER = 12
 NFT_META_L4PROTO = 16
+NFT_META_MARK = 3
+NF_INET_LOCAL_OUT = 3
 PAYLOAD_NETWORK, PAYLOAD_TRANSPORT = 1, 2
 CHAIN = "prerouting"
 
@@ -157,7 +159,8 @@ class Steering:
         self.installed = False
         self.native_queue: bool | None = None
 
-    def _batch(self, matches: list[Match], queues: list[int], native: bool) -> _Batch:
+    def _batch(self, matches: list[Match], queues: list[int], native: bool,
+               mark: int | None = None) -> _Batch:
         b = _Batch()
         b.control(NFNL_MSG_BATCH_BEGIN)
         t = [("NFTA_TABLE_NAME", self.table)]
@@ -177,15 +180,35 @@ class Steering:
                 ("NFTA_RULE_TABLE", self.table), ("NFTA_RULE_CHAIN", CHAIN),
                 ("NFTA_RULE_EXPRESSIONS", _rule_exprs(m, queues[0], len(queues), native)),
             ], NLM_F_CREATE | NLM_F_APPEND, f"rule {side} {m.address}:{m.port}")
+        if mark is not None:
+            self._own_packets_chain(b, mark)
         b.control(NFNL_MSG_BATCH_END)
         return b
 
-    def install(self, matches: list[Match], queues: list[int]) -> None:
+    def _own_packets_chain(self, b: _Batch, mark: int) -> None:
+        """Packets natlb sends itself (re-sent SYNs, RSTs) carry `mark`; the
+        kernel's conntrack must not start tracking those flows either."""
+        b.add(nft_chain_msg, NFT_MSG_NEWCHAIN, [
+            ("NFTA_CHAIN_TABLE", self.table), ("NFTA_CHAIN_NAME", "output"),
+            ("NFTA_CHAIN_HOOK", {"attrs": [("NFTA_HOOK_HOOKNUM", NF_INET_LOCAL_OUT),
+                                           ("NFTA_HOOK_PRIORITY", PRIORITY_RAW)]}),
+            ("NFTA_CHAIN_TYPE", "filter"),
+        ], NLM_F_CREATE, "chain output")
+        b.add(nft_rule_msg, NFT_MSG_NEWRULE, [
+            ("NFTA_RULE_TABLE", self.table), ("NFTA_RULE_CHAIN", "output"),
+            ("NFTA_RULE_EXPRESSIONS", [
+                _expr("meta", dreg=1, key=NFT_META_MARK),
+                _cmp_eq(struct.pack("=I", mark)),
+                _expr("notrack"),
+            ]),
+        ], NLM_F_CREATE | NLM_F_APPEND, "rule output mark")
+
+    def install(self, matches: list[Match], queues: list[int], mark: int | None = None) -> None:
         order = [self.native_queue] if self.native_queue is not None else [True, False]
         last: SteeringError | None = None
         for native in order:
             try:
-                self._batch(matches, queues, native).send()
+                self._batch(matches, queues, native, mark).send()
             except SteeringError as e:
                 last = e
                 if e.args[1] in (errno.ENOENT, errno.EOPNOTSUPP) and native:

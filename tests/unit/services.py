@@ -9,10 +9,12 @@ BACKENDS = ["203.0.113.10", "203.0.113.11", "203.0.113.12"]
 
 
 def make_service(scheduler="rr", port=80, backend_port=8080, protocol="tcp", sid=0,
-                 addrs=BACKENDS, weights=None, down=()):
+                 addrs=BACKENDS, weights=None, down=(), draining=()):
+    """down: neither new flows nor alive; draining: alive, but no new flows."""
     weights = weights or [1] * len(addrs)
     entries = tuple(
-        BackendEntry(a, backend_port, w, sid * 16 + i, a not in down)
+        BackendEntry(a, backend_port, w, sid * 16 + i, a not in down and a not in draining,
+                     a not in down)
         for i, (a, w) in enumerate(zip(addrs, weights, strict=True))
     )
     cands = [Candidate(f"{b.address}:{b.port}", b.weight, b.eligible) for b in entries]

@@ -55,7 +55,7 @@ def test_defaults():
     (("service", 0, "backend", 0, "weight"), -1,
      "service[0].backend[0].weight = -1: must be 0..65535"),
     (("service", 0, "health"), {"kind": "icmp"},
-     'service[0].health.kind = "icmp": must be one of tcp, http, udp, none'),
+     'service[0].health.kind = "icmp": must be one of tcp, http, udp, dns, exec, none'),
     (("service", 0, "health"), {"interval_ms": 1},
      "service[0].health.interval_ms = 1: must be 10..3600000"),
     (("lb",), {"workers": 99}, "lb.workers = 99: must be 1..16"),

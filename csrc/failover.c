@@ -1,0 +1,395 @@
+/*
+ * failover.c -- what lets a new connection survive a dead backend.
+ *
+ * Theory of operation.
+ *  - Held SYNs: when a TCP flow is created, a copy of the client's SYN is
+ *    kept in a FIFO ring with a deadline (now + syn_timeout_ms).  If the
+ *    backend answers SYN with RST, or the deadline passes while the flow is
+ *    still SYN_SENT, the flow is moved to another alive backend and the held
+ *    SYN is sent there at once, so the client never notices (it would
+ *    otherwise wait a whole RTO, 1 s on Linux, before retrying).
+ *  - A flow whose backend the control plane no longer calls alive moves on
+ *    its next packet if it is UDP or an unanswered SYN (lb.c).
+ *  - Events: each passive failure is pushed to a small ring and signalled
+ *    on an eventfd; the control plane decides what it means.  No Python
+ *    runs per packet, and nobody polls.
+ *  - Outbox: packets natlb itself originates (re-sent SYNs, RSTs) are queued
+ *    here.  The workers send them through a raw socket; in tests they stay
+ *    for inspection, which keeps this file sans-IO.
+ *
+ * Lock order: a conntrack stripe, then the held or outbox or event lock,
+ * never the reverse.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/eventfd.h>
+#include <sys/socket.h>
+#include "internal.h"
+
+#define HELD_SLOTS 8192          /* power of two, < 0xffff                 */
+#define HELD_NONE 0xffff
+#define PKT_MAX 128              /* bigger SYNs (with data) are not held   */
+#define OUTBOX_SLOTS 4096
+#define EVENT_SLOTS 1024
+
+struct held {
+    uint32_t flow;
+    uint32_t client_addr;
+    uint16_t client_port;
+    uint8_t proto;
+    uint8_t attempt;             /* f->tries when it was held              */
+    uint32_t deadline;
+    uint16_t len;
+    uint8_t bytes[PKT_MAX];      /* the client's SYN as it arrived         */
+};
+
+struct out_pkt {
+    uint16_t len;
+    uint8_t bytes[PKT_MAX];
+};
+
+struct nl_failover {
+    pthread_spinlock_t held_lock;
+    uint64_t held_head, held_tail;
+    struct held held[HELD_SLOTS];
+    pthread_spinlock_t out_lock;
+    uint64_t out_head, out_tail;
+    struct out_pkt out[OUTBOX_SLOTS];
+    pthread_spinlock_t ev_lock;
+    uint64_t ev_head, ev_tail;
+    struct nl_event ev[EVENT_SLOTS];
+    int evfd;
+    uint64_t counters[NL_F_MAX];
+};
+
+int nl_failover_init(struct nl_lb *lb)
+{
+    struct nl_failover *fo = calloc(1, sizeof(*fo));
+    if (!fo)
+        return -1;
+    fo->evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (fo->evfd < 0) {
+        free(fo);
+        return -1;
+    }
+    pthread_spin_init(&fo->held_lock, PTHREAD_PROCESS_PRIVATE);
+    pthread_spin_init(&fo->out_lock, PTHREAD_PROCESS_PRIVATE);
+    pthread_spin_init(&fo->ev_lock, PTHREAD_PROCESS_PRIVATE);
+    lb->fo = fo;
+    return 0;
+}
+
+void nl_failover_fini(struct nl_lb *lb)
+{
+    if (lb->fo) {
+        close(lb->fo->evfd);
+        free(lb->fo);
+        lb->fo = NULL;
+    }
+}
+
+void nl_count_failover(struct nl_lb *lb, int which, uint64_t n)
+{
+    __atomic_fetch_add(&lb->fo->counters[which], n, __ATOMIC_RELAXED);
+}
+
+void nl_read_failover(struct nl_lb *lb, uint64_t *out)
+{
+    for (int i = 0; i < NL_F_MAX; i++)
+        out[i] = __atomic_load_n(&lb->fo->counters[i], __ATOMIC_RELAXED);
+}
+
+/* ---- events ------------------------------------------------------------ */
+
+void nl_emit(struct nl_lb *lb, uint32_t kind, uint32_t service_id, uint32_t backend_id,
+             uint64_t now)
+{
+    struct nl_failover *fo = lb->fo;
+    int lost = 0;
+    pthread_spin_lock(&fo->ev_lock);
+    if (fo->ev_head - fo->ev_tail >= EVENT_SLOTS) {
+        lost = 1;
+    } else {
+        struct nl_event *e = &fo->ev[fo->ev_head++ % EVENT_SLOTS];
+        *e = (struct nl_event){ kind, service_id, backend_id, 0, now };
+    }
+    pthread_spin_unlock(&fo->ev_lock);
+    if (lost) {
+        nl_count_failover(lb, NL_F_EVENTS_LOST, 1);
+        return;
+    }
+    uint64_t one = 1;
+    if (write(fo->evfd, &one, sizeof(one)) < 0) {
+        /* EAGAIN: the counter is saturated, the reader is already due. */
+    }
+}
+
+int nl_event_fd(struct nl_lb *lb)
+{
+    return lb->fo->evfd;
+}
+
+uint32_t nl_read_events(struct nl_lb *lb, struct nl_event *out, uint32_t max)
+{
+    struct nl_failover *fo = lb->fo;
+    uint64_t drained;
+    /* Clear the signal first: an event pushed after this signals again. */
+    if (read(fo->evfd, &drained, sizeof(drained)) < 0) {
+        /* EAGAIN: nothing signalled; there may still be events to read. */
+    }
+    uint32_t n = 0;
+    pthread_spin_lock(&fo->ev_lock);
+    while (n < max && fo->ev_tail != fo->ev_head)
+        out[n++] = fo->ev[fo->ev_tail++ % EVENT_SLOTS];
+    pthread_spin_unlock(&fo->ev_lock);
+    return n;
+}
+
+/* ---- outbox ------------------------------------------------------------ */
+
+static void outbox_push(struct nl_lb *lb, const uint8_t *pkt, uint32_t len)
+{
+    struct nl_failover *fo = lb->fo;
+    int full = 0;
+    pthread_spin_lock(&fo->out_lock);
+    if (fo->out_head - fo->out_tail >= OUTBOX_SLOTS || len > PKT_MAX) {
+        full = 1;
+    } else {
+        struct out_pkt *o = &fo->out[fo->out_head++ % OUTBOX_SLOTS];
+        o->len = (uint16_t)len;
+        memcpy(o->bytes, pkt, len);
+    }
+    pthread_spin_unlock(&fo->out_lock);
+    if (full)
+        nl_count_failover(lb, NL_F_OUTBOX_FULL, 1);
+}
+
+uint32_t nl_outbox_take(struct nl_lb *lb, uint8_t *buf, uint32_t cap)
+{
+    struct nl_failover *fo = lb->fo;
+    uint32_t len = 0;
+    pthread_spin_lock(&fo->out_lock);
+    if (fo->out_tail != fo->out_head) {
+        struct out_pkt *o = &fo->out[fo->out_tail % OUTBOX_SLOTS];
+        if (o->len <= cap) {
+            len = o->len;
+            memcpy(buf, o->bytes, len);
+            fo->out_tail++;
+        }
+    }
+    pthread_spin_unlock(&fo->out_lock);
+    return len;
+}
+
+uint32_t nl_flush(struct nl_lb *lb)
+{
+    int fd = __atomic_load_n(&lb->raw_fd, __ATOMIC_ACQUIRE);
+    if (fd < 0)
+        return 0;
+    uint8_t buf[PKT_MAX];
+    uint32_t len, sent = 0;
+    while ((len = nl_outbox_take(lb, buf, sizeof(buf))) != 0) {
+        struct sockaddr_in to = { .sin_family = AF_INET };
+        memcpy(&to.sin_addr, buf + 16, 4);
+        if (sendto(fd, buf, len, 0, (struct sockaddr *)&to, sizeof(to)) < 0)
+            nl_count_failover(lb, NL_F_SEND_ERRORS, 1);
+        else
+            sent++;
+    }
+    return sent;
+}
+
+/* ---- held SYNs ----------------------------------------------------------- */
+
+void nl_hold_syn(struct nl_lb *lb, struct nl_flow *f, const uint8_t *pkt, uint32_t len,
+                 uint32_t now)
+{
+    struct nl_failover *fo = lb->fo;
+    f->held = HELD_NONE;
+    if (!lb->cfg.syn_timeout_ms || len > PKT_MAX)
+        return;
+    pthread_spin_lock(&fo->held_lock);
+    uint32_t slot = (uint32_t)(fo->held_head % HELD_SLOTS);
+    struct held *h = &fo->held[slot];
+    h->flow = (uint32_t)(f - lb->ct.flows);
+    h->client_addr = f->client_addr;
+    h->client_port = f->client_port;
+    h->proto = f->proto;
+    h->attempt = f->tries;
+    h->deadline = now + lb->cfg.syn_timeout_ms;
+    h->len = (uint16_t)len;
+    memcpy(h->bytes, pkt, len);
+    fo->held_head++;
+    if (fo->held_head - fo->held_tail > HELD_SLOTS)
+        fo->held_tail = fo->held_head - HELD_SLOTS;   /* oldest overwritten */
+    pthread_spin_unlock(&fo->held_lock);
+    f->held = (uint16_t)slot;
+}
+
+/* Copies f's held SYN if the slot still belongs to f's current attempt. */
+static uint32_t held_copy(struct nl_lb *lb, const struct nl_flow *f, uint8_t *buf)
+{
+    struct nl_failover *fo = lb->fo;
+    uint32_t len = 0;
+    if (f->held == HELD_NONE)
+        return 0;
+    pthread_spin_lock(&fo->held_lock);
+    const struct held *h = &fo->held[f->held];
+    if (h->flow == (uint32_t)(f - lb->ct.flows) && h->client_addr == f->client_addr &&
+        h->client_port == f->client_port && h->proto == f->proto && h->attempt == f->tries) {
+        len = h->len;
+        memcpy(buf, h->bytes, len);
+    }
+    pthread_spin_unlock(&fo->held_lock);
+    return len;
+}
+
+static void move_to(struct nl_lb *lb, struct nl_flow *f, const struct nl_backend_spec *be)
+{
+    nl_flow_gauge(lb, f, f->state, -1);
+    f->backend_addr = be->addr;
+    f->backend_port = be->port;
+    f->backend_id = (uint16_t)be->id;
+    nl_flow_gauge(lb, f, f->state, 1);
+    nl_count_failover(lb, NL_F_RESTEERED, 1);
+}
+
+int nl_move_flow(struct nl_lb *lb, const struct nl_snapshot *snap, struct nl_flow *f,
+                 const struct nl_pkt *p)
+{
+    const struct nl_service *svc = snap ? snap->by_id[f->service_id] : NULL;
+    if (!svc)
+        return -1;
+    int idx = nl_schedule_other(lb, svc, p, f->backend_id, snap->alive);
+    if (idx < 0)
+        return -1;
+    move_to(lb, f, &svc->backends[idx]);
+    return 0;
+}
+
+int nl_resteer_held(struct nl_lb *lb, struct nl_flow *f, uint32_t now)
+{
+    uint8_t orig[PKT_MAX], out[PKT_MAX];
+    if (f->tries >= lb->cfg.resteer_tries)
+        return -1;
+    uint32_t len = held_copy(lb, f, orig);
+    if (!len)
+        return -1;
+    memcpy(out, orig, len);
+    struct nl_pkt p;
+    if (nl_parse(out, len, &p) >= 0)
+        return -1;
+    const struct nl_snapshot *snap = __atomic_load_n(&lb->snap, __ATOMIC_ACQUIRE);
+    if (nl_move_flow(lb, snap, f, &p) < 0)
+        return -1;
+    f->tries++;
+    /* The held copy may carry a partial checksum: compute it in full. */
+    nl_rewrite(&p, 1, f->backend_addr, f->backend_port, NL_PKT_CSUM_PARTIAL);
+    outbox_push(lb, out, len);
+    nl_count_failover(lb, NL_F_SYN_RESENT, 1);
+    nl_hold_syn(lb, f, orig, len, now);
+    return 0;
+}
+
+uint32_t nl_syn_deadline_next(struct nl_lb *lb, uint32_t now)
+{
+    struct nl_failover *fo = lb->fo;
+    uint32_t wait = UINT32_MAX;
+    pthread_spin_lock(&fo->held_lock);
+    if (fo->held_tail != fo->held_head) {
+        uint32_t d = fo->held[fo->held_tail % HELD_SLOTS].deadline;
+        wait = nl_time_before(now, d) ? d - now : 0;
+    }
+    pthread_spin_unlock(&fo->held_lock);
+    return wait;
+}
+
+void nl_failover_tick(struct nl_lb *lb, uint64_t now_ms)
+{
+    struct nl_failover *fo = lb->fo;
+    uint32_t now = (uint32_t)now_ms;
+    for (;;) {
+        struct { uint32_t flow, client_addr, slot; uint16_t client_port; uint8_t proto, attempt; }
+            due[32];
+        uint32_t n = 0;
+        pthread_spin_lock(&fo->held_lock);
+        while (n < 32 && fo->held_tail != fo->held_head) {
+            uint32_t slot = (uint32_t)(fo->held_tail % HELD_SLOTS);
+            struct held *h = &fo->held[slot];
+            if (nl_time_before(now, h->deadline))
+                break;
+            /* The bytes stay in the ring for nl_resteer_held to copy. */
+            due[n].flow = h->flow;
+            due[n].client_addr = h->client_addr;
+            due[n].client_port = h->client_port;
+            due[n].proto = h->proto;
+            due[n].attempt = h->attempt;
+            due[n].slot = slot;
+            n++;
+            fo->held_tail++;
+        }
+        pthread_spin_unlock(&fo->held_lock);
+        if (!n)
+            return;
+        for (uint32_t i = 0; i < n; i++) {
+            struct nl_ct_key k = { due[i].client_addr, due[i].client_port, due[i].proto, 0, 0, 0 };
+            uint32_t b = nl_ct_bucket(&lb->ct, &k);
+            pthread_spinlock_t *lock = nl_ct_stripe(&lb->ct, b);
+            pthread_spin_lock(lock);
+            struct nl_flow *f = &lb->ct.flows[due[i].flow];
+            if (f->state == NL_FS_SYN_SENT && f->held == due[i].slot &&
+                f->client_addr == due[i].client_addr && f->client_port == due[i].client_port &&
+                f->tries == due[i].attempt) {
+                nl_emit(lb, NL_EV_SYN_TIMEOUT, f->service_id, f->backend_id, now_ms);
+                nl_resteer_held(lb, f, now);
+            }
+            pthread_spin_unlock(lock);
+        }
+    }
+}
+
+/* ---- resetting the flows of a dead backend ------------------------------ */
+
+uint32_t nl_reset_backend(struct nl_lb *lb, uint32_t backend_id)
+{
+    struct nl_ct *ct = &lb->ct;
+    uint32_t reset = 0;
+    uint8_t rst[40];
+    for (uint32_t b = 0; b < ct->n_buckets; b++) {
+        if (__atomic_load_n(&ct->buckets[b], __ATOMIC_RELAXED) == NL_NIL)
+            continue;
+        pthread_spinlock_t *lock = nl_ct_stripe(ct, b);
+        pthread_spin_lock(lock);
+        uint32_t i = ct->buckets[b];
+        while (i != NL_NIL) {
+            struct nl_flow *f = &ct->flows[i];
+            i = f->next;
+            if (f->backend_id != backend_id)
+                continue;
+            if (f->proto == 6 && f->state != NL_FS_SYN_SENT && f->state != NL_FS_CLOSE) {
+                nl_build_rst(rst, f->vip_addr, f->client_addr, f->vip_port, f->client_port,
+                             f->server_seq_next);
+                outbox_push(lb, rst, sizeof(rst));
+                nl_build_rst(rst, f->client_addr, f->backend_addr, f->client_port,
+                             f->backend_port, f->client_seq_next);
+                outbox_push(lb, rst, sizeof(rst));
+                nl_count_failover(lb, NL_F_RESETS_SENT, 1);
+            }
+            if (f->proto == 6 && f->state == NL_FS_SYN_SENT)
+                continue;   /* its SYN is re-steered, not reset */
+            nl_flow_gauge(lb, f, f->state, -1);
+            nl_ct_remove(ct, b, f);
+            reset++;
+        }
+        pthread_spin_unlock(lock);
+        if ((b & 1023) == 0)
+            nl_flush(lb);
+    }
+    nl_flush(lb);
+    return reset;
+}

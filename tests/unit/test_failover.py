@@ -1,0 +1,122 @@
+"""Failover in the sans-IO core: held SYNs re-sent elsewhere, flows moved off
+dead backends, RSTs for established flows, events for the control plane."""
+
+import pytest
+from scapy.layers.inet import IP, TCP, UDP
+
+from natlb.core import Core, CoreConfig, Verdict
+
+from .services import BACKENDS, CLIENT, VIP, make_service
+from .test_rewrite import checksums_ok
+
+
+@pytest.fixture
+def fcore():
+    c = Core(CoreConfig(max_flows=1024, workers=1, syn_timeout_ms=50, resteer_tries=3))
+    c.publish([make_service("rr")])
+    yield c
+    c.close()
+
+
+def syn(sport=40000, flags="S", seq=1000):
+    return bytes(IP(src=CLIENT, dst=VIP) / TCP(sport=sport, dport=80, flags=flags, seq=seq,
+                                                 options=[("MSS", 1460)]))
+
+
+def first_backend(c, sport=40000):
+    v, out = c.process(syn(sport), 100)
+    assert v == Verdict.REWRITE
+    return IP(out).dst
+
+
+def test_rst_to_syn_resends_held_syn_to_another_backend(fcore):
+    b1 = first_backend(fcore)
+    rst = IP(src=b1, dst=CLIENT) / TCP(sport=8080, dport=40000, flags="RA", ack=1001)
+    v, _ = fcore.process(bytes(rst), 101)
+    assert v == Verdict.DROP  # the client never sees the refusal
+    resent = fcore.outbox_take()
+    assert resent is not None and fcore.outbox_take() is None
+    p = IP(resent)
+    assert p.dst in BACKENDS and p.dst != b1
+    assert (p.src, p[TCP].sport, p[TCP].dport, p[TCP].flags, p[TCP].seq) == (
+        CLIENT, 40000, 8080, "S", 1000)
+    assert p[TCP].options == [("MSS", 1460)]
+    assert checksums_ok(resent)
+    events = fcore.read_events()
+    assert [(e.kind, e.backend_id) for e in events] == [("syn_rst", BACKENDS.index(b1))]
+    # The new backend's SYN-ACK is rewritten back to the client from the VIP.
+    synack = IP(src=p.dst, dst=CLIENT) / TCP(sport=8080, dport=40000, flags="SA", ack=1001)
+    v, out = fcore.process(bytes(synack), 102)
+    assert v == Verdict.REWRITE and IP(out).src == VIP
+    assert fcore.failover_counters()["resteered"] == 1
+
+
+def test_unanswered_syn_is_resent_after_timeout(fcore):
+    b1 = first_backend(fcore)
+    fcore.failover_tick(100 + 49)
+    assert fcore.outbox_take() is None
+    fcore.failover_tick(100 + 50)
+    resent = fcore.outbox_take()
+    assert resent is not None and IP(resent).dst not in (b1, VIP)
+    assert [e.kind for e in fcore.read_events()] == ["syn_timeout"]
+
+
+def test_answered_syn_is_not_resent(fcore):
+    b1 = first_backend(fcore)
+    fcore.process(bytes(IP(src=b1, dst=CLIENT) / TCP(sport=8080, dport=40000, flags="SA")), 110)
+    fcore.failover_tick(1000)
+    assert fcore.outbox_take() is None and fcore.read_events() == []
+
+
+def test_resteer_gives_up_after_tries(fcore):
+    first_backend(fcore)
+    tried = set()
+    for t in (150, 200, 250, 300):
+        fcore.failover_tick(t)
+        while (p := fcore.outbox_take()) is not None:
+            tried.add(IP(p).dst)
+    assert len(tried) == 2  # 3 tries in all: the first backend and two more
+    assert fcore.failover_counters()["syn_resent"] == 2
+
+
+def test_syn_retransmit_moves_off_dead_backend(fcore):
+    b1 = first_backend(fcore)
+    fcore.publish([make_service("rr", down=[b1])])
+    v, out = fcore.process(syn(), 1100)
+    assert v == Verdict.REWRITE and IP(out).dst != b1
+    assert fcore.flow_count() == 1
+
+
+def test_udp_flow_moves_on_next_packet_but_not_when_draining():
+    c = Core(CoreConfig(max_flows=64, workers=1))
+    c.publish([make_service("rr", protocol="udp", port=53, backend_port=53)])
+    q = bytes(IP(src=CLIENT, dst=VIP) / UDP(sport=5000, dport=53) / b"q")
+    b1 = IP(c.process(q, 1)[1]).dst
+    c.publish([make_service("rr", protocol="udp", port=53, backend_port=53, draining=[b1])])
+    assert IP(c.process(q, 2)[1]).dst == b1  # draining keeps existing flows
+    c.publish([make_service("rr", protocol="udp", port=53, backend_port=53, down=[b1])])
+    b2 = IP(c.process(q, 3)[1]).dst
+    assert b2 != b1 and IP(c.process(q, 4)[1]).dst == b2
+    reply = IP(src=b2, dst=CLIENT) / UDP(sport=53, dport=5000) / b"a"
+    v, back = c.process(bytes(reply), 5)
+    assert v == Verdict.REWRITE and IP(back).src == VIP
+
+
+def test_reset_backend_sends_in_window_rsts_both_ways(fcore):
+    b1 = first_backend(fcore)
+    fcore.process(bytes(IP(src=b1, dst=CLIENT) / TCP(sport=8080, dport=40000, flags="SA",
+                                                       seq=5000, ack=1001)), 101)
+    fcore.process(syn(flags="A", seq=1001), 102)
+    data = IP(src=CLIENT, dst=VIP) / TCP(sport=40000, dport=80, flags="PA", seq=1001) / (b"x" * 10)
+    fcore.process(bytes(data), 103)
+    resp = IP(src=b1, dst=CLIENT) / TCP(sport=8080, dport=40000, flags="PA", seq=5001) / (b"y" * 7)
+    fcore.process(bytes(resp), 104)
+    assert fcore.reset_backend(BACKENDS.index(b1)) == 1
+    to_client, to_backend = IP(fcore.outbox_take()), IP(fcore.outbox_take())
+    assert (to_client.src, to_client[TCP].sport, to_client.dst, to_client[TCP].dport) == (
+        VIP, 80, CLIENT, 40000)
+    assert to_client[TCP].flags == "R" and to_client[TCP].seq == 5008  # client's rcv_nxt
+    assert (to_backend.dst, to_backend[TCP].dport, to_backend[TCP].seq) == (b1, 8080, 1011)
+    assert checksums_ok(bytes(to_client)) and checksums_ok(bytes(to_backend))
+    assert fcore.flow_count() == 0
+    assert fcore.failover_counters()["resets_sent"] == 1
