@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import struct
 import time
 from collections.abc import Awaitable, Callable
 
@@ -34,13 +36,21 @@ async def check_http(address: str, port: int, hc: HealthConfig) -> Result:
                      f"User-Agent: natlb-health\r\nConnection: close\r\n\r\n".encode())
         await writer.drain()
         line = await reader.readline()
+        body = b""
+        if hc.expect_body is not None:
+            head_and_body = await reader.read(1 << 16)
+            body = head_and_body.partition(b"\r\n\r\n")[2]
     finally:
         writer.close()
     parts = line.split()
     if len(parts) < 2 or not parts[1].isdigit():
         return False, "no HTTP status line"
     status = int(parts[1])
-    return status == hc.expect_status, f"HTTP {status}"
+    if status != hc.expect_status:
+        return False, f"HTTP {status}"
+    if hc.expect_body is not None and hc.expect_body.encode() not in body:
+        return False, f"HTTP {status}, body without {hc.expect_body!r}"
+    return True, f"HTTP {status}"
 
 
 class _OneReply(asyncio.DatagramProtocol):
@@ -70,7 +80,59 @@ async def check_udp(address: str, port: int, hc: HealthConfig) -> Result:
     return True, f"{len(data)} byte reply"
 
 
-CHECKERS: dict[str, Checker] = {"tcp": check_tcp, "http": check_http, "udp": check_udp}
+def dns_query(name: str, qid: int) -> bytes:
+    """A minimal RFC 1035 query: one question, type A, class IN, RD set."""
+    labels = [label for label in name.strip(".").split(".") if label]
+    qname = b"".join(bytes([len(x)]) + x.encode() for x in labels) + b"\0"
+    return struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0) + qname + struct.pack("!HH", 1, 1)
+
+
+def dns_answered(reply: bytes, qid: int) -> tuple[bool, str]:
+    if len(reply) < 12:
+        return False, "short DNS reply"
+    rid, flags, _, ancount, _, _ = struct.unpack("!HHHHHH", reply[:12])
+    if rid != qid or not flags & 0x8000:
+        return False, "not a reply to our query"
+    rcode = flags & 0xF
+    if rcode != 0:
+        return False, f"DNS rcode {rcode}"
+    if ancount == 0:
+        return False, "DNS reply without answer"
+    return True, f"DNS {ancount} answers"
+
+
+async def check_dns(address: str, port: int, hc: HealthConfig) -> Result:
+    loop = asyncio.get_running_loop()
+    qid = int.from_bytes(os.urandom(2), "big")
+    transport, proto = await loop.create_datagram_endpoint(
+        _OneReply, remote_addr=(address, port))
+    try:
+        transport.sendto(dns_query(hc.name, qid))
+        reply = await proto.reply
+    finally:
+        transport.close()
+    return dns_answered(reply, qid)
+
+
+async def check_exec(address: str, port: int, hc: HealthConfig) -> Result:
+    env = dict(os.environ, NATLB_BACKEND=f"{address}:{port}", NATLB_BACKEND_ADDRESS=address,
+               NATLB_BACKEND_PORT=str(port))
+    proc = await asyncio.create_subprocess_exec(
+        *hc.command, env=env, stdin=asyncio.subprocess.DEVNULL,
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
+    try:
+        code = await proc.wait()
+    except asyncio.CancelledError:  # timed out: do not leave it running
+        proc.kill()
+        await proc.wait()
+        raise
+    return code == 0, f"exit {code}"
+
+
+CHECKERS: dict[str, Checker] = {
+    "tcp": check_tcp, "http": check_http, "udp": check_udp, "dns": check_dns,
+    "exec": check_exec,
+}
 
 
 async def run_check(checker: Checker, address: str, port: int, hc: HealthConfig) -> Result:
@@ -79,7 +141,8 @@ async def run_check(checker: Checker, address: str, port: int, hc: HealthConfig)
     except TimeoutError:
         return False, f"timeout after {hc.timeout_ms} ms"
     except OSError as e:
-        return False, e.strerror or type(e).__name__
+        # asyncio puts "Connect call failed (...)" in strerror; the errno says why.
+        return False, os.strerror(e.errno) if e.errno else str(e) or type(e).__name__
 
 
 class Monitor:
