@@ -41,6 +41,7 @@ class Testbed:
     prefix: str = field(default_factory=lambda: f"nl{os.getpid() % 100000:05d}"
                                                 f"{os.urandom(1).hex()}")
     procs: list[subprocess.Popen] = field(default_factory=list)
+    backends: dict[int, subprocess.Popen] = field(default_factory=dict)
     namespaces: list[str] = field(default_factory=list)
     workdir: Path = field(default_factory=lambda: Path(tempfile.mkdtemp(prefix="natlb-tb-")))
 
@@ -114,7 +115,8 @@ class Testbed:
         return p
 
     def start_backends(self) -> dict[int, subprocess.Popen]:
-        return {k: self.start_backend(k) for k in range(1, self.n_backends + 1)}
+        self.backends = {k: self.start_backend(k) for k in range(1, self.n_backends + 1)}
+        return self.backends
 
     def stop(self, p: subprocess.Popen, sig: int = signal.SIGTERM) -> None:
         if p.poll() is None:
@@ -176,6 +178,34 @@ class Testbed:
         return subprocess.run(["ip", "netns", "exec", self.router, *argv],
                               capture_output=True, text=True)
 
+    # -- failures ----------------------------------------------------------
+    def fail_backend(self, k: int, kind: str) -> None:
+        """kill: the server process dies (connections refused);
+        link: the backend's interface goes down (silence);
+        blackhole: a drop rule in the backend swallows everything."""
+        if kind == "kill":
+            self.stop(self.backends[k], signal.SIGKILL)
+        elif kind == "link":
+            _ip("-n", self.backend(k), "link", "set", "eth0", "down")
+        elif kind == "blackhole":
+            subprocess.run(["ip", "netns", "exec", self.backend(k), "nft", "-f", "-"], check=True,
+                           input="table ip blackhole {\n chain drop_all {\n"
+                                 "  type filter hook input priority 0; policy drop;\n }\n}\n",
+                           text=True)
+        else:
+            raise ValueError(kind)
+
+    def repair_backend(self, k: int, kind: str) -> None:
+        if kind == "kill":
+            self.backends[k] = self.start_backend(k)
+        elif kind == "link":
+            _ip("-n", self.backend(k), "link", "set", "eth0", "up")
+            _ip("-n", self.backend(k), "route", "replace", "default", "via",
+                f"203.0.113.{4 * k + 1}")
+        elif kind == "blackhole":
+            subprocess.run(["ip", "netns", "exec", self.backend(k), "nft", "delete", "table",
+                            "ip", "blackhole"], check=True)
+
     # -- teardown ----------------------------------------------------------
     def close(self) -> None:
         for p in reversed(self.procs):
@@ -193,7 +223,8 @@ class Testbed:
 
 
 def basic_config(tb: Testbed, scheduler: str = "rr", health: str = "tcp",
-                 interval_ms: int = 100, extra_services: str = "", lb_extra: str = "") -> str:
+                 interval_ms: int = 100, extra_services: str = "", lb_extra: str = "",
+                 service_extra: str = "") -> str:
     backends = "\n".join(
         f'[[service.backend]]\naddress = "{backend_addr(k)}"\nport = 80\n'
         for k in range(1, tb.n_backends + 1))
@@ -214,6 +245,7 @@ interval_ms = {interval_ms}
 timeout_ms = {max(50, interval_ms)}
 rise = 2
 fall = 1
+{service_extra}
 {backends}
 {extra_services}
 """

@@ -126,6 +126,33 @@ def udp_stream(host: str, port: int, count: int, interval_ms: int, timeout: floa
     return 0
 
 
+def hold(host: str, port: int, timeout: float) -> int:
+    """Open a keep-alive connection, learn its backend, then sit idle and
+    report how the connection ends: reset, closed, or still open at timeout."""
+    s = socket.create_connection((host, port), timeout=2)
+    s.sendall(b"GET / HTTP/1.1\r\nHost: natlb\r\n\r\n")
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += s.recv(4096)
+    head, body = data.split(b"\r\n\r\n", 1)
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:")))
+    while len(body) < length:
+        body += s.recv(4096)
+    _emit(backend=body.decode().strip())
+    t0 = time.monotonic()
+    s.settimeout(timeout)
+    try:
+        data = s.recv(1)
+        outcome = "closed" if not data else "data"
+    except ConnectionResetError:
+        outcome = "reset"
+    except TimeoutError:
+        outcome = "open"
+    _emit(outcome=outcome, after=round(time.monotonic() - t0, 3))
+    return 0
+
+
 def blob(host: str, port: int, size: int, seed: int, timeout: float) -> int:
     """Download `size` deterministic bytes and compare their hash."""
     want = hashlib.sha256()
@@ -169,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--name", required=True)
     s.add_argument("--http-port", type=int, default=80)
     s.add_argument("--udp-port", type=int, default=53)
-    for name in ("http-stream", "udp-stream", "blob", "upload"):
+    for name in ("http-stream", "udp-stream", "blob", "upload", "hold"):
         c = sub.add_parser(name)
         c.add_argument("--host", required=True)
         c.add_argument("--port", type=int, required=True)
@@ -185,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
         return http_stream(a.host, a.port, a.count, a.interval_ms, a.timeout)
     if a.cmd == "udp-stream":
         return udp_stream(a.host, a.port, a.count, a.interval_ms, a.timeout)
+    if a.cmd == "hold":
+        return hold(a.host, a.port, a.timeout)
     if a.cmd == "blob":
         return blob(a.host, a.port, a.size, a.seed, a.timeout)
     return upload(a.host, a.port, a.size, a.seed, a.timeout)

@@ -15,7 +15,7 @@ if os.geteuid() != 0:
 def testbed():
     tb = Testbed(n_backends=3).build()
     try:
-        tb.backends = tb.start_backends()
+        tb.start_backends()
         yield tb
     finally:
         tb.close()

@@ -1,0 +1,96 @@
+"""Failover with real traffic: a new connection every 10 ms through the VIP
+while a backend dies in one of three ways.  natlb must lose none of them."""
+
+import json
+import time
+from collections import Counter
+
+import pytest
+
+from natlb.testbed import VIP, backend_addr, basic_config
+
+from .conftest import natlb_cli
+
+FAST = dict(interval_ms=50, lb_extra="syn_timeout_ms = 30")
+VICTIM = 2
+
+
+def stream(testbed, count, on_index, interval_ms=10):
+    proc, results = testbed.client_stream("http-stream", "--host", VIP, "--port", "80",
+                                          "--count", str(count), "--interval-ms",
+                                          str(interval_ms), "--timeout", "2")
+    seen = []
+    for r in results:
+        seen.append(r)
+        if r["i"] in on_index:
+            on_index[r["i"]]()
+    proc.wait()
+    return seen
+
+
+@pytest.mark.parametrize("kind", ["kill", "link", "blackhole"])
+def test_no_new_connection_fails_when_a_backend_dies(testbed, natlb, kind):
+    natlb(basic_config(testbed, **FAST))
+    try:
+        res = stream(testbed, 150, {40: lambda: testbed.fail_backend(VICTIM, kind)})
+    finally:
+        testbed.repair_backend(VICTIM, kind)
+    failed = [r for r in res if not r["ok"]]
+    assert failed == [], failed
+    log = testbed.natlb_log()
+    assert f"backend {backend_addr(VICTIM)}:80 is DOWN" in log, log
+    # After the first 80 connections the dead backend got no new flow.
+    assert Counter(r["backend"] for r in res[80:]) .keys() == {"b1", "b3"}
+
+
+def status(testbed):
+    return json.loads(natlb_cli(testbed, "status", "--json", "-s", testbed.control_socket).stdout)
+
+
+def backend_status(testbed, k):
+    svc = status(testbed)["services"][0]
+    return next(b for b in svc["backends"] if b["address"] == backend_addr(k))
+
+
+def test_drain_keeps_old_flows_and_takes_no_new_ones(testbed, natlb):
+    natlb(basic_config(testbed, scheduler="rr"))
+    holds = []
+    for _ in range(3):  # one idle keep-alive connection per backend
+        p, lines = testbed.client_stream("hold", "--host", VIP, "--port", "80", "--timeout", "1.5")
+        holds.append((p, lines, next(lines)["backend"]))
+    assert backend_status(testbed, VICTIM)["active_flows"] == 1
+    r = natlb_cli(testbed, "backend", "drain", "web", backend_addr(VICTIM), "-s",
+                  testbed.control_socket)
+    assert r.returncode == 0, r.stderr
+    res = testbed.client_run("http-stream", "--host", VIP, "--port", "80", "--count", "12")
+    assert all(x["ok"] for x in res) and "b2" not in {x["backend"] for x in res}
+    outcomes = {backend: next(lines)["outcome"] for _, lines, backend in holds}
+    assert outcomes == {"b1": "open", "b2": "open", "b3": "open"}  # nobody was cut off
+    for p, _, _ in holds:
+        p.wait()
+    b = backend_status(testbed, VICTIM)
+    assert b["admin"] == "draining" and b["active_flows"] == 0
+
+
+@pytest.mark.parametrize("policy,expected", [("reset", "reset"), ("keep", "open")])
+def test_established_flows_of_a_disabled_backend(testbed, natlb, policy, expected):
+    natlb(basic_config(testbed, service_extra=f'[service.failover]\non_backend_down = "{policy}"'))
+    holds = []
+    for _ in range(3):
+        p, lines = testbed.client_stream("hold", "--host", VIP, "--port", "80", "--timeout", "2")
+        holds.append((p, lines, next(lines)["backend"]))
+    t0 = time.monotonic()
+    r = natlb_cli(testbed, "backend", "disable", "web", backend_addr(VICTIM), "-s",
+                  testbed.control_socket)
+    assert r.returncode == 0, r.stderr
+    victim = next(lines for _, lines, backend in holds if backend == "b2")
+    assert next(victim)["outcome"] == expected
+    if policy == "reset":
+        # The client learnt at once, not when its 2 s wait ran out.
+        assert time.monotonic() - t0 < 1.0
+    others = [next(lines)["outcome"] for _, lines, backend in holds if backend != "b2"]
+    for p, _, _ in holds:
+        p.wait()
+    assert others == ["open", "open"]
+    natlb_cli(testbed, "backend", "enable", "web", backend_addr(VICTIM), "-s",
+              testbed.control_socket)
