@@ -84,12 +84,21 @@ def _emit(**kw: object) -> None:
     print(json.dumps(kw), flush=True)
 
 
+_print_lock = threading.Lock()
+
+
+def _emit_locked(**kw: object) -> None:
+    with _print_lock:
+        _emit(**kw)
+
+
 def http_stream(host: str, port: int, count: int, interval_ms: int, timeout: float) -> int:
-    """One new TCP connection per request, at a fixed pace."""
+    """One new TCP connection per request, started on schedule whatever the
+    earlier ones are doing (a hung connection does not delay the next);
+    lines come out as connections finish."""
     start = time.monotonic()
-    for i in range(count):
-        due = start + i * interval_ms / 1000
-        time.sleep(max(0.0, due - time.monotonic()))
+
+    def one(i: int) -> None:
         t0 = time.monotonic()
         wall = time.time()
         try:
@@ -97,11 +106,21 @@ def http_stream(host: str, port: int, count: int, interval_ms: int, timeout: flo
             c.request("GET", "/", headers={"Connection": "close"})
             body = c.getresponse().read().decode().strip()
             c.close()
-            _emit(i=i, t=round(t0 - start, 4), wall=wall, ok=True, backend=body,
-                  ms=round((time.monotonic() - t0) * 1000, 2))
-        except OSError as e:
-            _emit(i=i, t=round(t0 - start, 4), wall=wall, ok=False, error=type(e).__name__,
-                  ms=round((time.monotonic() - t0) * 1000, 2))
+            _emit_locked(i=i, t=round(t0 - start, 4), wall=wall, ok=True, backend=body,
+                         ms=round((time.monotonic() - t0) * 1000, 2))
+        except (OSError, http.client.HTTPException) as e:
+            _emit_locked(i=i, t=round(t0 - start, 4), wall=wall, ok=False,
+                         error=type(e).__name__, ms=round((time.monotonic() - t0) * 1000, 2))
+
+    threads = []
+    for i in range(count):
+        due = start + i * interval_ms / 1000
+        time.sleep(max(0.0, due - time.monotonic()))
+        t = threading.Thread(target=one, args=(i,), daemon=True)
+        t.start()
+        threads.append(t)
+    for t in threads:
+        t.join()
     return 0
 
 

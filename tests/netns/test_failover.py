@@ -40,7 +40,7 @@ def test_no_new_connection_fails_when_a_backend_dies(testbed, natlb, kind):
     log = testbed.natlb_log()
     assert f"backend {backend_addr(VICTIM)}:80 is DOWN" in log, log
     # After the first 80 connections the dead backend got no new flow.
-    assert Counter(r["backend"] for r in res[80:]) .keys() == {"b1", "b3"}
+    assert Counter(r["backend"] for r in res if r["i"] >= 80).keys() == {"b1", "b3"}
 
 
 def status(testbed):

@@ -1,0 +1,205 @@
+"""Failover benchmark: a new TCP connection through the VIP every 10 ms while
+one of three backends dies (process killed, link down, blackholed), for
+natlb, HAProxy (`check inter 100ms fall 1`) and the kernel's DNAT, in one
+run on the same namespaces.
+
+Reported per (balancer, failure kind): failed connections, time from the
+failure until the balancer marked the backend down (detection), and time
+from the failure until the last connection that failed (after that, no new
+connection was lost to the dead backend).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+from bench.netbench import KERNEL_NAT
+from natlb.testbed import VIP, Testbed, backend_addr
+
+KINDS = ("kill", "link", "blackhole")
+PATHS = ("natlb", "haproxy", "kernel")
+VICTIM = 2
+
+NATLB = """
+[lb]
+control_socket = "{sock}"
+syn_timeout_ms = 20
+[[service]]
+name = "web"
+vip = "{vip}"
+port = 80
+scheduler = "rr"
+[service.health]
+kind = "tcp"
+interval_ms = 20
+timeout_ms = 25
+rise = 2
+fall = 1
+{backends}
+"""
+
+HAPROXY = """
+global
+  nbthread 1
+  log stdout format raw local0
+defaults
+  mode tcp
+  log global
+  timeout connect 1s
+  timeout client 5s
+  timeout server 5s
+frontend web
+  bind {vip}:80
+  default_backend web
+backend web
+  balance roundrobin
+{servers}
+"""
+
+
+class LineClock:
+    """Reads a process's output in a thread and stamps each line on arrival."""
+
+    def __init__(self, stream) -> None:
+        self.lines: list[tuple[float, str]] = []
+        self.thread = threading.Thread(target=self._run, args=(stream,), daemon=True)
+        self.thread.start()
+
+    def _run(self, stream) -> None:
+        for line in stream:
+            self.lines.append((time.time(), line.rstrip()))
+
+    def first(self, pattern: str, after: float) -> float | None:
+        for t, line in list(self.lines):
+            if t >= after and re.search(pattern, line):
+                return t
+        return None
+
+
+def natlb_down_time(log: str, after: float) -> float | None:
+    pat = re.compile(rf"^(\S+ \S+) natlb\.pool: service web backend {backend_addr(VICTIM)}:80 "
+                     rf"is (DOWN|SUSPECT)")
+    for line in log.splitlines():
+        m = pat.match(line)
+        if m:
+            t = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S.%f").timestamp()
+            if t >= after - 0.001:
+                return t
+    return None
+
+
+def run_one(tb: Testbed, path: str, kind: str, count: int, interval_ms: int) -> dict:
+    procs: list[subprocess.Popen] = []
+    clock = None
+    backends = "\n".join(f'[[service.backend]]\naddress = "{backend_addr(k)}"\nport = 80'
+                         for k in range(1, 4))
+    if path == "natlb":
+        cfg = tb.write_config(NATLB.format(sock=tb.control_socket, vip=VIP, backends=backends))
+        procs.append(tb.start_natlb(cfg))
+    else:
+        tb.router_cmd("ip", "addr", "add", f"{VIP}/32", "dev", "lo")
+        tb.router_cmd("sysctl", "-qw", "net.ipv4.ip_forward=1")
+    if path == "kernel":
+        (tb.workdir / "dnat.nft").write_text(KERNEL_NAT.format(
+            vip=VIP, b1=backend_addr(1), b2=backend_addr(2), b3=backend_addr(3)))
+        tb.router_cmd("nft", "-f", str(tb.workdir / "dnat.nft"))
+    if path == "haproxy":
+        servers = "\n".join(f"  server b{k} {backend_addr(k)}:80 check inter 100ms fall 1 rise 2"
+                            for k in range(1, 4))
+        (tb.workdir / "haproxy.cfg").write_text(HAPROXY.format(vip=VIP, servers=servers))
+        p = tb.spawn(tb.router, ["haproxy", "-db", "-f", str(tb.workdir / "haproxy.cfg")],
+                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        procs.append(p)
+        clock = LineClock(p.stdout)
+    time.sleep(0.6)  # health checks settle
+    failed_at = None
+    fail_index = count // 3
+
+    proc, results = tb.client_stream("http-stream", "--host", VIP, "--port", "80", "--count",
+                                     str(count), "--interval-ms", str(interval_ms),
+                                     "--timeout", "1")
+    seen = []
+    try:
+        for r in results:
+            seen.append(r)
+            if r["i"] == fail_index:
+                tb.fail_backend(VICTIM, kind)
+                failed_at = time.time()
+        proc.wait()
+    finally:
+        tb.repair_backend(VICTIM, kind)
+        for p in procs:
+            tb.stop(p)
+            tb.procs.remove(p)
+        if path == "kernel":
+            tb.router_cmd("nft", "delete", "table", "ip", "natlb_bench_dnat")
+        if path != "natlb":
+            tb.router_cmd("ip", "addr", "del", f"{VIP}/32", "dev", "lo")
+    assert failed_at is not None
+    failures = [r for r in seen if not r["ok"]]
+    if path == "natlb":
+        down = natlb_down_time(tb.natlb_log(), failed_at)
+    elif path == "haproxy" and clock:
+        down = clock.first(r"Server web/b2 is DOWN", failed_at)
+    else:
+        down = None
+    last_fail = max((r["wall"] for r in failures), default=None)
+    ms = lambda t: None if t is None else round((t - failed_at) * 1000, 1)  # noqa: E731
+    return {"failed": len(failures), "connections": len(seen), "detect_ms": ms(down),
+            "last_failure_ms": ms(last_fail)}
+
+
+def table(results: dict) -> str:
+    lines = ["| balancer | failure | failed new connections | detected after | "
+             "last failure after |", "|---|---|---|---|---|"]
+    for path in PATHS:
+        for kind in KINDS:
+            r = results[path][kind]
+            det = f"{r['detect_ms']:.0f} ms" if r["detect_ms"] is not None else "never"
+            last = f"{r['last_failure_ms']:.0f} ms" if r["last_failure_ms"] is not None else "-"
+            if path == "kernel" and r["failed"]:
+                last += " (until the end of the run)"
+            lines.append(f"| {path} | {kind} | {r['failed']} of {r['connections']} | {det} | "
+                         f"{last} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--count", type=int, default=300)
+    ap.add_argument("--interval-ms", type=int, default=10)
+    ap.add_argument("--out", default="bench-results")
+    a = ap.parse_args()
+    out = Path(a.out)
+    out.mkdir(exist_ok=True)
+    results: dict = {p: {} for p in PATHS}
+    with Testbed(n_backends=3) as tb:
+        tb.start_backends()
+        for path in PATHS:
+            for kind in KINDS:
+                r = run_one(tb, path, kind, a.count, a.interval_ms)
+                results[path][kind] = r
+                print(f"{path:8} {kind:10} {r}", flush=True)
+    md = table(results)
+    meta = (f"A new connection every {a.interval_ms} ms, {a.count} in all, backend b2 of 3 "
+            f"fails at connection {a.count // 3}. natlb: tcp checks every 20 ms (timeout 25 ms), "
+            f"syn_timeout_ms 20; HAProxy 2.6: check inter 100ms fall 1; kernel: nft DNAT "
+            f"numgen round robin.")
+    (out / "failover.md").write_text(md + "\n\n" + meta + "\n")
+    (out / "failover.json").write_text(json.dumps(results, indent=2))
+    print()
+    print(md)
+    print()
+    print(meta)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
