@@ -8,10 +8,11 @@ their verdicts to the pool, which owns the up/down state machine.
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
+import socket
 import struct
-import time
 from collections.abc import Awaitable, Callable
 
 from natlb.config import HealthConfig
@@ -145,34 +146,125 @@ async def run_check(checker: Checker, address: str, port: int, hc: HealthConfig)
         return False, os.strerror(e.errno) if e.errno else str(e) or type(e).__name__
 
 
+class TcpProber:
+    """TCP connect checks without streams or a task per check: a non-blocking
+    connect watched by the event loop, closed with RST (SO_LINGER 0) so that
+    thousands of checks a second leave no TIME_WAIT behind."""
+
+    LINGER_RST = struct.pack("ii", 1, 0)
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.pending: dict[int, tuple[socket.socket, Callable[[bool, str], None], float]] = {}
+
+    def start(self, address: str, port: int, timeout_s: float,
+              done: Callable[[bool, str], None]) -> None:
+        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, self.LINGER_RST)
+        err = s.connect_ex((address, port))
+        if err not in (0, errno.EINPROGRESS):
+            s.close()
+            done(False, os.strerror(err))
+            return
+        fd = s.fileno()
+        self.pending[fd] = (s, done, self.loop.time() + timeout_s)
+        self.loop.add_writer(fd, self._ready, fd)
+
+    def _finish(self, fd: int, ok: bool, detail: str) -> None:
+        s, done, _ = self.pending.pop(fd)
+        self.loop.remove_writer(fd)
+        s.close()
+        done(ok, detail)
+
+    def _ready(self, fd: int) -> None:
+        s = self.pending[fd][0]
+        err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+        self._finish(fd, err == 0, "connected" if err == 0 else os.strerror(err))
+
+    def expire(self, now: float, timeout_ms: int) -> None:
+        for fd in [fd for fd, (_, _, deadline) in self.pending.items() if deadline <= now]:
+            self._finish(fd, False, f"timeout after {timeout_ms} ms")
+
+    def close(self) -> None:
+        for fd in list(self.pending):
+            s, _, _ = self.pending.pop(fd)
+            self.loop.remove_writer(fd)
+            s.close()
+
+
 class Monitor:
-    """Runs the checks of every backend and feeds results to the pool."""
+    """Checks every backend on its service's interval and feeds results to
+    the pool.  One scheduling task per service wakes a few times per interval
+    and starts the checks that are due; backends are spread evenly over the
+    interval so checks do not come in bursts."""
+
+    TICKS_PER_INTERVAL = 10
 
     def __init__(self, pool: Pool) -> None:
         self.pool = pool
         self.tasks: list[asyncio.Task[None]] = []
+        self.prober: TcpProber | None = None
+        self.checks: set[asyncio.Task[Result]] = set()
 
     def start(self) -> None:
+        self.prober = TcpProber(asyncio.get_running_loop())
         for svc in self.pool.services:
-            if svc.cfg.health.kind == "none":
-                continue
-            for b in svc.backends:
-                self.tasks.append(asyncio.create_task(self._loop(svc, b),
-                                                      name=f"health {b.cfg.key}"))
+            if svc.cfg.health.kind != "none":
+                self.tasks.append(asyncio.create_task(self._schedule(svc),
+                                                      name=f"health {svc.cfg.name}"))
 
-    async def _loop(self, svc: Service, b: Backend) -> None:
+    def _start_check(self, svc: Service, b: Backend, in_flight: set[int]) -> None:
         hc = svc.cfg.health
-        checker = CHECKERS[hc.kind]
         port = hc.port or b.cfg.port
-        interval = hc.interval_ms / 1000
-        while True:
-            started = time.monotonic()
-            ok, detail = await run_check(checker, b.cfg.address, port, hc)
+        in_flight.add(b.id)
+
+        def done(ok: bool, detail: str) -> None:
+            in_flight.discard(b.id)
             self.pool.report(svc, b, ok, detail)
-            await asyncio.sleep(max(0.0, interval - (time.monotonic() - started)))
+
+        if hc.kind == "tcp" and self.prober:
+            self.prober.start(b.cfg.address, port, hc.timeout_ms / 1000, done)
+            return
+        task = asyncio.create_task(run_check(CHECKERS[hc.kind], b.cfg.address, port, hc))
+        self.checks.add(task)
+
+        def finished(t: asyncio.Task[Result]) -> None:
+            self.checks.discard(t)
+            if not t.cancelled():
+                done(*t.result())
+
+        task.add_done_callback(finished)
+
+    async def _schedule(self, svc: Service) -> None:
+        hc = svc.cfg.health
+        loop = asyncio.get_running_loop()
+        interval = hc.interval_ms / 1000
+        n = len(svc.backends)
+        now = loop.time()
+        due = {b.id: now + interval * i / n for i, b in enumerate(svc.backends)}
+        in_flight: set[int] = set()
+        tick = interval / self.TICKS_PER_INTERVAL
+        while True:
+            now = loop.time()
+            if self.prober:
+                self.prober.expire(now, hc.timeout_ms)
+            for b in svc.backends:
+                # A check still running is not started twice; it is counted
+                # when its timeout ends it.
+                if due[b.id] <= now and b.id not in in_flight:
+                    self._start_check(svc, b, in_flight)
+                    due[b.id] += interval
+                    if due[b.id] <= now:  # fell behind: do not burst to catch up
+                        due[b.id] = now + interval
+            await asyncio.sleep(tick)
 
     async def stop(self) -> None:
         for t in self.tasks:
             t.cancel()
-        await asyncio.gather(*self.tasks, return_exceptions=True)
+        for c in self.checks:
+            c.cancel()
+        await asyncio.gather(*self.tasks, *self.checks, return_exceptions=True)
         self.tasks.clear()
+        self.checks.clear()
+        if self.prober:
+            self.prober.close()
