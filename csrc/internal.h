@@ -37,6 +37,10 @@ int nl_parse(uint8_t *buf, uint32_t len, struct nl_pkt *p);
  * checksum and the L4 checksum according to pkt_flags (NL_PKT_*). */
 void nl_rewrite(struct nl_pkt *p, int dst, uint32_t addr, uint16_t port,
                 uint32_t pkt_flags);
+/* For an ICMP destination-unreachable (not "fragmentation needed", which is
+ * path MTU discovery, not a failure): the tuple of the quoted packet in
+ * `inner` (ip/l4 pointers unset).  Returns -1 if it is one, else NL_R_*. */
+int nl_parse_icmp_unreach(const uint8_t *buf, uint32_t len, struct nl_pkt *inner);
 /* Writes a 40-byte IPv4 TCP RST (addresses, ports network order; seq host
  * order) with both checksums. */
 void nl_build_rst(uint8_t *buf, uint32_t saddr, uint32_t daddr, uint16_t sport, uint16_t dport,

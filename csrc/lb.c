@@ -405,6 +405,36 @@ static int reply(struct nl_lb *lb, struct nl_worker_counters *wc, struct nl_pkt 
     return NL_VERDICT_REWRITE;
 }
 
+/* An ICMP unreachable about a packet natlb sent to a backend: a passive
+ * failure.  The ICMP is not passed on: it quotes the backend's address, and
+ * the client could not match it to its connection anyway. */
+static int icmp_unreach(struct nl_lb *lb, struct nl_worker_counters *wc, const uint8_t *pkt,
+                        uint32_t len, uint32_t now)
+{
+    struct nl_pkt in;
+    int r = nl_parse_icmp_unreach(pkt, len, &in);
+    if (r >= 0) {
+        wc->reasons[r]++;
+        return r == NL_R_MALFORMED ? NL_VERDICT_DROP : NL_VERDICT_ACCEPT;
+    }
+    struct nl_ct *ct = &lb->ct;
+    struct nl_ct_key k = { in.saddr, in.sport, in.proto, 1, in.daddr, in.dport };
+    uint32_t b = nl_ct_bucket(ct, &k);
+    pthread_spinlock_t *lock = nl_ct_stripe(ct, b);
+    pthread_spin_lock(lock);
+    struct nl_flow *f = nl_ct_find(ct, b, &k, now);
+    if (!f) {
+        pthread_spin_unlock(lock);
+        wc->reasons[NL_R_NOT_OURS]++;
+        return NL_VERDICT_ACCEPT;
+    }
+    nl_emit(lb, NL_EV_ICMP, f->service_id, f->backend_id, now);
+    if (f->proto == 6 && f->state == NL_FS_SYN_SENT)
+        nl_resteer_held(lb, f, now);
+    pthread_spin_unlock(lock);
+    return NL_VERDICT_DROP;
+}
+
 int nl_process(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
                uint32_t pkt_flags, uint64_t now_ms)
 {
@@ -413,6 +443,8 @@ int nl_process(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
     struct nl_worker_counters *wc = &lb->counters[worker];
     struct nl_pkt p;
     int r = nl_parse(pkt, len, &p);
+    if (r == NL_R_UNSUPPORTED && len >= 20 && pkt[9] == 1)
+        return icmp_unreach(lb, wc, pkt, len, (uint32_t)now_ms);
     if (r >= 0) {
         wc->reasons[r]++;
         return r == NL_R_UNSUPPORTED ? NL_VERDICT_ACCEPT : NL_VERDICT_DROP;

@@ -161,6 +161,7 @@ void nl_read_io(struct nl_lb *lb, uint64_t *packets, uint64_t *batches);
 /* ---- failover: events, re-steering, packets natlb sends itself ----------- */
 #define NL_EV_SYN_RST 1          /* a backend answered a SYN with RST       */
 #define NL_EV_SYN_TIMEOUT 2      /* no SYN-ACK within syn_timeout_ms        */
+#define NL_EV_ICMP 3             /* ICMP unreachable about a flow's packet  */
 
 /* A passive failure seen by the data path, for the control plane to judge. */
 struct nl_event {

@@ -192,3 +192,35 @@ void nl_build_rst(uint8_t *buf, uint32_t saddr, uint32_t daddr, uint16_t sport, 
     struct nl_pkt p = { .ip = buf, .l4 = tcp, .l4len = 20, .proto = 6 };
     st16(tcp + 16, (uint16_t)~csum_fold(csum_partial(tcp, 20, pseudo_sum(&p))));
 }
+
+int nl_parse_icmp_unreach(const uint8_t *buf, uint32_t len, struct nl_pkt *inner)
+{
+    if (len < 20 || (buf[0] >> 4) != 4 || buf[9] != 1)
+        return NL_R_UNSUPPORTED;
+    uint32_t ihl = (uint32_t)(buf[0] & 0x0f) * 4;
+    uint32_t tot = ((uint32_t)buf[2] << 8) | buf[3];
+    if (ihl < 20 || tot < ihl || tot > len)
+        return NL_R_MALFORMED;
+    const uint8_t *icmp = buf + ihl;
+    uint32_t left = tot - ihl;
+    if (left < 8)
+        return NL_R_MALFORMED;
+    if (icmp[0] != 3 || icmp[1] == 4)        /* not unreachable, or PMTU */
+        return NL_R_UNSUPPORTED;
+    const uint8_t *in = icmp + 8;
+    left -= 8;
+    if (left < 20 || (in[0] >> 4) != 4)
+        return NL_R_MALFORMED;
+    uint32_t in_ihl = (uint32_t)(in[0] & 0x0f) * 4;
+    if (in_ihl < 20 || left < in_ihl + 8)    /* RFC 792: header + 8 bytes */
+        return NL_R_MALFORMED;
+    if (in[9] != 6 && in[9] != 17)
+        return NL_R_UNSUPPORTED;
+    memset(inner, 0, sizeof(*inner));
+    inner->proto = in[9];
+    inner->saddr = ld32(in + 12);
+    inner->daddr = ld32(in + 16);
+    inner->sport = ld16(in + in_ihl);
+    inner->dport = ld16(in + in_ihl + 2);
+    return -1;
+}

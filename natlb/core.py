@@ -52,7 +52,8 @@ FAILOVER_COUNTERS = {
     "events_lost": lib.NL_F_EVENTS_LOST,
     "send_errors": lib.NL_F_SEND_ERRORS,
 }
-EVENT_KINDS = {lib.NL_EV_SYN_RST: "syn_rst", lib.NL_EV_SYN_TIMEOUT: "syn_timeout"}
+EVENT_KINDS = {lib.NL_EV_SYN_RST: "syn_rst", lib.NL_EV_SYN_TIMEOUT: "syn_timeout",
+               lib.NL_EV_ICMP: "icmp_unreachable"}
 RAW_MARK: int = lib.NL_RAW_MARK
 PKT_CSUM_PARTIAL: int = lib.NL_PKT_CSUM_PARTIAL
 PKT_GSO: int = lib.NL_PKT_GSO

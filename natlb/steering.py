@@ -79,6 +79,26 @@ def _queue_expr(first: int, total: int, native: bool) -> dict[str, Any]:
     return _expr("target", name="NFQUEUE", rev=3, info=struct.pack("=HHHxx", first, total, 0))
 
 
+def _icmp_unreach_exprs(source: str | None, first: int, total: int,
+                        native: bool) -> list[dict[str, Any]]:
+    """ICMP destination-unreachable (from `source`, or any when None): natlb
+    reads them as passive failure reports about its backends."""
+    exprs = []
+    if source:
+        exprs += [_expr("payload", dreg=1, base=PAYLOAD_NETWORK, offset=12, len=4),
+                  _cmp_eq(socket.inet_aton(source))]
+    exprs += [
+        _expr("meta", dreg=1, key=NFT_META_L4PROTO),
+        _cmp_eq(bytes([socket.IPPROTO_ICMP])),
+        _expr("payload", dreg=1, base=PAYLOAD_TRANSPORT, offset=0, len=1),
+        _cmp_eq(bytes([3])),
+    ]
+    if source:
+        exprs.append(_expr("notrack"))
+    exprs.append(_queue_expr(first, total, native))
+    return exprs
+
+
 def _rule_exprs(m: Match, first: int, total: int, native: bool) -> list[dict[str, Any]]:
     return [
         _expr("payload", dreg=1, base=PAYLOAD_NETWORK, offset=12 if m.source else 16, len=4),
@@ -174,6 +194,13 @@ class Steering:
                                            ("NFTA_HOOK_PRIORITY", PRIORITY_RAW)]}),
             ("NFTA_CHAIN_TYPE", "filter"),
         ], NLM_F_CREATE, f"chain {CHAIN}")
+        backends = sorted({m.address for m in matches if m.source})
+        for addr in backends:
+            b.add(nft_rule_msg, NFT_MSG_NEWRULE, [
+                ("NFTA_RULE_TABLE", self.table), ("NFTA_RULE_CHAIN", CHAIN),
+                ("NFTA_RULE_EXPRESSIONS", _icmp_unreach_exprs(addr, queues[0], len(queues),
+                                                              native)),
+            ], NLM_F_CREATE | NLM_F_APPEND, f"rule icmp from {addr}")
         for m in matches:
             side = "from" if m.source else "to"
             b.add(nft_rule_msg, NFT_MSG_NEWRULE, [
@@ -181,13 +208,15 @@ class Steering:
                 ("NFTA_RULE_EXPRESSIONS", _rule_exprs(m, queues[0], len(queues), native)),
             ], NLM_F_CREATE | NLM_F_APPEND, f"rule {side} {m.address}:{m.port}")
         if mark is not None:
-            self._own_packets_chain(b, mark)
+            self._own_packets_chain(b, mark, queues, native)
         b.control(NFNL_MSG_BATCH_END)
         return b
 
-    def _own_packets_chain(self, b: _Batch, mark: int) -> None:
+    def _own_packets_chain(self, b: _Batch, mark: int, queues: list[int], native: bool) -> None:
         """Packets natlb sends itself (re-sent SYNs, RSTs) carry `mark`; the
-        kernel's conntrack must not start tracking those flows either."""
+        kernel's conntrack must not start tracking those flows either.  ICMP
+        unreachables this host sends itself (no route or no ARP answer for a
+        backend) are queued too: they report a dead backend."""
         b.add(nft_chain_msg, NFT_MSG_NEWCHAIN, [
             ("NFTA_CHAIN_TABLE", self.table), ("NFTA_CHAIN_NAME", "output"),
             ("NFTA_CHAIN_HOOK", {"attrs": [("NFTA_HOOK_HOOKNUM", NF_INET_LOCAL_OUT),
@@ -202,6 +231,10 @@ class Steering:
                 _expr("notrack"),
             ]),
         ], NLM_F_CREATE | NLM_F_APPEND, "rule output mark")
+        b.add(nft_rule_msg, NFT_MSG_NEWRULE, [
+            ("NFTA_RULE_TABLE", self.table), ("NFTA_RULE_CHAIN", "output"),
+            ("NFTA_RULE_EXPRESSIONS", _icmp_unreach_exprs(None, queues[0], len(queues), native)),
+        ], NLM_F_CREATE | NLM_F_APPEND, "rule output icmp")
 
     def install(self, matches: list[Match], queues: list[int], mark: int | None = None) -> None:
         order = [self.native_queue] if self.native_queue is not None else [True, False]

@@ -94,3 +94,42 @@ def test_established_flows_of_a_disabled_backend(testbed, natlb, policy, expecte
     assert others == ["open", "open"]
     natlb_cli(testbed, "backend", "enable", "web", backend_addr(VICTIM), "-s",
               testbed.control_socket)
+
+
+UDP_ONLY = f"""
+[lb]
+control_socket = "{{sock}}"
+[[service]]
+name = "dns"
+vip = "{VIP}"
+port = 53
+protocol = "udp"
+scheduler = "rr"
+[service.health]
+kind = "udp"
+interval_ms = 1000
+timeout_ms = 500
+[[service.backend]]
+address = "{backend_addr(1)}"
+[[service.backend]]
+address = "{backend_addr(2)}"
+[[service.backend]]
+address = "{backend_addr(3)}"
+"""
+
+
+def test_udp_backend_dead_is_seen_from_icmp_before_any_check(testbed, natlb):
+    # Health checks every second: the ICMP port unreachable the backend's
+    # kernel sends for the first query is what tells natlb.
+    natlb(UDP_ONLY.format(sock=testbed.control_socket))
+    testbed.fail_backend(VICTIM, "kill")
+    try:
+        res = testbed.client_run("udp-stream", "--host", VIP, "--port", "53", "--count", "30",
+                                 "--interval-ms", "10", "--timeout", "0.5")
+    finally:
+        testbed.repair_backend(VICTIM, "kill")
+    log = testbed.natlb_log()
+    assert f"backend {backend_addr(VICTIM)}:53 is DOWN (passive: icmp_unreachable)" in log, log
+    lost = [r for r in res if not r["ok"]]
+    assert len(lost) <= 1, lost  # at most the query that found it dead
+    assert "b2" not in {r.get("backend") for r in res[3:]}

@@ -120,3 +120,38 @@ def test_reset_backend_sends_in_window_rsts_both_ways(fcore):
     assert checksums_ok(bytes(to_client)) and checksums_ok(bytes(to_backend))
     assert fcore.flow_count() == 0
     assert fcore.failover_counters()["resets_sent"] == 1
+
+
+def icmp_about(inner, code=3, src=None):
+    from scapy.layers.inet import ICMP
+
+    src = src or IP(inner).dst
+    return bytes(IP(src=src, dst=CLIENT) / ICMP(type=3, code=code) / inner[:28])
+
+
+def test_icmp_port_unreachable_from_backend_is_an_event():
+    c = Core(CoreConfig(max_flows=64, workers=1))
+    c.publish([make_service("rr", protocol="udp", port=53, backend_port=53)])
+    v, out = c.process(bytes(IP(src=CLIENT, dst=VIP) / UDP(sport=5000, dport=53) / b"q"), 1)
+    b1 = IP(out).dst
+    v, _ = c.process(icmp_about(out), 2)
+    assert v == Verdict.DROP  # it quotes the backend's address: not for the client
+    assert [(e.kind, e.backend_id) for e in c.read_events()] == [
+        ("icmp_unreachable", BACKENDS.index(b1))]
+
+
+def test_icmp_host_unreachable_resteers_a_pending_syn(fcore):
+    _, out = fcore.process(syn(), 100)
+    b1 = IP(out).dst
+    v, _ = fcore.process(icmp_about(out, code=1, src="203.0.113.1"), 101)
+    assert v == Verdict.DROP
+    resent = fcore.outbox_take()
+    assert resent is not None and IP(resent).dst not in (b1, VIP)
+
+
+def test_icmp_not_about_a_flow_or_pmtu_passes(fcore):
+    stray = bytes(IP(src=CLIENT, dst="203.0.113.10") / UDP(sport=1, dport=2) / b"x")
+    assert fcore.process(icmp_about(stray), 1)[0] == Verdict.ACCEPT
+    _, out = fcore.process(syn(), 2)
+    assert fcore.process(icmp_about(out, code=4), 3)[0] == Verdict.ACCEPT  # frag needed
+    assert fcore.read_events() == []
