@@ -151,7 +151,7 @@ def main(connections: int = 300) -> int:
     if last_before:
         _say(f"  last new connection steered to {victim_name} began at {last_before - t0:.3f}s; "
              f"none after that until it came back")
-    _say(f"  failed connections: {len(failed)} of {len(results)}"
+    _say(f"  failed connections: {len(failed)} of {len(results)} (goal: zero)"
          + (": " + ", ".join(f"#{r['i']} at {r['wall'] - t0:.3f}s ({r['error']})"
                              for r in failed[:5]) if failed else ""))
     if up:
