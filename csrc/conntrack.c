@@ -25,16 +25,6 @@
 #include <time.h>
 #include "internal.h"
 
-static inline uint32_t fmix32(uint32_t h)
-{
-    h ^= h >> 16;
-    h *= 0x85ebca6bu;
-    h ^= h >> 13;
-    h *= 0xc2b2ae35u;
-    h ^= h >> 16;
-    return h;
-}
-
 int nl_ct_init(struct nl_ct *ct, uint32_t max_flows, const uint32_t *timeouts)
 {
     memset(ct, 0, sizeof(*ct));
@@ -57,7 +47,7 @@ int nl_ct_init(struct nl_ct *ct, uint32_t max_flows, const uint32_t *timeouts)
     ct->free_head = 0;
     struct timespec ts;
     clock_gettime(CLOCK_REALTIME, &ts);
-    ct->seed = fmix32((uint32_t)ts.tv_nsec ^ (uint32_t)ts.tv_sec ^ (uint32_t)(uintptr_t)ct);
+    ct->seed = nl_mix32((uint32_t)ts.tv_nsec ^ (uint32_t)ts.tv_sec ^ (uint32_t)(uintptr_t)ct);
     pthread_spin_init(&ct->free_lock, PTHREAD_PROCESS_PRIVATE);
     for (int i = 0; i < NL_CT_STRIPES; i++)
         pthread_spin_init(&ct->stripes[i], PTHREAD_PROCESS_PRIVATE);
@@ -75,8 +65,8 @@ void nl_ct_fini(struct nl_ct *ct)
 
 uint32_t nl_ct_bucket(const struct nl_ct *ct, const struct nl_ct_key *k)
 {
-    uint32_t h = fmix32(k->client_addr ^ ct->seed);
-    h = fmix32(h ^ ((uint32_t)k->client_port << 8) ^ k->proto);
+    uint32_t h = nl_mix32(k->client_addr ^ ct->seed);
+    h = nl_mix32(h ^ ((uint32_t)k->client_port << 8) ^ k->proto);
     return h & (ct->n_buckets - 1);
 }
 

@@ -371,7 +371,10 @@ uint32_t nl_reset_backend(struct nl_lb *lb, uint32_t backend_id)
             i = f->next;
             if (f->backend_id != backend_id)
                 continue;
-            if (f->proto == 6 && f->state != NL_FS_SYN_SENT && f->state != NL_FS_CLOSE) {
+            /* Reset what is still open: not a SYN being re-steered, not a
+             * flow closed by RST or by FINs from both sides. */
+            if (f->proto == 6 && f->state != NL_FS_SYN_SENT && f->state != NL_FS_CLOSE &&
+                f->fins != (NL_FIN_CLIENT | NL_FIN_SERVER)) {
                 nl_build_rst(rst, f->vip_addr, f->client_addr, f->vip_port, f->client_port,
                              f->server_seq_next);
                 outbox_push(lb, rst, sizeof(rst));

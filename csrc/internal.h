@@ -11,6 +11,18 @@
 #define NL_UNLIKELY(x) __builtin_expect(!!(x), 0)
 #define NL_NIL 0xffffffffu
 
+/* A 32-bit finalizer (MurmurHash3's fmix32): every input bit affects every
+ * output bit, so seeded hashes of addresses and ports spread evenly. */
+static inline uint32_t nl_mix32(uint32_t h)
+{
+    h ^= h >> 16;
+    h *= 0x85ebca6bu;
+    h ^= h >> 13;
+    h *= 0xc2b2ae35u;
+    h ^= h >> 16;
+    return h;
+}
+
 /* ---- packet view (packet.c) -------------------------------------------- */
 /* A parsed IPv4 TCP/UDP packet.  Pointers point into the caller's buffer;
  * every offset was bounds-checked by nl_parse. */
@@ -78,8 +90,10 @@ struct nl_flow {
     uint32_t server_seq_next;   /* host order; the RSTs of a reset use them */
     uint16_t held;              /* slot of the held SYN (see failover.c)    */
     uint8_t tries;              /* backends this flow's SYN has been sent to */
-    uint8_t _pad;
+    uint8_t fins;               /* NL_FIN_CLIENT | NL_FIN_SERVER seen        */
 };
+#define NL_FIN_CLIENT 1
+#define NL_FIN_SERVER 2
 _Static_assert(sizeof(struct nl_flow) <= 64, "conntrack entry must stay small");
 
 #define NL_CT_STRIPES 1024

@@ -275,6 +275,8 @@ static void track_tcp(struct nl_lb *lb, struct nl_flow *f, int is_reply, uint8_t
                       uint32_t now)
 {
     uint8_t before = f->state;
+    if (flags & NL_TCP_FIN)
+        f->fins |= is_reply ? NL_FIN_SERVER : NL_FIN_CLIENT;
     nl_ct_tcp_update(&lb->ct, f, is_reply, flags, now);
     if (nl_flow_closing(before) != nl_flow_closing(f->state)) {
         nl_flow_gauge(lb, f, before, -1);
@@ -362,18 +364,29 @@ static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
     return NL_VERDICT_REWRITE;
 }
 
+/* Finds the flow a packet from a backend (or quoting one) belongs to and
+ * returns it with its stripe locked in *lock; NULL (nothing locked) if none. */
+static struct nl_flow *find_from_backend(struct nl_lb *lb, uint32_t backend, uint16_t bport,
+                                         uint32_t client, uint16_t cport, uint8_t proto,
+                                         uint32_t now, pthread_spinlock_t **lock)
+{
+    struct nl_ct_key k = { client, cport, proto, 1, backend, bport };
+    uint32_t b = nl_ct_bucket(&lb->ct, &k);
+    *lock = nl_ct_stripe(&lb->ct, b);
+    pthread_spin_lock(*lock);
+    struct nl_flow *f = nl_ct_find(&lb->ct, b, &k, now);
+    if (!f)
+        pthread_spin_unlock(*lock);
+    return f;
+}
+
 static int reply(struct nl_lb *lb, struct nl_worker_counters *wc, struct nl_pkt *p,
                  uint32_t pkt_flags, uint32_t now)
 {
-    struct nl_ct *ct = &lb->ct;
-    struct nl_ct_key k = { p->daddr, p->dport, p->proto, 1, p->saddr, p->sport };
-    uint32_t b = nl_ct_bucket(ct, &k);
-    pthread_spinlock_t *lock = nl_ct_stripe(ct, b);
-
-    pthread_spin_lock(lock);
-    struct nl_flow *f = nl_ct_find(ct, b, &k, now);
+    pthread_spinlock_t *lock;
+    struct nl_flow *f = find_from_backend(lb, p->saddr, p->sport, p->daddr, p->dport,
+                                          p->proto, now, &lock);
     if (!f) {
-        pthread_spin_unlock(lock);
         wc->reasons[NL_R_NOT_OURS]++;
         return NL_VERDICT_ACCEPT;
     }
@@ -390,7 +403,7 @@ static int reply(struct nl_lb *lb, struct nl_worker_counters *wc, struct nl_pkt 
         track_tcp(lb, f, 1, p->tcp_flags, now);
         f->server_seq_next = p->seq + p->seq_len;
     } else {
-        f->expires_ms = now + ct->timeout_ms[NL_T_UDP];
+        f->expires_ms = now + lb->ct.timeout_ms[NL_T_UDP];
     }
     uint32_t vip = f->vip_addr;
     uint16_t vport = f->vip_port, sid = f->service_id, bid = f->backend_id;
@@ -417,14 +430,11 @@ static int icmp_unreach(struct nl_lb *lb, struct nl_worker_counters *wc, const u
         wc->reasons[r]++;
         return r == NL_R_MALFORMED ? NL_VERDICT_DROP : NL_VERDICT_ACCEPT;
     }
-    struct nl_ct *ct = &lb->ct;
-    struct nl_ct_key k = { in.saddr, in.sport, in.proto, 1, in.daddr, in.dport };
-    uint32_t b = nl_ct_bucket(ct, &k);
-    pthread_spinlock_t *lock = nl_ct_stripe(ct, b);
-    pthread_spin_lock(lock);
-    struct nl_flow *f = nl_ct_find(ct, b, &k, now);
+    /* The quoted packet went client -> backend. */
+    pthread_spinlock_t *lock;
+    struct nl_flow *f = find_from_backend(lb, in.daddr, in.dport, in.saddr, in.sport, in.proto,
+                                          now, &lock);
     if (!f) {
-        pthread_spin_unlock(lock);
         wc->reasons[NL_R_NOT_OURS]++;
         return NL_VERDICT_ACCEPT;
     }

@@ -9,16 +9,6 @@
  */
 #include "internal.h"
 
-static inline uint32_t mix(uint32_t h)
-{
-    h ^= h >> 16;
-    h *= 0x7feb352du;
-    h ^= h >> 15;
-    h *= 0x846ca68bu;
-    h ^= h >> 16;
-    return h;
-}
-
 /* Fewest active flows per unit of weight, skipping `exclude` and, when
  * `alive` is given, backends that are not alive. */
 static int least_connections(struct nl_lb *lb, const struct nl_service *svc,
@@ -48,9 +38,9 @@ static uint32_t first_slot(struct nl_lb *lb, const struct nl_service *svc,
 {
     switch (svc->spec.scheduler) {
     case NL_SCHED_SH:
-        return mix(p->saddr ^ lb->sched_seed) % svc->table_len;
+        return nl_mix32(p->saddr ^ lb->sched_seed) % svc->table_len;
     case NL_SCHED_MAGLEV:
-        return mix(mix(p->saddr ^ lb->sched_seed) ^ ((uint32_t)p->sport << 8) ^ p->proto)
+        return nl_mix32(nl_mix32(p->saddr ^ lb->sched_seed) ^ ((uint32_t)p->sport << 8) ^ p->proto)
                % svc->table_len;
     default: /* rr, wrr */
         return __atomic_fetch_add((uint32_t *)&svc->rr_cursor, 1, __ATOMIC_RELAXED)

@@ -16,7 +16,7 @@ import time
 from collections import Counter
 from datetime import datetime
 
-from natlb.testbed import VIP, Testbed, backend_addr
+from natlb.testbed import VIP, Testbed, backend_addr, udp_service
 
 INTERVAL_MS = 20
 BUCKET_S = 0.25
@@ -40,17 +40,7 @@ rise = 3
 fall = 1
 {web_backends}
 
-[[service]]
-name = "echo"
-vip = "{vip}"
-port = 53
-protocol = "udp"
-scheduler = "rr"
-[service.health]
-kind = "udp"
-interval_ms = 200
-timeout_ms = 200
-{udp_backends}
+{udp_service}
 """
 
 LOG_EVENT = re.compile(r"^(\S+ \S+) natlb\.pool: service web backend (\S+) is (UP|DOWN)")
@@ -85,7 +75,7 @@ def main(connections: int = 300) -> int:
         _say(f"  namespaces: {', '.join(tb.namespaces)}")
         cfg = tb.write_config(CONFIG.format(sock=tb.control_socket, vip=VIP,
                                             web_backends=_backends(3),
-                                            udp_backends=_backends(3)))
+                                            udp_service=udp_service("echo", [1, 2, 3])))
         natlb = tb.start_natlb(cfg)
         time.sleep(0.3)
 
@@ -104,8 +94,8 @@ def main(connections: int = 300) -> int:
         for r in stream:
             results.append(r)
             if r["i"] == kill_at:
-                tb.stop(backends[VICTIM], signal.SIGKILL)
                 marks["killed"] = time.time()
+                tb.stop(backends[VICTIM], signal.SIGKILL)
             elif r["i"] == restart_at:
                 backends[VICTIM] = tb.start_backend(VICTIM)
                 marks["restarted"] = time.time()

@@ -249,3 +249,22 @@ fall = 1
 {backends}
 {extra_services}
 """
+
+
+def udp_service(name: str, backends: list[int], interval_ms: int = 200,
+                timeout_ms: int = 200) -> str:
+    """A [[service]] block: UDP port 53 on the VIP, udp health checks."""
+    blocks = "\n".join(f'[[service.backend]]\naddress = "{backend_addr(k)}"' for k in backends)
+    return f"""
+[[service]]
+name = "{name}"
+vip = "{VIP}"
+port = 53
+protocol = "udp"
+scheduler = "rr"
+[service.health]
+kind = "udp"
+interval_ms = {interval_ms}
+timeout_ms = {timeout_ms}
+{blocks}
+"""

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from natlb.testbed import VIP, backend_addr, basic_config
+from natlb.testbed import VIP, backend_addr, basic_config, udp_service
 
 from .conftest import natlb_cli
 
@@ -96,26 +96,7 @@ def test_established_flows_of_a_disabled_backend(testbed, natlb, policy, expecte
               testbed.control_socket)
 
 
-UDP_ONLY = f"""
-[lb]
-control_socket = "{{sock}}"
-[[service]]
-name = "dns"
-vip = "{VIP}"
-port = 53
-protocol = "udp"
-scheduler = "rr"
-[service.health]
-kind = "udp"
-interval_ms = 1000
-timeout_ms = 500
-[[service.backend]]
-address = "{backend_addr(1)}"
-[[service.backend]]
-address = "{backend_addr(2)}"
-[[service.backend]]
-address = "{backend_addr(3)}"
-"""
+UDP_ONLY = '[lb]\ncontrol_socket = "{sock}"\n' + udp_service("dns", [1, 2, 3], 1000, 500)
 
 
 def test_udp_backend_dead_is_seen_from_icmp_before_any_check(testbed, natlb):

@@ -122,6 +122,16 @@ def test_reset_backend_sends_in_window_rsts_both_ways(fcore):
     assert fcore.failover_counters()["resets_sent"] == 1
 
 
+def test_reset_backend_skips_flows_closed_by_both_sides(fcore):
+    b1 = first_backend(fcore)
+    fcore.process(bytes(IP(src=b1, dst=CLIENT) / TCP(sport=8080, dport=40000, flags="SA")), 101)
+    fcore.process(syn(flags="A", seq=1001), 102)
+    fcore.process(syn(flags="FA", seq=1001), 103)
+    fcore.process(bytes(IP(src=b1, dst=CLIENT) / TCP(sport=8080, dport=40000, flags="FA")), 104)
+    assert fcore.reset_backend(BACKENDS.index(b1)) == 1  # forgotten ...
+    assert fcore.outbox_take() is None                    # ... but nobody is reset
+
+
 def icmp_about(inner, code=3, src=None):
     from scapy.layers.inet import ICMP
 
