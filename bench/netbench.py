@@ -130,6 +130,7 @@ control_socket = "{sock}"
 workers = {workers}
 gso = {gso}
 poll_us = {poll_us}
+rewrite = "{rewrite}"
 [[service]]
 name = "web"
 vip = "{vip}"
@@ -161,8 +162,10 @@ address = "{b1}"
 
 
 class Bench:
-    def __init__(self, seconds: int, workers: int, gso: bool, poll_us: int = 0) -> None:
+    def __init__(self, seconds: int, workers: int, gso: bool, poll_us: int = 0,
+                 rewrite: str = "copy") -> None:
         self.poll_us = poll_us
+        self.rewrite = rewrite
         self.seconds = seconds
         self.workers = workers
         self.gso = gso
@@ -219,6 +222,7 @@ class Bench:
             web = "\n".join(f'[[service.backend]]\naddress = "{a}"' for a in self.addrs.values())
             cfg = self.tb.write_config(NATLB_CONFIG.format(
                 sock=self.tb.control_socket, workers=self.workers, poll_us=self.poll_us,
+                rewrite=self.rewrite,
                 gso="true" if self.gso else "false", web=web, **fmt))
             return [self.tb.start_natlb(cfg)]
         self.router(["ip", "addr", "add", f"{VIP}/32", "dev", "lo"])
@@ -373,7 +377,8 @@ def markdown(med: dict[str, dict[str, float]], meta: dict) -> str:
         f"natlb's own thread: {med['natlb']['natlb_us_per_packet']:.2f} us per packet, most of it "
         f"kernel forwarding done in its verdict syscalls.")
     lines.append(f"Medians of {meta['repetitions']} repetitions, {meta['seconds']} s per test, "
-                 f"natlb workers={meta['workers']} gso={meta['gso']} poll_us={meta['poll_us']}; "
+                 f"natlb workers={meta['workers']} gso={meta['gso']} poll_us={meta['poll_us']} "
+                 f"rewrite={meta['rewrite']}; "
                  f"latency ratios: lower is better.")
     return "\n".join(lines)
 
@@ -405,11 +410,12 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--no-gso", action="store_true")
     ap.add_argument("--poll-us", type=int, default=0)
+    ap.add_argument("--rewrite", choices=["copy", "mark"], default="copy")
     ap.add_argument("--out", default="bench-results")
     a = ap.parse_args()
     out = Path(a.out)
     out.mkdir(exist_ok=True)
-    b = Bench(a.seconds, a.workers, not a.no_gso, a.poll_us)
+    b = Bench(a.seconds, a.workers, not a.no_gso, a.poll_us, a.rewrite)
     runs = []
     try:
         b.setup()
@@ -424,7 +430,8 @@ def main() -> int:
         b.close()
     med = median_table(runs)
     meta = {"repetitions": a.repetitions, "seconds": a.seconds, "workers": a.workers,
-            "gso": not a.no_gso, "poll_us": a.poll_us, "date": time.strftime("%Y-%m-%d %H:%M:%S")}
+            "gso": not a.no_gso, "poll_us": a.poll_us, "rewrite": a.rewrite,
+            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     md = markdown(med, meta)
     (out / "bench.md").write_text(md + "\n")
     (out / "bench.json").write_text(json.dumps({"meta": meta, "median": med, "runs": runs},

@@ -282,7 +282,7 @@ int nl_resteer_held(struct nl_lb *lb, struct nl_flow *f, uint32_t now)
         return -1;
     memcpy(out, orig, len);
     struct nl_pkt p;
-    if (nl_parse(out, len, &p) >= 0)
+    if (nl_parse(out, len, &p, 0) >= 0)
         return -1;
     const struct nl_snapshot *snap = __atomic_load_n(&lb->snap, __ATOMIC_ACQUIRE);
     if (nl_move_flow(lb, snap, f, &p) < 0)

@@ -34,6 +34,7 @@ struct nl_pkt {
     uint8_t tcp_flags;
     uint32_t saddr, daddr;   /* network order */
     uint16_t sport, dport;   /* network order */
+    uint32_t caplen;         /* bytes of the packet actually in the buffer */
     uint32_t seq;            /* TCP, host order                            */
     uint32_t seq_len;        /* TCP: payload + SYN + FIN, what seq advances */
 };
@@ -43,8 +44,9 @@ struct nl_pkt {
 #define NL_TCP_RST 0x04
 #define NL_TCP_ACK 0x10
 
-/* Returns -1 if the packet is usable, otherwise an NL_R_* reason. */
-int nl_parse(uint8_t *buf, uint32_t len, struct nl_pkt *p);
+/* Returns -1 if the packet is usable, otherwise an NL_R_* reason.  With
+ * head_only, the buffer may stop after the L4 header. */
+int nl_parse(uint8_t *buf, uint32_t len, struct nl_pkt *p, int head_only);
 /* Replace the source (or destination) address and port, fixing the IP
  * checksum and the L4 checksum according to pkt_flags (NL_PKT_*). */
 void nl_rewrite(struct nl_pkt *p, int dst, uint32_t addr, uint16_t port,

@@ -270,6 +270,16 @@ void nl_flow_gauge(struct nl_lb *lb, const struct nl_flow *f, uint8_t state, int
     __atomic_fetch_add(&g[f->backend_id], delta, __ATOMIC_RELAXED);
 }
 
+/* Keeps the client's SYN for re-steering, if we have all of it. */
+static void hold_syn(struct nl_lb *lb, struct nl_flow *f, const struct nl_pkt *p, uint32_t now)
+{
+    uint32_t tot = p->l4len + (uint32_t)(p->l4 - p->ip);
+    if (tot <= p->caplen)
+        nl_hold_syn(lb, f, p->ip, tot, now);
+    else
+        f->held = 0xffff;
+}
+
 /* TCP state update that keeps the per-backend gauges in step. */
 static void track_tcp(struct nl_lb *lb, struct nl_flow *f, int is_reply, uint8_t flags,
                       uint32_t now)
@@ -286,7 +296,7 @@ static void track_tcp(struct nl_lb *lb, struct nl_flow *f, int is_reply, uint8_t
 
 static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
                    const struct nl_snapshot *snap, const struct nl_service *svc,
-                   struct nl_pkt *p, uint32_t pkt_flags, uint32_t now)
+                   struct nl_pkt *p, uint32_t pkt_flags, uint32_t now, uint32_t *mark)
 {
     struct nl_ct *ct = &lb->ct;
     struct nl_ct_key k = { p->saddr, p->sport, p->proto, 0, p->daddr, p->dport };
@@ -331,7 +341,7 @@ static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
         f->held = 0xffff;
         nl_flow_gauge(lb, f, f->state, 1);
         if (p->proto == 6)
-            nl_hold_syn(lb, f, p->ip, p->l4len + (uint32_t)(p->l4 - p->ip), now);
+            hold_syn(lb, f, p, now);
         wc->services[svc->spec.id].new_flows++;
         wc->backends[be->id].new_flows++;
     } else if (!snap->alive[f->backend_id] &&
@@ -341,7 +351,7 @@ static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
          * SYN again). */
         if (nl_move_flow(lb, snap, f, p) == 0 && is_syn) {
             f->tries++;
-            nl_hold_syn(lb, f, p->ip, p->l4len + (uint32_t)(p->l4 - p->ip), now);
+            hold_syn(lb, f, p, now);
         }
     }
     if (p->proto == 6) {
@@ -354,14 +364,17 @@ static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
     uint16_t bport = f->backend_port, bid = f->backend_id;
     pthread_spin_unlock(lock);
 
-    nl_rewrite(p, 1, baddr, bport, pkt_flags);
+    if (mark)
+        *mark = NL_MARK_FORWARD | bid;
+    else
+        nl_rewrite(p, 1, baddr, bport, pkt_flags);
     uint32_t bytes = p->l4len + (uint32_t)(p->l4 - p->ip);
     struct nl_counters *sc = &wc->services[svc->spec.id], *bc = &wc->backends[bid];
     sc->packets_in++;
     sc->bytes_in += bytes;
     bc->packets_in++;
     bc->bytes_in += bytes;
-    return NL_VERDICT_REWRITE;
+    return mark ? NL_VERDICT_MARK : NL_VERDICT_REWRITE;
 }
 
 /* Finds the flow a packet from a backend (or quoting one) belongs to and
@@ -381,7 +394,7 @@ static struct nl_flow *find_from_backend(struct nl_lb *lb, uint32_t backend, uin
 }
 
 static int reply(struct nl_lb *lb, struct nl_worker_counters *wc, struct nl_pkt *p,
-                 uint32_t pkt_flags, uint32_t now)
+                 uint32_t pkt_flags, uint32_t now, uint32_t *mark)
 {
     pthread_spinlock_t *lock;
     struct nl_flow *f = find_from_backend(lb, p->saddr, p->sport, p->daddr, p->dport,
@@ -409,13 +422,16 @@ static int reply(struct nl_lb *lb, struct nl_worker_counters *wc, struct nl_pkt 
     uint16_t vport = f->vip_port, sid = f->service_id, bid = f->backend_id;
     pthread_spin_unlock(lock);
 
-    nl_rewrite(p, 0, vip, vport, pkt_flags);
+    if (mark)
+        *mark = NL_MARK_REPLY | sid;
+    else
+        nl_rewrite(p, 0, vip, vport, pkt_flags);
     uint32_t bytes = p->l4len + (uint32_t)(p->l4 - p->ip);
     wc->services[sid].packets_out++;
     wc->services[sid].bytes_out += bytes;
     wc->backends[bid].packets_out++;
     wc->backends[bid].bytes_out += bytes;
-    return NL_VERDICT_REWRITE;
+    return mark ? NL_VERDICT_MARK : NL_VERDICT_REWRITE;
 }
 
 /* An ICMP unreachable about a packet natlb sent to a backend: a passive
@@ -445,14 +461,14 @@ static int icmp_unreach(struct nl_lb *lb, struct nl_worker_counters *wc, const u
     return NL_VERDICT_DROP;
 }
 
-int nl_process(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
-               uint32_t pkt_flags, uint64_t now_ms)
+static int process(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
+                   uint32_t pkt_flags, uint64_t now_ms, uint32_t *mark)
 {
     if (worker > lb->cfg.n_workers)
         worker = lb->cfg.n_workers;
     struct nl_worker_counters *wc = &lb->counters[worker];
     struct nl_pkt p;
-    int r = nl_parse(pkt, len, &p);
+    int r = nl_parse(pkt, len, &p, (pkt_flags & NL_PKT_HEAD_ONLY) != 0);
     if (r == NL_R_UNSUPPORTED && len >= 20 && pkt[9] == 1)
         return icmp_unreach(lb, wc, pkt, len, (uint32_t)now_ms);
     if (r >= 0) {
@@ -462,8 +478,24 @@ int nl_process(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
     const struct nl_snapshot *snap = __atomic_load_n(&lb->snap, __ATOMIC_ACQUIRE);
     const struct nl_service *svc = find_service(snap, p.daddr, p.dport, p.proto);
     if (svc)
-        return forward(lb, wc, snap, svc, &p, pkt_flags, (uint32_t)now_ms);
-    return reply(lb, wc, &p, pkt_flags, (uint32_t)now_ms);
+        return forward(lb, wc, snap, svc, &p, pkt_flags, (uint32_t)now_ms, mark);
+    return reply(lb, wc, &p, pkt_flags, (uint32_t)now_ms, mark);
+}
+
+int nl_process(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
+               uint32_t pkt_flags, uint64_t now_ms)
+{
+    /* Rewriting needs the whole packet: its checksums cover all of it. */
+    if (pkt_flags & NL_PKT_HEAD_ONLY)
+        return NL_VERDICT_DROP;
+    return process(lb, worker, pkt, len, pkt_flags, now_ms, NULL);
+}
+
+int nl_decide(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
+              uint32_t pkt_flags, uint64_t now_ms, uint32_t *mark)
+{
+    *mark = 0;
+    return process(lb, worker, pkt, len, pkt_flags, now_ms, mark);
 }
 
 uint32_t nl_process_many(struct nl_lb *lb, uint32_t worker, uint8_t *bufs, uint32_t stride,

@@ -24,11 +24,17 @@
 #define NL_VERDICT_ACCEPT 0      /* let the packet through unchanged       */
 #define NL_VERDICT_REWRITE 1     /* packet bytes were rewritten in place   */
 #define NL_VERDICT_DROP 2
+#define NL_VERDICT_MARK 3        /* accept with *mark: nft rewrites it      */
 
 /* ---- per-packet flags given to nl_process (from NFQA_SKB_INFO) -------- */
 #define NL_PKT_CSUM_PARTIAL 1    /* L4 checksum field holds only the
                                     pseudo-header sum (CHECKSUM_PARTIAL)  */
 #define NL_PKT_GSO 2             /* a GSO super-packet, segmented later   */
+#define NL_PKT_HEAD_ONLY 4       /* the buffer holds only the packet's head */
+
+/* ---- marks that ask the nftables rewrite chain to rewrite a packet ----- */
+#define NL_MARK_FORWARD 1845493760   /* 0x6e000000 | backend id: dst = backend */
+#define NL_MARK_REPLY 1846542336     /* 0x6e100000 | service id: src = VIP     */
 
 /* ---- schedulers -------------------------------------------------------- */
 #define NL_SCHED_RR 0            /* table = eligible backends, cycled      */
@@ -133,6 +139,13 @@ int nl_publish(struct nl_lb *lb, struct nl_snapshot *snap);
 int nl_process(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
                uint32_t pkt_flags, uint64_t now_ms);
 
+/* Like nl_process, but decides without rewriting: where nl_process would
+ * rewrite, it returns NL_VERDICT_MARK with *mark set (NL_MARK_FORWARD |
+ * backend id, or NL_MARK_REPLY | service id) and leaves the bytes alone.
+ * The packet may be just its head (NL_PKT_HEAD_ONLY). */
+int nl_decide(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
+              uint32_t pkt_flags, uint64_t now_ms, uint32_t *mark);
+
 /* nl_process over n packets laid out every `stride` bytes in `bufs`, with
  * lengths `lens`; verdicts go to `verdicts`.  Returns how many were
  * rewritten.  For batch callers and for measuring the core without the
@@ -203,6 +216,7 @@ void nl_read_failover(struct nl_lb *lb, uint64_t *out);
 /* Mark on packets natlb sends itself, so the nft table can untrack them. */
 #define NL_RAW_MARK 1851810401
 #define NL_START_GSO 1           /* ask for GSO super-packets (fast bulk)   */
+#define NL_START_MARK 2          /* copy heads only; verdicts carry marks   */
 /* Binds one netlink socket per queue number and starts one thread each.
  * On failure nothing is left running and `err` holds a one-line reason. */
 int nl_start(struct nl_lb *lb, const uint16_t *queues, uint32_t n_queues,

@@ -32,12 +32,15 @@
 #define QUEUE_MAXLEN 16384
 #define SWEEP_PERIOD_MS 1000     /* a full conntrack sweep about once a second */
 
+/* One verdict: the fixed part, then either NFQA_MARK or the header of
+ * NFQA_PAYLOAD (whose bytes follow in their own iovec), or nothing. */
 struct verdict_msg {
     struct nlmsghdr nlh;
     struct nfgenmsg nfg;
     struct nlattr vattr;
     struct nfqnl_msg_verdict_hdr vhdr;
-    struct nlattr pattr;         /* NFQA_PAYLOAD header, payload follows */
+    struct nlattr tattr;         /* NFQA_MARK or NFQA_PAYLOAD              */
+    uint32_t mark;               /* sent only with NFQA_MARK               */
 };
 
 struct nl_worker {
@@ -55,6 +58,7 @@ struct nl_worker {
     uint64_t last_sweep_ms;
     uint64_t poll_ns;
     uint32_t timeout_ms;         /* current SO_RCVTIMEO                     */
+    int mark_mode;               /* NL_START_MARK: decide, let nft rewrite  */
 };
 
 static uint64_t now_ms(void)
@@ -135,12 +139,16 @@ static int open_queue(struct nl_worker *w, uint32_t flags, char *err, uint32_t e
         return -1;
     }
     off = 0;
-    struct nfqnl_msg_config_params params = { .copy_range = htonl(0xffff),
+    /* In mark mode natlb only reads headers: 128 bytes hold the IP and TCP
+     * headers with options, and the quoted header in an ICMP error. */
+    uint32_t range = (flags & NL_START_MARK) ? 128 : 0xffff;
+    struct nfqnl_msg_config_params params = { .copy_range = htonl(range),
                                               .copy_mode = NFQNL_COPY_PACKET };
     put_attr(attrs, &off, NFQA_CFG_PARAMS, &params, sizeof(params));
     uint32_t maxlen = htonl(QUEUE_MAXLEN);
     put_attr(attrs, &off, NFQA_CFG_QUEUE_MAXLEN, &maxlen, sizeof(maxlen));
-    uint32_t f = htonl((flags & NL_START_GSO) ? NFQA_CFG_F_GSO : 0);
+    w->mark_mode = (flags & NL_START_MARK) != 0;
+    uint32_t f = htonl((flags & (NL_START_GSO | NL_START_MARK)) ? NFQA_CFG_F_GSO : 0);
     uint32_t mask = htonl(NFQA_CFG_F_GSO | NFQA_CFG_F_FAIL_OPEN);
     put_attr(attrs, &off, NFQA_CFG_FLAGS, &f, sizeof(f));
     put_attr(attrs, &off, NFQA_CFG_MASK, &mask, sizeof(mask));
@@ -205,7 +213,14 @@ static void handle_packet(struct nl_worker *w, struct nlmsghdr *nlh, uint64_t no
             pkt_flags |= NL_PKT_GSO;
     }
     wc->io_packets++;
-    if (attr[NFQA_CAP_LEN] || !pkt) {
+    uint32_t mark = 0;
+    if (!pkt) {
+        wc->reasons[NL_R_TRUNCATED]++;
+    } else if (w->mark_mode) {
+        if (attr[NFQA_CAP_LEN])
+            pkt_flags |= NL_PKT_HEAD_ONLY;
+        verdict = nl_decide(w->lb, w->index, pkt, len, pkt_flags, now, &mark);
+    } else if (attr[NFQA_CAP_LEN]) {
         /* We only have part of the packet; returning it would truncate it. */
         wc->reasons[NL_R_TRUNCATED]++;
     } else {
@@ -223,11 +238,16 @@ static void handle_packet(struct nl_worker *w, struct nlmsghdr *nlh, uint64_t no
     v->vattr.nla_len = NLA_HDRLEN + sizeof(v->vhdr);
     v->vhdr.verdict = htonl(verdict == NL_VERDICT_DROP ? NF_DROP : NF_ACCEPT);
     v->vhdr.id = ph->packet_id;
-    size_t hdr = sizeof(*v) - sizeof(v->pattr);
+    size_t hdr = offsetof(struct verdict_msg, tattr);
     static const uint8_t pad[4];
     if (payload) {
-        v->pattr.nla_type = NFQA_PAYLOAD;
-        v->pattr.nla_len = (uint16_t)(NLA_HDRLEN + payload);
+        v->tattr.nla_type = NFQA_PAYLOAD;
+        v->tattr.nla_len = (uint16_t)(NLA_HDRLEN + payload);
+        hdr += NLA_HDRLEN;
+    } else if (verdict == NL_VERDICT_MARK) {
+        v->tattr.nla_type = NFQA_MARK;
+        v->tattr.nla_len = NLA_HDRLEN + sizeof(v->mark);
+        v->mark = htonl(mark);
         hdr = sizeof(*v);
     }
     v->nlh.nlmsg_len = (uint32_t)(hdr + payload);

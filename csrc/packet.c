@@ -21,13 +21,13 @@ static inline uint32_t ld32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); re
 static inline void st16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
 static inline void st32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
 
-int nl_parse(uint8_t *buf, uint32_t len, struct nl_pkt *p)
+int nl_parse(uint8_t *buf, uint32_t len, struct nl_pkt *p, int head_only)
 {
     if (len < 20 || (buf[0] >> 4) != 4)
         return (len >= 1 && (buf[0] >> 4) == 6) ? NL_R_UNSUPPORTED : NL_R_MALFORMED;
     uint32_t ihl = (uint32_t)(buf[0] & 0x0f) * 4;
     uint32_t tot = ((uint32_t)buf[2] << 8) | buf[3];
-    if (ihl < 20 || tot < ihl || tot > len)
+    if (ihl < 20 || tot < ihl || (tot > len && !head_only) || ihl > len)
         return NL_R_MALFORMED;
     uint16_t frag = (uint16_t)(((uint32_t)buf[6] << 8) | buf[7]);
     if (frag & 0x3fff)                  /* MF set or offset != 0 */
@@ -38,12 +38,14 @@ int nl_parse(uint8_t *buf, uint32_t len, struct nl_pkt *p)
     p->daddr = ld32(buf + 16);
     p->l4 = buf + ihl;
     p->l4len = tot - ihl;
+    p->caplen = tot < len ? tot : len;
+    uint32_t l4cap = p->caplen - ihl;    /* what we may read of the L4 part */
     p->tcp_flags = 0;
     if (p->proto == 6) {
-        if (p->l4len < 20)
+        if (p->l4len < 20 || l4cap < 20)
             return NL_R_MALFORMED;
         uint32_t doff = (uint32_t)(p->l4[12] >> 4) * 4;
-        if (doff < 20 || doff > p->l4len)
+        if (doff < 20 || doff > p->l4len || doff > l4cap)
             return NL_R_MALFORMED;
         p->tcp_flags = p->l4[13];
         p->seq = ((uint32_t)p->l4[4] << 24) | ((uint32_t)p->l4[5] << 16) |
@@ -51,7 +53,7 @@ int nl_parse(uint8_t *buf, uint32_t len, struct nl_pkt *p)
         p->seq_len = p->l4len - doff + !!(p->tcp_flags & NL_TCP_SYN) +
                      !!(p->tcp_flags & NL_TCP_FIN);
     } else if (p->proto == 17) {
-        if (p->l4len < 8)
+        if (p->l4len < 8 || l4cap < 8)
             return NL_R_MALFORMED;
         uint32_t ulen = ((uint32_t)p->l4[4] << 8) | p->l4[5];
         /* GSO UDP super-packets may carry a per-segment length; anything

@@ -91,6 +91,7 @@ class LBConfig:
     poll_us: int = 0
     syn_timeout_ms: int = 100
     resteer_tries: int = 3
+    rewrite: str = "copy"             # copy: natlb rewrites; mark: nft rewrites
     timeouts_s: dict[str, float] = field(default_factory=lambda: {
         "tcp_syn": 60.0, "tcp_established": 900.0, "tcp_fin": 120.0,
         "tcp_close": 10.0, "udp": 300.0,
@@ -267,7 +268,7 @@ def _lb(raw: Any) -> LBConfig:
     raw = _table(raw, "lb")
     _known(raw, "lb", {"queue", "workers", "max_flows", "interface", "table",
                        "control_socket", "gso", "poll_us", "syn_timeout_ms", "resteer_tries",
-                       "timeouts", "route"})
+                       "rewrite", "timeouts", "route"})
     d = LBConfig()
     timeouts = dict(d.timeouts_s)
     t_raw = _table(raw.get("timeouts", {}), "lb.timeouts")
@@ -298,6 +299,7 @@ def _lb(raw: Any) -> LBConfig:
         poll_us=_int(raw, "poll_us", "lb", d.poll_us, 0, 10_000),
         syn_timeout_ms=_int(raw, "syn_timeout_ms", "lb", d.syn_timeout_ms, 0, 60_000),
         resteer_tries=_int(raw, "resteer_tries", "lb", d.resteer_tries, 1, 16),
+        rewrite=_str(raw, "rewrite", "lb", d.rewrite, ("copy", "mark")),
         timeouts_s=timeouts,
         routes=tuple(_route(r, f"lb.route[{i}]") for i, r in enumerate(routes_raw)),
     )

@@ -55,6 +55,9 @@ FAILOVER_COUNTERS = {
 EVENT_KINDS = {lib.NL_EV_SYN_RST: "syn_rst", lib.NL_EV_SYN_TIMEOUT: "syn_timeout",
                lib.NL_EV_ICMP: "icmp_unreachable"}
 RAW_MARK: int = lib.NL_RAW_MARK
+MARK_FORWARD: int = lib.NL_MARK_FORWARD
+MARK_REPLY: int = lib.NL_MARK_REPLY
+PKT_HEAD_ONLY: int = lib.NL_PKT_HEAD_ONLY
 PKT_CSUM_PARTIAL: int = lib.NL_PKT_CSUM_PARTIAL
 PKT_GSO: int = lib.NL_PKT_GSO
 
@@ -63,6 +66,7 @@ class Verdict(enum.IntEnum):
     ACCEPT = lib.NL_VERDICT_ACCEPT
     REWRITE = lib.NL_VERDICT_REWRITE
     DROP = lib.NL_VERDICT_DROP
+    MARK = lib.NL_VERDICT_MARK
 
 
 class CoreError(RuntimeError):
@@ -231,6 +235,13 @@ class Core:
         v = lib.nl_process(self._lb, self.workers, buf, len(packet), flags, now_ms)
         return Verdict(v), bytes(ffi.buffer(buf, len(packet)))
 
+    def decide(self, packet: bytes, now_ms: int, flags: int = 0) -> tuple[Verdict, int]:
+        """Mark mode: the verdict and the mark that tells nft what to rewrite."""
+        buf = ffi.new("uint8_t[]", packet) if packet else ffi.new("uint8_t[1]")
+        mark = ffi.new("uint32_t *")
+        v = lib.nl_decide(self._lb, self.workers, buf, len(packet), flags, now_ms, mark)
+        return Verdict(v), mark[0]
+
     def process_many(self, packets: list[bytes], now_ms: int, flags: int = 0) -> Batch:
         """Prepare a batch for process_batch (the buffers are reused)."""
         return Batch(packets, now_ms, flags)
@@ -308,10 +319,11 @@ class Core:
         return {name: out[idx] for name, idx in FAILOVER_COUNTERS.items()}
 
     # -- NFQUEUE workers --------------------------------------------------
-    def start(self, queues: list[int], gso: bool = False) -> None:
+    def start(self, queues: list[int], gso: bool = False, mark: bool = False) -> None:
         err = ffi.new("char[]", 256)
         qs = ffi.new("uint16_t[]", queues)
-        rc = lib.nl_start(self._lb, qs, len(queues), lib.NL_START_GSO if gso else 0, err, 256)
+        flags = (lib.NL_START_GSO if gso else 0) | (lib.NL_START_MARK if mark else 0)
+        rc = lib.nl_start(self._lb, qs, len(queues), flags, err, 256)
         if rc != 0:
             raise CoreError(ffi.string(err).decode())
         self.running = True

@@ -17,11 +17,11 @@ import time
 from natlb import netsetup
 from natlb.config import Config
 from natlb.control import ControlServer
-from natlb.core import PROTOCOLS, RAW_MARK, Core, CoreConfig
+from natlb.core import MARK_FORWARD, MARK_REPLY, PROTOCOLS, RAW_MARK, Core, CoreConfig
 from natlb.health import Monitor
 from natlb.pool import Pool
 from natlb.status import collect
-from natlb.steering import Match, Steering
+from natlb.steering import Match, Rewrite, Steering
 from natlb.undo import Journal
 
 log = logging.getLogger("natlb")
@@ -81,14 +81,27 @@ async def _serve(config: Config, pool: Pool) -> None:
         await control.stop()
 
 
-def _setup_host(config: Config, journal: Journal) -> None:
+def mark_rewrites(pool: Pool) -> list[Rewrite]:
+    """The stateless rewrites nft applies on natlb's verdict marks."""
+    out = []
+    for s in pool.services:
+        proto = PROTOCOLS[s.cfg.protocol]
+        out.append(Rewrite(MARK_REPLY | s.id, "saddr", s.cfg.vip, s.cfg.port, proto))
+        out += [Rewrite(MARK_FORWARD | b.id, "daddr", b.cfg.address, b.cfg.port, proto)
+                for b in s.backends]
+    return out
+
+
+def _setup_host(config: Config, pool: Pool, journal: Journal) -> None:
     lb = config.lb
     netsetup.apply(lb, (s.vip for s in config.services), journal)
     steering = Steering(lb.table)
     journal.record("nft_table", table=lb.table)
-    steering.install(steering_matches(config), lb.queues, mark=RAW_MARK)
-    log.info("nftables table %s installed (%s queue verdict), queues %s",
-             lb.table, "nft" if steering.native_queue else "xt NFQUEUE", lb.queues)
+    rewrites = mark_rewrites(pool) if lb.rewrite == "mark" else None
+    steering.install(steering_matches(config), lb.queues, mark=RAW_MARK, rewrites=rewrites)
+    log.info("nftables table %s installed (%s queue verdict, rewrite by %s), queues %s",
+             lb.table, "nft" if steering.native_queue else "xt NFQUEUE",
+             "nft on natlb's mark" if rewrites else "natlb", lb.queues)
     for s in config.services:
         log.info("service %s %s:%d/%s %s -> %s", s.name, s.vip, s.port, s.protocol,
                  s.scheduler, ", ".join(b.key for b in s.backends))
@@ -99,10 +112,10 @@ def run(config: Config) -> int:
     core = Core(core_config(config))
     pool = Pool(config, core)
     pool.publish()
-    core.start(config.lb.queues, gso=config.lb.gso)
+    core.start(config.lb.queues, gso=config.lb.gso, mark=config.lb.rewrite == "mark")
     journal = Journal(guardian=True)
     try:
-        _setup_host(config, journal)
+        _setup_host(config, pool, journal)
         asyncio.run(_serve(config, pool))
     finally:
         errors = journal.undo()

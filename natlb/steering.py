@@ -112,6 +112,41 @@ def _rule_exprs(m: Match, first: int, total: int, native: bool) -> list[dict[str
     ]
 
 
+@dataclass(frozen=True)
+class Rewrite:
+    """Mark mode: packets natlb accepted with `mark` get `field` (daddr for
+    client->backend, saddr for backend->client) and the matching port set
+    to (address, port), statelessly, by nftables."""
+
+    mark: int
+    field: str          # "daddr" | "saddr"
+    address: str
+    port: int
+    protocol: int       # IPPROTO_*: where the L4 checksum sits
+
+
+def _rewrite_exprs(r: Rewrite) -> list[dict[str, Any]]:
+    l4_csum = 16 if r.protocol == socket.IPPROTO_TCP else 6
+    return [
+        _expr("meta", dreg=1, key=NFT_META_MARK),
+        _cmp_eq(struct.pack("=I", r.mark)),
+        _imm(socket.inet_aton(r.address)),
+        # The kernel fixes the IP checksum and the L4 pseudo-header part, for
+        # complete and partial (offloaded, GSO) checksums alike.
+        _expr("payload", sreg=1, base=PAYLOAD_NETWORK, offset=16 if r.field == "daddr" else 12,
+              len=4, csum_type=1, csum_offset=10, csum_flags=("NFT_PAYLOAD_L4CSUM_PSEUDOHDR",)),
+        _imm(struct.pack("!H", r.port)),
+        _expr("payload", sreg=1, base=PAYLOAD_TRANSPORT, offset=2 if r.field == "daddr" else 0,
+              len=2, csum_type=1, csum_offset=l4_csum),
+        _imm(struct.pack("=I", 0)),
+        _expr("meta", sreg=1, key=NFT_META_MARK),   # the mark was only a message
+    ]
+
+
+def _imm(value: bytes) -> dict[str, Any]:
+    return _expr("immediate", dreg=1, data={"attrs": [("NFTA_DATA_VALUE", value)]})
+
+
 class _Batch:
     def __init__(self) -> None:
         self.seq = int.from_bytes(os.urandom(3), "big")
@@ -180,7 +215,7 @@ class Steering:
         self.native_queue: bool | None = None
 
     def _batch(self, matches: list[Match], queues: list[int], native: bool,
-               mark: int | None = None) -> _Batch:
+               mark: int | None = None, rewrites: list[Rewrite] | None = None) -> _Batch:
         b = _Batch()
         b.control(NFNL_MSG_BATCH_BEGIN)
         t = [("NFTA_TABLE_NAME", self.table)]
@@ -209,6 +244,19 @@ class Steering:
             ], NLM_F_CREATE | NLM_F_APPEND, f"rule {side} {m.address}:{m.port}")
         if mark is not None:
             self._own_packets_chain(b, mark, queues, native)
+        if rewrites:
+            # Right after the queue chain: an accepted packet resumes here.
+            b.add(nft_chain_msg, NFT_MSG_NEWCHAIN, [
+                ("NFTA_CHAIN_TABLE", self.table), ("NFTA_CHAIN_NAME", "rewrite"),
+                ("NFTA_CHAIN_HOOK", {"attrs": [("NFTA_HOOK_HOOKNUM", NF_INET_PRE_ROUTING),
+                                               ("NFTA_HOOK_PRIORITY", PRIORITY_RAW + 1)]}),
+                ("NFTA_CHAIN_TYPE", "filter"),
+            ], NLM_F_CREATE, "chain rewrite")
+            for r in rewrites:
+                b.add(nft_rule_msg, NFT_MSG_NEWRULE, [
+                    ("NFTA_RULE_TABLE", self.table), ("NFTA_RULE_CHAIN", "rewrite"),
+                    ("NFTA_RULE_EXPRESSIONS", _rewrite_exprs(r)),
+                ], NLM_F_CREATE | NLM_F_APPEND, f"rule rewrite {r.field} {r.address}:{r.port}")
         b.control(NFNL_MSG_BATCH_END)
         return b
 
@@ -236,12 +284,13 @@ class Steering:
             ("NFTA_RULE_EXPRESSIONS", _icmp_unreach_exprs(None, queues[0], len(queues), native)),
         ], NLM_F_CREATE | NLM_F_APPEND, "rule output icmp")
 
-    def install(self, matches: list[Match], queues: list[int], mark: int | None = None) -> None:
+    def install(self, matches: list[Match], queues: list[int], mark: int | None = None,
+                rewrites: list[Rewrite] | None = None) -> None:
         order = [self.native_queue] if self.native_queue is not None else [True, False]
         last: SteeringError | None = None
         for native in order:
             try:
-                self._batch(matches, queues, native, mark).send()
+                self._batch(matches, queues, native, mark, rewrites).send()
             except SteeringError as e:
                 last = e
                 if e.args[1] in (errno.ENOENT, errno.EOPNOTSUPP) and native:

@@ -63,9 +63,16 @@ def serve(name: str, http_port: int, udp_port: int) -> int:
                 left -= len(c)
             self._send(f"{name} {h.hexdigest()}\n".encode())
 
-    ThreadingHTTPServer.allow_reuse_address = True
-    ThreadingHTTPServer.daemon_threads = True
-    httpd = ThreadingHTTPServer(("0.0.0.0", http_port), Handler)
+    class Server(ThreadingHTTPServer):
+        allow_reuse_address = True
+        daemon_threads = True
+
+        def handle_error(self, request: object, client_address: object) -> None:
+            # Health checks close with RST on purpose; that is not an error.
+            if not isinstance(sys.exc_info()[1], ConnectionError):
+                super().handle_error(request, client_address)
+
+    httpd = Server(("0.0.0.0", http_port), Handler)
     udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
     udp.bind(("0.0.0.0", udp_port))
 

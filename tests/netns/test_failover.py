@@ -11,7 +11,6 @@ from natlb.testbed import VIP, backend_addr, basic_config, udp_service
 
 from .conftest import natlb_cli
 
-FAST = dict(interval_ms=50, lb_extra="syn_timeout_ms = 30")
 VICTIM = 2
 
 
@@ -28,9 +27,11 @@ def stream(testbed, count, on_index, interval_ms=10):
     return seen
 
 
-@pytest.mark.parametrize("kind", ["kill", "link", "blackhole"])
-def test_no_new_connection_fails_when_a_backend_dies(testbed, natlb, kind):
-    natlb(basic_config(testbed, **FAST))
+@pytest.mark.parametrize("kind,rewrite", [("kill", "copy"), ("link", "copy"),
+                                          ("blackhole", "copy"), ("kill", "mark")])
+def test_no_new_connection_fails_when_a_backend_dies(testbed, natlb, kind, rewrite):
+    natlb(basic_config(testbed, interval_ms=50,
+                       lb_extra=f'syn_timeout_ms = 30\nrewrite = "{rewrite}"'))
     try:
         res = stream(testbed, 150, {40: lambda: testbed.fail_backend(VICTIM, kind)})
     finally:

@@ -38,10 +38,12 @@ def test_tcp_and_udp_services_on_one_vip(testbed, natlb):
 
 
 # GSO mode hands natlb super-packets with unfinished checksums: the other
-# checksum path.  Both are checked by the receivers' own TCP stacks and a hash.
-@pytest.mark.parametrize("gso", [False, True], ids=["plain", "gso"])
-def test_100mb_download_and_upload_arrive_intact(testbed, natlb, gso):
-    natlb(basic_config(testbed, lb_extra=f"gso = {'true' if gso else 'false'}"))
+# checksum path.  Mark mode leaves rewriting to nftables.  All are checked by
+# the receivers' own TCP stacks and a hash.
+@pytest.mark.parametrize("lb_extra", ["gso = false", "gso = true", 'rewrite = "mark"'],
+                         ids=["plain", "gso", "mark"])
+def test_100mb_download_and_upload_arrive_intact(testbed, natlb, lb_extra):
+    natlb(basic_config(testbed, lb_extra=lb_extra))
     for cmd, seed in (("blob", 7), ("upload", 8)):
         r = testbed.client_run(cmd, "--host", VIP, "--port", "80", "--size", str(100 << 20),
                                "--seed", str(seed), "--timeout", "60")[0]
