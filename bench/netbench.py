@@ -410,7 +410,7 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--no-gso", action="store_true")
     ap.add_argument("--poll-us", type=int, default=0)
-    ap.add_argument("--rewrite", choices=["copy", "mark"], default="copy")
+    ap.add_argument("--rewrite", choices=["copy", "mark"], default="mark")
     ap.add_argument("--out", default="bench-results")
     a = ap.parse_args()
     out = Path(a.out)

@@ -91,7 +91,7 @@ class LBConfig:
     poll_us: int = 0
     syn_timeout_ms: int = 100
     resteer_tries: int = 3
-    rewrite: str = "copy"             # copy: natlb rewrites; mark: nft rewrites
+    rewrite: str = "mark"             # mark: nft rewrites on natlb's mark; copy: natlb does
     timeouts_s: dict[str, float] = field(default_factory=lambda: {
         "tcp_syn": 60.0, "tcp_established": 900.0, "tcp_fin": 120.0,
         "tcp_close": 10.0, "udp": 300.0,

@@ -319,7 +319,7 @@ class Core:
         return {name: out[idx] for name, idx in FAILOVER_COUNTERS.items()}
 
     # -- NFQUEUE workers --------------------------------------------------
-    def start(self, queues: list[int], gso: bool = False, mark: bool = False) -> None:
+    def start(self, queues: list[int], gso: bool = False, mark: bool = True) -> None:
         err = ffi.new("char[]", 256)
         qs = ffi.new("uint16_t[]", queues)
         flags = (lib.NL_START_GSO if gso else 0) | (lib.NL_START_MARK if mark else 0)

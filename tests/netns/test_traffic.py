@@ -40,8 +40,9 @@ def test_tcp_and_udp_services_on_one_vip(testbed, natlb):
 # GSO mode hands natlb super-packets with unfinished checksums: the other
 # checksum path.  Mark mode leaves rewriting to nftables.  All are checked by
 # the receivers' own TCP stacks and a hash.
-@pytest.mark.parametrize("lb_extra", ["gso = false", "gso = true", 'rewrite = "mark"'],
-                         ids=["plain", "gso", "mark"])
+@pytest.mark.parametrize("lb_extra", ['rewrite = "copy"\ngso = false',
+                                      'rewrite = "copy"\ngso = true', 'rewrite = "mark"'],
+                         ids=["copy", "copy-gso", "mark"])
 def test_100mb_download_and_upload_arrive_intact(testbed, natlb, lb_extra):
     natlb(basic_config(testbed, lb_extra=lb_extra))
     for cmd, seed in (("blob", 7), ("upload", 8)):
