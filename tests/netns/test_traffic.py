@@ -117,3 +117,19 @@ def test_bad_config_exits_2_and_touches_nothing(testbed):
     assert r.returncode == 2
     assert r.stderr.strip() == "natlb: config: service[0].port = 70000: must be 1..65535"
     assert router_state(testbed) == before
+
+
+def test_two_queue_workers_share_the_conntrack(testbed, natlb):
+    # NFQUEUE balancing hashes addresses, and the NAT changes them: a flow's
+    # two directions land on different queues, so different workers.
+    natlb(basic_config(testbed, lb_extra="workers = 2"))
+    res = testbed.client_run("http-stream", "--host", VIP, "--port", "80", "--count", "60",
+                             "--interval-ms", "5")
+    assert all(r["ok"] for r in res), [r for r in res if not r["ok"]]
+    assert Counter(r["backend"] for r in res) == {"b1": 20, "b2": 20, "b3": 20}
+    r = testbed.client_run("blob", "--host", VIP, "--port", "80", "--size", str(20 << 20),
+                           "--seed", "11", "--timeout", "60")[0]
+    assert r["ok"], r
+    queues = {q["queue"] for q in json.loads(natlb_cli(
+        testbed, "status", "--json", "-s", testbed.control_socket).stdout)["queues"]}
+    assert queues == {0, 1}
