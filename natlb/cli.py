@@ -48,7 +48,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                         datefmt="%Y-%m-%d %H:%M:%S", stream=sys.stdout, force=True)
     from natlb.daemon import run
 
-    return run(cfg)
+    return run(cfg, args.config)
 
 
 def cmd_status(args: argparse.Namespace) -> int:

@@ -34,7 +34,7 @@ import time
 from dataclasses import dataclass, field
 
 from natlb.config import BackendConfig, Config, ServiceConfig
-from natlb.core import BackendEntry, Core, ServiceTable
+from natlb.core import MAX_BACKENDS, MAX_SERVICES, BackendEntry, Core, ServiceTable
 from natlb.schedulers import Candidate, build_table
 
 log = logging.getLogger("natlb.pool")
@@ -99,17 +99,50 @@ class Pool:
         self.core = core
         self.services: list[Service] = []
         self.by_backend_id: dict[int, tuple[Service, Backend]] = {}
-        next_id = 0
-        for sid, s in enumerate(config.services):
-            backends = []
-            for b in s.backends:
-                backends.append(Backend(b, next_id, b.weight))
-                next_id += 1
-            svc = Service(s, sid, backends)
-            self.services.append(svc)
-            for b in backends:
-                self.by_backend_id[b.id] = (svc, b)
+        # Ids are counter slots in C; a removed backend's id is never reused,
+        # so its lingering flows never count against a newcomer.
+        self.next_service_id = 0
+        self.next_backend_id = 0
         self.publishes = 0
+        self._build(config)
+
+    def _build(self, config: Config) -> None:
+        old_services = {s.cfg.name: s for s in self.services}
+        old_backends = {(s.cfg.name, b.cfg.key): b for s in self.services for b in s.backends}
+        n_sid, n_bid = self.next_service_id, self.next_backend_id
+        services = []
+        for scfg in config.services:
+            prev = old_services.get(scfg.name)
+            same = prev and (prev.cfg.vip, prev.cfg.port, prev.cfg.protocol) == (
+                scfg.vip, scfg.port, scfg.protocol)
+            if prev and same:
+                sid = prev.id
+            else:
+                sid, n_sid = n_sid, n_sid + 1
+            backends = []
+            for bcfg in scfg.backends:
+                b = old_backends.get((scfg.name, bcfg.key)) if same else None
+                if b is None:
+                    b = Backend(bcfg, n_bid, bcfg.weight)
+                    n_bid += 1
+                else:  # keeps its health, admin state, id and counters
+                    if bcfg.weight != b.cfg.weight:
+                        b.weight = bcfg.weight
+                    b.cfg = bcfg
+                backends.append(b)
+            services.append(Service(scfg, sid, backends))
+        if n_sid > MAX_SERVICES or n_bid > MAX_BACKENDS:
+            raise PoolError(f"ids exhausted ({n_sid} services, {n_bid} backends ever): "
+                            f"restart natlb")
+        self.services = services
+        self.next_service_id, self.next_backend_id = n_sid, n_bid
+        self.by_backend_id = {b.id: (s, b) for s in services for b in s.backends}
+
+    def reconfigure(self, config: Config) -> None:
+        """Apply a reloaded config: unchanged backends keep their state; the
+        flows of removed ones stay in conntrack until they end (as a drain)."""
+        self._build(config)
+        self.publish()
 
     def tables(self) -> list[ServiceTable]:
         out = []

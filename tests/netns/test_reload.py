@@ -1,0 +1,70 @@
+"""SIGHUP reloads services and backends without losing flows or state."""
+
+import signal
+import time
+from collections import Counter
+
+from natlb.testbed import VIP, backend_addr
+
+CONFIG = """
+[lb]
+control_socket = "{sock}"
+{lb_extra}
+[[service]]
+name = "web"
+vip = "{vip}"
+port = 80
+scheduler = "rr"
+[service.health]
+kind = "tcp"
+interval_ms = 100
+{backends}
+"""
+
+
+def config(testbed, backends, lb_extra=""):
+    blocks = "\n".join(f'[[service.backend]]\naddress = "{backend_addr(k)}"' for k in backends)
+    return CONFIG.format(sock=testbed.control_socket, vip=VIP, backends=blocks,
+                         lb_extra=lb_extra)
+
+
+def hup_and_wait(testbed, proc, text, before):
+    proc.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if testbed.natlb_log().count(text) > before:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"no {text!r} in log:\n{testbed.natlb_log()}")
+
+
+def spread(testbed, n=12):
+    res = testbed.client_run("http-stream", "--host", VIP, "--port", "80", "--count", str(n))
+    assert all(r["ok"] for r in res), res
+    return Counter(r["backend"] for r in res)
+
+
+def test_reload_adds_and_removes_backends_and_keeps_old_flows(testbed, natlb):
+    p = natlb(config(testbed, [1, 2]))
+    assert spread(testbed).keys() == {"b1", "b2"}
+    held, lines = testbed.client_stream("hold", "--host", VIP, "--port", "80", "--timeout", "2")
+    first = next(lines)["backend"]
+    path = testbed.workdir / "natlb.toml"
+    path.write_text(config(testbed, [2, 3]))
+    hup_and_wait(testbed, p, "reloaded", 0)
+    assert spread(testbed) == {"b2": 6, "b3": 6}
+    # A connection made before the reload, even to the removed b1, is intact.
+    assert next(lines)["outcome"] == "open", first
+    held.wait()
+
+
+def test_bad_reload_keeps_running_config(testbed, natlb):
+    p = natlb(config(testbed, [1, 2, 3]))
+    path = testbed.workdir / "natlb.toml"
+    path.write_text(config(testbed, [1]).replace("port = 80", "port = 0", 1))
+    hup_and_wait(testbed, p, "reload refused", 0)
+    assert "service[0].port = 0: must be 1..65535" in testbed.natlb_log()
+    path.write_text(config(testbed, [1], lb_extra="workers = 2"))
+    hup_and_wait(testbed, p, "reload refused", 1)
+    assert "lb.workers changed; restart natlb" in testbed.natlb_log()
+    assert spread(testbed, 9) == {"b1": 3, "b2": 3, "b3": 3}
