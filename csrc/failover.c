@@ -152,7 +152,7 @@ uint32_t nl_read_events(struct nl_lb *lb, struct nl_event *out, uint32_t max)
 
 /* ---- outbox ------------------------------------------------------------ */
 
-static void outbox_push(struct nl_lb *lb, const uint8_t *pkt, uint32_t len)
+uint32_t nl_outbox_push(struct nl_lb *lb, const uint8_t *pkt, uint32_t len)
 {
     struct nl_failover *fo = lb->fo;
     int full = 0;
@@ -167,6 +167,7 @@ static void outbox_push(struct nl_lb *lb, const uint8_t *pkt, uint32_t len)
     pthread_spin_unlock(&fo->out_lock);
     if (full)
         nl_count_failover(lb, NL_F_OUTBOX_FULL, 1);
+    return !full;
 }
 
 uint32_t nl_outbox_take(struct nl_lb *lb, uint8_t *buf, uint32_t cap)
@@ -290,7 +291,7 @@ int nl_resteer_held(struct nl_lb *lb, struct nl_flow *f, uint32_t now)
     f->tries++;
     /* The held copy may carry a partial checksum: compute it in full. */
     nl_rewrite(&p, 1, f->backend_addr, f->backend_port, NL_PKT_CSUM_PARTIAL);
-    outbox_push(lb, out, len);
+    nl_outbox_push(lb, out, len);
     nl_count_failover(lb, NL_F_SYN_RESENT, 1);
     nl_hold_syn(lb, f, orig, len, now);
     return 0;
@@ -377,10 +378,10 @@ uint32_t nl_reset_backend(struct nl_lb *lb, uint32_t backend_id)
                 f->fins != (NL_FIN_CLIENT | NL_FIN_SERVER)) {
                 nl_build_rst(rst, f->vip_addr, f->client_addr, f->vip_port, f->client_port,
                              f->server_seq_next);
-                outbox_push(lb, rst, sizeof(rst));
+                nl_outbox_push(lb, rst, sizeof(rst));
                 nl_build_rst(rst, f->client_addr, f->backend_addr, f->client_port,
                              f->backend_port, f->client_seq_next);
-                outbox_push(lb, rst, sizeof(rst));
+                nl_outbox_push(lb, rst, sizeof(rst));
                 nl_count_failover(lb, NL_F_RESETS_SENT, 1);
             }
             if (f->proto == 6 && f->state == NL_FS_SYN_SENT)

@@ -51,10 +51,25 @@ int nl_parse(uint8_t *buf, uint32_t len, struct nl_pkt *p, int head_only);
  * checksum and the L4 checksum according to pkt_flags (NL_PKT_*). */
 void nl_rewrite(struct nl_pkt *p, int dst, uint32_t addr, uint16_t port,
                 uint32_t pkt_flags);
-/* For an ICMP destination-unreachable (not "fragmentation needed", which is
- * path MTU discovery, not a failure): the tuple of the quoted packet in
- * `inner` (ip/l4 pointers unset).  Returns -1 if it is one, else NL_R_*. */
-int nl_parse_icmp_unreach(const uint8_t *buf, uint32_t len, struct nl_pkt *inner);
+/* An ICMP destination-unreachable, read far enough to find its flow. */
+struct nl_icmp {
+    struct nl_pkt inner;     /* tuple of the quoted packet (ip/l4 unset)  */
+    int frag_needed;         /* code 4: path MTU discovery, not a failure */
+    uint16_t mtu;            /* next-hop MTU (frag_needed), network order */
+    uint32_t outer_saddr;    /* who reported it                           */
+    const uint8_t *quoted;   /* the quoted IP header + 8 bytes of L4      */
+    uint32_t quoted_len;
+};
+/* Returns -1 if buf is an ICMP unreachable quoting a TCP/UDP packet.  With
+ * head_only, the buffer may end after the quoted headers. */
+int nl_parse_icmp_unreach(const uint8_t *buf, uint32_t len, struct nl_icmp *out,
+                          int head_only);
+/* Writes the ICMP "fragmentation needed" a backend should get, quoting its
+ * own packet: `quoted` with its source set to (saddr, sport).  Returns the
+ * length (at most 20 + 8 + 60 + 8 bytes). */
+uint32_t nl_build_frag_needed(uint8_t *buf, uint32_t src, uint32_t dst, uint16_t mtu,
+                              const uint8_t *quoted, uint32_t quoted_len, uint32_t saddr,
+                              uint16_t sport);
 /* Writes a 40-byte IPv4 TCP RST (addresses, ports network order; seq host
  * order) with both checksums. */
 void nl_build_rst(uint8_t *buf, uint32_t saddr, uint32_t daddr, uint16_t sport, uint16_t dport,
@@ -227,6 +242,8 @@ void nl_emit(struct nl_lb *lb, uint32_t kind, uint32_t service_id, uint32_t back
              uint64_t now);
 uint32_t nl_syn_deadline_next(struct nl_lb *lb, uint32_t now);
 void nl_count_failover(struct nl_lb *lb, int which, uint64_t n);
+/* Queues a packet natlb sends itself; 0 if the outbox is full. */
+uint32_t nl_outbox_push(struct nl_lb *lb, const uint8_t *pkt, uint32_t len);
 
 /* A worker brackets each batch with these two (see lb.c). */
 void nl_worker_enter(struct nl_lb *lb, uint32_t worker);

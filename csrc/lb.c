@@ -434,18 +434,51 @@ static int reply(struct nl_lb *lb, struct nl_worker_counters *wc, struct nl_pkt 
     return mark ? NL_VERDICT_MARK : NL_VERDICT_REWRITE;
 }
 
+/* "Fragmentation needed" about a reply (VIP -> client) is addressed to the
+ * VIP, so the backend that sent the packet would never learn the path MTU
+ * and its large segments would vanish.  Send it its own copy, quoting its
+ * own packet (backend -> client), and drop the original.  Path MTU
+ * discovery needs nothing more (RFC 1191); the other ICMP errors are not
+ * translated. */
+static int pmtu(struct nl_lb *lb, struct nl_worker_counters *wc, const struct nl_icmp *icmp,
+                uint32_t now)
+{
+    const struct nl_pkt *in = &icmp->inner;
+    struct nl_ct_key k = { in->daddr, in->dport, in->proto, 0, in->saddr, in->sport };
+    uint32_t b = nl_ct_bucket(&lb->ct, &k);
+    pthread_spinlock_t *lock = nl_ct_stripe(&lb->ct, b);
+    pthread_spin_lock(lock);
+    struct nl_flow *f = nl_ct_find(&lb->ct, b, &k, now);
+    uint32_t baddr = f ? f->backend_addr : 0;
+    uint16_t bport = f ? f->backend_port : 0;
+    pthread_spin_unlock(lock);
+    if (!f) {
+        wc->reasons[NL_R_NOT_OURS]++;
+        return NL_VERDICT_ACCEPT;
+    }
+    uint8_t out[20 + 8 + 60 + 8];
+    uint32_t n = nl_build_frag_needed(out, icmp->outer_saddr, baddr, icmp->mtu, icmp->quoted,
+                                      icmp->quoted_len, baddr, bport);
+    if (nl_outbox_push(lb, out, n))
+        nl_count_failover(lb, NL_F_PMTU_RELAYED, 1);
+    return NL_VERDICT_DROP;
+}
+
 /* An ICMP unreachable about a packet natlb sent to a backend: a passive
  * failure.  The ICMP is not passed on: it quotes the backend's address, and
  * the client could not match it to its connection anyway. */
 static int icmp_unreach(struct nl_lb *lb, struct nl_worker_counters *wc, const uint8_t *pkt,
-                        uint32_t len, uint32_t now)
+                        uint32_t len, uint32_t pkt_flags, uint32_t now)
 {
-    struct nl_pkt in;
-    int r = nl_parse_icmp_unreach(pkt, len, &in);
+    struct nl_icmp icmp;
+    int r = nl_parse_icmp_unreach(pkt, len, &icmp, (pkt_flags & NL_PKT_HEAD_ONLY) != 0);
     if (r >= 0) {
         wc->reasons[r]++;
         return r == NL_R_MALFORMED ? NL_VERDICT_DROP : NL_VERDICT_ACCEPT;
     }
+    struct nl_pkt in = icmp.inner;
+    if (icmp.frag_needed)
+        return pmtu(lb, wc, &icmp, now);
     /* The quoted packet went client -> backend. */
     pthread_spinlock_t *lock;
     struct nl_flow *f = find_from_backend(lb, in.daddr, in.dport, in.saddr, in.sport, in.proto,
@@ -470,7 +503,7 @@ static int process(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len
     struct nl_pkt p;
     int r = nl_parse(pkt, len, &p, (pkt_flags & NL_PKT_HEAD_ONLY) != 0);
     if (r == NL_R_UNSUPPORTED && len >= 20 && pkt[9] == 1)
-        return icmp_unreach(lb, wc, pkt, len, (uint32_t)now_ms);
+        return icmp_unreach(lb, wc, pkt, len, pkt_flags, (uint32_t)now_ms);
     if (r >= 0) {
         wc->reasons[r]++;
         return r == NL_R_UNSUPPORTED ? NL_VERDICT_ACCEPT : NL_VERDICT_DROP;

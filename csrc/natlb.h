@@ -191,7 +191,8 @@ struct nl_event {
 #define NL_F_OUTBOX_FULL 3       /* packets natlb could not queue to send   */
 #define NL_F_EVENTS_LOST 4       /* events dropped: ring full               */
 #define NL_F_SEND_ERRORS 5       /* raw socket send failures                */
-#define NL_F_MAX 6
+#define NL_F_PMTU_RELAYED 6      /* "fragmentation needed" passed to backends */
+#define NL_F_MAX 7
 
 /* Readable when events are waiting (an eventfd); never blocks the workers. */
 int nl_event_fd(struct nl_lb *lb);

@@ -195,19 +195,21 @@ void nl_build_rst(uint8_t *buf, uint32_t saddr, uint32_t daddr, uint16_t sport, 
     st16(tcp + 16, (uint16_t)~csum_fold(csum_partial(tcp, 20, pseudo_sum(&p))));
 }
 
-int nl_parse_icmp_unreach(const uint8_t *buf, uint32_t len, struct nl_pkt *inner)
+int nl_parse_icmp_unreach(const uint8_t *buf, uint32_t len, struct nl_icmp *out,
+                          int head_only)
 {
+    struct nl_pkt *inner = &out->inner;
     if (len < 20 || (buf[0] >> 4) != 4 || buf[9] != 1)
         return NL_R_UNSUPPORTED;
     uint32_t ihl = (uint32_t)(buf[0] & 0x0f) * 4;
     uint32_t tot = ((uint32_t)buf[2] << 8) | buf[3];
-    if (ihl < 20 || tot < ihl || tot > len)
+    if (ihl < 20 || tot < ihl || (tot > len && !head_only) || ihl > len)
         return NL_R_MALFORMED;
     const uint8_t *icmp = buf + ihl;
-    uint32_t left = tot - ihl;
+    uint32_t left = (tot < len ? tot : len) - ihl;   /* what we have of it */
     if (left < 8)
         return NL_R_MALFORMED;
-    if (icmp[0] != 3 || icmp[1] == 4)        /* not unreachable, or PMTU */
+    if (icmp[0] != 3)
         return NL_R_UNSUPPORTED;
     const uint8_t *in = icmp + 8;
     left -= 8;
@@ -218,11 +220,46 @@ int nl_parse_icmp_unreach(const uint8_t *buf, uint32_t len, struct nl_pkt *inner
         return NL_R_MALFORMED;
     if (in[9] != 6 && in[9] != 17)
         return NL_R_UNSUPPORTED;
-    memset(inner, 0, sizeof(*inner));
+    memset(out, 0, sizeof(*out));
+    out->frag_needed = icmp[1] == 4;
+    out->mtu = ld16(icmp + 6);
+    out->outer_saddr = ld32(buf + 12);
+    out->quoted = in;
+    out->quoted_len = in_ihl + 8;
     inner->proto = in[9];
     inner->saddr = ld32(in + 12);
     inner->daddr = ld32(in + 16);
     inner->sport = ld16(in + in_ihl);
     inner->dport = ld16(in + in_ihl + 2);
     return -1;
+}
+
+uint32_t nl_build_frag_needed(uint8_t *buf, uint32_t src, uint32_t dst, uint16_t mtu,
+                              const uint8_t *quoted, uint32_t quoted_len, uint32_t saddr,
+                              uint16_t sport)
+{
+    uint32_t len = 20 + 8 + quoted_len;
+    memset(buf, 0, 28);
+    buf[0] = 0x45;
+    buf[2] = (uint8_t)(len >> 8);
+    buf[3] = (uint8_t)len;
+    buf[8] = 64;
+    buf[9] = 1;
+    st32(buf + 12, src);
+    st32(buf + 16, dst);
+    st16(buf + 10, (uint16_t)~csum_fold(csum_partial(buf, 20, 0)));
+    uint8_t *icmp = buf + 20;
+    icmp[0] = 3;
+    icmp[1] = 4;
+    st16(icmp + 6, mtu);
+    uint8_t *in = icmp + 8;
+    memcpy(in, quoted, quoted_len);
+    uint32_t in_ihl = (uint32_t)(in[0] & 0x0f) * 4;
+    st32(in + 12, saddr);
+    st16(in + in_ihl, sport);
+    st16(in + 10, 0);
+    st16(in + 10, (uint16_t)~csum_fold(csum_partial(in, in_ihl, 0)));
+    /* Only 8 bytes of the quoted L4 header: its checksum is not among them. */
+    st16(icmp + 2, (uint16_t)~csum_fold(csum_partial(icmp, 8 + quoted_len, 0)));
+    return len;
 }

@@ -51,6 +51,7 @@ FAILOVER_COUNTERS = {
     "outbox_full": lib.NL_F_OUTBOX_FULL,
     "events_lost": lib.NL_F_EVENTS_LOST,
     "send_errors": lib.NL_F_SEND_ERRORS,
+    "pmtu_relayed": lib.NL_F_PMTU_RELAYED,
 }
 EVENT_KINDS = {lib.NL_EV_SYN_RST: "syn_rst", lib.NL_EV_SYN_TIMEOUT: "syn_timeout",
                lib.NL_EV_ICMP: "icmp_unreachable"}

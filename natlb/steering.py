@@ -79,21 +79,22 @@ def _queue_expr(first: int, total: int, native: bool) -> dict[str, Any]:
     return _expr("target", name="NFQUEUE", rev=3, info=struct.pack("=HHHxx", first, total, 0))
 
 
-def _icmp_unreach_exprs(source: str | None, first: int, total: int,
-                        native: bool) -> list[dict[str, Any]]:
-    """ICMP destination-unreachable (from `source`, or any when None): natlb
-    reads them as passive failure reports about its backends."""
+def _icmp_unreach_exprs(address: str | None, first: int, total: int, native: bool,
+                        to: bool = False) -> list[dict[str, Any]]:
+    """ICMP destination-unreachable from `address` (to it, with `to`; any when
+    None).  From backends they report failures; to a VIP they carry path MTU
+    news that natlb passes on to the backend concerned."""
     exprs = []
-    if source:
-        exprs += [_expr("payload", dreg=1, base=PAYLOAD_NETWORK, offset=12, len=4),
-                  _cmp_eq(socket.inet_aton(source))]
+    if address:
+        exprs += [_expr("payload", dreg=1, base=PAYLOAD_NETWORK, offset=16 if to else 12, len=4),
+                  _cmp_eq(socket.inet_aton(address))]
     exprs += [
         _expr("meta", dreg=1, key=NFT_META_L4PROTO),
         _cmp_eq(bytes([socket.IPPROTO_ICMP])),
         _expr("payload", dreg=1, base=PAYLOAD_TRANSPORT, offset=0, len=1),
         _cmp_eq(bytes([3])),
     ]
-    if source:
+    if address:
         exprs.append(_expr("notrack"))
     exprs.append(_queue_expr(first, total, native))
     return exprs
@@ -236,6 +237,12 @@ class Steering:
                 ("NFTA_RULE_EXPRESSIONS", _icmp_unreach_exprs(addr, queues[0], len(queues),
                                                               native)),
             ], NLM_F_CREATE | NLM_F_APPEND, f"rule icmp from {addr}")
+        for vip in sorted({m.address for m in matches if not m.source}):
+            b.add(nft_rule_msg, NFT_MSG_NEWRULE, [
+                ("NFTA_RULE_TABLE", self.table), ("NFTA_RULE_CHAIN", CHAIN),
+                ("NFTA_RULE_EXPRESSIONS", _icmp_unreach_exprs(vip, queues[0], len(queues),
+                                                              native, to=True)),
+            ], NLM_F_CREATE | NLM_F_APPEND, f"rule icmp to {vip}")
         for m in matches:
             side = "from" if m.source else "to"
             b.add(nft_rule_msg, NFT_MSG_NEWRULE, [

@@ -133,3 +133,21 @@ def test_two_queue_workers_share_the_conntrack(testbed, natlb):
     queues = {q["queue"] for q in json.loads(natlb_cli(
         testbed, "status", "--json", "-s", testbed.control_socket).stdout)["queues"]}
     assert queues == {0, 1}
+
+
+def test_path_mtu_discovery_works_through_natlb(testbed, natlb):
+    # The router's link to the client carries at most 1400 bytes, but the
+    # client advertises an MSS for 1500: the backends' full-size segments must
+    # shrink, which needs the router's "fragmentation needed" (sent to the
+    # VIP, their apparent source) to reach the backend that sent them.
+    natlb(basic_config(testbed))
+    testbed.router_cmd("ip", "link", "set", "cl0", "mtu", "1400")
+    try:
+        r = testbed.client_run("blob", "--host", VIP, "--port", "80", "--size", str(4 << 20),
+                               "--seed", "12", "--timeout", "10")[0]
+    finally:
+        testbed.router_cmd("ip", "link", "set", "cl0", "mtu", "1500")
+    assert r["ok"], r
+    status = json.loads(natlb_cli(testbed, "status", "--json", "-s",
+                                  testbed.control_socket).stdout)
+    assert status["failover"]["pmtu_relayed"] >= 1

@@ -4,7 +4,7 @@ dead backends, RSTs for established flows, events for the control plane."""
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
 
-from natlb.core import Core, CoreConfig, Verdict
+from natlb.core import PKT_HEAD_ONLY, Core, CoreConfig, Verdict
 
 from .services import BACKENDS, CLIENT, VIP, make_service
 from .test_rewrite import checksums_ok
@@ -159,9 +159,41 @@ def test_icmp_host_unreachable_resteers_a_pending_syn(fcore):
     assert resent is not None and IP(resent).dst not in (b1, VIP)
 
 
-def test_icmp_not_about_a_flow_or_pmtu_passes(fcore):
+def test_icmp_not_about_a_flow_passes(fcore):
     stray = bytes(IP(src=CLIENT, dst="203.0.113.10") / UDP(sport=1, dport=2) / b"x")
     assert fcore.process(icmp_about(stray), 1)[0] == Verdict.ACCEPT
     _, out = fcore.process(syn(), 2)
-    assert fcore.process(icmp_about(out, code=4), 3)[0] == Verdict.ACCEPT  # frag needed
+    # "Fragmentation needed" is path MTU news, not a failure.
+    assert fcore.process(icmp_about(out, code=4), 3)[0] == Verdict.ACCEPT
     assert fcore.read_events() == []
+
+
+def test_frag_needed_about_a_reply_is_relayed_to_its_backend(fcore):
+    from scapy.layers.inet import ICMP, IPerror, TCPerror
+
+    b1 = first_backend(fcore)
+    reply = IP(src=b1, dst=CLIENT, flags="DF") / TCP(sport=8080, dport=40000, flags="A",
+                                                      seq=777) / (b"z" * 1400)
+    v, out = fcore.process(bytes(reply), 101)
+    assert IP(out).src == VIP
+    # A router on the client's side cannot forward it and tells the sender,
+    # which it takes to be the VIP.
+    icmp = IP(src="198.51.100.1", dst=VIP) / ICMP(type=3, code=4, nexthopmtu=1400) / out[:28]
+    v, _ = fcore.process(bytes(icmp), 102)
+    assert v == Verdict.DROP
+    # Mark mode sees only the first 128 bytes of an ICMP quoting 576.
+    big = IP(src="198.51.100.1", dst=VIP) / ICMP(type=3, code=4, nexthopmtu=1400) / out[:548]
+    assert fcore.decide(bytes(big)[:128], 103, PKT_HEAD_ONLY) == (Verdict.DROP, 0)
+    assert fcore.outbox_take() is not None
+    sent = fcore.outbox_take()
+    got = IP(sent)
+    assert (got.src, got.dst) == ("198.51.100.1", b1)
+    assert (got[ICMP].type, got[ICMP].code, got[ICMP].nexthopmtu) == (3, 4, 1400)
+    inner = got[IPerror]
+    assert (inner.src, inner.dst, got[TCPerror].sport, got[TCPerror].dport,
+            got[TCPerror].seq) == (b1, CLIENT, 8080, 40000, 777)
+    # Every checksum (outer IP, ICMP, quoted IP) as scapy computes it.
+    again = IP(sent)
+    del again.chksum, again[ICMP].chksum, again[IPerror].chksum
+    assert bytes(IP(bytes(again))) == sent
+    assert fcore.failover_counters()["pmtu_relayed"] == 2
