@@ -21,29 +21,12 @@ from datetime import datetime
 from pathlib import Path
 
 from bench.netbench import KERNEL_NAT
-from natlb.testbed import VIP, Testbed, backend_addr
+from natlb.testbed import VIP, Testbed, backend_addr, basic_config
 
 KINDS = ("kill", "link", "blackhole")
 PATHS = ("natlb", "haproxy", "kernel")
 VICTIM = 2
 
-NATLB = """
-[lb]
-control_socket = "{sock}"
-syn_timeout_ms = 20
-[[service]]
-name = "web"
-vip = "{vip}"
-port = 80
-scheduler = "rr"
-[service.health]
-kind = "tcp"
-interval_ms = 20
-timeout_ms = 25
-rise = 2
-fall = 1
-{backends}
-"""
 
 HAPROXY = """
 global
@@ -98,10 +81,9 @@ def natlb_down_time(log: str, after: float) -> float | None:
 def run_one(tb: Testbed, path: str, kind: str, count: int, interval_ms: int) -> dict:
     procs: list[subprocess.Popen] = []
     clock = None
-    backends = "\n".join(f'[[service.backend]]\naddress = "{backend_addr(k)}"\nport = 80'
-                         for k in range(1, 4))
     if path == "natlb":
-        cfg = tb.write_config(NATLB.format(sock=tb.control_socket, vip=VIP, backends=backends))
+        cfg = tb.write_config(basic_config(tb, interval_ms=20, timeout_ms=25,
+                                           lb_extra="syn_timeout_ms = 20"))
         procs.append(tb.start_natlb(cfg))
     else:
         tb.router_cmd("ip", "addr", "add", f"{VIP}/32", "dev", "lo")

@@ -224,10 +224,13 @@ class Testbed:
 
 def basic_config(tb: Testbed, scheduler: str = "rr", health: str = "tcp",
                  interval_ms: int = 100, extra_services: str = "", lb_extra: str = "",
-                 service_extra: str = "") -> str:
-    backends = "\n".join(
+                 service_extra: str = "", backends: list[int] | None = None,
+                 timeout_ms: int | None = None) -> str:
+    """natlb config: service "web" (TCP 80 on the VIP) over the testbed's
+    backends (or the given ones), plus whatever the extras add."""
+    blocks = "\n".join(
         f'[[service.backend]]\naddress = "{backend_addr(k)}"\nport = 80\n'
-        for k in range(1, tb.n_backends + 1))
+        for k in (backends or range(1, tb.n_backends + 1)))
     return f"""
 [lb]
 control_socket = "{tb.control_socket}"
@@ -242,11 +245,11 @@ scheduler = "{scheduler}"
 [service.health]
 kind = "{health}"
 interval_ms = {interval_ms}
-timeout_ms = {max(50, interval_ms)}
+timeout_ms = {timeout_ms or max(50, interval_ms)}
 rise = 2
 fall = 1
 {service_extra}
-{backends}
+{blocks}
 {extra_services}
 """
 

@@ -179,11 +179,16 @@ def hold(host: str, port: int, timeout: float) -> int:
     return 0
 
 
+def blob_sha256(size: int, seed: int) -> str:
+    h = hashlib.sha256()
+    for c in blob_chunks(size, seed):
+        h.update(c)
+    return h.hexdigest()
+
+
 def blob(host: str, port: int, size: int, seed: int, timeout: float) -> int:
     """Download `size` deterministic bytes and compare their hash."""
-    want = hashlib.sha256()
-    for c in blob_chunks(size, seed):
-        want.update(c)
+    want = blob_sha256(size, seed)
     t0 = time.monotonic()
     c = http.client.HTTPConnection(host, port, timeout=timeout)
     c.request("GET", f"/blob/{size}/{seed}")
@@ -193,15 +198,14 @@ def blob(host: str, port: int, size: int, seed: int, timeout: float) -> int:
         got.update(chunk)
         n += len(chunk)
     secs = time.monotonic() - t0
-    _emit(ok=got.hexdigest() == want.hexdigest() and n == size, bytes=n,
-          sha256=got.hexdigest(), expected=want.hexdigest(), seconds=round(secs, 3))
+    _emit(ok=got.hexdigest() == want and n == size, bytes=n, sha256=got.hexdigest(),
+          expected=want, seconds=round(secs, 3))
     return 0
 
 
 def upload(host: str, port: int, size: int, seed: int, timeout: float) -> int:
-    want = hashlib.sha256()
-    for c in blob_chunks(size, seed):
-        want.update(c)
+    """Upload `size` deterministic bytes; the backend answers with their hash."""
+    want = blob_sha256(size, seed)
     t0 = time.monotonic()
     c = http.client.HTTPConnection(host, port, timeout=timeout)
     c.putrequest("POST", "/upload")
@@ -210,7 +214,7 @@ def upload(host: str, port: int, size: int, seed: int, timeout: float) -> int:
     for chunk in blob_chunks(size, seed):
         c.send(chunk)
     body = c.getresponse().read().decode().split()
-    _emit(ok=len(body) == 2 and body[1] == want.hexdigest(), backend=body[0] if body else "",
+    _emit(ok=len(body) == 2 and body[1] == want, backend=body[0] if body else "",
           seconds=round(time.monotonic() - t0, 3))
     return 0
 

@@ -4,28 +4,11 @@ import signal
 import time
 from collections import Counter
 
-from natlb.testbed import VIP, backend_addr
-
-CONFIG = """
-[lb]
-control_socket = "{sock}"
-{lb_extra}
-[[service]]
-name = "web"
-vip = "{vip}"
-port = 80
-scheduler = "rr"
-[service.health]
-kind = "tcp"
-interval_ms = 100
-{backends}
-"""
+from natlb.testbed import VIP, basic_config
 
 
 def config(testbed, backends, lb_extra=""):
-    blocks = "\n".join(f'[[service.backend]]\naddress = "{backend_addr(k)}"' for k in backends)
-    return CONFIG.format(sock=testbed.control_socket, vip=VIP, backends=blocks,
-                         lb_extra=lb_extra)
+    return basic_config(testbed, backends=backends, lb_extra=lb_extra)
 
 
 def hup_and_wait(testbed, proc, text, before):
@@ -61,7 +44,7 @@ def test_reload_adds_and_removes_backends_and_keeps_old_flows(testbed, natlb):
 def test_bad_reload_keeps_running_config(testbed, natlb):
     p = natlb(config(testbed, [1, 2, 3]))
     path = testbed.workdir / "natlb.toml"
-    path.write_text(config(testbed, [1]).replace("port = 80", "port = 0", 1))
+    path.write_text(config(testbed, [1]).replace("port = 80\nprotocol", "port = 0\nprotocol"))
     hup_and_wait(testbed, p, "reload refused", 0)
     assert "service[0].port = 0: must be 1..65535" in testbed.natlb_log()
     path.write_text(config(testbed, [1], lb_extra="workers = 2"))
