@@ -519,8 +519,11 @@ int nl_process(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
                uint32_t pkt_flags, uint64_t now_ms)
 {
     /* Rewriting needs the whole packet: its checksums cover all of it. */
-    if (pkt_flags & NL_PKT_HEAD_ONLY)
+    if (pkt_flags & NL_PKT_HEAD_ONLY) {
+        lb->counters[worker > lb->cfg.n_workers ? lb->cfg.n_workers : worker]
+            .reasons[NL_R_TRUNCATED]++;
         return NL_VERDICT_DROP;
+    }
     return process(lb, worker, pkt, len, pkt_flags, now_ms, NULL);
 }
 

@@ -24,12 +24,6 @@ Result = tuple[bool, str]
 Checker = Callable[[str, int, HealthConfig], Awaitable[Result]]
 
 
-async def check_tcp(address: str, port: int, hc: HealthConfig) -> Result:
-    _, writer = await asyncio.open_connection(address, port)
-    writer.close()
-    return True, "connected"
-
-
 async def check_http(address: str, port: int, hc: HealthConfig) -> Result:
     reader, writer = await asyncio.open_connection(address, port)
     try:
@@ -130,12 +124,6 @@ async def check_exec(address: str, port: int, hc: HealthConfig) -> Result:
     return code == 0, f"exit {code}"
 
 
-CHECKERS: dict[str, Checker] = {
-    "tcp": check_tcp, "http": check_http, "udp": check_udp, "dns": check_dns,
-    "exec": check_exec,
-}
-
-
 async def run_check(checker: Checker, address: str, port: int, hc: HealthConfig) -> Result:
     try:
         return await asyncio.wait_for(checker(address, port, hc), hc.timeout_ms / 1000)
@@ -190,6 +178,25 @@ class TcpProber:
             s, _, _ = self.pending.pop(fd)
             self.loop.remove_writer(fd)
             s.close()
+
+
+async def check_tcp(address: str, port: int, hc: HealthConfig) -> Result:
+    """One TCP check through the same prober the monitor uses."""
+    loop = asyncio.get_running_loop()
+    result: asyncio.Future[Result] = loop.create_future()
+    prober = TcpProber(loop)
+    prober.start(address, port, hc.timeout_ms / 1000,
+                 lambda ok, detail: result.done() or result.set_result((ok, detail)))
+    try:
+        return await result
+    finally:
+        prober.close()
+
+
+CHECKERS: dict[str, Checker] = {
+    "tcp": check_tcp, "http": check_http, "udp": check_udp, "dns": check_dns,
+    "exec": check_exec,
+}
 
 
 class Monitor:

@@ -48,3 +48,4 @@ def test_rewriting_needs_the_whole_packet(core):
     core.publish([make_service()])
     syn = bytes(IP(src=CLIENT, dst=VIP) / TCP(sport=1, dport=80, flags="S") / (b"x" * 100))
     assert core.process(syn[:60], 1, PKT_HEAD_ONLY)[0] == Verdict.DROP
+    assert core.reasons()["truncated"] == 1
