@@ -1,6 +1,8 @@
 /*
  * lb.c -- the load balancer object: published snapshots, counters, and
- * nl_process, which ties parse -> conntrack -> schedule -> rewrite together.
+ * the per-packet path: parse -> conntrack -> schedule -> rewrite (nl_process)
+ * or -> mark for nftables to rewrite (nl_decide); ICMP errors about flows go
+ * to failover (unreachable) or back to the backend (fragmentation needed).
  *
  * Snapshot reclamation (quiescent-state based): a worker records the
  * publish generation it saw before loading the snapshot pointer for a batch

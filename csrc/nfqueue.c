@@ -4,10 +4,17 @@
  *
  * Each loop iteration receives up to BATCH netlink datagrams with one
  * recvmmsg (MSG_WAITFORONE: it returns as soon as one is there, so batching
- * never adds latency), runs nl_process on every packet in place, and sends
- * all verdicts with one sendmsg whose iovecs point at the rewritten packets
- * in the receive slots.  The queue is fail-closed: no BYPASS/FAIL_OPEN flag,
- * because a packet that skipped the rewrite would leak backend addresses.
+ * never adds latency), decides every packet, and sends all verdicts with
+ * one sendmsg.  Two modes:
+ *  - mark (NL_START_MARK): the kernel copies 128 bytes of each packet;
+ *    nl_decide answers with a mark and the nftables rewrite chain does the
+ *    rewriting, so no packet body crosses into userspace;
+ *  - copy: whole packets; nl_process rewrites them in place and the verdict
+ *    iovecs point at them in the receive slots.
+ * Between batches the worker runs the failover timers and sends what the
+ * core queued in its outbox.  The queue is fail-closed: no BYPASS/FAIL_OPEN
+ * flag, because a packet that skipped the rewrite would leak backend
+ * addresses.
  */
 #define _GNU_SOURCE
 #include <errno.h>
