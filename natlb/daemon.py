@@ -174,6 +174,7 @@ class Daemon:
 
     def run(self) -> int:
         lb = self.config.lb
+        netsetup.preflight(lb)
         ControlServer.check_free(lb.control_socket)
         self.pool.publish()
         self.core.start(lb.queues, gso=lb.gso, mark=lb.rewrite == "mark")

@@ -12,7 +12,7 @@ from collections.abc import Iterable
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from natlb.config import LBConfig
+from natlb.config import ConfigError, LBConfig
 from natlb.undo import Journal
 
 log = logging.getLogger("natlb.net")
@@ -45,6 +45,20 @@ def _set_sysctl(path: str, value: str, journal: Journal) -> None:
     journal.record("sysctl", path=path, old=old)
     with open(path, "w") as f:
         f.write(value)
+
+
+def preflight(lb: LBConfig) -> None:
+    """Config values only this host can judge, checked before anything is
+    touched, so a wrong one is a config error (exit 2) like any other."""
+    with IPRoute() as ipr:
+        if not ipr.link_lookup(ifname=lb.interface):
+            raise ConfigError(f'lb.interface = "{lb.interface}": no such interface')
+        for i, r in enumerate(lb.routes):
+            if r.device and not ipr.link_lookup(ifname=r.device):
+                raise ConfigError(f'lb.route[{i}].device = "{r.device}": no such interface')
+    parent = os.path.dirname(os.path.abspath(lb.control_socket))
+    if not os.path.isdir(parent):
+        raise ConfigError(f'lb.control_socket = "{lb.control_socket}": no directory {parent}')
 
 
 def apply(lb: LBConfig, vips: Iterable[str], journal: Journal) -> None:

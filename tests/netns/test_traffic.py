@@ -109,6 +109,20 @@ def test_sigkill_is_cleaned_up_by_the_guardian(testbed, natlb):
     assert router_state(testbed) == before
 
 
+@pytest.mark.parametrize("lb_extra,error", [
+    ('interface = "nosuchif0"', 'lb.interface = "nosuchif0": no such interface'),
+    ('control_socket = "/nonexistent/dir/natlb.sock"',
+     'lb.control_socket = "/nonexistent/dir/natlb.sock": no directory /nonexistent/dir'),
+])
+def test_host_dependent_config_errors_exit_2(testbed, lb_extra, error):
+    before = router_state(testbed)
+    text = basic_config(testbed).replace(f'control_socket = "{testbed.control_socket}"', "")
+    path = testbed.write_config(text.replace("[lb]", "[lb]\n" + lb_extra))
+    r = natlb_cli(testbed, "run", "-c", str(path))
+    assert (r.returncode, r.stderr.strip()) == (2, f"natlb: config: {error}")
+    assert router_state(testbed) == before
+
+
 def test_bad_config_exits_2_and_touches_nothing(testbed):
     before = router_state(testbed)
     bad = basic_config(testbed).replace('port = 80\nprotocol', 'port = 70000\nprotocol')
