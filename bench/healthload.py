@@ -1,6 +1,7 @@
 """How much CPU the health checker needs: 1,000 backends checked every 50 ms
-(tcp connect), in a namespace of its own.  The servers run in a separate
-process, so only natlb's checking loop is measured.
+(tcp connect).  The checker and the servers run in two namespaces joined by
+a veth pair, as a balancer and its backends would be, and only the checker
+process's CPU time is counted.
 
     sudo .venv/bin/python -m bench.healthload [--backends 1000 --interval-ms 50]
 """
@@ -113,13 +114,27 @@ def main() -> int:
         print(json.dumps(measure(a.backends, a.interval_ms, a.seconds)))
         return 0
     ns = f"nlhc{os.getpid()}"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
+    srv = f"nlhs{os.getpid()}"
     server = None
+
+    def ip(*args: str) -> None:
+        subprocess.run(["ip", *args], check=True)
+
     try:
-        subprocess.run(["ip", "-n", ns, "link", "set", "lo", "up"], check=True)
+        for n in (ns, srv):
+            ip("netns", "add", n)
+            ip("-n", n, "link", "set", "lo", "up")
+        ip("link", "add", f"{ns}a", "type", "veth", "peer", "name", f"{ns}b")
+        ip("link", "set", f"{ns}a", "netns", ns)
+        ip("link", "set", f"{ns}b", "netns", srv)
+        ip("-n", ns, "addr", "add", "198.51.100.1/24", "dev", f"{ns}a")
+        ip("-n", srv, "addr", "add", "198.51.100.2/24", "dev", f"{ns}b")
+        ip("-n", ns, "link", "set", f"{ns}a", "up")
+        ip("-n", srv, "link", "set", f"{ns}b", "up")
+        ip("-n", ns, "route", "add", "203.0.113.0/24", "via", "198.51.100.2")
         for addr in ADDRS:
-            subprocess.run(["ip", "-n", ns, "addr", "add", f"{addr}/32", "dev", "lo"], check=True)
-        server = subprocess.Popen(["ip", "netns", "exec", ns, sys.executable, "-m",
+            ip("-n", srv, "addr", "add", f"{addr}/32", "dev", "lo")
+        server = subprocess.Popen(["ip", "netns", "exec", srv, sys.executable, "-m",
                                    "bench.healthload", "--child", "serve", "--backends",
                                    str(a.backends)], stdout=subprocess.PIPE, text=True)
         assert server.stdout and server.stdout.readline().strip() == "ready"
@@ -137,7 +152,8 @@ def main() -> int:
         if server:
             server.kill()
             server.wait()
-        subprocess.run(["ip", "netns", "del", ns])
+        for n in (ns, srv):
+            subprocess.run(["ip", "netns", "del", n])
     return 0
 
 
