@@ -301,10 +301,15 @@ static int receive(struct nl_worker *w)
     return recvmmsg(w->fd, w->msgs, BATCH, MSG_WAITFORONE, NULL);
 }
 
-/* Sleep in recvmmsg no longer than until the next held SYN is due. */
+/* Sleep in recvmmsg at most 100 ms, or one tick (a quarter of the SYN
+ * timeout) while a held SYN is pending.  Two fixed values rather than the
+ * exact time to the next deadline: that changes every batch under load and
+ * would cost a setsockopt each time. */
 static void set_timeout(struct nl_worker *w, uint32_t wait_ms)
 {
-    uint32_t ms = wait_ms > 100 ? 100 : (wait_ms < 1 ? 1 : wait_ms);
+    uint32_t tick = w->lb->cfg.syn_timeout_ms / 4;
+    tick = tick < 1 ? 1 : (tick > 100 ? 100 : tick);
+    uint32_t ms = wait_ms >= 100 ? 100 : tick;
     if (ms == w->timeout_ms)
         return;
     struct timeval tv = { .tv_sec = 0, .tv_usec = (suseconds_t)ms * 1000 };
