@@ -230,6 +230,13 @@ class Steering:
                                            ("NFTA_HOOK_PRIORITY", PRIORITY_RAW)]}),
             ("NFTA_CHAIN_TYPE", "filter"),
         ], NLM_F_CREATE, f"chain {CHAIN}")
+        for m in matches:
+            side = "from" if m.source else "to"
+            b.add(nft_rule_msg, NFT_MSG_NEWRULE, [
+                ("NFTA_RULE_TABLE", self.table), ("NFTA_RULE_CHAIN", CHAIN),
+                ("NFTA_RULE_EXPRESSIONS", _rule_exprs(m, queues[0], len(queues), native)),
+            ], NLM_F_CREATE | NLM_F_APPEND, f"rule {side} {m.address}:{m.port}")
+        # ICMP rules last: every packet is matched against the rules above it.
         backends = sorted({m.address for m in matches if m.source})
         for addr in backends:
             b.add(nft_rule_msg, NFT_MSG_NEWRULE, [
@@ -243,12 +250,6 @@ class Steering:
                 ("NFTA_RULE_EXPRESSIONS", _icmp_unreach_exprs(vip, queues[0], len(queues),
                                                               native, to=True)),
             ], NLM_F_CREATE | NLM_F_APPEND, f"rule icmp to {vip}")
-        for m in matches:
-            side = "from" if m.source else "to"
-            b.add(nft_rule_msg, NFT_MSG_NEWRULE, [
-                ("NFTA_RULE_TABLE", self.table), ("NFTA_RULE_CHAIN", CHAIN),
-                ("NFTA_RULE_EXPRESSIONS", _rule_exprs(m, queues[0], len(queues), native)),
-            ], NLM_F_CREATE | NLM_F_APPEND, f"rule {side} {m.address}:{m.port}")
         if mark is not None:
             self._own_packets_chain(b, mark, queues, native)
         if rewrites:
