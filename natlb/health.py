@@ -185,8 +185,12 @@ async def check_tcp(address: str, port: int, hc: HealthConfig) -> Result:
     loop = asyncio.get_running_loop()
     result: asyncio.Future[Result] = loop.create_future()
     prober = TcpProber(loop)
-    prober.start(address, port, hc.timeout_ms / 1000,
-                 lambda ok, detail: result.done() or result.set_result((ok, detail)))
+
+    def done(ok: bool, detail: str) -> None:
+        if not result.done():
+            result.set_result((ok, detail))
+
+    prober.start(address, port, hc.timeout_ms / 1000, done)
     try:
         return await result
     finally:

@@ -15,6 +15,7 @@ import sys
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
 
 CHUNK = 1 << 16
 
@@ -67,7 +68,7 @@ def serve(name: str, http_port: int, udp_port: int) -> int:
         allow_reuse_address = True
         daemon_threads = True
 
-        def handle_error(self, request: object, client_address: object) -> None:
+        def handle_error(self, request: Any, client_address: Any) -> None:
             # Health checks close with RST on purpose; that is not an error.
             if not isinstance(sys.exc_info()[1], ConnectionError):
                 super().handle_error(request, client_address)
