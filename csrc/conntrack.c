@@ -106,7 +106,7 @@ struct nl_flow *nl_ct_insert(struct nl_ct *ct, uint32_t bucket)
     return f;
 }
 
-static void unlink_at(struct nl_ct *ct, uint32_t *link)
+void nl_ct_unlink(struct nl_ct *ct, uint32_t *link)
 {
     uint32_t i = *link;
     struct nl_flow *f = &ct->flows[i];
@@ -125,7 +125,7 @@ void nl_ct_remove(struct nl_ct *ct, uint32_t bucket, struct nl_flow *f)
     for (uint32_t *link = &ct->buckets[bucket]; *link != NL_NIL;
          link = &ct->flows[*link].next) {
         if (*link == target) {
-            unlink_at(ct, link);
+            nl_ct_unlink(ct, link);
             return;
         }
     }
@@ -166,7 +166,7 @@ static uint32_t sweep_bucket(struct nl_lb *lb, uint32_t b, uint32_t now)
         struct nl_flow *f = &ct->flows[*link];
         if (nl_time_before(f->expires_ms, now)) {
             nl_flow_gauge(lb, f, f->state, -1);
-            unlink_at(ct, link);
+            nl_ct_unlink(ct, link);
             freed++;
         } else {
             link = &f->next;

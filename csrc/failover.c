@@ -32,7 +32,6 @@
 #include "internal.h"
 
 #define HELD_SLOTS 8192          /* power of two, < 0xffff                 */
-#define HELD_NONE 0xffff
 #define PKT_MAX 128              /* bigger SYNs (with data) are not held   */
 #define OUTBOX_SLOTS 4096
 #define EVENT_SLOTS 1024
@@ -211,7 +210,7 @@ void nl_hold_syn(struct nl_lb *lb, struct nl_flow *f, const uint8_t *pkt, uint32
                  uint32_t now)
 {
     struct nl_failover *fo = lb->fo;
-    f->held = HELD_NONE;
+    f->held = NL_HELD_NONE;
     if (!lb->cfg.syn_timeout_ms || len > PKT_MAX)
         return;
     pthread_spin_lock(&fo->held_lock);
@@ -237,7 +236,7 @@ static uint32_t held_copy(struct nl_lb *lb, const struct nl_flow *f, uint8_t *bu
 {
     struct nl_failover *fo = lb->fo;
     uint32_t len = 0;
-    if (f->held == HELD_NONE)
+    if (f->held == NL_HELD_NONE)
         return 0;
     pthread_spin_lock(&fo->held_lock);
     const struct held *h = &fo->held[f->held];
@@ -366,12 +365,13 @@ uint32_t nl_reset_backend(struct nl_lb *lb, uint32_t backend_id)
             continue;
         pthread_spinlock_t *lock = nl_ct_stripe(ct, b);
         pthread_spin_lock(lock);
-        uint32_t i = ct->buckets[b];
-        while (i != NL_NIL) {
-            struct nl_flow *f = &ct->flows[i];
-            i = f->next;
-            if (f->backend_id != backend_id)
+        uint32_t *link = &ct->buckets[b];
+        while (*link != NL_NIL) {
+            struct nl_flow *f = &ct->flows[*link];
+            if (f->backend_id != backend_id) {
+                link = &f->next;
                 continue;
+            }
             /* Reset what is still open: not a SYN being re-steered, not a
              * flow closed by RST or by FINs from both sides. */
             if (f->proto == 6 && f->state != NL_FS_SYN_SENT && f->state != NL_FS_CLOSE &&
@@ -384,10 +384,12 @@ uint32_t nl_reset_backend(struct nl_lb *lb, uint32_t backend_id)
                 nl_outbox_push(lb, rst, sizeof(rst));
                 nl_count_failover(lb, NL_F_RESETS_SENT, 1);
             }
-            if (f->proto == 6 && f->state == NL_FS_SYN_SENT)
-                continue;   /* its SYN is re-steered, not reset */
+            if (f->proto == 6 && f->state == NL_FS_SYN_SENT) {
+                link = &f->next;   /* its SYN is re-steered, not reset */
+                continue;
+            }
             nl_flow_gauge(lb, f, f->state, -1);
-            nl_ct_remove(ct, b, f);
+            nl_ct_unlink(ct, link);
             reset++;
         }
         pthread_spin_unlock(lock);

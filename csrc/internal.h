@@ -10,6 +10,7 @@
 #define NL_LIKELY(x) __builtin_expect(!!(x), 1)
 #define NL_UNLIKELY(x) __builtin_expect(!!(x), 0)
 #define NL_NIL 0xffffffffu
+#define NL_HELD_NONE 0xffff          /* nl_flow.held: no SYN held          */
 
 /* A 32-bit finalizer (MurmurHash3's fmix32): every input bit affects every
  * output bit, so seeded hashes of addresses and ports spread evenly. */
@@ -43,6 +44,12 @@ struct nl_pkt {
 #define NL_TCP_SYN 0x02
 #define NL_TCP_RST 0x04
 #define NL_TCP_ACK 0x10
+
+/* The packet's length per its IP header (the buffer may hold less). */
+static inline uint32_t nl_pkt_len(const struct nl_pkt *p)
+{
+    return p->l4len + (uint32_t)(p->l4 - p->ip);
+}
 
 /* Returns -1 if the packet is usable, otherwise an NL_R_* reason.  With
  * head_only, the buffer may stop after the L4 header. */
@@ -148,6 +155,8 @@ struct nl_flow *nl_ct_find(struct nl_ct *ct, uint32_t bucket,
                            const struct nl_ct_key *k, uint32_t now);
 struct nl_flow *nl_ct_insert(struct nl_ct *ct, uint32_t bucket);
 void nl_ct_remove(struct nl_ct *ct, uint32_t bucket, struct nl_flow *f);
+/* Frees the flow *link points to and advances *link past it. */
+void nl_ct_unlink(struct nl_ct *ct, uint32_t *link);
 static inline pthread_spinlock_t *nl_ct_stripe(struct nl_ct *ct, uint32_t bucket)
 {
     return &ct->stripes[bucket & (NL_CT_STRIPES - 1)];

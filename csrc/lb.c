@@ -234,7 +234,8 @@ struct nl_lb *nl_create(const struct nl_config *cfg)
     lb->active = calloc(NL_MAX_BACKENDS, sizeof(int64_t));
     lb->inactive = calloc(NL_MAX_BACKENDS, sizeof(int64_t));
     lb->raw_fd = -1;
-    if (!lb->counters || !lb->active || !lb->inactive || nl_failover_init(lb) < 0 || nl_ct_init(&lb->ct, cfg->max_flows, cfg->timeout_ms) < 0) {
+    if (!lb->counters || !lb->active || !lb->inactive || nl_failover_init(lb) < 0 ||
+        nl_ct_init(&lb->ct, cfg->max_flows, cfg->timeout_ms) < 0) {
         nl_destroy(lb);
         return NULL;
     }
@@ -275,11 +276,46 @@ void nl_flow_gauge(struct nl_lb *lb, const struct nl_flow *f, uint8_t state, int
 /* Keeps the client's SYN for re-steering, if we have all of it. */
 static void hold_syn(struct nl_lb *lb, struct nl_flow *f, const struct nl_pkt *p, uint32_t now)
 {
-    uint32_t tot = p->l4len + (uint32_t)(p->l4 - p->ip);
-    if (tot <= p->caplen)
-        nl_hold_syn(lb, f, p->ip, tot, now);
+    if (nl_pkt_len(p) <= p->caplen)
+        nl_hold_syn(lb, f, p->ip, nl_pkt_len(p), now);
     else
-        f->held = 0xffff;
+        f->held = NL_HELD_NONE;
+}
+
+/* Per-packet traffic counters of the packet's service and backend. */
+static void count_packet(struct nl_worker_counters *wc, uint16_t sid, uint16_t bid,
+                         uint32_t bytes, int is_reply)
+{
+    struct nl_counters *c[2] = { &wc->services[sid], &wc->backends[bid] };
+    for (int i = 0; i < 2; i++) {
+        if (is_reply) {
+            c[i]->packets_out++;
+            c[i]->bytes_out += bytes;
+        } else {
+            c[i]->packets_in++;
+            c[i]->bytes_in += bytes;
+        }
+    }
+}
+
+/* The counter block of `worker`; callers outside the workers share the last. */
+static struct nl_worker_counters *counters_of(struct nl_lb *lb, uint32_t worker)
+{
+    return &lb->counters[worker > lb->cfg.n_workers ? lb->cfg.n_workers : worker];
+}
+
+/* Finds the flow of key `k` and returns it with its stripe locked in *lock;
+ * NULL (nothing locked) if there is none. */
+static struct nl_flow *find_locked(struct nl_lb *lb, const struct nl_ct_key *k, uint32_t now,
+                                   pthread_spinlock_t **lock)
+{
+    uint32_t b = nl_ct_bucket(&lb->ct, k);
+    *lock = nl_ct_stripe(&lb->ct, b);
+    pthread_spin_lock(*lock);
+    struct nl_flow *f = nl_ct_find(&lb->ct, b, k, now);
+    if (!f)
+        pthread_spin_unlock(*lock);
+    return f;
 }
 
 /* TCP state update that keeps the per-backend gauges in step. */
@@ -340,7 +376,7 @@ static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
         f->created_ms = now;
         f->state = p->proto == 6 ? NL_FS_FREE : NL_FS_UDP;
         f->tries = 1;
-        f->held = 0xffff;
+        f->held = NL_HELD_NONE;
         nl_flow_gauge(lb, f, f->state, 1);
         if (p->proto == 6)
             hold_syn(lb, f, p, now);
@@ -370,37 +406,16 @@ static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
         *mark = NL_MARK_FORWARD | bid;
     else
         nl_rewrite(p, 1, baddr, bport, pkt_flags);
-    uint32_t bytes = p->l4len + (uint32_t)(p->l4 - p->ip);
-    struct nl_counters *sc = &wc->services[svc->spec.id], *bc = &wc->backends[bid];
-    sc->packets_in++;
-    sc->bytes_in += bytes;
-    bc->packets_in++;
-    bc->bytes_in += bytes;
+    count_packet(wc, (uint16_t)svc->spec.id, bid, nl_pkt_len(p), 0);
     return mark ? NL_VERDICT_MARK : NL_VERDICT_REWRITE;
-}
-
-/* Finds the flow a packet from a backend (or quoting one) belongs to and
- * returns it with its stripe locked in *lock; NULL (nothing locked) if none. */
-static struct nl_flow *find_from_backend(struct nl_lb *lb, uint32_t backend, uint16_t bport,
-                                         uint32_t client, uint16_t cport, uint8_t proto,
-                                         uint32_t now, pthread_spinlock_t **lock)
-{
-    struct nl_ct_key k = { client, cport, proto, 1, backend, bport };
-    uint32_t b = nl_ct_bucket(&lb->ct, &k);
-    *lock = nl_ct_stripe(&lb->ct, b);
-    pthread_spin_lock(*lock);
-    struct nl_flow *f = nl_ct_find(&lb->ct, b, &k, now);
-    if (!f)
-        pthread_spin_unlock(*lock);
-    return f;
 }
 
 static int reply(struct nl_lb *lb, struct nl_worker_counters *wc, struct nl_pkt *p,
                  uint32_t pkt_flags, uint32_t now, uint32_t *mark)
 {
     pthread_spinlock_t *lock;
-    struct nl_flow *f = find_from_backend(lb, p->saddr, p->sport, p->daddr, p->dport,
-                                          p->proto, now, &lock);
+    struct nl_ct_key k = { p->daddr, p->dport, p->proto, 1, p->saddr, p->sport };
+    struct nl_flow *f = find_locked(lb, &k, now, &lock);
     if (!f) {
         wc->reasons[NL_R_NOT_OURS]++;
         return NL_VERDICT_ACCEPT;
@@ -428,11 +443,7 @@ static int reply(struct nl_lb *lb, struct nl_worker_counters *wc, struct nl_pkt 
         *mark = NL_MARK_REPLY | sid;
     else
         nl_rewrite(p, 0, vip, vport, pkt_flags);
-    uint32_t bytes = p->l4len + (uint32_t)(p->l4 - p->ip);
-    wc->services[sid].packets_out++;
-    wc->services[sid].bytes_out += bytes;
-    wc->backends[bid].packets_out++;
-    wc->backends[bid].bytes_out += bytes;
+    count_packet(wc, sid, bid, nl_pkt_len(p), 1);
     return mark ? NL_VERDICT_MARK : NL_VERDICT_REWRITE;
 }
 
@@ -445,19 +456,18 @@ static int reply(struct nl_lb *lb, struct nl_worker_counters *wc, struct nl_pkt 
 static int pmtu(struct nl_lb *lb, struct nl_worker_counters *wc, const struct nl_icmp *icmp,
                 uint32_t now)
 {
+    /* The quoted packet went VIP -> client: find the flow by its VIP side. */
     const struct nl_pkt *in = &icmp->inner;
     struct nl_ct_key k = { in->daddr, in->dport, in->proto, 0, in->saddr, in->sport };
-    uint32_t b = nl_ct_bucket(&lb->ct, &k);
-    pthread_spinlock_t *lock = nl_ct_stripe(&lb->ct, b);
-    pthread_spin_lock(lock);
-    struct nl_flow *f = nl_ct_find(&lb->ct, b, &k, now);
-    uint32_t baddr = f ? f->backend_addr : 0;
-    uint16_t bport = f ? f->backend_port : 0;
-    pthread_spin_unlock(lock);
+    pthread_spinlock_t *lock;
+    struct nl_flow *f = find_locked(lb, &k, now, &lock);
     if (!f) {
         wc->reasons[NL_R_NOT_OURS]++;
         return NL_VERDICT_ACCEPT;
     }
+    uint32_t baddr = f->backend_addr;
+    uint16_t bport = f->backend_port;
+    pthread_spin_unlock(lock);
     uint8_t out[20 + 8 + 60 + 8];
     uint32_t n = nl_build_frag_needed(out, icmp->outer_saddr, baddr, icmp->mtu, icmp->quoted,
                                       icmp->quoted_len, baddr, bport);
@@ -478,13 +488,13 @@ static int icmp_unreach(struct nl_lb *lb, struct nl_worker_counters *wc, const u
         wc->reasons[r]++;
         return r == NL_R_MALFORMED ? NL_VERDICT_DROP : NL_VERDICT_ACCEPT;
     }
-    struct nl_pkt in = icmp.inner;
     if (icmp.frag_needed)
         return pmtu(lb, wc, &icmp, now);
-    /* The quoted packet went client -> backend. */
+    /* The quoted packet went client -> backend: find the flow by its backend side. */
+    const struct nl_pkt *in = &icmp.inner;
+    struct nl_ct_key k = { in->saddr, in->sport, in->proto, 1, in->daddr, in->dport };
     pthread_spinlock_t *lock;
-    struct nl_flow *f = find_from_backend(lb, in.daddr, in.dport, in.saddr, in.sport, in.proto,
-                                          now, &lock);
+    struct nl_flow *f = find_locked(lb, &k, now, &lock);
     if (!f) {
         wc->reasons[NL_R_NOT_OURS]++;
         return NL_VERDICT_ACCEPT;
@@ -499,9 +509,7 @@ static int icmp_unreach(struct nl_lb *lb, struct nl_worker_counters *wc, const u
 static int process(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
                    uint32_t pkt_flags, uint64_t now_ms, uint32_t *mark)
 {
-    if (worker > lb->cfg.n_workers)
-        worker = lb->cfg.n_workers;
-    struct nl_worker_counters *wc = &lb->counters[worker];
+    struct nl_worker_counters *wc = counters_of(lb, worker);
     struct nl_pkt p;
     int r = nl_parse(pkt, len, &p, (pkt_flags & NL_PKT_HEAD_ONLY) != 0);
     if (r == NL_R_UNSUPPORTED && len >= 20 && pkt[9] == 1)
@@ -522,8 +530,7 @@ int nl_process(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
 {
     /* Rewriting needs the whole packet: its checksums cover all of it. */
     if (pkt_flags & NL_PKT_HEAD_ONLY) {
-        lb->counters[worker > lb->cfg.n_workers ? lb->cfg.n_workers : worker]
-            .reasons[NL_R_TRUNCATED]++;
+        counters_of(lb, worker)->reasons[NL_R_TRUNCATED]++;
         return NL_VERDICT_DROP;
     }
     return process(lb, worker, pkt, len, pkt_flags, now_ms, NULL);

@@ -230,15 +230,19 @@ class Core:
             raise CoreError("snapshot rejected (duplicate service?)")
 
     # -- sans-IO data path (tests, tools) ---------------------------------
+    @staticmethod
+    def _buffer(packet: bytes):  # cffi cannot make a zero-length array
+        return ffi.new("uint8_t[]", packet) if packet else ffi.new("uint8_t[1]")
+
     def process(self, packet: bytes, now_ms: int, flags: int = 0) -> tuple[Verdict, bytes]:
         """Run one packet through the data path, as a worker would."""
-        buf = ffi.new("uint8_t[]", packet) if packet else ffi.new("uint8_t[1]")
+        buf = self._buffer(packet)
         v = lib.nl_process(self._lb, self.workers, buf, len(packet), flags, now_ms)
         return Verdict(v), bytes(ffi.buffer(buf, len(packet)))
 
     def decide(self, packet: bytes, now_ms: int, flags: int = 0) -> tuple[Verdict, int]:
         """Mark mode: the verdict and the mark that tells nft what to rewrite."""
-        buf = ffi.new("uint8_t[]", packet) if packet else ffi.new("uint8_t[1]")
+        buf = self._buffer(packet)
         mark = ffi.new("uint32_t *")
         v = lib.nl_decide(self._lb, self.workers, buf, len(packet), flags, now_ms, mark)
         return Verdict(v), mark[0]
