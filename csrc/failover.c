@@ -106,7 +106,7 @@ void nl_read_failover(struct nl_lb *lb, uint64_t *out)
 /* ---- events ------------------------------------------------------------ */
 
 void nl_emit(struct nl_lb *lb, uint32_t kind, uint32_t service_id, uint32_t backend_id,
-             uint64_t now)
+             uint32_t client_addr, uint64_t now)
 {
     struct nl_failover *fo = lb->fo;
     int lost = 0;
@@ -115,7 +115,7 @@ void nl_emit(struct nl_lb *lb, uint32_t kind, uint32_t service_id, uint32_t back
         lost = 1;
     } else {
         struct nl_event *e = &fo->ev[fo->ev_head++ % EVENT_SLOTS];
-        *e = (struct nl_event){ kind, service_id, backend_id, 0, now };
+        *e = (struct nl_event){ kind, service_id, backend_id, client_addr, now };
     }
     pthread_spin_unlock(&fo->ev_lock);
     if (lost) {
@@ -345,7 +345,7 @@ void nl_failover_tick(struct nl_lb *lb, uint64_t now_ms)
             if (f->state == NL_FS_SYN_SENT && f->held == due[i].slot &&
                 f->client_addr == due[i].client_addr && f->client_port == due[i].client_port &&
                 f->tries == due[i].attempt) {
-                nl_emit(lb, NL_EV_SYN_TIMEOUT, f->service_id, f->backend_id, now_ms);
+                nl_emit(lb, NL_EV_SYN_TIMEOUT, f->service_id, f->backend_id, f->client_addr, now_ms);
                 nl_resteer_held(lb, f, now);
             }
             pthread_spin_unlock(lock);

@@ -248,7 +248,7 @@ int nl_resteer_held(struct nl_lb *lb, struct nl_flow *f, uint32_t now);
 int nl_move_flow(struct nl_lb *lb, const struct nl_snapshot *snap, struct nl_flow *f,
                  const struct nl_pkt *p);
 void nl_emit(struct nl_lb *lb, uint32_t kind, uint32_t service_id, uint32_t backend_id,
-             uint64_t now);
+             uint32_t client_addr, uint64_t now);
 uint32_t nl_syn_deadline_next(struct nl_lb *lb, uint32_t now);
 void nl_count_failover(struct nl_lb *lb, int which, uint64_t n);
 /* Queues a packet natlb sends itself; 0 if the outbox is full. */

@@ -423,7 +423,7 @@ static int reply(struct nl_lb *lb, struct nl_worker_counters *wc, struct nl_pkt 
     if (p->proto == 6 && (p->tcp_flags & NL_TCP_RST) && f->state == NL_FS_SYN_SENT) {
         /* The backend refused the connection: try the SYN elsewhere and
          * keep the RST from the client. */
-        nl_emit(lb, NL_EV_SYN_RST, f->service_id, f->backend_id, now);
+        nl_emit(lb, NL_EV_SYN_RST, f->service_id, f->backend_id, f->client_addr, now);
         if (nl_resteer_held(lb, f, now) == 0) {
             pthread_spin_unlock(lock);
             return NL_VERDICT_DROP;
@@ -499,7 +499,7 @@ static int icmp_unreach(struct nl_lb *lb, struct nl_worker_counters *wc, const u
         wc->reasons[NL_R_NOT_OURS]++;
         return NL_VERDICT_ACCEPT;
     }
-    nl_emit(lb, NL_EV_ICMP, f->service_id, f->backend_id, now);
+    nl_emit(lb, NL_EV_ICMP, f->service_id, f->backend_id, f->client_addr, now);
     if (f->proto == 6 && f->state == NL_FS_SYN_SENT)
         nl_resteer_held(lb, f, now);
     pthread_spin_unlock(lock);

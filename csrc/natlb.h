@@ -181,7 +181,9 @@ struct nl_event {
     uint32_t kind;                  /* NL_EV_*                             */
     uint32_t service_id;
     uint32_t backend_id;
-    uint32_t _pad;
+    uint32_t client_addr;           /* network order: the flow's client, so
+                                       the control plane can count distinct
+                                       clients before it believes a failure */
     uint64_t time_ms;               /* the now_ms of the packet or tick    */
 };
 

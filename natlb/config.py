@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import ipaddress
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 from natlb.core import MAX_BACKENDS, MAX_SERVICES, MAX_WORKERS
 
 SCHEDULERS = ("rr", "wrr", "lc", "sh", "maglev")
 PROTOCOLS = ("tcp", "udp")
-HEALTH_KINDS = ("tcp", "http", "udp", "dns", "exec", "none")
-PASSIVE = ("down", "suspect", "ignore")
+PASSIVE = ("check", "suspect", "down", "ignore")
 ON_DOWN = ("reset", "keep")
 
 
@@ -26,26 +25,74 @@ class ConfigError(ValueError):
     """The user's configuration is wrong; the message is one line."""
 
 
+# -- health checks: one dataclass per kind --------------------------------
+# A kind's dataclass holds the keys that kind accepts (besides the timing keys
+# every kind shares); natlb.checkers registers a checker for each class.
+
 @dataclass(frozen=True)
 class HealthConfig:
-    kind: str = "tcp"
+    """What every kind shares: when to check and how many results count."""
+
+    kind: ClassVar[str] = "none"
     interval_ms: int = 1000
     timeout_ms: int = 500
     rise: int = 2
     fall: int = 2
     port: int | None = None           # defaults to the backend port
-    path: str = "/"                   # http
-    expect_status: int = 200          # http
-    expect_body: str | None = None    # http: substring the body must hold
-    payload: str = "ping"             # udp
-    expect: str | None = None         # udp: substring the reply must hold
-    name: str = "."                   # dns: the name queried (type A)
-    command: tuple[str, ...] = ()     # exec: argv; NATLB_BACKEND=addr:port in env
+
+
+@dataclass(frozen=True)
+class NoCheck(HealthConfig):
+    """No active checks: every backend counts as up."""
+
+    kind: ClassVar[str] = "none"
+
+
+@dataclass(frozen=True)
+class TcpCheck(HealthConfig):
+    """A connect, closed with RST."""
+
+    kind: ClassVar[str] = "tcp"
+
+
+@dataclass(frozen=True)
+class HttpCheck(HealthConfig):
+    kind: ClassVar[str] = "http"
+    path: str = "/"
+    expect_status: int = 200
+    expect_body: str | None = None    # substring the body must hold
+
+
+@dataclass(frozen=True)
+class UdpCheck(HealthConfig):
+    kind: ClassVar[str] = "udp"
+    payload: str = "ping"
+    expect: str | None = None         # substring the reply must hold
+
+
+@dataclass(frozen=True)
+class DnsCheck(HealthConfig):
+    kind: ClassVar[str] = "dns"
+    name: str = "."                   # the name queried (type A)
+
+
+@dataclass(frozen=True)
+class ExecCheck(HealthConfig):
+    kind: ClassVar[str] = "exec"
+    command: tuple[str, ...] = ()     # argv; NATLB_BACKEND=addr:port in env
+
+
+HEALTH_KINDS: dict[str, type[HealthConfig]] = {
+    c.kind: c for c in (TcpCheck, HttpCheck, UdpCheck, DnsCheck, ExecCheck, NoCheck)}
 
 
 @dataclass(frozen=True)
 class FailoverConfig:
-    passive: str = "down"             # what a failure seen in traffic does
+    # What one failure seen in live traffic does: "check" makes the backend
+    # suspect and checks it at once, the check decides (see natlb.pool_state).
+    passive: str = "check"
+    passive_threshold: int = 0        # distinct clients within the window: down (0: off)
+    passive_window_ms: int = 10_000
     on_backend_down: str = "reset"    # established TCP flows of a dead backend
 
 
@@ -169,47 +216,84 @@ def _ipv4(raw: dict[str, Any], key: str, path: str) -> str:
 
 # -- sections --------------------------------------------------------------
 
-def _health(raw: Any, path: str) -> HealthConfig:
-    raw = _table(raw, path)
-    _known(raw, path, {"kind", "interval_ms", "timeout_ms", "rise", "fall", "port", "path",
-                       "expect_status", "expect_body", "payload", "expect", "name", "command"})
-    command = raw.get("command", [])
+def _no_keys(raw: dict[str, Any], path: str) -> dict[str, Any]:
+    return {}
+
+
+def _check_http(raw: dict[str, Any], path: str) -> dict[str, Any]:
+    d = HttpCheck()
+    url = _str(raw, "path", path, d.path)
+    if not url.startswith("/"):
+        raise _fail(f"{path}.path", url, "must start with /")
+    return {"path": url,
+            "expect_status": _int(raw, "expect_status", path, d.expect_status, 100, 599),
+            "expect_body": _str(raw, "expect_body", path, "") if "expect_body" in raw else None}
+
+
+def _check_udp(raw: dict[str, Any], path: str) -> dict[str, Any]:
+    return {"payload": _str(raw, "payload", path, UdpCheck().payload),
+            "expect": _str(raw, "expect", path, "") if "expect" in raw else None}
+
+
+def _check_dns(raw: dict[str, Any], path: str) -> dict[str, Any]:
+    name = _str(raw, "name", path, DnsCheck().name)
+    if len(name) > 253 or any(len(label) > 63 for label in name.strip(".").split(".")):
+        raise _fail(f"{path}.name", name, "not a DNS name")
+    return {"name": name}
+
+
+def _check_exec(raw: dict[str, Any], path: str) -> dict[str, Any]:
+    if "command" not in raw:
+        raise ConfigError(f"{path}.command: missing (required for kind = \"exec\")")
+    command = raw["command"]
     if isinstance(command, str):
         command = command.split()
-    if not isinstance(command, list) or not all(isinstance(c, str) and c for c in command):
-        raise _fail(f"{path}.command", command, "must be a list of strings")
+    if (not isinstance(command, list) or not command
+            or not all(isinstance(c, str) and c for c in command)):
+        raise _fail(f"{path}.command", command, "must be a non-empty list of strings")
+    return {"command": tuple(command)}
+
+
+# kind -> its own keys' parser; the dataclass's fields say which keys it takes.
+_CHECK_KEYS = {"tcp": _no_keys, "http": _check_http, "udp": _check_udp, "dns": _check_dns,
+               "exec": _check_exec, "none": _no_keys}
+_ALL_CHECK_KEYS = {f.name for c in HEALTH_KINDS.values() for f in fields(c)}
+
+
+def _health(raw: Any, path: str) -> HealthConfig:
+    raw = _table(raw, path)
+    kind = _str(raw, "kind", path, TcpCheck.kind, tuple(HEALTH_KINDS))
+    cls = HEALTH_KINDS[kind]
+    own = {f.name for f in fields(cls)}
+    for k, v in raw.items():
+        if k != "kind" and k not in own:
+            why = f'not a key of kind "{kind}"' if k in _ALL_CHECK_KEYS else "unknown key"
+            raise _fail(f"{path}.{k}", v, why)
     d = HealthConfig()
-    h = HealthConfig(
-        kind=_str(raw, "kind", path, d.kind, HEALTH_KINDS),
+    return cls(
         interval_ms=_int(raw, "interval_ms", path, d.interval_ms, 10, 3_600_000),
         timeout_ms=_int(raw, "timeout_ms", path, d.timeout_ms, 1, 3_600_000),
         rise=_int(raw, "rise", path, d.rise, 1, 100),
         fall=_int(raw, "fall", path, d.fall, 1, 100),
         port=_int(raw, "port", path, 0, 1, 65535) if "port" in raw else None,
-        path=_str(raw, "path", path, d.path),
-        expect_status=_int(raw, "expect_status", path, d.expect_status, 100, 599),
-        payload=_str(raw, "payload", path, d.payload),
-        expect=_str(raw, "expect", path, "") if "expect" in raw else None,
-        expect_body=_str(raw, "expect_body", path, "") if "expect_body" in raw else None,
-        name=_str(raw, "name", path, d.name),
-        command=tuple(command),
+        **_CHECK_KEYS[kind](raw, path),
     )
-    if not h.path.startswith("/"):
-        raise _fail(f"{path}.path", h.path, "must start with /")
-    if h.kind == "exec" and not h.command:
-        raise ConfigError(f"{path}.command: missing (required for kind = \"exec\")")
-    if len(h.name) > 253 or any(len(label) > 63 for label in h.name.strip(".").split(".")):
-        raise _fail(f"{path}.name", h.name, "not a DNS name")
-    return h
 
 
 def _failover(raw: Any, path: str) -> FailoverConfig:
     raw = _table(raw, path)
-    _known(raw, path, {"passive", "on_backend_down"})
+    _known(raw, path, {"passive", "passive_threshold", "passive_window_ms", "on_backend_down"})
     d = FailoverConfig()
-    return FailoverConfig(passive=_str(raw, "passive", path, d.passive, PASSIVE),
-                          on_backend_down=_str(raw, "on_backend_down", path,
-                                               d.on_backend_down, ON_DOWN))
+    f = FailoverConfig(
+        passive=_str(raw, "passive", path, d.passive, PASSIVE),
+        passive_threshold=_int(raw, "passive_threshold", path, d.passive_threshold, 0, 1000),
+        passive_window_ms=_int(raw, "passive_window_ms", path, d.passive_window_ms, 1,
+                               3_600_000),
+        on_backend_down=_str(raw, "on_backend_down", path, d.on_backend_down, ON_DOWN))
+    if f.passive_threshold and f.passive not in ("check", "suspect"):
+        raise _fail(f"{path}.passive_threshold", f.passive_threshold,
+                    f'needs passive = "check" or "suspect", not "{f.passive}"')
+    return f
 
 
 def _backend(raw: Any, path: str, service_port: int) -> BackendConfig:

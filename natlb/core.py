@@ -88,10 +88,11 @@ class BackendEntry:
 class Event:
     """A passive failure the data path saw (see csrc/failover.c)."""
 
-    kind: str            # syn_rst | syn_timeout
+    kind: str            # syn_rst | syn_timeout | icmp_unreachable
     service_id: int
     backend_id: int
     time_ms: int
+    client: str = ""     # the client address of the flow it was seen on
 
 
 @dataclass(frozen=True)
@@ -139,6 +140,10 @@ class CoreConfig:
 def _addr(a: str) -> int:
     # Network order kept as the C side reads it: the raw 4 bytes as a native int.
     return struct.unpack("=I", ipaddress.IPv4Address(a).packed)[0]
+
+
+def _unaddr(a: int) -> str:
+    return str(ipaddress.IPv4Address(struct.pack("=I", a)))
 
 
 def _port(p: int) -> int:
@@ -303,7 +308,7 @@ class Core:
         out = ffi.new("struct nl_event[]", max_events)
         n = lib.nl_read_events(self._lb, out, max_events)
         return [Event(EVENT_KINDS.get(e.kind, str(e.kind)), e.service_id, e.backend_id,
-                      e.time_ms) for e in out[0:n]]
+                      e.time_ms, _unaddr(e.client_addr)) for e in out[0:n]]
 
     def failover_tick(self, now_ms: int) -> None:
         lib.nl_failover_tick(self._lb, now_ms)

@@ -150,6 +150,7 @@ class Daemon:
             task.add_done_callback(reloads.discard)
 
         loop.add_signal_handler(signal.SIGHUP, on_hup)
+        self.pool.publisher.start(loop)  # table builds and flow resets leave the loop
         control = ControlServer(lb.control_socket, self.pool,
                                 lambda: collect(self.pool, lb.queues, started, lb.max_flows))
         await control.start()
@@ -158,7 +159,7 @@ class Daemon:
         def on_events() -> None:
             # The data path signals its event fd; no polling, no per-packet Python.
             for ev in self.core.read_events():
-                self.pool.passive(ev.backend_id, ev.kind)
+                self.pool.passive(ev.backend_id, ev.kind, ev.client)
 
         loop.add_reader(self.core.event_fd(), on_events)
         try:
@@ -171,6 +172,7 @@ class Daemon:
             await asyncio.gather(*reloads, return_exceptions=True)
             await self.monitor.stop()
             await control.stop()
+            await self.pool.publisher.close()
 
     def run(self) -> int:
         lb = self.config.lb

@@ -1,281 +1,152 @@
-"""Active health checks: one asyncio task per backend, no thread per check.
+"""Active health checks: when each backend is checked, and where the
+verdicts go.  How a kind checks lives in natlb.checkers; what a verdict
+means for the backend lives in natlb.pool_state.
 
-Checkers share one small interface: ``async check(address, port, hc) ->
-(ok, detail)``; each kind is one function in CHECKERS.  The monitor applies
-their verdicts to the pool, which owns the up/down state machine.
+One scheduling task per service wakes a few times per interval and starts
+the checks that are due; backends are spread evenly over the interval so
+checks do not come in bursts.  The pool may ask for a check at once
+(check_now: a passive failure made the backend suspect).  A backend has at
+most one check in flight.  Whatever a checker does (raise, hang, answer
+twice), the check ends by its timeout plus a grace period at the latest, is
+counted once, and the backend is checked again on its next interval.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
 import logging
-import os
-import socket
-import struct
-from collections.abc import Awaitable, Callable
+import time
+from dataclasses import dataclass
 
+from natlb.checkers import CHECKERS, Checker, CheckerFactory
 from natlb.config import HealthConfig
 from natlb.pool import Backend, Pool, Service
 
 log = logging.getLogger("natlb.health")
 
-Result = tuple[bool, str]
-Checker = Callable[[str, int, HealthConfig], Awaitable[Result]]
+# A check the checker never ends is written off this long after its timeout.
+GRACE_S = 1.0
 
 
-async def check_http(address: str, port: int, hc: HealthConfig) -> Result:
-    reader, writer = await asyncio.open_connection(address, port)
-    try:
-        writer.write(f"GET {hc.path} HTTP/1.0\r\nHost: {address}\r\n"
-                     f"User-Agent: natlb-health\r\nConnection: close\r\n\r\n".encode())
-        await writer.drain()
-        line = await reader.readline()
-        body = b""
-        if hc.expect_body is not None:
-            head_and_body = await reader.read(1 << 16)
-            body = head_and_body.partition(b"\r\n\r\n")[2]
-    finally:
-        writer.close()
-    parts = line.split()
-    if len(parts) < 2 or not parts[1].isdigit():
-        return False, "no HTTP status line"
-    status = int(parts[1])
-    if status != hc.expect_status:
-        return False, f"HTTP {status}"
-    if hc.expect_body is not None and hc.expect_body.encode() not in body:
-        return False, f"HTTP {status}, body without {hc.expect_body!r}"
-    return True, f"HTTP {status}"
-
-
-class _OneReply(asyncio.DatagramProtocol):
-    def __init__(self) -> None:
-        self.reply: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
-
-    def datagram_received(self, data: bytes, addr: object) -> None:
-        if not self.reply.done():
-            self.reply.set_result(data)
-
-    def error_received(self, exc: Exception) -> None:  # ICMP port unreachable
-        if not self.reply.done():
-            self.reply.set_exception(exc)
-
-
-async def check_udp(address: str, port: int, hc: HealthConfig) -> Result:
-    loop = asyncio.get_running_loop()
-    transport, proto = await loop.create_datagram_endpoint(
-        _OneReply, remote_addr=(address, port))
-    try:
-        transport.sendto(hc.payload.encode())
-        data = await proto.reply
-    finally:
-        transport.close()
-    if hc.expect is not None and hc.expect.encode() not in data:
-        return False, f"reply without {hc.expect!r}"
-    return True, f"{len(data)} byte reply"
-
-
-def dns_query(name: str, qid: int) -> bytes:
-    """A minimal RFC 1035 query: one question, type A, class IN, RD set."""
-    labels = [label for label in name.strip(".").split(".") if label]
-    qname = b"".join(bytes([len(x)]) + x.encode() for x in labels) + b"\0"
-    return struct.pack("!HHHHHH", qid, 0x0100, 1, 0, 0, 0) + qname + struct.pack("!HH", 1, 1)
-
-
-def dns_answered(reply: bytes, qid: int) -> tuple[bool, str]:
-    if len(reply) < 12:
-        return False, "short DNS reply"
-    rid, flags, _, ancount, _, _ = struct.unpack("!HHHHHH", reply[:12])
-    if rid != qid or not flags & 0x8000:
-        return False, "not a reply to our query"
-    rcode = flags & 0xF
-    if rcode != 0:
-        return False, f"DNS rcode {rcode}"
-    if ancount == 0:
-        return False, "DNS reply without answer"
-    return True, f"DNS {ancount} answers"
-
-
-async def check_dns(address: str, port: int, hc: HealthConfig) -> Result:
-    loop = asyncio.get_running_loop()
-    qid = int.from_bytes(os.urandom(2), "big")
-    transport, proto = await loop.create_datagram_endpoint(
-        _OneReply, remote_addr=(address, port))
-    try:
-        transport.sendto(dns_query(hc.name, qid))
-        reply = await proto.reply
-    finally:
-        transport.close()
-    return dns_answered(reply, qid)
-
-
-async def check_exec(address: str, port: int, hc: HealthConfig) -> Result:
-    env = dict(os.environ, NATLB_BACKEND=f"{address}:{port}", NATLB_BACKEND_ADDRESS=address,
-               NATLB_BACKEND_PORT=str(port))
-    proc = await asyncio.create_subprocess_exec(
-        *hc.command, env=env, stdin=asyncio.subprocess.DEVNULL,
-        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL)
-    try:
-        code = await proc.wait()
-    except asyncio.CancelledError:  # timed out: do not leave it running
-        proc.kill()
-        await proc.wait()
-        raise
-    return code == 0, f"exit {code}"
-
-
-async def run_check(checker: Checker, address: str, port: int, hc: HealthConfig) -> Result:
-    try:
-        return await asyncio.wait_for(checker(address, port, hc), hc.timeout_ms / 1000)
-    except TimeoutError:
-        return False, f"timeout after {hc.timeout_ms} ms"
-    except OSError as e:
-        # asyncio puts "Connect call failed (...)" in strerror; the errno says why.
-        return False, os.strerror(e.errno) if e.errno else str(e) or type(e).__name__
-
-
-class TcpProber:
-    """TCP connect checks without streams or a task per check: a non-blocking
-    connect watched by the event loop, closed with RST (SO_LINGER 0) so that
-    thousands of checks a second leave no TIME_WAIT behind."""
-
-    LINGER_RST = struct.pack("ii", 1, 0)
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self.loop = loop
-        self.pending: dict[int, tuple[socket.socket, Callable[[bool, str], None], float]] = {}
-
-    def start(self, address: str, port: int, timeout_s: float,
-              done: Callable[[bool, str], None]) -> None:
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, self.LINGER_RST)
-        err = s.connect_ex((address, port))
-        if err not in (0, errno.EINPROGRESS):
-            s.close()
-            done(False, os.strerror(err))
-            return
-        fd = s.fileno()
-        self.pending[fd] = (s, done, self.loop.time() + timeout_s)
-        self.loop.add_writer(fd, self._ready, fd)
-
-    def _finish(self, fd: int, ok: bool, detail: str) -> None:
-        s, done, _ = self.pending.pop(fd)
-        self.loop.remove_writer(fd)
-        s.close()
-        done(ok, detail)
-
-    def _ready(self, fd: int) -> None:
-        s = self.pending[fd][0]
-        err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
-        self._finish(fd, err == 0, "connected" if err == 0 else os.strerror(err))
-
-    def expire(self, now: float, timeout_ms: int) -> None:
-        for fd in [fd for fd, (_, _, deadline) in self.pending.items() if deadline <= now]:
-            self._finish(fd, False, f"timeout after {timeout_ms} ms")
-
-    def close(self) -> None:
-        for fd in list(self.pending):
-            s, _, _ = self.pending.pop(fd)
-            self.loop.remove_writer(fd)
-            s.close()
-
-
-async def check_tcp(address: str, port: int, hc: HealthConfig) -> Result:
-    """One TCP check through the same prober the monitor uses."""
-    loop = asyncio.get_running_loop()
-    result: asyncio.Future[Result] = loop.create_future()
-    prober = TcpProber(loop)
-
-    def done(ok: bool, detail: str) -> None:
-        if not result.done():
-            result.set_result((ok, detail))
-
-    prober.start(address, port, hc.timeout_ms / 1000, done)
-    try:
-        return await result
-    finally:
-        prober.close()
-
-
-CHECKERS: dict[str, Checker] = {
-    "tcp": check_tcp, "http": check_http, "udp": check_udp, "dns": check_dns,
-    "exec": check_exec,
-}
+@dataclass
+class _InFlight:
+    token: int
+    deadline: float          # loop time: timeout + grace
+    started: float           # time.monotonic(), as the pool's clock
 
 
 class Monitor:
-    """Checks every backend on its service's interval and feeds results to
-    the pool.  One scheduling task per service wakes a few times per interval
-    and starts the checks that are due; backends are spread evenly over the
-    interval so checks do not come in bursts."""
-
     TICKS_PER_INTERVAL = 10
 
-    def __init__(self, pool: Pool) -> None:
+    def __init__(self, pool: Pool,
+                 checkers: dict[type[HealthConfig], CheckerFactory] = CHECKERS) -> None:
         self.pool = pool
+        self.factories = checkers
+        self.checkers: dict[type[HealthConfig], Checker] = {}
         self.tasks: list[asyncio.Task[None]] = []
-        self.prober: TcpProber | None = None
-        self.checks: set[asyncio.Task[Result]] = set()
+        self.in_flight: dict[int, _InFlight] = {}
+        self.due: dict[int, float] = {}
+        self.completed = 0               # checks whose verdict reached the pool
+        self._tokens = 0
+        self._next_write_off = 0.0
+        self._logged: set[tuple[int, type[BaseException]]] = set()
 
     def start(self) -> None:
-        self.prober = TcpProber(asyncio.get_running_loop())
+        loop = asyncio.get_running_loop()
         for svc in self.pool.services:
-            if svc.cfg.health.kind != "none":
-                self.tasks.append(asyncio.create_task(self._schedule(svc),
-                                                      name=f"health {svc.cfg.name}"))
+            hc = svc.cfg.health
+            if hc.kind == "none":
+                continue
+            if type(hc) not in self.checkers:
+                self.checkers[type(hc)] = self.factories[type(hc)](loop)
+            self.tasks.append(asyncio.create_task(self._schedule(svc),
+                                                  name=f"health {svc.cfg.name}"))
+        self.pool.check_now = self.check_now
 
-    def _start_check(self, svc: Service, b: Backend, in_flight: set[int]) -> None:
+    def check_now(self, backend_id: int) -> None:
+        found = self.pool.by_backend_id.get(backend_id)
+        if found is None or found[0].cfg.health.kind == "none" or backend_id in self.in_flight:
+            return  # a check already running decides (a stale pass asks again)
+        svc, b = found
+        loop = asyncio.get_running_loop()
+        self._start_check(svc, b, loop.time())
+        self.due[b.id] = loop.time() + svc.cfg.health.interval_ms / 1000
+
+    def _start_check(self, svc: Service, b: Backend, now: float) -> None:
         hc = svc.cfg.health
-        port = hc.port or b.cfg.port
-        in_flight.add(b.id)
+        checker = self.checkers[type(hc)]
+        self._tokens += 1
+        token = self._tokens
+        flight = _InFlight(token, now + hc.timeout_ms / 1000 + GRACE_S, time.monotonic())
+        self.in_flight[b.id] = flight
 
-        def done(ok: bool, detail: str) -> None:
-            in_flight.discard(b.id)
-            self.pool.report(svc, b, ok, detail)
+        def done(ok: bool, detail: str, error: BaseException | None = None) -> None:
+            current = self.in_flight.get(b.id)
+            if current is None or current.token != token:
+                return  # written off already, or a second answer
+            del self.in_flight[b.id]
+            self._verdict(svc, b, ok, detail, error, flight.started)
 
-        if hc.kind == "tcp" and self.prober:
-            self.prober.start(b.cfg.address, port, hc.timeout_ms / 1000, done)
+        try:
+            checker.start(b.cfg.address, hc.port or b.cfg.port, hc, done)
+        except Exception as e:  # a checker bug must not stop the schedule
+            done(False, f"checker error: {type(e).__name__}: {e}", e)
+
+    def _verdict(self, svc: Service, b: Backend, ok: bool, detail: str,
+                 error: BaseException | None, started: float) -> None:
+        if error is not None:
+            key = (b.id, type(error))
+            if key not in self._logged:  # once per backend and kind of error
+                self._logged.add(key)
+                log.error("service %s backend %s: %s check raised; counted as a failure",
+                          svc.cfg.name, b.cfg.key, svc.cfg.health.kind, exc_info=error)
+        elif ok:
+            self._logged = {k for k in self._logged if k[0] != b.id}
+        self.completed += 1
+        self.pool.report(svc, b, ok, detail, started)
+
+    def _write_off(self, now: float) -> None:
+        if now < self._next_write_off:
             return
-        task = asyncio.create_task(run_check(CHECKERS[hc.kind], b.cfg.address, port, hc))
-        self.checks.add(task)
-
-        def finished(t: asyncio.Task[Result]) -> None:
-            self.checks.discard(t)
-            if not t.cancelled():
-                done(*t.result())
-
-        task.add_done_callback(finished)
+        self._next_write_off = now + GRACE_S / 4
+        for bid, flight in list(self.in_flight.items()):
+            if flight.deadline <= now:
+                svc, b = self.pool.by_backend_id[bid]
+                del self.in_flight[bid]
+                self._verdict(svc, b, False, "check did not finish", None, flight.started)
 
     async def _schedule(self, svc: Service) -> None:
         hc = svc.cfg.health
         loop = asyncio.get_running_loop()
+        checker = self.checkers[type(hc)]
         interval = hc.interval_ms / 1000
         n = len(svc.backends)
         now = loop.time()
-        due = {b.id: now + interval * i / n for i, b in enumerate(svc.backends)}
-        in_flight: set[int] = set()
+        for i, b in enumerate(svc.backends):
+            self.due[b.id] = now + interval * i / n
         tick = interval / self.TICKS_PER_INTERVAL
         while True:
             now = loop.time()
-            if self.prober:
-                self.prober.expire(now, hc.timeout_ms)
+            checker.expire(now)
+            self._write_off(now)
             for b in svc.backends:
                 # A check still running is not started twice; it is counted
                 # when its timeout ends it.
-                if due[b.id] <= now and b.id not in in_flight:
-                    self._start_check(svc, b, in_flight)
-                    due[b.id] += interval
-                    if due[b.id] <= now:  # fell behind: do not burst to catch up
-                        due[b.id] = now + interval
+                if self.due[b.id] <= now and b.id not in self.in_flight:
+                    self._start_check(svc, b, now)
+                    self.due[b.id] += interval
+                    if self.due[b.id] <= now:  # fell behind: do not burst to catch up
+                        self.due[b.id] = now + interval
             await asyncio.sleep(tick)
 
     async def stop(self) -> None:
+        if self.pool.check_now == self.check_now:
+            self.pool.check_now = None
         for t in self.tasks:
             t.cancel()
-        for c in self.checks:
-            c.cancel()
-        await asyncio.gather(*self.tasks, *self.checks, return_exceptions=True)
+        await asyncio.gather(*self.tasks, return_exceptions=True)
         self.tasks.clear()
-        self.checks.clear()
-        if self.prober:
-            self.prober.close()
+        for c in self.checkers.values():
+            c.close()
+        self.checkers.clear()
+        self.in_flight.clear()

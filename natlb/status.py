@@ -38,7 +38,8 @@ def collect(pool: Pool, queues: list[int], started: float, max_flows: int) -> di
             backends.append({
                 "address": b.cfg.address, "port": b.cfg.port, "weight": b.weight,
                 "health": b.health, "admin": b.admin, "eligible": b.eligible,
-                "since": b.last_change, "last_check": b.last_detail, **asdict(c),
+                "since": b.last_change, "last_check": b.last_detail,
+                "passive_failures": b.passive_failures, **asdict(c),
             })
         c = svc_ctr[s.id]
         d = asdict(c)

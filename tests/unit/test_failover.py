@@ -43,7 +43,8 @@ def test_rst_to_syn_resends_held_syn_to_another_backend(fcore):
     assert p[TCP].options == [("MSS", 1460)]
     assert checksums_ok(resent)
     events = fcore.read_events()
-    assert [(e.kind, e.backend_id) for e in events] == [("syn_rst", BACKENDS.index(b1))]
+    assert [(e.kind, e.backend_id, e.client) for e in events] == [
+        ("syn_rst", BACKENDS.index(b1), CLIENT)]  # the client: for counting distinct ones
     # The new backend's SYN-ACK is rewritten back to the client from the VIP.
     synack = IP(src=p.dst, dst=CLIENT) / TCP(sport=8080, dport=40000, flags="SA", ack=1001)
     v, out = fcore.process(bytes(synack), 102)

@@ -7,13 +7,13 @@ import sys
 
 import pytest
 
-from natlb.config import HealthConfig
-from natlb.health import CHECKERS, dns_answered, dns_query, run_check
+from natlb.checkers import check_once, dns_answered, dns_query
+from natlb.config import HEALTH_KINDS
 
 
 def check(kind, port, **kw):
-    hc = HealthConfig(kind=kind, timeout_ms=500, **kw)
-    return asyncio.run(run_check(CHECKERS[kind], "127.0.0.1", port, hc))
+    hc = HEALTH_KINDS[kind](timeout_ms=500, **kw)
+    return asyncio.run(check_once("127.0.0.1", port, hc))
 
 
 @pytest.fixture
