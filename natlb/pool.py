@@ -79,20 +79,24 @@ class Pool:
     def _carry_out(self, effects: list[Effect]) -> None:
         publish: set[int] = set()
         resets: list[ResetFlows] = []
+        checks: list[int] = []
         for e in effects:
             if isinstance(e, Publish):
                 publish |= e.services
             elif isinstance(e, ResetFlows):
                 resets.append(e)
             elif isinstance(e, CheckNow):
-                if self.check_now is not None:
-                    self.check_now(e.backend_id)
+                checks.append(e.backend_id)
             elif isinstance(e, Transition):
                 self._log(e)
             elif isinstance(e, Ignored):
                 log.info("service %s backend %s: %s (ignored)", e.service, e.backend, e.detail)
         if publish or resets:
             self.publisher.request(publish, resets)
+        # Last: a check may answer at once and feed the next event.
+        for backend_id in checks:
+            if self.check_now is not None:
+                self.check_now(backend_id)
 
     @staticmethod
     def _log(t: Transition) -> None:
