@@ -58,6 +58,19 @@ def test_defaults():
      'service[0].health.kind = "icmp": must be one of tcp, http, udp, dns, exec, none'),
     (("service", 0, "health"), {"interval_ms": 1},
      "service[0].health.interval_ms = 1: must be 10..3600000"),
+    (("service", 0, "health"), {"kind": "tcp", "path": "/x"},
+     'service[0].health.path = "/x": not a key of kind "tcp"'),
+    (("service", 0, "health"), {"kind": "http", "colour": "red"},
+     'service[0].health.colour = "red": unknown key'),
+    (("service", 0, "health"), {"kind": "exec"},
+     'service[0].health.command: missing (required for kind = "exec")'),
+    (("service", 0, "failover"), {"passive": "maybe"},
+     'service[0].failover.passive = "maybe": must be one of check, suspect, down, ignore'),
+    (("service", 0, "failover"), {"passive": "down", "passive_threshold": 3},
+     'service[0].failover.passive_threshold = 3: needs passive = "check" or "suspect", '
+     'not "down"'),
+    (("service", 0, "failover"), {"passive_window_ms": 0},
+     "service[0].failover.passive_window_ms = 0: must be 1..3600000"),
     (("lb",), {"workers": 99}, "lb.workers = 99: must be 1..16"),
     (("lb",), {"timeouts": {"tcp_syn": 0}},
      "lb.timeouts.tcp_syn = 0: must be seconds, 0.001..604800"),
@@ -67,6 +80,15 @@ def test_errors_name_key_and_value(path, value, message):
     with pytest.raises(ConfigError) as e:
         parse(with_(path, value))
     assert str(e.value) == message
+
+
+def test_health_kinds_are_their_own_dataclasses():
+    from natlb.config import HttpCheck, TcpCheck
+
+    h = parse(with_(("service", 0, "health"), {"kind": "http", "path": "/ok", "fall": 3}))
+    assert h.services[0].health == HttpCheck(fall=3, path="/ok")
+    assert parse(MINIMAL).services[0].health == TcpCheck()
+    assert parse(MINIMAL).services[0].failover.passive == "check"
 
 
 def test_duplicate_service():
