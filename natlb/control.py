@@ -13,9 +13,12 @@ import json
 import os
 import socket
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from natlb.pool import DISABLED, DRAINING, ENABLED, Pool, PoolError
+from natlb.pool_state import DISABLED, DRAINING, ENABLED, PoolError
+
+if TYPE_CHECKING:  # the CLI imports this module too: keep its start light
+    from natlb.pool import Pool
 
 ACTIONS = {"drain": DRAINING, "enable": ENABLED, "disable": DISABLED}
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import time
 from dataclasses import asdict
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from natlb.pool import Pool
+if TYPE_CHECKING:  # the CLI renders status too: keep its start light
+    from natlb.pool import Pool
 
 
 def queue_stats(queues: list[int]) -> list[dict[str, int]]:
