@@ -87,8 +87,9 @@ def test_established_flows_of_a_disabled_backend(testbed, natlb, policy, expecte
     victim = next(lines for _, lines, backend in holds if backend == "b2")
     assert next(victim)["outcome"] == expected
     if policy == "reset":
-        # The client learnt at once, not when its 2 s wait ran out.
-        assert time.monotonic() - t0 < 1.0
+        # The client learnt from the RST, before its own 2 s wait ran out (a bound, not a
+        # speed: the CLI's start-up alone takes most of a second on a loaded machine).
+        assert time.monotonic() - t0 < 2.0
     others = [next(lines)["outcome"] for _, lines, backend in holds if backend != "b2"]
     for p, _, _ in holds:
         p.wait()
