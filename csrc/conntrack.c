@@ -12,6 +12,17 @@
  * Expiry is lazy (an expired entry is never matched) and reclaimed by
  * nl_ct_sweep, which workers call with a budget proportional to elapsed time.
  *
+ * A full table (nl_ct_make_room, called by a new flow that found no free
+ * entry) first frees the expired entries of the new flow's own bucket (its
+ * own old tuple among them), then those of the next buckets at a shared
+ * eviction cursor.  If none had expired, it evicts the least recently
+ * active embryonic flow seen there (TCP before the handshake's last ACK,
+ * UDP with no reply), as Linux conntrack's early_drop does with entries
+ * that are not "assured" and IPVS's drop_entry with SYN_RECV ones.  A SYN
+ * flood thus evicts its own entries, oldest first, and never an
+ * established flow.  Other stripes are only ever try-locked here, since the
+ * caller already holds one.
+ *
  * TCP state machine (simplified from IPVS), one row per event:
  *     SYN (client)       -> SYN_SENT      timeout SYN
  *     SYN+ACK (server)   -> SYN_RECV      timeout SYN
@@ -106,10 +117,13 @@ struct nl_flow *nl_ct_insert(struct nl_ct *ct, uint32_t bucket)
     return f;
 }
 
-void nl_ct_unlink(struct nl_ct *ct, uint32_t *link)
+void nl_ct_free(struct nl_lb *lb, uint32_t *link)
 {
+    struct nl_ct *ct = &lb->ct;
     uint32_t i = *link;
     struct nl_flow *f = &ct->flows[i];
+    nl_flow_gauge(lb, f, f->state, -1);
+    nl_drop_held(lb, f);
     *link = f->next;
     f->state = NL_FS_FREE;
     pthread_spin_lock(&ct->free_lock);
@@ -119,16 +133,26 @@ void nl_ct_unlink(struct nl_ct *ct, uint32_t *link)
     pthread_spin_unlock(&ct->free_lock);
 }
 
-void nl_ct_remove(struct nl_ct *ct, uint32_t bucket, struct nl_flow *f)
+uint32_t *nl_ct_link_of(struct nl_ct *ct, uint32_t bucket, uint32_t idx)
 {
-    uint32_t target = (uint32_t)(f - ct->flows);
     for (uint32_t *link = &ct->buckets[bucket]; *link != NL_NIL;
-         link = &ct->flows[*link].next) {
-        if (*link == target) {
-            nl_ct_unlink(ct, link);
-            return;
-        }
-    }
+         link = &ct->flows[*link].next)
+        if (*link == idx)
+            return link;
+    return NULL;
+}
+
+void nl_ct_remove(struct nl_lb *lb, uint32_t bucket, struct nl_flow *f)
+{
+    uint32_t *link = nl_ct_link_of(&lb->ct, bucket, (uint32_t)(f - lb->ct.flows));
+    if (link)
+        nl_ct_free(lb, link);
+}
+
+uint32_t nl_ct_flow_bucket(const struct nl_ct *ct, const struct nl_flow *f)
+{
+    struct nl_ct_key k = { f->client_addr, f->client_port, f->proto, 0, 0, 0 };
+    return nl_ct_bucket(ct, &k);
 }
 
 void nl_ct_tcp_update(struct nl_ct *ct, struct nl_flow *f, int reply,
@@ -156,8 +180,15 @@ void nl_ct_tcp_update(struct nl_ct *ct, struct nl_flow *f, int reply,
     f->expires_ms = now + t;
 }
 
-/* Frees expired entries of one bucket; the caller holds its stripe. */
-static uint32_t sweep_bucket(struct nl_lb *lb, uint32_t b, uint32_t now)
+/* An embryonic flow that could be evicted, noted while scanning. */
+struct candidate {
+    uint32_t bucket, idx, expires;
+    int found;
+};
+
+/* Frees the expired entries of bucket b and, if c is given, notes the
+ * least recently active embryonic flow in it.  The caller holds b's stripe. */
+static uint32_t scan_bucket(struct nl_lb *lb, uint32_t b, uint32_t now, struct candidate *c)
 {
     struct nl_ct *ct = &lb->ct;
     uint32_t freed = 0;
@@ -165,14 +196,79 @@ static uint32_t sweep_bucket(struct nl_lb *lb, uint32_t b, uint32_t now)
     while (*link != NL_NIL) {
         struct nl_flow *f = &ct->flows[*link];
         if (nl_time_before(f->expires_ms, now)) {
-            nl_flow_gauge(lb, f, f->state, -1);
-            nl_ct_unlink(ct, link);
+            nl_ct_free(lb, link);
             freed++;
-        } else {
-            link = &f->next;
+            continue;
         }
+        if (c && nl_flow_embryonic(f) &&
+            (!c->found || nl_time_before(f->expires_ms, c->expires)))
+            *c = (struct candidate){ b, *link, f->expires_ms, 1 };
+        link = &f->next;
     }
     return freed;
+}
+
+#define EVICT_SCAN 8             /* buckets looked at, as Linux's early_drop */
+#define EVICT_SCAN_MAX 64        /* ... or more while none was evictable    */
+
+static void ct_count(struct nl_ct *ct, int which, uint64_t n)
+{
+    __atomic_fetch_add(&ct->counters[which], n, __ATOMIC_RELAXED);
+}
+
+/* Evicts the candidate if it is still the flow that was noted. */
+static int evict(struct nl_lb *lb, pthread_spinlock_t *own, const struct candidate *c)
+{
+    struct nl_ct *ct = &lb->ct;
+    pthread_spinlock_t *l = nl_ct_stripe(ct, c->bucket);
+    if (l != own && pthread_spin_trylock(l) != 0)
+        return 0;
+    int done = 0;
+    uint32_t *link = nl_ct_link_of(ct, c->bucket, c->idx);
+    if (link) {
+        struct nl_flow *f = &ct->flows[c->idx];
+        if (nl_flow_embryonic(f) && f->expires_ms == c->expires) {
+            ct_count(ct, f->proto == 6 ? NL_C_EVICTED_TCP : NL_C_EVICTED_UDP, 1);
+            nl_ct_free(lb, link);
+            done = 1;
+        }
+    }
+    if (l != own)
+        pthread_spin_unlock(l);
+    return done;
+}
+
+int nl_ct_make_room(struct nl_lb *lb, uint32_t bucket, uint32_t now)
+{
+    struct nl_ct *ct = &lb->ct;
+    pthread_spinlock_t *own = nl_ct_stripe(ct, bucket);
+    struct candidate c = { 0 };
+    uint32_t freed = scan_bucket(lb, bucket, now, &c);
+    uint32_t start = __atomic_fetch_add(&ct->evict_cursor, EVICT_SCAN, __ATOMIC_RELAXED);
+    for (uint32_t n = 0; !freed && n < EVICT_SCAN_MAX && n < ct->n_buckets; n++) {
+        if (n >= EVICT_SCAN && c.found)
+            break;
+        uint32_t b = (start + n) & (ct->n_buckets - 1);
+        if (b == bucket || __atomic_load_n(&ct->buckets[b], __ATOMIC_RELAXED) == NL_NIL)
+            continue;
+        pthread_spinlock_t *l = nl_ct_stripe(ct, b);
+        if (l != own && pthread_spin_trylock(l) != 0)
+            continue;               /* busy: never wait while holding `own` */
+        freed += scan_bucket(lb, b, now, &c);
+        if (l != own)
+            pthread_spin_unlock(l);
+    }
+    if (freed) {
+        ct_count(ct, NL_C_RECLAIMED, freed);
+        return 1;
+    }
+    return c.found && evict(lb, own, &c);
+}
+
+void nl_read_conntrack(struct nl_lb *lb, uint64_t *out)
+{
+    for (int i = 0; i < NL_C_MAX; i++)
+        out[i] = __atomic_load_n(&lb->ct.counters[i], __ATOMIC_RELAXED);
 }
 
 uint32_t nl_ct_sweep(struct nl_lb *lb, uint64_t now_ms, uint32_t max_buckets)
@@ -188,7 +284,7 @@ uint32_t nl_ct_sweep(struct nl_lb *lb, uint64_t now_ms, uint32_t max_buckets)
             continue;
         pthread_spinlock_t *l = nl_ct_stripe(ct, b);
         pthread_spin_lock(l);
-        freed += sweep_bucket(lb, b, now);
+        freed += scan_bucket(lb, b, now, NULL);
         pthread_spin_unlock(l);
     }
     return freed;

@@ -12,7 +12,13 @@
  *    its next packet if it is UDP or an unanswered SYN (lb.c).
  *  - Events: each passive failure is pushed to a small ring and signalled
  *    on an eventfd; the control plane decides what it means.  No Python
- *    runs per packet, and nobody polls.
+ *    runs per packet, and nobody polls.  The eventfd is written after the
+ *    batch (nl_event_signal), never under a lock, and re-armed by a reader
+ *    that leaves events behind.  A full ring drops its oldest event: the
+ *    newest say most about the backends now.
+ *  - The held ring is a FIFO in deadline order.  A flow that is freed or
+ *    evicted takes its held SYN with it; a full ring overwrites its oldest
+ *    entry, and that is counted (NL_F_HELD_LOST).
  *  - Outbox: packets natlb itself originates (re-sent SYNs, RSTs) are queued
  *    here.  The workers send them through a raw socket; in tests they stay
  *    for inspection, which keeps this file sans-IO.
@@ -63,6 +69,7 @@ struct nl_failover {
     uint64_t ev_head, ev_tail;
     struct nl_event ev[EVENT_SLOTS];
     int evfd;
+    int ev_pending;              /* pushed since the eventfd was written   */
     uint64_t counters[NL_F_MAX];
 };
 
@@ -112,20 +119,31 @@ void nl_emit(struct nl_lb *lb, uint32_t kind, uint32_t service_id, uint32_t back
     int lost = 0;
     pthread_spin_lock(&fo->ev_lock);
     if (fo->ev_head - fo->ev_tail >= EVENT_SLOTS) {
+        fo->ev_tail++;
         lost = 1;
-    } else {
-        struct nl_event *e = &fo->ev[fo->ev_head++ % EVENT_SLOTS];
-        *e = (struct nl_event){ kind, service_id, backend_id, client_addr, now };
     }
+    fo->ev[fo->ev_head++ % EVENT_SLOTS] = (struct nl_event){ kind, service_id, backend_id,
+                                                             client_addr, now };
     pthread_spin_unlock(&fo->ev_lock);
-    if (lost) {
+    __atomic_store_n(&fo->ev_pending, 1, __ATOMIC_RELEASE);
+    if (lost)
         nl_count_failover(lb, NL_F_EVENTS_LOST, 1);
-        return;
-    }
+}
+
+static void wake(struct nl_failover *fo)
+{
     uint64_t one = 1;
     if (write(fo->evfd, &one, sizeof(one)) < 0) {
         /* EAGAIN: the counter is saturated, the reader is already due. */
     }
+}
+
+void nl_event_signal(struct nl_lb *lb)
+{
+    struct nl_failover *fo = lb->fo;
+    if (__atomic_load_n(&fo->ev_pending, __ATOMIC_ACQUIRE) &&
+        __atomic_exchange_n(&fo->ev_pending, 0, __ATOMIC_ACQ_REL))
+        wake(fo);
 }
 
 int nl_event_fd(struct nl_lb *lb)
@@ -145,7 +163,10 @@ uint32_t nl_read_events(struct nl_lb *lb, struct nl_event *out, uint32_t max)
     pthread_spin_lock(&fo->ev_lock);
     while (n < max && fo->ev_tail != fo->ev_head)
         out[n++] = fo->ev[fo->ev_tail++ % EVENT_SLOTS];
+    int left = fo->ev_tail != fo->ev_head;
     pthread_spin_unlock(&fo->ev_lock);
+    if (left)
+        wake(fo);                   /* so the reader comes back for the rest */
     return n;
 }
 
@@ -206,16 +227,41 @@ uint32_t nl_flush(struct nl_lb *lb)
 
 /* ---- held SYNs ----------------------------------------------------------- */
 
+/* Whether ring entry h is f's held SYN (any attempt). */
+static int held_by(const struct nl_lb *lb, const struct held *h, const struct nl_flow *f)
+{
+    return h->flow == (uint32_t)(f - lb->ct.flows) && h->client_addr == f->client_addr &&
+           h->client_port == f->client_port && h->proto == f->proto;
+}
+
+void nl_drop_held(struct nl_lb *lb, struct nl_flow *f)
+{
+    struct nl_failover *fo = lb->fo;
+    if (f->held == NL_HELD_NONE)
+        return;
+    pthread_spin_lock(&fo->held_lock);
+    struct held *h = &fo->held[f->held];
+    if (held_by(lb, h, f))
+        h->flow = NL_NIL;
+    pthread_spin_unlock(&fo->held_lock);
+    f->held = NL_HELD_NONE;
+}
+
 void nl_hold_syn(struct nl_lb *lb, struct nl_flow *f, const uint8_t *pkt, uint32_t len,
                  uint32_t now)
 {
     struct nl_failover *fo = lb->fo;
-    f->held = NL_HELD_NONE;
+    nl_drop_held(lb, f);
     if (!lb->cfg.syn_timeout_ms || len > PKT_MAX)
         return;
+    int lost = 0;
     pthread_spin_lock(&fo->held_lock);
     uint32_t slot = (uint32_t)(fo->held_head % HELD_SLOTS);
     struct held *h = &fo->held[slot];
+    if (fo->held_head - fo->held_tail >= HELD_SLOTS) {
+        fo->held_tail++;            /* the oldest is overwritten */
+        lost = h->flow != NL_NIL;
+    }
     h->flow = (uint32_t)(f - lb->ct.flows);
     h->client_addr = f->client_addr;
     h->client_port = f->client_port;
@@ -225,10 +271,10 @@ void nl_hold_syn(struct nl_lb *lb, struct nl_flow *f, const uint8_t *pkt, uint32
     h->len = (uint16_t)len;
     memcpy(h->bytes, pkt, len);
     fo->held_head++;
-    if (fo->held_head - fo->held_tail > HELD_SLOTS)
-        fo->held_tail = fo->held_head - HELD_SLOTS;   /* oldest overwritten */
     pthread_spin_unlock(&fo->held_lock);
     f->held = (uint16_t)slot;
+    if (lost)
+        nl_count_failover(lb, NL_F_HELD_LOST, 1);
 }
 
 /* Copies f's held SYN if the slot still belongs to f's current attempt. */
@@ -240,8 +286,7 @@ static uint32_t held_copy(struct nl_lb *lb, const struct nl_flow *f, uint8_t *bu
         return 0;
     pthread_spin_lock(&fo->held_lock);
     const struct held *h = &fo->held[f->held];
-    if (h->flow == (uint32_t)(f - lb->ct.flows) && h->client_addr == f->client_addr &&
-        h->client_port == f->client_port && h->proto == f->proto && h->attempt == f->tries) {
+    if (held_by(lb, h, f) && h->attempt == f->tries) {
         len = h->len;
         memcpy(buf, h->bytes, len);
     }
@@ -311,6 +356,13 @@ uint32_t nl_syn_deadline_next(struct nl_lb *lb, uint32_t now)
 
 void nl_failover_tick(struct nl_lb *lb, uint64_t now_ms)
 {
+    nl_ext_enter(lb);
+    nl_failover_due(lb, now_ms);
+    nl_ext_exit(lb);
+}
+
+void nl_failover_due(struct nl_lb *lb, uint64_t now_ms)
+{
     struct nl_failover *fo = lb->fo;
     uint32_t now = (uint32_t)now_ms;
     for (;;) {
@@ -323,6 +375,9 @@ void nl_failover_tick(struct nl_lb *lb, uint64_t now_ms)
             struct held *h = &fo->held[slot];
             if (nl_time_before(now, h->deadline))
                 break;
+            fo->held_tail++;
+            if (h->flow == NL_NIL)
+                continue;           /* its flow is gone */
             /* The bytes stay in the ring for nl_resteer_held to copy. */
             due[n].flow = h->flow;
             due[n].client_addr = h->client_addr;
@@ -331,7 +386,6 @@ void nl_failover_tick(struct nl_lb *lb, uint64_t now_ms)
             due[n].attempt = h->attempt;
             due[n].slot = slot;
             n++;
-            fo->held_tail++;
         }
         pthread_spin_unlock(&fo->held_lock);
         if (!n)
@@ -341,11 +395,15 @@ void nl_failover_tick(struct nl_lb *lb, uint64_t now_ms)
             uint32_t b = nl_ct_bucket(&lb->ct, &k);
             pthread_spinlock_t *lock = nl_ct_stripe(&lb->ct, b);
             pthread_spin_lock(lock);
+            /* The entry may have been freed and reused by a flow of another
+             * stripe: read it only if it is in this bucket's chain. */
             struct nl_flow *f = &lb->ct.flows[due[i].flow];
-            if (f->state == NL_FS_SYN_SENT && f->held == due[i].slot &&
+            if (nl_ct_link_of(&lb->ct, b, due[i].flow) && f->state == NL_FS_SYN_SENT &&
+                f->held == due[i].slot &&
                 f->client_addr == due[i].client_addr && f->client_port == due[i].client_port &&
                 f->tries == due[i].attempt) {
-                nl_emit(lb, NL_EV_SYN_TIMEOUT, f->service_id, f->backend_id, f->client_addr, now_ms);
+                nl_emit(lb, NL_EV_SYN_TIMEOUT, f->service_id, f->backend_id, f->client_addr,
+                        now_ms);
                 nl_resteer_held(lb, f, now);
             }
             pthread_spin_unlock(lock);
@@ -375,7 +433,8 @@ uint32_t nl_reset_backend(struct nl_lb *lb, uint32_t backend_id)
             /* Reset what is still open: not a SYN being re-steered, not a
              * flow closed by RST or by FINs from both sides. */
             if (f->proto == 6 && f->state != NL_FS_SYN_SENT && f->state != NL_FS_CLOSE &&
-                f->fins != (NL_FIN_CLIENT | NL_FIN_SERVER)) {
+                (f->flags & (NL_FL_FIN_CLIENT | NL_FL_FIN_SERVER)) !=
+                    (NL_FL_FIN_CLIENT | NL_FL_FIN_SERVER)) {
                 nl_build_rst(rst, f->vip_addr, f->client_addr, f->vip_port, f->client_port,
                              f->server_seq_next);
                 nl_outbox_push(lb, rst, sizeof(rst));
@@ -388,8 +447,7 @@ uint32_t nl_reset_backend(struct nl_lb *lb, uint32_t backend_id)
                 link = &f->next;   /* its SYN is re-steered, not reset */
                 continue;
             }
-            nl_flow_gauge(lb, f, f->state, -1);
-            nl_ct_unlink(ct, link);
+            nl_ct_free(lb, link);
             reset++;
         }
         pthread_spin_unlock(lock);

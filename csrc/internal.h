@@ -37,6 +37,7 @@ struct nl_pkt {
     uint16_t sport, dport;   /* network order */
     uint32_t caplen;         /* bytes of the packet actually in the buffer */
     uint32_t seq;            /* TCP, host order                            */
+    uint32_t ack;            /* TCP, host order                            */
     uint32_t seq_len;        /* TCP: payload + SYN + FIN, what seq advances */
 };
 
@@ -54,6 +55,15 @@ static inline uint32_t nl_pkt_len(const struct nl_pkt *p)
 /* Returns -1 if the packet is usable, otherwise an NL_R_* reason.  With
  * head_only, the buffer may stop after the L4 header. */
 int nl_parse(uint8_t *buf, uint32_t len, struct nl_pkt *p, int head_only);
+/* What a packet's checksums say (nl_check_csum). */
+#define NL_CSUM_BAD 0            /* one is wrong: drop the packet            */
+#define NL_CSUM_OK 1             /* verified here, or by the kernel (flags)  */
+#define NL_CSUM_UNKNOWN 2        /* only the packet's head is in the buffer  */
+/* Checks the IP header checksum, and the TCP/UDP one when the whole packet
+ * is in the buffer and the kernel has not vouched for it (pkt_flags). */
+int nl_check_csum(const struct nl_pkt *p, uint32_t pkt_flags);
+/* The same for an ICMP message (buf holds an IPv4 header with protocol 1). */
+int nl_check_icmp_csum(const uint8_t *buf, uint32_t len, uint32_t pkt_flags);
 /* Replace the source (or destination) address and port, fixing the IP
  * checksum and the L4 checksum according to pkt_flags (NL_PKT_*). */
 void nl_rewrite(struct nl_pkt *p, int dst, uint32_t addr, uint16_t port,
@@ -66,6 +76,7 @@ struct nl_icmp {
     uint32_t outer_saddr;    /* who reported it                           */
     const uint8_t *quoted;   /* the quoted IP header + 8 bytes of L4      */
     uint32_t quoted_len;
+    uint32_t quoted_seq;     /* TCP: the quoted packet's seq, host order  */
 };
 /* Returns -1 if buf is an ICMP unreachable quoting a TCP/UDP packet.  With
  * head_only, the buffer may end after the quoted headers. */
@@ -95,7 +106,7 @@ enum nl_flow_state {
 
 /* One tracked flow: client <-> VIP on one side, client <-> backend on the
  * other.  Both directions hash on (client addr, client port, proto), so one
- * chain and one lock stripe hold both.  36 bytes (see the static assert). */
+ * chain and one lock stripe hold both.  48 bytes (see the static assert). */
 struct nl_flow {
     uint32_t client_addr;
     uint32_t vip_addr;
@@ -109,16 +120,30 @@ struct nl_flow {
     uint32_t expires_ms;     /* wrapping monotonic ms                      */
     uint16_t service_id;
     uint16_t backend_id;
-    uint32_t created_ms;
+    uint32_t syn_seq;           /* TCP: seq of the client's SYN (host order);
+                                   RSTs and ICMP errors about it must match */
     uint32_t client_seq_next;   /* TCP: next seq expected from each side,   */
     uint32_t server_seq_next;   /* host order; the RSTs of a reset use them */
     uint16_t held;              /* slot of the held SYN (see failover.c)    */
     uint8_t tries;              /* backends this flow's SYN has been sent to */
-    uint8_t fins;               /* NL_FIN_CLIENT | NL_FIN_SERVER seen        */
+    uint8_t flags;              /* NL_FL_*                                   */
 };
-#define NL_FIN_CLIENT 1
-#define NL_FIN_SERVER 2
-_Static_assert(sizeof(struct nl_flow) <= 64, "conntrack entry must stay small");
+#define NL_FL_FIN_CLIENT 1      /* FIN seen from the client                  */
+#define NL_FL_FIN_SERVER 2      /* FIN seen from the backend                 */
+#define NL_FL_REPLIED 4         /* a reply was seen (UDP; TCP uses state)    */
+#define NL_FL_SYN_CHECKED 8     /* the client's SYN was whole and its checksum
+                                   good: signals about it may be believed   */
+_Static_assert(sizeof(struct nl_flow) <= 48, "conntrack entry must stay small");
+
+/* Embryonic: a TCP flow whose handshake the client has not completed, or a
+ * UDP flow nobody answered.  Only these are evicted when the table is full
+ * (what Linux conntrack calls "not assured"). */
+static inline int nl_flow_embryonic(const struct nl_flow *f)
+{
+    if (f->proto == 6)
+        return f->state <= NL_FS_SYN_RECV;
+    return !(f->flags & NL_FL_REPLIED);
+}
 
 #define NL_CT_STRIPES 1024
 
@@ -133,7 +158,9 @@ struct nl_ct {
     pthread_spinlock_t free_lock;
     pthread_spinlock_t stripes[NL_CT_STRIPES];
     uint32_t sweep_cursor;           /* next bucket the sweeper visits     */
+    uint32_t evict_cursor;           /* next bucket eviction looks at      */
     uint32_t timeout_ms[NL_T_MAX];
+    uint64_t counters[NL_C_MAX];     /* atomic; rare events                */
 };
 
 /* Direction-neutral key: for a forward packet (src = client), for a reply
@@ -154,9 +181,20 @@ uint32_t nl_ct_bucket(const struct nl_ct *ct, const struct nl_ct_key *k);
 struct nl_flow *nl_ct_find(struct nl_ct *ct, uint32_t bucket,
                            const struct nl_ct_key *k, uint32_t now);
 struct nl_flow *nl_ct_insert(struct nl_ct *ct, uint32_t bucket);
-void nl_ct_remove(struct nl_ct *ct, uint32_t bucket, struct nl_flow *f);
-/* Frees the flow *link points to and advances *link past it. */
-void nl_ct_unlink(struct nl_ct *ct, uint32_t *link);
+/* Frees the flow *link points to (its gauge and held SYN too) and advances
+ * *link past it. */
+void nl_ct_free(struct nl_lb *lb, uint32_t *link);
+/* Frees flow f of `bucket`. */
+void nl_ct_remove(struct nl_lb *lb, uint32_t bucket, struct nl_flow *f);
+/* The link that points to flow index `idx` in `bucket`'s chain, or NULL:
+ * proves, under the stripe lock, that the entry belongs to that bucket. */
+uint32_t *nl_ct_link_of(struct nl_ct *ct, uint32_t bucket, uint32_t idx);
+/* The table is full: frees expired entries of `bucket` and near the
+ * eviction cursor, else the least recently active embryonic flow found
+ * there.  The caller holds `bucket`'s stripe.  Returns 1 if room was made. */
+int nl_ct_make_room(struct nl_lb *lb, uint32_t bucket, uint32_t now);
+/* The bucket of a flow's own chain. */
+uint32_t nl_ct_flow_bucket(const struct nl_ct *ct, const struct nl_flow *f);
 static inline pthread_spinlock_t *nl_ct_stripe(struct nl_ct *ct, uint32_t bucket)
 {
     return &ct->stripes[bucket & (NL_CT_STRIPES - 1)];
@@ -257,5 +295,20 @@ uint32_t nl_outbox_push(struct nl_lb *lb, const uint8_t *pkt, uint32_t len);
 /* A worker brackets each batch with these two (see lb.c). */
 void nl_worker_enter(struct nl_lb *lb, uint32_t worker);
 void nl_worker_quiescent(struct nl_lb *lb, uint32_t worker);
+/* Callers outside the workers bracket each call with these: they take the
+ * extra epoch slot (one caller at a time) and wake the control plane. */
+void nl_ext_enter(struct nl_lb *lb);
+void nl_ext_exit(struct nl_lb *lb);
+/* The per-packet path for worker threads, inside their epoch (no locking
+ * of their own); mark NULL: copy mode. */
+int nl_packet(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
+              uint32_t pkt_flags, uint64_t now_ms, uint32_t *mark);
+/* nl_failover_tick for worker threads, inside their epoch. */
+void nl_failover_due(struct nl_lb *lb, uint64_t now_ms);
+/* Drops f's held SYN, if it still has one (caller holds f's stripe). */
+void nl_drop_held(struct nl_lb *lb, struct nl_flow *f);
+/* Wakes the control plane if events were pushed since the last call.  Called
+ * outside every lock: a syscall must not run under a spinlock. */
+void nl_event_signal(struct nl_lb *lb);
 
 #endif

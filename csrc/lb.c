@@ -9,7 +9,21 @@
  * and clears it after the batch.  nl_publish stores the new pointer, then
  * bumps the generation, and retires the old snapshot tagged with the new
  * generation; it is freed once no worker is still inside a batch that began
- * before that generation.  Packets never wait for a publish.
+ * before that generation.  Packets never wait for a publish.  Callers
+ * outside the workers (tests, tools, the control plane driving time) take
+ * one extra epoch slot in turn, under a mutex, for the length of each call.
+ *
+ * What natlb believes (a passive failure report takes a backend out):
+ *  - a packet with a wrong checksum is dropped before anything else, so a
+ *    SYN its backend would silently discard is never forwarded or timed;
+ *  - an RST to a SYN counts only if it acknowledges that SYN (RFC 793,
+ *    SYN-SENT: any other RST is dropped by the client, and by natlb);
+ *  - an ICMP error counts only if it quotes a packet natlb forwarded: the
+ *    tuple of a flow to that backend, the held SYN's seq for a SYN, a seq
+ *    the client has sent for other TCP flows;
+ *  - and only if natlb could verify the bytes: a SYN, RST or ICMP error
+ *    longer than the head NFQUEUE copies in mark mode is passed on (SYN,
+ *    RST) or dropped (ICMP) but never reported and never re-steered.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -26,9 +40,11 @@ struct retired {
 
 /* Per-lb reclamation state, kept out of nl_lb's hot cache lines. */
 struct nl_reclaim {
-    uint64_t epoch[NL_MAX_WORKERS + 1];
+    uint64_t epoch[NL_MAX_WORKERS + 1];   /* the last: callers outside workers */
     struct retired *list;
+    pthread_mutex_t ext_lock;             /* one such caller at a time       */
 };
+#define EXT_SLOT NL_MAX_WORKERS
 
 static struct nl_reclaim *reclaim_of(struct nl_lb *lb);
 
@@ -203,6 +219,19 @@ void nl_worker_quiescent(struct nl_lb *lb, uint32_t worker)
     __atomic_store_n(&reclaim_of(lb)->epoch[worker], EPOCH_IDLE, __ATOMIC_RELEASE);
 }
 
+void nl_ext_enter(struct nl_lb *lb)
+{
+    pthread_mutex_lock(&reclaim_of(lb)->ext_lock);
+    nl_worker_enter(lb, EXT_SLOT);
+}
+
+void nl_ext_exit(struct nl_lb *lb)
+{
+    nl_worker_quiescent(lb, EXT_SLOT);
+    pthread_mutex_unlock(&reclaim_of(lb)->ext_lock);
+    nl_event_signal(lb);
+}
+
 /* ---- lifetime ---------------------------------------------------------- */
 
 struct nl_lb_alloc {
@@ -217,8 +246,10 @@ static struct nl_reclaim *reclaim_of(struct nl_lb *lb)
 
 struct nl_lb *nl_create(const struct nl_config *cfg)
 {
+    /* Deadlines are compared as wrapping 32-bit ms: keep them below 2^30. */
     if (!cfg || cfg->n_workers > NL_MAX_WORKERS || cfg->max_flows == 0 ||
-        cfg->resteer_tries == 0 || cfg->resteer_tries > 255)
+        cfg->resteer_tries == 0 || cfg->resteer_tries > 255 ||
+        cfg->syn_timeout_ms > 0x3fffffffu)
         return NULL;
     for (int i = 0; i < NL_T_MAX; i++)
         if (cfg->timeout_ms[i] == 0 || cfg->timeout_ms[i] > 0x3fffffffu)
@@ -230,6 +261,7 @@ struct nl_lb *nl_create(const struct nl_config *cfg)
     lb->cfg = *cfg;
     for (uint32_t w = 0; w <= NL_MAX_WORKERS; w++)
         a->reclaim.epoch[w] = EPOCH_IDLE;
+    pthread_mutex_init(&a->reclaim.ext_lock, NULL);
     lb->counters = calloc(cfg->n_workers + 1, sizeof(struct nl_worker_counters));
     lb->active = calloc(NL_MAX_BACKENDS, sizeof(int64_t));
     lb->inactive = calloc(NL_MAX_BACKENDS, sizeof(int64_t));
@@ -259,6 +291,7 @@ void nl_destroy(struct nl_lb *lb)
     nl_snapshot_free(lb->snap);
     nl_ct_fini(&lb->ct);
     nl_failover_fini(lb);
+    pthread_mutex_destroy(&r->ext_lock);
     free(lb->counters);
     free(lb->active);
     free(lb->inactive);
@@ -273,13 +306,21 @@ void nl_flow_gauge(struct nl_lb *lb, const struct nl_flow *f, uint8_t state, int
     __atomic_fetch_add(&g[f->backend_id], delta, __ATOMIC_RELAXED);
 }
 
-/* Keeps the client's SYN for re-steering, if we have all of it. */
-static void hold_syn(struct nl_lb *lb, struct nl_flow *f, const struct nl_pkt *p, uint32_t now)
+/* Notes the client's SYN: its seq, and, if its bytes were all there and
+ * checked (csum == NL_CSUM_OK), a copy for re-steering.  A SYN natlb could
+ * not check is forwarded but never held, timed or re-steered, and nothing
+ * said about it is believed. */
+static void note_syn(struct nl_lb *lb, struct nl_flow *f, const struct nl_pkt *p, int csum,
+                     uint32_t now)
 {
-    if (nl_pkt_len(p) <= p->caplen)
+    f->syn_seq = p->seq;
+    if (csum == NL_CSUM_OK) {
+        f->flags |= NL_FL_SYN_CHECKED;
         nl_hold_syn(lb, f, p->ip, nl_pkt_len(p), now);
-    else
-        f->held = NL_HELD_NONE;
+    } else {
+        f->flags &= (uint8_t)~NL_FL_SYN_CHECKED;
+        nl_drop_held(lb, f);
+    }
 }
 
 /* Per-packet traffic counters of the packet's service and backend. */
@@ -324,7 +365,7 @@ static void track_tcp(struct nl_lb *lb, struct nl_flow *f, int is_reply, uint8_t
 {
     uint8_t before = f->state;
     if (flags & NL_TCP_FIN)
-        f->fins |= is_reply ? NL_FIN_SERVER : NL_FIN_CLIENT;
+        f->flags |= is_reply ? NL_FL_FIN_SERVER : NL_FL_FIN_CLIENT;
     nl_ct_tcp_update(&lb->ct, f, is_reply, flags, now);
     if (nl_flow_closing(before) != nl_flow_closing(f->state)) {
         nl_flow_gauge(lb, f, before, -1);
@@ -334,7 +375,8 @@ static void track_tcp(struct nl_lb *lb, struct nl_flow *f, int is_reply, uint8_t
 
 static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
                    const struct nl_snapshot *snap, const struct nl_service *svc,
-                   struct nl_pkt *p, uint32_t pkt_flags, uint32_t now, uint32_t *mark)
+                   struct nl_pkt *p, uint32_t pkt_flags, int csum, uint32_t now,
+                   uint32_t *mark)
 {
     struct nl_ct *ct = &lb->ct;
     struct nl_ct_key k = { p->saddr, p->sport, p->proto, 0, p->daddr, p->dport };
@@ -346,8 +388,7 @@ static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
     struct nl_flow *f = nl_ct_find(ct, b, &k, now);
     if (f && is_syn && f->state >= NL_FS_FIN) {
         /* The client reuses a closed connection's port: a new flow. */
-        nl_flow_gauge(lb, f, f->state, -1);
-        nl_ct_remove(ct, b, f);
+        nl_ct_remove(lb, b, f);
         f = NULL;
     }
     if (!f) {
@@ -356,7 +397,8 @@ static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
             reason = NL_R_NO_FLOW;
         else if ((idx = nl_schedule(lb, svc, p)) < 0)
             reason = NL_R_NO_BACKEND;
-        else if (!(f = nl_ct_insert(ct, b)))
+        else if (!(f = nl_ct_insert(ct, b)) &&
+                 !(nl_ct_make_room(lb, b, now) && (f = nl_ct_insert(ct, b))))
             reason = NL_R_TABLE_FULL;
         if (reason >= 0) {
             pthread_spin_unlock(lock);
@@ -373,13 +415,12 @@ static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
         f->proto = p->proto;
         f->service_id = (uint16_t)svc->spec.id;
         f->backend_id = (uint16_t)be->id;
-        f->created_ms = now;
         f->state = p->proto == 6 ? NL_FS_FREE : NL_FS_UDP;
         f->tries = 1;
         f->held = NL_HELD_NONE;
         nl_flow_gauge(lb, f, f->state, 1);
         if (p->proto == 6)
-            hold_syn(lb, f, p, now);
+            note_syn(lb, f, p, csum, now);
         wc->services[svc->spec.id].new_flows++;
         wc->backends[be->id].new_flows++;
     } else if (!snap->alive[f->backend_id] &&
@@ -389,7 +430,7 @@ static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
          * SYN again). */
         if (nl_move_flow(lb, snap, f, p) == 0 && is_syn) {
             f->tries++;
-            hold_syn(lb, f, p, now);
+            note_syn(lb, f, p, csum, now);
         }
     }
     if (p->proto == 6) {
@@ -410,8 +451,13 @@ static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
     return mark ? NL_VERDICT_MARK : NL_VERDICT_REWRITE;
 }
 
+static inline int seq_before(uint32_t a, uint32_t b)
+{
+    return (int32_t)(a - b) < 0;
+}
+
 static int reply(struct nl_lb *lb, struct nl_worker_counters *wc, struct nl_pkt *p,
-                 uint32_t pkt_flags, uint32_t now, uint32_t *mark)
+                 uint32_t pkt_flags, int csum, uint32_t now, uint32_t *mark)
 {
     pthread_spinlock_t *lock;
     struct nl_ct_key k = { p->daddr, p->dport, p->proto, 1, p->saddr, p->sport };
@@ -421,14 +467,27 @@ static int reply(struct nl_lb *lb, struct nl_worker_counters *wc, struct nl_pkt 
         return NL_VERDICT_ACCEPT;
     }
     if (p->proto == 6 && (p->tcp_flags & NL_TCP_RST) && f->state == NL_FS_SYN_SENT) {
-        /* The backend refused the connection: try the SYN elsewhere and
-         * keep the RST from the client. */
-        nl_emit(lb, NL_EV_SYN_RST, f->service_id, f->backend_id, f->client_addr, now);
-        if (nl_resteer_held(lb, f, now) == 0) {
+        /* RFC 793, SYN-SENT: an RST is acceptable only with an ACK of the
+         * SYN (a SYN with data may be acked whole).  The client would drop
+         * any other; so does natlb, and believes nothing of it. */
+        if (!(p->tcp_flags & NL_TCP_ACK) ||
+            (p->ack != f->syn_seq + 1 && p->ack != f->client_seq_next)) {
             pthread_spin_unlock(lock);
+            wc->reasons[NL_R_UNMATCHED]++;
             return NL_VERDICT_DROP;
         }
+        /* The backend refused the connection: try the SYN elsewhere and
+         * keep the RST from the client.  Unchecked bytes (either packet
+         * longer than the copied head) only pass through. */
+        if ((f->flags & NL_FL_SYN_CHECKED) && csum == NL_CSUM_OK) {
+            nl_emit(lb, NL_EV_SYN_RST, f->service_id, f->backend_id, f->client_addr, now);
+            if (nl_resteer_held(lb, f, now) == 0) {
+                pthread_spin_unlock(lock);
+                return NL_VERDICT_DROP;
+            }
+        }
     }
+    f->flags |= NL_FL_REPLIED;
     if (p->proto == 6) {
         track_tcp(lb, f, 1, p->tcp_flags, now);
         f->server_seq_next = p->seq + p->seq_len;
@@ -476,6 +535,22 @@ static int pmtu(struct nl_lb *lb, struct nl_worker_counters *wc, const struct nl
     return NL_VERDICT_DROP;
 }
 
+/* A segment natlb forwarded lies at or before what the client sends next,
+ * and within what a receive window may hold in flight. */
+#define ICMP_SEQ_WINDOW (16u << 20)
+
+/* Whether an ICMP error quotes a packet natlb forwarded on flow f. */
+static int quote_matches(const struct nl_flow *f, const struct nl_icmp *icmp)
+{
+    if (f->proto != 6)
+        return 1;                   /* UDP: the tuple is all there is */
+    uint32_t seq = icmp->quoted_seq;
+    if (f->state == NL_FS_SYN_SENT)
+        return (f->flags & NL_FL_SYN_CHECKED) && seq == f->syn_seq;
+    return !seq_before(f->client_seq_next, seq) &&
+           !seq_before(seq, f->client_seq_next - ICMP_SEQ_WINDOW);
+}
+
 /* An ICMP unreachable about a packet natlb sent to a backend: a passive
  * failure.  The ICMP is not passed on: it quotes the backend's address, and
  * the client could not match it to its connection anyway. */
@@ -488,8 +563,13 @@ static int icmp_unreach(struct nl_lb *lb, struct nl_worker_counters *wc, const u
         wc->reasons[r]++;
         return r == NL_R_MALFORMED ? NL_VERDICT_DROP : NL_VERDICT_ACCEPT;
     }
+    int csum = nl_check_icmp_csum(pkt, len, pkt_flags);
+    if (csum == NL_CSUM_BAD) {
+        wc->reasons[NL_R_BAD_CHECKSUM]++;
+        return NL_VERDICT_DROP;
+    }
     if (icmp.frag_needed)
-        return pmtu(lb, wc, &icmp, now);
+        return pmtu(lb, wc, &icmp, now);   /* news, not a failure: no check */
     /* The quoted packet went client -> backend: find the flow by its backend side. */
     const struct nl_pkt *in = &icmp.inner;
     struct nl_ct_key k = { in->saddr, in->sport, in->proto, 1, in->daddr, in->dport };
@@ -498,6 +578,11 @@ static int icmp_unreach(struct nl_lb *lb, struct nl_worker_counters *wc, const u
     if (!f) {
         wc->reasons[NL_R_NOT_OURS]++;
         return NL_VERDICT_ACCEPT;
+    }
+    if (csum != NL_CSUM_OK || !quote_matches(f, &icmp)) {
+        pthread_spin_unlock(lock);
+        wc->reasons[NL_R_UNMATCHED]++;
+        return NL_VERDICT_DROP;
     }
     nl_emit(lb, NL_EV_ICMP, f->service_id, f->backend_id, f->client_addr, now);
     if (f->proto == 6 && f->state == NL_FS_SYN_SENT)
@@ -518,29 +603,47 @@ static int process(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len
         wc->reasons[r]++;
         return r == NL_R_UNSUPPORTED ? NL_VERDICT_ACCEPT : NL_VERDICT_DROP;
     }
+    int csum = nl_check_csum(&p, pkt_flags);
+    if (csum == NL_CSUM_BAD) {
+        wc->reasons[NL_R_BAD_CHECKSUM]++;
+        return NL_VERDICT_DROP;
+    }
     const struct nl_snapshot *snap = __atomic_load_n(&lb->snap, __ATOMIC_ACQUIRE);
     const struct nl_service *svc = find_service(snap, p.daddr, p.dport, p.proto);
     if (svc)
-        return forward(lb, wc, snap, svc, &p, pkt_flags, (uint32_t)now_ms, mark);
-    return reply(lb, wc, &p, pkt_flags, (uint32_t)now_ms, mark);
+        return forward(lb, wc, snap, svc, &p, pkt_flags, csum, (uint32_t)now_ms, mark);
+    return reply(lb, wc, &p, pkt_flags, csum, (uint32_t)now_ms, mark);
+}
+
+int nl_packet(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
+              uint32_t pkt_flags, uint64_t now_ms, uint32_t *mark)
+{
+    if (mark) {
+        *mark = 0;
+    } else if (pkt_flags & NL_PKT_HEAD_ONLY) {
+        /* Rewriting needs the whole packet: its checksums cover all of it. */
+        counters_of(lb, worker)->reasons[NL_R_TRUNCATED]++;
+        return NL_VERDICT_DROP;
+    }
+    return process(lb, worker, pkt, len, pkt_flags, now_ms, mark);
 }
 
 int nl_process(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
                uint32_t pkt_flags, uint64_t now_ms)
 {
-    /* Rewriting needs the whole packet: its checksums cover all of it. */
-    if (pkt_flags & NL_PKT_HEAD_ONLY) {
-        counters_of(lb, worker)->reasons[NL_R_TRUNCATED]++;
-        return NL_VERDICT_DROP;
-    }
-    return process(lb, worker, pkt, len, pkt_flags, now_ms, NULL);
+    nl_ext_enter(lb);
+    int v = nl_packet(lb, worker, pkt, len, pkt_flags, now_ms, NULL);
+    nl_ext_exit(lb);
+    return v;
 }
 
 int nl_decide(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
               uint32_t pkt_flags, uint64_t now_ms, uint32_t *mark)
 {
-    *mark = 0;
-    return process(lb, worker, pkt, len, pkt_flags, now_ms, mark);
+    nl_ext_enter(lb);
+    int v = nl_packet(lb, worker, pkt, len, pkt_flags, now_ms, mark);
+    nl_ext_exit(lb);
+    return v;
 }
 
 uint32_t nl_process_many(struct nl_lb *lb, uint32_t worker, uint8_t *bufs, uint32_t stride,
@@ -548,11 +651,14 @@ uint32_t nl_process_many(struct nl_lb *lb, uint32_t worker, uint8_t *bufs, uint3
                          uint32_t pkt_flags, uint64_t now_ms)
 {
     uint32_t rewritten = 0;
+    nl_ext_enter(lb);
     for (uint32_t i = 0; i < n; i++) {
-        int v = nl_process(lb, worker, bufs + (size_t)i * stride, lens[i], pkt_flags, now_ms);
+        int v = nl_packet(lb, worker, bufs + (size_t)i * stride, lens[i], pkt_flags, now_ms,
+                          NULL);
         verdicts[i] = (uint8_t)v;
         rewritten += v == NL_VERDICT_REWRITE;
     }
+    nl_ext_exit(lb);
     return rewritten;
 }
 

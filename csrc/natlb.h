@@ -31,6 +31,9 @@
                                     pseudo-header sum (CHECKSUM_PARTIAL)  */
 #define NL_PKT_GSO 2             /* a GSO super-packet, segmented later   */
 #define NL_PKT_HEAD_ONLY 4       /* the buffer holds only the packet's head */
+#define NL_PKT_CSUM_VERIFIED 8   /* the kernel verified the L4 checksum or made
+                                    the packet itself (NFQA_SKB_INFO without
+                                    CSUM_NOTVERIFIED): not checked again   */
 
 /* ---- marks that ask the nftables rewrite chain to rewrite a packet ----- */
 #define NL_MARK_FORWARD 1845493760   /* 0x6e000000 | backend id: dst = backend */
@@ -66,7 +69,11 @@
 #define NL_R_TRUNCATED 6         /* NFQUEUE gave a partial copy: dropped   */
 #define NL_R_UNSUPPORTED 7       /* not IPv4 TCP/UDP: passed               */
 #define NL_R_VERDICT_ERROR 8     /* verdict could not be sent              */
-#define NL_R_MAX 9
+#define NL_R_BAD_CHECKSUM 9      /* IP, TCP, UDP or ICMP checksum wrong: dropped */
+#define NL_R_UNMATCHED 10        /* RST or ICMP error about a flow that does not
+                                    match what natlb sent, or that could not
+                                    be verified: dropped, not believed     */
+#define NL_R_MAX 11
 
 /* Sizes the conntrack and sets its timeouts; fixed for the lb's lifetime. */
 struct nl_config {
@@ -111,7 +118,8 @@ struct nl_lb;
 struct nl_snapshot;
 
 /* ---- lifetime ---------------------------------------------------------- */
-/* NULL on bad config or out of memory. */
+/* NULL on bad config (a zero or over 2^30 timeout, syn_timeout_ms over
+ * 2^30, resteer_tries not 1..255, ...) or out of memory. */
 struct nl_lb *nl_create(const struct nl_config *cfg);
 /* Stops the workers if running, then frees everything. */
 void nl_destroy(struct nl_lb *lb);
@@ -135,7 +143,9 @@ int nl_publish(struct nl_lb *lb, struct nl_snapshot *snap);
 /* ---- the sans-IO data path -------------------------------------------- */
 /* Processes one IPv4 packet in place.  `worker` picks the counter block
  * (0..n_workers; n_workers is reserved for callers outside the workers).
- * `now_ms` is a monotonic clock in milliseconds.  Returns NL_VERDICT_*. */
+ * `now_ms` is a monotonic clock in milliseconds.  Returns NL_VERDICT_*.
+ * Safe to call from any thread while the workers run: calls from outside
+ * the workers are serialized and hold the snapshot they read. */
 int nl_process(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
                uint32_t pkt_flags, uint64_t now_ms);
 
@@ -158,6 +168,15 @@ uint32_t nl_process_many(struct nl_lb *lb, uint32_t worker, uint8_t *bufs, uint3
  * flows it freed.  Workers call it themselves; exposed for tests. */
 uint32_t nl_ct_sweep(struct nl_lb *lb, uint64_t now_ms, uint32_t max_buckets);
 uint32_t nl_ct_count(struct nl_lb *lb);
+/* Conntrack counters (out[NL_C_MAX]).  A new flow that finds the table full
+ * first frees expired entries near it, then evicts the least recently
+ * active embryonic flow it finds (TCP before the handshake's last ACK, UDP
+ * with no reply); established flows are never evicted. */
+#define NL_C_RECLAIMED 0         /* expired flows freed early for a new one   */
+#define NL_C_EVICTED_TCP 1       /* embryonic TCP flows evicted: table full   */
+#define NL_C_EVICTED_UDP 2       /* unanswered UDP flows evicted: table full  */
+#define NL_C_MAX 3
+void nl_read_conntrack(struct nl_lb *lb, uint64_t *out);
 /* Bytes of one conntrack entry and of the whole preallocated table. */
 uint32_t nl_ct_entry_size(void);
 uint64_t nl_ct_memory(struct nl_lb *lb);
@@ -191,17 +210,22 @@ struct nl_event {
 #define NL_F_SYN_RESENT 1        /* held SYNs natlb sent again itself       */
 #define NL_F_RESETS_SENT 2       /* RSTs sent for flows of a dead backend   */
 #define NL_F_OUTBOX_FULL 3       /* packets natlb could not queue to send   */
-#define NL_F_EVENTS_LOST 4       /* events dropped: ring full               */
+#define NL_F_EVENTS_LOST 4       /* oldest events dropped: ring full         */
 #define NL_F_SEND_ERRORS 5       /* raw socket send failures                */
 #define NL_F_PMTU_RELAYED 6      /* "fragmentation needed" passed to backends */
-#define NL_F_MAX 7
+#define NL_F_HELD_LOST 7         /* held SYNs overwritten before their deadline:
+                                    ring full, those flows are not re-steered */
+#define NL_F_MAX 8
 
-/* Readable when events are waiting (an eventfd); never blocks the workers. */
+/* Readable when events are waiting (an eventfd); never blocks the workers.
+ * The ring keeps the newest events: when full, the oldest is dropped and
+ * counted (NL_F_EVENTS_LOST). */
 int nl_event_fd(struct nl_lb *lb);
-/* Takes up to `max` events; returns how many. */
+/* Takes up to `max` events, oldest first; returns how many.  If more are
+ * left, the eventfd stays readable. */
 uint32_t nl_read_events(struct nl_lb *lb, struct nl_event *out, uint32_t max);
 /* Re-steers SYNs whose deadline passed.  The workers call it; exposed so
- * tests can drive time. */
+ * tests can drive time (safe while the workers run, like nl_process). */
 void nl_failover_tick(struct nl_lb *lb, uint64_t now_ms);
 /* Sends an RST to the client (and the backend) of every TCP flow on the
  * backend and forgets its flows; returns the number of flows reset. */
@@ -220,6 +244,11 @@ void nl_read_failover(struct nl_lb *lb, uint64_t *out);
 #define NL_RAW_MARK 1851810401
 #define NL_START_GSO 1           /* ask for GSO super-packets (fast bulk)   */
 #define NL_START_MARK 2          /* copy heads only; verdicts carry marks   */
+/* Mark mode: how much of each packet NFQUEUE copies.  Every header natlb
+ * reads fits (IP and TCP with options: 120 bytes; an ICMP error with IP
+ * options outside and in its quote: 136), and so do whole SYNs, RSTs and
+ * the ICMP errors about them, whose checksums can then be checked. */
+#define NL_HEAD_COPY 256
 /* Binds one netlink socket per queue number and starts one thread each.
  * On failure nothing is left running and `err` holds a one-line reason. */
 int nl_start(struct nl_lb *lb, const uint16_t *queues, uint32_t n_queues,

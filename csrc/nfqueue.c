@@ -6,9 +6,9 @@
  * recvmmsg (MSG_WAITFORONE: it returns as soon as one is there, so batching
  * never adds latency), decides every packet, and sends all verdicts with
  * one sendmsg.  Two modes:
- *  - mark (NL_START_MARK): the kernel copies 128 bytes of each packet;
- *    nl_decide answers with a mark and the nftables rewrite chain does the
- *    rewriting, so no packet body crosses into userspace;
+ *  - mark (NL_START_MARK): the kernel copies the first NL_HEAD_COPY bytes of
+ *    each packet; nl_decide answers with a mark and the nftables rewrite
+ *    chain does the rewriting, so no packet body crosses into userspace;
  *  - copy: whole packets; nl_process rewrites them in place and the verdict
  *    iovecs point at them in the receive slots.
  * Between batches the worker runs the failover timers and sends what the
@@ -38,6 +38,12 @@
 #define RCVBUF (32 << 20)
 #define QUEUE_MAXLEN 16384
 #define SWEEP_PERIOD_MS 1000     /* a full conntrack sweep about once a second */
+/* Buckets swept between two batches while packets are flowing; the rest of
+ * what is due waits for the next pass or an idle moment, so a very large
+ * table never holds up queued packets for long. */
+#define SWEEP_SLICE 1024
+#define SWEEP_IDLE_MAX (16 * SWEEP_SLICE)
+
 
 /* One verdict: the fixed part, then either NFQA_MARK or the header of
  * NFQA_PAYLOAD (whose bytes follow in their own iovec), or nothing. */
@@ -63,6 +69,7 @@ struct nl_worker {
     struct verdict_msg verdicts[BATCH * 8];
     struct iovec tx_iov[BATCH * 8 * 3];
     uint64_t last_sweep_ms;
+    uint64_t sweep_owed;         /* buckets due to the sweeper, not yet swept */
     uint64_t poll_ns;
     uint32_t timeout_ms;         /* current SO_RCVTIMEO                     */
     int mark_mode;               /* NL_START_MARK: decide, let nft rewrite  */
@@ -146,9 +153,7 @@ static int open_queue(struct nl_worker *w, uint32_t flags, char *err, uint32_t e
         return -1;
     }
     off = 0;
-    /* In mark mode natlb only reads headers: 128 bytes hold the IP and TCP
-     * headers with options, and the quoted header in an ICMP error. */
-    uint32_t range = (flags & NL_START_MARK) ? 128 : 0xffff;
+    uint32_t range = (flags & NL_START_MARK) ? NL_HEAD_COPY : 0xffff;
     struct nfqnl_msg_config_params params = { .copy_range = htonl(range),
                                               .copy_mode = NFQNL_COPY_PACKET };
     put_attr(attrs, &off, NFQA_CFG_PARAMS, &params, sizeof(params));
@@ -184,36 +189,61 @@ static int open_queue(struct nl_worker *w, uint32_t flags, char *err, uint32_t e
     return 0;
 }
 
+/* The smallest payload of each attribute natlb reads; a shorter one is
+ * ignored as if absent (so a packet without a header gets no verdict, and
+ * short skb info means "nothing vouched for": natlb checks checksums). */
+static uint16_t attr_min_len(uint16_t type)
+{
+    switch (type) {
+    case NFQA_PACKET_HDR: return sizeof(struct nfqnl_msg_packet_hdr);
+    case NFQA_SKB_INFO: return 4;
+    case NFQA_CAP_LEN: return 4;
+    default: return 0;
+    }
+}
+
 /* Parses one NFQNL_MSG_PACKET, processes it and appends its verdict. */
 static void handle_packet(struct nl_worker *w, struct nlmsghdr *nlh, uint64_t now,
                           size_t *nv, size_t *niov)
 {
     struct nlattr *attr[NFQA_MAX + 1] = { 0 };
+    int doubtful = 0;            /* an attribute was cut or too short */
     size_t off = NLMSG_HDRLEN + NLMSG_ALIGN(sizeof(struct nfgenmsg));
     while (off + NLA_HDRLEN <= nlh->nlmsg_len) {
         struct nlattr *a = (struct nlattr *)((uint8_t *)nlh + off);
-        if (a->nla_len < NLA_HDRLEN || off + a->nla_len > nlh->nlmsg_len)
+        if (a->nla_len < NLA_HDRLEN || off + a->nla_len > nlh->nlmsg_len) {
+            doubtful = 1;
             break;
+        }
         uint16_t type = a->nla_type & NLA_TYPE_MASK;
-        if (type <= NFQA_MAX)
+        if (type <= NFQA_MAX && a->nla_len - NLA_HDRLEN >= attr_min_len(type))
             attr[type] = a;
+        else if (type <= NFQA_MAX)
+            doubtful = 1;
         off += NLA_ALIGN(a->nla_len);
     }
     struct nl_worker_counters *wc = &w->lb->counters[w->index];
-    if (!attr[NFQA_PACKET_HDR] || attr[NFQA_PACKET_HDR]->nla_len < NLA_HDRLEN + 4)
+    if (!attr[NFQA_PACKET_HDR])
         return;
     struct nfqnl_msg_packet_hdr *ph = (void *)((uint8_t *)attr[NFQA_PACKET_HDR] + NLA_HDRLEN);
     uint8_t *pkt = NULL;
-    uint32_t len = 0, pkt_flags = 0;
+    uint32_t len = 0, pkt_flags = NL_PKT_CSUM_VERIFIED;
     int verdict = NL_VERDICT_DROP;
     if (attr[NFQA_PAYLOAD]) {
         pkt = (uint8_t *)attr[NFQA_PAYLOAD] + NLA_HDRLEN;
         len = attr[NFQA_PAYLOAD]->nla_len - NLA_HDRLEN;
     }
+    /* No skb info means nothing to say: the kernel verified the checksum or
+     * made the packet here.  A message with a cut or short attribute
+     * vouches for nothing. */
+    if (doubtful)
+        pkt_flags = 0;
     if (attr[NFQA_SKB_INFO]) {
         uint32_t info;
         memcpy(&info, (uint8_t *)attr[NFQA_SKB_INFO] + NLA_HDRLEN, 4);
         info = ntohl(info);
+        if (info & (NFQA_SKB_CSUM_NOTVERIFIED | NFQA_SKB_CSUMNOTREADY))
+            pkt_flags &= ~(uint32_t)NL_PKT_CSUM_VERIFIED;
         if (info & NFQA_SKB_CSUMNOTREADY)
             pkt_flags |= NL_PKT_CSUM_PARTIAL;
         if (info & NFQA_SKB_GSO)
@@ -226,12 +256,15 @@ static void handle_packet(struct nl_worker *w, struct nlmsghdr *nlh, uint64_t no
     } else if (w->mark_mode) {
         if (attr[NFQA_CAP_LEN])
             pkt_flags |= NL_PKT_HEAD_ONLY;
-        verdict = nl_decide(w->lb, w->index, pkt, len, pkt_flags, now, &mark);
+        verdict = nl_packet(w->lb, w->index, pkt, len, pkt_flags, now, &mark);
     } else if (attr[NFQA_CAP_LEN]) {
-        /* We only have part of the packet; returning it would truncate it. */
+        /* We only have part of the packet; returning it would truncate it.
+         * (With GSO, the kernel copies at most 65,531 bytes: a GRO packet
+         * of 65,532-65,535 bytes lands here; TCP resends it in smaller
+         * pieces.  Mark mode never needs the whole packet.) */
         wc->reasons[NL_R_TRUNCATED]++;
     } else {
-        verdict = nl_process(w->lb, w->index, pkt, len, pkt_flags, now);
+        verdict = nl_packet(w->lb, w->index, pkt, len, pkt_flags, now, NULL);
     }
     struct verdict_msg *v = &w->verdicts[*nv];
     uint32_t payload = verdict == NL_VERDICT_REWRITE ? len : 0;
@@ -352,18 +385,29 @@ static void *worker_main(void *arg)
         if (lb->cfg.syn_timeout_ms) {
             if (n <= 0)
                 nl_worker_enter(lb, w->index);   /* the tick reads the snapshot */
-            nl_failover_tick(lb, now);
+            nl_failover_due(lb, now);
             set_timeout(w, nl_syn_deadline_next(lb, (uint32_t)now));
         }
+        nl_worker_quiescent(lb, w->index);
+        nl_event_signal(lb);
         nl_flush(lb);
         uint64_t elapsed = now - w->last_sweep_ms;
         if (elapsed >= 10) {
             /* Sweep share proportional to time, split between workers. */
-            uint64_t nb = (uint64_t)lb->ct.n_buckets * elapsed / SWEEP_PERIOD_MS /
-                          (lb->n_running ? lb->n_running : 1) + 1;
-            nl_worker_quiescent(lb, w->index);
-            nl_ct_sweep(lb, now, nb > lb->ct.n_buckets ? lb->ct.n_buckets : (uint32_t)nb);
+            w->sweep_owed += (uint64_t)lb->ct.n_buckets * elapsed / SWEEP_PERIOD_MS /
+                             (lb->n_running ? lb->n_running : 1) + 1;
+            if (w->sweep_owed > lb->ct.n_buckets)
+                w->sweep_owed = lb->ct.n_buckets;
             w->last_sweep_ms = now;
+        }
+        if (w->sweep_owed) {
+            uint64_t nb = w->sweep_owed;
+            /* A full batch means packets are likely waiting behind it. */
+            uint64_t cap = n >= BATCH ? SWEEP_SLICE
+                         : n > 0 ? 4 * SWEEP_SLICE : SWEEP_IDLE_MAX;
+            nb = nb > cap ? cap : nb;
+            nl_ct_sweep(lb, now, (uint32_t)nb);
+            w->sweep_owed -= nb;
         }
     }
     nl_worker_quiescent(lb, w->index);

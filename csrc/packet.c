@@ -12,8 +12,17 @@
  *      partial, plain -> the kernel marks the packet CHECKSUM_NONE after we
  *                        return it, so nobody will finish the sum: compute
  *                        the full checksum over the segment.
+ * Verification (nl_check_csum): a packet with a wrong checksum is dropped,
+ * never forwarded.  Its receiver would drop it silently, so forwarding it
+ * would let a client make natlb see a backend "not answering".  The IP
+ * header is always in the buffer and always checked; the L4 checksum is
+ * checked when the whole packet is there and the kernel has not vouched
+ * for it: NL_PKT_CSUM_VERIFIED (checked by the NIC or kernel, or made on
+ * this host) and NL_PKT_CSUM_PARTIAL (made on this host, sum not finished)
+ * are trusted as they are.
  */
 #include <string.h>
+#include <arpa/inet.h>
 #include "internal.h"
 
 static inline uint16_t ld16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
@@ -50,6 +59,8 @@ int nl_parse(uint8_t *buf, uint32_t len, struct nl_pkt *p, int head_only)
         p->tcp_flags = p->l4[13];
         p->seq = ((uint32_t)p->l4[4] << 24) | ((uint32_t)p->l4[5] << 16) |
                  ((uint32_t)p->l4[6] << 8) | p->l4[7];
+        p->ack = ((uint32_t)p->l4[8] << 24) | ((uint32_t)p->l4[9] << 16) |
+                 ((uint32_t)p->l4[10] << 8) | p->l4[11];
         p->seq_len = p->l4len - doff + !!(p->tcp_flags & NL_TCP_SYN) +
                      !!(p->tcp_flags & NL_TCP_FIN);
     } else if (p->proto == 17) {
@@ -134,6 +145,53 @@ static uint32_t pseudo_sum(const struct nl_pkt *p)
     sum = csum_add(sum, ld32(p->ip + 16));
     uint8_t tail[4] = { 0, p->proto, (uint8_t)(p->l4len >> 8), (uint8_t)p->l4len };
     return csum_add(sum, ld32(tail));
+}
+
+/* Ones' complement sum of (pseudo-header, L4 segment of `len` bytes). */
+static uint32_t l4_sum(const struct nl_pkt *p, uint32_t len)
+{
+    uint32_t sum = csum_add(ld32(p->ip + 12), ld32(p->ip + 16));
+    uint8_t tail[4] = { 0, p->proto, (uint8_t)(len >> 8), (uint8_t)len };
+    return csum_partial(p->l4, len, csum_add(sum, ld32(tail)));
+}
+
+static int ip_header_ok(const uint8_t *ip)
+{
+    return csum_fold(csum_partial(ip, (uint32_t)(ip[0] & 0x0f) * 4, 0)) == 0xffff;
+}
+
+int nl_check_csum(const struct nl_pkt *p, uint32_t pkt_flags)
+{
+    if (!ip_header_ok(p->ip))
+        return NL_CSUM_BAD;
+    if (pkt_flags & (NL_PKT_CSUM_VERIFIED | NL_PKT_CSUM_PARTIAL))
+        return NL_CSUM_OK;
+    /* A fragment's L4 checksum covers the whole datagram. */
+    if (nl_pkt_len(p) > p->caplen || (ld16(p->ip + 6) & htons(0x3fff)))
+        return NL_CSUM_UNKNOWN;
+    uint32_t len = p->l4len;
+    if (p->proto == 17) {
+        if (ld16(p->l4 + 6) == 0)
+            return NL_CSUM_OK;          /* IPv4 UDP may carry no checksum */
+        len = ((uint32_t)p->l4[4] << 8) | p->l4[5];
+    }
+    return csum_fold(l4_sum(p, len)) == 0xffff ? NL_CSUM_OK : NL_CSUM_BAD;
+}
+
+int nl_check_icmp_csum(const uint8_t *buf, uint32_t len, uint32_t pkt_flags)
+{
+    if (len < 20 || (uint32_t)(buf[0] & 0x0f) * 4 > len || !ip_header_ok(buf))
+        return NL_CSUM_BAD;
+    if (pkt_flags & (NL_PKT_CSUM_VERIFIED | NL_PKT_CSUM_PARTIAL))
+        return NL_CSUM_OK;
+    uint32_t ihl = (uint32_t)(buf[0] & 0x0f) * 4;
+    uint32_t tot = ((uint32_t)buf[2] << 8) | buf[3];
+    if (tot < ihl)
+        return NL_CSUM_BAD;
+    if (tot > len)
+        return NL_CSUM_UNKNOWN;
+    return csum_fold(csum_partial(buf + ihl, tot - ihl, 0)) == 0xffff ? NL_CSUM_OK
+                                                                         : NL_CSUM_BAD;
 }
 
 void nl_rewrite(struct nl_pkt *p, int dst, uint32_t addr, uint16_t port,
@@ -231,6 +289,9 @@ int nl_parse_icmp_unreach(const uint8_t *buf, uint32_t len, struct nl_icmp *out,
     inner->daddr = ld32(in + 16);
     inner->sport = ld16(in + in_ihl);
     inner->dport = ld16(in + in_ihl + 2);
+    const uint8_t *q = in + in_ihl + 4;
+    out->quoted_seq = ((uint32_t)q[0] << 24) | ((uint32_t)q[1] << 16) |
+                      ((uint32_t)q[2] << 8) | q[3];
     return -1;
 }
 

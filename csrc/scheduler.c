@@ -9,24 +9,28 @@
  */
 #include "internal.h"
 
-/* Fewest active flows per unit of weight, skipping `exclude` and, when
- * `alive` is given, backends that are not alive. */
+/* Least connections as IPVS weighs them: (active * 256 + inactive) per
+ * unit of weight.  Counting closing flows too spreads short sessions, which
+ * are all inactive by the time the next one comes; active ones still
+ * dominate.  Skips `exclude` and, when `alive` is given, backends that are
+ * not alive. */
 static int least_connections(struct nl_lb *lb, const struct nl_service *svc,
                              uint32_t exclude, const uint8_t *alive)
 {
     int best = -1;
-    int64_t best_active = 0;
+    int64_t best_load = 0;
     uint32_t best_weight = 1;
     for (uint32_t i = 0; i < svc->n_backends; i++) {
         const struct nl_backend_spec *b = &svc->backends[i];
         if (!(b->flags & NL_BE_ELIGIBLE) || b->weight == 0 || b->id == exclude ||
             (alive && !alive[b->id]))
             continue;
-        int64_t a = __atomic_load_n(&lb->active[b->id], __ATOMIC_RELAXED);
-        /* a/w < best_a/best_w without division */
-        if (best < 0 || a * best_weight < best_active * b->weight) {
+        int64_t load = __atomic_load_n(&lb->active[b->id], __ATOMIC_RELAXED) * 256 +
+                       __atomic_load_n(&lb->inactive[b->id], __ATOMIC_RELAXED);
+        /* load/w < best_load/best_w without division */
+        if (best < 0 || load * best_weight < best_load * b->weight) {
             best = (int)i;
-            best_active = a;
+            best_load = load;
             best_weight = b->weight;
         }
     }

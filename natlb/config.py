@@ -140,7 +140,7 @@ class LBConfig:
     resteer_tries: int = 3
     rewrite: str = "mark"             # mark: nft rewrites on natlb's mark; copy: natlb does
     timeouts_s: dict[str, float] = field(default_factory=lambda: {
-        "tcp_syn": 60.0, "tcp_established": 900.0, "tcp_fin": 120.0,
+        "tcp_syn": 10.0, "tcp_established": 900.0, "tcp_fin": 120.0,
         "tcp_close": 10.0, "udp": 300.0,
     })
     routes: tuple[RouteConfig, ...] = ()

@@ -43,6 +43,8 @@ REASONS = {
     "truncated": lib.NL_R_TRUNCATED,
     "unsupported": lib.NL_R_UNSUPPORTED,
     "verdict_error": lib.NL_R_VERDICT_ERROR,
+    "bad_checksum": lib.NL_R_BAD_CHECKSUM,
+    "unmatched": lib.NL_R_UNMATCHED,
 }
 FAILOVER_COUNTERS = {
     "resteered": lib.NL_F_RESTEERED,
@@ -52,6 +54,12 @@ FAILOVER_COUNTERS = {
     "events_lost": lib.NL_F_EVENTS_LOST,
     "send_errors": lib.NL_F_SEND_ERRORS,
     "pmtu_relayed": lib.NL_F_PMTU_RELAYED,
+    "held_lost": lib.NL_F_HELD_LOST,
+}
+CONNTRACK_COUNTERS = {
+    "reclaimed": lib.NL_C_RECLAIMED,
+    "evicted_tcp": lib.NL_C_EVICTED_TCP,
+    "evicted_udp": lib.NL_C_EVICTED_UDP,
 }
 EVENT_KINDS = {lib.NL_EV_SYN_RST: "syn_rst", lib.NL_EV_SYN_TIMEOUT: "syn_timeout",
                lib.NL_EV_ICMP: "icmp_unreachable"}
@@ -61,6 +69,8 @@ MARK_REPLY: int = lib.NL_MARK_REPLY
 PKT_HEAD_ONLY: int = lib.NL_PKT_HEAD_ONLY
 PKT_CSUM_PARTIAL: int = lib.NL_PKT_CSUM_PARTIAL
 PKT_GSO: int = lib.NL_PKT_GSO
+PKT_CSUM_VERIFIED: int = lib.NL_PKT_CSUM_VERIFIED
+HEAD_COPY: int = lib.NL_HEAD_COPY
 
 
 class Verdict(enum.IntEnum):
@@ -126,9 +136,10 @@ class CoreConfig:
     poll_us: int = 0
     syn_timeout_ms: int = 0
     resteer_tries: int = 3
+    # tcp_syn as in natlb.config.LBConfig (see README, Conntrack).
     timeouts_ms: dict[str, int] = field(
         default_factory=lambda: {
-            "tcp_syn": 60_000,
+            "tcp_syn": 10_000,
             "tcp_established": 900_000,
             "tcp_fin": 120_000,
             "tcp_close": 10_000,
@@ -269,6 +280,12 @@ class Core:
     def flow_count(self) -> int:
         return lib.nl_ct_count(self._lb)
 
+    def conntrack_counters(self) -> dict[str, int]:
+        """Expired flows reclaimed early and embryonic flows evicted (full table)."""
+        out = ffi.new("uint64_t[]", lib.NL_C_MAX)
+        lib.nl_read_conntrack(self._lb, out)
+        return {name: out[idx] for name, idx in CONNTRACK_COUNTERS.items()}
+
     def conntrack_memory(self) -> int:
         return lib.nl_ct_memory(self._lb)
 
@@ -305,10 +322,16 @@ class Core:
         return lib.nl_event_fd(self._lb)
 
     def read_events(self, max_events: int = 256) -> list[Event]:
+        """Every waiting event, oldest first (in rounds of max_events)."""
         out = ffi.new("struct nl_event[]", max_events)
-        n = lib.nl_read_events(self._lb, out, max_events)
-        return [Event(EVENT_KINDS.get(e.kind, str(e.kind)), e.service_id, e.backend_id,
-                      e.time_ms, _unaddr(e.client_addr)) for e in out[0:n]]
+        events: list[Event] = []
+        while True:
+            n = lib.nl_read_events(self._lb, out, max_events)
+            events += [Event(EVENT_KINDS.get(e.kind, str(e.kind)), e.service_id,
+                             e.backend_id, e.time_ms, _unaddr(e.client_addr))
+                       for e in out[0:n]]
+            if n < max_events:
+                return events
 
     def failover_tick(self, now_ms: int) -> None:
         lib.nl_failover_tick(self._lb, now_ms)

@@ -57,6 +57,7 @@ def collect(pool: Pool, queues: list[int], started: float, max_flows: int) -> di
         "flows": core.flow_count(), "flow_capacity": max_flows,
         "queued_packets": packets, "receive_batches": batches,
         "reasons": core.reasons(), "failover": core.failover_counters(),
+        "conntrack": core.conntrack_counters(),
         "queues": queue_stats(queues),
         "services": services,
     }
@@ -96,6 +97,9 @@ def render(st: dict[str, Any]) -> str:
     moved = {k: v for k, v in st.get("failover", {}).items() if v}
     if moved:
         lines.append("  failover: " + ", ".join(f"{k}={v}" for k, v in moved.items()))
+    full = {k: v for k, v in st.get("conntrack", {}).items() if v}
+    if full:
+        lines.append("  table full: " + ", ".join(f"{k}={v}" for k, v in full.items()))
     for q in st["queues"]:
         if q["queue_dropped"] or q["user_dropped"]:
             lines.append(f"  queue {q['queue']}: kernel dropped {q['queue_dropped']}, "

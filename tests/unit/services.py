@@ -22,3 +22,30 @@ def make_service(scheduler="rr", port=80, backend_port=8080, protocol="tcp", sid
                         tuple(build_table(scheduler, cands)))
 
 
+
+
+def _csum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return ~s & 0xFFFF
+
+
+def many_syns(n: int, src=lambda i: CLIENT, sport=lambda i: 1024 + i, dst=VIP,
+              dport=80) -> list[bytes]:
+    """n SYNs with right checksums, much faster than building each with scapy."""
+    import ipaddress
+    import struct
+
+    daddr = ipaddress.IPv4Address(dst).packed
+    out = []
+    for i in range(n):
+        saddr = ipaddress.IPv4Address(src(i)).packed
+        tcp = struct.pack("!HHIIBBHHH", sport(i), dport, 1000, 0, 5 << 4, 0x02, 65535, 0, 0)
+        tcp = tcp[:16] + struct.pack("!H", _csum(saddr + daddr + b"\0\x06\0\x14" + tcp)) + tcp[18:]
+        ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, 1, 0, 64, 6, 0, saddr, daddr)
+        ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
+        out.append(ip + tcp)
+    return out

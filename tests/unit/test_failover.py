@@ -6,7 +6,7 @@ from scapy.layers.inet import IP, TCP, UDP
 
 from natlb.core import PKT_HEAD_ONLY, Core, CoreConfig, Verdict
 
-from .services import BACKENDS, CLIENT, VIP, make_service
+from .services import BACKENDS, CLIENT, VIP, make_service, many_syns
 from .test_rewrite import checksums_ok
 
 
@@ -198,3 +198,83 @@ def test_frag_needed_about_a_reply_is_relayed_to_its_backend(fcore):
     del again.chksum, again[ICMP].chksum, again[IPerror].chksum
     assert bytes(IP(bytes(again))) == sent
     assert fcore.failover_counters()["pmtu_relayed"] == 2
+
+
+# ---- events: no lost wakeups, a full ring keeps the newest ----------------------
+
+def udp_core_with_icmp():
+    """A UDP flow and an ICMP port unreachable about it: one event per copy."""
+    c = Core(CoreConfig(max_flows=64, workers=1))
+    c.publish([make_service("rr", protocol="udp", port=53, backend_port=53)])
+    _, out = c.process(bytes(IP(src=CLIENT, dst=VIP) / UDP(sport=5000, dport=53) / b"q"), 1)
+    return c, icmp_about(out)
+
+
+def readable(fd: int) -> bool:
+    import select
+
+    return bool(select.select([fd], [], [], 0)[0])
+
+
+def test_more_events_than_one_read_are_all_delivered():
+    c, icmp = udp_core_with_icmp()
+    for t in range(300):
+        c.process(icmp, 10 + t)
+    assert readable(c.event_fd())
+    events = c.read_events(max_events=256)
+    assert [e.time_ms for e in events] == list(range(10, 310))
+    assert not readable(c.event_fd())      # all taken: the signal is cleared
+    c.process(icmp, 400)
+    assert readable(c.event_fd()) and len(c.read_events()) == 1
+    c.close()
+
+
+def test_full_event_ring_drops_the_oldest_and_counts():
+    c, icmp = udp_core_with_icmp()
+    for t in range(1024 + 10):
+        c.process(icmp, 10 + t)
+    events = c.read_events()
+    assert len(events) == 1024
+    assert events[0].time_ms == 20 and events[-1].time_ms == 10 + 1033   # newest kept
+    assert c.failover_counters()["events_lost"] == 10
+    c.close()
+
+
+# ---- held SYNs go with their flows; a full ring is counted -----------------------
+
+def test_evicted_flow_takes_its_held_syn_with_it():
+    c = Core(CoreConfig(max_flows=2, workers=1, syn_timeout_ms=50))
+    c.publish([make_service("rr")])
+    c.process(syn(40000), 100)
+    c.process(syn(40001), 101)
+    c.process(syn(40002), 102)                # evicts 40000, the oldest
+    assert c.conntrack_counters()["evicted_tcp"] == 1
+    c.failover_tick(150)                      # 40000's deadline passed: nothing
+    assert c.outbox_take() is None and c.read_events() == []
+    c.failover_tick(151)                      # 40001's: re-sent as usual
+    resent = c.outbox_take()
+    assert resent is not None and IP(resent)[TCP].sport == 40001
+    c.close()
+
+
+def test_held_ring_overflow_is_counted():
+    c = Core(CoreConfig(max_flows=10_000, workers=1, syn_timeout_ms=1000))
+    c.publish([make_service("rr")])
+    batch = c.process_many(many_syns(9000), now_ms=1)
+    assert c.process_batch(batch) == 9000
+    assert c.failover_counters()["held_lost"] == 9000 - 8192
+    c.close()
+
+
+def test_tick_ignores_a_held_entry_whose_flow_was_freed_and_reused():
+    c = Core(CoreConfig(max_flows=1, workers=1, syn_timeout_ms=50))
+    c.publish([make_service("rr")])
+    c.process(syn(40000), 100)
+    # Another client's SYN takes the only entry (the first one is evicted).
+    other = bytes(IP(src="198.51.100.99", dst=VIP) / TCP(sport=40000, dport=80, flags="S"))
+    c.process(other, 120)
+    c.failover_tick(150)
+    assert c.outbox_take() is None and c.read_events() == []
+    c.failover_tick(170)
+    assert IP(c.outbox_take()).src == "198.51.100.99"
+    c.close()

@@ -7,7 +7,7 @@ from scapy.layers.inet import IP, TCP
 from natlb.core import Core, CoreConfig
 from natlb.schedulers import Candidate, maglev_table, wrr_table
 
-from .services import BACKENDS, VIP, make_service
+from .services import BACKENDS, CLIENT, VIP, make_service
 
 
 def spread(core, n, src=lambda i: f"198.51.100.{1 + i % 200}", sport=lambda i: 1024 + i):
@@ -60,6 +60,24 @@ def test_lc_prefers_least_loaded():
     c = fresh(make_service("lc"))
     first = spread(c, 30)
     assert sorted(first.values()) == [10, 10, 10]
+
+
+def test_lc_spreads_short_sequential_sessions():
+    """Issue 9: 30 SMTP-like sessions one after the other all went to the
+    first backend when lc counted open flows only."""
+    c = fresh(make_service("lc"))
+    seen = Counter()
+    for i in range(30):
+        sport = 20000 + i
+        _, out = c.process(bytes(IP(src=CLIENT, dst=VIP) / TCP(sport=sport, dport=80,
+                                                                flags="S")), i)
+        be = IP(out).dst
+        seen[be] += 1
+        for src, dst, s, d, fl in ((be, CLIENT, 8080, sport, "SA"), (CLIENT, VIP, sport, 80, "A"),
+                                   (CLIENT, VIP, sport, 80, "FA"),
+                                   (be, CLIENT, 8080, sport, "FA"), (CLIENT, VIP, sport, 80, "A")):
+            c.process(bytes(IP(src=src, dst=dst) / TCP(sport=s, dport=d, flags=fl)), i)
+    assert sorted(seen.values()) == [10, 10, 10]
 
 
 def test_maglev_moves_about_one_nth_on_removal():
