@@ -11,6 +11,7 @@ import http.client
 import json
 import random
 import socket
+import struct
 import sys
 import threading
 import time
@@ -180,6 +181,49 @@ def hold(host: str, port: int, timeout: float) -> int:
     return 0
 
 
+def _csum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    total = sum(int.from_bytes(data[i:i + 2], "big") for i in range(0, len(data), 2))
+    while total >> 16:
+        total = (total & 0xFFFF) + (total >> 16)
+    return ~total & 0xFFFF
+
+
+def spoofed_syn(src: str, dst: str, sport: int, dport: int, seq: int) -> bytes:
+    """An IPv4 TCP SYN with both checksums right: natlb takes it as real."""
+    saddr, daddr = socket.inet_aton(src), socket.inet_aton(dst)
+    tcp = struct.pack("!HHIIBBHHH", sport, dport, seq, 0, 5 << 4, 0x02, 64240, 0, 0)
+    tcp = tcp[:16] + struct.pack("!H", _csum(saddr + daddr + b"\0\x06\0\x14" + tcp)) + tcp[18:]
+    ip = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 40, seq & 0xFFFF, 0, 64, 6, 0, saddr, daddr)
+    return ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:] + tcp
+
+
+def syn_flood(host: str, port: int, count: int, seconds: float) -> int:
+    """`count` SYNs from spoofed 198.51.100.10-249 addresses (a documentation
+    range, inside the test's namespace), evenly over `seconds`: bounded in
+    number and time."""
+    rng = random.Random(9)
+    pkts = [spoofed_syn(f"198.51.100.{rng.randrange(10, 250)}", host,
+                        rng.randrange(1024, 65536), port, rng.getrandbits(32))
+            for _ in range(count)]
+    s = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+    start = time.monotonic()
+    sent = 0
+    for i, pkt in enumerate(pkts):
+        due = start + seconds * i / count
+        if (delay := due - time.monotonic()) > 0.001:
+            time.sleep(delay)
+        try:
+            s.sendto(pkt, (host, 0))
+            sent += 1
+        except OSError:
+            pass
+    s.close()
+    _emit(sent=sent, seconds=round(time.monotonic() - start, 3))
+    return 0
+
+
 def blob_sha256(size: int, seed: int) -> str:
     h = hashlib.sha256()
     for c in blob_chunks(size, seed):
@@ -227,7 +271,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--name", required=True)
     s.add_argument("--http-port", type=int, default=80)
     s.add_argument("--udp-port", type=int, default=53)
-    for name in ("http-stream", "udp-stream", "blob", "upload", "hold"):
+    for name in ("http-stream", "udp-stream", "blob", "upload", "hold", "syn-flood"):
         c = sub.add_parser(name)
         c.add_argument("--host", required=True)
         c.add_argument("--port", type=int, required=True)
@@ -236,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
         c.add_argument("--timeout", type=float, default=2.0)
         c.add_argument("--size", type=int, default=0)
         c.add_argument("--seed", type=int, default=1)
+        c.add_argument("--seconds", type=float, default=1.0)
     a = p.parse_args(argv)
     if a.cmd == "serve":
         return serve(a.name, a.http_port, a.udp_port)
@@ -245,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         return udp_stream(a.host, a.port, a.count, a.interval_ms, a.timeout)
     if a.cmd == "hold":
         return hold(a.host, a.port, a.timeout)
+    if a.cmd == "syn-flood":
+        return syn_flood(a.host, a.port, a.count, a.seconds)
     if a.cmd == "blob":
         return blob(a.host, a.port, a.size, a.seed, a.timeout)
     return upload(a.host, a.port, a.size, a.seed, a.timeout)
