@@ -10,7 +10,7 @@ import struct
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
 
-from natlb.core import Core, CoreConfig, Verdict
+from natlb.core import PKT_CSUM_VERIFIED, Core, CoreConfig, Verdict
 from tests.unit.services import VIP, make_service
 
 N = 20_000
@@ -24,8 +24,18 @@ def syns(n, dport=80):
         b[12:16] = struct.pack("!I", 0xC6336400 + (i >> 16))   # 198.51.100.x
         b[20:22] = struct.pack("!H", 1024 + (i & 0xFFFF) % 60000)
         b[15] = (i * 7) & 255
-        out.append(bytes(IP(bytes(b))))   # let scapy fix checksums once
+        p = IP(bytes(b))
+        del p.chksum, p[TCP].chksum       # natlb checks them: let scapy redo them
+        out.append(bytes(p))
     return out
+
+
+def fix_ip_checksum(b: bytearray) -> None:
+    b[10:12] = b"\0\0"
+    total = sum(struct.unpack("!10H", bytes(b[:20])))
+    total = (total & 0xFFFF) + (total >> 16)
+    total = (total & 0xFFFF) + (total >> 16)
+    b[10:12] = struct.pack("!H", ~total & 0xFFFF)
 
 
 def per_packet(benchmark, core, batch, rounds=15):
@@ -47,12 +57,26 @@ def established():
     pkts = syns(N)
     first = c.process_many(pkts, now_ms=1)
     assert c.process_batch(first) == N
-    acks = [p[:33] + bytes([0x10]) + p[34:] for p in pkts]     # flags = ACK
-    return c, c.process_many([bytes(IP(a)) for a in acks], now_ms=2)
+    acks = []
+    for p in pkts:                                              # flags = ACK
+        a = IP(p[:33] + bytes([0x10]) + p[34:])
+        del a[TCP].chksum                                       # natlb checks it
+        acks.append(bytes(a))
+    return c, c.process_many(acks, now_ms=2)
 
 
 def test_rewrite_established_tcp(benchmark, established):
+    """Checksums checked in C: what natlb does when the kernel has not."""
     c, batch = established
+    per_packet(benchmark, c, batch)
+    assert batch.verdict_list() == [Verdict.REWRITE] * N
+
+
+def test_rewrite_established_tcp_kernel_verified(benchmark, established):
+    """The usual case: the NIC or kernel verified the checksum already (or
+    the packet was made on this host), so natlb does not again."""
+    c, batch = established
+    batch.flags = PKT_CSUM_VERIFIED
     per_packet(benchmark, c, batch)
     assert batch.verdict_list() == [Verdict.REWRITE] * N
 
@@ -86,6 +110,7 @@ def test_lookup_with_one_million_flows(benchmark):
         b[12:16] = struct.pack("!I", 0xC6336400 + i // 65535)
         b[20:22] = struct.pack("!H", 1 + i % 65535)
         b[26:28] = b"\0\0"   # UDP checksum 0: valid and stays 0
+        fix_ip_checksum(b)
         pkts.append(bytes(b))
     filled = c.process_many(pkts, now_ms=1)
     assert c.process_batch(filled) == total and c.flow_count() == total

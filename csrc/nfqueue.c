@@ -44,7 +44,6 @@
 #define SWEEP_SLICE 1024
 #define SWEEP_IDLE_MAX (16 * SWEEP_SLICE)
 
-
 /* One verdict: the fixed part, then either NFQA_MARK or the header of
  * NFQA_PAYLOAD (whose bytes follow in their own iovec), or nothing. */
 struct verdict_msg {

@@ -14,12 +14,11 @@
  *                        the full checksum over the segment.
  * Verification (nl_check_csum): a packet with a wrong checksum is dropped,
  * never forwarded.  Its receiver would drop it silently, so forwarding it
- * would let a client make natlb see a backend "not answering".  The IP
- * header is always in the buffer and always checked; the L4 checksum is
- * checked when the whole packet is there and the kernel has not vouched
- * for it: NL_PKT_CSUM_VERIFIED (checked by the NIC or kernel, or made on
- * this host) and NL_PKT_CSUM_PARTIAL (made on this host, sum not finished)
- * are trusted as they are.
+ * would let a client make natlb see a backend "not answering".  Unless the
+ * kernel vouches for the packet (NL_PKT_CSUM_VERIFIED: checked by the NIC
+ * or kernel, or made on this host; NL_PKT_CSUM_PARTIAL: made on this host,
+ * sum not finished), the IP header checksum is checked, and the L4 one
+ * when the whole packet is in the buffer.
  */
 #include <string.h>
 #include <arpa/inet.h>
@@ -162,10 +161,12 @@ static int ip_header_ok(const uint8_t *ip)
 
 int nl_check_csum(const struct nl_pkt *p, uint32_t pkt_flags)
 {
-    if (!ip_header_ok(p->ip))
-        return NL_CSUM_BAD;
+    /* The kernel vouches for the L4 sum, and its ip_rcv has verified every
+     * IP header before prerouting: nothing left to check. */
     if (pkt_flags & (NL_PKT_CSUM_VERIFIED | NL_PKT_CSUM_PARTIAL))
         return NL_CSUM_OK;
+    if (!ip_header_ok(p->ip))
+        return NL_CSUM_BAD;
     /* A fragment's L4 checksum covers the whole datagram. */
     if (nl_pkt_len(p) > p->caplen || (ld16(p->ip + 6) & htons(0x3fff)))
         return NL_CSUM_UNKNOWN;
@@ -180,10 +181,10 @@ int nl_check_csum(const struct nl_pkt *p, uint32_t pkt_flags)
 
 int nl_check_icmp_csum(const uint8_t *buf, uint32_t len, uint32_t pkt_flags)
 {
-    if (len < 20 || (uint32_t)(buf[0] & 0x0f) * 4 > len || !ip_header_ok(buf))
-        return NL_CSUM_BAD;
     if (pkt_flags & (NL_PKT_CSUM_VERIFIED | NL_PKT_CSUM_PARTIAL))
         return NL_CSUM_OK;
+    if (len < 20 || (uint32_t)(buf[0] & 0x0f) * 4 > len || !ip_header_ok(buf))
+        return NL_CSUM_BAD;
     uint32_t ihl = (uint32_t)(buf[0] & 0x0f) * 4;
     uint32_t tot = ((uint32_t)buf[2] << 8) | buf[3];
     if (tot < ihl)
