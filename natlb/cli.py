@@ -9,8 +9,9 @@ import os
 import sys
 
 from natlb.config import LBConfig
+from natlb.errors import EXIT_HOST, EXIT_USER, ConfigError, NatlbError, RequestError
 
-EXIT_CONFIG = 2
+EXIT_CONFIG = EXIT_USER
 
 
 def _die(msg: str, code: int = 1) -> int:
@@ -74,7 +75,7 @@ def cmd_backend(args: argparse.Namespace) -> int:
         req["weight"] = args.weight
     reply = request(_socket_path(args), req)
     if not reply.get("ok"):
-        return _die(reply.get("error", "refused"))
+        raise RequestError(reply.get("error", "refused"))
     print(f"{args.service} {reply['backend']}: admin {reply['admin']}, weight {reply['weight']}")
     return 0
 
@@ -117,22 +118,27 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
-    from natlb.config import ConfigError
-    from natlb.control import ControlError
-    from natlb.core import CoreError
-    from natlb.netsetup import NetSetupError
-    from natlb.steering import SteeringError
+def _netlink_error(e: BaseException) -> bool:
+    # pyroute2's NetlinkError, recognised without importing pyroute2 here.
+    return type(e).__name__ == "NetlinkError" and type(e).__module__.startswith("pyroute2")
 
+
+def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return args.fn(args)
     except ConfigError as e:
-        return _die(f"config: {e}", EXIT_CONFIG)
-    except (ControlError, CoreError, NetSetupError, SteeringError, PermissionError) as e:
-        return _die(str(e.args[0]) if e.args else str(e))
+        return _die(f"config: {e}", EXIT_USER)
+    except NatlbError as e:
+        return _die(str(e), e.exit_code)
+    except PermissionError as e:
+        return _die(str(e), EXIT_HOST)
     except KeyboardInterrupt:
         return 130
+    except Exception as e:
+        if _netlink_error(e):  # a host refusal no layer below translated
+            return _die(f"netlink: {e.args[-1] if e.args else e}", EXIT_HOST)
+        raise
 
 
 if __name__ == "__main__":

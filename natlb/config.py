@@ -2,7 +2,9 @@
 
 Every problem is a ConfigError whose message names the key path and the
 value, e.g. ``service[0].backend[1].port = 70000: must be 1..65535``.
-Validation never touches the system.
+Validation never touches the system and needs no C extension: `natlb check`
+and `natlb --help` work without the compiled core.  The defaults here are
+the only ones (natlb.core.CoreConfig is built from LBConfig).
 """
 
 from __future__ import annotations
@@ -13,16 +15,19 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
 
-from natlb.core import MAX_BACKENDS, MAX_SERVICES, MAX_WORKERS
+from natlb.errors import ConfigError
+
+# The C core's limits (csrc/natlb.h: NL_MAX_*), stated here so that checking
+# a config needs no compiled extension; natlb.core refuses to load if the two
+# ever disagree.
+MAX_SERVICES = 256
+MAX_BACKENDS = 4096
+MAX_WORKERS = 16
 
 SCHEDULERS = ("rr", "wrr", "lc", "sh", "maglev")
 PROTOCOLS = ("tcp", "udp")
 PASSIVE = ("check", "suspect", "down", "ignore")
 ON_DOWN = ("reset", "keep")
-
-
-class ConfigError(ValueError):
-    """The user's configuration is wrong; the message is one line."""
 
 
 # -- health checks: one dataclass per kind --------------------------------

@@ -15,6 +15,7 @@ import socket
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from natlb.errors import HostError
 from natlb.pool_state import DISABLED, DRAINING, ENABLED, PoolError
 
 if TYPE_CHECKING:  # the CLI imports this module too: keep its start light
@@ -23,8 +24,8 @@ if TYPE_CHECKING:  # the CLI imports this module too: keep its start light
 ACTIONS = {"drain": DRAINING, "enable": ENABLED, "disable": DISABLED}
 
 
-class ControlError(RuntimeError):
-    pass
+class ControlError(HostError):
+    """The control socket is unusable (no natlb running, in use, refused)."""
 
 
 class ControlServer:

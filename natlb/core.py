@@ -13,10 +13,12 @@ import struct
 from dataclasses import dataclass, field
 
 from natlb._natlb_core import ffi, lib
+from natlb.config import MAX_BACKENDS, MAX_SERVICES, MAX_WORKERS, LBConfig
+from natlb.errors import HostError
 
-MAX_SERVICES: int = lib.NL_MAX_SERVICES
-MAX_BACKENDS: int = lib.NL_MAX_BACKENDS
-MAX_WORKERS: int = lib.NL_MAX_WORKERS
+if (MAX_SERVICES, MAX_BACKENDS, MAX_WORKERS) != (
+        lib.NL_MAX_SERVICES, lib.NL_MAX_BACKENDS, lib.NL_MAX_WORKERS):
+    raise ImportError("natlb.config's limits disagree with csrc/natlb.h: rebuild or fix them")
 
 PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 SCHEDULERS = {
@@ -80,7 +82,7 @@ class Verdict(enum.IntEnum):
     MARK = lib.NL_VERDICT_MARK
 
 
-class CoreError(RuntimeError):
+class CoreError(HostError):
     """The C core refused a request (bad table, no memory, queue unavailable)."""
 
 
@@ -129,23 +131,30 @@ class Counters:
     inactive_flows: int = 0
 
 
+def _timeouts_ms(timeouts_s: dict[str, float]) -> dict[str, int]:
+    return {k: max(1, int(v * 1000)) for k, v in timeouts_s.items()}
+
+
+_LB = LBConfig()  # the only defaults: config's
+
+
 @dataclass
 class CoreConfig:
-    max_flows: int = 1 << 20
-    workers: int = 1
-    poll_us: int = 0
-    syn_timeout_ms: int = 0
-    resteer_tries: int = 3
-    # tcp_syn as in natlb.config.LBConfig (see README, Conntrack).
-    timeouts_ms: dict[str, int] = field(
-        default_factory=lambda: {
-            "tcp_syn": 10_000,
-            "tcp_established": 900_000,
-            "tcp_fin": 120_000,
-            "tcp_close": 10_000,
-            "udp": 300_000,
-        }
-    )
+    """What nl_create takes.  Built from a validated LBConfig (from_lb); the
+    defaults are LBConfig's, so tests get what `natlb run` gets."""
+
+    max_flows: int = _LB.max_flows
+    workers: int = _LB.workers
+    poll_us: int = _LB.poll_us
+    syn_timeout_ms: int = _LB.syn_timeout_ms
+    resteer_tries: int = _LB.resteer_tries
+    timeouts_ms: dict[str, int] = field(default_factory=lambda: _timeouts_ms(_LB.timeouts_s))
+
+    @classmethod
+    def from_lb(cls, lb: LBConfig) -> CoreConfig:
+        return cls(max_flows=lb.max_flows, workers=lb.workers, poll_us=lb.poll_us,
+                   syn_timeout_ms=lb.syn_timeout_ms, resteer_tries=lb.resteer_tries,
+                   timeouts_ms=_timeouts_ms(lb.timeouts_s))
 
 
 def _addr(a: str) -> int:

@@ -16,53 +16,18 @@ import logging
 import signal
 import time
 
-from natlb import netsetup
-from natlb.config import Config, ConfigError, load
+from natlb import netsetup, ruleset
+from natlb.config import Config, load
 from natlb.control import ControlServer
-from natlb.core import MARK_FORWARD, MARK_REPLY, PROTOCOLS, RAW_MARK, Core, CoreConfig
+from natlb.core import MARK_FORWARD, MARK_REPLY, RAW_MARK, Core, CoreConfig
+from natlb.errors import ConfigError
 from natlb.health import Monitor
 from natlb.pool import Pool, PoolError
 from natlb.status import collect
-from natlb.steering import Match, Rewrite, Steering
+from natlb.steering import Steering
 from natlb.undo import Journal
 
 log = logging.getLogger("natlb")
-
-
-def steering_matches(config: Config) -> list[Match]:
-    matches: list[Match] = []
-    seen: set[tuple[str, int, int, bool]] = set()
-    for s in config.services:
-        proto = PROTOCOLS[s.protocol]
-        wanted = [(s.vip, s.port, proto, False)]
-        wanted += [(b.address, b.port, proto, True) for b in s.backends]
-        for w in wanted:
-            if w not in seen:
-                seen.add(w)
-                matches.append(Match(*w))
-    return matches
-
-
-def core_config(config: Config) -> CoreConfig:
-    return CoreConfig(
-        max_flows=config.lb.max_flows,
-        workers=config.lb.workers,
-        poll_us=config.lb.poll_us,
-        syn_timeout_ms=config.lb.syn_timeout_ms,
-        resteer_tries=config.lb.resteer_tries,
-        timeouts_ms={k: max(1, int(v * 1000)) for k, v in config.lb.timeouts_s.items()},
-    )
-
-
-def mark_rewrites(pool: Pool) -> list[Rewrite]:
-    """The stateless rewrites nft applies on natlb's verdict marks."""
-    out = []
-    for s in pool.services:
-        proto = PROTOCOLS[s.cfg.protocol]
-        out.append(Rewrite(MARK_REPLY | s.id, "saddr", s.cfg.vip, s.cfg.port, proto))
-        out += [Rewrite(MARK_FORWARD | b.id, "daddr", b.cfg.address, b.cfg.port, proto)
-                for b in s.backends]
-    return out
 
 
 class Daemon:
@@ -71,7 +36,7 @@ class Daemon:
     def __init__(self, config: Config, path: str | None) -> None:
         self.config = config
         self.path = path
-        self.core = Core(core_config(config))
+        self.core = Core(CoreConfig.from_lb(config.lb))
         self.pool = Pool(config, self.core)
         self.steering = Steering(config.lb.table)
         self.journal: Journal | None = None
@@ -82,11 +47,26 @@ class Daemon:
             log.info("service %s %s:%d/%s %s -> %s", s.name, s.vip, s.port, s.protocol,
                      s.scheduler, ", ".join(b.key for b in s.backends))
 
-    def _install_table(self) -> None:
+    def _ruleset(self) -> ruleset.Spec:
+        """Start and reload: the routing table is read again each time."""
         lb = self.config.lb
-        rewrites = mark_rewrites(self.pool) if lb.rewrite == "mark" else None
-        self.steering.install(steering_matches(self.config), lb.queues, mark=RAW_MARK,
-                              rewrites=rewrites)
+        services = ruleset.services_from_pool(self.pool.services)
+        ingress = netsetup.backend_ingress(b.address for s in services for b in s.backends)
+        return ruleset.Spec(table=lb.table, services=services, queues=tuple(lb.queues),
+                            marks=ruleset.Marks(own=RAW_MARK, forward=MARK_FORWARD,
+                                                reply=MARK_REPLY),
+                            rewrite=lb.rewrite, ingress=ingress)
+
+    def _install_table(self) -> None:
+        spec = self._ruleset()
+        self._log_ingress(spec)
+        self.steering.install(spec)
+
+    @staticmethod
+    def _log_ingress(spec: ruleset.Spec) -> None:
+        for addr, ifindexes in sorted(spec.ingress.items()):
+            log.debug("replies from backend %s believed via ifindex %s", addr,
+                      ", ".join(map(str, ifindexes)) or "none (no route)")
 
     def setup_host(self) -> None:
         lb = self.config.lb
@@ -128,7 +108,9 @@ class Daemon:
             # pyroute2's synchronous API runs its own event loop: not in ours.
             await asyncio.get_running_loop().run_in_executor(
                 None, lambda: netsetup.apply(new.lb, new_vips, journal))
-        self._install_table()
+        # Routes may have changed too: the ruleset reads them in the executor.
+        self.steering.install(await asyncio.get_running_loop().run_in_executor(
+            None, self._ruleset))
         if self.monitor:
             await self.monitor.stop()
             self.monitor.start()

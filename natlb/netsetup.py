@@ -1,19 +1,27 @@
 """Host network configuration natlb needs, through pyroute2 and /proc/sys:
 the VIP addresses, IPv4 forwarding, reverse-path filtering off, routes the
 config asks for.  Each change goes through the undo journal first; things
-that were already in place are left alone and not undone."""
+that were already in place are left alone and not undone.  The revert of
+each kind of change is registered here, next to the change.
+
+Also reads the routing table: the interfaces each backend is routed
+through, from which natlb believes its replies (natlb.ruleset)."""
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
+import socket
 from collections.abc import Iterable
+from typing import Any
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from natlb.config import ConfigError, LBConfig
-from natlb.undo import Journal
+from natlb.config import LBConfig
+from natlb.errors import ConfigError, HostError, no_such_interface
+from natlb.undo import Journal, reverter
 
 log = logging.getLogger("natlb.net")
 
@@ -31,8 +39,35 @@ SYSCTLS = {
 }
 
 
-class NetSetupError(RuntimeError):
-    pass
+class NetSetupError(HostError):
+    """The host refused a change (an address, a route, a sysctl)."""
+
+
+@reverter("address")
+def _undo_address(entry: dict[str, Any]) -> None:
+    with IPRoute() as ipr:
+        idx = ipr.link_lookup(ifname=entry["ifname"])
+        if idx:
+            try:
+                ipr.addr("del", index=idx[0], address=entry["address"],
+                         prefixlen=entry["prefixlen"])
+            except NetlinkError as e:  # already gone
+                log.debug("address undo: %s", e)
+
+
+@reverter("route")
+def _undo_route(entry: dict[str, Any]) -> None:
+    with IPRoute() as ipr:
+        try:
+            ipr.route("del", **entry["spec"])
+        except NetlinkError as e:  # already gone
+            log.debug("route undo: %s", e)
+
+
+@reverter("sysctl")
+def _undo_sysctl(entry: dict[str, Any]) -> None:
+    with open(entry["path"], "w") as f:
+        f.write(entry["old"])
 
 
 def _set_sysctl(path: str, value: str, journal: Journal) -> None:
@@ -52,20 +87,27 @@ def preflight(lb: LBConfig) -> None:
     touched, so a wrong one is a config error (exit 2) like any other."""
     with IPRoute() as ipr:
         if not ipr.link_lookup(ifname=lb.interface):
-            raise ConfigError(f'lb.interface = "{lb.interface}": no such interface')
+            raise no_such_interface("lb.interface", lb.interface)
         for i, r in enumerate(lb.routes):
             if r.device and not ipr.link_lookup(ifname=r.device):
-                raise ConfigError(f'lb.route[{i}].device = "{r.device}": no such interface')
+                raise no_such_interface(f"lb.route[{i}].device", r.device)
     parent = os.path.dirname(os.path.abspath(lb.control_socket))
     if not os.path.isdir(parent):
         raise ConfigError(f'lb.control_socket = "{lb.control_socket}": no directory {parent}')
 
 
 def apply(lb: LBConfig, vips: Iterable[str], journal: Journal) -> None:
+    try:
+        _apply(lb, vips, journal)
+    except NetlinkError as e:
+        raise NetSetupError(f"network setup: {e.args[-1]}") from None
+
+
+def _apply(lb: LBConfig, vips: Iterable[str], journal: Journal) -> None:
     with IPRoute() as ipr:
         idx = ipr.link_lookup(ifname=lb.interface)
         if not idx:
-            raise NetSetupError(f"lb.interface = \"{lb.interface}\": no such interface")
+            raise no_such_interface("lb.interface", lb.interface)
         ifindex = idx[0]
         if lb.interface == "lo":
             ipr.link("set", index=ifindex, state="up")
@@ -76,14 +118,14 @@ def apply(lb: LBConfig, vips: Iterable[str], journal: Journal) -> None:
                 continue
             journal.record("address", ifname=lb.interface, address=vip, prefixlen=32)
             ipr.addr("add", index=ifindex, address=vip, prefixlen=32)
-        for r in lb.routes:
+        for i, r in enumerate(lb.routes):
             spec: dict[str, object] = {"dst": r.destination}
             if r.gateway:
                 spec["gateway"] = r.gateway
             if r.device:
                 dev = ipr.link_lookup(ifname=r.device)
                 if not dev:
-                    raise NetSetupError(f"route device \"{r.device}\": no such interface")
+                    raise no_such_interface(f"lb.route[{i}].device", r.device)
                 spec["oif"] = dev[0]
             try:
                 ipr.route("add", **spec)
@@ -100,3 +142,46 @@ def apply(lb: LBConfig, vips: Iterable[str], journal: Journal) -> None:
     for conf in sorted(os.listdir("/proc/sys/net/ipv4/conf")):
         if conf not in ("all", "default"):
             _set_sysctl(f"/proc/sys/net/ipv4/conf/{conf}/rp_filter", "0", journal)
+
+
+def _oifs(route: Any) -> set[int]:
+    out = set()
+    if route.get_attr("RTA_OIF"):
+        out.add(route.get_attr("RTA_OIF"))
+    for hop in route.get_attr("RTA_MULTIPATH") or ():
+        if hop.get("oif"):
+            out.add(hop["oif"])
+    return out
+
+
+def backend_ingress(addresses: Iterable[str]) -> dict[str, tuple[int, ...]]:
+    """address -> the ifindexes it is routed through: the kernel's own route
+    lookup, plus every next hop of the longest matching route in that table
+    when it is multipath (the lookup names just one of them).  An address
+    without a route maps to no interface: its replies are not believed."""
+    out: dict[str, tuple[int, ...]] = {}
+    with IPRoute() as ipr:
+        routes = [r for r in ipr.get_routes(family=socket.AF_INET) if r["type"] == 1]
+        for addr in sorted(set(addresses)):
+            try:
+                got = ipr.route("get", dst=addr)[0]
+            except NetlinkError as e:
+                log.warning("backend %s: no route (%s); its replies will be dropped",
+                            addr, e.args[-1])
+                out[addr] = ()
+                continue
+            oifs = _oifs(got)
+            table = got.get_attr("RTA_TABLE")
+            ip = ipaddress.IPv4Address(addr)
+            best: Any = None
+            best_len = -1
+            for r in routes:
+                if (r.get_attr("RTA_TABLE") or r["table"]) != table or r["dst_len"] <= best_len:
+                    continue
+                dst = r.get_attr("RTA_DST") or "0.0.0.0"
+                if ip in ipaddress.IPv4Network(f"{dst}/{r['dst_len']}", strict=False):
+                    best, best_len = r, r["dst_len"]
+            if best is not None:
+                oifs |= _oifs(best)
+            out[addr] = tuple(sorted(oifs))
+    return out

@@ -10,49 +10,40 @@ tolerates the thing already being gone.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from typing import Any, TextIO
 
 log = logging.getLogger("natlb.undo")
 
+Revert = Callable[[dict[str, Any]], None]
+# kind -> how to revert it.  Each module that changes the host registers its
+# own kinds, so the journal knows nobody's internals; an entry names the
+# module that registered its kind, which the guardian imports to find it.
+_REVERTERS: dict[str, Revert] = {}
+
+
+def reverter(kind: str) -> Callable[[Revert], Revert]:
+    """Register the revert function for one kind of host change."""
+    def register(fn: Revert) -> Revert:
+        _REVERTERS[kind] = fn
+        return fn
+    return register
+
 
 def _undo_one(entry: dict[str, Any]) -> None:
     kind = entry["kind"]
-    if kind == "nft_table":
-        from natlb.steering import Steering
-
-        s = Steering(entry["table"])
-        s.installed = True
-        s.remove()
-    elif kind == "address":
-        from pyroute2 import IPRoute
-
-        with IPRoute() as ipr:
-            idx = ipr.link_lookup(ifname=entry["ifname"])
-            if idx:
-                try:
-                    ipr.addr("del", index=idx[0], address=entry["address"],
-                             prefixlen=entry["prefixlen"])
-                except Exception as e:  # already gone
-                    log.debug("address undo: %s", e)
-    elif kind == "route":
-        from pyroute2 import IPRoute
-
-        with IPRoute() as ipr:
-            try:
-                ipr.route("del", **entry["spec"])
-            except Exception as e:
-                log.debug("route undo: %s", e)
-    elif kind == "sysctl":
-        with open(entry["path"], "w") as f:
-            f.write(entry["old"])
-    else:
+    if kind not in _REVERTERS and entry.get("module"):
+        importlib.import_module(entry["module"])
+    if kind not in _REVERTERS:
         raise ValueError(f"unknown undo entry {kind!r}")
+    _REVERTERS[kind](entry)
 
 
 def undo_all(entries: list[dict[str, Any]]) -> list[str]:
@@ -78,7 +69,9 @@ class Journal:
             )
 
     def record(self, kind: str, **fields: Any) -> None:
-        entry = {"kind": kind, **fields}
+        if kind not in _REVERTERS:
+            raise ValueError(f"no reverter registered for {kind!r}")
+        entry = {"kind": kind, "module": _REVERTERS[kind].__module__, **fields}
         self.entries.append(entry)
         if self._guardian and self._guardian.stdin:
             self._guardian.stdin.write(json.dumps(entry) + "\n")

@@ -1,0 +1,431 @@
+"""natlb's nftables ruleset as data: services, backends, queue numbers, the
+rewrite mode and marks in; the list of nfnetlink messages that make up the
+table out.  Pure: no socket, no root, no C core, so the exact messages are
+golden-tested (tests/unit/test_ruleset.py).  ``natlb.steering`` sends them
+as one batch.
+
+The per-packet cost does not grow with the number of services: every match
+is one hash lookup in a set, every mark-mode rewrite one lookup in a map.
+
+    prerouting, priority raw (-300):
+      ip daddr . meta l4proto . th dport @vips                     notrack, queue
+      ip saddr . meta l4proto . th sport . meta iif @replies       notrack, queue
+      ip saddr . meta l4proto . th sport @backend_services         counter, drop
+      icmp type 3  ip saddr . meta iif @backend_hosts              notrack, queue
+      icmp type 3  ip saddr @backend_addrs                         counter, drop
+      icmp type 3  ip daddr @vip_addrs                             notrack, queue
+    output, priority raw:      natlb's own packets untracked, local ICMP unreachables queued
+    rewrite, priority raw + 1 (mark mode), per L4 protocol:
+      ip daddr set meta mark map @backend_addr  th dport set meta mark map @backend_port
+      ip saddr set meta mark map @service_addr  th sport set meta mark map @service_port
+
+Replies, RSTs and ICMP errors are believed to come from a backend only when
+they arrive on an interface the backend's address is routed through (the
+``replies``/``backend_hosts`` sets hold address and ingress ifindex): the
+equivalent of strict rp_filter for backend addresses, which natlb itself has
+to switch off for the VIP.  The same source arriving anywhere else is
+spoofed and dropped (and counted), before the kernel's forwarding sees it.
+"""
+
+from __future__ import annotations
+
+import socket
+import struct
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from pyroute2.netlink import NLM_F_APPEND, NLM_F_CREATE
+from pyroute2.netlink.nfnetlink.nftsocket import (
+    NFT_MSG_DELTABLE,
+    NFT_MSG_NEWCHAIN,
+    NFT_MSG_NEWRULE,
+    NFT_MSG_NEWSET,
+    NFT_MSG_NEWSETELEM,
+    NFT_MSG_NEWTABLE,
+)
+
+NF_INET_PRE_ROUTING = 0
+NF_INET_LOCAL_OUT = 3
+PRIORITY_RAW = -300
+NFT_META_MARK = 3
+NFT_META_IIF = 4
+NFT_META_L4PROTO = 16
+PAYLOAD_NETWORK, PAYLOAD_TRANSPORT = 1, 2
+NF_DROP = 0
+# Registers: NFT_REG_1 holds 16 bytes and overlaps the 32-bit NFT_REG32_00..03,
+# which is how concatenated keys are laid out (each part padded to 4 bytes).
+REG_1, REG32_01, REG32_02, REG32_03 = 1, 9, 10, 11
+# nft's datatype numbers (only `nft list` reads them: a readable listing).
+TYPE_MARK, TYPE_IPADDR, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE, TYPE_IFINDEX = 19, 7, 12, 13, 20
+ICMP_DEST_UNREACH = 3
+L4_CSUM_OFFSET = {socket.IPPROTO_TCP: 16, socket.IPPROTO_UDP: 6}
+PROTOCOL_NAMES = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp"}
+# A netlink attribute's length is 16 bits: keep element lists well below it.
+ELEMENTS_PER_MESSAGE = 256
+
+# Message kinds, named for the pyroute2 class steering encodes each with.
+TABLE, CHAIN, SET, SETELEM, RULE = "table", "chain", "set", "setelem", "rule"
+
+
+@dataclass(frozen=True)
+class Backend:
+    id: int
+    address: str
+    port: int
+
+
+@dataclass(frozen=True)
+class Service:
+    id: int
+    vip: str
+    port: int
+    protocol: int                     # IPPROTO_*
+    backends: tuple[Backend, ...]
+
+
+@dataclass(frozen=True)
+class Marks:
+    """The verdict marks the C core uses (natlb.core exports them)."""
+
+    own: int          # packets natlb sends itself
+    forward: int      # | backend id: destination is that backend
+    reply: int        # | service id: source is that service's VIP
+
+
+@dataclass(frozen=True)
+class Spec:
+    table: str
+    services: tuple[Service, ...]
+    queues: tuple[int, ...]
+    marks: Marks
+    rewrite: str                                  # "mark" | "copy"
+    # Backend address -> ifindexes it is routed through (see natlb.routes).
+    ingress: Mapping[str, tuple[int, ...]]
+    native_queue: bool = False                    # nft `queue` instead of xt NFQUEUE
+
+
+@dataclass(frozen=True)
+class Message:
+    kind: str              # TABLE | CHAIN | SET | SETELEM | RULE
+    mtype: int             # NFT_MSG_*
+    attrs: list[Any]       # pyroute2 attribute list
+    flags: int             # NLM_F_* beyond REQUEST | ACK
+    what: str              # names it in an error message
+
+
+# -- what the pool knows, as ruleset input ----------------------------------
+
+class _PoolBackend(Protocol):
+    id: int
+    cfg: Any
+
+
+class _PoolService(Protocol):
+    id: int
+    cfg: Any
+    backends: Any
+
+
+def services_from_pool(services: Iterable[_PoolService]) -> tuple[Service, ...]:
+    """The pool's services with their stable ids (the marks name them)."""
+    protocols = {v: k for k, v in PROTOCOL_NAMES.items()}
+    return tuple(
+        Service(s.id, s.cfg.vip, s.cfg.port, protocols[s.cfg.protocol],
+                tuple(Backend(b.id, b.cfg.address, b.cfg.port) for b in s.backends))
+        for s in services)
+
+
+# -- expressions ------------------------------------------------------------
+
+def expr(kind: str, /, **attrs: Any) -> dict[str, Any]:
+    data = [(f"NFTA_{kind.upper()}_{k.upper()}", v) for k, v in attrs.items()]
+    out: list[tuple[str, Any]] = [("NFTA_EXPR_NAME", kind)]
+    if data:
+        out.append(("NFTA_EXPR_DATA", {"attrs": data}))
+    return {"attrs": out}
+
+
+def _value(value: bytes) -> dict[str, Any]:
+    return {"attrs": [("NFTA_DATA_VALUE", value)]}
+
+
+def _cmp_eq(value: bytes) -> dict[str, Any]:
+    return expr("cmp", sreg=REG_1, op=0, data=_value(value))
+
+
+def _imm(value: bytes) -> dict[str, Any]:
+    return expr("immediate", dreg=REG_1, data=_value(value))
+
+
+def _verdict(code: int) -> dict[str, Any]:
+    return expr("immediate", dreg=0,
+                data={"attrs": [("NFTA_DATA_VERDICT", {"attrs": [("NFTA_VERDICT_CODE", code)]})]})
+
+
+def _lookup(name: str, dreg: int | None = None) -> dict[str, Any]:
+    if dreg is None:
+        return expr("lookup", set=name, sreg=REG_1)
+    return expr("lookup", set=name, sreg=REG_1, dreg=dreg)
+
+
+def _load(base: int, offset: int, length: int, reg: int = REG_1) -> dict[str, Any]:
+    return expr("payload", dreg=reg, base=base, offset=offset, len=length)
+
+
+def _meta(key: int, reg: int = REG_1) -> dict[str, Any]:
+    return expr("meta", dreg=reg, key=key)
+
+
+def queue_expr(first: int, total: int, native: bool) -> dict[str, Any]:
+    if native:
+        return expr("queue", num=first, total=total)
+    # struct xt_NFQ_info_v3 { u16 queuenum, queues_total, flags; } in host order.
+    # No bypass flag: natlb is fail-closed (see README).
+    return expr("target", name="NFQUEUE", rev=3, info=struct.pack("=HHHxx", first, total, 0))
+
+
+def _tuple_key(source: bool, with_iif: bool) -> list[dict[str, Any]]:
+    """address . l4proto . port [. iif] of the source or the destination."""
+    out = [_load(PAYLOAD_NETWORK, 12 if source else 16, 4),
+           _meta(NFT_META_L4PROTO, REG32_01),
+           _load(PAYLOAD_TRANSPORT, 0 if source else 2, 2, REG32_02)]
+    if with_iif:
+        out.append(_meta(NFT_META_IIF, REG32_03))
+    return out
+
+
+def _icmp_unreach() -> list[dict[str, Any]]:
+    return [_meta(NFT_META_L4PROTO), _cmp_eq(bytes([socket.IPPROTO_ICMP])),
+            _load(PAYLOAD_TRANSPORT, 0, 1), _cmp_eq(bytes([ICMP_DEST_UNREACH]))]
+
+
+def _rewrite_exprs(field: str, protocol: int, addr_map: str, port_map: str) -> list[dict[str, Any]]:
+    """Mark mode: natlb's verdict mark names the backend (daddr) or the
+    service (saddr); two map lookups give the address and port to write.
+    A mark missing from the map ends the rule: other traffic passes as is."""
+    daddr = field == "daddr"
+    return [
+        _meta(NFT_META_L4PROTO), _cmp_eq(bytes([protocol])),
+        _meta(NFT_META_MARK), _lookup(addr_map, dreg=REG_1),
+        # The kernel fixes the IP checksum and the L4 pseudo-header part, for
+        # complete and partial (offloaded, GSO) checksums alike.
+        expr("payload", sreg=REG_1, base=PAYLOAD_NETWORK, offset=16 if daddr else 12, len=4,
+             csum_type=1, csum_offset=10, csum_flags=("NFT_PAYLOAD_L4CSUM_PSEUDOHDR",)),
+        _meta(NFT_META_MARK), _lookup(port_map, dreg=REG_1),
+        expr("payload", sreg=REG_1, base=PAYLOAD_TRANSPORT, offset=2 if daddr else 0, len=2,
+             csum_type=1, csum_offset=L4_CSUM_OFFSET[protocol]),
+        _imm(struct.pack("=I", 0)),
+        expr("meta", sreg=REG_1, key=NFT_META_MARK),   # the mark was only a message
+    ]
+
+
+# -- keys -------------------------------------------------------------------
+
+def _concat_type(*types: int) -> int:
+    out = 0
+    for t in types:
+        out = out << 6 | t    # nft's TYPE_BITS
+    return out
+
+
+def _addr(a: str) -> bytes:
+    return socket.inet_aton(a)
+
+
+def _proto(p: int) -> bytes:
+    return bytes([p, 0, 0, 0])
+
+
+def _port(p: int) -> bytes:
+    return struct.pack("!H", p) + b"\0\0"
+
+
+def _iif(i: int) -> bytes:
+    return struct.pack("=I", i)
+
+
+def _mark(m: int) -> bytes:
+    return struct.pack("=I", m)
+
+
+@dataclass(frozen=True)
+class _Set:
+    name: str
+    key_type: int
+    key_len: int
+    elements: list[tuple[bytes, bytes | None]]
+    data_type: int | None = None
+    data_len: int = 0
+
+
+def _sets(spec: Spec) -> list[_Set]:
+    tuple3 = _concat_type(TYPE_IPADDR, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE)
+    vips, replies, backend_services, hosts = [], [], [], []
+    backend_addrs, vip_addrs = [], []
+    for s in spec.services:
+        vips.append(_addr(s.vip) + _proto(s.protocol) + _port(s.port))
+        vip_addrs.append(_addr(s.vip))
+        for b in s.backends:
+            key = _addr(b.address) + _proto(s.protocol) + _port(b.port)
+            backend_services.append(key)
+            backend_addrs.append(_addr(b.address))
+            for ifindex in spec.ingress.get(b.address, ()):
+                replies.append(key + _iif(ifindex))
+                hosts.append(_addr(b.address) + _iif(ifindex))
+
+    def unique(keys: list[bytes]) -> list[tuple[bytes, bytes | None]]:
+        return [(k, None) for k in dict.fromkeys(keys)]
+
+    out = [
+        _Set("vips", tuple3, 12, unique(vips)),
+        _Set("replies", _concat_type(TYPE_IPADDR, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE,
+                                     TYPE_IFINDEX), 16, unique(replies)),
+        _Set("backend_services", tuple3, 12, unique(backend_services)),
+        _Set("backend_hosts", _concat_type(TYPE_IPADDR, TYPE_IFINDEX), 8, unique(hosts)),
+        _Set("backend_addrs", TYPE_IPADDR, 4, unique(backend_addrs)),
+        _Set("vip_addrs", TYPE_IPADDR, 4, unique(vip_addrs)),
+    ]
+    if spec.rewrite == "mark":
+        m = spec.marks
+        backends = {b.id: b for s in spec.services for b in s.backends}
+        ids = sorted(backends)
+        out += [
+            _Set("backend_addr", TYPE_MARK, 4,
+                 [(_mark(m.forward | i), _addr(backends[i].address)) for i in ids],
+                 TYPE_IPADDR, 4),
+            _Set("backend_port", TYPE_MARK, 4,
+                 [(_mark(m.forward | i), struct.pack("!H", backends[i].port)) for i in ids],
+                 TYPE_INET_SERVICE, 2),
+            _Set("service_addr", TYPE_MARK, 4,
+                 [(_mark(m.reply | s.id), _addr(s.vip)) for s in spec.services],
+                 TYPE_IPADDR, 4),
+            _Set("service_port", TYPE_MARK, 4,
+                 [(_mark(m.reply | s.id), struct.pack("!H", s.port)) for s in spec.services],
+                 TYPE_INET_SERVICE, 2),
+        ]
+    return out
+
+
+# -- the table --------------------------------------------------------------
+
+def build(spec: Spec) -> list[Message]:
+    """The whole table, replacing any table of the same name atomically when
+    sent as one batch."""
+    t = spec.table
+    first, total = spec.queues[0], len(spec.queues)
+    queue = queue_expr(first, total, spec.native_queue)
+    out: list[Message] = []
+    name = [("NFTA_TABLE_NAME", t)]
+    # add + delete + add replaces a stale table from a crashed run atomically.
+    out += [Message(TABLE, NFT_MSG_NEWTABLE, name, NLM_F_CREATE, f"table {t}"),
+            Message(TABLE, NFT_MSG_DELTABLE, name, 0, f"table {t}"),
+            Message(TABLE, NFT_MSG_NEWTABLE, name, NLM_F_CREATE, f"table {t}")]
+
+    for set_id, s in enumerate(_sets(spec), 1):
+        attrs: list[Any] = [("NFTA_SET_TABLE", t), ("NFTA_SET_NAME", s.name),
+                            ("NFTA_SET_FLAGS", ("NFT_SET_MAP",) if s.data_type else ()),
+                            ("NFTA_SET_KEY_TYPE", s.key_type), ("NFTA_SET_KEY_LEN", s.key_len)]
+        if s.data_type:
+            attrs += [("NFTA_SET_DATA_TYPE", s.data_type), ("NFTA_SET_DATA_LEN", s.data_len)]
+        attrs.append(("NFTA_SET_ID", set_id))
+        out.append(Message(SET, NFT_MSG_NEWSET, attrs, NLM_F_CREATE, f"set {s.name}"))
+        for i in range(0, len(s.elements), ELEMENTS_PER_MESSAGE):
+            elements = []
+            for key, data in s.elements[i:i + ELEMENTS_PER_MESSAGE]:
+                e: list[Any] = [("NFTA_SET_ELEM_KEY", _value(key))]
+                if data is not None:
+                    e.append(("NFTA_SET_ELEM_DATA", _value(data)))
+                elements.append({"attrs": e})
+            out.append(Message(SETELEM, NFT_MSG_NEWSETELEM, [
+                ("NFTA_SET_ELEM_LIST_TABLE", t), ("NFTA_SET_ELEM_LIST_SET", s.name),
+                ("NFTA_SET_ELEM_LIST_ELEMENTS", elements),
+            ], NLM_F_CREATE, f"elements of set {s.name}"))
+
+    def chain(name: str, hook: int, priority: int) -> None:
+        out.append(Message(CHAIN, NFT_MSG_NEWCHAIN, [
+            ("NFTA_CHAIN_TABLE", t), ("NFTA_CHAIN_NAME", name),
+            ("NFTA_CHAIN_HOOK", {"attrs": [("NFTA_HOOK_HOOKNUM", hook),
+                                           ("NFTA_HOOK_PRIORITY", priority)]}),
+            ("NFTA_CHAIN_TYPE", "filter"),
+        ], NLM_F_CREATE, f"chain {name}"))
+
+    def rule(chain: str, what: str, exprs: list[dict[str, Any]]) -> None:
+        out.append(Message(RULE, NFT_MSG_NEWRULE, [
+            ("NFTA_RULE_TABLE", t), ("NFTA_RULE_CHAIN", chain),
+            ("NFTA_RULE_EXPRESSIONS", exprs),
+        ], NLM_F_CREATE | NLM_F_APPEND, f"rule {chain} {what}"))
+
+    drop = [expr("counter"), _verdict(NF_DROP)]
+    chain("prerouting", NF_INET_PRE_ROUTING, PRIORITY_RAW)
+    # notrack before the queue verdict: the verdict resumes at the next hook
+    # and the kernel's conntrack (priority -200) must never see the flow.
+    rule("prerouting", "to a service",
+         [*_tuple_key(False, False), _lookup("vips"), expr("notrack"), queue])
+    rule("prerouting", "reply from a backend",
+         [*_tuple_key(True, True), _lookup("replies"), expr("notrack"), queue])
+    rule("prerouting", "spoofed backend reply",
+         [*_tuple_key(True, False), _lookup("backend_services"), *drop])
+    rule("prerouting", "icmp from a backend",
+         [*_icmp_unreach(), _load(PAYLOAD_NETWORK, 12, 4), _meta(NFT_META_IIF, REG32_01),
+          _lookup("backend_hosts"), expr("notrack"), queue])
+    rule("prerouting", "spoofed backend icmp",
+         [*_icmp_unreach(), _load(PAYLOAD_NETWORK, 12, 4), _lookup("backend_addrs"), *drop])
+    # Path MTU news about a reply is addressed to the VIP: relayed to the backend.
+    rule("prerouting", "icmp to a service",
+         [*_icmp_unreach(), _load(PAYLOAD_NETWORK, 16, 4), _lookup("vip_addrs"),
+          expr("notrack"), queue])
+
+    # Packets natlb sends itself (re-sent SYNs, RSTs) carry the own mark: the
+    # kernel's conntrack must not track those flows either.  ICMP unreachables
+    # this host sends (no route or no ARP answer for a backend) report a dead
+    # backend.
+    chain("output", NF_INET_LOCAL_OUT, PRIORITY_RAW)
+    rule("output", "natlb's own packets",
+         [_meta(NFT_META_MARK), _cmp_eq(_mark(spec.marks.own)), expr("notrack")])
+    rule("output", "local icmp unreachable", [*_icmp_unreach(), queue])
+
+    if spec.rewrite == "mark":
+        # Right after the queue chain: an accepted packet resumes here.
+        chain("rewrite", NF_INET_PRE_ROUTING, PRIORITY_RAW + 1)
+        for proto in sorted({s.protocol for s in spec.services}):
+            pname = PROTOCOL_NAMES[proto]
+            rule("rewrite", f"{pname} to a backend",
+                 _rewrite_exprs("daddr", proto, "backend_addr", "backend_port"))
+            rule("rewrite", f"{pname} reply from a service",
+                 _rewrite_exprs("saddr", proto, "service_addr", "service_port"))
+    return out
+
+
+def delete(table: str) -> list[Message]:
+    return [Message(TABLE, NFT_MSG_DELTABLE, [("NFTA_TABLE_NAME", table)], 0, f"table {table}")]
+
+
+# -- a readable form, for golden tests and debugging -------------------------
+
+def _show(v: Any) -> str:
+    if isinstance(v, bytes):
+        return v.hex()
+    if isinstance(v, dict) and "attrs" in v:
+        return "{" + ", ".join(f"{_short(k)}={_show(x)}" for k, x in v["attrs"]) + "}"
+    if isinstance(v, list):
+        return "[" + ", ".join(_show(x) for x in v) + "]"
+    if isinstance(v, tuple):
+        return "(" + ",".join(str(x) for x in v) + ")"
+    return str(v)
+
+
+def _short(key: str) -> str:
+    for p in ("NFTA_SET_ELEM_LIST_", "NFTA_SET_ELEM_", "NFTA_EXPR_", "NFTA_"):
+        if key.startswith(p):
+            return key[len(p):].lower()
+    return key.lower()
+
+
+def render(messages: list[Message]) -> str:
+    """One line per message; every attribute and every byte shown."""
+    lines = []
+    for m in messages:
+        attrs = ", ".join(f"{_short(k)}={_show(v)}" for k, v in m.attrs)
+        lines.append(f"{m.kind} {m.mtype} flags={m.flags:#x} {attrs}")
+    return "\n".join(lines) + "\n"
