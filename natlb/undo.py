@@ -108,4 +108,8 @@ def guardian(stream: TextIO) -> int:
 
 if __name__ == "__main__":
     os.chdir("/")
-    sys.exit(guardian(sys.stdin))
+    # Run as natlb.undo, not __main__: the modules that register reverters
+    # import natlb.undo, and their registrations must land where we look.
+    from natlb.undo import guardian as _guardian
+
+    sys.exit(_guardian(sys.stdin))

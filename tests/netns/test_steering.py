@@ -1,0 +1,102 @@
+"""The nftables table natlb installs, against a real kernel: big configs load
+in one transaction, and backend packets are believed only from the backend
+side."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+
+from natlb.testbed import CLIENT_ADDR, VIP, backend_addr, basic_config
+
+from .conftest import natlb_cli
+
+
+def status(tb) -> dict:
+    r = natlb_cli(tb, "status", "--json", "-s", tb.control_socket)
+    assert r.returncode == 0, r.stderr
+    return json.loads(r.stdout)
+
+
+def many_services(tb, n: int) -> str:
+    """n TCP services on the VIP (ports 10000..), each over the 3 backends."""
+    out = [f'[lb]\ncontrol_socket = "{tb.control_socket}"\n']
+    for i in range(n):
+        out.append(f'[[service]]\nname = "s{i}"\nvip = "{VIP}"\nport = {10000 + i}\n'
+                   '[service.health]\nkind = "none"\n')
+        out += [f'[[service.backend]]\naddress = "{backend_addr(k)}"\nport = 80\n'
+                for k in (1, 2, 3)]
+    return "\n".join(out)
+
+
+def test_250_services_with_3_backends_load_and_serve(testbed, natlb):
+    """Was 'Message too long' while loading the table: now sets and maps,
+    one transaction, whatever `natlb check` accepts."""
+    path = testbed.write_config(many_services(testbed, 250))
+    r = natlb_cli(testbed, "check", "-c", str(path))
+    assert r.returncode == 0, r.stderr
+    natlb(path.read_text())
+    res = testbed.client_run("http-stream", "--host", VIP, "--port", "10123", "--count", "6",
+                             "--timeout", "5")
+    assert all(r["ok"] for r in res), res
+    assert {r["backend"] for r in res} == {"b1", "b2", "b3"}
+    st = status(testbed)
+    assert len(st["services"]) == 250
+    assert next(s for s in st["services"] if s["name"] == "s123")["new_flows"] == 6
+    # The rules do not grow with the services: six set lookups in prerouting.
+    listing = testbed.router_cmd("nft", "list", "chain", "ip", "natlb", "prerouting").stdout
+    assert listing.count(" @") == 6, listing
+
+
+ATTACK = r"""
+import sys, time
+from scapy.all import Ether, IP, TCP, ICMP, sendp, conf
+conf.verb = 0
+mac, backends = sys.argv[1], sys.argv[2:]
+for i in range(30):
+    sport = 40000 + i
+    # A SYN of the attacker's own, then "the backend refuses it" from the client side.
+    sendp(Ether(dst=mac) / IP(src="%(client)s", dst="%(vip)s") /
+          TCP(sport=sport, dport=80, flags="S", seq=1000), iface="eth0")
+    for b in backends:
+        sendp(Ether(dst=mac) / IP(src=b, dst="%(client)s") /
+              TCP(sport=80, dport=sport, flags="RA", seq=0, ack=1001), iface="eth0")
+        sendp(Ether(dst=mac) / IP(src=b, dst="%(client)s") / ICMP(type=3, code=3) /
+              IP(src="%(client)s", dst=b) / TCP(sport=sport, dport=80, flags="S", seq=1000),
+              iface="eth0")
+    time.sleep(0.02)
+""" % {"client": CLIENT_ADDR, "vip": VIP}
+
+
+def _counters(tb) -> list[int]:
+    listing = tb.router_cmd("nft", "list", "chain", "ip", "natlb", "prerouting").stdout
+    return [int(n) for n in re.findall(r"counter packets (\d+)", listing)]
+
+
+def test_spoofed_backend_packets_from_the_client_side_are_dropped(testbed, natlb):
+    natlb(basic_config(testbed, interval_ms=200, timeout_ms=200))
+    holds = []
+    for _ in range(3):
+        p, lines = testbed.client_stream("hold", "--host", VIP, "--port", "80",
+                                         "--timeout", "4")
+        holds.append((p, lines, next(lines)["backend"]))
+    link = json.loads(testbed.router_cmd("ip", "-j", "link", "show", "cl0").stdout)
+    attacker = subprocess.run(
+        ["ip", "netns", "exec", testbed.client, sys.executable, "-c", ATTACK,
+         link[0]["address"], *(backend_addr(k) for k in (1, 2, 3))],
+        capture_output=True, text=True, timeout=60)
+    assert attacker.returncode == 0, attacker.stderr
+    # 30 rounds x 3 backends of each kind, all dropped at prerouting.
+    assert _counters(testbed) == [90, 90]
+    time.sleep(0.5)  # long enough for any believed failure to have been acted on
+    backends = [b for s in status(testbed)["services"] for b in s["backends"]]
+    assert {b["health"] for b in backends} == {"up"}, backends
+    for p, lines, _ in holds:
+        assert next(lines)["outcome"] == "open"
+        p.wait(timeout=10)
+    # Real replies still come in through the backend side.
+    res = testbed.client_run("http-stream", "--host", VIP, "--port", "80", "--count", "6")
+    assert all(r["ok"] for r in res), res
