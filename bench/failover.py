@@ -17,11 +17,10 @@ import re
 import subprocess
 import threading
 import time
-from datetime import datetime
 from pathlib import Path
 
 from bench.netbench import KERNEL_NAT
-from natlb.testbed import VIP, Testbed, backend_addr, basic_config
+from natlb_testbed.testbed import VIP, Testbed, backend_addr, basic_config
 
 KINDS = ("kill", "link", "blackhole")
 PATHS = ("natlb", "haproxy", "kernel")
@@ -66,18 +65,6 @@ class LineClock:
         return None
 
 
-def natlb_down_time(log: str, after: float) -> float | None:
-    pat = re.compile(rf"^(\S+ \S+) natlb\.pool: service web backend {backend_addr(VICTIM)}:80 "
-                     rf"is (DOWN|SUSPECT)")
-    for line in log.splitlines():
-        m = pat.match(line)
-        if m:
-            t = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S.%f").timestamp()
-            if t >= after - 0.001:
-                return t
-    return None
-
-
 def run_one(tb: Testbed, path: str, kind: str, count: int, interval_ms: int) -> dict:
     procs: list[subprocess.Popen] = []
     clock = None
@@ -108,7 +95,10 @@ def run_one(tb: Testbed, path: str, kind: str, count: int, interval_ms: int) -> 
                                      str(count), "--interval-ms", str(interval_ms),
                                      "--timeout", "1")
     seen = []
+    watch = tb.watch() if path == "natlb" else None
     try:
+        if watch:
+            watch.__enter__()
         for r in results:
             seen.append(r)
             if r["i"] == fail_index:
@@ -116,6 +106,8 @@ def run_one(tb: Testbed, path: str, kind: str, count: int, interval_ms: int) -> 
                 failed_at = time.time()
         proc.wait()
     finally:
+        if watch:
+            watch.__exit__()
         tb.repair_backend(VICTIM, kind)
         for p in procs:
             tb.stop(p)
@@ -127,7 +119,10 @@ def run_one(tb: Testbed, path: str, kind: str, count: int, interval_ms: int) -> 
     assert failed_at is not None
     failures = [r for r in seen if not r["ok"]]
     if path == "natlb":
-        down = natlb_down_time(tb.natlb_log(), failed_at)
+        # natlb's own timestamp of the change, from its control socket.
+        assert watch is not None
+        down = next((c.at for c in watch.changes if c.backend == f"{backend_addr(VICTIM)}:80"
+                     and c.health in ("down", "suspect") and c.at >= failed_at - 0.001), None)
     elif path == "haproxy" and clock:
         down = clock.first(r"Server web/b2 is DOWN", failed_at)
     else:

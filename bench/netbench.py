@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from natlb.testbed import VIP, Testbed, backend_addr
+from natlb_testbed.testbed import VIP, Testbed, backend_addr
 
 N_BACKENDS = 3
 PATHS = ("natlb", "kernel", "haproxy")

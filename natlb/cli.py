@@ -83,7 +83,7 @@ def cmd_backend(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         return _die("demo needs root (it builds network namespaces)")
-    from natlb.demo import main
+    from natlb_testbed.demo import main
 
     return main(connections=args.connections)
 

@@ -15,12 +15,13 @@ import asyncio
 import logging
 import signal
 import time
+from typing import Any
 
 from natlb import netsetup, ruleset
 from natlb.config import Config, load
 from natlb.control import ControlServer
 from natlb.core import MARK_FORWARD, MARK_REPLY, RAW_MARK, Core, CoreConfig
-from natlb.errors import ConfigError
+from natlb.errors import ConfigError, NatlbError, RequestError
 from natlb.health import Monitor
 from natlb.pool import Pool, PoolError
 from natlb.status import collect
@@ -41,6 +42,8 @@ class Daemon:
         self.steering = Steering(config.lb.table)
         self.journal: Journal | None = None
         self.monitor: Monitor | None = None
+        # Served in the status JSON: how the last SIGHUP went.
+        self.reloads: dict[str, Any] = {"count": 0, "at": None, "ok": None, "error": None}
 
     def _log_services(self) -> None:
         for s in self.config.services:
@@ -82,40 +85,44 @@ class Daemon:
     async def reload(self) -> None:
         """SIGHUP: apply a changed config without losing flows.  Services and
         backends may change; [lb] settings need a restart.  A bad config is
-        reported and the running one kept."""
+        reported (log and status JSON) and the running one kept."""
         if not self.path:
             return
         try:
-            new = load(self.path)
-        except ConfigError as e:
+            await self._reload(self.path)
+        except NatlbError as e:
             log.error("reload refused, keeping the running config: %s", e)
+            self.reloads = {"count": self.reloads["count"] + 1, "at": time.time(),
+                            "ok": False, "error": str(e)}
             return
+        self.reloads = {"count": self.reloads["count"] + 1, "at": time.time(), "ok": True,
+                        "error": None}
+        log.info("reloaded %s", self.path)
+        self._log_services()
+
+    async def _reload(self, path: str) -> None:
+        new = load(path)
         if new.lb != self.config.lb:
             changed = [k for k in vars(new.lb) if getattr(new.lb, k) != getattr(self.config.lb, k)]
-            log.error("reload refused: lb.%s changed; restart natlb to apply it", changed[0])
-            return
+            raise ConfigError(f"lb.{changed[0]} changed; restart natlb to apply it")
         try:
             self.pool.reconfigure(new)
         except PoolError as e:
-            log.error("reload refused: %s", e)
-            return
+            raise RequestError(str(e)) from None
         old_vips = {s.vip for s in self.config.services}
         self.config = new
         new_vips = {s.vip for s in new.services} - old_vips
+        loop = asyncio.get_running_loop()
         if new_vips:
             assert self.journal is not None
             journal = self.journal
             # pyroute2's synchronous API runs its own event loop: not in ours.
-            await asyncio.get_running_loop().run_in_executor(
-                None, lambda: netsetup.apply(new.lb, new_vips, journal))
+            await loop.run_in_executor(None, lambda: netsetup.apply(new.lb, new_vips, journal))
         # Routes may have changed too: the ruleset reads them in the executor.
-        self.steering.install(await asyncio.get_running_loop().run_in_executor(
-            None, self._ruleset))
+        self.steering.install(await loop.run_in_executor(None, self._ruleset))
         if self.monitor:
             await self.monitor.stop()
             self.monitor.start()
-        log.info("reloaded %s", self.path)
-        self._log_services()
 
     async def serve(self) -> None:
         lb = self.config.lb
@@ -124,17 +131,18 @@ class Daemon:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
-        reloads: set[asyncio.Task[None]] = set()
+        reload_tasks: set[asyncio.Task[None]] = set()
 
         def on_hup() -> None:
             task = loop.create_task(self.reload())
-            reloads.add(task)
-            task.add_done_callback(reloads.discard)
+            reload_tasks.add(task)
+            task.add_done_callback(reload_tasks.discard)
 
         loop.add_signal_handler(signal.SIGHUP, on_hup)
         self.pool.publisher.start(loop)  # table builds and flow resets leave the loop
         control = ControlServer(lb.control_socket, self.pool,
-                                lambda: collect(self.pool, lb.queues, started, lb.max_flows))
+                                lambda: {**collect(self.pool, lb.queues, started, lb.max_flows),
+                                         "reloads": self.reloads})
         await control.start()
         self.monitor = Monitor(self.pool)
 
@@ -151,7 +159,7 @@ class Daemon:
             log.info("stopping")
         finally:
             loop.remove_reader(self.core.event_fd())
-            await asyncio.gather(*reloads, return_exceptions=True)
+            await asyncio.gather(*reload_tasks, return_exceptions=True)
             await self.monitor.stop()
             await control.stop()
             await self.pool.publisher.close()

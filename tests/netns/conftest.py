@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from natlb.testbed import Testbed
+from natlb_testbed.testbed import Testbed
 
 if os.geteuid() != 0:
     pytest.skip("integration tests need root (network namespaces)", allow_module_level=True)

@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from natlb.testbed import VIP, backend_addr, basic_config, udp_service
+from natlb_testbed.testbed import VIP, backend_addr, basic_config, udp_service
 
 from .conftest import natlb_cli
 
@@ -33,13 +33,13 @@ def test_no_new_connection_fails_when_a_backend_dies(testbed, natlb, kind, rewri
     natlb(basic_config(testbed, interval_ms=50,
                        lb_extra=f'syn_timeout_ms = 30\nrewrite = "{rewrite}"'))
     try:
-        res = stream(testbed, 150, {40: lambda: testbed.fail_backend(VICTIM, kind)})
+        with testbed.watch() as watch:
+            res = stream(testbed, 150, {40: lambda: testbed.fail_backend(VICTIM, kind)})
     finally:
         testbed.repair_backend(VICTIM, kind)
     failed = [r for r in res if not r["ok"]]
     assert failed == [], failed
-    log = testbed.natlb_log()
-    assert f"backend {backend_addr(VICTIM)}:80 is DOWN" in log, log
+    assert watch.saw(f"{backend_addr(VICTIM)}:80", "down"), watch.changes
     # After the first 80 connections the dead backend got no new flow.
     assert Counter(r["backend"] for r in res if r["i"] >= 80).keys() == {"b1", "b3"}
 
@@ -107,12 +107,13 @@ def test_udp_backend_dead_is_seen_from_icmp_before_any_check(testbed, natlb):
     natlb(UDP_ONLY.format(sock=testbed.control_socket))
     testbed.fail_backend(VICTIM, "kill")
     try:
-        res = testbed.client_run("udp-stream", "--host", VIP, "--port", "53", "--count", "30",
-                                 "--interval-ms", "10", "--timeout", "0.5")
+        with testbed.watch() as watch:
+            res = testbed.client_run("udp-stream", "--host", VIP, "--port", "53", "--count",
+                                     "30", "--interval-ms", "10", "--timeout", "0.5")
     finally:
         testbed.repair_backend(VICTIM, "kill")
-    log = testbed.natlb_log()
-    assert f"backend {backend_addr(VICTIM)}:53 is DOWN (passive: icmp_unreachable)" in log, log
+    down = watch.saw(f"{backend_addr(VICTIM)}:53", "down")
+    assert down and down[0].detail == "passive: icmp_unreachable", watch.changes
     lost = [r for r in res if not r["ok"]]
     assert len(lost) <= 1, lost  # at most the query that found it dead
     assert "b2" not in {r.get("backend") for r in res[3:]}

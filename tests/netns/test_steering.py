@@ -10,7 +10,7 @@ import subprocess
 import sys
 import time
 
-from natlb.testbed import CLIENT_ADDR, VIP, backend_addr, basic_config
+from natlb_testbed.testbed import CLIENT_ADDR, VIP, backend_addr, basic_config
 
 from .conftest import natlb_cli
 
@@ -55,20 +55,20 @@ ATTACK = r"""
 import sys, time
 from scapy.all import Ether, IP, TCP, ICMP, sendp, conf
 conf.verb = 0
-mac, backends = sys.argv[1], sys.argv[2:]
+mac, client, vip, *backends = sys.argv[1:]
 for i in range(30):
     sport = 40000 + i
     # A SYN of the attacker's own, then "the backend refuses it" from the client side.
-    sendp(Ether(dst=mac) / IP(src="%(client)s", dst="%(vip)s") /
+    sendp(Ether(dst=mac) / IP(src=client, dst=vip) /
           TCP(sport=sport, dport=80, flags="S", seq=1000), iface="eth0")
     for b in backends:
-        sendp(Ether(dst=mac) / IP(src=b, dst="%(client)s") /
+        sendp(Ether(dst=mac) / IP(src=b, dst=client) /
               TCP(sport=80, dport=sport, flags="RA", seq=0, ack=1001), iface="eth0")
-        sendp(Ether(dst=mac) / IP(src=b, dst="%(client)s") / ICMP(type=3, code=3) /
-              IP(src="%(client)s", dst=b) / TCP(sport=sport, dport=80, flags="S", seq=1000),
+        sendp(Ether(dst=mac) / IP(src=b, dst=client) / ICMP(type=3, code=3) /
+              IP(src=client, dst=b) / TCP(sport=sport, dport=80, flags="S", seq=1000),
               iface="eth0")
     time.sleep(0.02)
-""" % {"client": CLIENT_ADDR, "vip": VIP}
+"""
 
 
 def _counters(tb) -> list[int]:
@@ -86,7 +86,7 @@ def test_spoofed_backend_packets_from_the_client_side_are_dropped(testbed, natlb
     link = json.loads(testbed.router_cmd("ip", "-j", "link", "show", "cl0").stdout)
     attacker = subprocess.run(
         ["ip", "netns", "exec", testbed.client, sys.executable, "-c", ATTACK,
-         link[0]["address"], *(backend_addr(k) for k in (1, 2, 3))],
+         link[0]["address"], CLIENT_ADDR, VIP, *(backend_addr(k) for k in (1, 2, 3))],
         capture_output=True, text=True, timeout=60)
     assert attacker.returncode == 0, attacker.stderr
     # 30 rounds x 3 backends of each kind, all dropped at prerouting.

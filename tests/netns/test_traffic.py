@@ -7,7 +7,7 @@ from collections import Counter
 
 import pytest
 
-from natlb.testbed import VIP, basic_config, udp_service
+from natlb_testbed.testbed import VIP, basic_config, udp_service
 
 from .conftest import natlb_cli, router_state
 
@@ -58,18 +58,19 @@ def test_dead_backend_gets_no_new_connections_after_health_interval(testbed, nat
                                           "--timeout", "1")
     seen = []
     killed_at = None
-    for r in results:
-        seen.append(r)
-        if killed_at is None and r["i"] >= 50:
-            testbed.stop(testbed.backends[2], signal.SIGKILL)
-            killed_at = r["t"] + r["ms"] / 1000
-    proc.wait()
+    with testbed.watch() as watch:
+        for r in results:
+            seen.append(r)
+            if killed_at is None and r["i"] >= 50:
+                testbed.stop(testbed.backends[2], signal.SIGKILL)
+                killed_at = r["t"] + r["ms"] / 1000
+        proc.wait()
     try:
         # interval + timeout bounds detection (fall = 1).
         late = [r for r in seen if r["t"] > killed_at + 0.1 + 0.1 + 0.05]
         assert late and all(r["ok"] and r["backend"] != "b2" for r in late), late
         assert {r["backend"] for r in late} == {"b1", "b3"}
-        assert "backend 203.0.113.10:80 is DOWN" in testbed.natlb_log()
+        assert watch.saw("203.0.113.10:80", "down"), watch.changes
     finally:
         testbed.backends[2] = testbed.start_backend(2)
 
@@ -81,8 +82,7 @@ def test_backend_rejoins_after_rise(testbed, natlb):
     res = testbed.client_run("http-stream", "--host", VIP, "--port", "80", "--count", "10")
     assert all(r["ok"] for r in res) and "b3" not in {r["backend"] for r in res}
     testbed.backends[3] = testbed.start_backend(3)
-    time.sleep(0.5)  # rise = 2 at 100 ms
-    assert "backend 203.0.113.14:80 is UP" in testbed.natlb_log()
+    testbed.wait_health("203.0.113.14:80", "up")  # rise = 2 at 100 ms
     res = testbed.client_run("http-stream", "--host", VIP, "--port", "80", "--count", "9")
     assert Counter(r["backend"] for r in res) == {"b1": 3, "b2": 3, "b3": 3}
 

@@ -113,3 +113,13 @@ def test_undo_runs_each_kinds_registered_reverter() -> None:
     assert j.undo() == [] and done == ["b", "a"]  # newest first
     with pytest.raises(ValueError, match="no reverter"):
         j.record("never_registered")
+
+
+def test_the_runtime_never_imports_the_testbed() -> None:
+    """natlb_testbed is tooling: importing every runtime module loads none of it."""
+    code = ("import pkgutil, importlib, sys, natlb\n"
+            "for m in pkgutil.iter_modules(natlb.__path__):\n"
+            "    if m.name not in ('_build', '__main__'):\n"
+            "        importlib.import_module('natlb.' + m.name)\n"
+            "assert not [m for m in sys.modules if m.startswith('natlb_testbed')]\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

@@ -16,10 +16,14 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+from natlb.control import ControlError, request
 
 VIP = "192.0.2.100"
 CLIENT_ADDR = "198.51.100.2"
@@ -107,7 +111,7 @@ class Testbed:
         return self.spawn(ns, [sys.executable, "-m", module, *args], **kw)
 
     def start_backend(self, k: int) -> subprocess.Popen:
-        p = self.python(self.backend(k), "natlb.testbed_hosts", "serve", "--name", f"b{k}",
+        p = self.python(self.backend(k), "natlb_testbed.hosts", "serve", "--name", f"b{k}",
                         stdout=subprocess.PIPE, text=True)
         line = p.stdout.readline() if p.stdout else ""
         if line.strip() != "ready":
@@ -136,7 +140,9 @@ class Testbed:
     def control_socket(self) -> str:
         return str(self.workdir / "natlb.sock")
 
-    def start_natlb(self, config: Path, wait: float = 10.0) -> subprocess.Popen:
+    def start_natlb(self, config: Path, wait: float = 20.0) -> subprocess.Popen:
+        """Start natlb; return once its control socket answers (the table
+        is installed by then)."""
         log = open(self.workdir / "natlb.log", "w")  # noqa: SIM115 -- lives with the process
         p = self.python(self.router, "natlb", "run", "-c", str(config),
                         stdout=log, stderr=subprocess.STDOUT)
@@ -144,10 +150,36 @@ class Testbed:
         while time.monotonic() < deadline:
             if p.poll() is not None:
                 raise RuntimeError(f"natlb exited {p.returncode}:\n{self.natlb_log()}")
-            if "natlb running" in self.natlb_log():
+            try:
+                self.status()
                 return p
-            time.sleep(0.05)
+            except ControlError:
+                time.sleep(0.05)
         raise RuntimeError(f"natlb did not start:\n{self.natlb_log()}")
+
+    def status(self) -> dict[str, Any]:
+        """natlb's state as the control socket serves it (``status --json``)."""
+        return request(self.control_socket, {"cmd": "status"})["status"]
+
+    def backend_state(self, key: str, service: str | None = None) -> dict[str, Any]:
+        """One backend ("addr:port") from status, in `service` or any."""
+        for s in self.status()["services"]:
+            for b in s["backends"]:
+                if f"{b['address']}:{b['port']}" == key and service in (None, s["name"]):
+                    return b
+        raise KeyError(key)
+
+    def wait_health(self, key: str, health: str, timeout: float = 10.0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        while True:
+            b = self.backend_state(key)
+            if b["health"] == health or time.monotonic() > deadline:
+                assert b["health"] == health, b
+                return b
+            time.sleep(0.02)
+
+    def watch(self) -> StateWatch:
+        return StateWatch(self)
 
     def natlb_log(self) -> str:
         try:
@@ -157,13 +189,13 @@ class Testbed:
 
     def client_run(self, *args: str, timeout: float = 120) -> list[dict]:
         """Run a client generator to completion; its JSON lines."""
-        p = self.python(self.client, "natlb.testbed_hosts", *args, stdout=subprocess.PIPE,
+        p = self.python(self.client, "natlb_testbed.hosts", *args, stdout=subprocess.PIPE,
                         text=True)
         out, _ = p.communicate(timeout=timeout)
         return [json.loads(line) for line in out.splitlines() if line.strip()]
 
     def client_stream(self, *args: str) -> tuple[subprocess.Popen, Iterator[dict]]:
-        p = self.python(self.client, "natlb.testbed_hosts", *args, stdout=subprocess.PIPE,
+        p = self.python(self.client, "natlb_testbed.hosts", *args, stdout=subprocess.PIPE,
                         text=True)
 
         def lines() -> Iterator[dict]:
@@ -220,6 +252,63 @@ class Testbed:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@dataclass(frozen=True)
+class Change:
+    at: float          # natlb's own timestamp of the change (status "since")
+    service: str
+    backend: str       # "addr:port"
+    health: str
+    detail: str        # what natlb gave as the reason (status "last_check")
+
+
+class StateWatch:
+    """Follows natlb's backend states over the control socket from a thread
+    and keeps every change, stamped with natlb's own time of the change:
+    what tests and the demo assert on, instead of natlb's log lines."""
+
+    def __init__(self, tb: Testbed, interval: float = 0.01) -> None:
+        self.tb = tb
+        self.interval = interval
+        self.changes: list[Change] = []
+        self._last: dict[tuple[str, str], tuple[str, float]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _poll(self) -> None:
+        for s in self.tb.status()["services"]:
+            for b in s["backends"]:
+                k = (s["name"], f"{b['address']}:{b['port']}")
+                now = (b["health"], b["since"])
+                if self._last.get(k) != now:
+                    if k in self._last:
+                        self.changes.append(Change(b["since"], *k, b["health"], b["last_check"]))
+                    self._last[k] = now
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self._poll()
+            except (ControlError, OSError, ValueError):
+                pass  # natlb stopping or restarting
+            self._stop.wait(self.interval)
+
+    def saw(self, backend: str, health: str) -> list[Change]:
+        return [c for c in self.changes if c.backend == backend and c.health == health]
+
+    def __enter__(self) -> StateWatch:
+        self._poll()
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        try:
+            self._poll()
+        except (ControlError, OSError, ValueError):
+            pass
 
 
 def basic_config(tb: Testbed, scheduler: str = "rr", health: str = "tcp",

@@ -1,5 +1,5 @@
 """Programs that run inside the testbed's namespaces (``python -m
-natlb.testbed_hosts ...``): a backend serving HTTP and UDP echo that answer
+natlb_testbed.hosts ...``): a backend serving HTTP and UDP echo that answer
 with its own name, and client load generators that print one JSON line per
 result.  Used by the integration tests, ``natlb demo`` and the benchmarks."""
 
@@ -265,7 +265,7 @@ def upload(host: str, port: int, size: int, seed: int, timeout: float) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="natlb.testbed_hosts")
+    p = argparse.ArgumentParser(prog="natlb_testbed.hosts")
     sub = p.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("serve")
     s.add_argument("--name", required=True)

@@ -8,15 +8,13 @@ prints the timeline, and removes everything it built.
 
 from __future__ import annotations
 
-import re
 import signal
 import subprocess
 import sys
 import time
 from collections import Counter
-from datetime import datetime
 
-from natlb.testbed import VIP, Testbed, backend_addr, udp_service
+from natlb_testbed.testbed import VIP, Testbed, backend_addr, udp_service
 
 INTERVAL_MS = 20
 BUCKET_S = 0.25
@@ -43,22 +41,9 @@ fall = 1
 {udp_service}
 """
 
-LOG_EVENT = re.compile(r"^(\S+ \S+) natlb\.pool: service web backend (\S+) is (UP|DOWN)")
-
-
 def _backends(n: int) -> str:
     return "\n".join(f'[[service.backend]]\naddress = "{backend_addr(k)}"'
                      for k in range(1, n + 1))
-
-
-def _log_events(text: str) -> list[tuple[float, str, str]]:
-    out = []
-    for line in text.splitlines():
-        m = LOG_EVENT.match(line)
-        if m:
-            ts = datetime.strptime(m.group(1), "%Y-%m-%d %H:%M:%S.%f").timestamp()
-            out.append((ts, m.group(2), m.group(3)))
-    return out
 
 
 def _say(msg: str = "") -> None:
@@ -91,23 +76,24 @@ def main(connections: int = 300) -> int:
                                         "--count", str(connections),
                                         "--interval-ms", str(INTERVAL_MS), "--timeout", "1")
         results, marks = [], {}
-        for r in stream:
-            results.append(r)
-            if r["i"] == kill_at:
-                marks["killed"] = time.time()
-                tb.stop(backends[VICTIM], signal.SIGKILL)
-            elif r["i"] == restart_at:
-                backends[VICTIM] = tb.start_backend(VICTIM)
-                marks["restarted"] = time.time()
-        proc.wait()
+        # natlb's view of the backends comes from its control socket (JSON).
+        with tb.watch() as watch:
+            for r in stream:
+                results.append(r)
+                if r["i"] == kill_at:
+                    marks["killed"] = time.time()
+                    tb.stop(backends[VICTIM], signal.SIGKILL)
+                elif r["i"] == restart_at:
+                    backends[VICTIM] = tb.start_backend(VICTIM)
+                    marks["restarted"] = time.time()
+            proc.wait()
         status = subprocess.run([sys.executable, "-m", "natlb", "status", "-s",
                                  tb.control_socket], capture_output=True, text=True).stdout
         tb.stop(natlb)
-        log = tb.natlb_log()
 
     t0 = results[0]["wall"]
-    events = [(ts, f"natlb: {victim_name} {state}") for ts, key, state in _log_events(log)
-              if key.startswith(victim_addr + ":")]
+    events = [(c.at, f"natlb: {victim_name} {c.health.upper()}") for c in watch.changes
+              if c.service == "web" and c.backend.startswith(victim_addr + ":")]
     events += [(marks["killed"], f"{victim_name} killed (SIGKILL)"),
                (marks["restarted"], f"{victim_name} restarted")]
     events.sort()
