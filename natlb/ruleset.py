@@ -58,6 +58,7 @@ NF_DROP = 0
 REG_1, REG32_01, REG32_02, REG32_03 = 1, 9, 10, 11
 # nft's datatype numbers (only `nft list` reads them: a readable listing).
 TYPE_MARK, TYPE_IPADDR, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE, TYPE_IFINDEX = 19, 7, 12, 13, 20
+BYTEORDER_HOST = 1       # nft's enum byteorder
 ICMP_DEST_UNREACH = 3
 L4_CSUM_OFFSET = {socket.IPPROTO_TCP: 16, socket.IPPROTO_UDP: 6}
 PROTOCOL_NAMES = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp"}
@@ -329,6 +330,10 @@ def build(spec: Spec) -> list[Message]:
         if s.data_type:
             attrs += [("NFTA_SET_DATA_TYPE", s.data_type), ("NFTA_SET_DATA_LEN", s.data_len)]
         attrs.append(("NFTA_SET_ID", set_id))
+        if s.key_type == TYPE_MARK:
+            # Marks are host-order numbers: tells `nft list` how to print them.
+            attrs.append(("NFTA_SET_USERDATA",
+                          [("NFTNL_UDATA_SET_KEYBYTEORDER", struct.pack("=I", BYTEORDER_HOST))]))
         out.append(Message(SET, NFT_MSG_NEWSET, attrs, NLM_F_CREATE, f"set {s.name}"))
         for i in range(0, len(s.elements), ELEMENTS_PER_MESSAGE):
             elements = []
