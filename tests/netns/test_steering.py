@@ -100,3 +100,40 @@ def test_spoofed_backend_packets_from_the_client_side_are_dropped(testbed, natlb
     # Real replies still come in through the backend side.
     res = testbed.client_run("http-stream", "--host", VIP, "--port", "80", "--count", "6")
     assert all(r["ok"] for r in res), res
+
+
+INGRESS = """
+import json, sys
+from natlb.netsetup import backend_ingress
+print(json.dumps(backend_ingress(sys.argv[1:])))
+"""
+
+
+def test_backend_ingress_follows_the_routing_table_and_every_multipath_hop(testbed):
+    """A backend routed over two links is believed from both; one without a
+    route from none.  Read inside a namespace of its own."""
+    ns = f"{testbed.prefix}-rt"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        def ip(*args: str) -> None:
+            subprocess.run(["ip", "-n", ns, *args], check=True, capture_output=True)
+
+        for i, net in ((1, "198.51.100.1/30"), (2, "198.51.100.5/30")):
+            ip("link", "add", f"d{i}", "type", "veth", "peer", "name", f"p{i}")
+            ip("addr", "add", net, "dev", f"d{i}")
+            ip("link", "set", f"p{i}", "up")
+            ip("link", "set", f"d{i}", "up")
+        ip("route", "add", "203.0.113.0/28", "nexthop", "via", "198.51.100.2", "dev", "d1",
+           "nexthop", "via", "198.51.100.6", "dev", "d2")
+        ip("route", "add", "203.0.113.64/28", "via", "198.51.100.6", "dev", "d2")
+        links = json.loads(subprocess.run(["ip", "-n", ns, "-j", "link"], check=True,
+                                          capture_output=True, text=True).stdout)
+        index = {link["ifname"]: link["ifindex"] for link in links}
+        r = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", INGRESS,
+                            "203.0.113.2", "203.0.113.66", "192.0.2.9"],
+                           capture_output=True, text=True, timeout=30)
+        assert r.returncode == 0, r.stderr
+        assert json.loads(r.stdout) == {"203.0.113.2": sorted([index["d1"], index["d2"]]),
+                                        "203.0.113.66": [index["d2"]], "192.0.2.9": []}
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
