@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from natlb.testbed import CLIENT_ADDR, VIP, backend_addr, basic_config
+from natlb_testbed.testbed import CLIENT_ADDR, VIP, backend_addr, basic_config
 
 from .conftest import natlb_cli
 
@@ -32,30 +32,30 @@ def test_attacker_fails_no_backend_and_resets_no_connection(testbed, natlb):
         holds.append((p, lines, next(lines)["backend"]))
     assert sorted(b for _, _, b in holds) == ["b1", "b2", "b3"]
     mac = testbed.router_cmd("cat", "/sys/class/net/cl0/address").stdout.strip()
-    attacker = testbed.spawn(testbed.client, [
-        sys.executable, str(ATTACKER), "--client", CLIENT_ADDR, "--vip", VIP,
-        "--backends", *(backend_addr(k) for k in (1, 2, 3)), "--router-mac", mac,
-        "--rounds", "12", "--interval-ms", "150"], stdout=subprocess.PIPE, text=True)
-    # New connections keep being served during the attack.
-    fresh = testbed.client_run("http-stream", "--host", VIP, "--port", "80", "--count", "40",
-                               "--interval-ms", "50", "--timeout", "2")
-    out, _ = attacker.communicate(timeout=60)
-    assert json.loads(out) == {"bad_syns": 12, "spoofed_rsts": 18}
-    outcomes = {backend: next(lines)["outcome"] for _, lines, backend in holds}
-    for p, _, _ in holds:
-        p.wait(timeout=30)
-    after = status(testbed)
+    with testbed.watch() as watch:  # natlb's backend states, from its control socket
+        attacker = testbed.spawn(testbed.client, [
+            sys.executable, str(ATTACKER), "--client", CLIENT_ADDR, "--vip", VIP,
+            "--backends", *(backend_addr(k) for k in (1, 2, 3)), "--router-mac", mac,
+            "--rounds", "12", "--interval-ms", "150"], stdout=subprocess.PIPE, text=True)
+        # New connections keep being served during the attack.
+        fresh = testbed.client_run("http-stream", "--host", VIP, "--port", "80", "--count", "40",
+                                   "--interval-ms", "50", "--timeout", "2")
+        out, _ = attacker.communicate(timeout=60)
+        assert json.loads(out) == {"bad_syns": 12, "spoofed_rsts": 18}
+        outcomes = {backend: next(lines)["outcome"] for _, lines, backend in holds}
+        for p, _, _ in holds:
+            p.wait(timeout=30)
+        after = status(testbed)
 
     assert outcomes == {"b1": "open", "b2": "open", "b3": "open"}  # nobody was reset
     assert [r for r in fresh if not r["ok"]] == []
     backends = after["services"][0]["backends"]
     assert [(b["health"], b["admin"]) for b in backends] == [("up", "enabled")] * 3
     assert after["failover"]["resets_sent"] == before["failover"]["resets_sent"]
-    log = testbed.natlb_log()
-    assert "is DOWN" not in log, log
+    assert [c for c in watch.changes if c.health == "down"] == []
     # The attack reached natlb: it either doubted a backend and checked it,
     # or the data path refused the packets (checksum, ingress) and counted them.
     doubted = sum(b["passive_failures"] for b in backends)
     refused = sum(after["reasons"][k] - before["reasons"][k]
                   for k in after["reasons"] if k not in ("not_ours", "unsupported"))
-    assert doubted + refused > 0, (after["reasons"], log)
+    assert doubted + refused > 0, (after["reasons"], watch.changes)
