@@ -7,7 +7,7 @@ go on for a minute after."""
 import json
 import subprocess
 
-from natlb.testbed import VIP, basic_config
+from natlb_testbed.testbed import VIP, basic_config
 
 from .conftest import natlb_cli
 
@@ -24,7 +24,7 @@ def test_syn_flood_starves_no_new_connection_and_cuts_no_established_one(testbed
     for _ in range(6):  # established, idle connections through the flood
         p, lines = testbed.client_stream("hold", "--host", VIP, "--port", "80", "--timeout", "5")
         holds.append((p, lines, next(lines)["backend"]))
-    flood = testbed.python(testbed.client, "natlb.testbed_hosts", "syn-flood", "--host", VIP,
+    flood = testbed.python(testbed.client, "natlb_testbed.hosts", "syn-flood", "--host", VIP,
                            "--port", "80", "--count", str(FLOOD), "--seconds", "1.0",
                            stdout=subprocess.PIPE, text=True)
     # 30 real connections, every 50 ms: during the flood and right after it.
