@@ -31,6 +31,7 @@
 #include <linux/netfilter/nfnetlink.h>
 #include <linux/netfilter/nfnetlink_queue.h>
 #include "internal.h"
+#include "natlb_test.h"
 
 #define BATCH 64
 /* One slot holds a whole GSO super-packet plus its netlink headers. */
@@ -201,16 +202,22 @@ static uint16_t attr_min_len(uint16_t type)
     }
 }
 
-/* Parses one NFQNL_MSG_PACKET, processes it and appends its verdict. */
-static void handle_packet(struct nl_worker *w, struct nlmsghdr *nlh, uint64_t now,
-                          size_t *nv, size_t *niov)
+int nl_nfq_parse(const uint8_t *msg, uint32_t len, struct nl_nfq_packet *out)
 {
-    struct nlattr *attr[NFQA_MAX + 1] = { 0 };
+    memset(out, 0, sizeof(*out));
+    if (len < NLMSG_HDRLEN)
+        return -1;
+    const struct nlmsghdr *nlh = (const struct nlmsghdr *)msg;
+    if (nlh->nlmsg_len < NLMSG_HDRLEN || nlh->nlmsg_len > len ||
+        nlh->nlmsg_type != ((NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET))
+        return -1;
+    uint32_t end = nlh->nlmsg_len;
+    const struct nlattr *attr[NFQA_MAX + 1] = { 0 };
     int doubtful = 0;            /* an attribute was cut or too short */
     size_t off = NLMSG_HDRLEN + NLMSG_ALIGN(sizeof(struct nfgenmsg));
-    while (off + NLA_HDRLEN <= nlh->nlmsg_len) {
-        struct nlattr *a = (struct nlattr *)((uint8_t *)nlh + off);
-        if (a->nla_len < NLA_HDRLEN || off + a->nla_len > nlh->nlmsg_len) {
+    while (off + NLA_HDRLEN <= end) {
+        const struct nlattr *a = (const struct nlattr *)(msg + off);
+        if (a->nla_len < NLA_HDRLEN || off + a->nla_len > end) {
             doubtful = 1;
             break;
         }
@@ -221,49 +228,60 @@ static void handle_packet(struct nl_worker *w, struct nlmsghdr *nlh, uint64_t no
             doubtful = 1;
         off += NLA_ALIGN(a->nla_len);
     }
-    struct nl_worker_counters *wc = &w->lb->counters[w->index];
     if (!attr[NFQA_PACKET_HDR])
-        return;
-    struct nfqnl_msg_packet_hdr *ph = (void *)((uint8_t *)attr[NFQA_PACKET_HDR] + NLA_HDRLEN);
-    uint8_t *pkt = NULL;
-    uint32_t len = 0, pkt_flags = NL_PKT_CSUM_VERIFIED;
-    int verdict = NL_VERDICT_DROP;
+        return -1;
+    memcpy(&out->packet_id, (const uint8_t *)attr[NFQA_PACKET_HDR] + NLA_HDRLEN, 4);
     if (attr[NFQA_PAYLOAD]) {
-        pkt = (uint8_t *)attr[NFQA_PAYLOAD] + NLA_HDRLEN;
-        len = attr[NFQA_PAYLOAD]->nla_len - NLA_HDRLEN;
+        out->has_payload = 1;
+        out->payload_off = (uint32_t)((const uint8_t *)attr[NFQA_PAYLOAD] + NLA_HDRLEN - msg);
+        out->payload_len = attr[NFQA_PAYLOAD]->nla_len - NLA_HDRLEN;
     }
     /* No skb info means nothing to say: the kernel verified the checksum or
      * made the packet here.  A message with a cut or short attribute
      * vouches for nothing. */
-    if (doubtful)
-        pkt_flags = 0;
+    out->pkt_flags = doubtful ? 0 : NL_PKT_CSUM_VERIFIED;
     if (attr[NFQA_SKB_INFO]) {
         uint32_t info;
-        memcpy(&info, (uint8_t *)attr[NFQA_SKB_INFO] + NLA_HDRLEN, 4);
+        memcpy(&info, (const uint8_t *)attr[NFQA_SKB_INFO] + NLA_HDRLEN, 4);
         info = ntohl(info);
         if (info & (NFQA_SKB_CSUM_NOTVERIFIED | NFQA_SKB_CSUMNOTREADY))
-            pkt_flags &= ~(uint32_t)NL_PKT_CSUM_VERIFIED;
+            out->pkt_flags &= ~(uint32_t)NL_PKT_CSUM_VERIFIED;
         if (info & NFQA_SKB_CSUMNOTREADY)
-            pkt_flags |= NL_PKT_CSUM_PARTIAL;
+            out->pkt_flags |= NL_PKT_CSUM_PARTIAL;
         if (info & NFQA_SKB_GSO)
-            pkt_flags |= NL_PKT_GSO;
+            out->pkt_flags |= NL_PKT_GSO;
     }
+    /* NFQA_CAP_LEN is present only when the copy is shorter than the packet. */
+    if (attr[NFQA_CAP_LEN])
+        out->pkt_flags |= NL_PKT_HEAD_ONLY;
+    return 0;
+}
+
+/* Processes one NFQNL_MSG_PACKET and appends its verdict. */
+static void handle_packet(struct nl_worker *w, struct nlmsghdr *nlh, uint64_t now,
+                          size_t *nv, size_t *niov)
+{
+    struct nl_nfq_packet q;
+    if (nl_nfq_parse((const uint8_t *)nlh, nlh->nlmsg_len, &q) < 0)
+        return;
+    struct nl_worker_counters *wc = &w->lb->counters[w->index];
+    uint8_t *pkt = q.has_payload ? (uint8_t *)nlh + q.payload_off : NULL;
+    uint32_t len = q.payload_len;
+    int verdict = NL_VERDICT_DROP;
     wc->io_packets++;
     uint32_t mark = 0;
     if (!pkt) {
         wc->reasons[NL_R_TRUNCATED]++;
     } else if (w->mark_mode) {
-        if (attr[NFQA_CAP_LEN])
-            pkt_flags |= NL_PKT_HEAD_ONLY;
-        verdict = nl_packet(w->lb, w->index, pkt, len, pkt_flags, now, &mark);
-    } else if (attr[NFQA_CAP_LEN]) {
+        verdict = nl_packet(w->lb, w->index, pkt, len, q.pkt_flags, now, &mark);
+    } else if (q.pkt_flags & NL_PKT_HEAD_ONLY) {
         /* We only have part of the packet; returning it would truncate it.
          * (With GSO, the kernel copies at most 65,531 bytes: a GRO packet
          * of 65,532-65,535 bytes lands here; TCP resends it in smaller
          * pieces.  Mark mode never needs the whole packet.) */
         wc->reasons[NL_R_TRUNCATED]++;
     } else {
-        verdict = nl_packet(w->lb, w->index, pkt, len, pkt_flags, now, NULL);
+        verdict = nl_packet(w->lb, w->index, pkt, len, q.pkt_flags, now, NULL);
     }
     struct verdict_msg *v = &w->verdicts[*nv];
     uint32_t payload = verdict == NL_VERDICT_REWRITE ? len : 0;
@@ -276,7 +294,7 @@ static void handle_packet(struct nl_worker *w, struct nlmsghdr *nlh, uint64_t no
     v->vattr.nla_type = NFQA_VERDICT_HDR;
     v->vattr.nla_len = NLA_HDRLEN + sizeof(v->vhdr);
     v->vhdr.verdict = htonl(verdict == NL_VERDICT_DROP ? NF_DROP : NF_ACCEPT);
-    v->vhdr.id = ph->packet_id;
+    v->vhdr.id = q.packet_id;
     size_t hdr = offsetof(struct verdict_msg, tattr);
     static const uint8_t pad[4];
     if (payload) {

@@ -65,6 +65,16 @@ CONNTRACK_COUNTERS = {
 }
 EVENT_KINDS = {lib.NL_EV_SYN_RST: "syn_rst", lib.NL_EV_SYN_TIMEOUT: "syn_timeout",
                lib.NL_EV_ICMP: "icmp_unreachable"}
+CHECK_ERRORS = {
+    lib.NL_CHECK_LINK: "link out of range",
+    lib.NL_CHECK_CYCLE: "entry reached twice",
+    lib.NL_CHECK_BUCKET: "entry in the wrong chain",
+    lib.NL_CHECK_STATE: "state",
+    lib.NL_CHECK_COUNT: "count",
+    lib.NL_CHECK_GAUGE: "backend gauge",
+    lib.NL_CHECK_IDS: "ids",
+    lib.NL_CHECK_NOMEM: "out of memory",
+}
 RAW_MARK: int = lib.NL_RAW_MARK
 MARK_FORWARD: int = lib.NL_MARK_FORWARD
 MARK_REPLY: int = lib.NL_MARK_REPLY
@@ -193,6 +203,26 @@ class Batch:
         return [Verdict(v) for v in self.verdicts[0:self.n]]
 
 
+@dataclass(frozen=True)
+class QueuedPacket:
+    """What a worker reads from one nfnetlink queued-packet message."""
+
+    packet_id: int
+    payload: bytes | None
+    flags: int
+
+
+def parse_queue_message(msg: bytes) -> QueuedPacket | None:
+    """Tests: the workers' parse of one NFQNL_MSG_PACKET (None: unusable)."""
+    buf = ffi.new("uint8_t[]", msg) if msg else ffi.new("uint8_t[1]")
+    out = ffi.new("struct nl_nfq_packet *")
+    if lib.nl_nfq_parse(buf, len(msg), out) != 0:
+        return None
+    payload = (msg[out.payload_off:out.payload_off + out.payload_len]
+               if out.has_payload else None)
+    return QueuedPacket(socket.ntohl(out.packet_id), payload, out.pkt_flags)
+
+
 class Core:
     """A C load balancer instance: conntrack, published tables, workers."""
 
@@ -301,6 +331,13 @@ class Core:
     @staticmethod
     def entry_size() -> int:
         return lib.nl_ct_entry_size()
+
+    def check_table(self) -> None:
+        """Tests: raise CoreError if a conntrack invariant is broken
+        (csrc/natlb_test.h). Only while no worker runs."""
+        rc = lib.nl_ct_check(self._lb)
+        if rc != lib.NL_CHECK_OK:
+            raise CoreError(f"conntrack invariant broken: {CHECK_ERRORS.get(rc, rc)}")
 
     # -- counters ---------------------------------------------------------
     def _read(self, fn, n: int) -> list[Counters]:

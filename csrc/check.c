@@ -1,0 +1,87 @@
+/*
+ * check.c -- the conntrack's invariants, checked from tests and fuzzers
+ * (natlb_test.h).  Never called on the data path.
+ *
+ * Every entry is on exactly one list: a hash chain (in use) or the free
+ * list.  A chained entry hashes to its chain, is in a live state that fits
+ * its protocol, and counts once in its backend's active or inactive gauge
+ * (expired but unswept entries included: only the sweep or a removal takes
+ * them out).
+ */
+#include <stdlib.h>
+#include <string.h>
+#include "internal.h"
+#include "natlb_test.h"
+
+static int valid_state(const struct nl_flow *f)
+{
+    if (f->proto == 17)
+        return f->state == NL_FS_UDP;
+    return f->proto == 6 && f->state >= NL_FS_SYN_SENT && f->state <= NL_FS_CLOSE;
+}
+
+static int check_chains(struct nl_lb *lb, uint8_t *seen, int64_t *gauges)
+{
+    const struct nl_ct *ct = &lb->ct;
+    uint32_t chained = 0;
+    for (uint32_t b = 0; b < ct->n_buckets; b++) {
+        for (uint32_t i = ct->buckets[b]; i != NL_NIL; i = ct->flows[i].next) {
+            if (i >= ct->max_flows)
+                return NL_CHECK_LINK;
+            if (seen[i]++)
+                return NL_CHECK_CYCLE;
+            const struct nl_flow *f = &ct->flows[i];
+            struct nl_ct_key k = { f->client_addr, f->client_port, f->proto, 0, 0, 0 };
+            if (nl_ct_bucket(ct, &k) != b)
+                return NL_CHECK_BUCKET;
+            if (!valid_state(f))
+                return NL_CHECK_STATE;
+            if (f->service_id >= NL_MAX_SERVICES || f->backend_id >= NL_MAX_BACKENDS ||
+                f->tries == 0)
+                return NL_CHECK_IDS;
+            gauges[f->backend_id + (nl_flow_closing(f->state) ? NL_MAX_BACKENDS : 0)]++;
+            chained++;
+        }
+    }
+    return chained == ct->count ? NL_CHECK_OK : NL_CHECK_COUNT;
+}
+
+static int check_free_list(const struct nl_ct *ct, uint8_t *seen)
+{
+    uint32_t n = 0;
+    for (uint32_t i = ct->free_head; i != NL_NIL; i = ct->flows[i].next) {
+        if (i >= ct->max_flows)
+            return NL_CHECK_LINK;
+        if (seen[i]++)
+            return NL_CHECK_CYCLE;
+        if (ct->flows[i].state != NL_FS_FREE)
+            return NL_CHECK_STATE;
+        n++;
+    }
+    return ct->count + n == ct->max_flows ? NL_CHECK_OK : NL_CHECK_COUNT;
+}
+
+/* Compared as whole arrays: equal to counts, so never negative either. */
+static int check_gauges(struct nl_lb *lb, const int64_t *gauges)
+{
+    size_t size = NL_MAX_BACKENDS * sizeof(int64_t);
+    if (memcmp(lb->active, gauges, size) != 0 ||
+        memcmp(lb->inactive, gauges + NL_MAX_BACKENDS, size) != 0)
+        return NL_CHECK_GAUGE;
+    return NL_CHECK_OK;
+}
+
+int nl_ct_check(struct nl_lb *lb)
+{
+    uint8_t *seen = calloc(lb->ct.max_flows, 1);
+    int64_t gauges[2 * NL_MAX_BACKENDS];     /* on the stack: 64 KiB, no page faults */
+    int r = NL_CHECK_OK;
+    memset(gauges, 0, sizeof(gauges));
+    if (!seen)
+        r = NL_CHECK_NOMEM;
+    else if ((r = check_chains(lb, seen, gauges)) == NL_CHECK_OK &&
+        (r = check_free_list(&lb->ct, seen)) == NL_CHECK_OK)
+        r = check_gauges(lb, gauges);
+    free(seen);
+    return r;
+}

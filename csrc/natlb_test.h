@@ -1,0 +1,40 @@
+/*
+ * natlb_test.h -- hooks for tests and fuzzers only, kept out of natlb.h so
+ * the product boundary stays narrow.  natlb/_build.py appends this file to
+ * the cffi cdef (after natlb.h), so it follows the same "cdef-clean" rules:
+ * integer #defines, plain structs and prototypes only.
+ */
+
+/* ---- conntrack invariants ------------------------------------------------ */
+#define NL_CHECK_OK 0
+#define NL_CHECK_LINK 1          /* a chain or free-list link is out of range */
+#define NL_CHECK_CYCLE 2         /* an entry reached twice (cycle, or on two lists) */
+#define NL_CHECK_BUCKET 3        /* an entry sits in a chain it does not hash to */
+#define NL_CHECK_STATE 4         /* a chained entry is FREE, or state and proto disagree,
+                                    or a free entry is not FREE */
+#define NL_CHECK_COUNT 5         /* count != chained entries, or chained + free != max */
+#define NL_CHECK_GAUGE 6         /* a backend's active/inactive gauge differs from
+                                    its chained flows (or is negative) */
+#define NL_CHECK_IDS 7           /* service/backend id out of range, or no try */
+#define NL_CHECK_NOMEM 8         /* could not allocate what the check needs */
+
+/* Walks the whole table and the per-backend gauges; returns NL_CHECK_*.
+ * Only while no packet is being processed (no workers running): it takes
+ * no locks and reads the gauges of all backends as one state. */
+int nl_ct_check(struct nl_lb *lb);
+
+/* ---- nfnetlink: one queued-packet message -------------------------------- */
+/* What the workers read from one NFQNL_MSG_PACKET. */
+struct nl_nfq_packet {
+    uint32_t packet_id;          /* network order, echoed in the verdict   */
+    uint32_t has_payload;        /* NFQA_PAYLOAD present                   */
+    uint32_t payload_off;        /* its bytes: msg[payload_off..+payload_len) */
+    uint32_t payload_len;
+    uint32_t pkt_flags;          /* NL_PKT_* from NFQA_SKB_INFO; NL_PKT_HEAD_ONLY
+                                    when NFQA_CAP_LEN says the copy is partial */
+};
+
+/* Parses one netlink message of `len` bytes (the message's own nlmsg_len
+ * may say less, never more).  0 if it is a queued packet with a usable
+ * packet header, -1 otherwise.  Sans-IO: the workers call it per message. */
+int nl_nfq_parse(const uint8_t *msg, uint32_t len, struct nl_nfq_packet *out);
