@@ -246,6 +246,11 @@ static void drain(void)
     }
 }
 
+struct nl_lb *fx_lb(void)
+{
+    return lb;
+}
+
 /* ---- steps ------------------------------------------------------------- */
 
 void fx_begin(uint64_t now_ms)

@@ -24,6 +24,8 @@ void fx_advance(uint32_t ms);
 void fx_control(uint8_t op);
 /* Ends an input: everything expires; the table must come back empty. */
 void fx_end(void);
+/* The fixture's load balancer (fx_begin creates it). */
+struct nl_lb *fx_lb(void);
 /* Aborts with a message when an oracle fails (libFuzzer saves the input). */
 void fx_fail(const char *what, long detail) __attribute__((noreturn));
 
