@@ -208,6 +208,34 @@ static void check_table(void)
         fx_fail("nl_ct_check", r);
 }
 
+/* A rewrite changes one side only, to a published backend (forward) or
+ * service (reply), and nothing else but the checksums. */
+static void check_rewrite_shape(const uint8_t *before, const uint8_t *after, uint32_t len)
+{
+    uint32_t ihl = ihl_of(before), csum = ihl + l4_csum_off(before[9]);
+    int fwd = memcmp(before + 16, after + 16, 4) != 0;
+    for (uint32_t i = 0; i < len; i++) {
+        int addr = i >= (fwd ? 16u : 12u) && i < (fwd ? 20u : 16u);
+        int port = i >= ihl + (fwd ? 2u : 0u) && i < ihl + (fwd ? 4u : 2u);
+        int sums = i == 10 || i == 11 || i == csum || i == csum + 1;
+        if (!addr && !port && !sums && before[i] != after[i])
+            fx_fail("rewrite changed a byte it should not", (long)i);
+    }
+    const uint8_t *a = after + (fwd ? 16 : 12);
+    uint16_t port = get16(after + ihl + (fwd ? 2 : 0));
+    for (uint32_t i = 0; i < N_SVCS; i++) {
+        const struct svc_def *sv = &SVCS[i];
+        if (!fwd && a[0] == 192 && a[1] == 0 && a[2] == 2 && a[3] == sv->vip && port == sv->port)
+            return;
+        for (uint32_t j = 0; fwd && j < sv->n; j++)
+            if (a[0] == 203 && a[1] == 0 && a[2] == 113 && a[3] == 10 + (sv->first + j) % 6 &&
+                port == backend_port(sv))
+                return;
+    }
+    fx_fail(fwd ? "forward rewrite to no published backend" : "reply rewrite from no service",
+            port);
+}
+
 static void check_rewrite(const uint8_t *ip, uint32_t len, uint32_t flags)
 {
     if (!ip_sum_ok(ip))
@@ -305,6 +333,8 @@ void fx_packet(uint8_t *buf, uint32_t len, uint32_t flags)
             fx_fail("nl_process returned MARK", v);
         if (v != NL_VERDICT_REWRITE && memcmp(orig, buf, len) != 0)
             fx_fail("packet changed without NL_VERDICT_REWRITE", v);
+        if (v == NL_VERDICT_REWRITE)
+            check_rewrite_shape(orig, buf, len);
         if (v == NL_VERDICT_REWRITE && fixed && !(pkt_flags & NL_PKT_HEAD_ONLY))
             check_rewrite(buf, len, pkt_flags);
     }
