@@ -335,6 +335,8 @@ class Core:
     def check_table(self) -> None:
         """Tests: raise CoreError if a conntrack invariant is broken
         (csrc/natlb_test.h). Only while no worker runs."""
+        if self._lb is None or self.running:
+            raise CoreError("check_table needs an open core with no worker running")
         rc = lib.nl_ct_check(self._lb)
         if rc != lib.NL_CHECK_OK:
             raise CoreError(f"conntrack invariant broken: {CHECK_ERRORS.get(rc, rc)}")
