@@ -296,7 +296,8 @@ void fx_begin(uint64_t now_ms)
 
 void fx_packet(uint8_t *buf, uint32_t len, uint32_t flags)
 {
-    uint32_t pkt_flags = flags & (NL_PKT_CSUM_PARTIAL | NL_PKT_GSO | NL_PKT_HEAD_ONLY);
+    uint32_t pkt_flags = flags & (NL_PKT_CSUM_PARTIAL | NL_PKT_GSO | NL_PKT_HEAD_ONLY |
+                                  NL_PKT_CSUM_VERIFIED);
     int fixed = 0;
     if (flags & FX_FIX) {
         fix(buf, len, (pkt_flags & NL_PKT_CSUM_PARTIAL) != 0);

@@ -6,7 +6,8 @@
  * inputs cross the 32-bit wrap of the flow timers), then records:
  *   op & 3 == 0 or 1: a packet; op bit 0 = mark mode (nl_decide), bit 2 =
  *       fix lengths and checksums first, bit 3 = CSUM_PARTIAL, bit 4 = GSO,
- *       bit 5 = HEAD_ONLY; then one length byte and that many bytes;
+ *       bit 5 = HEAD_ONLY, bit 6 = CSUM_VERIFIED (the kernel vouches for the
+ *       checksums); then one length byte and that many bytes;
  *   op & 3 == 2: time advances by the next two bytes (ms, little endian);
  *   op & 3 == 3: the control plane acts (next byte, see fx_control).
  * fuzz/corpus/core/ holds seeds written by fuzz/seeds.py.
@@ -39,7 +40,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
             i += len;
             uint32_t flags = (op & 1 ? FX_MARK_MODE : 0) | (op & 4 ? FX_FIX : 0) |
                              (op & 8 ? NL_PKT_CSUM_PARTIAL : 0) | (op & 16 ? NL_PKT_GSO : 0) |
-                             (op & 32 ? NL_PKT_HEAD_ONLY : 0);
+                             (op & 32 ? NL_PKT_HEAD_ONLY : 0) |
+                             (op & 64 ? NL_PKT_CSUM_VERIFIED : 0);
             fx_packet(pkt, len, flags);
             free(pkt);
             break;

@@ -3,7 +3,13 @@ reads, and that malformed messages are refused or read only within bounds."""
 
 import struct
 
-from natlb.core import PKT_CSUM_PARTIAL, PKT_GSO, PKT_HEAD_ONLY, parse_queue_message
+from natlb.core import (
+    PKT_CSUM_PARTIAL,
+    PKT_CSUM_VERIFIED,
+    PKT_GSO,
+    PKT_HEAD_ONLY,
+    parse_queue_message,
+)
 
 from .nfqmsg import (
     NFQA_PACKET_HDR,
@@ -23,7 +29,8 @@ HDR = attr(NFQA_PACKET_HDR, struct.pack("!IHBx", 77, 0x0800, 0))
 def test_queued_packet_is_read():
     q = parse_queue_message(queued_packet(PAYLOAD, packet_id=77))
     assert q is not None
-    assert (q.packet_id, q.payload, q.flags) == (77, PAYLOAD, 0)
+    # No NFQA_SKB_INFO: the kernel verified the checksums.
+    assert (q.packet_id, q.payload, q.flags) == (77, PAYLOAD, PKT_CSUM_VERIFIED)
 
 
 def test_skb_info_and_cap_len_become_packet_flags():
@@ -61,7 +68,8 @@ def test_attribute_past_the_message_end_stops_the_walk():
 def test_skb_info_without_its_value_is_ignored():
     # The fuzz reproducer fuzz/crashes/nfq/skb-info-without-value: a 4-byte
     # NFQA_SKB_INFO last in the message used to be read 4 bytes past its end
-    # (here into bytes after the message that would set every flag).
+    # (here into bytes after the message that would set every flag).  Now it
+    # makes the message doubtful: nothing is vouched for.
     raw = message(HDR + attr(NFQA_PAYLOAD, PAYLOAD) + struct.pack("=HH", 4, NFQA_SKB_INFO))
     q = parse_queue_message(raw + b"\xff" * 4)
     assert q is not None and q.flags == 0 and q.payload == PAYLOAD
