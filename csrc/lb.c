@@ -316,7 +316,11 @@ static void note_syn(struct nl_lb *lb, struct nl_flow *f, const struct nl_pkt *p
     f->syn_seq = p->seq;
     if (csum == NL_CSUM_OK) {
         f->flags |= NL_FL_SYN_CHECKED;
-        nl_hold_syn(lb, f, p->ip, nl_pkt_len(p), now);
+        /* The kernel may vouch for a SYN of which we have only the head. */
+        if (nl_pkt_len(p) <= p->caplen)
+            nl_hold_syn(lb, f, p->ip, nl_pkt_len(p), now);
+        else
+            nl_drop_held(lb, f);
     } else {
         f->flags &= (uint8_t)~NL_FL_SYN_CHECKED;
         nl_drop_held(lb, f);

@@ -4,7 +4,7 @@ dead backends, RSTs for established flows, events for the control plane."""
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
 
-from natlb.core import PKT_HEAD_ONLY, Core, CoreConfig, Verdict
+from natlb.core import PKT_CSUM_VERIFIED, PKT_HEAD_ONLY, Core, CoreConfig, Verdict
 
 from .services import BACKENDS, CLIENT, VIP, make_service, many_syns
 from .test_rewrite import checksums_ok
@@ -60,6 +60,17 @@ def test_unanswered_syn_is_resent_after_timeout(fcore):
     resent = fcore.outbox_take()
     assert resent is not None and IP(resent).dst not in (b1, VIP)
     assert [e.kind for e in fcore.read_events()] == ["syn_timeout"]
+
+
+def test_syn_vouched_for_but_cut_is_not_held(fcore):
+    # fuzz/crashes/nfq/syn-head-vouched-for: mark mode, the kernel verified the
+    # checksum (no NFQA_SKB_INFO) and copied only the head of a SYN with data.
+    # Holding it read past the head (ASan: heap-buffer-overflow in nl_hold_syn).
+    whole = bytes(IP(src=CLIENT, dst=VIP) / TCP(sport=40000, dport=80, flags="S") / (b"d" * 60))
+    v, _ = fcore.decide(whole[:60], 100, PKT_HEAD_ONLY | PKT_CSUM_VERIFIED)
+    assert v == Verdict.MARK
+    fcore.failover_tick(100 + 50)
+    assert fcore.outbox_take() is None     # nothing held, so nothing re-sent
 
 
 def test_answered_syn_is_not_resent(fcore):
