@@ -7,7 +7,7 @@ setup(
     packages=find_packages(include=["natlb", "natlb.*", "natlb_testbed"]),
     python_requires=">=3.11",
     setup_requires=["cffi>=1.15"],
-    install_requires=["cffi>=1.15", "pyroute2>=0.7", "prometheus-client>=0.16"],
+    install_requires=["cffi>=1.15", "pyroute2>=0.7", "prometheus-client>=0.20"],
     extras_require={
         "test": ["pytest", "pytest-benchmark", "scapy", "netfilterqueue", "hypothesis", "ruff"],
     },

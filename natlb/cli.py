@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 
@@ -44,10 +43,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load(args.config)  # before anything touches the system
     if os.geteuid() != 0:
         return _die("run needs root (NFQUEUE, nftables, addresses)")
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s.%(msecs)03d %(name)s: %(message)s",
-                        datefmt="%Y-%m-%d %H:%M:%S", stream=sys.stdout, force=True)
+    from natlb import logsetup
     from natlb.daemon import run
+
+    logsetup.configure(args.verbose)
 
     return run(cfg, args.config)
 
@@ -59,6 +58,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     reply = request(_socket_path(args), {"cmd": "status"})
     if args.json:
         print(json.dumps(reply["status"], indent=2))
+    elif args.rate:
+        from natlb.rates import render as render_rates
+
+        print(render_rates(reply["status"]))
     else:
         print(render(reply["status"]))
     return 0
@@ -89,7 +92,10 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    from natlb.version import natlb_version
+
     p = argparse.ArgumentParser(prog="natlb", description="NAT load balancer over NFQUEUE")
+    p.add_argument("--version", action="version", version=f"natlb {natlb_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run in the foreground")
     r.add_argument("-c", "--config", required=True)
@@ -101,6 +107,8 @@ def parser() -> argparse.ArgumentParser:
     for name, fn, helptext in (("status", cmd_status, "show services, backends, counters"),):
         s = sub.add_parser(name, help=helptext)
         s.add_argument("--json", action="store_true")
+        s.add_argument("--rate", action="store_true",
+                       help="connections, packets and bytes per second (like ipvsadm --rate)")
         s.add_argument("-c", "--config", help="read the control socket path from here")
         s.add_argument("-s", "--socket", help="control socket path")
         s.set_defaults(fn=fn)

@@ -138,7 +138,8 @@ class LBConfig:
     max_flows: int = 1 << 20
     interface: str = "lo"
     table: str = "natlb"
-    control_socket: str = "/run/natlb.sock"
+    control_socket: str = "/run/natlb/natlb.sock"
+    metrics: str = ""                 # "ADDR:PORT" serves Prometheus metrics; "" is off
     gso: bool = False
     poll_us: int = 0
     syn_timeout_ms: int = 100
@@ -153,6 +154,11 @@ class LBConfig:
     @property
     def queues(self) -> list[int]:
         return list(range(self.queue, self.queue + self.workers))
+
+    @property
+    def metrics_address(self) -> tuple[str, int]:
+        host, _, port = self.metrics.rpartition(":")
+        return host.strip("[]"), int(port)
 
 
 @dataclass(frozen=True)
@@ -209,6 +215,23 @@ def _str(raw: dict[str, Any], key: str, path: str, default: str | None,
     if choices and v not in choices:
         raise _fail(f"{path}.{key}", v, f"must be one of {', '.join(choices)}")
     return v
+
+
+def _host_port(raw: dict[str, Any], key: str, path: str) -> str:
+    """ "ADDR:PORT" with an IPv4 address or a bracketed IPv6 one; normalized."""
+    v = _str(raw, key, path, None)
+    host, sep, port = v.rpartition(":")
+    try:
+        if host.startswith("[") and host.endswith("]"):
+            addr = f"[{ipaddress.IPv6Address(host[1:-1])}]"
+        else:
+            addr = str(ipaddress.IPv4Address(host))
+        if not sep or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ValueError
+    except ValueError:
+        raise _fail(f"{path}.{key}", v, "must be ADDR:PORT (192.0.2.1:9100, [2001:db8::1]:9100), "
+                    "port 1..65535") from None
+    return f"{addr}:{int(port)}"
 
 
 def _ipv4(raw: dict[str, Any], key: str, path: str) -> str:
@@ -357,7 +380,7 @@ def _lb(raw: Any) -> LBConfig:
     raw = _table(raw, "lb")
     _known(raw, "lb", {"queue", "workers", "max_flows", "interface", "table",
                        "control_socket", "gso", "poll_us", "syn_timeout_ms", "resteer_tries",
-                       "rewrite", "timeouts", "route"})
+                       "rewrite", "timeouts", "route", "metrics"})
     d = LBConfig()
     timeouts = dict(d.timeouts_s)
     t_raw = _table(raw.get("timeouts", {}), "lb.timeouts")
@@ -384,6 +407,7 @@ def _lb(raw: Any) -> LBConfig:
         interface=_str(raw, "interface", "lb", d.interface),
         table=table,
         control_socket=_str(raw, "control_socket", "lb", d.control_socket),
+        metrics=_host_port(raw, "metrics", "lb") if "metrics" in raw else d.metrics,
         gso=gso,
         poll_us=_int(raw, "poll_us", "lb", d.poll_us, 0, 10_000),
         syn_timeout_ms=_int(raw, "syn_timeout_ms", "lb", d.syn_timeout_ms, 0, 60_000),

@@ -17,13 +17,15 @@ import signal
 import time
 from typing import Any
 
-from natlb import netsetup, ruleset
+from natlb import netsetup, ruleset, sdnotify
 from natlb.config import Config, load
 from natlb.control import ControlServer
 from natlb.core import MARK_FORWARD, MARK_REPLY, RAW_MARK, Core, CoreConfig
 from natlb.errors import ConfigError, NatlbError, RequestError
 from natlb.health import Monitor
+from natlb.metrics import MetricsServer
 from natlb.pool import Pool, PoolError
+from natlb.rates import RateEstimator, live_counters
 from natlb.status import collect
 from natlb.steering import Steering
 from natlb.undo import Journal
@@ -44,6 +46,8 @@ class Daemon:
         self.monitor: Monitor | None = None
         # Served in the status JSON: how the last SIGHUP went.
         self.reloads: dict[str, Any] = {"count": 0, "at": None, "ok": None, "error": None}
+        self.metrics = MetricsServer(self.pool, config.lb) if config.lb.metrics else None
+        self.rates = RateEstimator()
 
     def _log_services(self) -> None:
         for s in self.config.services:
@@ -74,6 +78,7 @@ class Daemon:
     def setup_host(self) -> None:
         lb = self.config.lb
         assert self.journal is not None
+        netsetup.runtime_dir(lb.control_socket, self.journal)
         netsetup.apply(lb, (s.vip for s in self.config.services), self.journal)
         self.journal.record("nft_table", table=lb.table)
         self._install_table()
@@ -133,15 +138,23 @@ class Daemon:
             loop.add_signal_handler(sig, stop.set)
         reload_tasks: set[asyncio.Task[None]] = set()
 
+        async def notified_reload() -> None:
+            sdnotify.reloading()
+            try:
+                await self.reload()
+            finally:
+                sdnotify.ready("running")
+
         def on_hup() -> None:
-            task = loop.create_task(self.reload())
+            task = loop.create_task(notified_reload())
             reload_tasks.add(task)
             task.add_done_callback(reload_tasks.discard)
 
         loop.add_signal_handler(signal.SIGHUP, on_hup)
         self.pool.publisher.start(loop)  # table builds and flow resets leave the loop
         control = ControlServer(lb.control_socket, self.pool,
-                                lambda: {**collect(self.pool, lb.queues, started, lb.max_flows),
+                                lambda: {**collect(self.pool, lb.queues, started, lb.max_flows,
+                                                   self.rates),
                                          "reloads": self.reloads})
         await control.start()
         self.monitor = Monitor(self.pool)
@@ -152,12 +165,18 @@ class Daemon:
                 self.pool.passive(ev.backend_id, ev.kind, ev.client)
 
         loop.add_reader(self.core.event_fd(), on_events)
+        rates = loop.create_task(self.rates.run(lambda: live_counters(self.pool), time.monotonic))
         try:
             self.monitor.start()
-            log.info("natlb running; control socket %s", lb.control_socket)
+            log.info("natlb running; control socket %s%s", lb.control_socket,
+                     f", metrics on http://{lb.metrics}/metrics" if lb.metrics else "")
+            # Queues bound, table loaded, VIPs up, control socket open.
+            sdnotify.ready(f"running: {len(self.config.services)} services")
             await stop.wait()
             log.info("stopping")
+            sdnotify.stopping()
         finally:
+            rates.cancel()
             loop.remove_reader(self.core.event_fd())
             await asyncio.gather(*reload_tasks, return_exceptions=True)
             await self.monitor.stop()
@@ -168,6 +187,18 @@ class Daemon:
         lb = self.config.lb
         netsetup.preflight(lb)
         ControlServer.check_free(lb.control_socket)
+        if self.metrics:
+            self.metrics.start()  # a taken address is a config error, before any change
+        try:
+            self._run()
+        finally:
+            if self.metrics:
+                self.metrics.stop()
+            self.core.close()
+        return 0
+
+    def _run(self) -> None:
+        lb = self.config.lb
         self.pool.publish()
         self.core.start(lb.queues, gso=lb.gso, mark=lb.rewrite == "mark")
         self.journal = Journal(guardian=True)
@@ -178,9 +209,7 @@ class Daemon:
             for e in self.journal.undo():
                 log.error("cleanup: %s", e)
             self.core.stop()
-            self.core.close()
             log.info("removed everything natlb added; bye")
-        return 0
 
 
 def run(config: Config, path: str | None = None) -> int:

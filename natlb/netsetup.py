@@ -13,6 +13,7 @@ import ipaddress
 import logging
 import os
 import socket
+import stat
 from collections.abc import Iterable
 from typing import Any
 
@@ -39,6 +40,9 @@ SYSCTLS = {
 }
 
 
+RUNTIME_DIR = os.path.dirname(LBConfig().control_socket)
+
+
 class NetSetupError(HostError):
     """The host refused a change (an address, a route, a sysctl)."""
 
@@ -62,6 +66,28 @@ def _undo_route(entry: dict[str, Any]) -> None:
             ipr.route("del", **entry["spec"])
         except NetlinkError as e:  # already gone
             log.debug("route undo: %s", e)
+
+
+@reverter("directory")
+def _undo_directory(entry: dict[str, Any]) -> None:
+    # Made for the control socket: a socket left by a killed natlb goes with
+    # it; anything else in it is someone else's, and the directory stays.
+    sock = entry.get("socket")
+    if sock and os.path.exists(sock) and stat.S_ISSOCK(os.lstat(sock).st_mode):
+        os.unlink(sock)
+    try:
+        os.rmdir(entry["path"])
+    except OSError as e:  # already gone, or not empty
+        log.debug("directory undo: %s", e)
+
+
+def runtime_dir(control_socket: str, journal: Journal) -> None:
+    """The control socket's directory, when it is the default /run/natlb and
+    systemd's RuntimeDirectory= did not make it (a manual run)."""
+    parent = os.path.dirname(os.path.abspath(control_socket))
+    if not os.path.isdir(parent):
+        journal.record("directory", path=parent, socket=os.path.abspath(control_socket))
+        os.mkdir(parent, 0o700)
 
 
 @reverter("sysctl")
@@ -92,7 +118,8 @@ def preflight(lb: LBConfig) -> None:
             if r.device and not ipr.link_lookup(ifname=r.device):
                 raise no_such_interface(f"lb.route[{i}].device", r.device)
     parent = os.path.dirname(os.path.abspath(lb.control_socket))
-    if not os.path.isdir(parent):
+    # The default's /run/natlb is made at start when systemd did not make it.
+    if not os.path.isdir(parent) and parent != RUNTIME_DIR:
         raise ConfigError(f'lb.control_socket = "{lb.control_socket}": no directory {parent}')
 
 

@@ -49,6 +49,7 @@ class Pool:
         self.publisher = Publisher(core, self.state)
         # Set by the health monitor while it runs: start a check right now.
         self.check_now: Callable[[int], None] | None = None
+        self.health_checks = {"ok": 0, "fail": 0}  # active check results, for metrics
 
     @property
     def services(self) -> list[Service]:
@@ -115,6 +116,7 @@ class Pool:
     def report(self, service: Service, backend: Backend, ok: bool, detail: str = "",
                started: float | None = None) -> bool:
         """Apply one active check result; True if the backend changed state."""
+        self.health_checks["ok" if ok else "fail"] += 1
         started = time.monotonic() if started is None else started
         return _changed(self.apply(CheckResult(backend.id, ok, detail, started)))
 

@@ -8,7 +8,9 @@ from dataclasses import asdict
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the CLI renders status too: keep its start light
-    from natlb.pool import Pool
+    from natlb.core import Counters
+    from natlb.pool import Pool, Service
+    from natlb.rates import RateEstimator
 
 
 def queue_stats(queues: list[int]) -> list[dict[str, int]]:
@@ -26,11 +28,18 @@ def queue_stats(queues: list[int]) -> list[dict[str, int]]:
     return out
 
 
-def collect(pool: Pool, queues: list[int], started: float, max_flows: int) -> dict[str, Any]:
+def read_counters(pool: Pool, services: list[Service]) -> tuple[list[Counters], list[Counters]]:
+    """The C counters of these services and their backends, indexed by id.
+    Ids are never reused after a reload, so they can exceed the count."""
+    n_services = max((s.id for s in services), default=-1) + 1
+    n_backends = max((b.id for s in services for b in s.backends), default=-1) + 1
+    return pool.core.service_counters(n_services), pool.core.backend_counters(n_backends)
+
+
+def collect(pool: Pool, queues: list[int], started: float, max_flows: int,
+            rates: RateEstimator | None = None) -> dict[str, Any]:
     core = pool.core
-    svc_ctr = core.service_counters(len(pool.services))
-    n_backends = max((b.id for s in pool.services for b in s.backends), default=-1) + 1
-    be_ctr = core.backend_counters(n_backends)
+    svc_ctr, be_ctr = read_counters(pool, pool.services)
     services = []
     for s in pool.services:
         backends = []
@@ -42,6 +51,8 @@ def collect(pool: Pool, queues: list[int], started: float, max_flows: int) -> di
                 "since": b.last_change, "last_check": b.last_detail,
                 "passive_failures": b.passive_failures, **asdict(c),
             })
+            if rates:
+                backends[-1]["rate"] = rates.get("backend", b.id)
         c = svc_ctr[s.id]
         d = asdict(c)
         d["active_flows"] = sum(b["active_flows"] for b in backends)
@@ -51,6 +62,8 @@ def collect(pool: Pool, queues: list[int], started: float, max_flows: int) -> di
             "protocol": s.cfg.protocol, "scheduler": s.cfg.scheduler,
             "health_check": s.cfg.health.kind, **d, "backends": backends,
         })
+        if rates:
+            services[-1]["rate"] = rates.get("service", s.id)
     packets, batches = core.io()
     return {
         "uptime_s": round(time.time() - started, 3),

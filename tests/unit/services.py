@@ -49,3 +49,14 @@ def many_syns(n: int, src=lambda i: CLIENT, sport=lambda i: 1024 + i, dst=VIP,
         ip = ip[:10] + struct.pack("!H", _csum(ip)) + ip[12:]
         out.append(ip + tcp)
     return out
+
+
+def many_services(n_services, n_backends, protocol="tcp"):
+    """A raw config (for natlb.config.parse) of n_services, each with its own
+    VIP and n_backends backends of its own."""
+    return {"service": [{
+        "name": f"svc{i}", "vip": f"192.0.2.{1 + i % 250}", "port": 80 + i // 250,
+        "protocol": protocol, "health": {"kind": "none"},
+        "backend": [{"address": f"203.0.113.{1 + (i * n_backends + j) % 250}",
+                     "port": 8000 + (i * n_backends + j) // 250} for j in range(n_backends)],
+    } for i in range(n_services)]}

@@ -1,0 +1,68 @@
+"""How long a Prometheus scrape of natlb takes (no root needed).
+
+Run: .venv/bin/python -m bench.scrape [SERVICES] [BACKENDS_PER_SERVICE]
+
+A Core and a Pool with SERVICES x BACKENDS published tables and traffic in
+their counters; the collector natlb serves, timed both as the exposition
+text alone and as a whole HTTP GET of /metrics from prometheus-client's
+server on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+import urllib.request
+
+from prometheus_client.exposition import generate_latest, start_http_server
+from prometheus_client.registry import CollectorRegistry
+from scapy.layers.inet import IP, TCP
+
+from natlb.config import parse
+from natlb.core import Core, CoreConfig
+from natlb.metrics import NatlbCollector
+from natlb.pool import Pool
+from tests.unit.services import many_services
+
+ROUNDS = 50
+
+
+def median_ms(fn, rounds: int = ROUNDS) -> tuple[float, float]:
+    times = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1000)
+    return statistics.median(times), max(times)
+
+
+def main(n_services: int = 250, n_backends: int = 3) -> int:
+    config = parse(many_services(n_services, n_backends))
+    core = Core(CoreConfig(max_flows=1 << 16))
+    pool = Pool(config, core)
+    pool.publish()
+    for i, s in enumerate(config.services):  # one connection per service
+        core.process(bytes(IP(src="198.51.100.7", dst=s.vip)
+                           / TCP(sport=1024 + i, dport=s.port, flags="S")), 1)
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(NatlbCollector(pool, config.lb))
+    text = generate_latest(registry)
+    samples = sum(1 for line in text.splitlines() if line and not line.startswith(b"#"))
+    text_ms, text_max = median_ms(lambda: generate_latest(registry))
+    # Port 0 (an ephemeral port) is not a valid lb.metrics; start the server directly.
+    httpd, _ = start_http_server(0, "127.0.0.1", registry=registry)
+    url = f"http://127.0.0.1:{httpd.server_address[1]}/metrics"
+    http_ms, http_max = median_ms(lambda: urllib.request.urlopen(url).read())
+    httpd.shutdown()
+    httpd.server_close()
+    core.close()
+    print(f"{n_services} services x {n_backends} backends: {samples} samples, "
+          f"{len(text) / 1024:.0f} KiB")
+    print(f"  exposition text: median {text_ms:.1f} ms (max {text_max:.1f}) over {ROUNDS}")
+    print(f"  HTTP GET /metrics: median {http_ms:.1f} ms (max {http_max:.1f}) over {ROUNDS}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*map(int, sys.argv[1:3])))

@@ -1,0 +1,144 @@
+"""Prometheus metrics (``[lb] metrics = "ADDR:PORT"``), served from natlb's
+own process by prometheus-client's HTTP server thread.
+
+Nothing is counted for Prometheus: at each scrape a custom collector reads
+the C counters (the same readers ``natlb status`` uses) and the pool's
+state, so scraping costs nothing per packet and nothing between scrapes.
+Names follow node_exporter's ipvs collector with a ``natlb_`` prefix.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.exposition import start_http_server
+from prometheus_client.registry import Collector, CollectorRegistry
+
+from natlb.config import ConfigError, LBConfig
+from natlb.pool import Pool
+from natlb.pool_state import UP
+from natlb.status import queue_stats, read_counters
+from natlb.version import natlb_version
+
+SERVICE_LABELS = ["service", "vip", "port", "protocol"]
+BACKEND_LABELS = [*SERVICE_LABELS, "address", "backend_port"]
+
+# (metric name, help, Counters field) per service and per backend.
+TRAFFIC = [
+    ("connections_total", "Connections (new flows) scheduled", "new_flows"),
+    ("incoming_packets_total", "Packets from clients", "packets_in"),
+    ("outgoing_packets_total", "Packets to clients", "packets_out"),
+    ("incoming_bytes_total", "Bytes from clients", "bytes_in"),
+    ("outgoing_bytes_total", "Bytes to clients", "bytes_out"),
+]
+
+
+class NatlbCollector(Collector):
+    """Builds every natlb metric from live state at scrape time."""
+
+    def __init__(self, pool: Pool, lb: LBConfig) -> None:
+        self.pool = pool
+        self.lb = lb
+        # Scrapes run on the HTTP server's threads; the lock keeps a scrape
+        # from reading a core that close() is freeing.
+        self.lock = threading.Lock()
+        self.closed = False
+
+    def close(self) -> None:
+        with self.lock:
+            self.closed = True
+
+    def collect(self) -> Iterator[Metric]:
+        with self.lock:
+            if self.closed:
+                return iter(())
+            return iter(self._families())
+
+    def _families(self) -> list[Metric]:
+        pool, core = self.pool, self.pool.core
+        services = pool.services  # one consistent list even if a reload swaps it
+        svc_ctr, be_ctr = read_counters(pool, services)
+
+        def counter(name: str, doc: str, labels: list[str]) -> CounterMetricFamily:
+            return CounterMetricFamily(f"natlb_{name}", doc, labels=labels)
+
+        def gauge(name: str, doc: str, labels: list[str] | None = None) -> GaugeMetricFamily:
+            return GaugeMetricFamily(f"natlb_{name}", doc, labels=labels)
+
+        svc_traffic = [(counter(n, d, SERVICE_LABELS), f) for n, d, f in TRAFFIC]
+        be_traffic = [(counter(f"backend_{n}", d, BACKEND_LABELS), f) for n, d, f in TRAFFIC]
+        up = gauge("backend_up", "1 while the backend's health state is up", BACKEND_LABELS)
+        weight = gauge("backend_weight", "Weight for new flows", BACKEND_LABELS)
+        active = gauge("backend_connections_active", "Flows in the table not closing",
+                       BACKEND_LABELS)
+        inactive = gauge("backend_connections_inactive",
+                         "TCP flows closing (FIN or RST seen), until they time out",
+                         BACKEND_LABELS)
+        for s in services:
+            sl = [s.cfg.name, s.cfg.vip, str(s.cfg.port), s.cfg.protocol]
+            c = svc_ctr[s.id]
+            for fam, field in svc_traffic:
+                fam.add_metric(sl, getattr(c, field))
+            for b in s.backends:
+                bl = [*sl, b.cfg.address, str(b.cfg.port)]
+                c = be_ctr[b.id]
+                up.add_metric(bl, 1 if b.health == UP else 0)
+                weight.add_metric(bl, b.weight)
+                active.add_metric(bl, c.active_flows)
+                inactive.add_metric(bl, c.inactive_flows)
+                for fam, field in be_traffic:
+                    fam.add_metric(bl, getattr(c, field))
+        out: list[Metric] = [f for f, _ in svc_traffic]
+        out += [up, weight, active, inactive, *(f for f, _ in be_traffic)]
+
+        dropped = counter("dropped_packets_total", "Packets dropped or passed, by reason",
+                          ["reason"])
+        for reason, n in core.reasons().items():
+            dropped.add_metric([reason], n)
+        failover = counter("failover_total", "Failover actions of the data path", ["kind"])
+        for kind, n in core.failover_counters().items():
+            failover.add_metric([kind], n)
+        checks = counter("health_checks_total", "Active health checks completed", ["result"])
+        for result, n in pool.health_checks.items():
+            checks.add_metric([result], n)
+        qdrop = counter("queue_dropped_packets_total",
+                        "Packets the kernel dropped at natlb's NFQUEUE (queue full or "
+                        "socket overrun)", ["queue"])
+        for q in queue_stats(self.lb.queues):
+            qdrop.add_metric([str(q["queue"])], q["queue_dropped"] + q["user_dropped"])
+        flows = gauge("flows", "Flows in the connection table")
+        flows.add_metric([], core.flow_count())
+        capacity = gauge("flow_capacity", "Size of the connection table (lb.max_flows)")
+        capacity.add_metric([], self.lb.max_flows)
+        info = gauge("build_info", "natlb's version", ["version"])
+        info.add_metric([natlb_version()], 1)
+        return [*out, dropped, failover, checks, qdrop, flows, capacity, info]
+
+
+class MetricsServer:
+    """The HTTP endpoint; bound in start() so that a taken address is found
+    before natlb changes anything on the host."""
+
+    def __init__(self, pool: Pool, lb: LBConfig) -> None:
+        self.lb = lb
+        self.collector = NatlbCollector(pool, lb)
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.registry.register(self.collector)
+        self.server = None
+
+    def start(self) -> None:
+        host, port = self.lb.metrics_address
+        try:
+            self.server, _ = start_http_server(port, host, registry=self.registry)
+        except OSError as e:
+            raise ConfigError(f'lb.metrics = "{self.lb.metrics}": '
+                              f"{(e.strerror or str(e)).lower()}") from None
+
+    def stop(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+            self.server = None
+        self.collector.close()

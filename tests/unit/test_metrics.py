@@ -1,0 +1,145 @@
+"""Prometheus metrics: built at scrape time from the C counters and the pool
+(no root: a Core with published tables and packets run through it)."""
+
+import socket
+import subprocess
+import sys
+
+import pytest
+from prometheus_client.exposition import generate_latest
+from scapy.layers.inet import IP, TCP
+
+from natlb.config import ConfigError, parse
+from natlb.core import Core, CoreConfig
+from natlb.metrics import MetricsServer
+from natlb.pool import Pool
+
+from .services import CLIENT, many_services
+
+WEB = {"service": "svc0", "vip": "192.0.2.1", "port": "80", "protocol": "tcp"}
+
+
+@pytest.fixture
+def served():
+    """A pool of 2 services x 3 backends; 7 connections to svc0 and a
+    malformed packet went through the core."""
+    config = parse(many_services(2, 3))
+    core = Core(CoreConfig(max_flows=1024))
+    pool = Pool(config, core)
+    pool.publish()
+    for i in range(7):
+        syn = IP(src=CLIENT, dst="192.0.2.1") / TCP(sport=40000 + i, dport=80, flags="S")
+        core.process(bytes(syn), 1)
+    core.process(b"\x45\x00", 1)
+    server = MetricsServer(pool, config.lb)
+    yield server, config
+    server.stop()
+    core.close()
+
+
+def value(server, name, **labels):
+    return server.registry.get_sample_value(name, labels)
+
+
+def backend_labels(config, k):
+    b = config.services[0].backends[k]
+    return {**WEB, "address": b.address, "backend_port": str(b.port)}
+
+
+def test_counters_agree_with_the_traffic(served):
+    server, config = served
+    assert value(server, "natlb_connections_total", **WEB) == 7
+    assert value(server, "natlb_incoming_packets_total", **WEB) == 7
+    assert value(server, "natlb_outgoing_packets_total", **WEB) == 0
+    per_backend = [value(server, "natlb_backend_connections_total", **backend_labels(config, k))
+                   for k in range(3)]
+    assert sum(per_backend) == 7 and min(per_backend) >= 2   # rr over 3
+    active = sum(value(server, "natlb_backend_connections_active",
+                       **backend_labels(config, k)) for k in range(3))
+    assert active == 7     # not closing
+    assert value(server, "natlb_backend_connections_inactive", **backend_labels(config, 0)) == 0
+    assert value(server, "natlb_backend_up", **backend_labels(config, 0)) == 1
+    assert value(server, "natlb_backend_weight", **backend_labels(config, 0)) == 1
+    assert value(server, "natlb_dropped_packets_total", reason="malformed") == 1
+    assert value(server, "natlb_flows") == 7
+    assert value(server, "natlb_flow_capacity") == config.lb.max_flows
+    assert value(server, "natlb_failover_total", kind="resteered") == 0
+    assert value(server, "natlb_health_checks_total", result="ok") == 0
+
+
+def test_backend_state_and_checks_show(served):
+    server, config = served
+    pool = server.collector.pool
+    svc = pool.services[0]
+    for _ in range(2):
+        pool.report(svc, svc.backends[1], False, "refused")
+    pool.set_weight("svc0", svc.backends[2].cfg.key, 5)
+    assert value(server, "natlb_backend_up", **backend_labels(config, 1)) == 0
+    assert value(server, "natlb_backend_weight", **backend_labels(config, 2)) == 5
+    assert value(server, "natlb_health_checks_total", result="fail") == 2
+
+
+def test_250_services_every_series_present():
+    config = parse(many_services(250, 3))
+    core = Core(CoreConfig(max_flows=1024))
+    pool = Pool(config, core)
+    pool.publish()
+    server = MetricsServer(pool, config.lb)
+    text = generate_latest(server.registry).decode()
+    core.close()
+    names = [line.split("{")[0].split(" ")[0] for line in text.splitlines()
+             if line and not line.startswith("#")]
+    assert names.count("natlb_connections_total") == 250
+    assert names.count("natlb_backend_outgoing_bytes_total") == 750
+    assert names.count("natlb_backend_connections_active") == 750
+
+
+def test_closed_collector_reads_nothing(served):
+    server, _ = served
+    server.collector.close()   # natlb is freeing the core: a late scrape is empty
+    assert value(server, "natlb_flows") is None
+
+
+def test_address_in_use_is_a_config_error(served):
+    _, config = served
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        lb = parse({**many_services(1, 1), "lb": {"metrics": f"127.0.0.1:{port}"}}).lb
+        server = MetricsServer(served[0].collector.pool, lb)
+        with pytest.raises(ConfigError) as e:
+            server.start()
+    assert str(e.value) == f'lb.metrics = "127.0.0.1:{port}": address already in use'
+
+
+@pytest.mark.parametrize("raw,normal", [
+    ("127.0.0.1:9100", "127.0.0.1:9100"),
+    ("0.0.0.0:09100", "0.0.0.0:9100"),
+    ("[2001:db8:0::1]:9100", "[2001:db8::1]:9100"),
+])
+def test_metrics_address_forms(raw, normal):
+    lb = parse({**many_services(1, 1), "lb": {"metrics": raw}}).lb
+    assert lb.metrics == normal
+
+
+def test_metrics_off_by_default():
+    assert parse(many_services(1, 1)).lb.metrics == ""
+
+
+@pytest.mark.parametrize("raw", ["9100", "localhost:9100", "127.0.0.1:0", "127.0.0.1:70000",
+                                 "127.0.0.1:", "2001:db8::1:9100", "[nope]:1", ""])
+def test_malformed_metrics_address(raw):
+    with pytest.raises(ConfigError, match=r'^lb\.metrics = "'):
+        parse({**many_services(1, 1), "lb": {"metrics": raw}})
+
+
+def test_cli_check_malformed_metrics_exits_2(tmp_path):
+    path = tmp_path / "m.toml"
+    path.write_text('[lb]\nmetrics = "127.0.0.1"\n[[service]]\nname = "w"\nvip = "192.0.2.1"\n'
+                    'port = 80\n[[service.backend]]\naddress = "203.0.113.1"\n')
+    r = subprocess.run([sys.executable, "-m", "natlb", "check", "-c", str(path)],
+                       capture_output=True, text=True)
+    assert r.returncode == 2
+    assert r.stderr == ('natlb: config: lb.metrics = "127.0.0.1": must be ADDR:PORT '
+                        '(192.0.2.1:9100, [2001:db8::1]:9100), port 1..65535\n')
