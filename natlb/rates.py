@@ -73,23 +73,16 @@ def live_counters(pool: Pool) -> dict[Key, Counters]:
     return out
 
 
-def _human(n: float) -> str:
-    for unit in ("", "K", "M", "G"):
-        if n < 1000:
-            return f"{n:.0f}{unit}"
-        n /= 1000
-    return f"{n:.0f}T"
-
-
 def render(st: dict[str, Any]) -> str:
     """Like ``ipvsadm -Ln --rate``: per service, then its backends."""
-    head = (f"  {'Prot LocalAddress:Port':<38} {'CPS':>8} {'InPPS':>8} {'OutPPS':>8} "
-            f"{'InBPS':>8} {'OutBPS':>8}")
+    head = (f"  {'Prot LocalAddress:Port':<38} {'CPS':>8} {'InPPS':>9} {'OutPPS':>9} "
+            f"{'InBPS':>11} {'OutBPS':>11}")
     lines = [f"natlb up {st['uptime_s']:.0f}s; rates averaged IPVS-style, "
              f"sampled every {INTERVAL_S:.0f}s", head]
 
     def row(label: str, r: dict[str, float]) -> str:
-        return f"  {label:<38} " + " ".join(f"{_human(r[name]):>8}" for name, _ in RATES)
+        return (f"  {label:<38} {r['cps']:>8.0f} {r['inpps']:>9.0f} {r['outpps']:>9.0f} "
+                f"{r['inbps']:>11.0f} {r['outbps']:>11.0f}")
 
     for s in st["services"]:
         lines.append(row(f"{s['protocol'].upper()} {s['vip']}:{s['port']} ({s['name']})",
