@@ -1,0 +1,200 @@
+"""natlb under a service manager's conditions: readiness notification,
+Prometheus metrics agreeing with real traffic, rates."""
+
+import os
+import socket
+import subprocess
+import sys
+import time
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from natlb.testbed import VIP, backend_addr, basic_config
+
+from .conftest import natlb_cli, router_state
+
+METRICS = "127.0.0.1:9100"
+
+
+def notify_socket(testbed) -> socket.socket:
+    """A datagram socket the test owns, as systemd's NOTIFY_SOCKET would be.
+    A path (not the abstract namespace) so that natlb reaches it from the
+    router's network namespace."""
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    s.bind(str(testbed.workdir / f"notify-{os.urandom(3).hex()}"))
+    return s
+
+
+def run_natlb(testbed, config_text: str, notify: socket.socket, name: str = "natlb.toml"):
+    path = testbed.workdir / name
+    path.write_text(config_text)
+    log = open(testbed.workdir / f"{name}.log", "w")  # noqa: SIM115 -- lives with the process
+    return testbed.python(testbed.router, "natlb", "run", "-c", str(path),
+                          env={**os.environ, "NOTIFY_SOCKET": notify.getsockname()},
+                          stdout=log, stderr=subprocess.STDOUT)
+
+
+def wait_ready(notify: socket.socket, proc, timeout: float = 30.0) -> list[str]:
+    """Datagrams up to and including the first READY=1."""
+    got = []
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        notify.settimeout(0.2)
+        try:
+            msg = notify.recv(4096).decode()
+        except TimeoutError:
+            assert proc.poll() is None, f"natlb exited {proc.returncode} before READY=1"
+            continue
+        got.append(msg)
+        if "READY=1" in msg.split("\n"):
+            return got
+    raise AssertionError(f"no READY=1 within {timeout}s: {got}")
+
+
+def stop(testbed, proc):
+    testbed.stop(proc)
+    testbed.procs.remove(proc)
+
+
+# Started before natlb, it connects through the VIP the moment it reads a
+# line: within 0.9 s, before the first SYN would be retransmitted.
+PROBE = f"""
+import socket, sys
+sys.stdin.readline()
+try:
+    with socket.create_connection(("{VIP}", 80), timeout=0.9) as s:
+        s.sendall(b"GET / HTTP/1.0\\r\\n\\r\\n")
+        print(s.recv(4096).split(b"\\r\\n")[0].decode(), flush=True)
+except OSError as e:
+    print(type(e).__name__, flush=True)
+"""
+
+
+def test_ready_only_once_the_vip_answers(testbed):
+    notify = notify_socket(testbed)
+    before = router_state(testbed)
+    probe = testbed.spawn(testbed.client, [sys.executable, "-c", PROBE], stdin=subprocess.PIPE,
+                          stdout=subprocess.PIPE, text=True)
+    p = run_natlb(testbed, basic_config(testbed), notify)
+    try:
+        got = wait_ready(notify, p)
+        # At the moment READY=1 arrives, a connection through the VIP works.
+        out, _ = probe.communicate("go\n", timeout=10)
+        assert out.split()[1:2] == ["200"], out
+        assert len(got) == 1 and got[0].startswith("READY=1\nSTATUS=running")
+        queues = testbed.router_cmd("cat", "/proc/net/netfilter/nfnetlink_queue").stdout
+        assert queues.split()[0] == "0"   # queue 0 bound
+        p.send_signal(15)
+        notify.settimeout(10)
+        assert notify.recv(4096).startswith(b"STOPPING=1")
+        assert p.wait(timeout=20) == 0
+        assert router_state(testbed) == before
+    finally:
+        stop(testbed, p)
+        notify.close()
+
+
+def test_reload_notifies_reloading_then_ready(testbed):
+    notify = notify_socket(testbed)
+    p = run_natlb(testbed, basic_config(testbed), notify)
+    try:
+        wait_ready(notify, p)
+        (testbed.workdir / "natlb.toml").write_text(basic_config(testbed, backends=[1, 2]))
+        p.send_signal(1)
+        got = wait_ready(notify, p)
+        assert got[0].startswith("RELOADING=1\nMONOTONIC_USEC=") and len(got) == 2
+    finally:
+        stop(testbed, p)
+        notify.close()
+
+
+def test_no_ready_when_the_queue_cannot_be_bound(testbed, natlb):
+    natlb(basic_config(testbed))   # holds queue 0
+    notify = notify_socket(testbed)
+    second = basic_config(testbed).replace(testbed.control_socket,
+                                           str(testbed.workdir / "second.sock"))
+    second = second.replace("[lb]", '[lb]\ntable = "natlb_second"')
+    p = run_natlb(testbed, second, notify, "second.toml")
+    try:
+        assert p.wait(timeout=30) == 1
+        notify.settimeout(0.5)
+        try:
+            msg = notify.recv(4096)
+        except TimeoutError:
+            msg = None
+        assert msg is None, msg
+        assert "natlb_second" not in testbed.router_cmd("nft", "list", "tables").stdout
+    finally:
+        stop(testbed, p)
+        notify.close()
+
+
+def scrape(testbed) -> dict[tuple[str, tuple], float]:
+    code = (f"import urllib.request; print(urllib.request.urlopen('http://{METRICS}/metrics', "
+            "timeout=10).read().decode())")
+    r = testbed.router_cmd(sys.executable, "-c", code)
+    assert r.returncode == 0, r.stderr
+    out = {}
+    for fam in text_string_to_metric_families(r.stdout):
+        for s in fam.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def series(samples, name, **labels) -> list[float]:
+    return [v for (n, lab), v in samples.items()
+            if n == name and all(dict(lab).get(k) == v2 for k, v2 in labels.items())]
+
+
+def test_metrics_agree_with_traffic_through_the_vip(testbed, natlb):
+    natlb(basic_config(testbed, lb_extra=f'metrics = "{METRICS}"'))
+    n = 24
+    res = testbed.client_run("http-stream", "--host", VIP, "--port", "80", "--count", str(n),
+                             "--interval-ms", "5")
+    assert all(r["ok"] for r in res), res
+    m = scrape(testbed)
+    svc = {"service": "web", "vip": VIP, "port": "80", "protocol": "tcp"}
+    assert series(m, "natlb_connections_total", **svc) == [n]
+    per_backend = series(m, "natlb_backend_connections_total", **svc)
+    assert len(per_backend) == 3 and sum(per_backend) == n
+    for direction in ("incoming", "outgoing"):
+        for unit in ("packets", "bytes"):
+            total = series(m, f"natlb_{direction}_{unit}_total", **svc)[0]
+            assert total > 0
+            assert sum(series(m, f"natlb_backend_{direction}_{unit}_total", **svc)) == total
+    assert series(m, "natlb_backend_up", address=backend_addr(2), backend_port="80") == [1]
+    assert series(m, "natlb_health_checks_total", result="ok")[0] > 0
+    assert series(m, "natlb_flow_capacity") == [1 << 20]
+    assert series(m, "natlb_queue_dropped_packets_total", queue="0") == [0]
+
+    # Rates: the estimator samples every 2 s; more connections until it shows them.
+    deadline = time.monotonic() + 20
+    while True:
+        testbed.client_run("http-stream", "--host", VIP, "--port", "80", "--count", "10",
+                           "--interval-ms", "20")
+        r = natlb_cli(testbed, "status", "--rate", "-s", testbed.control_socket)
+        assert r.returncode == 0, r.stderr
+        row = next(line.split() for line in r.stdout.splitlines() if "(web)" in line)
+        if float(row[3]) > 0 or time.monotonic() > deadline:
+            break
+    assert row[:3] == ["TCP", f"{VIP}:80", "(web)"] and float(row[3]) > 0, r.stdout
+
+
+def test_metrics_address_taken_exits_2_and_touches_nothing(testbed):
+    host, port = METRICS.split(":")
+    holder = testbed.spawn(testbed.router, [
+        sys.executable, "-c",
+        f"import socket, sys, time; s = socket.socket(); s.bind(('{host}', {port})); "
+        "s.listen(); print('bound', flush=True); time.sleep(60)"], stdout=subprocess.PIPE,
+        text=True)
+    try:
+        assert holder.stdout.readline().strip() == "bound"
+        before = router_state(testbed)
+        path = testbed.write_config(basic_config(testbed, lb_extra=f'metrics = "{METRICS}"'))
+        r = natlb_cli(testbed, "run", "-c", str(path))
+        assert (r.returncode, r.stderr) == (
+            2, f'natlb: config: lb.metrics = "{METRICS}": address already in use\n')
+        assert router_state(testbed) == before
+    finally:
+        testbed.stop(holder)
+        testbed.procs.remove(holder)
