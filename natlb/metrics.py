@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
+from wsgiref.simple_server import WSGIServer
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import start_http_server
@@ -126,7 +127,7 @@ class MetricsServer:
         self.collector = NatlbCollector(pool, lb)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.collector)
-        self.server = None
+        self.server: WSGIServer | None = None
 
     def start(self) -> None:
         host, port = self.lb.metrics_address
