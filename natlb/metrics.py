@@ -16,6 +16,7 @@ from wsgiref.simple_server import WSGIServer
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.exposition import start_http_server
 from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.samples import Sample
 
 from natlb.config import ConfigError, LBConfig
 from natlb.pool import Pool
@@ -77,20 +78,25 @@ class NatlbCollector(Collector):
         inactive = gauge("backend_connections_inactive",
                          "TCP flows closing (FIN or RST seen), until they time out",
                          BACKEND_LABELS)
+        # One label dict per service and per backend, shared by its samples
+        # (add_metric would build one per sample: most of the collector's time).
+        svc_samples = [(f.samples, f"{f.name}_total", field) for f, field in svc_traffic]
+        be_samples = [(f.samples, f"{f.name}_total", field) for f, field in be_traffic]
         for s in services:
-            sl = [s.cfg.name, s.cfg.vip, str(s.cfg.port), s.cfg.protocol]
+            sl = {"service": s.cfg.name, "vip": s.cfg.vip, "port": str(s.cfg.port),
+                  "protocol": s.cfg.protocol}
             c = svc_ctr[s.id]
-            for fam, field in svc_traffic:
-                fam.add_metric(sl, getattr(c, field))
+            for samples, name, field in svc_samples:
+                samples.append(Sample(name, sl, getattr(c, field)))
             for b in s.backends:
-                bl = [*sl, b.cfg.address, str(b.cfg.port)]
+                bl = {**sl, "address": b.cfg.address, "backend_port": str(b.cfg.port)}
                 c = be_ctr[b.id]
-                up.add_metric(bl, 1 if b.health == UP else 0)
-                weight.add_metric(bl, b.weight)
-                active.add_metric(bl, c.active_flows)
-                inactive.add_metric(bl, c.inactive_flows)
-                for fam, field in be_traffic:
-                    fam.add_metric(bl, getattr(c, field))
+                up.samples.append(Sample(up.name, bl, 1 if b.health == UP else 0))
+                weight.samples.append(Sample(weight.name, bl, b.weight))
+                active.samples.append(Sample(active.name, bl, c.active_flows))
+                inactive.samples.append(Sample(inactive.name, bl, c.inactive_flows))
+                for samples, name, field in be_samples:
+                    samples.append(Sample(name, bl, getattr(c, field)))
         out: list[Metric] = [f for f, _ in svc_traffic]
         out += [up, weight, active, inactive, *(f for f, _ in be_traffic)]
 
