@@ -181,19 +181,22 @@ def test_metrics_agree_with_traffic_through_the_vip(testbed, natlb):
 
 
 def test_metrics_address_taken_exits_2_and_touches_nothing(testbed):
-    host, port = METRICS.split(":")
+    # Another port than the other tests', whose scrapes may leave TIME_WAIT on theirs;
+    # SO_REUSEADDR as natlb's own server has it: only a listener makes the port taken.
+    taken = "127.0.0.1:9101"
     holder = testbed.spawn(testbed.router, [
         sys.executable, "-c",
-        f"import socket, sys, time; s = socket.socket(); s.bind(('{host}', {port})); "
+        "import socket, time; s = socket.socket(); "
+        "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('127.0.0.1', 9101)); "
         "s.listen(); print('bound', flush=True); time.sleep(60)"], stdout=subprocess.PIPE,
         text=True)
     try:
         assert holder.stdout.readline().strip() == "bound"
         before = router_state(testbed)
-        path = testbed.write_config(basic_config(testbed, lb_extra=f'metrics = "{METRICS}"'))
+        path = testbed.write_config(basic_config(testbed, lb_extra=f'metrics = "{taken}"'))
         r = natlb_cli(testbed, "run", "-c", str(path))
         assert (r.returncode, r.stderr) == (
-            2, f'natlb: config: lb.metrics = "{METRICS}": address already in use\n')
+            2, f'natlb: config: lb.metrics = "{taken}": address already in use\n')
         assert router_state(testbed) == before
     finally:
         testbed.stop(holder)
