@@ -9,7 +9,7 @@ import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from natlb.testbed import VIP, backend_addr, basic_config
+from natlb_testbed.testbed import VIP, backend_addr, basic_config
 
 from .conftest import natlb_cli, router_state
 
