@@ -39,6 +39,11 @@ struct nl_pkt {
     uint32_t seq;            /* TCP, host order                            */
     uint32_t ack;            /* TCP, host order                            */
     uint32_t seq_len;        /* TCP: payload + SYN + FIN, what seq advances */
+    uint8_t frag;            /* the first fragment of a fragmented datagram:
+                                l4len covers this fragment only           */
+    /* What forward()/reply() did, for the datagram's later fragments. */
+    uint32_t nat_addr;       /* address written (backend, or VIP)         */
+    uint16_t nat_service, nat_backend;
 };
 
 #define NL_TCP_FIN 0x01
@@ -64,6 +69,9 @@ int nl_parse(uint8_t *buf, uint32_t len, struct nl_pkt *p, int head_only);
 int nl_check_csum(const struct nl_pkt *p, uint32_t pkt_flags);
 /* The same for an ICMP message (buf holds an IPv4 header with protocol 1). */
 int nl_check_icmp_csum(const uint8_t *buf, uint32_t len, uint32_t pkt_flags);
+/* Replace only the source (or destination) address and the IP checksum:
+ * a later fragment, whose L4 checksum lives in the first. */
+void nl_rewrite_addr(uint8_t *ip, int dst, uint32_t addr);
 /* Replace the source (or destination) address and port, fixing the IP
  * checksum and the L4 checksum according to pkt_flags (NL_PKT_*). */
 void nl_rewrite(struct nl_pkt *p, int dst, uint32_t addr, uint16_t port,
@@ -264,6 +272,7 @@ struct nl_lb {
     pthread_mutex_t publish_lock;
     struct nl_failover *fo;          /* failover.c                         */
     int raw_fd;                      /* raw socket while workers run, or -1 */
+    struct nl_fragtrack *ft;         /* fragtrack.c                        */
 };
 
 /* Choose a backend index within svc for a new flow, or -1. */
@@ -292,6 +301,44 @@ void nl_count_failover(struct nl_lb *lb, int which, uint64_t n);
 /* Queues a packet natlb sends itself; 0 if the outbox is full. */
 uint32_t nl_outbox_push(struct nl_lb *lb, const uint8_t *pkt, uint32_t len);
 
+/* ---- IP fragments (fragtrack.c) ---------------------------------------- */
+/* One datagram's identity, the same in all its fragments.  Family-neutral
+ * so IPv6 (32-bit ids, 128-bit addresses) can share the table: IPv4 uses
+ * the first word of each address. */
+struct nl_frag_key {
+    uint32_t saddr[4], daddr[4];     /* network order                      */
+    uint32_t id;                     /* IP id (host order)                 */
+    uint8_t family;                  /* 4 or 6                             */
+    uint8_t proto;
+    uint8_t _pad[2];
+};
+
+/* The verdict a datagram's first fragment got, applied to the others. */
+struct nl_frag_verdict {
+    int verdict;                     /* NL_VERDICT_*                       */
+    uint32_t mark;                   /* NL_VERDICT_MARK                    */
+    uint32_t addr[4];                /* REWRITE: the address to write      */
+    uint8_t dst;                     /* write the destination (forward)    */
+    uint16_t service_id, backend_id; /* counters (when rewritten)          */
+};
+
+struct nl_fragtrack;
+int nl_frag_init(struct nl_lb *lb);
+void nl_frag_fini(struct nl_lb *lb);
+/* The first fragment of a datagram got verdict `v`: remember it, and
+ * release any fragments held for it. */
+void nl_frag_first(struct nl_lb *lb, const struct nl_frag_key *k,
+                   const struct nl_frag_verdict *v, uint32_t payload_len, uint64_t now);
+/* A later fragment (a TCP/UDP IPv4 fragment with offset > 0 at pkt, whose
+ * header nl_parse checked): gives it its first fragment's verdict and
+ * applies it (copy: rewrites the address in place; mark_mode: *mark), or
+ * holds it (NL_VERDICT_HOLD), or drops it. */
+int nl_frag_follow(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
+                   int mark_mode, uint64_t now, uint32_t packet_id, uint32_t *mark);
+/* Traffic counters of a packet that passed a service (lb.c). */
+void nl_count_traffic(struct nl_lb *lb, uint32_t worker, uint16_t sid, uint16_t bid,
+                      uint32_t bytes, int is_reply);
+
 /* A worker brackets each batch with these two (see lb.c). */
 void nl_worker_enter(struct nl_lb *lb, uint32_t worker);
 void nl_worker_quiescent(struct nl_lb *lb, uint32_t worker);
@@ -302,7 +349,7 @@ void nl_ext_exit(struct nl_lb *lb);
 /* The per-packet path for worker threads, inside their epoch (no locking
  * of their own); mark NULL: copy mode. */
 int nl_packet(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
-              uint32_t pkt_flags, uint64_t now_ms, uint32_t *mark);
+              uint32_t pkt_flags, uint64_t now_ms, uint32_t packet_id, uint32_t *mark);
 /* nl_failover_tick for worker threads, inside their epoch. */
 void nl_failover_due(struct nl_lb *lb, uint64_t now_ms);
 /* Drops f's held SYN, if it still has one (caller holds f's stripe). */

@@ -2,7 +2,8 @@
  * lb.c -- the load balancer object: published snapshots, counters, and
  * the per-packet path: parse -> conntrack -> schedule -> rewrite (nl_process)
  * or -> mark for nftables to rewrite (nl_decide); ICMP errors about flows go
- * to failover (unreachable) or back to the backend (fragmentation needed).
+ * to failover (unreachable) or back to the backend (fragmentation needed);
+ * IP fragments after the first follow their first's verdict (fragtrack.c).
  *
  * Snapshot reclamation (quiescent-state based): a worker records the
  * publish generation it saw before loading the snapshot pointer for a batch
@@ -254,6 +255,10 @@ struct nl_lb *nl_create(const struct nl_config *cfg)
     for (int i = 0; i < NL_T_MAX; i++)
         if (cfg->timeout_ms[i] == 0 || cfg->timeout_ms[i] > 0x3fffffffu)
             return NULL;
+    if (cfg->max_fragments > (1u << 24) ||
+        (cfg->max_fragments && (cfg->fragment_timeout_ms == 0 ||
+                                cfg->fragment_timeout_ms > 0x3fffffffu)))
+        return NULL;
     struct nl_lb_alloc *a = calloc(1, sizeof(*a));
     if (!a)
         return NULL;
@@ -267,7 +272,7 @@ struct nl_lb *nl_create(const struct nl_config *cfg)
     lb->inactive = calloc(NL_MAX_BACKENDS, sizeof(int64_t));
     lb->raw_fd = -1;
     if (!lb->counters || !lb->active || !lb->inactive || nl_failover_init(lb) < 0 ||
-        nl_ct_init(&lb->ct, cfg->max_flows, cfg->timeout_ms) < 0) {
+        nl_ct_init(&lb->ct, cfg->max_flows, cfg->timeout_ms) < 0 || nl_frag_init(lb) < 0) {
         nl_destroy(lb);
         return NULL;
     }
@@ -292,6 +297,7 @@ void nl_destroy(struct nl_lb *lb)
     nl_ct_fini(&lb->ct);
     nl_failover_fini(lb);
     pthread_mutex_destroy(&r->ext_lock);
+    nl_frag_fini(lb);
     free(lb->counters);
     free(lb->active);
     free(lb->inactive);
@@ -314,7 +320,7 @@ static void note_syn(struct nl_lb *lb, struct nl_flow *f, const struct nl_pkt *p
                      uint32_t now)
 {
     f->syn_seq = p->seq;
-    if (csum == NL_CSUM_OK) {
+    if (csum == NL_CSUM_OK && !p->frag) {   /* a first fragment is not the whole SYN */
         f->flags |= NL_FL_SYN_CHECKED;
         /* The kernel may vouch for a SYN of which we have only the head. */
         if (nl_pkt_len(p) <= p->caplen)
@@ -347,6 +353,12 @@ static void count_packet(struct nl_worker_counters *wc, uint16_t sid, uint16_t b
 static struct nl_worker_counters *counters_of(struct nl_lb *lb, uint32_t worker)
 {
     return &lb->counters[worker > lb->cfg.n_workers ? lb->cfg.n_workers : worker];
+}
+
+void nl_count_traffic(struct nl_lb *lb, uint32_t worker, uint16_t sid, uint16_t bid,
+                      uint32_t bytes, int is_reply)
+{
+    count_packet(counters_of(lb, worker), sid, bid, bytes, is_reply);
 }
 
 /* Finds the flow of key `k` and returns it with its stripe locked in *lock;
@@ -446,6 +458,9 @@ static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
     uint32_t baddr = f->backend_addr;
     uint16_t bport = f->backend_port, bid = f->backend_id;
     pthread_spin_unlock(lock);
+    p->nat_addr = baddr;
+    p->nat_service = (uint16_t)svc->spec.id;
+    p->nat_backend = bid;
 
     if (mark)
         *mark = NL_MARK_FORWARD | bid;
@@ -501,6 +516,9 @@ static int reply(struct nl_lb *lb, struct nl_worker_counters *wc, struct nl_pkt 
     uint32_t vip = f->vip_addr;
     uint16_t vport = f->vip_port, sid = f->service_id, bid = f->backend_id;
     pthread_spin_unlock(lock);
+    p->nat_addr = vip;
+    p->nat_service = sid;
+    p->nat_backend = bid;
 
     if (mark)
         *mark = NL_MARK_REPLY | sid;
@@ -595,14 +613,47 @@ static int icmp_unreach(struct nl_lb *lb, struct nl_worker_counters *wc, const u
     return NL_VERDICT_DROP;
 }
 
+/* A TCP/UDP fragment after the first: it gets its first's verdict. */
+static int later_fragment(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
+                          uint64_t now_ms, uint32_t packet_id, uint32_t *mark)
+{
+    if (worker > lb->cfg.n_workers)
+        worker = lb->cfg.n_workers;
+    int v = nl_frag_follow(lb, worker, pkt, len, mark != NULL, now_ms, packet_id, mark);
+    if (v == NL_VERDICT_DROP)
+        counters_of(lb, worker)->reasons[NL_R_FRAGMENT]++;
+    return v;
+}
+
+/* The first fragment of a datagram got verdict v: its others will too.
+ * saddr/daddr are the addresses it arrived with. */
+static void first_fragment(struct nl_lb *lb, const struct nl_pkt *p, uint32_t saddr,
+                           uint32_t daddr, int forwarded, int v, uint64_t now_ms)
+{
+    struct nl_frag_key k = { .saddr = { saddr }, .daddr = { daddr }, .family = 4,
+                             .proto = p->proto,
+                             .id = ((uint32_t)p->ip[4] << 8) | p->ip[5] };
+    struct nl_frag_verdict fv = { .verdict = v == NL_VERDICT_MARK ? NL_VERDICT_REWRITE : v };
+    if (fv.verdict == NL_VERDICT_REWRITE) {
+        fv.addr[0] = p->nat_addr;
+        fv.dst = (uint8_t)forwarded;
+        fv.service_id = p->nat_service;
+        fv.backend_id = p->nat_backend;
+        fv.mark = forwarded ? NL_MARK_FORWARD | p->nat_backend : NL_MARK_REPLY | p->nat_service;
+    }
+    nl_frag_first(lb, &k, &fv, p->l4len, now_ms);
+}
+
 static int process(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
-                   uint32_t pkt_flags, uint64_t now_ms, uint32_t *mark)
+                   uint32_t pkt_flags, uint64_t now_ms, uint32_t packet_id, uint32_t *mark)
 {
     struct nl_worker_counters *wc = counters_of(lb, worker);
     struct nl_pkt p;
     int r = nl_parse(pkt, len, &p, (pkt_flags & NL_PKT_HEAD_ONLY) != 0);
     if (r == NL_R_UNSUPPORTED && len >= 20 && pkt[9] == 1)
         return icmp_unreach(lb, wc, pkt, len, pkt_flags, (uint32_t)now_ms);
+    if (NL_UNLIKELY(r == NL_R_FRAGMENT) && (pkt[9] == 6 || pkt[9] == 17))
+        return later_fragment(lb, worker, pkt, len, now_ms, packet_id, mark);
     if (r >= 0) {
         wc->reasons[r]++;
         return r == NL_R_UNSUPPORTED ? NL_VERDICT_ACCEPT : NL_VERDICT_DROP;
@@ -612,15 +663,23 @@ static int process(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len
         wc->reasons[NL_R_BAD_CHECKSUM]++;
         return NL_VERDICT_DROP;
     }
+    /* A first fragment's checksum covers the whole datagram, which we do
+     * not have: only an incremental update is right (and the kernel never
+     * hands over a fragment with its checksum unfinished). */
+    if (NL_UNLIKELY(p.frag))
+        pkt_flags &= ~(uint32_t)(NL_PKT_CSUM_PARTIAL | NL_PKT_GSO);
+    uint32_t saddr = p.saddr, daddr = p.daddr;
     const struct nl_snapshot *snap = __atomic_load_n(&lb->snap, __ATOMIC_ACQUIRE);
     const struct nl_service *svc = find_service(snap, p.daddr, p.dport, p.proto);
-    if (svc)
-        return forward(lb, wc, snap, svc, &p, pkt_flags, csum, (uint32_t)now_ms, mark);
-    return reply(lb, wc, &p, pkt_flags, csum, (uint32_t)now_ms, mark);
+    int v = svc ? forward(lb, wc, snap, svc, &p, pkt_flags, csum, (uint32_t)now_ms, mark)
+                : reply(lb, wc, &p, pkt_flags, csum, (uint32_t)now_ms, mark);
+    if (NL_UNLIKELY(p.frag))
+        first_fragment(lb, &p, saddr, daddr, svc != NULL, v, now_ms);
+    return v;
 }
 
 int nl_packet(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
-              uint32_t pkt_flags, uint64_t now_ms, uint32_t *mark)
+              uint32_t pkt_flags, uint64_t now_ms, uint32_t packet_id, uint32_t *mark)
 {
     if (mark) {
         *mark = 0;
@@ -629,14 +688,29 @@ int nl_packet(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
         counters_of(lb, worker)->reasons[NL_R_TRUNCATED]++;
         return NL_VERDICT_DROP;
     }
-    return process(lb, worker, pkt, len, pkt_flags, now_ms, mark);
+    return process(lb, worker, pkt, len, pkt_flags, now_ms, packet_id, mark);
+}
+
+int nl_process_id(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
+                  uint32_t pkt_flags, uint64_t now_ms, uint32_t packet_id)
+{
+    nl_ext_enter(lb);
+    int v = nl_packet(lb, worker, pkt, len, pkt_flags, now_ms, packet_id, NULL);
+    nl_ext_exit(lb);
+    return v;
 }
 
 int nl_process(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
                uint32_t pkt_flags, uint64_t now_ms)
 {
+    return nl_process_id(lb, worker, pkt, len, pkt_flags, now_ms, NL_NO_PACKET_ID);
+}
+
+int nl_decide_id(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
+                 uint32_t pkt_flags, uint64_t now_ms, uint32_t packet_id, uint32_t *mark)
+{
     nl_ext_enter(lb);
-    int v = nl_packet(lb, worker, pkt, len, pkt_flags, now_ms, NULL);
+    int v = nl_packet(lb, worker, pkt, len, pkt_flags, now_ms, packet_id, mark);
     nl_ext_exit(lb);
     return v;
 }
@@ -644,10 +718,7 @@ int nl_process(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
 int nl_decide(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
               uint32_t pkt_flags, uint64_t now_ms, uint32_t *mark)
 {
-    nl_ext_enter(lb);
-    int v = nl_packet(lb, worker, pkt, len, pkt_flags, now_ms, mark);
-    nl_ext_exit(lb);
-    return v;
+    return nl_decide_id(lb, worker, pkt, len, pkt_flags, now_ms, NL_NO_PACKET_ID, mark);
 }
 
 uint32_t nl_process_many(struct nl_lb *lb, uint32_t worker, uint8_t *bufs, uint32_t stride,
@@ -658,7 +729,7 @@ uint32_t nl_process_many(struct nl_lb *lb, uint32_t worker, uint8_t *bufs, uint3
     nl_ext_enter(lb);
     for (uint32_t i = 0; i < n; i++) {
         int v = nl_packet(lb, worker, bufs + (size_t)i * stride, lens[i], pkt_flags, now_ms,
-                          NULL);
+                          NL_NO_PACKET_ID, NULL);
         verdicts[i] = (uint8_t)v;
         rewritten += v == NL_VERDICT_REWRITE;
     }

@@ -25,6 +25,12 @@
 #define NL_VERDICT_REWRITE 1     /* packet bytes were rewritten in place   */
 #define NL_VERDICT_DROP 2
 #define NL_VERDICT_MARK 3        /* accept with *mark: nft rewrites it      */
+#define NL_VERDICT_HOLD 4        /* kept for later: an IP fragment that came
+                                    before its first; its verdict is given
+                                    by nl_frag_take (send none now)        */
+
+/* packet_id when the caller cannot give a verdict later (no holding). */
+#define NL_NO_PACKET_ID 4294967295
 
 /* ---- per-packet flags given to nl_process (from NFQA_SKB_INFO) -------- */
 #define NL_PKT_CSUM_PARTIAL 1    /* L4 checksum field holds only the
@@ -61,7 +67,7 @@
 
 /* ---- why a packet was dropped or passed (global counters) ------------- */
 #define NL_R_MALFORMED 0         /* bad IPv4/TCP/UDP header: dropped       */
-#define NL_R_FRAGMENT 1          /* IP fragment: dropped (no L4 header)    */
+#define NL_R_FRAGMENT 1          /* IP fragment dropped (see NL_FR_*)      */
 #define NL_R_NO_FLOW 2           /* TCP non-SYN with no flow: dropped      */
 #define NL_R_NO_BACKEND 3        /* no eligible backend: dropped           */
 #define NL_R_TABLE_FULL 4        /* conntrack full, new flow dropped       */
@@ -83,6 +89,10 @@ struct nl_config {
     uint32_t poll_us;               /* busy-poll this long before sleeping */
     uint32_t syn_timeout_ms;        /* no SYN-ACK this long: re-steer (0 off) */
     uint32_t resteer_tries;         /* backends a SYN may try in all        */
+    uint32_t max_fragments;         /* fragmented datagrams tracked at once
+                                       (0: fragments are dropped)          */
+    uint32_t fragment_timeout_ms;   /* a datagram's fragments must all pass
+                                       within this; held ones are dropped  */
 };
 
 /* One real server of a service, as published by the control plane. */
@@ -149,12 +159,21 @@ int nl_publish(struct nl_lb *lb, struct nl_snapshot *snap);
 int nl_process(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
                uint32_t pkt_flags, uint64_t now_ms);
 
+/* nl_process for a packet the caller can give a verdict for later:
+ * `packet_id` names it (the NFQUEUE packet id).  May return
+ * NL_VERDICT_HOLD: send no verdict now; nl_frag_take gives it later. */
+int nl_process_id(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
+                  uint32_t pkt_flags, uint64_t now_ms, uint32_t packet_id);
+
 /* Like nl_process, but decides without rewriting: where nl_process would
  * rewrite, it returns NL_VERDICT_MARK with *mark set (NL_MARK_FORWARD |
  * backend id, or NL_MARK_REPLY | service id) and leaves the bytes alone.
  * The packet may be just its head (NL_PKT_HEAD_ONLY). */
 int nl_decide(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
               uint32_t pkt_flags, uint64_t now_ms, uint32_t *mark);
+/* nl_decide with a packet id, as nl_process_id. */
+int nl_decide_id(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
+                 uint32_t pkt_flags, uint64_t now_ms, uint32_t packet_id, uint32_t *mark);
 
 /* nl_process over n packets laid out every `stride` bytes in `bufs`, with
  * lengths `lens`; verdicts go to `verdicts`.  Returns how many were
@@ -238,6 +257,49 @@ uint32_t nl_outbox_take(struct nl_lb *lb, uint8_t *buf, uint32_t cap);
 uint32_t nl_flush(struct nl_lb *lb);
 /* out[NL_F_MAX] */
 void nl_read_failover(struct nl_lb *lb, uint64_t *out);
+
+/* ---- IP fragments (fragtrack.c) ------------------------------------------ */
+/* Fragments follow the verdict of their datagram's first fragment (the one
+ * with the ports), found by (source, destination, protocol, IP id); those
+ * that come before it are held (NL_VERDICT_HOLD) until it comes or the
+ * datagram times out.  See fragtrack.c for the bounds and eviction policy. */
+#define NL_FR_DATAGRAMS 0        /* fragmented datagrams tracked            */
+#define NL_FR_FOLLOWED 1         /* later fragments given their first's verdict */
+#define NL_FR_HELD 2             /* fragments that came before their first  */
+#define NL_FR_RELEASED 3         /* held fragments released by their first  */
+#define NL_FR_TIMEOUTS 4         /* held fragments dropped: no first in time */
+#define NL_FR_INCOMPLETE 5       /* datagrams timed out before all fragments */
+#define NL_FR_OVERFLOW 6         /* table full: oldest evicted, or not tracked */
+#define NL_FR_HOLD_FULL 7        /* not held: buffer or the source's share full,
+                                    or no packet id to answer later         */
+#define NL_FR_UNTRACKED 8        /* later fragments of no tracked datagram,
+                                    dropped (tracking off or first lost)   */
+#define NL_FR_MAX 9
+
+/* A held fragment whose verdict is now known. */
+struct nl_release {
+    uint32_t packet_id;             /* as given to nl_process_id/nl_decide_id */
+    uint32_t verdict;               /* NL_VERDICT_*: REWRITE means the
+                                       rewritten packet is in the buffer   */
+    uint32_t mark;                  /* NL_VERDICT_MARK                      */
+    uint32_t len;                   /* bytes in the buffer (REWRITE)       */
+};
+/* Takes one released fragment held by `worker`; with REWRITE its bytes go
+ * to buf (cap bytes; a larger one becomes a DROP).  1 if one was taken. */
+int nl_frag_take(struct nl_lb *lb, uint32_t worker, struct nl_release *out, uint8_t *buf,
+                 uint32_t cap);
+/* Times out datagrams; their held fragments become DROP releases.  The
+ * workers call it; exposed so tests can drive time. */
+void nl_frag_tick(struct nl_lb *lb, uint64_t now_ms);
+/* out[NL_FR_MAX] */
+void nl_read_fragments(struct nl_lb *lb, uint64_t *out);
+/* Datagrams tracked now, and held fragments not yet taken. */
+uint32_t nl_frag_count(struct nl_lb *lb);
+uint32_t nl_frag_held(struct nl_lb *lb);
+/* Bytes of one tracking entry; memory of the table and hold slots (the
+ * bytes of fragments held in copy mode come on top, bounded, see README). */
+uint32_t nl_frag_entry_size(void);
+uint64_t nl_frag_memory(struct nl_lb *lb);
 
 /* ---- NFQUEUE workers --------------------------------------------------- */
 /* Mark on packets natlb sends itself, so the nft table can untrack them. */

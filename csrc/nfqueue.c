@@ -11,8 +11,11 @@
  *    chain does the rewriting, so no packet body crosses into userspace;
  *  - copy: whole packets; nl_process rewrites them in place and the verdict
  *    iovecs point at them in the receive slots.
- * Between batches the worker runs the failover timers and sends what the
- * core queued in its outbox.  The queue is fail-closed: no BYPASS/FAIL_OPEN
+ * Between batches the worker runs the failover timers, sends what the core
+ * queued in its outbox, and answers the IP fragments the core held
+ * (NL_VERDICT_HOLD: no verdict at first; NFQUEUE keeps the packet until
+ * one comes, in any order) once their first fragment came or they timed
+ * out.  The queue is fail-closed: no BYPASS/FAIL_OPEN
  * flag, because a packet that skipped the rewrite would leak backend
  * addresses.
  */
@@ -73,6 +76,7 @@ struct nl_worker {
     uint64_t poll_ns;
     uint32_t timeout_ms;         /* current SO_RCVTIMEO                     */
     int mark_mode;               /* NL_START_MARK: decide, let nft rewrite  */
+    uint8_t *release_buf;        /* copy mode: a released fragment's bytes  */
 };
 
 static uint64_t now_ms(void)
@@ -175,7 +179,9 @@ static int open_queue(struct nl_worker *w, uint32_t flags, char *err, uint32_t e
     w->timeout_ms = 100;
     w->slot_size = SLOT;
     w->slots = malloc((size_t)BATCH * w->slot_size);
-    if (!w->slots) {
+    if (!w->mark_mode)
+        w->release_buf = malloc(SLOT);
+    if (!w->slots || (!w->mark_mode && !w->release_buf)) {
         snprintf(err, errlen, "out of memory for receive slots");
         return -1;
     }
@@ -200,6 +206,44 @@ static uint16_t attr_min_len(uint16_t type)
     case NFQA_CAP_LEN: return 4;
     default: return 0;
     }
+}
+
+/* Appends the verdict for packet `id` (network order): NFQA_MARK with
+ * NL_VERDICT_MARK, or `payload` bytes at pkt as the new packet. */
+static void add_verdict(struct nl_worker *w, uint32_t id, int verdict, uint32_t mark,
+                        uint8_t *pkt, uint32_t payload, size_t *nv, size_t *niov)
+{
+    struct verdict_msg *v = &w->verdicts[*nv];
+    memset(v, 0, sizeof(*v));
+    v->nlh.nlmsg_type = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_VERDICT;
+    v->nlh.nlmsg_flags = NLM_F_REQUEST;
+    v->nfg.nfgen_family = AF_UNSPEC;
+    v->nfg.version = NFNETLINK_V0;
+    v->nfg.res_id = htons(w->queue);
+    v->vattr.nla_type = NFQA_VERDICT_HDR;
+    v->vattr.nla_len = NLA_HDRLEN + sizeof(v->vhdr);
+    v->vhdr.verdict = htonl(verdict == NL_VERDICT_DROP ? NF_DROP : NF_ACCEPT);
+    v->vhdr.id = id;
+    size_t hdr = offsetof(struct verdict_msg, tattr);
+    static const uint8_t pad[4];
+    if (payload) {
+        v->tattr.nla_type = NFQA_PAYLOAD;
+        v->tattr.nla_len = (uint16_t)(NLA_HDRLEN + payload);
+        hdr += NLA_HDRLEN;
+    } else if (verdict == NL_VERDICT_MARK) {
+        v->tattr.nla_type = NFQA_MARK;
+        v->tattr.nla_len = NLA_HDRLEN + sizeof(v->mark);
+        v->mark = htonl(mark);
+        hdr = sizeof(*v);
+    }
+    v->nlh.nlmsg_len = (uint32_t)(hdr + payload);
+    w->tx_iov[(*niov)++] = (struct iovec){ v, hdr };
+    if (payload) {
+        w->tx_iov[(*niov)++] = (struct iovec){ pkt, payload };
+        if (NLMSG_ALIGN(payload) != payload)
+            w->tx_iov[(*niov)++] = (struct iovec){ (void *)pad, NLMSG_ALIGN(payload) - payload };
+    }
+    (*nv)++;
 }
 
 int nl_nfq_parse(const uint8_t *msg, uint32_t len, struct nl_nfq_packet *out)
@@ -273,7 +317,8 @@ static void handle_packet(struct nl_worker *w, struct nlmsghdr *nlh, uint64_t no
     if (!pkt) {
         wc->reasons[NL_R_TRUNCATED]++;
     } else if (w->mark_mode) {
-        verdict = nl_packet(w->lb, w->index, pkt, len, q.pkt_flags, now, &mark);
+        verdict = nl_packet(w->lb, w->index, pkt, len, q.pkt_flags, now, ntohl(q.packet_id),
+                            &mark);
     } else if (q.pkt_flags & NL_PKT_HEAD_ONLY) {
         /* We only have part of the packet; returning it would truncate it.
          * (With GSO, the kernel copies at most 65,531 bytes: a GRO packet
@@ -281,40 +326,13 @@ static void handle_packet(struct nl_worker *w, struct nlmsghdr *nlh, uint64_t no
          * pieces.  Mark mode never needs the whole packet.) */
         wc->reasons[NL_R_TRUNCATED]++;
     } else {
-        verdict = nl_packet(w->lb, w->index, pkt, len, q.pkt_flags, now, NULL);
+        verdict = nl_packet(w->lb, w->index, pkt, len, q.pkt_flags, now, ntohl(q.packet_id),
+                            NULL);
     }
-    struct verdict_msg *v = &w->verdicts[*nv];
-    uint32_t payload = verdict == NL_VERDICT_REWRITE ? len : 0;
-    memset(v, 0, sizeof(*v));
-    v->nlh.nlmsg_type = (NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_VERDICT;
-    v->nlh.nlmsg_flags = NLM_F_REQUEST;
-    v->nfg.nfgen_family = AF_UNSPEC;
-    v->nfg.version = NFNETLINK_V0;
-    v->nfg.res_id = htons(w->queue);
-    v->vattr.nla_type = NFQA_VERDICT_HDR;
-    v->vattr.nla_len = NLA_HDRLEN + sizeof(v->vhdr);
-    v->vhdr.verdict = htonl(verdict == NL_VERDICT_DROP ? NF_DROP : NF_ACCEPT);
-    v->vhdr.id = q.packet_id;
-    size_t hdr = offsetof(struct verdict_msg, tattr);
-    static const uint8_t pad[4];
-    if (payload) {
-        v->tattr.nla_type = NFQA_PAYLOAD;
-        v->tattr.nla_len = (uint16_t)(NLA_HDRLEN + payload);
-        hdr += NLA_HDRLEN;
-    } else if (verdict == NL_VERDICT_MARK) {
-        v->tattr.nla_type = NFQA_MARK;
-        v->tattr.nla_len = NLA_HDRLEN + sizeof(v->mark);
-        v->mark = htonl(mark);
-        hdr = sizeof(*v);
-    }
-    v->nlh.nlmsg_len = (uint32_t)(hdr + payload);
-    w->tx_iov[(*niov)++] = (struct iovec){ v, hdr };
-    if (payload) {
-        w->tx_iov[(*niov)++] = (struct iovec){ pkt, payload };
-        if (NLMSG_ALIGN(payload) != payload)
-            w->tx_iov[(*niov)++] = (struct iovec){ (void *)pad, NLMSG_ALIGN(payload) - payload };
-    }
-    (*nv)++;
+    if (verdict == NL_VERDICT_HOLD)
+        return;         /* its verdict comes later (answer_released) */
+    add_verdict(w, q.packet_id, verdict, mark, pkt, verdict == NL_VERDICT_REWRITE ? len : 0,
+                nv, niov);
 }
 
 static void send_verdicts(struct nl_worker *w, size_t nv, size_t niov)
@@ -326,6 +344,21 @@ static void send_verdicts(struct nl_worker *w, size_t nv, size_t niov)
                          .msg_iov = w->tx_iov, .msg_iovlen = niov };
     if (sendmsg(w->fd, &mh, 0) < 0)
         w->lb->counters[w->index].reasons[NL_R_VERDICT_ERROR] += nv;
+}
+
+/* Gives the verdicts of fragments the core held and has now released.  One
+ * message each: this is the rare path, and a copy-mode release's bytes
+ * live in the one release buffer. */
+static void answer_released(struct nl_worker *w)
+{
+    struct nl_release rel;
+    uint8_t *buf = w->release_buf;
+    while (nl_frag_take(w->lb, w->index, &rel, buf, buf ? SLOT : 0)) {
+        size_t nv = 0, niov = 0;
+        add_verdict(w, htonl(rel.packet_id), (int)rel.verdict, rel.mark, buf,
+                    rel.verdict == NL_VERDICT_REWRITE ? rel.len : 0, &nv, &niov);
+        send_verdicts(w, nv, niov);
+    }
 }
 
 static uint64_t now_ns(void)
@@ -408,6 +441,8 @@ static void *worker_main(void *arg)
         nl_worker_quiescent(lb, w->index);
         nl_event_signal(lb);
         nl_flush(lb);
+        nl_frag_tick(lb, now);
+        answer_released(w);
         uint64_t elapsed = now - w->last_sweep_ms;
         if (elapsed >= 10) {
             /* Sweep share proportional to time, split between workers. */
@@ -436,8 +471,10 @@ static void close_worker(struct nl_worker *w)
     if (w->fd >= 0)
         close(w->fd);
     free(w->slots);
+    free(w->release_buf);
     w->fd = -1;
     w->slots = NULL;
+    w->release_buf = NULL;
 }
 
 int nl_start(struct nl_lb *lb, const uint16_t *queues, uint32_t n, uint32_t flags,

@@ -38,8 +38,9 @@ int nl_parse(uint8_t *buf, uint32_t len, struct nl_pkt *p, int head_only)
     if (ihl < 20 || tot < ihl || (tot > len && !head_only) || ihl > len)
         return NL_R_MALFORMED;
     uint16_t frag = (uint16_t)(((uint32_t)buf[6] << 8) | buf[7]);
-    if (frag & 0x3fff)                  /* MF set or offset != 0 */
-        return NL_R_FRAGMENT;
+    if (frag & 0x1fff)                  /* a later fragment: no L4 header; */
+        return NL_R_FRAGMENT;           /* it follows its first (fragtrack.c) */
+    p->frag = (frag & 0x2000) != 0;     /* MF: the first of several */
     p->ip = buf;
     p->proto = buf[9];
     p->saddr = ld32(buf + 12);
@@ -66,9 +67,10 @@ int nl_parse(uint8_t *buf, uint32_t len, struct nl_pkt *p, int head_only)
         if (p->l4len < 8 || l4cap < 8)
             return NL_R_MALFORMED;
         uint32_t ulen = ((uint32_t)p->l4[4] << 8) | p->l4[5];
-        /* GSO UDP super-packets may carry a per-segment length; anything
-         * shorter than a header is simply wrong. */
-        if (ulen < 8 || ulen > p->l4len)
+        /* GSO UDP super-packets may carry a per-segment length, and a
+         * first fragment the whole datagram's; anything shorter than a
+         * header is simply wrong. */
+        if (ulen < 8 || (ulen > p->l4len && !p->frag))
             return NL_R_MALFORMED;
     } else {
         return NL_R_UNSUPPORTED;
@@ -193,6 +195,14 @@ int nl_check_icmp_csum(const uint8_t *buf, uint32_t len, uint32_t pkt_flags)
         return NL_CSUM_UNKNOWN;
     return csum_fold(csum_partial(buf + ihl, tot - ihl, 0)) == 0xffff ? NL_CSUM_OK
                                                                          : NL_CSUM_BAD;
+}
+
+void nl_rewrite_addr(uint8_t *ip, int dst, uint32_t addr)
+{
+    uint8_t *field = ip + (dst ? 16 : 12);
+    uint32_t old = ld32(field);
+    st32(field, addr);
+    st16(ip + 10, csum_replace4(ld16(ip + 10), old, addr));
 }
 
 void nl_rewrite(struct nl_pkt *p, int dst, uint32_t addr, uint16_t port,

@@ -63,6 +63,17 @@ CONNTRACK_COUNTERS = {
     "evicted_tcp": lib.NL_C_EVICTED_TCP,
     "evicted_udp": lib.NL_C_EVICTED_UDP,
 }
+FRAGMENT_COUNTERS = {
+    "datagrams": lib.NL_FR_DATAGRAMS,
+    "followed": lib.NL_FR_FOLLOWED,
+    "held": lib.NL_FR_HELD,
+    "released": lib.NL_FR_RELEASED,
+    "timeouts": lib.NL_FR_TIMEOUTS,
+    "incomplete": lib.NL_FR_INCOMPLETE,
+    "overflow": lib.NL_FR_OVERFLOW,
+    "hold_full": lib.NL_FR_HOLD_FULL,
+    "untracked": lib.NL_FR_UNTRACKED,
+}
 EVENT_KINDS = {lib.NL_EV_SYN_RST: "syn_rst", lib.NL_EV_SYN_TIMEOUT: "syn_timeout",
                lib.NL_EV_ICMP: "icmp_unreachable"}
 CHECK_ERRORS = {
@@ -90,6 +101,7 @@ class Verdict(enum.IntEnum):
     REWRITE = lib.NL_VERDICT_REWRITE
     DROP = lib.NL_VERDICT_DROP
     MARK = lib.NL_VERDICT_MARK
+    HOLD = lib.NL_VERDICT_HOLD
 
 
 class CoreError(HostError):
@@ -130,6 +142,17 @@ class ServiceTable:
     table: tuple[int, ...] = ()
 
 
+@dataclass(frozen=True)
+class Release:
+    """A held fragment's verdict, given once its first fragment came (or
+    it timed out): what a worker would send for ``packet_id``."""
+
+    packet_id: int
+    verdict: Verdict
+    mark: int
+    packet: bytes | None     # REWRITE: the rewritten packet
+
+
 @dataclass
 class Counters:
     packets_in: int = 0
@@ -158,6 +181,8 @@ class CoreConfig:
     poll_us: int = _LB.poll_us
     syn_timeout_ms: int = _LB.syn_timeout_ms
     resteer_tries: int = _LB.resteer_tries
+    max_fragments: int = 4096
+    fragment_timeout_ms: int = 1000
     timeouts_ms: dict[str, int] = field(default_factory=lambda: _timeouts_ms(_LB.timeouts_s))
 
     @classmethod
@@ -234,6 +259,8 @@ class Core:
         cfg.poll_us = config.poll_us
         cfg.syn_timeout_ms = config.syn_timeout_ms
         cfg.resteer_tries = config.resteer_tries
+        cfg.max_fragments = config.max_fragments
+        cfg.fragment_timeout_ms = config.fragment_timeout_ms
         for name, idx in TIMEOUT_KEYS.items():
             cfg.timeout_ms[idx] = config.timeouts_ms[name]
         lb = lib.nl_create(cfg)
@@ -289,17 +316,22 @@ class Core:
     def _buffer(packet: bytes):  # cffi cannot make a zero-length array
         return ffi.new("uint8_t[]", packet) if packet else ffi.new("uint8_t[1]")
 
-    def process(self, packet: bytes, now_ms: int, flags: int = 0) -> tuple[Verdict, bytes]:
-        """Run one packet through the data path, as a worker would."""
+    def process(self, packet: bytes, now_ms: int, flags: int = 0,
+                packet_id: int | None = None) -> tuple[Verdict, bytes]:
+        """Run one packet through the data path, as a worker would.  With a
+        packet_id the core may hold it (Verdict.HOLD; see take_released)."""
         buf = self._buffer(packet)
-        v = lib.nl_process(self._lb, self.workers, buf, len(packet), flags, now_ms)
+        pid = lib.NL_NO_PACKET_ID if packet_id is None else packet_id
+        v = lib.nl_process_id(self._lb, self.workers, buf, len(packet), flags, now_ms, pid)
         return Verdict(v), bytes(ffi.buffer(buf, len(packet)))
 
-    def decide(self, packet: bytes, now_ms: int, flags: int = 0) -> tuple[Verdict, int]:
+    def decide(self, packet: bytes, now_ms: int, flags: int = 0,
+               packet_id: int | None = None) -> tuple[Verdict, int]:
         """Mark mode: the verdict and the mark that tells nft what to rewrite."""
         buf = self._buffer(packet)
         mark = ffi.new("uint32_t *")
-        v = lib.nl_decide(self._lb, self.workers, buf, len(packet), flags, now_ms, mark)
+        pid = lib.NL_NO_PACKET_ID if packet_id is None else packet_id
+        v = lib.nl_decide_id(self._lb, self.workers, buf, len(packet), flags, now_ms, pid, mark)
         return Verdict(v), mark[0]
 
     def process_many(self, packets: list[bytes], now_ms: int, flags: int = 0) -> Batch:
@@ -340,6 +372,38 @@ class Core:
         rc = lib.nl_ct_check(self._lb)
         if rc != lib.NL_CHECK_OK:
             raise CoreError(f"conntrack invariant broken: {CHECK_ERRORS.get(rc, rc)}")
+
+    # -- IP fragments -----------------------------------------------------
+    def take_released(self) -> list[Release]:
+        """Held fragments whose verdict is now known (as a worker takes them)."""
+        out = []
+        rel = ffi.new("struct nl_release *")
+        buf = ffi.new("uint8_t[]", 65536)
+        while lib.nl_frag_take(self._lb, self.workers, rel, buf, 65536):
+            pkt = bytes(ffi.buffer(buf, rel.len)) if rel.verdict == Verdict.REWRITE else None
+            out.append(Release(rel.packet_id, Verdict(rel.verdict), rel.mark, pkt))
+        return out
+
+    def fragment_tick(self, now_ms: int) -> None:
+        lib.nl_frag_tick(self._lb, now_ms)
+
+    def fragment_counters(self) -> dict[str, int]:
+        out = ffi.new("uint64_t[]", lib.NL_FR_MAX)
+        lib.nl_read_fragments(self._lb, out)
+        return {name: out[idx] for name, idx in FRAGMENT_COUNTERS.items()}
+
+    def fragments_tracked(self) -> int:
+        return lib.nl_frag_count(self._lb)
+
+    def fragments_held(self) -> int:
+        return lib.nl_frag_held(self._lb)
+
+    def fragment_memory(self) -> int:
+        return lib.nl_frag_memory(self._lb)
+
+    @staticmethod
+    def fragment_entry_size() -> int:
+        return lib.nl_frag_entry_size()
 
     # -- counters ---------------------------------------------------------
     def _read(self, fn, n: int) -> list[Counters]:

@@ -29,7 +29,8 @@ CASES = [
     ("tcp data offset below 5", SYN[:32] + bytes([0x40]) + SYN[33:]),
     ("tcp data offset beyond packet", SYN[:32] + bytes([0xF0]) + SYN[33:]),
     ("udp length below 8", bytes(IP(src=CLIENT, dst=VIP) / UDP(sport=1, dport=53, len=4))),
-    ("fragment", bytes(IP(src=CLIENT, dst=VIP, flags="MF") / TCP(sport=1, dport=80))),
+    # A later fragment of no datagram seen, and no packet id to hold it by.
+    ("stray fragment", bytes(IP(src=CLIENT, dst=VIP, proto=6, frag=185) / (b"x" * 16))),
 ]
 
 
