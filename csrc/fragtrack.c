@@ -23,7 +23,8 @@
  *    datagram's bytes have passed, or times out;
  *  - at most max_fragments/4 (at least 64) held fragments, 64 per datagram,
  *    and one source (by hash of its address) may hold at most an eighth of
- *    them, or 64;
+ *    them, or 64; as many again may wait for their worker to answer them
+ *    (released, not yet taken) -- a dropped one without its bytes;
  *  - eviction, oldest first, keeps working under a flood: a datagram whose
  *    first fragment was seen ("decided") may evict the oldest datagram
  *    still waiting for its first, then the oldest decided one; a fragment
@@ -94,8 +95,10 @@ struct nl_fragtrack {
     uint32_t mask;
     uint32_t free_head, count;
     struct age_list waiting, decided;
-    struct held *h;
-    uint32_t n_slots, held_free, held_used;
+    struct held *h;              /* 2 * n_slots: held, then being answered */
+    uint32_t n_slots;            /* bound on fragments held for a first    */
+    uint32_t holding;            /* fragments held for a first now         */
+    uint32_t held_free, held_used;
     uint64_t held_bytes, held_bytes_max;
     uint32_t src_cap;
     uint16_t src_held[SOURCES];
@@ -136,7 +139,7 @@ int nl_frag_init(struct nl_lb *lb)
     ft->held_bytes_max = (uint64_t)ft->n_slots * HELD_BYTES_PER_SLOT;
     ft->e = calloc(ft->max, sizeof(*ft->e));
     ft->buckets = malloc(nb * sizeof(uint32_t));
-    ft->h = calloc(ft->n_slots, sizeof(*ft->h));
+    ft->h = calloc(2 * (size_t)ft->n_slots, sizeof(*ft->h));
     if (!ft->e || !ft->buckets || !ft->h)
         return -1;
     memset(ft->buckets, 0xff, nb * sizeof(uint32_t));
@@ -144,7 +147,7 @@ int nl_frag_init(struct nl_lb *lb)
         ft->e[i].next = ft->free_head;
         ft->free_head = i;
     }
-    for (uint32_t i = ft->n_slots; i-- > 0;) {
+    for (uint32_t i = 2 * ft->n_slots; i-- > 0;) {
         ft->h[i].next = ft->held_free;
         ft->held_free = i;
     }
@@ -156,7 +159,7 @@ void nl_frag_fini(struct nl_lb *lb)
     struct nl_fragtrack *ft = lb->ft;
     if (!ft)
         return;
-    for (uint32_t i = 0; ft->h && i < ft->n_slots; i++)
+    for (uint32_t i = 0; ft->h && i < 2 * ft->n_slots; i++)
         free(ft->h[i].bytes);
     free(ft->e);
     free(ft->buckets);
@@ -230,7 +233,13 @@ static void make_ready(struct nl_fragtrack *ft, uint32_t s, uint32_t verdict,
         nl_rewrite_addr(h->bytes, v->dst, v->addr[0]);
     else if (verdict == NL_VERDICT_REWRITE)
         h->verdict = NL_VERDICT_MARK;
+    if (h->bytes && verdict != NL_VERDICT_REWRITE) {
+        ft->held_bytes -= h->len;   /* the answer needs no bytes */
+        free(h->bytes);
+        h->bytes = NULL;
+    }
     ft->src_held[h->src]--;
+    ft->holding--;
     h->next = NL_NIL;
     struct fifo *q = &ft->ready[h->worker];
     if (q->tail != NL_NIL)
@@ -363,9 +372,11 @@ static int hold(struct nl_fragtrack *ft, uint32_t i, uint32_t worker, uint32_t p
         ft->src_held[e->src] >= ft->src_cap)
         return -1;
     uint32_t need = mark_mode ? 0 : len;
-    while (ft->held_free == NL_NIL || ft->held_bytes + need > ft->held_bytes_max)
+    while (ft->holding >= ft->n_slots || ft->held_bytes + need > ft->held_bytes_max)
         if (!evict_waiting(ft, i))
             return -1;
+    if (ft->held_free == NL_NIL)
+        return -1;      /* the workers are behind with their answers */
     uint8_t *copy = NULL;
     if (!mark_mode && !(copy = malloc(len ? len : 1)))
         return -1;
@@ -388,6 +399,7 @@ static int hold(struct nl_fragtrack *ft, uint32_t i, uint32_t worker, uint32_t p
     e->held_tail = s;
     e->n_held++;
     ft->src_held[e->src]++;
+    ft->holding++;
     ft->held_used++;
     ft->held_bytes += need;
     ft->counters[NL_FR_HELD]++;
@@ -573,5 +585,5 @@ uint64_t nl_frag_memory(struct nl_lb *lb)
     struct nl_fragtrack *ft = lb->ft;
     return sizeof(*ft) + (uint64_t)ft->max * sizeof(struct nl_frag) +
            (ft->max ? (uint64_t)(ft->mask + 1) * sizeof(uint32_t) : 0) +
-           (uint64_t)ft->n_slots * sizeof(struct held);
+           2 * (uint64_t)ft->n_slots * sizeof(struct held);
 }

@@ -293,7 +293,8 @@ int nl_frag_take(struct nl_lb *lb, uint32_t worker, struct nl_release *out, uint
 void nl_frag_tick(struct nl_lb *lb, uint64_t now_ms);
 /* out[NL_FR_MAX] */
 void nl_read_fragments(struct nl_lb *lb, uint64_t *out);
-/* Datagrams tracked now, and held fragments not yet taken. */
+/* Datagrams tracked now, and held fragments not yet answered (held for
+ * their first, or released and not yet taken). */
 uint32_t nl_frag_count(struct nl_lb *lb);
 uint32_t nl_frag_held(struct nl_lb *lb);
 /* Bytes of one tracking entry; memory of the table and hold slots (the
