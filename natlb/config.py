@@ -136,6 +136,7 @@ class LBConfig:
     queue: int = 0
     workers: int = 1
     max_flows: int = 1 << 20
+    max_fragments: int = 4096         # fragmented datagrams tracked at once (0: drop fragments)
     interface: str = "lo"
     table: str = "natlb"
     control_socket: str = "/run/natlb/natlb.sock"
@@ -147,7 +148,7 @@ class LBConfig:
     rewrite: str = "mark"             # mark: nft rewrites on natlb's mark; copy: natlb does
     timeouts_s: dict[str, float] = field(default_factory=lambda: {
         "tcp_syn": 10.0, "tcp_established": 900.0, "tcp_fin": 120.0,
-        "tcp_close": 10.0, "udp": 300.0,
+        "tcp_close": 10.0, "udp": 300.0, "fragment": 1.0,
     })
     routes: tuple[RouteConfig, ...] = ()
 
@@ -378,7 +379,7 @@ def _route(raw: Any, path: str) -> RouteConfig:
 
 def _lb(raw: Any) -> LBConfig:
     raw = _table(raw, "lb")
-    _known(raw, "lb", {"queue", "workers", "max_flows", "interface", "table",
+    _known(raw, "lb", {"queue", "workers", "max_flows", "max_fragments", "interface", "table",
                        "control_socket", "gso", "poll_us", "syn_timeout_ms", "resteer_tries",
                        "rewrite", "timeouts", "route", "metrics"})
     d = LBConfig()
@@ -404,6 +405,7 @@ def _lb(raw: Any) -> LBConfig:
         queue=queue,
         workers=workers,
         max_flows=_int(raw, "max_flows", "lb", d.max_flows, 16, 1 << 26),
+        max_fragments=_int(raw, "max_fragments", "lb", d.max_fragments, 0, 1 << 22),
         interface=_str(raw, "interface", "lb", d.interface),
         table=table,
         control_socket=_str(raw, "control_socket", "lb", d.control_socket),

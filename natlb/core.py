@@ -181,14 +181,16 @@ class CoreConfig:
     poll_us: int = _LB.poll_us
     syn_timeout_ms: int = _LB.syn_timeout_ms
     resteer_tries: int = _LB.resteer_tries
-    max_fragments: int = 4096
-    fragment_timeout_ms: int = 1000
+    max_fragments: int = _LB.max_fragments
+    fragment_timeout_ms: int = int(_LB.timeouts_s["fragment"] * 1000)
     timeouts_ms: dict[str, int] = field(default_factory=lambda: _timeouts_ms(_LB.timeouts_s))
 
     @classmethod
     def from_lb(cls, lb: LBConfig) -> CoreConfig:
         return cls(max_flows=lb.max_flows, workers=lb.workers, poll_us=lb.poll_us,
                    syn_timeout_ms=lb.syn_timeout_ms, resteer_tries=lb.resteer_tries,
+                   max_fragments=lb.max_fragments,
+                   fragment_timeout_ms=max(1, int(lb.timeouts_s["fragment"] * 1000)),
                    timeouts_ms=_timeouts_ms(lb.timeouts_s))
 
 

@@ -62,7 +62,8 @@ class Daemon:
         return ruleset.Spec(table=lb.table, services=services, queues=tuple(lb.queues),
                             marks=ruleset.Marks(own=RAW_MARK, forward=MARK_FORWARD,
                                                 reply=MARK_REPLY),
-                            rewrite=lb.rewrite, ingress=ingress)
+                            rewrite=lb.rewrite, ingress=ingress,
+                            fragments=lb.max_fragments > 0)
 
     def _install_table(self) -> None:
         spec = self._ruleset()

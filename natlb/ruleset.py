@@ -14,10 +14,21 @@ is one hash lookup in a set, every mark-mode rewrite one lookup in a map.
       icmp type 3  ip saddr . meta iif @backend_hosts              notrack, queue
       icmp type 3  ip saddr @backend_addrs                         counter, drop
       icmp type 3  ip daddr @vip_addrs                             notrack, queue
+      ip frag-off & 0x3fff != 0  ip daddr @vip_addrs                      notrack, queue
+      ip frag-off & 0x3fff != 0  ip saddr . meta iif @backend_hosts       notrack, queue
     output, priority raw:      natlb's own packets untracked, local ICMP unreachables queued
-    rewrite, priority raw + 1 (mark mode), per L4 protocol:
+    rewrite, priority raw + 1 (mark mode), later fragments first, then per L4 protocol:
+      ip frag-off & 0x1fff != 0  ip daddr set meta mark map @backend_addr  (mark cleared)
+      ip frag-off & 0x1fff != 0  ip saddr set meta mark map @service_addr  (mark cleared)
       ip daddr set meta mark map @backend_addr  th dport set meta mark map @backend_port
       ip saddr set meta mark map @service_addr  th sport set meta mark map @service_port
+
+IP fragments (with fragment tracking on): only a datagram's first fragment
+has ports, so the port rules never match the others.  Every TCP/UDP
+fragment to a VIP or from a backend (on its ingress) is queued -- the first
+too, so natlb also learns which datagrams are not its own and lets their
+fragments pass.  A later fragment gets only its address written: `th dport
+set` on a fragment would write into its payload on older kernels.
 
 Replies, RSTs and ICMP errors are believed to come from a backend only when
 they arrive on an interface the backend's address is routed through (the
@@ -53,6 +64,9 @@ NFT_META_IIF = 4
 NFT_META_L4PROTO = 16
 PAYLOAD_NETWORK, PAYLOAD_TRANSPORT = 1, 2
 NF_DROP = 0
+NFT_CMP_NEQ = 1
+IP_MF_OFFSET = 0x3fff    # frag-off bits: more fragments, fragment offset
+IP_OFFSET = 0x1fff
 # Registers: NFT_REG_1 holds 16 bytes and overlaps the 32-bit NFT_REG32_00..03,
 # which is how concatenated keys are laid out (each part padded to 4 bytes).
 REG_1, REG32_01, REG32_02, REG32_03 = 1, 9, 10, 11
@@ -104,6 +118,7 @@ class Spec:
     # Backend address -> ifindexes it is routed through (see natlb.routes).
     ingress: Mapping[str, tuple[int, ...]]
     native_queue: bool = False                    # nft `queue` instead of xt NFQUEUE
+    fragments: bool = True                        # queue fragments (fragment tracking on)
 
 
 @dataclass(frozen=True)
@@ -199,6 +214,31 @@ def _tuple_key(source: bool, with_iif: bool) -> list[dict[str, Any]]:
 def _icmp_unreach() -> list[dict[str, Any]]:
     return [_meta(NFT_META_L4PROTO), _cmp_eq(bytes([socket.IPPROTO_ICMP])),
             _load(PAYLOAD_TRANSPORT, 0, 1), _cmp_eq(bytes([ICMP_DEST_UNREACH]))]
+
+
+def _frag_off_nonzero(mask: int) -> list[dict[str, Any]]:
+    """``ip frag-off & mask != 0``: a fragment (IP_MF_OFFSET), or a fragment
+    after the first (IP_OFFSET)."""
+    return [
+        _load(PAYLOAD_NETWORK, 6, 2),
+        expr("bitwise", sreg=REG_1, dreg=REG_1, len=2, mask=_value(struct.pack("!H", mask)),
+             xor=_value(b"\0\0")),
+        expr("cmp", sreg=REG_1, op=NFT_CMP_NEQ, data=_value(b"\0\0")),
+    ]
+
+
+def _fragment_rewrite_exprs(field: str, addr_map: str) -> list[dict[str, Any]]:
+    """Mark mode, a later fragment: only the address and the IP checksum (the
+    L4 checksum is in the first fragment), and the mark cleared so the full
+    rewrite does not match it too."""
+    return [
+        *_frag_off_nonzero(IP_OFFSET),
+        _meta(NFT_META_MARK), _lookup(addr_map, dreg=REG_1),
+        expr("payload", sreg=REG_1, base=PAYLOAD_NETWORK, offset=16 if field == "daddr" else 12,
+             len=4, csum_type=1, csum_offset=10),
+        _imm(struct.pack("=I", 0)),
+        expr("meta", sreg=REG_1, key=NFT_META_MARK),
+    ]
 
 
 def _rewrite_exprs(field: str, protocol: int, addr_map: str, port_map: str) -> list[dict[str, Any]]:
@@ -380,6 +420,16 @@ def build(spec: Spec) -> list[Message]:
     rule("prerouting", "icmp to a service",
          [*_icmp_unreach(), _load(PAYLOAD_NETWORK, 16, 4), _lookup("vip_addrs"),
           expr("notrack"), queue])
+    protocols = sorted({s.protocol for s in spec.services})
+    for proto in protocols if spec.fragments else []:
+        pname = PROTOCOL_NAMES[proto]
+        is_proto = [_meta(NFT_META_L4PROTO), _cmp_eq(bytes([proto]))]
+        rule("prerouting", f"{pname} fragment to a service",
+             [*_frag_off_nonzero(IP_MF_OFFSET), *is_proto, _load(PAYLOAD_NETWORK, 16, 4),
+              _lookup("vip_addrs"), expr("notrack"), queue])
+        rule("prerouting", f"{pname} fragment from a backend",
+             [*_frag_off_nonzero(IP_MF_OFFSET), *is_proto, _load(PAYLOAD_NETWORK, 12, 4),
+              _meta(NFT_META_IIF, REG32_01), _lookup("backend_hosts"), expr("notrack"), queue])
 
     # Packets natlb sends itself (re-sent SYNs, RSTs) carry the own mark: the
     # kernel's conntrack must not track those flows either.  ICMP unreachables
@@ -393,7 +443,12 @@ def build(spec: Spec) -> list[Message]:
     if spec.rewrite == "mark":
         # Right after the queue chain: an accepted packet resumes here.
         chain("rewrite", NF_INET_PRE_ROUTING, PRIORITY_RAW + 1)
-        for proto in sorted({s.protocol for s in spec.services}):
+        if spec.fragments:
+            rule("rewrite", "later fragment to a backend",
+                 _fragment_rewrite_exprs("daddr", "backend_addr"))
+            rule("rewrite", "later fragment from a service",
+                 _fragment_rewrite_exprs("saddr", "service_addr"))
+        for proto in protocols:
             pname = PROTOCOL_NAMES[proto]
             rule("rewrite", f"{pname} to a backend",
                  _rewrite_exprs("daddr", proto, "backend_addr", "backend_port"))

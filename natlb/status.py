@@ -71,6 +71,8 @@ def collect(pool: Pool, queues: list[int], started: float, max_flows: int,
         "queued_packets": packets, "receive_batches": batches,
         "reasons": core.reasons(), "failover": core.failover_counters(),
         "conntrack": core.conntrack_counters(),
+        "fragments": {"tracked": core.fragments_tracked(), "held": core.fragments_held(),
+                      **core.fragment_counters()},
         "queues": queue_stats(queues),
         "services": services,
     }
@@ -113,6 +115,9 @@ def render(st: dict[str, Any]) -> str:
     full = {k: v for k, v in st.get("conntrack", {}).items() if v}
     if full:
         lines.append("  table full: " + ", ".join(f"{k}={v}" for k, v in full.items()))
+    frags = {k: v for k, v in st.get("fragments", {}).items() if v}
+    if frags:
+        lines.append("  fragments: " + ", ".join(f"{k}={v}" for k, v in frags.items()))
     for q in st["queues"]:
         if q["queue_dropped"] or q["user_dropped"]:
             lines.append(f"  queue {q['queue']}: kernel dropped {q['queue_dropped']}, "

@@ -74,6 +74,9 @@ def test_defaults():
     (("lb",), {"workers": 99}, "lb.workers = 99: must be 1..16"),
     (("lb",), {"timeouts": {"tcp_syn": 0}},
      "lb.timeouts.tcp_syn = 0: must be seconds, 0.001..604800"),
+    (("lb",), {"max_fragments": -1}, "lb.max_fragments = -1: must be 0..4194304"),
+    (("lb",), {"timeouts": {"fragment": 0}},
+     "lb.timeouts.fragment = 0: must be seconds, 0.001..604800"),
     (("lb",), {"table": "nat lb"}, 'lb.table = "nat lb": letters, digits and _ only, at most 32'),
 ])
 def test_errors_name_key_and_value(path, value, message):
