@@ -30,6 +30,53 @@ def blob_chunks(size: int, seed: int):
         left -= n
 
 
+REVERSED = b"reversed:"   # a UDP query so marked is answered with its fragments reversed
+
+
+def _csum(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xffff) + (s >> 16)
+    return ~s & 0xffff
+
+
+def ip_fragments(src: str, dst: str, sport: int, dport: int, payload: bytes, ident: int,
+                 mtu: int = 1500) -> list[bytes]:
+    """A UDP datagram as the IPv4 fragments a host would send (in order)."""
+    s, d = socket.inet_aton(src), socket.inet_aton(dst)
+    ulen = 8 + len(payload)
+    pseudo = s + d + struct.pack("!BBH", 0, socket.IPPROTO_UDP, ulen)
+    head = struct.pack("!HHHH", sport, dport, ulen, 0)
+    csum = _csum(pseudo + head + payload) or 0xffff
+    l4 = struct.pack("!HHHH", sport, dport, ulen, csum) + payload
+    step = (mtu - 20) // 8 * 8
+    out = []
+    for off in range(0, len(l4), step):
+        chunk = l4[off:off + step]
+        more = 0x2000 if off + step < len(l4) else 0
+        hdr = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(chunk), ident, more | off // 8, 64,
+                          socket.IPPROTO_UDP, 0, s, d)
+        out.append(hdr[:10] + struct.pack("!H", _csum(hdr)) + hdr[12:] + chunk)
+    return out
+
+
+def send_reversed(src: str, dst: str, sport: int, dport: int, payload: bytes) -> None:
+    """Send a datagram as fragments, last first: its first fragment comes
+    after all the others (a raw socket; needs root, as in the testbed)."""
+    frags = ip_fragments(src, dst, sport, dport, payload, random.randrange(1, 65536))
+    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
+        for f in reversed(frags):
+            raw.sendto(f, (dst, 0))
+
+
+def _source_for(dst: str) -> str:
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        s.connect((dst, 9))
+        return s.getsockname()[0]
+
+
 def serve(name: str, http_port: int, udp_port: int) -> int:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -81,7 +128,11 @@ def serve(name: str, http_port: int, udp_port: int) -> int:
     def echo() -> None:
         while True:
             data, peer = udp.recvfrom(65535)
-            udp.sendto(f"{name}:".encode() + data, peer)
+            answer = f"{name}:".encode() + data
+            if data.startswith(REVERSED):
+                send_reversed(_source_for(peer[0]), peer[0], udp_port, peer[1], answer)
+            else:
+                udp.sendto(answer, peer)
 
     threading.Thread(target=echo, daemon=True).start()
     print("ready", flush=True)
@@ -151,6 +202,35 @@ def udp_stream(host: str, port: int, count: int, interval_ms: int, timeout: floa
                       backend=name.decode(), peer=f"{peer[0]}:{peer[1]}")
             except OSError as e:
                 _emit(i=i, t=round(t0 - start, 4), ok=False, error=type(e).__name__)
+    return 0
+
+
+def udp_sizes(host: str, port: int, sizes: list[int], count: int, timeout: float,
+              reverse: bool) -> int:
+    """`count` datagrams of each size, each from a new socket (a new flow),
+    checked byte for byte in the echo.  With `reverse`, the query goes out
+    as fragments last-first and the backend answers the same way."""
+    rnd = random.Random(1)
+    for size in sizes:
+        for i in range(count):
+            payload = rnd.randbytes(size)
+            if reverse:
+                payload = REVERSED + payload[len(REVERSED):]
+            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+                s.settimeout(timeout)
+                try:
+                    if reverse:
+                        s.bind((_source_for(host), 0))
+                        src, sport = s.getsockname()
+                        send_reversed(src, host, sport, port, payload)
+                    else:
+                        s.sendto(payload, (host, port))
+                    data, peer = s.recvfrom(65535)
+                    name, _, echoed = data.partition(b":")
+                    _emit(size=size, i=i, ok=echoed == payload, backend=name.decode(),
+                          peer=f"{peer[0]}:{peer[1]}")
+                except OSError as e:
+                    _emit(size=size, i=i, ok=False, error=type(e).__name__)
     return 0
 
 
@@ -281,6 +361,13 @@ def main(argv: list[str] | None = None) -> int:
         c.add_argument("--size", type=int, default=0)
         c.add_argument("--seed", type=int, default=1)
         c.add_argument("--seconds", type=float, default=1.0)
+    u = sub.add_parser("udp-sizes")
+    u.add_argument("--host", required=True)
+    u.add_argument("--port", type=int, required=True)
+    u.add_argument("--sizes", default="100,1400,4000,8000,30000")
+    u.add_argument("--count", type=int, default=1)
+    u.add_argument("--timeout", type=float, default=2.0)
+    u.add_argument("--reverse", action="store_true")
     a = p.parse_args(argv)
     if a.cmd == "serve":
         return serve(a.name, a.http_port, a.udp_port)
@@ -288,6 +375,9 @@ def main(argv: list[str] | None = None) -> int:
         return http_stream(a.host, a.port, a.count, a.interval_ms, a.timeout)
     if a.cmd == "udp-stream":
         return udp_stream(a.host, a.port, a.count, a.interval_ms, a.timeout)
+    if a.cmd == "udp-sizes":
+        return udp_sizes(a.host, a.port, [int(x) for x in a.sizes.split(",")], a.count,
+                         a.timeout, a.reverse)
     if a.cmd == "hold":
         return hold(a.host, a.port, a.timeout)
     if a.cmd == "syn-flood":
