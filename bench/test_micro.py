@@ -9,6 +9,7 @@ import struct
 
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
+from scapy.utils import checksum
 
 from natlb.core import PKT_CSUM_VERIFIED, Core, CoreConfig, Verdict
 from tests.unit.services import VIP, make_service
@@ -118,3 +119,27 @@ def test_lookup_with_one_million_flows(benchmark):
     per_packet(benchmark, c, sample)
     benchmark.extra_info["conntrack_bytes"] = c.conntrack_memory()
     assert c.flow_count() == total
+
+
+def test_later_fragment_follows_its_first(benchmark):
+    """A fragment after the first: fragment-table lookup, address and IP
+    checksum rewrite (copy mode).  Middle fragments, so no datagram ends;
+    short ones, so the batch's bytes stay in cache as a just-received
+    packet's would."""
+    c = Core(CoreConfig(max_flows=1 << 16, workers=1, max_fragments=1 << 15))
+    c.publish([make_service("rr", protocol="udp", port=53)])
+    firsts, middles = [], []
+    for i in range(N):
+        src = struct.pack("!I", 0xC6336400 + (i >> 8))
+        for off, l4 in ((0, bytes(UDP(sport=1024 + i, dport=53, len=3008)) + b"x" * 1472),
+                        (185, b"y" * 16)):
+            hdr = bytearray(bytes(IP(src="198.51.100.1", dst=VIP, id=i, proto=17,
+                                     flags="MF", frag=off, len=20 + len(l4))))
+            hdr[12:16] = src
+            hdr[10:12] = b"\0\0"
+            hdr[10:12] = struct.pack("!H", checksum(bytes(hdr)))
+            (firsts if off == 0 else middles).append(bytes(hdr) + l4)
+    assert c.process_batch(c.process_many(firsts, now_ms=1)) == N
+    batch = c.process_many(middles, now_ms=2)
+    per_packet(benchmark, c, batch)
+    assert batch.verdict_list() == [Verdict.REWRITE] * N
