@@ -174,7 +174,8 @@ void nl_frag_fini(struct nl_lb *lb)
 static uint32_t bucket_of(const struct nl_fragtrack *ft, const struct nl_frag_key *k)
 {
     uint32_t h = ft->seed ^ k->id ^ ((uint32_t)k->proto << 24 | (uint32_t)k->family << 16);
-    for (int i = 0; i < 4; i++)
+    int words = k->family == 4 ? 1 : 4;
+    for (int i = 0; i < words; i++)
         h = nl_mix32(h ^ k->saddr[i]) + k->daddr[i];
     return nl_mix32(h) & ft->mask;
 }
