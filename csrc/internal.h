@@ -241,6 +241,7 @@ struct nl_snapshot {
     uint32_t index_mask;
     struct nl_service *by_id[NL_MAX_SERVICES];
     uint8_t alive[NL_MAX_BACKENDS];  /* NL_BE_ALIVE by backend id          */
+    struct nl_cluster_index *cluster;   /* backends of cluster services    */
 };
 
 /* Counters private to one worker; summed when read, so no cache line is
@@ -281,6 +282,31 @@ int nl_schedule(struct nl_lb *lb, const struct nl_service *svc,
 /* The same, but never backend id `exclude` nor one that is not alive. */
 int nl_schedule_other(struct nl_lb *lb, const struct nl_service *svc,
                       const struct nl_pkt *p, uint32_t exclude, const uint8_t *alive);
+
+/* ---- several nodes, one VIP (cluster.c) --------------------------------- */
+/* The hash seed of cluster services: the same on every node, every run. */
+#define NL_CLUSTER_SEED 0x6e61746cu
+static inline int nl_svc_cluster(const struct nl_service *svc)
+{
+    return svc && (svc->spec.flags & NL_SVC_CLUSTER);
+}
+/* Indexes the backends of cluster services by (address, port, protocol);
+ * -1 if one belongs to two of them or memory ran out. */
+int nl_cluster_index_build(struct nl_snapshot *s);
+void nl_cluster_index_free(struct nl_snapshot *s);
+/* A new flow of a cluster service: a packet other than a SYN starts it
+ * ESTABLISHED (its SYN went through another node). */
+void nl_cluster_flow_start(struct nl_lb *lb, struct nl_flow *f, const struct nl_pkt *p);
+/* A reply that matched no flow: if it comes from a backend of a cluster
+ * service, creates its flow and returns it with its stripe locked in *lock;
+ * otherwise NULL, nothing locked, and *full set if it was one but the
+ * conntrack is full (the reply must then not pass unchanged). */
+struct nl_flow *nl_cluster_adopt_reply(struct nl_lb *lb, const struct nl_snapshot *snap,
+                                       const struct nl_pkt *p, uint32_t now,
+                                       pthread_spinlock_t **lock, int *full);
+/* Before the TCP state machine: moves a handshake on when this node sees
+ * only one direction of it (caller holds the stripe). */
+void nl_cluster_track(struct nl_flow *f, int is_reply, uint8_t tcp_flags);
 
 /* ---- failover (failover.c) --------------------------------------------- */
 int nl_failover_init(struct nl_lb *lb);

@@ -80,6 +80,7 @@ void nl_snapshot_free(struct nl_snapshot *s)
         free(s->services[i].backends);
         free(s->services[i].table);
     }
+    nl_cluster_index_free(s);
     free(s->services);
     free(s->index);
     free(s);
@@ -92,6 +93,8 @@ int nl_snapshot_set_service(struct nl_snapshot *s, uint32_t index,
 {
     if (!s || index >= s->n_services || spec->id >= NL_MAX_SERVICES ||
         spec->scheduler > NL_SCHED_MAGLEV || (spec->proto != 6 && spec->proto != 17) ||
+        (spec->flags & ~(uint32_t)NL_SVC_CLUSTER) ||
+        ((spec->flags & NL_SVC_CLUSTER) && spec->scheduler != NL_SCHED_MAGLEV) ||
         n_backends > NL_MAX_BACKENDS || n_backends > 65535)
         return -1;
     for (uint32_t i = 0; i < n_backends; i++)
@@ -148,7 +151,7 @@ static int build_index(struct nl_snapshot *s)
                 return -1;
         }
     }
-    return 0;
+    return nl_cluster_index_build(s);
 }
 
 static const struct nl_service *find_service(const struct nl_snapshot *s, uint32_t vip,
@@ -317,13 +320,14 @@ void nl_flow_gauge(struct nl_lb *lb, const struct nl_flow *f, uint8_t state, int
  * not check is forwarded but never held, timed or re-steered, and nothing
  * said about it is believed. */
 static void note_syn(struct nl_lb *lb, struct nl_flow *f, const struct nl_pkt *p, int csum,
-                     uint32_t now)
+                     uint32_t now, int hold)
 {
     f->syn_seq = p->seq;
     if (csum == NL_CSUM_OK && !p->frag) {   /* a first fragment is not the whole SYN */
         f->flags |= NL_FL_SYN_CHECKED;
-        /* The kernel may vouch for a SYN of which we have only the head. */
-        if (nl_pkt_len(p) <= p->caplen)
+        /* The kernel may vouch for a SYN of which we have only the head;
+         * cluster services hold none (see cluster.c). */
+        if (hold && nl_pkt_len(p) <= p->caplen)
             nl_hold_syn(lb, f, p->ip, nl_pkt_len(p), now);
         else
             nl_drop_held(lb, f);
@@ -399,6 +403,7 @@ static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
     uint32_t b = nl_ct_bucket(ct, &k);
     pthread_spinlock_t *lock = nl_ct_stripe(ct, b);
     int is_syn = p->proto == 6 && (p->tcp_flags & (NL_TCP_SYN | NL_TCP_ACK)) == NL_TCP_SYN;
+    int cluster = nl_svc_cluster(svc);
 
     pthread_spin_lock(lock);
     struct nl_flow *f = nl_ct_find(ct, b, &k, now);
@@ -409,7 +414,7 @@ static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
     }
     if (!f) {
         int reason = -1, idx = -1;
-        if (p->proto == 6 && !is_syn)
+        if (p->proto == 6 && !is_syn && !cluster)
             reason = NL_R_NO_FLOW;
         else if ((idx = nl_schedule(lb, svc, p)) < 0)
             reason = NL_R_NO_BACKEND;
@@ -434,9 +439,11 @@ static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
         f->state = p->proto == 6 ? NL_FS_FREE : NL_FS_UDP;
         f->tries = 1;
         f->held = NL_HELD_NONE;
+        if (cluster)
+            nl_cluster_flow_start(lb, f, p);
         nl_flow_gauge(lb, f, f->state, 1);
-        if (p->proto == 6)
-            note_syn(lb, f, p, csum, now);
+        if (is_syn)
+            note_syn(lb, f, p, csum, now, !cluster);
         wc->services[svc->spec.id].new_flows++;
         wc->backends[be->id].new_flows++;
     } else if (!snap->alive[f->backend_id] &&
@@ -446,10 +453,12 @@ static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
          * SYN again). */
         if (nl_move_flow(lb, snap, f, p) == 0 && is_syn) {
             f->tries++;
-            note_syn(lb, f, p, csum, now);
+            note_syn(lb, f, p, csum, now, !cluster);
         }
     }
     if (p->proto == 6) {
+        if (cluster)
+            nl_cluster_track(f, 0, p->tcp_flags);
         track_tcp(lb, f, 0, p->tcp_flags, now);
         f->client_seq_next = p->seq + p->seq_len;
     } else {
@@ -475,15 +484,20 @@ static inline int seq_before(uint32_t a, uint32_t b)
     return (int32_t)(a - b) < 0;
 }
 
-static int reply(struct nl_lb *lb, struct nl_worker_counters *wc, struct nl_pkt *p,
-                 uint32_t pkt_flags, int csum, uint32_t now, uint32_t *mark)
+static int reply(struct nl_lb *lb, struct nl_worker_counters *wc,
+                 const struct nl_snapshot *snap, struct nl_pkt *p, uint32_t pkt_flags,
+                 int csum, uint32_t now, uint32_t *mark)
 {
     pthread_spinlock_t *lock;
     struct nl_ct_key k = { p->daddr, p->dport, p->proto, 1, p->saddr, p->sport };
     struct nl_flow *f = find_locked(lb, &k, now, &lock);
+    int full = 0;
+    if (!f)
+        f = nl_cluster_adopt_reply(lb, snap, p, now, &lock, &full);
     if (!f) {
-        wc->reasons[NL_R_NOT_OURS]++;
-        return NL_VERDICT_ACCEPT;
+        /* A cluster reply we cannot track must not leak the backend. */
+        wc->reasons[full ? NL_R_TABLE_FULL : NL_R_NOT_OURS]++;
+        return full ? NL_VERDICT_DROP : NL_VERDICT_ACCEPT;
     }
     if (p->proto == 6 && (p->tcp_flags & NL_TCP_RST) && f->state == NL_FS_SYN_SENT) {
         /* RFC 793, SYN-SENT: an RST is acceptable only with an ACK of the
@@ -508,6 +522,8 @@ static int reply(struct nl_lb *lb, struct nl_worker_counters *wc, struct nl_pkt 
     }
     f->flags |= NL_FL_REPLIED;
     if (p->proto == 6) {
+        if (snap && nl_svc_cluster(snap->by_id[f->service_id]))
+            nl_cluster_track(f, 1, p->tcp_flags);
         track_tcp(lb, f, 1, p->tcp_flags, now);
         f->server_seq_next = p->seq + p->seq_len;
     } else {
@@ -672,7 +688,7 @@ static int process(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len
     const struct nl_snapshot *snap = __atomic_load_n(&lb->snap, __ATOMIC_ACQUIRE);
     const struct nl_service *svc = find_service(snap, p.daddr, p.dport, p.proto);
     int v = svc ? forward(lb, wc, snap, svc, &p, pkt_flags, csum, (uint32_t)now_ms, mark)
-                : reply(lb, wc, &p, pkt_flags, csum, (uint32_t)now_ms, mark);
+                : reply(lb, wc, snap, &p, pkt_flags, csum, (uint32_t)now_ms, mark);
     if (NL_UNLIKELY(p.frag))
         first_fragment(lb, &p, saddr, daddr, svc != NULL, v, now_ms);
     return v;

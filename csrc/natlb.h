@@ -52,6 +52,12 @@
 #define NL_SCHED_SH 3            /* table indexed by hash(client address)  */
 #define NL_SCHED_MAGLEV 4        /* maglev lookup table, hash(client tuple)*/
 
+/* ---- service flags ----------------------------------------------------- */
+#define NL_SVC_CLUSTER 1         /* several nodes carry it (see cluster.c):
+                                    mid-flow packets and replies that match
+                                    no flow are adopted; the hash seed is
+                                    fixed, so every node picks alike      */
+
 /* ---- backend flags ----------------------------------------------------- */
 #define NL_BE_ELIGIBLE 1         /* may be chosen for new flows (lc)       */
 #define NL_BE_ALIVE 2            /* healthy: its flows stay on it; flows of
@@ -111,6 +117,7 @@ struct nl_service_spec {
     uint8_t proto;                  /* 6 = TCP, 17 = UDP                   */
     uint8_t scheduler;              /* NL_SCHED_*                          */
     uint32_t id;                    /* stable counter slot < NL_MAX_SERVICES */
+    uint32_t flags;                 /* NL_SVC_*                            */
 };
 
 /* Traffic counters of one service or one backend, summed over workers. */
@@ -234,7 +241,9 @@ struct nl_event {
 #define NL_F_PMTU_RELAYED 6      /* "fragmentation needed" passed to backends */
 #define NL_F_HELD_LOST 7         /* held SYNs overwritten before their deadline:
                                     ring full, those flows are not re-steered */
-#define NL_F_MAX 8
+#define NL_F_ADOPTED 8           /* cluster: flows taken up mid-way (no SYN) */
+#define NL_F_REPLY_ADOPTED 9     /* cluster: replies mapped back statelessly */
+#define NL_F_MAX 10
 
 /* Readable when events are waiting (an eventfd); never blocks the workers.
  * The ring keeps the newest events: when full, the oldest is dropped and

@@ -71,7 +71,7 @@ static void publish(void)
     for (uint32_t i = 0; i < N_SVCS; i++) {
         const struct svc_def *s = &SVCS[i];
         struct nl_service_spec spec = { ip4(192, 0, 2, s->vip), htons(s->port), s->proto,
-                                        s->sched, i };
+                                        s->sched, i, 0 };
         struct nl_backend_spec be[4];
         uint16_t table[MAX_TABLE];
         for (uint32_t j = 0; j < s->n; j++) {

@@ -86,6 +86,10 @@ def cmd_backend(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         return _die("demo needs root (it builds network namespaces)")
+    if args.cluster:
+        from natlb_testbed.demo_cluster import main as cluster_main
+
+        return cluster_main()
     from natlb_testbed.demo import main
 
     return main(connections=args.connections)
@@ -122,6 +126,8 @@ def parser() -> argparse.ArgumentParser:
     b.set_defaults(fn=cmd_backend)
     d = sub.add_parser("demo", help="build namespaces, run traffic through natlb, fail a backend")
     d.add_argument("--connections", type=int, default=300)
+    d.add_argument("--cluster", action="store_true",
+                   help="three natlb nodes behind ECMP routers (BIRD); one dies under traffic")
     d.set_defaults(fn=cmd_demo)
     return p
 

@@ -25,6 +25,11 @@ MAX_BACKENDS = 4096
 MAX_WORKERS = 16
 
 SCHEDULERS = ("rr", "wrr", "lc", "sh", "maglev")
+# rr, wrr and lc depend on a node's own history; sh is a pure function of the
+# client address but remaps almost every client when one backend changes, so
+# nodes whose health views differ for a moment would split flows.  Maglev
+# remaps only the changed backend's share.
+CLUSTER_SCHEDULERS = ("maglev",)
 PROTOCOLS = ("tcp", "udp")
 PASSIVE = ("check", "suspect", "down", "ignore")
 ON_DOWN = ("reset", "keep")
@@ -122,6 +127,7 @@ class ServiceConfig:
     health: HealthConfig
     backends: tuple[BackendConfig, ...]
     failover: FailoverConfig = FailoverConfig()
+    cluster: bool = False             # several natlb nodes carry it (ECMP)
 
 
 @dataclass(frozen=True)
@@ -129,6 +135,7 @@ class RouteConfig:
     destination: str
     gateway: str | None = None
     device: str | None = None
+    table: int | None = None          # kernel routing table (e.g. one BIRD learns from)
 
 
 @dataclass(frozen=True)
@@ -146,6 +153,8 @@ class LBConfig:
     syn_timeout_ms: int = 100
     resteer_tries: int = 3
     rewrite: str = "mark"             # mark: nft rewrites on natlb's mark; copy: natlb does
+    announce: str = "always"          # healthy: a VIP is on `interface` only while it has
+                                      # a backend up (what BIRD's direct protocol exports)
     timeouts_s: dict[str, float] = field(default_factory=lambda: {
         "tcp_syn": 10.0, "tcp_established": 900.0, "tcp_fin": 120.0,
         "tcp_close": 10.0, "udp": 300.0, "fragment": 1.0,
@@ -338,7 +347,7 @@ def _backend(raw: Any, path: str, service_port: int) -> BackendConfig:
 def _service(raw: Any, path: str) -> ServiceConfig:
     raw = _table(raw, path)
     _known(raw, path, {"name", "vip", "port", "protocol", "scheduler", "health", "backend",
-                       "failover"})
+                       "failover", "cluster"})
     port = _int(raw, "port", path, None, 1, 65535)
     backends_raw = raw.get("backend", [])
     if not isinstance(backends_raw, list) or not backends_raw:
@@ -350,21 +359,30 @@ def _service(raw: Any, path: str) -> ServiceConfig:
         if b.key in seen:
             raise _fail(f"{path}.backend[{i}]", b.key, "duplicate backend in this service")
         seen.add(b.key)
+    cluster = raw.get("cluster", False)
+    if not isinstance(cluster, bool):
+        raise _fail(f"{path}.cluster", cluster, "must be true or false")
+    scheduler = _str(raw, "scheduler", path, "rr", SCHEDULERS)
+    if cluster and scheduler not in CLUSTER_SCHEDULERS:
+        raise _fail(f"{path}.scheduler", scheduler,
+                    "cluster = true needs maglev (every node must choose alike, and a "
+                    "backend change may move only its own share of flows)")
     return ServiceConfig(
         name=_str(raw, "name", path, None),
         vip=_ipv4(raw, "vip", path),
         port=port,
         protocol=_str(raw, "protocol", path, "tcp", PROTOCOLS),
-        scheduler=_str(raw, "scheduler", path, "rr", SCHEDULERS),
+        scheduler=scheduler,
         health=_health(raw.get("health", {}), f"{path}.health"),
         backends=backends,
         failover=_failover(raw.get("failover", {}), f"{path}.failover"),
+        cluster=cluster,
     )
 
 
 def _route(raw: Any, path: str) -> RouteConfig:
     raw = _table(raw, path)
-    _known(raw, path, {"destination", "gateway", "device"})
+    _known(raw, path, {"destination", "gateway", "device", "table"})
     dest = _str(raw, "destination", path, None)
     try:
         dest = str(ipaddress.IPv4Network(dest, strict=True))
@@ -374,14 +392,18 @@ def _route(raw: Any, path: str) -> RouteConfig:
     dev = _str(raw, "device", path, "") if "device" in raw else None
     if not gw and not dev:
         raise ConfigError(f"{path}: needs a gateway or a device")
-    return RouteConfig(dest, gw, dev)
+    table = _int(raw, "table", path, 0, 1, 0xFFFFFFFF) if "table" in raw else None
+    if table in (253, 254, 255):
+        raise _fail(f"{path}.table", table, "the kernel's default, main and local tables "
+                    "are not natlb's to fill; leave it out for main")
+    return RouteConfig(dest, gw, dev, table)
 
 
 def _lb(raw: Any) -> LBConfig:
     raw = _table(raw, "lb")
     _known(raw, "lb", {"queue", "workers", "max_flows", "max_fragments", "interface", "table",
                        "control_socket", "gso", "poll_us", "syn_timeout_ms", "resteer_tries",
-                       "rewrite", "timeouts", "route", "metrics"})
+                       "rewrite", "timeouts", "route", "metrics", "announce"})
     d = LBConfig()
     timeouts = dict(d.timeouts_s)
     t_raw = _table(raw.get("timeouts", {}), "lb.timeouts")
@@ -415,9 +437,25 @@ def _lb(raw: Any) -> LBConfig:
         syn_timeout_ms=_int(raw, "syn_timeout_ms", "lb", d.syn_timeout_ms, 0, 60_000),
         resteer_tries=_int(raw, "resteer_tries", "lb", d.resteer_tries, 1, 16),
         rewrite=_str(raw, "rewrite", "lb", d.rewrite, ("copy", "mark")),
+        announce=_str(raw, "announce", "lb", d.announce, ("always", "healthy")),
         timeouts_s=timeouts,
         routes=tuple(_route(r, f"lb.route[{i}]") for i, r in enumerate(routes_raw)),
     )
+
+
+def _cluster_backends_unique(services: tuple[ServiceConfig, ...]) -> None:
+    """A node maps a reply it has no flow for back to its service by the
+    backend's address, port and protocol alone, so with a cluster service
+    involved those must name one service."""
+    owner: dict[tuple[str, str], int] = {}
+    for i, s in enumerate(services):
+        for j, b in enumerate(s.backends):
+            k = (b.key, s.protocol)
+            first = owner.setdefault(k, i)
+            if first != i and (s.cluster or services[first].cluster):
+                raise _fail(f"service[{i}].backend[{j}]", b.key,
+                            f"also a backend of service[{first}]; a cluster service "
+                            f"needs backends of its own")
 
 
 def parse(raw: dict[str, Any]) -> Config:
@@ -440,6 +478,7 @@ def parse(raw: dict[str, Any]) -> Config:
         if s.name in names:
             raise _fail(f"service[{i}].name", s.name, "duplicate service name")
         names.add(s.name)
+    _cluster_backends_unique(services)
     if sum(len(s.backends) for s in services) > MAX_BACKENDS:
         raise ConfigError(f"service: more than {MAX_BACKENDS} backends in total")
     return Config(lb, services)

@@ -57,6 +57,8 @@ FAILOVER_COUNTERS = {
     "send_errors": lib.NL_F_SEND_ERRORS,
     "pmtu_relayed": lib.NL_F_PMTU_RELAYED,
     "held_lost": lib.NL_F_HELD_LOST,
+    "adopted": lib.NL_F_ADOPTED,
+    "reply_adopted": lib.NL_F_REPLY_ADOPTED,
 }
 CONNTRACK_COUNTERS = {
     "reclaimed": lib.NL_C_RECLAIMED,
@@ -140,6 +142,7 @@ class ServiceTable:
     id: int
     backends: tuple[BackendEntry, ...]
     table: tuple[int, ...] = ()
+    cluster: bool = False    # several nodes carry it (csrc/cluster.c)
 
 
 @dataclass(frozen=True)
@@ -291,7 +294,7 @@ class Core:
                 spec = ffi.new("struct nl_service_spec *", {
                     "vip": _addr(s.vip), "port": _port(s.port),
                     "proto": PROTOCOLS[s.protocol], "scheduler": SCHEDULERS[s.scheduler],
-                    "id": s.id,
+                    "id": s.id, "flags": lib.NL_SVC_CLUSTER if s.cluster else 0,
                 })
                 bes = ffi.new("struct nl_backend_spec[]", max(1, len(s.backends)))
                 for j, b in enumerate(s.backends):

@@ -18,6 +18,7 @@ import time
 from typing import Any
 
 from natlb import netsetup, ruleset, sdnotify
+from natlb.announce import Announcer
 from natlb.config import Config, load
 from natlb.control import ControlServer
 from natlb.core import MARK_FORWARD, MARK_REPLY, RAW_MARK, Core, CoreConfig
@@ -48,6 +49,18 @@ class Daemon:
         self.reloads: dict[str, Any] = {"count": 0, "at": None, "ok": None, "error": None}
         self.metrics = MetricsServer(self.pool, config.lb) if config.lb.metrics else None
         self.rates = RateEstimator()
+        self.announcer: Announcer | None = None
+
+    def _vips_at_start(self) -> list[str]:
+        """VIPs netsetup adds for good; with announce = "healthy" the
+        Announcer adds and removes them instead."""
+        if self.config.lb.announce == "healthy":
+            return []
+        return [s.vip for s in self.config.services]
+
+    def _announce(self) -> None:
+        if self.announcer:
+            self.announcer.update(self.pool.services, (s.vip for s in self.config.services))
 
     def _log_services(self) -> None:
         for s in self.config.services:
@@ -63,7 +76,8 @@ class Daemon:
                             marks=ruleset.Marks(own=RAW_MARK, forward=MARK_FORWARD,
                                                 reply=MARK_REPLY),
                             rewrite=lb.rewrite, ingress=ingress,
-                            fragments=lb.max_fragments > 0)
+                            fragments=lb.max_fragments > 0,
+                            own_replies_pass=any(s.cluster for s in self.config.services))
 
     def _install_table(self) -> None:
         spec = self._ruleset()
@@ -80,9 +94,21 @@ class Daemon:
         lb = self.config.lb
         assert self.journal is not None
         netsetup.runtime_dir(lb.control_socket, self.journal)
-        netsetup.apply(lb, (s.vip for s in self.config.services), self.journal)
-        self.journal.record("nft_table", table=lb.table)
-        self._install_table()
+        # With announce = "healthy", routers may send us traffic as soon as a
+        # route or VIP appears (natlb/announce.py): steer first, and on exit
+        # (the journal runs backwards) withdraw them while steering still works.
+        steer_first = lb.announce == "healthy"
+        if steer_first:
+            self.journal.record("nft_table", table=lb.table)
+            self._install_table()
+        netsetup.apply(lb, self._vips_at_start(), self.journal)
+        if not steer_first:
+            self.journal.record("nft_table", table=lb.table)
+            self._install_table()
+        if lb.announce == "healthy":
+            self.announcer = Announcer(lb.interface, self.journal)
+            self.pool.listeners.append(self._announce)
+            self.announcer.update(self.pool.services, []).result()
         log.info("nftables table %s installed (%s queue verdict, rewrite by %s), queues %s",
                  lb.table, "nft" if self.steering.native_queue else "xt NFQUEUE",
                  "nft on natlb's mark" if lb.rewrite == "mark" else "natlb", lb.queues)
@@ -119,13 +145,14 @@ class Daemon:
         self.config = new
         new_vips = {s.vip for s in new.services} - old_vips
         loop = asyncio.get_running_loop()
-        if new_vips:
+        if new_vips and not self.announcer:
             assert self.journal is not None
             journal = self.journal
             # pyroute2's synchronous API runs its own event loop: not in ours.
             await loop.run_in_executor(None, lambda: netsetup.apply(new.lb, new_vips, journal))
         # Routes may have changed too: the ruleset reads them in the executor.
         self.steering.install(await loop.run_in_executor(None, self._ruleset))
+        self._announce()
         if self.monitor:
             await self.monitor.stop()
             self.monitor.start()
@@ -207,6 +234,8 @@ class Daemon:
             self.setup_host()
             asyncio.run(self.serve())
         finally:
+            if self.announcer:
+                self.announcer.close()
             for e in self.journal.undo():
                 log.error("cleanup: %s", e)
             self.core.stop()

@@ -149,6 +149,8 @@ def _apply(lb: LBConfig, vips: Iterable[str], journal: Journal) -> None:
             spec: dict[str, object] = {"dst": r.destination}
             if r.gateway:
                 spec["gateway"] = r.gateway
+            if r.table is not None:
+                spec["table"] = r.table
             if r.device:
                 dev = ipr.link_lookup(ifname=r.device)
                 if not dev:

@@ -50,6 +50,8 @@ class Pool:
         # Set by the health monitor while it runs: start a check right now.
         self.check_now: Callable[[int], None] | None = None
         self.health_checks = {"ok": 0, "fail": 0}  # active check results, for metrics
+        # Called after effects that publish, e.g. to announce or withdraw VIPs.
+        self.listeners: list[Callable[[], None]] = []
 
     @property
     def services(self) -> list[Service]:
@@ -94,6 +96,9 @@ class Pool:
                 log.info("service %s backend %s: %s (ignored)", e.service, e.backend, e.detail)
         if publish or resets:
             self.publisher.request(publish, resets)
+        if publish:
+            for listener in self.listeners:
+                listener()
         # Last: a check may answer at once and feed the next event.
         for backend_id in checks:
             if self.check_now is not None:

@@ -76,7 +76,8 @@ class Publisher:
             s = by_id.get(sid)
             if s is None:  # removed by a reload
                 continue
-            spec = ServiceTable(s.cfg.vip, s.cfg.port, s.cfg.protocol, s.cfg.scheduler, s.id, ())
+            spec = ServiceTable(s.cfg.vip, s.cfg.port, s.cfg.protocol, s.cfg.scheduler, s.id, (),
+                                cluster=s.cfg.cluster)
             changed[sid] = (spec, tuple((b.cfg.address, b.cfg.port, b.cfg.key, b.weight, b.id,
                                          b.eligible, b.alive) for b in s.backends))
         job = Job([s.id for s in self.state.services], changed, self._resets)
@@ -113,7 +114,7 @@ class Publisher:
                             for addr, port, _, weight, bid, eligible, alive in rows)
             self._current[sid] = ServiceTable(spec.vip, spec.port, spec.protocol,
                                               spec.scheduler, sid, entries,
-                                              self._table(spec, rows))
+                                              self._table(spec, rows), spec.cluster)
         for sid in set(self._current) - set(job.order):
             del self._current[sid]
             self._tables.pop(sid, None)

@@ -9,6 +9,7 @@ is one hash lookup in a set, every mark-mode rewrite one lookup in a map.
 
     prerouting, priority raw (-300):
       ip daddr . meta l4proto . th dport @vips                     notrack, queue
+      fib daddr type local  ip saddr . ... @backend_services       accept (cluster only)
       ip saddr . meta l4proto . th sport . meta iif @replies       notrack, queue
       ip saddr . meta l4proto . th sport @backend_services         counter, drop
       icmp type 3  ip saddr . meta iif @backend_hosts              notrack, queue
@@ -67,6 +68,7 @@ NF_DROP = 0
 NFT_CMP_NEQ = 1
 IP_MF_OFFSET = 0x3fff    # frag-off bits: more fragments, fragment offset
 IP_OFFSET = 0x1fff
+NF_ACCEPT = 1
 # Registers: NFT_REG_1 holds 16 bytes and overlaps the 32-bit NFT_REG32_00..03,
 # which is how concatenated keys are laid out (each part padded to 4 bytes).
 REG_1, REG32_01, REG32_02, REG32_03 = 1, 9, 10, 11
@@ -119,6 +121,10 @@ class Spec:
     ingress: Mapping[str, tuple[int, ...]]
     native_queue: bool = False                    # nft `queue` instead of xt NFQUEUE
     fragments: bool = True                        # queue fragments (fragment tracking on)
+    # Backends' answers to this host's own connections (health checks) pass
+    # before the reply rules: cluster services map a reply without a flow
+    # back to its VIP (csrc/cluster.c), which these must not be.
+    own_replies_pass: bool = False
 
 
 @dataclass(frozen=True)
@@ -199,6 +205,19 @@ def queue_expr(first: int, total: int, native: bool) -> dict[str, Any]:
     # struct xt_NFQ_info_v3 { u16 queuenum, queues_total, flags; } in host order.
     # No bypass flag: natlb is fail-closed (see README).
     return expr("target", name="NFQUEUE", rev=3, info=struct.pack("=HHHxx", first, total, 0))
+
+
+RTN_LOCAL = 2
+NFTA_FIB_F_DADDR = 2
+# pyroute2 encodes NFTA_FIB_RESULT as a bit set of these names: {UNSPEC, OIF}
+# is bits 0 and 1, i.e. NFT_FIB_RESULT_ADDRTYPE (3).
+FIB_RESULT_ADDRTYPE = frozenset({"NFT_FIB_RESULT_UNSPEC", "NFT_FIB_RESULT_OIF"})
+
+
+def _to_this_host() -> list[dict[str, Any]]:
+    """``fib daddr type local``"""
+    return [expr("fib", dreg=REG_1, result=FIB_RESULT_ADDRTYPE, flags=NFTA_FIB_F_DADDR),
+            _cmp_eq(struct.pack("=I", RTN_LOCAL))]
 
 
 def _tuple_key(source: bool, with_iif: bool) -> list[dict[str, Any]]:
@@ -407,6 +426,10 @@ def build(spec: Spec) -> list[Message]:
     # and the kernel's conntrack (priority -200) must never see the flow.
     rule("prerouting", "to a service",
          [*_tuple_key(False, False), _lookup("vips"), expr("notrack"), queue])
+    if spec.own_replies_pass:
+        rule("prerouting", "reply to this host",
+             [*_to_this_host(), *_tuple_key(True, False), _lookup("backend_services"),
+              _verdict(NF_ACCEPT)])
     rule("prerouting", "reply from a backend",
          [*_tuple_key(True, True), _lookup("replies"), expr("notrack"), queue])
     rule("prerouting", "spoofed backend reply",

@@ -80,8 +80,11 @@ def maglev_size(n: int) -> int:
 def maglev_table(cands: Sequence[Candidate], size: int | None = None) -> list[int]:
     """Maglev lookup table (Eisenbud et al., NSDI 2016, section 3.4) with
     weights as extra turns.  Each backend's permutation depends only on its
-    key, so removing one of N backends remaps about 1/N of the slots."""
-    live = [(i, c) for i, c in enumerate(cands) if c.eligible and c.weight > 0]
+    key, so removing one of N backends remaps about 1/N of the slots.  Turns
+    go in key order, not list order, so nodes whose configs list the same
+    backends in another order still build the same table (by key)."""
+    live = sorted(((i, c) for i, c in enumerate(cands) if c.eligible and c.weight > 0),
+                  key=lambda ic: ic[1].key)
     if not live:
         return []
     m = size or maglev_size(len(cands))
