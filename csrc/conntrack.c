@@ -68,6 +68,11 @@ int nl_ct_init(struct nl_ct *ct, uint32_t max_flows, const uint32_t *timeouts)
 
 void nl_ct_fini(struct nl_ct *ct)
 {
+    if (ct->store) {
+        nl_ct_store_unmap(ct);
+        ct->flows = NULL;
+        ct->buckets = NULL;
+    }
     free(ct->flows);
     free(ct->buckets);
     ct->flows = NULL;

@@ -114,7 +114,10 @@ enum nl_flow_state {
 
 /* One tracked flow: client <-> VIP on one side, client <-> backend on the
  * other.  Both directions hash on (client addr, client port, proto), so one
- * chain and one lock stripe hold both.  48 bytes (see the static assert). */
+ * chain and one lock stripe hold both.  48 bytes (see the static assert).
+ * The table outlives the process (ctstore.c): a change here must list new
+ * fields in nl_ct_layout() and bump NL_CT_LAYOUT_VERSION, so that a table
+ * written by another build is refused instead of misread. */
 struct nl_flow {
     uint32_t client_addr;
     uint32_t vip_addr;
@@ -169,6 +172,8 @@ struct nl_ct {
     uint32_t evict_cursor;           /* next bucket eviction looks at      */
     uint32_t timeout_ms[NL_T_MAX];
     uint64_t counters[NL_C_MAX];     /* atomic; rare events                */
+    void *store;                     /* file mapping holding the arrays (ctstore.c) */
+    size_t store_len;
 };
 
 /* Direction-neutral key: for a forward packet (src = client), for a reply
@@ -184,6 +189,8 @@ struct nl_ct_key {
 
 int nl_ct_init(struct nl_ct *ct, uint32_t max_flows, const uint32_t *timeouts);
 void nl_ct_fini(struct nl_ct *ct);
+/* Unmaps a table nl_ct_store put in a file; the file stays (ctstore.c). */
+void nl_ct_store_unmap(struct nl_ct *ct);
 uint32_t nl_ct_bucket(const struct nl_ct *ct, const struct nl_ct_key *k);
 /* Caller holds the stripe lock of the key's bucket for these three. */
 struct nl_flow *nl_ct_find(struct nl_ct *ct, uint32_t bucket,
@@ -274,6 +281,9 @@ struct nl_lb {
     struct nl_failover *fo;          /* failover.c                         */
     int raw_fd;                      /* raw socket while workers run, or -1 */
     struct nl_fragtrack *ft;         /* fragtrack.c                        */
+    int paused;                      /* workers bound but not reading (handover) */
+    uint32_t n_fwd;                  /* >0: pass every packet on to fwd_queue */
+    uint16_t fwd_queue[NL_MAX_WORKERS];
 };
 
 /* Choose a backend index within svc for a new flow, or -1. */

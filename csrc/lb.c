@@ -805,3 +805,18 @@ void nl_read_io(struct nl_lb *lb, uint64_t *packets, uint64_t *batches)
         *batches += lb->counters[w].io_batches;
     }
 }
+
+void nl_seed_counters(struct nl_lb *lb, uint32_t backend, uint32_t id,
+                      const struct nl_counters *c)
+{
+    if (id >= (backend ? NL_MAX_BACKENDS : NL_MAX_SERVICES))
+        return;
+    /* The block of callers outside the workers: it is summed like theirs. */
+    struct nl_worker_counters *wc = counters_of(lb, lb->cfg.n_workers);
+    struct nl_counters *t = backend ? &wc->backends[id] : &wc->services[id];
+    __atomic_fetch_add(&t->packets_in, c->packets_in, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&t->bytes_in, c->bytes_in, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&t->packets_out, c->packets_out, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&t->bytes_out, c->bytes_out, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&t->new_flows, c->new_flows, __ATOMIC_RELAXED);
+}

@@ -213,6 +213,10 @@ void nl_read_services(struct nl_lb *lb, struct nl_counters *out, uint32_t n);
 void nl_read_backends(struct nl_lb *lb, struct nl_counters *out, uint32_t n);
 /* out[NL_R_MAX]: packets dropped or passed, by reason. */
 void nl_read_reasons(struct nl_lb *lb, uint64_t *out);
+/* Adds c's traffic counters (not the gauges) to service `id`, or backend
+ * `id` if `backend`: a successor continues its predecessor's counts. */
+void nl_seed_counters(struct nl_lb *lb, uint32_t backend, uint32_t id,
+                      const struct nl_counters *c);
 /* Packets seen by the NFQUEUE workers and netlink receive batches. */
 void nl_read_io(struct nl_lb *lb, uint64_t *packets, uint64_t *batches);
 
@@ -321,9 +325,44 @@ uint64_t nl_frag_memory(struct nl_lb *lb);
  * options outside and in its quote: 136), and so do whole SYNs, RSTs and
  * the ICMP errors about them, whose checksums can then be checked. */
 #define NL_HEAD_COPY 256
+#define NL_START_PAUSED 4        /* bind the queues, read nothing until nl_resume */
 /* Binds one netlink socket per queue number and starts one thread each.
  * On failure nothing is left running and `err` holds a one-line reason. */
 int nl_start(struct nl_lb *lb, const uint16_t *queues, uint32_t n_queues,
              uint32_t flags, char *err, uint32_t errlen);
 /* Stops and joins the workers (returns within about 100 ms). */
 void nl_stop(struct nl_lb *lb);
+/* Workers started with NL_START_PAUSED begin reading their queues. */
+void nl_resume(struct nl_lb *lb);
+/* Handover: from their next batch on, the workers pass every packet on to
+ * `queues` (an NF_QUEUE verdict) without deciding anything, and leave the
+ * flow table alone.  Returns 0 once every worker has started such a batch,
+ * or -1 if that took longer than wait_ms.  n = 0 switches it off. */
+int nl_forward(struct nl_lb *lb, const uint16_t *queues, uint32_t n, uint32_t wait_ms);
+
+/* ---- a flow table that outlives the process (ctstore.c) ---------------- */
+#define NL_STORE_CREATED 0       /* no table at path: a new one            */
+#define NL_STORE_ADOPTED 1       /* the table at path taken over in place  */
+#define NL_STORE_COPIED 2        /* its flows copied into a table of our size */
+#define NL_STORE_REFUSED 3       /* unusable (reason): replaced by a new one */
+
+struct nl_store_report {
+    uint32_t result;                /* NL_STORE_*                          */
+    uint32_t adopted;               /* flows taken over                    */
+    uint32_t dropped;               /* expired, or service/backend gone    */
+    uint32_t old_max_flows;         /* NL_STORE_COPIED: the old size       */
+    char reason[160];               /* refusal reason, or the error        */
+};
+/* Moves the flow table into the file at `path`, adopting the table a
+ * previous process left there if its layout, boot and links check out.
+ * Call after the first nl_publish (adopted flows are given the published
+ * ids) and before nl_start, or while the workers are paused.  0, or -1
+ * with out->reason (nothing changed). */
+int nl_ct_store(struct nl_lb *lb, const char *path, uint64_t now_ms,
+                struct nl_store_report *out);
+/* Takes the table back after a successor adopted it in place and failed:
+ * gives every flow this process's ids again and rebuilds the free list and
+ * gauges.  Workers must be forwarding or stopped.  0, or -1 (out->reason). */
+int nl_ct_readopt(struct nl_lb *lb, uint64_t now_ms, struct nl_store_report *out);
+/* Identifies the table layout this build reads and writes. */
+uint32_t nl_ct_layout(void);

@@ -77,6 +77,7 @@ struct nl_worker {
     uint32_t timeout_ms;         /* current SO_RCVTIMEO                     */
     int mark_mode;               /* NL_START_MARK: decide, let nft rewrite  */
     uint8_t *release_buf;        /* copy mode: a released fragment's bytes  */
+    uint64_t loops;              /* loop iterations, for nl_forward's wait  */
 };
 
 static uint64_t now_ms(void)
@@ -210,8 +211,11 @@ static uint16_t attr_min_len(uint16_t type)
 
 /* Appends the verdict for packet `id` (network order): NFQA_MARK with
  * NL_VERDICT_MARK, or `payload` bytes at pkt as the new packet. */
+/* forward_to >= 0: hand the packet to that queue instead (handover, see
+ * nl_forward); the verdict and mark are then ignored. */
 static void add_verdict(struct nl_worker *w, uint32_t id, int verdict, uint32_t mark,
-                        uint8_t *pkt, uint32_t payload, size_t *nv, size_t *niov)
+                        uint8_t *pkt, uint32_t payload, size_t *nv, size_t *niov,
+                        int forward_to)
 {
     struct verdict_msg *v = &w->verdicts[*nv];
     memset(v, 0, sizeof(*v));
@@ -222,7 +226,8 @@ static void add_verdict(struct nl_worker *w, uint32_t id, int verdict, uint32_t 
     v->nfg.res_id = htons(w->queue);
     v->vattr.nla_type = NFQA_VERDICT_HDR;
     v->vattr.nla_len = NLA_HDRLEN + sizeof(v->vhdr);
-    v->vhdr.verdict = htonl(verdict == NL_VERDICT_DROP ? NF_DROP : NF_ACCEPT);
+    v->vhdr.verdict = htonl(forward_to >= 0 ? NF_QUEUE | ((uint32_t)forward_to << 16)
+                            : verdict == NL_VERDICT_DROP ? NF_DROP : NF_ACCEPT);
     v->vhdr.id = id;
     size_t hdr = offsetof(struct verdict_msg, tattr);
     static const uint8_t pad[4];
@@ -303,7 +308,7 @@ int nl_nfq_parse(const uint8_t *msg, uint32_t len, struct nl_nfq_packet *out)
 
 /* Processes one NFQNL_MSG_PACKET and appends its verdict. */
 static void handle_packet(struct nl_worker *w, struct nlmsghdr *nlh, uint64_t now,
-                          size_t *nv, size_t *niov)
+                          uint32_t n_fwd, size_t *nv, size_t *niov)
 {
     struct nl_nfq_packet q;
     if (nl_nfq_parse((const uint8_t *)nlh, nlh->nlmsg_len, &q) < 0)
@@ -313,8 +318,13 @@ static void handle_packet(struct nl_worker *w, struct nlmsghdr *nlh, uint64_t no
     uint32_t len = q.payload_len;
     int verdict = NL_VERDICT_DROP;
     wc->io_packets++;
-    uint32_t mark = 0;
-    if (!pkt) {
+    uint32_t mark = 0, forward_to = 0;
+    if (n_fwd) {
+        /* Handover: the successor decides; the kernel moves the packet to
+         * its queue, at the same hook position. */
+        forward_to = w->lb->fwd_queue[w->index % n_fwd];
+        verdict = NL_VERDICT_ACCEPT;
+    } else if (!pkt) {
         wc->reasons[NL_R_TRUNCATED]++;
     } else if (w->mark_mode) {
         verdict = nl_packet(w->lb, w->index, pkt, len, q.pkt_flags, now, ntohl(q.packet_id),
@@ -332,7 +342,7 @@ static void handle_packet(struct nl_worker *w, struct nlmsghdr *nlh, uint64_t no
     if (verdict == NL_VERDICT_HOLD)
         return;         /* its verdict comes later (answer_released) */
     add_verdict(w, q.packet_id, verdict, mark, pkt, verdict == NL_VERDICT_REWRITE ? len : 0,
-                nv, niov);
+                nv, niov, n_fwd ? (int)forward_to : -1);
 }
 
 static void send_verdicts(struct nl_worker *w, size_t nv, size_t niov)
@@ -356,7 +366,7 @@ static void answer_released(struct nl_worker *w)
     while (nl_frag_take(w->lb, w->index, &rel, buf, buf ? SLOT : 0)) {
         size_t nv = 0, niov = 0;
         add_verdict(w, htonl(rel.packet_id), (int)rel.verdict, rel.mark, buf,
-                    rel.verdict == NL_VERDICT_REWRITE ? rel.len : 0, &nv, &niov);
+                    rel.verdict == NL_VERDICT_REWRITE ? rel.len : 0, &nv, &niov, -1);
         send_verdicts(w, nv, niov);
     }
 }
@@ -407,6 +417,13 @@ static void *worker_main(void *arg)
     const size_t max_v = sizeof(w->verdicts) / sizeof(w->verdicts[0]);
     w->last_sweep_ms = now_ms();
     while (!__atomic_load_n(&lb->stop, __ATOMIC_RELAXED)) {
+        __atomic_add_fetch(&w->loops, 1, __ATOMIC_SEQ_CST);
+        if (__atomic_load_n(&lb->paused, __ATOMIC_ACQUIRE)) {
+            /* Bound: the kernel keeps the packets until we read. */
+            usleep(500);
+            continue;
+        }
+        uint32_t n_fwd = __atomic_load_n(&lb->n_fwd, __ATOMIC_SEQ_CST);
         nl_worker_quiescent(lb, w->index);
         int n = receive(w);
         uint64_t now = now_ms();
@@ -427,11 +444,13 @@ static void *worker_main(void *arg)
                         send_verdicts(w, nv, niov);
                         nv = niov = 0;
                     }
-                    handle_packet(w, nlh, now, &nv, &niov);
+                    handle_packet(w, nlh, now, n_fwd, &nv, &niov);
                 }
             }
             send_verdicts(w, nv, niov);
         }
+        if (n_fwd)
+            continue;            /* the table is the successor's now */
         if (lb->cfg.syn_timeout_ms) {
             if (n <= 0)
                 nl_worker_enter(lb, w->index);   /* the tick reads the snapshot */
@@ -517,6 +536,7 @@ int nl_start(struct nl_lb *lb, const uint16_t *queues, uint32_t n, uint32_t flag
     }
     __atomic_store_n(&lb->raw_fd, raw, __ATOMIC_RELEASE);
     lb->stop = 0;
+    lb->paused = (flags & NL_START_PAUSED) != 0;
     lb->n_running = 0;
     for (i = 0; i < n; i++) {
         if (pthread_create(&ws[i].thread, NULL, worker_main, &ws[i]) != 0) {
@@ -555,4 +575,31 @@ void nl_stop(struct nl_lb *lb)
     free(lb->workers);
     lb->workers = NULL;
     lb->n_running = 0;
+}
+
+void nl_resume(struct nl_lb *lb)
+{
+    __atomic_store_n(&lb->paused, 0, __ATOMIC_RELEASE);
+}
+
+int nl_forward(struct nl_lb *lb, const uint16_t *queues, uint32_t n, uint32_t wait_ms)
+{
+    if (n > NL_MAX_WORKERS)
+        return -1;
+    uint64_t seen[NL_MAX_WORKERS];
+    for (uint32_t i = 0; i < lb->n_running; i++)
+        seen[i] = __atomic_load_n(&lb->workers[i].loops, __ATOMIC_SEQ_CST);
+    memcpy(lb->fwd_queue, queues, n * sizeof(*queues));
+    __atomic_store_n(&lb->n_fwd, n, __ATOMIC_SEQ_CST);
+    /* A worker whose counter moved twice has finished the batch it was in
+     * and read the new setting at the top of the next loop. */
+    uint64_t deadline = now_ms() + wait_ms;
+    for (uint32_t i = 0; i < lb->n_running; i++) {
+        while (__atomic_load_n(&lb->workers[i].loops, __ATOMIC_SEQ_CST) < seen[i] + 2) {
+            if (now_ms() > deadline)
+                return -1;
+            usleep(200);
+        }
+    }
+    return 0;
 }

@@ -48,7 +48,29 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     logsetup.configure(args.verbose)
 
-    return run(cfg, args.config)
+    return run(cfg, args.config, args.handover_fd)
+
+
+def cmd_restart(args: argparse.Namespace) -> int:
+    from natlb.config import load
+    from natlb.control import request
+
+    cfg = load(args.config)  # a bad config is refused here, exit 2, nothing changed
+    reply = request(args.socket or cfg.lb.control_socket,
+                    {"cmd": "restart", "config": os.path.abspath(args.config)}, timeout=90)
+    if not reply.get("ok"):
+        return _die(reply.get("error", "refused"), int(reply.get("exit", 1)))
+    print(f"natlb pid {reply['pid']} serves, queues {reply['queues']['old']} -> "
+          f"{reply['queues']['new']}")
+    print(f"flows handed over: {reply['flows']} ({reply['store']} into max_flows "
+          f"{reply['max_flows']}; {reply['flows_dropped']} dropped: expired or no longer "
+          f"configured)")
+    print(f"backends with their health, admin state and weight: {reply['backends']} of "
+          f"{reply['backends_total']}")
+    for name, c in reply["counters"].items():
+        print(f"service {name} counters at handover: " +
+              ", ".join(f"{k} {v}" for k, v in c.items()))
+    return 0
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -104,7 +126,13 @@ def parser() -> argparse.ArgumentParser:
     r = sub.add_parser("run", help="run in the foreground")
     r.add_argument("-c", "--config", required=True)
     r.add_argument("-v", "--verbose", action="store_true")
+    r.add_argument("--handover-fd", type=int, help=argparse.SUPPRESS)
     r.set_defaults(fn=cmd_run)
+    rs = sub.add_parser("restart", help="hand over to a new natlb (config re-read), "
+                                        "keeping flows")
+    rs.add_argument("-c", "--config", required=True)
+    rs.add_argument("-s", "--socket", help="control socket path of the running natlb")
+    rs.set_defaults(fn=cmd_restart)
     c = sub.add_parser("check", help="validate a config file (exit 0 or 2)")
     c.add_argument("-c", "--config", required=True)
     c.set_defaults(fn=cmd_check)

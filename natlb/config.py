@@ -10,6 +10,7 @@ the only ones (natlb.core.CoreConfig is built from LBConfig).
 from __future__ import annotations
 
 import ipaddress
+import os
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -152,6 +153,7 @@ class LBConfig:
     poll_us: int = 0
     syn_timeout_ms: int = 100
     resteer_tries: int = 3
+    restart_grace_ms: int = 3000      # host left this long for a successor after a crash
     rewrite: str = "mark"             # mark: nft rewrites on natlb's mark; copy: natlb does
     announce: str = "always"          # healthy: a VIP is on `interface` only while it has
                                       # a backend up (what BIRD's direct protocol exports)
@@ -169,6 +171,26 @@ class LBConfig:
     def metrics_address(self) -> tuple[str, int]:
         host, _, port = self.metrics.rpartition(":")
         return host.strip("[]"), int(port)
+    def other_queues(self, taken: list[int]) -> list[int]:
+        """`natlb restart`: the successor's queues must not be its
+        predecessor's; it takes the bank NL_MAX_WORKERS above (or below)."""
+        bank = self.queues
+        if not set(bank) & set(taken):
+            return bank
+        shift = MAX_WORKERS if self.queue + MAX_WORKERS + self.workers <= 65536 else -MAX_WORKERS
+        return [q + shift for q in bank]
+
+    @property
+    def flow_table_path(self) -> str:
+        """The flow table's file, beside the control socket (tmpfs under /run):
+        it outlives the process, so a successor adopts it."""
+        parent = os.path.dirname(os.path.abspath(self.control_socket))
+        return os.path.join(parent, f"natlb-{self.table}.flows")
+
+    @property
+    def guardian_socket(self) -> str:
+        """Where a crashed natlb's guardian waits for a successor."""
+        return os.path.abspath(self.control_socket) + ".guardian"
 
 
 @dataclass(frozen=True)
@@ -403,7 +425,7 @@ def _lb(raw: Any) -> LBConfig:
     raw = _table(raw, "lb")
     _known(raw, "lb", {"queue", "workers", "max_flows", "max_fragments", "interface", "table",
                        "control_socket", "gso", "poll_us", "syn_timeout_ms", "resteer_tries",
-                       "rewrite", "timeouts", "route", "metrics", "announce"})
+                       "restart_grace_ms", "rewrite", "timeouts", "route", "metrics", "announce"})
     d = LBConfig()
     timeouts = dict(d.timeouts_s)
     t_raw = _table(raw.get("timeouts", {}), "lb.timeouts")
@@ -436,6 +458,7 @@ def _lb(raw: Any) -> LBConfig:
         poll_us=_int(raw, "poll_us", "lb", d.poll_us, 0, 10_000),
         syn_timeout_ms=_int(raw, "syn_timeout_ms", "lb", d.syn_timeout_ms, 0, 60_000),
         resteer_tries=_int(raw, "resteer_tries", "lb", d.resteer_tries, 1, 16),
+        restart_grace_ms=_int(raw, "restart_grace_ms", "lb", d.restart_grace_ms, 0, 600_000),
         rewrite=_str(raw, "rewrite", "lb", d.rewrite, ("copy", "mark")),
         announce=_str(raw, "announce", "lb", d.announce, ("always", "healthy")),
         timeouts_s=timeouts,

@@ -4,6 +4,7 @@ one JSON reply per connection.
 Requests: {"cmd": "status"}
           {"cmd": "backend", "action": "drain|enable|disable|weight",
            "service": NAME, "backend": "ADDR[:PORT]", "weight": N}
+          {"cmd": "restart", "config": PATH}   (hand over to a new natlb)
 """
 
 from __future__ import annotations
@@ -12,7 +13,8 @@ import asyncio
 import json
 import os
 import socket
-from collections.abc import Callable
+import time
+from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from natlb.errors import HostError
@@ -29,29 +31,44 @@ class ControlError(HostError):
 
 
 class ControlServer:
-    def __init__(self, path: str, pool: Pool, status: Callable[[], dict[str, Any]]) -> None:
+    def __init__(self, path: str, pool: Pool, status: Callable[[], dict[str, Any]],
+                 restart: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = None,
+                 ) -> None:
         self.path = path
         self.pool = pool
         self.status = status
+        self.restart = restart
         self.server: asyncio.AbstractServer | None = None
 
     @staticmethod
-    def check_free(path: str) -> None:
-        """Refuse to start beside a running natlb; clear a dead one's socket."""
+    def check_free(path: str) -> bool:
+        """Refuse to start beside a running natlb; clear a dead one's socket
+        (and say so: True means a natlb died without cleaning up)."""
         if not os.path.exists(path):
-            return
+            return False
         probe = socket.socket(socket.AF_UNIX)
         try:
             probe.connect(path)
         except OSError:
             os.unlink(path)
+            return True
         else:
             raise ControlError(f"control socket {path} is in use by a running natlb")
         finally:
             probe.close()
 
-    async def start(self) -> None:
-        self.check_free(self.path)
+    async def start(self, wait_s: float = 0.0) -> None:
+        """Bind; with wait_s, wait that long for a running natlb to let go
+        of the path (it does as it exits after handing over to us)."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                self.check_free(self.path)
+                break
+            except ControlError:
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.02)
         old = os.umask(0o077)
         try:
             self.server = await asyncio.start_unix_server(self._serve, self.path)
@@ -89,7 +106,11 @@ class ControlServer:
         try:
             line = await asyncio.wait_for(reader.readline(), 5)
             try:
-                reply = self.handle(json.loads(line))
+                req = json.loads(line)
+                if req.get("cmd") == "restart" and self.restart:
+                    reply = await self.restart(req)
+                else:
+                    reply = self.handle(req)
             except (PoolError, ValueError, TypeError) as e:
                 reply = {"ok": False, "error": str(e)}
             writer.write(json.dumps(reply).encode() + b"\n")

@@ -10,6 +10,7 @@ import enum
 import ipaddress
 import socket
 import struct
+import time
 from dataclasses import dataclass, field
 
 from natlb._natlb_core import ffi, lib
@@ -106,6 +107,21 @@ class Verdict(enum.IntEnum):
     HOLD = lib.NL_VERDICT_HOLD
 
 
+STORE_RESULTS = {lib.NL_STORE_CREATED: "created", lib.NL_STORE_ADOPTED: "adopted",
+                 lib.NL_STORE_COPIED: "copied", lib.NL_STORE_REFUSED: "refused"}
+
+
+@dataclass(frozen=True)
+class StoreReport:
+    """What nl_ct_store found at the flow table's path (see csrc/ctstore.c)."""
+
+    result: str          # created | adopted | copied | refused
+    adopted: int         # flows taken over
+    dropped: int         # expired, or their service or backend is gone
+    old_max_flows: int   # copied: the size of the table the flows came from
+    reason: str          # refused: why
+
+
 class CoreError(HostError):
     """The C core refused a request (bad table, no memory, queue unavailable)."""
 
@@ -195,6 +211,12 @@ class CoreConfig:
                    max_fragments=lb.max_fragments,
                    fragment_timeout_ms=max(1, int(lb.timeouts_s["fragment"] * 1000)),
                    timeouts_ms=_timeouts_ms(lb.timeouts_s))
+
+
+def monotonic_ms() -> int:
+    """The data path's clock: CLOCK_MONOTONIC, shared by every process
+    until the next boot, so flow expiry times survive a restart."""
+    return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1_000_000
 
 
 def _addr(a: str) -> int:
@@ -423,6 +445,13 @@ class Core:
     def backend_counters(self, n: int = MAX_BACKENDS) -> list[Counters]:
         return self._read(lib.nl_read_backends, n)
 
+    def seed_counters(self, backend: bool, id: int, c: Counters) -> None:
+        """Continue a predecessor's traffic counts (natlb restart)."""
+        cc = ffi.new("struct nl_counters *", {
+            "packets_in": c.packets_in, "bytes_in": c.bytes_in, "packets_out": c.packets_out,
+            "bytes_out": c.bytes_out, "new_flows": c.new_flows})
+        lib.nl_seed_counters(self._lb, int(backend), id, cc)
+
     def reasons(self) -> dict[str, int]:
         out = ffi.new("uint64_t[]", lib.NL_R_MAX)
         lib.nl_read_reasons(self._lb, out)
@@ -468,15 +497,53 @@ class Core:
         lib.nl_read_failover(self._lb, out)
         return {name: out[idx] for name, idx in FAILOVER_COUNTERS.items()}
 
+    # -- a flow table that outlives the process ---------------------------
+    def store(self, path: str, now_ms: int | None = None) -> StoreReport:
+        """Put the flow table in the file at `path`, adopting the table a
+        previous natlb left there when it can.  After the first publish."""
+        if now_ms is None:
+            now_ms = monotonic_ms()
+        out = ffi.new("struct nl_store_report *")
+        if lib.nl_ct_store(self._lb, path.encode(), now_ms, out) != 0:
+            raise CoreError(f"flow table {path}: {ffi.string(out.reason).decode()}")
+        return StoreReport(STORE_RESULTS[out.result], out.adopted, out.dropped,
+                           out.old_max_flows, ffi.string(out.reason).decode())
+
+    def readopt(self, now_ms: int | None = None) -> StoreReport:
+        """Take the flow table back from a successor that adopted it in
+        place and then failed (its ids are written back to ours)."""
+        out = ffi.new("struct nl_store_report *")
+        if lib.nl_ct_readopt(self._lb, monotonic_ms() if now_ms is None else now_ms, out):
+            raise CoreError(f"flow table: {ffi.string(out.reason).decode()}")
+        return StoreReport(STORE_RESULTS[out.result], out.adopted, out.dropped,
+                           out.old_max_flows, ffi.string(out.reason).decode())
+
+    @staticmethod
+    def layout() -> int:
+        return lib.nl_ct_layout()
+
     # -- NFQUEUE workers --------------------------------------------------
-    def start(self, queues: list[int], gso: bool = False, mark: bool = True) -> None:
+    def start(self, queues: list[int], gso: bool = False, mark: bool = True,
+              paused: bool = False) -> None:
         err = ffi.new("char[]", 256)
         qs = ffi.new("uint16_t[]", queues)
-        flags = (lib.NL_START_GSO if gso else 0) | (lib.NL_START_MARK if mark else 0)
+        flags = ((lib.NL_START_GSO if gso else 0) | (lib.NL_START_MARK if mark else 0)
+                 | (lib.NL_START_PAUSED if paused else 0))
         rc = lib.nl_start(self._lb, qs, len(queues), flags, err, 256)
         if rc != 0:
             raise CoreError(ffi.string(err).decode())
         self.running = True
+
+    def resume(self) -> None:
+        """Workers started paused begin reading their queues."""
+        lib.nl_resume(self._lb)
+
+    def forward_to(self, queues: list[int], wait_ms: int = 2000) -> None:
+        """Handover: pass every packet on to `queues` undecided; returns once
+        no worker decides any more (the flow table is then left alone)."""
+        qs = ffi.new("uint16_t[]", queues or [0])
+        if lib.nl_forward(self._lb, qs, len(queues), wait_ms) != 0:
+            raise CoreError(f"workers did not switch to forwarding within {wait_ms} ms")
 
     def stop(self) -> None:
         if self.running:

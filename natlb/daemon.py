@@ -2,42 +2,80 @@
 network setup and the control socket together, and takes it all down again.
 
 SIGHUP reloads the config file (services and backends; see Daemon.reload).
+`natlb restart` hands everything over to a new process (natlb/handover.py).
 
-Start order: bind the NFQUEUE workers first (a steering rule with no reader
-would drop traffic, since natlb is fail-closed), then addresses and sysctls,
-then the nftables table.  Stop order is the reverse, driven by the undo
-journal, so the table goes first and no packet waits on a dead queue.
+Start order: take over a crashed predecessor's journal from its guardian
+(if one waits), publish the tables, adopt or create the flow table file,
+bind the NFQUEUE workers (a steering rule with no reader would drop
+traffic, since natlb is fail-closed), then the nftables table, then
+addresses and sysctls: a VIP is never local without its rules, which would
+make the host itself answer clients with RSTs.  Stop order is the reverse,
+driven by the undo journal.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
+import socket
+import subprocess
+import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 from natlb import netsetup, ruleset, sdnotify
 from natlb.announce import Announcer
 from natlb.config import Config, load
 from natlb.control import ControlServer
-from natlb.core import MARK_FORWARD, MARK_REPLY, RAW_MARK, Core, CoreConfig
+from natlb.core import (
+    MARK_FORWARD,
+    MARK_REPLY,
+    RAW_MARK,
+    Core,
+    CoreConfig,
+    CoreError,
+    StoreReport,
+)
 from natlb.errors import ConfigError, NatlbError, RequestError
+from natlb.handover import (
+    Channel,
+    HandoverError,
+    pool_state,
+    restore_pool,
+    seed_traffic,
+    traffic,
+    wait_drained,
+)
 from natlb.health import Monitor
 from natlb.metrics import MetricsServer
 from natlb.pool import Pool, PoolError
 from natlb.rates import RateEstimator, live_counters
 from natlb.status import collect
 from natlb.steering import Steering
-from natlb.undo import Journal
+from natlb.undo import Journal, claim
 
 log = logging.getLogger("natlb")
+
+
+def describe_store(path: str, r: StoreReport) -> str:
+    if r.result == "created":
+        return f"flow table {path}: new"
+    if r.result == "refused":
+        return f"flow table {path} refused ({r.reason}); starting with an empty table"
+    how = (f"copied from a table of {r.old_max_flows} flows" if r.result == "copied"
+           else "adopted in place")
+    return (f"flow table {path}: {r.adopted} flows {how}; {r.dropped} dropped "
+            f"(expired, or service/backend no longer configured)")
 
 
 class Daemon:
     """One running natlb: the pieces that live as long as the process."""
 
-    def __init__(self, config: Config, path: str | None) -> None:
+    def __init__(self, config: Config, path: str | None,
+                 handover_fd: int | None = None) -> None:
         self.config = config
         self.path = path
         self.core = Core(CoreConfig.from_lb(config.lb))
@@ -61,6 +99,14 @@ class Daemon:
     def _announce(self) -> None:
         if self.announcer:
             self.announcer.update(self.pool.services, (s.vip for s in self.config.services))
+        self.queues = config.lb.queues
+        # A predecessor handing over to us (natlb restart), or None.
+        self.predecessor = Channel(socket.socket(fileno=handover_fd)) if handover_fd else None
+        self.store_report: StoreReport | None = None
+        self.handed_over = False
+        self._stop: asyncio.Event | None = None
+        self._restarting = False
+        self.serving = False             # a successor: once it has taken over
 
     def _log_services(self) -> None:
         for s in self.config.services:
@@ -72,7 +118,7 @@ class Daemon:
         lb = self.config.lb
         services = ruleset.services_from_pool(self.pool.services)
         ingress = netsetup.backend_ingress(b.address for s in services for b in s.backends)
-        return ruleset.Spec(table=lb.table, services=services, queues=tuple(lb.queues),
+        return ruleset.Spec(table=lb.table, services=services, queues=tuple(self.queues),
                             marks=ruleset.Marks(own=RAW_MARK, forward=MARK_FORWARD,
                                                 reply=MARK_REPLY),
                             rewrite=lb.rewrite, ingress=ingress,
@@ -90,29 +136,44 @@ class Daemon:
             log.debug("replies from backend %s believed via ifindex %s", addr,
                       ", ".join(map(str, ifindexes)) or "none (no route)")
 
-    def setup_host(self) -> None:
+    def setup_host(self, after_rules: Callable[[], None] | None = None) -> None:
         lb = self.config.lb
         assert self.journal is not None
         netsetup.runtime_dir(lb.control_socket, self.journal)
-        # With announce = "healthy", routers may send us traffic as soon as a
-        # route or VIP appears (natlb/announce.py): steer first, and on exit
-        # (the journal runs backwards) withdraw them while steering still works.
-        steer_first = lb.announce == "healthy"
-        if steer_first:
+        # Rules first, always: a VIP must never be local, nor announced to
+        # routers (announce = "healthy", natlb/announce.py), without them; on
+        # exit the journal runs backwards, withdrawing them while steering works.
+        if not self.journal.has("nft_table", table=lb.table):
             self.journal.record("nft_table", table=lb.table)
-            self._install_table()
+        self._install_table()
+        if after_rules:
+            after_rules()
         netsetup.apply(lb, self._vips_at_start(), self.journal)
-        if not steer_first:
-            self.journal.record("nft_table", table=lb.table)
-            self._install_table()
         if lb.announce == "healthy":
             self.announcer = Announcer(lb.interface, self.journal)
             self.pool.listeners.append(self._announce)
             self.announcer.update(self.pool.services, []).result()
         log.info("nftables table %s installed (%s queue verdict, rewrite by %s), queues %s",
                  lb.table, "nft" if self.steering.native_queue else "xt NFQUEUE",
-                 "nft on natlb's mark" if lb.rewrite == "mark" else "natlb", lb.queues)
+                 "nft on natlb's mark" if lb.rewrite == "mark" else "natlb", self.queues)
         self._log_services()
+
+    def _open_store(self) -> None:
+        lb = self.config.lb
+        self.store_report = self.core.store(lb.flow_table_path)
+        text = describe_store(lb.flow_table_path, self.store_report)
+        (log.warning if self.store_report.result == "refused" else log.info)(text)
+
+    def _own_store(self) -> None:
+        assert self.journal is not None
+        path = self.config.lb.flow_table_path
+        if not self.journal.has("flow_table", path=path):
+            self.journal.record("flow_table", path=path)
+
+    def _journal(self, inherited: list[dict[str, Any]]) -> Journal:
+        lb = self.config.lb
+        return Journal(guardian=True, grace_ms=lb.restart_grace_ms,
+                       socket_path=lb.guardian_socket, inherited=inherited)
 
     async def reload(self) -> None:
         """SIGHUP: apply a changed config without losing flows.  Services and
@@ -136,7 +197,8 @@ class Daemon:
         new = load(path)
         if new.lb != self.config.lb:
             changed = [k for k in vars(new.lb) if getattr(new.lb, k) != getattr(self.config.lb, k)]
-            raise ConfigError(f"lb.{changed[0]} changed; restart natlb to apply it")
+            raise ConfigError(f"lb.{changed[0]} changed; restart natlb to apply it "
+                              f"(natlb restart -c FILE keeps the flows)")
         try:
             self.pool.reconfigure(new)
         except PoolError as e:
@@ -145,22 +207,126 @@ class Daemon:
         self.config = new
         new_vips = {s.vip for s in new.services} - old_vips
         loop = asyncio.get_running_loop()
+        # Rules first: a VIP must never be local without them.  Routes may
+        # have changed too: the ruleset reads them in the executor.
+        self.steering.install(await loop.run_in_executor(None, self._ruleset))
         if new_vips and not self.announcer:
             assert self.journal is not None
             journal = self.journal
             # pyroute2's synchronous API runs its own event loop: not in ours.
             await loop.run_in_executor(None, lambda: netsetup.apply(new.lb, new_vips, journal))
-        # Routes may have changed too: the ruleset reads them in the executor.
-        self.steering.install(await loop.run_in_executor(None, self._ruleset))
-        self._announce()
         if self.monitor:
             await self.monitor.stop()
             self.monitor.start()
 
+    # -- natlb restart: the old process's side -----------------------------
+    async def restart(self, req: dict[str, Any]) -> dict[str, Any]:
+        """Control request: hand over to a new natlb started with the config
+        file in req (this process's own file by default)."""
+        path = str(req.get("config") or self.path or "")
+        try:
+            new = load(path)
+        except ConfigError as e:
+            return {"ok": False, "error": f"config: {e}", "exit": 2}
+        for key in ("table", "control_socket"):
+            # The successor finds the table, its rules and the flow table file by these.
+            if getattr(new.lb, key) != getattr(self.config.lb, key):
+                return {"ok": False, "exit": 2,
+                        "error": f"config: lb.{key} = {getattr(new.lb, key)!r}: cannot change "
+                                 f"across a restart; stop natlb and start it again"}
+        if self._restarting:
+            return {"ok": False, "error": "a restart is already in progress"}
+        self._restarting = True
+        try:
+            summary = await self._hand_over(path)
+        except (HandoverError, CoreError, OSError) as e:
+            log.error("restart failed, this natlb carries on: %s", e)
+            return {"ok": False, "error": f"restart failed: {e}"}
+        finally:
+            self._restarting = False
+        self.handed_over = True
+        assert self._stop is not None
+        # Stop once the reply is on its way to `natlb restart`.
+        asyncio.get_running_loop().call_later(0.1, self._stop.set)
+        return {"ok": True, **summary}
+
+    async def _hand_over(self, path: str) -> dict[str, Any]:
+        loop = asyncio.get_running_loop()
+        mine, theirs = socket.socketpair()
+        argv = [sys.executable, "-m", "natlb", "run", "-c", os.path.abspath(path),
+                "--handover-fd", str(theirs.fileno())]
+        # Its own session: it outlives us.  Logs go where ours go.
+        proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(),), start_new_session=True)
+        theirs.close()
+        ch = Channel(mine)
+        forwarding = False
+        try:
+            assert self.journal is not None
+            ch.send(journal=self.journal.entries, queues=self.queues,
+                    pool=pool_state(self.pool))
+            queues = await loop.run_in_executor(None, ch.expect, "bound", 30)
+            log.info("restart: successor pid %d bound queues %s", proc.pid, queues)
+            if self.monitor:
+                await self.monitor.stop()
+            await loop.run_in_executor(None, self.core.forward_to, queues)
+            forwarding = True
+            final = traffic(self.pool)
+            ch.send(released=True, traffic=final)
+            served = await loop.run_in_executor(None, ch.expect, "serving", 30)
+        except BaseException:
+            if forwarding:
+                # The successor may have re-identified our flows already.
+                self.core.readopt()
+                self.core.forward_to([])
+                self._install_table()
+            if self.monitor:
+                self.monitor.start()
+            if proc.poll() is None:
+                proc.kill()
+                await loop.run_in_executor(None, proc.wait)
+            raise
+        finally:
+            ch.close()
+        left = await loop.run_in_executor(None, wait_drained, self.queues)
+        log.info("restart: successor pid %d serves; %d packets left in our queues",
+                 proc.pid, left)
+        return {"pid": proc.pid, "queues": {"old": self.queues, "new": queues},
+                "counters": final["services"], **served}
+
+    # -- natlb restart: the new process's side -------------------------------
+    def _take_over(self) -> None:
+        """Successor: bind paused, let the predecessor stop deciding, adopt
+        its flow table and host changes, swap the rules, start reading."""
+        ch = self.predecessor
+        assert ch is not None
+        lb = self.config.lb
+        first = ch.receive(30)
+        restored = restore_pool(self.pool, first["pool"])
+        self.pool.publish()
+        # Everything slow happens before or after the pause, not in it.
+        self.journal = self._journal(first["journal"])
+        self.queues = lb.other_queues(first["queues"])
+        self.core.start(self.queues, gso=lb.gso, mark=lb.rewrite == "mark", paused=True)
+        ch.send(bound=self.queues)
+        released = ch.receive(30, "'released'")
+        # The pause: packets wait in the kernel queues until resume().
+        seed_traffic(self.pool, released["traffic"])
+        self._open_store()
+        self._own_store()
+        self.setup_host(self.core.resume)
+        r = self.store_report
+        assert r is not None
+        ch.send(serving={"flows": r.adopted, "flows_dropped": r.dropped, "store": r.result,
+                         "max_flows": lb.max_flows, "backends": restored,
+                         "backends_total": sum(len(s.backends) for s in self.pool.services)})
+        self.serving = True
+        ch.close()
+        self.predecessor = None
+
     async def serve(self) -> None:
         lb = self.config.lb
         started = time.time()
-        stop = asyncio.Event()
+        stop = self._stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
@@ -181,10 +347,12 @@ class Daemon:
         loop.add_signal_handler(signal.SIGHUP, on_hup)
         self.pool.publisher.start(loop)  # table builds and flow resets leave the loop
         control = ControlServer(lb.control_socket, self.pool,
-                                lambda: {**collect(self.pool, lb.queues, started, lb.max_flows,
+                                lambda: {**collect(self.pool, self.queues, started, lb.max_flows,
                                                    self.rates),
-                                         "reloads": self.reloads})
-        await control.start()
+                                         "reloads": self.reloads},
+                                restart=self.restart)
+        # After a handover the predecessor gives the socket up as it exits.
+        await control.start(wait_s=10.0)
         self.monitor = Monitor(self.pool)
 
         def on_events() -> None:
@@ -198,11 +366,15 @@ class Daemon:
             self.monitor.start()
             log.info("natlb running; control socket %s%s", lb.control_socket,
                      f", metrics on http://{lb.metrics}/metrics" if lb.metrics else "")
+            if self.predecessor and self.metrics:
+                # The predecessor lets the address go as it exits.
+                loop.run_in_executor(None, self.metrics.start_when_free, 10.0)
             # Queues bound, table loaded, VIPs up, control socket open.
             sdnotify.ready(f"running: {len(self.config.services)} services")
             await stop.wait()
-            log.info("stopping")
-            sdnotify.stopping()
+            log.info("handed over; exiting" if self.handed_over else "stopping")
+            if not self.handed_over:   # the successor is the unit's main process now
+                sdnotify.stopping()
         finally:
             rates.cancel()
             loop.remove_reader(self.core.event_fd())
@@ -214,33 +386,63 @@ class Daemon:
     def run(self) -> int:
         lb = self.config.lb
         netsetup.preflight(lb)
-        ControlServer.check_free(lb.control_socket)
-        if self.metrics:
+        if self.metrics and not self.predecessor:
             self.metrics.start()  # a taken address is a config error, before any change
         try:
-            self._run()
+            return self._run()
         finally:
             if self.metrics:
                 self.metrics.stop()
-            self.core.close()
-        return 0
 
-    def _run(self) -> None:
+    def _run(self) -> int:
         lb = self.config.lb
-        self.pool.publish()
-        self.core.start(lb.queues, gso=lb.gso, mark=lb.rewrite == "mark")
-        self.journal = Journal(guardian=True)
         try:
-            self.setup_host()
+            if self.predecessor:
+                self._take_over()
+            else:
+                crashed = ControlServer.check_free(lb.control_socket)
+                crashed |= os.path.exists(lb.flow_table_path)
+                # Its guardian listens within milliseconds of the death.
+                inherited = claim(lb.guardian_socket, 2.0 if crashed else 0.0) or []
+                if inherited:
+                    log.info("took over %d host changes from a crashed natlb's guardian",
+                             len(inherited))
+                # The flow table's file lives beside the control socket, so its
+                # directory (when natlb, not systemd, makes it) comes first.
+                run_dir = os.path.dirname(os.path.abspath(lb.control_socket))
+                made_dir = not os.path.isdir(run_dir)
+                if made_dir:
+                    os.mkdir(run_dir, 0o700)
+                self.pool.publish()
+                self._open_store()
+                self.core.start(self.queues, gso=lb.gso, mark=lb.rewrite == "mark")
+                self.journal = self._journal(inherited)
+                if made_dir:
+                    self.journal.record("directory", path=run_dir,
+                                        socket=os.path.abspath(lb.control_socket))
+                self._own_store()
+                self.setup_host()
+                self.serving = True
             asyncio.run(self.serve())
         finally:
             if self.announcer:
                 self.announcer.close()
-            for e in self.journal.undo():
-                log.error("cleanup: %s", e)
-            self.core.stop()
-            log.info("removed everything natlb added; bye")
+            if self.journal and (self.handed_over or not self.serving):
+                # Our successor owns the host now, or (a failed takeover) our
+                # predecessor still does.
+                self.core.stop()
+                self.journal.hand_over()
+            elif self.journal:
+                for e in self.journal.undo():
+                    log.error("cleanup: %s", e)
+                self.core.stop()
+            self.core.close()
+            if self.handed_over:
+                log.info("left the host to the successor; bye")
+            elif self.serving:
+                log.info("removed everything natlb added; bye")
+        return 0
 
 
-def run(config: Config, path: str | None = None) -> int:
-    return Daemon(config, path).run()
+def run(config: Config, path: str | None = None, handover_fd: int | None = None) -> int:
+    return Daemon(config, path, handover_fd).run()

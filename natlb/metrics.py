@@ -9,7 +9,9 @@ Names follow node_exporter's ipvs collector with a ``natlb_`` prefix.
 
 from __future__ import annotations
 
+import logging
 import threading
+import time
 from collections.abc import Iterator
 from wsgiref.simple_server import WSGIServer
 
@@ -20,6 +22,8 @@ from prometheus_client.samples import Sample
 
 from natlb.config import ConfigError, LBConfig
 from natlb.pool import Pool
+
+log = logging.getLogger("natlb.metrics")
 from natlb.pool_state import UP
 from natlb.status import queue_stats, read_counters
 from natlb.version import natlb_version
@@ -142,6 +146,20 @@ class MetricsServer:
         except OSError as e:
             raise ConfigError(f'lb.metrics = "{self.lb.metrics}": '
                               f"{(e.strerror or str(e)).lower()}") from None
+
+    def start_when_free(self, wait_s: float) -> None:
+        """A successor (natlb restart) binds the address its predecessor
+        gives up as it exits; until then scrapes reach the predecessor."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                self.start()
+                return
+            except ConfigError as e:
+                if time.monotonic() > deadline:
+                    log.warning("metrics not served: %s", e)
+                    return
+                time.sleep(0.1)
 
     def stop(self) -> None:
         if self.server is not None:

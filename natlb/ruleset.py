@@ -49,6 +49,8 @@ from typing import Any, Protocol
 
 from pyroute2.netlink import NLM_F_APPEND, NLM_F_CREATE
 from pyroute2.netlink.nfnetlink.nftsocket import (
+    NFT_MSG_DELRULE,
+    NFT_MSG_DELSET,
     NFT_MSG_DELTABLE,
     NFT_MSG_NEWCHAIN,
     NFT_MSG_NEWRULE,
@@ -369,18 +371,28 @@ def _sets(spec: Spec) -> list[_Set]:
 
 # -- the table --------------------------------------------------------------
 
-def build(spec: Spec) -> list[Message]:
+def build(spec: Spec, in_place: bool = False) -> list[Message]:
     """The whole table, replacing any table of the same name atomically when
-    sent as one batch."""
+    sent as one batch.  in_place: replace the rules and sets of an existing
+    table of this shape but keep its chains (a restart): deleting a base
+    chain unregisters its hook, and the kernel then drops every packet
+    waiting in every NFQUEUE.  Such a batch fails on a table of another
+    shape, or none; then send the plain one."""
     t = spec.table
     first, total = spec.queues[0], len(spec.queues)
     queue = queue_expr(first, total, spec.native_queue)
     out: list[Message] = []
     name = [("NFTA_TABLE_NAME", t)]
-    # add + delete + add replaces a stale table from a crashed run atomically.
-    out += [Message(TABLE, NFT_MSG_NEWTABLE, name, NLM_F_CREATE, f"table {t}"),
-            Message(TABLE, NFT_MSG_DELTABLE, name, 0, f"table {t}"),
-            Message(TABLE, NFT_MSG_NEWTABLE, name, NLM_F_CREATE, f"table {t}")]
+    if in_place:
+        out += [Message(TABLE, NFT_MSG_NEWTABLE, name, NLM_F_CREATE, f"table {t}"),
+                Message(RULE, NFT_MSG_DELRULE, [("NFTA_RULE_TABLE", t)], 0, f"rules of {t}")]
+        out += [Message(SET, NFT_MSG_DELSET, [("NFTA_SET_TABLE", t), ("NFTA_SET_NAME", s.name)],
+                        0, f"set {s.name}") for s in _sets(spec)]
+    else:
+        # add + delete + add replaces a stale table from a crashed run atomically.
+        out += [Message(TABLE, NFT_MSG_NEWTABLE, name, NLM_F_CREATE, f"table {t}"),
+                Message(TABLE, NFT_MSG_DELTABLE, name, 0, f"table {t}"),
+                Message(TABLE, NFT_MSG_NEWTABLE, name, NLM_F_CREATE, f"table {t}")]
 
     for set_id, s in enumerate(_sets(spec), 1):
         attrs: list[Any] = [("NFTA_SET_TABLE", t), ("NFTA_SET_NAME", s.name),

@@ -5,6 +5,10 @@ natlb runs as ``Type=notify``: it says READY=1 only once the queues are
 bound, the nftables table is loaded and the VIPs are up, so units ordered
 after natlb start against a balancer that already forwards.  Outside
 systemd (no NOTIFY_SOCKET) every call is a no-op.
+
+READY=1 carries MAINPID: after `natlb restart` the successor, which systemd
+did not start, becomes the unit's main process (the unit needs
+NotifyAccess=all), so the predecessor's exit does not stop the unit.
 """
 
 from __future__ import annotations
@@ -47,7 +51,7 @@ def notify(*fields: str) -> bool:
 
 
 def ready(status: str) -> bool:
-    return notify("READY=1", f"STATUS={status}")
+    return notify("READY=1", f"STATUS={status}", f"MAINPID={os.getpid()}")
 
 
 def reloading() -> bool:

@@ -131,8 +131,13 @@ class Steering:
     def install(self, spec: ruleset.Spec) -> None:
         order = [self.native_queue] if self.native_queue is not None else [True, False]
         for i, native in enumerate(order):
+            full = dataclasses.replace(spec, native_queue=native)
             try:
-                send(ruleset.build(dataclasses.replace(spec, native_queue=native)))
+                try:
+                    # Chains kept: packets waiting in the queues survive.
+                    send(ruleset.build(full, in_place=True))
+                except SteeringError:
+                    send(ruleset.build(full))
             except SteeringError as e:
                 if native and i + 1 < len(order) and e.code in (errno.ENOENT, errno.EOPNOTSUPP):
                     continue  # no nft_queue in this kernel: use xt NFQUEUE

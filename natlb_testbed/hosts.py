@@ -301,6 +301,67 @@ def syn_flood(host: str, port: int, count: int, seconds: float) -> int:
             pass
     s.close()
     _emit(sent=sent, seconds=round(time.monotonic() - start, 3))
+def churn(host: str, port: int, keepalive: int, interval_ms: int, seconds: float,
+          timeout: float) -> int:
+    """`keepalive` connections, each sending a request every 20 ms over the
+    same connection, plus a new connection every `interval_ms`, for
+    `seconds`.  One JSON summary: keep-alive connections lost (any error,
+    never reconnected), new connections failed, and those slower than 1 s
+    (a client retransmit)."""
+    stop = time.monotonic() + seconds
+    lost: list[str] = []
+    requests = [0]
+    new: list[tuple[bool, float]] = []
+    lock = threading.Lock()
+
+    def keep(k: int) -> None:
+        try:
+            c = http.client.HTTPConnection(host, port, timeout=timeout)
+            while time.monotonic() < stop:
+                c.request("GET", "/")
+                c.getresponse().read()
+                with lock:
+                    requests[0] += 1
+                time.sleep(0.02)
+            c.close()
+        except (OSError, http.client.HTTPException) as e:
+            with lock:
+                lost.append(f"{k}: {type(e).__name__}")
+
+    def one() -> None:
+        t0 = time.monotonic()
+        ok = True
+        try:
+            c = http.client.HTTPConnection(host, port, timeout=timeout)
+            c.request("GET", "/", headers={"Connection": "close"})
+            c.getresponse().read()
+            c.close()
+        except (OSError, http.client.HTTPException):
+            ok = False
+        with lock:
+            new.append((ok, time.monotonic() - t0))
+
+    threads = [threading.Thread(target=keep, args=(k,)) for k in range(keepalive)]
+    for t in threads:
+        t.start()
+    start = time.monotonic()
+    i = 0
+    while True:
+        due = start + i * interval_ms / 1000
+        if due >= stop:
+            break
+        time.sleep(max(0.0, due - time.monotonic()))
+        t = threading.Thread(target=one)
+        t.start()
+        threads.append(t)
+        i += 1
+    for t in threads:
+        t.join()
+    _emit(established=keepalive, established_lost=len(lost), lost=lost,
+          keepalive_requests=requests[0], new=len(new),
+          new_failed=sum(1 for ok, _ in new if not ok),
+          new_delayed=sum(1 for ok, d in new if ok and d > 1.0),
+          new_max_ms=round(max((d for _, d in new), default=0) * 1000, 1))
     return 0
 
 
@@ -351,7 +412,7 @@ def main(argv: list[str] | None = None) -> int:
     s.add_argument("--name", required=True)
     s.add_argument("--http-port", type=int, default=80)
     s.add_argument("--udp-port", type=int, default=53)
-    for name in ("http-stream", "udp-stream", "blob", "upload", "hold", "syn-flood"):
+    for name in ("http-stream", "udp-stream", "blob", "upload", "hold", "syn-flood", "churn"):
         c = sub.add_parser(name)
         c.add_argument("--host", required=True)
         c.add_argument("--port", type=int, required=True)
@@ -361,6 +422,7 @@ def main(argv: list[str] | None = None) -> int:
         c.add_argument("--size", type=int, default=0)
         c.add_argument("--seed", type=int, default=1)
         c.add_argument("--seconds", type=float, default=1.0)
+        c.add_argument("--keepalive", type=int, default=10)
     u = sub.add_parser("udp-sizes")
     u.add_argument("--host", required=True)
     u.add_argument("--port", type=int, required=True)
@@ -378,6 +440,8 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "udp-sizes":
         return udp_sizes(a.host, a.port, [int(x) for x in a.sizes.split(",")], a.count,
                          a.timeout, a.reverse)
+    if a.cmd == "churn":
+        return churn(a.host, a.port, a.keepalive, a.interval_ms, a.seconds, a.timeout)
     if a.cmd == "hold":
         return hold(a.host, a.port, a.timeout)
     if a.cmd == "syn-flood":

@@ -29,7 +29,8 @@ def notify_socket(tmp_path, monkeypatch):
 
 def test_notify_sends_one_datagram(notify_socket):
     assert sdnotify.ready("running: 2 services")
-    assert notify_socket.recv(4096) == b"READY=1\nSTATUS=running: 2 services"
+    assert notify_socket.recv(4096).decode() == (
+        f"READY=1\nSTATUS=running: 2 services\nMAINPID={os.getpid()}")
     assert sdnotify.reloading()
     fields = notify_socket.recv(4096).decode().split("\n")
     assert fields[0] == "RELOADING=1" and fields[1].startswith("MONOTONIC_USEC=")

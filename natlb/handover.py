@@ -1,0 +1,144 @@
+"""`natlb restart`: a running natlb hands over to a new process.
+
+The old process (A) starts the successor (B) from the installed code with
+the config re-read, and talks to it over a socketpair, one JSON object per
+line.  Only one process decides packets and writes the flow table at any
+moment:
+
+    A -> B  {"journal", "queues", "pool"}  host changes to own, A's queues,
+                                     health/admin/weight state
+    B       publishes its tables, binds its own queues (the other bank),
+            paused: the kernel holds what arrives there
+    B -> A  {"bound": queues}
+    A       stops health checks, then forwards every packet it receives to
+            B's queues undecided (an NF_QUEUE verdict) and stops touching
+            the flow table
+    A -> B  {"released": true, "traffic"}  and A's final counters
+    B       adopts the flow table file (in place, or copied when max_flows
+            changed), replaces the nftables rules with its own queue
+            numbers in one batch (chains, hence queued packets, are kept),
+            then starts reading
+    B -> A  {"serving": summary}
+    A       waits until its own queues are empty, answers `natlb restart`
+            with the summary, gives up the control socket and exits without
+            undoing anything: B's guardian holds the journal now.
+
+If B fails before it serves, A takes its packets back and goes on.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+from typing import Any
+
+from natlb.core import Counters
+from natlb.pool import Pool
+from natlb.status import queue_stats
+
+
+class HandoverError(RuntimeError):
+    pass
+
+
+class Channel:
+    """JSON lines over one end of a socketpair."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.reader = sock.makefile("r")
+
+    def send(self, **msg: Any) -> None:
+        self.sock.sendall(json.dumps(msg).encode() + b"\n")
+
+    def receive(self, timeout: float, what: str = "a message") -> dict[str, Any]:
+        self.sock.settimeout(timeout)
+        try:
+            line = self.reader.readline()
+        except TimeoutError:
+            raise HandoverError(f"no {what} within {timeout:.0f} s") from None
+        if not line:
+            raise HandoverError(f"the other side exited before {what}")
+        msg = json.loads(line)
+        if "error" in msg:
+            raise HandoverError(msg["error"])
+        return msg
+
+    def expect(self, key: str, timeout: float) -> Any:
+        msg = self.receive(timeout, repr(key))
+        if key not in msg:
+            raise HandoverError(f"expected {key!r}, got {sorted(msg)}")
+        return msg[key]
+
+    def close(self) -> None:
+        self.reader.close()
+        self.sock.close()
+
+
+def pool_state(pool: Pool) -> list[dict[str, Any]]:
+    """What the successor keeps of each backend, by service name and key."""
+    return [{"service": s.cfg.name, "backend": b.cfg.key, "health": b.health,
+             "admin": b.admin, "weight": b.weight, "cfg_weight": b.cfg.weight}
+            for s in pool.services for b in s.backends]
+
+
+def restore_pool(pool: Pool, state: list[dict[str, Any]]) -> int:
+    """Give the successor's backends their predecessor's state; a weight
+    changed in the config wins over one set at run time (as on reload)."""
+    by_key = {(st["service"], st["backend"]): st for st in state}
+    n = 0
+    for s in pool.services:
+        for b in s.backends:
+            st = by_key.get((s.cfg.name, b.cfg.key))
+            if st is None:
+                continue
+            # type(...)(): the states may be str enums.
+            b.health = type(b.health)(st["health"])
+            b.admin = type(b.admin)(st["admin"])
+            if b.cfg.weight == st["cfg_weight"]:
+                b.weight = st["weight"]
+            n += 1
+    return n
+
+
+TRAFFIC = ("packets_in", "bytes_in", "packets_out", "bytes_out", "new_flows")
+
+
+def traffic(pool: Pool) -> dict[str, dict[str, dict[str, int]]]:
+    """The traffic counters of every service and backend, by name and key."""
+    core = pool.core
+    svc = core.service_counters(max((s.id for s in pool.services), default=0) + 1)
+    be = core.backend_counters(max((b.id for s in pool.services for b in s.backends),
+                                   default=0) + 1)
+    return {
+        "services": {s.cfg.name: {k: getattr(svc[s.id], k) for k in TRAFFIC}
+                     for s in pool.services},
+        "backends": {f"{s.cfg.name} {b.cfg.key}": {k: getattr(be[b.id], k) for k in TRAFFIC}
+                     for s in pool.services for b in s.backends},
+    }
+
+
+def seed_traffic(pool: Pool, t: dict[str, dict[str, dict[str, int]]]) -> None:
+    """The successor's counters continue from its predecessor's."""
+    for s in pool.services:
+        if s.cfg.name in t["services"]:
+            pool.core.seed_counters(False, s.id, Counters(**t["services"][s.cfg.name]))
+        for b in s.backends:
+            c = t["backends"].get(f"{s.cfg.name} {b.cfg.key}")
+            if c:
+                pool.core.seed_counters(True, b.id, Counters(**c))
+
+
+def wait_drained(queues: list[int], timeout: float = 3.0) -> int:
+    """Waits until the kernel holds no packet for `queues` (checked three
+    times in a row); returns how many were still waiting at the end."""
+    deadline = time.monotonic() + timeout
+    quiet = 0
+    while time.monotonic() < deadline:
+        waiting = sum(q["waiting"] for q in queue_stats(queues))
+        quiet = quiet + 1 if waiting == 0 else 0
+        if quiet >= 3:
+            return 0
+        time.sleep(0.02)
+    return sum(q["waiting"] for q in queue_stats(queues))

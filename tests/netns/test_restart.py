@@ -1,0 +1,157 @@
+"""Restarts under traffic: `natlb restart` (with an [lb] change) and SIGKILL
+followed by an immediate start lose no established connection."""
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+from natlb_testbed.testbed import VIP, basic_config
+
+from .conftest import natlb_cli, router_state
+
+
+def config(testbed, lb_extra=""):
+    # No health checks: a check timing out on a loaded machine would reset
+    # established flows (on_backend_down) and blur what these tests measure.
+    return basic_config(testbed, health="none", lb_extra=lb_extra)
+
+
+def churn(testbed, seconds):
+    """10 busy keep-alive connections and a new connection every 15 ms."""
+    return testbed.python(testbed.client, "natlb_testbed.hosts", "churn", "--host", VIP,
+                          "--port", "80", "--keepalive", "10", "--interval-ms", "15",
+                          "--seconds", str(seconds), "--timeout", "15",
+                          stdout=subprocess.PIPE, text=True)
+
+
+def result(proc):
+    out, _ = proc.communicate(timeout=60)
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def flow_file(testbed):
+    return Path(testbed.control_socket).parent / "natlb-natlb.flows"
+
+
+def new_flows(testbed):
+    status = natlb_cli(testbed, "status", "--json", "-s", testbed.control_socket)
+    return json.loads(status.stdout)["services"][0]["new_flows"]
+
+
+def wait_gone(pid, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"pid {pid} still running")
+
+
+@pytest.mark.parametrize("old_lb,new_lb,store", [
+    ("max_flows = 4096", "max_flows = 8192", "copied into max_flows 8192"),
+    ('rewrite = "copy"', 'rewrite = "mark"', "adopted into"),
+])
+def test_restart_hands_over_flows_with_an_lb_change(testbed, natlb, old_lb, new_lb, store):
+    before = router_state(testbed)
+    old = natlb(config(testbed, old_lb))
+    load = churn(testbed, 4)
+    time.sleep(1.5)
+    before_flows = new_flows(testbed)
+    # What the successor finds its predecessor's state by cannot change.
+    bad = testbed.write_config(config(testbed, 'table = "natlb2"'))
+    r = natlb_cli(testbed, "restart", "-c", str(bad))
+    assert r.returncode == 2 and "lb.table" in r.stderr, r.stderr
+    path = testbed.write_config(config(testbed, new_lb))
+    r = natlb_cli(testbed, "restart", "-c", str(path))
+    assert r.returncode == 0, r.stderr + testbed.natlb_log()
+    pid = int(r.stdout.split()[2])
+    try:
+        assert store in r.stdout, r.stdout
+        assert old.wait(timeout=10) == 0
+        res = result(load)
+        assert res["established_lost"] == 0, (res, testbed.natlb_log())
+        assert res["new_failed"] == 0, res
+        assert res["new"] > 100 and res["keepalive_requests"] > 100, res
+        status = natlb_cli(testbed, "status", "--json", "-s", testbed.control_socket)
+        assert json.loads(status.stdout)["flow_capacity"] == (8192 if "8192" in new_lb
+                                                              else 1 << 20)
+        # The counters carry on from the predecessor's: every connection counts.
+        assert new_flows(testbed) >= res["new"] + 10 > before_flows + 10
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        wait_gone(pid)
+    # The successor's guardian took over the journal too: a crash of the
+    # successor is survived like any other.
+    again = natlb(config(testbed, new_lb))
+    assert "took over" in testbed.natlb_log()
+    testbed.stop(again)
+    assert router_state(testbed) == before
+    assert not flow_file(testbed).exists()
+
+
+def test_sigkill_then_start_loses_no_established_connection(testbed, natlb):
+    before = router_state(testbed)
+    cfg = config(testbed)
+    first = natlb(cfg)
+    load = churn(testbed, 4)
+    time.sleep(1.5)
+    first.kill()
+    first.wait()
+    natlb(cfg)
+    log = testbed.natlb_log()
+    assert "took over" in log and "adopted in place" in log, log
+    res = result(load)
+    assert res["established_lost"] == 0, res
+    assert res["new_failed"] == 0, res
+    # The fixture stops the successor with SIGTERM: everything goes.
+    for p in list(testbed.procs):
+        if p.args[-3:] == ["run", "-c", str(testbed.workdir / "natlb.toml")]:
+            testbed.stop(p)
+    assert router_state(testbed) == before
+
+
+def test_crash_without_successor_leaves_a_clean_host_after_the_grace(testbed, natlb):
+    before = router_state(testbed)
+    p = natlb(basic_config(testbed, lb_extra="restart_grace_ms = 1500"))
+    assert flow_file(testbed).exists()
+    p.kill()
+    p.wait()
+    # Left in place for a successor...
+    assert "table ip natlb" in router_state(testbed)
+    deadline = time.monotonic() + 10
+    while router_state(testbed) != before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    # ...and cleaned once the grace period is over.
+    assert router_state(testbed) == before
+    assert not flow_file(testbed).exists()
+
+
+def test_sigterm_is_a_stop_and_the_next_start_is_fresh(testbed, natlb):
+    before = router_state(testbed)
+    p = natlb(basic_config(testbed))
+    held, lines = testbed.client_stream("hold", "--host", VIP, "--port", "80",
+                                        "--timeout", "1")
+    next(lines)
+    testbed.stop(p, signal.SIGTERM)
+    assert router_state(testbed) == before and not flow_file(testbed).exists()
+    natlb(basic_config(testbed))
+    assert "flow table" in testbed.natlb_log() and ": new" in testbed.natlb_log()
+    held.wait()
+
+
+def test_failed_successor_leaves_the_running_natlb_serving(testbed, natlb):
+    p = natlb(config(testbed))
+    # Valid as a file, but the successor's preflight fails on this host.
+    bad = testbed.write_config(config(testbed, 'interface = "nosuchif0"'))
+    r = natlb_cli(testbed, "restart", "-c", str(bad))
+    assert r.returncode == 1 and "restart failed" in r.stderr, r.stderr
+    assert p.poll() is None
+    res = testbed.client_run("http-stream", "--host", VIP, "--port", "80", "--count", "6")
+    assert all(x["ok"] for x in res), res

@@ -1,0 +1,151 @@
+"""The flow table in a file: a successor adopts it (in place, or copied into
+another size), with its own ids; a table of another layout is refused."""
+
+from scapy.layers.inet import IP, TCP
+
+from natlb.core import Core, CoreConfig, Verdict, monotonic_ms
+
+from .services import BACKENDS, CLIENT, VIP, make_service
+
+TIMEOUTS = {"tcp_syn": 5_000, "tcp_established": 60_000, "tcp_fin": 3_000,
+            "tcp_close": 1_000, "udp": 2_000}
+
+
+def new_core(path, max_flows=64, services=None):
+    c = Core(CoreConfig(max_flows=max_flows, workers=1, timeouts_ms=TIMEOUTS))
+    c.publish(services or [make_service()])
+    return c, c.store(str(path))
+
+
+def pkt(sport, flags, src=CLIENT, dst=VIP, dport=80):
+    return bytes(IP(src=src, dst=dst) / TCP(sport=sport, dport=dport, flags=flags))
+
+
+def open_flows(c, n, now):
+    """n established flows; their backends, by client port."""
+    out = {}
+    for sport in range(2000, 2000 + n):
+        v, fwd = c.process(pkt(sport, "S"), now)
+        assert v == Verdict.REWRITE
+        backend = IP(fwd).dst
+        assert c.process(pkt(8080, "SA", backend, CLIENT, sport), now)[0] == Verdict.REWRITE
+        assert c.process(pkt(sport, "A"), now)[0] == Verdict.REWRITE
+        out[sport] = backend
+    return out
+
+
+def still_there(c, flows, now):
+    """Every flow's next packet goes to the same backend; replies map back."""
+    for sport, backend in flows.items():
+        v, fwd = c.process(pkt(sport, "PA"), now)
+        assert v == Verdict.REWRITE and IP(fwd).dst == backend, sport
+        v, rep = c.process(pkt(8080, "PA", backend, CLIENT, sport), now)
+        assert v == Verdict.REWRITE and IP(rep).src == VIP
+
+
+def test_adopted_in_place_keeps_flows_and_gauges(tmp_path):
+    path = tmp_path / "t.flows"
+    a, rep = new_core(path)
+    assert rep.result == "created"
+    now = monotonic_ms()
+    flows = open_flows(a, 10, now)
+    a.close()                      # a crash leaves the file as it is
+    b, rep = new_core(path)
+    assert (rep.result, rep.adopted, rep.dropped) == ("adopted", 10, 0)
+    assert b.flow_count() == 10
+    assert sum(x.active_flows for x in b.backend_counters(3)) == 10
+    still_there(b, flows, now + 10)
+    # A packet of an unknown connection is still refused.
+    assert b.process(pkt(3999, "A"), now + 10)[0] == Verdict.DROP
+    b.close()
+
+
+def test_other_max_flows_copies_and_new_ids_are_used(tmp_path):
+    path = tmp_path / "t.flows"
+    a, _ = new_core(path)
+    now = monotonic_ms()
+    flows = open_flows(a, 12, now)
+    a.close()
+    # The successor numbers its services and backends differently.
+    other = make_service(sid=3)
+    b, rep = new_core(path, max_flows=256, services=[other])
+    assert (rep.result, rep.adopted, rep.old_max_flows) == ("copied", 12, 64)
+    still_there(b, flows, now + 10)
+    ids = [b.backend_counters(64)[3 * 16 + i].active_flows for i in range(3)]
+    assert sum(ids) == 12
+    b.close()
+
+
+def test_flows_of_a_removed_backend_are_dropped(tmp_path):
+    path = tmp_path / "t.flows"
+    a, _ = new_core(path)
+    now = monotonic_ms()
+    flows = open_flows(a, 9, now)
+    a.close()
+    b, rep = new_core(path, services=[make_service(addrs=BACKENDS[:2])])
+    gone = sum(1 for be in flows.values() if be == BACKENDS[2])
+    assert (rep.adopted, rep.dropped) == (9 - gone, gone)
+    still_there(b, {s: be for s, be in flows.items() if be != BACKENDS[2]}, now + 10)
+    b.close()
+
+
+def test_table_of_another_layout_is_refused_and_replaced(tmp_path):
+    path = tmp_path / "t.flows"
+    a, _ = new_core(path)
+    now = monotonic_ms()
+    flows = open_flows(a, 5, now)
+    a.close()
+    data = bytearray(path.read_bytes())
+    layout = Core.layout().to_bytes(4, "little")
+    assert data[8:12] == layout        # the header's layout field
+    data[8:12] = (Core.layout() ^ 1).to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    b, rep = new_core(path)
+    assert (rep.result, rep.adopted) == ("refused", 0)
+    assert rep.reason == "written by another layout version"
+    assert b.flow_count() == 0
+    assert b.process(pkt(next(iter(flows)), "A"), now + 10)[0] == Verdict.DROP
+    b.close()
+    assert Core(CoreConfig(max_flows=64)).layout() == Core.layout()
+
+
+def test_corrupt_links_are_refused(tmp_path):
+    path = tmp_path / "t.flows"
+    a, _ = new_core(path, max_flows=16)
+    open_flows(a, 3, monotonic_ms())
+    a.close()
+    data = bytearray(path.read_bytes())
+    # Point every bucket head past the end of the flows array.
+    buckets = 4096 + ((16 * Core.entry_size() + 63) & ~63)
+    data[buckets:] = (1000).to_bytes(4, "little") * ((len(data) - buckets) // 4)
+    path.write_bytes(bytes(data))
+    b, rep = new_core(path, max_flows=16)
+    assert (rep.result, rep.reason) == ("refused", "corrupt links")
+    b.close()
+
+
+def test_expired_flows_are_not_adopted(tmp_path):
+    path = tmp_path / "t.flows"
+    a, _ = new_core(path)
+    open_flows(a, 4, monotonic_ms() - 120_000)   # established timeout is 60 s
+    a.close()
+    b, rep = new_core(path)
+    assert (rep.result, rep.adopted, rep.dropped) == ("adopted", 0, 4)
+    b.close()
+
+
+def test_readopt_gives_flows_back_their_ids(tmp_path):
+    """A successor adopted the table in place (other ids) and failed: the
+    predecessor takes it back."""
+    path = tmp_path / "t.flows"
+    a, _ = new_core(path)
+    now = monotonic_ms()
+    flows = open_flows(a, 6, now)
+    b, rep = new_core(path, services=[make_service(sid=5)])
+    assert rep.result == "adopted"
+    b.close()
+    assert a.readopt(now + 5).adopted == 6
+    assert sum(x.active_flows for x in a.backend_counters(3)) == 6
+    still_there(a, flows, now + 10)
+    assert a.backend_counters(3)[0].packets_in > 0
+    a.close()

@@ -1,0 +1,51 @@
+"""The guardian's grace period, without root: a successor claims the journal
+of a natlb that died, or the guardian undoes it once the grace is over."""
+
+import os
+import time
+
+from natlb.undo import Journal, claim
+
+
+def died(journal):
+    """What SIGKILL does to the guardian's pipe: it closes without "done"."""
+    g = journal._guardian
+    g.stdin.close()
+    return g
+
+
+def test_successor_claims_the_journal_and_nothing_is_undone(tmp_path):
+    sock = str(tmp_path / "natlb.sock.guardian")
+    table = tmp_path / "natlb-x.flows"
+    table.write_bytes(b"flows")
+    j = Journal(guardian=True, grace_ms=5000, socket_path=sock)
+    j.record("flow_table", path=str(table))
+    g = died(j)
+    entries = claim(sock)
+    assert entries == [{"kind": "flow_table", "module": "natlb.undo", "path": str(table)}]
+    assert g.wait(timeout=5) == 0
+    assert table.exists()
+
+
+def test_alive_natlb_is_not_claimed(tmp_path):
+    sock = str(tmp_path / "natlb.sock.guardian")
+    j = Journal(guardian=True, grace_ms=5000, socket_path=sock)
+    j.record("flow_table", path=str(tmp_path / "f"))
+    time.sleep(0.3)
+    # The guardian listens only once its natlb is gone.
+    assert claim(sock, wait_s=0.3) is None and not os.path.exists(sock)
+    j.undo()
+
+
+def test_no_successor_means_undo_after_the_grace(tmp_path):
+    sock = str(tmp_path / "natlb.sock.guardian")
+    table = tmp_path / "natlb-x.flows"
+    table.write_bytes(b"flows")
+    j = Journal(guardian=True, grace_ms=300, socket_path=sock)
+    j.record("flow_table", path=str(table))
+    g = died(j)
+    time.sleep(0.1)
+    assert table.exists()          # waiting for a successor
+    assert g.wait(timeout=5) == 0
+    assert not table.exists()
+    assert claim(sock) is None
