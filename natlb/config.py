@@ -182,10 +182,11 @@ class LBConfig:
 
     @property
     def flow_table_path(self) -> str:
-        """The flow table's file, beside the control socket (tmpfs under /run):
-        it outlives the process, so a successor adopts it."""
-        parent = os.path.dirname(os.path.abspath(self.control_socket))
-        return os.path.join(parent, f"natlb-{self.table}.flows")
+        """The flow table's file, named after the control socket (tmpfs under
+        /run): it outlives the process, so a successor adopts it.  Named after
+        the socket, not the table, because the socket is what no two natlb on
+        one host can share (nodes in network namespaces share the filesystem)."""
+        return os.path.abspath(self.control_socket) + ".flows"
 
     @property
     def guardian_socket(self) -> str:

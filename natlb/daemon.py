@@ -88,6 +88,14 @@ class Daemon:
         self.metrics = MetricsServer(self.pool, config.lb) if config.lb.metrics else None
         self.rates = RateEstimator()
         self.announcer: Announcer | None = None
+        self.queues = config.lb.queues
+        # A predecessor handing over to us (natlb restart), or None.
+        self.predecessor = Channel(socket.socket(fileno=handover_fd)) if handover_fd else None
+        self.store_report: StoreReport | None = None
+        self.handed_over = False
+        self._stop: asyncio.Event | None = None
+        self._restarting = False
+        self.serving = False             # a successor: once it has taken over
 
     def _vips_at_start(self) -> list[str]:
         """VIPs netsetup adds for good; with announce = "healthy" the
@@ -99,14 +107,6 @@ class Daemon:
     def _announce(self) -> None:
         if self.announcer:
             self.announcer.update(self.pool.services, (s.vip for s in self.config.services))
-        self.queues = config.lb.queues
-        # A predecessor handing over to us (natlb restart), or None.
-        self.predecessor = Channel(socket.socket(fileno=handover_fd)) if handover_fd else None
-        self.store_report: StoreReport | None = None
-        self.handed_over = False
-        self._stop: asyncio.Event | None = None
-        self._restarting = False
-        self.serving = False             # a successor: once it has taken over
 
     def _log_services(self) -> None:
         for s in self.config.services:

@@ -22,11 +22,11 @@ from prometheus_client.samples import Sample
 
 from natlb.config import ConfigError, LBConfig
 from natlb.pool import Pool
-
-log = logging.getLogger("natlb.metrics")
 from natlb.pool_state import UP
 from natlb.status import queue_stats, read_counters
 from natlb.version import natlb_version
+
+log = logging.getLogger("natlb.metrics")
 
 SERVICE_LABELS = ["service", "vip", "port", "protocol"]
 BACKEND_LABELS = [*SERVICE_LABELS, "address", "backend_port"]

@@ -35,7 +35,7 @@ def result(proc):
 
 
 def flow_file(testbed):
-    return Path(testbed.control_socket).parent / "natlb-natlb.flows"
+    return Path(testbed.control_socket + ".flows")
 
 
 def new_flows(testbed):
