@@ -70,7 +70,7 @@ def run_one(tb: Testbed, path: str, kind: str, count: int, interval_ms: int) -> 
     clock = None
     if path == "natlb":
         cfg = tb.write_config(basic_config(tb, interval_ms=20, timeout_ms=25,
-                                           lb_extra="syn_timeout_ms = 20"))
+                                           syn_timeout_ms=20))
         procs.append(tb.start_natlb(cfg))
     else:
         tb.router_cmd("ip", "addr", "add", f"{VIP}/32", "dev", "lo")

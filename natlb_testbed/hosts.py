@@ -10,6 +10,7 @@ import hashlib
 import http.client
 import json
 import random
+import select
 import socket
 import struct
 import sys
@@ -161,15 +162,18 @@ def http_stream(host: str, port: int, count: int, interval_ms: int, timeout: flo
     def one(i: int) -> None:
         t0 = time.monotonic()
         wall = time.time()
+        stage = "connect"  # a failure here is a new connection lost; later, an established one
         try:
             c = http.client.HTTPConnection(host, port, timeout=timeout)
+            c.connect()
+            stage = "request"
             c.request("GET", "/", headers={"Connection": "close"})
             body = c.getresponse().read().decode().strip()
             c.close()
             _emit_locked(i=i, t=round(t0 - start, 4), wall=wall, ok=True, backend=body,
                          ms=round((time.monotonic() - t0) * 1000, 2))
         except (OSError, http.client.HTTPException) as e:
-            _emit_locked(i=i, t=round(t0 - start, 4), wall=wall, ok=False,
+            _emit_locked(i=i, t=round(t0 - start, 4), wall=wall, ok=False, stage=stage,
                          error=type(e).__name__, ms=round((time.monotonic() - t0) * 1000, 2))
 
     threads = []
@@ -234,30 +238,51 @@ def udp_sizes(host: str, port: int, sizes: list[int], count: int, timeout: float
     return 0
 
 
-def hold(host: str, port: int, timeout: float) -> int:
-    """Open a keep-alive connection, learn its backend, then sit idle and
-    report how the connection ends: reset, closed, or still open at timeout."""
-    s = socket.create_connection((host, port), timeout=2)
+def _get(s: socket.socket) -> str:
+    """One keep-alive GET on s; the body (the backend's name)."""
     s.sendall(b"GET / HTTP/1.1\r\nHost: natlb\r\n\r\n")
     data = b""
     while b"\r\n\r\n" not in data:
-        data += s.recv(4096)
+        chunk = s.recv(4096)
+        if not chunk:
+            raise ConnectionResetError("closed before the answer")
+        data += chunk
     head, body = data.split(b"\r\n\r\n", 1)
     length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
                       if line.lower().startswith(b"content-length:")))
     while len(body) < length:
-        body += s.recv(4096)
-    _emit(backend=body.decode().strip())
+        chunk = s.recv(4096)
+        if not chunk:
+            raise ConnectionResetError("closed before the answer")
+        body += chunk
+    return body.decode().strip()
+
+
+def hold(host: str, port: int, timeout: float, probe: bool = False) -> int:
+    """Open a keep-alive connection, learn its backend, then sit idle and
+    report how the connection ends: reset, closed, or still open at timeout.
+    With probe, a line on stdin ends the wait early: the connection asks
+    again and reports "answered" (and by whom) if it still works, so a test
+    asserts that it survived instead of waiting out the timeout."""
+    s = socket.create_connection((host, port), timeout=10)
+    _emit(backend=_get(s))
     t0 = time.monotonic()
-    s.settimeout(timeout)
+    waits = [s, sys.stdin] if probe else [s]
+    ready, _, _ = select.select(waits, [], [], timeout)
+    extra: dict[str, object] = {}
     try:
-        data = s.recv(1)
-        outcome = "closed" if not data else "data"
+        if s in ready:
+            outcome = "closed" if not s.recv(1) else "data"
+        elif ready:
+            extra["backend"] = _get(s)
+            outcome = "answered"
+        else:
+            outcome = "open"
     except ConnectionResetError:
         outcome = "reset"
     except TimeoutError:
         outcome = "open"
-    _emit(outcome=outcome, after=round(time.monotonic() - t0, 3))
+    _emit(outcome=outcome, after=round(time.monotonic() - t0, 3), **extra)
     return 0
 
 
@@ -423,6 +448,7 @@ def main(argv: list[str] | None = None) -> int:
         c.add_argument("--seed", type=int, default=1)
         c.add_argument("--seconds", type=float, default=1.0)
         c.add_argument("--keepalive", type=int, default=10)
+        c.add_argument("--probe", action="store_true")
     u = sub.add_parser("udp-sizes")
     u.add_argument("--host", required=True)
     u.add_argument("--port", type=int, required=True)
@@ -443,7 +469,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "churn":
         return churn(a.host, a.port, a.keepalive, a.interval_ms, a.seconds, a.timeout)
     if a.cmd == "hold":
-        return hold(a.host, a.port, a.timeout)
+        return hold(a.host, a.port, a.timeout, a.probe)
     if a.cmd == "syn-flood":
         return syn_flood(a.host, a.port, a.count, a.seconds)
     if a.cmd == "blob":

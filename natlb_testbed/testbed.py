@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -195,8 +196,8 @@ class Testbed:
         return [json.loads(line) for line in out.splitlines() if line.strip()]
 
     def client_stream(self, *args: str) -> tuple[subprocess.Popen, Iterator[dict]]:
-        p = self.python(self.client, "natlb_testbed.hosts", *args, stdout=subprocess.PIPE,
-                        text=True)
+        p = self.python(self.client, "natlb_testbed.hosts", *args, stdin=subprocess.PIPE,
+                        stdout=subprocess.PIPE, text=True)
 
         def lines() -> Iterator[dict]:
             assert p.stdout
@@ -205,6 +206,24 @@ class Testbed:
                     yield json.loads(line)
 
         return p, lines()
+
+    @staticmethod
+    def probe(p: subprocess.Popen) -> None:
+        """Tell a `hold --probe` client to ask again on its connection now."""
+        assert p.stdin
+        p.stdin.write("probe\n")
+        p.stdin.flush()
+
+    def wait_state(self, key: str, pred: Any, what: str, timeout: float = 30.0) -> dict[str, Any]:
+        """Poll a backend's status until pred(backend) holds; generous by default:
+        a loaded machine is slow, and the outcome is what is asserted."""
+        deadline = time.monotonic() + timeout
+        while True:
+            b = self.backend_state(key)
+            if pred(b):
+                return b
+            assert time.monotonic() < deadline, f"{key}: never {what}: {b}"
+            time.sleep(0.05)
 
     def router_cmd(self, *argv: str) -> subprocess.CompletedProcess:
         return subprocess.run(["ip", "netns", "exec", self.router, *argv],
@@ -246,6 +265,7 @@ class Testbed:
         for ns in reversed(self.namespaces):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         self.namespaces.clear()
+        shutil.rmtree(self.workdir, ignore_errors=True)
 
     def __enter__(self) -> Testbed:
         return self.build()
@@ -314,15 +334,21 @@ class StateWatch:
 def basic_config(tb: Testbed, scheduler: str = "rr", health: str = "tcp",
                  interval_ms: int = 100, extra_services: str = "", lb_extra: str = "",
                  service_extra: str = "", backends: list[int] | None = None,
-                 timeout_ms: int | None = None) -> str:
+                 timeout_ms: int = 1000, syn_timeout_ms: int = 1000) -> str:
     """natlb config: service "web" (TCP 80 on the VIP) over the testbed's
-    backends (or the given ones), plus whatever the extras add."""
+    backends (or the given ones), plus whatever the extras add.
+
+    Timeouts are generous on purpose: on a loaded 2-core machine one check
+    or one SYN-ACK can take hundreds of ms, and with fall = 1 a single slow
+    check of a healthy backend takes it down and resets its flows.  Tests
+    that are about fast detection ask for short ones."""
     blocks = "\n".join(
         f'[[service.backend]]\naddress = "{backend_addr(k)}"\nport = 80\n'
         for k in (backends or range(1, tb.n_backends + 1)))
     return f"""
 [lb]
 control_socket = "{tb.control_socket}"
+syn_timeout_ms = {syn_timeout_ms}
 {lb_extra}
 
 [[service]]
@@ -334,7 +360,7 @@ scheduler = "{scheduler}"
 [service.health]
 kind = "{health}"
 interval_ms = {interval_ms}
-timeout_ms = {timeout_ms or max(50, interval_ms)}
+timeout_ms = {timeout_ms}
 rise = 2
 fall = 1
 {service_extra}
