@@ -207,12 +207,22 @@ class Testbed:
 
         return p, lines()
 
-    @staticmethod
-    def probe(p: subprocess.Popen) -> None:
-        """Tell a `hold --probe` client to ask again on its connection now."""
-        assert p.stdin
-        p.stdin.write("probe\n")
-        p.stdin.flush()
+    def hold(self, host: str, port: int = 80) -> Hold:
+        """An idle keep-alive connection that waits for a probe, not a clock
+        (60 s at most): see hosts.hold."""
+        p, lines = self.client_stream("hold", "--host", host, "--port", str(port),
+                                      "--timeout", "60", "--probe")
+        return Hold(p, lines, next(lines)["backend"])
+
+    def hold_each_backend(self, host: str, want: set[str], tries: int = 12) -> list[Hold]:
+        """Holds until every backend in `want` has one: a backend briefly
+        suspect on a loaded machine is skipped by rr, so open another."""
+        holds: list[Hold] = []
+        for _ in range(tries):
+            holds.append(self.hold(host))
+            if {h.backend for h in holds} >= want:
+                return holds
+        raise AssertionError(f"no connection reached {want}: {[h.backend for h in holds]}")
 
     def wait_state(self, key: str, pred: Any, what: str, timeout: float = 30.0) -> dict[str, Any]:
         """Poll a backend's status until pred(backend) holds; generous by default:
@@ -272,6 +282,33 @@ class Testbed:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+@dataclass
+class Hold:
+    """A `hold --probe` client: its process, its JSON lines, its backend."""
+
+    proc: subprocess.Popen
+    lines: Iterator[dict]
+    backend: str
+
+    def probe(self) -> dict:
+        """Ask again on the connection now; how it went ("answered" and by
+        which backend, or "reset" / "closed").  The client then exits."""
+        assert self.proc.stdin
+        self.proc.stdin.write("probe\n")
+        self.proc.stdin.flush()
+        return self.end()
+
+    def end(self) -> dict:
+        """The client's last line (it ends on a probe, a reset or its timeout)."""
+        r = next(self.lines)
+        self.proc.wait(timeout=30)
+        return r
+
+    def survived(self) -> bool:
+        r = self.probe()
+        return r["outcome"] == "answered" and r["backend"] == self.backend
 
 
 @dataclass(frozen=True)

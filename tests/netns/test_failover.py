@@ -74,35 +74,10 @@ def backend_status(testbed, k):
     return next(b for b in svc["backends"] if b["address"] == backend_addr(k))
 
 
-def hold_on_each_backend(testbed):
-    """Idle keep-alive connections until every backend holds one (a backend
-    briefly suspect on a loaded machine is skipped by rr: open another).
-    They wait for a probe, not a clock."""
-    holds = []
-    for _ in range(12):
-        p, lines = testbed.client_stream("hold", "--host", VIP, "--port", "80", "--timeout",
-                                         "60", "--probe")
-        holds.append((p, lines, next(lines)["backend"]))
-        if {b for _, _, b in holds} == {"b1", "b2", "b3"}:
-            return holds
-    raise AssertionError(f"no connection reached every backend: {[b for *_, b in holds]}")
-
-
-def probe_all(testbed, holds):
-    """Ask again on every held connection; (its backend, how it went, who answered)."""
-    out = []
-    for p, lines, backend in holds:
-        testbed.probe(p)
-        r = next(lines)
-        out.append((backend, r["outcome"], r.get("backend")))
-        p.wait(timeout=30)
-    return out
-
-
 def test_drain_keeps_old_flows_and_takes_no_new_ones(testbed, natlb):
     natlb(basic_config(testbed, scheduler="rr"))
-    holds = hold_on_each_backend(testbed)
-    on_victim = sum(b == "b2" for _, _, b in holds)
+    holds = testbed.hold_each_backend(VIP, {"b1", "b2", "b3"})
+    on_victim = sum(h.backend == "b2" for h in holds)
     assert backend_status(testbed, VICTIM)["active_flows"] == on_victim
     r = natlb_cli(testbed, "backend", "drain", "web", backend_addr(VICTIM), "-s",
                   testbed.control_socket)
@@ -111,8 +86,7 @@ def test_drain_keeps_old_flows_and_takes_no_new_ones(testbed, natlb):
                              "--timeout", "5")
     assert all(x["ok"] for x in res) and "b2" not in {x["backend"] for x in res}, res
     # Nobody was cut off: every held connection still answers, from its backend.
-    assert all(outcome == "answered" and by == backend
-               for backend, outcome, by in probe_all(testbed, holds)), holds
+    assert [h.survived() for h in holds] == [True] * len(holds)
     b = testbed.wait_state(VICTIM_KEY, lambda b: b["active_flows"] == 0, "without flows")
     assert b["admin"] == "draining"
 
@@ -120,22 +94,19 @@ def test_drain_keeps_old_flows_and_takes_no_new_ones(testbed, natlb):
 @pytest.mark.parametrize("policy", ["reset", "keep"])
 def test_established_flows_of_a_disabled_backend(testbed, natlb, policy):
     natlb(basic_config(testbed, service_extra=f'[service.failover]\non_backend_down = "{policy}"'))
-    holds = hold_on_each_backend(testbed)
+    holds = testbed.hold_each_backend(VIP, {"b1", "b2", "b3"})
     r = natlb_cli(testbed, "backend", "disable", "web", backend_addr(VICTIM), "-s",
                   testbed.control_socket)
     assert r.returncode == 0, r.stderr
-    victims = [h for h in holds if h[2] == "b2"]
-    others = [h for h in holds if h[2] != "b2"]
+    victims = [h for h in holds if h.backend == "b2"]
     if policy == "reset":
-        # The RST ends the client's wait: without it the hold would say "open"
-        # after 60 s.
-        for p, lines, _ in victims:
-            assert next(lines)["outcome"] == "reset"
-            p.wait(timeout=30)
+        # The RST ends the client's wait; without it the client would say
+        # "open" after 60 s.
+        assert [h.end()["outcome"] for h in victims] == ["reset"] * len(victims)
     else:
-        assert probe_all(testbed, victims) == [("b2", "answered", "b2")] * len(victims)
-    assert all(outcome == "answered" and by == backend
-               for backend, outcome, by in probe_all(testbed, others)), others
+        assert [h.survived() for h in victims] == [True] * len(victims)
+    others = [h for h in holds if h.backend != "b2"]
+    assert [h.survived() for h in others] == [True] * len(others)
     natlb_cli(testbed, "backend", "enable", "web", backend_addr(VICTIM), "-s",
               testbed.control_socket)
 

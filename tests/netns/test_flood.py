@@ -20,10 +20,7 @@ def test_syn_flood_starves_no_new_connection_and_cuts_no_established_one(testbed
     # passive policy's test; this one is about the table.
     natlb(basic_config(testbed, lb_extra=f"max_flows = {MAX_FLOWS}",
                        service_extra='[service.failover]\npassive = "ignore"'))
-    holds = []
-    for _ in range(6):  # established, idle connections through the flood
-        p, lines = testbed.client_stream("hold", "--host", VIP, "--port", "80", "--timeout", "5")
-        holds.append((p, lines, next(lines)["backend"]))
+    holds = [testbed.hold(VIP) for _ in range(6)]  # established, idle through the flood
     flood = testbed.python(testbed.client, "natlb_testbed.hosts", "syn-flood", "--host", VIP,
                            "--port", "80", "--count", str(FLOOD), "--seconds", "1.0",
                            stdout=subprocess.PIPE, text=True)
@@ -34,10 +31,7 @@ def test_syn_flood_starves_no_new_connection_and_cuts_no_established_one(testbed
     assert json.loads(out)["sent"] == FLOOD
     failed = [r for r in res if not r["ok"]]
     assert len(res) == 30 and failed == [], failed
-    outcomes = [next(lines)["outcome"] for _, lines, _ in holds]
-    for p, _, _ in holds:
-        p.wait(timeout=30)
-    assert outcomes == ["open"] * 6
+    assert [h.survived() for h in holds] == [True] * 6
     st = json.loads(natlb_cli(testbed, "status", "--json", "-s", testbed.control_socket).stdout)
     assert st["reasons"]["table_full"] == 0
     assert st["conntrack"]["evicted_tcp"] >= FLOOD - MAX_FLOWS
