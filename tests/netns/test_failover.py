@@ -121,15 +121,16 @@ def test_udp_backend_dead_is_seen_from_icmp_before_any_check(testbed, natlb):
     testbed.fail_backend(VICTIM, "kill")
     key = f"{backend_addr(VICTIM)}:53"
     try:
-        with testbed.watch() as watch:
-            res = testbed.client_run("udp-stream", "--host", VIP, "--port", "53", "--count",
-                                     "30", "--interval-ms", "10", "--timeout", "0.5")
-        victim = testbed.backend_state(key, "dns")
+        res = testbed.client_run("udp-stream", "--host", VIP, "--port", "53", "--count",
+                                 "30", "--interval-ms", "10", "--timeout", "0.5")
+        # The immediate check's verdict may come after the stream on a loaded
+        # machine: wait for it rather than for a clock.
+        victim = testbed.wait_state(key, lambda b: b["health"] == "down", "down")
     finally:
         testbed.repair_backend(VICTIM, "kill")
     # The ICMP reached natlb as a passive failure (it then checks at once and
     # the check confirms: the status JSON keeps the count, the log the story).
-    assert watch.saw(key, "down") and victim["passive_failures"] >= 1, (watch.changes, victim)
+    assert victim["passive_failures"] >= 1, victim
     lost = [r for r in res if not r["ok"]]
     assert len(lost) <= 1, lost  # at most the query that found it dead
     assert "b2" not in {r.get("backend") for r in res[3:]}
