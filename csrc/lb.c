@@ -484,6 +484,41 @@ static inline int seq_before(uint32_t a, uint32_t b)
     return (int32_t)(a - b) < 0;
 }
 
+/* A SYN-ACK that answers the SYN of a flow natlb has since moved to another
+ * backend: the first backend was only slow (a loaded host, a long queue),
+ * not dead.  Passed on, it would show the client a backend's address and
+ * leave that backend a half-open connection; so it is dropped and the
+ * backend gets the RST the client would have sent (seq = its ack, RFC 793).
+ * Believed only if it acknowledges the flow's SYN and its checksum is right. */
+static int late_synack(struct nl_lb *lb, const struct nl_pkt *p, int csum, uint32_t now)
+{
+    if (p->proto != 6 || (p->tcp_flags & (NL_TCP_SYN | NL_TCP_ACK | NL_TCP_RST)) !=
+                             (NL_TCP_SYN | NL_TCP_ACK) || csum != NL_CSUM_OK)
+        return 0;
+    struct nl_ct_key k = { p->daddr, p->dport, 6, 1, 0, 0 };
+    uint32_t b = nl_ct_bucket(&lb->ct, &k);
+    pthread_spinlock_t *lock = nl_ct_stripe(&lb->ct, b);
+    int late = 0;
+    pthread_spin_lock(lock);
+    for (uint32_t i = lb->ct.buckets[b]; i != NL_NIL; i = lb->ct.flows[i].next) {
+        const struct nl_flow *f = &lb->ct.flows[i];
+        if (f->client_addr == p->daddr && f->client_port == p->dport && f->proto == 6 &&
+            f->tries > 1 && (f->flags & NL_FL_SYN_CHECKED) && p->ack == f->syn_seq + 1 &&
+            !nl_time_before(f->expires_ms, now)) {
+            late = 1;
+            break;
+        }
+    }
+    pthread_spin_unlock(lock);
+    if (!late)
+        return 0;
+    uint8_t rst[40];
+    nl_build_rst(rst, p->daddr, p->saddr, p->dport, p->sport, p->ack);
+    nl_outbox_push(lb, rst, sizeof(rst));
+    nl_count_failover(lb, NL_F_LATE_SYNACKS, 1);
+    return 1;
+}
+
 static int reply(struct nl_lb *lb, struct nl_worker_counters *wc,
                  const struct nl_snapshot *snap, struct nl_pkt *p, uint32_t pkt_flags,
                  int csum, uint32_t now, uint32_t *mark)
@@ -496,6 +531,8 @@ static int reply(struct nl_lb *lb, struct nl_worker_counters *wc,
         f = nl_cluster_adopt_reply(lb, snap, p, now, &lock, &full);
     if (!f) {
         /* A cluster reply we cannot track must not leak the backend. */
+        if (!full && late_synack(lb, p, csum, now))
+            return NL_VERDICT_DROP;
         wc->reasons[full ? NL_R_TABLE_FULL : NL_R_NOT_OURS]++;
         return full ? NL_VERDICT_DROP : NL_VERDICT_ACCEPT;
     }

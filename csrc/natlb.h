@@ -247,7 +247,9 @@ struct nl_event {
                                     ring full, those flows are not re-steered */
 #define NL_F_ADOPTED 8           /* cluster: flows taken up mid-way (no SYN) */
 #define NL_F_REPLY_ADOPTED 9     /* cluster: replies mapped back statelessly */
-#define NL_F_MAX 10
+#define NL_F_LATE_SYNACKS 10     /* SYN-ACKs from a backend a re-steered SYN had
+                                    left: dropped, that backend sent an RST */
+#define NL_F_MAX 11
 
 /* Readable when events are waiting (an eventfd); never blocks the workers.
  * The ring keeps the newest events: when full, the oldest is dropped and

@@ -60,6 +60,7 @@ FAILOVER_COUNTERS = {
     "held_lost": lib.NL_F_HELD_LOST,
     "adopted": lib.NL_F_ADOPTED,
     "reply_adopted": lib.NL_F_REPLY_ADOPTED,
+    "late_synacks": lib.NL_F_LATE_SYNACKS,
 }
 CONNTRACK_COUNTERS = {
     "reclaimed": lib.NL_C_RECLAIMED,

@@ -73,6 +73,31 @@ def test_syn_vouched_for_but_cut_is_not_held(fcore):
     assert fcore.outbox_take() is None     # nothing held, so nothing re-sent
 
 
+def test_late_synack_from_the_first_backend_is_dropped_and_that_backend_reset(fcore):
+    b1 = first_backend(fcore)
+    fcore.failover_tick(100 + 50)
+    b2 = IP(fcore.outbox_take()).dst
+    # The first backend was only slow: its SYN-ACK must not reach the client
+    # (it carries the backend's address) and its half-open connection is reset.
+    late = IP(src=b1, dst=CLIENT) / TCP(sport=8080, dport=40000, flags="SA", seq=7000, ack=1001)
+    v, _ = fcore.process(bytes(late), 160)
+    assert v == Verdict.DROP
+    rst = fcore.outbox_take()
+    assert rst is not None and checksums_ok(rst)
+    r = IP(rst)
+    assert (r.src, r.dst, r[TCP].sport, r[TCP].dport, r[TCP].flags, r[TCP].seq) == (
+        CLIENT, b1, 40000, 8080, "R", 1001)
+    assert fcore.failover_counters()["late_synacks"] == 1
+    # One that does not acknowledge the client's SYN is not believed: passed as before.
+    forged = IP(src=b1, dst=CLIENT) / TCP(sport=8080, dport=40000, flags="SA", ack=555)
+    assert fcore.process(bytes(forged), 161)[0] == Verdict.ACCEPT
+    assert fcore.outbox_take() is None
+    # The backend the flow moved to still completes the handshake.
+    synack = IP(src=b2, dst=CLIENT) / TCP(sport=8080, dport=40000, flags="SA", ack=1001)
+    v, out = fcore.process(bytes(synack), 162)
+    assert v == Verdict.REWRITE and IP(out).src == VIP
+
+
 def test_answered_syn_is_not_resent(fcore):
     b1 = first_backend(fcore)
     fcore.process(bytes(IP(src=b1, dst=CLIENT) / TCP(sport=8080, dport=40000, flags="SA")), 110)
