@@ -5,7 +5,8 @@
 
 Only documentation address ranges are used, and only inside namespaces
 created here.  Names carry a per-run prefix; close() kills exactly the
-processes it started (by pid) and deletes exactly the namespaces it made.
+processes it started (by pid), deletes exactly the namespaces it made
+and its own work directory (config, control socket, natlb.log).
 """
 
 from __future__ import annotations
