@@ -3,8 +3,9 @@ stream for UDP), measured in the same run on the same namespaces.
 
     client --- router --- 3 backends (nginx, nsd, iperf3)
 
-The router runs one of: natlb, an nftables DNAT table, HAProxy (TCP mode,
-one thread) plus nginx stream (one worker) for UDP.  Load comes from wrk,
+The router runs one of: natlb (every packet queued), natlb with the kernel
+fast path for established TCP flows (lb.fastpath), an nftables DNAT table,
+HAProxy (TCP mode, one thread) plus nginx stream (one worker) for UDP.  Load comes from wrk,
 dnsperf and iperf3 in the client namespace.  Results are medians over
 repetitions, printed as a table with natlb's ratio to each peer and written
 as Markdown, JSON and a PNG chart.
@@ -24,7 +25,9 @@ from pathlib import Path
 from natlb_testbed.testbed import VIP, Testbed, backend_addr
 
 N_BACKENDS = 3
-PATHS = ("natlb", "kernel", "haproxy")
+PATHS = ("natlb", "natlb-fast", "kernel", "haproxy")
+NAMES = {"natlb": "natlb", "natlb-fast": "natlb fastpath = true", "kernel": "kernel nft DNAT",
+         "haproxy": "HAProxy TCP 1 thread (UDP: nginx stream 1 worker)"}
 METRICS = {
     "conn_s": "new conn/s",
     "req_s": "keep-alive req/s",
@@ -131,6 +134,7 @@ workers = {workers}
 gso = {gso}
 poll_us = {poll_us}
 rewrite = "{rewrite}"
+fastpath = {fastpath}
 [[service]]
 name = "web"
 vip = "{vip}"
@@ -218,11 +222,12 @@ class Bench:
     # -- the three paths ---------------------------------------------------
     def start(self, path: str) -> list[subprocess.Popen]:
         fmt = dict(dir=self.dir, vip=VIP, **self.addrs)
-        if path == "natlb":
+        if path.startswith("natlb"):
             web = "\n".join(f'[[service.backend]]\naddress = "{a}"' for a in self.addrs.values())
             cfg = self.tb.write_config(NATLB_CONFIG.format(
                 sock=self.tb.control_socket, workers=self.workers, poll_us=self.poll_us,
                 rewrite=self.rewrite,
+                fastpath="true" if path == "natlb-fast" else "false",
                 gso="true" if self.gso else "false", web=web, **fmt))
             return [self.tb.start_natlb(cfg)]
         self.router(["ip", "addr", "add", f"{VIP}/32", "dev", "lo"])
@@ -250,7 +255,7 @@ class Bench:
             self.tb.procs.remove(p)
         if path == "kernel":
             self.router(["nft", "delete", "table", "ip", "natlb_bench_dnat"])
-        if path != "natlb":
+        if not path.startswith("natlb"):
             self.router(["ip", "addr", "del", f"{VIP}/32", "dev", "lo"])
 
     # -- measurements ------------------------------------------------------
@@ -315,17 +320,18 @@ class Bench:
         procs = self.start(path)
         try:
             r: dict[str, float] = {}
-            cpu0 = self.natlb_cpu() if path == "natlb" else None
+            ours = path.startswith("natlb")
+            cpu0 = self.natlb_cpu() if ours else None
             r["conn_s"] = self._rate(self.wrk("-H", "Connection: close"))
             busy0 = self.system_busy()
-            pk0 = self.natlb_cpu()[1] if path == "natlb" else 0
+            pk0 = self.natlb_cpu()[1] if ours else 0
             keepalive = self.wrk()
             r["req_s"] = self._rate(keepalive)
             m = re.search(r"(\d+) requests in", keepalive)
             requests = int(m.group(1)) if m else 1
             # Machine-wide CPU per request: client, router and backends alike.
             r["cpu_us_per_req"] = (self.system_busy() - busy0) / requests * 1e6
-            if path == "natlb":
+            if ours:
                 r["packets_per_req"] = (self.natlb_cpu()[1] - pk0) / requests
             r["dns_qps"] = self.dns()
             r["bulk_mbit"] = self.bulk()
@@ -346,7 +352,7 @@ class Bench:
 
 def median_table(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
-    for path in PATHS:
+    for path in runs[0]:
         keys = runs[0][path].keys()
         out[path] = {k: statistics.median(r[path][k] for r in runs) for k in keys}
     return out
@@ -355,16 +361,20 @@ def median_table(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str,
 def markdown(med: dict[str, dict[str, float]], meta: dict) -> str:
     head = "| path | " + " | ".join(METRICS.values()) + " |"
     lines = [head, "|" + "---|" * (len(METRICS) + 1)]
-    for path in PATHS:
-        name = {"natlb": "natlb", "kernel": "kernel nft DNAT",
-                "haproxy": "HAProxy TCP 1 thread (UDP: nginx stream 1 worker)"}[path]
-        lines.append(f"| {name} | " + " | ".join(f"{med[path][k]:,.0f}" for k in METRICS) + " |")
-    for peer in ("kernel", "haproxy"):
-        cells = []
-        for k in METRICS:
-            a, b = med["natlb"][k], med[peer][k]
-            cells.append(f"{a / b:.2f}x" if b else "n/a")
-        lines.append(f"| natlb / {peer} | " + " | ".join(cells) + " |")
+    for path in med:
+        lines.append(f"| {NAMES[path]} | " + " | ".join(f"{med[path][k]:,.0f}" for k in METRICS)
+                     + " |")
+    for ours in ("natlb", "natlb-fast"):
+        for peer in ("kernel", "haproxy"):
+            if ours not in med or peer not in med:
+                continue
+            cells = []
+            for k in METRICS:
+                a, b = med[ours][k], med[peer][k]
+                cells.append(f"{a / b:.2f}x" if b else "n/a")
+            lines.append(f"| {ours} / {peer} | " + " | ".join(cells) + " |")
+    if "natlb" not in med or "kernel" not in med or "haproxy" not in med:
+        return "\n".join(lines)
     lines.append("")
     extra = med["natlb"]["cpu_us_per_req"] - med["kernel"]["cpu_us_per_req"]
     per_pkt = extra / med["natlb"]["packets_per_req"]
@@ -393,9 +403,10 @@ def chart(med: dict[str, dict[str, float]], path: Path) -> None:
         print("(matplotlib missing: no chart)")
         return
     fig, axes = plt.subplots(1, len(METRICS), figsize=(3 * len(METRICS), 3.2))
+    paths = list(med)
     for ax, (k, label) in zip(axes, METRICS.items(), strict=True):
-        vals = [med[p][k] for p in PATHS]
-        ax.bar(PATHS, vals, color=["#2a7", "#888", "#c63"])
+        vals = [med[p][k] for p in paths]
+        ax.bar(paths, vals, color=["#2a7", "#5c9", "#888", "#c63"][:len(paths)])
         ax.set_title(label, fontsize=9)
         ax.tick_params(axis="x", labelsize=8, rotation=30)
     fig.suptitle("natlb vs kernel DNAT vs HAProxy (medians)")
@@ -412,7 +423,12 @@ def main() -> int:
     ap.add_argument("--poll-us", type=int, default=0)
     ap.add_argument("--rewrite", choices=["copy", "mark"], default="mark")
     ap.add_argument("--out", default="bench-results")
+    ap.add_argument("--paths", default=",".join(PATHS),
+                    help=f"comma-separated subset of {','.join(PATHS)}")
     a = ap.parse_args()
+    paths = [p for p in a.paths.split(",") if p]
+    if any(p not in PATHS for p in paths):
+        ap.error(f"--paths: one of {', '.join(PATHS)}")
     out = Path(a.out)
     out.mkdir(exist_ok=True)
     b = Bench(a.seconds, a.workers, not a.no_gso, a.poll_us, a.rewrite)
@@ -421,7 +437,7 @@ def main() -> int:
         b.setup()
         for rep in range(a.repetitions):
             run = {}
-            for path in PATHS:
+            for path in paths:
                 print(f"repetition {rep + 1}/{a.repetitions}: {path}", flush=True)
                 run[path] = b.measure(path)
                 print("   ", {k: round(v, 2) for k, v in run[path].items()}, flush=True)

@@ -27,6 +27,7 @@
  * never the reverse.
  */
 #define _GNU_SOURCE
+#include <time.h>
 #include <errno.h>
 #include <stdlib.h>
 #include <string.h>
@@ -413,6 +414,61 @@ void nl_failover_due(struct nl_lb *lb, uint64_t now_ms)
 
 /* ---- resetting the flows of a dead backend ------------------------------ */
 
+/* With the fast path the kernel carried the flow's later packets, so the
+ * sequence numbers natlb holds may be stale and its RSTs fall outside the
+ * window.  An ACK just behind the window makes each end answer with an ACK
+ * that carries its exact numbers (RFC 793 "unacceptable segment"); the flow
+ * stays, closed, until those answers come (nl_reset_probed) or it expires.
+ * The fast-path maps are flushed before this runs and a dead backend's
+ * packets get no NL_MARK_FAST, so the answers reach natlb. */
+static void probe(struct nl_lb *lb, struct nl_flow *f)
+{
+    uint8_t pkt[40];
+    nl_build_tcp(pkt, f->vip_addr, f->client_addr, f->vip_port, f->client_port,
+                 f->server_seq_next - 1, f->client_seq_next, NL_TCP_ACK);
+    nl_outbox_push(lb, pkt, sizeof(pkt));
+    nl_build_tcp(pkt, f->client_addr, f->backend_addr, f->client_port, f->backend_port,
+                 f->client_seq_next - 1, f->server_seq_next, NL_TCP_ACK);
+    nl_outbox_push(lb, pkt, sizeof(pkt));
+    uint8_t before = f->state;
+    f->state = NL_FS_CLOSE;
+    if (!nl_flow_closing(before)) {
+        nl_flow_gauge(lb, f, before, -1);
+        nl_flow_gauge(lb, f, f->state, 1);
+    }
+    f->flags |= NL_FL_PROBE_CLIENT | NL_FL_PROBE_SERVER;
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    f->expires_ms = (uint32_t)((uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000) +
+                    lb->ct.timeout_ms[NL_T_TCP_CLOSE];
+}
+
+void nl_reset_probed(struct nl_lb *lb, struct nl_flow *f, const struct nl_pkt *p, int reply)
+{
+    uint8_t rst[40];
+    /* p's ack is what its sender expects next: its RST's exact seq.  p's seq
+     * is what the other end expects next, if nothing is in flight. */
+    uint8_t self = reply ? NL_FL_PROBE_SERVER : NL_FL_PROBE_CLIENT;
+    uint8_t other = reply ? NL_FL_PROBE_CLIENT : NL_FL_PROBE_SERVER;
+    if (reply) {
+        nl_build_rst(rst, f->client_addr, f->backend_addr, f->client_port, f->backend_port, p->ack);
+        nl_outbox_push(lb, rst, sizeof(rst));
+        if (f->flags & other) {
+            nl_build_rst(rst, f->vip_addr, f->client_addr, f->vip_port, f->client_port, p->seq);
+            nl_outbox_push(lb, rst, sizeof(rst));
+        }
+    } else {
+        nl_build_rst(rst, f->vip_addr, f->client_addr, f->vip_port, f->client_port, p->ack);
+        nl_outbox_push(lb, rst, sizeof(rst));
+        if (f->flags & other) {
+            nl_build_rst(rst, f->client_addr, f->backend_addr, f->client_port, f->backend_port,
+                         p->seq);
+            nl_outbox_push(lb, rst, sizeof(rst));
+        }
+    }
+    f->flags &= (uint8_t)~self;
+}
+
 uint32_t nl_reset_backend(struct nl_lb *lb, uint32_t backend_id)
 {
     struct nl_ct *ct = &lb->ct;
@@ -442,6 +498,12 @@ uint32_t nl_reset_backend(struct nl_lb *lb, uint32_t backend_id)
                              f->backend_port, f->client_seq_next);
                 nl_outbox_push(lb, rst, sizeof(rst));
                 nl_count_failover(lb, NL_F_RESETS_SENT, 1);
+                if (lb->cfg.fastpath) {
+                    probe(lb, f);
+                    link = &f->next;
+                    reset++;
+                    continue;
+                }
             }
             if (f->proto == 6 && f->state == NL_FS_SYN_SENT) {
                 link = &f->next;   /* its SYN is re-steered, not reset */

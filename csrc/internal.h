@@ -100,6 +100,9 @@ uint32_t nl_build_frag_needed(uint8_t *buf, uint32_t src, uint32_t dst, uint16_t
  * order) with both checksums. */
 void nl_build_rst(uint8_t *buf, uint32_t saddr, uint32_t daddr, uint16_t sport, uint16_t dport,
                   uint32_t seq);
+/* The same with any flags and an ack number (host order). */
+void nl_build_tcp(uint8_t *buf, uint32_t saddr, uint32_t daddr, uint16_t sport, uint16_t dport,
+                  uint32_t seq, uint32_t ack, uint8_t flags);
 
 /* ---- conntrack (conntrack.c) ------------------------------------------- */
 enum nl_flow_state {
@@ -144,6 +147,9 @@ struct nl_flow {
 #define NL_FL_REPLIED 4         /* a reply was seen (UDP; TCP uses state)    */
 #define NL_FL_SYN_CHECKED 8     /* the client's SYN was whole and its checksum
                                    good: signals about it may be believed   */
+#define NL_FL_PROBE_CLIENT 16   /* reset with the fast path on: the client's */
+#define NL_FL_PROBE_SERVER 32   /* / backend's answer to a probe gives the
+                                   exact sequence number for its RST         */
 _Static_assert(sizeof(struct nl_flow) <= 48, "conntrack entry must stay small");
 
 /* Embryonic: a TCP flow whose handshake the client has not completed, or a
@@ -336,6 +342,9 @@ uint32_t nl_syn_deadline_next(struct nl_lb *lb, uint32_t now);
 void nl_count_failover(struct nl_lb *lb, int which, uint64_t n);
 /* Queues a packet natlb sends itself; 0 if the outbox is full. */
 uint32_t nl_outbox_push(struct nl_lb *lb, const uint8_t *pkt, uint32_t len);
+/* A packet of a flow reset while probing (NL_FL_PROBE_*): sends the RSTs its
+ * sequence numbers make exact.  Caller holds the flow's stripe. */
+void nl_reset_probed(struct nl_lb *lb, struct nl_flow *f, const struct nl_pkt *p, int reply);
 
 /* ---- IP fragments (fragtrack.c) ---------------------------------------- */
 /* One datagram's identity, the same in all its fragments.  Family-neutral

@@ -407,6 +407,12 @@ static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
 
     pthread_spin_lock(lock);
     struct nl_flow *f = nl_ct_find(ct, b, &k, now);
+    if (f && (f->flags & NL_FL_PROBE_CLIENT) && p->proto == 6 &&
+        !(p->tcp_flags & (NL_TCP_SYN | NL_TCP_RST))) {
+        nl_reset_probed(lb, f, p, 0);
+        pthread_spin_unlock(lock);
+        return NL_VERDICT_DROP;
+    }
     if (f && is_syn && f->state >= NL_FS_FIN) {
         /* The client reuses a closed connection's port: a new flow. */
         nl_ct_remove(lb, b, f);
@@ -466,13 +472,18 @@ static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
     }
     uint32_t baddr = f->backend_addr;
     uint16_t bport = f->backend_port, bid = f->backend_id;
+    /* natlb decides which flows the kernel may carry alone: established
+     * TCP to a live backend, never a packet that changes the flow's state. */
+    int fast = lb->cfg.fastpath && p->proto == 6 && f->state == NL_FS_ESTABLISHED &&
+               !(p->tcp_flags & (NL_TCP_SYN | NL_TCP_FIN | NL_TCP_RST)) &&
+               snap->alive[f->backend_id];
     pthread_spin_unlock(lock);
     p->nat_addr = baddr;
     p->nat_service = (uint16_t)svc->spec.id;
     p->nat_backend = bid;
 
     if (mark)
-        *mark = NL_MARK_FORWARD | bid;
+        *mark = NL_MARK_FORWARD | bid | (fast ? NL_MARK_FAST : 0);
     else
         nl_rewrite(p, 1, baddr, bport, pkt_flags);
     count_packet(wc, (uint16_t)svc->spec.id, bid, nl_pkt_len(p), 0);
@@ -535,6 +546,12 @@ static int reply(struct nl_lb *lb, struct nl_worker_counters *wc,
             return NL_VERDICT_DROP;
         wc->reasons[full ? NL_R_TABLE_FULL : NL_R_NOT_OURS]++;
         return full ? NL_VERDICT_DROP : NL_VERDICT_ACCEPT;
+    }
+    if ((f->flags & NL_FL_PROBE_SERVER) && p->proto == 6 &&
+        !(p->tcp_flags & (NL_TCP_SYN | NL_TCP_RST))) {
+        nl_reset_probed(lb, f, p, 1);
+        pthread_spin_unlock(lock);
+        return NL_VERDICT_DROP;
     }
     if (p->proto == 6 && (p->tcp_flags & NL_TCP_RST) && f->state == NL_FS_SYN_SENT) {
         /* RFC 793, SYN-SENT: an RST is acceptable only with an ACK of the

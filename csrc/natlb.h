@@ -44,6 +44,9 @@
 /* ---- marks that ask the nftables rewrite chain to rewrite a packet ----- */
 #define NL_MARK_FORWARD 1845493760   /* 0x6e000000 | backend id: dst = backend */
 #define NL_MARK_REPLY 1846542336     /* 0x6e100000 | service id: src = VIP     */
+/* Or'ed into a forward mark (config fastpath) when the packet belongs to an
+ * established TCP flow: nft then installs the flow in its fast-path maps. */
+#define NL_MARK_FAST 8388608         /* 0x00800000                             */
 
 /* ---- schedulers -------------------------------------------------------- */
 #define NL_SCHED_RR 0            /* table = eligible backends, cycled      */
@@ -99,6 +102,7 @@ struct nl_config {
                                        (0: fragments are dropped)          */
     uint32_t fragment_timeout_ms;   /* a datagram's fragments must all pass
                                        within this; held ones are dropped  */
+    uint32_t fastpath;              /* 1: mark established TCP NL_MARK_FAST */
 };
 
 /* One real server of a service, as published by the control plane. */

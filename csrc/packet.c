@@ -239,8 +239,8 @@ void nl_rewrite(struct nl_pkt *p, int dst, uint32_t addr, uint16_t port,
     st16(csum_field, check);
 }
 
-void nl_build_rst(uint8_t *buf, uint32_t saddr, uint32_t daddr, uint16_t sport, uint16_t dport,
-                  uint32_t seq)
+void nl_build_tcp(uint8_t *buf, uint32_t saddr, uint32_t daddr, uint16_t sport, uint16_t dport,
+                  uint32_t seq, uint32_t ack, uint8_t flags)
 {
     memset(buf, 0, 40);
     buf[0] = 0x45;
@@ -254,14 +254,23 @@ void nl_build_rst(uint8_t *buf, uint32_t saddr, uint32_t daddr, uint16_t sport, 
     uint8_t *tcp = buf + 20;
     st16(tcp, sport);
     st16(tcp + 2, dport);
-    tcp[4] = (uint8_t)(seq >> 24);
-    tcp[5] = (uint8_t)(seq >> 16);
-    tcp[6] = (uint8_t)(seq >> 8);
-    tcp[7] = (uint8_t)seq;
+    for (int i = 0; i < 4; i++) {
+        tcp[4 + i] = (uint8_t)(seq >> (24 - 8 * i));
+        tcp[8 + i] = (uint8_t)(ack >> (24 - 8 * i));
+    }
     tcp[12] = 5 << 4;
-    tcp[13] = NL_TCP_RST;
+    tcp[13] = flags;
+    if (flags & NL_TCP_ACK) {
+        tcp[14] = 0x10;                 /* a small window: this segment is a probe */
+    }
     struct nl_pkt p = { .ip = buf, .l4 = tcp, .l4len = 20, .proto = 6 };
     st16(tcp + 16, (uint16_t)~csum_fold(csum_partial(tcp, 20, pseudo_sum(&p))));
+}
+
+void nl_build_rst(uint8_t *buf, uint32_t saddr, uint32_t daddr, uint16_t sport, uint16_t dport,
+                  uint32_t seq)
+{
+    nl_build_tcp(buf, saddr, daddr, sport, dport, seq, 0, NL_TCP_RST);
 }
 
 int nl_parse_icmp_unreach(const uint8_t *buf, uint32_t len, struct nl_icmp *out,

@@ -157,6 +157,7 @@ class LBConfig:
     rewrite: str = "mark"             # mark: nft rewrites on natlb's mark; copy: natlb does
     announce: str = "always"          # healthy: a VIP is on `interface` only while it has
                                       # a backend up (what BIRD's direct protocol exports)
+    fastpath: bool = False            # mark mode: established TCP carried by nft alone
     timeouts_s: dict[str, float] = field(default_factory=lambda: {
         "tcp_syn": 10.0, "tcp_established": 900.0, "tcp_fin": 120.0,
         "tcp_close": 10.0, "udp": 300.0, "fragment": 1.0,
@@ -203,6 +204,9 @@ class Config:
 # -- helpers ---------------------------------------------------------------
 
 def _fmt(v: Any) -> str:
+    """As the value is written in TOML."""
+    if isinstance(v, bool):
+        return "true" if v else "false"
     return f'"{v}"' if isinstance(v, str) else repr(v)
 
 
@@ -426,7 +430,8 @@ def _lb(raw: Any) -> LBConfig:
     raw = _table(raw, "lb")
     _known(raw, "lb", {"queue", "workers", "max_flows", "max_fragments", "interface", "table",
                        "control_socket", "gso", "poll_us", "syn_timeout_ms", "resteer_tries",
-                       "restart_grace_ms", "rewrite", "timeouts", "route", "metrics", "announce"})
+                       "restart_grace_ms", "rewrite", "fastpath", "timeouts", "route", "metrics",
+                       "announce"})
     d = LBConfig()
     timeouts = dict(d.timeouts_s)
     t_raw = _table(raw.get("timeouts", {}), "lb.timeouts")
@@ -440,6 +445,12 @@ def _lb(raw: Any) -> LBConfig:
     gso = raw.get("gso", d.gso)
     if not isinstance(gso, bool):
         raise _fail("lb.gso", gso, "must be true or false")
+    fastpath = raw.get("fastpath", d.fastpath)
+    if not isinstance(fastpath, bool):
+        raise _fail("lb.fastpath", fastpath, "must be true or false")
+    rewrite = _str(raw, "rewrite", "lb", d.rewrite, ("copy", "mark"))
+    if fastpath and rewrite != "mark":
+        raise _fail("lb.fastpath", fastpath, 'needs rewrite = "mark"')
     table = _str(raw, "table", "lb", d.table)
     if not table.replace("_", "").isalnum() or len(table) > 32:
         raise _fail("lb.table", table, "letters, digits and _ only, at most 32")
@@ -460,7 +471,8 @@ def _lb(raw: Any) -> LBConfig:
         syn_timeout_ms=_int(raw, "syn_timeout_ms", "lb", d.syn_timeout_ms, 0, 60_000),
         resteer_tries=_int(raw, "resteer_tries", "lb", d.resteer_tries, 1, 16),
         restart_grace_ms=_int(raw, "restart_grace_ms", "lb", d.restart_grace_ms, 0, 600_000),
-        rewrite=_str(raw, "rewrite", "lb", d.rewrite, ("copy", "mark")),
+        rewrite=rewrite,
+        fastpath=fastpath,
         announce=_str(raw, "announce", "lb", d.announce, ("always", "healthy")),
         timeouts_s=timeouts,
         routes=tuple(_route(r, f"lb.route[{i}]") for i, r in enumerate(routes_raw)),

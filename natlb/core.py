@@ -93,6 +93,7 @@ CHECK_ERRORS = {
 RAW_MARK: int = lib.NL_RAW_MARK
 MARK_FORWARD: int = lib.NL_MARK_FORWARD
 MARK_REPLY: int = lib.NL_MARK_REPLY
+MARK_FAST: int = lib.NL_MARK_FAST
 PKT_HEAD_ONLY: int = lib.NL_PKT_HEAD_ONLY
 PKT_CSUM_PARTIAL: int = lib.NL_PKT_CSUM_PARTIAL
 PKT_GSO: int = lib.NL_PKT_GSO
@@ -203,6 +204,7 @@ class CoreConfig:
     resteer_tries: int = _LB.resteer_tries
     max_fragments: int = _LB.max_fragments
     fragment_timeout_ms: int = int(_LB.timeouts_s["fragment"] * 1000)
+    fastpath: bool = _LB.fastpath
     timeouts_ms: dict[str, int] = field(default_factory=lambda: _timeouts_ms(_LB.timeouts_s))
 
     @classmethod
@@ -211,7 +213,7 @@ class CoreConfig:
                    syn_timeout_ms=lb.syn_timeout_ms, resteer_tries=lb.resteer_tries,
                    max_fragments=lb.max_fragments,
                    fragment_timeout_ms=max(1, int(lb.timeouts_s["fragment"] * 1000)),
-                   timeouts_ms=_timeouts_ms(lb.timeouts_s))
+                   fastpath=lb.fastpath, timeouts_ms=_timeouts_ms(lb.timeouts_s))
 
 
 def monotonic_ms() -> int:
@@ -289,6 +291,7 @@ class Core:
         cfg.resteer_tries = config.resteer_tries
         cfg.max_fragments = config.max_fragments
         cfg.fragment_timeout_ms = config.fragment_timeout_ms
+        cfg.fastpath = int(config.fastpath)
         for name, idx in TIMEOUT_KEYS.items():
             cfg.timeout_ms[idx] = config.timeouts_ms[name]
         lb = lib.nl_create(cfg)

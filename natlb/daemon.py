@@ -31,6 +31,7 @@ from natlb.announce import Announcer
 from natlb.config import Config, load
 from natlb.control import ControlServer
 from natlb.core import (
+    MARK_FAST,
     MARK_FORWARD,
     MARK_REPLY,
     RAW_MARK,
@@ -81,6 +82,8 @@ class Daemon:
         self.core = Core(CoreConfig.from_lb(config.lb))
         self.pool = Pool(config, self.core)
         self.steering = Steering(config.lb.table)
+        if config.lb.fastpath:
+            self.pool.publisher.before_reset = self.steering.flush_fast
         self.journal: Journal | None = None
         self.monitor: Monitor | None = None
         # Served in the status JSON: how the last SIGHUP went.
@@ -120,10 +123,17 @@ class Daemon:
         ingress = netsetup.backend_ingress(b.address for s in services for b in s.backends)
         return ruleset.Spec(table=lb.table, services=services, queues=tuple(self.queues),
                             marks=ruleset.Marks(own=RAW_MARK, forward=MARK_FORWARD,
-                                                reply=MARK_REPLY),
+                                                reply=MARK_REPLY, fast=MARK_FAST),
                             rewrite=lb.rewrite, ingress=ingress,
                             fragments=lb.max_fragments > 0,
-                            own_replies_pass=any(s.cluster for s in self.config.services))
+                            own_replies_pass=any(s.cluster for s in self.config.services),
+                            fastpath=lb.fastpath,
+                            fast_timeout_ms=max(1, int(lb.timeouts_s["tcp_established"] * 500)),
+                            fast_size=lb.max_flows, fast_counts=self._fast_counts())
+
+    def _fast_counts(self) -> dict[int, tuple[int, int, int, int]]:
+        """What the kernel's fast path carried, per backend id ({} without it)."""
+        return self.steering.fast_counts() if self.config.lb.fastpath else {}
 
     def _install_table(self) -> None:
         spec = self._ruleset()
@@ -348,7 +358,7 @@ class Daemon:
         self.pool.publisher.start(loop)  # table builds and flow resets leave the loop
         control = ControlServer(lb.control_socket, self.pool,
                                 lambda: {**collect(self.pool, self.queues, started, lb.max_flows,
-                                                   self.rates),
+                                                   self.rates, self._fast_counts()),
                                          "reloads": self.reloads},
                                 restart=self.restart)
         # After a handover the predecessor gives the socket up as it exits.

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -59,6 +59,10 @@ class Publisher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._running: asyncio.Future[None] | None = None
+        # Runs after the publish that took a backend out and before its flows
+        # are reset: the kernel's fast path forgets every flow, so the packets
+        # natlb's reset provokes come to natlb (see nl_reset_backend).
+        self.before_reset: Callable[[], None] | None = None
 
     # -- requests (loop thread) ---------------------------------------------
     def request(self, services: Iterable[int], resets: Iterable[ResetFlows] = ()) -> None:
@@ -120,6 +124,8 @@ class Publisher:
             self._tables.pop(sid, None)
         self.core.publish([self._current[sid] for sid in job.order])
         self.publishes += 1
+        if job.resets and self.before_reset is not None:
+            self.before_reset()
         for r in job.resets:
             n = self.core.reset_backend(r.backend_id)
             if n:

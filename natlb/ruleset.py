@@ -31,6 +31,31 @@ too, so natlb also learns which datagrams are not its own and lets their
 fragments pass.  A later fragment gets only its address written: `th dport
 set` on a fragment would write into its payload on older kernels.
 
+The fast path (mark mode, ``fastpath``), for TCP only.  natlb's C core or's
+NL_MARK_FAST into the verdict mark of an established flow's packet that
+changes no state; the rewrite chain then adds the flow to two maps, keyed by
+the 4-tuple as it arrives in each direction:
+
+    rewrite:  meta mark & FAST  -> mark cleared,
+              add @fast_fwd { saddr . sport . daddr . dport timeout T : mark }
+              add @fast_rev { backend . bport . saddr . sport timeout T :
+                              mark map @backend_reply }
+              SYN, FIN or RST with a forward or reply mark -> delete both
+    prerouting, first:
+      tcp flags & (syn|fin|rst) == 0, 4-tuple in @fast_fwd  -> its mark, count, notrack,
+      ... a reply from the backend side, 4-tuple in @fast_rev -> the same        accept
+    and the rewrite chain rewrites it on that mark, as it does a queued packet.
+    fast_rev's marks name the backend (MARK_REPLY_OF_BACKEND | id): the service
+    maps have them too, and the object map fast_counters gives each backend
+    and direction its own counter (in_<id>, out_<id>), since natlb no longer
+    sees these packets;
+
+so only what changes a flow's state (handshake, FIN, RST, ICMP errors) and
+what matches no entry is queued.  Entries are never refreshed by the packets
+they carry: T is half of natlb's tcp_established, so an entry always expires
+before natlb's own flow does, the next packet is queued again, natlb renews
+its flow and re-installs the entry.  natlb's flow table stays the authority.
+
 Replies, RSTs and ICMP errors are believed to come from a backend only when
 they arrive on an interface the backend's address is routed through (the
 ``replies``/``backend_hosts`` sets hold address and ingress ifindex): the
@@ -44,15 +69,17 @@ from __future__ import annotations
 import socket
 import struct
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from pyroute2.netlink import NLM_F_APPEND, NLM_F_CREATE
 from pyroute2.netlink.nfnetlink.nftsocket import (
     NFT_MSG_DELRULE,
     NFT_MSG_DELSET,
+    NFT_MSG_DELSETELEM,
     NFT_MSG_DELTABLE,
     NFT_MSG_NEWCHAIN,
+    NFT_MSG_NEWOBJ,
     NFT_MSG_NEWRULE,
     NFT_MSG_NEWSET,
     NFT_MSG_NEWSETELEM,
@@ -71,9 +98,13 @@ NFT_CMP_NEQ = 1
 IP_MF_OFFSET = 0x3fff    # frag-off bits: more fragments, fragment offset
 IP_OFFSET = 0x1fff
 NF_ACCEPT = 1
+TCP_FLAGS_OFFSET = 13
+TCP_SYN_FIN_RST = 0x07
+DYNSET_ADD, DYNSET_DELETE = 0, 2
 # Registers: NFT_REG_1 holds 16 bytes and overlaps the 32-bit NFT_REG32_00..03,
 # which is how concatenated keys are laid out (each part padded to 4 bytes).
 REG_1, REG32_01, REG32_02, REG32_03 = 1, 9, 10, 11
+REG32_04, REG32_05 = 12, 13
 # nft's datatype numbers (only `nft list` reads them: a readable listing).
 TYPE_MARK, TYPE_IPADDR, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE, TYPE_IFINDEX = 19, 7, 12, 13, 20
 BYTEORDER_HOST = 1       # nft's enum byteorder
@@ -84,7 +115,12 @@ PROTOCOL_NAMES = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp"}
 ELEMENTS_PER_MESSAGE = 256
 
 # Message kinds, named for the pyroute2 class steering encodes each with.
-TABLE, CHAIN, SET, SETELEM, RULE = "table", "chain", "set", "setelem", "rule"
+TABLE, CHAIN, SET, SETELEM, RULE, OBJ = "table", "chain", "set", "setelem", "rule", "obj"
+NFT_OBJECT_COUNTER = 1
+# fast_rev's data: the reply of backend id's flow (a mark only nft sees; the
+# rewrite maps give it the service's VIP and port, the counter map the
+# backend's "out" counter).
+MARK_REPLY_OF_BACKEND = 0x6E200000
 
 
 @dataclass(frozen=True)
@@ -110,6 +146,7 @@ class Marks:
     own: int          # packets natlb sends itself
     forward: int      # | backend id: destination is that backend
     reply: int        # | service id: source is that service's VIP
+    fast: int = 0     # | a forward mark: install the flow in the fast path
 
 
 @dataclass(frozen=True)
@@ -127,6 +164,12 @@ class Spec:
     # before the reply rules: cluster services map a reply without a flow
     # back to its VIP (csrc/cluster.c), which these must not be.
     own_replies_pass: bool = False
+    fastpath: bool = False                        # mark mode: kernel carries established TCP
+    fast_timeout_ms: int = 450_000                # an entry's fixed lifetime (see above)
+    fast_size: int = 1 << 20                      # entries per fast-path map
+    # Backend id -> (packets, bytes) in and out carried by the fast path so
+    # far: the counter objects start there, so a reload loses no count.
+    fast_counts: Mapping[int, tuple[int, int, int, int]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -248,6 +291,17 @@ def _frag_off_nonzero(mask: int) -> list[dict[str, Any]]:
     ]
 
 
+def _not_fragment() -> list[dict[str, Any]]:
+    """``ip frag-off & 0x3fff == 0``: natlb must see every fragment (its
+    fragment tracking learns a datagram from the first)."""
+    return [
+        _load(PAYLOAD_NETWORK, 6, 2),
+        expr("bitwise", sreg=REG_1, dreg=REG_1, len=2,
+             mask=_value(struct.pack("!H", IP_MF_OFFSET)), xor=_value(b"\0\0")),
+        _cmp_eq(b"\0\0"),
+    ]
+
+
 def _fragment_rewrite_exprs(field: str, addr_map: str) -> list[dict[str, Any]]:
     """Mark mode, a later fragment: only the address and the IP checksum (the
     L4 checksum is in the first fragment), and the mark cleared so the full
@@ -319,6 +373,8 @@ class _Set:
     elements: list[tuple[bytes, bytes | None]]
     data_type: int | None = None
     data_len: int = 0
+    dynamic_size: int = 0          # > 0: filled by the packet path, with timeouts
+    counter_map: bool = False      # data: names of counter objects
 
 
 def _sets(spec: Spec) -> list[_Set]:
@@ -366,7 +422,121 @@ def _sets(spec: Spec) -> list[_Set]:
                  [(_mark(m.reply | s.id), struct.pack("!H", s.port)) for s in spec.services],
                  TYPE_INET_SERVICE, 2),
         ]
+        if spec.fastpath:
+            rb = MARK_REPLY_OF_BACKEND
+            service_of = {b.id: s for s in spec.services for b in s.backends}
+            for s_ in out:
+                if s_.name == "service_addr":
+                    s_.elements.extend((_mark(rb | i), _addr(service_of[i].vip)) for i in ids)
+                elif s_.name == "service_port":
+                    s_.elements.extend((_mark(rb | i), struct.pack("!H", service_of[i].port))
+                                       for i in ids)
+            tuple4 = _concat_type(TYPE_IPADDR, TYPE_INET_SERVICE, TYPE_IPADDR, TYPE_INET_SERVICE)
+            out += [
+                _Set("backend_reply", TYPE_MARK, 4,
+                     [(_mark(m.forward | i), _mark(rb | i)) for i in ids], TYPE_MARK, 4),
+                _Set("fast_counters", TYPE_MARK, 4,
+                     [(_mark(m.forward | i), f"in_{i}".encode()) for i in ids] +
+                     [(_mark(rb | i), f"out_{i}".encode()) for i in ids], None, 0,
+                     counter_map=True),
+                _Set("fast_fwd", tuple4, 16, [], TYPE_MARK, 4, spec.fast_size),
+                _Set("fast_rev", tuple4, 16, [], TYPE_MARK, 4, spec.fast_size),
+            ]
     return out
+
+
+# -- the fast path ----------------------------------------------------------
+
+def _tcp_flags(mask: int, op: int) -> list[dict[str, Any]]:
+    """TCP with (flags & mask) op 0; op 0 is ==, 1 is !=."""
+    return [_meta(NFT_META_L4PROTO), _cmp_eq(bytes([socket.IPPROTO_TCP])),
+            _load(PAYLOAD_TRANSPORT, TCP_FLAGS_OFFSET, 1),
+            expr("bitwise", sreg=REG_1, dreg=REG_1, len=1,
+                 mask=_value(bytes([mask])), xor=_value(b"\0")),
+            expr("cmp", sreg=REG_1, op=op, data=_value(b"\0"))]
+
+
+def _four_tuple() -> list[dict[str, Any]]:
+    """saddr . sport . daddr . dport as the packet is now, a concatenated key
+    (REG_1 is REG32_00 seen whole; nft list expects a key to start there)."""
+    return [_load(PAYLOAD_NETWORK, 12, 4), _load(PAYLOAD_TRANSPORT, 0, 2, REG32_01),
+            _load(PAYLOAD_NETWORK, 16, 4, REG32_02), _load(PAYLOAD_TRANSPORT, 2, 2, REG32_03)]
+
+
+def _dynset(name: str, op: int, data_reg: int, timeout_ms: int = 0) -> dict[str, Any]:
+    attrs: dict[str, Any] = {"set_name": name, "op": op, "sreg_key": REG_1,
+                             "sreg_data": data_reg}
+    if timeout_ms:
+        attrs["timeout"] = timeout_ms
+    return expr("dynset", **attrs)
+
+
+def _fast_carry(map_name: str, check: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """prerouting: a packet of an installed flow that changes no state takes
+    the mark natlb gave its flow and is never queued; the rewrite chain
+    rewrites it as it does a queued one.  The kernel's conntrack never sees it."""
+    return [*_not_fragment(), *_tcp_flags(TCP_SYN_FIN_RST, 0), *check, *_four_tuple(),
+            expr("lookup", set=map_name, sreg=REG_1, dreg=REG_1),
+            expr("meta", sreg=REG_1, key=NFT_META_MARK),
+            # natlb no longer sees these packets: the kernel counts them per backend.
+            _meta(NFT_META_MARK), expr("objref", set_sreg=REG_1, set_name="fast_counters"),
+            expr("notrack"), _verdict(NF_ACCEPT)]
+
+
+def _lookup_reg(name: str, reg: int) -> dict[str, Any]:
+    return expr("lookup", set=name, sreg=reg)
+
+
+def _reverse_key(mark_reg: int) -> list[dict[str, Any]]:
+    """backend . bport . saddr . sport of a client's packet with its forward
+    mark in mark_reg: how the backend's replies arrive."""
+    return [expr("lookup", set="backend_addr", sreg=mark_reg, dreg=REG_1),
+            expr("lookup", set="backend_port", sreg=mark_reg, dreg=REG32_01),
+            _load(PAYLOAD_NETWORK, 12, 4, REG32_02), _load(PAYLOAD_TRANSPORT, 0, 2, REG32_03)]
+
+
+def _forward_key(mark_reg: int) -> list[dict[str, Any]]:
+    """daddr . dport . VIP . port of a backend's reply with its reply mark in
+    mark_reg: how the client's packets arrive."""
+    return [_load(PAYLOAD_NETWORK, 16, 4), _load(PAYLOAD_TRANSPORT, 2, 2, REG32_01),
+            expr("lookup", set="service_addr", sreg=mark_reg, dreg=REG32_02),
+            expr("lookup", set="service_port", sreg=mark_reg, dreg=REG32_03)]
+
+
+def _fast_rules(spec: Spec) -> list[tuple[str, list[dict[str, Any]]]]:
+    """The rewrite chain's fast-path rules, run before the rewrite itself."""
+    fast, timeout = spec.marks.fast, spec.fast_timeout_ms
+    mark = _meta(NFT_META_MARK, REG32_04)
+    install = [
+        _meta(NFT_META_MARK),
+        expr("bitwise", sreg=REG_1, dreg=REG_1, len=4, mask=_value(_mark(fast)),
+             xor=_value(_mark(0))),
+        _cmp_eq(_mark(fast)),
+        mark,
+        expr("bitwise", sreg=REG32_04, dreg=REG32_04, len=4,
+             mask=_value(_mark(0xFFFFFFFF & ~fast)), xor=_value(_mark(0))),
+        expr("meta", sreg=REG32_04, key=NFT_META_MARK),   # the rewrite reads it next
+        _meta(NFT_META_L4PROTO), _cmp_eq(bytes([socket.IPPROTO_TCP])),
+        expr("lookup", set="backend_reply", sreg=REG32_04, dreg=REG32_05),
+        *_four_tuple(), _dynset("fast_fwd", DYNSET_ADD, REG32_04, timeout),
+        *_reverse_key(REG32_04), _dynset("fast_rev", DYNSET_ADD, REG32_05, timeout),
+    ]
+    state = _tcp_flags(TCP_SYN_FIN_RST, 1)
+    # The data register only satisfies the kernel (a map's dynset names one).
+    return [
+        ("fast path install", install),
+        ("fast path forget, client side", [*state, mark, _lookup_reg("backend_addr", REG32_04),
+                                           *_four_tuple(),
+                                           _dynset("fast_fwd", DYNSET_DELETE, REG32_04)]),
+        ("fast path forget, client side reverse", [*state, mark, *_reverse_key(REG32_04),
+                                                   _dynset("fast_rev", DYNSET_DELETE, REG32_04)]),
+        ("fast path forget, backend side", [*state, mark, _lookup_reg("service_addr", REG32_04),
+                                            *_four_tuple(),
+                                            _dynset("fast_rev", DYNSET_DELETE, REG32_04)]),
+        ("fast path forget, backend side forward", [*state, mark, *_forward_key(REG32_04),
+                                                    _dynset("fast_fwd", DYNSET_DELETE,
+                                                            REG32_04)]),
+    ]
 
 
 # -- the table --------------------------------------------------------------
@@ -394,12 +564,32 @@ def build(spec: Spec, in_place: bool = False) -> list[Message]:
                 Message(TABLE, NFT_MSG_DELTABLE, name, 0, f"table {t}"),
                 Message(TABLE, NFT_MSG_NEWTABLE, name, NLM_F_CREATE, f"table {t}")]
 
+    if spec.fastpath and spec.rewrite == "mark":
+        for bid in sorted({b.id for s in spec.services for b in s.backends}):
+            pi, bi, po, bo = spec.fast_counts.get(bid, (0, 0, 0, 0))
+            for name, packets, nbytes in ((f"in_{bid}", pi, bi), (f"out_{bid}", po, bo)):
+                out.append(Message(OBJ, NFT_MSG_NEWOBJ, [
+                    ("NFTA_OBJ_TABLE", t), ("NFTA_OBJ_NAME", name),
+                    ("NFTA_OBJ_TYPE", NFT_OBJECT_COUNTER),
+                    ("NFTA_OBJ_DATA", {"attrs": [("NFTA_COUNTER_BYTES", nbytes),
+                                                 ("NFTA_COUNTER_PACKETS", packets)]}),
+                ], NLM_F_CREATE, f"counter {name}"))
+
     for set_id, s in enumerate(_sets(spec), 1):
+        flags: tuple[str, ...] = ("NFT_SET_MAP",) if s.data_type else ()
+        if s.counter_map:
+            flags = ("NFT_SET_OBJECT",)
+        if s.dynamic_size:
+            flags += ("NFT_SET_TIMEOUT", "NFT_SET_EVAL")
         attrs: list[Any] = [("NFTA_SET_TABLE", t), ("NFTA_SET_NAME", s.name),
-                            ("NFTA_SET_FLAGS", ("NFT_SET_MAP",) if s.data_type else ()),
+                            ("NFTA_SET_FLAGS", flags),
                             ("NFTA_SET_KEY_TYPE", s.key_type), ("NFTA_SET_KEY_LEN", s.key_len)]
         if s.data_type:
             attrs += [("NFTA_SET_DATA_TYPE", s.data_type), ("NFTA_SET_DATA_LEN", s.data_len)]
+        if s.counter_map:
+            attrs.append(("NFTA_SET_OBJ_TYPE", NFT_OBJECT_COUNTER))
+        if s.dynamic_size:
+            attrs.append(("NFTA_SET_DESC", {"attrs": [("NFTA_SET_DESC_SIZE", s.dynamic_size)]}))
         attrs.append(("NFTA_SET_ID", set_id))
         if s.key_type == TYPE_MARK:
             # Marks are host-order numbers: tells `nft list` how to print them.
@@ -410,7 +600,9 @@ def build(spec: Spec, in_place: bool = False) -> list[Message]:
             elements = []
             for key, data in s.elements[i:i + ELEMENTS_PER_MESSAGE]:
                 e: list[Any] = [("NFTA_SET_ELEM_KEY", _value(key))]
-                if data is not None:
+                if data is not None and s.counter_map:
+                    e.append(("NFTA_SET_ELEM_OBJREF", data.decode()))
+                elif data is not None:
                     e.append(("NFTA_SET_ELEM_DATA", _value(data)))
                 elements.append({"attrs": e})
             out.append(Message(SETELEM, NFT_MSG_NEWSETELEM, [
@@ -434,6 +626,10 @@ def build(spec: Spec, in_place: bool = False) -> list[Message]:
 
     drop = [expr("counter"), _verdict(NF_DROP)]
     chain("prerouting", NF_INET_PRE_ROUTING, PRIORITY_RAW)
+    if spec.fastpath:
+        rule("prerouting", "fast path to a service", _fast_carry("fast_fwd", []))
+        rule("prerouting", "fast path reply from a backend",
+             _fast_carry("fast_rev", [*_tuple_key(True, True), _lookup("replies")]))
     # notrack before the queue verdict: the verdict resumes at the next hook
     # and the kernel's conntrack (priority -200) must never see the flow.
     rule("prerouting", "to a service",
@@ -483,6 +679,9 @@ def build(spec: Spec, in_place: bool = False) -> list[Message]:
                  _fragment_rewrite_exprs("daddr", "backend_addr"))
             rule("rewrite", "later fragment from a service",
                  _fragment_rewrite_exprs("saddr", "service_addr"))
+        if spec.fastpath:
+            for what, exprs in _fast_rules(spec):
+                rule("rewrite", what, exprs)
         for proto in protocols:
             pname = PROTOCOL_NAMES[proto]
             rule("rewrite", f"{pname} to a backend",
@@ -490,6 +689,15 @@ def build(spec: Spec, in_place: bool = False) -> list[Message]:
             rule("rewrite", f"{pname} reply from a service",
                  _rewrite_exprs("saddr", proto, "service_addr", "service_port"))
     return out
+
+
+def flush_fast(table: str) -> list[Message]:
+    """Empty both fast-path maps: every flow's next packet is queued again,
+    and natlb re-installs the flows it still carries (a reset backend's are
+    gone from its table, so they are not)."""
+    return [Message(SETELEM, NFT_MSG_DELSETELEM, [
+        ("NFTA_SET_ELEM_LIST_TABLE", table), ("NFTA_SET_ELEM_LIST_SET", name)],
+        0, f"elements of set {name}") for name in ("fast_fwd", "fast_rev")]
 
 
 def delete(table: str) -> list[Message]:

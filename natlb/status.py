@@ -4,7 +4,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:  # the CLI renders status too: keep its start light
@@ -37,7 +37,10 @@ def read_counters(pool: Pool, services: list[Service]) -> tuple[list[Counters], 
 
 
 def collect(pool: Pool, queues: list[int], started: float, max_flows: int,
-            rates: RateEstimator | None = None) -> dict[str, Any]:
+            rates: RateEstimator | None = None,
+            fast: dict[int, tuple[int, int, int, int]] | None = None) -> dict[str, Any]:
+    """fast: per backend id, the packets and bytes (in, out) the kernel's
+    fast path carried without natlb; they are added to natlb's own counts."""
     core = pool.core
     svc_ctr, be_ctr = read_counters(pool, pool.services)
     services = []
@@ -45,6 +48,10 @@ def collect(pool: Pool, queues: list[int], started: float, max_flows: int,
         backends = []
         for b in s.backends:
             c = be_ctr[b.id]
+            k = (fast or {}).get(b.id)
+            if k:
+                c = replace(c, packets_in=c.packets_in + k[0], bytes_in=c.bytes_in + k[1],
+                            packets_out=c.packets_out + k[2], bytes_out=c.bytes_out + k[3])
             backends.append({
                 "address": b.cfg.address, "port": b.cfg.port, "weight": b.weight,
                 "health": b.health, "admin": b.admin, "eligible": b.eligible,
@@ -55,6 +62,8 @@ def collect(pool: Pool, queues: list[int], started: float, max_flows: int,
                 backends[-1]["rate"] = rates.get("backend", b.id)
         c = svc_ctr[s.id]
         d = asdict(c)
+        for i, key in enumerate(("packets_in", "bytes_in", "packets_out", "bytes_out")):
+            d[key] += sum((fast or {}).get(b.id, (0, 0, 0, 0))[i] for b in s.backends)
         d["active_flows"] = sum(b["active_flows"] for b in backends)
         d["inactive_flows"] = sum(b["inactive_flows"] for b in backends)
         services.append({

@@ -12,6 +12,9 @@ from .conftest import natlb_cli
 
 VICTIM = 2
 VICTIM_KEY = f"{backend_addr(VICTIM)}:80"
+# The kernel fast path for established flows (lb.fastpath) keeps every promise.
+FAST = 'rewrite = "mark"\nfastpath = true'
+LB_MODES = pytest.mark.parametrize("lb_extra", ["", FAST], ids=["mark", "fastpath"])
 
 
 def stream(testbed, count, on_index, interval_ms=10):
@@ -27,15 +30,17 @@ def stream(testbed, count, on_index, interval_ms=10):
     return seen
 
 
-@pytest.mark.parametrize("kind,rewrite", [("kill", "copy"), ("link", "copy"),
-                                          ("blackhole", "copy"), ("kill", "mark")])
-def test_no_new_connection_fails_when_a_backend_dies(testbed, natlb, kind, rewrite):
+@pytest.mark.parametrize("kind,lb_extra", [
+    ("kill", 'rewrite = "copy"'), ("link", 'rewrite = "copy"'), ("blackhole", 'rewrite = "copy"'),
+    ("kill", 'rewrite = "mark"'), ("kill", FAST)],
+    ids=["kill-copy", "link-copy", "blackhole-copy", "kill-mark", "kill-fastpath"])
+def test_no_new_connection_fails_when_a_backend_dies(testbed, natlb, kind, lb_extra):
     # A silent backend's SYNs move on after 30 ms.  On a loaded machine a
     # healthy backend's SYN-ACK may come later than that: the connection
     # moves all the same and the backend is only suspect until a check
     # (generous timeout) clears it.
     natlb(basic_config(testbed, interval_ms=50, syn_timeout_ms=30,
-                       lb_extra=f'rewrite = "{rewrite}"'))
+                       lb_extra=lb_extra))
     dead_since: list[float] = []
 
     def fail() -> None:
@@ -74,8 +79,9 @@ def backend_status(testbed, k):
     return next(b for b in svc["backends"] if b["address"] == backend_addr(k))
 
 
-def test_drain_keeps_old_flows_and_takes_no_new_ones(testbed, natlb):
-    natlb(basic_config(testbed, scheduler="rr"))
+@LB_MODES
+def test_drain_keeps_old_flows_and_takes_no_new_ones(testbed, natlb, lb_extra):
+    natlb(basic_config(testbed, scheduler="rr", lb_extra=lb_extra))
     holds = testbed.hold_each_backend(VIP, {"b1", "b2", "b3"})
     on_victim = sum(h.backend == "b2" for h in holds)
     assert backend_status(testbed, VICTIM)["active_flows"] == on_victim
@@ -91,9 +97,11 @@ def test_drain_keeps_old_flows_and_takes_no_new_ones(testbed, natlb):
     assert b["admin"] == "draining"
 
 
+@LB_MODES
 @pytest.mark.parametrize("policy", ["reset", "keep"])
-def test_established_flows_of_a_disabled_backend(testbed, natlb, policy):
-    natlb(basic_config(testbed, service_extra=f'[service.failover]\non_backend_down = "{policy}"'))
+def test_established_flows_of_a_disabled_backend(testbed, natlb, policy, lb_extra):
+    natlb(basic_config(testbed, lb_extra=lb_extra,
+                       service_extra=f'[service.failover]\non_backend_down = "{policy}"'))
     holds = testbed.hold_each_backend(VIP, {"b1", "b2", "b3"})
     r = natlb_cli(testbed, "backend", "disable", "web", backend_addr(VICTIM), "-s",
                   testbed.control_socket)

@@ -78,6 +78,8 @@ def test_defaults():
     (("lb",), {"timeouts": {"fragment": 0}},
      "lb.timeouts.fragment = 0: must be seconds, 0.001..604800"),
     (("lb",), {"table": "nat lb"}, 'lb.table = "nat lb": letters, digits and _ only, at most 32'),
+    (("lb",), {"fastpath": "yes"}, 'lb.fastpath = "yes": must be true or false'),
+    (("lb",), {"fastpath": True, "rewrite": "copy"}, 'lb.fastpath = true: needs rewrite = "mark"'),
 ])
 def test_errors_name_key_and_value(path, value, message):
     with pytest.raises(ConfigError) as e:

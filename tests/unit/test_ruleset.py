@@ -15,21 +15,23 @@ from natlb import ruleset, steering
 
 GOLDEN = Path(__file__).parent / "golden"
 TCP, UDP = socket.IPPROTO_TCP, socket.IPPROTO_UDP
-MARKS = ruleset.Marks(own=0x6E617461, forward=0x6E000000, reply=0x6E100000)
+MARKS = ruleset.Marks(own=0x6E617461, forward=0x6E000000, reply=0x6E100000, fast=0x800000)
 
 
-def spec(rewrite: str = "mark") -> ruleset.Spec:
+def spec(rewrite: str = "mark", fastpath: bool = False) -> ruleset.Spec:
     web = ruleset.Service(0, "192.0.2.100", 80, TCP, (
         ruleset.Backend(0, "203.0.113.2", 80), ruleset.Backend(1, "203.0.113.6", 8080)))
     dns = ruleset.Service(1, "192.0.2.100", 53, UDP, (ruleset.Backend(2, "203.0.113.2", 53),))
     # 203.0.113.6 is routed over two interfaces (multipath): both are believed.
     return ruleset.Spec(table="natlb", services=(web, dns), queues=(4, 5), marks=MARKS,
-                        rewrite=rewrite, ingress={"203.0.113.2": (3,), "203.0.113.6": (3, 7)})
+                        rewrite=rewrite, ingress={"203.0.113.2": (3,), "203.0.113.6": (3, 7)},
+                        fastpath=fastpath, fast_timeout_ms=450_000, fast_size=4096)
 
 
-@pytest.mark.parametrize("rewrite", ["mark", "copy"])
+@pytest.mark.parametrize("rewrite", ["mark", "copy", "fastpath"])
 def test_golden(rewrite: str) -> None:
-    text = ruleset.render(ruleset.build(spec(rewrite)))
+    s = spec("mark", fastpath=True) if rewrite == "fastpath" else spec(rewrite)
+    text = ruleset.render(ruleset.build(s))
     path = GOLDEN / f"ruleset_{rewrite}.txt"
     if os.environ.get("NATLB_GOLDEN") == "write":
         path.write_text(text)

@@ -1,0 +1,83 @@
+"""The C side of the fast path (lb.fastpath): which packets natlb hands to
+the kernel (NL_MARK_FAST), and how it resets flows whose later packets it
+never saw."""
+
+from __future__ import annotations
+
+import pytest
+from scapy.layers.inet import IP, TCP
+
+from natlb.core import MARK_FAST, MARK_FORWARD, Core, CoreConfig, Verdict
+
+from .services import BACKENDS, CLIENT, VIP, make_service
+
+
+@pytest.fixture
+def fast_core():
+    c = Core(CoreConfig(max_flows=1024, workers=1, fastpath=True))
+    yield c
+    c.close()
+
+
+def handshake(core: Core, sport: int = 40000) -> tuple[str, int]:
+    """SYN, SYN-ACK, ACK; returns the backend and the ACK's mark."""
+    _, mark = core.decide(bytes(IP(src=CLIENT, dst=VIP) / TCP(sport=sport, dport=80, flags="S",
+                                                               seq=1000)), 1)
+    backend = BACKENDS[(mark & 0xFFF) - 5 * 16]
+    v, reply = core.decide(bytes(IP(src=backend, dst=CLIENT) /
+                                 TCP(sport=8080, dport=sport, flags="SA", seq=5000, ack=1001)), 2)
+    assert v == Verdict.MARK and not reply & MARK_FAST
+    _, mark = core.decide(bytes(IP(src=CLIENT, dst=VIP) / TCP(sport=sport, dport=80, flags="A",
+                                                              seq=1001, ack=5001)), 3)
+    return backend, mark
+
+
+def test_only_established_packets_that_change_no_state_are_fast(fast_core):
+    fast_core.publish([make_service(sid=5)])
+    syn = IP(src=CLIENT, dst=VIP) / TCP(sport=40000, dport=80, flags="S", seq=1000)
+    _, mark = fast_core.decide(bytes(syn), 1)
+    assert mark & ~0xFFF == MARK_FORWARD                     # a SYN: no
+    _, mark = handshake(fast_core, 40001)
+    assert mark & MARK_FAST and mark & ~(0xFFF | MARK_FAST) == MARK_FORWARD
+    fin = IP(src=CLIENT, dst=VIP) / TCP(sport=40001, dport=80, flags="FA", seq=1001, ack=5001)
+    _, mark = fast_core.decide(bytes(fin), 4)
+    assert not mark & MARK_FAST                              # a FIN: no, nor after it
+    ack = IP(src=CLIENT, dst=VIP) / TCP(sport=40001, dport=80, flags="A", seq=1002, ack=5001)
+    assert not fast_core.decide(bytes(ack), 5)[1] & MARK_FAST
+
+
+def test_without_fastpath_no_mark_is_fast(core):
+    core.publish([make_service(sid=5)])
+    _, mark = handshake(core)
+    assert mark & ~0xFFF == MARK_FORWARD and not mark & MARK_FAST
+
+
+def test_reset_probes_both_ends_then_resets_with_their_exact_numbers(fast_core):
+    fast_core.publish([make_service(sid=5)])
+    backend, _ = handshake(fast_core)
+    bid = [b for b in range(3) if BACKENDS[b] == backend][0] + 5 * 16
+    assert fast_core.reset_backend(bid) == 1
+    sent = []
+    while (p := fast_core.outbox_take()) is not None:
+        sent.append(IP(p))
+    rsts = [p for p in sent if p[TCP].flags == "R"]
+    probes = [p for p in sent if p[TCP].flags == "A"]
+    assert len(rsts) == 2 and len(probes) == 2       # stale RSTs, then the probes
+    to_client = next(p for p in probes if p.dst == CLIENT)
+    assert to_client.src == VIP and to_client[TCP].seq == 5000   # just behind the window
+    # The kernel carried 1 MB each way meanwhile: the client's answer says
+    # where both ends are now.
+    answer = IP(src=CLIENT, dst=VIP) / TCP(sport=40000, dport=80, flags="A",
+                                           seq=1001 + 10**6, ack=5001 + 10**6)
+    assert fast_core.decide(bytes(answer), 10)[0] == Verdict.DROP
+    exact = [IP(fast_core.outbox_take()) for _ in range(2)]
+    assert {(p.dst, p[TCP].seq) for p in exact} == {(CLIENT, 5001 + 10**6),
+                                                   (backend, 1001 + 10**6)}
+    assert all(p[TCP].flags == "R" for p in exact)
+    # The backend's answer: its own exact RST only (the client's is sent).
+    answer = IP(src=backend, dst=CLIENT) / TCP(sport=8080, dport=40000, flags="A",
+                                               seq=5001 + 10**6, ack=1001 + 2 * 10**6)
+    assert fast_core.decide(bytes(answer), 11)[0] == Verdict.DROP
+    last = IP(fast_core.outbox_take())
+    assert (last.dst, last[TCP].seq, last[TCP].flags) == (backend, 1001 + 2 * 10**6, "R")
+    assert fast_core.outbox_take() is None
