@@ -59,6 +59,8 @@ from natlb.steering import Steering
 from natlb.undo import Journal, claim
 
 log = logging.getLogger("natlb")
+# How often backends removed by a reload are looked at for remaining flows.
+RETIRED_CHECK_S = 2.0
 
 
 def describe_store(path: str, r: StoreReport) -> str:
@@ -99,6 +101,10 @@ class Daemon:
         self._stop: asyncio.Event | None = None
         self._restarting = False
         self.serving = False             # a successor: once it has taken over
+        # A reload and the retired-backend pruner both rebuild the ruleset
+        # from the pool in an executor: one at a time, so the last installed
+        # is built from the latest pool.
+        self._ruleset_lock = asyncio.Lock()
 
     def _vips_at_start(self) -> list[str]:
         """VIPs netsetup adds for good; with announce = "healthy" the
@@ -119,7 +125,7 @@ class Daemon:
     def _ruleset(self) -> ruleset.Spec:
         """Start and reload: the routing table is read again each time."""
         lb = self.config.lb
-        services = ruleset.services_from_pool(self.pool.services)
+        services = ruleset.services_from_pool(self.pool.services, self.pool.state.retired)
         ingress = netsetup.backend_ingress(b.address for s in services for b in s.backends)
         return ruleset.Spec(table=lb.table, services=services, queues=tuple(self.queues),
                             marks=ruleset.Marks(own=RAW_MARK, forward=MARK_FORWARD,
@@ -219,7 +225,7 @@ class Daemon:
         loop = asyncio.get_running_loop()
         # Rules first: a VIP must never be local without them.  Routes may
         # have changed too: the ruleset reads them in the executor.
-        self.steering.install(await loop.run_in_executor(None, self._ruleset))
+        await self._reinstall()
         if new_vips and not self.announcer:
             assert self.journal is not None
             journal = self.journal
@@ -228,6 +234,28 @@ class Daemon:
         if self.monitor:
             await self.monitor.stop()
             self.monitor.start()
+
+    async def _reinstall(self) -> None:
+        loop = asyncio.get_running_loop()
+        async with self._ruleset_lock:
+            self.steering.install(await loop.run_in_executor(None, self._ruleset))
+
+    async def prune_retired(self, every_s: float = RETIRED_CHECK_S) -> None:
+        """Drop backends a reload removed from the ruleset once their flows
+        have ended (until then their packets must still be rewritten)."""
+        while True:
+            await asyncio.sleep(every_s)
+            retired = self.pool.state.retired
+            if not retired:
+                continue
+            counters = self.core.backend_counters(
+                max(b.id for s in retired for b in s.backends) + 1)
+            if self.pool.state.prune_retired(
+                    lambda i: counters[i].active_flows + counters[i].inactive_flows):
+                try:
+                    await self._reinstall()
+                except NatlbError as e:  # the old table stays: more rules, no harm
+                    log.error("ruleset without retired backends not installed: %s", e)
 
     # -- natlb restart: the old process's side -----------------------------
     async def restart(self, req: dict[str, Any]) -> dict[str, Any]:
@@ -372,6 +400,7 @@ class Daemon:
 
         loop.add_reader(self.core.event_fd(), on_events)
         rates = loop.create_task(self.rates.run(lambda: live_counters(self.pool), time.monotonic))
+        pruner = loop.create_task(self.prune_retired())
         try:
             self.monitor.start()
             log.info("natlb running; control socket %s%s", lb.control_socket,
@@ -387,6 +416,7 @@ class Daemon:
                 sdnotify.stopping()
         finally:
             rates.cancel()
+            pruner.cancel()
             loop.remove_reader(self.core.event_fd())
             await asyncio.gather(*reload_tasks, return_exceptions=True)
             await self.monitor.stop()

@@ -284,6 +284,10 @@ class PoolState:
         # so its lingering flows never count against a newcomer.
         self.next_service_id = 0
         self.next_backend_id = 0
+        # Removed by a reload, grouped under the service they belonged to:
+        # their flows go on (as with a drain), so the ruleset keeps rewriting
+        # for them until prune_retired sees none left.
+        self.retired: list[Service] = []
         self.wall_clock = wall_clock
         self.reconfigure(config)
 
@@ -315,6 +319,10 @@ class PoolState:
         if n_sid > MAX_SERVICES or n_bid > MAX_BACKENDS:
             raise PoolError(f"ids exhausted ({n_sid} services, {n_bid} backends ever): "
                             f"restart natlb")
+        kept = {b.id for _, _, backends in services for b in backends}
+        retired = [Service(s.cfg, s.id, [b for b in s.backends if b.id not in kept])
+                   for s in self.services + self.retired]
+        self.retired = [s for s in retired if s.backends]
         self.services = []
         for scfg, sid, backends in services:
             for b, bcfg in zip(backends, scfg.backends, strict=True):
@@ -325,6 +333,15 @@ class PoolState:
         self.next_service_id, self.next_backend_id = n_sid, n_bid
         self.by_backend_id = {b.id: (s, b) for s in self.services for b in s.backends}
         return [Publish(frozenset(s.id for s in self.services))]
+
+    def prune_retired(self, flows: Callable[[int], int]) -> bool:
+        """Forget retired backends without flows (flows(id): active and
+        inactive ones in C); whether any went, i.e. the ruleset changes."""
+        before = sum(len(s.backends) for s in self.retired)
+        for s in self.retired:
+            s.backends = [b for b in s.backends if flows(b.id) > 0]
+        self.retired = [s for s in self.retired if s.backends]
+        return sum(len(s.backends) for s in self.retired) != before
 
     # -- lookups --------------------------------------------------------------
     def find(self, service: str, backend: str) -> tuple[Service, Backend]:

@@ -194,13 +194,18 @@ class _PoolService(Protocol):
     backends: Any
 
 
-def services_from_pool(services: Iterable[_PoolService]) -> tuple[Service, ...]:
-    """The pool's services with their stable ids (the marks name them)."""
+def services_from_pool(services: Iterable[_PoolService],
+                       retired: Iterable[_PoolService] = ()) -> tuple[Service, ...]:
+    """The pool's services with their stable ids (the marks name them), and
+    the backends a reload removed whose flows go on: still rewritten, under
+    their service (kept as long as it has any)."""
     protocols = {v: k for k, v in PROTOCOL_NAMES.items()}
-    return tuple(
-        Service(s.id, s.cfg.vip, s.cfg.port, protocols[s.cfg.protocol],
-                tuple(Backend(b.id, b.cfg.address, b.cfg.port) for b in s.backends))
-        for s in services)
+    merged: dict[int, tuple[Any, list[Backend]]] = {}
+    for s in [*services, *retired]:
+        cfg, backends = merged.setdefault(s.id, (s.cfg, []))
+        backends += [Backend(b.id, b.cfg.address, b.cfg.port) for b in s.backends]
+    return tuple(Service(sid, cfg.vip, cfg.port, protocols[cfg.protocol], tuple(backends))
+                 for sid, (cfg, backends) in merged.items())
 
 
 # -- expressions ------------------------------------------------------------
