@@ -248,10 +248,9 @@ class Daemon:
             retired = self.pool.state.retired
             if not retired:
                 continue
-            counters = self.core.backend_counters(
-                max(b.id for s in retired for b in s.backends) + 1)
-            if self.pool.state.prune_retired(
-                    lambda i: counters[i].active_flows + counters[i].inactive_flows):
+            flows = [c.active_flows + c.inactive_flows for c in self.core.backend_counters(
+                max(b.id for s in retired for b in s.backends) + 1)]
+            if self.pool.state.prune_retired(flows.__getitem__):
                 try:
                     await self._reinstall()
                 except NatlbError as e:  # the old table stays: more rules, no harm

@@ -249,6 +249,25 @@ def test_reconfigure_keeps_state_and_never_reuses_ids():
     assert pool.services[0].id == 1 and pool.services[0].backends[0].health == UP
 
 
+def test_removed_backends_are_retired_until_their_flows_end():
+    pool = PoolState(config(backends=3))
+    pool.reconfigure(config(backends=2))
+    assert [(s.id, [b.id for b in s.backends]) for s in pool.retired] == [(0, [2])]
+    # Added again, it is a new backend: the retired one keeps its id and flows.
+    pool.reconfigure(config(backends=3))
+    assert [b.id for b in pool.services[0].backends] == [0, 1, 3]
+    # A service removed (here: moved to another VIP) retires all its backends.
+    pool.reconfigure(config(backends=1, vip="192.0.2.101"))
+    assert [(s.id, s.cfg.vip, [b.id for b in s.backends]) for s in pool.retired] == [
+        (0, "192.0.2.100", [0, 1, 3]), (0, "192.0.2.100", [2])]
+    flows = {0: 1, 1: 0, 2: 0, 3: 0}
+    assert pool.prune_retired(flows.__getitem__)
+    assert [[b.id for b in s.backends] for s in pool.retired] == [[0]]  # with flows
+    assert not pool.prune_retired(flows.__getitem__)
+    flows[0] = 0
+    assert pool.prune_retired(flows.__getitem__) and pool.retired == []
+
+
 def test_reconfigure_refuses_when_ids_run_out_and_changes_nothing():
     pool = PoolState(config(backends=3))
     before = [(s.id, [b.id for b in s.backends]) for s in pool.services]

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 
 from natlb import ruleset, steering
+from natlb.config import parse
+from natlb.pool_state import PoolState
 
 GOLDEN = Path(__file__).parent / "golden"
 TCP, UDP = socket.IPPROTO_TCP, socket.IPPROTO_UDP
@@ -46,6 +48,26 @@ def _elements(messages: list[ruleset.Message], name: str) -> list[bytes]:
             out += [dict(e["attrs"])["NFTA_SET_ELEM_KEY"]["attrs"][0][1]
                     for e in attrs["NFTA_SET_ELEM_LIST_ELEMENTS"]]
     return out
+
+
+def test_retired_backends_stay_under_their_service() -> None:
+    """A reload's removed backends (and services) are still rewritten while
+    their flows last: the pool passes them as more input."""
+    pool = PoolState(parse({"service": [
+        {"name": n, "vip": "192.0.2.100", "port": p, "protocol": "tcp",
+         "backend": [{"address": "203.0.113.2"}, {"address": "203.0.113.6"}]}
+        for n, p in (("web", 80), ("alt", 81))]}))
+    pool.reconfigure(parse({"service": [{"name": "web", "vip": "192.0.2.100", "port": 80,
+                                         "protocol": "tcp",
+                                         "backend": [{"address": "203.0.113.2"}]}]}))
+    services = ruleset.services_from_pool(pool.services, pool.retired)
+    assert services == (
+        ruleset.Service(0, "192.0.2.100", 80, TCP, (ruleset.Backend(0, "203.0.113.2", 80),
+                                                    ruleset.Backend(1, "203.0.113.6", 80))),
+        ruleset.Service(1, "192.0.2.100", 81, TCP, (ruleset.Backend(2, "203.0.113.2", 81),
+                                                    ruleset.Backend(3, "203.0.113.6", 81))))
+    assert ruleset.services_from_pool(pool.services) == (
+        ruleset.Service(0, "192.0.2.100", 80, TCP, (ruleset.Backend(0, "203.0.113.2", 80),)),)
 
 
 def test_replies_are_believed_only_from_the_backend_side() -> None:
