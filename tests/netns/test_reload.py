@@ -51,6 +51,8 @@ def test_reload_adds_and_removes_backends_and_keeps_old_flows(testbed, natlb, re
     assert [(h.backend, h.survived()) for h in holds] == [(h.backend, True) for h in holds]
     removed = backend_addr(1)
     assert removed in backend_services(testbed)
+    if rewrite == "copy":
+        return  # leaving the ruleset does not depend on the mode: once is enough
     deadline = time.monotonic() + 30
     while removed in backend_services(testbed):
         assert time.monotonic() < deadline, f"{removed} still in the ruleset"
