@@ -134,7 +134,7 @@ struct nl_flow *nl_cluster_adopt_reply(struct nl_lb *lb, const struct nl_snapsho
     if (f)
         return f;
     if (!(f = nl_ct_insert(ct, b)) &&
-        !(nl_ct_make_room(lb, b, now) && (f = nl_ct_insert(ct, b)))) {
+        !(nl_ct_make_room(ct, b, now) && (f = nl_ct_insert(ct, b)))) {
         pthread_spin_unlock(*lock);
         *full = 1;
         return NULL;

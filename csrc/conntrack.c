@@ -69,7 +69,8 @@ int nl_ct_init(struct nl_ct *ct, uint32_t max_flows, const uint32_t *timeouts)
 void nl_ct_fini(struct nl_ct *ct)
 {
     if (ct->store) {
-        nl_ct_store_unmap(ct);
+        /* The arrays live in the file mapping; its owner unmaps it
+         * (nl_ct_store_unmap, ctstore.c). */
         ct->flows = NULL;
         ct->buckets = NULL;
     }
@@ -122,13 +123,12 @@ struct nl_flow *nl_ct_insert(struct nl_ct *ct, uint32_t bucket)
     return f;
 }
 
-void nl_ct_free(struct nl_lb *lb, uint32_t *link)
+void nl_ct_free(struct nl_ct *ct, uint32_t *link)
 {
-    struct nl_ct *ct = &lb->ct;
     uint32_t i = *link;
     struct nl_flow *f = &ct->flows[i];
-    nl_flow_gauge(lb, f, f->state, -1);
-    nl_drop_held(lb, f);
+    if (ct->on_free)
+        ct->on_free(ct->on_free_ctx, f);
     *link = f->next;
     f->state = NL_FS_FREE;
     pthread_spin_lock(&ct->free_lock);
@@ -147,11 +147,11 @@ uint32_t *nl_ct_link_of(struct nl_ct *ct, uint32_t bucket, uint32_t idx)
     return NULL;
 }
 
-void nl_ct_remove(struct nl_lb *lb, uint32_t bucket, struct nl_flow *f)
+void nl_ct_remove(struct nl_ct *ct, uint32_t bucket, struct nl_flow *f)
 {
-    uint32_t *link = nl_ct_link_of(&lb->ct, bucket, (uint32_t)(f - lb->ct.flows));
+    uint32_t *link = nl_ct_link_of(ct, bucket, (uint32_t)(f - ct->flows));
     if (link)
-        nl_ct_free(lb, link);
+        nl_ct_free(ct, link);
 }
 
 uint32_t nl_ct_flow_bucket(const struct nl_ct *ct, const struct nl_flow *f)
@@ -193,15 +193,14 @@ struct candidate {
 
 /* Frees the expired entries of bucket b and, if c is given, notes the
  * least recently active embryonic flow in it.  The caller holds b's stripe. */
-static uint32_t scan_bucket(struct nl_lb *lb, uint32_t b, uint32_t now, struct candidate *c)
+static uint32_t scan_bucket(struct nl_ct *ct, uint32_t b, uint32_t now, struct candidate *c)
 {
-    struct nl_ct *ct = &lb->ct;
     uint32_t freed = 0;
     uint32_t *link = &ct->buckets[b];
     while (*link != NL_NIL) {
         struct nl_flow *f = &ct->flows[*link];
         if (nl_time_before(f->expires_ms, now)) {
-            nl_ct_free(lb, link);
+            nl_ct_free(ct, link);
             freed++;
             continue;
         }
@@ -222,9 +221,8 @@ static void ct_count(struct nl_ct *ct, int which, uint64_t n)
 }
 
 /* Evicts the candidate if it is still the flow that was noted. */
-static int evict(struct nl_lb *lb, pthread_spinlock_t *own, const struct candidate *c)
+static int evict(struct nl_ct *ct, pthread_spinlock_t *own, const struct candidate *c)
 {
-    struct nl_ct *ct = &lb->ct;
     pthread_spinlock_t *l = nl_ct_stripe(ct, c->bucket);
     if (l != own && pthread_spin_trylock(l) != 0)
         return 0;
@@ -234,7 +232,7 @@ static int evict(struct nl_lb *lb, pthread_spinlock_t *own, const struct candida
         struct nl_flow *f = &ct->flows[c->idx];
         if (nl_flow_embryonic(f) && f->expires_ms == c->expires) {
             ct_count(ct, f->proto == 6 ? NL_C_EVICTED_TCP : NL_C_EVICTED_UDP, 1);
-            nl_ct_free(lb, link);
+            nl_ct_free(ct, link);
             done = 1;
         }
     }
@@ -243,12 +241,11 @@ static int evict(struct nl_lb *lb, pthread_spinlock_t *own, const struct candida
     return done;
 }
 
-int nl_ct_make_room(struct nl_lb *lb, uint32_t bucket, uint32_t now)
+int nl_ct_make_room(struct nl_ct *ct, uint32_t bucket, uint32_t now)
 {
-    struct nl_ct *ct = &lb->ct;
     pthread_spinlock_t *own = nl_ct_stripe(ct, bucket);
     struct candidate c = { 0 };
-    uint32_t freed = scan_bucket(lb, bucket, now, &c);
+    uint32_t freed = scan_bucket(ct, bucket, now, &c);
     uint32_t start = __atomic_fetch_add(&ct->evict_cursor, EVICT_SCAN, __ATOMIC_RELAXED);
     for (uint32_t n = 0; !freed && n < EVICT_SCAN_MAX && n < ct->n_buckets; n++) {
         if (n >= EVICT_SCAN && c.found)
@@ -259,7 +256,7 @@ int nl_ct_make_room(struct nl_lb *lb, uint32_t bucket, uint32_t now)
         pthread_spinlock_t *l = nl_ct_stripe(ct, b);
         if (l != own && pthread_spin_trylock(l) != 0)
             continue;               /* busy: never wait while holding `own` */
-        freed += scan_bucket(lb, b, now, &c);
+        freed += scan_bucket(ct, b, now, &c);
         if (l != own)
             pthread_spin_unlock(l);
     }
@@ -267,19 +264,12 @@ int nl_ct_make_room(struct nl_lb *lb, uint32_t bucket, uint32_t now)
         ct_count(ct, NL_C_RECLAIMED, freed);
         return 1;
     }
-    return c.found && evict(lb, own, &c);
+    return c.found && evict(ct, own, &c);
 }
 
-void nl_read_conntrack(struct nl_lb *lb, uint64_t *out)
+uint32_t nl_ct_expire(struct nl_ct *ct, uint32_t now, uint32_t max_buckets)
 {
-    for (int i = 0; i < NL_C_MAX; i++)
-        out[i] = __atomic_load_n(&lb->ct.counters[i], __ATOMIC_RELAXED);
-}
-
-uint32_t nl_ct_sweep(struct nl_lb *lb, uint64_t now_ms, uint32_t max_buckets)
-{
-    struct nl_ct *ct = &lb->ct;
-    uint32_t now = (uint32_t)now_ms, freed = 0;
+    uint32_t freed = 0;
     if (max_buckets > ct->n_buckets)
         max_buckets = ct->n_buckets;
     uint32_t start = __atomic_fetch_add(&ct->sweep_cursor, max_buckets, __ATOMIC_RELAXED);
@@ -289,24 +279,8 @@ uint32_t nl_ct_sweep(struct nl_lb *lb, uint64_t now_ms, uint32_t max_buckets)
             continue;
         pthread_spinlock_t *l = nl_ct_stripe(ct, b);
         pthread_spin_lock(l);
-        freed += scan_bucket(lb, b, now, NULL);
+        freed += scan_bucket(ct, b, now, NULL);
         pthread_spin_unlock(l);
     }
     return freed;
-}
-
-uint32_t nl_ct_count(struct nl_lb *lb)
-{
-    return __atomic_load_n(&lb->ct.count, __ATOMIC_RELAXED);
-}
-
-uint32_t nl_ct_entry_size(void)
-{
-    return (uint32_t)sizeof(struct nl_flow);
-}
-
-uint64_t nl_ct_memory(struct nl_lb *lb)
-{
-    return (uint64_t)lb->ct.max_flows * sizeof(struct nl_flow) +
-           (uint64_t)lb->ct.n_buckets * sizeof(uint32_t);
 }

@@ -509,7 +509,7 @@ uint32_t nl_reset_backend(struct nl_lb *lb, uint32_t backend_id)
                 link = &f->next;   /* its SYN is re-steered, not reset */
                 continue;
             }
-            nl_ct_free(lb, link);
+            nl_ct_free(ct, link);
             reset++;
         }
         pthread_spin_unlock(lock);

@@ -180,6 +180,11 @@ struct nl_ct {
     uint64_t counters[NL_C_MAX];     /* atomic; rare events                */
     void *store;                     /* file mapping holding the arrays (ctstore.c) */
     size_t store_len;
+    /* Called for every flow freed, before it is unlinked, so its owner can
+     * release what it keeps about it (gauges, a held SYN): the table itself
+     * knows nothing of them. */
+    void (*on_free)(void *ctx, struct nl_flow *f);
+    void *on_free_ctx;
 };
 
 /* Direction-neutral key: for a forward packet (src = client), for a reply
@@ -195,25 +200,29 @@ struct nl_ct_key {
 
 int nl_ct_init(struct nl_ct *ct, uint32_t max_flows, const uint32_t *timeouts);
 void nl_ct_fini(struct nl_ct *ct);
-/* Unmaps a table nl_ct_store put in a file; the file stays (ctstore.c). */
+/* Unmaps a table nl_ct_store put in a file; the file stays (ctstore.c).
+ * After nl_ct_fini, which leaves such a table alone. */
 void nl_ct_store_unmap(struct nl_ct *ct);
 uint32_t nl_ct_bucket(const struct nl_ct *ct, const struct nl_ct_key *k);
 /* Caller holds the stripe lock of the key's bucket for these three. */
 struct nl_flow *nl_ct_find(struct nl_ct *ct, uint32_t bucket,
                            const struct nl_ct_key *k, uint32_t now);
 struct nl_flow *nl_ct_insert(struct nl_ct *ct, uint32_t bucket);
-/* Frees the flow *link points to (its gauge and held SYN too) and advances
- * *link past it. */
-void nl_ct_free(struct nl_lb *lb, uint32_t *link);
+/* Frees the flow *link points to (telling the table's owner first, see
+ * on_free) and advances *link past it. */
+void nl_ct_free(struct nl_ct *ct, uint32_t *link);
 /* Frees flow f of `bucket`. */
-void nl_ct_remove(struct nl_lb *lb, uint32_t bucket, struct nl_flow *f);
+void nl_ct_remove(struct nl_ct *ct, uint32_t bucket, struct nl_flow *f);
 /* The link that points to flow index `idx` in `bucket`'s chain, or NULL:
  * proves, under the stripe lock, that the entry belongs to that bucket. */
 uint32_t *nl_ct_link_of(struct nl_ct *ct, uint32_t bucket, uint32_t idx);
 /* The table is full: frees expired entries of `bucket` and near the
  * eviction cursor, else the least recently active embryonic flow found
  * there.  The caller holds `bucket`'s stripe.  Returns 1 if room was made. */
-int nl_ct_make_room(struct nl_lb *lb, uint32_t bucket, uint32_t now);
+int nl_ct_make_room(struct nl_ct *ct, uint32_t bucket, uint32_t now);
+/* Frees expired flows in up to `max_buckets` buckets from the sweep cursor;
+ * returns how many. */
+uint32_t nl_ct_expire(struct nl_ct *ct, uint32_t now, uint32_t max_buckets);
 /* The bucket of a flow's own chain. */
 uint32_t nl_ct_flow_bucket(const struct nl_ct *ct, const struct nl_flow *f);
 static inline pthread_spinlock_t *nl_ct_stripe(struct nl_ct *ct, uint32_t bucket)
@@ -228,8 +237,6 @@ static inline int nl_flow_closing(uint8_t state)
 {
     return state == NL_FS_FIN || state == NL_FS_CLOSE;
 }
-/* Moves a flow between the active/inactive gauges of its backend. */
-void nl_flow_gauge(struct nl_lb *lb, const struct nl_flow *f, uint8_t old_state, int delta);
 
 static inline int nl_time_before(uint32_t a, uint32_t b)
 {
@@ -291,6 +298,14 @@ struct nl_lb {
     uint32_t n_fwd;                  /* >0: pass every packet on to fwd_queue */
     uint16_t fwd_queue[NL_MAX_WORKERS];
 };
+
+/* Moves a flow between the active/inactive gauges of its backend. */
+static inline void nl_flow_gauge(struct nl_lb *lb, const struct nl_flow *f, uint8_t state,
+                                 int delta)
+{
+    int64_t *g = nl_flow_closing(state) ? lb->inactive : lb->active;
+    __atomic_fetch_add(&g[f->backend_id], delta, __ATOMIC_RELAXED);
+}
 
 /* Choose a backend index within svc for a new flow, or -1. */
 int nl_schedule(struct nl_lb *lb, const struct nl_service *svc,

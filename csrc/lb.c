@@ -248,6 +248,14 @@ static struct nl_reclaim *reclaim_of(struct nl_lb *lb)
     return &((struct nl_lb_alloc *)lb)->reclaim;
 }
 
+/* What the lb keeps about a flow the table frees: its gauge, its held SYN. */
+static void release_flow(void *ctx, struct nl_flow *f)
+{
+    struct nl_lb *lb = ctx;
+    nl_flow_gauge(lb, f, f->state, -1);
+    nl_drop_held(lb, f);
+}
+
 struct nl_lb *nl_create(const struct nl_config *cfg)
 {
     /* Deadlines are compared as wrapping 32-bit ms: keep them below 2^30. */
@@ -280,6 +288,8 @@ struct nl_lb *nl_create(const struct nl_config *cfg)
         return NULL;
     }
     lb->sched_seed = lb->ct.seed * 0x9e3779b1u + 1;
+    lb->ct.on_free = release_flow;
+    lb->ct.on_free_ctx = lb;
     pthread_mutex_init(&lb->publish_lock, NULL);
     return lb;
 }
@@ -298,6 +308,8 @@ void nl_destroy(struct nl_lb *lb)
     }
     nl_snapshot_free(lb->snap);
     nl_ct_fini(&lb->ct);
+    if (lb->ct.store)
+        nl_ct_store_unmap(&lb->ct);
     nl_failover_fini(lb);
     pthread_mutex_destroy(&r->ext_lock);
     nl_frag_fini(lb);
@@ -308,12 +320,6 @@ void nl_destroy(struct nl_lb *lb)
 }
 
 /* ---- the data path ----------------------------------------------------- */
-
-void nl_flow_gauge(struct nl_lb *lb, const struct nl_flow *f, uint8_t state, int delta)
-{
-    int64_t *g = nl_flow_closing(state) ? lb->inactive : lb->active;
-    __atomic_fetch_add(&g[f->backend_id], delta, __ATOMIC_RELAXED);
-}
 
 /* Notes the client's SYN: its seq, and, if its bytes were all there and
  * checked (csum == NL_CSUM_OK), a copy for re-steering.  A SYN natlb could
@@ -415,7 +421,7 @@ static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
     }
     if (f && is_syn && f->state >= NL_FS_FIN) {
         /* The client reuses a closed connection's port: a new flow. */
-        nl_ct_remove(lb, b, f);
+        nl_ct_remove(ct, b, f);
         f = NULL;
     }
     if (!f) {
@@ -425,7 +431,7 @@ static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
         else if ((idx = nl_schedule(lb, svc, p)) < 0)
             reason = NL_R_NO_BACKEND;
         else if (!(f = nl_ct_insert(ct, b)) &&
-                 !(nl_ct_make_room(lb, b, now) && (f = nl_ct_insert(ct, b))))
+                 !(nl_ct_make_room(ct, b, now) && (f = nl_ct_insert(ct, b))))
             reason = NL_R_TABLE_FULL;
         if (reason >= 0) {
             pthread_spin_unlock(lock);
@@ -807,70 +813,7 @@ uint32_t nl_process_many(struct nl_lb *lb, uint32_t worker, uint8_t *bufs, uint3
     return rewritten;
 }
 
-/* ---- counters ---------------------------------------------------------- */
-
-static void sum_counters(struct nl_lb *lb, size_t offset, struct nl_counters *out, uint32_t n)
+uint32_t nl_ct_sweep(struct nl_lb *lb, uint64_t now_ms, uint32_t max_buckets)
 {
-    memset(out, 0, n * sizeof(*out));
-    for (uint32_t w = 0; w <= lb->cfg.n_workers; w++) {
-        const struct nl_counters *src =
-            (const struct nl_counters *)((const char *)&lb->counters[w] + offset);
-        for (uint32_t i = 0; i < n; i++) {
-            out[i].packets_in += src[i].packets_in;
-            out[i].bytes_in += src[i].bytes_in;
-            out[i].packets_out += src[i].packets_out;
-            out[i].bytes_out += src[i].bytes_out;
-            out[i].new_flows += src[i].new_flows;
-        }
-    }
-}
-
-void nl_read_services(struct nl_lb *lb, struct nl_counters *out, uint32_t n)
-{
-    if (n > NL_MAX_SERVICES)
-        n = NL_MAX_SERVICES;
-    sum_counters(lb, offsetof(struct nl_worker_counters, services), out, n);
-}
-
-void nl_read_backends(struct nl_lb *lb, struct nl_counters *out, uint32_t n)
-{
-    if (n > NL_MAX_BACKENDS)
-        n = NL_MAX_BACKENDS;
-    sum_counters(lb, offsetof(struct nl_worker_counters, backends), out, n);
-    for (uint32_t i = 0; i < n; i++) {
-        out[i].active_flows = __atomic_load_n(&lb->active[i], __ATOMIC_RELAXED);
-        out[i].inactive_flows = __atomic_load_n(&lb->inactive[i], __ATOMIC_RELAXED);
-    }
-}
-
-void nl_read_reasons(struct nl_lb *lb, uint64_t *out)
-{
-    memset(out, 0, NL_R_MAX * sizeof(uint64_t));
-    for (uint32_t w = 0; w <= lb->cfg.n_workers; w++)
-        for (int r = 0; r < NL_R_MAX; r++)
-            out[r] += lb->counters[w].reasons[r];
-}
-
-void nl_read_io(struct nl_lb *lb, uint64_t *packets, uint64_t *batches)
-{
-    *packets = *batches = 0;
-    for (uint32_t w = 0; w <= lb->cfg.n_workers; w++) {
-        *packets += lb->counters[w].io_packets;
-        *batches += lb->counters[w].io_batches;
-    }
-}
-
-void nl_seed_counters(struct nl_lb *lb, uint32_t backend, uint32_t id,
-                      const struct nl_counters *c)
-{
-    if (id >= (backend ? NL_MAX_BACKENDS : NL_MAX_SERVICES))
-        return;
-    /* The block of callers outside the workers: it is summed like theirs. */
-    struct nl_worker_counters *wc = counters_of(lb, lb->cfg.n_workers);
-    struct nl_counters *t = backend ? &wc->backends[id] : &wc->services[id];
-    __atomic_fetch_add(&t->packets_in, c->packets_in, __ATOMIC_RELAXED);
-    __atomic_fetch_add(&t->bytes_in, c->bytes_in, __ATOMIC_RELAXED);
-    __atomic_fetch_add(&t->packets_out, c->packets_out, __ATOMIC_RELAXED);
-    __atomic_fetch_add(&t->bytes_out, c->bytes_out, __ATOMIC_RELAXED);
-    __atomic_fetch_add(&t->new_flows, c->new_flows, __ATOMIC_RELAXED);
+    return nl_ct_expire(&lb->ct, (uint32_t)now_ms, max_buckets);
 }

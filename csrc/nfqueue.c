@@ -477,7 +477,7 @@ static void *worker_main(void *arg)
             uint64_t cap = n >= BATCH ? SWEEP_SLICE
                          : n > 0 ? 4 * SWEEP_SLICE : SWEEP_IDLE_MAX;
             nb = nb > cap ? cap : nb;
-            nl_ct_sweep(lb, now, (uint32_t)nb);
+            nl_ct_expire(&lb->ct, (uint32_t)now, (uint32_t)nb);
             w->sweep_owed -= nb;
         }
     }
