@@ -355,13 +355,6 @@ uint32_t nl_syn_deadline_next(struct nl_lb *lb, uint32_t now)
     return wait;
 }
 
-void nl_failover_tick(struct nl_lb *lb, uint64_t now_ms)
-{
-    nl_ext_enter(lb);
-    nl_failover_due(lb, now_ms);
-    nl_ext_exit(lb);
-}
-
 void nl_failover_due(struct nl_lb *lb, uint64_t now_ms)
 {
     struct nl_failover *fo = lb->fo;

@@ -264,6 +264,29 @@ struct nl_snapshot {
     struct nl_cluster_index *cluster;   /* backends of cluster services    */
 };
 
+/* The service of (vip, port, proto) in a snapshot's index, or NULL. */
+static inline uint32_t nl_svc_hash(uint32_t vip, uint16_t port, uint8_t proto)
+{
+    uint32_t h = vip * 0x9e3779b1u ^ ((uint32_t)port << 8 | proto) * 0x85ebca6bu;
+    return h ^ (h >> 15);
+}
+
+static inline const struct nl_service *nl_find_service(const struct nl_snapshot *s,
+                                                      uint32_t vip, uint16_t port,
+                                                      uint8_t proto)
+{
+    if (!s)
+        return NULL;
+    for (uint32_t h = nl_svc_hash(vip, port, proto);; h++) {
+        uint32_t slot = s->index[h & s->index_mask];
+        if (slot == 0)
+            return NULL;
+        const struct nl_service *svc = &s->services[slot - 1];
+        if (svc->spec.vip == vip && svc->spec.port == port && svc->spec.proto == proto)
+            return svc;
+    }
+}
+
 /* Counters private to one worker; summed when read, so no cache line is
  * shared between workers on the hot path. */
 struct nl_worker_counters {
@@ -276,6 +299,7 @@ struct nl_worker_counters {
 
 struct nl_worker;
 struct nl_failover;
+struct nl_reclaim;
 
 struct nl_lb {
     struct nl_config cfg;
@@ -289,8 +313,7 @@ struct nl_lb {
     struct nl_worker *workers;
     uint32_t n_running;
     volatile int stop;
-    uint64_t generation;             /* bumped on each publish             */
-    pthread_mutex_t publish_lock;
+    struct nl_reclaim *reclaim;      /* snapshot.c: epochs, retired tables */
     struct nl_failover *fo;          /* failover.c                         */
     int raw_fd;                      /* raw socket while workers run, or -1 */
     struct nl_fragtrack *ft;         /* fragtrack.c                        */
@@ -298,6 +321,35 @@ struct nl_lb {
     uint32_t n_fwd;                  /* >0: pass every packet on to fwd_queue */
     uint16_t fwd_queue[NL_MAX_WORKERS];
 };
+
+/* The counter block of `worker`; callers outside the workers share the last. */
+static inline struct nl_worker_counters *nl_counters_of(struct nl_lb *lb, uint32_t worker)
+{
+    return &lb->counters[worker > lb->cfg.n_workers ? lb->cfg.n_workers : worker];
+}
+
+/* Per-packet traffic counters of the packet's service and backend. */
+static inline void nl_count_packet(struct nl_worker_counters *wc, uint16_t sid, uint16_t bid,
+                                   uint32_t bytes, int is_reply)
+{
+    struct nl_counters *c[2] = { &wc->services[sid], &wc->backends[bid] };
+    for (int i = 0; i < 2; i++) {
+        if (is_reply) {
+            c[i]->packets_out++;
+            c[i]->bytes_out += bytes;
+        } else {
+            c[i]->packets_in++;
+            c[i]->bytes_in += bytes;
+        }
+    }
+}
+
+/* The same for a packet that passed a service outside lb.c (fragtrack.c). */
+static inline void nl_count_traffic(struct nl_lb *lb, uint32_t worker, uint16_t sid,
+                                    uint16_t bid, uint32_t bytes, int is_reply)
+{
+    nl_count_packet(nl_counters_of(lb, worker), sid, bid, bytes, is_reply);
+}
 
 /* Moves a flow between the active/inactive gauges of its backend. */
 static inline void nl_flow_gauge(struct nl_lb *lb, const struct nl_flow *f, uint8_t state,
@@ -395,11 +447,12 @@ void nl_frag_first(struct nl_lb *lb, const struct nl_frag_key *k,
  * holds it (NL_VERDICT_HOLD), or drops it. */
 int nl_frag_follow(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
                    int mark_mode, uint64_t now, uint32_t packet_id, uint32_t *mark);
-/* Traffic counters of a packet that passed a service (lb.c). */
-void nl_count_traffic(struct nl_lb *lb, uint32_t worker, uint16_t sid, uint16_t bid,
-                      uint32_t bytes, int is_reply);
 
-/* A worker brackets each batch with these two (see lb.c). */
+/* ---- snapshots (snapshot.c) -------------------------------------------- */
+int nl_snapshots_init(struct nl_lb *lb);
+/* Frees the published snapshot and every retired one. */
+void nl_snapshots_fini(struct nl_lb *lb);
+/* A worker brackets each batch with these two (see snapshot.c). */
 void nl_worker_enter(struct nl_lb *lb, uint32_t worker);
 void nl_worker_quiescent(struct nl_lb *lb, uint32_t worker);
 /* Callers outside the workers bracket each call with these: they take the

@@ -1,18 +1,10 @@
 /*
- * lb.c -- the load balancer object: published snapshots, counters, and
- * the per-packet path: parse -> conntrack -> schedule -> rewrite (nl_process)
- * or -> mark for nftables to rewrite (nl_decide); ICMP errors about flows go
- * to failover (unreachable) or back to the backend (fragmentation needed);
- * IP fragments after the first follow their first's verdict (fragtrack.c).
- *
- * Snapshot reclamation (quiescent-state based): a worker records the
- * publish generation it saw before loading the snapshot pointer for a batch
- * and clears it after the batch.  nl_publish stores the new pointer, then
- * bumps the generation, and retires the old snapshot tagged with the new
- * generation; it is freed once no worker is still inside a batch that began
- * before that generation.  Packets never wait for a publish.  Callers
- * outside the workers (tests, tools, the control plane driving time) take
- * one extra epoch slot in turn, under a mutex, for the length of each call.
+ * lb.c -- the per-packet path: parse -> conntrack -> schedule -> rewrite
+ * (nl_process) or -> mark for nftables to rewrite (nl_decide); ICMP errors
+ * about flows go to failover (unreachable) or back to the backend
+ * (fragmentation needed); IP fragments after the first follow their
+ * first's verdict (fragtrack.c).  Workers call nl_packet inside their epoch
+ * (snapshot.c); callers outside them go through balancer.c.
  *
  * What natlb believes (a passive failure report takes a backend out):
  *  - a packet with a wrong checksum is dropped before anything else, so a
@@ -28,298 +20,7 @@
  */
 #include <stdlib.h>
 #include <string.h>
-#include <time.h>
 #include "internal.h"
-
-#define EPOCH_IDLE UINT64_MAX
-
-struct retired {
-    struct nl_snapshot *snap;
-    uint64_t gen;
-    struct retired *next;
-};
-
-/* Per-lb reclamation state, kept out of nl_lb's hot cache lines. */
-struct nl_reclaim {
-    uint64_t epoch[NL_MAX_WORKERS + 1];   /* the last: callers outside workers */
-    struct retired *list;
-    pthread_mutex_t ext_lock;             /* one such caller at a time       */
-};
-#define EXT_SLOT NL_MAX_WORKERS
-
-static struct nl_reclaim *reclaim_of(struct nl_lb *lb);
-
-/* ---- snapshots --------------------------------------------------------- */
-
-struct nl_snapshot *nl_snapshot_new(uint32_t n_services)
-{
-    if (n_services > NL_MAX_SERVICES)
-        return NULL;
-    struct nl_snapshot *s = calloc(1, sizeof(*s));
-    if (!s)
-        return NULL;
-    s->n_services = n_services;
-    s->services = calloc(n_services ? n_services : 1, sizeof(struct nl_service));
-    uint32_t size = 4;
-    while (size < 2 * n_services)
-        size <<= 1;
-    s->index = calloc(size, sizeof(uint32_t));
-    s->index_mask = size - 1;
-    if (!s->services || !s->index) {
-        nl_snapshot_free(s);
-        return NULL;
-    }
-    return s;
-}
-
-void nl_snapshot_free(struct nl_snapshot *s)
-{
-    if (!s)
-        return;
-    for (uint32_t i = 0; s->services && i < s->n_services; i++) {
-        free(s->services[i].backends);
-        free(s->services[i].table);
-    }
-    nl_cluster_index_free(s);
-    free(s->services);
-    free(s->index);
-    free(s);
-}
-
-int nl_snapshot_set_service(struct nl_snapshot *s, uint32_t index,
-                            const struct nl_service_spec *spec,
-                            const struct nl_backend_spec *backends, uint32_t n_backends,
-                            const uint16_t *table, uint32_t table_len)
-{
-    if (!s || index >= s->n_services || spec->id >= NL_MAX_SERVICES ||
-        spec->scheduler > NL_SCHED_MAGLEV || (spec->proto != 6 && spec->proto != 17) ||
-        (spec->flags & ~(uint32_t)NL_SVC_CLUSTER) ||
-        ((spec->flags & NL_SVC_CLUSTER) && spec->scheduler != NL_SCHED_MAGLEV) ||
-        n_backends > NL_MAX_BACKENDS || n_backends > 65535)
-        return -1;
-    for (uint32_t i = 0; i < n_backends; i++)
-        if (backends[i].id >= NL_MAX_BACKENDS)
-            return -1;
-    for (uint32_t i = 0; i < table_len; i++)
-        if (table[i] >= n_backends)
-            return -1;
-    struct nl_service *svc = &s->services[index];
-    free(svc->backends);
-    free(svc->table);
-    memset(svc, 0, sizeof(*svc));
-    svc->spec = *spec;
-    svc->backends = malloc((n_backends ? n_backends : 1) * sizeof(*backends));
-    svc->table = malloc((table_len ? table_len : 1) * sizeof(*table));
-    if (!svc->backends || !svc->table)
-        return -1;
-    memcpy(svc->backends, backends, n_backends * sizeof(*backends));
-    memcpy(svc->table, table, table_len * sizeof(*table));
-    svc->n_backends = n_backends;
-    svc->table_len = table_len;
-    svc->filled = 1;
-    return 0;
-}
-
-static inline uint32_t svc_hash(uint32_t vip, uint16_t port, uint8_t proto)
-{
-    uint32_t h = vip * 0x9e3779b1u ^ ((uint32_t)port << 8 | proto) * 0x85ebca6bu;
-    return h ^ (h >> 15);
-}
-
-static int build_index(struct nl_snapshot *s)
-{
-    memset(s->by_id, 0, sizeof(s->by_id));
-    memset(s->alive, 0, sizeof(s->alive));
-    for (uint32_t i = 0; i < s->n_services; i++) {
-        struct nl_service *svc = &s->services[i];
-        if (!svc->filled || s->by_id[svc->spec.id])
-            return -1;
-        s->by_id[svc->spec.id] = svc;
-        for (uint32_t j = 0; j < svc->n_backends; j++)
-            if (svc->backends[j].flags & NL_BE_ALIVE)
-                s->alive[svc->backends[j].id] = 1;
-        uint32_t h = svc_hash(svc->spec.vip, svc->spec.port, svc->spec.proto);
-        for (;; h++) {
-            uint32_t *slot = &s->index[h & s->index_mask];
-            if (*slot == 0) {
-                *slot = i + 1;
-                break;
-            }
-            const struct nl_service_spec *o = &s->services[*slot - 1].spec;
-            if (o->vip == svc->spec.vip && o->port == svc->spec.port &&
-                o->proto == svc->spec.proto)
-                return -1;
-        }
-    }
-    return nl_cluster_index_build(s);
-}
-
-static const struct nl_service *find_service(const struct nl_snapshot *s, uint32_t vip,
-                                             uint16_t port, uint8_t proto)
-{
-    if (!s)
-        return NULL;
-    for (uint32_t h = svc_hash(vip, port, proto);; h++) {
-        uint32_t slot = s->index[h & s->index_mask];
-        if (slot == 0)
-            return NULL;
-        const struct nl_service *svc = &s->services[slot - 1];
-        if (svc->spec.vip == vip && svc->spec.port == port && svc->spec.proto == proto)
-            return svc;
-    }
-}
-
-static void reclaim(struct nl_lb *lb)
-{
-    struct nl_reclaim *r = reclaim_of(lb);
-    uint64_t oldest = EPOCH_IDLE;
-    for (uint32_t w = 0; w <= NL_MAX_WORKERS; w++) {
-        uint64_t e = __atomic_load_n(&r->epoch[w], __ATOMIC_SEQ_CST);
-        if (e < oldest)
-            oldest = e;
-    }
-    struct retired **link = &r->list;
-    while (*link) {
-        struct retired *x = *link;
-        if (x->gen <= oldest) {
-            *link = x->next;
-            nl_snapshot_free(x->snap);
-            free(x);
-        } else {
-            link = &x->next;
-        }
-    }
-}
-
-int nl_publish(struct nl_lb *lb, struct nl_snapshot *snap)
-{
-    if (!snap || build_index(snap) < 0)
-        return -1;
-    struct retired *x = malloc(sizeof(*x));
-    if (!x)
-        return -1;
-    pthread_mutex_lock(&lb->publish_lock);
-    struct nl_snapshot *old = __atomic_exchange_n(&lb->snap, snap, __ATOMIC_SEQ_CST);
-    uint64_t gen = __atomic_add_fetch(&lb->generation, 1, __ATOMIC_SEQ_CST);
-    struct nl_reclaim *r = reclaim_of(lb);
-    x->snap = old;
-    x->gen = gen;
-    x->next = r->list;
-    r->list = x;
-    reclaim(lb);
-    pthread_mutex_unlock(&lb->publish_lock);
-    return 0;
-}
-
-void nl_worker_enter(struct nl_lb *lb, uint32_t worker)
-{
-    struct nl_reclaim *r = reclaim_of(lb);
-    __atomic_store_n(&r->epoch[worker], __atomic_load_n(&lb->generation, __ATOMIC_SEQ_CST),
-                     __ATOMIC_SEQ_CST);
-}
-
-void nl_worker_quiescent(struct nl_lb *lb, uint32_t worker)
-{
-    __atomic_store_n(&reclaim_of(lb)->epoch[worker], EPOCH_IDLE, __ATOMIC_RELEASE);
-}
-
-void nl_ext_enter(struct nl_lb *lb)
-{
-    pthread_mutex_lock(&reclaim_of(lb)->ext_lock);
-    nl_worker_enter(lb, EXT_SLOT);
-}
-
-void nl_ext_exit(struct nl_lb *lb)
-{
-    nl_worker_quiescent(lb, EXT_SLOT);
-    pthread_mutex_unlock(&reclaim_of(lb)->ext_lock);
-    nl_event_signal(lb);
-}
-
-/* ---- lifetime ---------------------------------------------------------- */
-
-struct nl_lb_alloc {
-    struct nl_lb lb;
-    struct nl_reclaim reclaim;
-};
-
-static struct nl_reclaim *reclaim_of(struct nl_lb *lb)
-{
-    return &((struct nl_lb_alloc *)lb)->reclaim;
-}
-
-/* What the lb keeps about a flow the table frees: its gauge, its held SYN. */
-static void release_flow(void *ctx, struct nl_flow *f)
-{
-    struct nl_lb *lb = ctx;
-    nl_flow_gauge(lb, f, f->state, -1);
-    nl_drop_held(lb, f);
-}
-
-struct nl_lb *nl_create(const struct nl_config *cfg)
-{
-    /* Deadlines are compared as wrapping 32-bit ms: keep them below 2^30. */
-    if (!cfg || cfg->n_workers > NL_MAX_WORKERS || cfg->max_flows == 0 ||
-        cfg->resteer_tries == 0 || cfg->resteer_tries > 255 ||
-        cfg->syn_timeout_ms > 0x3fffffffu)
-        return NULL;
-    for (int i = 0; i < NL_T_MAX; i++)
-        if (cfg->timeout_ms[i] == 0 || cfg->timeout_ms[i] > 0x3fffffffu)
-            return NULL;
-    if (cfg->max_fragments > (1u << 24) ||
-        (cfg->max_fragments && (cfg->fragment_timeout_ms == 0 ||
-                                cfg->fragment_timeout_ms > 0x3fffffffu)))
-        return NULL;
-    struct nl_lb_alloc *a = calloc(1, sizeof(*a));
-    if (!a)
-        return NULL;
-    struct nl_lb *lb = &a->lb;
-    lb->cfg = *cfg;
-    for (uint32_t w = 0; w <= NL_MAX_WORKERS; w++)
-        a->reclaim.epoch[w] = EPOCH_IDLE;
-    pthread_mutex_init(&a->reclaim.ext_lock, NULL);
-    lb->counters = calloc(cfg->n_workers + 1, sizeof(struct nl_worker_counters));
-    lb->active = calloc(NL_MAX_BACKENDS, sizeof(int64_t));
-    lb->inactive = calloc(NL_MAX_BACKENDS, sizeof(int64_t));
-    lb->raw_fd = -1;
-    if (!lb->counters || !lb->active || !lb->inactive || nl_failover_init(lb) < 0 ||
-        nl_ct_init(&lb->ct, cfg->max_flows, cfg->timeout_ms) < 0 || nl_frag_init(lb) < 0) {
-        nl_destroy(lb);
-        return NULL;
-    }
-    lb->sched_seed = lb->ct.seed * 0x9e3779b1u + 1;
-    lb->ct.on_free = release_flow;
-    lb->ct.on_free_ctx = lb;
-    pthread_mutex_init(&lb->publish_lock, NULL);
-    return lb;
-}
-
-void nl_destroy(struct nl_lb *lb)
-{
-    if (!lb)
-        return;
-    nl_stop(lb);
-    struct nl_reclaim *r = reclaim_of(lb);
-    while (r->list) {
-        struct retired *x = r->list;
-        r->list = x->next;
-        nl_snapshot_free(x->snap);
-        free(x);
-    }
-    nl_snapshot_free(lb->snap);
-    nl_ct_fini(&lb->ct);
-    if (lb->ct.store)
-        nl_ct_store_unmap(&lb->ct);
-    nl_failover_fini(lb);
-    pthread_mutex_destroy(&r->ext_lock);
-    nl_frag_fini(lb);
-    free(lb->counters);
-    free(lb->active);
-    free(lb->inactive);
-    free(lb);
-}
-
-/* ---- the data path ----------------------------------------------------- */
 
 /* Notes the client's SYN: its seq, and, if its bytes were all there and
  * checked (csum == NL_CSUM_OK), a copy for re-steering.  A SYN natlb could
@@ -341,34 +42,6 @@ static void note_syn(struct nl_lb *lb, struct nl_flow *f, const struct nl_pkt *p
         f->flags &= (uint8_t)~NL_FL_SYN_CHECKED;
         nl_drop_held(lb, f);
     }
-}
-
-/* Per-packet traffic counters of the packet's service and backend. */
-static void count_packet(struct nl_worker_counters *wc, uint16_t sid, uint16_t bid,
-                         uint32_t bytes, int is_reply)
-{
-    struct nl_counters *c[2] = { &wc->services[sid], &wc->backends[bid] };
-    for (int i = 0; i < 2; i++) {
-        if (is_reply) {
-            c[i]->packets_out++;
-            c[i]->bytes_out += bytes;
-        } else {
-            c[i]->packets_in++;
-            c[i]->bytes_in += bytes;
-        }
-    }
-}
-
-/* The counter block of `worker`; callers outside the workers share the last. */
-static struct nl_worker_counters *counters_of(struct nl_lb *lb, uint32_t worker)
-{
-    return &lb->counters[worker > lb->cfg.n_workers ? lb->cfg.n_workers : worker];
-}
-
-void nl_count_traffic(struct nl_lb *lb, uint32_t worker, uint16_t sid, uint16_t bid,
-                      uint32_t bytes, int is_reply)
-{
-    count_packet(counters_of(lb, worker), sid, bid, bytes, is_reply);
 }
 
 /* Finds the flow of key `k` and returns it with its stripe locked in *lock;
@@ -492,7 +165,7 @@ static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
         *mark = NL_MARK_FORWARD | bid | (fast ? NL_MARK_FAST : 0);
     else
         nl_rewrite(p, 1, baddr, bport, pkt_flags);
-    count_packet(wc, (uint16_t)svc->spec.id, bid, nl_pkt_len(p), 0);
+    nl_count_packet(wc, (uint16_t)svc->spec.id, bid, nl_pkt_len(p), 0);
     return mark ? NL_VERDICT_MARK : NL_VERDICT_REWRITE;
 }
 
@@ -600,7 +273,7 @@ static int reply(struct nl_lb *lb, struct nl_worker_counters *wc,
         *mark = NL_MARK_REPLY | sid;
     else
         nl_rewrite(p, 0, vip, vport, pkt_flags);
-    count_packet(wc, sid, bid, nl_pkt_len(p), 1);
+    nl_count_packet(wc, sid, bid, nl_pkt_len(p), 1);
     return mark ? NL_VERDICT_MARK : NL_VERDICT_REWRITE;
 }
 
@@ -697,7 +370,7 @@ static int later_fragment(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint3
         worker = lb->cfg.n_workers;
     int v = nl_frag_follow(lb, worker, pkt, len, mark != NULL, now_ms, packet_id, mark);
     if (v == NL_VERDICT_DROP)
-        counters_of(lb, worker)->reasons[NL_R_FRAGMENT]++;
+        nl_counters_of(lb, worker)->reasons[NL_R_FRAGMENT]++;
     return v;
 }
 
@@ -723,7 +396,7 @@ static void first_fragment(struct nl_lb *lb, const struct nl_pkt *p, uint32_t sa
 static int process(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
                    uint32_t pkt_flags, uint64_t now_ms, uint32_t packet_id, uint32_t *mark)
 {
-    struct nl_worker_counters *wc = counters_of(lb, worker);
+    struct nl_worker_counters *wc = nl_counters_of(lb, worker);
     struct nl_pkt p;
     int r = nl_parse(pkt, len, &p, (pkt_flags & NL_PKT_HEAD_ONLY) != 0);
     if (r == NL_R_UNSUPPORTED && len >= 20 && pkt[9] == 1)
@@ -746,7 +419,7 @@ static int process(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len
         pkt_flags &= ~(uint32_t)(NL_PKT_CSUM_PARTIAL | NL_PKT_GSO);
     uint32_t saddr = p.saddr, daddr = p.daddr;
     const struct nl_snapshot *snap = __atomic_load_n(&lb->snap, __ATOMIC_ACQUIRE);
-    const struct nl_service *svc = find_service(snap, p.daddr, p.dport, p.proto);
+    const struct nl_service *svc = nl_find_service(snap, p.daddr, p.dport, p.proto);
     int v = svc ? forward(lb, wc, snap, svc, &p, pkt_flags, csum, (uint32_t)now_ms, mark)
                 : reply(lb, wc, snap, &p, pkt_flags, csum, (uint32_t)now_ms, mark);
     if (NL_UNLIKELY(p.frag))
@@ -761,59 +434,8 @@ int nl_packet(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
         *mark = 0;
     } else if (pkt_flags & NL_PKT_HEAD_ONLY) {
         /* Rewriting needs the whole packet: its checksums cover all of it. */
-        counters_of(lb, worker)->reasons[NL_R_TRUNCATED]++;
+        nl_counters_of(lb, worker)->reasons[NL_R_TRUNCATED]++;
         return NL_VERDICT_DROP;
     }
     return process(lb, worker, pkt, len, pkt_flags, now_ms, packet_id, mark);
-}
-
-int nl_process_id(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
-                  uint32_t pkt_flags, uint64_t now_ms, uint32_t packet_id)
-{
-    nl_ext_enter(lb);
-    int v = nl_packet(lb, worker, pkt, len, pkt_flags, now_ms, packet_id, NULL);
-    nl_ext_exit(lb);
-    return v;
-}
-
-int nl_process(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
-               uint32_t pkt_flags, uint64_t now_ms)
-{
-    return nl_process_id(lb, worker, pkt, len, pkt_flags, now_ms, NL_NO_PACKET_ID);
-}
-
-int nl_decide_id(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
-                 uint32_t pkt_flags, uint64_t now_ms, uint32_t packet_id, uint32_t *mark)
-{
-    nl_ext_enter(lb);
-    int v = nl_packet(lb, worker, pkt, len, pkt_flags, now_ms, packet_id, mark);
-    nl_ext_exit(lb);
-    return v;
-}
-
-int nl_decide(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
-              uint32_t pkt_flags, uint64_t now_ms, uint32_t *mark)
-{
-    return nl_decide_id(lb, worker, pkt, len, pkt_flags, now_ms, NL_NO_PACKET_ID, mark);
-}
-
-uint32_t nl_process_many(struct nl_lb *lb, uint32_t worker, uint8_t *bufs, uint32_t stride,
-                         const uint32_t *lens, uint8_t *verdicts, uint32_t n,
-                         uint32_t pkt_flags, uint64_t now_ms)
-{
-    uint32_t rewritten = 0;
-    nl_ext_enter(lb);
-    for (uint32_t i = 0; i < n; i++) {
-        int v = nl_packet(lb, worker, bufs + (size_t)i * stride, lens[i], pkt_flags, now_ms,
-                          NL_NO_PACKET_ID, NULL);
-        verdicts[i] = (uint8_t)v;
-        rewritten += v == NL_VERDICT_REWRITE;
-    }
-    nl_ext_exit(lb);
-    return rewritten;
-}
-
-uint32_t nl_ct_sweep(struct nl_lb *lb, uint64_t now_ms, uint32_t max_buckets)
-{
-    return nl_ct_expire(&lb->ct, (uint32_t)now_ms, max_buckets);
 }
