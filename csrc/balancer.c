@@ -37,9 +37,8 @@ struct nl_lb *nl_create(const struct nl_config *cfg)
     lb->counters = calloc(cfg->n_workers + 1, sizeof(struct nl_worker_counters));
     lb->active = calloc(NL_MAX_BACKENDS, sizeof(int64_t));
     lb->inactive = calloc(NL_MAX_BACKENDS, sizeof(int64_t));
-    lb->raw_fd = -1;
     if (!lb->counters || !lb->active || !lb->inactive || nl_snapshots_init(lb) < 0 ||
-        nl_failover_init(lb) < 0 ||
+        nl_failover_init(lb) < 0 || nl_io_init(lb) < 0 ||
         nl_ct_init(&lb->ct, cfg->max_flows, cfg->timeout_ms) < 0 || nl_frag_init(lb) < 0) {
         nl_destroy(lb);
         return NULL;
@@ -61,6 +60,7 @@ void nl_destroy(struct nl_lb *lb)
         nl_ct_store_unmap(&lb->ct);
     nl_failover_fini(lb);
     nl_frag_fini(lb);
+    nl_io_fini(lb);
     free(lb->counters);
     free(lb->active);
     free(lb->inactive);
@@ -73,6 +73,7 @@ int nl_process_id(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
     nl_ext_enter(lb);
     int v = nl_packet(lb, worker, pkt, len, pkt_flags, now_ms, packet_id, NULL);
     nl_ext_exit(lb);
+    nl_event_signal(lb);
     return v;
 }
 
@@ -88,6 +89,7 @@ int nl_decide_id(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
     nl_ext_enter(lb);
     int v = nl_packet(lb, worker, pkt, len, pkt_flags, now_ms, packet_id, mark);
     nl_ext_exit(lb);
+    nl_event_signal(lb);
     return v;
 }
 
@@ -110,6 +112,7 @@ uint32_t nl_process_many(struct nl_lb *lb, uint32_t worker, uint8_t *bufs, uint3
         rewritten += v == NL_VERDICT_REWRITE;
     }
     nl_ext_exit(lb);
+    nl_event_signal(lb);
     return rewritten;
 }
 
@@ -123,4 +126,19 @@ void nl_failover_tick(struct nl_lb *lb, uint64_t now_ms)
     nl_ext_enter(lb);
     nl_failover_due(lb, now_ms);
     nl_ext_exit(lb);
+    nl_event_signal(lb);
+}
+
+/* Flushes the outbox between chunks while workers run, so a big reset does
+ * not overflow it (two RSTs per flow). */
+#define RESET_CHUNK 1024
+
+uint32_t nl_reset_backend(struct nl_lb *lb, uint32_t backend_id)
+{
+    uint32_t reset = 0;
+    for (uint32_t b = 0; b < lb->ct.n_buckets; b += RESET_CHUNK) {
+        reset += nl_reset_buckets(lb, backend_id, b, RESET_CHUNK);
+        nl_io_flush(lb);
+    }
+    return reset;
 }

@@ -277,7 +277,7 @@ int nl_ct_store(struct nl_lb *lb, const char *path, uint64_t now_ms,
     struct nl_ct *ct = &lb->ct;
     uint32_t now = (uint32_t)now_ms;
     memset(out, 0, sizeof(*out));
-    if (ct->store || (lb->workers && !__atomic_load_n(&lb->paused, __ATOMIC_ACQUIRE))) {
+    if (ct->store || nl_io_reading(lb)) {
         snprintf(out->reason, sizeof(out->reason), "the table is already in use");
         return -1;
     }

@@ -11,10 +11,10 @@
  *  - A flow whose backend the control plane no longer calls alive moves on
  *    its next packet if it is UDP or an unanswered SYN (lb.c).
  *  - Events: each passive failure is pushed to a small ring and signalled
- *    on an eventfd; the control plane decides what it means.  No Python
- *    runs per packet, and nobody polls.  The eventfd is written after the
- *    batch (nl_event_signal), never under a lock, and re-armed by a reader
- *    that leaves events behind.  A full ring drops its oldest event: the
+ *    by the I/O layer on an eventfd (nfqueue.c); the control plane decides
+ *    what it means.  No Python runs per packet, and nobody polls.  The
+ *    eventfd is written after the batch, never under a lock, and re-armed by
+ *    a reader that leaves events behind.  A full ring drops its oldest event: the
  *    newest say most about the backends now.
  *  - The held ring is a FIFO in deadline order.  A flow that is freed or
  *    evicted takes its held SYN with it; a full ring overwrites its oldest
@@ -28,14 +28,8 @@
  */
 #define _GNU_SOURCE
 #include <time.h>
-#include <errno.h>
 #include <stdlib.h>
 #include <string.h>
-#include <unistd.h>
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <sys/eventfd.h>
-#include <sys/socket.h>
 #include "internal.h"
 
 #define HELD_SLOTS 8192          /* power of two, < 0xffff                 */
@@ -69,8 +63,7 @@ struct nl_failover {
     pthread_spinlock_t ev_lock;
     uint64_t ev_head, ev_tail;
     struct nl_event ev[EVENT_SLOTS];
-    int evfd;
-    int ev_pending;              /* pushed since the eventfd was written   */
+    int ev_pending;              /* pushed since nl_events_unsignalled     */
     uint64_t counters[NL_F_MAX];
 };
 
@@ -79,11 +72,6 @@ int nl_failover_init(struct nl_lb *lb)
     struct nl_failover *fo = calloc(1, sizeof(*fo));
     if (!fo)
         return -1;
-    fo->evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (fo->evfd < 0) {
-        free(fo);
-        return -1;
-    }
     pthread_spin_init(&fo->held_lock, PTHREAD_PROCESS_PRIVATE);
     pthread_spin_init(&fo->out_lock, PTHREAD_PROCESS_PRIVATE);
     pthread_spin_init(&fo->ev_lock, PTHREAD_PROCESS_PRIVATE);
@@ -94,7 +82,6 @@ int nl_failover_init(struct nl_lb *lb)
 void nl_failover_fini(struct nl_lb *lb)
 {
     if (lb->fo) {
-        close(lb->fo->evfd);
         free(lb->fo);
         lb->fo = NULL;
     }
@@ -131,43 +118,22 @@ void nl_emit(struct nl_lb *lb, uint32_t kind, uint32_t service_id, uint32_t back
         nl_count_failover(lb, NL_F_EVENTS_LOST, 1);
 }
 
-static void wake(struct nl_failover *fo)
-{
-    uint64_t one = 1;
-    if (write(fo->evfd, &one, sizeof(one)) < 0) {
-        /* EAGAIN: the counter is saturated, the reader is already due. */
-    }
-}
-
-void nl_event_signal(struct nl_lb *lb)
+int nl_events_unsignalled(struct nl_lb *lb)
 {
     struct nl_failover *fo = lb->fo;
-    if (__atomic_load_n(&fo->ev_pending, __ATOMIC_ACQUIRE) &&
-        __atomic_exchange_n(&fo->ev_pending, 0, __ATOMIC_ACQ_REL))
-        wake(fo);
+    return __atomic_load_n(&fo->ev_pending, __ATOMIC_ACQUIRE) &&
+           __atomic_exchange_n(&fo->ev_pending, 0, __ATOMIC_ACQ_REL);
 }
 
-int nl_event_fd(struct nl_lb *lb)
-{
-    return lb->fo->evfd;
-}
-
-uint32_t nl_read_events(struct nl_lb *lb, struct nl_event *out, uint32_t max)
+uint32_t nl_events_take(struct nl_lb *lb, struct nl_event *out, uint32_t max, int *left)
 {
     struct nl_failover *fo = lb->fo;
-    uint64_t drained;
-    /* Clear the signal first: an event pushed after this signals again. */
-    if (read(fo->evfd, &drained, sizeof(drained)) < 0) {
-        /* EAGAIN: nothing signalled; there may still be events to read. */
-    }
     uint32_t n = 0;
     pthread_spin_lock(&fo->ev_lock);
     while (n < max && fo->ev_tail != fo->ev_head)
         out[n++] = fo->ev[fo->ev_tail++ % EVENT_SLOTS];
-    int left = fo->ev_tail != fo->ev_head;
+    *left = fo->ev_tail != fo->ev_head;
     pthread_spin_unlock(&fo->ev_lock);
-    if (left)
-        wake(fo);                   /* so the reader comes back for the rest */
     return n;
 }
 
@@ -206,24 +172,6 @@ uint32_t nl_outbox_take(struct nl_lb *lb, uint8_t *buf, uint32_t cap)
     }
     pthread_spin_unlock(&fo->out_lock);
     return len;
-}
-
-uint32_t nl_flush(struct nl_lb *lb)
-{
-    int fd = __atomic_load_n(&lb->raw_fd, __ATOMIC_ACQUIRE);
-    if (fd < 0)
-        return 0;
-    uint8_t buf[PKT_MAX];
-    uint32_t len, sent = 0;
-    while ((len = nl_outbox_take(lb, buf, sizeof(buf))) != 0) {
-        struct sockaddr_in to = { .sin_family = AF_INET };
-        memcpy(&to.sin_addr, buf + 16, 4);
-        if (sendto(fd, buf, len, 0, (struct sockaddr *)&to, sizeof(to)) < 0)
-            nl_count_failover(lb, NL_F_SEND_ERRORS, 1);
-        else
-            sent++;
-    }
-    return sent;
 }
 
 /* ---- held SYNs ----------------------------------------------------------- */
@@ -462,12 +410,15 @@ void nl_reset_probed(struct nl_lb *lb, struct nl_flow *f, const struct nl_pkt *p
     f->flags &= (uint8_t)~self;
 }
 
-uint32_t nl_reset_backend(struct nl_lb *lb, uint32_t backend_id)
+uint32_t nl_reset_buckets(struct nl_lb *lb, uint32_t backend_id, uint32_t first, uint32_t n)
 {
     struct nl_ct *ct = &lb->ct;
     uint32_t reset = 0;
     uint8_t rst[40];
-    for (uint32_t b = 0; b < ct->n_buckets; b++) {
+    if (first >= ct->n_buckets)
+        return 0;
+    uint32_t end = n < ct->n_buckets - first ? first + n : ct->n_buckets;
+    for (uint32_t b = first; b < end; b++) {
         if (__atomic_load_n(&ct->buckets[b], __ATOMIC_RELAXED) == NL_NIL)
             continue;
         pthread_spinlock_t *lock = nl_ct_stripe(ct, b);
@@ -506,9 +457,6 @@ uint32_t nl_reset_backend(struct nl_lb *lb, uint32_t backend_id)
             reset++;
         }
         pthread_spin_unlock(lock);
-        if ((b & 1023) == 0)
-            nl_flush(lb);
     }
-    nl_flush(lb);
     return reset;
 }

@@ -297,7 +297,7 @@ struct nl_worker_counters {
     struct nl_counters backends[NL_MAX_BACKENDS];
 };
 
-struct nl_worker;
+struct nl_io;
 struct nl_failover;
 struct nl_reclaim;
 
@@ -309,17 +309,10 @@ struct nl_lb {
     int64_t *active;                 /* per backend id, atomic: open flows */
     int64_t *inactive;               /* per backend id, atomic: closing    */
     uint32_t sched_seed;
-    /* workers */
-    struct nl_worker *workers;
-    uint32_t n_running;
-    volatile int stop;
     struct nl_reclaim *reclaim;      /* snapshot.c: epochs, retired tables */
     struct nl_failover *fo;          /* failover.c                         */
-    int raw_fd;                      /* raw socket while workers run, or -1 */
+    struct nl_io *io;                /* nfqueue.c: workers, sockets, eventfd */
     struct nl_fragtrack *ft;         /* fragtrack.c                        */
-    int paused;                      /* workers bound but not reading (handover) */
-    uint32_t n_fwd;                  /* >0: pass every packet on to fwd_queue */
-    uint16_t fwd_queue[NL_MAX_WORKERS];
 };
 
 /* The counter block of `worker`; callers outside the workers share the last. */
@@ -467,8 +460,25 @@ int nl_packet(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
 void nl_failover_due(struct nl_lb *lb, uint64_t now_ms);
 /* Drops f's held SYN, if it still has one (caller holds f's stripe). */
 void nl_drop_held(struct nl_lb *lb, struct nl_flow *f);
+/* 1 if events were pushed since the last call (then the I/O layer signals
+ * them), else 0. */
+int nl_events_unsignalled(struct nl_lb *lb);
+/* Takes up to `max` events, oldest first; *left says whether more wait. */
+uint32_t nl_events_take(struct nl_lb *lb, struct nl_event *out, uint32_t max, int *left);
+/* The reset of nl_reset_backend over buckets [first, first + n): queues
+ * the RSTs, frees the flows, returns how many. */
+uint32_t nl_reset_buckets(struct nl_lb *lb, uint32_t backend_id, uint32_t first, uint32_t n);
+
+/* ---- I/O (nfqueue.c) ----------------------------------------------------- */
+/* The eventfd, and the raw socket and workers once started. */
+int nl_io_init(struct nl_lb *lb);
+void nl_io_fini(struct nl_lb *lb);
 /* Wakes the control plane if events were pushed since the last call.  Called
  * outside every lock: a syscall must not run under a spinlock. */
 void nl_event_signal(struct nl_lb *lb);
+/* Sends what is in the outbox now, if the workers' raw socket is open. */
+uint32_t nl_io_flush(struct nl_lb *lb);
+/* 1 if workers run and read their queues (not paused for a handover). */
+int nl_io_reading(struct nl_lb *lb);
 
 #endif

@@ -272,8 +272,6 @@ uint32_t nl_reset_backend(struct nl_lb *lb, uint32_t backend_id);
  * send them through a raw socket; without workers (tests) they stay there.
  * nl_outbox_take copies the oldest into buf and returns its length, or 0. */
 uint32_t nl_outbox_take(struct nl_lb *lb, uint8_t *buf, uint32_t cap);
-/* Sends what is in the outbox now, if the workers' raw socket is open. */
-uint32_t nl_flush(struct nl_lb *lb);
 /* out[NL_F_MAX] */
 void nl_read_failover(struct nl_lb *lb, uint64_t *out);
 

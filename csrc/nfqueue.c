@@ -27,6 +27,7 @@
 #include <time.h>
 #include <unistd.h>
 #include <arpa/inet.h>
+#include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
 #include <linux/netlink.h>
@@ -79,6 +80,97 @@ struct nl_worker {
     uint8_t *release_buf;        /* copy mode: a released fragment's bytes  */
     uint64_t loops;              /* loop iterations, for nl_forward's wait  */
 };
+
+/* What the I/O layer owns: the threads and every file descriptor. */
+struct nl_io {
+    struct nl_worker *workers;
+    uint32_t n_running;
+    volatile int stop;
+    int raw_fd;                  /* raw socket while workers run, or -1    */
+    int evfd;                    /* readable when events wait (nl_event_fd) */
+    int paused;                  /* workers bound but not reading (handover) */
+    uint32_t n_fwd;              /* >0: pass every packet on to fwd_queue  */
+    uint16_t fwd_queue[NL_MAX_WORKERS];
+};
+
+int nl_io_init(struct nl_lb *lb)
+{
+    struct nl_io *io = calloc(1, sizeof(*io));
+    if (!io)
+        return -1;
+    io->raw_fd = -1;
+    io->evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (io->evfd < 0) {
+        free(io);
+        return -1;
+    }
+    lb->io = io;
+    return 0;
+}
+
+void nl_io_fini(struct nl_lb *lb)
+{
+    if (lb->io) {
+        close(lb->io->evfd);
+        free(lb->io);
+        lb->io = NULL;
+    }
+}
+
+/* ---- events: the eventfd over failover.c's ring ------------------------ */
+
+static void wake(struct nl_io *io)
+{
+    uint64_t one = 1;
+    if (write(io->evfd, &one, sizeof(one)) < 0) {
+        /* EAGAIN: the counter is saturated, the reader is already due. */
+    }
+}
+
+void nl_event_signal(struct nl_lb *lb)
+{
+    if (nl_events_unsignalled(lb))
+        wake(lb->io);
+}
+
+int nl_event_fd(struct nl_lb *lb)
+{
+    return lb->io->evfd;
+}
+
+uint32_t nl_read_events(struct nl_lb *lb, struct nl_event *out, uint32_t max)
+{
+    uint64_t drained;
+    /* Clear the signal first: an event pushed after this signals again. */
+    if (read(lb->io->evfd, &drained, sizeof(drained)) < 0) {
+        /* EAGAIN: nothing signalled; there may still be events to read. */
+    }
+    int left;
+    uint32_t n = nl_events_take(lb, out, max, &left);
+    if (left)
+        wake(lb->io);               /* so the reader comes back for the rest */
+    return n;
+}
+
+/* ---- the outbox, sent through the raw socket --------------------------- */
+
+uint32_t nl_io_flush(struct nl_lb *lb)
+{
+    int fd = __atomic_load_n(&lb->io->raw_fd, __ATOMIC_ACQUIRE);
+    if (fd < 0)
+        return 0;
+    uint8_t buf[256];
+    uint32_t len, sent = 0;
+    while ((len = nl_outbox_take(lb, buf, sizeof(buf))) != 0) {
+        struct sockaddr_in to = { .sin_family = AF_INET };
+        memcpy(&to.sin_addr, buf + 16, 4);
+        if (sendto(fd, buf, len, 0, (struct sockaddr *)&to, sizeof(to)) < 0)
+            nl_count_failover(lb, NL_F_SEND_ERRORS, 1);
+        else
+            sent++;
+    }
+    return sent;
+}
 
 static uint64_t now_ms(void)
 {
@@ -322,7 +414,7 @@ static void handle_packet(struct nl_worker *w, struct nlmsghdr *nlh, uint64_t no
     if (n_fwd) {
         /* Handover: the successor decides; the kernel moves the packet to
          * its queue, at the same hook position. */
-        forward_to = w->lb->fwd_queue[w->index % n_fwd];
+        forward_to = w->lb->io->fwd_queue[w->index % n_fwd];
         verdict = NL_VERDICT_ACCEPT;
     } else if (!pkt) {
         wc->reasons[NL_R_TRUNCATED]++;
@@ -414,16 +506,17 @@ static void *worker_main(void *arg)
 {
     struct nl_worker *w = arg;
     struct nl_lb *lb = w->lb;
+    struct nl_io *io = lb->io;
     const size_t max_v = sizeof(w->verdicts) / sizeof(w->verdicts[0]);
     w->last_sweep_ms = now_ms();
-    while (!__atomic_load_n(&lb->stop, __ATOMIC_RELAXED)) {
+    while (!__atomic_load_n(&io->stop, __ATOMIC_RELAXED)) {
         __atomic_add_fetch(&w->loops, 1, __ATOMIC_SEQ_CST);
-        if (__atomic_load_n(&lb->paused, __ATOMIC_ACQUIRE)) {
+        if (__atomic_load_n(&io->paused, __ATOMIC_ACQUIRE)) {
             /* Bound: the kernel keeps the packets until we read. */
             usleep(500);
             continue;
         }
-        uint32_t n_fwd = __atomic_load_n(&lb->n_fwd, __ATOMIC_SEQ_CST);
+        uint32_t n_fwd = __atomic_load_n(&io->n_fwd, __ATOMIC_SEQ_CST);
         nl_worker_quiescent(lb, w->index);
         int n = receive(w);
         uint64_t now = now_ms();
@@ -459,14 +552,14 @@ static void *worker_main(void *arg)
         }
         nl_worker_quiescent(lb, w->index);
         nl_event_signal(lb);
-        nl_flush(lb);
+        nl_io_flush(lb);
         nl_frag_tick(lb, now);
         answer_released(w);
         uint64_t elapsed = now - w->last_sweep_ms;
         if (elapsed >= 10) {
             /* Sweep share proportional to time, split between workers. */
             w->sweep_owed += (uint64_t)lb->ct.n_buckets * elapsed / SWEEP_PERIOD_MS /
-                             (lb->n_running ? lb->n_running : 1) + 1;
+                             (io->n_running ? io->n_running : 1) + 1;
             if (w->sweep_owed > lb->ct.n_buckets)
                 w->sweep_owed = lb->ct.n_buckets;
             w->last_sweep_ms = now;
@@ -499,7 +592,8 @@ static void close_worker(struct nl_worker *w)
 int nl_start(struct nl_lb *lb, const uint16_t *queues, uint32_t n, uint32_t flags,
              char *err, uint32_t errlen)
 {
-    if (lb->workers) {
+    struct nl_io *io = lb->io;
+    if (io->workers) {
         snprintf(err, errlen, "workers already running");
         return -1;
     }
@@ -534,68 +628,76 @@ int nl_start(struct nl_lb *lb, const uint16_t *queues, uint32_t n, uint32_t flag
         i = n;
         goto fail;
     }
-    __atomic_store_n(&lb->raw_fd, raw, __ATOMIC_RELEASE);
-    lb->stop = 0;
-    lb->paused = (flags & NL_START_PAUSED) != 0;
-    lb->n_running = 0;
+    __atomic_store_n(&io->raw_fd, raw, __ATOMIC_RELEASE);
+    io->stop = 0;
+    io->paused = (flags & NL_START_PAUSED) != 0;
+    io->n_running = 0;
     for (i = 0; i < n; i++) {
         if (pthread_create(&ws[i].thread, NULL, worker_main, &ws[i]) != 0) {
             snprintf(err, errlen, "pthread_create: %s", strerror(errno));
-            __atomic_store_n(&lb->stop, 1, __ATOMIC_RELAXED);
+            __atomic_store_n(&io->stop, 1, __ATOMIC_RELAXED);
             for (uint32_t j = 0; j < i; j++)
                 pthread_join(ws[j].thread, NULL);
-            close(__atomic_exchange_n(&lb->raw_fd, -1, __ATOMIC_ACQ_REL));
+            close(__atomic_exchange_n(&io->raw_fd, -1, __ATOMIC_ACQ_REL));
             i = n;
             goto fail;
         }
-        lb->n_running++;
+        io->n_running++;
     }
-    lb->workers = ws;
+    io->workers = ws;
     return 0;
 fail:
     for (uint32_t j = 0; j < n; j++)
         close_worker(&ws[j]);
     free(ws);
-    lb->n_running = 0;
+    io->n_running = 0;
     return -1;
 }
 
 void nl_stop(struct nl_lb *lb)
 {
-    if (!lb->workers)
+    struct nl_io *io = lb->io;
+    if (!io || !io->workers)
         return;
-    __atomic_store_n(&lb->stop, 1, __ATOMIC_RELAXED);
-    for (uint32_t i = 0; i < lb->n_running; i++)
-        pthread_join(lb->workers[i].thread, NULL);
-    for (uint32_t i = 0; i < lb->n_running; i++)
-        close_worker(&lb->workers[i]);
-    int raw = __atomic_exchange_n(&lb->raw_fd, -1, __ATOMIC_ACQ_REL);
+    __atomic_store_n(&io->stop, 1, __ATOMIC_RELAXED);
+    for (uint32_t i = 0; i < io->n_running; i++)
+        pthread_join(io->workers[i].thread, NULL);
+    for (uint32_t i = 0; i < io->n_running; i++)
+        close_worker(&io->workers[i]);
+    int raw = __atomic_exchange_n(&io->raw_fd, -1, __ATOMIC_ACQ_REL);
     if (raw >= 0)
         close(raw);
-    free(lb->workers);
-    lb->workers = NULL;
-    lb->n_running = 0;
+    free(io->workers);
+    io->workers = NULL;
+    io->n_running = 0;
 }
 
 void nl_resume(struct nl_lb *lb)
 {
-    __atomic_store_n(&lb->paused, 0, __ATOMIC_RELEASE);
+    __atomic_store_n(&lb->io->paused, 0, __ATOMIC_RELEASE);
+}
+
+int nl_io_reading(struct nl_lb *lb)
+{
+    struct nl_io *io = lb->io;
+    return io->workers && !__atomic_load_n(&io->paused, __ATOMIC_ACQUIRE);
 }
 
 int nl_forward(struct nl_lb *lb, const uint16_t *queues, uint32_t n, uint32_t wait_ms)
 {
+    struct nl_io *io = lb->io;
     if (n > NL_MAX_WORKERS)
         return -1;
     uint64_t seen[NL_MAX_WORKERS];
-    for (uint32_t i = 0; i < lb->n_running; i++)
-        seen[i] = __atomic_load_n(&lb->workers[i].loops, __ATOMIC_SEQ_CST);
-    memcpy(lb->fwd_queue, queues, n * sizeof(*queues));
-    __atomic_store_n(&lb->n_fwd, n, __ATOMIC_SEQ_CST);
+    for (uint32_t i = 0; i < io->n_running; i++)
+        seen[i] = __atomic_load_n(&io->workers[i].loops, __ATOMIC_SEQ_CST);
+    memcpy(io->fwd_queue, queues, n * sizeof(*queues));
+    __atomic_store_n(&io->n_fwd, n, __ATOMIC_SEQ_CST);
     /* A worker whose counter moved twice has finished the batch it was in
      * and read the new setting at the top of the next loop. */
     uint64_t deadline = now_ms() + wait_ms;
-    for (uint32_t i = 0; i < lb->n_running; i++) {
-        while (__atomic_load_n(&lb->workers[i].loops, __ATOMIC_SEQ_CST) < seen[i] + 2) {
+    for (uint32_t i = 0; i < io->n_running; i++) {
+        while (__atomic_load_n(&io->workers[i].loops, __ATOMIC_SEQ_CST) < seen[i] + 2) {
             if (now_ms() > deadline)
                 return -1;
             usleep(200);

@@ -201,7 +201,6 @@ void nl_ext_exit(struct nl_lb *lb)
 {
     nl_worker_quiescent(lb, EXT_SLOT);
     pthread_mutex_unlock(&reclaim_of(lb)->ext_lock);
-    nl_event_signal(lb);
 }
 
 

@@ -89,3 +89,20 @@ def test_c_files_call_each_other_one_way_only(objects):
     assert graph and any(graph.values())
     cycle = find_cycle(graph)
     assert cycle is None, "C files call around a circle: " + " -> ".join(cycle)
+
+
+# System calls that move bytes in or out of the process, make descriptors or
+# threads, or touch files.
+IO_CALLS = {"read", "write", "send", "sendto", "sendmsg", "recv", "recvmsg", "recvmmsg",
+            "socket", "bind", "setsockopt", "eventfd", "close", "pthread_create",
+            "open", "mmap", "munmap", "ftruncate", "rename", "unlink"}
+# The I/O layer: NFQUEUE workers, their sockets and the eventfd; the flow
+# table's file (mapped once at start, never touched per packet).
+IO_FILES = {"nfqueue.c", "ctstore.c"}
+
+
+def test_only_the_io_layer_does_io(objects):
+    """The core works on buffers (sans-IO); the I/O files own threads, sockets, files."""
+    doing_io = {name: sorted(symbols(obj)[1] & IO_CALLS) for name, obj in objects.items()}
+    assert doing_io["nfqueue.c"], "the I/O layer should show its system calls"
+    assert {n: calls for n, calls in doing_io.items() if calls and n not in IO_FILES} == {}
