@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "internal.h"
+#include "natlb_test.h"
 
 /* What the lb keeps about a flow the table frees: its gauge, its held SYN. */
 static void release_flow(void *ctx, struct nl_flow *f)

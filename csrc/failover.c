@@ -31,6 +31,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "internal.h"
+#include "natlb_test.h"
 
 #define HELD_SLOTS 8192          /* power of two, < 0xffff                 */
 #define PKT_MAX 128              /* bigger SYNs (with data) are not held   */

@@ -186,17 +186,6 @@ int nl_decide(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
 int nl_decide_id(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
                  uint32_t pkt_flags, uint64_t now_ms, uint32_t packet_id, uint32_t *mark);
 
-/* nl_process over n packets laid out every `stride` bytes in `bufs`, with
- * lengths `lens`; verdicts go to `verdicts`.  Returns how many were
- * rewritten.  For batch callers and for measuring the core without the
- * cost of one foreign call per packet. */
-uint32_t nl_process_many(struct nl_lb *lb, uint32_t worker, uint8_t *bufs, uint32_t stride,
-                         const uint32_t *lens, uint8_t *verdicts, uint32_t n,
-                         uint32_t pkt_flags, uint64_t now_ms);
-
-/* Reclaims expired flows in up to `max_buckets` buckets; returns how many
- * flows it freed.  Workers call it themselves; exposed for tests. */
-uint32_t nl_ct_sweep(struct nl_lb *lb, uint64_t now_ms, uint32_t max_buckets);
 uint32_t nl_ct_count(struct nl_lb *lb);
 /* Conntrack counters (out[NL_C_MAX]).  A new flow that finds the table full
  * first frees expired entries near it, then evicts the least recently
@@ -262,16 +251,10 @@ int nl_event_fd(struct nl_lb *lb);
 /* Takes up to `max` events, oldest first; returns how many.  If more are
  * left, the eventfd stays readable. */
 uint32_t nl_read_events(struct nl_lb *lb, struct nl_event *out, uint32_t max);
-/* Re-steers SYNs whose deadline passed.  The workers call it; exposed so
- * tests can drive time (safe while the workers run, like nl_process). */
-void nl_failover_tick(struct nl_lb *lb, uint64_t now_ms);
 /* Sends an RST to the client (and the backend) of every TCP flow on the
- * backend and forgets its flows; returns the number of flows reset. */
+ * backend and forgets its flows; returns the number of flows reset.  The
+ * RSTs wait in an outbox the workers send through their raw socket. */
 uint32_t nl_reset_backend(struct nl_lb *lb, uint32_t backend_id);
-/* Packets natlb originates (re-sent SYNs, RSTs) wait in an outbox.  Workers
- * send them through a raw socket; without workers (tests) they stay there.
- * nl_outbox_take copies the oldest into buf and returns its length, or 0. */
-uint32_t nl_outbox_take(struct nl_lb *lb, uint8_t *buf, uint32_t cap);
 /* out[NL_F_MAX] */
 void nl_read_failover(struct nl_lb *lb, uint64_t *out);
 

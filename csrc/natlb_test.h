@@ -1,5 +1,5 @@
 /*
- * natlb_test.h -- hooks for tests and fuzzers only, kept out of natlb.h so
+ * natlb_test.h -- hooks for tests, fuzzers and benchmarks, kept out of natlb.h so
  * the product boundary stays narrow.  natlb/_build.py appends this file to
  * the cffi cdef (after natlb.h), so it follows the same "cdef-clean" rules:
  * integer #defines, plain structs and prototypes only.
@@ -38,3 +38,22 @@ struct nl_nfq_packet {
  * may say less, never more).  0 if it is a queued packet with a usable
  * packet header, -1 otherwise.  Sans-IO: the workers call it per message. */
 int nl_nfq_parse(const uint8_t *msg, uint32_t len, struct nl_nfq_packet *out);
+
+/* ---- driving the core without workers (tests, fuzzers, benchmarks) ------- */
+/* nl_process over n packets laid out every `stride` bytes in `bufs`, with
+ * lengths `lens`; verdicts go to `verdicts`.  Returns how many were
+ * rewritten.  Measures the core without one foreign call per packet. */
+uint32_t nl_process_many(struct nl_lb *lb, uint32_t worker, uint8_t *bufs, uint32_t stride,
+                         const uint32_t *lens, uint8_t *verdicts, uint32_t n,
+                         uint32_t pkt_flags, uint64_t now_ms);
+/* Reclaims expired flows in up to `max_buckets` buckets; returns how many
+ * flows it freed.  Workers sweep by themselves. */
+uint32_t nl_ct_sweep(struct nl_lb *lb, uint64_t now_ms, uint32_t max_buckets);
+/* Re-steers SYNs whose deadline passed.  The workers call it; exposed so
+ * tests can drive time (safe while the workers run, like nl_process). */
+void nl_failover_tick(struct nl_lb *lb, uint64_t now_ms);
+/* Packets natlb originates (re-sent SYNs, RSTs) wait in an outbox.  Workers
+ * send them through a raw socket (nfqueue.c takes them with this); without
+ * workers they stay there for tests to take.  Copies the oldest into buf and
+ * returns its length, or 0. */
+uint32_t nl_outbox_take(struct nl_lb *lb, uint8_t *buf, uint32_t cap);
