@@ -15,9 +15,9 @@
 
 static int valid_state(const struct nl_flow *f)
 {
-    if (f->proto == 17)
+    if (f->proto == NL_IPPROTO_UDP)
         return f->state == NL_FS_UDP;
-    return f->proto == 6 && f->state >= NL_FS_SYN_SENT && f->state <= NL_FS_CLOSE;
+    return f->proto == NL_IPPROTO_TCP && f->state >= NL_FS_SYN_SENT && f->state <= NL_FS_CLOSE;
 }
 
 static int check_chains(struct nl_lb *lb, uint8_t *seen, int64_t *gauges)

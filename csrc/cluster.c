@@ -108,7 +108,7 @@ static const struct cluster_slot *find_backend(const struct nl_cluster_index *x,
 
 void nl_cluster_flow_start(struct nl_lb *lb, struct nl_flow *f, const struct nl_pkt *p)
 {
-    if (p->proto != 6 || (p->tcp_flags & NL_TCP_SYN))
+    if (p->proto != NL_IPPROTO_TCP || (p->tcp_flags & NL_TCP_SYN))
         return;
     f->state = NL_FS_ESTABLISHED;
     nl_count_failover(lb, NL_F_ADOPTED, 1);
@@ -150,7 +150,7 @@ struct nl_flow *nl_cluster_adopt_reply(struct nl_lb *lb, const struct nl_snapsho
     f->backend_id = (uint16_t)be->id;
     f->tries = 1;
     f->held = NL_HELD_NONE;
-    if (p->proto != 6)
+    if (p->proto != NL_IPPROTO_TCP)
         f->state = NL_FS_UDP;
     else if ((p->tcp_flags & (NL_TCP_SYN | NL_TCP_ACK)) == (NL_TCP_SYN | NL_TCP_ACK))
         f->state = NL_FS_SYN_SENT;   /* the SYN-ACK moves it to SYN_RECV */

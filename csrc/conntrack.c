@@ -231,7 +231,7 @@ static int evict(struct nl_ct *ct, pthread_spinlock_t *own, const struct candida
     if (link) {
         struct nl_flow *f = &ct->flows[c->idx];
         if (nl_flow_embryonic(f) && f->expires_ms == c->expires) {
-            ct_count(ct, f->proto == 6 ? NL_C_EVICTED_TCP : NL_C_EVICTED_UDP, 1);
+            ct_count(ct, f->proto == NL_IPPROTO_TCP ? NL_C_EVICTED_TCP : NL_C_EVICTED_UDP, 1);
             nl_ct_free(ct, link);
             done = 1;
         }

@@ -433,7 +433,8 @@ uint32_t nl_reset_buckets(struct nl_lb *lb, uint32_t backend_id, uint32_t first,
             }
             /* Reset what is still open: not a SYN being re-steered, not a
              * flow closed by RST or by FINs from both sides. */
-            if (f->proto == 6 && f->state != NL_FS_SYN_SENT && f->state != NL_FS_CLOSE &&
+            if (f->proto == NL_IPPROTO_TCP && f->state != NL_FS_SYN_SENT &&
+                f->state != NL_FS_CLOSE &&
                 (f->flags & (NL_FL_FIN_CLIENT | NL_FL_FIN_SERVER)) !=
                     (NL_FL_FIN_CLIENT | NL_FL_FIN_SERVER)) {
                 nl_build_rst(rst, f->vip_addr, f->client_addr, f->vip_port, f->client_port,
@@ -450,7 +451,7 @@ uint32_t nl_reset_buckets(struct nl_lb *lb, uint32_t backend_id, uint32_t first,
                     continue;
                 }
             }
-            if (f->proto == 6 && f->state == NL_FS_SYN_SENT) {
+            if (f->proto == NL_IPPROTO_TCP && f->state == NL_FS_SYN_SENT) {
                 link = &f->next;   /* its SYN is re-steered, not reset */
                 continue;
             }

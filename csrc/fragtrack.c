@@ -444,15 +444,16 @@ int nl_frag_follow(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len
 {
     struct nl_fragtrack *ft = lb->ft;
     uint32_t now = (uint32_t)now_ms;
-    uint32_t ihl = (uint32_t)(pkt[0] & 0x0f) * 4;
-    uint32_t tot = ld16(pkt + 2);
-    uint16_t frag = ld16(pkt + 6);
+    uint32_t ihl = nl_ip_hlen(pkt);
+    uint32_t tot = ld16(pkt + NL_OFF_IP_TOT_LEN);
+    uint16_t frag = ld16(pkt + NL_OFF_IP_FRAG);
     uint32_t payload = tot - ihl;               /* nl_parse checked tot >= ihl */
     uint32_t end = (uint32_t)(frag & 0x1fff) * 8 + payload;
     int last = !(frag & 0x2000);
-    struct nl_frag_key k = { .id = ld16(pkt + 4), .family = 4, .proto = pkt[9] };
-    memcpy(&k.saddr[0], pkt + 12, 4);
-    memcpy(&k.daddr[0], pkt + 16, 4);
+    struct nl_frag_key k = { .id = ld16(pkt + NL_OFF_IP_ID), .family = 4,
+                             .proto = pkt[NL_OFF_IP_PROTO] };
+    memcpy(&k.saddr[0], pkt + NL_OFF_IP_SADDR, 4);
+    memcpy(&k.daddr[0], pkt + NL_OFF_IP_DADDR, 4);
     if (!ft->max) {
         __atomic_fetch_add(&ft->counters[NL_FR_UNTRACKED], 1, __ATOMIC_RELAXED);
         return NL_VERDICT_DROP;

@@ -24,6 +24,61 @@ static inline uint32_t nl_mix32(uint32_t h)
     return h;
 }
 
+/* ---- header fields (RFC 791, 793, 768, 792) ----------------------------- */
+/* Named once here; every C file reads and writes headers through these. */
+#define NL_IPPROTO_ICMP 1
+#define NL_IPPROTO_TCP 6
+#define NL_IPPROTO_UDP 17
+/* Byte offsets of the fields natlb touches, from the start of each header. */
+#define NL_OFF_IP_TOT_LEN 2
+#define NL_OFF_IP_ID 4           /* identification: one datagram's fragments */
+#define NL_OFF_IP_FRAG 6         /* flags (DF, MF) and fragment offset     */
+#define NL_OFF_IP_TTL 8
+#define NL_OFF_IP_PROTO 9
+#define NL_OFF_IP_CSUM 10
+#define NL_OFF_IP_SADDR 12
+#define NL_OFF_IP_DADDR 16
+#define NL_OFF_L4_SPORT 0        /* TCP and UDP alike                       */
+#define NL_OFF_L4_DPORT 2
+#define NL_OFF_TCP_SEQ 4
+#define NL_OFF_TCP_ACK 8
+#define NL_OFF_TCP_DOFF 12       /* data offset, in the high nibble         */
+#define NL_OFF_TCP_FLAGS 13
+#define NL_OFF_TCP_WIN 14
+#define NL_OFF_TCP_CSUM 16
+#define NL_OFF_UDP_LEN 4
+#define NL_OFF_UDP_CSUM 6
+#define NL_OFF_ICMP_TYPE 0
+#define NL_OFF_ICMP_CODE 1
+#define NL_OFF_ICMP_CSUM 2
+#define NL_OFF_ICMP_MTU 6        /* next-hop MTU of "fragmentation needed"  */
+#define NL_OFF_ICMP_QUOTE 8      /* the quoted IP header                    */
+#define NL_ICMP_DEST_UNREACH 3
+#define NL_ICMP_FRAG_NEEDED 4    /* code of DEST_UNREACH                    */
+#define NL_IP_DF 0x40            /* in the first byte at NL_OFF_IP_FRAG     */
+
+/* Big-endian (network order) fields as host-order numbers. */
+static inline uint32_t nl_be16(const uint8_t *p)
+{
+    return ((uint32_t)p[0] << 8) | p[1];
+}
+
+static inline uint32_t nl_be32(const uint8_t *p)
+{
+    return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+}
+
+/* The IP version and header length, from the header's first byte. */
+static inline uint32_t nl_ip_version(const uint8_t *ip)
+{
+    return ip[0] >> 4;
+}
+
+static inline uint32_t nl_ip_hlen(const uint8_t *ip)
+{
+    return (uint32_t)(ip[0] & 0x0f) * 4;
+}
+
 /* ---- packet view (packet.c) -------------------------------------------- */
 /* A parsed IPv4 TCP/UDP packet.  Pointers point into the caller's buffer;
  * every offset was bounds-checked by nl_parse. */
@@ -157,7 +212,7 @@ _Static_assert(sizeof(struct nl_flow) <= 48, "conntrack entry must stay small");
  * (what Linux conntrack calls "not assured"). */
 static inline int nl_flow_embryonic(const struct nl_flow *f)
 {
-    if (f->proto == 6)
+    if (f->proto == NL_IPPROTO_TCP)
         return f->state <= NL_FS_SYN_RECV;
     return !(f->flags & NL_FL_REPLIED);
 }

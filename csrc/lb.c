@@ -81,7 +81,8 @@ static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
     struct nl_ct_key k = { p->saddr, p->sport, p->proto, 0, p->daddr, p->dport };
     uint32_t b = nl_ct_bucket(ct, &k);
     pthread_spinlock_t *lock = nl_ct_stripe(ct, b);
-    int is_syn = p->proto == 6 && (p->tcp_flags & (NL_TCP_SYN | NL_TCP_ACK)) == NL_TCP_SYN;
+    int is_syn = p->proto == NL_IPPROTO_TCP &&
+                 (p->tcp_flags & (NL_TCP_SYN | NL_TCP_ACK)) == NL_TCP_SYN;
     int cluster = nl_svc_cluster(svc);
 
     pthread_spin_lock(lock);
@@ -99,7 +100,7 @@ static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
     }
     if (!f) {
         int reason = -1, idx = -1;
-        if (p->proto == 6 && !is_syn && !cluster)
+        if (p->proto == NL_IPPROTO_TCP && !is_syn && !cluster)
             reason = NL_R_NO_FLOW;
         else if ((idx = nl_schedule(lb, svc, p)) < 0)
             reason = NL_R_NO_BACKEND;
@@ -121,7 +122,7 @@ static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
         f->proto = p->proto;
         f->service_id = (uint16_t)svc->spec.id;
         f->backend_id = (uint16_t)be->id;
-        f->state = p->proto == 6 ? NL_FS_FREE : NL_FS_UDP;
+        f->state = p->proto == NL_IPPROTO_TCP ? NL_FS_FREE : NL_FS_UDP;
         f->tries = 1;
         f->held = NL_HELD_NONE;
         if (cluster)
@@ -132,7 +133,7 @@ static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
         wc->services[svc->spec.id].new_flows++;
         wc->backends[be->id].new_flows++;
     } else if (!snap->alive[f->backend_id] &&
-               (p->proto == 17 || (is_syn && f->state == NL_FS_SYN_SENT))) {
+               (p->proto == NL_IPPROTO_UDP || (is_syn && f->state == NL_FS_SYN_SENT))) {
         /* Its backend is dead and nothing is lost by moving: a UDP flow,
          * or a TCP flow the backend never answered (this is the client's
          * SYN again). */
@@ -141,7 +142,7 @@ static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
             note_syn(lb, f, p, csum, now, !cluster);
         }
     }
-    if (p->proto == 6) {
+    if (p->proto == NL_IPPROTO_TCP) {
         if (cluster)
             nl_cluster_track(f, 0, p->tcp_flags);
         track_tcp(lb, f, 0, p->tcp_flags, now);
@@ -226,13 +227,13 @@ static int reply(struct nl_lb *lb, struct nl_worker_counters *wc,
         wc->reasons[full ? NL_R_TABLE_FULL : NL_R_NOT_OURS]++;
         return full ? NL_VERDICT_DROP : NL_VERDICT_ACCEPT;
     }
-    if ((f->flags & NL_FL_PROBE_SERVER) && p->proto == 6 &&
+    if ((f->flags & NL_FL_PROBE_SERVER) && p->proto == NL_IPPROTO_TCP &&
         !(p->tcp_flags & (NL_TCP_SYN | NL_TCP_RST))) {
         nl_reset_probed(lb, f, p, 1);
         pthread_spin_unlock(lock);
         return NL_VERDICT_DROP;
     }
-    if (p->proto == 6 && (p->tcp_flags & NL_TCP_RST) && f->state == NL_FS_SYN_SENT) {
+    if (p->proto == NL_IPPROTO_TCP && (p->tcp_flags & NL_TCP_RST) && f->state == NL_FS_SYN_SENT) {
         /* RFC 793, SYN-SENT: an RST is acceptable only with an ACK of the
          * SYN (a SYN with data may be acked whole).  The client would drop
          * any other; so does natlb, and believes nothing of it. */
@@ -254,7 +255,7 @@ static int reply(struct nl_lb *lb, struct nl_worker_counters *wc,
         }
     }
     f->flags |= NL_FL_REPLIED;
-    if (p->proto == 6) {
+    if (p->proto == NL_IPPROTO_TCP) {
         if (snap && nl_svc_cluster(snap->by_id[f->service_id]))
             nl_cluster_track(f, 1, p->tcp_flags);
         track_tcp(lb, f, 1, p->tcp_flags, now);
@@ -313,7 +314,7 @@ static int pmtu(struct nl_lb *lb, struct nl_worker_counters *wc, const struct nl
 /* Whether an ICMP error quotes a packet natlb forwarded on flow f. */
 static int quote_matches(const struct nl_flow *f, const struct nl_icmp *icmp)
 {
-    if (f->proto != 6)
+    if (f->proto != NL_IPPROTO_TCP)
         return 1;                   /* UDP: the tuple is all there is */
     uint32_t seq = icmp->quoted_seq;
     if (f->state == NL_FS_SYN_SENT)
@@ -356,7 +357,7 @@ static int icmp_unreach(struct nl_lb *lb, struct nl_worker_counters *wc, const u
         return NL_VERDICT_DROP;
     }
     nl_emit(lb, NL_EV_ICMP, f->service_id, f->backend_id, f->client_addr, now);
-    if (f->proto == 6 && f->state == NL_FS_SYN_SENT)
+    if (f->proto == NL_IPPROTO_TCP && f->state == NL_FS_SYN_SENT)
         nl_resteer_held(lb, f, now);
     pthread_spin_unlock(lock);
     return NL_VERDICT_DROP;
@@ -381,7 +382,7 @@ static void first_fragment(struct nl_lb *lb, const struct nl_pkt *p, uint32_t sa
 {
     struct nl_frag_key k = { .saddr = { saddr }, .daddr = { daddr }, .family = 4,
                              .proto = p->proto,
-                             .id = ((uint32_t)p->ip[4] << 8) | p->ip[5] };
+                             .id = nl_be16(p->ip + NL_OFF_IP_ID) };
     struct nl_frag_verdict fv = { .verdict = v == NL_VERDICT_MARK ? NL_VERDICT_REWRITE : v };
     if (fv.verdict == NL_VERDICT_REWRITE) {
         fv.addr[0] = p->nat_addr;
@@ -399,9 +400,10 @@ static int process(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len
     struct nl_worker_counters *wc = nl_counters_of(lb, worker);
     struct nl_pkt p;
     int r = nl_parse(pkt, len, &p, (pkt_flags & NL_PKT_HEAD_ONLY) != 0);
-    if (r == NL_R_UNSUPPORTED && len >= 20 && pkt[9] == 1)
+    if (r == NL_R_UNSUPPORTED && len >= 20 && pkt[NL_OFF_IP_PROTO] == NL_IPPROTO_ICMP)
         return icmp_unreach(lb, wc, pkt, len, pkt_flags, (uint32_t)now_ms);
-    if (NL_UNLIKELY(r == NL_R_FRAGMENT) && (pkt[9] == 6 || pkt[9] == 17))
+    if (NL_UNLIKELY(r == NL_R_FRAGMENT) &&
+        (pkt[NL_OFF_IP_PROTO] == NL_IPPROTO_TCP || pkt[NL_OFF_IP_PROTO] == NL_IPPROTO_UDP))
         return later_fragment(lb, worker, pkt, len, now_ms, packet_id, mark);
     if (r >= 0) {
         wc->reasons[r]++;

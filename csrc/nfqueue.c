@@ -163,7 +163,7 @@ uint32_t nl_io_flush(struct nl_lb *lb)
     uint32_t len, sent = 0;
     while ((len = nl_outbox_take(lb, buf, sizeof(buf))) != 0) {
         struct sockaddr_in to = { .sin_family = AF_INET };
-        memcpy(&to.sin_addr, buf + 16, 4);
+        memcpy(&to.sin_addr, buf + NL_OFF_IP_DADDR, 4);
         if (sendto(fd, buf, len, 0, (struct sockaddr *)&to, sizeof(to)) < 0)
             nl_count_failover(lb, NL_F_SEND_ERRORS, 1);
         else

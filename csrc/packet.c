@@ -31,42 +31,40 @@ static inline void st32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
 
 int nl_parse(uint8_t *buf, uint32_t len, struct nl_pkt *p, int head_only)
 {
-    if (len < 20 || (buf[0] >> 4) != 4)
-        return (len >= 1 && (buf[0] >> 4) == 6) ? NL_R_UNSUPPORTED : NL_R_MALFORMED;
-    uint32_t ihl = (uint32_t)(buf[0] & 0x0f) * 4;
-    uint32_t tot = ((uint32_t)buf[2] << 8) | buf[3];
+    if (len < 20 || nl_ip_version(buf) != 4)
+        return (len >= 1 && nl_ip_version(buf) == 6) ? NL_R_UNSUPPORTED : NL_R_MALFORMED;
+    uint32_t ihl = nl_ip_hlen(buf);
+    uint32_t tot = nl_be16(buf + NL_OFF_IP_TOT_LEN);
     if (ihl < 20 || tot < ihl || (tot > len && !head_only) || ihl > len)
         return NL_R_MALFORMED;
-    uint16_t frag = (uint16_t)(((uint32_t)buf[6] << 8) | buf[7]);
+    uint16_t frag = (uint16_t)nl_be16(buf + NL_OFF_IP_FRAG);
     if (frag & 0x1fff)                  /* a later fragment: no L4 header; */
         return NL_R_FRAGMENT;           /* it follows its first (fragtrack.c) */
     p->frag = (frag & 0x2000) != 0;     /* MF: the first of several */
     p->ip = buf;
-    p->proto = buf[9];
-    p->saddr = ld32(buf + 12);
-    p->daddr = ld32(buf + 16);
+    p->proto = buf[NL_OFF_IP_PROTO];
+    p->saddr = ld32(buf + NL_OFF_IP_SADDR);
+    p->daddr = ld32(buf + NL_OFF_IP_DADDR);
     p->l4 = buf + ihl;
     p->l4len = tot - ihl;
     p->caplen = tot < len ? tot : len;
     uint32_t l4cap = p->caplen - ihl;    /* what we may read of the L4 part */
     p->tcp_flags = 0;
-    if (p->proto == 6) {
+    if (p->proto == NL_IPPROTO_TCP) {
         if (p->l4len < 20 || l4cap < 20)
             return NL_R_MALFORMED;
-        uint32_t doff = (uint32_t)(p->l4[12] >> 4) * 4;
+        uint32_t doff = (uint32_t)(p->l4[NL_OFF_TCP_DOFF] >> 4) * 4;
         if (doff < 20 || doff > p->l4len || doff > l4cap)
             return NL_R_MALFORMED;
-        p->tcp_flags = p->l4[13];
-        p->seq = ((uint32_t)p->l4[4] << 24) | ((uint32_t)p->l4[5] << 16) |
-                 ((uint32_t)p->l4[6] << 8) | p->l4[7];
-        p->ack = ((uint32_t)p->l4[8] << 24) | ((uint32_t)p->l4[9] << 16) |
-                 ((uint32_t)p->l4[10] << 8) | p->l4[11];
+        p->tcp_flags = p->l4[NL_OFF_TCP_FLAGS];
+        p->seq = nl_be32(p->l4 + NL_OFF_TCP_SEQ);
+        p->ack = nl_be32(p->l4 + NL_OFF_TCP_ACK);
         p->seq_len = p->l4len - doff + !!(p->tcp_flags & NL_TCP_SYN) +
                      !!(p->tcp_flags & NL_TCP_FIN);
-    } else if (p->proto == 17) {
+    } else if (p->proto == NL_IPPROTO_UDP) {
         if (p->l4len < 8 || l4cap < 8)
             return NL_R_MALFORMED;
-        uint32_t ulen = ((uint32_t)p->l4[4] << 8) | p->l4[5];
+        uint32_t ulen = nl_be16(p->l4 + NL_OFF_UDP_LEN);
         /* GSO UDP super-packets may carry a per-segment length, and a
          * first fragment the whole datagram's; anything shorter than a
          * header is simply wrong. */
@@ -75,8 +73,8 @@ int nl_parse(uint8_t *buf, uint32_t len, struct nl_pkt *p, int head_only)
     } else {
         return NL_R_UNSUPPORTED;
     }
-    p->sport = ld16(p->l4);
-    p->dport = ld16(p->l4 + 2);
+    p->sport = ld16(p->l4 + NL_OFF_L4_SPORT);
+    p->dport = ld16(p->l4 + NL_OFF_L4_DPORT);
     return -1;
 }
 
@@ -142,8 +140,8 @@ static uint32_t csum_partial(const uint8_t *data, uint32_t len, uint32_t sum)
 static uint32_t pseudo_sum(const struct nl_pkt *p)
 {
     uint32_t sum = 0;
-    sum = csum_add(sum, ld32(p->ip + 12));
-    sum = csum_add(sum, ld32(p->ip + 16));
+    sum = csum_add(sum, ld32(p->ip + NL_OFF_IP_SADDR));
+    sum = csum_add(sum, ld32(p->ip + NL_OFF_IP_DADDR));
     uint8_t tail[4] = { 0, p->proto, (uint8_t)(p->l4len >> 8), (uint8_t)p->l4len };
     return csum_add(sum, ld32(tail));
 }
@@ -151,14 +149,14 @@ static uint32_t pseudo_sum(const struct nl_pkt *p)
 /* Ones' complement sum of (pseudo-header, L4 segment of `len` bytes). */
 static uint32_t l4_sum(const struct nl_pkt *p, uint32_t len)
 {
-    uint32_t sum = csum_add(ld32(p->ip + 12), ld32(p->ip + 16));
+    uint32_t sum = csum_add(ld32(p->ip + NL_OFF_IP_SADDR), ld32(p->ip + NL_OFF_IP_DADDR));
     uint8_t tail[4] = { 0, p->proto, (uint8_t)(len >> 8), (uint8_t)len };
     return csum_partial(p->l4, len, csum_add(sum, ld32(tail)));
 }
 
 static int ip_header_ok(const uint8_t *ip)
 {
-    return csum_fold(csum_partial(ip, (uint32_t)(ip[0] & 0x0f) * 4, 0)) == 0xffff;
+    return csum_fold(csum_partial(ip, nl_ip_hlen(ip), 0)) == 0xffff;
 }
 
 int nl_check_csum(const struct nl_pkt *p, uint32_t pkt_flags)
@@ -170,13 +168,13 @@ int nl_check_csum(const struct nl_pkt *p, uint32_t pkt_flags)
     if (!ip_header_ok(p->ip))
         return NL_CSUM_BAD;
     /* A fragment's L4 checksum covers the whole datagram. */
-    if (nl_pkt_len(p) > p->caplen || (ld16(p->ip + 6) & htons(0x3fff)))
+    if (nl_pkt_len(p) > p->caplen || (ld16(p->ip + NL_OFF_IP_FRAG) & htons(0x3fff)))
         return NL_CSUM_UNKNOWN;
     uint32_t len = p->l4len;
-    if (p->proto == 17) {
-        if (ld16(p->l4 + 6) == 0)
+    if (p->proto == NL_IPPROTO_UDP) {
+        if (ld16(p->l4 + NL_OFF_UDP_CSUM) == 0)
             return NL_CSUM_OK;          /* IPv4 UDP may carry no checksum */
-        len = ((uint32_t)p->l4[4] << 8) | p->l4[5];
+        len = nl_be16(p->l4 + NL_OFF_UDP_LEN);
     }
     return csum_fold(l4_sum(p, len)) == 0xffff ? NL_CSUM_OK : NL_CSUM_BAD;
 }
@@ -185,10 +183,10 @@ int nl_check_icmp_csum(const uint8_t *buf, uint32_t len, uint32_t pkt_flags)
 {
     if (pkt_flags & (NL_PKT_CSUM_VERIFIED | NL_PKT_CSUM_PARTIAL))
         return NL_CSUM_OK;
-    if (len < 20 || (uint32_t)(buf[0] & 0x0f) * 4 > len || !ip_header_ok(buf))
+    if (len < 20 || nl_ip_hlen(buf) > len || !ip_header_ok(buf))
         return NL_CSUM_BAD;
-    uint32_t ihl = (uint32_t)(buf[0] & 0x0f) * 4;
-    uint32_t tot = ((uint32_t)buf[2] << 8) | buf[3];
+    uint32_t ihl = nl_ip_hlen(buf);
+    uint32_t tot = nl_be16(buf + NL_OFF_IP_TOT_LEN);
     if (tot < ihl)
         return NL_CSUM_BAD;
     if (tot > len)
@@ -199,41 +197,41 @@ int nl_check_icmp_csum(const uint8_t *buf, uint32_t len, uint32_t pkt_flags)
 
 void nl_rewrite_addr(uint8_t *ip, int dst, uint32_t addr)
 {
-    uint8_t *field = ip + (dst ? 16 : 12);
+    uint8_t *field = ip + (dst ? NL_OFF_IP_DADDR : NL_OFF_IP_SADDR);
     uint32_t old = ld32(field);
     st32(field, addr);
-    st16(ip + 10, csum_replace4(ld16(ip + 10), old, addr));
+    st16(ip + NL_OFF_IP_CSUM, csum_replace4(ld16(ip + NL_OFF_IP_CSUM), old, addr));
 }
 
 void nl_rewrite(struct nl_pkt *p, int dst, uint32_t addr, uint16_t port,
                 uint32_t pkt_flags)
 {
-    uint8_t *ip_field = p->ip + (dst ? 16 : 12);
-    uint8_t *port_field = p->l4 + (dst ? 2 : 0);
+    uint8_t *ip_field = p->ip + (dst ? NL_OFF_IP_DADDR : NL_OFF_IP_SADDR);
+    uint8_t *port_field = p->l4 + (dst ? NL_OFF_L4_DPORT : NL_OFF_L4_SPORT);
     uint32_t old_addr = ld32(ip_field);
     uint16_t old_port = ld16(port_field);
-    uint8_t *csum_field = p->l4 + (p->proto == 6 ? 16 : 6);
+    uint8_t *csum_field = p->l4 + (p->proto == NL_IPPROTO_TCP ? NL_OFF_TCP_CSUM : NL_OFF_UDP_CSUM);
     uint16_t check = ld16(csum_field);
 
     st32(ip_field, addr);
     st16(port_field, port);
-    st16(p->ip + 10, csum_replace4(ld16(p->ip + 10), old_addr, addr));
+    st16(p->ip + NL_OFF_IP_CSUM, csum_replace4(ld16(p->ip + NL_OFF_IP_CSUM), old_addr, addr));
     if (dst) { p->daddr = addr; p->dport = port; }
     else { p->saddr = addr; p->sport = port; }
 
     if (!(pkt_flags & NL_PKT_CSUM_PARTIAL)) {
-        if (p->proto == 17 && check == 0)
+        if (p->proto == NL_IPPROTO_UDP && check == 0)
             return;                     /* UDP without checksum stays so */
         check = csum_replace4(check, old_addr, addr);
         check = csum_replace2(check, old_port, port);
-        if (p->proto == 17 && check == 0)
+        if (p->proto == NL_IPPROTO_UDP && check == 0)
             check = 0xffff;
     } else if (pkt_flags & NL_PKT_GSO) {
         check = csum_fold(pseudo_sum(p));
     } else {
         st16(csum_field, 0);
         check = (uint16_t)~csum_fold(csum_partial(p->l4, p->l4len, pseudo_sum(p)));
-        if (p->proto == 17 && check == 0)
+        if (p->proto == NL_IPPROTO_UDP && check == 0)
             check = 0xffff;
     }
     st16(csum_field, check);
@@ -244,27 +242,24 @@ void nl_build_tcp(uint8_t *buf, uint32_t saddr, uint32_t daddr, uint16_t sport, 
 {
     memset(buf, 0, 40);
     buf[0] = 0x45;
-    buf[3] = 40;
-    buf[6] = 0x40;                      /* DF */
-    buf[8] = 64;                        /* TTL */
-    buf[9] = 6;
-    st32(buf + 12, saddr);
-    st32(buf + 16, daddr);
-    st16(buf + 10, (uint16_t)~csum_fold(csum_partial(buf, 20, 0)));
+    st16(buf + NL_OFF_IP_TOT_LEN, htons(40));
+    buf[NL_OFF_IP_FRAG] = NL_IP_DF;
+    buf[NL_OFF_IP_TTL] = 64;
+    buf[NL_OFF_IP_PROTO] = NL_IPPROTO_TCP;
+    st32(buf + NL_OFF_IP_SADDR, saddr);
+    st32(buf + NL_OFF_IP_DADDR, daddr);
+    st16(buf + NL_OFF_IP_CSUM, (uint16_t)~csum_fold(csum_partial(buf, 20, 0)));
     uint8_t *tcp = buf + 20;
-    st16(tcp, sport);
-    st16(tcp + 2, dport);
-    for (int i = 0; i < 4; i++) {
-        tcp[4 + i] = (uint8_t)(seq >> (24 - 8 * i));
-        tcp[8 + i] = (uint8_t)(ack >> (24 - 8 * i));
-    }
-    tcp[12] = 5 << 4;
-    tcp[13] = flags;
-    if (flags & NL_TCP_ACK) {
-        tcp[14] = 0x10;                 /* a small window: this segment is a probe */
-    }
-    struct nl_pkt p = { .ip = buf, .l4 = tcp, .l4len = 20, .proto = 6 };
-    st16(tcp + 16, (uint16_t)~csum_fold(csum_partial(tcp, 20, pseudo_sum(&p))));
+    st16(tcp + NL_OFF_L4_SPORT, sport);
+    st16(tcp + NL_OFF_L4_DPORT, dport);
+    st32(tcp + NL_OFF_TCP_SEQ, htonl(seq));
+    st32(tcp + NL_OFF_TCP_ACK, htonl(ack));
+    tcp[NL_OFF_TCP_DOFF] = 5 << 4;
+    tcp[NL_OFF_TCP_FLAGS] = flags;
+    if (flags & NL_TCP_ACK)
+        tcp[NL_OFF_TCP_WIN] = 0x10;     /* a small window: this segment is a probe */
+    struct nl_pkt p = { .ip = buf, .l4 = tcp, .l4len = 20, .proto = NL_IPPROTO_TCP };
+    st16(tcp + NL_OFF_TCP_CSUM, (uint16_t)~csum_fold(csum_partial(tcp, 20, pseudo_sum(&p))));
 }
 
 void nl_build_rst(uint8_t *buf, uint32_t saddr, uint32_t daddr, uint16_t sport, uint16_t dport,
@@ -277,41 +272,39 @@ int nl_parse_icmp_unreach(const uint8_t *buf, uint32_t len, struct nl_icmp *out,
                           int head_only)
 {
     struct nl_pkt *inner = &out->inner;
-    if (len < 20 || (buf[0] >> 4) != 4 || buf[9] != 1)
+    if (len < 20 || nl_ip_version(buf) != 4 || buf[NL_OFF_IP_PROTO] != NL_IPPROTO_ICMP)
         return NL_R_UNSUPPORTED;
-    uint32_t ihl = (uint32_t)(buf[0] & 0x0f) * 4;
-    uint32_t tot = ((uint32_t)buf[2] << 8) | buf[3];
+    uint32_t ihl = nl_ip_hlen(buf);
+    uint32_t tot = nl_be16(buf + NL_OFF_IP_TOT_LEN);
     if (ihl < 20 || tot < ihl || (tot > len && !head_only) || ihl > len)
         return NL_R_MALFORMED;
     const uint8_t *icmp = buf + ihl;
     uint32_t left = (tot < len ? tot : len) - ihl;   /* what we have of it */
     if (left < 8)
         return NL_R_MALFORMED;
-    if (icmp[0] != 3)
+    if (icmp[NL_OFF_ICMP_TYPE] != NL_ICMP_DEST_UNREACH)
         return NL_R_UNSUPPORTED;
-    const uint8_t *in = icmp + 8;
-    left -= 8;
-    if (left < 20 || (in[0] >> 4) != 4)
+    const uint8_t *in = icmp + NL_OFF_ICMP_QUOTE;
+    left -= NL_OFF_ICMP_QUOTE;
+    if (left < 20 || nl_ip_version(in) != 4)
         return NL_R_MALFORMED;
-    uint32_t in_ihl = (uint32_t)(in[0] & 0x0f) * 4;
+    uint32_t in_ihl = nl_ip_hlen(in);
     if (in_ihl < 20 || left < in_ihl + 8)    /* RFC 792: header + 8 bytes */
         return NL_R_MALFORMED;
-    if (in[9] != 6 && in[9] != 17)
+    if (in[NL_OFF_IP_PROTO] != NL_IPPROTO_TCP && in[NL_OFF_IP_PROTO] != NL_IPPROTO_UDP)
         return NL_R_UNSUPPORTED;
     memset(out, 0, sizeof(*out));
-    out->frag_needed = icmp[1] == 4;
-    out->mtu = ld16(icmp + 6);
-    out->outer_saddr = ld32(buf + 12);
+    out->frag_needed = icmp[NL_OFF_ICMP_CODE] == NL_ICMP_FRAG_NEEDED;
+    out->mtu = ld16(icmp + NL_OFF_ICMP_MTU);
+    out->outer_saddr = ld32(buf + NL_OFF_IP_SADDR);
     out->quoted = in;
     out->quoted_len = in_ihl + 8;
-    inner->proto = in[9];
-    inner->saddr = ld32(in + 12);
-    inner->daddr = ld32(in + 16);
-    inner->sport = ld16(in + in_ihl);
-    inner->dport = ld16(in + in_ihl + 2);
-    const uint8_t *q = in + in_ihl + 4;
-    out->quoted_seq = ((uint32_t)q[0] << 24) | ((uint32_t)q[1] << 16) |
-                      ((uint32_t)q[2] << 8) | q[3];
+    inner->proto = in[NL_OFF_IP_PROTO];
+    inner->saddr = ld32(in + NL_OFF_IP_SADDR);
+    inner->daddr = ld32(in + NL_OFF_IP_DADDR);
+    inner->sport = ld16(in + in_ihl + NL_OFF_L4_SPORT);
+    inner->dport = ld16(in + in_ihl + NL_OFF_L4_DPORT);
+    out->quoted_seq = nl_be32(in + in_ihl + NL_OFF_TCP_SEQ);
     return -1;
 }
 
@@ -322,25 +315,25 @@ uint32_t nl_build_frag_needed(uint8_t *buf, uint32_t src, uint32_t dst, uint16_t
     uint32_t len = 20 + 8 + quoted_len;
     memset(buf, 0, 28);
     buf[0] = 0x45;
-    buf[2] = (uint8_t)(len >> 8);
-    buf[3] = (uint8_t)len;
-    buf[8] = 64;
-    buf[9] = 1;
-    st32(buf + 12, src);
-    st32(buf + 16, dst);
-    st16(buf + 10, (uint16_t)~csum_fold(csum_partial(buf, 20, 0)));
+    st16(buf + NL_OFF_IP_TOT_LEN, htons((uint16_t)len));
+    buf[NL_OFF_IP_TTL] = 64;
+    buf[NL_OFF_IP_PROTO] = NL_IPPROTO_ICMP;
+    st32(buf + NL_OFF_IP_SADDR, src);
+    st32(buf + NL_OFF_IP_DADDR, dst);
+    st16(buf + NL_OFF_IP_CSUM, (uint16_t)~csum_fold(csum_partial(buf, 20, 0)));
     uint8_t *icmp = buf + 20;
-    icmp[0] = 3;
-    icmp[1] = 4;
-    st16(icmp + 6, mtu);
-    uint8_t *in = icmp + 8;
+    icmp[NL_OFF_ICMP_TYPE] = NL_ICMP_DEST_UNREACH;
+    icmp[NL_OFF_ICMP_CODE] = NL_ICMP_FRAG_NEEDED;
+    st16(icmp + NL_OFF_ICMP_MTU, mtu);
+    uint8_t *in = icmp + NL_OFF_ICMP_QUOTE;
     memcpy(in, quoted, quoted_len);
-    uint32_t in_ihl = (uint32_t)(in[0] & 0x0f) * 4;
-    st32(in + 12, saddr);
-    st16(in + in_ihl, sport);
-    st16(in + 10, 0);
-    st16(in + 10, (uint16_t)~csum_fold(csum_partial(in, in_ihl, 0)));
+    uint32_t in_ihl = nl_ip_hlen(in);
+    st32(in + NL_OFF_IP_SADDR, saddr);
+    st16(in + in_ihl + NL_OFF_L4_SPORT, sport);
+    st16(in + NL_OFF_IP_CSUM, 0);
+    st16(in + NL_OFF_IP_CSUM, (uint16_t)~csum_fold(csum_partial(in, in_ihl, 0)));
     /* Only 8 bytes of the quoted L4 header: its checksum is not among them. */
-    st16(icmp + 2, (uint16_t)~csum_fold(csum_partial(icmp, 8 + quoted_len, 0)));
+    st16(icmp + NL_OFF_ICMP_CSUM,
+         (uint16_t)~csum_fold(csum_partial(icmp, NL_OFF_ICMP_QUOTE + quoted_len, 0)));
     return len;
 }

@@ -81,7 +81,8 @@ int nl_snapshot_set_service(struct nl_snapshot *s, uint32_t index,
                             const uint16_t *table, uint32_t table_len)
 {
     if (!s || index >= s->n_services || spec->id >= NL_MAX_SERVICES ||
-        spec->scheduler > NL_SCHED_MAGLEV || (spec->proto != 6 && spec->proto != 17) ||
+        spec->scheduler > NL_SCHED_MAGLEV ||
+        (spec->proto != NL_IPPROTO_TCP && spec->proto != NL_IPPROTO_UDP) ||
         (spec->flags & ~(uint32_t)NL_SVC_CLUSTER) ||
         ((spec->flags & NL_SVC_CLUSTER) && spec->scheduler != NL_SCHED_MAGLEV) ||
         n_backends > NL_MAX_BACKENDS || n_backends > 65535)
