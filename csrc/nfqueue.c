@@ -398,43 +398,56 @@ int nl_nfq_parse(const uint8_t *msg, uint32_t len, struct nl_nfq_packet *out)
     return 0;
 }
 
-/* Processes one NFQNL_MSG_PACKET and appends its verdict. */
+/* Decides one queued packet (pkt NULL: the message had no payload):
+ * NL_VERDICT_*, with *mark set in mark mode; NL_VERDICT_HOLD: no verdict
+ * now (answer_released gives it later). */
+static int decide(struct nl_worker *w, const struct nl_nfq_packet *q, uint8_t *pkt,
+                  uint64_t now, uint32_t *mark)
+{
+    struct nl_worker_counters *wc = &w->lb->counters[w->index];
+    if (!pkt) {
+        wc->reasons[NL_R_TRUNCATED]++;
+        return NL_VERDICT_DROP;
+    }
+    if (w->mark_mode)
+        return nl_packet(w->lb, w->index, pkt, q->payload_len, q->pkt_flags, now,
+                         ntohl(q->packet_id), mark);
+    if (q->pkt_flags & NL_PKT_HEAD_ONLY) {
+        /* We only have part of the packet; returning it would truncate it.
+         * (With GSO, the kernel copies at most 65,531 bytes: a GRO packet
+         * of 65,532-65,535 bytes lands here; TCP resends it in smaller
+         * pieces.  Mark mode never needs the whole packet.) */
+        wc->reasons[NL_R_TRUNCATED]++;
+        return NL_VERDICT_DROP;
+    }
+    return nl_packet(w->lb, w->index, pkt, q->payload_len, q->pkt_flags, now,
+                     ntohl(q->packet_id), NULL);
+}
+
+/* One NFQNL_MSG_PACKET: parse (nl_nfq_parse), decide, encode the verdict
+ * (add_verdict). */
 static void handle_packet(struct nl_worker *w, struct nlmsghdr *nlh, uint64_t now,
                           uint32_t n_fwd, size_t *nv, size_t *niov)
 {
     struct nl_nfq_packet q;
     if (nl_nfq_parse((const uint8_t *)nlh, nlh->nlmsg_len, &q) < 0)
         return;
-    struct nl_worker_counters *wc = &w->lb->counters[w->index];
     uint8_t *pkt = q.has_payload ? (uint8_t *)nlh + q.payload_off : NULL;
-    uint32_t len = q.payload_len;
-    int verdict = NL_VERDICT_DROP;
-    wc->io_packets++;
-    uint32_t mark = 0, forward_to = 0;
+    uint32_t mark = 0;
+    int verdict, forward_to = -1;
+    w->lb->counters[w->index].io_packets++;
     if (n_fwd) {
         /* Handover: the successor decides; the kernel moves the packet to
          * its queue, at the same hook position. */
         forward_to = w->lb->io->fwd_queue[w->index % n_fwd];
         verdict = NL_VERDICT_ACCEPT;
-    } else if (!pkt) {
-        wc->reasons[NL_R_TRUNCATED]++;
-    } else if (w->mark_mode) {
-        verdict = nl_packet(w->lb, w->index, pkt, len, q.pkt_flags, now, ntohl(q.packet_id),
-                            &mark);
-    } else if (q.pkt_flags & NL_PKT_HEAD_ONLY) {
-        /* We only have part of the packet; returning it would truncate it.
-         * (With GSO, the kernel copies at most 65,531 bytes: a GRO packet
-         * of 65,532-65,535 bytes lands here; TCP resends it in smaller
-         * pieces.  Mark mode never needs the whole packet.) */
-        wc->reasons[NL_R_TRUNCATED]++;
     } else {
-        verdict = nl_packet(w->lb, w->index, pkt, len, q.pkt_flags, now, ntohl(q.packet_id),
-                            NULL);
+        verdict = decide(w, &q, pkt, now, &mark);
     }
     if (verdict == NL_VERDICT_HOLD)
         return;         /* its verdict comes later (answer_released) */
-    add_verdict(w, q.packet_id, verdict, mark, pkt, verdict == NL_VERDICT_REWRITE ? len : 0,
-                nv, niov, n_fwd ? (int)forward_to : -1);
+    add_verdict(w, q.packet_id, verdict, mark, pkt,
+                verdict == NL_VERDICT_REWRITE ? q.payload_len : 0, nv, niov, forward_to);
 }
 
 static void send_verdicts(struct nl_worker *w, size_t nv, size_t niov)
