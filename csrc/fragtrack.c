@@ -44,6 +44,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include "internal.h"
+#include "natlb_test.h"
 
 #define HELD_PER_DATAGRAM 64     /* a 64 KiB datagram in 1,280-byte pieces  */
 #define HELD_BYTES_PER_SLOT 2048 /* copy mode byte budget per hold slot    */

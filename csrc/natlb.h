@@ -276,21 +276,6 @@ void nl_read_failover(struct nl_lb *lb, uint64_t *out);
                                     dropped (tracking off or first lost)   */
 #define NL_FR_MAX 9
 
-/* A held fragment whose verdict is now known. */
-struct nl_release {
-    uint32_t packet_id;             /* as given to nl_process_id/nl_decide_id */
-    uint32_t verdict;               /* NL_VERDICT_*: REWRITE means the
-                                       rewritten packet is in the buffer   */
-    uint32_t mark;                  /* NL_VERDICT_MARK                      */
-    uint32_t len;                   /* bytes in the buffer (REWRITE)       */
-};
-/* Takes one released fragment held by `worker`; with REWRITE its bytes go
- * to buf (cap bytes; a larger one becomes a DROP).  1 if one was taken. */
-int nl_frag_take(struct nl_lb *lb, uint32_t worker, struct nl_release *out, uint8_t *buf,
-                 uint32_t cap);
-/* Times out datagrams; their held fragments become DROP releases.  The
- * workers call it; exposed so tests can drive time. */
-void nl_frag_tick(struct nl_lb *lb, uint64_t now_ms);
 /* out[NL_FR_MAX] */
 void nl_read_fragments(struct nl_lb *lb, uint64_t *out);
 /* Datagrams tracked now, and held fragments not yet answered (held for
