@@ -205,7 +205,7 @@ struct nl_flow {
 #define NL_FL_PROBE_CLIENT 16   /* reset with the fast path on: the client's */
 #define NL_FL_PROBE_SERVER 32   /* / backend's answer to a probe gives the
                                    exact sequence number for its RST         */
-_Static_assert(sizeof(struct nl_flow) <= 48, "conntrack entry must stay small");
+_Static_assert(sizeof(struct nl_flow) == 48, "conntrack entry: 48 bytes, as documented");
 
 /* Embryonic: a TCP flow whose handshake the client has not completed, or a
  * UDP flow nobody answered.  Only these are evicted when the table is full
@@ -504,7 +504,8 @@ void nl_snapshots_fini(struct nl_lb *lb);
 void nl_worker_enter(struct nl_lb *lb, uint32_t worker);
 void nl_worker_quiescent(struct nl_lb *lb, uint32_t worker);
 /* Callers outside the workers bracket each call with these: they take the
- * extra epoch slot (one caller at a time) and wake the control plane. */
+ * extra epoch slot (one caller at a time).  balancer.c then signals the
+ * events the call queued (nl_event_signal). */
 void nl_ext_enter(struct nl_lb *lb);
 void nl_ext_exit(struct nl_lb *lb);
 /* The per-packet path for worker threads, inside their epoch (no locking
