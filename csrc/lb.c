@@ -183,17 +183,19 @@ static inline int seq_before(uint32_t a, uint32_t b)
  * Believed only if it acknowledges the flow's SYN and its checksum is right. */
 static int late_synack(struct nl_lb *lb, const struct nl_pkt *p, int csum, uint32_t now)
 {
-    if (p->proto != 6 || (p->tcp_flags & (NL_TCP_SYN | NL_TCP_ACK | NL_TCP_RST)) !=
-                             (NL_TCP_SYN | NL_TCP_ACK) || csum != NL_CSUM_OK)
+    if (p->proto != NL_IPPROTO_TCP ||
+        (p->tcp_flags & (NL_TCP_SYN | NL_TCP_ACK | NL_TCP_RST)) != (NL_TCP_SYN | NL_TCP_ACK) ||
+        csum != NL_CSUM_OK)
         return 0;
-    struct nl_ct_key k = { p->daddr, p->dport, 6, 1, 0, 0 };
+    struct nl_ct_key k = { p->daddr, p->dport, NL_IPPROTO_TCP, 1, 0, 0 };
     uint32_t b = nl_ct_bucket(&lb->ct, &k);
     pthread_spinlock_t *lock = nl_ct_stripe(&lb->ct, b);
     int late = 0;
     pthread_spin_lock(lock);
     for (uint32_t i = lb->ct.buckets[b]; i != NL_NIL; i = lb->ct.flows[i].next) {
         const struct nl_flow *f = &lb->ct.flows[i];
-        if (f->client_addr == p->daddr && f->client_port == p->dport && f->proto == 6 &&
+        if (f->client_addr == p->daddr && f->client_port == p->dport &&
+            f->proto == NL_IPPROTO_TCP &&
             f->tries > 1 && (f->flags & NL_FL_SYN_CHECKED) && p->ack == f->syn_seq + 1 &&
             !nl_time_before(f->expires_ms, now)) {
             late = 1;
