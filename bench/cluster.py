@@ -30,6 +30,7 @@ import subprocess
 import time
 from pathlib import Path
 
+from bench.report import publish
 from natlb_testbed.cluster import VIP, ClusterNet, backend_addr
 
 BALANCERS = ("natlb", "nft-stateless", "vrrp", "natlb-single")
@@ -284,12 +285,7 @@ def main() -> int:
             f"lost; 'withdrawn' is then the backup's takeover. natlb-single: natlb with "
             f"cluster = false on the same 3 nodes. Keep-alive waits count requests that "
             f"completed.")
-    (out / "cluster.md").write_text(md + "\n\n" + meta + "\n")
-    (out / "cluster.json").write_text(json.dumps(results, indent=2))
-    print()
-    print(md)
-    print()
-    print(meta)
+    publish(out, "cluster", md, meta, results)
     return 0
 
 

@@ -12,7 +12,6 @@ connection was lost to the dead backend).
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import subprocess
 import threading
@@ -20,6 +19,7 @@ import time
 from pathlib import Path
 
 from bench.netbench import KERNEL_NAT
+from bench.report import publish
 from natlb_testbed.testbed import VIP, Testbed, backend_addr, basic_config
 
 KINDS = ("kill", "link", "blackhole")
@@ -169,12 +169,7 @@ def main() -> int:
             f"fails at connection {a.count // 3}. natlb: tcp checks every 20 ms (timeout 25 ms), "
             f"syn_timeout_ms 20; HAProxy 2.6: check inter 100ms fall 1; kernel: nft DNAT "
             f"numgen round robin.")
-    (out / "failover.md").write_text(md + "\n\n" + meta + "\n")
-    (out / "failover.json").write_text(json.dumps(results, indent=2))
-    print()
-    print(md)
-    print()
-    print(meta)
+    publish(out, "failover", md, meta, results)
     return 0
 
 
