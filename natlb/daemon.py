@@ -16,11 +16,11 @@ driven by the undo journal.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import socket
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -47,6 +47,7 @@ from natlb.handover import (
     pool_state,
     restore_pool,
     seed_traffic,
+    spawn_orphan,
     traffic,
     wait_drained,
 )
@@ -292,8 +293,7 @@ class Daemon:
         mine, theirs = socket.socketpair()
         argv = [sys.executable, "-m", "natlb", "run", "-c", os.path.abspath(path),
                 "--handover-fd", str(theirs.fileno())]
-        # Its own session: it outlives us.  Logs go where ours go.
-        proc = subprocess.Popen(argv, pass_fds=(theirs.fileno(),), start_new_session=True)
+        pid = spawn_orphan(argv, theirs.fileno())
         theirs.close()
         ch = Channel(mine)
         forwarding = False
@@ -302,7 +302,7 @@ class Daemon:
             ch.send(journal=self.journal.entries, queues=self.queues,
                     pool=pool_state(self.pool))
             queues = await loop.run_in_executor(None, ch.expect, "bound", 30)
-            log.info("restart: successor pid %d bound queues %s", proc.pid, queues)
+            log.info("restart: successor pid %d bound queues %s", pid, queues)
             if self.monitor:
                 await self.monitor.stop()
             await loop.run_in_executor(None, self.core.forward_to, queues)
@@ -318,16 +318,15 @@ class Daemon:
                 self._install_table()
             if self.monitor:
                 self.monitor.start()
-            if proc.poll() is None:
-                proc.kill()
-                await loop.run_in_executor(None, proc.wait)
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)   # init (or the subreaper) reaps it
             raise
         finally:
             ch.close()
         left = await loop.run_in_executor(None, wait_drained, self.queues)
         log.info("restart: successor pid %d serves; %d packets left in our queues",
-                 proc.pid, left)
-        return {"pid": proc.pid, "queues": {"old": self.queues, "new": queues},
+                 pid, left)
+        return {"pid": pid, "queues": {"old": self.queues, "new": queues},
                 "counters": final["services"], **served}
 
     # -- natlb restart: the new process's side -------------------------------

@@ -24,12 +24,18 @@ moment:
             undoing anything: B's guardian holds the journal now.
 
 If B fails before it serves, A takes its packets back and goes on.
+
+B is started as an orphan (spawn_orphan): under systemd it must be a child
+of the service manager by the time it reports READY=1 with its MAINPID, or
+systemd marks the main process "not our child", cannot see it exit, and
+SIGKILLs it at `systemctl stop` without waiting for its clean-up.
 """
 
 from __future__ import annotations
 
 import json
 import socket
+import subprocess
 import time
 from typing import Any
 
@@ -142,3 +148,18 @@ def wait_drained(queues: list[int], timeout: float = 3.0) -> int:
             return 0
         time.sleep(0.02)
     return sum(q["waiting"] for q in queue_stats(queues))
+
+
+def spawn_orphan(argv: list[str], fd: int) -> int:
+    """Starts argv in its own session (it outlives us), passing it `fd`,
+    with init or the nearest subreaper as its parent (what systemd checks
+    when told a new MAINPID); returns its pid."""
+    # sh forks the successor, prints its pid ($!) and exits at once, which
+    # re-parents the successor.  Its stdout goes to our stderr (where its
+    # logs go anyway), not into the pipe we read the pid from.
+    sh = subprocess.Popen(["/bin/sh", "-c", '"$@" >&2 & echo $!', "natlb-restart", *argv],
+                          pass_fds=(fd,), stdout=subprocess.PIPE, start_new_session=True)
+    out, _ = sh.communicate(timeout=10)
+    if sh.returncode != 0 or not out.strip().isdigit():
+        raise HandoverError(f"could not start the successor ({argv[0]})")
+    return int(out)

@@ -189,6 +189,14 @@ def guardian(fd: int, grace_ms: int, socket_path: str | None) -> int:
         old = os.umask(0o077)
         try:
             listener.bind(socket_path)
+        except OSError as e:
+            # systemd removes the RuntimeDirectory when the unit stops: no
+            # successor can find us, so the host is cleaned now.
+            print(f"natlb guardian: cannot wait for a successor at {socket_path} ({e.strerror});"
+                  " cleaning up now", file=sys.stderr)
+            listener.close()
+            listener = None
+            return
         finally:
             os.umask(old)
         mine = os.stat(socket_path).st_ino

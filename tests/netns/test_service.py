@@ -1,7 +1,10 @@
 """natlb under a service manager's conditions: readiness notification,
 Prometheus metrics agreeing with real traffic, rates."""
 
+import contextlib
+import ctypes
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -201,3 +204,55 @@ def test_metrics_address_taken_exits_2_and_touches_nothing(testbed):
     finally:
         testbed.stop(holder)
         testbed.procs.remove(holder)
+
+
+def _subreaper(on: bool) -> None:
+    PR_SET_CHILD_SUBREAPER = 36
+    libc = ctypes.CDLL(None, use_errno=True)
+    assert libc.prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0
+
+
+def _ppid(pid: int) -> int:
+    stat = open(f"/proc/{pid}/stat").read()
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def test_restart_successor_is_the_service_managers_child_when_ready(testbed):
+    """systemd accepts a new MAINPID as its own only if that process is its
+    child at that moment; otherwise `systemctl stop` SIGKILLs it without
+    waiting for its clean-up.  The test plays systemd: a subreaper owning
+    NOTIFY_SOCKET."""
+    notify = notify_socket(testbed)
+    before = router_state(testbed)
+    _subreaper(True)
+    successor = 0
+    try:
+        p = run_natlb(testbed, basic_config(testbed), notify)
+        wait_ready(notify, p)
+        cli = subprocess.Popen([sys.executable, "-m", "natlb", "restart", "-c",
+                                str(testbed.workdir / "natlb.toml")],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        notify.settimeout(30)
+        while not successor:
+            fields = dict(f.split("=", 1) for f in notify.recv(4096).decode().split("\n") if f)
+            if "READY" in fields and int(fields["MAINPID"]) != p.pid:
+                successor = int(fields["MAINPID"])
+                # Read at once: the predecessor is still draining its queues.
+                parent = _ppid(successor)
+        assert parent == os.getpid(), (parent, p.pid)
+        out, err = cli.communicate(timeout=30)
+        assert cli.returncode == 0, err
+        assert p.wait(timeout=10) == 0
+        os.kill(successor, signal.SIGTERM)
+        _, status = os.waitpid(successor, 0)   # ours to reap, as systemd's would be
+        successor = 0
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert router_state(testbed) == before
+    finally:
+        if successor:
+            os.kill(successor, signal.SIGKILL)
+            with contextlib.suppress(ChildProcessError):
+                os.waitpid(successor, 0)
+        _subreaper(False)
+        stop(testbed, p)
+        notify.close()

@@ -49,3 +49,19 @@ def test_no_successor_means_undo_after_the_grace(tmp_path):
     assert g.wait(timeout=5) == 0
     assert not table.exists()
     assert claim(sock) is None
+
+
+def test_socket_directory_gone_means_undo_at_once(tmp_path):
+    """`systemctl stop` removes the RuntimeDirectory; a guardian whose natlb
+    was killed there cleans up at once instead of dying with the host dirty."""
+    run = tmp_path / "run"
+    run.mkdir()
+    sock = str(run / "natlb.sock.guardian")
+    table = tmp_path / "natlb-x.flows"
+    table.write_bytes(b"flows")
+    j = Journal(guardian=True, grace_ms=60_000, socket_path=sock)
+    j.record("flow_table", path=str(table))
+    run.rmdir()
+    g = died(j)
+    assert g.wait(timeout=5) == 0    # well before the 60 s grace
+    assert not table.exists()
