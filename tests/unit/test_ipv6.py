@@ -499,3 +499,14 @@ def test_event_client_is_ipv6_text_and_ipv4_still_ipv4(core6):
     core6.process(bytes(IP(src=b4, dst=CLIENT) / TCP(sport=8080, dport=7, flags="RA",
                                                      ack=2)), 103)
     assert [e.client for e in core6.read_events()] == [CLIENT6, CLIENT]
+
+
+def test_jumbogram_and_mapped_destination_are_malformed(core6):
+    from scapy.layers.inet6 import Jumbo
+
+    jumbo = bytearray(syn6(ext=IPv6ExtHdrHopByHop(options=[Jumbo(jumboplen=48)])))
+    jumbo[4:6] = b"\0\0"                      # payload length 0: the jumbo option's
+    mapped = syn6(dst="::ffff:192.0.2.100")
+    for raw in (bytes(jumbo), mapped):
+        assert core6.process(raw, 1)[0] == Verdict.DROP
+    assert core6.reasons()["malformed"] == 2 and core6.flow_count() == 0
