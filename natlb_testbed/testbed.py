@@ -267,6 +267,10 @@ class Testbed:
         return subprocess.run(["ip", "netns", "exec", self.router, *argv],
                               capture_output=True, text=True)
 
+    def client_cmd(self, *argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["ip", "netns", "exec", self.client, *argv],
+                              capture_output=True, text=True)
+
     # -- failures ----------------------------------------------------------
     def fail_backend(self, k: int, kind: str) -> None:
         """kill: the server process dies (connections refused);

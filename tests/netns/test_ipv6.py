@@ -1,0 +1,185 @@
+"""IPv6 through natlb, dual stack: the IPv4 promises, kept over IPv6 in both
+rewrite modes, and both families served by one natlb at once."""
+
+import json
+import signal
+import time
+from collections import Counter
+
+import pytest
+
+from natlb_testbed.testbed import (
+    VIP,
+    VIP6,
+    backend_addr6,
+    basic_config,
+    udp_service,
+    web_service,
+)
+
+from .conftest import natlb_cli, router_state
+from .test_traffic import queued_packets
+
+MODES = pytest.mark.parametrize("rewrite", ["mark", "copy"])
+V6_PEER = f"[{VIP6}]"
+
+
+def config6(tb, rewrite: str, **kw) -> str:
+    return basic_config(tb, family=6, lb_extra=f'rewrite = "{rewrite}"', **kw)
+
+
+def status(tb) -> dict:
+    return json.loads(natlb_cli(tb, "status", "--json", "-s", tb.control_socket).stdout)
+
+
+@MODES
+def test_http_spreads_over_three_backends_on_an_ipv6_vip(testbed, natlb, rewrite):
+    natlb(config6(testbed, rewrite))
+    res = testbed.client_run("http-stream", "--host", VIP6, "--port", "80", "--count", "30",
+                             "--interval-ms", "5")
+    assert all(r["ok"] for r in res), res
+    assert Counter(r["backend"] for r in res) == {"b1": 10, "b2": 10, "b3": 10}
+    # status shows IPv6 in the usual bracket form, the JSON plain addresses.
+    text = natlb_cli(testbed, "status", "-s", testbed.control_socket).stdout
+    assert f"TCP [{VIP6}]:80 rr (web)" in text
+    assert f"-> [{backend_addr6(1)}]:80" in text
+    svc = status(testbed)["services"][0]
+    assert svc["vip"] == VIP6 and svc["new_flows"] == 30
+    assert {b["address"] for b in svc["backends"]} == {backend_addr6(k) for k in (1, 2, 3)}
+
+
+@MODES
+def test_udp_echo_over_ipv6(testbed, natlb, rewrite):
+    natlb(f'[lb]\ncontrol_socket = "{testbed.control_socket}"\nrewrite = "{rewrite}"\n'
+          + udp_service("dns6", [1, 2], family=6))
+    res = testbed.client_run("udp-stream", "--host", VIP6, "--port", "53", "--count", "20")
+    assert all(r["ok"] for r in res), res
+    assert {r["peer"] for r in res} == {f"{V6_PEER}:53"}      # never a backend address
+    assert Counter(r["backend"] for r in res) == {"b1": 10, "b2": 10}
+
+
+@pytest.mark.parametrize("lb_extra", ['rewrite = "copy"\ngso = false',
+                                      'rewrite = "copy"\ngso = true', 'rewrite = "mark"'],
+                         ids=["copy", "copy-gso", "mark"])
+def test_100mb_each_way_intact_over_ipv6(testbed, natlb, lb_extra):
+    natlb(basic_config(testbed, family=6, lb_extra=lb_extra, interval_ms=1000))
+    for cmd, seed in (("blob", 7), ("upload", 8)):
+        r = testbed.client_run(cmd, "--host", VIP6, "--port", "80", "--size", str(100 << 20),
+                               "--seed", str(seed), "--timeout", "60")[0]
+        assert r["ok"], (cmd, r)
+    web = status(testbed)["services"][0]
+    assert web["bytes_in"] > 100 << 20 and web["bytes_out"] > 100 << 20, web
+
+
+@MODES
+def test_path_mtu_discovery_over_a_1280_byte_link(testbed, natlb, rewrite):
+    """The client's side of the router carries IPv6's minimum MTU, the client
+    advertises an MSS for 1500: the backends' full-size segments must shrink,
+    which needs the router's Packet Too Big (sent to the VIP, their apparent
+    source) to reach the backend that sent them."""
+    natlb(config6(testbed, rewrite))
+    testbed.router_cmd("ip", "link", "set", "cl0", "mtu", "1280")
+    try:
+        r = testbed.client_run("blob", "--host", VIP6, "--port", "80", "--size", str(4 << 20),
+                               "--seed", "12", "--timeout", "10")[0]
+    finally:
+        testbed.router_cmd("ip", "link", "set", "cl0", "mtu", "1500")
+    assert r["ok"], r
+    assert status(testbed)["failover"]["pmtu_relayed"] >= 1
+
+
+@MODES
+def test_killed_backend_loses_no_new_connection_over_ipv6(testbed, natlb, rewrite):
+    natlb(config6(testbed, rewrite, interval_ms=50, syn_timeout_ms=30))
+    victim = f"[{backend_addr6(2)}]:80"
+    dead_since: list[float] = []
+    proc, results = testbed.client_stream("http-stream", "--host", VIP6, "--port", "80",
+                                          "--count", "150", "--interval-ms", "10",
+                                          "--timeout", "3")
+    seen = []
+    try:
+        for r in results:
+            seen.append(r)
+            if r["i"] == 40:
+                testbed.fail_backend(2, "kill")
+                dead_since.append(time.time())    # the clients' clock: same host
+        proc.wait()
+        testbed.wait_state(victim, lambda b: b["health"] == "down", "down")
+    finally:
+        testbed.repair_backend(2, "kill")
+    lost = [r for r in seen if not r["ok"]
+            and (r["stage"] == "connect" or r["wall"] >= dead_since[0])]
+    assert lost == [], lost
+    assert {r["backend"] for r in seen if r["ok"] and r["wall"] >= dead_since[0]} <= {"b1", "b3"}
+
+
+@MODES
+def test_ipv4_and_ipv6_services_in_one_config(testbed, natlb, rewrite):
+    """web on the IPv4 VIP over b1-b3, web6 on the IPv6 VIP over b2-b3, dns6
+    over UDP on the IPv6 VIP: each family reaches only its own backends."""
+    natlb(basic_config(testbed, lb_extra=f'rewrite = "{rewrite}"',
+                       extra_services=web_service("web6", [2, 3], family=6)
+                       + udp_service("dns6", [1, 3], family=6)))
+    web4 = testbed.client_run("http-stream", "--host", VIP, "--port", "80", "--count", "9")
+    web6 = testbed.client_run("http-stream", "--host", VIP6, "--port", "80", "--count", "8")
+    dns6 = testbed.client_run("udp-stream", "--host", VIP6, "--port", "53", "--count", "8")
+    assert all(r["ok"] for r in web4 + web6 + dns6), (web4, web6, dns6)
+    assert Counter(r["backend"] for r in web4) == {"b1": 3, "b2": 3, "b3": 3}
+    assert Counter(r["backend"] for r in web6) == {"b2": 4, "b3": 4}
+    assert Counter(r["backend"] for r in dns6) == {"b1": 4, "b3": 4}
+    flows = {s["name"]: s["new_flows"] for s in status(testbed)["services"]}
+    assert flows == {"web": 9, "web6": 8, "dns6": 8}
+    state = router_state(testbed)
+    assert "table ip natlb" in state and "table ip6 natlb" in state
+
+
+def test_neighbour_discovery_and_echo_are_never_queued(testbed, natlb):
+    """Without health checks nothing but clients' traffic reaches natlb's
+    queues: neighbour discovery (both sides of the router, caches flushed)
+    and echo to the VIP pass through the router's kernel untouched."""
+    natlb(config6(testbed, "mark", health="none"))
+    for dev in ("cl0", "b1"):
+        testbed.router_cmd("ip", "-6", "neigh", "flush", "dev", dev)
+    before = queued_packets(testbed)
+    ping = testbed.client_cmd("ping", "-6", "-c", "3", "-i", "0.2", "-W", "2", VIP6)
+    assert ping.returncode == 0, ping.stdout
+    neigh = testbed.router_cmd("ping", "-6", "-c", "1", "-W", "2", backend_addr6(1))
+    assert neigh.returncode == 0, neigh.stdout
+    assert queued_packets(testbed) == before
+    # And the traffic that is natlb's still is.
+    res = testbed.client_run("http-stream", "--host", VIP6, "--port", "80", "--count", "3")
+    assert all(r["ok"] for r in res) and queued_packets(testbed) > before
+
+
+def test_exit_removes_ipv6_address_rules_and_forwarding(testbed, natlb):
+    before = router_state(testbed)
+    p = natlb(basic_config(testbed, extra_services=web_service("web6", [1, 2], family=6)))
+    during = router_state(testbed)
+    assert "table ip6 natlb" in during and VIP6 in during
+    assert "ipv6/conf/all/forwarding=1" in during
+    testbed.stop(p, signal.SIGTERM)
+    assert p.returncode == 0
+    assert router_state(testbed) == before
+
+
+def test_sigkill_with_ipv6_is_cleaned_up_by_the_guardian(testbed, natlb):
+    before = router_state(testbed)
+    p = natlb(config6(testbed, "mark"))
+    assert "table ip6 natlb" in router_state(testbed)
+    p.kill()
+    p.wait()
+    deadline = time.monotonic() + 5
+    while router_state(testbed) != before and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert router_state(testbed) == before
+
+
+def test_mixed_family_service_exits_2_and_touches_nothing(testbed):
+    before = router_state(testbed)
+    bad = basic_config(testbed, family=6).replace(f'address = "{backend_addr6(2)}"',
+                                                   'address = "203.0.113.10"')
+    r = natlb_cli(testbed, "run", "-c", str(testbed.write_config(bad)))
+    assert (r.returncode, r.stderr.strip()) == (
+        2, 'natlb: config: service[0].backend[1].address = "203.0.113.10": IPv4, but vip '
+           f"{VIP6} is IPv6 (a service is one family)")
+    assert router_state(testbed) == before
