@@ -86,6 +86,12 @@ class Testbed:
         _ip("netns", "add", name)
         self.namespaces.append(name)
         _ip("-n", name, "link", "set", "lo", "up")
+        # No duplicate address detection on the links that move in: their
+        # link-local addresses are usable at once, never "tentative" for the
+        # first second (neighbour discovery and state snapshots need them).
+        subprocess.run(["ip", "netns", "exec", name, "sysctl", "-qw",
+                        "net.ipv6.conf.all.accept_dad=0",
+                        "net.ipv6.conf.default.accept_dad=0"], check=True)
 
     def _veth(self, ns_a: str, name_a: str, ns_b: str, name_b: str) -> None:
         tmp_a, tmp_b = f"{self.prefix}x", f"{self.prefix}y"
