@@ -830,6 +830,14 @@ def delete(table: str, family: int = NFPROTO_IPV4) -> list[Message]:
                     family)]
 
 
+def absent(table: str, family: int) -> list[Message]:
+    """No table of that name and family after this, whether there was one
+    or not (create, then delete: a batch fails on deleting what is not)."""
+    name = [("NFTA_TABLE_NAME", table)]
+    return [Message(TABLE, NFT_MSG_NEWTABLE, name, NLM_F_CREATE, f"table {table}", family),
+            Message(TABLE, NFT_MSG_DELTABLE, name, 0, f"table {table}", family)]
+
+
 def has_ipv6(spec: Spec) -> bool:
     """Does build(spec) make the ip6 table?"""
     return bool(_services(spec, V6))

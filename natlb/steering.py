@@ -198,8 +198,10 @@ class Steering:
         # while the ip table keeps its chains; one that removes the last
         # deletes it in the same batch.
         in_place6 = self.ipv6 if self.installed else None
-        gone6 = (ruleset.delete(self.table, ruleset.NFPROTO_IPV6)
-                 if self.installed and self.ipv6 and not ipv6 else [])
+        gone6: list[ruleset.Message] = []
+        if not ipv6 and (self.ipv6 or not self.installed):
+            # Also at start: a predecessor's (natlb restart) may be there.
+            gone6 = ruleset.absent(self.table, ruleset.NFPROTO_IPV6)
         for i, native in enumerate(order):
             full = dataclasses.replace(spec, native_queue=native)
             try:
