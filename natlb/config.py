@@ -32,8 +32,9 @@ SCHEDULERS = ("rr", "wrr", "lc", "sh", "maglev")
 # remaps only the changed backend's share.
 CLUSTER_SCHEDULERS = ("maglev",)
 # csrc/cluster.c maps a reply it has no flow for back to its service: whether
-# it does so for IPv6 replies too.
-CLUSTER_IPV6 = False
+# it does so for IPv6 replies too (it does: addresses are hashed and compared
+# whole, whatever the family).
+CLUSTER_IPV6 = True
 PROTOCOLS = ("tcp", "udp")
 PASSIVE = ("check", "suspect", "down", "ignore")
 ON_DOWN = ("reset", "keep")
