@@ -31,8 +31,7 @@ static int check_chains(struct nl_lb *lb, uint8_t *seen, int64_t *gauges)
             if (seen[i]++)
                 return NL_CHECK_CYCLE;
             const struct nl_flow *f = &ct->flows[i];
-            struct nl_ct_key k = { f->client_addr, f->client_port, f->proto, 0, 0, 0 };
-            if (nl_ct_bucket(ct, &k) != b)
+            if (nl_ct_flow_bucket(ct, f) != b)
                 return NL_CHECK_BUCKET;
             if (!valid_state(f))
                 return NL_CHECK_STATE;

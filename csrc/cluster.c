@@ -22,6 +22,9 @@
  *  - A node seeing one direction moves the handshake on by itself:
  *    the client's ACK after its SYN, or the backend's packet after its
  *    SYN-ACK, means the connection is established (nl_cluster_track).
+ *  - Both families alike: addresses are hashed and compared whole (an
+ *    IPv4 client hashes as it did before IPv6, so nodes of both builds
+ *    agree on IPv4 flows).
  *  - Cluster services do not hold SYNs for re-steering: a SYN re-sent to a
  *    backend the hash did not choose would put the flow where no other
  *    node would look for it.
@@ -31,7 +34,7 @@
 #include "internal.h"
 
 struct cluster_slot {
-    uint32_t addr;                   /* network order                       */
+    struct nl_addr addr;             /* either family                       */
     uint16_t port;                   /* network order                       */
     uint8_t proto;
     uint8_t used;
@@ -44,9 +47,9 @@ struct nl_cluster_index {
     struct cluster_slot slots[];
 };
 
-static uint32_t slot_hash(uint32_t addr, uint16_t port, uint8_t proto)
+static uint32_t slot_hash(const struct nl_addr *addr, uint16_t port, uint8_t proto)
 {
-    return nl_mix32(addr ^ nl_mix32(((uint32_t)port << 8) | proto));
+    return nl_addr_hash(addr, nl_mix32(((uint32_t)port << 8) | proto));
 }
 
 int nl_cluster_index_build(struct nl_snapshot *s)
@@ -72,13 +75,14 @@ int nl_cluster_index_build(struct nl_snapshot *s)
             continue;
         for (uint32_t j = 0; j < svc->n_backends; j++) {
             const struct nl_backend_spec *b = &svc->backends[j];
-            for (uint32_t h = slot_hash(b->addr, b->port, svc->spec.proto);; h++) {
+            for (uint32_t h = slot_hash(&b->addr, b->port, svc->spec.proto);; h++) {
                 struct cluster_slot *sl = &x->slots[h & x->mask];
                 if (!sl->used) {
                     *sl = (struct cluster_slot){ b->addr, b->port, svc->spec.proto, 1, svc, j };
                     break;
                 }
-                if (sl->addr == b->addr && sl->port == b->port && sl->proto == svc->spec.proto)
+                if (nl_addr_eq(&sl->addr, &b->addr) && sl->port == b->port &&
+                    sl->proto == svc->spec.proto)
                     return -1;   /* its replies could not be told apart */
             }
         }
@@ -92,8 +96,9 @@ void nl_cluster_index_free(struct nl_snapshot *s)
     s->cluster = NULL;
 }
 
-static const struct cluster_slot *find_backend(const struct nl_cluster_index *x, uint32_t addr,
-                                               uint16_t port, uint8_t proto)
+static const struct cluster_slot *find_backend(const struct nl_cluster_index *x,
+                                               const struct nl_addr *addr, uint16_t port,
+                                               uint8_t proto)
 {
     if (!x)
         return NULL;
@@ -101,7 +106,7 @@ static const struct cluster_slot *find_backend(const struct nl_cluster_index *x,
         const struct cluster_slot *sl = &x->slots[h & x->mask];
         if (!sl->used)
             return NULL;
-        if (sl->addr == addr && sl->port == port && sl->proto == proto)
+        if (nl_addr_eq(&sl->addr, addr) && sl->port == port && sl->proto == proto)
             return sl;
     }
 }
@@ -119,13 +124,14 @@ struct nl_flow *nl_cluster_adopt_reply(struct nl_lb *lb, const struct nl_snapsho
                                        pthread_spinlock_t **lock, int *full)
 {
     const struct cluster_slot *sl =
-        find_backend(snap ? snap->cluster : NULL, p->saddr, p->sport, p->proto);
+        find_backend(snap ? snap->cluster : NULL, &p->saddr, p->sport, p->proto);
     if (!sl)
         return NULL;
     const struct nl_service *svc = sl->svc;
     const struct nl_backend_spec *be = &svc->backends[sl->backend];
     struct nl_ct *ct = &lb->ct;
-    struct nl_ct_key k = { p->daddr, p->dport, p->proto, 1, p->saddr, p->sport };
+    struct nl_ct_key k = { .client_addr = p->daddr, .client_port = p->dport, .proto = p->proto,
+                           .reply = 1, .other_addr = p->saddr, .other_port = p->sport };
     uint32_t b = nl_ct_bucket(ct, &k);
     *lock = nl_ct_stripe(ct, b);
     pthread_spin_lock(*lock);

@@ -40,7 +40,8 @@
 
 /* Bump whenever struct nl_flow's meaning changes without changing its
  * offsets (a new state, another clock); offset changes are caught anyway. */
-#define NL_CT_LAYOUT_VERSION 2       /* 2: syn_seq, flags (issue 9) */
+#define NL_CT_LAYOUT_VERSION 3       /* 2: syn_seq, flags (issue 9); 3: 128-bit
+                                        addresses (IPv6, issue 14) */
 #define NL_CT_MAGIC 0x574f4c4654434c4eull     /* "NLCTFLOW" */
 #define HEADER_SIZE 4096
 
@@ -148,12 +149,12 @@ static int remap(const struct nl_snapshot *snap, struct nl_flow *f)
         return -1;
     for (uint32_t i = 0; i < snap->n_services; i++) {
         const struct nl_service *s = &snap->services[i];
-        if (s->spec.vip != f->vip_addr || s->spec.port != f->vip_port ||
+        if (!nl_addr_eq(&s->spec.vip, &f->vip_addr) || s->spec.port != f->vip_port ||
             s->spec.proto != f->proto)
             continue;
         for (uint32_t j = 0; j < s->n_backends; j++) {
             const struct nl_backend_spec *b = &s->backends[j];
-            if (b->addr == f->backend_addr && b->port == f->backend_port) {
+            if (nl_addr_eq(&b->addr, &f->backend_addr) && b->port == f->backend_port) {
                 f->service_id = (uint16_t)s->spec.id;
                 f->backend_id = (uint16_t)b->id;
                 return 0;
@@ -180,9 +181,9 @@ static int sweep_old(struct nl_lb *lb, struct mapped *m, uint8_t *kept, uint32_t
             if (i >= max || kept[i])
                 return -1;
             struct nl_flow *f = &m->flows[i];
-            struct nl_ct_key k = { f->client_addr, f->client_port, f->proto, 0, 0, 0 };
             int keep = f->state != NL_FS_FREE && f->state <= NL_FS_UDP &&
-                       !nl_time_before(f->expires_ms, now) && nl_ct_bucket(&probe, &k) == b &&
+                       !nl_time_before(f->expires_ms, now) &&
+                       nl_ct_flow_bucket(&probe, f) == b &&
                        remap(snap, f) == 0;
             kept[i] = keep ? 2 : 1;      /* visited: a second visit is a cycle */
             if (!keep) {
@@ -336,8 +337,7 @@ int nl_ct_store(struct nl_lb *lb, const char *path, uint64_t now_ms,
                 }
                 struct nl_flow *f = &ct->flows[slot];
                 *f = old.flows[i];
-                struct nl_ct_key k = { f->client_addr, f->client_port, f->proto, 0, 0, 0 };
-                uint32_t b = nl_ct_bucket(ct, &k);
+                uint32_t b = nl_ct_flow_bucket(ct, f);
                 f->next = ct->buckets[b];
                 ct->buckets[b] = slot;
                 now_kept[slot++] = 1;

@@ -34,13 +34,13 @@
 #include "natlb_test.h"
 
 #define HELD_SLOTS 8192          /* power of two, < 0xffff                 */
-#define PKT_MAX 128              /* bigger SYNs (with data) are not held   */
+#define PKT_MAX NL_PKT_OUT_MAX   /* bigger SYNs (with data) are not held   */
 #define OUTBOX_SLOTS 4096
 #define EVENT_SLOTS 1024
 
 struct held {
     uint32_t flow;
-    uint32_t client_addr;
+    struct nl_addr client_addr;
     uint16_t client_port;
     uint8_t proto;
     uint8_t attempt;             /* f->tries when it was held              */
@@ -102,7 +102,7 @@ void nl_read_failover(struct nl_lb *lb, uint64_t *out)
 /* ---- events ------------------------------------------------------------ */
 
 void nl_emit(struct nl_lb *lb, uint32_t kind, uint32_t service_id, uint32_t backend_id,
-             uint32_t client_addr, uint64_t now)
+             const struct nl_addr *client_addr, uint64_t now)
 {
     struct nl_failover *fo = lb->fo;
     int lost = 0;
@@ -112,7 +112,7 @@ void nl_emit(struct nl_lb *lb, uint32_t kind, uint32_t service_id, uint32_t back
         lost = 1;
     }
     fo->ev[fo->ev_head++ % EVENT_SLOTS] = (struct nl_event){ kind, service_id, backend_id,
-                                                             client_addr, now };
+                                                             *client_addr, now };
     pthread_spin_unlock(&fo->ev_lock);
     __atomic_store_n(&fo->ev_pending, 1, __ATOMIC_RELEASE);
     if (lost)
@@ -180,7 +180,8 @@ uint32_t nl_outbox_take(struct nl_lb *lb, uint8_t *buf, uint32_t cap)
 /* Whether ring entry h is f's held SYN (any attempt). */
 static int held_by(const struct nl_lb *lb, const struct held *h, const struct nl_flow *f)
 {
-    return h->flow == (uint32_t)(f - lb->ct.flows) && h->client_addr == f->client_addr &&
+    return h->flow == (uint32_t)(f - lb->ct.flows) &&
+           nl_addr_eq(&h->client_addr, &f->client_addr) &&
            h->client_port == f->client_port && h->proto == f->proto;
 }
 
@@ -284,7 +285,7 @@ int nl_resteer_held(struct nl_lb *lb, struct nl_flow *f, uint32_t now)
         return -1;
     f->tries++;
     /* The held copy may carry a partial checksum: compute it in full. */
-    nl_rewrite(&p, 1, f->backend_addr, f->backend_port, NL_PKT_CSUM_PARTIAL);
+    nl_rewrite(&p, 1, &f->backend_addr, f->backend_port, NL_PKT_CSUM_PARTIAL);
     nl_outbox_push(lb, out, len);
     nl_count_failover(lb, NL_F_SYN_RESENT, 1);
     nl_hold_syn(lb, f, orig, len, now);
@@ -309,8 +310,12 @@ void nl_failover_due(struct nl_lb *lb, uint64_t now_ms)
     struct nl_failover *fo = lb->fo;
     uint32_t now = (uint32_t)now_ms;
     for (;;) {
-        struct { uint32_t flow, client_addr, slot; uint16_t client_port; uint8_t proto, attempt; }
-            due[32];
+        struct {
+            struct nl_addr client_addr;
+            uint32_t flow, slot;
+            uint16_t client_port;
+            uint8_t proto, attempt;
+        } due[32];
         uint32_t n = 0;
         pthread_spin_lock(&fo->held_lock);
         while (n < 32 && fo->held_tail != fo->held_head) {
@@ -334,7 +339,8 @@ void nl_failover_due(struct nl_lb *lb, uint64_t now_ms)
         if (!n)
             return;
         for (uint32_t i = 0; i < n; i++) {
-            struct nl_ct_key k = { due[i].client_addr, due[i].client_port, due[i].proto, 0, 0, 0 };
+            struct nl_ct_key k = { .client_addr = due[i].client_addr,
+                                   .client_port = due[i].client_port, .proto = due[i].proto };
             uint32_t b = nl_ct_bucket(&lb->ct, &k);
             pthread_spinlock_t *lock = nl_ct_stripe(&lb->ct, b);
             pthread_spin_lock(lock);
@@ -343,9 +349,10 @@ void nl_failover_due(struct nl_lb *lb, uint64_t now_ms)
             struct nl_flow *f = &lb->ct.flows[due[i].flow];
             if (nl_ct_link_of(&lb->ct, b, due[i].flow) && f->state == NL_FS_SYN_SENT &&
                 f->held == due[i].slot &&
-                f->client_addr == due[i].client_addr && f->client_port == due[i].client_port &&
+                nl_addr_eq(&f->client_addr, &due[i].client_addr) &&
+                f->client_port == due[i].client_port &&
                 f->tries == due[i].attempt) {
-                nl_emit(lb, NL_EV_SYN_TIMEOUT, f->service_id, f->backend_id, f->client_addr,
+                nl_emit(lb, NL_EV_SYN_TIMEOUT, f->service_id, f->backend_id, &f->client_addr,
                         now_ms);
                 nl_resteer_held(lb, f, now);
             }
@@ -365,13 +372,14 @@ void nl_failover_due(struct nl_lb *lb, uint64_t now_ms)
  * packets get no NL_MARK_FAST, so the answers reach natlb. */
 static void probe(struct nl_lb *lb, struct nl_flow *f)
 {
-    uint8_t pkt[40];
-    nl_build_tcp(pkt, f->vip_addr, f->client_addr, f->vip_port, f->client_port,
-                 f->server_seq_next - 1, f->client_seq_next, NL_TCP_ACK);
-    nl_outbox_push(lb, pkt, sizeof(pkt));
-    nl_build_tcp(pkt, f->client_addr, f->backend_addr, f->client_port, f->backend_port,
-                 f->client_seq_next - 1, f->server_seq_next, NL_TCP_ACK);
-    nl_outbox_push(lb, pkt, sizeof(pkt));
+    uint8_t pkt[NL_TCP_PKT_MAX];
+    nl_outbox_push(lb, pkt, nl_build_tcp(pkt, &f->vip_addr, &f->client_addr, f->vip_port,
+                                         f->client_port, f->server_seq_next - 1,
+                                         f->client_seq_next, NL_TCP_ACK));
+    nl_outbox_push(lb, pkt, nl_build_tcp(pkt, &f->client_addr, &f->backend_addr,
+                                         f->client_port, f->backend_port,
+                                         f->client_seq_next - 1, f->server_seq_next,
+                                         NL_TCP_ACK));
     uint8_t before = f->state;
     f->state = NL_FS_CLOSE;
     if (!nl_flow_closing(before)) {
@@ -387,26 +395,23 @@ static void probe(struct nl_lb *lb, struct nl_flow *f)
 
 void nl_reset_probed(struct nl_lb *lb, struct nl_flow *f, const struct nl_pkt *p, int reply)
 {
-    uint8_t rst[40];
+    uint8_t rst[NL_TCP_PKT_MAX];
     /* p's ack is what its sender expects next: its RST's exact seq.  p's seq
      * is what the other end expects next, if nothing is in flight. */
     uint8_t self = reply ? NL_FL_PROBE_SERVER : NL_FL_PROBE_CLIENT;
     uint8_t other = reply ? NL_FL_PROBE_CLIENT : NL_FL_PROBE_SERVER;
     if (reply) {
-        nl_build_rst(rst, f->client_addr, f->backend_addr, f->client_port, f->backend_port, p->ack);
-        nl_outbox_push(lb, rst, sizeof(rst));
-        if (f->flags & other) {
-            nl_build_rst(rst, f->vip_addr, f->client_addr, f->vip_port, f->client_port, p->seq);
-            nl_outbox_push(lb, rst, sizeof(rst));
-        }
+        nl_outbox_push(lb, rst, nl_build_rst(rst, &f->client_addr, &f->backend_addr,
+                                             f->client_port, f->backend_port, p->ack));
+        if (f->flags & other)
+            nl_outbox_push(lb, rst, nl_build_rst(rst, &f->vip_addr, &f->client_addr,
+                                                 f->vip_port, f->client_port, p->seq));
     } else {
-        nl_build_rst(rst, f->vip_addr, f->client_addr, f->vip_port, f->client_port, p->ack);
-        nl_outbox_push(lb, rst, sizeof(rst));
-        if (f->flags & other) {
-            nl_build_rst(rst, f->client_addr, f->backend_addr, f->client_port, f->backend_port,
-                         p->seq);
-            nl_outbox_push(lb, rst, sizeof(rst));
-        }
+        nl_outbox_push(lb, rst, nl_build_rst(rst, &f->vip_addr, &f->client_addr, f->vip_port,
+                                             f->client_port, p->ack));
+        if (f->flags & other)
+            nl_outbox_push(lb, rst, nl_build_rst(rst, &f->client_addr, &f->backend_addr,
+                                                 f->client_port, f->backend_port, p->seq));
     }
     f->flags &= (uint8_t)~self;
 }
@@ -415,7 +420,7 @@ uint32_t nl_reset_buckets(struct nl_lb *lb, uint32_t backend_id, uint32_t first,
 {
     struct nl_ct *ct = &lb->ct;
     uint32_t reset = 0;
-    uint8_t rst[40];
+    uint8_t rst[NL_TCP_PKT_MAX];
     if (first >= ct->n_buckets)
         return 0;
     uint32_t end = n < ct->n_buckets - first ? first + n : ct->n_buckets;
@@ -437,15 +442,15 @@ uint32_t nl_reset_buckets(struct nl_lb *lb, uint32_t backend_id, uint32_t first,
                 f->state != NL_FS_CLOSE &&
                 (f->flags & (NL_FL_FIN_CLIENT | NL_FL_FIN_SERVER)) !=
                     (NL_FL_FIN_CLIENT | NL_FL_FIN_SERVER)) {
-                nl_build_rst(rst, f->vip_addr, f->client_addr, f->vip_port, f->client_port,
-                             f->server_seq_next);
-                nl_outbox_push(lb, rst, sizeof(rst));
-                nl_build_rst(rst, f->client_addr, f->backend_addr, f->client_port,
-                             f->backend_port, f->client_seq_next);
-                nl_outbox_push(lb, rst, sizeof(rst));
+                nl_outbox_push(lb, rst, nl_build_rst(rst, &f->vip_addr, &f->client_addr,
+                                                     f->vip_port, f->client_port,
+                                                     f->server_seq_next));
+                nl_outbox_push(lb, rst, nl_build_rst(rst, &f->client_addr, &f->backend_addr,
+                                                     f->client_port, f->backend_port,
+                                                     f->client_seq_next));
                 nl_count_failover(lb, NL_F_RESETS_SENT, 1);
-                if (lb->cfg.fastpath) {
-                    probe(lb, f);
+                if (lb->cfg.fastpath && nl_addr_is_v4(&f->client_addr)) {
+                    probe(lb, f);     /* only IPv4 flows take the fast path */
                     link = &f->next;
                     reset++;
                     continue;

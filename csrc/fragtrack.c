@@ -38,8 +38,10 @@
  * rewritten for natlb: one lock (fragmented traffic is rare), deferred
  * NFQUEUE verdicts instead of re-injecting through a tun device.
  *
- * The key and verdict are family-neutral (128-bit addresses, 32-bit id) so
- * IPv6, whose fragment header carries a 32-bit id, can share the table.
+ * IPv4 and IPv6 share the table: the key holds 128-bit addresses and a
+ * 32-bit id (IPv6's fragment header carries one) and the family.  An IPv6
+ * datagram's protocol in the key is its fragment header's next header,
+ * which all its fragments carry alike.
  */
 #include <stdlib.h>
 #include <string.h>
@@ -175,15 +177,13 @@ void nl_frag_fini(struct nl_lb *lb)
 static uint32_t bucket_of(const struct nl_fragtrack *ft, const struct nl_frag_key *k)
 {
     uint32_t h = ft->seed ^ k->id ^ ((uint32_t)k->proto << 24 | (uint32_t)k->family << 16);
-    int words = k->family == 4 ? 1 : 4;
-    for (int i = 0; i < words; i++)
-        h = nl_mix32(h ^ k->saddr[i]) + k->daddr[i];
-    return nl_mix32(h) & ft->mask;
+    h = nl_addr_hash(&k->saddr, h);
+    return nl_addr_hash(&k->daddr, h) & ft->mask;
 }
 
 static uint8_t source_of(const struct nl_fragtrack *ft, const struct nl_frag_key *k)
 {
-    return (uint8_t)nl_mix32(ft->seed ^ k->saddr[0] ^ k->saddr[1] ^ k->saddr[2] ^ k->saddr[3]);
+    return (uint8_t)nl_addr_hash(&k->saddr, ft->seed);
 }
 
 static int key_eq(const struct nl_frag_key *a, const struct nl_frag_key *b)
@@ -232,7 +232,7 @@ static void make_ready(struct nl_fragtrack *ft, uint32_t s, uint32_t verdict,
     if (v)
         h->v = *v;
     if (verdict == NL_VERDICT_REWRITE && h->bytes)
-        nl_rewrite_addr(h->bytes, v->dst, v->addr[0]);
+        nl_rewrite_addr(h->bytes, v->dst, &v->addr);
     else if (verdict == NL_VERDICT_REWRITE)
         h->verdict = NL_VERDICT_MARK;
     if (h->bytes && verdict != NL_VERDICT_REWRITE) {
@@ -441,20 +441,18 @@ void nl_frag_first(struct nl_lb *lb, const struct nl_frag_key *k,
 }
 
 int nl_frag_follow(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
-                   int mark_mode, uint64_t now_ms, uint32_t packet_id, uint32_t *mark)
+                   const struct nl_pkt *p, int mark_mode, uint64_t now_ms, uint32_t packet_id,
+                   uint32_t *mark)
 {
     struct nl_fragtrack *ft = lb->ft;
     uint32_t now = (uint32_t)now_ms;
-    uint32_t ihl = nl_ip_hlen(pkt);
-    uint32_t tot = ld16(pkt + NL_OFF_IP_TOT_LEN);
-    uint16_t frag = ld16(pkt + NL_OFF_IP_FRAG);
-    uint32_t payload = tot - ihl;               /* nl_parse checked tot >= ihl */
-    uint32_t end = (uint32_t)(frag & 0x1fff) * 8 + payload;
-    int last = !(frag & 0x2000);
-    struct nl_frag_key k = { .id = ld16(pkt + NL_OFF_IP_ID), .family = 4,
-                             .proto = pkt[NL_OFF_IP_PROTO] };
-    memcpy(&k.saddr[0], pkt + NL_OFF_IP_SADDR, 4);
-    memcpy(&k.daddr[0], pkt + NL_OFF_IP_DADDR, 4);
+    uint32_t payload = p->frag_data;
+    uint32_t end = p->frag_off + payload;
+    int last = p->frag_last;
+    uint32_t tot = (uint32_t)(p->family == 6 ? NL_IP6_HLEN + ld16(pkt + NL_OFF_IP6_PLEN)
+                                             : ld16(pkt + NL_OFF_IP_TOT_LEN));
+    struct nl_frag_key k = { .saddr = p->saddr, .daddr = p->daddr, .id = p->frag_id,
+                             .family = p->family, .proto = p->frag_nh };
     if (!ft->max) {
         __atomic_fetch_add(&ft->counters[NL_FR_UNTRACKED], 1, __ATOMIC_RELAXED);
         return NL_VERDICT_DROP;
@@ -473,7 +471,7 @@ int nl_frag_follow(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len
             *mark = v.mark;
             return NL_VERDICT_MARK;
         }
-        nl_rewrite_addr(pkt, v.dst, v.addr[0]);
+        nl_rewrite_addr(pkt, v.dst, &v.addr);
         return NL_VERDICT_REWRITE;
     }
     int created = i == NL_NIL;

@@ -56,6 +56,28 @@ static inline uint32_t nl_mix32(uint32_t h)
 #define NL_ICMP_DEST_UNREACH 3
 #define NL_ICMP_FRAG_NEEDED 4    /* code of DEST_UNREACH                    */
 #define NL_IP_DF 0x40            /* in the first byte at NL_OFF_IP_FRAG     */
+/* IPv6 (RFC 8200, 4443) */
+#define NL_IPPROTO_HOPOPTS 0
+#define NL_IPPROTO_ROUTING 43
+#define NL_IPPROTO_FRAGMENT 44
+#define NL_IPPROTO_ESP 50
+#define NL_IPPROTO_AH 51
+#define NL_IPPROTO_ICMPV6 58
+#define NL_IPPROTO_NONE 59
+#define NL_IPPROTO_DSTOPTS 60
+#define NL_IP6_HLEN 40
+#define NL_OFF_IP6_PLEN 4        /* payload length (after the fixed header) */
+#define NL_OFF_IP6_NEXT 6        /* next header                             */
+#define NL_OFF_IP6_HOPS 7
+#define NL_OFF_IP6_SADDR 8
+#define NL_OFF_IP6_DADDR 24
+#define NL_OFF_FRAG6_OFF 2       /* offset (13 bits, in 8-byte units) << 3 | M */
+#define NL_OFF_FRAG6_ID 4
+#define NL_OFF_RT_SEGLEFT 3      /* routing header: segments left           */
+#define NL_IP6_MAX_EXT 8         /* extension headers walked at most        */
+#define NL_ICMP6_DEST_UNREACH 1
+#define NL_ICMP6_PKT_TOO_BIG 2
+#define NL_OFF_ICMP6_MTU 4       /* packet too big: 32-bit MTU              */
 
 /* Big-endian (network order) fields as host-order numbers. */
 static inline uint32_t nl_be16(const uint8_t *p)
@@ -66,6 +88,45 @@ static inline uint32_t nl_be16(const uint8_t *p)
 static inline uint32_t nl_be32(const uint8_t *p)
 {
     return ((uint32_t)p[0] << 24) | ((uint32_t)p[1] << 16) | ((uint32_t)p[2] << 8) | p[3];
+}
+
+/* ---- addresses (struct nl_addr, natlb.h) ------------------------------- */
+/* The third word of an IPv4-mapped address, as it sits in memory. */
+static inline uint32_t nl_mapped_word(void)
+{
+    const uint8_t b[4] = { 0, 0, 0xff, 0xff };
+    uint32_t w;
+    __builtin_memcpy(&w, b, 4);
+    return w;
+}
+
+static inline int nl_addr_is_v4(const struct nl_addr *a)
+{
+    return (a->w[0] | a->w[1]) == 0 && a->w[2] == nl_mapped_word();
+}
+
+static inline struct nl_addr nl_addr_v4(uint32_t v4)
+{
+    struct nl_addr a = { { 0, 0, nl_mapped_word(), v4 } };
+    return a;
+}
+
+static inline int nl_addr_eq(const struct nl_addr *a, const struct nl_addr *b)
+{
+    return ((a->w[0] ^ b->w[0]) | (a->w[1] ^ b->w[1]) | (a->w[2] ^ b->w[2]) |
+            (a->w[3] ^ b->w[3])) == 0;
+}
+
+/* A seeded hash of an address.  IPv4 costs one mix, as it did before IPv6
+ * (so cluster nodes of either build hash an IPv4 client alike); IPv6 mixes
+ * every word in turn, so choosing the low 64 bits (a client's own /64)
+ * cannot aim at one bucket without knowing the seed. */
+static inline uint32_t nl_addr_hash(const struct nl_addr *a, uint32_t seed)
+{
+    uint32_t h = nl_mix32(a->w[3] ^ seed);
+    if (NL_LIKELY(nl_addr_is_v4(a)))
+        return h;
+    return nl_mix32(nl_mix32(nl_mix32(h ^ a->w[0]) ^ a->w[1]) ^ a->w[2]);
 }
 
 /* The IP version and header length, from the header's first byte. */
@@ -80,15 +141,16 @@ static inline uint32_t nl_ip_hlen(const uint8_t *ip)
 }
 
 /* ---- packet view (packet.c) -------------------------------------------- */
-/* A parsed IPv4 TCP/UDP packet.  Pointers point into the caller's buffer;
- * every offset was bounds-checked by nl_parse. */
+/* A parsed IPv4 or IPv6 TCP/UDP packet.  Pointers point into the caller's
+ * buffer; every offset was bounds-checked by nl_parse. */
 struct nl_pkt {
     uint8_t *ip;
     uint8_t *l4;
-    uint32_t l4len;          /* from the IP total length, not the buffer  */
-    uint8_t proto;
+    uint32_t l4len;          /* from the IP (payload) length, not the buffer */
+    uint8_t family;          /* 4 or 6                                    */
+    uint8_t proto;           /* the L4 protocol (after IPv6 ext. headers) */
     uint8_t tcp_flags;
-    uint32_t saddr, daddr;   /* network order */
+    struct nl_addr saddr, daddr;
     uint16_t sport, dport;   /* network order */
     uint32_t caplen;         /* bytes of the packet actually in the buffer */
     uint32_t seq;            /* TCP, host order                            */
@@ -96,8 +158,16 @@ struct nl_pkt {
     uint32_t seq_len;        /* TCP: payload + SYN + FIN, what seq advances */
     uint8_t frag;            /* the first fragment of a fragmented datagram:
                                 l4len covers this fragment only           */
+    /* Fragments (set when frag, or when nl_parse returns NL_R_FRAGMENT). */
+    uint8_t frag_nh;         /* IPv4: the protocol; IPv6: the fragment
+                                header's next header (the same in every
+                                fragment of the datagram)                 */
+    uint8_t frag_last;       /* no more fragments follow (M/MF clear)      */
+    uint32_t frag_id;        /* IP identification, host order             */
+    uint32_t frag_off;       /* byte offset of this fragment's data        */
+    uint32_t frag_data;      /* bytes of fragment data in this packet      */
     /* What forward()/reply() did, for the datagram's later fragments. */
-    uint32_t nat_addr;       /* address written (backend, or VIP)         */
+    struct nl_addr nat_addr; /* address written (backend, or VIP)         */
     uint16_t nat_service, nat_backend;
 };
 
@@ -119,45 +189,58 @@ int nl_parse(uint8_t *buf, uint32_t len, struct nl_pkt *p, int head_only);
 #define NL_CSUM_BAD 0            /* one is wrong: drop the packet            */
 #define NL_CSUM_OK 1             /* verified here, or by the kernel (flags)  */
 #define NL_CSUM_UNKNOWN 2        /* only the packet's head is in the buffer  */
-/* Checks the IP header checksum, and the TCP/UDP one when the whole packet
- * is in the buffer and the kernel has not vouched for it (pkt_flags). */
+/* Checks the IPv4 header checksum, and the TCP/UDP one when the whole
+ * packet is in the buffer and the kernel has not vouched for it
+ * (pkt_flags).  An IPv6 UDP datagram without a checksum is always BAD. */
 int nl_check_csum(const struct nl_pkt *p, uint32_t pkt_flags);
-/* The same for an ICMP message (buf holds an IPv4 header with protocol 1). */
-int nl_check_icmp_csum(const uint8_t *buf, uint32_t len, uint32_t pkt_flags);
-/* Replace only the source (or destination) address and the IP checksum:
- * a later fragment, whose L4 checksum lives in the first. */
-void nl_rewrite_addr(uint8_t *ip, int dst, uint32_t addr);
-/* Replace the source (or destination) address and port, fixing the IP
- * checksum and the L4 checksum according to pkt_flags (NL_PKT_*). */
-void nl_rewrite(struct nl_pkt *p, int dst, uint32_t addr, uint16_t port,
+/* The same for an ICMP or ICMPv6 message (outer: nl_parse's view, with l4
+ * at the message). */
+int nl_check_icmp_csum(const struct nl_pkt *outer, uint32_t pkt_flags);
+/* Replace only the source (or destination) address (and the IPv4 header
+ * checksum): a later fragment, whose L4 checksum lives in the first. */
+void nl_rewrite_addr(uint8_t *ip, int dst, const struct nl_addr *addr);
+/* Replace the source (or destination) address and port, fixing the IPv4
+ * checksum and the L4 checksum according to pkt_flags (NL_PKT_*).  The
+ * address is of the packet's family. */
+void nl_rewrite(struct nl_pkt *p, int dst, const struct nl_addr *addr, uint16_t port,
                 uint32_t pkt_flags);
-/* An ICMP destination-unreachable, read far enough to find its flow. */
+/* An ICMP destination-unreachable or ICMPv6 destination-unreachable /
+ * packet-too-big, read far enough to find its flow. */
 struct nl_icmp {
-    struct nl_pkt inner;     /* tuple of the quoted packet (ip/l4 unset)  */
-    int frag_needed;         /* code 4: path MTU discovery, not a failure */
-    uint16_t mtu;            /* next-hop MTU (frag_needed), network order */
-    uint32_t outer_saddr;    /* who reported it                           */
-    const uint8_t *quoted;   /* the quoted IP header + 8 bytes of L4      */
-    uint32_t quoted_len;
+    struct nl_pkt inner;     /* family, proto, addresses and ports of the
+                                quoted packet (ip/l4 unset)              */
+    int frag_needed;         /* ICMP code 4 / ICMPv6 packet too big: path
+                                MTU discovery, not a failure             */
+    uint32_t mtu;            /* the MTU it reports, host order           */
+    struct nl_addr outer_saddr;   /* who reported it                      */
+    const uint8_t *quoted;   /* the quoted packet: its headers + 8 bytes of
+                                L4 at least                              */
+    uint32_t quoted_len;     /* IPv4: header + 8; IPv6: all that is here  */
+    uint32_t quoted_l4off;   /* where its TCP/UDP header starts          */
     uint32_t quoted_seq;     /* TCP: the quoted packet's seq, host order  */
 };
-/* Returns -1 if buf is an ICMP unreachable quoting a TCP/UDP packet.  With
- * head_only, the buffer may end after the quoted headers. */
-int nl_parse_icmp_unreach(const uint8_t *buf, uint32_t len, struct nl_icmp *out,
-                          int head_only);
-/* Writes the ICMP "fragmentation needed" a backend should get, quoting its
- * own packet: `quoted` with its source set to (saddr, sport).  Returns the
- * length (at most 20 + 8 + 60 + 8 bytes). */
-uint32_t nl_build_frag_needed(uint8_t *buf, uint32_t src, uint32_t dst, uint16_t mtu,
-                              const uint8_t *quoted, uint32_t quoted_len, uint32_t saddr,
-                              uint16_t sport);
-/* Writes a 40-byte IPv4 TCP RST (addresses, ports network order; seq host
- * order) with both checksums. */
-void nl_build_rst(uint8_t *buf, uint32_t saddr, uint32_t daddr, uint16_t sport, uint16_t dport,
-                  uint32_t seq);
+/* Returns -1 if the ICMP(v6) message nl_parse found (outer->l4, proto
+ * ICMP or ICMPv6) is an error natlb reads, quoting a TCP/UDP packet; or
+ * an NL_R_* reason. */
+int nl_parse_icmp(const struct nl_pkt *outer, struct nl_icmp *out);
+/* Writes the "fragmentation needed" (IPv4) or "packet too big" (IPv6) a
+ * backend should get: from the original reporter to dst, quoting the
+ * packet with its source set to (dst, sport), within cap bytes.  Returns
+ * the length, or 0 if it does not fit. */
+uint32_t nl_build_pmtu(uint8_t *buf, uint32_t cap, const struct nl_icmp *icmp,
+                       const struct nl_addr *dst, uint16_t sport);
+/* Bytes of the largest packet natlb sends itself (outbox slots, held SYNs). */
+#define NL_PKT_OUT_MAX 128
+/* Bytes of the largest TCP segment natlb builds itself (IPv6 + TCP). */
+#define NL_TCP_PKT_MAX 60
+/* Writes a TCP RST of the addresses' family (addresses, ports network
+ * order; seq host order) with its checksums; returns its length (40 or 60). */
+uint32_t nl_build_rst(uint8_t *buf, const struct nl_addr *saddr, const struct nl_addr *daddr,
+                      uint16_t sport, uint16_t dport, uint32_t seq);
 /* The same with any flags and an ack number (host order). */
-void nl_build_tcp(uint8_t *buf, uint32_t saddr, uint32_t daddr, uint16_t sport, uint16_t dport,
-                  uint32_t seq, uint32_t ack, uint8_t flags);
+uint32_t nl_build_tcp(uint8_t *buf, const struct nl_addr *saddr, const struct nl_addr *daddr,
+                      uint16_t sport, uint16_t dport, uint32_t seq, uint32_t ack,
+                      uint8_t flags);
 
 /* ---- conntrack (conntrack.c) ------------------------------------------- */
 enum nl_flow_state {
@@ -172,14 +255,16 @@ enum nl_flow_state {
 
 /* One tracked flow: client <-> VIP on one side, client <-> backend on the
  * other.  Both directions hash on (client addr, client port, proto), so one
- * chain and one lock stripe hold both.  48 bytes (see the static assert).
- * The table outlives the process (ctstore.c): a change here must list new
- * fields in nl_ct_layout() and bump NL_CT_LAYOUT_VERSION, so that a table
- * written by another build is refused instead of misread. */
+ * chain and one lock stripe hold both.  84 bytes (see the static assert):
+ * three 128-bit addresses (IPv4 mapped, natlb.h) and 36 bytes of ports,
+ * state and sequence numbers.  The table outlives the process (ctstore.c):
+ * a change here must list new fields in nl_ct_layout() and bump
+ * NL_CT_LAYOUT_VERSION, so that a table written by another build is
+ * refused instead of misread. */
 struct nl_flow {
-    uint32_t client_addr;
-    uint32_t vip_addr;
-    uint32_t backend_addr;
+    struct nl_addr client_addr;
+    struct nl_addr vip_addr;
+    struct nl_addr backend_addr;
     uint16_t client_port;
     uint16_t vip_port;
     uint16_t backend_port;
@@ -205,7 +290,8 @@ struct nl_flow {
 #define NL_FL_PROBE_CLIENT 16   /* reset with the fast path on: the client's */
 #define NL_FL_PROBE_SERVER 32   /* / backend's answer to a probe gives the
                                    exact sequence number for its RST         */
-_Static_assert(sizeof(struct nl_flow) == 48, "conntrack entry: 48 bytes, as documented");
+_Static_assert(sizeof(struct nl_flow) == 84, "conntrack entry: 84 bytes, as documented");
+_Static_assert(sizeof(struct nl_flow) <= 128, "conntrack entry: at most 128 bytes (issue 14)");
 
 /* Embryonic: a TCP flow whose handshake the client has not completed, or a
  * UDP flow nobody answered.  Only these are evicted when the table is full
@@ -245,11 +331,11 @@ struct nl_ct {
 /* Direction-neutral key: for a forward packet (src = client), for a reply
  * (dst = client). */
 struct nl_ct_key {
-    uint32_t client_addr;
+    struct nl_addr client_addr;
     uint16_t client_port;
     uint8_t proto;
     uint8_t reply;           /* 0: match vip side, 1: match backend side  */
-    uint32_t other_addr;     /* vip (forward) or backend (reply)          */
+    struct nl_addr other_addr;   /* vip (forward) or backend (reply)      */
     uint16_t other_port;
 };
 
@@ -320,15 +406,16 @@ struct nl_snapshot {
 };
 
 /* The service of (vip, port, proto) in a snapshot's index, or NULL. */
-static inline uint32_t nl_svc_hash(uint32_t vip, uint16_t port, uint8_t proto)
+static inline uint32_t nl_svc_hash(const struct nl_addr *vip, uint16_t port, uint8_t proto)
 {
-    uint32_t h = vip * 0x9e3779b1u ^ ((uint32_t)port << 8 | proto) * 0x85ebca6bu;
+    uint32_t x = vip->w[3] ^ vip->w[2] ^ vip->w[1] ^ vip->w[0];
+    uint32_t h = x * 0x9e3779b1u ^ ((uint32_t)port << 8 | proto) * 0x85ebca6bu;
     return h ^ (h >> 15);
 }
 
 static inline const struct nl_service *nl_find_service(const struct nl_snapshot *s,
-                                                      uint32_t vip, uint16_t port,
-                                                      uint8_t proto)
+                                                      const struct nl_addr *vip,
+                                                      uint16_t port, uint8_t proto)
 {
     if (!s)
         return NULL;
@@ -337,7 +424,8 @@ static inline const struct nl_service *nl_find_service(const struct nl_snapshot 
         if (slot == 0)
             return NULL;
         const struct nl_service *svc = &s->services[slot - 1];
-        if (svc->spec.vip == vip && svc->spec.port == port && svc->spec.proto == proto)
+        if (nl_addr_eq(&svc->spec.vip, vip) && svc->spec.port == port &&
+            svc->spec.proto == proto)
             return svc;
     }
 }
@@ -452,7 +540,7 @@ int nl_resteer_held(struct nl_lb *lb, struct nl_flow *f, uint32_t now);
 int nl_move_flow(struct nl_lb *lb, const struct nl_snapshot *snap, struct nl_flow *f,
                  const struct nl_pkt *p);
 void nl_emit(struct nl_lb *lb, uint32_t kind, uint32_t service_id, uint32_t backend_id,
-             uint32_t client_addr, uint64_t now);
+             const struct nl_addr *client_addr, uint64_t now);
 uint32_t nl_syn_deadline_next(struct nl_lb *lb, uint32_t now);
 void nl_count_failover(struct nl_lb *lb, int which, uint64_t n);
 /* Queues a packet natlb sends itself; 0 if the outbox is full. */
@@ -462,14 +550,14 @@ uint32_t nl_outbox_push(struct nl_lb *lb, const uint8_t *pkt, uint32_t len);
 void nl_reset_probed(struct nl_lb *lb, struct nl_flow *f, const struct nl_pkt *p, int reply);
 
 /* ---- IP fragments (fragtrack.c) ---------------------------------------- */
-/* One datagram's identity, the same in all its fragments.  Family-neutral
- * so IPv6 (32-bit ids, 128-bit addresses) can share the table: IPv4 uses
- * the first word of each address. */
+/* One datagram's identity, the same in all its fragments: IPv4 (16-bit
+ * ids) and IPv6 (32-bit ids) share the table. */
 struct nl_frag_key {
-    uint32_t saddr[4], daddr[4];     /* network order                      */
+    struct nl_addr saddr, daddr;
     uint32_t id;                     /* IP id (host order)                 */
     uint8_t family;                  /* 4 or 6                             */
-    uint8_t proto;
+    uint8_t proto;                   /* IPv4: protocol; IPv6: the fragment
+                                        header's next header               */
     uint8_t _pad[2];
 };
 
@@ -477,7 +565,7 @@ struct nl_frag_key {
 struct nl_frag_verdict {
     int verdict;                     /* NL_VERDICT_*                       */
     uint32_t mark;                   /* NL_VERDICT_MARK                    */
-    uint32_t addr[4];                /* REWRITE: the address to write      */
+    struct nl_addr addr;             /* REWRITE: the address to write      */
     uint8_t dst;                     /* write the destination (forward)    */
     uint16_t service_id, backend_id; /* counters (when rewritten)          */
 };
@@ -489,12 +577,13 @@ void nl_frag_fini(struct nl_lb *lb);
  * release any fragments held for it. */
 void nl_frag_first(struct nl_lb *lb, const struct nl_frag_key *k,
                    const struct nl_frag_verdict *v, uint32_t payload_len, uint64_t now);
-/* A later fragment (a TCP/UDP IPv4 fragment with offset > 0 at pkt, whose
- * header nl_parse checked): gives it its first fragment's verdict and
- * applies it (copy: rewrites the address in place; mark_mode: *mark), or
- * holds it (NL_VERDICT_HOLD), or drops it. */
+/* A later fragment (offset > 0) at pkt, as nl_parse found it (p: family,
+ * addresses, frag_*): gives it its first fragment's verdict and applies it
+ * (copy: rewrites the address in place; mark_mode: *mark), or holds it
+ * (NL_VERDICT_HOLD), or drops it. */
 int nl_frag_follow(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
-                   int mark_mode, uint64_t now, uint32_t packet_id, uint32_t *mark);
+                   const struct nl_pkt *p, int mark_mode, uint64_t now, uint32_t packet_id,
+                   uint32_t *mark);
 
 /* ---- snapshots (snapshot.c) -------------------------------------------- */
 int nl_snapshots_init(struct nl_lb *lb);

@@ -78,7 +78,8 @@ static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
                    uint32_t *mark)
 {
     struct nl_ct *ct = &lb->ct;
-    struct nl_ct_key k = { p->saddr, p->sport, p->proto, 0, p->daddr, p->dport };
+    struct nl_ct_key k = { .client_addr = p->saddr, .client_port = p->sport,
+                           .proto = p->proto, .other_addr = p->daddr, .other_port = p->dport };
     uint32_t b = nl_ct_bucket(ct, &k);
     pthread_spinlock_t *lock = nl_ct_stripe(ct, b);
     int is_syn = p->proto == NL_IPPROTO_TCP &&
@@ -87,7 +88,7 @@ static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
 
     pthread_spin_lock(lock);
     struct nl_flow *f = nl_ct_find(ct, b, &k, now);
-    if (f && (f->flags & NL_FL_PROBE_CLIENT) && p->proto == 6 &&
+    if (f && (f->flags & NL_FL_PROBE_CLIENT) && p->proto == NL_IPPROTO_TCP &&
         !(p->tcp_flags & (NL_TCP_SYN | NL_TCP_RST))) {
         nl_reset_probed(lb, f, p, 0);
         pthread_spin_unlock(lock);
@@ -150,11 +151,13 @@ static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
     } else {
         f->expires_ms = now + ct->timeout_ms[NL_T_UDP];
     }
-    uint32_t baddr = f->backend_addr;
+    struct nl_addr baddr = f->backend_addr;
     uint16_t bport = f->backend_port, bid = f->backend_id;
     /* natlb decides which flows the kernel may carry alone: established
-     * TCP to a live backend, never a packet that changes the flow's state. */
-    int fast = lb->cfg.fastpath && p->proto == 6 && f->state == NL_FS_ESTABLISHED &&
+     * TCP to a live backend, never a packet that changes the flow's state.
+     * IPv4 only: the ruleset's fast-path maps are. */
+    int fast = lb->cfg.fastpath && p->proto == NL_IPPROTO_TCP && p->family == 4 &&
+               f->state == NL_FS_ESTABLISHED &&
                !(p->tcp_flags & (NL_TCP_SYN | NL_TCP_FIN | NL_TCP_RST)) &&
                snap->alive[f->backend_id];
     pthread_spin_unlock(lock);
@@ -165,7 +168,7 @@ static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
     if (mark)
         *mark = NL_MARK_FORWARD | bid | (fast ? NL_MARK_FAST : 0);
     else
-        nl_rewrite(p, 1, baddr, bport, pkt_flags);
+        nl_rewrite(p, 1, &baddr, bport, pkt_flags);
     nl_count_packet(wc, (uint16_t)svc->spec.id, bid, nl_pkt_len(p), 0);
     return mark ? NL_VERDICT_MARK : NL_VERDICT_REWRITE;
 }
@@ -187,14 +190,15 @@ static int late_synack(struct nl_lb *lb, const struct nl_pkt *p, int csum, uint3
         (p->tcp_flags & (NL_TCP_SYN | NL_TCP_ACK | NL_TCP_RST)) != (NL_TCP_SYN | NL_TCP_ACK) ||
         csum != NL_CSUM_OK)
         return 0;
-    struct nl_ct_key k = { p->daddr, p->dport, NL_IPPROTO_TCP, 1, 0, 0 };
+    struct nl_ct_key k = { .client_addr = p->daddr, .client_port = p->dport,
+                           .proto = NL_IPPROTO_TCP, .reply = 1 };
     uint32_t b = nl_ct_bucket(&lb->ct, &k);
     pthread_spinlock_t *lock = nl_ct_stripe(&lb->ct, b);
     int late = 0;
     pthread_spin_lock(lock);
     for (uint32_t i = lb->ct.buckets[b]; i != NL_NIL; i = lb->ct.flows[i].next) {
         const struct nl_flow *f = &lb->ct.flows[i];
-        if (f->client_addr == p->daddr && f->client_port == p->dport &&
+        if (nl_addr_eq(&f->client_addr, &p->daddr) && f->client_port == p->dport &&
             f->proto == NL_IPPROTO_TCP &&
             f->tries > 1 && (f->flags & NL_FL_SYN_CHECKED) && p->ack == f->syn_seq + 1 &&
             !nl_time_before(f->expires_ms, now)) {
@@ -205,9 +209,8 @@ static int late_synack(struct nl_lb *lb, const struct nl_pkt *p, int csum, uint3
     pthread_spin_unlock(lock);
     if (!late)
         return 0;
-    uint8_t rst[40];
-    nl_build_rst(rst, p->daddr, p->saddr, p->dport, p->sport, p->ack);
-    nl_outbox_push(lb, rst, sizeof(rst));
+    uint8_t rst[NL_TCP_PKT_MAX];
+    nl_outbox_push(lb, rst, nl_build_rst(rst, &p->daddr, &p->saddr, p->dport, p->sport, p->ack));
     nl_count_failover(lb, NL_F_LATE_SYNACKS, 1);
     return 1;
 }
@@ -217,7 +220,8 @@ static int reply(struct nl_lb *lb, struct nl_worker_counters *wc,
                  int csum, uint32_t now, uint32_t *mark)
 {
     pthread_spinlock_t *lock;
-    struct nl_ct_key k = { p->daddr, p->dport, p->proto, 1, p->saddr, p->sport };
+    struct nl_ct_key k = { .client_addr = p->daddr, .client_port = p->dport, .proto = p->proto,
+                           .reply = 1, .other_addr = p->saddr, .other_port = p->sport };
     struct nl_flow *f = find_locked(lb, &k, now, &lock);
     int full = 0;
     if (!f)
@@ -249,7 +253,7 @@ static int reply(struct nl_lb *lb, struct nl_worker_counters *wc,
          * keep the RST from the client.  Unchecked bytes (either packet
          * longer than the copied head) only pass through. */
         if ((f->flags & NL_FL_SYN_CHECKED) && csum == NL_CSUM_OK) {
-            nl_emit(lb, NL_EV_SYN_RST, f->service_id, f->backend_id, f->client_addr, now);
+            nl_emit(lb, NL_EV_SYN_RST, f->service_id, f->backend_id, &f->client_addr, now);
             if (nl_resteer_held(lb, f, now) == 0) {
                 pthread_spin_unlock(lock);
                 return NL_VERDICT_DROP;
@@ -265,7 +269,7 @@ static int reply(struct nl_lb *lb, struct nl_worker_counters *wc,
     } else {
         f->expires_ms = now + lb->ct.timeout_ms[NL_T_UDP];
     }
-    uint32_t vip = f->vip_addr;
+    struct nl_addr vip = f->vip_addr;
     uint16_t vport = f->vip_port, sid = f->service_id, bid = f->backend_id;
     pthread_spin_unlock(lock);
     p->nat_addr = vip;
@@ -275,36 +279,37 @@ static int reply(struct nl_lb *lb, struct nl_worker_counters *wc,
     if (mark)
         *mark = NL_MARK_REPLY | sid;
     else
-        nl_rewrite(p, 0, vip, vport, pkt_flags);
+        nl_rewrite(p, 0, &vip, vport, pkt_flags);
     nl_count_packet(wc, sid, bid, nl_pkt_len(p), 1);
     return mark ? NL_VERDICT_MARK : NL_VERDICT_REWRITE;
 }
 
-/* "Fragmentation needed" about a reply (VIP -> client) is addressed to the
- * VIP, so the backend that sent the packet would never learn the path MTU
- * and its large segments would vanish.  Send it its own copy, quoting its
- * own packet (backend -> client), and drop the original.  Path MTU
- * discovery needs nothing more (RFC 1191); the other ICMP errors are not
- * translated. */
+/* "Fragmentation needed" (ICMPv6 "packet too big") about a reply (VIP ->
+ * client) is addressed to the VIP, so the backend that sent the packet
+ * would never learn the path MTU and its large segments would vanish.  Send
+ * it its own copy, quoting its own packet (backend -> client), and drop the
+ * original.  Path MTU discovery needs nothing more (RFC 1191, RFC 8201);
+ * the other ICMP errors are not translated. */
 static int pmtu(struct nl_lb *lb, struct nl_worker_counters *wc, const struct nl_icmp *icmp,
                 uint32_t now)
 {
     /* The quoted packet went VIP -> client: find the flow by its VIP side. */
     const struct nl_pkt *in = &icmp->inner;
-    struct nl_ct_key k = { in->daddr, in->dport, in->proto, 0, in->saddr, in->sport };
+    struct nl_ct_key k = { .client_addr = in->daddr, .client_port = in->dport,
+                           .proto = in->proto, .other_addr = in->saddr,
+                           .other_port = in->sport };
     pthread_spinlock_t *lock;
     struct nl_flow *f = find_locked(lb, &k, now, &lock);
     if (!f) {
         wc->reasons[NL_R_NOT_OURS]++;
         return NL_VERDICT_ACCEPT;
     }
-    uint32_t baddr = f->backend_addr;
+    struct nl_addr baddr = f->backend_addr;
     uint16_t bport = f->backend_port;
     pthread_spin_unlock(lock);
-    uint8_t out[20 + 8 + 60 + 8];
-    uint32_t n = nl_build_frag_needed(out, icmp->outer_saddr, baddr, icmp->mtu, icmp->quoted,
-                                      icmp->quoted_len, baddr, bport);
-    if (nl_outbox_push(lb, out, n))
+    uint8_t out[NL_PKT_OUT_MAX];
+    uint32_t n = nl_build_pmtu(out, sizeof(out), icmp, &baddr, bport);
+    if (n && nl_outbox_push(lb, out, n))
         nl_count_failover(lb, NL_F_PMTU_RELAYED, 1);
     return NL_VERDICT_DROP;
 }
@@ -325,19 +330,19 @@ static int quote_matches(const struct nl_flow *f, const struct nl_icmp *icmp)
            !seq_before(seq, f->client_seq_next - ICMP_SEQ_WINDOW);
 }
 
-/* An ICMP unreachable about a packet natlb sent to a backend: a passive
- * failure.  The ICMP is not passed on: it quotes the backend's address, and
- * the client could not match it to its connection anyway. */
-static int icmp_unreach(struct nl_lb *lb, struct nl_worker_counters *wc, const uint8_t *pkt,
-                        uint32_t len, uint32_t pkt_flags, uint32_t now)
+/* An ICMP(v6) unreachable about a packet natlb sent to a backend: a
+ * passive failure.  The ICMP is not passed on: it quotes the backend's
+ * address, and the client could not match it to its connection anyway. */
+static int icmp_error(struct nl_lb *lb, struct nl_worker_counters *wc, const struct nl_pkt *p,
+                      uint32_t pkt_flags, uint32_t now)
 {
     struct nl_icmp icmp;
-    int r = nl_parse_icmp_unreach(pkt, len, &icmp, (pkt_flags & NL_PKT_HEAD_ONLY) != 0);
+    int r = nl_parse_icmp(p, &icmp);
     if (r >= 0) {
         wc->reasons[r]++;
         return r == NL_R_MALFORMED ? NL_VERDICT_DROP : NL_VERDICT_ACCEPT;
     }
-    int csum = nl_check_icmp_csum(pkt, len, pkt_flags);
+    int csum = nl_check_icmp_csum(p, pkt_flags);
     if (csum == NL_CSUM_BAD) {
         wc->reasons[NL_R_BAD_CHECKSUM]++;
         return NL_VERDICT_DROP;
@@ -346,7 +351,9 @@ static int icmp_unreach(struct nl_lb *lb, struct nl_worker_counters *wc, const u
         return pmtu(lb, wc, &icmp, now);   /* news, not a failure: no check */
     /* The quoted packet went client -> backend: find the flow by its backend side. */
     const struct nl_pkt *in = &icmp.inner;
-    struct nl_ct_key k = { in->saddr, in->sport, in->proto, 1, in->daddr, in->dport };
+    struct nl_ct_key k = { .client_addr = in->saddr, .client_port = in->sport,
+                           .proto = in->proto, .reply = 1, .other_addr = in->daddr,
+                           .other_port = in->dport };
     pthread_spinlock_t *lock;
     struct nl_flow *f = find_locked(lb, &k, now, &lock);
     if (!f) {
@@ -358,7 +365,7 @@ static int icmp_unreach(struct nl_lb *lb, struct nl_worker_counters *wc, const u
         wc->reasons[NL_R_UNMATCHED]++;
         return NL_VERDICT_DROP;
     }
-    nl_emit(lb, NL_EV_ICMP, f->service_id, f->backend_id, f->client_addr, now);
+    nl_emit(lb, NL_EV_ICMP, f->service_id, f->backend_id, &f->client_addr, now);
     if (f->proto == NL_IPPROTO_TCP && f->state == NL_FS_SYN_SENT)
         nl_resteer_held(lb, f, now);
     pthread_spin_unlock(lock);
@@ -367,11 +374,12 @@ static int icmp_unreach(struct nl_lb *lb, struct nl_worker_counters *wc, const u
 
 /* A TCP/UDP fragment after the first: it gets its first's verdict. */
 static int later_fragment(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
-                          uint64_t now_ms, uint32_t packet_id, uint32_t *mark)
+                          const struct nl_pkt *p, uint64_t now_ms, uint32_t packet_id,
+                          uint32_t *mark)
 {
     if (worker > lb->cfg.n_workers)
         worker = lb->cfg.n_workers;
-    int v = nl_frag_follow(lb, worker, pkt, len, mark != NULL, now_ms, packet_id, mark);
+    int v = nl_frag_follow(lb, worker, pkt, len, p, mark != NULL, now_ms, packet_id, mark);
     if (v == NL_VERDICT_DROP)
         nl_counters_of(lb, worker)->reasons[NL_R_FRAGMENT]++;
     return v;
@@ -379,21 +387,28 @@ static int later_fragment(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint3
 
 /* The first fragment of a datagram got verdict v: its others will too.
  * saddr/daddr are the addresses it arrived with. */
-static void first_fragment(struct nl_lb *lb, const struct nl_pkt *p, uint32_t saddr,
-                           uint32_t daddr, int forwarded, int v, uint64_t now_ms)
+static void first_fragment(struct nl_lb *lb, const struct nl_pkt *p, const struct nl_addr *saddr,
+                           const struct nl_addr *daddr, int forwarded, int v, uint64_t now_ms)
 {
-    struct nl_frag_key k = { .saddr = { saddr }, .daddr = { daddr }, .family = 4,
-                             .proto = p->proto,
-                             .id = nl_be16(p->ip + NL_OFF_IP_ID) };
+    struct nl_frag_key k = { .saddr = *saddr, .daddr = *daddr, .family = p->family,
+                             .proto = p->frag_nh, .id = p->frag_id };
     struct nl_frag_verdict fv = { .verdict = v == NL_VERDICT_MARK ? NL_VERDICT_REWRITE : v };
     if (fv.verdict == NL_VERDICT_REWRITE) {
-        fv.addr[0] = p->nat_addr;
+        fv.addr = p->nat_addr;
         fv.dst = (uint8_t)forwarded;
         fv.service_id = p->nat_service;
         fv.backend_id = p->nat_backend;
         fv.mark = forwarded ? NL_MARK_FORWARD | p->nat_backend : NL_MARK_REPLY | p->nat_service;
     }
-    nl_frag_first(lb, &k, &fv, p->l4len, now_ms);
+    nl_frag_first(lb, &k, &fv, p->frag_data, now_ms);
+}
+
+/* Fragments natlb can follow: of TCP or UDP (IPv6: or of destination
+ * options that precede them). */
+static inline int followable(const struct nl_pkt *p)
+{
+    return p->frag_nh == NL_IPPROTO_TCP || p->frag_nh == NL_IPPROTO_UDP ||
+           (p->family == 6 && p->frag_nh == NL_IPPROTO_DSTOPTS);
 }
 
 static int process(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
@@ -402,11 +417,11 @@ static int process(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len
     struct nl_worker_counters *wc = nl_counters_of(lb, worker);
     struct nl_pkt p;
     int r = nl_parse(pkt, len, &p, (pkt_flags & NL_PKT_HEAD_ONLY) != 0);
-    if (r == NL_R_UNSUPPORTED && len >= 20 && pkt[NL_OFF_IP_PROTO] == NL_IPPROTO_ICMP)
-        return icmp_unreach(lb, wc, pkt, len, pkt_flags, (uint32_t)now_ms);
-    if (NL_UNLIKELY(r == NL_R_FRAGMENT) &&
-        (pkt[NL_OFF_IP_PROTO] == NL_IPPROTO_TCP || pkt[NL_OFF_IP_PROTO] == NL_IPPROTO_UDP))
-        return later_fragment(lb, worker, pkt, len, now_ms, packet_id, mark);
+    if (r == NL_R_UNSUPPORTED &&
+        p.proto == (p.family == 6 ? NL_IPPROTO_ICMPV6 : NL_IPPROTO_ICMP))
+        return icmp_error(lb, wc, &p, pkt_flags, (uint32_t)now_ms);
+    if (NL_UNLIKELY(r == NL_R_FRAGMENT) && followable(&p))
+        return later_fragment(lb, worker, pkt, len, &p, now_ms, packet_id, mark);
     if (r >= 0) {
         wc->reasons[r]++;
         return r == NL_R_UNSUPPORTED ? NL_VERDICT_ACCEPT : NL_VERDICT_DROP;
@@ -421,13 +436,13 @@ static int process(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len
      * hands over a fragment with its checksum unfinished). */
     if (NL_UNLIKELY(p.frag))
         pkt_flags &= ~(uint32_t)(NL_PKT_CSUM_PARTIAL | NL_PKT_GSO);
-    uint32_t saddr = p.saddr, daddr = p.daddr;
+    struct nl_addr saddr = p.saddr, daddr = p.daddr;
     const struct nl_snapshot *snap = __atomic_load_n(&lb->snap, __ATOMIC_ACQUIRE);
-    const struct nl_service *svc = nl_find_service(snap, p.daddr, p.dport, p.proto);
+    const struct nl_service *svc = nl_find_service(snap, &p.daddr, p.dport, p.proto);
     int v = svc ? forward(lb, wc, snap, svc, &p, pkt_flags, csum, (uint32_t)now_ms, mark)
                 : reply(lb, wc, snap, &p, pkt_flags, csum, (uint32_t)now_ms, mark);
     if (NL_UNLIKELY(p.frag))
-        first_fragment(lb, &p, saddr, daddr, svc != NULL, v, now_ms);
+        first_fragment(lb, &p, &saddr, &daddr, svc != NULL, v, now_ms);
     return v;
 }
 

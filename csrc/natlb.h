@@ -9,6 +9,12 @@
  * Byte order: every address and port in these structs is in NETWORK order,
  * exactly as it sits in the packet, so the data path never swaps bytes.
  *
+ * Addresses (struct nl_addr) are 128 bits for both families: an IPv4
+ * address is held IPv4-mapped (::ffff:a.b.c.d, RFC 4291 2.5.5.2), so the
+ * family is the address's own.  Mapped addresses never appear on the wire
+ * (an IPv6 packet carrying one is dropped as malformed), so an IPv4 and an
+ * IPv6 flow can never be taken for each other.
+ *
  * Threading: nl_process() and the NFQUEUE workers run without the GIL and
  * may run concurrently.  The control plane publishes a whole new snapshot
  * (nl_publish) instead of editing the live one, so a packet sees either the
@@ -45,7 +51,8 @@
 #define NL_MARK_FORWARD 1845493760   /* 0x6e000000 | backend id: dst = backend */
 #define NL_MARK_REPLY 1846542336     /* 0x6e100000 | service id: src = VIP     */
 /* Or'ed into a forward mark (config fastpath) when the packet belongs to an
- * established TCP flow: nft then installs the flow in its fast-path maps. */
+ * established IPv4 TCP flow: nft then installs the flow in its fast-path
+ * maps.  Never set on an IPv6 packet (the fast path is IPv4 only). */
 #define NL_MARK_FAST 8388608         /* 0x00800000                             */
 
 /* ---- schedulers -------------------------------------------------------- */
@@ -75,20 +82,32 @@
 #define NL_T_MAX 5
 
 /* ---- why a packet was dropped or passed (global counters) ------------- */
-#define NL_R_MALFORMED 0         /* bad IPv4/TCP/UDP header: dropped       */
+#define NL_R_MALFORMED 0         /* bad IPv4/IPv6/TCP/UDP header (IPv6: also
+                                    too many extension headers, a mapped
+                                    address, a jumbogram): dropped         */
 #define NL_R_FRAGMENT 1          /* IP fragment dropped (see NL_FR_*)      */
 #define NL_R_NO_FLOW 2           /* TCP non-SYN with no flow: dropped      */
 #define NL_R_NO_BACKEND 3        /* no eligible backend: dropped           */
 #define NL_R_TABLE_FULL 4        /* conntrack full, new flow dropped       */
 #define NL_R_NOT_OURS 5          /* matched no service or flow: passed     */
 #define NL_R_TRUNCATED 6         /* NFQUEUE gave a partial copy: dropped   */
-#define NL_R_UNSUPPORTED 7       /* not IPv4 TCP/UDP: passed               */
+#define NL_R_UNSUPPORTED 7       /* not TCP/UDP (nor an ICMP error natlb
+                                    reads), or IPv6 with a routing header
+                                    that has segments left, AH or ESP: passed */
 #define NL_R_VERDICT_ERROR 8     /* verdict could not be sent              */
-#define NL_R_BAD_CHECKSUM 9      /* IP, TCP, UDP or ICMP checksum wrong: dropped */
+#define NL_R_BAD_CHECKSUM 9      /* IP, TCP, UDP or ICMP checksum wrong, or an
+                                    IPv6 UDP datagram without one: dropped */
 #define NL_R_UNMATCHED 10        /* RST or ICMP error about a flow that does not
                                     match what natlb sent, or that could not
                                     be verified: dropped, not believed     */
 #define NL_R_MAX 11
+
+/* One IPv4 (mapped) or IPv6 address. */
+struct nl_addr {
+    uint32_t w[4];                  /* the 16 address bytes as 4 words in
+                                       network order; IPv4: 0, 0,
+                                       htonl(0xffff), the IPv4 address   */
+};
 
 /* Sizes the conntrack and sets its timeouts; fixed for the lb's lifetime. */
 struct nl_config {
@@ -102,12 +121,12 @@ struct nl_config {
                                        (0: fragments are dropped)          */
     uint32_t fragment_timeout_ms;   /* a datagram's fragments must all pass
                                        within this; held ones are dropped  */
-    uint32_t fastpath;              /* 1: mark established TCP NL_MARK_FAST */
+    uint32_t fastpath;              /* 1: mark established IPv4 TCP NL_MARK_FAST */
 };
 
 /* One real server of a service, as published by the control plane. */
 struct nl_backend_spec {
-    uint32_t addr;                  /* network order                       */
+    struct nl_addr addr;            /* same family as its service's VIP    */
     uint16_t port;                  /* network order                       */
     uint16_t weight;                /* relative weight, used by lc         */
     uint32_t id;                    /* stable counter slot < NL_MAX_BACKENDS */
@@ -116,7 +135,7 @@ struct nl_backend_spec {
 
 /* One virtual service (VIP, port, protocol). */
 struct nl_service_spec {
-    uint32_t vip;                   /* network order                       */
+    struct nl_addr vip;             /* IPv4 (mapped) or IPv6               */
     uint16_t port;                  /* network order                       */
     uint8_t proto;                  /* 6 = TCP, 17 = UDP                   */
     uint8_t scheduler;              /* NL_SCHED_*                          */
@@ -162,7 +181,7 @@ void nl_snapshot_free(struct nl_snapshot *snap);
 int nl_publish(struct nl_lb *lb, struct nl_snapshot *snap);
 
 /* ---- the sans-IO data path -------------------------------------------- */
-/* Processes one IPv4 packet in place.  `worker` picks the counter block
+/* Processes one IPv4 or IPv6 packet in place.  `worker` picks the counter block
  * (0..n_workers; n_workers is reserved for callers outside the workers).
  * `now_ms` is a monotonic clock in milliseconds.  Returns NL_VERDICT_*.
  * Safe to call from any thread while the workers run: calls from outside
@@ -216,14 +235,14 @@ void nl_read_io(struct nl_lb *lb, uint64_t *packets, uint64_t *batches);
 /* ---- failover: events, re-steering, packets natlb sends itself ----------- */
 #define NL_EV_SYN_RST 1          /* a backend answered a SYN with RST       */
 #define NL_EV_SYN_TIMEOUT 2      /* no SYN-ACK within syn_timeout_ms        */
-#define NL_EV_ICMP 3             /* ICMP unreachable about a flow's packet  */
+#define NL_EV_ICMP 3             /* ICMP(v6) unreachable about a flow's packet */
 
 /* A passive failure seen by the data path, for the control plane to judge. */
 struct nl_event {
     uint32_t kind;                  /* NL_EV_*                             */
     uint32_t service_id;
     uint32_t backend_id;
-    uint32_t client_addr;           /* network order: the flow's client, so
+    struct nl_addr client_addr;     /* the flow's client (either family), so
                                        the control plane can count distinct
                                        clients before it believes a failure */
     uint64_t time_ms;               /* the now_ms of the packet or tick    */
@@ -235,7 +254,8 @@ struct nl_event {
 #define NL_F_OUTBOX_FULL 3       /* packets natlb could not queue to send   */
 #define NL_F_EVENTS_LOST 4       /* oldest events dropped: ring full         */
 #define NL_F_SEND_ERRORS 5       /* raw socket send failures                */
-#define NL_F_PMTU_RELAYED 6      /* "fragmentation needed" passed to backends */
+#define NL_F_PMTU_RELAYED 6      /* "fragmentation needed" / ICMPv6 "packet too
+                                    big" passed to backends                */
 #define NL_F_HELD_LOST 7         /* held SYNs overwritten before their deadline:
                                     ring full, those flows are not re-steered */
 #define NL_F_ADOPTED 8           /* cluster: flows taken up mid-way (no SYN) */
@@ -294,8 +314,10 @@ uint64_t nl_frag_memory(struct nl_lb *lb);
 #define NL_START_MARK 2          /* copy heads only; verdicts carry marks   */
 /* Mark mode: how much of each packet NFQUEUE copies.  Every header natlb
  * reads fits (IP and TCP with options: 120 bytes; an ICMP error with IP
- * options outside and in its quote: 136), and so do whole SYNs, RSTs and
- * the ICMP errors about them, whose checksums can then be checked. */
+ * options outside and in its quote: 136; IPv6 and TCP with options: 100,
+ * leaving 156 bytes for extension headers), and so do whole SYNs, RSTs and
+ * the ICMP errors about them, whose checksums can then be checked.  An
+ * IPv6 packet whose headers do not fit is dropped as malformed. */
 #define NL_HEAD_COPY 256
 #define NL_START_PAUSED 4        /* bind the queues, read nothing until nl_resume */
 /* Binds one netlink socket per queue number and starts one thread each.

@@ -27,6 +27,7 @@
 #include <time.h>
 #include <unistd.h>
 #include <arpa/inet.h>
+#include <netinet/in.h>
 #include <sys/eventfd.h>
 #include <sys/socket.h>
 #include <sys/uio.h>
@@ -87,6 +88,8 @@ struct nl_io {
     uint32_t n_running;
     volatile int stop;
     int raw_fd;                  /* raw socket while workers run, or -1    */
+    int raw6_fd;                 /* the same for IPv6 (-1 also when the host
+                                    has no IPv6)                          */
     int evfd;                    /* readable when events wait (nl_event_fd) */
     int paused;                  /* workers bound but not reading (handover) */
     uint32_t n_fwd;              /* >0: pass every packet on to fwd_queue  */
@@ -99,6 +102,7 @@ int nl_io_init(struct nl_lb *lb)
     if (!io)
         return -1;
     io->raw_fd = -1;
+    io->raw6_fd = -1;
     io->evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
     if (io->evfd < 0) {
         free(io);
@@ -157,14 +161,24 @@ uint32_t nl_read_events(struct nl_lb *lb, struct nl_event *out, uint32_t max)
 uint32_t nl_io_flush(struct nl_lb *lb)
 {
     int fd = __atomic_load_n(&lb->io->raw_fd, __ATOMIC_ACQUIRE);
+    int fd6 = __atomic_load_n(&lb->io->raw6_fd, __ATOMIC_ACQUIRE);
     if (fd < 0)
         return 0;
     uint8_t buf[256];
     uint32_t len, sent = 0;
     while ((len = nl_outbox_take(lb, buf, sizeof(buf))) != 0) {
-        struct sockaddr_in to = { .sin_family = AF_INET };
-        memcpy(&to.sin_addr, buf + NL_OFF_IP_DADDR, 4);
-        if (sendto(fd, buf, len, 0, (struct sockaddr *)&to, sizeof(to)) < 0)
+        ssize_t rc;
+        if (nl_ip_version(buf) == 6) {
+            /* sin6_port 0: the protocol is the header's (IPV6_HDRINCL). */
+            struct sockaddr_in6 to = { .sin6_family = AF_INET6 };
+            memcpy(&to.sin6_addr, buf + NL_OFF_IP6_DADDR, 16);
+            rc = fd6 < 0 ? -1 : sendto(fd6, buf, len, 0, (struct sockaddr *)&to, sizeof(to));
+        } else {
+            struct sockaddr_in to = { .sin_family = AF_INET };
+            memcpy(&to.sin_addr, buf + NL_OFF_IP_DADDR, 4);
+            rc = sendto(fd, buf, len, 0, (struct sockaddr *)&to, sizeof(to));
+        }
+        if (rc < 0)
             nl_count_failover(lb, NL_F_SEND_ERRORS, 1);
         else
             sent++;
@@ -630,17 +644,31 @@ int nl_start(struct nl_lb *lb, const uint16_t *queues, uint32_t n, uint32_t flag
         if (open_queue(&ws[i], flags, err, errlen) < 0)
             goto fail;
     }
-    /* Packets natlb originates (re-sent SYNs, RSTs) go out through a raw
-     * socket, marked so the nftables table can untrack them. */
+    /* Packets natlb originates (re-sent SYNs, RSTs, PMTU news) go out
+     * through a raw socket per family, header included (IPPROTO_RAW implies
+     * IP_HDRINCL / IPV6_HDRINCL), marked so the nftables table can untrack
+     * them.  A host without IPv6 has no IPv6 flows to send for. */
     int raw = socket(AF_INET, SOCK_RAW | SOCK_CLOEXEC, IPPROTO_RAW);
+    int raw6 = socket(AF_INET6, SOCK_RAW | SOCK_CLOEXEC, IPPROTO_RAW);
     uint32_t mark = NL_RAW_MARK;
-    if (raw < 0 || setsockopt(raw, SOL_SOCKET, SO_MARK, &mark, sizeof(mark)) < 0) {
-        snprintf(err, errlen, "raw socket: %s", strerror(errno));
+    if (raw6 < 0 && errno != EAFNOSUPPORT) {
+        snprintf(err, errlen, "IPv6 raw socket: %s", strerror(errno));
         if (raw >= 0)
             close(raw);
         i = n;
         goto fail;
     }
+    if (raw < 0 || setsockopt(raw, SOL_SOCKET, SO_MARK, &mark, sizeof(mark)) < 0 ||
+        (raw6 >= 0 && setsockopt(raw6, SOL_SOCKET, SO_MARK, &mark, sizeof(mark)) < 0)) {
+        snprintf(err, errlen, "raw socket: %s", strerror(errno));
+        if (raw >= 0)
+            close(raw);
+        if (raw6 >= 0)
+            close(raw6);
+        i = n;
+        goto fail;
+    }
+    __atomic_store_n(&io->raw6_fd, raw6, __ATOMIC_RELEASE);
     __atomic_store_n(&io->raw_fd, raw, __ATOMIC_RELEASE);
     io->stop = 0;
     io->paused = (flags & NL_START_PAUSED) != 0;
@@ -652,6 +680,9 @@ int nl_start(struct nl_lb *lb, const uint16_t *queues, uint32_t n, uint32_t flag
             for (uint32_t j = 0; j < i; j++)
                 pthread_join(ws[j].thread, NULL);
             close(__atomic_exchange_n(&io->raw_fd, -1, __ATOMIC_ACQ_REL));
+            int r6 = __atomic_exchange_n(&io->raw6_fd, -1, __ATOMIC_ACQ_REL);
+            if (r6 >= 0)
+                close(r6);
             i = n;
             goto fail;
         }
@@ -680,6 +711,9 @@ void nl_stop(struct nl_lb *lb)
     int raw = __atomic_exchange_n(&io->raw_fd, -1, __ATOMIC_ACQ_REL);
     if (raw >= 0)
         close(raw);
+    int raw6 = __atomic_exchange_n(&io->raw6_fd, -1, __ATOMIC_ACQ_REL);
+    if (raw6 >= 0)
+        close(raw6);
     free(io->workers);
     io->workers = NULL;
     io->n_running = 0;

@@ -1,12 +1,18 @@
 /*
- * packet.c -- parse and rewrite IPv4 TCP/UDP headers in a byte buffer.
+ * packet.c -- parse and rewrite IPv4 and IPv6 TCP/UDP headers in a byte
+ * buffer.
  *
  * Theory of operation: nl_parse validates every header it will later touch
- * against both the buffer length and the IP total length, so nl_rewrite can
- * write without further checks.  Checksums:
- *  - the IP header checksum is always complete: RFC 1624 incremental update;
+ * against both the buffer length and the IP total (IPv6: payload) length,
+ * so nl_rewrite can write without further checks.  IPv6 extension headers
+ * (hop-by-hop, routing, destination options, fragment) are walked, at most
+ * NL_IP6_MAX_EXT of them, never past the buffer.  Checksums:
+ *  - the IPv4 header checksum is always complete: RFC 1624 incremental
+ *    update (IPv6 has none);
  *  - the L4 checksum depends on what the kernel handed us (pkt_flags):
- *      complete       -> RFC 1624 incremental update (UDP 0 stays 0);
+ *      complete       -> RFC 1624 incremental update over the pseudo-
+ *                        header's address (IPv4 UDP 0 stays 0; IPv6 UDP
+ *                        never carries 0, and never gets it: 0 -> 0xffff);
  *      partial, GSO   -> the field holds only the pseudo-header sum and the
  *                        kernel finishes it when segmenting: recompute that;
  *      partial, plain -> the kernel marks the packet CHECKSUM_NONE after we
@@ -29,26 +35,9 @@ static inline uint32_t ld32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); re
 static inline void st16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
 static inline void st32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
 
-int nl_parse(uint8_t *buf, uint32_t len, struct nl_pkt *p, int head_only)
+/* The TCP/UDP header at p->l4, of which l4cap bytes are in the buffer. */
+static int parse_l4(struct nl_pkt *p, uint32_t l4cap)
 {
-    if (len < 20 || nl_ip_version(buf) != 4)
-        return (len >= 1 && nl_ip_version(buf) == 6) ? NL_R_UNSUPPORTED : NL_R_MALFORMED;
-    uint32_t ihl = nl_ip_hlen(buf);
-    uint32_t tot = nl_be16(buf + NL_OFF_IP_TOT_LEN);
-    if (ihl < 20 || tot < ihl || (tot > len && !head_only) || ihl > len)
-        return NL_R_MALFORMED;
-    uint16_t frag = (uint16_t)nl_be16(buf + NL_OFF_IP_FRAG);
-    if (frag & 0x1fff)                  /* a later fragment: no L4 header; */
-        return NL_R_FRAGMENT;           /* it follows its first (fragtrack.c) */
-    p->frag = (frag & 0x2000) != 0;     /* MF: the first of several */
-    p->ip = buf;
-    p->proto = buf[NL_OFF_IP_PROTO];
-    p->saddr = ld32(buf + NL_OFF_IP_SADDR);
-    p->daddr = ld32(buf + NL_OFF_IP_DADDR);
-    p->l4 = buf + ihl;
-    p->l4len = tot - ihl;
-    p->caplen = tot < len ? tot : len;
-    uint32_t l4cap = p->caplen - ihl;    /* what we may read of the L4 part */
     p->tcp_flags = 0;
     if (p->proto == NL_IPPROTO_TCP) {
         if (p->l4len < 20 || l4cap < 20)
@@ -76,6 +65,145 @@ int nl_parse(uint8_t *buf, uint32_t len, struct nl_pkt *p, int head_only)
     p->sport = ld16(p->l4 + NL_OFF_L4_SPORT);
     p->dport = ld16(p->l4 + NL_OFF_L4_DPORT);
     return -1;
+}
+
+static int parse4(uint8_t *buf, uint32_t len, struct nl_pkt *p, int head_only)
+{
+    if (len < 20)
+        return NL_R_MALFORMED;
+    uint32_t ihl = nl_ip_hlen(buf);
+    uint32_t tot = nl_be16(buf + NL_OFF_IP_TOT_LEN);
+    if (ihl < 20 || tot < ihl || (tot > len && !head_only) || ihl > len)
+        return NL_R_MALFORMED;
+    p->family = 4;
+    p->ip = buf;
+    p->saddr = nl_addr_v4(ld32(buf + NL_OFF_IP_SADDR));
+    p->daddr = nl_addr_v4(ld32(buf + NL_OFF_IP_DADDR));
+    uint16_t frag = (uint16_t)nl_be16(buf + NL_OFF_IP_FRAG);
+    p->frag = (frag & 0x2000) && !(frag & 0x1fff);   /* MF: the first of several */
+    if (NL_UNLIKELY(frag & 0x3fff)) {
+        p->frag_nh = buf[NL_OFF_IP_PROTO];
+        p->frag_id = nl_be16(buf + NL_OFF_IP_ID);
+        p->frag_off = (uint32_t)(frag & 0x1fff) * 8;
+        p->frag_last = !(frag & 0x2000);
+        p->frag_data = tot - ihl;
+        if (frag & 0x1fff)              /* a later fragment: no L4 header; */
+            return NL_R_FRAGMENT;       /* it follows its first (fragtrack.c) */
+    }
+    p->proto = buf[NL_OFF_IP_PROTO];
+    p->l4 = buf + ihl;
+    p->l4len = tot - ihl;
+    p->caplen = tot < len ? tot : len;
+    return parse_l4(p, p->caplen - ihl);    /* what we may read of the L4 part */
+}
+
+/* What walk6 found between the IPv6 fixed header and the upper layer. */
+struct ext6 {
+    uint32_t off;            /* offset of the upper-layer header          */
+    uint8_t nh;              /* its protocol                              */
+    uint8_t has_frag;
+    uint8_t frag_nh, frag_m;
+    uint32_t frag_off;       /* bytes                                     */
+    uint32_t frag_id;
+    uint32_t frag_end;       /* offset of the fragment data               */
+};
+
+/* Walks the extension headers of the IPv6 packet at ip, of which `avail`
+ * bytes may be read: hop-by-hop (first only), routing, destination
+ * options, one fragment header; at most NL_IP6_MAX_EXT of them.  Stops at
+ * any other header (the upper layer, or AH/ESP/no-next-header for the
+ * caller to refuse), or after a fragment header whose offset is not 0
+ * (what follows is the middle of a datagram).  -1, or NL_R_MALFORMED, or
+ * NL_R_UNSUPPORTED for a routing header with segments left: the packet is
+ * not for its destination address yet, and its L4 checksum covers another. */
+static int walk6(const uint8_t *ip, uint32_t avail, struct ext6 *w)
+{
+    uint32_t off = NL_IP6_HLEN;
+    uint8_t nh = ip[NL_OFF_IP6_NEXT];
+    w->has_frag = 0;
+    for (int n = 0;; n++) {
+        if (nh != NL_IPPROTO_HOPOPTS && nh != NL_IPPROTO_ROUTING &&
+            nh != NL_IPPROTO_DSTOPTS && nh != NL_IPPROTO_FRAGMENT)
+            break;
+        if (n == NL_IP6_MAX_EXT || (nh == NL_IPPROTO_HOPOPTS && n > 0) || off + 8 > avail)
+            return NL_R_MALFORMED;
+        const uint8_t *h = ip + off;
+        uint32_t hlen = 8;
+        if (nh == NL_IPPROTO_FRAGMENT) {
+            if (w->has_frag)
+                return NL_R_MALFORMED;
+            uint32_t fo = nl_be16(h + NL_OFF_FRAG6_OFF);
+            w->has_frag = 1;
+            w->frag_nh = h[0];
+            w->frag_m = fo & 1;
+            w->frag_off = fo & 0xfff8;
+            w->frag_id = nl_be32(h + NL_OFF_FRAG6_ID);
+            w->frag_end = off + 8;
+            if (w->frag_off) {
+                w->off = off + 8;
+                w->nh = h[0];
+                return -1;
+            }
+        } else {
+            hlen = ((uint32_t)h[1] + 1) * 8;
+            if (off + hlen > avail)
+                return NL_R_MALFORMED;
+            if (nh == NL_IPPROTO_ROUTING && h[NL_OFF_RT_SEGLEFT] != 0)
+                return NL_R_UNSUPPORTED;
+        }
+        nh = h[0];
+        off += hlen;
+    }
+    w->off = off;
+    w->nh = nh;
+    return -1;
+}
+
+static int parse6(uint8_t *buf, uint32_t len, struct nl_pkt *p, int head_only)
+{
+    if (len < NL_IP6_HLEN)
+        return NL_R_MALFORMED;
+    uint32_t tot = NL_IP6_HLEN + nl_be16(buf + NL_OFF_IP6_PLEN);
+    if (tot > len && !head_only)
+        return NL_R_MALFORMED;
+    p->family = 6;
+    p->ip = buf;
+    memcpy(&p->saddr, buf + NL_OFF_IP6_SADDR, 16);
+    memcpy(&p->daddr, buf + NL_OFF_IP6_DADDR, 16);
+    /* Never on the wire (RFC 4291 2.5.5.2); natlb's IPv4 addresses. */
+    if (nl_addr_is_v4(&p->saddr) || nl_addr_is_v4(&p->daddr))
+        return NL_R_MALFORMED;
+    p->caplen = tot < len ? tot : len;
+    struct ext6 w;
+    int r = walk6(buf, p->caplen, &w);
+    if (r >= 0)
+        return r;
+    p->frag = 0;
+    if (NL_UNLIKELY(w.has_frag)) {
+        p->frag_nh = w.frag_nh;
+        p->frag_id = w.frag_id;
+        p->frag_off = w.frag_off;
+        p->frag_last = !w.frag_m;
+        p->frag_data = tot - w.frag_end;
+        if (w.frag_off)
+            return NL_R_FRAGMENT;
+        p->frag = w.frag_m;     /* offset 0 and no M: an atomic fragment, whole */
+    }
+    p->proto = w.nh;
+    p->l4 = buf + w.off;
+    p->l4len = tot - w.off;
+    return parse_l4(p, p->caplen - w.off);
+}
+
+int nl_parse(uint8_t *buf, uint32_t len, struct nl_pkt *p, int head_only)
+{
+    p->family = 0;
+    p->proto = 0;
+    if (len >= 1 && nl_ip_version(buf) == 4)
+        return parse4(buf, len, p, head_only);
+    if (len >= 1 && nl_ip_version(buf) == 6)
+        return parse6(buf, len, p, head_only);
+    return NL_R_MALFORMED;
 }
 
 /* Ones' complement helpers over 32-bit accumulators. */
@@ -137,21 +265,39 @@ static uint32_t csum_partial(const uint8_t *data, uint32_t len, uint32_t sum)
     return (uint32_t)acc;
 }
 
+/* RFC 1624 for an address of `words` 32-bit words (1: IPv4, 4: IPv6). */
+static inline uint16_t csum_replace_addr(uint16_t check, const uint32_t *from,
+                                         const uint32_t *to, int words)
+{
+    uint32_t sum = (uint16_t)~check;
+    for (int i = 0; i < words; i++) {
+        sum = csum_add(sum, ~from[i]);
+        sum = csum_add(sum, to[i]);
+    }
+    return (uint16_t)~csum_fold(sum);
+}
+
+/* Sum of the pseudo-header of an IPv4 or IPv6 packet at ip, for an upper
+ * layer of `proto` and `len` bytes (RFC 768/793, RFC 8200 8.1).  The
+ * 16-bit words of the IPv6 form sum alike: length, then zero and proto. */
+static uint32_t pseudo_sum_of(const uint8_t *ip, uint8_t proto, uint32_t len)
+{
+    uint8_t tail[4] = { 0, proto, (uint8_t)(len >> 8), (uint8_t)len };
+    if (nl_ip_version(ip) == 6)
+        return csum_partial(ip + NL_OFF_IP6_SADDR, 32, ld32(tail));
+    uint32_t sum = csum_add(ld32(ip + NL_OFF_IP_SADDR), ld32(ip + NL_OFF_IP_DADDR));
+    return csum_add(sum, ld32(tail));
+}
+
 static uint32_t pseudo_sum(const struct nl_pkt *p)
 {
-    uint32_t sum = 0;
-    sum = csum_add(sum, ld32(p->ip + NL_OFF_IP_SADDR));
-    sum = csum_add(sum, ld32(p->ip + NL_OFF_IP_DADDR));
-    uint8_t tail[4] = { 0, p->proto, (uint8_t)(p->l4len >> 8), (uint8_t)p->l4len };
-    return csum_add(sum, ld32(tail));
+    return pseudo_sum_of(p->ip, p->proto, p->l4len);
 }
 
 /* Ones' complement sum of (pseudo-header, L4 segment of `len` bytes). */
 static uint32_t l4_sum(const struct nl_pkt *p, uint32_t len)
 {
-    uint32_t sum = csum_add(ld32(p->ip + NL_OFF_IP_SADDR), ld32(p->ip + NL_OFF_IP_DADDR));
-    uint8_t tail[4] = { 0, p->proto, (uint8_t)(len >> 8), (uint8_t)len };
-    return csum_partial(p->l4, len, csum_add(sum, ld32(tail)));
+    return csum_partial(p->l4, len, pseudo_sum_of(p->ip, p->proto, len));
 }
 
 static int ip_header_ok(const uint8_t *ip)
@@ -161,14 +307,20 @@ static int ip_header_ok(const uint8_t *ip)
 
 int nl_check_csum(const struct nl_pkt *p, uint32_t pkt_flags)
 {
+    /* RFC 8200 8.1: over IPv6 a UDP checksum of zero is no checksum, and
+     * its receiver discards the datagram; natlb does so first. */
+    if (p->family == 6 && p->proto == NL_IPPROTO_UDP && !(pkt_flags & NL_PKT_CSUM_PARTIAL) &&
+        ld16(p->l4 + NL_OFF_UDP_CSUM) == 0)
+        return NL_CSUM_BAD;
     /* The kernel vouches for the L4 sum, and its ip_rcv has verified every
      * IP header before prerouting: nothing left to check. */
     if (pkt_flags & (NL_PKT_CSUM_VERIFIED | NL_PKT_CSUM_PARTIAL))
         return NL_CSUM_OK;
-    if (!ip_header_ok(p->ip))
+    if (p->family == 4 && !ip_header_ok(p->ip))
         return NL_CSUM_BAD;
     /* A fragment's L4 checksum covers the whole datagram. */
-    if (nl_pkt_len(p) > p->caplen || (ld16(p->ip + NL_OFF_IP_FRAG) & htons(0x3fff)))
+    if (nl_pkt_len(p) > p->caplen || p->frag ||
+        (p->family == 4 && (ld16(p->ip + NL_OFF_IP_FRAG) & htons(0x3fff))))
         return NL_CSUM_UNKNOWN;
     uint32_t len = p->l4len;
     if (p->proto == NL_IPPROTO_UDP) {
@@ -179,77 +331,117 @@ int nl_check_csum(const struct nl_pkt *p, uint32_t pkt_flags)
     return csum_fold(l4_sum(p, len)) == 0xffff ? NL_CSUM_OK : NL_CSUM_BAD;
 }
 
-int nl_check_icmp_csum(const uint8_t *buf, uint32_t len, uint32_t pkt_flags)
+int nl_check_icmp_csum(const struct nl_pkt *outer, uint32_t pkt_flags)
 {
     if (pkt_flags & (NL_PKT_CSUM_VERIFIED | NL_PKT_CSUM_PARTIAL))
         return NL_CSUM_OK;
-    if (len < 20 || nl_ip_hlen(buf) > len || !ip_header_ok(buf))
+    if (outer->family == 4 && !ip_header_ok(outer->ip))
         return NL_CSUM_BAD;
-    uint32_t ihl = nl_ip_hlen(buf);
-    uint32_t tot = nl_be16(buf + NL_OFF_IP_TOT_LEN);
-    if (tot < ihl)
-        return NL_CSUM_BAD;
-    if (tot > len)
+    if (nl_pkt_len(outer) > outer->caplen || outer->frag)
         return NL_CSUM_UNKNOWN;
-    return csum_fold(csum_partial(buf + ihl, tot - ihl, 0)) == 0xffff ? NL_CSUM_OK
-                                                                         : NL_CSUM_BAD;
+    /* ICMPv6 sums a pseudo-header too (RFC 4443 2.3); ICMP does not. */
+    uint32_t sum = outer->family == 6
+                 ? pseudo_sum_of(outer->ip, NL_IPPROTO_ICMPV6, outer->l4len) : 0;
+    return csum_fold(csum_partial(outer->l4, outer->l4len, sum)) == 0xffff ? NL_CSUM_OK
+                                                                           : NL_CSUM_BAD;
 }
 
-void nl_rewrite_addr(uint8_t *ip, int dst, uint32_t addr)
+/* The address field of an IPv4 or IPv6 header, and its size in words. */
+static uint8_t *addr_field(uint8_t *ip, int dst, int *words)
 {
-    uint8_t *field = ip + (dst ? NL_OFF_IP_DADDR : NL_OFF_IP_SADDR);
-    uint32_t old = ld32(field);
-    st32(field, addr);
-    st16(ip + NL_OFF_IP_CSUM, csum_replace4(ld16(ip + NL_OFF_IP_CSUM), old, addr));
+    if (nl_ip_version(ip) == 6) {
+        *words = 4;
+        return ip + (dst ? NL_OFF_IP6_DADDR : NL_OFF_IP6_SADDR);
+    }
+    *words = 1;
+    return ip + (dst ? NL_OFF_IP_DADDR : NL_OFF_IP_SADDR);
 }
 
-void nl_rewrite(struct nl_pkt *p, int dst, uint32_t addr, uint16_t port,
+/* Writes `addr` into the address field: the IPv4 header checksum follows
+ * (IPv6 has none).  Returns the old address's words in old[]. */
+static int write_addr(uint8_t *ip, int dst, const struct nl_addr *addr, uint32_t *old)
+{
+    int words;
+    uint8_t *field = addr_field(ip, dst, &words);
+    const uint32_t *new = words == 4 ? addr->w : &addr->w[3];
+    memcpy(old, field, (size_t)words * 4);
+    memcpy(field, new, (size_t)words * 4);
+    if (words == 1)
+        st16(ip + NL_OFF_IP_CSUM, csum_replace4(ld16(ip + NL_OFF_IP_CSUM), old[0], new[0]));
+    return words;
+}
+
+void nl_rewrite_addr(uint8_t *ip, int dst, const struct nl_addr *addr)
+{
+    uint32_t old[4];
+    write_addr(ip, dst, addr, old);
+}
+
+void nl_rewrite(struct nl_pkt *p, int dst, const struct nl_addr *addr, uint16_t port,
                 uint32_t pkt_flags)
 {
-    uint8_t *ip_field = p->ip + (dst ? NL_OFF_IP_DADDR : NL_OFF_IP_SADDR);
     uint8_t *port_field = p->l4 + (dst ? NL_OFF_L4_DPORT : NL_OFF_L4_SPORT);
-    uint32_t old_addr = ld32(ip_field);
     uint16_t old_port = ld16(port_field);
     uint8_t *csum_field = p->l4 + (p->proto == NL_IPPROTO_TCP ? NL_OFF_TCP_CSUM : NL_OFF_UDP_CSUM);
     uint16_t check = ld16(csum_field);
-
-    st32(ip_field, addr);
+    uint32_t old[4];
+    int words = write_addr(p->ip, dst, addr, old);
+    const uint32_t *new = words == 4 ? addr->w : &addr->w[3];
     st16(port_field, port);
-    st16(p->ip + NL_OFF_IP_CSUM, csum_replace4(ld16(p->ip + NL_OFF_IP_CSUM), old_addr, addr));
-    if (dst) { p->daddr = addr; p->dport = port; }
-    else { p->saddr = addr; p->sport = port; }
+    if (dst) { p->daddr = *addr; p->dport = port; }
+    else { p->saddr = *addr; p->sport = port; }
 
-    if (!(pkt_flags & NL_PKT_CSUM_PARTIAL)) {
-        if (p->proto == NL_IPPROTO_UDP && check == 0)
-            return;                     /* UDP without checksum stays so */
-        check = csum_replace4(check, old_addr, addr);
+    int udp = p->proto == NL_IPPROTO_UDP;
+    if (!(pkt_flags & NL_PKT_CSUM_PARTIAL) && !(udp && check == 0)) {
+        check = csum_replace_addr(check, old, new, words);
         check = csum_replace2(check, old_port, port);
-        if (p->proto == NL_IPPROTO_UDP && check == 0)
+        if (udp && check == 0)
+            check = 0xffff;
+    } else if (!(pkt_flags & NL_PKT_CSUM_PARTIAL)) {
+        if (p->family == 4)
+            return;                     /* IPv4 UDP without checksum stays so */
+        /* IPv6 never carries one (such datagrams are dropped before): give
+         * it a whole one if it is all here. */
+        if (nl_pkt_len(p) > p->caplen || p->frag)
+            return;
+        st16(csum_field, 0);
+        check = (uint16_t)~csum_fold(csum_partial(p->l4, p->l4len, pseudo_sum(p)));
+        if (check == 0)
             check = 0xffff;
     } else if (pkt_flags & NL_PKT_GSO) {
         check = csum_fold(pseudo_sum(p));
     } else {
         st16(csum_field, 0);
         check = (uint16_t)~csum_fold(csum_partial(p->l4, p->l4len, pseudo_sum(p)));
-        if (p->proto == NL_IPPROTO_UDP && check == 0)
+        if (udp && check == 0)
             check = 0xffff;
     }
     st16(csum_field, check);
 }
 
-void nl_build_tcp(uint8_t *buf, uint32_t saddr, uint32_t daddr, uint16_t sport, uint16_t dport,
-                  uint32_t seq, uint32_t ack, uint8_t flags)
+uint32_t nl_build_tcp(uint8_t *buf, const struct nl_addr *saddr, const struct nl_addr *daddr,
+                      uint16_t sport, uint16_t dport, uint32_t seq, uint32_t ack, uint8_t flags)
 {
-    memset(buf, 0, 40);
-    buf[0] = 0x45;
-    st16(buf + NL_OFF_IP_TOT_LEN, htons(40));
-    buf[NL_OFF_IP_FRAG] = NL_IP_DF;
-    buf[NL_OFF_IP_TTL] = 64;
-    buf[NL_OFF_IP_PROTO] = NL_IPPROTO_TCP;
-    st32(buf + NL_OFF_IP_SADDR, saddr);
-    st32(buf + NL_OFF_IP_DADDR, daddr);
-    st16(buf + NL_OFF_IP_CSUM, (uint16_t)~csum_fold(csum_partial(buf, 20, 0)));
-    uint8_t *tcp = buf + 20;
+    uint32_t hlen = nl_addr_is_v4(saddr) ? 20 : NL_IP6_HLEN;
+    memset(buf, 0, hlen + 20);
+    if (hlen == 20) {
+        buf[0] = 0x45;
+        st16(buf + NL_OFF_IP_TOT_LEN, htons(40));
+        buf[NL_OFF_IP_FRAG] = NL_IP_DF;
+        buf[NL_OFF_IP_TTL] = 64;
+        buf[NL_OFF_IP_PROTO] = NL_IPPROTO_TCP;
+        st32(buf + NL_OFF_IP_SADDR, saddr->w[3]);
+        st32(buf + NL_OFF_IP_DADDR, daddr->w[3]);
+        st16(buf + NL_OFF_IP_CSUM, (uint16_t)~csum_fold(csum_partial(buf, 20, 0)));
+    } else {
+        buf[0] = 0x60;
+        st16(buf + NL_OFF_IP6_PLEN, htons(20));
+        buf[NL_OFF_IP6_NEXT] = NL_IPPROTO_TCP;
+        buf[NL_OFF_IP6_HOPS] = 64;
+        memcpy(buf + NL_OFF_IP6_SADDR, saddr, 16);
+        memcpy(buf + NL_OFF_IP6_DADDR, daddr, 16);
+    }
+    uint8_t *tcp = buf + hlen;
     st16(tcp + NL_OFF_L4_SPORT, sport);
     st16(tcp + NL_OFF_L4_DPORT, dport);
     st32(tcp + NL_OFF_TCP_SEQ, htonl(seq));
@@ -258,30 +450,21 @@ void nl_build_tcp(uint8_t *buf, uint32_t saddr, uint32_t daddr, uint16_t sport, 
     tcp[NL_OFF_TCP_FLAGS] = flags;
     if (flags & NL_TCP_ACK)
         tcp[NL_OFF_TCP_WIN] = 0x10;     /* a small window: this segment is a probe */
-    struct nl_pkt p = { .ip = buf, .l4 = tcp, .l4len = 20, .proto = NL_IPPROTO_TCP };
-    st16(tcp + NL_OFF_TCP_CSUM, (uint16_t)~csum_fold(csum_partial(tcp, 20, pseudo_sum(&p))));
+    st16(tcp + NL_OFF_TCP_CSUM, (uint16_t)~csum_fold(csum_partial(
+                                    tcp, 20, pseudo_sum_of(buf, NL_IPPROTO_TCP, 20))));
+    return hlen + 20;
 }
 
-void nl_build_rst(uint8_t *buf, uint32_t saddr, uint32_t daddr, uint16_t sport, uint16_t dport,
-                  uint32_t seq)
+uint32_t nl_build_rst(uint8_t *buf, const struct nl_addr *saddr, const struct nl_addr *daddr,
+                      uint16_t sport, uint16_t dport, uint32_t seq)
 {
-    nl_build_tcp(buf, saddr, daddr, sport, dport, seq, 0, NL_TCP_RST);
+    return nl_build_tcp(buf, saddr, daddr, sport, dport, seq, 0, NL_TCP_RST);
 }
 
-int nl_parse_icmp_unreach(const uint8_t *buf, uint32_t len, struct nl_icmp *out,
-                          int head_only)
+/* The ICMPv4 part of nl_parse_icmp: a destination unreachable quoting an
+ * IPv4 header and the first 8 bytes of TCP/UDP (RFC 792). */
+static int parse_icmp4(const uint8_t *icmp, uint32_t left, struct nl_icmp *out)
 {
-    struct nl_pkt *inner = &out->inner;
-    if (len < 20 || nl_ip_version(buf) != 4 || buf[NL_OFF_IP_PROTO] != NL_IPPROTO_ICMP)
-        return NL_R_UNSUPPORTED;
-    uint32_t ihl = nl_ip_hlen(buf);
-    uint32_t tot = nl_be16(buf + NL_OFF_IP_TOT_LEN);
-    if (ihl < 20 || tot < ihl || (tot > len && !head_only) || ihl > len)
-        return NL_R_MALFORMED;
-    const uint8_t *icmp = buf + ihl;
-    uint32_t left = (tot < len ? tot : len) - ihl;   /* what we have of it */
-    if (left < 8)
-        return NL_R_MALFORMED;
     if (icmp[NL_OFF_ICMP_TYPE] != NL_ICMP_DEST_UNREACH)
         return NL_R_UNSUPPORTED;
     const uint8_t *in = icmp + NL_OFF_ICMP_QUOTE;
@@ -289,51 +472,157 @@ int nl_parse_icmp_unreach(const uint8_t *buf, uint32_t len, struct nl_icmp *out,
     if (left < 20 || nl_ip_version(in) != 4)
         return NL_R_MALFORMED;
     uint32_t in_ihl = nl_ip_hlen(in);
-    if (in_ihl < 20 || left < in_ihl + 8)    /* RFC 792: header + 8 bytes */
+    if (in_ihl < 20 || left < in_ihl + 8)
         return NL_R_MALFORMED;
     if (in[NL_OFF_IP_PROTO] != NL_IPPROTO_TCP && in[NL_OFF_IP_PROTO] != NL_IPPROTO_UDP)
         return NL_R_UNSUPPORTED;
-    memset(out, 0, sizeof(*out));
     out->frag_needed = icmp[NL_OFF_ICMP_CODE] == NL_ICMP_FRAG_NEEDED;
-    out->mtu = ld16(icmp + NL_OFF_ICMP_MTU);
-    out->outer_saddr = ld32(buf + NL_OFF_IP_SADDR);
-    out->quoted = in;
+    out->mtu = nl_be16(icmp + NL_OFF_ICMP_MTU);
     out->quoted_len = in_ihl + 8;
-    inner->proto = in[NL_OFF_IP_PROTO];
-    inner->saddr = ld32(in + NL_OFF_IP_SADDR);
-    inner->daddr = ld32(in + NL_OFF_IP_DADDR);
-    inner->sport = ld16(in + in_ihl + NL_OFF_L4_SPORT);
-    inner->dport = ld16(in + in_ihl + NL_OFF_L4_DPORT);
-    out->quoted_seq = nl_be32(in + in_ihl + NL_OFF_TCP_SEQ);
+    out->quoted_l4off = in_ihl;
+    out->inner.family = 4;
+    out->inner.proto = in[NL_OFF_IP_PROTO];
+    out->inner.saddr = nl_addr_v4(ld32(in + NL_OFF_IP_SADDR));
+    out->inner.daddr = nl_addr_v4(ld32(in + NL_OFF_IP_DADDR));
     return -1;
 }
 
-uint32_t nl_build_frag_needed(uint8_t *buf, uint32_t src, uint32_t dst, uint16_t mtu,
-                              const uint8_t *quoted, uint32_t quoted_len, uint32_t saddr,
-                              uint16_t sport)
+/* The ICMPv6 part: destination unreachable or packet too big, quoting as
+ * much of an IPv6 packet as fits (RFC 4443), at least its headers and the
+ * first 8 bytes of TCP/UDP. */
+static int parse_icmp6(const uint8_t *icmp, uint32_t left, struct nl_icmp *out)
 {
+    uint8_t type = icmp[NL_OFF_ICMP_TYPE];
+    if (type != NL_ICMP6_DEST_UNREACH && type != NL_ICMP6_PKT_TOO_BIG)
+        return NL_R_UNSUPPORTED;
+    const uint8_t *in = icmp + NL_OFF_ICMP_QUOTE;
+    left -= NL_OFF_ICMP_QUOTE;
+    if (left < NL_IP6_HLEN || nl_ip_version(in) != 6)
+        return NL_R_MALFORMED;
+    struct ext6 w;
+    int r = walk6(in, left, &w);
+    if (r >= 0)
+        return r;
+    if ((w.has_frag && w.frag_off) ||
+        (w.nh != NL_IPPROTO_TCP && w.nh != NL_IPPROTO_UDP))
+        return NL_R_UNSUPPORTED;        /* no ports to find a flow by */
+    if (left < w.off + 8)
+        return NL_R_MALFORMED;
+    out->frag_needed = type == NL_ICMP6_PKT_TOO_BIG;
+    out->mtu = nl_be32(icmp + NL_OFF_ICMP6_MTU);
+    out->quoted_len = left;
+    out->quoted_l4off = w.off;
+    out->inner.family = 6;
+    out->inner.proto = w.nh;
+    memcpy(&out->inner.saddr, in + NL_OFF_IP6_SADDR, 16);
+    memcpy(&out->inner.daddr, in + NL_OFF_IP6_DADDR, 16);
+    if (nl_addr_is_v4(&out->inner.saddr) || nl_addr_is_v4(&out->inner.daddr))
+        return NL_R_MALFORMED;
+    return -1;
+}
+
+int nl_parse_icmp(const struct nl_pkt *outer, struct nl_icmp *out)
+{
+    const uint8_t *icmp = outer->l4;
+    uint32_t l4off = (uint32_t)(outer->l4 - outer->ip);
+    uint32_t left = outer->caplen - l4off;      /* what we have of it */
+    memset(out, 0, sizeof(*out));
+    if (left < 8)
+        return NL_R_MALFORMED;
+    int r = outer->family == 6 ? parse_icmp6(icmp, left, out) : parse_icmp4(icmp, left, out);
+    if (r >= 0)
+        return r;
+    const uint8_t *in = icmp + NL_OFF_ICMP_QUOTE;
+    out->outer_saddr = outer->saddr;
+    out->quoted = in;
+    out->inner.sport = ld16(in + out->quoted_l4off + NL_OFF_L4_SPORT);
+    out->inner.dport = ld16(in + out->quoted_l4off + NL_OFF_L4_DPORT);
+    out->quoted_seq = nl_be32(in + out->quoted_l4off + NL_OFF_TCP_SEQ);
+    return -1;
+}
+
+/* ICMPv4 "fragmentation needed" quoting the IPv4 header + 8 bytes. */
+static uint32_t build_frag_needed(uint8_t *buf, const struct nl_icmp *icmp,
+                                  const struct nl_addr *dst, uint16_t sport)
+{
+    uint32_t quoted_len = icmp->quoted_len;
     uint32_t len = 20 + 8 + quoted_len;
     memset(buf, 0, 28);
     buf[0] = 0x45;
     st16(buf + NL_OFF_IP_TOT_LEN, htons((uint16_t)len));
     buf[NL_OFF_IP_TTL] = 64;
     buf[NL_OFF_IP_PROTO] = NL_IPPROTO_ICMP;
-    st32(buf + NL_OFF_IP_SADDR, src);
-    st32(buf + NL_OFF_IP_DADDR, dst);
+    st32(buf + NL_OFF_IP_SADDR, icmp->outer_saddr.w[3]);
+    st32(buf + NL_OFF_IP_DADDR, dst->w[3]);
     st16(buf + NL_OFF_IP_CSUM, (uint16_t)~csum_fold(csum_partial(buf, 20, 0)));
-    uint8_t *icmp = buf + 20;
-    icmp[NL_OFF_ICMP_TYPE] = NL_ICMP_DEST_UNREACH;
-    icmp[NL_OFF_ICMP_CODE] = NL_ICMP_FRAG_NEEDED;
-    st16(icmp + NL_OFF_ICMP_MTU, mtu);
-    uint8_t *in = icmp + NL_OFF_ICMP_QUOTE;
-    memcpy(in, quoted, quoted_len);
+    uint8_t *msg = buf + 20;
+    msg[NL_OFF_ICMP_TYPE] = NL_ICMP_DEST_UNREACH;
+    msg[NL_OFF_ICMP_CODE] = NL_ICMP_FRAG_NEEDED;
+    st16(msg + NL_OFF_ICMP_MTU, htons((uint16_t)icmp->mtu));
+    uint8_t *in = msg + NL_OFF_ICMP_QUOTE;
+    memcpy(in, icmp->quoted, quoted_len);
     uint32_t in_ihl = nl_ip_hlen(in);
-    st32(in + NL_OFF_IP_SADDR, saddr);
+    st32(in + NL_OFF_IP_SADDR, dst->w[3]);
     st16(in + in_ihl + NL_OFF_L4_SPORT, sport);
     st16(in + NL_OFF_IP_CSUM, 0);
     st16(in + NL_OFF_IP_CSUM, (uint16_t)~csum_fold(csum_partial(in, in_ihl, 0)));
     /* Only 8 bytes of the quoted L4 header: its checksum is not among them. */
-    st16(icmp + NL_OFF_ICMP_CSUM,
-         (uint16_t)~csum_fold(csum_partial(icmp, NL_OFF_ICMP_QUOTE + quoted_len, 0)));
+    st16(msg + NL_OFF_ICMP_CSUM,
+         (uint16_t)~csum_fold(csum_partial(msg, NL_OFF_ICMP_QUOTE + quoted_len, 0)));
     return len;
+}
+
+/* ICMPv6 "packet too big" quoting as much of the packet as fits in cap:
+ * the quote's source becomes (dst, sport), and its L4 checksum, if quoted,
+ * follows, so the backend reads its own packet exactly as it sent it. */
+static uint32_t build_too_big(uint8_t *buf, uint32_t cap, const struct nl_icmp *icmp,
+                              const struct nl_addr *dst, uint16_t sport)
+{
+    uint32_t quoted_len = icmp->quoted_len;
+    if (NL_IP6_HLEN + 8 + quoted_len > cap)
+        quoted_len = cap - NL_IP6_HLEN - 8;
+    uint32_t l4off = icmp->quoted_l4off;
+    if (cap < NL_IP6_HLEN + 8 || quoted_len < l4off + 8)
+        return 0;                       /* its headers do not fit */
+    uint32_t plen = 8 + quoted_len;
+    memset(buf, 0, NL_IP6_HLEN + 8);
+    buf[0] = 0x60;
+    st16(buf + NL_OFF_IP6_PLEN, htons((uint16_t)plen));
+    buf[NL_OFF_IP6_NEXT] = NL_IPPROTO_ICMPV6;
+    buf[NL_OFF_IP6_HOPS] = 64;
+    memcpy(buf + NL_OFF_IP6_SADDR, &icmp->outer_saddr, 16);
+    memcpy(buf + NL_OFF_IP6_DADDR, dst, 16);
+    uint8_t *msg = buf + NL_IP6_HLEN;
+    msg[NL_OFF_ICMP_TYPE] = NL_ICMP6_PKT_TOO_BIG;
+    st32(msg + NL_OFF_ICMP6_MTU, htonl(icmp->mtu));
+    uint8_t *in = msg + NL_OFF_ICMP_QUOTE;
+    memcpy(in, icmp->quoted, quoted_len);
+    uint32_t old[4];
+    memcpy(old, in + NL_OFF_IP6_SADDR, 16);
+    memcpy(in + NL_OFF_IP6_SADDR, dst, 16);
+    uint8_t *l4 = in + l4off;
+    uint16_t old_port = ld16(l4 + NL_OFF_L4_SPORT);
+    st16(l4 + NL_OFF_L4_SPORT, sport);
+    uint32_t csum_off = icmp->inner.proto == NL_IPPROTO_TCP ? NL_OFF_TCP_CSUM : NL_OFF_UDP_CSUM;
+    if (quoted_len >= l4off + csum_off + 2) {
+        uint16_t check = ld16(l4 + csum_off);
+        check = csum_replace_addr(check, old, dst->w, 4);
+        check = csum_replace2(check, old_port, sport);
+        if (icmp->inner.proto == NL_IPPROTO_UDP && check == 0)
+            check = 0xffff;
+        st16(l4 + csum_off, check);
+    }
+    st16(msg + NL_OFF_ICMP_CSUM, (uint16_t)~csum_fold(csum_partial(
+                                     msg, plen, pseudo_sum_of(buf, NL_IPPROTO_ICMPV6, plen))));
+    return NL_IP6_HLEN + plen;
+}
+
+uint32_t nl_build_pmtu(uint8_t *buf, uint32_t cap, const struct nl_icmp *icmp,
+                       const struct nl_addr *dst, uint16_t sport)
+{
+    if (icmp->inner.family == 6)
+        return build_too_big(buf, cap, icmp, dst, sport);
+    if (20 + 8 + icmp->quoted_len > cap)
+        return 0;
+    return build_frag_needed(buf, icmp, dst, sport);
 }

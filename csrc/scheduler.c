@@ -44,9 +44,9 @@ static uint32_t first_slot(struct nl_lb *lb, const struct nl_service *svc,
     uint32_t seed = nl_svc_cluster(svc) ? NL_CLUSTER_SEED : lb->sched_seed;
     switch (svc->spec.scheduler) {
     case NL_SCHED_SH:
-        return nl_mix32(p->saddr ^ seed) % svc->table_len;
+        return nl_addr_hash(&p->saddr, seed) % svc->table_len;
     case NL_SCHED_MAGLEV:
-        return nl_mix32(nl_mix32(p->saddr ^ seed) ^ ((uint32_t)p->sport << 8) ^ p->proto)
+        return nl_mix32(nl_addr_hash(&p->saddr, seed) ^ ((uint32_t)p->sport << 8) ^ p->proto)
                % svc->table_len;
     default: /* rr, wrr */
         return __atomic_fetch_add((uint32_t *)&svc->rr_cursor, 1, __ATOMIC_RELAXED)

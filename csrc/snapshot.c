@@ -87,8 +87,10 @@ int nl_snapshot_set_service(struct nl_snapshot *s, uint32_t index,
         ((spec->flags & NL_SVC_CLUSTER) && spec->scheduler != NL_SCHED_MAGLEV) ||
         n_backends > NL_MAX_BACKENDS || n_backends > 65535)
         return -1;
+    /* One family per service: no NAT64/46. */
     for (uint32_t i = 0; i < n_backends; i++)
-        if (backends[i].id >= NL_MAX_BACKENDS)
+        if (backends[i].id >= NL_MAX_BACKENDS ||
+            nl_addr_is_v4(&backends[i].addr) != nl_addr_is_v4(&spec->vip))
             return -1;
     for (uint32_t i = 0; i < table_len; i++)
         if (table[i] >= n_backends)
@@ -122,7 +124,7 @@ static int build_index(struct nl_snapshot *s)
         for (uint32_t j = 0; j < svc->n_backends; j++)
             if (svc->backends[j].flags & NL_BE_ALIVE)
                 s->alive[svc->backends[j].id] = 1;
-        uint32_t h = nl_svc_hash(svc->spec.vip, svc->spec.port, svc->spec.proto);
+        uint32_t h = nl_svc_hash(&svc->spec.vip, svc->spec.port, svc->spec.proto);
         for (;; h++) {
             uint32_t *slot = &s->index[h & s->index_mask];
             if (*slot == 0) {
@@ -130,7 +132,7 @@ static int build_index(struct nl_snapshot *s)
                 break;
             }
             const struct nl_service_spec *o = &s->services[*slot - 1].spec;
-            if (o->vip == svc->spec.vip && o->port == svc->spec.port &&
+            if (nl_addr_eq(&o->vip, &svc->spec.vip) && o->port == svc->spec.port &&
                 o->proto == svc->spec.proto)
                 return -1;
         }

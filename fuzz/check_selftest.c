@@ -58,8 +58,7 @@ int main(void)
     uint16_t port = f->client_port;
     for (uint16_t p = 1; ; p++) {
         f->client_port = p;
-        struct nl_ct_key k = { f->client_addr, p, f->proto, 0, 0, 0 };
-        if (nl_ct_bucket(ct, &k) != b)
+        if (nl_ct_flow_bucket(ct, f) != b)
             break;
     }
     expect("entry in another bucket's chain", nl_ct_check(lb), NL_CHECK_BUCKET);

@@ -70,13 +70,13 @@ static void publish(void)
         fx_fail("nl_snapshot_new", 0);
     for (uint32_t i = 0; i < N_SVCS; i++) {
         const struct svc_def *s = &SVCS[i];
-        struct nl_service_spec spec = { ip4(192, 0, 2, s->vip), htons(s->port), s->proto,
-                                        s->sched, i, 0 };
+        struct nl_service_spec spec = { nl_addr_v4(ip4(192, 0, 2, s->vip)), htons(s->port),
+                                        s->proto, s->sched, i, 0 };
         struct nl_backend_spec be[4];
         uint16_t table[MAX_TABLE];
         for (uint32_t j = 0; j < s->n; j++) {
             uint32_t id = s->first + j;
-            be[j] = (struct nl_backend_spec){ ip4(203, 0, 113, (uint8_t)(10 + id % 6)),
+            be[j] = (struct nl_backend_spec){ nl_addr_v4(ip4(203, 0, 113, (uint8_t)(10 + id % 6))),
                                               htons(backend_port(s)), (uint16_t)(j * 2),
                                               id, be_flags[id] };
         }

@@ -222,13 +222,27 @@ def monotonic_ms() -> int:
     return time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1_000_000
 
 
-def _addr(a: str) -> int:
-    # Network order kept as the C side reads it: the raw 4 bytes as a native int.
-    return struct.unpack("=I", ipaddress.IPv4Address(a).packed)[0]
+_V4_MAPPED = b"\0" * 10 + b"\xff\xff"
 
 
-def _unaddr(a: int) -> str:
-    return str(ipaddress.IPv4Address(struct.pack("=I", a)))
+def _addr(a: str) -> dict[str, list[int]]:
+    """Address text of either family as a struct nl_addr: 16 bytes in
+    network order as the C side reads them (4 native words), IPv4 mapped
+    (csrc/natlb.h).  An IPv4-mapped IPv6 address is refused: the C side
+    would take it for the IPv4 one."""
+    ip = ipaddress.ip_address(a)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        raise ValueError(f"{a}: an IPv4-mapped IPv6 address (use the IPv4 address)")
+    raw = ip.packed if ip.version == 6 else _V4_MAPPED + ip.packed
+    return {"w": list(struct.unpack("=4I", raw))}
+
+
+def _unaddr(a) -> str:
+    """A struct nl_addr as address text (IPv4 for a mapped address)."""
+    raw = struct.pack("=4I", *a.w)
+    if raw.startswith(_V4_MAPPED):
+        return str(ipaddress.IPv4Address(raw[12:]))
+    return str(ipaddress.IPv6Address(raw))
 
 
 def _port(p: int) -> int:
@@ -317,14 +331,19 @@ class Core:
             raise CoreError(f"cannot allocate a snapshot of {len(services)} services")
         try:
             for i, s in enumerate(services):
+                try:
+                    vip = _addr(s.vip)
+                    addrs = [_addr(b.address) for b in s.backends]
+                except ValueError as e:
+                    raise CoreError(f"service {s.vip}:{s.port}/{s.protocol}: {e}") from None
                 spec = ffi.new("struct nl_service_spec *", {
-                    "vip": _addr(s.vip), "port": _port(s.port),
+                    "vip": vip, "port": _port(s.port),
                     "proto": PROTOCOLS[s.protocol], "scheduler": SCHEDULERS[s.scheduler],
                     "id": s.id, "flags": lib.NL_SVC_CLUSTER if s.cluster else 0,
                 })
                 bes = ffi.new("struct nl_backend_spec[]", max(1, len(s.backends)))
                 for j, b in enumerate(s.backends):
-                    bes[j].addr = _addr(b.address)
+                    bes[j].addr = addrs[j]
                     bes[j].port = _port(b.port)
                     bes[j].weight = b.weight
                     bes[j].id = b.id
@@ -334,7 +353,8 @@ class Core:
                 rc = lib.nl_snapshot_set_service(snap, i, spec, bes, len(s.backends),
                                                  table, len(s.table))
                 if rc != 0:
-                    raise CoreError(f"service {s.vip}:{s.port}/{s.protocol}: table rejected")
+                    raise CoreError(f"service {s.vip}:{s.port}/{s.protocol}: table rejected "
+                                    "(bad table, or backends of another address family)")
         except BaseException:
             lib.nl_snapshot_free(snap)
             raise
