@@ -273,6 +273,10 @@ class Testbed:
         return subprocess.run(["ip", "netns", "exec", self.router, *argv],
                               capture_output=True, text=True)
 
+    def backend_cmd(self, k: int, *argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["ip", "netns", "exec", self.backend(k), *argv],
+                              capture_output=True, text=True)
+
     def client_cmd(self, *argv: str) -> subprocess.CompletedProcess:
         return subprocess.run(["ip", "netns", "exec", self.client, *argv],
                               capture_output=True, text=True)
