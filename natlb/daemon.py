@@ -175,8 +175,9 @@ class Daemon:
             self.announcer = Announcer(lb.interface, self.journal)
             self.pool.listeners.append(self._announce)
             self.announcer.update(self.pool.services, []).result()
-        log.info("nftables table %s installed (%s queue verdict, rewrite by %s), queues %s",
-                 lb.table, "nft" if self.steering.native_queue else "xt NFQUEUE",
+        log.info("nftables table %s installed%s (%s queue verdict, rewrite by %s), queues %s",
+                 lb.table, " (ip and ip6)" if self.steering.ipv6 else "",
+                 "nft" if self.steering.native_queue else "xt NFQUEUE",
                  "nft on natlb's mark" if lb.rewrite == "mark" else "natlb", self.queues)
         self._log_services()
 
