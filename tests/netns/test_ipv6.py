@@ -19,6 +19,7 @@ from natlb_testbed.testbed import (
 )
 
 from .conftest import natlb_cli, router_state
+from .test_reload import hup_and_wait
 from .test_traffic import queued_packets
 
 MODES = pytest.mark.parametrize("rewrite", ["mark", "copy"])
@@ -206,3 +207,30 @@ def test_mixed_family_service_exits_2_and_touches_nothing(testbed):
         2, 'natlb: config: service[0].backend[1].address = "203.0.113.10": IPv4, but vip '
            f"{VIP6} is IPv6 (a service is one family)")
     assert router_state(testbed) == before
+
+
+@MODES
+def test_reload_adds_then_removes_the_ipv6_services(testbed, natlb, rewrite):
+    """SIGHUP to a config with the first IPv6 service makes the ip6 table,
+    the VIP and IPv6 forwarding while IPv4 flows go on; back to IPv4 only,
+    the ip6 table goes once the removed services' last flows end (closed
+    flows time out in half a second here; the VIP stays until exit, as a
+    removed IPv4 VIP does)."""
+    v4 = basic_config(testbed, lb_extra=f'rewrite = "{rewrite}"\n'
+                      "[lb.timeouts]\ntcp_close = 0.5\ntcp_fin = 0.5")
+    p = natlb(v4)
+    assert "table ip6 natlb" not in router_state(testbed)
+    hold = testbed.hold(VIP)
+    testbed.write_config(v4 + web_service("web6", [1, 3], family=6))
+    assert hup_and_wait(testbed, p)["ok"], testbed.natlb_log()
+    res = testbed.client_run("http-stream", "--host", VIP6, "--port", "80", "--count", "4")
+    assert Counter(r["backend"] for r in res if r["ok"]) == {"b1": 2, "b3": 2}, res
+    state = router_state(testbed)
+    assert "table ip6 natlb" in state and "ipv6/conf/all/forwarding=1" in state
+    testbed.write_config(v4)
+    assert hup_and_wait(testbed, p)["ok"], testbed.natlb_log()
+    deadline = time.monotonic() + 15
+    while "table ip6 natlb" in router_state(testbed):
+        assert time.monotonic() < deadline, testbed.natlb_log()
+        time.sleep(0.2)
+    assert hold.survived()                     # the IPv4 flow lived through both
