@@ -8,6 +8,16 @@ import sys
 from pathlib import Path
 
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_RR
+from scapy.layers.inet6 import (
+    ICMPv6DestUnreach,
+    ICMPv6PacketTooBig,
+    IPv6,
+    IPv6ExtHdrDestOpt,
+    IPv6ExtHdrFragment,
+    IPv6ExtHdrHopByHop,
+    IPv6ExtHdrRouting,
+    fragment6,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -26,6 +36,13 @@ CLIENT, ROUTER = "198.51.100.7", "198.51.100.1"
 VIP, VIP2, VIP3, VIP4 = "192.0.2.100", "192.0.2.101", "192.0.2.102", "192.0.2.103"
 B0, B1 = "203.0.113.10", "203.0.113.11"      # service 0 (rr, port 8080): ids 0, 1
 B3 = "203.0.113.13"                           # service 1 (lc, udp 53): id 3
+
+# IPv6 (fixture.c): service 7 tcp [VIP6]:80 -> [B0_6]:8080, [B1_6]:8080; service 8 udp
+# [VIP6]:53 maglev -> B3_6, B4_6 port 53; service 9 cluster maglev [VIP6_2]:443 -> [B5_6]:443.
+CLIENT6, ROUTER6 = "2001:db8:1::7", "2001:db8:1::1"
+VIP6, VIP6_2 = "2001:db8::64", "2001:db8::65"
+B0_6, B1_6, B3_6, B5_6 = ("2001:db8:113::12", "2001:db8:113::13", "2001:db8:113::14",
+                          "2001:db8:113::10")
 
 # Record ops (fuzz_core.c)
 COPY, MARK, FIX, PARTIAL, GSO, HEAD = 0, 1, 4, 8, 16, 32
@@ -56,6 +73,65 @@ def b2c(flags: str, seq: int = 5000, ack: int = 1001, data: bytes = b"", backend
         sport: int = 40000, port: int = 8080):
     return IP(src=backend, dst=CLIENT) / TCP(sport=port, dport=sport, flags=flags, seq=seq,
                                              ack=ack) / data
+
+
+def c2v6(flags: str, seq: int = 1000, ack: int = 0, data: bytes = b"", sport: int = 40000,
+         vip: str = VIP6, port: int = 80, ext=None):
+    ip = IPv6(src=CLIENT6, dst=vip)
+    if ext is not None:
+        ip = ip / ext
+    return ip / TCP(sport=sport, dport=port, flags=flags, seq=seq, ack=ack) / data
+
+
+def b2c6(flags: str, seq: int = 5000, ack: int = 1001, data: bytes = b"", backend: str = B0_6,
+         sport: int = 40000, port: int = 8080):
+    return IPv6(src=backend, dst=CLIENT6) / TCP(sport=port, dport=sport, flags=flags, seq=seq,
+                                                ack=ack) / data
+
+
+def conversation6(mode: int) -> bytes:
+    return b"".join([
+        pkt(c2v6("S"), mode), pkt(b2c6("SA"), mode), pkt(c2v6("A", 1001, 5001), mode),
+        pkt(c2v6("PA", 1001, 5001, b"GET / HTTP/1.0\r\n\r\n"), mode),
+        pkt(b2c6("PA", 5001, 1019, b"HTTP/1.0 200 OK\r\n\r\nhello"), mode),
+        pkt(b2c6("FA", 5025, 1019), mode), pkt(c2v6("FA", 1019, 5026), mode),
+        pkt(b2c6("A", 5026, 1020), mode), advance(2500),
+    ])
+
+
+def ipv6_seeds() -> dict[str, bytes]:
+    udp_q = IPv6(src=CLIENT6, dst=VIP6) / UDP(sport=5353, dport=53) / b"query"
+    quoted_reply = bytes(IPv6(src=VIP6, dst=CLIENT6) / TCP(sport=80, dport=40000, flags="A",
+                                                           seq=5001, ack=1001) / (b"x" * 20))
+    quoted_syn = bytes(IPv6(src=CLIENT6, dst=B0_6) / TCP(sport=40000, dport=8080, flags="S",
+                                                         seq=1000))
+    big = IPv6(src=CLIENT6, dst=VIP6) / IPv6ExtHdrFragment(id=0x10203) / UDP(
+        sport=5353, dport=53) / (b"f" * 300)
+    frags = [bytes(f) for f in fragment6(big, 160)]
+    assert all(len(f) < 256 for f in frags)
+    return {
+        "tcp6-copy": b"\x00" + conversation6(COPY),
+        "tcp6-mark": b"\x01" + conversation6(MARK),
+        "udp6": b"\x00" + pkt(udp_q) + pkt(IPv6(src=B3_6, dst=CLIENT6) / UDP(sport=53, dport=5353)
+                                          / b"answer") + pkt(udp_q, MARK) + advance(6000),
+        "ext6": b"\x00" + pkt(c2v6("S", ext=IPv6ExtHdrHopByHop() / IPv6ExtHdrDestOpt()
+                                    / IPv6ExtHdrRouting(addresses=[], segleft=0)))
+        + pkt(c2v6("S", sport=40001, ext=IPv6ExtHdrRouting(addresses=[VIP6], segleft=1)))
+        + pkt(c2v6("S", sport=40002, ext=IPv6ExtHdrDestOpt() / IPv6ExtHdrHopByHop()))
+        + pkt(IPv6(src=CLIENT6, dst=VIP6, nh=50) / (b"\0" * 16)),
+        "frag6": b"\x00" + b"".join(pkt(f) for f in frags[1:] + frags[:1]),
+        "icmp6": b"\x00" + conversation6(COPY)[:-3] + pkt(
+            IPv6(src=ROUTER6, dst=VIP6) / ICMPv6PacketTooBig(mtu=1280) / quoted_reply)
+        + pkt(c2v6("S", sport=40000)) + pkt(
+            IPv6(src=B0_6, dst=CLIENT6) / ICMPv6DestUnreach(code=4) / quoted_syn),
+        "syn6-rst": b"\x00" + pkt(c2v6("S"), MARK) + pkt(b2c6("RA", 0, 1001), MARK)
+        + pkt(b2c6("SA", backend=B1_6), MARK) + pkt(c2v6("S", sport=40001)) + advance(60),
+        "reset6": b"\x00" + pkt(c2v6("S")) + pkt(b2c6("SA")) + pkt(c2v6("A", 1001, 5001))
+        + control(0x80 | 14) + control(0x00 | 15),
+        "cluster6": b"\x00" + pkt(c2v6("A", 7, 9, vip=VIP6_2, port=443))
+        + pkt(IPv6(src=B5_6, dst=CLIENT6) / TCP(sport=443, dport=40003, flags="SA", ack=1)),
+        "dual": b"\x00" + pkt(c2v("S")) + pkt(c2v6("S")) + pkt(b2c("SA")) + pkt(b2c6("SA")),
+    }
 
 
 def conversation(mode: int) -> bytes:
@@ -112,7 +188,10 @@ def core_seeds() -> dict[str, bytes]:
 def nfq_seeds() -> dict[str, bytes]:
     syn = bytes(c2v("S"))
     data = bytes(c2v("PA", 1001, 5001, b"x" * 64))
+    syn6 = bytes(c2v6("S"))
     return {
+        "syn6-copy": b"\x00" + queued_packet(syn6, 8),
+        "syn6-mark-head": b"\x01" + queued_packet(syn6[:60], 9, cap_len=len(syn6)),
         "syn-copy": b"\x00" + queued_packet(syn, 1),
         "syn-mark-head": b"\x01" + queued_packet(syn[:40], 2, cap_len=len(syn)),
         "batch": b"\x00" + queued_packet(syn, 3) + queued_packet(bytes(b2c("SA")), 4)
@@ -137,5 +216,5 @@ def write(target: str, seeds: dict[str, bytes]) -> None:
 
 
 if __name__ == "__main__":
-    write("core", core_seeds())
+    write("core", core_seeds() | ipv6_seeds())
     write("nfq", nfq_seeds())
