@@ -21,7 +21,8 @@ RUNNER = textwrap.dedent("""
         kind, address, port, kw = json.loads(line)
         if "command" in kw:
             kw["command"] = tuple(kw["command"])
-        hc = HEALTH_KINDS[kind](timeout_ms=1000, **kw)
+        kw.setdefault("timeout_ms", 1000)
+        hc = HEALTH_KINDS[kind](**kw)
         print(json.dumps(asyncio.run(check_once(address, port, hc))), flush=True)
 """)
 
@@ -63,7 +64,9 @@ def test_every_kind_over_ipv6(bed):
     b = backend_addr6(1)
     script = ("import os,sys; sys.exit(0 if os.environ['NATLB_BACKEND'] == "
               f"'[{b}]:80' and os.environ['NATLB_BACKEND_ADDRESS'] == '{b}' else 3)")
-    got = run_checks(bed, [
+    # Generous timeouts: a loaded machine must not turn an answer into a timeout.
+    got = run_checks(bed, [[kind, addr, port, {"timeout_ms": 3000, **kw}]
+                           for kind, addr, port, kw in [
         ["tcp", b, 80, {}],
         ["tcp", b, 81, {}],                                   # nothing listens: refused
         ["http", b, 80, {"expect_body": "b1"}],
@@ -73,7 +76,7 @@ def test_every_kind_over_ipv6(bed):
         ["dns", b, 5353, {"name": "www.example.test"}],
         ["exec", b, 80, {"command": [sys.executable, "-c", script]}],
         ["exec", b, 81, {"command": [sys.executable, "-c", script]}],
-    ])
+    ]])
     ok = [r[0] for r in got]
     assert ok == [True, False, True, False, True, False, True, True, False], got
     assert got[0] == (True, "connected")
