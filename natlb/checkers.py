@@ -175,7 +175,14 @@ async def check_http(address: str, port: int, hc: HttpCheck) -> Result:
         line = await reader.readline()
         body = b""
         if hc.expect_body is not None:
-            head_and_body = await reader.read(1 << 16)
+            # To the end (Connection: close) or 64 KiB: headers and body may
+            # come in separate segments, and one read returns the first.
+            head_and_body = b""
+            while len(head_and_body) < 1 << 16:
+                chunk = await reader.read((1 << 16) - len(head_and_body))
+                if not chunk:
+                    break
+                head_and_body += chunk
             body = head_and_body.partition(b"\r\n\r\n")[2]
     finally:
         writer.close()
