@@ -119,3 +119,12 @@ def test_ipv6_rules_do_not_grow_with_services() -> None:
     small, big = ruleset.build(many6(1)), ruleset.build(many6(250))
     assert [m.attrs for m in _rules(small)] == [m.attrs for m in _rules(big)]
     assert len(_elements(big, "vips6")) == 250 and len(_elements(big, "replies6")) == 750
+
+
+def test_cluster_replies_to_this_host_pass_in_both_tables() -> None:
+    """With a cluster service the host's own connections' answers (health
+    checks) pass before the reply rules, in the ip6 table too."""
+    msgs = ruleset.build(ruleset.Spec(**{**vars(dual()), "own_replies_pass": True}))
+    passing = [m for m in _rules(msgs) if m.what == "rule prerouting reply to this host"]
+    assert [m.family for m in passing] == [ruleset.NFPROTO_IPV4, V6]
+    assert "lookup_set=backend_services6" in ruleset.render([passing[1]])
