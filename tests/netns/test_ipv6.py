@@ -234,3 +234,16 @@ def test_reload_adds_then_removes_the_ipv6_services(testbed, natlb, rewrite):
         assert time.monotonic() < deadline, testbed.natlb_log()
         time.sleep(0.2)
     assert hold.survived()                     # the IPv4 flow lived through both
+
+
+def test_cluster_service_on_ipv6_serves_and_checks(testbed, natlb):
+    """One node of a cluster service over IPv6 (cluster.c is family-aware):
+    traffic is served and the node's own health checks are answered (their
+    replies pass before the reply rules, fib daddr type local)."""
+    natlb(basic_config(testbed, family=6, scheduler="maglev").replace(
+        'scheduler = "maglev"', 'scheduler = "maglev"\ncluster = true'))
+    for k in (1, 2, 3):
+        testbed.wait_health(f"[{backend_addr6(k)}]:80", "up")
+    res = testbed.client_run("http-stream", "--host", VIP6, "--port", "80", "--count", "12")
+    assert all(r["ok"] for r in res), res
+    assert status(testbed)["services"][0]["new_flows"] == 12
