@@ -247,3 +247,29 @@ def test_cluster_service_on_ipv6_serves_and_checks(testbed, natlb):
     res = testbed.client_run("http-stream", "--host", VIP6, "--port", "80", "--count", "12")
     assert all(r["ok"] for r in res), res
     assert status(testbed)["services"][0]["new_flows"] == 12
+
+
+def test_ipv6_vip_announced_only_while_a_backend_takes_flows(testbed, natlb):
+    """lb.announce = "healthy": the IPv6 VIP is on the interface (a /128,
+    no duplicate address detection) while a backend takes new flows."""
+    natlb(basic_config(testbed, family=6, lb_extra='announce = "healthy"'))
+
+    def vip_flags(present: bool) -> str:
+        deadline = time.monotonic() + 10
+        while True:
+            out = testbed.router_cmd("ip", "-6", "addr", "show", "dev", "lo").stdout
+            if (f"{VIP6}/128" in out) == present:
+                return out
+            assert time.monotonic() < deadline, out
+            time.sleep(0.05)
+
+    assert "nodad" in vip_flags(True).split(f"{VIP6}/128", 1)[1].splitlines()[0]
+    for k in (1, 2, 3):
+        natlb_cli(testbed, "backend", "disable", "web", backend_addr6(k), "-s",
+                  testbed.control_socket)
+    vip_flags(False)
+    natlb_cli(testbed, "backend", "enable", "web", f"[{backend_addr6(2)}]:80", "-s",
+              testbed.control_socket)
+    vip_flags(True)
+    res = testbed.client_run("http-stream", "--host", VIP6, "--port", "80", "--count", "3")
+    assert [r.get("backend") for r in res] == ["b2"] * 3, res
