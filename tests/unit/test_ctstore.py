@@ -149,3 +149,51 @@ def test_readopt_gives_flows_back_their_ids(tmp_path):
     still_there(a, flows, now + 10)
     assert a.backend_counters(3)[0].packets_in > 0
     a.close()
+
+
+def test_ipv6_and_ipv4_flows_are_adopted_with_their_addresses(tmp_path):
+    from scapy.layers.inet6 import IPv6
+
+    from .test_ipv6 import BACKENDS6, CLIENT6, VIP6, v6_service
+
+    def pkt6(sport, flags, src=CLIENT6, dst=VIP6, dport=80):
+        return bytes(IPv6(src=src, dst=dst) / TCP(sport=sport, dport=dport, flags=flags))
+
+    path = tmp_path / "t.flows"
+    services = [v6_service(sid=0), make_service(sid=1)]
+    a, _ = new_core(path, services=services)
+    now = monotonic_ms()
+    flows4 = open_flows(a, 3, now)
+    flows6 = {}
+    for sport in range(3000, 3003):
+        backend = IPv6(a.process(pkt6(sport, "S"), now)[1]).dst
+        assert a.process(pkt6(8080, "SA", backend, CLIENT6, sport), now)[0] == Verdict.REWRITE
+        flows6[sport] = backend
+    a.close()
+    b, rep = new_core(path, services=services)
+    assert (rep.result, rep.adopted, rep.dropped) == ("adopted", 6, 0)
+    still_there(b, flows4, now + 10)
+    for sport, backend in flows6.items():
+        v, fwd = b.process(pkt6(sport, "A"), now + 10)
+        assert v == Verdict.REWRITE and IPv6(fwd).dst == backend in BACKENDS6
+        v, rep6 = b.process(pkt6(8080, "A", backend, CLIENT6, sport), now + 10)
+        assert v == Verdict.REWRITE and IPv6(rep6).src == VIP6
+    b.close()
+
+
+# Core.layout() of the last build before IPv6 (48-byte flows, 32-bit addresses).
+IPV4_ONLY_LAYOUT = 0x9DAE20C0
+
+
+def test_table_of_the_ipv4_only_build_is_refused(tmp_path):
+    assert Core.layout() != IPV4_ONLY_LAYOUT
+    path = tmp_path / "t.flows"
+    a, _ = new_core(path)
+    open_flows(a, 2, monotonic_ms())
+    a.close()
+    data = bytearray(path.read_bytes())
+    data[8:12] = IPV4_ONLY_LAYOUT.to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    b, rep = new_core(path)
+    assert (rep.result, rep.reason) == ("refused", "written by another layout version")
+    b.close()
