@@ -5,13 +5,15 @@ Each benchmark runs one C call over a batch of N packets, so the figure is
 C time per packet, not the cost of a Python-to-C call.
 """
 
+import ipaddress
 import struct
 
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.utils import checksum
 
-from natlb.core import PKT_CSUM_VERIFIED, Core, CoreConfig, Verdict
+from natlb.core import PKT_CSUM_VERIFIED, BackendEntry, Core, CoreConfig, ServiceTable, Verdict
+from natlb.schedulers import Candidate, build_table
 from tests.unit.services import VIP, make_service
 
 N = 20_000
@@ -143,3 +145,95 @@ def test_later_fragment_follows_its_first(benchmark):
     batch = c.process_many(middles, now_ms=2)
     per_packet(benchmark, c, batch)
     assert batch.verdict_list() == [Verdict.REWRITE] * N
+
+
+# ---- IPv6 (the same measurements over IPv6 packets) -------------------------
+
+VIP6 = "2001:db8::100"
+
+
+def v6_service(scheduler="rr", protocol="tcp", n=3):
+    entries = tuple(BackendEntry(f"2001:db8:113::{i + 1:x}", 8080, 1, i, True)
+                    for i in range(n))
+    cands = [Candidate(f"[{b.address}]:{b.port}", 1, True) for b in entries]
+    return ServiceTable(VIP6, 80, protocol, scheduler, 0, entries,
+                        tuple(build_table(scheduler, cands)))
+
+
+def _sum16(data: bytes) -> int:
+    if len(data) % 2:
+        data += b"\0"
+    s = sum(struct.unpack(f"!{len(data) // 2}H", data))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    return s
+
+
+def v6_packets(n, flags=0x02, proto=6):
+    """n TCP (flags) or UDP packets to VIP6 from distinct clients (2001:db8:1::/64,
+    the low 32 bits varied) and ports, with right checksums."""
+    dst = ipaddress.IPv6Address(VIP6).packed
+    out = []
+    for i in range(n):
+        src = ipaddress.IPv6Address("2001:db8:1::").packed[:12] + struct.pack("!I", i >> 4)
+        sport = 1024 + (i & 0xF)
+        if proto == 6:
+            l4 = struct.pack("!HHIIBBHHH", sport, 80, 1000, 0, 5 << 4, flags, 65535, 0, 0)
+            off = 16
+        else:
+            l4 = struct.pack("!HHHH", sport, 80, 9, 0) + b"x"
+            off = 6
+        c = ~_sum16(src + dst + struct.pack("!IxxxB", len(l4), proto) + l4) & 0xFFFF
+        l4 = l4[:off] + struct.pack("!H", c or 0xFFFF) + l4[off + 2:]
+        hdr = struct.pack("!IHBB", 6 << 28, len(l4), proto, 64) + src + dst
+        out.append(hdr + l4)
+    return out
+
+
+@pytest.fixture(scope="module")
+def established6():
+    c = Core(CoreConfig(max_flows=1 << 17, workers=1))
+    c.publish([v6_service()])
+    assert c.process_batch(c.process_many(v6_packets(N), now_ms=1)) == N
+    return c, c.process_many(v6_packets(N, flags=0x10), now_ms=2)
+
+
+def test_ipv6_rewrite_established_tcp(benchmark, established6):
+    c, batch = established6
+    per_packet(benchmark, c, batch)
+    assert batch.verdict_list() == [Verdict.REWRITE] * N
+
+
+def test_ipv6_rewrite_established_tcp_kernel_verified(benchmark, established6):
+    c, batch = established6
+    batch.flags = PKT_CSUM_VERIFIED
+    per_packet(benchmark, c, batch)
+    assert batch.verdict_list() == [Verdict.REWRITE] * N
+
+
+@pytest.mark.parametrize("scheduler", ["rr", "sh", "maglev"])
+def test_ipv6_new_flow_per_scheduler(benchmark, scheduler):
+    pkts = v6_packets(N)
+    state = {}
+
+    def setup():
+        c = Core(CoreConfig(max_flows=1 << 16, workers=1))
+        c.publish([v6_service(scheduler, n=10)])
+        state["c"], state["b"] = c, c.process_many(pkts, now_ms=1)
+        return (), {}
+
+    benchmark.pedantic(lambda: state["c"].process_batch(state["b"]), setup=setup, rounds=10)
+    benchmark.extra_info["ns_per_packet"] = round(benchmark.stats.stats.median / N * 1e9, 1)
+    assert state["b"].verdict_list() == [Verdict.REWRITE] * N
+
+
+def test_ipv6_lookup_with_one_million_flows(benchmark):
+    total = 1_000_000
+    c = Core(CoreConfig(max_flows=total, workers=1))
+    c.publish([v6_service(protocol="udp")])
+    pkts = v6_packets(total, proto=17)
+    filled = c.process_many(pkts, now_ms=1)
+    assert c.process_batch(filled) == total and c.flow_count() == total
+    sample = c.process_many(pkts[::50], now_ms=2)
+    per_packet(benchmark, c, sample)
+    benchmark.extra_info["conntrack_bytes"] = c.conntrack_memory()

@@ -92,8 +92,9 @@ struct nl_flow *nl_ct_find(struct nl_ct *ct, uint32_t bucket,
 {
     for (uint32_t i = ct->buckets[bucket]; i != NL_NIL; i = ct->flows[i].next) {
         struct nl_flow *f = &ct->flows[i];
-        if (!nl_addr_eq(&f->client_addr, &k->client_addr) ||
-            f->client_port != k->client_port || f->proto != k->proto)
+        /* The port and the address's last word first: they differ most. */
+        if (f->client_port != k->client_port || f->client_addr.w[3] != k->client_addr.w[3] ||
+            f->proto != k->proto || !nl_addr_eq(&f->client_addr, &k->client_addr))
             continue;
         if (k->reply ? (!nl_addr_eq(&f->backend_addr, &k->other_addr) ||
                         f->backend_port != k->other_port)

@@ -9,8 +9,11 @@
  * A table is adopted only if its header says it was written by this exact
  * layout (NL_CT_LAYOUT_VERSION and the offsets of struct nl_flow) since the
  * current boot (flow expiry times are CLOCK_MONOTONIC milliseconds, whose
- * epoch is the boot).  Anything else is refused with a reason and replaced
- * by an empty table: a table is never misread.
+ * epoch is the boot).  A table of layout 2 (the last before IPv6: 48-byte
+ * entries with 32-bit addresses) is read too, and its flows are converted
+ * (addresses mapped) into a new table, as for another size, so an upgrade
+ * loses no flow.  Anything else is refused with a reason and replaced by an
+ * empty table: a table is never misread.
  *
  * Adoption walks every chain once.  It drops what a successor cannot use:
  * expired flows, flows whose service or backend left the configuration,
@@ -37,6 +40,7 @@
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include "internal.h"
+#include "natlb_test.h"
 
 /* Bump whenever struct nl_flow's meaning changes without changing its
  * offsets (a new state, another clock); offset changes are caught anyway. */
@@ -58,6 +62,69 @@ struct ct_header {
 _Static_assert(sizeof(struct ct_header) <= HEADER_SIZE, "header fits its page");
 
 #define MIX(h, v) ((h) = nl_mix32((h) ^ (uint32_t)(v)) + 0x9e3779b9u)
+
+/* The flow entry of layout 2, the last before IPv6 (48 bytes, 32-bit IPv4
+ * addresses): read so that an upgrade keeps its flows (flow_from_v2). */
+struct flow_v2 {
+    uint32_t client_addr, vip_addr, backend_addr;   /* network order */
+    uint16_t client_port, vip_port, backend_port;
+    uint8_t proto, state;
+    uint32_t next, expires_ms;
+    uint16_t service_id, backend_id;
+    uint32_t syn_seq, client_seq_next, server_seq_next;
+    uint16_t held;
+    uint8_t tries, flags;
+};
+_Static_assert(sizeof(struct flow_v2) == 48, "layout 2's entry: 48 bytes");
+
+/* The layout id layout 2 wrote (nl_ct_layout of that build). */
+static uint32_t layout_v2(void)
+{
+    uint32_t h = 2;
+    MIX(h, sizeof(struct flow_v2));
+    MIX(h, sizeof(struct ct_header));
+    MIX(h, offsetof(struct flow_v2, client_addr));
+    MIX(h, offsetof(struct flow_v2, vip_addr));
+    MIX(h, offsetof(struct flow_v2, backend_addr));
+    MIX(h, offsetof(struct flow_v2, client_port));
+    MIX(h, offsetof(struct flow_v2, vip_port));
+    MIX(h, offsetof(struct flow_v2, backend_port));
+    MIX(h, offsetof(struct flow_v2, proto));
+    MIX(h, offsetof(struct flow_v2, state));
+    MIX(h, offsetof(struct flow_v2, next));
+    MIX(h, offsetof(struct flow_v2, expires_ms));
+    MIX(h, offsetof(struct flow_v2, service_id));
+    MIX(h, offsetof(struct flow_v2, backend_id));
+    MIX(h, offsetof(struct flow_v2, syn_seq));
+    MIX(h, offsetof(struct flow_v2, client_seq_next));
+    MIX(h, offsetof(struct flow_v2, server_seq_next));
+    MIX(h, offsetof(struct flow_v2, held));
+    MIX(h, offsetof(struct flow_v2, tries));
+    MIX(h, offsetof(struct flow_v2, flags));
+    MIX(h, NL_FS_UDP);
+    MIX(h, NL_NIL);
+    return h;
+}
+
+uint32_t nl_ct_layout_v2(void)
+{
+    return layout_v2();
+}
+
+/* A layout-2 entry as one of ours: its IPv4 addresses mapped. */
+static struct nl_flow flow_from_v2(const struct flow_v2 *o)
+{
+    struct nl_flow f = {
+        .client_addr = nl_addr_v4(o->client_addr), .vip_addr = nl_addr_v4(o->vip_addr),
+        .backend_addr = nl_addr_v4(o->backend_addr), .client_port = o->client_port,
+        .vip_port = o->vip_port, .backend_port = o->backend_port, .proto = o->proto,
+        .state = o->state, .next = o->next, .expires_ms = o->expires_ms,
+        .service_id = o->service_id, .backend_id = o->backend_id, .syn_seq = o->syn_seq,
+        .client_seq_next = o->client_seq_next, .server_seq_next = o->server_seq_next,
+        .held = o->held, .tries = o->tries, .flags = o->flags,
+    };
+    return f;
+}
 
 uint32_t nl_ct_layout(void)
 {
@@ -87,14 +154,19 @@ uint32_t nl_ct_layout(void)
     return h;
 }
 
-static size_t flows_bytes(uint32_t max_flows)
+static size_t flows_bytes_of(uint32_t max_flows, size_t entry)
 {
-    return ((size_t)max_flows * sizeof(struct nl_flow) + 63) & ~(size_t)63;
+    return ((size_t)max_flows * entry + 63) & ~(size_t)63;
+}
+
+static size_t store_bytes_of(uint32_t max_flows, uint32_t n_buckets, size_t entry)
+{
+    return HEADER_SIZE + flows_bytes_of(max_flows, entry) + (size_t)n_buckets * sizeof(uint32_t);
 }
 
 static size_t store_bytes(uint32_t max_flows, uint32_t n_buckets)
 {
-    return HEADER_SIZE + flows_bytes(max_flows) + (size_t)n_buckets * sizeof(uint32_t);
+    return store_bytes_of(max_flows, n_buckets, sizeof(struct nl_flow));
 }
 
 static void read_boot_id(char *out)
@@ -115,26 +187,31 @@ struct mapped {
     struct ct_header *hdr;
     struct nl_flow *flows;
     uint32_t *buckets;
+    int v2;                      /* layout 2: flows are struct flow_v2    */
 };
 
 static void point_into(struct mapped *m)
 {
+    size_t entry = m->v2 ? sizeof(struct flow_v2) : sizeof(struct nl_flow);
     m->hdr = m->base;
     m->flows = (struct nl_flow *)((uint8_t *)m->base + HEADER_SIZE);
-    m->buckets = (uint32_t *)((uint8_t *)m->flows + flows_bytes(m->hdr->max_flows));
+    m->buckets = (uint32_t *)((uint8_t *)m->flows + flows_bytes_of(m->hdr->max_flows, entry));
 }
 
-/* Why the header at m cannot be adopted, or NULL. */
-static const char *refusal(const struct mapped *m, const char *boot_id)
+/* Why the header at m cannot be adopted, or NULL; sets m->v2 for a
+ * table of layout 2, which is converted rather than adopted. */
+static const char *refusal(struct mapped *m, const char *boot_id)
 {
     const struct ct_header *h = m->hdr;
     if (m->len < HEADER_SIZE || h->magic != NL_CT_MAGIC)
         return "not a natlb flow table";
-    if (h->layout != nl_ct_layout())
+    m->v2 = h->layout == layout_v2();
+    if (h->layout != nl_ct_layout() && !m->v2)
         return "written by another layout version";
+    size_t entry = m->v2 ? sizeof(struct flow_v2) : sizeof(struct nl_flow);
     if (h->header_size != HEADER_SIZE || h->max_flows == 0 || h->max_flows >= NL_NIL ||
         h->n_buckets == 0 || (h->n_buckets & (h->n_buckets - 1)) ||
-        m->len != store_bytes(h->max_flows, h->n_buckets))
+        m->len != store_bytes_of(h->max_flows, h->n_buckets, entry))
         return "inconsistent size";
     if (strncmp(h->boot_id, boot_id, 40) != 0)
         return "written before the last boot";
@@ -197,6 +274,42 @@ static int sweep_old(struct nl_lb *lb, struct mapped *m, uint8_t *kept, uint32_t
     }
     for (uint32_t i = 0; i < max; i++)
         kept[i] = kept[i] == 2;
+    return 0;
+}
+
+/* sweep_old for a layout-2 table, which is read, never written: the flows
+ * worth keeping are converted into `out` (max_flows entries), their count
+ * in *n.  -1 if the links are corrupt. */
+static int sweep_v2(struct nl_lb *lb, const struct mapped *m, struct nl_flow *out, uint32_t *n,
+                    uint32_t now, struct nl_store_report *rep)
+{
+    const struct nl_snapshot *snap = __atomic_load_n(&lb->snap, __ATOMIC_ACQUIRE);
+    struct nl_ct probe = { .seed = m->hdr->seed, .n_buckets = m->hdr->n_buckets };
+    const struct flow_v2 *flows = (const struct flow_v2 *)m->flows;
+    uint32_t max = m->hdr->max_flows;
+    uint8_t *seen = calloc(max, 1);
+    if (!seen)
+        return -1;
+    *n = 0;
+    for (uint32_t b = 0; b < m->hdr->n_buckets; b++) {
+        for (uint32_t i = m->buckets[b]; i != NL_NIL; i = flows[i].next) {
+            if (i >= max || seen[i]++) {
+                free(seen);
+                return -1;
+            }
+            struct nl_flow f = flow_from_v2(&flows[i]);
+            /* IPv4 hashes as it did in layout 2, so its chains still hold. */
+            if (f.state != NL_FS_FREE && f.state <= NL_FS_UDP &&
+                !nl_time_before(f.expires_ms, now) && nl_ct_flow_bucket(&probe, &f) == b &&
+                remap(snap, &f) == 0) {
+                f.held = NL_HELD_NONE;
+                out[(*n)++] = f;
+            } else {
+                rep->dropped++;
+            }
+        }
+    }
+    free(seen);
     return 0;
 }
 
@@ -300,27 +413,38 @@ int nl_ct_store(struct nl_lb *lb, const char *path, uint64_t now_ms,
         close(fd);
         if (!why && !(why = refusal(&old, boot_id)))
             point_into(&old);
-        uint8_t *kept = why ? NULL : calloc(old.hdr->max_flows, 1);
-        if (!why && !kept)
+        uint8_t *kept = NULL;
+        struct nl_flow *conv = NULL;       /* layout 2: the flows converted */
+        uint32_t n_conv = 0;
+        if (!why && old.v2 && !(conv = malloc((size_t)old.hdr->max_flows * sizeof(*conv))))
             why = "out of memory";
-        if (!why && sweep_old(lb, &old, kept, now, out) < 0)
+        if (!why && !old.v2 && !(kept = calloc(old.hdr->max_flows, 1)))
+            why = "out of memory";
+        if (!why && (old.v2 ? sweep_v2(lb, &old, conv, &n_conv, now, out)
+                            : sweep_old(lb, &old, kept, now, out)) < 0)
             why = "corrupt links";
         if (why) {
             out->result = NL_STORE_REFUSED;
             out->dropped = 0;
             snprintf(out->reason, sizeof(out->reason), "%s", why);
             free(kept);
-        } else if (old.hdr->max_flows == ct->max_flows && old.hdr->n_buckets == ct->n_buckets) {
+            free(conv);
+        } else if (!old.v2 && old.hdr->max_flows == ct->max_flows &&
+                   old.hdr->n_buckets == ct->n_buckets) {
             install(ct, &old);
             out->adopted = rebuild(lb, kept);
             out->result = NL_STORE_ADOPTED;
             free(kept);
             return 0;
         } else {
-            /* Another size: re-insert what was kept into a table of ours. */
+            /* Another size or layout 2: re-insert what was kept into a
+             * table of ours. */
             out->old_max_flows = old.hdr->max_flows;
+            const struct nl_flow *src = old.v2 ? conv : old.flows;
+            uint32_t n_src = old.v2 ? n_conv : old.hdr->max_flows;
             if (create_store(ct, tmp, boot_id, &new, out) < 0) {
                 free(kept);
+                free(conv);
                 munmap(old.base, old.len);
                 return -1;
             }
@@ -328,21 +452,22 @@ int nl_ct_store(struct nl_lb *lb, const char *path, uint64_t now_ms,
             install(ct, &new);
             uint8_t *now_kept = calloc(ct->max_flows, 1);
             uint32_t slot = 0;
-            for (uint32_t i = 0; now_kept && i < old.hdr->max_flows; i++) {
-                if (!kept[i])
+            for (uint32_t i = 0; now_kept && i < n_src; i++) {
+                if (kept && !kept[i])
                     continue;
                 if (slot == ct->max_flows) {
                     out->dropped++;          /* the new table is smaller */
                     continue;
                 }
                 struct nl_flow *f = &ct->flows[slot];
-                *f = old.flows[i];
+                *f = src[i];
                 uint32_t b = nl_ct_flow_bucket(ct, f);
                 f->next = ct->buckets[b];
                 ct->buckets[b] = slot;
                 now_kept[slot++] = 1;
             }
             free(kept);
+            free(conv);
             munmap(old.base, old.len);
             if (!now_kept) {
                 snprintf(out->reason, sizeof(out->reason), "out of memory");

@@ -436,7 +436,7 @@ static int process(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len
      * hands over a fragment with its checksum unfinished). */
     if (NL_UNLIKELY(p.frag))
         pkt_flags &= ~(uint32_t)(NL_PKT_CSUM_PARTIAL | NL_PKT_GSO);
-    struct nl_addr saddr = p.saddr, daddr = p.daddr;
+    struct nl_addr saddr = p.saddr, daddr = p.daddr;    /* a first fragment's key */
     const struct nl_snapshot *snap = __atomic_load_n(&lb->snap, __ATOMIC_ACQUIRE);
     const struct nl_service *svc = nl_find_service(snap, &p.daddr, p.dport, p.proto);
     int v = svc ? forward(lb, wc, snap, svc, &p, pkt_flags, csum, (uint32_t)now_ms, mark)

@@ -75,3 +75,9 @@ int nl_frag_take(struct nl_lb *lb, uint32_t worker, struct nl_release *out, uint
 /* Times out datagrams; their held fragments become DROP releases.  The
  * workers call it; exposed so tests can drive time. */
 void nl_frag_tick(struct nl_lb *lb, uint64_t now_ms);
+
+/* ---- flow tables of earlier layouts (ctstore.c) --------------------------- */
+/* The layout id a table of layout 2 (the last before IPv6: 48-byte entries,
+ * 32-bit addresses) carries; nl_ct_store converts such a table.  Tests
+ * write one with it. */
+uint32_t nl_ct_layout_v2(void);

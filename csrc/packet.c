@@ -36,7 +36,7 @@ static inline void st16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
 static inline void st32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
 
 /* The TCP/UDP header at p->l4, of which l4cap bytes are in the buffer. */
-static int parse_l4(struct nl_pkt *p, uint32_t l4cap)
+static inline __attribute__((always_inline)) int parse_l4(struct nl_pkt *p, uint32_t l4cap)
 {
     p->tcp_flags = 0;
     if (p->proto == NL_IPPROTO_TCP) {
@@ -346,29 +346,23 @@ int nl_check_icmp_csum(const struct nl_pkt *outer, uint32_t pkt_flags)
                                                                            : NL_CSUM_BAD;
 }
 
-/* The address field of an IPv4 or IPv6 header, and its size in words. */
-static uint8_t *addr_field(uint8_t *ip, int dst, int *words)
+/* Writes `addr` into the source or destination field of the IPv4 or IPv6
+ * header at ip (the IPv4 header checksum follows; IPv6 has none), and puts
+ * the old address in old[] (1 word for IPv4, 4 for IPv6).  Returns the
+ * number of words. */
+static inline int write_addr(uint8_t *ip, int dst, const struct nl_addr *addr, uint32_t *old)
 {
     if (nl_ip_version(ip) == 6) {
-        *words = 4;
-        return ip + (dst ? NL_OFF_IP6_DADDR : NL_OFF_IP6_SADDR);
+        uint8_t *field = ip + (dst ? NL_OFF_IP6_DADDR : NL_OFF_IP6_SADDR);
+        memcpy(old, field, 16);
+        memcpy(field, addr->w, 16);
+        return 4;
     }
-    *words = 1;
-    return ip + (dst ? NL_OFF_IP_DADDR : NL_OFF_IP_SADDR);
-}
-
-/* Writes `addr` into the address field: the IPv4 header checksum follows
- * (IPv6 has none).  Returns the old address's words in old[]. */
-static int write_addr(uint8_t *ip, int dst, const struct nl_addr *addr, uint32_t *old)
-{
-    int words;
-    uint8_t *field = addr_field(ip, dst, &words);
-    const uint32_t *new = words == 4 ? addr->w : &addr->w[3];
-    memcpy(old, field, (size_t)words * 4);
-    memcpy(field, new, (size_t)words * 4);
-    if (words == 1)
-        st16(ip + NL_OFF_IP_CSUM, csum_replace4(ld16(ip + NL_OFF_IP_CSUM), old[0], new[0]));
-    return words;
+    uint8_t *field = ip + (dst ? NL_OFF_IP_DADDR : NL_OFF_IP_SADDR);
+    old[0] = ld32(field);
+    st32(field, addr->w[3]);
+    st16(ip + NL_OFF_IP_CSUM, csum_replace4(ld16(ip + NL_OFF_IP_CSUM), old[0], addr->w[3]));
+    return 1;
 }
 
 void nl_rewrite_addr(uint8_t *ip, int dst, const struct nl_addr *addr)
@@ -386,14 +380,14 @@ void nl_rewrite(struct nl_pkt *p, int dst, const struct nl_addr *addr, uint16_t 
     uint16_t check = ld16(csum_field);
     uint32_t old[4];
     int words = write_addr(p->ip, dst, addr, old);
-    const uint32_t *new = words == 4 ? addr->w : &addr->w[3];
     st16(port_field, port);
     if (dst) { p->daddr = *addr; p->dport = port; }
     else { p->saddr = *addr; p->sport = port; }
 
     int udp = p->proto == NL_IPPROTO_UDP;
     if (!(pkt_flags & NL_PKT_CSUM_PARTIAL) && !(udp && check == 0)) {
-        check = csum_replace_addr(check, old, new, words);
+        check = words == 1 ? csum_replace4(check, old[0], addr->w[3])
+                           : csum_replace_addr(check, old, addr->w, 4);
         check = csum_replace2(check, old_port, port);
         if (udp && check == 0)
             check = 0xffff;

@@ -546,6 +546,12 @@ class Core:
     def layout() -> int:
         return lib.nl_ct_layout()
 
+    @staticmethod
+    def layout_v2() -> int:
+        """Tests: the layout id of the last flow table before IPv6, which
+        store() converts (csrc/ctstore.c)."""
+        return lib.nl_ct_layout_v2()
+
     # -- NFQUEUE workers --------------------------------------------------
     def start(self, queues: list[int], gso: bool = False, mark: bool = True,
               paused: bool = False) -> None:

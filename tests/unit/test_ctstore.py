@@ -149,3 +149,112 @@ def test_readopt_gives_flows_back_their_ids(tmp_path):
     still_there(a, flows, now + 10)
     assert a.backend_counters(3)[0].packets_in > 0
     a.close()
+
+
+def test_ipv6_and_ipv4_flows_are_adopted_with_their_addresses(tmp_path):
+    from scapy.layers.inet6 import IPv6
+
+    from .test_ipv6 import BACKENDS6, CLIENT6, VIP6, v6_service
+
+    def pkt6(sport, flags, src=CLIENT6, dst=VIP6, dport=80):
+        return bytes(IPv6(src=src, dst=dst) / TCP(sport=sport, dport=dport, flags=flags))
+
+    path = tmp_path / "t.flows"
+    services = [v6_service(sid=0), make_service(sid=1)]
+    a, _ = new_core(path, services=services)
+    now = monotonic_ms()
+    flows4 = open_flows(a, 3, now)
+    flows6 = {}
+    for sport in range(3000, 3003):
+        backend = IPv6(a.process(pkt6(sport, "S"), now)[1]).dst
+        assert a.process(pkt6(8080, "SA", backend, CLIENT6, sport), now)[0] == Verdict.REWRITE
+        flows6[sport] = backend
+    a.close()
+    b, rep = new_core(path, services=services)
+    assert (rep.result, rep.adopted, rep.dropped) == ("adopted", 6, 0)
+    still_there(b, flows4, now + 10)
+    for sport, backend in flows6.items():
+        v, fwd = b.process(pkt6(sport, "A"), now + 10)
+        assert v == Verdict.REWRITE and IPv6(fwd).dst == backend in BACKENDS6
+        v, rep6 = b.process(pkt6(8080, "A", backend, CLIENT6, sport), now + 10)
+        assert v == Verdict.REWRITE and IPv6(rep6).src == VIP6
+    b.close()
+
+
+# Core.layout() of the last build before IPv6 (48-byte flows, 32-bit addresses).
+IPV4_ONLY_LAYOUT = 0x9DAE20C0
+
+
+def test_table_claiming_layout_2_with_another_size_is_refused(tmp_path):
+    assert Core.layout() != IPV4_ONLY_LAYOUT
+    path = tmp_path / "t.flows"
+    a, _ = new_core(path)
+    open_flows(a, 2, monotonic_ms())
+    a.close()
+    data = bytearray(path.read_bytes())
+    data[8:12] = IPV4_ONLY_LAYOUT.to_bytes(4, "little")
+    path.write_bytes(bytes(data))
+    b, rep = new_core(path)
+    assert (rep.result, rep.reason) == ("refused", "inconsistent size")
+    b.close()
+
+
+def fmix32(h: int) -> int:
+    h ^= h >> 16
+    h = (h * 0x85EBCA6B) & 0xFFFFFFFF
+    h ^= h >> 13
+    h = (h * 0xC2B2AE35) & 0xFFFFFFFF
+    return h ^ (h >> 16)
+
+
+def write_layout2_table(path, flows, max_flows=64, n_buckets=64, seed=0x2545F491):
+    """A flow table as the last build before IPv6 wrote it (csrc/ctstore.c,
+    layout 2): 4 KiB header, 48-byte entries with 32-bit addresses, buckets.
+    flows: (client, cport, vip, vport, backend, bport, proto, state, expires,
+    service id, backend id, client_seq_next, server_seq_next)."""
+    import socket
+    import struct
+
+    boot = open("/proc/sys/kernel/random/boot_id", "rb").read()[:39]
+    header = struct.pack("<QIIIIII40s", 0x574F4C4654434C4E, Core.layout_v2(), 4096,
+                         max_flows, n_buckets, seed, 1, boot).ljust(4096, b"\0")
+    entries = [bytearray(48) for _ in range(max_flows)]
+    buckets = [0xFFFFFFFF] * n_buckets
+    for i, (cl, cp, vip, vp, be, bp, proto, state, exp, sid, bid, cseq, sseq) in enumerate(flows):
+        caddr, cport = socket.inet_aton(cl), struct.pack("!H", cp)
+        h = fmix32(int.from_bytes(caddr, "little") ^ seed)
+        b = fmix32(h ^ (int.from_bytes(cport, "little") << 8) ^ proto) & (n_buckets - 1)
+        entries[i][:] = (caddr + socket.inet_aton(vip) + socket.inet_aton(be) + cport
+                         + struct.pack("!HH", vp, bp)
+                         + struct.pack("<BBIIHHIIIHBB", proto, state, buckets[b], exp & 0xFFFFFFFF,
+                                       sid, bid, 1000, cseq, sseq, 0xFFFF, 1, 0))
+        buckets[b] = i
+    path.write_bytes(header + b"".join(entries) + struct.pack(f"<{n_buckets}I", *buckets))
+
+
+def test_table_of_the_ipv4_only_build_is_converted_and_its_flows_go_on(tmp_path):
+    assert Core.layout_v2() == IPV4_ONLY_LAYOUT != Core.layout()
+    path = tmp_path / "t.flows"
+    now = monotonic_ms()
+    est = 3   # NL_FS_ESTABLISHED
+    flows = {2000 + i: BACKENDS[i] for i in range(3)}
+    write_layout2_table(path, [
+        *[(CLIENT, sport, VIP, 80, be, 8080, 6, est, now + 60_000, 0, BACKENDS.index(be),
+           1001, 5001) for sport, be in flows.items()],
+        (CLIENT, 2100, VIP, 80, BACKENDS[0], 8080, 6, est, now - 1000, 0, 0, 1, 1),   # expired
+        (CLIENT, 2101, VIP, 80, "203.0.113.99", 8080, 6, est, now + 60_000, 0, 7, 1, 1),  # gone
+    ])
+    b, rep = new_core(path)
+    assert (rep.result, rep.adopted, rep.dropped, rep.old_max_flows) == ("copied", 3, 2, 64)
+    assert b.flow_count() == 3
+    assert [c.active_flows for c in b.backend_counters(3)] == [1, 1, 1]
+    still_there(b, flows, now + 10)
+    # Its sequence numbers came along: a reset sends in-window RSTs.
+    assert b.reset_backend(BACKENDS.index(flows[2000])) == 1
+    rst = IP(b.outbox_take())
+    assert (rst.dst, rst[TCP].flags, rst[TCP].dport) == (CLIENT, "R", 2000)
+    b.close()
+    # The converted table is of the current layout: the next start adopts it in place.
+    c, rep = new_core(path)
+    assert (rep.result, rep.adopted) == ("adopted", 2)
+    c.close()
