@@ -2,7 +2,9 @@
 rewrite modes, and both families served by one natlb at once."""
 
 import json
+import os
 import signal
+import subprocess
 import sys
 import time
 from collections import Counter
@@ -20,6 +22,7 @@ from natlb_testbed.testbed import (
 
 from .conftest import natlb_cli, router_state
 from .test_reload import hup_and_wait
+from .test_restart import result, wait_gone
 from .test_traffic import queued_packets
 
 MODES = pytest.mark.parametrize("rewrite", ["mark", "copy"])
@@ -273,3 +276,31 @@ def test_ipv6_vip_announced_only_while_a_backend_takes_flows(testbed, natlb):
     vip_flags(True)
     res = testbed.client_run("http-stream", "--host", VIP6, "--port", "80", "--count", "3")
     assert [r.get("backend") for r in res] == ["b2"] * 3, res
+
+
+def test_restart_hands_over_ipv6_flows(testbed, natlb):
+    """natlb restart with IPv4 and IPv6 services under IPv6 load: no
+    established or new IPv6 connection lost, the ip6 table kept in place,
+    and the successor's exit leaves nothing."""
+    before = router_state(testbed)
+    text = basic_config(testbed, health="none",
+                        extra_services=web_service("web6", [1, 2, 3], family=6)).replace(
+        'kind = "tcp"\ninterval_ms = 100', 'kind = "none"\ninterval_ms = 100')
+    old = natlb(text)
+    load = testbed.python(testbed.client, "natlb_testbed.hosts", "churn", "--host", VIP6,
+                          "--port", "80", "--keepalive", "10", "--interval-ms", "15",
+                          "--seconds", "4", "--timeout", "15", stdout=subprocess.PIPE, text=True)
+    time.sleep(1.5)
+    r = natlb_cli(testbed, "restart", "-c", str(testbed.write_config(text)))
+    assert r.returncode == 0, r.stderr + testbed.natlb_log()
+    pid = int(r.stdout.split()[2])
+    try:
+        assert old.wait(timeout=10) == 0
+        res = result(load)
+        assert res["established_lost"] == 0 and res["new_failed"] == 0, res
+        assert res["new"] > 100 and res["keepalive_requests"] > 100, res
+        assert "table ip6 natlb" in router_state(testbed)
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        wait_gone(pid)
+    assert router_state(testbed) == before
