@@ -285,16 +285,27 @@ def _host_port(raw: dict[str, Any], key: str, path: str) -> str:
     return f"{addr}:{int(port)}"
 
 
-def _ip(raw: dict[str, Any], key: str, path: str) -> str:
+def _ip(raw: dict[str, Any], key: str, path: str, link_local: bool = False) -> str:
     """An IPv4 or IPv6 address, in its canonical text (2001:db8::1, never
-    2001:0db8:0:0::1: the marks' maps, status and the ruleset compare text)."""
+    2001:0db8:0:0::1: the marks' maps, status and the ruleset compare text).
+    link_local: allowed (a route's gateway, with its device)."""
     v = _str(raw, key, path, None)
     try:
         addr = ipaddress.ip_address(v)
     except ValueError:
         raise _fail(f"{path}.{key}", v, "not an IPv4 or IPv6 address") from None
-    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped:
-        raise _fail(f"{path}.{key}", v, "an IPv4-mapped IPv6 address; write the IPv4 address")
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped:
+            raise _fail(f"{path}.{key}", v, "an IPv4-mapped IPv6 address; write the IPv4 address")
+        # A link-local address means nothing without its interface, which
+        # natlb's tables do not carry; the others are no host's.
+        for bad, why in ((addr.scope_id, f"scoped (%{addr.scope_id}): not supported"),
+                         (addr.is_link_local and not link_local,
+                          "link-local (fe80::/10): not supported"),
+                         (addr.is_multicast, "multicast"),
+                         (addr.is_unspecified, "unspecified (::)")):
+            if bad:
+                raise _fail(f"{path}.{key}", v, f"an IPv6 address that is {why}")
     return str(addr)
 
 
@@ -444,10 +455,12 @@ def _route(raw: Any, path: str) -> RouteConfig:
     except ValueError:
         raise _fail(f"{path}.destination", dest,
                     "not an IP network (a.b.c.d/len or 2001:db8::/len)") from None
-    gw = _ip(raw, "gateway", path) if "gateway" in raw else None
+    gw = _ip(raw, "gateway", path, link_local=True) if "gateway" in raw else None
     if gw and family(gw) != family(dest):
         raise _fail(f"{path}.gateway", gw, f"not the family of destination {dest}")
     dev = _str(raw, "device", path, "") if "device" in raw else None
+    if gw and ipaddress.ip_address(gw).is_link_local and not dev:
+        raise _fail(f"{path}.gateway", gw, "link-local: needs a device")
     if not gw and not dev:
         raise ConfigError(f"{path}: needs a gateway or a device")
     table = _int(raw, "table", path, 0, 1, 0xFFFFFFFF) if "table" in raw else None

@@ -45,6 +45,14 @@ def test_one_vip_address_carries_both_families_side_by_side():
     (service(backends=("::ffff:203.0.113.2",)),
      'service[0].backend[0].address = "::ffff:203.0.113.2": an IPv4-mapped IPv6 address; '
      "write the IPv4 address"),
+    (service(backends=("fe80::1",)),
+     'service[0].backend[0].address = "fe80::1": an IPv6 address that is link-local '
+     "(fe80::/10): not supported"),
+    (service(vip="ff02::1"), 'service[0].vip = "ff02::1": an IPv6 address that is multicast'),
+    (service(vip="::"), 'service[0].vip = "::": an IPv6 address that is unspecified (::)'),
+    (service(backends=("2001:db8:113::2%eth0",)),
+     'service[0].backend[0].address = "2001:db8:113::2%eth0": an IPv6 address that is '
+     "scoped (%eth0): not supported"),
 ])
 def test_mistakes_name_key_and_value(svc, message):
     with pytest.raises(ConfigError) as e:
@@ -73,6 +81,12 @@ def test_ipv6_routes():
     raw = {"lb": {"route": [{"destination": "2001:db8:200::/48", "gateway": "2001:db8:113::1"}]},
            "service": [service()]}
     assert parse(raw).lb.routes[0].destination == "2001:db8:200::/48"
+    raw["lb"]["route"][0]["gateway"] = "fe80::1"
+    with pytest.raises(ConfigError) as e:
+        parse(raw)
+    assert str(e.value) == 'lb.route[0].gateway = "fe80::1": link-local: needs a device'
+    raw["lb"]["route"][0]["device"] = "eth1"
+    assert parse(raw).lb.routes[0].gateway == "fe80::1"
     raw["lb"]["route"][0]["gateway"] = "203.0.113.1"
     with pytest.raises(ConfigError) as e:
         parse(raw)
