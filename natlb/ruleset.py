@@ -208,7 +208,6 @@ class _Family:
     """Where one address family keeps what the rules read, and what its
     table's sets are called."""
 
-    version: int
     nfproto: int
     suffix: str           # set names: "vips" in the ip table, "vips6" in the ip6 one
     addr_len: int
@@ -218,14 +217,13 @@ class _Family:
     # Registers after the address in a concatenated key: l4proto, port, iif.
     # An IPv6 address fills REG_1 whole (REG32_00..03).
     after_addr: tuple[int, int, int]
-    icmp: int             # IPPROTO_ICMP or IPPROTO_ICMPV6
     pack: Any             # address text -> bytes
 
 
-V4 = _Family(4, NFPROTO_IPV4, "", 4, 12, 16, TYPE_IPADDR, (REG32_01, REG32_02, REG32_03),
-             socket.IPPROTO_ICMP, socket.inet_aton)
-V6 = _Family(6, NFPROTO_IPV6, "6", 16, 8, 24, TYPE_IP6ADDR, (REG32_04, REG32_05, REG32_06),
-             socket.IPPROTO_ICMPV6, lambda a: socket.inet_pton(socket.AF_INET6, a))
+V4 = _Family(NFPROTO_IPV4, "", 4, 12, 16, TYPE_IPADDR, (REG32_01, REG32_02, REG32_03),
+             socket.inet_aton)
+V6 = _Family(NFPROTO_IPV6, "6", 16, 8, 24, TYPE_IP6ADDR, (REG32_04, REG32_05, REG32_06),
+             lambda a: socket.inet_pton(socket.AF_INET6, a))
 
 
 def family_of(address: str) -> _Family:
@@ -332,8 +330,8 @@ def _tuple_key(source: bool, with_iif: bool, f: _Family = V4) -> list[dict[str, 
     return out
 
 
-def _address(f: _Family, source: bool, reg: int = REG_1) -> dict[str, Any]:
-    return _load(PAYLOAD_NETWORK, f.saddr if source else f.daddr, f.addr_len, reg)
+def _address(f: _Family, source: bool) -> dict[str, Any]:
+    return _load(PAYLOAD_NETWORK, f.saddr if source else f.daddr, f.addr_len)
 
 
 def _icmp_unreach(f: _Family = V4) -> list[dict[str, Any]]:
@@ -402,9 +400,9 @@ def _not_fragment() -> list[dict[str, Any]]:
 
 
 def _fragment_rewrite_exprs(field: str, addr_map: str, f: _Family = V4) -> list[dict[str, Any]]:
-    """Mark mode, a later fragment: only the address and the IP checksum (the
-    L4 checksum is in the first fragment), and the mark cleared so the full
-    rewrite does not match it too."""
+    """Mark mode, a later fragment: only the address (and IPv4's header
+    checksum; the L4 checksum is in the first fragment), and the mark
+    cleared so the full rewrite does not match it too."""
     return [
         *(_frag_off_nonzero(IP_OFFSET) if f is V4 else _ip6_fragment(later=True)),
         _meta(NFT_META_MARK), _lookup(addr_map, dreg=REG_1),
@@ -660,7 +658,7 @@ def build(spec: Spec, in_place: bool = False, in_place6: bool | None = None) -> 
     if _services(spec, V6):
         v6 = _build_table(spec, V6, in_place if in_place6 is None else in_place6,
                           len(_sets(spec, V4)) + 1)
-        out += [dataclasses.replace(m, family=NFPROTO_IPV6) for m in v6]
+        out += [dataclasses.replace(m, family=V6.nfproto) for m in v6]
     return out
 
 
