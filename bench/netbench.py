@@ -12,6 +12,8 @@ as Markdown, JSON and a PNG chart.
 
 ``--family 6`` runs the same load over IPv6 (the testbed is dual stack)
 against the kernel's ip6 DNAT; HAProxy/nginx stream are IPv4 only here.
+``--family 4,6`` measures both families in every repetition, interleaved,
+so that their ratios to the kernel compare under the same load.
 """
 
 from __future__ import annotations
@@ -180,11 +182,15 @@ class Bench:
         self.gso = gso
         self.tb = Testbed(n_backends=N_BACKENDS)
         self.dir = self.tb.workdir
+        self.use_family(family)
+
+    def use_family(self, family: int) -> None:
+        """Which of the dual-stack testbed's addresses the next paths use."""
         self.family = family
         self.vip = VIP6 if family == 6 else VIP
         addr = backend_addr6 if family == 6 else backend_addr
         self.addrs = {f"b{k}": addr(k) for k in range(1, N_BACKENDS + 1)}
-        # As a URL or iperf3/dnsperf take it.
+        # As a URL takes it.
         self.host = f"[{self.vip}]" if family == 6 else self.vip
 
     # -- environment -------------------------------------------------------
@@ -206,9 +212,10 @@ class Bench:
         self._check_backends()
 
     def _check_backends(self) -> None:
-        """Ask each backend's nginx directly, from the router (no NAT yet)."""
-        for k in range(1, N_BACKENDS + 1):
-            addr = self.addrs[f"b{k}"]
+        """Ask each backend's nginx directly, from the router (no NAT yet),
+        over both families."""
+        for k, addr in [(k, a(k)) for k in range(1, N_BACKENDS + 1)
+                        for a in (backend_addr, backend_addr6)]:
             code = (f"import http.client as h;c=h.HTTPConnection('{addr}',80,timeout=2);"
                     "c.request('GET','/');print(c.getresponse().read().decode().strip())")
             for _ in range(20):
@@ -217,7 +224,7 @@ class Bench:
                     break
                 time.sleep(0.25)
             else:
-                raise RuntimeError(f"backend b{k} nginx is not answering")
+                raise RuntimeError(f"backend b{k} nginx is not answering on {addr}")
 
     def client(self, argv: list[str], check: bool = True,
                timeout: float | None = None) -> subprocess.CompletedProcess:
@@ -375,21 +382,28 @@ def median_table(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str,
     return out
 
 
+def _name(key: str) -> str:
+    """A results key: a path, or path@6 for one measured over IPv6."""
+    path, _, family = key.partition("@")
+    return NAMES[path] + (" (IPv6)" if family == "6" else "")
+
+
 def markdown(med: dict[str, dict[str, float]], meta: dict) -> str:
     head = "| path | " + " | ".join(METRICS.values()) + " |"
     lines = [head, "|" + "---|" * (len(METRICS) + 1)]
     for path in med:
-        lines.append(f"| {NAMES[path]} | " + " | ".join(f"{med[path][k]:,.0f}" for k in METRICS)
+        lines.append(f"| {_name(path)} | " + " | ".join(f"{med[path][k]:,.0f}" for k in METRICS)
                      + " |")
-    for ours in ("natlb", "natlb-fast"):
-        for peer in ("kernel", "haproxy"):
-            if ours not in med or peer not in med:
-                continue
-            cells = []
-            for k in METRICS:
-                a, b = med[ours][k], med[peer][k]
-                cells.append(f"{a / b:.2f}x" if b else "n/a")
-            lines.append(f"| {ours} / {peer} | " + " | ".join(cells) + " |")
+    pairs = [(o, p) for o in ("natlb", "natlb-fast") for p in ("kernel", "haproxy")]
+    pairs += [(f"{o}@6", "kernel@6") for o in ("natlb", "natlb-fast")]
+    for ours, peer in pairs:
+        if ours not in med or peer not in med:
+            continue
+        cells = []
+        for k in METRICS:
+            a, b = med[ours][k], med[peer][k]
+            cells.append(f"{a / b:.2f}x" if b else "n/a")
+        lines.append(f"| {ours} / {peer} | " + " | ".join(cells) + " |")
     if "natlb" not in med or "kernel" not in med or "haproxy" not in med:
         return "\n".join(lines)
     lines.append("")
@@ -439,7 +453,8 @@ def main() -> int:
     ap.add_argument("--no-gso", action="store_true")
     ap.add_argument("--poll-us", type=int, default=0)
     ap.add_argument("--rewrite", choices=["copy", "mark"], default="mark")
-    ap.add_argument("--family", type=int, choices=[4, 6], default=4)
+    ap.add_argument("--family", default="4", choices=["4", "6", "4,6"],
+                    help="4, 6, or 4,6: both, interleaved in each repetition")
     ap.add_argument("--out", default="bench-results")
     ap.add_argument("--paths", default=",".join(PATHS),
                     help=f"comma-separated subset of {','.join(PATHS)}")
@@ -447,22 +462,27 @@ def main() -> int:
     paths = [p for p in a.paths.split(",") if p]
     if any(p not in PATHS for p in paths):
         ap.error(f"--paths: one of {', '.join(PATHS)}")
-    if a.family == 6 and "haproxy" in paths:
+    families = [int(f) for f in a.family.split(",")]
+    if a.family == "6" and "haproxy" in paths:
         if a.paths != ",".join(PATHS):
             ap.error("--family 6: haproxy is measured over IPv4 only")
         paths.remove("haproxy")
+    # Results keys: the path, with @6 when measured over IPv6 next to IPv4.
+    runs_of = [(f, p, f"{p}@6" if f == 6 and len(families) > 1 else p)
+               for f in families for p in paths if not (f == 6 and p == "haproxy")]
     out = Path(a.out)
     out.mkdir(exist_ok=True)
-    b = Bench(a.seconds, a.workers, not a.no_gso, a.poll_us, a.rewrite, a.family)
+    b = Bench(a.seconds, a.workers, not a.no_gso, a.poll_us, a.rewrite, families[0])
     runs = []
     try:
         b.setup()
         for rep in range(a.repetitions):
             run = {}
-            for path in paths:
-                print(f"repetition {rep + 1}/{a.repetitions}: {path}", flush=True)
-                run[path] = b.measure(path)
-                print("   ", {k: round(v, 2) for k, v in run[path].items()}, flush=True)
+            for family, path, key in runs_of:
+                print(f"repetition {rep + 1}/{a.repetitions}: {key}", flush=True)
+                b.use_family(family)
+                run[key] = b.measure(path)
+                print("   ", {k: round(v, 2) for k, v in run[key].items()}, flush=True)
             runs.append(run)
     finally:
         b.close()
