@@ -5,7 +5,10 @@ nl_process_many call over a batch (no Python per packet).  No root.
     git archive main | tar -x -C /tmp/base && (cd /tmp/base && \\
         /path/to/natlb/.venv/bin/python natlb/_build.py)
     .venv/bin/python -m bench.abcore /tmp/base/natlb/_natlb_core.*.so \\
-        natlb/_natlb_core.*.so [--rounds 15] [--million]
+        natlb/_natlb_core.*.so [--rounds 15] [--million] [--ipv6]
+
+With --ipv6 the new build also runs the same measurements over IPv6 packets
+in the same rounds, and a second table gives IPv6 against its IPv4.
 
 Works across the IPv6 change of the API (struct nl_addr vs 32-bit addresses):
 the builds are driven through their own cffi modules, loaded side by side.
@@ -44,9 +47,16 @@ def addr(m: ModuleType, raw4: bytes):
     return struct.unpack("=I", raw4)[0]
 
 
+VIP6 = bytes.fromhex("20010db8000000000000000000000100")
+
+
+def addr6(raw16: bytes):
+    return {"w": list(struct.unpack("=4I", raw16))}
+
+
 class Lb:
     def __init__(self, m: ModuleType, max_flows: int, scheduler: str = "rr",
-                 n_backends: int = 3, proto: int = 6) -> None:
+                 n_backends: int = 3, proto: int = 6, v6: bool = False) -> None:
         self.m = m
         ffi, lib = m.ffi, m.lib
         cfg = ffi.new("struct nl_config *")
@@ -59,11 +69,12 @@ class Lb:
         assert self.lb != ffi.NULL
         names = ["rr", "wrr", "lc", "sh", "maglev"]
         spec = ffi.new("struct nl_service_spec *", {
-            "vip": addr(m, VIP), "port": 0x5000, "proto": proto,
+            "vip": addr6(VIP6) if v6 else addr(m, VIP), "port": 0x5000, "proto": proto,
             "scheduler": names.index(scheduler), "id": 0})
         bes = ffi.new("struct nl_backend_spec[]", n_backends)
         for j in range(n_backends):
-            bes[j].addr = addr(m, bytes([203, 0, 113, 1 + j]))
+            bes[j].addr = (addr6(VIP6[:4] + bytes([0, 0, 1, 0x13]) + bytes(7) + bytes([1 + j]))
+                           if v6 else addr(m, bytes([203, 0, 113, 1 + j])))
             bes[j].port = 0x901F
             bes[j].weight = 1
             bes[j].id = j
@@ -123,6 +134,7 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=15)
     ap.add_argument("--packets", type=int, default=20_000)
     ap.add_argument("--million", action="store_true", help="also 1,000,000 UDP flows")
+    ap.add_argument("--ipv6", action="store_true", help="the new build over IPv6 too")
     a = ap.parse_args()
     mods = {"old": load("old", a.old), "new": load("new", a.new)}
     n = a.packets
@@ -146,8 +158,23 @@ def main() -> None:
             lb = Lb(m, 1_000_000, proto=17)
             assert lb.run(lb.batch(pkts), now=1)[1] == len(pkts)
             big[who] = (lb, lb.batch(pkts[::50]))
+    whos = list(mods)
+    pk6: dict[str, list[bytes]] = {}
+    if a.ipv6:
+        from bench.test_micro import v6_packets
+        whos.append("ipv6")
+        mods["ipv6"] = mods["new"]
+        pk6 = {"syn": v6_packets(n), "ack": v6_packets(n, flags=0x10)}
+        lb = Lb(mods["new"], 1 << 17, v6=True)
+        assert lb.run(lb.batch(pk6["syn"]), now=1)[1] == n
+        est["ipv6"] = (lb, lb.batch(pk6["ack"]))
+        if a.million:
+            pkts = v6_packets(1_000_000, proto=17)
+            lb = Lb(mods["new"], 1_000_000, proto=17, v6=True)
+            assert lb.run(lb.batch(pkts), now=1)[1] == len(pkts)
+            big["ipv6"] = (lb, lb.batch(pkts[::50]))
     for rnd in range(a.rounds):
-        order = list(mods) if rnd % 2 == 0 else list(mods)[::-1]
+        order = whos if rnd % 2 == 0 else whos[::-1]
         for who in order:
             lb, bt = est[who]
             record("established TCP (checksums checked)", who, lb.run(bt)[0])
@@ -157,20 +184,25 @@ def main() -> None:
                 record("lookup, 1,000,000 flows", who, lb.run(bt)[0])
         for sched in ("rr", "sh", "maglev"):
             for who in order:
-                lb = Lb(mods[who], 1 << 16, scheduler=sched, n_backends=10)
-                ns, r = lb.run(lb.batch(syns), now=1)
+                lb = Lb(mods[who], 1 << 16, scheduler=sched, n_backends=10, v6=who == "ipv6")
+                ns, r = lb.run(lb.batch(pk6["syn"] if who == "ipv6" else syns), now=1)
                 assert r == n
                 record(f"new flow, {sched}", who, ns)
                 lb.close()
-    print(f"{'IPv4, ns per packet (median)':<38} {'old':>7} {'new':>7} {'new/old':>8}"
-          f"  per-round ratio: median [quartiles]")
+    table(res, "old", "new", "IPv4, ns per packet (median)")
+    if a.ipv6:
+        table(res, "new", "ipv6", "new build: IPv4 vs IPv6")
+    print(f"{a.rounds} rounds of {n} packets, alternating")
+
+
+def table(res: dict[str, dict[str, list[float]]], a: str, b: str, title: str) -> None:
+    print(f"{title:<38} {a:>7} {b:>7} {b + '/' + a:>9}  per-round ratio: median [quartiles]")
     for name, d in res.items():
-        old, new = statistics.median(d["old"]), statistics.median(d["new"])
-        ratios = sorted(y / x for x, y in zip(d["old"], d["new"], strict=True))
+        x, y = statistics.median(d[a]), statistics.median(d[b])
+        ratios = sorted(q / p for p, q in zip(d[a], d[b], strict=True))
         q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
-        print(f"{name:<38} {old:7.1f} {new:7.1f} {new / old:8.2f}"
+        print(f"{name:<38} {x:7.1f} {y:7.1f} {y / x:9.2f}"
               f"  {statistics.median(ratios):.2f} [{q1:.2f}-{q3:.2f}]")
-    print(f"{a.rounds} rounds of {n} packets, old and new alternating")
 
 
 if __name__ == "__main__":
