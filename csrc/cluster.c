@@ -130,8 +130,8 @@ struct nl_flow *nl_cluster_adopt_reply(struct nl_lb *lb, const struct nl_snapsho
     const struct nl_service *svc = sl->svc;
     const struct nl_backend_spec *be = &svc->backends[sl->backend];
     struct nl_ct *ct = &lb->ct;
-    struct nl_ct_key k = { .client_addr = p->daddr, .client_port = p->dport, .proto = p->proto,
-                           .reply = 1, .other_addr = p->saddr, .other_port = p->sport };
+    struct nl_ct_key k = { .client_addr = &p->daddr, .client_port = p->dport, .proto = p->proto,
+                           .reply = 1, .other_addr = &p->saddr, .other_port = p->sport };
     uint32_t b = nl_ct_bucket(ct, &k);
     *lock = nl_ct_stripe(ct, b);
     pthread_spin_lock(*lock);

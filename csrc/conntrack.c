@@ -82,7 +82,7 @@ void nl_ct_fini(struct nl_ct *ct)
 
 uint32_t nl_ct_bucket(const struct nl_ct *ct, const struct nl_ct_key *k)
 {
-    uint32_t h = nl_addr_hash(&k->client_addr, ct->seed);
+    uint32_t h = nl_addr_hash(k->client_addr, ct->seed);
     h = nl_mix32(h ^ ((uint32_t)k->client_port << 8) ^ k->proto);
     return h & (ct->n_buckets - 1);
 }
@@ -92,13 +92,12 @@ struct nl_flow *nl_ct_find(struct nl_ct *ct, uint32_t bucket,
 {
     for (uint32_t i = ct->buckets[bucket]; i != NL_NIL; i = ct->flows[i].next) {
         struct nl_flow *f = &ct->flows[i];
-        /* The port and the address's last word first: they differ most. */
-        if (f->client_port != k->client_port || f->client_addr.w[3] != k->client_addr.w[3] ||
-            f->proto != k->proto || !nl_addr_eq(&f->client_addr, &k->client_addr))
+        if (f->client_port != k->client_port || f->proto != k->proto ||
+            !nl_addr_eq(&f->client_addr, k->client_addr))
             continue;
-        if (k->reply ? (!nl_addr_eq(&f->backend_addr, &k->other_addr) ||
+        if (k->reply ? (!nl_addr_eq(&f->backend_addr, k->other_addr) ||
                         f->backend_port != k->other_port)
-                     : (!nl_addr_eq(&f->vip_addr, &k->other_addr) ||
+                     : (!nl_addr_eq(&f->vip_addr, k->other_addr) ||
                         f->vip_port != k->other_port))
             continue;
         if (nl_time_before(f->expires_ms, now))
@@ -159,7 +158,7 @@ void nl_ct_remove(struct nl_ct *ct, uint32_t bucket, struct nl_flow *f)
 
 uint32_t nl_ct_flow_bucket(const struct nl_ct *ct, const struct nl_flow *f)
 {
-    struct nl_ct_key k = { .client_addr = f->client_addr, .client_port = f->client_port,
+    struct nl_ct_key k = { .client_addr = &f->client_addr, .client_port = f->client_port,
                            .proto = f->proto };
     return nl_ct_bucket(ct, &k);
 }

@@ -339,7 +339,7 @@ void nl_failover_due(struct nl_lb *lb, uint64_t now_ms)
         if (!n)
             return;
         for (uint32_t i = 0; i < n; i++) {
-            struct nl_ct_key k = { .client_addr = due[i].client_addr,
+            struct nl_ct_key k = { .client_addr = &due[i].client_addr,
                                    .client_port = due[i].client_port, .proto = due[i].proto };
             uint32_t b = nl_ct_bucket(&lb->ct, &k);
             pthread_spinlock_t *lock = nl_ct_stripe(&lb->ct, b);

@@ -100,9 +100,24 @@ static inline uint32_t nl_mapped_word(void)
     return w;
 }
 
+/* The two 64-bit halves of an address (memcpy: one unaligned load each). */
+static inline uint64_t nl_addr_hi(const struct nl_addr *a)
+{
+    uint64_t v;
+    __builtin_memcpy(&v, &a->w[0], 8);
+    return v;
+}
+
+static inline uint64_t nl_addr_lo(const struct nl_addr *a)
+{
+    uint64_t v;
+    __builtin_memcpy(&v, &a->w[2], 8);
+    return v;
+}
+
 static inline int nl_addr_is_v4(const struct nl_addr *a)
 {
-    return (a->w[0] | a->w[1]) == 0 && a->w[2] == nl_mapped_word();
+    return nl_addr_hi(a) == 0 && a->w[2] == nl_mapped_word();
 }
 
 static inline struct nl_addr nl_addr_v4(uint32_t v4)
@@ -113,8 +128,7 @@ static inline struct nl_addr nl_addr_v4(uint32_t v4)
 
 static inline int nl_addr_eq(const struct nl_addr *a, const struct nl_addr *b)
 {
-    return ((a->w[0] ^ b->w[0]) | (a->w[1] ^ b->w[1]) | (a->w[2] ^ b->w[2]) |
-            (a->w[3] ^ b->w[3])) == 0;
+    return ((nl_addr_hi(a) ^ nl_addr_hi(b)) | (nl_addr_lo(a) ^ nl_addr_lo(b))) == 0;
 }
 
 /* A seeded hash of an address.  IPv4 costs one mix, as it did before IPv6
@@ -166,7 +180,8 @@ struct nl_pkt {
     uint32_t frag_id;        /* IP identification, host order             */
     uint32_t frag_off;       /* byte offset of this fragment's data        */
     uint32_t frag_data;      /* bytes of fragment data in this packet      */
-    /* What forward()/reply() did, for the datagram's later fragments. */
+    /* What forward()/reply() did, for the datagram's later fragments (set
+     * only for a first fragment, frag). */
     struct nl_addr nat_addr; /* address written (backend, or VIP)         */
     uint16_t nat_service, nat_backend;
 };
@@ -201,7 +216,8 @@ int nl_check_icmp_csum(const struct nl_pkt *outer, uint32_t pkt_flags);
 void nl_rewrite_addr(uint8_t *ip, int dst, const struct nl_addr *addr);
 /* Replace the source (or destination) address and port, fixing the IPv4
  * checksum and the L4 checksum according to pkt_flags (NL_PKT_*).  The
- * address is of the packet's family. */
+ * address is of the packet's family.  The bytes change; p keeps describing
+ * the packet as it arrived (its addresses and ports). */
 void nl_rewrite(struct nl_pkt *p, int dst, const struct nl_addr *addr, uint16_t port,
                 uint32_t pkt_flags);
 /* An ICMP destination-unreachable or ICMPv6 destination-unreachable /
@@ -331,11 +347,11 @@ struct nl_ct {
 /* Direction-neutral key: for a forward packet (src = client), for a reply
  * (dst = client). */
 struct nl_ct_key {
-    struct nl_addr client_addr;
+    const struct nl_addr *client_addr;
     uint16_t client_port;
     uint8_t proto;
     uint8_t reply;           /* 0: match vip side, 1: match backend side  */
-    struct nl_addr other_addr;   /* vip (forward) or backend (reply)      */
+    const struct nl_addr *other_addr;   /* vip (forward) or backend (reply) */
     uint16_t other_port;
 };
 
@@ -408,7 +424,8 @@ struct nl_snapshot {
 /* The service of (vip, port, proto) in a snapshot's index, or NULL. */
 static inline uint32_t nl_svc_hash(const struct nl_addr *vip, uint16_t port, uint8_t proto)
 {
-    uint32_t x = vip->w[3] ^ vip->w[2] ^ vip->w[1] ^ vip->w[0];
+    uint64_t x64 = nl_addr_hi(vip) ^ nl_addr_lo(vip);
+    uint32_t x = (uint32_t)x64 ^ (uint32_t)(x64 >> 32);
     uint32_t h = x * 0x9e3779b1u ^ ((uint32_t)port << 8 | proto) * 0x85ebca6bu;
     return h ^ (h >> 15);
 }

@@ -78,8 +78,8 @@ static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
                    uint32_t *mark)
 {
     struct nl_ct *ct = &lb->ct;
-    struct nl_ct_key k = { .client_addr = p->saddr, .client_port = p->sport,
-                           .proto = p->proto, .other_addr = p->daddr, .other_port = p->dport };
+    struct nl_ct_key k = { .client_addr = &p->saddr, .client_port = p->sport,
+                           .proto = p->proto, .other_addr = &p->daddr, .other_port = p->dport };
     uint32_t b = nl_ct_bucket(ct, &k);
     pthread_spinlock_t *lock = nl_ct_stripe(ct, b);
     int is_syn = p->proto == NL_IPPROTO_TCP &&
@@ -161,9 +161,11 @@ static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
                !(p->tcp_flags & (NL_TCP_SYN | NL_TCP_FIN | NL_TCP_RST)) &&
                snap->alive[f->backend_id];
     pthread_spin_unlock(lock);
-    p->nat_addr = baddr;
-    p->nat_service = (uint16_t)svc->spec.id;
-    p->nat_backend = bid;
+    if (NL_UNLIKELY(p->frag)) {
+        p->nat_addr = baddr;
+        p->nat_service = (uint16_t)svc->spec.id;
+        p->nat_backend = bid;
+    }
 
     if (mark)
         *mark = NL_MARK_FORWARD | bid | (fast ? NL_MARK_FAST : 0);
@@ -190,7 +192,7 @@ static int late_synack(struct nl_lb *lb, const struct nl_pkt *p, int csum, uint3
         (p->tcp_flags & (NL_TCP_SYN | NL_TCP_ACK | NL_TCP_RST)) != (NL_TCP_SYN | NL_TCP_ACK) ||
         csum != NL_CSUM_OK)
         return 0;
-    struct nl_ct_key k = { .client_addr = p->daddr, .client_port = p->dport,
+    struct nl_ct_key k = { .client_addr = &p->daddr, .client_port = p->dport,
                            .proto = NL_IPPROTO_TCP, .reply = 1 };
     uint32_t b = nl_ct_bucket(&lb->ct, &k);
     pthread_spinlock_t *lock = nl_ct_stripe(&lb->ct, b);
@@ -220,8 +222,8 @@ static int reply(struct nl_lb *lb, struct nl_worker_counters *wc,
                  int csum, uint32_t now, uint32_t *mark)
 {
     pthread_spinlock_t *lock;
-    struct nl_ct_key k = { .client_addr = p->daddr, .client_port = p->dport, .proto = p->proto,
-                           .reply = 1, .other_addr = p->saddr, .other_port = p->sport };
+    struct nl_ct_key k = { .client_addr = &p->daddr, .client_port = p->dport, .proto = p->proto,
+                           .reply = 1, .other_addr = &p->saddr, .other_port = p->sport };
     struct nl_flow *f = find_locked(lb, &k, now, &lock);
     int full = 0;
     if (!f)
@@ -272,9 +274,11 @@ static int reply(struct nl_lb *lb, struct nl_worker_counters *wc,
     struct nl_addr vip = f->vip_addr;
     uint16_t vport = f->vip_port, sid = f->service_id, bid = f->backend_id;
     pthread_spin_unlock(lock);
-    p->nat_addr = vip;
-    p->nat_service = sid;
-    p->nat_backend = bid;
+    if (NL_UNLIKELY(p->frag)) {
+        p->nat_addr = vip;
+        p->nat_service = sid;
+        p->nat_backend = bid;
+    }
 
     if (mark)
         *mark = NL_MARK_REPLY | sid;
@@ -295,8 +299,8 @@ static int pmtu(struct nl_lb *lb, struct nl_worker_counters *wc, const struct nl
 {
     /* The quoted packet went VIP -> client: find the flow by its VIP side. */
     const struct nl_pkt *in = &icmp->inner;
-    struct nl_ct_key k = { .client_addr = in->daddr, .client_port = in->dport,
-                           .proto = in->proto, .other_addr = in->saddr,
+    struct nl_ct_key k = { .client_addr = &in->daddr, .client_port = in->dport,
+                           .proto = in->proto, .other_addr = &in->saddr,
                            .other_port = in->sport };
     pthread_spinlock_t *lock;
     struct nl_flow *f = find_locked(lb, &k, now, &lock);
@@ -351,8 +355,8 @@ static int icmp_error(struct nl_lb *lb, struct nl_worker_counters *wc, const str
         return pmtu(lb, wc, &icmp, now);   /* news, not a failure: no check */
     /* The quoted packet went client -> backend: find the flow by its backend side. */
     const struct nl_pkt *in = &icmp.inner;
-    struct nl_ct_key k = { .client_addr = in->saddr, .client_port = in->sport,
-                           .proto = in->proto, .reply = 1, .other_addr = in->daddr,
+    struct nl_ct_key k = { .client_addr = &in->saddr, .client_port = in->sport,
+                           .proto = in->proto, .reply = 1, .other_addr = &in->daddr,
                            .other_port = in->dport };
     pthread_spinlock_t *lock;
     struct nl_flow *f = find_locked(lb, &k, now, &lock);
@@ -385,12 +389,11 @@ static int later_fragment(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint3
     return v;
 }
 
-/* The first fragment of a datagram got verdict v: its others will too.
- * saddr/daddr are the addresses it arrived with. */
-static void first_fragment(struct nl_lb *lb, const struct nl_pkt *p, const struct nl_addr *saddr,
-                           const struct nl_addr *daddr, int forwarded, int v, uint64_t now_ms)
+/* The first fragment of a datagram got verdict v: its others will too. */
+static void first_fragment(struct nl_lb *lb, const struct nl_pkt *p, int forwarded, int v,
+                           uint64_t now_ms)
 {
-    struct nl_frag_key k = { .saddr = *saddr, .daddr = *daddr, .family = p->family,
+    struct nl_frag_key k = { .saddr = p->saddr, .daddr = p->daddr, .family = p->family,
                              .proto = p->frag_nh, .id = p->frag_id };
     struct nl_frag_verdict fv = { .verdict = v == NL_VERDICT_MARK ? NL_VERDICT_REWRITE : v };
     if (fv.verdict == NL_VERDICT_REWRITE) {
@@ -436,13 +439,12 @@ static int process(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len
      * hands over a fragment with its checksum unfinished). */
     if (NL_UNLIKELY(p.frag))
         pkt_flags &= ~(uint32_t)(NL_PKT_CSUM_PARTIAL | NL_PKT_GSO);
-    struct nl_addr saddr = p.saddr, daddr = p.daddr;    /* a first fragment's key */
     const struct nl_snapshot *snap = __atomic_load_n(&lb->snap, __ATOMIC_ACQUIRE);
     const struct nl_service *svc = nl_find_service(snap, &p.daddr, p.dport, p.proto);
     int v = svc ? forward(lb, wc, snap, svc, &p, pkt_flags, csum, (uint32_t)now_ms, mark)
                 : reply(lb, wc, snap, &p, pkt_flags, csum, (uint32_t)now_ms, mark);
     if (NL_UNLIKELY(p.frag))
-        first_fragment(lb, &p, &saddr, &daddr, svc != NULL, v, now_ms);
+        first_fragment(lb, &p, svc != NULL, v, now_ms);
     return v;
 }
 

@@ -305,17 +305,22 @@ static int ip_header_ok(const uint8_t *ip)
     return csum_fold(csum_partial(ip, nl_ip_hlen(ip), 0)) == 0xffff;
 }
 
+/* RFC 8200 8.1: over IPv6 a UDP checksum of zero is no checksum, and its
+ * receiver discards the datagram; natlb does so first. */
+static inline int udp6_without_sum(const struct nl_pkt *p, uint32_t pkt_flags)
+{
+    return p->family == 6 && p->proto == NL_IPPROTO_UDP && !(pkt_flags & NL_PKT_CSUM_PARTIAL) &&
+           ld16(p->l4 + NL_OFF_UDP_CSUM) == 0;
+}
+
 int nl_check_csum(const struct nl_pkt *p, uint32_t pkt_flags)
 {
-    /* RFC 8200 8.1: over IPv6 a UDP checksum of zero is no checksum, and
-     * its receiver discards the datagram; natlb does so first. */
-    if (p->family == 6 && p->proto == NL_IPPROTO_UDP && !(pkt_flags & NL_PKT_CSUM_PARTIAL) &&
-        ld16(p->l4 + NL_OFF_UDP_CSUM) == 0)
-        return NL_CSUM_BAD;
     /* The kernel vouches for the L4 sum, and its ip_rcv has verified every
      * IP header before prerouting: nothing left to check. */
     if (pkt_flags & (NL_PKT_CSUM_VERIFIED | NL_PKT_CSUM_PARTIAL))
-        return NL_CSUM_OK;
+        return udp6_without_sum(p, pkt_flags) ? NL_CSUM_BAD : NL_CSUM_OK;
+    if (udp6_without_sum(p, pkt_flags))
+        return NL_CSUM_BAD;
     if (p->family == 4 && !ip_header_ok(p->ip))
         return NL_CSUM_BAD;
     /* A fragment's L4 checksum covers the whole datagram. */
@@ -381,8 +386,6 @@ void nl_rewrite(struct nl_pkt *p, int dst, const struct nl_addr *addr, uint16_t 
     uint32_t old[4];
     int words = write_addr(p->ip, dst, addr, old);
     st16(port_field, port);
-    if (dst) { p->daddr = *addr; p->dport = port; }
-    else { p->saddr = *addr; p->sport = port; }
 
     int udp = p->proto == NL_IPPROTO_UDP;
     if (!(pkt_flags & NL_PKT_CSUM_PARTIAL) && !(udp && check == 0)) {
