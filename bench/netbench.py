@@ -9,6 +9,11 @@ HAProxy (TCP mode, one thread) plus nginx stream (one worker) for UDP.  Load com
 dnsperf and iperf3 in the client namespace.  Results are medians over
 repetitions, printed as a table with natlb's ratio to each peer and written
 as Markdown, JSON and a PNG chart.
+
+``--family 6`` runs the same load over IPv6 (the testbed is dual stack)
+against the kernel's ip6 DNAT; HAProxy/nginx stream are IPv4 only here.
+``--family 4,6`` measures both families in every repetition, interleaved,
+so that their ratios to the kernel compare under the same load.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import sys
 import time
 from pathlib import Path
 
-from natlb_testbed.testbed import VIP, Testbed, backend_addr
+from natlb_testbed.testbed import VIP, VIP6, Testbed, backend_addr, backend_addr6
 
 N_BACKENDS = 3
 PATHS = ("natlb", "natlb-fast", "kernel", "haproxy")
@@ -45,13 +50,15 @@ events {{ worker_connections 4096; }}
 http {{
   access_log off;
   keepalive_requests 1000000;
-  server {{ listen 80 reuseport backlog=4096; location / {{ return 200 "b{k}\\n"; }} }}
+  server {{ listen 80 reuseport backlog=4096; listen [::]:80 reuseport backlog=4096;
+           location / {{ return 200 "b{k}\\n"; }} }}
 }}
 """
 
 NSD_CONF = """
 server:
   ip-address: 0.0.0.0
+  ip-address: ::
   port: 53
   username: ""
   chroot: ""
@@ -117,12 +124,12 @@ stream {{
 """
 
 KERNEL_NAT = """
-table ip natlb_bench_dnat {{
+table {nft} natlb_bench_dnat {{
   chain pre {{
     type nat hook prerouting priority dstnat;
-    ip daddr {vip} tcp dport 80 dnat to numgen inc mod 3 map {{ 0 : {b1}, 1 : {b2}, 2 : {b3} }}
-    ip daddr {vip} udp dport 53 dnat to numgen inc mod 3 map {{ 0 : {b1}, 1 : {b2}, 2 : {b3} }}
-    ip daddr {vip} tcp dport 5201 dnat to {b1}
+    {nft} daddr {vip} tcp dport 80 dnat to numgen inc mod 3 map {{ 0 : {b1}, 1 : {b2}, 2 : {b3} }}
+    {nft} daddr {vip} udp dport 53 dnat to numgen inc mod 3 map {{ 0 : {b1}, 1 : {b2}, 2 : {b3} }}
+    {nft} daddr {vip} tcp dport 5201 dnat to {b1}
   }}
 }}
 """
@@ -167,7 +174,7 @@ address = "{b1}"
 
 class Bench:
     def __init__(self, seconds: int, workers: int, gso: bool, poll_us: int = 0,
-                 rewrite: str = "copy") -> None:
+                 rewrite: str = "copy", family: int = 4) -> None:
         self.poll_us = poll_us
         self.rewrite = rewrite
         self.seconds = seconds
@@ -175,7 +182,16 @@ class Bench:
         self.gso = gso
         self.tb = Testbed(n_backends=N_BACKENDS)
         self.dir = self.tb.workdir
-        self.addrs = {f"b{k}": backend_addr(k) for k in range(1, N_BACKENDS + 1)}
+        self.use_family(family)
+
+    def use_family(self, family: int) -> None:
+        """Which of the dual-stack testbed's addresses the next paths use."""
+        self.family = family
+        self.vip = VIP6 if family == 6 else VIP
+        addr = backend_addr6 if family == 6 else backend_addr
+        self.addrs = {f"b{k}": addr(k) for k in range(1, N_BACKENDS + 1)}
+        # As a URL takes it.
+        self.host = f"[{self.vip}]" if family == 6 else self.vip
 
     # -- environment -------------------------------------------------------
     def setup(self) -> None:
@@ -196,9 +212,10 @@ class Bench:
         self._check_backends()
 
     def _check_backends(self) -> None:
-        """Ask each backend's nginx directly, from the router (no NAT yet)."""
-        for k in range(1, N_BACKENDS + 1):
-            addr = backend_addr(k)
+        """Ask each backend's nginx directly, from the router (no NAT yet),
+        over both families."""
+        for k, addr in [(k, a(k)) for k in range(1, N_BACKENDS + 1)
+                        for a in (backend_addr, backend_addr6)]:
             code = (f"import http.client as h;c=h.HTTPConnection('{addr}',80,timeout=2);"
                     "c.request('GET','/');print(c.getresponse().read().decode().strip())")
             for _ in range(20):
@@ -207,7 +224,7 @@ class Bench:
                     break
                 time.sleep(0.25)
             else:
-                raise RuntimeError(f"backend b{k} nginx is not answering")
+                raise RuntimeError(f"backend b{k} nginx is not answering on {addr}")
 
     def client(self, argv: list[str], check: bool = True,
                timeout: float | None = None) -> subprocess.CompletedProcess:
@@ -221,7 +238,8 @@ class Bench:
 
     # -- the three paths ---------------------------------------------------
     def start(self, path: str) -> list[subprocess.Popen]:
-        fmt = dict(dir=self.dir, vip=VIP, **self.addrs)
+        fmt = dict(dir=self.dir, vip=self.vip, nft="ip6" if self.family == 6 else "ip",
+                   **self.addrs)
         if path.startswith("natlb"):
             web = "\n".join(f'[[service.backend]]\naddress = "{a}"' for a in self.addrs.values())
             cfg = self.tb.write_config(NATLB_CONFIG.format(
@@ -230,8 +248,12 @@ class Bench:
                 fastpath="true" if path == "natlb-fast" else "false",
                 gso="true" if self.gso else "false", web=web, **fmt))
             return [self.tb.start_natlb(cfg)]
-        self.router(["ip", "addr", "add", f"{VIP}/32", "dev", "lo"])
-        self.router(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        if self.family == 6:
+            self.router(["ip", "addr", "add", f"{self.vip}/128", "dev", "lo", "nodad"])
+            self.router(["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
+        else:
+            self.router(["ip", "addr", "add", f"{VIP}/32", "dev", "lo"])
+            self.router(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
         if path == "kernel":
             (self.dir / "dnat.nft").write_text(KERNEL_NAT.format(**fmt))
             self.router(["nft", "-f", str(self.dir / "dnat.nft")], check=True)
@@ -254,14 +276,16 @@ class Bench:
             self.tb.stop(p)
             self.tb.procs.remove(p)
         if path == "kernel":
-            self.router(["nft", "delete", "table", "ip", "natlb_bench_dnat"])
+            self.router(["nft", "delete", "table", "ip6" if self.family == 6 else "ip",
+                         "natlb_bench_dnat"])
         if not path.startswith("natlb"):
-            self.router(["ip", "addr", "del", f"{VIP}/32", "dev", "lo"])
+            prefix = 128 if self.family == 6 else 32
+            self.router(["ip", "addr", "del", f"{self.vip}/{prefix}", "dev", "lo"])
 
     # -- measurements ------------------------------------------------------
     def wrk(self, *extra: str, conns: int = 32) -> str:
         return self.client(["wrk", "-t1", f"-c{conns}", f"-d{self.seconds}s", "--latency",
-                            *extra, f"http://{VIP}/"]).stdout
+                            *extra, f"http://{self.host}/"]).stdout
 
     @staticmethod
     def _rate(out: str) -> float:
@@ -280,7 +304,7 @@ class Bench:
         return float(m.group(1)) * {"us": 1, "ms": 1000, "s": 1e6}[m.group(2)]
 
     def dns(self) -> float:
-        out = self.client(["dnsperf", "-s", VIP, "-d", str(self.dir / "queries"), "-l",
+        out = self.client(["dnsperf", "-s", self.vip, "-d", str(self.dir / "queries"), "-l",
                            str(self.seconds), "-c", "16", "-q", "256", "-t", "2"],
                           check=False).stdout
         m = re.search(r"Queries per second:\s+([\d.]+)", out)
@@ -290,7 +314,7 @@ class Bench:
         return float(m.group(1)) if m else 0.0
 
     def bulk(self) -> float:
-        out = self.client(["iperf3", "-c", VIP, "-p", "5201", "-t", str(self.seconds), "-J"],
+        out = self.client(["iperf3", "-c", self.vip, "-p", "5201", "-t", str(self.seconds), "-J"],
                           check=False).stdout
         try:
             return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e6
@@ -358,21 +382,28 @@ def median_table(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str,
     return out
 
 
+def _name(key: str) -> str:
+    """A results key: a path, or path@6 for one measured over IPv6."""
+    path, _, family = key.partition("@")
+    return NAMES[path] + (" (IPv6)" if family == "6" else "")
+
+
 def markdown(med: dict[str, dict[str, float]], meta: dict) -> str:
     head = "| path | " + " | ".join(METRICS.values()) + " |"
     lines = [head, "|" + "---|" * (len(METRICS) + 1)]
     for path in med:
-        lines.append(f"| {NAMES[path]} | " + " | ".join(f"{med[path][k]:,.0f}" for k in METRICS)
+        lines.append(f"| {_name(path)} | " + " | ".join(f"{med[path][k]:,.0f}" for k in METRICS)
                      + " |")
-    for ours in ("natlb", "natlb-fast"):
-        for peer in ("kernel", "haproxy"):
-            if ours not in med or peer not in med:
-                continue
-            cells = []
-            for k in METRICS:
-                a, b = med[ours][k], med[peer][k]
-                cells.append(f"{a / b:.2f}x" if b else "n/a")
-            lines.append(f"| {ours} / {peer} | " + " | ".join(cells) + " |")
+    pairs = [(o, p) for o in ("natlb", "natlb-fast") for p in ("kernel", "haproxy")]
+    pairs += [(f"{o}@6", "kernel@6") for o in ("natlb", "natlb-fast")]
+    for ours, peer in pairs:
+        if ours not in med or peer not in med:
+            continue
+        cells = []
+        for k in METRICS:
+            a, b = med[ours][k], med[peer][k]
+            cells.append(f"{a / b:.2f}x" if b else "n/a")
+        lines.append(f"| {ours} / {peer} | " + " | ".join(cells) + " |")
     if "natlb" not in med or "kernel" not in med or "haproxy" not in med:
         return "\n".join(lines)
     lines.append("")
@@ -388,7 +419,7 @@ def markdown(med: dict[str, dict[str, float]], meta: dict) -> str:
         f"kernel forwarding done in its verdict syscalls.")
     lines.append(f"Medians of {meta['repetitions']} repetitions, {meta['seconds']} s per test, "
                  f"natlb workers={meta['workers']} gso={meta['gso']} poll_us={meta['poll_us']} "
-                 f"rewrite={meta['rewrite']}; "
+                 f"rewrite={meta['rewrite']} IPv{meta.get('family', 4)}; "
                  f"latency ratios: lower is better.")
     return "\n".join(lines)
 
@@ -422,6 +453,8 @@ def main() -> int:
     ap.add_argument("--no-gso", action="store_true")
     ap.add_argument("--poll-us", type=int, default=0)
     ap.add_argument("--rewrite", choices=["copy", "mark"], default="mark")
+    ap.add_argument("--family", default="4", choices=["4", "6", "4,6"],
+                    help="4, 6, or 4,6: both, interleaved in each repetition")
     ap.add_argument("--out", default="bench-results")
     ap.add_argument("--paths", default=",".join(PATHS),
                     help=f"comma-separated subset of {','.join(PATHS)}")
@@ -429,24 +462,34 @@ def main() -> int:
     paths = [p for p in a.paths.split(",") if p]
     if any(p not in PATHS for p in paths):
         ap.error(f"--paths: one of {', '.join(PATHS)}")
+    families = [int(f) for f in a.family.split(",")]
+    if a.family == "6" and "haproxy" in paths:
+        if a.paths != ",".join(PATHS):
+            ap.error("--family 6: haproxy is measured over IPv4 only")
+        paths.remove("haproxy")
+    # Results keys: the path, with @6 when measured over IPv6 next to IPv4.
+    runs_of = [(f, p, f"{p}@6" if f == 6 and len(families) > 1 else p)
+               for f in families for p in paths if not (f == 6 and p == "haproxy")]
     out = Path(a.out)
     out.mkdir(exist_ok=True)
-    b = Bench(a.seconds, a.workers, not a.no_gso, a.poll_us, a.rewrite)
+    b = Bench(a.seconds, a.workers, not a.no_gso, a.poll_us, a.rewrite, families[0])
     runs = []
     try:
         b.setup()
         for rep in range(a.repetitions):
             run = {}
-            for path in paths:
-                print(f"repetition {rep + 1}/{a.repetitions}: {path}", flush=True)
-                run[path] = b.measure(path)
-                print("   ", {k: round(v, 2) for k, v in run[path].items()}, flush=True)
+            for family, path, key in runs_of:
+                print(f"repetition {rep + 1}/{a.repetitions}: {key}", flush=True)
+                b.use_family(family)
+                run[key] = b.measure(path)
+                print("   ", {k: round(v, 2) for k, v in run[key].items()}, flush=True)
             runs.append(run)
     finally:
         b.close()
     med = median_table(runs)
     meta = {"repetitions": a.repetitions, "seconds": a.seconds, "workers": a.workers,
             "gso": not a.no_gso, "poll_us": a.poll_us, "rewrite": a.rewrite,
+            "family": a.family,
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     md = markdown(med, meta)
     (out / "bench.md").write_text(md + "\n")

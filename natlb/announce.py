@@ -2,7 +2,7 @@
 
 With several natlb nodes behind ECMP routers, a node must draw a VIP's
 traffic only while it can serve it.  natlb does not speak BGP: it puts the
-VIP's /32 on ``lb.interface`` while at least one service on that VIP has a
+VIP's /32 (or /128) on ``lb.interface`` while at least one service on that VIP has a
 backend taking new flows, and removes it otherwise.  A routing daemon on the
 node (BIRD's ``direct`` protocol on that interface, see examples/cluster/)
 announces exactly the addresses it finds there, so a VIP is withdrawn when
@@ -22,6 +22,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from natlb import netsetup
 from natlb.pool import Service
 from natlb.undo import Journal
 
@@ -53,7 +54,8 @@ class Announcer:
         add = sorted(want - self.announced - self.foreign)
         remove = sorted(((self.announced | set(all_vips)) - want) & self.announced)
         for vip in add:   # journaled before it is made, as every change
-            self.journal.record("address", ifname=self.interface, address=vip, prefixlen=32)
+            self.journal.record("address", ifname=self.interface, address=vip,
+                                prefixlen=netsetup.vip_prefixlen(vip))
         self.announced = (self.announced | set(add)) - set(remove)
         return self._worker.submit(self._apply, add, remove)
 
@@ -69,7 +71,7 @@ class Announcer:
                 if not idx:
                     log.error("lb.interface %s is gone; cannot announce VIPs", self.interface)
                     return
-                have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=idx[0], family=2)}
+                have = netsetup.local_addresses(ipr, idx[0])
                 for vip in add:
                     if vip in have:
                         log.warning("VIP %s was on %s before natlb; leaving it alone", vip,
@@ -77,11 +79,12 @@ class Announcer:
                         self.foreign.add(vip)
                         self.announced.discard(vip)
                         continue
-                    ipr.addr("add", index=idx[0], address=vip, prefixlen=32)
+                    netsetup.add_vip(ipr, idx[0], vip)
                     log.warning("VIP %s announced (on %s)", vip, self.interface)
                 for vip in remove:
                     try:
-                        ipr.addr("del", index=idx[0], address=vip, prefixlen=32)
+                        ipr.addr("del", index=idx[0], address=vip,
+                                 prefixlen=netsetup.vip_prefixlen(vip))
                     except NetlinkError as e:
                         log.debug("VIP %s already gone: %s", vip, e)
                     log.warning("VIP %s withdrawn: no backend up", vip)

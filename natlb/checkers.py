@@ -27,7 +27,16 @@ import struct
 from collections.abc import Awaitable, Callable
 from typing import Protocol, TypeVar
 
-from natlb.config import DnsCheck, ExecCheck, HealthConfig, HttpCheck, TcpCheck, UdpCheck
+from natlb.config import (
+    DnsCheck,
+    ExecCheck,
+    HealthConfig,
+    HttpCheck,
+    TcpCheck,
+    UdpCheck,
+    family,
+    host_port,
+)
 
 Result = tuple[bool, str]
 
@@ -115,7 +124,8 @@ class TcpProber:
         self.pending: dict[int, tuple[socket.socket, Done, float, int]] = {}
 
     def start(self, address: str, port: int, hc: HealthConfig, done: Done) -> None:
-        s = socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
+        af = socket.AF_INET6 if family(address) == 6 else socket.AF_INET
+        s = socket.socket(af, socket.SOCK_STREAM | socket.SOCK_NONBLOCK)
         try:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, self.LINGER_RST)
             err = s.connect_ex((address, port))
@@ -158,13 +168,21 @@ class TcpProber:
 async def check_http(address: str, port: int, hc: HttpCheck) -> Result:
     reader, writer = await asyncio.open_connection(address, port)
     try:
-        writer.write(f"GET {hc.path} HTTP/1.0\r\nHost: {address}\r\n"
+        host = f"[{address}]" if family(address) == 6 else address
+        writer.write(f"GET {hc.path} HTTP/1.0\r\nHost: {host}\r\n"
                      f"User-Agent: natlb-health\r\nConnection: close\r\n\r\n".encode())
         await writer.drain()
         line = await reader.readline()
         body = b""
         if hc.expect_body is not None:
-            head_and_body = await reader.read(1 << 16)
+            # To the end (Connection: close) or 64 KiB: headers and body may
+            # come in separate segments, and one read returns the first.
+            head_and_body = b""
+            while len(head_and_body) < 1 << 16:
+                chunk = await reader.read((1 << 16) - len(head_and_body))
+                if not chunk:
+                    break
+                head_and_body += chunk
             body = head_and_body.partition(b"\r\n\r\n")[2]
     finally:
         writer.close()
@@ -241,7 +259,7 @@ async def check_dns(address: str, port: int, hc: DnsCheck) -> Result:
 # -- exec -----------------------------------------------------------------------
 
 async def check_exec(address: str, port: int, hc: ExecCheck) -> Result:
-    env = dict(os.environ, NATLB_BACKEND=f"{address}:{port}", NATLB_BACKEND_ADDRESS=address,
+    env = dict(os.environ, NATLB_BACKEND=host_port(address, port), NATLB_BACKEND_ADDRESS=address,
                NATLB_BACKEND_PORT=str(port))
     proc = await asyncio.create_subprocess_exec(
         *hc.command, env=env, stdin=asyncio.subprocess.DEVNULL,

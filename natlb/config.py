@@ -31,6 +31,10 @@ SCHEDULERS = ("rr", "wrr", "lc", "sh", "maglev")
 # nodes whose health views differ for a moment would split flows.  Maglev
 # remaps only the changed backend's share.
 CLUSTER_SCHEDULERS = ("maglev",)
+# csrc/cluster.c maps a reply it has no flow for back to its service: whether
+# it does so for IPv6 replies too (it does: addresses are hashed and compared
+# whole, whatever the family).
+CLUSTER_IPV6 = True
 PROTOCOLS = ("tcp", "udp")
 PASSIVE = ("check", "suspect", "down", "ignore")
 ON_DOWN = ("reset", "keep")
@@ -115,7 +119,7 @@ class BackendConfig:
 
     @property
     def key(self) -> str:
-        return f"{self.address}:{self.port}"
+        return host_port(self.address, self.port)
 
 
 @dataclass(frozen=True)
@@ -203,6 +207,16 @@ class Config:
 
 # -- helpers ---------------------------------------------------------------
 
+def family(address: str) -> int:
+    """4 or 6: the family of a (validated) address's text."""
+    return 6 if ":" in address else 4
+
+
+def host_port(address: str, port: int) -> str:
+    """ADDR:PORT as people write it: an IPv6 address in brackets."""
+    return f"[{address}]:{port}" if family(address) == 6 else f"{address}:{port}"
+
+
 def _fmt(v: Any) -> str:
     """As the value is written in TOML."""
     if isinstance(v, bool):
@@ -271,12 +285,28 @@ def _host_port(raw: dict[str, Any], key: str, path: str) -> str:
     return f"{addr}:{int(port)}"
 
 
-def _ipv4(raw: dict[str, Any], key: str, path: str) -> str:
+def _ip(raw: dict[str, Any], key: str, path: str, link_local: bool = False) -> str:
+    """An IPv4 or IPv6 address, in its canonical text (2001:db8::1, never
+    2001:0db8:0:0::1: the marks' maps, status and the ruleset compare text).
+    link_local: allowed (a route's gateway, with its device)."""
     v = _str(raw, key, path, None)
     try:
-        return str(ipaddress.IPv4Address(v))
+        addr = ipaddress.ip_address(v)
     except ValueError:
-        raise _fail(f"{path}.{key}", v, "not an IPv4 address") from None
+        raise _fail(f"{path}.{key}", v, "not an IPv4 or IPv6 address") from None
+    if isinstance(addr, ipaddress.IPv6Address):
+        if addr.ipv4_mapped:
+            raise _fail(f"{path}.{key}", v, "an IPv4-mapped IPv6 address; write the IPv4 address")
+        # A link-local address means nothing without its interface, which
+        # natlb's tables do not carry; the others are no host's.
+        for bad, why in ((addr.scope_id, f"scoped (%{addr.scope_id}): not supported"),
+                         (addr.is_link_local and not link_local,
+                          "link-local (fe80::/10): not supported"),
+                         (addr.is_multicast, "multicast"),
+                         (addr.is_unspecified, "unspecified (::)")):
+            if bad:
+                raise _fail(f"{path}.{key}", v, f"an IPv6 address that is {why}")
+    return str(addr)
 
 
 # -- sections --------------------------------------------------------------
@@ -365,7 +395,7 @@ def _backend(raw: Any, path: str, service_port: int) -> BackendConfig:
     raw = _table(raw, path)
     _known(raw, path, {"address", "port", "weight"})
     return BackendConfig(
-        address=_ipv4(raw, "address", path),
+        address=_ip(raw, "address", path),
         port=_int(raw, "port", path, service_port, 1, 65535),
         weight=_int(raw, "weight", path, 1, 0, 65535),
     )
@@ -379,8 +409,15 @@ def _service(raw: Any, path: str) -> ServiceConfig:
     backends_raw = raw.get("backend", [])
     if not isinstance(backends_raw, list) or not backends_raw:
         raise _fail(f"{path}.backend", backends_raw, "needs at least one [[service.backend]]")
+    vip = _ip(raw, "vip", path)
     backends = tuple(_backend(b, f"{path}.backend[{i}]", port)
                      for i, b in enumerate(backends_raw))
+    for i, b in enumerate(backends):
+        # natlb rewrites addresses, it does not translate families (no NAT64).
+        if family(b.address) != family(vip):
+            raise _fail(f"{path}.backend[{i}].address", b.address,
+                        f"IPv{family(b.address)}, but vip {vip} is IPv{family(vip)} "
+                        "(a service is one family)")
     seen: set[str] = set()
     for i, b in enumerate(backends):
         if b.key in seen:
@@ -394,9 +431,11 @@ def _service(raw: Any, path: str) -> ServiceConfig:
         raise _fail(f"{path}.scheduler", scheduler,
                     "cluster = true needs maglev (every node must choose alike, and a "
                     "backend change may move only its own share of flows)")
+    if cluster and family(vip) == 6 and not CLUSTER_IPV6:
+        raise _fail(f"{path}.cluster", cluster, f"not for an IPv6 service yet (vip {vip})")
     return ServiceConfig(
         name=_str(raw, "name", path, None),
-        vip=_ipv4(raw, "vip", path),
+        vip=vip,
         port=port,
         protocol=_str(raw, "protocol", path, "tcp", PROTOCOLS),
         scheduler=scheduler,
@@ -412,11 +451,16 @@ def _route(raw: Any, path: str) -> RouteConfig:
     _known(raw, path, {"destination", "gateway", "device", "table"})
     dest = _str(raw, "destination", path, None)
     try:
-        dest = str(ipaddress.IPv4Network(dest, strict=True))
+        dest = str(ipaddress.ip_network(dest, strict=True))
     except ValueError:
-        raise _fail(f"{path}.destination", dest, "not an IPv4 network (a.b.c.d/len)") from None
-    gw = _ipv4(raw, "gateway", path) if "gateway" in raw else None
+        raise _fail(f"{path}.destination", dest,
+                    "not an IP network (a.b.c.d/len or 2001:db8::/len)") from None
+    gw = _ip(raw, "gateway", path, link_local=True) if "gateway" in raw else None
+    if gw and family(gw) != family(dest):
+        raise _fail(f"{path}.gateway", gw, f"not the family of destination {dest}")
     dev = _str(raw, "device", path, "") if "device" in raw else None
+    if gw and ipaddress.ip_address(gw).is_link_local and not dev:
+        raise _fail(f"{path}.gateway", gw, "link-local: needs a device")
     if not gw and not dev:
         raise ConfigError(f"{path}: needs a gateway or a device")
     table = _int(raw, "table", path, 0, 1, 0xFFFFFFFF) if "table" in raw else None
@@ -508,7 +552,7 @@ def parse(raw: dict[str, Any]) -> Config:
     for i, s in enumerate(services):
         k = (s.vip, s.port, s.protocol)
         if k in seen:
-            raise _fail(f"service[{i}]", f"{s.vip}:{s.port}/{s.protocol}",
+            raise _fail(f"service[{i}]", f"{host_port(s.vip, s.port)}/{s.protocol}",
                         f"duplicate of service[{seen[k]}]")
         seen[k] = i
         if s.name in names:

@@ -28,7 +28,8 @@ from typing import Any
 
 from natlb import netsetup, ruleset, sdnotify
 from natlb.announce import Announcer
-from natlb.config import Config, load
+from natlb.config import Config, host_port, load
+from natlb.config import family as config_family
 from natlb.control import ControlServer
 from natlb.core import (
     MARK_FAST,
@@ -62,6 +63,10 @@ from natlb.undo import Journal, claim
 log = logging.getLogger("natlb")
 # How often backends removed by a reload are looked at for remaining flows.
 RETIRED_CHECK_S = 2.0
+
+
+def _has_ipv6(config: Config) -> bool:
+    return any(config_family(s.vip) == 6 for s in config.services)
 
 
 def describe_store(path: str, r: StoreReport) -> str:
@@ -120,7 +125,7 @@ class Daemon:
 
     def _log_services(self) -> None:
         for s in self.config.services:
-            log.info("service %s %s:%d/%s %s -> %s", s.name, s.vip, s.port, s.protocol,
+            log.info("service %s %s/%s %s -> %s", s.name, host_port(s.vip, s.port), s.protocol,
                      s.scheduler, ", ".join(b.key for b in s.backends))
 
     def _ruleset(self) -> ruleset.Spec:
@@ -165,13 +170,14 @@ class Daemon:
         self._install_table()
         if after_rules:
             after_rules()
-        netsetup.apply(lb, self._vips_at_start(), self.journal)
+        netsetup.apply(lb, self._vips_at_start(), self.journal, ipv6=_has_ipv6(self.config))
         if lb.announce == "healthy":
             self.announcer = Announcer(lb.interface, self.journal)
             self.pool.listeners.append(self._announce)
             self.announcer.update(self.pool.services, []).result()
-        log.info("nftables table %s installed (%s queue verdict, rewrite by %s), queues %s",
-                 lb.table, "nft" if self.steering.native_queue else "xt NFQUEUE",
+        log.info("nftables table %s installed%s (%s queue verdict, rewrite by %s), queues %s",
+                 lb.table, " (ip and ip6)" if self.steering.ipv6 else "",
+                 "nft" if self.steering.native_queue else "xt NFQUEUE",
                  "nft on natlb's mark" if lb.rewrite == "mark" else "natlb", self.queues)
         self._log_services()
 
@@ -222,16 +228,18 @@ class Daemon:
             raise RequestError(str(e)) from None
         old_vips = {s.vip for s in self.config.services}
         self.config = new
-        new_vips = {s.vip for s in new.services} - old_vips
+        new_vips = set() if self.announcer else {s.vip for s in new.services} - old_vips
+        first_ipv6 = _has_ipv6(new) and not any(config_family(v) == 6 for v in old_vips)
         loop = asyncio.get_running_loop()
         # Rules first: a VIP must never be local without them.  Routes may
         # have changed too: the ruleset reads them in the executor.
         await self._reinstall()
-        if new_vips and not self.announcer:
+        if new_vips or first_ipv6:
             assert self.journal is not None
             journal = self.journal
             # pyroute2's synchronous API runs its own event loop: not in ours.
-            await loop.run_in_executor(None, lambda: netsetup.apply(new.lb, new_vips, journal))
+            await loop.run_in_executor(None, lambda: netsetup.apply(new.lb, new_vips, journal,
+                                                                    ipv6=first_ipv6))
         if self.monitor:
             await self.monitor.stop()
             self.monitor.start()

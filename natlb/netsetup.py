@@ -1,7 +1,8 @@
 """Host network configuration natlb needs, through pyroute2 and /proc/sys:
-the VIP addresses, IPv4 forwarding, reverse-path filtering off, routes the
-config asks for.  Each change goes through the undo journal first; things
-that were already in place are left alone and not undone.  The revert of
+the VIP addresses, IPv4 forwarding (and IPv6 forwarding when a VIP is
+IPv6), reverse-path filtering off, routes the config asks for.  Each
+change goes through the undo journal first; things that were already in
+place are left alone and not undone.  The revert of
 each kind of change is registered here, next to the change.
 
 Also reads the routing table: the interfaces each backend is routed
@@ -20,7 +21,7 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from natlb.config import LBConfig
+from natlb.config import LBConfig, family
 from natlb.errors import ConfigError, HostError, no_such_interface
 from natlb.undo import Journal, reverter
 
@@ -38,6 +39,13 @@ SYSCTLS = {
     # hook a second time (only if br_netfilter is loaded).
     "/proc/sys/net/bridge/bridge-nf-call-iptables": "0",
 }
+# Only with an IPv6 VIP: forwarding changes how every interface treats
+# router advertisements, which an IPv4-only natlb has no business doing.
+SYSCTLS_IPV6 = {
+    "/proc/sys/net/ipv6/conf/all/forwarding": "1",
+    "/proc/sys/net/bridge/bridge-nf-call-ip6tables": "0",
+}
+IFA_F_NODAD = 0x02
 
 
 RUNTIME_DIR = os.path.dirname(LBConfig().control_socket)
@@ -108,6 +116,24 @@ def _set_sysctl(path: str, value: str, journal: Journal) -> None:
         f.write(value)
 
 
+def vip_prefixlen(vip: str) -> int:
+    return 128 if family(vip) == 6 else 32
+
+
+def add_vip(ipr: IPRoute, ifindex: int, vip: str) -> None:
+    """The VIP as a host address.  An IPv6 one without duplicate address
+    detection: natlb answers for it at once, not after a second or two of
+    being tentative (and never falls back to "dadfailed")."""
+    extra = {"flags": IFA_F_NODAD} if family(vip) == 6 else {}
+    ipr.addr("add", index=ifindex, address=vip, prefixlen=vip_prefixlen(vip), **extra)
+
+
+def local_addresses(ipr: IPRoute, ifindex: int) -> set[str]:
+    """Both families' addresses on the interface, in canonical text."""
+    return {str(ipaddress.ip_address(a.get_attr("IFA_ADDRESS")))
+            for a in ipr.get_addr(index=ifindex)}
+
+
 def preflight(lb: LBConfig) -> None:
     """Config values only this host can judge, checked before anything is
     touched, so a wrong one is a config error (exit 2) like any other."""
@@ -123,14 +149,15 @@ def preflight(lb: LBConfig) -> None:
         raise ConfigError(f'lb.control_socket = "{lb.control_socket}": no directory {parent}')
 
 
-def apply(lb: LBConfig, vips: Iterable[str], journal: Journal) -> None:
+def apply(lb: LBConfig, vips: Iterable[str], journal: Journal, ipv6: bool = False) -> None:
+    """ipv6: a service is IPv6 (its VIP may come later, from the announcer)."""
     try:
-        _apply(lb, vips, journal)
+        _apply(lb, vips, journal, ipv6)
     except NetlinkError as e:
         raise NetSetupError(f"network setup: {e.args[-1]}") from None
 
 
-def _apply(lb: LBConfig, vips: Iterable[str], journal: Journal) -> None:
+def _apply(lb: LBConfig, vips: Iterable[str], journal: Journal, ipv6: bool) -> None:
     with IPRoute() as ipr:
         idx = ipr.link_lookup(ifname=lb.interface)
         if not idx:
@@ -138,13 +165,15 @@ def _apply(lb: LBConfig, vips: Iterable[str], journal: Journal) -> None:
         ifindex = idx[0]
         if lb.interface == "lo":
             ipr.link("set", index=ifindex, state="up")
-        have = {a.get_attr("IFA_ADDRESS") for a in ipr.get_addr(index=ifindex, family=2)}
-        for vip in sorted(set(vips)):
+        have = local_addresses(ipr, ifindex)
+        vips = sorted(set(vips))
+        for vip in vips:
             if vip in have:
                 log.info("VIP %s already on %s; leaving it in place", vip, lb.interface)
                 continue
-            journal.record("address", ifname=lb.interface, address=vip, prefixlen=32)
-            ipr.addr("add", index=ifindex, address=vip, prefixlen=32)
+            journal.record("address", ifname=lb.interface, address=vip,
+                           prefixlen=vip_prefixlen(vip))
+            add_vip(ipr, ifindex, vip)
         for i, r in enumerate(lb.routes):
             spec: dict[str, object] = {"dst": r.destination}
             if r.gateway:
@@ -165,7 +194,10 @@ def _apply(lb: LBConfig, vips: Iterable[str], journal: Journal) -> None:
                 raise NetSetupError(f"route {r.destination}: {e.args[1]}") from None
             # Recorded after the add: only a route we created may be removed.
             journal.record("route", spec=spec)
-    for path, value in SYSCTLS.items():
+    sysctls = dict(SYSCTLS)
+    if ipv6 or any(family(v) == 6 for v in vips):
+        sysctls.update(SYSCTLS_IPV6)
+    for path, value in sysctls.items():
         _set_sysctl(path, value, journal)
     # The effective rp_filter is the larger of "all" and the interface's own.
     for conf in sorted(os.listdir("/proc/sys/net/ipv4/conf")):
@@ -189,9 +221,12 @@ def backend_ingress(addresses: Iterable[str]) -> dict[str, tuple[int, ...]]:
     when it is multipath (the lookup names just one of them).  An address
     without a route maps to no interface: its replies are not believed."""
     out: dict[str, tuple[int, ...]] = {}
+    addresses = sorted(set(addresses))
     with IPRoute() as ipr:
-        routes = [r for r in ipr.get_routes(family=socket.AF_INET) if r["type"] == 1]
-        for addr in sorted(set(addresses)):
+        routes = [r for af in (socket.AF_INET, socket.AF_INET6)
+                  if any(family(a) == (6 if af == socket.AF_INET6 else 4) for a in addresses)
+                  for r in ipr.get_routes(family=af) if r["type"] == 1]
+        for addr in addresses:
             try:
                 got = ipr.route("get", dst=addr)[0]
             except NetlinkError as e:
@@ -201,14 +236,16 @@ def backend_ingress(addresses: Iterable[str]) -> dict[str, tuple[int, ...]]:
                 continue
             oifs = _oifs(got)
             table = got.get_attr("RTA_TABLE")
-            ip = ipaddress.IPv4Address(addr)
+            ip = ipaddress.ip_address(addr)
             best: Any = None
             best_len = -1
             for r in routes:
                 if (r.get_attr("RTA_TABLE") or r["table"]) != table or r["dst_len"] <= best_len:
                     continue
-                dst = r.get_attr("RTA_DST") or "0.0.0.0"
-                if ip in ipaddress.IPv4Network(f"{dst}/{r['dst_len']}", strict=False):
+                if (r["family"] == socket.AF_INET6) != (ip.version == 6):
+                    continue
+                dst = r.get_attr("RTA_DST") or ("::" if ip.version == 6 else "0.0.0.0")
+                if ip in ipaddress.ip_network(f"{dst}/{r['dst_len']}", strict=False):
                     best, best_len = r, r["dst_len"]
             if best is not None:
                 oifs |= _oifs(best)

@@ -42,12 +42,20 @@ surviving backend's state and allocate ids that are never reused.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 
-from natlb.config import MAX_BACKENDS, MAX_SERVICES, BackendConfig, Config, ServiceConfig
+from natlb.config import (
+    MAX_BACKENDS,
+    MAX_SERVICES,
+    BackendConfig,
+    Config,
+    ServiceConfig,
+    host_port,
+)
 
 
 class Health(enum.StrEnum):
@@ -348,11 +356,13 @@ class PoolState:
         svc = next((s for s in self.services if s.cfg.name == service), None)
         if svc is None:
             raise PoolError(f"no service named {service!r}")
-        matches = [b for b in svc.backends if backend in (b.cfg.key, b.cfg.address)]
+        wanted = _canonical_backend(backend)
+        matches = [b for b in svc.backends if wanted in (b.cfg.key, b.cfg.address)]
         if not matches:
             raise PoolError(f"service {service!r} has no backend {backend!r}")
         if len(matches) > 1:
-            raise PoolError(f"{backend!r} is ambiguous in {service!r}: give ADDRESS:PORT")
+            raise PoolError(f"{backend!r} is ambiguous in {service!r}: give ADDRESS:PORT "
+                            "([ADDRESS]:PORT for IPv6)")
         return svc, matches[0]
 
     # -- events ---------------------------------------------------------------
@@ -445,3 +455,17 @@ class PoolState:
                 and svc.cfg.failover.on_backend_down == "reset"):
             effects.append(ResetFlows(svc.cfg.name, b.cfg.key, b.id))
         return effects
+
+
+def _canonical_backend(text: str) -> str:
+    """ADDRESS, ADDRESS:PORT or [IPV6]:PORT as the config writes it
+    (2001:DB8::0:2 is 2001:db8::2); anything else as it is (no match)."""
+    try:
+        return str(ipaddress.ip_address(text))
+    except ValueError:
+        pass
+    host, sep, port = text.rpartition(":")
+    try:
+        return host_port(str(ipaddress.ip_address(host.strip("[]"))), int(port)) if sep else text
+    except ValueError:
+        return text

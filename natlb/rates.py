@@ -13,6 +13,7 @@ import asyncio
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from natlb.config import host_port
 from natlb.status import read_counters
 
 if TYPE_CHECKING:  # `natlb status --rate` renders here: keep the CLI's start light
@@ -85,7 +86,8 @@ def render(st: dict[str, Any]) -> str:
                 f"{r['inbps']:>11.0f} {r['outbps']:>11.0f}")
 
     for s in st["services"]:
-        lines.append(row(f"{s['protocol'].upper()} {s['vip']}:{s['port']} ({s['name']})",
+        lines.append(row(f"{s['protocol'].upper()} {host_port(s['vip'], s['port'])} ({s['name']})",
                          s["rate"]))
-        lines += [row(f"  -> {b['address']}:{b['port']}", b["rate"]) for b in s["backends"]]
+        lines += [row(f"  -> {host_port(b['address'], b['port'])}", b["rate"])
+                  for b in s["backends"]]
     return "\n".join(lines)

@@ -24,6 +24,18 @@ is one hash lookup in a set, every mark-mode rewrite one lookup in a map.
       ip daddr set meta mark map @backend_addr  th dport set meta mark map @backend_port
       ip saddr set meta mark map @service_addr  th sport set meta mark map @service_port
 
+IPv6: a second table of the same name in the ip6 family, made only when a
+service is IPv6 (an IPv4-only config gets exactly the ip table it always
+had; one family per table keeps both free of `meta nfproto` tests).  The
+same rules over IPv6 fields, the sets and maps named with a 6 (vips6,
+replies6, backend_hosts6, backend_addr6...), keyed by the same marks: the C
+core's marks name a backend or service whatever its family.  ICMPv6 types 1
+(destination unreachable) and 2 (packet too big) are queued where IPv4's
+ICMP type 3 is (`icmpv6 type 1-2`); neighbour discovery and every other
+ICMPv6 type never is.  Fragments are those with a fragment header
+(`exthdr frag exists`), later ones `frag frag-off != 0`.  No fast path:
+the C core never asks for it on an IPv6 flow.
+
 IP fragments (with fragment tracking on): only a datagram's first fragment
 has ports, so the port rules never match the others.  Every TCP/UDP
 fragment to a VIP or from a backend (on its ingress) is queued -- the first
@@ -66,6 +78,7 @@ spoofed and dropped (and counted), before the kernel's forwarding sees it.
 
 from __future__ import annotations
 
+import dataclasses
 import socket
 import struct
 from collections.abc import Iterable, Mapping
@@ -86,6 +99,7 @@ from pyroute2.netlink.nfnetlink.nftsocket import (
     NFT_MSG_NEWTABLE,
 )
 
+NFPROTO_IPV4, NFPROTO_IPV6 = 2, 10
 NF_INET_PRE_ROUTING = 0
 NF_INET_LOCAL_OUT = 3
 PRIORITY_RAW = -300
@@ -104,11 +118,18 @@ DYNSET_ADD, DYNSET_DELETE = 0, 2
 # Registers: NFT_REG_1 holds 16 bytes and overlaps the 32-bit NFT_REG32_00..03,
 # which is how concatenated keys are laid out (each part padded to 4 bytes).
 REG_1, REG32_01, REG32_02, REG32_03 = 1, 9, 10, 11
-REG32_04, REG32_05 = 12, 13
+REG32_04, REG32_05, REG32_06 = 12, 13, 14
 # nft's datatype numbers (only `nft list` reads them: a readable listing).
 TYPE_MARK, TYPE_IPADDR, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE, TYPE_IFINDEX = 19, 7, 12, 13, 20
+TYPE_IP6ADDR = 8
 BYTEORDER_HOST = 1       # nft's enum byteorder
 ICMP_DEST_UNREACH = 3
+# ICMPv6 errors natlb reads: destination unreachable (1) and packet too big
+# (2), queued where IPv4's type 3 is.  Never neighbour discovery (133-137).
+ICMPV6_DEST_UNREACH, ICMPV6_PKT_TOOBIG = 1, 2
+IPPROTO_FRAGMENT = 44    # the IPv6 fragment header
+IP6_FRAG_OFFSET = 0xfff8  # its 13-bit offset; the low bits are reserved and M
+NFT_RANGE_EQ, NFT_EXTHDR_OP_IPV6 = 0, 0
 L4_CSUM_OFFSET = {socket.IPPROTO_TCP: 16, socket.IPPROTO_UDP: 6}
 PROTOCOL_NAMES = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp"}
 # A netlink attribute's length is 16 bits: keep element lists well below it.
@@ -179,6 +200,34 @@ class Message:
     attrs: list[Any]       # pyroute2 attribute list
     flags: int             # NLM_F_* beyond REQUEST | ACK
     what: str              # names it in an error message
+    family: int = NFPROTO_IPV4   # the table's: ip or ip6
+
+
+@dataclass(frozen=True)
+class _Family:
+    """Where one address family keeps what the rules read, and what its
+    table's sets are called."""
+
+    nfproto: int
+    suffix: str           # set names: "vips" in the ip table, "vips6" in the ip6 one
+    addr_len: int
+    saddr: int            # offsets in the network header
+    daddr: int
+    addr_type: int        # nft's datatype, for `nft list`
+    # Registers after the address in a concatenated key: l4proto, port, iif.
+    # An IPv6 address fills REG_1 whole (REG32_00..03).
+    after_addr: tuple[int, int, int]
+    pack: Any             # address text -> bytes
+
+
+V4 = _Family(NFPROTO_IPV4, "", 4, 12, 16, TYPE_IPADDR, (REG32_01, REG32_02, REG32_03),
+             socket.inet_aton)
+V6 = _Family(NFPROTO_IPV6, "6", 16, 8, 24, TYPE_IP6ADDR, (REG32_04, REG32_05, REG32_06),
+             lambda a: socket.inet_pton(socket.AF_INET6, a))
+
+
+def family_of(address: str) -> _Family:
+    return V6 if ":" in address else V4
 
 
 # -- what the pool knows, as ruleset input ----------------------------------
@@ -270,19 +319,62 @@ def _to_this_host() -> list[dict[str, Any]]:
             _cmp_eq(struct.pack("=I", RTN_LOCAL))]
 
 
-def _tuple_key(source: bool, with_iif: bool) -> list[dict[str, Any]]:
+def _tuple_key(source: bool, with_iif: bool, f: _Family = V4) -> list[dict[str, Any]]:
     """address . l4proto . port [. iif] of the source or the destination."""
-    out = [_load(PAYLOAD_NETWORK, 12 if source else 16, 4),
-           _meta(NFT_META_L4PROTO, REG32_01),
-           _load(PAYLOAD_TRANSPORT, 0 if source else 2, 2, REG32_02)]
+    proto_reg, port_reg, iif_reg = f.after_addr
+    out = [_address(f, source),
+           _meta(NFT_META_L4PROTO, proto_reg),
+           _load(PAYLOAD_TRANSPORT, 0 if source else 2, 2, port_reg)]
     if with_iif:
-        out.append(_meta(NFT_META_IIF, REG32_03))
+        out.append(_meta(NFT_META_IIF, iif_reg))
     return out
 
 
-def _icmp_unreach() -> list[dict[str, Any]]:
-    return [_meta(NFT_META_L4PROTO), _cmp_eq(bytes([socket.IPPROTO_ICMP])),
-            _load(PAYLOAD_TRANSPORT, 0, 1), _cmp_eq(bytes([ICMP_DEST_UNREACH]))]
+def _address(f: _Family, source: bool) -> dict[str, Any]:
+    return _load(PAYLOAD_NETWORK, f.saddr if source else f.daddr, f.addr_len)
+
+
+def _icmp_unreach(f: _Family = V4) -> list[dict[str, Any]]:
+    """``icmp type 3`` or ``icmpv6 type 1-2`` (a range: one comparison)."""
+    if f is V4:
+        return [_meta(NFT_META_L4PROTO), _cmp_eq(bytes([socket.IPPROTO_ICMP])),
+                _load(PAYLOAD_TRANSPORT, 0, 1), _cmp_eq(bytes([ICMP_DEST_UNREACH]))]
+    return [_meta(NFT_META_L4PROTO), _cmp_eq(bytes([socket.IPPROTO_ICMPV6])),
+            _load(PAYLOAD_TRANSPORT, 0, 1),
+            expr("range", sreg=REG_1, op=NFT_RANGE_EQ,
+                 from_data=_value(bytes([ICMPV6_DEST_UNREACH])),
+                 to_data=_value(bytes([ICMPV6_PKT_TOOBIG])))]
+
+
+def _ip6_fragment(later: bool) -> list[dict[str, Any]]:
+    """``exthdr frag exists``, or with ``later`` ``frag frag-off != 0`` (a
+    fragment after the first; a packet without the header ends the rule)."""
+    if not later:
+        return [expr("exthdr", dreg=REG_1, type=IPPROTO_FRAGMENT, offset=0, len=1,
+                     flags=("NFT_EXTHDR_F_PRESENT",), op=NFT_EXTHDR_OP_IPV6),
+                _cmp_eq(b"\x01")]
+    return [expr("exthdr", dreg=REG_1, type=IPPROTO_FRAGMENT, offset=2, len=2,
+                 op=NFT_EXTHDR_OP_IPV6),
+            expr("bitwise", sreg=REG_1, dreg=REG_1, len=2,
+                 mask=_value(struct.pack("!H", IP6_FRAG_OFFSET)), xor=_value(b"\0\0")),
+            expr("cmp", sreg=REG_1, op=NFT_CMP_NEQ, data=_value(b"\0\0"))]
+
+
+def _is_fragment(f: _Family) -> list[dict[str, Any]]:
+    return _frag_off_nonzero(IP_MF_OFFSET) if f is V4 else _ip6_fragment(later=False)
+
+
+def _write_address(f: _Family, daddr: bool, pseudo_header: bool) -> dict[str, Any]:
+    """Write REG_1 into the address.  IPv4: the kernel fixes the header
+    checksum, and with pseudo_header the L4 checksum (complete and partial,
+    offloaded or GSO, alike).  IPv6 has only the L4 one.  A later fragment
+    has no L4 header: asking for that checksum there would end the rule."""
+    extra: dict[str, Any] = {}
+    if pseudo_header:
+        extra["csum_flags"] = ("NFT_PAYLOAD_L4CSUM_PSEUDOHDR",)
+    return expr("payload", sreg=REG_1, base=PAYLOAD_NETWORK, offset=f.daddr if daddr else f.saddr,
+                len=f.addr_len, csum_type=1 if f is V4 else 0, csum_offset=10 if f is V4 else 0,
+                **extra)
 
 
 def _frag_off_nonzero(mask: int) -> list[dict[str, Any]]:
@@ -307,21 +399,21 @@ def _not_fragment() -> list[dict[str, Any]]:
     ]
 
 
-def _fragment_rewrite_exprs(field: str, addr_map: str) -> list[dict[str, Any]]:
-    """Mark mode, a later fragment: only the address and the IP checksum (the
-    L4 checksum is in the first fragment), and the mark cleared so the full
-    rewrite does not match it too."""
+def _fragment_rewrite_exprs(field: str, addr_map: str, f: _Family = V4) -> list[dict[str, Any]]:
+    """Mark mode, a later fragment: only the address (and IPv4's header
+    checksum; the L4 checksum is in the first fragment), and the mark
+    cleared so the full rewrite does not match it too."""
     return [
-        *_frag_off_nonzero(IP_OFFSET),
+        *(_frag_off_nonzero(IP_OFFSET) if f is V4 else _ip6_fragment(later=True)),
         _meta(NFT_META_MARK), _lookup(addr_map, dreg=REG_1),
-        expr("payload", sreg=REG_1, base=PAYLOAD_NETWORK, offset=16 if field == "daddr" else 12,
-             len=4, csum_type=1, csum_offset=10),
+        _write_address(f, field == "daddr", pseudo_header=False),
         _imm(struct.pack("=I", 0)),
         expr("meta", sreg=REG_1, key=NFT_META_MARK),
     ]
 
 
-def _rewrite_exprs(field: str, protocol: int, addr_map: str, port_map: str) -> list[dict[str, Any]]:
+def _rewrite_exprs(field: str, protocol: int, addr_map: str, port_map: str,
+                   f: _Family = V4) -> list[dict[str, Any]]:
     """Mark mode: natlb's verdict mark names the backend (daddr) or the
     service (saddr); two map lookups give the address and port to write.
     A mark missing from the map ends the rule: other traffic passes as is."""
@@ -329,10 +421,7 @@ def _rewrite_exprs(field: str, protocol: int, addr_map: str, port_map: str) -> l
     return [
         _meta(NFT_META_L4PROTO), _cmp_eq(bytes([protocol])),
         _meta(NFT_META_MARK), _lookup(addr_map, dreg=REG_1),
-        # The kernel fixes the IP checksum and the L4 pseudo-header part, for
-        # complete and partial (offloaded, GSO) checksums alike.
-        expr("payload", sreg=REG_1, base=PAYLOAD_NETWORK, offset=16 if daddr else 12, len=4,
-             csum_type=1, csum_offset=10, csum_flags=("NFT_PAYLOAD_L4CSUM_PSEUDOHDR",)),
+        _write_address(f, daddr, pseudo_header=True),
         _meta(NFT_META_MARK), _lookup(port_map, dreg=REG_1),
         expr("payload", sreg=REG_1, base=PAYLOAD_TRANSPORT, offset=2 if daddr else 0, len=2,
              csum_type=1, csum_offset=L4_CSUM_OFFSET[protocol]),
@@ -348,10 +437,6 @@ def _concat_type(*types: int) -> int:
     for t in types:
         out = out << 6 | t    # nft's TYPE_BITS
     return out
-
-
-def _addr(a: str) -> bytes:
-    return socket.inet_aton(a)
 
 
 def _proto(p: int) -> bytes:
@@ -382,57 +467,67 @@ class _Set:
     counter_map: bool = False      # data: names of counter objects
 
 
-def _sets(spec: Spec) -> list[_Set]:
-    tuple3 = _concat_type(TYPE_IPADDR, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE)
+def _services(spec: Spec, f: _Family) -> tuple[Service, ...]:
+    """The services of one family (a service's VIP and backends share it)."""
+    return tuple(s for s in spec.services if family_of(s.vip) is f)
+
+
+def _sets(spec: Spec, f: _Family = V4) -> list[_Set]:
+    services = _services(spec, f)
+    addr, n = f.pack, f.addr_len
+    tuple3 = _concat_type(f.addr_type, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE)
     vips, replies, backend_services, hosts = [], [], [], []
     backend_addrs, vip_addrs = [], []
-    for s in spec.services:
-        vips.append(_addr(s.vip) + _proto(s.protocol) + _port(s.port))
-        vip_addrs.append(_addr(s.vip))
+    for s in services:
+        vips.append(addr(s.vip) + _proto(s.protocol) + _port(s.port))
+        vip_addrs.append(addr(s.vip))
         for b in s.backends:
-            key = _addr(b.address) + _proto(s.protocol) + _port(b.port)
+            key = addr(b.address) + _proto(s.protocol) + _port(b.port)
             backend_services.append(key)
-            backend_addrs.append(_addr(b.address))
+            backend_addrs.append(addr(b.address))
             for ifindex in spec.ingress.get(b.address, ()):
                 replies.append(key + _iif(ifindex))
-                hosts.append(_addr(b.address) + _iif(ifindex))
+                hosts.append(addr(b.address) + _iif(ifindex))
 
     def unique(keys: list[bytes]) -> list[tuple[bytes, bytes | None]]:
         return [(k, None) for k in dict.fromkeys(keys)]
 
+    x = f.suffix
     out = [
-        _Set("vips", tuple3, 12, unique(vips)),
-        _Set("replies", _concat_type(TYPE_IPADDR, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE,
-                                     TYPE_IFINDEX), 16, unique(replies)),
-        _Set("backend_services", tuple3, 12, unique(backend_services)),
-        _Set("backend_hosts", _concat_type(TYPE_IPADDR, TYPE_IFINDEX), 8, unique(hosts)),
-        _Set("backend_addrs", TYPE_IPADDR, 4, unique(backend_addrs)),
-        _Set("vip_addrs", TYPE_IPADDR, 4, unique(vip_addrs)),
+        _Set(f"vips{x}", tuple3, n + 8, unique(vips)),
+        _Set(f"replies{x}", _concat_type(f.addr_type, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE,
+                                         TYPE_IFINDEX), n + 12, unique(replies)),
+        _Set(f"backend_services{x}", tuple3, n + 8, unique(backend_services)),
+        _Set(f"backend_hosts{x}", _concat_type(f.addr_type, TYPE_IFINDEX), n + 4, unique(hosts)),
+        _Set(f"backend_addrs{x}", f.addr_type, n, unique(backend_addrs)),
+        _Set(f"vip_addrs{x}", f.addr_type, n, unique(vip_addrs)),
     ]
     if spec.rewrite == "mark":
+        # Keyed by the marks the C core gives either family (the contract:
+        # marks are family-independent); each table maps only its own.
         m = spec.marks
-        backends = {b.id: b for s in spec.services for b in s.backends}
+        backends = {b.id: b for s in services for b in s.backends}
         ids = sorted(backends)
         out += [
-            _Set("backend_addr", TYPE_MARK, 4,
-                 [(_mark(m.forward | i), _addr(backends[i].address)) for i in ids],
-                 TYPE_IPADDR, 4),
-            _Set("backend_port", TYPE_MARK, 4,
+            _Set(f"backend_addr{x}", TYPE_MARK, 4,
+                 [(_mark(m.forward | i), addr(backends[i].address)) for i in ids],
+                 f.addr_type, n),
+            _Set(f"backend_port{x}", TYPE_MARK, 4,
                  [(_mark(m.forward | i), struct.pack("!H", backends[i].port)) for i in ids],
                  TYPE_INET_SERVICE, 2),
-            _Set("service_addr", TYPE_MARK, 4,
-                 [(_mark(m.reply | s.id), _addr(s.vip)) for s in spec.services],
-                 TYPE_IPADDR, 4),
-            _Set("service_port", TYPE_MARK, 4,
-                 [(_mark(m.reply | s.id), struct.pack("!H", s.port)) for s in spec.services],
+            _Set(f"service_addr{x}", TYPE_MARK, 4,
+                 [(_mark(m.reply | s.id), addr(s.vip)) for s in services],
+                 f.addr_type, n),
+            _Set(f"service_port{x}", TYPE_MARK, 4,
+                 [(_mark(m.reply | s.id), struct.pack("!H", s.port)) for s in services],
                  TYPE_INET_SERVICE, 2),
         ]
-        if spec.fastpath:
+        if spec.fastpath and f is V4:
             rb = MARK_REPLY_OF_BACKEND
-            service_of = {b.id: s for s in spec.services for b in s.backends}
+            service_of = {b.id: s for s in services for b in s.backends}
             for s_ in out:
                 if s_.name == "service_addr":
-                    s_.elements.extend((_mark(rb | i), _addr(service_of[i].vip)) for i in ids)
+                    s_.elements.extend((_mark(rb | i), addr(service_of[i].vip)) for i in ids)
                 elif s_.name == "service_port":
                     s_.elements.extend((_mark(rb | i), struct.pack("!H", service_of[i].port))
                                        for i in ids)
@@ -546,14 +641,32 @@ def _fast_rules(spec: Spec) -> list[tuple[str, list[dict[str, Any]]]]:
 
 # -- the table --------------------------------------------------------------
 
-def build(spec: Spec, in_place: bool = False) -> list[Message]:
+def build(spec: Spec, in_place: bool = False, in_place6: bool | None = None) -> list[Message]:
     """The whole table, replacing any table of the same name atomically when
     sent as one batch.  in_place: replace the rules and sets of an existing
     table of this shape but keep its chains (a restart): deleting a base
     chain unregisters its hook, and the kernel then drops every packet
     waiting in every NFQUEUE.  Such a batch fails on a table of another
-    shape, or none; then send the plain one."""
+    shape, or none; then send the plain one.
+
+    One table per family, both named spec.table: the ip table always (an
+    IPv4-only config gets exactly the table it always had), the ip6 table
+    when a service is IPv6.  Its sets and maps are the ip table's with a 6
+    (vips6, replies6, backend_addr6...).  in_place6: the same for the ip6
+    table when it differs (a reload that adds the first IPv6 service)."""
+    out = _build_table(spec, V4, in_place, 1)
+    if _services(spec, V6):
+        v6 = _build_table(spec, V6, in_place if in_place6 is None else in_place6,
+                          len(_sets(spec, V4)) + 1)
+        out += [dataclasses.replace(m, family=V6.nfproto) for m in v6]
+    return out
+
+
+def _build_table(spec: Spec, f: _Family, in_place: bool, first_set_id: int) -> list[Message]:
+    """One family's table (messages without their family)."""
     t = spec.table
+    x = f.suffix
+    services = _services(spec, f)
     first, total = spec.queues[0], len(spec.queues)
     queue = queue_expr(first, total, spec.native_queue)
     out: list[Message] = []
@@ -562,15 +675,16 @@ def build(spec: Spec, in_place: bool = False) -> list[Message]:
         out += [Message(TABLE, NFT_MSG_NEWTABLE, name, NLM_F_CREATE, f"table {t}"),
                 Message(RULE, NFT_MSG_DELRULE, [("NFTA_RULE_TABLE", t)], 0, f"rules of {t}")]
         out += [Message(SET, NFT_MSG_DELSET, [("NFTA_SET_TABLE", t), ("NFTA_SET_NAME", s.name)],
-                        0, f"set {s.name}") for s in _sets(spec)]
+                        0, f"set {s.name}") for s in _sets(spec, f)]
     else:
         # add + delete + add replaces a stale table from a crashed run atomically.
         out += [Message(TABLE, NFT_MSG_NEWTABLE, name, NLM_F_CREATE, f"table {t}"),
                 Message(TABLE, NFT_MSG_DELTABLE, name, 0, f"table {t}"),
                 Message(TABLE, NFT_MSG_NEWTABLE, name, NLM_F_CREATE, f"table {t}")]
 
-    if spec.fastpath and spec.rewrite == "mark":
-        for bid in sorted({b.id for s in spec.services for b in s.backends}):
+    fastpath = spec.fastpath and f is V4     # IPv6 never takes the fast path (yet)
+    if fastpath and spec.rewrite == "mark":
+        for bid in sorted({b.id for s in services for b in s.backends}):
             pi, bi, po, bo = spec.fast_counts.get(bid, (0, 0, 0, 0))
             for name, packets, nbytes in ((f"in_{bid}", pi, bi), (f"out_{bid}", po, bo)):
                 out.append(Message(OBJ, NFT_MSG_NEWOBJ, [
@@ -580,7 +694,7 @@ def build(spec: Spec, in_place: bool = False) -> list[Message]:
                                                  ("NFTA_COUNTER_PACKETS", packets)]}),
                 ], NLM_F_CREATE, f"counter {name}"))
 
-    for set_id, s in enumerate(_sets(spec), 1):
+    for set_id, s in enumerate(_sets(spec, f), first_set_id):
         flags: tuple[str, ...] = ("NFT_SET_MAP",) if s.data_type else ()
         if s.counter_map:
             flags = ("NFT_SET_OBJECT",)
@@ -631,41 +745,44 @@ def build(spec: Spec, in_place: bool = False) -> list[Message]:
 
     drop = [expr("counter"), _verdict(NF_DROP)]
     chain("prerouting", NF_INET_PRE_ROUTING, PRIORITY_RAW)
-    if spec.fastpath:
+    if fastpath:
         rule("prerouting", "fast path to a service", _fast_carry("fast_fwd", []))
         rule("prerouting", "fast path reply from a backend",
              _fast_carry("fast_rev", [*_tuple_key(True, True), _lookup("replies")]))
     # notrack before the queue verdict: the verdict resumes at the next hook
     # and the kernel's conntrack (priority -200) must never see the flow.
     rule("prerouting", "to a service",
-         [*_tuple_key(False, False), _lookup("vips"), expr("notrack"), queue])
+         [*_tuple_key(False, False, f), _lookup(f"vips{x}"), expr("notrack"), queue])
     if spec.own_replies_pass:
         rule("prerouting", "reply to this host",
-             [*_to_this_host(), *_tuple_key(True, False), _lookup("backend_services"),
+             [*_to_this_host(), *_tuple_key(True, False, f), _lookup(f"backend_services{x}"),
               _verdict(NF_ACCEPT)])
     rule("prerouting", "reply from a backend",
-         [*_tuple_key(True, True), _lookup("replies"), expr("notrack"), queue])
+         [*_tuple_key(True, True, f), _lookup(f"replies{x}"), expr("notrack"), queue])
     rule("prerouting", "spoofed backend reply",
-         [*_tuple_key(True, False), _lookup("backend_services"), *drop])
-    rule("prerouting", "icmp from a backend",
-         [*_icmp_unreach(), _load(PAYLOAD_NETWORK, 12, 4), _meta(NFT_META_IIF, REG32_01),
-          _lookup("backend_hosts"), expr("notrack"), queue])
-    rule("prerouting", "spoofed backend icmp",
-         [*_icmp_unreach(), _load(PAYLOAD_NETWORK, 12, 4), _lookup("backend_addrs"), *drop])
+         [*_tuple_key(True, False, f), _lookup(f"backend_services{x}"), *drop])
+    icmp = "icmp" if f is V4 else "icmpv6"
+    iif_after_addr = f.after_addr[0]
+    rule("prerouting", f"{icmp} from a backend",
+         [*_icmp_unreach(f), _address(f, True), _meta(NFT_META_IIF, iif_after_addr),
+          _lookup(f"backend_hosts{x}"), expr("notrack"), queue])
+    rule("prerouting", f"spoofed backend {icmp}",
+         [*_icmp_unreach(f), _address(f, True), _lookup(f"backend_addrs{x}"), *drop])
     # Path MTU news about a reply is addressed to the VIP: relayed to the backend.
-    rule("prerouting", "icmp to a service",
-         [*_icmp_unreach(), _load(PAYLOAD_NETWORK, 16, 4), _lookup("vip_addrs"),
+    rule("prerouting", f"{icmp} to a service",
+         [*_icmp_unreach(f), _address(f, False), _lookup(f"vip_addrs{x}"),
           expr("notrack"), queue])
-    protocols = sorted({s.protocol for s in spec.services})
+    protocols = sorted({s.protocol for s in services})
     for proto in protocols if spec.fragments else []:
         pname = PROTOCOL_NAMES[proto]
         is_proto = [_meta(NFT_META_L4PROTO), _cmp_eq(bytes([proto]))]
         rule("prerouting", f"{pname} fragment to a service",
-             [*_frag_off_nonzero(IP_MF_OFFSET), *is_proto, _load(PAYLOAD_NETWORK, 16, 4),
-              _lookup("vip_addrs"), expr("notrack"), queue])
+             [*_is_fragment(f), *is_proto, _address(f, False),
+              _lookup(f"vip_addrs{x}"), expr("notrack"), queue])
         rule("prerouting", f"{pname} fragment from a backend",
-             [*_frag_off_nonzero(IP_MF_OFFSET), *is_proto, _load(PAYLOAD_NETWORK, 12, 4),
-              _meta(NFT_META_IIF, REG32_01), _lookup("backend_hosts"), expr("notrack"), queue])
+             [*_is_fragment(f), *is_proto, _address(f, True),
+              _meta(NFT_META_IIF, iif_after_addr), _lookup(f"backend_hosts{x}"),
+              expr("notrack"), queue])
 
     # Packets natlb sends itself (re-sent SYNs, RSTs) carry the own mark: the
     # kernel's conntrack must not track those flows either.  ICMP unreachables
@@ -674,25 +791,26 @@ def build(spec: Spec, in_place: bool = False) -> list[Message]:
     chain("output", NF_INET_LOCAL_OUT, PRIORITY_RAW)
     rule("output", "natlb's own packets",
          [_meta(NFT_META_MARK), _cmp_eq(_mark(spec.marks.own)), expr("notrack")])
-    rule("output", "local icmp unreachable", [*_icmp_unreach(), queue])
+    rule("output", "local icmp unreachable" if f is V4 else "local icmpv6 error",
+         [*_icmp_unreach(f), queue])
 
     if spec.rewrite == "mark":
         # Right after the queue chain: an accepted packet resumes here.
         chain("rewrite", NF_INET_PRE_ROUTING, PRIORITY_RAW + 1)
         if spec.fragments:
             rule("rewrite", "later fragment to a backend",
-                 _fragment_rewrite_exprs("daddr", "backend_addr"))
+                 _fragment_rewrite_exprs("daddr", f"backend_addr{x}", f))
             rule("rewrite", "later fragment from a service",
-                 _fragment_rewrite_exprs("saddr", "service_addr"))
-        if spec.fastpath:
+                 _fragment_rewrite_exprs("saddr", f"service_addr{x}", f))
+        if fastpath:
             for what, exprs in _fast_rules(spec):
                 rule("rewrite", what, exprs)
         for proto in protocols:
             pname = PROTOCOL_NAMES[proto]
             rule("rewrite", f"{pname} to a backend",
-                 _rewrite_exprs("daddr", proto, "backend_addr", "backend_port"))
+                 _rewrite_exprs("daddr", proto, f"backend_addr{x}", f"backend_port{x}", f))
             rule("rewrite", f"{pname} reply from a service",
-                 _rewrite_exprs("saddr", proto, "service_addr", "service_port"))
+                 _rewrite_exprs("saddr", proto, f"service_addr{x}", f"service_port{x}", f))
     return out
 
 
@@ -705,8 +823,22 @@ def flush_fast(table: str) -> list[Message]:
         0, f"elements of set {name}") for name in ("fast_fwd", "fast_rev")]
 
 
-def delete(table: str) -> list[Message]:
-    return [Message(TABLE, NFT_MSG_DELTABLE, [("NFTA_TABLE_NAME", table)], 0, f"table {table}")]
+def delete(table: str, family: int = NFPROTO_IPV4) -> list[Message]:
+    return [Message(TABLE, NFT_MSG_DELTABLE, [("NFTA_TABLE_NAME", table)], 0, f"table {table}",
+                    family)]
+
+
+def absent(table: str, family: int) -> list[Message]:
+    """No table of that name and family after this, whether there was one
+    or not (create, then delete: a batch fails on deleting what is not)."""
+    name = [("NFTA_TABLE_NAME", table)]
+    return [Message(TABLE, NFT_MSG_NEWTABLE, name, NLM_F_CREATE, f"table {table}", family),
+            Message(TABLE, NFT_MSG_DELTABLE, name, 0, f"table {table}", family)]
+
+
+def has_ipv6(spec: Spec) -> bool:
+    """Does build(spec) make the ip6 table?"""
+    return bool(_services(spec, V6))
 
 
 # -- a readable form, for golden tests and debugging -------------------------
@@ -735,5 +867,6 @@ def render(messages: list[Message]) -> str:
     lines = []
     for m in messages:
         attrs = ", ".join(f"{_short(k)}={_show(v)}" for k, v in m.attrs)
-        lines.append(f"{m.kind} {m.mtype} flags={m.flags:#x} {attrs}")
+        family = "" if m.family == NFPROTO_IPV4 else f" family={m.family}"
+        lines.append(f"{m.kind}{family} {m.mtype} flags={m.flags:#x} {attrs}")
     return "\n".join(lines) + "\n"

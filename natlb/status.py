@@ -7,6 +7,8 @@ import time
 from dataclasses import asdict, replace
 from typing import TYPE_CHECKING, Any
 
+from natlb.config import host_port
+
 if TYPE_CHECKING:  # the CLI renders status too: keep its start light
     from natlb.core import Counters
     from natlb.pool import Pool, Service
@@ -110,11 +112,13 @@ def render(st: dict[str, Any]) -> str:
                  f"{'ActFlows':>8} {'InActFl':>7} {'NewFlows':>8} {'InPkts':>8} "
                  f"{'OutPkts':>8} {'InBytes':>8} {'OutBytes':>8}")
     for s in st["services"]:
-        name = f"{s['protocol'].upper()} {s['vip']}:{s['port']} {s['scheduler']} ({s['name']})"
+        vip = host_port(s["vip"], s["port"])
+        name = f"{s['protocol'].upper()} {vip} {s['scheduler']} ({s['name']})"
         lines.append(_row(name, "", "", s))
         for b in s["backends"]:
             state = b["health"] if b["admin"] == "enabled" else b["admin"]
-            lines.append(_row(f"  -> {b['address']}:{b['port']}", state, str(b["weight"]), b))
+            lines.append(_row(f"  -> {host_port(b['address'], b['port'])}", state,
+                              str(b["weight"]), b))
     dropped = {k: v for k, v in st["reasons"].items() if v}
     if dropped:
         lines.append("  dropped/passed: " + ", ".join(f"{k}={v}" for k, v in dropped.items()))

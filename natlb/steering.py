@@ -100,7 +100,7 @@ def encode(messages: list[ruleset.Message], seq: int) -> tuple[bytes, dict[int, 
     for msg in messages:
         seq += 1
         m = MESSAGE_CLASSES[msg.kind]()
-        m["nfgen_family"] = NFPROTO_IPV4
+        m["nfgen_family"] = msg.family
         m["attrs"] = msg.attrs
         m["header"]["type"] = (NFNL_SUBSYS_NFTABLES << 8) | msg.mtype
         m["header"]["flags"] = NLM_F_REQUEST | NLM_F_ACK | msg.flags
@@ -189,23 +189,34 @@ class Steering:
         self.table = table
         self.installed = False
         self.native_queue: bool | None = None
+        self.ipv6 = False             # the ip6 table is ours and in place
 
     def install(self, spec: ruleset.Spec) -> None:
         order = [self.native_queue] if self.native_queue is not None else [True, False]
+        ipv6 = ruleset.has_ipv6(spec)
+        # A reload that adds the first IPv6 service makes the ip6 table anew
+        # while the ip table keeps its chains; one that removes the last
+        # deletes it in the same batch.
+        in_place6 = self.ipv6 if self.installed else None
+        gone6: list[ruleset.Message] = []
+        if not ipv6 and (self.ipv6 or not self.installed):
+            # Also at start: a predecessor's (natlb restart) may be there.
+            gone6 = ruleset.absent(self.table, ruleset.NFPROTO_IPV6)
         for i, native in enumerate(order):
             full = dataclasses.replace(spec, native_queue=native)
             try:
                 try:
                     # Chains kept: packets waiting in the queues survive.
-                    send(ruleset.build(full, in_place=True))
+                    send(ruleset.build(full, in_place=True, in_place6=in_place6) + gone6)
                 except SteeringError:
-                    send(ruleset.build(full))
+                    send(ruleset.build(full) + gone6)
             except SteeringError as e:
                 if native and i + 1 < len(order) and e.code in (errno.ENOENT, errno.EOPNOTSUPP):
                     continue  # no nft_queue in this kernel: use xt NFQUEUE
                 raise
             self.native_queue = native
             self.installed = True
+            self.ipv6 = ipv6
             return
 
     def fast_counts(self) -> dict[int, tuple[int, int, int, int]]:
@@ -234,15 +245,18 @@ class Steering:
             return
         remove_table(self.table)
         self.installed = False
+        self.ipv6 = False
 
 
 def remove_table(table: str) -> None:
-    """Delete the table; gone already is fine (undo steps are idempotent)."""
-    try:
-        send(ruleset.delete(table))
-    except SteeringError as e:
-        if e.code != errno.ENOENT:
-            raise
+    """Delete the table of both families; gone already is fine (undo steps
+    are idempotent, and an IPv4-only natlb has no ip6 table)."""
+    for family in (ruleset.NFPROTO_IPV4, ruleset.NFPROTO_IPV6):
+        try:
+            send(ruleset.delete(table, family))
+        except SteeringError as e:
+            if e.code != errno.ENOENT:
+                raise
 
 
 @reverter("nft_table")

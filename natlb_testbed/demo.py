@@ -1,7 +1,8 @@
 """``natlb demo``: natlb on a network of its own, with a failure in the middle.
 
-It builds namespaces (a client, a router running natlb, three backends that
-answer HTTP and UDP echo with their own name), sends a steady stream of new
+It builds dual-stack namespaces (a client, a router running natlb, three
+backends that answer HTTP and UDP echo with their own name), shows the same
+services over IPv4 and IPv6 side by side, sends a steady stream of new
 TCP connections through the VIP, kills one backend midway, brings it back,
 prints the timeline, and removes everything it built.
 """
@@ -14,7 +15,17 @@ import sys
 import time
 from collections import Counter
 
-from natlb_testbed.testbed import VIP, Testbed, backend_addr, udp_service
+from natlb_testbed.testbed import (
+    CLIENT_ADDR,
+    CLIENT_ADDR6,
+    VIP,
+    VIP6,
+    Testbed,
+    backend_addr,
+    backend_addr6,
+    udp_service,
+    web_service,
+)
 
 INTERVAL_MS = 20
 BUCKET_S = 0.25
@@ -41,6 +52,17 @@ fall = 1
 {udp_service}
 """
 
+
+def _families(tb: Testbed) -> None:
+    """The same questions over both families: who answers, and from where."""
+    for name, vip in (("IPv4", VIP), ("IPv6", VIP6)):
+        web = tb.client_run("http-stream", "--host", vip, "--port", "80", "--count", "6")
+        udp = tb.client_run("udp-stream", "--host", vip, "--port", "53", "--count", "6")
+        peers = sorted({r["peer"] for r in udp if r["ok"]})
+        _say(f"  {name}: HTTP answered by {' '.join(r.get('backend', '-') for r in web)}; "
+             f"UDP echo by {' '.join(r.get('backend', '-') for r in udp)}, "
+             f"replies from {', '.join(peers)}")
+
 def _backends(n: int) -> str:
     return "\n".join(f'[[service.backend]]\naddress = "{backend_addr(k)}"'
                      for k in range(1, n + 1))
@@ -56,19 +78,19 @@ def main(connections: int = 300) -> int:
     with Testbed(n_backends=3) as tb:
         backends = tb.start_backends()
         names = ", ".join(f"b{k} {backend_addr(k)}" for k in range(1, 4))
-        _say(f"natlb demo: client 198.51.100.2 -> VIP {VIP} -> {names}")
+        names6 = ", ".join(f"b{k} {backend_addr6(k)}" for k in range(1, 4))
+        _say(f"natlb demo: client {CLIENT_ADDR} -> VIP {VIP} -> {names}")
+        _say(f"            client {CLIENT_ADDR6} -> VIP {VIP6} -> {names6}")
         _say(f"  namespaces: {', '.join(tb.namespaces)}")
+        services = (udp_service("echo", [1, 2, 3]) + web_service("web6", [1, 2, 3], family=6)
+                    + udp_service("echo6", [1, 2, 3], family=6))
         cfg = tb.write_config(CONFIG.format(sock=tb.control_socket, vip=VIP,
-                                            web_backends=_backends(3),
-                                            udp_service=udp_service("echo", [1, 2, 3])))
+                                            web_backends=_backends(3), udp_service=services))
         natlb = tb.start_natlb(cfg)
         time.sleep(0.3)
 
-        udp = tb.client_run("udp-stream", "--host", VIP, "--port", "53", "--count", "6")
-        answered = " ".join(r.get("backend", "-") for r in udp)
-        peers = {r.get("peer") for r in udp if r["ok"]}
-        _say(f"UDP echo {VIP}:53, 6 queries: answered by {answered}; "
-             f"replies came from {', '.join(sorted(p for p in peers if p))}")
+        _say("Both families, one natlb: 6 HTTP connections and 6 UDP queries each")
+        _families(tb)
 
         _say(f"HTTP {VIP}:80: {connections} new connections, one every {INTERVAL_MS} ms; "
              f"{victim_name} is killed at #{kill_at} and restarted at #{restart_at}")
@@ -139,5 +161,5 @@ def main(connections: int = 300) -> int:
     _say("natlb status just before it stopped:")
     _say(status.rstrip())
     _say()
-    _say("natlb stopped and removed its nftables table and VIP; namespaces deleted.")
+    _say("natlb stopped and removed its nftables tables and VIPs; namespaces deleted.")
     return 0

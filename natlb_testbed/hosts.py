@@ -63,17 +63,50 @@ def ip_fragments(src: str, dst: str, sport: int, dport: int, payload: bytes, ide
     return out
 
 
+def ip6_fragments(src: str, dst: str, sport: int, dport: int, payload: bytes, ident: int,
+                  mtu: int = 1500) -> list[bytes]:
+    """A UDP datagram as the IPv6 fragments a host would send (in order):
+    each a fixed header and a fragment header (next header 44)."""
+    s, d = socket.inet_pton(socket.AF_INET6, src), socket.inet_pton(socket.AF_INET6, dst)
+    ulen = 8 + len(payload)
+    pseudo = s + d + struct.pack("!I3xB", ulen, socket.IPPROTO_UDP)
+    csum = _csum(pseudo + struct.pack("!HHHH", sport, dport, ulen, 0) + payload) or 0xffff
+    l4 = struct.pack("!HHHH", sport, dport, ulen, csum) + payload
+    step = (mtu - 40 - 8) // 8 * 8
+    out = []
+    for off in range(0, len(l4), step):
+        chunk = l4[off:off + step]
+        more = 1 if off + step < len(l4) else 0
+        frag = struct.pack("!BBHI", socket.IPPROTO_UDP, 0, off | more, ident)
+        hdr = struct.pack("!IHBB16s16s", 6 << 28, 8 + len(chunk), 44, 64, s, d)
+        out.append(hdr + frag + chunk)
+    return out
+
+
+def is_ipv6(address: str) -> bool:
+    return ":" in address
+
+
+def host_port(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if is_ipv6(address) else f"{address}:{port}"
+
+
+def _family(address: str) -> socket.AddressFamily:
+    return socket.AF_INET6 if is_ipv6(address) else socket.AF_INET
+
+
 def send_reversed(src: str, dst: str, sport: int, dport: int, payload: bytes) -> None:
     """Send a datagram as fragments, last first: its first fragment comes
     after all the others (a raw socket; needs root, as in the testbed)."""
-    frags = ip_fragments(src, dst, sport, dport, payload, random.randrange(1, 65536))
-    with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
+    make = ip6_fragments if is_ipv6(dst) else ip_fragments
+    frags = make(src, dst, sport, dport, payload, random.randrange(1, 65536))
+    with socket.socket(_family(dst), socket.SOCK_RAW, socket.IPPROTO_RAW) as raw:
         for f in reversed(frags):
             raw.sendto(f, (dst, 0))
 
 
 def _source_for(dst: str) -> str:
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+    with socket.socket(_family(dst), socket.SOCK_DGRAM) as s:
         s.connect((dst, 9))
         return s.getsockname()[0]
 
@@ -122,11 +155,19 @@ def serve(name: str, http_port: int, udp_port: int) -> int:
             if not isinstance(sys.exc_info()[1], ConnectionError):
                 super().handle_error(request, client_address)
 
-    httpd = Server(("0.0.0.0", http_port), Handler)
-    udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-    udp.bind(("0.0.0.0", udp_port))
+    class Server6(Server):
+        address_family = socket.AF_INET6
 
-    def echo() -> None:
+        def server_bind(self) -> None:
+            # The IPv4 server has the port on 0.0.0.0: this one takes IPv6 only.
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            super().server_bind()
+
+    httpd = Server(("0.0.0.0", http_port), Handler)
+    httpd6 = Server6(("::", http_port), Handler)
+    threading.Thread(target=httpd6.serve_forever, daemon=True).start()
+
+    def echo(udp: socket.socket) -> None:
         while True:
             data, peer = udp.recvfrom(65535)
             answer = f"{name}:".encode() + data
@@ -135,7 +176,12 @@ def serve(name: str, http_port: int, udp_port: int) -> int:
             else:
                 udp.sendto(answer, peer)
 
-    threading.Thread(target=echo, daemon=True).start()
+    for af, any_addr in ((socket.AF_INET, "0.0.0.0"), (socket.AF_INET6, "::")):
+        udp = socket.socket(af, socket.SOCK_DGRAM)
+        if af == socket.AF_INET6:
+            udp.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        udp.bind((any_addr, udp_port))
+        threading.Thread(target=echo, args=(udp,), daemon=True).start()
     print("ready", flush=True)
     httpd.serve_forever()
     return 0
@@ -195,7 +241,7 @@ def udp_stream(host: str, port: int, count: int, interval_ms: int, timeout: floa
         due = start + i * interval_ms / 1000
         time.sleep(max(0.0, due - time.monotonic()))
         t0 = time.monotonic()
-        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+        with socket.socket(_family(host), socket.SOCK_DGRAM) as s:
             s.settimeout(timeout)
             payload = f"q{i}".encode()
             try:
@@ -203,7 +249,7 @@ def udp_stream(host: str, port: int, count: int, interval_ms: int, timeout: floa
                 data, peer = s.recvfrom(65535)
                 name, _, echoed = data.partition(b":")
                 _emit(i=i, t=round(t0 - start, 4), ok=echoed == payload,
-                      backend=name.decode(), peer=f"{peer[0]}:{peer[1]}")
+                      backend=name.decode(), peer=host_port(peer[0], peer[1]))
             except OSError as e:
                 _emit(i=i, t=round(t0 - start, 4), ok=False, error=type(e).__name__)
     return 0
@@ -220,19 +266,19 @@ def udp_sizes(host: str, port: int, sizes: list[int], count: int, timeout: float
             payload = rnd.randbytes(size)
             if reverse:
                 payload = REVERSED + payload[len(REVERSED):]
-            with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            with socket.socket(_family(host), socket.SOCK_DGRAM) as s:
                 s.settimeout(timeout)
                 try:
                     if reverse:
                         s.bind((_source_for(host), 0))
-                        src, sport = s.getsockname()
+                        src, sport = s.getsockname()[:2]
                         send_reversed(src, host, sport, port, payload)
                     else:
                         s.sendto(payload, (host, port))
                     data, peer = s.recvfrom(65535)
                     name, _, echoed = data.partition(b":")
                     _emit(size=size, i=i, ok=echoed == payload, backend=name.decode(),
-                          peer=f"{peer[0]}:{peer[1]}")
+                          peer=host_port(peer[0], peer[1]))
                 except OSError as e:
                     _emit(size=size, i=i, ok=False, error=type(e).__name__)
     return 0

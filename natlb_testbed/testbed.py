@@ -1,7 +1,10 @@
-"""A disposable test network in namespaces: client -- router -- N backends.
+"""A disposable test network in namespaces: client -- router -- N backends,
+dual stack.
 
     client 198.51.100.2/24 --- 198.51.100.1 [router: natlb, VIP on lo]
                                  203.0.113.(4k+1)/30 --- backend k 203.0.113.(4k+2)
+    client 2001:db8:100::2/64 --- 2001:db8:100::1 [router: natlb, VIP6 on lo]
+                                 2001:db8:113:k::1/64 --- backend k 2001:db8:113:k::2
 
 Only documentation address ranges are used, and only inside namespaces
 created here.  Names carry a per-run prefix; close() kills exactly the
@@ -25,15 +28,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from natlb.config import host_port
 from natlb.control import ControlError, request
 
 VIP = "192.0.2.100"
 CLIENT_ADDR = "198.51.100.2"
 ROUTER_CLIENT_SIDE = "198.51.100.1"
+VIP6 = "2001:db8::100"
+CLIENT_ADDR6 = "2001:db8:100::2"
+ROUTER_CLIENT_SIDE6 = "2001:db8:100::1"
 
 
 def backend_addr(k: int) -> str:
     return f"203.0.113.{4 * k + 2}"
+
+
+def backend_addr6(k: int) -> str:
+    return f"2001:db8:113:{k}::2"
+
+
+def backend_gateway6(k: int) -> str:
+    return f"2001:db8:113:{k}::1"
 
 
 def _ip(*args: str) -> None:
@@ -71,6 +86,12 @@ class Testbed:
         _ip("netns", "add", name)
         self.namespaces.append(name)
         _ip("-n", name, "link", "set", "lo", "up")
+        # No duplicate address detection on the links that move in: their
+        # link-local addresses are usable at once, never "tentative" for the
+        # first second (neighbour discovery and state snapshots need them).
+        subprocess.run(["ip", "netns", "exec", name, "sysctl", "-qw",
+                        "net.ipv6.conf.all.accept_dad=0",
+                        "net.ipv6.conf.default.accept_dad=0"], check=True)
 
     def _veth(self, ns_a: str, name_a: str, ns_b: str, name_b: str) -> None:
         tmp_a, tmp_b = f"{self.prefix}x", f"{self.prefix}y"
@@ -90,6 +111,11 @@ class Testbed:
             _ip("-n", self.client, "addr", "add", f"{CLIENT_ADDR}/24", "dev", "eth0")
             _ip("-n", self.router, "addr", "add", f"{ROUTER_CLIENT_SIDE}/24", "dev", "cl0")
             _ip("-n", self.client, "route", "add", "default", "via", ROUTER_CLIENT_SIDE)
+            # nodad: usable at once, not after a second of duplicate detection.
+            _ip("-n", self.client, "addr", "add", f"{CLIENT_ADDR6}/64", "dev", "eth0", "nodad")
+            _ip("-n", self.router, "addr", "add", f"{ROUTER_CLIENT_SIDE6}/64", "dev", "cl0",
+                "nodad")
+            _ip("-n", self.client, "-6", "route", "add", "default", "via", ROUTER_CLIENT_SIDE6)
             for k in range(1, self.n_backends + 1):
                 ns = self.backend(k)
                 self._netns(ns)
@@ -98,6 +124,13 @@ class Testbed:
                 _ip("-n", ns, "addr", "add", f"{backend_addr(k)}/30", "dev", "eth0")
                 _ip("-n", self.router, "addr", "add", f"{gw}/30", "dev", self.backend_link(k))
                 _ip("-n", ns, "route", "add", "default", "via", gw)
+                # A failed link (fail_backend "link") must not take the address with it.
+                subprocess.run(["ip", "netns", "exec", ns, "sysctl", "-qw",
+                                "net.ipv6.conf.eth0.keep_addr_on_down=1"], check=True)
+                _ip("-n", ns, "addr", "add", f"{backend_addr6(k)}/64", "dev", "eth0", "nodad")
+                _ip("-n", self.router, "addr", "add", f"{backend_gateway6(k)}/64", "dev",
+                    self.backend_link(k), "nodad")
+                _ip("-n", ns, "-6", "route", "add", "default", "via", backend_gateway6(k))
         except BaseException:
             self.close()
             raise
@@ -167,7 +200,7 @@ class Testbed:
         """One backend ("addr:port") from status, in `service` or any."""
         for s in self.status()["services"]:
             for b in s["backends"]:
-                if f"{b['address']}:{b['port']}" == key and service in (None, s["name"]):
+                if host_port(b["address"], b["port"]) == key and service in (None, s["name"]):
                     return b
         raise KeyError(key)
 
@@ -240,6 +273,14 @@ class Testbed:
         return subprocess.run(["ip", "netns", "exec", self.router, *argv],
                               capture_output=True, text=True)
 
+    def backend_cmd(self, k: int, *argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["ip", "netns", "exec", self.backend(k), *argv],
+                              capture_output=True, text=True)
+
+    def client_cmd(self, *argv: str) -> subprocess.CompletedProcess:
+        return subprocess.run(["ip", "netns", "exec", self.client, *argv],
+                              capture_output=True, text=True)
+
     # -- failures ----------------------------------------------------------
     def fail_backend(self, k: int, kind: str) -> None:
         """kill: the server process dies (connections refused);
@@ -264,6 +305,8 @@ class Testbed:
             _ip("-n", self.backend(k), "link", "set", "eth0", "up")
             _ip("-n", self.backend(k), "route", "replace", "default", "via",
                 f"203.0.113.{4 * k + 1}")
+            _ip("-n", self.backend(k), "-6", "route", "replace", "default", "via",
+                backend_gateway6(k))
         elif kind == "blackhole":
             subprocess.run(["ip", "netns", "exec", self.backend(k), "nft", "delete", "table",
                             "ip", "blackhole"], check=True)
@@ -337,7 +380,7 @@ class StateWatch:
     def _poll(self) -> None:
         for s in self.tb.status()["services"]:
             for b in s["backends"]:
-                k = (s["name"], f"{b['address']}:{b['port']}")
+                k = (s["name"], host_port(b["address"], b["port"]))
                 now = (b["health"], b["since"])
                 if self._last.get(k) != now:
                     if k in self._last:
@@ -372,7 +415,8 @@ class StateWatch:
 def basic_config(tb: Testbed, scheduler: str = "rr", health: str = "tcp",
                  interval_ms: int = 100, extra_services: str = "", lb_extra: str = "",
                  service_extra: str = "", backends: list[int] | None = None,
-                 timeout_ms: int = 1000, syn_timeout_ms: int = 1000) -> str:
+                 timeout_ms: int = 1000, syn_timeout_ms: int = 1000, family: int = 4,
+                 name: str = "web") -> str:
     """natlb config: service "web" (TCP 80 on the VIP) over the testbed's
     backends (or the given ones), plus whatever the extras add.
 
@@ -380,8 +424,9 @@ def basic_config(tb: Testbed, scheduler: str = "rr", health: str = "tcp",
     or one SYN-ACK can take hundreds of ms, and with fall = 1 a single slow
     check of a healthy backend takes it down and resets its flows.  Tests
     that are about fast detection ask for short ones."""
+    addr = backend_addr6 if family == 6 else backend_addr
     blocks = "\n".join(
-        f'[[service.backend]]\naddress = "{backend_addr(k)}"\nport = 80\n'
+        f'[[service.backend]]\naddress = "{addr(k)}"\nport = 80\n'
         for k in (backends or range(1, tb.n_backends + 1)))
     return f"""
 [lb]
@@ -390,8 +435,8 @@ syn_timeout_ms = {syn_timeout_ms}
 {lb_extra}
 
 [[service]]
-name = "web"
-vip = "{VIP}"
+name = "{name}"
+vip = "{VIP6 if family == 6 else VIP}"
 port = 80
 protocol = "tcp"
 scheduler = "{scheduler}"
@@ -407,14 +452,33 @@ fall = 1
 """
 
 
-def udp_service(name: str, backends: list[int], interval_ms: int = 200,
-                timeout_ms: int = 200) -> str:
-    """A [[service]] block: UDP port 53 on the VIP, udp health checks."""
-    blocks = "\n".join(f'[[service.backend]]\naddress = "{backend_addr(k)}"' for k in backends)
+def web_service(name: str, backends: list[int], family: int = 4) -> str:
+    """A [[service]] block: TCP port 80 on the VIP (of the family), tcp checks."""
+    addr = backend_addr6 if family == 6 else backend_addr
+    blocks = "\n".join(f'[[service.backend]]\naddress = "{addr(k)}"' for k in backends)
     return f"""
 [[service]]
 name = "{name}"
-vip = "{VIP}"
+vip = "{VIP6 if family == 6 else VIP}"
+port = 80
+protocol = "tcp"
+[service.health]
+kind = "tcp"
+interval_ms = 100
+timeout_ms = 1000
+{blocks}
+"""
+
+
+def udp_service(name: str, backends: list[int], interval_ms: int = 200,
+                timeout_ms: int = 200, family: int = 4) -> str:
+    """A [[service]] block: UDP port 53 on the VIP, udp health checks."""
+    addr = backend_addr6 if family == 6 else backend_addr
+    blocks = "\n".join(f'[[service.backend]]\naddress = "{addr(k)}"' for k in backends)
+    return f"""
+[[service]]
+name = "{name}"
+vip = "{VIP6 if family == 6 else VIP}"
 port = 53
 protocol = "udp"
 scheduler = "rr"

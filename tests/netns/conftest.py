@@ -40,10 +40,12 @@ def natlb(testbed):
 def router_state(tb: Testbed) -> str:
     """Everything natlb might touch in the router namespace, as text."""
     out = []
-    for cmd in (["nft", "list", "ruleset"], ["ip", "-4", "addr"], ["ip", "route"]):
+    for cmd in (["nft", "list", "ruleset"], ["ip", "-4", "addr"], ["ip", "route"],
+                ["ip", "-6", "addr"], ["ip", "-6", "route"]):
         out.append(tb.router_cmd(*cmd).stdout)
-    for path in ("ip_forward", "conf/all/accept_local", "conf/all/rp_filter"):
-        out.append(path + "=" + tb.router_cmd("cat", f"/proc/sys/net/ipv4/{path}").stdout)
+    for path in ("ipv4/ip_forward", "ipv4/conf/all/accept_local", "ipv4/conf/all/rp_filter",
+                 "ipv6/conf/all/forwarding"):
+        out.append(path + "=" + tb.router_cmd("cat", f"/proc/sys/net/{path}").stdout)
     return "\n".join(out)
 
 

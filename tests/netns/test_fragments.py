@@ -1,17 +1,23 @@
 """UDP datagrams larger than the path MTU travel as IP fragments: every size
-must come back intact through the VIP, in both rewrite modes, with the
-fragments in order, last-first, or reassembled by the kernel first."""
+must come back intact through the VIP, in both rewrite modes, over IPv4 and
+IPv6 (fragment header), with the fragments in order, last-first, or
+reassembled by the kernel first."""
 
 import json
 
 import pytest
 
-from natlb_testbed.testbed import VIP, basic_config, udp_service
+from natlb_testbed.testbed import VIP, VIP6, basic_config, udp_service
 
 from .conftest import natlb_cli
 
-UDP_SERVICE = udp_service("dns", [1, 2, 3])
 SIZES = [100, 1400, 4000, 8000, 30000]
+FAMILIES = pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+
+
+def config(testbed, rewrite: str, family: int) -> str:
+    return basic_config(testbed, lb_extra=f'rewrite = "{rewrite}"',
+                        extra_services=udp_service("dns", [1, 2, 3], family=family))
 
 
 def fragment_counters(testbed) -> dict[str, int]:
@@ -19,19 +25,22 @@ def fragment_counters(testbed) -> dict[str, int]:
     return st["fragments"]
 
 
-def echo(testbed, sizes, count, *extra) -> list[dict]:
-    res = testbed.client_run("udp-sizes", "--host", VIP, "--port", "53", "--count", str(count),
+def echo(testbed, family, sizes, count, *extra) -> list[dict]:
+    vip = VIP6 if family == 6 else VIP
+    res = testbed.client_run("udp-sizes", "--host", vip, "--port", "53", "--count", str(count),
                              "--sizes", ",".join(map(str, sizes)), *extra)
     assert len(res) == len(sizes) * count
     assert [r for r in res if not r["ok"]] == []
-    assert {r["peer"] for r in res} == {f"{VIP}:53"}     # never a backend address
+    peer = f"[{vip}]:53" if family == 6 else f"{vip}:53"
+    assert {r["peer"] for r in res} == {peer}     # never a backend address
     return res
 
 
+@FAMILIES
 @pytest.mark.parametrize("rewrite", ["mark", "copy"])
-def test_udp_datagrams_of_every_size_pass_intact_both_ways(testbed, natlb, rewrite):
-    natlb(basic_config(testbed, lb_extra=f'rewrite = "{rewrite}"', extra_services=UDP_SERVICE))
-    res = echo(testbed, SIZES, 5)
+def test_udp_datagrams_of_every_size_pass_intact_both_ways(testbed, natlb, rewrite, family):
+    natlb(config(testbed, rewrite, family))
+    res = echo(testbed, family, SIZES, 5)
     assert len({r["backend"] for r in res}) == 3
     c = fragment_counters(testbed)
     # natlb saw the fragments itself (nothing reassembled them on the router):
@@ -41,28 +50,30 @@ def test_udp_datagrams_of_every_size_pass_intact_both_ways(testbed, natlb, rewri
 
     # Last fragment first, both ways: every fragment but the first is held
     # until the first comes, then released (NFQUEUE verdicts out of order).
-    echo(testbed, [4000, 30000], 3, "--reverse")
+    echo(testbed, family, [4000, 30000], 3, "--reverse")
     c2 = fragment_counters(testbed)
     assert c2["held"] - c["held"] == 3 * 2 * (2 + 20)
     assert c2["released"] == c2["held"] and c2["timeouts"] == 0
     assert c2["tracked"] == 0 and c2["held"] - c2["released"] == 0
 
 
+@FAMILIES
 @pytest.mark.parametrize("rewrite", ["mark", "copy"])
-def test_kernel_reassembly_on_the_router_is_harmless(testbed, natlb, rewrite):
+def test_kernel_reassembly_on_the_router_is_harmless(testbed, natlb, rewrite, family):
     """Once anything in the router's namespace uses the kernel's conntrack,
     nf_defrag reassembles datagrams before natlb's chain (priority -400 <
     raw): natlb then sees whole datagrams, and the kernel fragments them
     again on the way out."""
     rules = testbed.workdir / "ctuse.nft"
-    rules.write_text("table ip ctuse {\n chain c {\n  type filter hook prerouting priority 0;\n"
+    nft_family = "ip6" if family == 6 else "ip"
+    rules.write_text(f"table {nft_family} ctuse {{\n chain c {{\n"
+                     "  type filter hook prerouting priority 0;\n"
                      "  ct state invalid counter\n }\n}\n")
     assert testbed.router_cmd("nft", "-f", str(rules)).returncode == 0
     try:
-        natlb(basic_config(testbed, lb_extra=f'rewrite = "{rewrite}"',
-                           extra_services=UDP_SERVICE))
-        echo(testbed, SIZES, 2)
-        echo(testbed, [30000], 2, "--reverse")
+        natlb(config(testbed, rewrite, family))
+        echo(testbed, family, SIZES, 2)
+        echo(testbed, family, [30000], 2, "--reverse")
         assert fragment_counters(testbed)["datagrams"] == 0
     finally:
-        testbed.router_cmd("nft", "delete", "table", "ip", "ctuse")
+        testbed.router_cmd("nft", "delete", "table", nft_family, "ctuse")

@@ -10,7 +10,17 @@ import subprocess
 import sys
 import time
 
-from natlb_testbed.testbed import CLIENT_ADDR, VIP, backend_addr, basic_config
+import pytest
+
+from natlb_testbed.testbed import (
+    CLIENT_ADDR,
+    CLIENT_ADDR6,
+    VIP,
+    VIP6,
+    backend_addr,
+    backend_addr6,
+    basic_config,
+)
 
 from .conftest import natlb_cli
 
@@ -54,46 +64,51 @@ def test_250_services_with_3_backends_load_and_serve(testbed, natlb):
 
 ATTACK = r"""
 import sys, time
-from scapy.all import Ether, IP, TCP, ICMP, sendp, conf
+from scapy.all import Ether, IP, IPv6, TCP, ICMP, ICMPv6DestUnreach, sendp, conf
 conf.verb = 0
 mac, client, vip, *backends = sys.argv[1:]
+ip = IPv6 if ":" in vip else IP
+unreach = ICMPv6DestUnreach(code=4) if ":" in vip else ICMP(type=3, code=3)
 for i in range(30):
     sport = 40000 + i
     # A SYN of the attacker's own, then "the backend refuses it" from the client side.
-    sendp(Ether(dst=mac) / IP(src=client, dst=vip) /
+    sendp(Ether(dst=mac) / ip(src=client, dst=vip) /
           TCP(sport=sport, dport=80, flags="S", seq=1000), iface="eth0")
     for b in backends:
-        sendp(Ether(dst=mac) / IP(src=b, dst=client) /
+        sendp(Ether(dst=mac) / ip(src=b, dst=client) /
               TCP(sport=80, dport=sport, flags="RA", seq=0, ack=1001), iface="eth0")
-        sendp(Ether(dst=mac) / IP(src=b, dst=client) / ICMP(type=3, code=3) /
-              IP(src=client, dst=b) / TCP(sport=sport, dport=80, flags="S", seq=1000),
+        sendp(Ether(dst=mac) / ip(src=b, dst=client) / unreach /
+              ip(src=client, dst=b) / TCP(sport=sport, dport=80, flags="S", seq=1000),
               iface="eth0")
     time.sleep(0.02)
 """
 
 
-def _counters(tb) -> list[int]:
-    listing = tb.router_cmd("nft", "list", "chain", "ip", "natlb", "prerouting").stdout
+def _counters(tb, family: str = "ip") -> list[int]:
+    listing = tb.router_cmd("nft", "list", "chain", family, "natlb", "prerouting").stdout
     return [int(n) for n in re.findall(r"counter packets (\d+)", listing)]
 
 
-def test_spoofed_backend_packets_from_the_client_side_are_dropped(testbed, natlb):
-    natlb(basic_config(testbed, interval_ms=200))
-    holds = [testbed.hold(VIP) for _ in range(3)]
+@pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
+def test_spoofed_backend_packets_from_the_client_side_are_dropped(testbed, natlb, family):
+    vip, client = (VIP6, CLIENT_ADDR6) if family == 6 else (VIP, CLIENT_ADDR)
+    addr = backend_addr6 if family == 6 else backend_addr
+    natlb(basic_config(testbed, interval_ms=200, family=family))
+    holds = [testbed.hold(vip) for _ in range(3)]
     link = json.loads(testbed.router_cmd("ip", "-j", "link", "show", "cl0").stdout)
     attacker = subprocess.run(
         ["ip", "netns", "exec", testbed.client, sys.executable, "-c", ATTACK,
-         link[0]["address"], CLIENT_ADDR, VIP, *(backend_addr(k) for k in (1, 2, 3))],
+         link[0]["address"], client, vip, *(addr(k) for k in (1, 2, 3))],
         capture_output=True, text=True, timeout=60)
     assert attacker.returncode == 0, attacker.stderr
     # 30 rounds x 3 backends of each kind, all dropped at prerouting.
-    assert _counters(testbed) == [90, 90]
+    assert _counters(testbed, "ip6" if family == 6 else "ip") == [90, 90]
     time.sleep(0.5)  # long enough for any believed failure to have been acted on
     backends = [b for s in status(testbed)["services"] for b in s["backends"]]
     assert {b["health"] for b in backends} == {"up"}, backends
     assert [h.survived() for h in holds] == [True] * 3
     # Real replies still come in through the backend side.
-    res = testbed.client_run("http-stream", "--host", VIP, "--port", "80", "--count", "6")
+    res = testbed.client_run("http-stream", "--host", vip, "--port", "80", "--count", "6")
     assert all(r["ok"] for r in res), res
 
 
@@ -121,14 +136,23 @@ def test_backend_ingress_follows_the_routing_table_and_every_multipath_hop(testb
         ip("route", "add", "203.0.113.0/28", "nexthop", "via", "198.51.100.2", "dev", "d1",
            "nexthop", "via", "198.51.100.6", "dev", "d2")
         ip("route", "add", "203.0.113.64/28", "via", "198.51.100.6", "dev", "d2")
+        # The same over IPv6.
+        for i in (1, 2):
+            ip("addr", "add", f"2001:db8:{i}::1/64", "dev", f"d{i}", "nodad")
+        ip("-6", "route", "add", "2001:db8:113::/48", "nexthop", "via", "2001:db8:1::2", "dev",
+           "d1", "nexthop", "via", "2001:db8:2::2", "dev", "d2")
+        ip("-6", "route", "add", "2001:db8:114::/48", "via", "2001:db8:2::2", "dev", "d2")
         links = json.loads(subprocess.run(["ip", "-n", ns, "-j", "link"], check=True,
                                           capture_output=True, text=True).stdout)
         index = {link["ifname"]: link["ifindex"] for link in links}
         r = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", INGRESS,
-                            "203.0.113.2", "203.0.113.66", "192.0.2.9"],
+                            "203.0.113.2", "203.0.113.66", "192.0.2.9", "2001:db8:113::2",
+                            "2001:db8:114::2", "2001:db8:999::1"],
                            capture_output=True, text=True, timeout=30)
         assert r.returncode == 0, r.stderr
-        assert json.loads(r.stdout) == {"203.0.113.2": sorted([index["d1"], index["d2"]]),
-                                        "203.0.113.66": [index["d2"]], "192.0.2.9": []}
+        both = sorted([index["d1"], index["d2"]])
+        assert json.loads(r.stdout) == {"203.0.113.2": both, "203.0.113.66": [index["d2"]],
+                                        "192.0.2.9": [], "2001:db8:113::2": both,
+                                        "2001:db8:114::2": [index["d2"]], "2001:db8:999::1": []}
     finally:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True)

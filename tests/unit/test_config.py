@@ -46,7 +46,8 @@ def test_defaults():
 
 @pytest.mark.parametrize("path,value,message", [
     (("service", 0, "port"), 70000, "service[0].port = 70000: must be 1..65535"),
-    (("service", 0, "vip"), "192.0.2.300", 'service[0].vip = "192.0.2.300": not an IPv4 address'),
+    (("service", 0, "vip"), "192.0.2.300",
+     'service[0].vip = "192.0.2.300": not an IPv4 or IPv6 address'),
     (("service", 0, "scheduler"), "random",
      'service[0].scheduler = "random": must be one of rr, wrr, lc, sh, maglev'),
     (("service", 0, "protocol"), "sctp", 'service[0].protocol = "sctp": must be one of tcp, udp'),

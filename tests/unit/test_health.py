@@ -116,3 +116,25 @@ def test_exec_exit_code_and_env():
 def test_exec_timeout_kills_the_command():
     ok, detail = check("exec", 1, command=(sys.executable, "-c", "import time; time.sleep(30)"))
     assert not ok and "timeout" in detail
+
+
+def test_http_body_after_the_headers_in_another_segment():
+    """A server that flushes its headers before it writes the body (Python's
+    http.server does): the body is still found."""
+    async def handle(reader, writer):
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n")
+        await writer.drain()
+        await asyncio.sleep(0.05)
+        writer.write(b"all good")
+        await writer.drain()
+        writer.close()
+
+    async def run():
+        server = await asyncio.start_server(handle, "127.0.0.1", 0)
+        port = server.sockets[0].getsockname()[1]
+        async with server:
+            hc = HEALTH_KINDS["http"](timeout_ms=1000, expect_body="good")
+            return await check_once("127.0.0.1", port, hc)
+
+    assert asyncio.run(run()) == (True, "HTTP 200")

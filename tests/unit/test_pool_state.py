@@ -286,6 +286,19 @@ def test_find():
         pool.find("web", "203.0.113.99")
 
 
+def test_find_ipv6_backend_by_any_spelling():
+    pool = PoolState(parse({"service": [{
+        "name": "web6", "vip": "2001:db8::100", "port": 80,
+        "backend": [{"address": "2001:db8:113:1::2"}, {"address": "2001:db8:113:1::2",
+                                                       "port": 8080}]}]}))
+    for spelling in ("[2001:db8:113:1::2]:8080", "[2001:DB8:113:1:0::2]:8080"):
+        assert pool.find("web6", spelling)[1].cfg.port == 8080
+    with pytest.raises(PoolError, match=r"ambiguous.*\[ADDRESS\]:PORT for IPv6"):
+        pool.find("web6", "2001:db8:113:1::2")
+    with pytest.raises(PoolError, match="has no backend"):
+        pool.find("web6", "[2001:db8:113:1::2]:81")
+
+
 def test_ignored_policy_says_why():
     pool, _ = pool_in(UP, passive="ignore")
     assert pool.apply(PASSIVE) == [Ignored("web", "203.0.113.10:80", "passive: syn_rst")]
