@@ -113,7 +113,10 @@ static const struct cluster_slot *find_backend(const struct nl_cluster_index *x,
 
 void nl_cluster_flow_start(struct nl_lb *lb, struct nl_flow *f, const struct nl_pkt *p)
 {
-    if (p->proto != NL_IPPROTO_TCP || (p->tcp_flags & NL_TCP_SYN))
+    /* Anything but the client's plain SYN is mid-flow, a SYN-ACK from the
+     * client included (else its flow would be left in no state at all). */
+    if (p->proto != NL_IPPROTO_TCP ||
+        (p->tcp_flags & (NL_TCP_SYN | NL_TCP_ACK)) == NL_TCP_SYN)
         return;
     f->state = NL_FS_ESTABLISHED;
     nl_count_failover(lb, NL_F_ADOPTED, 1);

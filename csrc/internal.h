@@ -532,8 +532,8 @@ static inline int nl_svc_cluster(const struct nl_service *svc)
  * -1 if one belongs to two of them or memory ran out. */
 int nl_cluster_index_build(struct nl_snapshot *s);
 void nl_cluster_index_free(struct nl_snapshot *s);
-/* A new flow of a cluster service: a packet other than a SYN starts it
- * ESTABLISHED (its SYN went through another node). */
+/* A new flow of a cluster service: a packet other than a plain SYN starts
+ * it ESTABLISHED (its SYN went through another node). */
 void nl_cluster_flow_start(struct nl_lb *lb, struct nl_flow *f, const struct nl_pkt *p);
 /* A reply that matched no flow: if it comes from a backend of a cluster
  * service, creates its flow and returns it with its stripe locked in *lock;

@@ -510,3 +510,22 @@ def test_jumbogram_and_mapped_destination_are_malformed(core6):
     for raw in (bytes(jumbo), mapped):
         assert core6.process(raw, 1)[0] == Verdict.DROP
     assert core6.reasons()["malformed"] == 2 and core6.flow_count() == 0
+
+
+@pytest.mark.parametrize("family", [4, 6])
+def test_cluster_flow_started_by_a_client_synack_has_a_state(family):
+    """Found by the fuzzer once it had an IPv6 cluster service: a SYN-ACK
+    from the client (not a plain SYN) is mid-flow, like any other packet."""
+    from dataclasses import replace
+
+    c = Core(CoreConfig(max_flows=64, workers=1))
+    if family == 4:
+        c.publish([replace(make_service("maglev"), cluster=True)])
+        pkt = bytes(IP(src=CLIENT, dst=VIP) / TCP(sport=5, dport=80, flags="SA"))
+    else:
+        c.publish([v6_service("maglev", cluster=True)])
+        pkt = syn6(sport=5, flags="SA")
+    assert c.process(pkt, 1)[0] == Verdict.REWRITE
+    c.check_table()
+    assert c.failover_counters()["adopted"] == 1
+    c.close()
