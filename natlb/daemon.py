@@ -133,7 +133,6 @@ class Daemon:
                                                 reply=MARK_REPLY, fast=MARK_FAST),
                             rewrite=lb.rewrite, ingress=ingress,
                             fragments=lb.max_fragments > 0,
-                            own_replies_pass=any(s.cluster for s in self.config.services),
                             fastpath=lb.fastpath,
                             fast_timeout_ms=max(1, int(lb.timeouts_s["tcp_established"] * 500)),
                             fast_size=lb.max_flows, fast_counts=self._fast_counts())

@@ -9,9 +9,11 @@ is one hash lookup in a set, every mark-mode rewrite one lookup in a map.
 
     prerouting, priority raw (-300):
       ip daddr . meta l4proto . th dport @vips                     notrack, queue
-      fib daddr type local  ip saddr . ... @backend_services       accept (cluster only)
+      ip saddr . meta l4proto . th sport . meta iif @replies  fib daddr type local   accept
       ip saddr . meta l4proto . th sport . meta iif @replies       notrack, queue
       ip saddr . meta l4proto . th sport @backend_services         counter, drop
+      icmp type 3  ip saddr . meta iif @backend_hosts  ip daddr != @vip_addrs
+                   fib daddr type local                                      accept
       icmp type 3  ip saddr . meta iif @backend_hosts              notrack, queue
       icmp type 3  ip saddr @backend_addrs                         counter, drop
       icmp type 3  ip daddr @vip_addrs                             notrack, queue
@@ -160,10 +162,6 @@ class Spec:
     ingress: Mapping[str, tuple[int, ...]]
     native_queue: bool = False                    # nft `queue` instead of xt NFQUEUE
     fragments: bool = True                        # queue fragments (fragment tracking on)
-    # Backends' answers to this host's own connections (health checks) pass
-    # before the reply rules: cluster services map a reply without a flow
-    # back to its VIP (csrc/cluster.c), which these must not be.
-    own_replies_pass: bool = False
     fastpath: bool = False                        # mark mode: kernel carries established TCP
     fast_timeout_ms: int = 450_000                # an entry's fixed lifetime (see above)
     fast_size: int = 1 << 20                      # entries per fast-path map
@@ -639,14 +637,23 @@ def build(spec: Spec, in_place: bool = False) -> list[Message]:
     # and the kernel's conntrack (priority -200) must never see the flow.
     rule("prerouting", "to a service",
          [*_tuple_key(False, False), _lookup("vips"), expr("notrack"), queue])
-    if spec.own_replies_pass:
-        rule("prerouting", "reply to this host",
-             [*_to_this_host(), *_tuple_key(True, False), _lookup("backend_services"),
-              _verdict(NF_ACCEPT)])
+    # Answers to this host's own connections (health checks) are not natlb's
+    # to decide: never queued, and cluster services would map them back to
+    # the VIP (csrc/cluster.c).  The set lookup comes first, so only backend
+    # replies pay for the route lookup.
+    rule("prerouting", "reply to this host",
+         [*_tuple_key(True, True), _lookup("replies"), *_to_this_host(), _verdict(NF_ACCEPT)])
     rule("prerouting", "reply from a backend",
          [*_tuple_key(True, True), _lookup("replies"), expr("notrack"), queue])
     rule("prerouting", "spoofed backend reply",
          [*_tuple_key(True, False), _lookup("backend_services"), *drop])
+    # ... and so are the errors about them; not those to a VIP, which may be
+    # about a reply natlb rewrote (path MTU news, relayed below).
+    rule("prerouting", "icmp from a backend to this host",
+         [*_icmp_unreach(), _load(PAYLOAD_NETWORK, 12, 4), _meta(NFT_META_IIF, REG32_01),
+          _lookup("backend_hosts"), _load(PAYLOAD_NETWORK, 16, 4),
+          expr("lookup", set="vip_addrs", sreg=REG_1, flags=("NFT_LOOKUP_F_INV",)),
+          *_to_this_host(), _verdict(NF_ACCEPT)])
     rule("prerouting", "icmp from a backend",
          [*_icmp_unreach(), _load(PAYLOAD_NETWORK, 12, 4), _meta(NFT_META_IIF, REG32_01),
           _lookup("backend_hosts"), expr("notrack"), queue])
@@ -720,6 +727,8 @@ def _show(v: Any) -> str:
         return "[" + ", ".join(_show(x) for x in v) + "]"
     if isinstance(v, tuple):
         return "(" + ",".join(str(x) for x in v) + ")"
+    if isinstance(v, frozenset):    # sorted: str() order follows the hash seed
+        return "{" + ",".join(sorted(str(x) for x in v)) + "}"
     return str(v)
 
 
