@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import gc
 import os
 import socket
 import struct
@@ -26,7 +27,7 @@ from pyroute2.netlink.nfnetlink.nftsocket import (
     nft_table_msg,
 )
 
-from natlb import ruleset
+from natlb import nftwire, ruleset
 from natlb.errors import HostError
 from natlb.undo import reverter
 
@@ -99,6 +100,11 @@ def encode(messages: list[ruleset.Message], seq: int) -> tuple[bytes, dict[int, 
     control(NFNL_MSG_BATCH_BEGIN)
     for msg in messages:
         seq += 1
+        what[seq] = msg.what
+        fast = nftwire.encode(msg, NFPROTO_IPV4, NLM_F_REQUEST | NLM_F_ACK | msg.flags, seq)
+        if fast is not None:
+            parts.append(fast)
+            continue
         m = MESSAGE_CLASSES[msg.kind]()
         m["nfgen_family"] = NFPROTO_IPV4
         m["attrs"] = msg.attrs
@@ -107,7 +113,6 @@ def encode(messages: list[ruleset.Message], seq: int) -> tuple[bytes, dict[int, 
         m["header"]["sequence_number"] = seq
         m.encode()
         parts.append(m.data)
-        what[seq] = msg.what
     control(NFNL_MSG_BATCH_END)
     return b"".join(parts), what
 
@@ -118,10 +123,15 @@ def send(messages: list[ruleset.Message]) -> None:
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as s:
         # The kernel takes a batch in one sendmsg no larger than the send
         # buffer; a table for hundreds of services outgrows the default.
+        # Every message is acknowledged, and the acks of a large batch queue
+        # up before we read them: room for each (as nft does), or ENOBUFS.
+        acks = len(what) * 1024 + 65536
         try:
             s.setsockopt(socket.SOL_SOCKET, 32, len(data) + 65536)  # SO_SNDBUFFORCE
+            s.setsockopt(socket.SOL_SOCKET, 33, acks)               # SO_RCVBUFFORCE
         except PermissionError:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, len(data) + 65536)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, acks)
         s.bind((0, 0))
         s.settimeout(5.0)
         try:
@@ -191,6 +201,18 @@ class Steering:
         self.native_queue: bool | None = None
 
     def install(self, spec: ruleset.Spec) -> None:
+        # A table of 65,536 backends is millions of small objects, all alive
+        # until sent and free of cycles: the cyclic collector would walk them
+        # over and over (most of the time it took).
+        paused = gc.isenabled()
+        gc.disable()
+        try:
+            self._install(spec)
+        finally:
+            if paused:
+                gc.enable()
+
+    def _install(self, spec: ruleset.Spec) -> None:
         order = [self.native_queue] if self.native_queue is not None else [True, False]
         for i, native in enumerate(order):
             full = dataclasses.replace(spec, native_queue=native)
