@@ -87,6 +87,7 @@ class Daemon:
         self.steering = Steering(config.lb.table)
         if config.lb.fastpath:
             self.pool.publisher.before_reset = self.steering.flush_fast
+            self.pool.kernel_counts = self.steering.fast_counts
         self.journal: Journal | None = None
         self.monitor: Monitor | None = None
         # Served in the status JSON: how the last SIGHUP went.
@@ -383,7 +384,7 @@ class Daemon:
         self.pool.publisher.start(loop)  # table builds and flow resets leave the loop
         control = ControlServer(lb.control_socket, self.pool,
                                 lambda: {**collect(self.pool, self.queues, started, lb.max_flows,
-                                                   self.rates, self._fast_counts()),
+                                                   self.rates),
                                          "reloads": self.reloads},
                                 restart=self.restart)
         # After a handover the predecessor gives the socket up as it exits.

@@ -1,5 +1,6 @@
 """Netlink bytes of the two message kinds a large table is made of: set
-elements and counter objects (tens of thousands at 65,536 backends).
+elements and counter objects (tens of thousands at 65,536 backends), and
+the counter objects read back (status, metrics and rates read them).
 pyroute2's generic encoder takes about 1 ms a message, which made such a
 table take minutes to encode; these take microseconds and give the same
 bytes (tests/unit/test_nftwire.py compares them).  Every other message
@@ -13,6 +14,7 @@ from typing import Any
 from natlb import ruleset
 
 NFNL_SUBSYS_NFTABLES = 10
+NLMSG_ERROR, NLMSG_DONE = 2, 3
 # Attribute numbers (linux/netfilter/nf_tables.h).
 SET_ELEM_LIST = {"NFTA_SET_ELEM_LIST_TABLE": 1, "NFTA_SET_ELEM_LIST_SET": 2,
                  "NFTA_SET_ELEM_LIST_ELEMENTS": 3}
@@ -71,6 +73,42 @@ def _counter_obj(attrs: list[Any]) -> bytes:
         else:
             out.append(_string(kind, v))
     return b"".join(out)
+
+
+def counter_objects(data: bytes) -> tuple[list[tuple[str, str, int, int]], bool]:
+    """A netlink dump of counter objects: (table, name, packets, bytes) of
+    each, and whether the dump ended (NLMSG_DONE or an error)."""
+    out = []
+    off = 0
+    while off + 16 <= len(data):
+        length, mtype = struct.unpack_from("=IH", data, off)
+        if length < 16 or mtype in (NLMSG_ERROR, NLMSG_DONE):
+            return out, True
+        attrs = _attrs(data, off + 20, off + length)     # past nlmsghdr and nfgenmsg
+        inner = _attrs(data, *attrs.get(OBJ["NFTA_OBJ_DATA"], (0, 0)))
+        out.append((_field(data, attrs, OBJ["NFTA_OBJ_TABLE"]).rstrip(b"\0").decode(),
+                    _field(data, attrs, OBJ["NFTA_OBJ_NAME"]).rstrip(b"\0").decode(),
+                    int.from_bytes(_field(data, inner, COUNTER["NFTA_COUNTER_PACKETS"]), "big"),
+                    int.from_bytes(_field(data, inner, COUNTER["NFTA_COUNTER_BYTES"]), "big")))
+        off += (length + 3) & ~3
+    return out, False
+
+
+def _field(data: bytes, attrs: dict[int, tuple[int, int]], kind: int) -> bytes:
+    start, end = attrs.get(kind, (0, 0))
+    return data[start:end]
+
+
+def _attrs(data: bytes, off: int, end: int) -> dict[int, tuple[int, int]]:
+    """Attribute number -> (start, end) of its payload, from off to end."""
+    out = {}
+    while off + 4 <= end:
+        length, kind = struct.unpack_from("=HH", data, off)
+        if length < 4:
+            break
+        out[kind & 0x3FFF] = (off + 4, off + length)    # without the nested/byte-order flags
+        off += (length + 3) & ~3
+    return out
 
 
 def encode(msg: ruleset.Message, family: int, flags: int, seq: int) -> bytes | None:

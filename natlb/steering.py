@@ -36,7 +36,6 @@ NFNL_MSG_BATCH_BEGIN = 0x10
 NFNL_MSG_BATCH_END = 0x11
 NETLINK_NETFILTER = 12
 NLMSG_ERROR = 2
-NLMSG_DONE = 3
 NFT_MSG_GETOBJ = 19
 
 
@@ -175,21 +174,12 @@ def read_counters(table: str) -> dict[str, tuple[int, int]]:
         s.settimeout(5.0)
         s.send(m.data)
         while True:
-            data = s.recv(1 << 20)
-            off = 0
-            while off + 16 <= len(data):
-                length, mtype = struct.unpack_from("=IH", data, off)
-                if length < 16:
-                    return out
-                if mtype in (NLMSG_ERROR, NLMSG_DONE):
-                    return out
-                r = nft_obj_msg(data[off:off + length])
-                r.decode()
-                if r.get_attr("NFTA_OBJ_TABLE") == table:
-                    c = r.get_attr("NFTA_OBJ_DATA")
-                    out[r.get_attr("NFTA_OBJ_NAME")] = (c.get_attr("NFTA_COUNTER_PACKETS") or 0,
-                                                        c.get_attr("NFTA_COUNTER_BYTES") or 0)
-                off += (length + 3) & ~3
+            objects, done = nftwire.counter_objects(s.recv(1 << 20))
+            for t, name, packets, nbytes in objects:
+                if t == table:
+                    out[name] = (packets, nbytes)
+            if done:
+                return out
 
 
 class Steering:

@@ -26,3 +26,15 @@ def test_same_bytes_as_pyroute2():
         assert fast == cls.data, m.what
         done += 1
     assert done >= 15
+
+
+def test_counter_dump_is_read():
+    objs = [ruleset.Message(ruleset.OBJ, 18, [
+        ("NFTA_OBJ_TABLE", t), ("NFTA_OBJ_NAME", n), ("NFTA_OBJ_TYPE", 1),
+        ("NFTA_OBJ_DATA", {"attrs": [("NFTA_COUNTER_BYTES", b), ("NFTA_COUNTER_PACKETS", p)]})],
+        0, n) for t, n, p, b in (("natlb", "in_0", 3, 1 << 40), ("other", "x", 1, 2))]
+    data = b"".join(nftwire.encode(m, 2, 2, i) for i, m in enumerate(objs))
+    assert nftwire.counter_objects(data) == (
+        [("natlb", "in_0", 3, 1 << 40), ("other", "x", 1, 2)], False)
+    done = (20).to_bytes(4, "little") + (nftwire.NLMSG_DONE).to_bytes(2, "little") + bytes(14)
+    assert nftwire.counter_objects(data + done)[1] is True
