@@ -47,7 +47,8 @@
 #define NL_MARK_FORWARD 1845493760   /* 0x6e000000 | backend id: dst = backend */
 #define NL_MARK_REPLY 1846542336     /* 0x6e100000 | service id: src = VIP     */
 /* Or'ed into a forward mark (config fastpath) when the packet belongs to an
- * established TCP flow: nft then installs the flow in its fast-path maps. */
+ * established TCP flow, or a UDP flow its backend has answered: nft then
+ * installs the flow in its fast-path maps. */
 #define NL_MARK_FAST 8388608         /* 0x00800000                             */
 
 /* ---- schedulers -------------------------------------------------------- */

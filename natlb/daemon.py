@@ -86,7 +86,7 @@ class Daemon:
         self.pool = Pool(config, self.core)
         self.steering = Steering(config.lb.table)
         if config.lb.fastpath:
-            self.pool.publisher.before_reset = self.steering.flush_fast
+            self.pool.publisher.forget_fast = self.steering.flush_fast
             self.pool.kernel_counts = self.steering.fast_counts
         self.journal: Journal | None = None
         self.monitor: Monitor | None = None
@@ -136,6 +136,7 @@ class Daemon:
                             fragments=lb.max_fragments > 0,
                             fastpath=lb.fastpath,
                             fast_timeout_ms=max(1, int(lb.timeouts_s["tcp_established"] * 500)),
+                            fast_udp_timeout_ms=max(1, int(lb.timeouts_s["udp"] * 500)),
                             fast_size=lb.max_flows, fast_counts=self._fast_counts())
 
     def _fast_counts(self) -> dict[int, tuple[int, int, int, int]]:

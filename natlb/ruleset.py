@@ -33,10 +33,11 @@ too, so natlb also learns which datagrams are not its own and lets their
 fragments pass.  A later fragment gets only its address written: `th dport
 set` on a fragment would write into its payload on older kernels.
 
-The fast path (mark mode, ``fastpath``), for TCP only.  natlb's C core or's
-NL_MARK_FAST into the verdict mark of an established flow's packet that
-changes no state; the rewrite chain then adds the flow to two maps, keyed by
-the 4-tuple as it arrives in each direction:
+The fast path (mark mode, ``fastpath``).  natlb's C core or's NL_MARK_FAST
+into the verdict mark of an established TCP flow's packet that changes no
+state (or a UDP flow's once its backend answered); the rewrite chain then
+adds the flow to two maps, keyed by the 4-tuple as it arrives in each
+direction (fast_fwd_udp and fast_rev_udp for UDP: the key has no protocol):
 
     rewrite:  meta mark & FAST  -> mark cleared,
               add @fast_fwd { saddr . sport . daddr . dport timeout T : mark }
@@ -119,6 +120,9 @@ ELEMENTS_PER_MESSAGE = 256
 # Message kinds, named for the pyroute2 class steering encodes each with.
 TABLE, CHAIN, SET, SETELEM, RULE, OBJ = "table", "chain", "set", "setelem", "rule", "obj"
 NFT_OBJECT_COUNTER = 1
+# The fast path's maps per protocol: the 4-tuple key has no protocol in it.
+FAST_MAPS = {socket.IPPROTO_TCP: ("fast_fwd", "fast_rev"),
+             socket.IPPROTO_UDP: ("fast_fwd_udp", "fast_rev_udp")}
 # fast_rev's data: the reply of backend id's flow (a mark only nft sees; the
 # rewrite maps give it the service's VIP and port, the counter map the
 # backend's "out" counter).
@@ -164,6 +168,7 @@ class Spec:
     fragments: bool = True                        # queue fragments (fragment tracking on)
     fastpath: bool = False                        # mark mode: kernel carries established TCP
     fast_timeout_ms: int = 450_000                # an entry's fixed lifetime (see above)
+    fast_udp_timeout_ms: int = 150_000            # the same for UDP flows
     fast_size: int = 1 << 20                      # entries per fast-path map
     # Backend id -> (packets, bytes) in and out carried by the fast path so
     # far: the counter objects start there, so a reload loses no count.
@@ -442,9 +447,11 @@ def _sets(spec: Spec) -> list[_Set]:
                      [(_mark(m.forward | i), f"in_{i}".encode()) for i in ids] +
                      [(_mark(rb | i), f"out_{i}".encode()) for i in ids], None, 0,
                      counter_map=True),
-                _Set("fast_fwd", tuple4, 16, [], TYPE_MARK, 4, spec.fast_size),
-                _Set("fast_rev", tuple4, 16, [], TYPE_MARK, 4, spec.fast_size),
             ]
+            # Both protocols' maps always (flush_fast names them all); empty
+            # ones cost nothing.
+            out += [_Set(name, tuple4, 16, [], TYPE_MARK, 4, spec.fast_size)
+                    for maps in FAST_MAPS.values() for name in maps]
     return out
 
 
@@ -474,11 +481,14 @@ def _dynset(name: str, op: int, data_reg: int, timeout_ms: int = 0) -> dict[str,
     return expr("dynset", **attrs)
 
 
-def _fast_carry(map_name: str, check: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _fast_carry(map_name: str, protocol: int,
+                check: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """prerouting: a packet of an installed flow that changes no state takes
     the mark natlb gave its flow and is never queued; the rewrite chain
     rewrites it as it does a queued one.  The kernel's conntrack never sees it."""
-    return [*_not_fragment(), *_tcp_flags(TCP_SYN_FIN_RST, 0), *check, *_four_tuple(),
+    state = (_tcp_flags(TCP_SYN_FIN_RST, 0) if protocol == socket.IPPROTO_TCP else
+             [_meta(NFT_META_L4PROTO), _cmp_eq(bytes([protocol]))])
+    return [*_not_fragment(), *state, *check, *_four_tuple(),
             expr("lookup", set=map_name, sreg=REG_1, dreg=REG_1),
             expr("meta", sreg=REG_1, key=NFT_META_MARK),
             # natlb no longer sees these packets: the kernel counts them per backend.
@@ -508,26 +518,34 @@ def _forward_key(mark_reg: int) -> list[dict[str, Any]]:
 
 def _fast_rules(spec: Spec) -> list[tuple[str, list[dict[str, Any]]]]:
     """The rewrite chain's fast-path rules, run before the rewrite itself."""
-    fast, timeout = spec.marks.fast, spec.fast_timeout_ms
+    fast = spec.marks.fast
     mark = _meta(NFT_META_MARK, REG32_04)
-    install = [
-        _meta(NFT_META_MARK),
-        expr("bitwise", sreg=REG_1, dreg=REG_1, len=4, mask=_value(_mark(fast)),
-             xor=_value(_mark(0))),
-        _cmp_eq(_mark(fast)),
-        mark,
-        expr("bitwise", sreg=REG32_04, dreg=REG32_04, len=4,
-             mask=_value(_mark(0xFFFFFFFF & ~fast)), xor=_value(_mark(0))),
-        expr("meta", sreg=REG32_04, key=NFT_META_MARK),   # the rewrite reads it next
-        _meta(NFT_META_L4PROTO), _cmp_eq(bytes([socket.IPPROTO_TCP])),
-        expr("lookup", set="backend_reply", sreg=REG32_04, dreg=REG32_05),
-        *_four_tuple(), _dynset("fast_fwd", DYNSET_ADD, REG32_04, timeout),
-        *_reverse_key(REG32_04), _dynset("fast_rev", DYNSET_ADD, REG32_05, timeout),
-    ]
+
+    def install(protocol: int, timeout: int) -> list[dict[str, Any]]:
+        fwd, rev = FAST_MAPS[protocol]
+        return [
+            _meta(NFT_META_MARK),
+            expr("bitwise", sreg=REG_1, dreg=REG_1, len=4, mask=_value(_mark(fast)),
+                 xor=_value(_mark(0))),
+            _cmp_eq(_mark(fast)),
+            _meta(NFT_META_L4PROTO), _cmp_eq(bytes([protocol])),
+            mark,
+            expr("bitwise", sreg=REG32_04, dreg=REG32_04, len=4,
+                 mask=_value(_mark(0xFFFFFFFF & ~fast)), xor=_value(_mark(0))),
+            expr("meta", sreg=REG32_04, key=NFT_META_MARK),   # the rewrite reads it next
+            expr("lookup", set="backend_reply", sreg=REG32_04, dreg=REG32_05),
+            *_four_tuple(), _dynset(fwd, DYNSET_ADD, REG32_04, timeout),
+            *_reverse_key(REG32_04), _dynset(rev, DYNSET_ADD, REG32_05, timeout),
+        ]
+
     state = _tcp_flags(TCP_SYN_FIN_RST, 1)
+    # UDP has no state to forget: its entries expire, or go with flush_fast.
+    udp = ([("fast path install, udp", install(socket.IPPROTO_UDP, spec.fast_udp_timeout_ms))]
+           if any(s.protocol == socket.IPPROTO_UDP for s in spec.services) else [])
     # The data register only satisfies the kernel (a map's dynset names one).
     return [
-        ("fast path install", install),
+        *udp,
+        ("fast path install", install(socket.IPPROTO_TCP, spec.fast_timeout_ms)),
         ("fast path forget, client side", [*state, mark, _lookup_reg("backend_addr", REG32_04),
                                            *_four_tuple(),
                                            _dynset("fast_fwd", DYNSET_DELETE, REG32_04)]),
@@ -630,9 +648,12 @@ def build(spec: Spec, in_place: bool = False) -> list[Message]:
     drop = [expr("counter"), _verdict(NF_DROP)]
     chain("prerouting", NF_INET_PRE_ROUTING, PRIORITY_RAW)
     if spec.fastpath:
-        rule("prerouting", "fast path to a service", _fast_carry("fast_fwd", []))
-        rule("prerouting", "fast path reply from a backend",
-             _fast_carry("fast_rev", [*_tuple_key(True, True), _lookup("replies")]))
+        for proto in sorted({s.protocol for s in spec.services}):
+            fwd, rev = FAST_MAPS[proto]
+            pname = "" if proto == socket.IPPROTO_TCP else f", {PROTOCOL_NAMES[proto]}"
+            rule("prerouting", f"fast path to a service{pname}", _fast_carry(fwd, proto, []))
+            rule("prerouting", f"fast path reply from a backend{pname}",
+                 _fast_carry(rev, proto, [*_tuple_key(True, True), _lookup("replies")]))
     # notrack before the queue verdict: the verdict resumes at the next hook
     # and the kernel's conntrack (priority -200) must never see the flow.
     rule("prerouting", "to a service",
@@ -709,7 +730,7 @@ def flush_fast(table: str) -> list[Message]:
     gone from its table, so they are not)."""
     return [Message(SETELEM, NFT_MSG_DELSETELEM, [
         ("NFTA_SET_ELEM_LIST_TABLE", table), ("NFTA_SET_ELEM_LIST_SET", name)],
-        0, f"elements of set {name}") for name in ("fast_fwd", "fast_rev")]
+        0, f"elements of set {name}") for maps in FAST_MAPS.values() for name in maps]
 
 
 def delete(table: str) -> list[Message]:
