@@ -105,7 +105,7 @@ struct nl_config {
                                        (0: fragments are dropped)          */
     uint32_t fragment_timeout_ms;   /* a datagram's fragments must all pass
                                        within this; held ones are dropped  */
-    uint32_t fastpath;              /* 1: mark established TCP NL_MARK_FAST */
+    uint32_t fastpath;              /* 1: mark flows NL_MARK_FAST (see there) */
     uint32_t max_services;          /* id bound, 1..NL_MAX_SERVICES: sizes the
                                        counters (per worker) and id tables */
     uint32_t max_backends;          /* id bound, 1..NL_MAX_BACKENDS         */
