@@ -40,10 +40,12 @@ adds the flow to two maps, keyed by the 4-tuple as it arrives in each
 direction (fast_fwd_udp and fast_rev_udp for UDP: the key has no protocol):
 
     rewrite:  meta mark & FAST  -> mark cleared,
-              add @fast_fwd { saddr . sport . daddr . dport timeout T : mark }
-              add @fast_rev { backend . bport . saddr . sport timeout T :
-                              mark map @backend_reply }
-              SYN, FIN or RST with a forward or reply mark -> delete both
+              add @fast_fwd { saddr . sport . daddr . dport timeout T : mark },
+              the packet rewritten,
+              add @fast_rev { daddr . dport . saddr . sport timeout T :
+                              mark & 0xfffff ^ MARK_REPLY_OF_BACKEND }
+              SYN, FIN or RST with a forward (reply) mark -> delete it from
+              fast_fwd (fast_rev)
     prerouting, first:
       tcp flags & (syn|fin|rst) == 0, 4-tuple in @fast_fwd  -> its mark, count, notrack,
       ... a reply from the backend side, 4-tuple in @fast_rev -> the same        accept
@@ -441,8 +443,6 @@ def _sets(spec: Spec) -> list[_Set]:
                                        for i in ids)
             tuple4 = _concat_type(TYPE_IPADDR, TYPE_INET_SERVICE, TYPE_IPADDR, TYPE_INET_SERVICE)
             out += [
-                _Set("backend_reply", TYPE_MARK, 4,
-                     [(_mark(m.forward | i), _mark(rb | i)) for i in ids], TYPE_MARK, 4),
                 _Set("fast_counters", TYPE_MARK, 4,
                      [(_mark(m.forward | i), f"in_{i}".encode()) for i in ids] +
                      [(_mark(rb | i), f"out_{i}".encode()) for i in ids], None, 0,
@@ -500,20 +500,12 @@ def _lookup_reg(name: str, reg: int) -> dict[str, Any]:
     return expr("lookup", set=name, sreg=reg)
 
 
-def _reverse_key(mark_reg: int) -> list[dict[str, Any]]:
-    """backend . bport . saddr . sport of a client's packet with its forward
-    mark in mark_reg: how the backend's replies arrive."""
-    return [expr("lookup", set="backend_addr", sreg=mark_reg, dreg=REG_1),
-            expr("lookup", set="backend_port", sreg=mark_reg, dreg=REG32_01),
-            _load(PAYLOAD_NETWORK, 12, 4, REG32_02), _load(PAYLOAD_TRANSPORT, 0, 2, REG32_03)]
-
-
-def _forward_key(mark_reg: int) -> list[dict[str, Any]]:
-    """daddr . dport . VIP . port of a backend's reply with its reply mark in
-    mark_reg: how the client's packets arrive."""
+def _reply_key() -> list[dict[str, Any]]:
+    """daddr . dport . saddr . sport: how the replies to this (rewritten)
+    packet arrive.  From the packet's own bytes only: `nft list` cannot print
+    a key built from map lookups (it asserts)."""
     return [_load(PAYLOAD_NETWORK, 16, 4), _load(PAYLOAD_TRANSPORT, 2, 2, REG32_01),
-            expr("lookup", set="service_addr", sreg=mark_reg, dreg=REG32_02),
-            expr("lookup", set="service_port", sreg=mark_reg, dreg=REG32_03)]
+            _load(PAYLOAD_NETWORK, 12, 4, REG32_02), _load(PAYLOAD_TRANSPORT, 0, 2, REG32_03)]
 
 
 def _fast_rules(spec: Spec) -> list[tuple[str, list[dict[str, Any]]]]:
@@ -522,7 +514,11 @@ def _fast_rules(spec: Spec) -> list[tuple[str, list[dict[str, Any]]]]:
     mark = _meta(NFT_META_MARK, REG32_04)
 
     def install(protocol: int, timeout: int) -> list[dict[str, Any]]:
+        """Adds the client's side as the packet arrives, rewrites it (the
+        rewrite rules then pass it by: its mark is cleared) and adds the
+        backend's side from the rewritten bytes."""
         fwd, rev = FAST_MAPS[protocol]
+        rewrite = _rewrite_exprs("daddr", protocol, "backend_addr", "backend_port")
         return [
             _meta(NFT_META_MARK),
             expr("bitwise", sreg=REG_1, dreg=REG_1, len=4, mask=_value(_mark(fast)),
@@ -532,16 +528,25 @@ def _fast_rules(spec: Spec) -> list[tuple[str, list[dict[str, Any]]]]:
             mark,
             expr("bitwise", sreg=REG32_04, dreg=REG32_04, len=4,
                  mask=_value(_mark(0xFFFFFFFF & ~fast)), xor=_value(_mark(0))),
-            expr("meta", sreg=REG32_04, key=NFT_META_MARK),   # the rewrite reads it next
-            expr("lookup", set="backend_reply", sreg=REG32_04, dreg=REG32_05),
+            expr("meta", sreg=REG32_04, key=NFT_META_MARK),   # the rewrite reads it
+            # The backend's replies take MARK_REPLY_OF_BACKEND | its id.
+            _meta(NFT_META_MARK, REG32_05),
+            expr("bitwise", sreg=REG32_05, dreg=REG32_05, len=4, mask=_value(_mark(0xFFFFF)),
+                 xor=_value(_mark(MARK_REPLY_OF_BACKEND))),
             *_four_tuple(), _dynset(fwd, DYNSET_ADD, REG32_04, timeout),
-            *_reverse_key(REG32_04), _dynset(rev, DYNSET_ADD, REG32_05, timeout),
+            *rewrite[:-2],
+            *_reply_key(), _dynset(rev, DYNSET_ADD, REG32_05, timeout),
+            *rewrite[-2:],
         ]
 
     state = _tcp_flags(TCP_SYN_FIN_RST, 1)
     # UDP has no state to forget: its entries expire, or go with flush_fast.
     udp = ([("fast path install, udp", install(socket.IPPROTO_UDP, spec.fast_udp_timeout_ms))]
            if any(s.protocol == socket.IPPROTO_UDP for s in spec.services) else [])
+    # Each side forgets its own entry, keyed as its packets arrive: a normal
+    # close has a FIN each way; after an RST the other side's entry carries
+    # what is still in flight until the next SYN on the 4-tuple (which
+    # forgets the client's side; its SYN-ACK, the backend's) or the timeout.
     # The data register only satisfies the kernel (a map's dynset names one).
     return [
         *udp,
@@ -549,14 +554,9 @@ def _fast_rules(spec: Spec) -> list[tuple[str, list[dict[str, Any]]]]:
         ("fast path forget, client side", [*state, mark, _lookup_reg("backend_addr", REG32_04),
                                            *_four_tuple(),
                                            _dynset("fast_fwd", DYNSET_DELETE, REG32_04)]),
-        ("fast path forget, client side reverse", [*state, mark, *_reverse_key(REG32_04),
-                                                   _dynset("fast_rev", DYNSET_DELETE, REG32_04)]),
         ("fast path forget, backend side", [*state, mark, _lookup_reg("service_addr", REG32_04),
                                             *_four_tuple(),
                                             _dynset("fast_rev", DYNSET_DELETE, REG32_04)]),
-        ("fast path forget, backend side forward", [*state, mark, *_forward_key(REG32_04),
-                                                    _dynset("fast_fwd", DYNSET_DELETE,
-                                                            REG32_04)]),
     ]
 
 

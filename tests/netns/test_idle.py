@@ -9,7 +9,8 @@ from natlb_testbed.testbed import VIP, backend_addr, basic_config, udp_service
 from .test_traffic import queued_packets
 
 
-@pytest.mark.parametrize("lb_extra", ["", "fastpath = true"], ids=["mark", "fastpath"])
+@pytest.mark.parametrize("lb_extra", ["fastpath = false", "fastpath = true"],
+                         ids=["mark", "fastpath"])
 def test_health_checks_run_and_their_replies_are_never_queued(testbed, natlb, lb_extra):
     natlb(basic_config(testbed, lb_extra=lb_extra, interval_ms=100,
                        extra_services=udp_service("dns", [1, 2, 3], interval_ms=100)))

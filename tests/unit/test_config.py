@@ -132,3 +132,9 @@ def test_cli_check_reports_toml_syntax(tmp_path):
     bad.write_text("[[service]\n")
     r = run_cli("check", "-c", str(bad))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "TOML syntax" in r.stderr
+
+
+def test_fastpath_is_the_default_in_mark_mode_only():
+    assert parse(MINIMAL).lb.fastpath is True
+    assert parse(with_(("lb",), {"rewrite": "copy"})).lb.fastpath is False
+    assert parse(with_(("lb",), {"fastpath": False})).lb.fastpath is False
