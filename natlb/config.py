@@ -157,7 +157,7 @@ class LBConfig:
     rewrite: str = "mark"             # mark: nft rewrites on natlb's mark; copy: natlb does
     announce: str = "always"          # healthy: a VIP is on `interface` only while it has
                                       # a backend up (what BIRD's direct protocol exports)
-    fastpath: bool = True             # mark mode: established flows carried by nft alone
+    fastpath: bool = False            # mark mode: established flows carried by nft alone
     # Id bounds: services and backends a process may know over its lifetime
     # (ids are not reused across reloads); they size the C counters (README).
     max_services: int = 4096
@@ -449,11 +449,10 @@ def _lb(raw: Any) -> LBConfig:
     gso = raw.get("gso", d.gso)
     if not isinstance(gso, bool):
         raise _fail("lb.gso", gso, "must be true or false")
-    rewrite = _str(raw, "rewrite", "lb", d.rewrite, ("copy", "mark"))
-    # On by default in mark mode, the only mode it works in.
-    fastpath = raw.get("fastpath", d.fastpath and rewrite == "mark")
+    fastpath = raw.get("fastpath", d.fastpath)
     if not isinstance(fastpath, bool):
         raise _fail("lb.fastpath", fastpath, "must be true or false")
+    rewrite = _str(raw, "rewrite", "lb", d.rewrite, ("copy", "mark"))
     if fastpath and rewrite != "mark":
         raise _fail("lb.fastpath", fastpath, 'needs rewrite = "mark"')
     table = _str(raw, "table", "lb", d.table)
