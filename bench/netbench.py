@@ -14,6 +14,11 @@ as Markdown, JSON and a PNG chart.
 against the kernel's ip6 DNAT; HAProxy/nginx stream are IPv4 only here.
 ``--family 4,6`` measures both families in every repetition, interleaved,
 so that their ratios to the kernel compare under the same load.
+
+Does natlb's per-packet cost grow with its configuration?  Each repetition
+also measures new conn/s and keep-alive req/s through natlb with 5 services
+and with 250 (the extra ones on ports of their own over the same backends),
+in alternating order (--services).
 """
 
 from __future__ import annotations
@@ -41,6 +46,18 @@ METRICS = {
     "p50_us": "1-conn p50 us",
     "p99_us": "1-conn p99 us",
 }
+
+BASE_SERVICES = 3     # NATLB_CONFIG's own
+
+
+def extra_services(n: int, backends: list[str]) -> str:
+    out = []
+    for i in range(n):
+        out.append(f'[[service]]\nname = "x{i}"\nvip = "{VIP}"\nport = {20000 + i}\n'
+                   '[service.health]\nkind = "none"\n')
+        out += [f'[[service.backend]]\naddress = "{a}"\nport = 80\n' for a in backends]
+    return "\n".join(out)
+
 
 NGINX_BACKEND = """
 worker_processes 1;
@@ -182,6 +199,7 @@ class Bench:
         self.gso = gso
         self.tb = Testbed(n_backends=N_BACKENDS)
         self.dir = self.tb.workdir
+        self.services = BASE_SERVICES    # natlb's config: this many services in all
         self.use_family(family)
 
     def use_family(self, family: int) -> None:
@@ -196,6 +214,16 @@ class Bench:
     # -- environment -------------------------------------------------------
     def setup(self) -> None:
         self.tb.build()
+        # wrk closes a "Connection: close" connection as soon as the response
+        # is in, often before the server's FIN; the client then holds the
+        # port in TIME_WAIT for 60 s, and new conn/s collapses to what the
+        # port range allows (about 470/s), for whichever path runs next.
+        # How early the FIN comes differs between the paths (a queued FIN
+        # behind kernel-carried data), so without reuse the figure measured
+        # the client's port space, not the balancer.
+        subprocess.run(["ip", "netns", "exec", self.tb.client, "sysctl", "-qw",
+                        "net.ipv4.tcp_tw_reuse=1",
+                        "net.ipv4.ip_local_port_range=1024 65535"], check=True)
         d = self.dir
         (d / "bench.test.zone").write_text(ZONE)
         (d / "queries").write_text("www.bench.test A\n" * 10)
@@ -242,11 +270,13 @@ class Bench:
                    **self.addrs)
         if path.startswith("natlb"):
             web = "\n".join(f'[[service.backend]]\naddress = "{a}"' for a in self.addrs.values())
-            cfg = self.tb.write_config(NATLB_CONFIG.format(
+            text = NATLB_CONFIG.format(
                 sock=self.tb.control_socket, workers=self.workers, poll_us=self.poll_us,
                 rewrite=self.rewrite,
                 fastpath="true" if path == "natlb-fast" else "false",
-                gso="true" if self.gso else "false", web=web, **fmt))
+                gso="true" if self.gso else "false", web=web, **fmt)
+            text += extra_services(self.services - BASE_SERVICES, list(self.addrs.values()))
+            cfg = self.tb.write_config(text)
             return [self.tb.start_natlb(cfg)]
         if self.family == 6:
             self.router(["ip", "addr", "add", f"{self.vip}/128", "dev", "lo", "nodad"])
@@ -370,6 +400,17 @@ class Bench:
         finally:
             self.stop(path, procs)
 
+    def measure_services(self, path: str, total: int) -> dict[str, float]:
+        """new conn/s and keep-alive req/s with `total` services configured."""
+        self.services = total
+        procs = self.start(path)
+        try:
+            return {"conn_s": self._rate(self.wrk("-H", "Connection: close")),
+                    "req_s": self._rate(self.wrk())}
+        finally:
+            self.stop(path, procs)
+            self.services = BASE_SERVICES
+
     def close(self) -> None:
         self.tb.close()
 
@@ -424,6 +465,26 @@ def markdown(med: dict[str, dict[str, float]], meta: dict) -> str:
     return "\n".join(lines)
 
 
+def services_markdown(path: str, runs: list[dict[int, dict[str, float]]]) -> str:
+    """Medians per service count, and the ratio of the largest to the
+    smallest: of the medians, and the spread of the repetitions' own."""
+    counts = sorted(runs[0])
+    small, big = counts[0], counts[-1]
+    lines = [f"| {NAMES[path]}, services configured | new conn/s | keep-alive req/s |",
+             "|---|---|---|"]
+    med = {n: {k: statistics.median(r[n][k] for r in runs) for k in ("conn_s", "req_s")}
+           for n in counts}
+    for n in counts:
+        lines.append(f"| {n} | {med[n]['conn_s']:,.0f} | {med[n]['req_s']:,.0f} |")
+    cells = []
+    for k in ("conn_s", "req_s"):
+        each = sorted(r[big][k] / r[small][k] for r in runs if r[small][k])
+        spread = f" (repetitions {each[0]:.2f}-{each[-1]:.2f})" if each else ""
+        cells.append(f"{med[big][k] / med[small][k]:.2f}x{spread}" if med[small][k] else "n/a")
+    lines.append(f"| {big} / {small} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def chart(med: dict[str, dict[str, float]], path: Path) -> None:
     try:
         import matplotlib
@@ -458,6 +519,9 @@ def main() -> int:
     ap.add_argument("--out", default="bench-results")
     ap.add_argument("--paths", default=",".join(PATHS),
                     help=f"comma-separated subset of {','.join(PATHS)}")
+    ap.add_argument("--services", default="5,250",
+                    help="service counts to compare through natlb (the first natlb path); "
+                         "'' to skip")
     a = ap.parse_args()
     paths = [p for p in a.paths.split(",") if p]
     if any(p not in PATHS for p in paths):
@@ -472,8 +536,13 @@ def main() -> int:
                for f in families for p in paths if not (f == 6 and p == "haproxy")]
     out = Path(a.out)
     out.mkdir(exist_ok=True)
+    counts = [int(n) for n in a.services.split(",") if n]
+    if any(n < BASE_SERVICES for n in counts):
+        ap.error(f"--services: at least {BASE_SERVICES} each")
+    svc_path = next((p for p in paths if p.startswith("natlb")), "natlb")
     b = Bench(a.seconds, a.workers, not a.no_gso, a.poll_us, a.rewrite, families[0])
     runs = []
+    svc_runs: list[dict[int, dict[str, float]]] = []
     try:
         b.setup()
         for rep in range(a.repetitions):
@@ -484,6 +553,15 @@ def main() -> int:
                 run[key] = b.measure(path)
                 print("   ", {k: round(v, 2) for k, v in run[key].items()}, flush=True)
             runs.append(run)
+            if counts:
+                svc: dict[int, dict[str, float]] = {}
+                b.use_family(4)    # the extra services are IPv4
+                for n in counts if rep % 2 == 0 else counts[::-1]:
+                    print(f"repetition {rep + 1}/{a.repetitions}: {svc_path}, {n} services",
+                          flush=True)
+                    svc[n] = b.measure_services(svc_path, n)
+                    print("   ", {k: round(v, 2) for k, v in svc[n].items()}, flush=True)
+                svc_runs.append(svc)
     finally:
         b.close()
     med = median_table(runs)
@@ -492,9 +570,11 @@ def main() -> int:
             "family": a.family,
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     md = markdown(med, meta)
+    if svc_runs:
+        md += "\n\n" + services_markdown(svc_path, svc_runs)
     (out / "bench.md").write_text(md + "\n")
-    (out / "bench.json").write_text(json.dumps({"meta": meta, "median": med, "runs": runs},
-                                               indent=2))
+    (out / "bench.json").write_text(json.dumps({"meta": meta, "median": med, "runs": runs,
+                                                "services": svc_runs}, indent=2))
     chart(med, out / "bench.png")
     print()
     print(md)

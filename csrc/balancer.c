@@ -22,7 +22,9 @@ struct nl_lb *nl_create(const struct nl_config *cfg)
     /* Deadlines are compared as wrapping 32-bit ms: keep them below 2^30. */
     if (!cfg || cfg->n_workers > NL_MAX_WORKERS || cfg->max_flows == 0 ||
         cfg->resteer_tries == 0 || cfg->resteer_tries > 255 ||
-        cfg->syn_timeout_ms > 0x3fffffffu)
+        cfg->syn_timeout_ms > 0x3fffffffu ||
+        cfg->max_services == 0 || cfg->max_services > NL_MAX_SERVICES ||
+        cfg->max_backends == 0 || cfg->max_backends > NL_MAX_BACKENDS)
         return NULL;
     for (int i = 0; i < NL_T_MAX; i++)
         if (cfg->timeout_ms[i] == 0 || cfg->timeout_ms[i] > 0x3fffffffu)
@@ -36,9 +38,19 @@ struct nl_lb *nl_create(const struct nl_config *cfg)
         return NULL;
     lb->cfg = *cfg;
     lb->counters = calloc(cfg->n_workers + 1, sizeof(struct nl_worker_counters));
-    lb->active = calloc(NL_MAX_BACKENDS, sizeof(int64_t));
-    lb->inactive = calloc(NL_MAX_BACKENDS, sizeof(int64_t));
-    if (!lb->counters || !lb->active || !lb->inactive || nl_snapshots_init(lb) < 0 ||
+    /* One block for every worker's id-indexed counters: calloc'd, so the
+     * pages of ids never used are never touched. */
+    uint32_t per_worker = cfg->max_services + cfg->max_backends;
+    lb->counter_slots = calloc((size_t)(cfg->n_workers + 1) * per_worker,
+                               sizeof(struct nl_counters));
+    for (uint32_t w = 0; lb->counters && lb->counter_slots && w <= cfg->n_workers; w++) {
+        lb->counters[w].services = lb->counter_slots + (size_t)w * per_worker;
+        lb->counters[w].backends = lb->counters[w].services + cfg->max_services;
+    }
+    lb->active = calloc(cfg->max_backends, sizeof(int64_t));
+    lb->inactive = calloc(cfg->max_backends, sizeof(int64_t));
+    if (!lb->counters || !lb->counter_slots || !lb->active || !lb->inactive ||
+        nl_snapshots_init(lb) < 0 ||
         nl_failover_init(lb) < 0 || nl_io_init(lb) < 0 ||
         nl_ct_init(&lb->ct, cfg->max_flows, cfg->timeout_ms) < 0 || nl_frag_init(lb) < 0) {
         nl_destroy(lb);
@@ -63,6 +75,7 @@ void nl_destroy(struct nl_lb *lb)
     nl_frag_fini(lb);
     nl_io_fini(lb);
     free(lb->counters);
+    free(lb->counter_slots);
     free(lb->active);
     free(lb->inactive);
     free(lb);

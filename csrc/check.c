@@ -35,10 +35,10 @@ static int check_chains(struct nl_lb *lb, uint8_t *seen, int64_t *gauges)
                 return NL_CHECK_BUCKET;
             if (!valid_state(f))
                 return NL_CHECK_STATE;
-            if (f->service_id >= NL_MAX_SERVICES || f->backend_id >= NL_MAX_BACKENDS ||
+            if (f->service_id >= lb->cfg.max_services || f->backend_id >= lb->cfg.max_backends ||
                 f->tries == 0)
                 return NL_CHECK_IDS;
-            gauges[f->backend_id + (nl_flow_closing(f->state) ? NL_MAX_BACKENDS : 0)]++;
+            gauges[f->backend_id + (nl_flow_closing(f->state) ? lb->cfg.max_backends : 0)]++;
             chained++;
         }
     }
@@ -63,9 +63,9 @@ static int check_free_list(const struct nl_ct *ct, uint8_t *seen)
 /* Compared as whole arrays: equal to counts, so never negative either. */
 static int check_gauges(struct nl_lb *lb, const int64_t *gauges)
 {
-    size_t size = NL_MAX_BACKENDS * sizeof(int64_t);
+    size_t size = lb->cfg.max_backends * sizeof(int64_t);
     if (memcmp(lb->active, gauges, size) != 0 ||
-        memcmp(lb->inactive, gauges + NL_MAX_BACKENDS, size) != 0)
+        memcmp(lb->inactive, gauges + lb->cfg.max_backends, size) != 0)
         return NL_CHECK_GAUGE;
     return NL_CHECK_OK;
 }
@@ -73,14 +73,14 @@ static int check_gauges(struct nl_lb *lb, const int64_t *gauges)
 int nl_ct_check(struct nl_lb *lb)
 {
     uint8_t *seen = calloc(lb->ct.max_flows, 1);
-    int64_t gauges[2 * NL_MAX_BACKENDS];     /* on the stack: 64 KiB, no page faults */
+    int64_t *gauges = calloc(2 * (size_t)lb->cfg.max_backends, sizeof(int64_t));
     int r = NL_CHECK_OK;
-    memset(gauges, 0, sizeof(gauges));
-    if (!seen)
+    if (!seen || !gauges)
         r = NL_CHECK_NOMEM;
     else if ((r = check_chains(lb, seen, gauges)) == NL_CHECK_OK &&
         (r = check_free_list(&lb->ct, seen)) == NL_CHECK_OK)
         r = check_gauges(lb, gauges);
     free(seen);
+    free(gauges);
     return r;
 }

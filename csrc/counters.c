@@ -8,12 +8,12 @@
 #include <string.h>
 #include "internal.h"
 
-static void sum_counters(struct nl_lb *lb, size_t offset, struct nl_counters *out, uint32_t n)
+static void sum_counters(struct nl_lb *lb, int backends, struct nl_counters *out, uint32_t n)
 {
     memset(out, 0, n * sizeof(*out));
     for (uint32_t w = 0; w <= lb->cfg.n_workers; w++) {
         const struct nl_counters *src =
-            (const struct nl_counters *)((const char *)&lb->counters[w] + offset);
+            backends ? lb->counters[w].backends : lb->counters[w].services;
         for (uint32_t i = 0; i < n; i++) {
             out[i].packets_in += src[i].packets_in;
             out[i].bytes_in += src[i].bytes_in;
@@ -26,16 +26,20 @@ static void sum_counters(struct nl_lb *lb, size_t offset, struct nl_counters *ou
 
 void nl_read_services(struct nl_lb *lb, struct nl_counters *out, uint32_t n)
 {
-    if (n > NL_MAX_SERVICES)
-        n = NL_MAX_SERVICES;
-    sum_counters(lb, offsetof(struct nl_worker_counters, services), out, n);
+    if (n > lb->cfg.max_services) {
+        memset(out + lb->cfg.max_services, 0, (n - lb->cfg.max_services) * sizeof(*out));
+        n = lb->cfg.max_services;
+    }
+    sum_counters(lb, 0, out, n);
 }
 
 void nl_read_backends(struct nl_lb *lb, struct nl_counters *out, uint32_t n)
 {
-    if (n > NL_MAX_BACKENDS)
-        n = NL_MAX_BACKENDS;
-    sum_counters(lb, offsetof(struct nl_worker_counters, backends), out, n);
+    if (n > lb->cfg.max_backends) {
+        memset(out + lb->cfg.max_backends, 0, (n - lb->cfg.max_backends) * sizeof(*out));
+        n = lb->cfg.max_backends;
+    }
+    sum_counters(lb, 1, out, n);
     for (uint32_t i = 0; i < n; i++) {
         out[i].active_flows = __atomic_load_n(&lb->active[i], __ATOMIC_RELAXED);
         out[i].inactive_flows = __atomic_load_n(&lb->inactive[i], __ATOMIC_RELAXED);
@@ -62,7 +66,7 @@ void nl_read_io(struct nl_lb *lb, uint64_t *packets, uint64_t *batches)
 void nl_seed_counters(struct nl_lb *lb, uint32_t backend, uint32_t id,
                       const struct nl_counters *c)
 {
-    if (id >= (backend ? NL_MAX_BACKENDS : NL_MAX_SERVICES))
+    if (id >= (backend ? lb->cfg.max_backends : lb->cfg.max_services))
         return;
     /* The block of callers outside the workers: it is summed like theirs. */
     struct nl_worker_counters *wc = &lb->counters[lb->cfg.n_workers];

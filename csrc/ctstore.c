@@ -512,8 +512,8 @@ int nl_ct_readopt(struct nl_lb *lb, uint64_t now_ms, struct nl_store_report *out
         free(kept);
         return -1;
     }
-    memset(lb->active, 0, NL_MAX_BACKENDS * sizeof(*lb->active));
-    memset(lb->inactive, 0, NL_MAX_BACKENDS * sizeof(*lb->inactive));
+    memset(lb->active, 0, lb->cfg.max_backends * sizeof(*lb->active));
+    memset(lb->inactive, 0, lb->cfg.max_backends * sizeof(*lb->inactive));
     out->adopted = rebuild(lb, kept);
     out->result = NL_STORE_ADOPTED;
     free(kept);

@@ -418,8 +418,8 @@ struct nl_snapshot {
     struct nl_service *services;
     uint32_t *index;                 /* open addressing: service no. + 1   */
     uint32_t index_mask;
-    struct nl_service *by_id[NL_MAX_SERVICES];
-    uint8_t alive[NL_MAX_BACKENDS];  /* NL_BE_ALIVE by backend id          */
+    struct nl_service **by_id;       /* by service id: max_services of them */
+    uint8_t *alive;                  /* NL_BE_ALIVE by backend id (max_backends) */
     struct nl_cluster_index *cluster;   /* backends of cluster services    */
 };
 
@@ -455,8 +455,8 @@ struct nl_worker_counters {
     uint64_t reasons[NL_R_MAX];
     uint64_t io_packets;
     uint64_t io_batches;
-    struct nl_counters services[NL_MAX_SERVICES];
-    struct nl_counters backends[NL_MAX_BACKENDS];
+    struct nl_counters *services;    /* cfg.max_services, by id             */
+    struct nl_counters *backends;    /* cfg.max_backends, by id             */
 };
 
 struct nl_io;
@@ -468,6 +468,7 @@ struct nl_lb {
     struct nl_ct ct;
     struct nl_snapshot *snap;        /* read with __atomic acquire         */
     struct nl_worker_counters *counters;   /* n_workers + 1 blocks          */
+    struct nl_counters *counter_slots;     /* their services and backends   */
     int64_t *active;                 /* per backend id, atomic: open flows */
     int64_t *inactive;               /* per backend id, atomic: closing    */
     uint32_t sched_seed;

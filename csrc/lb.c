@@ -138,9 +138,12 @@ static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
         /* Its backend is dead and nothing is lost by moving: a UDP flow,
          * or a TCP flow the backend never answered (this is the client's
          * SYN again). */
-        if (nl_move_flow(lb, snap, f, p) == 0 && is_syn) {
-            f->tries++;
-            note_syn(lb, f, p, csum, now, !cluster);
+        if (nl_move_flow(lb, snap, f, p) == 0) {
+            f->flags &= (uint8_t)~NL_FL_REPLIED;   /* the new backend has not answered */
+            if (is_syn) {
+                f->tries++;
+                note_syn(lb, f, p, csum, now, !cluster);
+            }
         }
     }
     if (p->proto == NL_IPPROTO_TCP) {
@@ -154,12 +157,14 @@ static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
     struct nl_addr baddr = f->backend_addr;
     uint16_t bport = f->backend_port, bid = f->backend_id;
     /* natlb decides which flows the kernel may carry alone: established
-     * TCP to a live backend, never a packet that changes the flow's state.
-     * IPv4 only: the ruleset's fast-path maps are. */
-    int fast = lb->cfg.fastpath && p->proto == NL_IPPROTO_TCP && p->family == 4 &&
-               f->state == NL_FS_ESTABLISHED &&
-               !(p->tcp_flags & (NL_TCP_SYN | NL_TCP_FIN | NL_TCP_RST)) &&
-               snap->alive[f->backend_id];
+     * TCP to a live backend, never a packet that changes the flow's state;
+     * UDP once the backend has answered (a dead backend's UDP flows move on
+     * their next packet: the control plane empties the kernel's maps when a
+     * backend stops being alive).  IPv4 only: the ruleset's fast-path maps are. */
+    int fast = lb->cfg.fastpath && p->family == 4 && snap->alive[f->backend_id] &&
+               ((p->proto == NL_IPPROTO_TCP && f->state == NL_FS_ESTABLISHED &&
+                 !(p->tcp_flags & (NL_TCP_SYN | NL_TCP_FIN | NL_TCP_RST))) ||
+                (p->proto == NL_IPPROTO_UDP && (f->flags & NL_FL_REPLIED)));
     pthread_spin_unlock(lock);
     if (NL_UNLIKELY(p->frag)) {
         p->nat_addr = baddr;

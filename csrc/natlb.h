@@ -22,8 +22,10 @@
  */
 
 /* ---- limits ------------------------------------------------------------ */
-#define NL_MAX_SERVICES 256      /* service ids are 0..NL_MAX_SERVICES-1    */
-#define NL_MAX_BACKENDS 4096     /* backend ids are 0..NL_MAX_BACKENDS-1    */
+/* Ceilings of nl_config.max_services and max_backends: a flow stores its ids
+ * in 16 bits, and the marks carry them below bit 20 (NL_MARK_*). */
+#define NL_MAX_SERVICES 65536    /* service ids are 0..max_services-1       */
+#define NL_MAX_BACKENDS 65536    /* backend ids are 0..max_backends-1       */
 #define NL_MAX_WORKERS 16
 
 /* ---- verdicts returned by nl_process ---------------------------------- */
@@ -51,8 +53,9 @@
 #define NL_MARK_FORWARD 1845493760   /* 0x6e000000 | backend id: dst = backend */
 #define NL_MARK_REPLY 1846542336     /* 0x6e100000 | service id: src = VIP     */
 /* Or'ed into a forward mark (config fastpath) when the packet belongs to an
- * established IPv4 TCP flow: nft then installs the flow in its fast-path
- * maps.  Never set on an IPv6 packet (the fast path is IPv4 only). */
+ * established TCP flow, or a UDP flow its backend has answered: nft then
+ * installs the flow in its fast-path maps.  Never set on an IPv6 packet (the
+ * fast path is IPv4 only). */
 #define NL_MARK_FAST 8388608         /* 0x00800000                             */
 
 /* ---- schedulers -------------------------------------------------------- */
@@ -121,7 +124,10 @@ struct nl_config {
                                        (0: fragments are dropped)          */
     uint32_t fragment_timeout_ms;   /* a datagram's fragments must all pass
                                        within this; held ones are dropped  */
-    uint32_t fastpath;              /* 1: mark established IPv4 TCP NL_MARK_FAST */
+    uint32_t fastpath;              /* 1: mark IPv4 flows NL_MARK_FAST (see there) */
+    uint32_t max_services;          /* id bound, 1..NL_MAX_SERVICES: sizes the
+                                       counters (per worker) and id tables */
+    uint32_t max_backends;          /* id bound, 1..NL_MAX_BACKENDS         */
 };
 
 /* One real server of a service, as published by the control plane. */
@@ -129,7 +135,7 @@ struct nl_backend_spec {
     struct nl_addr addr;            /* same family as its service's VIP    */
     uint16_t port;                  /* network order                       */
     uint16_t weight;                /* relative weight, used by lc         */
-    uint32_t id;                    /* stable counter slot < NL_MAX_BACKENDS */
+    uint32_t id;                    /* stable counter slot < max_backends  */
     uint32_t flags;                 /* NL_BE_*                             */
 };
 
@@ -139,7 +145,7 @@ struct nl_service_spec {
     uint16_t port;                  /* network order                       */
     uint8_t proto;                  /* 6 = TCP, 17 = UDP                   */
     uint8_t scheduler;              /* NL_SCHED_*                          */
-    uint32_t id;                    /* stable counter slot < NL_MAX_SERVICES */
+    uint32_t id;                    /* stable counter slot < max_services  */
     uint32_t flags;                 /* NL_SVC_*                            */
 };
 
@@ -177,7 +183,8 @@ int nl_snapshot_set_service(struct nl_snapshot *snap, uint32_t index,
 void nl_snapshot_free(struct nl_snapshot *snap);
 /* Swaps the snapshot in and takes ownership; the previous one is freed
  * once every running worker has finished the batch that might use it.
- * 0, or -1 (snapshot incomplete or duplicate service; not taken). */
+ * 0, or -1 (snapshot incomplete, duplicate service, or an id at or over the
+ * lb's max_services/max_backends; not taken). */
 int nl_publish(struct nl_lb *lb, struct nl_snapshot *snap);
 
 /* ---- the sans-IO data path -------------------------------------------- */

@@ -70,6 +70,8 @@ void nl_snapshot_free(struct nl_snapshot *s)
         free(s->services[i].table);
     }
     nl_cluster_index_free(s);
+    free(s->by_id);
+    free(s->alive);
     free(s->services);
     free(s->index);
     free(s);
@@ -112,18 +114,26 @@ int nl_snapshot_set_service(struct nl_snapshot *s, uint32_t index,
     return 0;
 }
 
-static int build_index(struct nl_snapshot *s)
+/* The id tables are sized by the lb's bounds, known only at publish. */
+static int build_index(const struct nl_lb *lb, struct nl_snapshot *s)
 {
-    memset(s->by_id, 0, sizeof(s->by_id));
-    memset(s->alive, 0, sizeof(s->alive));
+    free(s->by_id);
+    free(s->alive);
+    s->by_id = calloc(lb->cfg.max_services, sizeof(*s->by_id));
+    s->alive = calloc(lb->cfg.max_backends, 1);
+    if (!s->by_id || !s->alive)
+        return -1;
     for (uint32_t i = 0; i < s->n_services; i++) {
         struct nl_service *svc = &s->services[i];
-        if (!svc->filled || s->by_id[svc->spec.id])
+        if (!svc->filled || svc->spec.id >= lb->cfg.max_services || s->by_id[svc->spec.id])
             return -1;
         s->by_id[svc->spec.id] = svc;
-        for (uint32_t j = 0; j < svc->n_backends; j++)
+        for (uint32_t j = 0; j < svc->n_backends; j++) {
+            if (svc->backends[j].id >= lb->cfg.max_backends)
+                return -1;
             if (svc->backends[j].flags & NL_BE_ALIVE)
                 s->alive[svc->backends[j].id] = 1;
+        }
         uint32_t h = nl_svc_hash(&svc->spec.vip, svc->spec.port, svc->spec.proto);
         for (;; h++) {
             uint32_t *slot = &s->index[h & s->index_mask];
@@ -164,7 +174,7 @@ static void reclaim(struct nl_lb *lb)
 
 int nl_publish(struct nl_lb *lb, struct nl_snapshot *snap)
 {
-    if (!snap || build_index(snap) < 0)
+    if (!snap || build_index(lb, snap) < 0)
         return -1;
     struct retired *x = malloc(sizeof(*x));
     if (!x)

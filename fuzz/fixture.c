@@ -126,6 +126,8 @@ static void create(void)
         .timeout_ms = { 3000, 20000, 2000, 1000, 5000 },
         .syn_timeout_ms = 50,
         .resteer_tries = 3,
+        .max_services = N_SVCS,
+        .max_backends = N_BACKENDS,
     };
     lb = nl_create(&cfg);
     if (!lb)

@@ -18,11 +18,11 @@ from typing import Any, ClassVar
 
 from natlb.errors import ConfigError
 
-# The C core's limits (csrc/natlb.h: NL_MAX_*), stated here so that checking
-# a config needs no compiled extension; natlb.core refuses to load if the two
-# ever disagree.
-MAX_SERVICES = 256
-MAX_BACKENDS = 4096
+# The C core's ceilings (csrc/natlb.h: NL_MAX_*; lb.max_services and
+# lb.max_backends choose below them), stated here so that checking a config
+# needs no compiled extension; natlb.core refuses to load if they disagree.
+MAX_SERVICES = 65536
+MAX_BACKENDS = 65536
 MAX_WORKERS = 16
 
 SCHEDULERS = ("rr", "wrr", "lc", "sh", "maglev")
@@ -161,7 +161,11 @@ class LBConfig:
     rewrite: str = "mark"             # mark: nft rewrites on natlb's mark; copy: natlb does
     announce: str = "always"          # healthy: a VIP is on `interface` only while it has
                                       # a backend up (what BIRD's direct protocol exports)
-    fastpath: bool = False            # mark mode: established TCP carried by nft alone
+    fastpath: bool = False            # mark mode: established flows carried by nft alone
+    # Id bounds: services and backends a process may know over its lifetime
+    # (ids are not reused across reloads); they size the C counters (README).
+    max_services: int = 4096
+    max_backends: int = 65536
     timeouts_s: dict[str, float] = field(default_factory=lambda: {
         "tcp_syn": 10.0, "tcp_established": 900.0, "tcp_fin": 120.0,
         "tcp_close": 10.0, "udp": 300.0, "fragment": 1.0,
@@ -475,7 +479,7 @@ def _lb(raw: Any) -> LBConfig:
     _known(raw, "lb", {"queue", "workers", "max_flows", "max_fragments", "interface", "table",
                        "control_socket", "gso", "poll_us", "syn_timeout_ms", "resteer_tries",
                        "restart_grace_ms", "rewrite", "fastpath", "timeouts", "route", "metrics",
-                       "announce"})
+                       "announce", "max_services", "max_backends"})
     d = LBConfig()
     timeouts = dict(d.timeouts_s)
     t_raw = _table(raw.get("timeouts", {}), "lb.timeouts")
@@ -506,6 +510,8 @@ def _lb(raw: Any) -> LBConfig:
         workers=workers,
         max_flows=_int(raw, "max_flows", "lb", d.max_flows, 16, 1 << 26),
         max_fragments=_int(raw, "max_fragments", "lb", d.max_fragments, 0, 1 << 22),
+        max_services=_int(raw, "max_services", "lb", d.max_services, 1, MAX_SERVICES),
+        max_backends=_int(raw, "max_backends", "lb", d.max_backends, 1, MAX_BACKENDS),
         interface=_str(raw, "interface", "lb", d.interface),
         table=table,
         control_socket=_str(raw, "control_socket", "lb", d.control_socket),
@@ -544,8 +550,9 @@ def parse(raw: dict[str, Any]) -> Config:
     services_raw = raw.get("service", [])
     if not isinstance(services_raw, list) or not services_raw:
         raise _fail("service", services_raw, "needs at least one [[service]]")
-    if len(services_raw) > MAX_SERVICES:
-        raise _fail("service", len(services_raw), f"at most {MAX_SERVICES} services")
+    if len(services_raw) > lb.max_services:
+        raise _fail("service", f"{len(services_raw)} services",
+                    f"more than lb.max_services = {lb.max_services}")
     services = tuple(_service(s, f"service[{i}]") for i, s in enumerate(services_raw))
     seen: dict[tuple[str, int, str], int] = {}
     names: set[str] = set()
@@ -559,8 +566,10 @@ def parse(raw: dict[str, Any]) -> Config:
             raise _fail(f"service[{i}].name", s.name, "duplicate service name")
         names.add(s.name)
     _cluster_backends_unique(services)
-    if sum(len(s.backends) for s in services) > MAX_BACKENDS:
-        raise ConfigError(f"service: more than {MAX_BACKENDS} backends in total")
+    n_backends = sum(len(s.backends) for s in services)
+    if n_backends > lb.max_backends:
+        raise _fail("service", f"{n_backends} backends",
+                    f"more than lb.max_backends = {lb.max_backends}")
     return Config(lb, services)
 
 

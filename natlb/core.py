@@ -205,6 +205,8 @@ class CoreConfig:
     max_fragments: int = _LB.max_fragments
     fragment_timeout_ms: int = int(_LB.timeouts_s["fragment"] * 1000)
     fastpath: bool = _LB.fastpath
+    max_services: int = _LB.max_services
+    max_backends: int = _LB.max_backends
     timeouts_ms: dict[str, int] = field(default_factory=lambda: _timeouts_ms(_LB.timeouts_s))
 
     @classmethod
@@ -213,7 +215,8 @@ class CoreConfig:
                    syn_timeout_ms=lb.syn_timeout_ms, resteer_tries=lb.resteer_tries,
                    max_fragments=lb.max_fragments,
                    fragment_timeout_ms=max(1, int(lb.timeouts_s["fragment"] * 1000)),
-                   fastpath=lb.fastpath, timeouts_ms=_timeouts_ms(lb.timeouts_s))
+                   fastpath=lb.fastpath, max_services=lb.max_services,
+                   max_backends=lb.max_backends, timeouts_ms=_timeouts_ms(lb.timeouts_s))
 
 
 def monotonic_ms() -> int:
@@ -306,6 +309,8 @@ class Core:
         cfg.max_fragments = config.max_fragments
         cfg.fragment_timeout_ms = config.fragment_timeout_ms
         cfg.fastpath = int(config.fastpath)
+        cfg.max_services = config.max_services
+        cfg.max_backends = config.max_backends
         for name, idx in TIMEOUT_KEYS.items():
             cfg.timeout_ms[idx] = config.timeouts_ms[name]
         lb = lib.nl_create(cfg)
@@ -314,6 +319,7 @@ class Core:
                             f"workers={config.workers})")
         self._lb = ffi.gc(lb, lib.nl_destroy)
         self.workers = config.workers
+        self.max_services, self.max_backends = config.max_services, config.max_backends
         self.running = False
 
     def close(self) -> None:
@@ -463,11 +469,11 @@ class Core:
         return [Counters(c.packets_in, c.bytes_in, c.packets_out, c.bytes_out,
                          c.new_flows, c.active_flows, c.inactive_flows) for c in out[0:n]]
 
-    def service_counters(self, n: int = MAX_SERVICES) -> list[Counters]:
-        return self._read(lib.nl_read_services, n)
+    def service_counters(self, n: int | None = None) -> list[Counters]:
+        return self._read(lib.nl_read_services, self.max_services if n is None else n)
 
-    def backend_counters(self, n: int = MAX_BACKENDS) -> list[Counters]:
-        return self._read(lib.nl_read_backends, n)
+    def backend_counters(self, n: int | None = None) -> list[Counters]:
+        return self._read(lib.nl_read_backends, self.max_backends if n is None else n)
 
     def seed_counters(self, backend: bool, id: int, c: Counters) -> None:
         """Continue a predecessor's traffic counts (natlb restart)."""

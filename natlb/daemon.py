@@ -91,7 +91,8 @@ class Daemon:
         self.pool = Pool(config, self.core)
         self.steering = Steering(config.lb.table)
         if config.lb.fastpath:
-            self.pool.publisher.before_reset = self.steering.flush_fast
+            self.pool.publisher.forget_fast = self.steering.flush_fast
+            self.pool.kernel_counts = self.steering.fast_counts
         self.journal: Journal | None = None
         self.monitor: Monitor | None = None
         # Served in the status JSON: how the last SIGHUP went.
@@ -138,9 +139,9 @@ class Daemon:
                                                 reply=MARK_REPLY, fast=MARK_FAST),
                             rewrite=lb.rewrite, ingress=ingress,
                             fragments=lb.max_fragments > 0,
-                            own_replies_pass=any(s.cluster for s in self.config.services),
                             fastpath=lb.fastpath,
                             fast_timeout_ms=max(1, int(lb.timeouts_s["tcp_established"] * 500)),
+                            fast_udp_timeout_ms=max(1, int(lb.timeouts_s["udp"] * 500)),
                             fast_size=lb.max_flows, fast_counts=self._fast_counts())
 
     def _fast_counts(self) -> dict[int, tuple[int, int, int, int]]:
@@ -392,7 +393,7 @@ class Daemon:
         self.pool.publisher.start(loop)  # table builds and flow resets leave the loop
         control = ControlServer(lb.control_socket, self.pool,
                                 lambda: {**collect(self.pool, self.queues, started, lb.max_flows,
-                                                   self.rates, self._fast_counts()),
+                                                   self.rates),
                                          "reloads": self.reloads},
                                 restart=self.restart)
         # After a handover the predecessor gives the socket up as it exits.

@@ -52,6 +52,10 @@ class Pool:
         self.health_checks = {"ok": 0, "fail": 0}  # active check results, for metrics
         # Called after effects that publish, e.g. to announce or withdraw VIPs.
         self.listeners: list[Callable[[], None]] = []
+        # Backend id -> (packets in, bytes in, packets out, bytes out) the
+        # kernel carried without natlb (the fast path), read when counters
+        # are (status, metrics, rates); the daemon sets it.
+        self.kernel_counts: Callable[[], dict[int, tuple[int, int, int, int]]] = dict
 
     @property
     def services(self) -> list[Service]:

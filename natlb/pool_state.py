@@ -48,14 +48,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cache
 
-from natlb.config import (
-    MAX_BACKENDS,
-    MAX_SERVICES,
-    BackendConfig,
-    Config,
-    ServiceConfig,
-    host_port,
-)
+from natlb.config import BackendConfig, Config, ServiceConfig, host_port
 
 
 class Health(enum.StrEnum):
@@ -292,6 +285,8 @@ class PoolState:
         # so its lingering flows never count against a newcomer.
         self.next_service_id = 0
         self.next_backend_id = 0
+        # The C core's bounds, fixed when it was made ([lb] changes need a restart).
+        self.max_ids = (config.lb.max_services, config.lb.max_backends)
         # Removed by a reload, grouped under the service they belonged to:
         # their flows go on (as with a drain), so the ruleset keeps rewriting
         # for them until prune_retired sees none left.
@@ -324,7 +319,7 @@ class PoolState:
                     n_bid += 1
                 backends.append(b)
             services.append((scfg, sid, backends))
-        if n_sid > MAX_SERVICES or n_bid > MAX_BACKENDS:
+        if n_sid > self.max_ids[0] or n_bid > self.max_ids[1]:
             raise PoolError(f"ids exhausted ({n_sid} services, {n_bid} backends ever): "
                             f"restart natlb")
         kept = {b.id for _, _, backends in services for b in backends}

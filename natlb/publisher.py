@@ -59,10 +59,13 @@ class Publisher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._running: asyncio.Future[None] | None = None
-        # Runs after the publish that took a backend out and before its flows
-        # are reset: the kernel's fast path forgets every flow, so the packets
-        # natlb's reset provokes come to natlb (see nl_reset_backend).
-        self.before_reset: Callable[[], None] | None = None
+        # The kernel's fast path forgets every flow.  Runs after the publish
+        # that took a backend out and before its flows are reset, so the
+        # packets natlb's reset provokes come to natlb (see nl_reset_backend);
+        # and after one that took a UDP backend's "alive" away, so its flows'
+        # next packets come to natlb, which moves them.
+        self.forget_fast: Callable[[], None] | None = None
+        self._udp_alive: set[int] = set()
 
     # -- requests (loop thread) ---------------------------------------------
     def request(self, services: Iterable[int], resets: Iterable[ResetFlows] = ()) -> None:
@@ -124,8 +127,11 @@ class Publisher:
             self._tables.pop(sid, None)
         self.core.publish([self._current[sid] for sid in job.order])
         self.publishes += 1
-        if job.resets and self.before_reset is not None:
-            self.before_reset()
+        udp_alive = {b.id for t in self._current.values() if t.protocol == "udp"
+                     for b in t.backends if b.alive}
+        lost, self._udp_alive = self._udp_alive - udp_alive, udp_alive
+        if (job.resets or lost) and self.forget_fast is not None:
+            self.forget_fast()
         for r in job.resets:
             n = self.core.reset_backend(r.backend_id)
             if n:

@@ -9,9 +9,11 @@ is one hash lookup in a set, every mark-mode rewrite one lookup in a map.
 
     prerouting, priority raw (-300):
       ip daddr . meta l4proto . th dport @vips                     notrack, queue
-      fib daddr type local  ip saddr . ... @backend_services       accept (cluster only)
+      ip saddr . meta l4proto . th sport . meta iif @replies  fib daddr type local   accept
       ip saddr . meta l4proto . th sport . meta iif @replies       notrack, queue
       ip saddr . meta l4proto . th sport @backend_services         counter, drop
+      icmp type 3  ip saddr . meta iif @backend_hosts  ip daddr != @vip_addrs
+                   fib daddr type local                                      accept
       icmp type 3  ip saddr . meta iif @backend_hosts              notrack, queue
       icmp type 3  ip saddr @backend_addrs                         counter, drop
       icmp type 3  ip daddr @vip_addrs                             notrack, queue
@@ -43,16 +45,19 @@ too, so natlb also learns which datagrams are not its own and lets their
 fragments pass.  A later fragment gets only its address written: `th dport
 set` on a fragment would write into its payload on older kernels.
 
-The fast path (mark mode, ``fastpath``), for TCP only.  natlb's C core or's
-NL_MARK_FAST into the verdict mark of an established flow's packet that
-changes no state; the rewrite chain then adds the flow to two maps, keyed by
-the 4-tuple as it arrives in each direction:
+The fast path (mark mode, ``fastpath``).  natlb's C core or's NL_MARK_FAST
+into the verdict mark of an established TCP flow's packet that changes no
+state (or a UDP flow's once its backend answered); the rewrite chain then
+adds the flow to two maps, keyed by the 4-tuple as it arrives in each
+direction (fast_fwd_udp and fast_rev_udp for UDP: the key has no protocol):
 
     rewrite:  meta mark & FAST  -> mark cleared,
-              add @fast_fwd { saddr . sport . daddr . dport timeout T : mark }
-              add @fast_rev { backend . bport . saddr . sport timeout T :
-                              mark map @backend_reply }
-              SYN, FIN or RST with a forward or reply mark -> delete both
+              add @fast_fwd { saddr . sport . daddr . dport timeout T : mark },
+              the packet rewritten,
+              add @fast_rev { daddr . dport . saddr . sport timeout T :
+                              mark & 0xfffff ^ MARK_REPLY_OF_BACKEND }
+              SYN, FIN or RST with a forward (reply) mark -> delete it from
+              fast_fwd (fast_rev)
     prerouting, first:
       tcp flags & (syn|fin|rst) == 0, 4-tuple in @fast_fwd  -> its mark, count, notrack,
       ... a reply from the backend side, 4-tuple in @fast_rev -> the same        accept
@@ -138,6 +143,9 @@ ELEMENTS_PER_MESSAGE = 256
 # Message kinds, named for the pyroute2 class steering encodes each with.
 TABLE, CHAIN, SET, SETELEM, RULE, OBJ = "table", "chain", "set", "setelem", "rule", "obj"
 NFT_OBJECT_COUNTER = 1
+# The fast path's maps per protocol: the 4-tuple key has no protocol in it.
+FAST_MAPS = {socket.IPPROTO_TCP: ("fast_fwd", "fast_rev"),
+             socket.IPPROTO_UDP: ("fast_fwd_udp", "fast_rev_udp")}
 # fast_rev's data: the reply of backend id's flow (a mark only nft sees; the
 # rewrite maps give it the service's VIP and port, the counter map the
 # backend's "out" counter).
@@ -181,12 +189,9 @@ class Spec:
     ingress: Mapping[str, tuple[int, ...]]
     native_queue: bool = False                    # nft `queue` instead of xt NFQUEUE
     fragments: bool = True                        # queue fragments (fragment tracking on)
-    # Backends' answers to this host's own connections (health checks) pass
-    # before the reply rules: cluster services map a reply without a flow
-    # back to its VIP (csrc/cluster.c), which these must not be.
-    own_replies_pass: bool = False
     fastpath: bool = False                        # mark mode: kernel carries established TCP
     fast_timeout_ms: int = 450_000                # an entry's fixed lifetime (see above)
+    fast_udp_timeout_ms: int = 150_000            # the same for UDP flows
     fast_size: int = 1 << 20                      # entries per fast-path map
     # Backend id -> (packets, bytes) in and out carried by the fast path so
     # far: the counter objects start there, so a reload loses no count.
@@ -533,15 +538,15 @@ def _sets(spec: Spec, f: _Family = V4) -> list[_Set]:
                                        for i in ids)
             tuple4 = _concat_type(TYPE_IPADDR, TYPE_INET_SERVICE, TYPE_IPADDR, TYPE_INET_SERVICE)
             out += [
-                _Set("backend_reply", TYPE_MARK, 4,
-                     [(_mark(m.forward | i), _mark(rb | i)) for i in ids], TYPE_MARK, 4),
                 _Set("fast_counters", TYPE_MARK, 4,
                      [(_mark(m.forward | i), f"in_{i}".encode()) for i in ids] +
                      [(_mark(rb | i), f"out_{i}".encode()) for i in ids], None, 0,
                      counter_map=True),
-                _Set("fast_fwd", tuple4, 16, [], TYPE_MARK, 4, spec.fast_size),
-                _Set("fast_rev", tuple4, 16, [], TYPE_MARK, 4, spec.fast_size),
             ]
+            # Both protocols' maps always (flush_fast names them all); empty
+            # ones cost nothing.
+            out += [_Set(name, tuple4, 16, [], TYPE_MARK, 4, spec.fast_size)
+                    for maps in FAST_MAPS.values() for name in maps]
     return out
 
 
@@ -571,11 +576,14 @@ def _dynset(name: str, op: int, data_reg: int, timeout_ms: int = 0) -> dict[str,
     return expr("dynset", **attrs)
 
 
-def _fast_carry(map_name: str, check: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _fast_carry(map_name: str, protocol: int,
+                check: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """prerouting: a packet of an installed flow that changes no state takes
     the mark natlb gave its flow and is never queued; the rewrite chain
     rewrites it as it does a queued one.  The kernel's conntrack never sees it."""
-    return [*_not_fragment(), *_tcp_flags(TCP_SYN_FIN_RST, 0), *check, *_four_tuple(),
+    state = (_tcp_flags(TCP_SYN_FIN_RST, 0) if protocol == socket.IPPROTO_TCP else
+             [_meta(NFT_META_L4PROTO), _cmp_eq(bytes([protocol]))])
+    return [*_not_fragment(), *state, *check, *_four_tuple(),
             expr("lookup", set=map_name, sreg=REG_1, dreg=REG_1),
             expr("meta", sreg=REG_1, key=NFT_META_MARK),
             # natlb no longer sees these packets: the kernel counts them per backend.
@@ -587,55 +595,63 @@ def _lookup_reg(name: str, reg: int) -> dict[str, Any]:
     return expr("lookup", set=name, sreg=reg)
 
 
-def _reverse_key(mark_reg: int) -> list[dict[str, Any]]:
-    """backend . bport . saddr . sport of a client's packet with its forward
-    mark in mark_reg: how the backend's replies arrive."""
-    return [expr("lookup", set="backend_addr", sreg=mark_reg, dreg=REG_1),
-            expr("lookup", set="backend_port", sreg=mark_reg, dreg=REG32_01),
-            _load(PAYLOAD_NETWORK, 12, 4, REG32_02), _load(PAYLOAD_TRANSPORT, 0, 2, REG32_03)]
-
-
-def _forward_key(mark_reg: int) -> list[dict[str, Any]]:
-    """daddr . dport . VIP . port of a backend's reply with its reply mark in
-    mark_reg: how the client's packets arrive."""
+def _reply_key() -> list[dict[str, Any]]:
+    """daddr . dport . saddr . sport: how the replies to this (rewritten)
+    packet arrive.  From the packet's own bytes only: `nft list` cannot print
+    a key built from map lookups (it asserts)."""
     return [_load(PAYLOAD_NETWORK, 16, 4), _load(PAYLOAD_TRANSPORT, 2, 2, REG32_01),
-            expr("lookup", set="service_addr", sreg=mark_reg, dreg=REG32_02),
-            expr("lookup", set="service_port", sreg=mark_reg, dreg=REG32_03)]
+            _load(PAYLOAD_NETWORK, 12, 4, REG32_02), _load(PAYLOAD_TRANSPORT, 0, 2, REG32_03)]
 
 
 def _fast_rules(spec: Spec) -> list[tuple[str, list[dict[str, Any]]]]:
     """The rewrite chain's fast-path rules, run before the rewrite itself."""
-    fast, timeout = spec.marks.fast, spec.fast_timeout_ms
+    fast = spec.marks.fast
     mark = _meta(NFT_META_MARK, REG32_04)
-    install = [
-        _meta(NFT_META_MARK),
-        expr("bitwise", sreg=REG_1, dreg=REG_1, len=4, mask=_value(_mark(fast)),
-             xor=_value(_mark(0))),
-        _cmp_eq(_mark(fast)),
-        mark,
-        expr("bitwise", sreg=REG32_04, dreg=REG32_04, len=4,
-             mask=_value(_mark(0xFFFFFFFF & ~fast)), xor=_value(_mark(0))),
-        expr("meta", sreg=REG32_04, key=NFT_META_MARK),   # the rewrite reads it next
-        _meta(NFT_META_L4PROTO), _cmp_eq(bytes([socket.IPPROTO_TCP])),
-        expr("lookup", set="backend_reply", sreg=REG32_04, dreg=REG32_05),
-        *_four_tuple(), _dynset("fast_fwd", DYNSET_ADD, REG32_04, timeout),
-        *_reverse_key(REG32_04), _dynset("fast_rev", DYNSET_ADD, REG32_05, timeout),
-    ]
+
+    def install(protocol: int, timeout: int) -> list[dict[str, Any]]:
+        """Adds the client's side as the packet arrives, rewrites it (the
+        rewrite rules then pass it by: its mark is cleared) and adds the
+        backend's side from the rewritten bytes."""
+        fwd, rev = FAST_MAPS[protocol]
+        rewrite = _rewrite_exprs("daddr", protocol, "backend_addr", "backend_port")
+        return [
+            _meta(NFT_META_MARK),
+            expr("bitwise", sreg=REG_1, dreg=REG_1, len=4, mask=_value(_mark(fast)),
+                 xor=_value(_mark(0))),
+            _cmp_eq(_mark(fast)),
+            _meta(NFT_META_L4PROTO), _cmp_eq(bytes([protocol])),
+            mark,
+            expr("bitwise", sreg=REG32_04, dreg=REG32_04, len=4,
+                 mask=_value(_mark(0xFFFFFFFF & ~fast)), xor=_value(_mark(0))),
+            expr("meta", sreg=REG32_04, key=NFT_META_MARK),   # the rewrite reads it
+            # The backend's replies take MARK_REPLY_OF_BACKEND | its id.
+            _meta(NFT_META_MARK, REG32_05),
+            expr("bitwise", sreg=REG32_05, dreg=REG32_05, len=4, mask=_value(_mark(0xFFFFF)),
+                 xor=_value(_mark(MARK_REPLY_OF_BACKEND))),
+            *_four_tuple(), _dynset(fwd, DYNSET_ADD, REG32_04, timeout),
+            *rewrite[:-2],
+            *_reply_key(), _dynset(rev, DYNSET_ADD, REG32_05, timeout),
+            *rewrite[-2:],
+        ]
+
     state = _tcp_flags(TCP_SYN_FIN_RST, 1)
+    # UDP has no state to forget: its entries expire, or go with flush_fast.
+    udp = ([("fast path install, udp", install(socket.IPPROTO_UDP, spec.fast_udp_timeout_ms))]
+           if any(s.protocol == socket.IPPROTO_UDP for s in spec.services) else [])
+    # Each side forgets its own entry, keyed as its packets arrive: a normal
+    # close has a FIN each way; after an RST the other side's entry carries
+    # what is still in flight until the next SYN on the 4-tuple (which
+    # forgets the client's side; its SYN-ACK, the backend's) or the timeout.
     # The data register only satisfies the kernel (a map's dynset names one).
     return [
-        ("fast path install", install),
+        *udp,
+        ("fast path install", install(socket.IPPROTO_TCP, spec.fast_timeout_ms)),
         ("fast path forget, client side", [*state, mark, _lookup_reg("backend_addr", REG32_04),
                                            *_four_tuple(),
                                            _dynset("fast_fwd", DYNSET_DELETE, REG32_04)]),
-        ("fast path forget, client side reverse", [*state, mark, *_reverse_key(REG32_04),
-                                                   _dynset("fast_rev", DYNSET_DELETE, REG32_04)]),
         ("fast path forget, backend side", [*state, mark, _lookup_reg("service_addr", REG32_04),
                                             *_four_tuple(),
                                             _dynset("fast_rev", DYNSET_DELETE, REG32_04)]),
-        ("fast path forget, backend side forward", [*state, mark, *_forward_key(REG32_04),
-                                                    _dynset("fast_fwd", DYNSET_DELETE,
-                                                            REG32_04)]),
     ]
 
 
@@ -746,23 +762,36 @@ def _build_table(spec: Spec, f: _Family, in_place: bool, first_set_id: int) -> l
     drop = [expr("counter"), _verdict(NF_DROP)]
     chain("prerouting", NF_INET_PRE_ROUTING, PRIORITY_RAW)
     if fastpath:
-        rule("prerouting", "fast path to a service", _fast_carry("fast_fwd", []))
-        rule("prerouting", "fast path reply from a backend",
-             _fast_carry("fast_rev", [*_tuple_key(True, True), _lookup("replies")]))
+        for proto in sorted({s.protocol for s in services}):
+            fwd, rev = FAST_MAPS[proto]
+            pname = "" if proto == socket.IPPROTO_TCP else f", {PROTOCOL_NAMES[proto]}"
+            rule("prerouting", f"fast path to a service{pname}", _fast_carry(fwd, proto, []))
+            rule("prerouting", f"fast path reply from a backend{pname}",
+                 _fast_carry(rev, proto, [*_tuple_key(True, True), _lookup("replies")]))
     # notrack before the queue verdict: the verdict resumes at the next hook
     # and the kernel's conntrack (priority -200) must never see the flow.
     rule("prerouting", "to a service",
          [*_tuple_key(False, False, f), _lookup(f"vips{x}"), expr("notrack"), queue])
-    if spec.own_replies_pass:
-        rule("prerouting", "reply to this host",
-             [*_to_this_host(), *_tuple_key(True, False, f), _lookup(f"backend_services{x}"),
-              _verdict(NF_ACCEPT)])
+    # Answers to this host's own connections (health checks) are not natlb's
+    # to decide: never queued, and cluster services would map them back to
+    # the VIP (csrc/cluster.c).  The set lookup comes first, so only backend
+    # replies pay for the route lookup.
+    rule("prerouting", "reply to this host",
+         [*_tuple_key(True, True, f), _lookup(f"replies{x}"), *_to_this_host(),
+          _verdict(NF_ACCEPT)])
     rule("prerouting", "reply from a backend",
          [*_tuple_key(True, True, f), _lookup(f"replies{x}"), expr("notrack"), queue])
     rule("prerouting", "spoofed backend reply",
          [*_tuple_key(True, False, f), _lookup(f"backend_services{x}"), *drop])
     icmp = "icmp" if f is V4 else "icmpv6"
     iif_after_addr = f.after_addr[0]
+    # ... and so are the errors about them; not those to a VIP, which may be
+    # about a reply natlb rewrote (path MTU news, relayed below).
+    rule("prerouting", f"{icmp} from a backend to this host",
+         [*_icmp_unreach(f), _address(f, True), _meta(NFT_META_IIF, iif_after_addr),
+          _lookup(f"backend_hosts{x}"), _address(f, False),
+          expr("lookup", set=f"vip_addrs{x}", sreg=REG_1, flags=("NFT_LOOKUP_F_INV",)),
+          *_to_this_host(), _verdict(NF_ACCEPT)])
     rule("prerouting", f"{icmp} from a backend",
          [*_icmp_unreach(f), _address(f, True), _meta(NFT_META_IIF, iif_after_addr),
           _lookup(f"backend_hosts{x}"), expr("notrack"), queue])
@@ -820,7 +849,7 @@ def flush_fast(table: str) -> list[Message]:
     gone from its table, so they are not)."""
     return [Message(SETELEM, NFT_MSG_DELSETELEM, [
         ("NFTA_SET_ELEM_LIST_TABLE", table), ("NFTA_SET_ELEM_LIST_SET", name)],
-        0, f"elements of set {name}") for name in ("fast_fwd", "fast_rev")]
+        0, f"elements of set {name}") for maps in FAST_MAPS.values() for name in maps]
 
 
 def delete(table: str, family: int = NFPROTO_IPV4) -> list[Message]:
@@ -852,6 +881,8 @@ def _show(v: Any) -> str:
         return "[" + ", ".join(_show(x) for x in v) + "]"
     if isinstance(v, tuple):
         return "(" + ",".join(str(x) for x in v) + ")"
+    if isinstance(v, frozenset):    # sorted: str() order follows the hash seed
+        return "{" + ",".join(sorted(str(x) for x in v)) + "}"
     return str(v)
 
 

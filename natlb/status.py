@@ -35,14 +35,27 @@ def read_counters(pool: Pool, services: list[Service]) -> tuple[list[Counters], 
     Ids are never reused after a reload, so they can exceed the count."""
     n_services = max((s.id for s in services), default=-1) + 1
     n_backends = max((b.id for s in services for b in s.backends), default=-1) + 1
-    return pool.core.service_counters(n_services), pool.core.backend_counters(n_backends)
+    svc, be = pool.core.service_counters(n_services), pool.core.backend_counters(n_backends)
+    kernel = pool.kernel_counts()
+    if kernel:
+        for s in services:
+            for b in s.backends:
+                k = kernel.get(b.id)
+                if k:
+                    be[b.id] = _plus(be[b.id], k)
+                    svc[s.id] = _plus(svc[s.id], k)
+    return svc, be
+
+
+def _plus(c: Counters, k: tuple[int, int, int, int]) -> Counters:
+    return replace(c, packets_in=c.packets_in + k[0], bytes_in=c.bytes_in + k[1],
+                   packets_out=c.packets_out + k[2], bytes_out=c.bytes_out + k[3])
 
 
 def collect(pool: Pool, queues: list[int], started: float, max_flows: int,
-            rates: RateEstimator | None = None,
-            fast: dict[int, tuple[int, int, int, int]] | None = None) -> dict[str, Any]:
-    """fast: per backend id, the packets and bytes (in, out) the kernel's
-    fast path carried without natlb; they are added to natlb's own counts."""
+            rates: RateEstimator | None = None) -> dict[str, Any]:
+    """Counts include the packets the kernel's fast path carried without
+    natlb (read_counters)."""
     core = pool.core
     svc_ctr, be_ctr = read_counters(pool, pool.services)
     services = []
@@ -50,10 +63,6 @@ def collect(pool: Pool, queues: list[int], started: float, max_flows: int,
         backends = []
         for b in s.backends:
             c = be_ctr[b.id]
-            k = (fast or {}).get(b.id)
-            if k:
-                c = replace(c, packets_in=c.packets_in + k[0], bytes_in=c.bytes_in + k[1],
-                            packets_out=c.packets_out + k[2], bytes_out=c.bytes_out + k[3])
             backends.append({
                 "address": b.cfg.address, "port": b.cfg.port, "weight": b.weight,
                 "health": b.health, "admin": b.admin, "eligible": b.eligible,
@@ -64,8 +73,6 @@ def collect(pool: Pool, queues: list[int], started: float, max_flows: int,
                 backends[-1]["rate"] = rates.get("backend", b.id)
         c = svc_ctr[s.id]
         d = asdict(c)
-        for i, key in enumerate(("packets_in", "bytes_in", "packets_out", "bytes_out")):
-            d[key] += sum((fast or {}).get(b.id, (0, 0, 0, 0))[i] for b in s.backends)
         d["active_flows"] = sum(b["active_flows"] for b in backends)
         d["inactive_flows"] = sum(b["inactive_flows"] for b in backends)
         services.append({

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import gc
 import os
 import socket
 import struct
@@ -26,7 +27,7 @@ from pyroute2.netlink.nfnetlink.nftsocket import (
     nft_table_msg,
 )
 
-from natlb import ruleset
+from natlb import nftwire, ruleset
 from natlb.errors import HostError
 from natlb.undo import reverter
 
@@ -35,7 +36,6 @@ NFNL_MSG_BATCH_BEGIN = 0x10
 NFNL_MSG_BATCH_END = 0x11
 NETLINK_NETFILTER = 12
 NLMSG_ERROR = 2
-NLMSG_DONE = 3
 NFT_MSG_GETOBJ = 19
 
 
@@ -99,6 +99,11 @@ def encode(messages: list[ruleset.Message], seq: int) -> tuple[bytes, dict[int, 
     control(NFNL_MSG_BATCH_BEGIN)
     for msg in messages:
         seq += 1
+        what[seq] = msg.what
+        fast = nftwire.encode(msg, NFPROTO_IPV4, NLM_F_REQUEST | NLM_F_ACK | msg.flags, seq)
+        if fast is not None:
+            parts.append(fast)
+            continue
         m = MESSAGE_CLASSES[msg.kind]()
         m["nfgen_family"] = msg.family
         m["attrs"] = msg.attrs
@@ -107,7 +112,6 @@ def encode(messages: list[ruleset.Message], seq: int) -> tuple[bytes, dict[int, 
         m["header"]["sequence_number"] = seq
         m.encode()
         parts.append(m.data)
-        what[seq] = msg.what
     control(NFNL_MSG_BATCH_END)
     return b"".join(parts), what
 
@@ -118,10 +122,15 @@ def send(messages: list[ruleset.Message]) -> None:
     with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as s:
         # The kernel takes a batch in one sendmsg no larger than the send
         # buffer; a table for hundreds of services outgrows the default.
+        # Every message is acknowledged, and the acks of a large batch queue
+        # up before we read them: room for each (as nft does), or ENOBUFS.
+        acks = len(what) * 1024 + 65536
         try:
             s.setsockopt(socket.SOL_SOCKET, 32, len(data) + 65536)  # SO_SNDBUFFORCE
+            s.setsockopt(socket.SOL_SOCKET, 33, acks)               # SO_RCVBUFFORCE
         except PermissionError:
             s.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, len(data) + 65536)
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, acks)
         s.bind((0, 0))
         s.settimeout(5.0)
         try:
@@ -165,21 +174,12 @@ def read_counters(table: str) -> dict[str, tuple[int, int]]:
         s.settimeout(5.0)
         s.send(m.data)
         while True:
-            data = s.recv(1 << 20)
-            off = 0
-            while off + 16 <= len(data):
-                length, mtype = struct.unpack_from("=IH", data, off)
-                if length < 16:
-                    return out
-                if mtype in (NLMSG_ERROR, NLMSG_DONE):
-                    return out
-                r = nft_obj_msg(data[off:off + length])
-                r.decode()
-                if r.get_attr("NFTA_OBJ_TABLE") == table:
-                    c = r.get_attr("NFTA_OBJ_DATA")
-                    out[r.get_attr("NFTA_OBJ_NAME")] = (c.get_attr("NFTA_COUNTER_PACKETS") or 0,
-                                                        c.get_attr("NFTA_COUNTER_BYTES") or 0)
-                off += (length + 3) & ~3
+            objects, done = nftwire.counter_objects(s.recv(1 << 20))
+            for t, name, packets, nbytes in objects:
+                if t == table:
+                    out[name] = (packets, nbytes)
+            if done:
+                return out
 
 
 class Steering:
@@ -192,6 +192,18 @@ class Steering:
         self.ipv6 = False             # the ip6 table is ours and in place
 
     def install(self, spec: ruleset.Spec) -> None:
+        # A table of 65,536 backends is millions of small objects, all alive
+        # until sent and free of cycles: the cyclic collector would walk them
+        # over and over (most of the time it took).
+        paused = gc.isenabled()
+        gc.disable()
+        try:
+            self._install(spec)
+        finally:
+            if paused:
+                gc.enable()
+
+    def _install(self, spec: ruleset.Spec) -> None:
         order = [self.native_queue] if self.native_queue is not None else [True, False]
         ipv6 = ruleset.has_ipv6(spec)
         # A reload that adds the first IPv6 service makes the ip6 table anew

@@ -234,24 +234,35 @@ def http_stream(host: str, port: int, count: int, interval_ms: int, timeout: flo
     return 0
 
 
-def udp_stream(host: str, port: int, count: int, interval_ms: int, timeout: float) -> int:
-    """One new UDP socket (so a new flow) per query."""
+def udp_stream(host: str, port: int, count: int, interval_ms: int, timeout: float,
+               same_socket: bool = False) -> int:
+    """One new UDP socket (so a new flow) per query; or, with same_socket,
+    every query from one socket (one flow)."""
     start = time.monotonic()
+    shared = socket.socket(_family(host), socket.SOCK_DGRAM) if same_socket else None
     for i in range(count):
         due = start + i * interval_ms / 1000
         time.sleep(max(0.0, due - time.monotonic()))
         t0 = time.monotonic()
-        with socket.socket(_family(host), socket.SOCK_DGRAM) as s:
+        s = shared or socket.socket(_family(host), socket.SOCK_DGRAM)
+        try:
             s.settimeout(timeout)
             payload = f"q{i}".encode()
-            try:
-                s.sendto(payload, (host, port))
+            s.sendto(payload, (host, port))
+            while True:    # past a late answer to an earlier query
                 data, peer = s.recvfrom(65535)
                 name, _, echoed = data.partition(b":")
-                _emit(i=i, t=round(t0 - start, 4), ok=echoed == payload,
-                      backend=name.decode(), peer=host_port(peer[0], peer[1]))
-            except OSError as e:
-                _emit(i=i, t=round(t0 - start, 4), ok=False, error=type(e).__name__)
+                if echoed == payload or not same_socket:
+                    break
+            _emit(i=i, t=round(t0 - start, 4), ok=echoed == payload,
+                  backend=name.decode(), peer=host_port(peer[0], peer[1]))
+        except OSError as e:
+            _emit(i=i, t=round(t0 - start, 4), ok=False, error=type(e).__name__)
+        finally:
+            if shared is None:
+                s.close()
+    if shared is not None:
+        shared.close()
     return 0
 
 
@@ -495,6 +506,7 @@ def main(argv: list[str] | None = None) -> int:
         c.add_argument("--seconds", type=float, default=1.0)
         c.add_argument("--keepalive", type=int, default=10)
         c.add_argument("--probe", action="store_true")
+        c.add_argument("--same-socket", action="store_true")
     u = sub.add_parser("udp-sizes")
     u.add_argument("--host", required=True)
     u.add_argument("--port", type=int, required=True)
@@ -508,7 +520,7 @@ def main(argv: list[str] | None = None) -> int:
     if a.cmd == "http-stream":
         return http_stream(a.host, a.port, a.count, a.interval_ms, a.timeout)
     if a.cmd == "udp-stream":
-        return udp_stream(a.host, a.port, a.count, a.interval_ms, a.timeout)
+        return udp_stream(a.host, a.port, a.count, a.interval_ms, a.timeout, a.same_socket)
     if a.cmd == "udp-sizes":
         return udp_sizes(a.host, a.port, [int(x) for x in a.sizes.split(",")], a.count,
                          a.timeout, a.reverse)

@@ -14,7 +14,8 @@ VICTIM = 2
 VICTIM_KEY = f"{backend_addr(VICTIM)}:80"
 # The kernel fast path for established flows (lb.fastpath) keeps every promise.
 FAST = 'rewrite = "mark"\nfastpath = true'
-LB_MODES = pytest.mark.parametrize("lb_extra", ["", FAST], ids=["mark", "fastpath"])
+QUEUED = 'rewrite = "mark"\nfastpath = false'    # every packet through natlb
+LB_MODES = pytest.mark.parametrize("lb_extra", [QUEUED, FAST], ids=["mark", "fastpath"])
 
 
 def stream(testbed, count, on_index, interval_ms=10):
@@ -32,7 +33,7 @@ def stream(testbed, count, on_index, interval_ms=10):
 
 @pytest.mark.parametrize("kind,lb_extra", [
     ("kill", 'rewrite = "copy"'), ("link", 'rewrite = "copy"'), ("blackhole", 'rewrite = "copy"'),
-    ("kill", 'rewrite = "mark"'), ("kill", FAST)],
+    ("kill", QUEUED), ("kill", FAST)],
     ids=["kill-copy", "link-copy", "blackhole-copy", "kill-mark", "kill-fastpath"])
 def test_no_new_connection_fails_when_a_backend_dies(testbed, natlb, kind, lb_extra):
     # A silent backend's SYNs move on after 30 ms.  On a loaded machine a

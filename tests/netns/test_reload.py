@@ -38,7 +38,8 @@ def backend_services(testbed) -> str:
 
 @pytest.mark.parametrize("rewrite", ["mark", "copy", "fastpath"])
 def test_reload_adds_and_removes_backends_and_keeps_old_flows(testbed, natlb, rewrite):
-    mode = 'fastpath = true' if rewrite == "fastpath" else f'rewrite = "{rewrite}"'
+    mode = {"fastpath": 'fastpath = true', "mark": 'fastpath = false'}.get(
+        rewrite, f'rewrite = "{rewrite}"')
     # Closed flows end within a second: the removed backend then leaves the ruleset.
     lb_extra = f'{mode}\n[lb.timeouts]\ntcp_fin = 1\ntcp_close = 1'
     p = natlb(config(testbed, [1, 2], lb_extra))

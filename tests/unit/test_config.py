@@ -133,3 +133,8 @@ def test_cli_check_reports_toml_syntax(tmp_path):
     bad.write_text("[[service]\n")
     r = run_cli("check", "-c", str(bad))
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "TOML syntax" in r.stderr
+
+
+def test_fastpath_is_off_unless_asked_for():
+    assert parse(MINIMAL).lb.fastpath is False
+    assert parse(with_(("lb",), {"fastpath": True})).lb.fastpath is True

@@ -12,7 +12,8 @@ from .test_rewrite import checksums_ok
 
 @pytest.fixture
 def fcore():
-    c = Core(CoreConfig(max_flows=1024, workers=1, syn_timeout_ms=50, resteer_tries=3))
+    c = Core(CoreConfig(max_flows=1024, workers=1, syn_timeout_ms=50, resteer_tries=3,
+                        fastpath=False))     # the fast path's resets: test_fastpath.py
     c.publish([make_service("rr")])
     yield c
     c.close()

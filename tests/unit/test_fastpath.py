@@ -5,7 +5,7 @@ never saw."""
 from __future__ import annotations
 
 import pytest
-from scapy.layers.inet import IP, TCP
+from scapy.layers.inet import IP, TCP, UDP
 
 from natlb.core import MARK_FAST, MARK_FORWARD, Core, CoreConfig, Verdict
 
@@ -81,3 +81,65 @@ def test_reset_probes_both_ends_then_resets_with_their_exact_numbers(fast_core):
     last = IP(fast_core.outbox_take())
     assert (last.dst, last[TCP].seq, last[TCP].flags) == (backend, 1001 + 2 * 10**6, "R")
     assert fast_core.outbox_take() is None
+
+
+def udp(src: str, dst: str, sport: int, dport: int) -> bytes:
+    return bytes(IP(src=src, dst=dst) / UDP(sport=sport, dport=dport) / b"q")
+
+
+def test_a_udp_flow_is_fast_once_its_backend_answered(fast_core):
+    fast_core.publish([make_service(sid=5, protocol="udp", port=53, backend_port=53)])
+    _, mark = fast_core.decide(udp(CLIENT, VIP, 5000, 53), 1)
+    assert mark & ~0xFFF == MARK_FORWARD                     # the first: no
+    backend = BACKENDS[(mark & 0xFFF) - 5 * 16]
+    assert not fast_core.decide(udp(CLIENT, VIP, 5000, 53), 2)[1] & MARK_FAST  # no answer yet
+    v, reply = fast_core.decide(udp(backend, CLIENT, 53, 5000), 3)
+    assert v == Verdict.MARK and not reply & MARK_FAST
+    _, mark = fast_core.decide(udp(CLIENT, VIP, 5000, 53), 4)
+    assert mark & MARK_FAST and BACKENDS[(mark & 0xFFF) - 5 * 16] == backend
+    # Its backend no longer alive: the flow's next packet moves, and is not fast.
+    fast_core.publish([make_service(sid=5, protocol="udp", port=53, backend_port=53,
+                                    down=(backend,))])
+    _, mark = fast_core.decide(udp(CLIENT, VIP, 5000, 53), 5)
+    assert not mark & MARK_FAST and BACKENDS[(mark & 0xFFF) - 5 * 16] != backend
+
+
+def test_udp_maps_and_rules_only_where_udp_is():
+    from natlb import ruleset
+
+    from .test_ruleset import spec
+
+    both = ruleset.build(spec("mark", fastpath=True))
+    whats = [m.what for m in both]
+    assert "rule prerouting fast path to a service, udp" in whats
+    assert "rule rewrite fast path install, udp" in whats
+    tcp_only = ruleset.Spec(**{**vars(spec("mark", fastpath=True)),
+                               "services": spec().services[:1]})
+    whats = [m.what for m in ruleset.build(tcp_only)]
+    assert not [w for w in whats if w.startswith("rule") and w.endswith(", udp")]
+    assert "set fast_fwd_udp" in whats          # flush_fast names every map
+    assert {dict(m.attrs)["NFTA_SET_ELEM_LIST_SET"] for m in ruleset.flush_fast("t")} == {
+        "fast_fwd", "fast_rev", "fast_fwd_udp", "fast_rev_udp"}
+
+
+def test_the_kernel_forgets_fast_flows_when_a_udp_backend_stops_being_alive(fast_core):
+    from natlb.config import parse
+    from natlb.pool import Pool
+
+    def svc(name: str, port: int, protocol: str) -> dict:
+        return {"name": name, "vip": VIP, "port": port, "protocol": protocol,
+                "health": {"kind": "tcp", "fall": 1, "rise": 1},
+                "failover": {"on_backend_down": "keep"},
+                "backend": [{"address": a, "port": port} for a in BACKENDS]}
+
+    pool = Pool(parse({"service": [svc("web", 80, "tcp"), svc("dns", 53, "udp")]}), fast_core)
+    forgot = []
+    pool.publisher.forget_fast = lambda: forgot.append(1)
+    pool.publish()
+    web, dns = pool.services
+    pool.report(web, web.backends[0], False, "refused")       # TCP kept: no
+    assert forgot == []
+    pool.report(dns, dns.backends[0], False, "refused")
+    assert forgot == [1]
+    pool.report(dns, dns.backends[0], True, "ok")             # back: nothing to forget
+    assert forgot == [1]

@@ -67,6 +67,29 @@ def test_counters_agree_with_the_traffic(served):
     assert value(server, "natlb_health_checks_total", result="ok") == 0
 
 
+def test_fast_path_packets_count_in_metrics_rates_and_status(served):
+    """Packets the kernel carried alone (fast path) are read when the counters
+    are: added per backend and to its service, in every reader."""
+    from natlb.rates import live_counters
+    from natlb.status import collect
+
+    server, config = served
+    pool = server.collector.pool
+    b0 = pool.services[0].backends[0]
+    pool.kernel_counts = lambda: {b0.id: (100, 10_000, 50, 5_000)}
+    assert value(server, "natlb_incoming_packets_total", **WEB) == 7 + 100
+    assert value(server, "natlb_outgoing_bytes_total", **WEB) == 5_000
+    per_backend = [value(server, "natlb_backend_incoming_packets_total",
+                         **backend_labels(config, k)) for k in range(3)]
+    assert per_backend[0] - min(per_backend[1:]) >= 100 - 1 and sum(per_backend) == 107
+    live = live_counters(pool)
+    assert live[("backend", b0.id)].packets_out == 50
+    assert live[("service", pool.services[0].id)].bytes_in >= 10_000
+    st = collect(pool, [], 0.0, 1024)
+    assert st["services"][0]["packets_in"] == 107
+    assert st["services"][0]["backends"][0]["bytes_out"] == 5_000
+
+
 def test_backend_state_and_checks_show(served):
     server, config = served
     pool = server.collector.pool

@@ -271,7 +271,7 @@ def test_removed_backends_are_retired_until_their_flows_end():
 def test_reconfigure_refuses_when_ids_run_out_and_changes_nothing():
     pool = PoolState(config(backends=3))
     before = [(s.id, [b.id for b in s.backends]) for s in pool.services]
-    pool.next_backend_id = 4096 - 1
+    pool.next_backend_id = pool.max_ids[1] - 1
     with pytest.raises(PoolError, match="ids exhausted"):
         pool.reconfigure(config(backends=3, vip="192.0.2.101"))
     assert [(s.id, [b.id for b in s.backends]) for s in pool.services] == before

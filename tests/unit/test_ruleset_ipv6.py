@@ -86,6 +86,7 @@ def test_only_icmpv6_errors_are_queued_never_neighbour_discovery() -> None:
     rules = _rules(v6_only(ruleset.build(dual())))
     icmp = [r for r in rules if "icmpv6" in r.what]
     assert [r.what for r in icmp] == [
+        "rule prerouting icmpv6 from a backend to this host",     # accepted, not queued
         "rule prerouting icmpv6 from a backend", "rule prerouting spoofed backend icmpv6",
         "rule prerouting icmpv6 to a service", "rule output local icmpv6 error"]
     for r in icmp:
@@ -121,10 +122,13 @@ def test_ipv6_rules_do_not_grow_with_services() -> None:
     assert len(_elements(big, "vips6")) == 250 and len(_elements(big, "replies6")) == 750
 
 
-def test_cluster_replies_to_this_host_pass_in_both_tables() -> None:
-    """With a cluster service the host's own connections' answers (health
-    checks) pass before the reply rules, in the ip6 table too."""
-    msgs = ruleset.build(ruleset.Spec(**{**vars(dual()), "own_replies_pass": True}))
+def test_replies_to_this_host_pass_in_both_tables() -> None:
+    """The host's own connections' answers (health checks) pass before the
+    reply rules, in the ip6 table too: never queued."""
+    msgs = ruleset.build(dual())
     passing = [m for m in _rules(msgs) if m.what == "rule prerouting reply to this host"]
     assert [m.family for m in passing] == [ruleset.NFPROTO_IPV4, V6]
-    assert "lookup_set=backend_services6" in ruleset.render([passing[1]])
+    assert "lookup_set=replies6" in ruleset.render([passing[1]])
+    icmp6 = [m for m in _rules(msgs)
+             if m.what == "rule prerouting icmpv6 from a backend to this host"]
+    assert len(icmp6) == 1 and "set=vip_addrs6" in ruleset.render(icmp6)
