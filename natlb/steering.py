@@ -100,7 +100,7 @@ def encode(messages: list[ruleset.Message], seq: int) -> tuple[bytes, dict[int, 
     for msg in messages:
         seq += 1
         what[seq] = msg.what
-        fast = nftwire.encode(msg, NFPROTO_IPV4, NLM_F_REQUEST | NLM_F_ACK | msg.flags, seq)
+        fast = nftwire.encode(msg, msg.family, NLM_F_REQUEST | NLM_F_ACK | msg.flags, seq)
         if fast is not None:
             parts.append(fast)
             continue

@@ -304,3 +304,70 @@ def test_restart_hands_over_ipv6_flows(testbed, natlb):
         os.kill(pid, signal.SIGTERM)
         wait_gone(pid)
     assert router_state(testbed) == before
+
+
+# A real DNS exchange, not an echo: each backend answers any A question with
+# 192.0.2.<its number>, on port 5353; the VIP's port 53 maps to it.
+DNS_SERVER = """
+import socket, struct, sys
+s = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 5353))
+k = int(sys.argv[2])
+print("ready", flush=True)
+while True:
+    q, peer = s.recvfrom(512)
+    answer = b"\\xc0\\x0c" + struct.pack("!HHIH", 1, 1, 60, 4) + bytes([192, 0, 2, k])
+    s.sendto(q[:2] + struct.pack("!HHHHH", 0x8180, 1, 1, 0, 0) + q[12:] + answer, peer)
+"""
+# n queries, each from a new socket (a new flow); per query the answer's last
+# octet, or None (no answer) or -1 (an answer that does not match the query,
+# or not from the VIP's port 53).
+DNS_CLIENT = """
+import json, os, socket, struct, sys
+vip, n = sys.argv[1], int(sys.argv[2])
+out = []
+for i in range(n):
+    with socket.socket(socket.AF_INET6, socket.SOCK_DGRAM) as s:
+        s.settimeout(2)
+        name = b"".join(bytes([len(p)]) + p for p in (b"www%d" % i, b"example")) + b"\\0"
+        q = struct.pack("!HHHHHH", (os.getpid() + i) & 0xffff, 0x0100, 1, 0, 0, 0)
+        q += name + struct.pack("!HH", 1, 1)
+        s.sendto(q, (vip, 53))
+        try:
+            a, peer = s.recvfrom(512)
+        except TimeoutError:
+            out.append(None)
+            continue
+        ok = a[:2] == q[:2] and a[12:len(q)] == q[12:] and peer[:2] == (vip, 53)
+        out.append(a[-1] if ok else -1)
+print(json.dumps(out))
+"""
+
+
+@MODES
+def test_dns_over_ipv6(testbed, natlb, rewrite):
+    for k in (1, 2, 3):
+        p = testbed.spawn(testbed.backend(k), [sys.executable, "-c", DNS_SERVER,
+                                               backend_addr6(k), str(k)],
+                          stdout=subprocess.PIPE, text=True)
+        assert p.stdout and p.stdout.readline().strip() == "ready"
+    backends = "\n".join(f'[[service.backend]]\naddress = "{backend_addr6(k)}"\nport = 5353'
+                         for k in (1, 2, 3))
+    natlb(f'[lb]\ncontrol_socket = "{testbed.control_socket}"\nrewrite = "{rewrite}"\n' + f"""
+[[service]]
+name = "dns6"
+vip = "{VIP6}"
+port = 53
+protocol = "udp"
+scheduler = "rr"
+[service.health]
+kind = "dns"
+name = "natlb.example"
+interval_ms = 200
+timeout_ms = 1000
+{backends}
+""")
+    r = subprocess.run(["ip", "netns", "exec", testbed.client, sys.executable, "-c", DNS_CLIENT,
+                        VIP6, "12"], capture_output=True, text=True, timeout=60)
+    answers = json.loads(r.stdout)
+    assert Counter(answers) == {1: 4, 2: 4, 3: 4}, answers

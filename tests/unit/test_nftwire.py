@@ -38,3 +38,20 @@ def test_counter_dump_is_read():
         [("natlb", "in_0", 3, 1 << 40), ("other", "x", 1, 2)], False)
     done = (20).to_bytes(4, "little") + (nftwire.NLMSG_DONE).to_bytes(2, "little") + bytes(14)
     assert nftwire.counter_objects(data + done)[1] is True
+
+
+def test_every_message_of_a_batch_carries_its_tables_family():
+    """The ip6 table's set elements go through nftwire too: sent with the
+    IPv4 family they name a table that does not exist."""
+    from .test_ruleset_ipv6 import dual
+
+    msgs = ruleset.build(dual())
+    data, _ = steering.encode(msgs, 0)
+    families, off = [], 0
+    while off < len(data):
+        length, mtype = int.from_bytes(data[off:off + 4], "little"), data[off + 5]
+        if mtype == nftwire.NFNL_SUBSYS_NFTABLES:
+            families.append(data[off + 16])
+        off += (length + 3) & ~3
+    assert families == [m.family for m in msgs]
+    assert ruleset.NFPROTO_IPV6 in families
