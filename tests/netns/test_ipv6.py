@@ -346,14 +346,17 @@ print(json.dumps(out))
 
 @MODES
 def test_dns_over_ipv6(testbed, natlb, rewrite):
-    for k in (1, 2, 3):
-        p = testbed.spawn(testbed.backend(k), [sys.executable, "-c", DNS_SERVER,
-                                               backend_addr6(k), str(k)],
-                          stdout=subprocess.PIPE, text=True)
-        assert p.stdout and p.stdout.readline().strip() == "ready"
-    backends = "\n".join(f'[[service.backend]]\naddress = "{backend_addr6(k)}"\nport = 5353'
-                         for k in (1, 2, 3))
-    natlb(f'[lb]\ncontrol_socket = "{testbed.control_socket}"\nrewrite = "{rewrite}"\n' + f"""
+    servers = []
+    try:
+        for k in (1, 2, 3):
+            p = testbed.spawn(testbed.backend(k), [sys.executable, "-c", DNS_SERVER,
+                                                   backend_addr6(k), str(k)],
+                              stdout=subprocess.PIPE, text=True)
+            servers.append(p)
+            assert p.stdout and p.stdout.readline().strip() == "ready"
+        backends = "\n".join(f'[[service.backend]]\naddress = "{backend_addr6(k)}"\nport = 5353'
+                             for k in (1, 2, 3))
+        natlb(f'[lb]\ncontrol_socket = "{testbed.control_socket}"\nrewrite = "{rewrite}"\n' + f"""
 [[service]]
 name = "dns6"
 vip = "{VIP6}"
@@ -367,7 +370,11 @@ interval_ms = 200
 timeout_ms = 1000
 {backends}
 """)
-    r = subprocess.run(["ip", "netns", "exec", testbed.client, sys.executable, "-c", DNS_CLIENT,
-                        VIP6, "12"], capture_output=True, text=True, timeout=60)
-    answers = json.loads(r.stdout)
-    assert Counter(answers) == {1: 4, 2: 4, 3: 4}, answers
+        r = subprocess.run(["ip", "netns", "exec", testbed.client, sys.executable, "-c",
+                            DNS_CLIENT, VIP6, "12"], capture_output=True, text=True, timeout=60)
+        answers = json.loads(r.stdout)
+        assert Counter(answers) == {1: 4, 2: 4, 3: 4}, answers
+    finally:
+        for p in servers:
+            testbed.stop(p)
+            testbed.procs.remove(p)
