@@ -8,7 +8,8 @@
  *  - what natlb sends itself (outbox) is a well-formed IPv4 or IPv6 packet
  *    with valid checksums; events name a published service and backend;
  *  - at the end of an input, with every flow expired and swept, the table
- *    is empty and every gauge is back to zero.
+ *    is empty and every gauge is back to zero; so is the fragment table
+ *    (fragments are tracked; nothing is held: nl_process has no packet id).
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -128,6 +129,10 @@ static void create(void)
         .resteer_tries = 3,
         .max_services = N_SVCS,
         .max_backends = N_BACKENDS,
+        /* Fragments are tracked: later ones follow their first (nl_process
+         * gives no packet id, so none is held). */
+        .max_fragments = 16,
+        .fragment_timeout_ms = 1000,
     };
     lb = nl_create(&cfg);
     if (!lb)
@@ -319,6 +324,8 @@ static void check_rewrite_shape(const uint8_t *before, const uint8_t *after, uin
     uint32_t l4 = ihl_of(before);
     uint8_t proto = before[9];
     int frag;
+    if (!v6 && (get16(before + 6) & 0x1fff))
+        l4 = len;                     /* a later fragment: only the address */
     if (v6) {
         uint32_t lim = 40u + get16(before + 4) < len ? 40u + get16(before + 4) : len;
         if (!(l4 = l4_off6(before, lim, &proto, &frag)))
@@ -342,15 +349,17 @@ static void check_rewrite_shape(const uint8_t *before, const uint8_t *after, uin
         memcpy(&w, after + a0, 4);
         a = nl_addr_v4(w);
     }
-    uint16_t port = l4 + 4 <= len ? get16(after + l4 + (fwd ? 2 : 0)) : 0;
+    /* A later fragment carries no port: its address must still be one. */
+    int ported = l4 + 4 <= len;
+    uint16_t port = ported ? get16(after + l4 + (fwd ? 2 : 0)) : 0;
     for (uint32_t i = 0; i < N_SVCS; i++) {
         const struct svc_def *sv = &SVCS[i];
         struct nl_addr va = vip_of(sv);
-        if (!fwd && nl_addr_eq(&a, &va) && port == sv->port)
+        if (!fwd && nl_addr_eq(&a, &va) && (!ported || port == sv->port))
             return;
         for (uint32_t j = 0; fwd && j < sv->n; j++) {
             struct nl_addr ba = backend_addr(sv, sv->first + j);
-            if (nl_addr_eq(&a, &ba) && port == backend_port(sv))
+            if (nl_addr_eq(&a, &ba) && (!ported || port == backend_port(sv)))
                 return;
         }
     }
@@ -519,4 +528,8 @@ void fx_end(void)
     check_table();
     if (nl_ct_count(lb) != 0)
         fx_fail("flows left after everything expired", nl_ct_count(lb));
+    /* The fragment table too, so the next input starts from nothing. */
+    nl_frag_tick(lb, now);
+    if (nl_frag_count(lb) != 0 || nl_frag_held(lb) != 0)
+        fx_fail("fragments left after everything expired", nl_frag_count(lb));
 }

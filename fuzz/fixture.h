@@ -1,8 +1,9 @@
 /*
  * fixture.h -- one small load balancer the fuzz targets drive: a 64-flow
- * table, a published snapshot of seven services over every scheduler, and
- * the oracles checked after each step.  Each input starts from an empty
- * table and a fresh snapshot, so a finding replays from its input alone.
+ * table, a published snapshot of ten services over every scheduler and both
+ * families, fragment tracking, and the oracles checked after each step.
+ * Each input starts from an empty table and a fresh snapshot, so a finding
+ * replays from its input alone.
  */
 #ifndef NATLB_FUZZ_FIXTURE_H
 #define NATLB_FUZZ_FIXTURE_H
