@@ -10,6 +10,7 @@ Requests: {"cmd": "status"}
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import socket
@@ -39,6 +40,7 @@ class ControlServer:
         self.status = status
         self.restart = restart
         self.server: asyncio.AbstractServer | None = None
+        self._inode = -1
 
     @staticmethod
     def check_free(path: str) -> bool:
@@ -50,7 +52,9 @@ class ControlServer:
         try:
             probe.connect(path)
         except OSError:
-            os.unlink(path)
+            # After `natlb restart` the predecessor may remove it first.
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
             return True
         else:
             raise ControlError(f"control socket {path} is in use by a running natlb")
@@ -75,16 +79,17 @@ class ControlServer:
         finally:
             os.umask(old)
         os.chmod(self.path, 0o600)
+        self._inode = os.stat(self.path).st_ino
 
     async def stop(self) -> None:
         if self.server:
             self.server.close()
             await self.server.wait_closed()
             self.server = None
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
+        # Only our own: after `natlb restart` the path is the successor's.
+        with contextlib.suppress(FileNotFoundError):
+            if os.stat(self.path).st_ino == self._inode:
+                os.unlink(self.path)
 
     def handle(self, req: dict[str, Any]) -> dict[str, Any]:
         cmd = req.get("cmd")
