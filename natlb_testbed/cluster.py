@@ -16,6 +16,7 @@ and deletes exactly the namespaces made here.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -256,3 +257,4 @@ class ClusterNet:
         for ns in reversed(self.namespaces):
             subprocess.run(["ip", "netns", "del", ns], capture_output=True)
         self.namespaces.clear()
+        shutil.rmtree(self.workdir, ignore_errors=True)
