@@ -59,8 +59,9 @@ def test_unit_agrees_with_natlb():
 
 
 def install(root: Path, **env: str) -> subprocess.CompletedProcess:
+    # TMPDIR: a failed install leaves its log there, so not in /tmp.
     return subprocess.run([str(INSTALL), "--root", str(root)], capture_output=True, text=True,
-                          timeout=600, env={**os.environ, **env})
+                          timeout=600, env={**os.environ, "TMPDIR": str(root.parent), **env})
 
 
 def tree(root: Path) -> set[str]:
