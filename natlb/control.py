@@ -40,7 +40,7 @@ class ControlServer:
         self.status = status
         self.restart = restart
         self.server: asyncio.AbstractServer | None = None
-        self._inode = -1
+        self._mine = (-1, -1, -1)
 
     @staticmethod
     def check_free(path: str) -> bool:
@@ -79,17 +79,26 @@ class ControlServer:
         finally:
             os.umask(old)
         os.chmod(self.path, 0o600)
-        self._inode = os.stat(self.path).st_ino
+        self._mine = self._ident(self.path)
 
     async def stop(self) -> None:
+        # The path goes first, while we still listen: a successor waiting for
+        # it (start(wait_s)) then sees our live socket or no file, never a
+        # dead socket of ours that it would remove and re-create itself just
+        # as we remove "ours" (an inode number can be reused at once).  Only
+        # our own file: after `natlb restart` the path may be the successor's.
+        with contextlib.suppress(FileNotFoundError):
+            if self._ident(self.path) == self._mine:
+                os.unlink(self.path)
         if self.server:
             self.server.close()
             await self.server.wait_closed()
             self.server = None
-        # Only our own: after `natlb restart` the path is the successor's.
-        with contextlib.suppress(FileNotFoundError):
-            if os.stat(self.path).st_ino == self._inode:
-                os.unlink(self.path)
+
+    @staticmethod
+    def _ident(path: str) -> tuple[int, int, int]:
+        st = os.stat(path)
+        return st.st_dev, st.st_ino, st.st_ctime_ns
 
     def handle(self, req: dict[str, Any]) -> dict[str, Any]:
         cmd = req.get("cmd")
