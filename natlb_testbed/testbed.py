@@ -471,8 +471,10 @@ timeout_ms = 1000
 
 
 def udp_service(name: str, backends: list[int], interval_ms: int = 200,
-                timeout_ms: int = 200, family: int = 4) -> str:
-    """A [[service]] block: UDP port 53 on the VIP, udp health checks."""
+                timeout_ms: int = 1000, family: int = 4) -> str:
+    """A [[service]] block: UDP port 53 on the VIP, udp health checks.  The
+    timeout is generous for the reason basic_config's is: one slow answer on a
+    loaded machine took a backend down for a moment and broke exact spreads."""
     addr = backend_addr6 if family == 6 else backend_addr
     blocks = "\n".join(f'[[service.backend]]\naddress = "{addr(k)}"' for k in backends)
     return f"""
