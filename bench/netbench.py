@@ -32,7 +32,7 @@ import sys
 import time
 from pathlib import Path
 
-from natlb_testbed.testbed import VIP, VIP6, Testbed, backend_addr, backend_addr6
+from natlb_testbed.testbed import VIP, Testbed, backend_addr, backend_addr6, family_addresses
 
 N_BACKENDS = 3
 PATHS = ("natlb", "natlb-fast", "kernel", "haproxy")
@@ -205,8 +205,7 @@ class Bench:
     def use_family(self, family: int) -> None:
         """Which of the dual-stack testbed's addresses the next paths use."""
         self.family = family
-        self.vip = VIP6 if family == 6 else VIP
-        addr = backend_addr6 if family == 6 else backend_addr
+        self.vip, addr = family_addresses(family)
         self.addrs = {f"b{k}": addr(k) for k in range(1, N_BACKENDS + 1)}
         # As a URL takes it.
         self.host = f"[{self.vip}]" if family == 6 else self.vip

@@ -23,7 +23,7 @@ import sys
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -412,6 +412,11 @@ class StateWatch:
             pass
 
 
+def family_addresses(family: int) -> tuple[str, Callable[[int], str]]:
+    """The testbed's VIP and backend-address function of an address family."""
+    return (VIP6, backend_addr6) if family == 6 else (VIP, backend_addr)
+
+
 def basic_config(tb: Testbed, scheduler: str = "rr", health: str = "tcp",
                  interval_ms: int = 100, extra_services: str = "", lb_extra: str = "",
                  service_extra: str = "", backends: list[int] | None = None,
@@ -424,7 +429,7 @@ def basic_config(tb: Testbed, scheduler: str = "rr", health: str = "tcp",
     or one SYN-ACK can take hundreds of ms, and with fall = 1 a single slow
     check of a healthy backend takes it down and resets its flows.  Tests
     that are about fast detection ask for short ones."""
-    addr = backend_addr6 if family == 6 else backend_addr
+    vip, addr = family_addresses(family)
     blocks = "\n".join(
         f'[[service.backend]]\naddress = "{addr(k)}"\nport = 80\n'
         for k in (backends or range(1, tb.n_backends + 1)))
@@ -436,7 +441,7 @@ syn_timeout_ms = {syn_timeout_ms}
 
 [[service]]
 name = "{name}"
-vip = "{VIP6 if family == 6 else VIP}"
+vip = "{vip}"
 port = 80
 protocol = "tcp"
 scheduler = "{scheduler}"
@@ -454,12 +459,12 @@ fall = 1
 
 def web_service(name: str, backends: list[int], family: int = 4) -> str:
     """A [[service]] block: TCP port 80 on the VIP (of the family), tcp checks."""
-    addr = backend_addr6 if family == 6 else backend_addr
+    vip, addr = family_addresses(family)
     blocks = "\n".join(f'[[service.backend]]\naddress = "{addr(k)}"' for k in backends)
     return f"""
 [[service]]
 name = "{name}"
-vip = "{VIP6 if family == 6 else VIP}"
+vip = "{vip}"
 port = 80
 protocol = "tcp"
 [service.health]
@@ -475,12 +480,12 @@ def udp_service(name: str, backends: list[int], interval_ms: int = 200,
     """A [[service]] block: UDP port 53 on the VIP, udp health checks.  The
     timeout is generous for the reason basic_config's is: one slow answer on a
     loaded machine took a backend down for a moment and broke exact spreads."""
-    addr = backend_addr6 if family == 6 else backend_addr
+    vip, addr = family_addresses(family)
     blocks = "\n".join(f'[[service.backend]]\naddress = "{addr(k)}"' for k in backends)
     return f"""
 [[service]]
 name = "{name}"
-vip = "{VIP6 if family == 6 else VIP}"
+vip = "{vip}"
 port = 53
 protocol = "udp"
 scheduler = "rr"
