@@ -19,6 +19,7 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from natlb.errors import HostError
+from natlb.ownfile import identity, unlink_if_mine
 from natlb.pool_state import DISABLED, DRAINING, ENABLED, PoolError
 
 if TYPE_CHECKING:  # the CLI imports this module too: keep its start light
@@ -79,7 +80,7 @@ class ControlServer:
         finally:
             os.umask(old)
         os.chmod(self.path, 0o600)
-        self._mine = self._ident(self.path)
+        self._mine = identity(self.path)
 
     async def stop(self) -> None:
         # The path goes first, while we still listen: a successor waiting for
@@ -87,18 +88,11 @@ class ControlServer:
         # dead socket of ours that it would remove and re-create itself just
         # as we remove "ours" (an inode number can be reused at once).  Only
         # our own file: after `natlb restart` the path may be the successor's.
-        with contextlib.suppress(FileNotFoundError):
-            if self._ident(self.path) == self._mine:
-                os.unlink(self.path)
+        unlink_if_mine(self.path, self._mine)
         if self.server:
             self.server.close()
             await self.server.wait_closed()
             self.server = None
-
-    @staticmethod
-    def _ident(path: str) -> tuple[int, int, int]:
-        st = os.stat(path)
-        return st.st_dev, st.st_ino, st.st_ctime_ns
 
     def handle(self, req: dict[str, Any]) -> dict[str, Any]:
         cmd = req.get("cmd")

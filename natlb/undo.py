@@ -28,6 +28,8 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+from natlb.ownfile import Identity, identity, unlink_if_mine
+
 log = logging.getLogger("natlb.undo")
 
 Revert = Callable[[dict[str, Any]], None]
@@ -174,7 +176,7 @@ def guardian(fd: int, grace_ms: int, socket_path: str | None) -> int:
     sel = selectors.DefaultSelector()
     sel.register(fd, selectors.EVENT_READ)
     listener: socket.socket | None = None
-    mine = 0
+    mine: Identity | None = None
 
     def listen() -> None:
         """natlb is gone: wait for a successor at socket_path."""
@@ -199,7 +201,7 @@ def guardian(fd: int, grace_ms: int, socket_path: str | None) -> int:
             return
         finally:
             os.umask(old)
-        mine = os.stat(socket_path).st_ino
+        mine = identity(socket_path)
         listener.listen(4)
         sel.register(listener, selectors.EVENT_READ)
 
@@ -209,13 +211,11 @@ def guardian(fd: int, grace_ms: int, socket_path: str | None) -> int:
 
     def close_listener() -> None:
         if listener and socket_path:
+            # The path goes first, while we still listen, and only if it is
+            # still ours: after `natlb restart` it may be the successor's
+            # guardian's (see natlb/ownfile.py and ControlServer.stop).
+            unlink_if_mine(socket_path, mine)
             listener.close()
-            # After `natlb restart` the path is the successor's guardian's.
-            try:
-                if os.stat(socket_path).st_ino == mine:
-                    os.unlink(socket_path)
-            except FileNotFoundError:
-                pass
 
     while deadline is None or (listener and time.monotonic() < deadline):
         timeout = None if deadline is None else max(0.0, deadline - time.monotonic())

@@ -2,6 +2,7 @@
 of a natlb that died, or the guardian undoes it once the grace is over."""
 
 import os
+import socket
 import time
 
 from natlb.undo import Journal, claim
@@ -65,3 +66,24 @@ def test_socket_directory_gone_means_undo_at_once(tmp_path):
     g = died(j)
     assert g.wait(timeout=5) == 0    # well before the 60 s grace
     assert not table.exists()
+
+
+def test_guardian_leaves_a_socket_bound_after_its_own(tmp_path):
+    """Its grace over, the guardian removes its own socket only: a file bound
+    at the path since (a successor's guardian after `natlb restart`) stays."""
+    sock = str(tmp_path / "natlb.sock.guardian")
+    j = Journal(guardian=True, grace_ms=400, socket_path=sock)
+    j.record("flow_table", path=str(tmp_path / "f"))
+    g = died(j)
+    for _ in range(100):
+        if os.path.exists(sock):
+            break
+        time.sleep(0.01)
+    os.unlink(sock)
+    other = socket.socket(socket.AF_UNIX)
+    other.bind(sock)
+    try:
+        assert g.wait(timeout=5) == 0
+        assert os.path.exists(sock)
+    finally:
+        other.close()

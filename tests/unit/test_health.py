@@ -34,6 +34,12 @@ def http_server():
     yield port
     loop.call_soon_threadsafe(loop.stop)
     t.join()
+    # Closed and drained on its own loop: an accept left pending would be
+    # reported as a coroutine never awaited.
+    server.close()
+    loop.run_until_complete(server.wait_closed())
+    loop.run_until_complete(loop.shutdown_asyncgens())
+    loop.close()
 
 
 def free_port(kind=socket.SOCK_STREAM):
