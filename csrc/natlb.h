@@ -333,6 +333,10 @@ int nl_start(struct nl_lb *lb, const uint16_t *queues, uint32_t n_queues,
              uint32_t flags, char *err, uint32_t errlen);
 /* Stops and joins the workers (returns within about 100 ms). */
 void nl_stop(struct nl_lb *lb);
+/* The watchdog: out[i] is the monotonic ms at which worker i last went
+ * round its loop (at least every 100 ms, idle or not; also while paused or
+ * forwarding).  Returns how many workers run (0: none), at most max. */
+uint32_t nl_worker_beats(struct nl_lb *lb, uint64_t *out, uint32_t max);
 /* Workers started with NL_START_PAUSED begin reading their queues. */
 void nl_resume(struct nl_lb *lb);
 /* Handover: from their next batch on, the workers pass every packet on to

@@ -81,3 +81,9 @@ void nl_frag_tick(struct nl_lb *lb, uint64_t now_ms);
  * 32-bit addresses) carries; nl_ct_store converts such a table.  Tests
  * write one with it. */
 uint32_t nl_ct_layout_v2(void);
+
+/* ---- a stuck worker (the watchdog's test) -------------------------------- */
+/* Worker `worker` of every running lb sleeps in its loop for `ms` from now
+ * (0: no more), as if stuck; it still wakes for nl_stop.  Process-wide, so a
+ * test can stall the natlb it runs in a subprocess (tests/netns/stallable.py). */
+void nl_test_stall(uint32_t worker, uint32_t ms);

@@ -80,6 +80,8 @@ struct nl_worker {
     int mark_mode;               /* NL_START_MARK: decide, let nft rewrite  */
     uint8_t *release_buf;        /* copy mode: a released fragment's bytes  */
     uint64_t loops;              /* loop iterations, for nl_forward's wait  */
+    uint64_t beat_ms;            /* now_ms() at the top of the last iteration:
+                                    the watchdog's proof the loop turns    */
 };
 
 /* What the I/O layer owns: the threads and every file descriptor. */
@@ -120,6 +122,10 @@ void nl_io_fini(struct nl_lb *lb)
         lb->io = NULL;
     }
 }
+
+/* Test hook (natlb_test.h): one worker sleeps in its loop, as if stuck. */
+static uint32_t stall_worker;
+static uint64_t stall_until_ms;
 
 /* ---- events: the eventfd over failover.c's ring ------------------------ */
 
@@ -529,6 +535,22 @@ static void set_timeout(struct nl_worker *w, uint32_t wait_ms)
     w->timeout_ms = ms;
 }
 
+void nl_test_stall(uint32_t worker, uint32_t ms)
+{
+    __atomic_store_n(&stall_worker, worker, __ATOMIC_RELAXED);
+    __atomic_store_n(&stall_until_ms, ms ? now_ms() + ms : 0, __ATOMIC_RELAXED);
+}
+
+/* The test hook's effect: sleep (waking for nl_stop) until the stall ends. */
+static void stall(struct nl_worker *w)
+{
+    if (w->index != __atomic_load_n(&stall_worker, __ATOMIC_RELAXED))
+        return;
+    while (now_ms() < __atomic_load_n(&stall_until_ms, __ATOMIC_RELAXED) &&
+           !__atomic_load_n(&w->lb->io->stop, __ATOMIC_RELAXED))
+        usleep(10000);
+}
+
 static void *worker_main(void *arg)
 {
     struct nl_worker *w = arg;
@@ -538,6 +560,9 @@ static void *worker_main(void *arg)
     w->last_sweep_ms = now_ms();
     while (!__atomic_load_n(&io->stop, __ATOMIC_RELAXED)) {
         __atomic_add_fetch(&w->loops, 1, __ATOMIC_SEQ_CST);
+        __atomic_store_n(&w->beat_ms, now_ms(), __ATOMIC_RELAXED);
+        if (__atomic_load_n(&stall_until_ms, __ATOMIC_RELAXED))
+            stall(w);
         if (__atomic_load_n(&io->paused, __ATOMIC_ACQUIRE)) {
             /* Bound: the kernel keeps the packets until we read. */
             usleep(500);
@@ -641,6 +666,7 @@ int nl_start(struct nl_lb *lb, const uint16_t *queues, uint32_t n, uint32_t flag
         ws[i].index = i;
         ws[i].queue = queues[i];
         ws[i].poll_ns = (uint64_t)lb->cfg.poll_us * 1000;
+        ws[i].beat_ms = now_ms();    /* not stuck before its first loop */
         if (open_queue(&ws[i], flags, err, errlen) < 0)
             goto fail;
     }
@@ -717,6 +743,17 @@ void nl_stop(struct nl_lb *lb)
     free(io->workers);
     io->workers = NULL;
     io->n_running = 0;
+}
+
+uint32_t nl_worker_beats(struct nl_lb *lb, uint64_t *out, uint32_t max)
+{
+    struct nl_io *io = lb->io;
+    if (!io || !io->workers)
+        return 0;
+    uint32_t n = io->n_running < max ? io->n_running : max;
+    for (uint32_t i = 0; i < n; i++)
+        out[i] = __atomic_load_n(&io->workers[i].beat_ms, __ATOMIC_RELAXED);
+    return n;
 }
 
 void nl_resume(struct nl_lb *lb)

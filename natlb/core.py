@@ -295,6 +295,13 @@ def parse_queue_message(msg: bytes) -> QueuedPacket | None:
     return QueuedPacket(socket.ntohl(out.packet_id), payload, out.pkt_flags)
 
 
+def stall_worker(worker: int, ms: int) -> None:
+    """Tests: worker `worker` of every running Core in this process sleeps
+    in its loop for `ms` (0: stop stalling), as a stuck worker would
+    (csrc/natlb_test.h)."""
+    lib.nl_test_stall(worker, ms)
+
+
 class Core:
     """A C load balancer instance: conntrack, published tables, workers."""
 
@@ -569,6 +576,13 @@ class Core:
         if rc != 0:
             raise CoreError(ffi.string(err).decode())
         self.running = True
+
+    def worker_beats(self) -> list[int]:
+        """When each running worker last went round its loop (monotonic_ms
+        clock); [] when no worker runs."""
+        out = ffi.new("uint64_t[]", lib.NL_MAX_WORKERS)
+        n = lib.nl_worker_beats(self._lb, out, lib.NL_MAX_WORKERS)
+        return list(out[0:n])
 
     def resume(self) -> None:
         """Workers started paused begin reading their queues."""

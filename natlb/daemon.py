@@ -21,12 +21,13 @@ import logging
 import os
 import signal
 import socket
+import struct
 import sys
 import time
 from collections.abc import Callable
 from typing import Any
 
-from natlb import netsetup, ruleset, sdnotify
+from natlb import netsetup, ruleset, sdnotify, watchdog
 from natlb.announce import Announcer
 from natlb.config import Config, host_port, load
 from natlb.config import family as config_family
@@ -40,6 +41,7 @@ from natlb.core import (
     CoreConfig,
     CoreError,
     StoreReport,
+    monotonic_ms,
 )
 from natlb.errors import ConfigError, NatlbError, RequestError
 from natlb.handover import (
@@ -103,6 +105,11 @@ class Daemon:
         self.queues = config.lb.queues
         # A predecessor handing over to us (natlb restart), or None.
         self.predecessor = Channel(socket.socket(fileno=handover_fd)) if handover_fd else None
+        if self.predecessor:
+            # The socketpair's peer is the predecessor, whatever its version.
+            peer, _, _ = struct.unpack("3i", self.predecessor.sock.getsockopt(
+                socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
+            watchdog.inherit_pid(os.environ, peer, os.getpid())
         self.store_report: StoreReport | None = None
         self.handed_over = False
         self._stop: asyncio.Event | None = None
@@ -408,6 +415,9 @@ class Daemon:
         loop.add_reader(self.core.event_fd(), on_events)
         rates = loop.create_task(self.rates.run(lambda: live_counters(self.pool), time.monotonic))
         pruner = loop.create_task(self.prune_retired())
+        dog = watchdog.from_environment(self.core.worker_beats, monotonic_ms,
+                                        lambda: self.queues)
+        pinger = loop.create_task(dog.run()) if dog else None
         try:
             self.monitor.start()
             log.info("natlb running; control socket %s%s", lb.control_socket,
@@ -424,6 +434,8 @@ class Daemon:
         finally:
             rates.cancel()
             pruner.cancel()
+            if pinger:
+                pinger.cancel()
             loop.remove_reader(self.core.event_fd())
             await asyncio.gather(*reload_tasks, return_exceptions=True)
             await self.monitor.stop()
