@@ -85,5 +85,5 @@ uint32_t nl_ct_layout_v2(void);
 /* ---- a stuck worker (the watchdog's test) -------------------------------- */
 /* Worker `worker` of every running lb sleeps in its loop for `ms` from now
  * (0: no more), as if stuck; it still wakes for nl_stop.  Process-wide, so a
- * test can stall the natlb it runs in a subprocess (tests/netns/stallable.py). */
+ * test can stall the natlb it runs in a subprocess (natlb_testbed/stallable.py). */
 void nl_test_stall(uint32_t worker, uint32_t ms);

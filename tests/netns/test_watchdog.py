@@ -84,9 +84,10 @@ def test_pings_while_serving_stop_for_a_stuck_worker_and_the_restart_adopts(test
         p.send_signal(signal.SIGUSR2)
         hung_at = time.monotonic()
         after = pings(notify, 3 * INTERVAL_MS / 1000)
-        # The last ping may come one check after the hang (the worker was
-        # fresh then), never once the bound has passed and a check saw it.
-        assert all(t - hung_at < BOUND_S + INTERVAL_MS / 2000 for t, _ in after), \
+        # The last ping may come at a check up to the bound after the hang
+        # (the worker's stamp was fresh enough then), none after the next one
+        # (half a second of slack for a loaded host).
+        assert all(t - hung_at < BOUND_S + INTERVAL_MS / 2000 + 0.5 for t, _ in after), \
             (after, hung_at)
         assert p.poll() is None
         log = (testbed.workdir / "watchdog.log").read_text()
