@@ -35,8 +35,9 @@ from pathlib import Path
 from natlb_testbed.testbed import VIP, Testbed, backend_addr, backend_addr6, family_addresses
 
 N_BACKENDS = 3
-PATHS = ("natlb", "natlb-fast", "kernel", "haproxy")
+PATHS = ("natlb", "natlb-fast", "kernel", "stateless", "haproxy")
 NAMES = {"natlb": "natlb", "natlb-fast": "natlb fastpath = true", "kernel": "kernel nft DNAT",
+         "stateless": "stateless nft rewrite (notrack, jhash)",
          "haproxy": "HAProxy TCP 1 thread (UDP: nginx stream 1 worker)"}
 METRICS = {
     "conn_s": "new conn/s",
@@ -147,6 +148,29 @@ table {nft} natlb_bench_dnat {{
     {nft} daddr {vip} tcp dport 80 dnat to numgen inc mod 3 map {{ 0 : {b1}, 1 : {b2}, 2 : {b3} }}
     {nft} daddr {vip} udp dport 53 dnat to numgen inc mod 3 map {{ 0 : {b1}, 1 : {b2}, 2 : {b3} }}
     {nft} daddr {vip} tcp dport 5201 dnat to {b1}
+  }}
+}}
+"""
+
+# No conntrack, no queue: requests get a backend's address from a hash of the
+# client's address and port (so a flow keeps its backend), replies get the
+# VIP back by their source.  The reply rewrite waits for the forward hook: in
+# prerouting the VIP as a source would meet the route lookup's source check.
+STATELESS = """
+table {nft} natlb_bench_stateless {{
+  chain pre {{
+    type filter hook prerouting priority raw;
+    {nft} daddr {vip} notrack
+    {nft} daddr {vip} tcp dport 80 {nft} daddr set jhash {nft} saddr . tcp sport mod 3 map {pick}
+    {nft} daddr {vip} udp dport 53 {nft} daddr set jhash {nft} saddr . udp sport mod 3 map {pick}
+    {nft} daddr {vip} tcp dport 5201 {nft} daddr set {b1}
+    {nft} saddr {{ {b1}, {b2}, {b3} }} tcp sport {{ 80, 5201 }} notrack
+    {nft} saddr {{ {b1}, {b2}, {b3} }} udp sport 53 notrack
+  }}
+  chain fwd {{
+    type filter hook forward priority 0;
+    {nft} saddr {{ {b1}, {b2}, {b3} }} tcp sport {{ 80, 5201 }} {nft} saddr set {vip}
+    {nft} saddr {{ {b1}, {b2}, {b3} }} udp sport 53 {nft} saddr set {vip}
   }}
 }}
 """
@@ -277,12 +301,20 @@ class Bench:
             text += extra_services(self.services - BASE_SERVICES, list(self.addrs.values()))
             cfg = self.tb.write_config(text)
             return [self.tb.start_natlb(cfg)]
+        self.router(["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1" if self.family == 6
+                     else "net.ipv4.ip_forward=1"])
+        if path == "stateless":
+            # Forwarded, never local: a reply whose source becomes the VIP
+            # must not look like one of the router's own addresses.
+            pick = "{ " + ", ".join(f"{i} : {a}" for i, a in enumerate(self.addrs.values())) + " }"
+            (self.dir / "stateless.nft").write_text(STATELESS.format(pick=pick, **fmt))
+            self.router(["nft", "-f", str(self.dir / "stateless.nft")], check=True)
+            self._check_stateless()
+            return []
         if self.family == 6:
             self.router(["ip", "addr", "add", f"{self.vip}/128", "dev", "lo", "nodad"])
-            self.router(["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1"])
         else:
             self.router(["ip", "addr", "add", f"{VIP}/32", "dev", "lo"])
-            self.router(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
         if path == "kernel":
             (self.dir / "dnat.nft").write_text(KERNEL_NAT.format(**fmt))
             self.router(["nft", "-f", str(self.dir / "dnat.nft")], check=True)
@@ -304,12 +336,25 @@ class Bench:
         for p in procs:
             self.tb.stop(p)
             self.tb.procs.remove(p)
-        if path == "kernel":
-            self.router(["nft", "delete", "table", "ip6" if self.family == 6 else "ip",
-                         "natlb_bench_dnat"])
-        if not path.startswith("natlb"):
+        table = {"kernel": "natlb_bench_dnat", "stateless": "natlb_bench_stateless"}.get(path)
+        if table:
+            self.router(["nft", "delete", "table", "ip6" if self.family == 6 else "ip", table])
+        if path in ("kernel", "haproxy"):
             prefix = 128 if self.family == 6 else 32
             self.router(["ip", "addr", "del", f"{self.vip}/{prefix}", "dev", "lo"])
+
+    def _check_stateless(self) -> None:
+        """Before measuring: every backend answers through the rewrite (a
+        hash that sent all to one, or replies that never got the VIP back,
+        would make fast figures of a broken balancer)."""
+        seen: set[str] = set()
+        code = (f"import http.client as h\nfor _ in range(30):\n"
+                f" c=h.HTTPConnection('{self.vip}',80,timeout=2);c.request('GET','/')\n"
+                " print(c.getresponse().read().decode().strip());c.close()")
+        seen.update(self.client([sys.executable, "-c", code]).stdout.split())
+        if seen != set(self.addrs):
+            raise RuntimeError(f"stateless rewrite: 30 requests reached {sorted(seen)}, "
+                               f"not all of {sorted(self.addrs)}")
 
     # -- measurements ------------------------------------------------------
     def wrk(self, *extra: str, conns: int = 32) -> str:
@@ -434,8 +479,10 @@ def markdown(med: dict[str, dict[str, float]], meta: dict) -> str:
     for path in med:
         lines.append(f"| {_name(path)} | " + " | ".join(f"{med[path][k]:,.0f}" for k in METRICS)
                      + " |")
-    pairs = [(o, p) for o in ("natlb", "natlb-fast") for p in ("kernel", "haproxy")]
-    pairs += [(f"{o}@6", "kernel@6") for o in ("natlb", "natlb-fast")]
+    pairs = [(o, p) for o in ("natlb", "natlb-fast") for p in ("kernel", "stateless", "haproxy")]
+    pairs += [(f"{o}@6", p) for o in ("natlb", "natlb-fast") for p in ("kernel@6", "stateless@6")]
+    # With no natlb path measured: the stateless rewrite against the kernel's DNAT.
+    pairs += [("stateless", "kernel"), ("stateless@6", "kernel@6")]
     for ours, peer in pairs:
         if ours not in med or peer not in med:
             continue
@@ -497,10 +544,10 @@ def chart(med: dict[str, dict[str, float]], path: Path) -> None:
     paths = list(med)
     for ax, (k, label) in zip(axes, METRICS.items(), strict=True):
         vals = [med[p][k] for p in paths]
-        ax.bar(paths, vals, color=["#2a7", "#5c9", "#888", "#c63"][:len(paths)])
+        ax.bar(paths, vals, color=["#2a7", "#5c9", "#888", "#69c", "#c63"][:len(paths)])
         ax.set_title(label, fontsize=9)
         ax.tick_params(axis="x", labelsize=8, rotation=30)
-    fig.suptitle("natlb vs kernel DNAT vs HAProxy (medians)")
+    fig.suptitle("natlb vs kernel DNAT vs stateless nft vs HAProxy (medians)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 

@@ -1,0 +1,101 @@
+"""How long ``natlb status`` takes at scale, and where the time goes.
+
+Run (root): .venv/bin/python -m bench.status_scale [SERVICES] [BACKENDS_PER_SERVICE]
+
+Starts a real natlb (fast path on, so the kernel's counter objects are read
+too) in a namespace with SERVICES x BACKENDS and times, each as a median
+over ROUNDS:
+
+- the kernel's counters alone (an nft dump of the table's counter objects,
+  from a helper process in the router's namespace);
+- the control request round trip (the daemon collects, encodes and sends;
+  this process receives and decodes);
+- decoding the reply and rendering the table here;
+- the whole ``natlb status``, ``status --rate`` and ``status --json``
+  commands as a user runs them (a new Python each time).
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+
+from natlb.control import request
+from natlb.rates import render as render_rates
+from natlb.status import render
+from natlb_testbed.testbed import VIP, Testbed, backend_addr
+
+ROUNDS = 7
+CLI_ROUNDS = 5
+
+NFT_DUMP = """
+import statistics, sys, time
+from natlb.steering import Steering
+s = Steering(sys.argv[1]); s.installed = True
+times, n = [], 0
+for _ in range(int(sys.argv[2])):
+    t0 = time.perf_counter(); n = len(s.fast_counts())
+    times.append((time.perf_counter() - t0) * 1000)
+print(statistics.median(times), n)
+"""
+
+
+def config(tb: Testbed, n_services: int, n_backends: int) -> str:
+    out = [f'[lb]\ncontrol_socket = "{tb.control_socket}"\nfastpath = true\n']
+    for i in range(n_services):
+        out.append(f'[[service]]\nname = "s{i}"\nvip = "{VIP}"\nport = {20000 + i}\n'
+                   '[service.health]\nkind = "none"\n')
+        out += [f'[[service.backend]]\naddress = "{backend_addr(k)}"\nport = 80\n'
+                for k in range(1, n_backends + 1)]
+    return "\n".join(out)
+
+
+def timed(fn: Callable[[], object], rounds: int = ROUNDS) -> str:
+    wall = []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        fn()
+        wall.append((time.perf_counter() - t0) * 1000)
+    return f"median {statistics.median(wall):.0f} ms (min {min(wall):.0f}, max {max(wall):.0f})"
+
+
+def main(n_services: int = 4096, n_backends: int = 3) -> int:
+    tb = Testbed(n_backends=n_backends)
+    try:
+        tb.build()
+        t0 = time.monotonic()
+        tb.start_natlb(tb.write_config(config(tb, n_services, n_backends)), wait=120)
+        print(f"{n_services} services x {n_backends} backends (fast path on); natlb started "
+              f"in {time.monotonic() - t0:.1f} s")
+        sock = tb.control_socket
+        raw = json.dumps(request(sock, {"cmd": "status"}))
+        st = json.loads(raw)["status"]
+        assert len(st["services"]) == n_services
+        print(f"  status reply: {len(raw) / 1e6:.1f} MB of JSON")
+        dump = subprocess.run(["ip", "netns", "exec", tb.router, sys.executable, "-c", NFT_DUMP,
+                               "natlb", str(ROUNDS)], capture_output=True, text=True, check=True)
+        ms, n = dump.stdout.split()
+        print(f"  kernel counters (nft dump, {n} backends): median {float(ms):.0f} ms")
+        print(f"  control request round trip: {timed(lambda: request(sock, {'cmd': 'status'}))}")
+        print(f"  json.loads of the reply here: {timed(lambda: json.loads(raw))}")
+        print(f"  render (table): {timed(lambda: render(st))}")
+        print(f"  render (--rate): {timed(lambda: render_rates(st))}")
+        for extra in ([], ["--rate"], ["--json"]):
+            argv = [sys.executable, "-m", "natlb", "status", "-s", sock, *extra]
+            cmd = " ".join(["natlb status", *extra])
+
+            def run(argv: list[str] = argv) -> None:
+                subprocess.run(argv, stdout=subprocess.DEVNULL, check=True)
+
+            print(f"  {cmd} (whole command): {timed(run, CLI_ROUNDS)}")
+        return 0
+    finally:
+        tb.close()
+
+
+if __name__ == "__main__":
+    sys.exit(main(*map(int, sys.argv[1:3])))
