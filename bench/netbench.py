@@ -167,7 +167,7 @@ table {nft} natlb_bench_stateless {{
     {nft} saddr {{ {b1}, {b2}, {b3} }} tcp sport {{ 80, 5201 }} notrack
     {nft} saddr {{ {b1}, {b2}, {b3} }} udp sport 53 notrack
   }}
-  chain fwd {{
+  chain replies {{
     type filter hook forward priority 0;
     {nft} saddr {{ {b1}, {b2}, {b3} }} tcp sport {{ 80, 5201 }} {nft} saddr set {vip}
     {nft} saddr {{ {b1}, {b2}, {b3} }} udp sport 53 {nft} saddr set {vip}
