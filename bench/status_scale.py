@@ -44,8 +44,9 @@ print(statistics.median(times), n)
 """
 
 
-def config(tb: Testbed, n_services: int, n_backends: int) -> str:
-    out = [f'[lb]\ncontrol_socket = "{tb.control_socket}"\nfastpath = true\n']
+def config(tb: Testbed, n_services: int, n_backends: int, fastpath: bool = True) -> str:
+    out = [f'[lb]\ncontrol_socket = "{tb.control_socket}"\n'
+           f'fastpath = {str(fastpath).lower()}\n']
     for i in range(n_services):
         out.append(f'[[service]]\nname = "s{i}"\nvip = "{VIP}"\nport = {20000 + i}\n'
                    '[service.health]\nkind = "none"\n')

@@ -1,0 +1,61 @@
+"""What the rate estimator (``natlb status --rate``) costs a large natlb.
+
+Run (root): .venv/bin/python -m bench.rates_cost [SERVICES] [BACKENDS_PER_SERVICE] [SECONDS]
+
+Starts a real natlb in a namespace with SERVICES x BACKENDS (no health
+checks, no traffic), once with the fast path off and once on (its kernel
+counter objects are read too), and reports the CPU the idle daemon used
+over SECONDS as a share of one core: with nothing else to do, that is the
+estimator's sampling every 2 s.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+
+from bench.status_scale import config
+from natlb_testbed.testbed import Testbed
+
+SETTLE_S = 5.0
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU of a process and its threads, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def daemon_pid(tb: Testbed) -> int:
+    """The natlb process (``ip netns exec`` execs it, so the pid is its own)."""
+    return tb.procs[-1].pid
+
+
+def idle_share(n_services: int, n_backends: int, seconds: float, fastpath: bool) -> float:
+    tb = Testbed(n_backends=min(n_backends, 3))
+    try:
+        tb.build()
+        text = config(tb, n_services, n_backends, fastpath=fastpath)
+        tb.start_natlb(tb.write_config(text), wait=300)
+        time.sleep(SETTLE_S)
+        pid = daemon_pid(tb)
+        c0, t0 = cpu_s(pid), time.monotonic()
+        time.sleep(seconds)
+        return (cpu_s(pid) - c0) / (time.monotonic() - t0)
+    finally:
+        tb.close()
+
+
+def main(n_services: int = 4096, n_backends: int = 16, seconds: float = 20.0) -> int:
+    print(f"{n_services} services x {n_backends} backends = {n_services * n_backends} "
+          f"backends, idle, {seconds:.0f} s each:")
+    for fastpath in (False, True):
+        share = idle_share(n_services, n_backends, seconds, fastpath)
+        print(f"  fastpath = {str(fastpath).lower()}: natlb used {share * 100:.1f}% of a core")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(*map(int, sys.argv[1:3]), *map(float, sys.argv[3:4])))
