@@ -121,7 +121,8 @@ class ControlServer:
                     reply = self.handle(req)
             except (PoolError, ValueError, TypeError) as e:
                 reply = {"ok": False, "error": str(e)}
-            writer.write(json.dumps(reply).encode() + b"\n")
+            # Compact: a status of 4,096 services is megabytes of JSON.
+            writer.write(json.dumps(reply, separators=(",", ":")).encode() + b"\n")
             await writer.drain()
         except (TimeoutError, ConnectionError):
             pass
@@ -139,7 +140,9 @@ def request(path: str, req: dict[str, Any], timeout: float = 5.0) -> dict[str, A
         except OSError as e:
             raise ControlError(f"control socket {path}: {e.strerror}") from None
         s.sendall(json.dumps(req).encode() + b"\n")
-        data = b""
-        while chunk := s.recv(1 << 16):
-            data += chunk
-    return json.loads(data)
+        # Joined once at the end: appending each chunk copied a large
+        # status over and over.
+        chunks = []
+        while chunk := s.recv(1 << 20):
+            chunks.append(chunk)
+    return json.loads(b"".join(chunks))
