@@ -75,9 +75,11 @@ def cmd_restart(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from natlb.control import request
+    from natlb.gcpause import gc_paused
     from natlb.status import render
 
-    reply = request(_socket_path(args), {"cmd": "status"})
+    with gc_paused():   # decoding megabytes of JSON at 4,096 services
+        reply = request(_socket_path(args), {"cmd": "status"})
     if args.json:
         print(json.dumps(reply["status"], indent=2))
     elif args.rate:

@@ -86,6 +86,7 @@ def collect(pool: Pool, queues: list[int], started: float, max_flows: int,
     packets, batches = core.io()
     return {
         "uptime_s": round(time.time() - started, 3),
+        **({"rate_interval_s": round(rates.interval_s, 2)} if rates else {}),
         "flows": core.flow_count(), "flow_capacity": max_flows,
         "queued_packets": packets, "receive_batches": batches,
         "reasons": core.reasons(), "failover": core.failover_counters(),

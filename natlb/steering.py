@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import errno
-import gc
 import os
 import socket
 import struct
@@ -29,6 +28,7 @@ from pyroute2.netlink.nfnetlink.nftsocket import (
 
 from natlb import nftwire, ruleset
 from natlb.errors import HostError
+from natlb.gcpause import gc_paused
 from natlb.undo import reverter
 
 NFPROTO_IPV4 = 2
@@ -193,15 +193,9 @@ class Steering:
 
     def install(self, spec: ruleset.Spec) -> None:
         # A table of 65,536 backends is millions of small objects, all alive
-        # until sent and free of cycles: the cyclic collector would walk them
-        # over and over (most of the time it took).
-        paused = gc.isenabled()
-        gc.disable()
-        try:
+        # until sent and free of cycles (the collector took most of the time).
+        with gc_paused():
             self._install(spec)
-        finally:
-            if paused:
-                gc.enable()
 
     def _install(self, spec: ruleset.Spec) -> None:
         order = [self.native_queue] if self.native_queue is not None else [True, False]

@@ -2,11 +2,13 @@
 notification datagrams, the journald log format, the version, the rate
 estimator."""
 
+import asyncio
 import logging
 import os
 import socket
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -141,3 +143,46 @@ def test_rate_table_like_ipvsadm():
                                 "2400000", "96000"]
     assert lines[3].split() == ["->", "203.0.113.6:80", "12", "1500", "1200", "2400000",
                                 "96000"]
+
+
+def test_a_longer_gap_between_samples_moves_as_far_as_the_ticks_it_spans():
+    every, skipped = RateEstimator(), RateEstimator()
+    key = ("backend", 1)
+    for est, times in ((every, (0.0, 2.0, 4.0)), (skipped, (0.0, 4.0))):
+        for t in times:
+            est.sample(t, {key: _counters(new=int(100 * t))})   # 100 conn/s throughout
+    assert every.get("backend", 1)["cps"] == skipped.get("backend", 1)["cps"] == 43.8
+
+
+def test_an_idle_counter_decays_to_zero_and_moves_again():
+    est = RateEstimator()
+    key = ("backend", 2)
+    est.sample(0.0, {key: _counters()})
+    est.sample(2.0, {key: _counters(new=20)})               # 10 conn/s for one tick
+    shown = [est.get("backend", 2)["cps"]]
+    for t in range(2, 40):                                   # then idle
+        est.sample(2.0 * t, {key: _counters(new=20)})
+        shown.append(est.get("backend", 2)["cps"])
+    assert shown[0] == 2.5 and shown == sorted(shown, reverse=True) and shown[-1] == 0.0
+    est.sample(80.0, {key: _counters(new=40)})
+    assert est.get("backend", 2)["cps"] == 2.5
+
+
+def test_sampling_that_costs_more_than_its_budget_comes_further_apart():
+    est = RateEstimator()
+
+    def costly_read():
+        t0 = time.thread_time()
+        while time.thread_time() - t0 < 0.02:     # 20 ms of this thread's CPU
+            pass
+        return {("service", 0): _counters()}
+
+    async def one_sample():
+        task = asyncio.create_task(est.run(costly_read, time.monotonic, interval=0.001,
+                                           budget=0.5))
+        while len(est._last) == 0:
+            await asyncio.sleep(0.001)
+        task.cancel()
+
+    asyncio.run(one_sample())
+    assert est.interval_s >= 0.02 / 0.5
