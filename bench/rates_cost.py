@@ -11,39 +11,28 @@ estimator's sampling every 2 s.
 
 from __future__ import annotations
 
-import os
 import sys
 import time
 
-from bench.status_scale import config
+from bench.status_scale import config, cpu_s
 from natlb_testbed.testbed import Testbed
 
 SETTLE_S = 5.0
 
 
-def cpu_s(pid: int) -> float:
-    """User + system CPU of a process and its threads, in seconds."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
-def daemon_pid(tb: Testbed) -> int:
-    """The natlb process (``ip netns exec`` execs it, so the pid is its own)."""
-    return tb.procs[-1].pid
-
-
-def idle_share(n_services: int, n_backends: int, seconds: float, fastpath: bool) -> float:
+def idle_share(n_services: int, n_backends: int, seconds: float,
+               fastpath: bool) -> tuple[float, float]:
+    """The share of a core natlb used, and its rate estimator's interval."""
     tb = Testbed(n_backends=min(n_backends, 3))
     try:
         tb.build()
         text = config(tb, n_services, n_backends, fastpath=fastpath)
-        tb.start_natlb(tb.write_config(text), wait=300)
+        pid = tb.start_natlb(tb.write_config(text), wait=300).pid
         time.sleep(SETTLE_S)
-        pid = daemon_pid(tb)
         c0, t0 = cpu_s(pid), time.monotonic()
         time.sleep(seconds)
-        return (cpu_s(pid) - c0) / (time.monotonic() - t0)
+        share = (cpu_s(pid) - c0) / (time.monotonic() - t0)
+        return share, tb.status().get("rate_interval_s", 2.0)
     finally:
         tb.close()
 
@@ -52,8 +41,9 @@ def main(n_services: int = 4096, n_backends: int = 16, seconds: float = 20.0) ->
     print(f"{n_services} services x {n_backends} backends = {n_services * n_backends} "
           f"backends, idle, {seconds:.0f} s each:")
     for fastpath in (False, True):
-        share = idle_share(n_services, n_backends, seconds, fastpath)
-        print(f"  fastpath = {str(fastpath).lower()}: natlb used {share * 100:.1f}% of a core")
+        share, interval = idle_share(n_services, n_backends, seconds, fastpath)
+        print(f"  fastpath = {str(fastpath).lower()}: natlb used {share * 100:.1f}% of a core; "
+              f"rates sampled every {interval:.1f} s")
     return 0
 
 

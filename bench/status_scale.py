@@ -18,6 +18,8 @@ over ROUNDS:
 from __future__ import annotations
 
 import json
+import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -55,13 +57,31 @@ def config(tb: Testbed, n_services: int, n_backends: int, fastpath: bool = True)
     return "\n".join(out)
 
 
-def timed(fn: Callable[[], object], rounds: int = ROUNDS) -> str:
-    wall = []
+def cpu_s(pid: int) -> float:
+    """User + system CPU of a process and its threads, in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_s() -> float:
+    """This process's CPU and that of its waited-for children."""
+    me, kids = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def timed(fn: Callable[[], object], rounds: int = ROUNDS, daemon: int | None = None) -> str:
+    """Wall time, and CPU time (here, with children, plus the daemon's if
+    given): on a shared machine the wall time includes waiting for a core."""
+    wall, cpu = [], []
     for _ in range(rounds):
+        c0 = own_cpu_s() + (cpu_s(daemon) if daemon else 0.0)
         t0 = time.perf_counter()
         fn()
         wall.append((time.perf_counter() - t0) * 1000)
-    return f"median {statistics.median(wall):.0f} ms (min {min(wall):.0f}, max {max(wall):.0f})"
+        cpu.append((own_cpu_s() + (cpu_s(daemon) if daemon else 0.0) - c0) * 1000)
+    return (f"wall median {statistics.median(wall):.0f} ms (min {min(wall):.0f}), "
+            f"CPU median {statistics.median(cpu):.0f} ms (min {min(cpu):.0f})")
 
 
 def main(n_services: int = 4096, n_backends: int = 3) -> int:
@@ -69,19 +89,21 @@ def main(n_services: int = 4096, n_backends: int = 3) -> int:
     try:
         tb.build()
         t0 = time.monotonic()
-        tb.start_natlb(tb.write_config(config(tb, n_services, n_backends)), wait=120)
+        natlb = tb.start_natlb(tb.write_config(config(tb, n_services, n_backends)), wait=120)
         print(f"{n_services} services x {n_backends} backends (fast path on); natlb started "
               f"in {time.monotonic() - t0:.1f} s")
         sock = tb.control_socket
-        raw = json.dumps(request(sock, {"cmd": "status"}))
+        raw = json.dumps(request(sock, {"cmd": "status"}), separators=(",", ":"))
         st = json.loads(raw)["status"]
         assert len(st["services"]) == n_services
-        print(f"  status reply: {len(raw) / 1e6:.1f} MB of JSON")
+        print(f"  status reply: {len(raw) / 1e6:.1f} MB of JSON; rates sampled every "
+              f"{st.get('rate_interval_s', 2.0):.1f} s")
         dump = subprocess.run(["ip", "netns", "exec", tb.router, sys.executable, "-c", NFT_DUMP,
                                "natlb", str(ROUNDS)], capture_output=True, text=True, check=True)
         ms, n = dump.stdout.split()
-        print(f"  kernel counters (nft dump, {n} backends): median {float(ms):.0f} ms")
-        print(f"  control request round trip: {timed(lambda: request(sock, {'cmd': 'status'}))}")
+        print(f"  kernel counters alone (nft dump, {n} backends): wall median {float(ms):.0f} ms")
+        print("  control request round trip (CPU: the daemon's and ours): "
+              + timed(lambda: request(sock, {"cmd": "status"}), daemon=natlb.pid))
         print(f"  json.loads of the reply here: {timed(lambda: json.loads(raw))}")
         print(f"  render (table): {timed(lambda: render(st))}")
         print(f"  render (--rate): {timed(lambda: render_rates(st))}")
@@ -92,7 +114,8 @@ def main(n_services: int = 4096, n_backends: int = 3) -> int:
             def run(argv: list[str] = argv) -> None:
                 subprocess.run(argv, stdout=subprocess.DEVNULL, check=True)
 
-            print(f"  {cmd} (whole command): {timed(run, CLI_ROUNDS)}")
+            print(f"  {cmd} (whole command; CPU: the daemon's and the command's): "
+                  + timed(run, CLI_ROUNDS, daemon=natlb.pid))
         return 0
     finally:
         tb.close()
