@@ -14,7 +14,8 @@ from __future__ import annotations
 import sys
 import time
 
-from bench.status_scale import config, cpu_s
+from bench.status_scale import config, cpu_s, start
+from natlb.control import request
 from natlb_testbed.testbed import Testbed
 
 SETTLE_S = 5.0
@@ -27,12 +28,13 @@ def idle_share(n_services: int, n_backends: int, seconds: float,
     try:
         tb.build()
         text = config(tb, n_services, n_backends, fastpath=fastpath)
-        pid = tb.start_natlb(tb.write_config(text), wait=300).pid
+        pid = start(tb, text).pid
         time.sleep(SETTLE_S)
         c0, t0 = cpu_s(pid), time.monotonic()
         time.sleep(seconds)
         share = (cpu_s(pid) - c0) / (time.monotonic() - t0)
-        return share, tb.status().get("rate_interval_s", 2.0)
+        st = request(tb.control_socket, {"cmd": "status"}, timeout=60)["status"]
+        return share, st.get("rate_interval_s", 2.0)
     finally:
         tb.close()
 

@@ -78,8 +78,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     from natlb.gcpause import gc_paused
     from natlb.status import render
 
-    with gc_paused():   # decoding megabytes of JSON at 4,096 services
-        reply = request(_socket_path(args), {"cmd": "status"})
+    # Decoding megabytes of JSON at 4,096 services; with 65,536 backends and
+    # the fast path, the daemon takes seconds to read the kernel's counters.
+    with gc_paused():
+        reply = request(_socket_path(args), {"cmd": "status"}, timeout=60)
     if args.json:
         print(json.dumps(reply["status"], indent=2))
     elif args.rate:
