@@ -1,6 +1,6 @@
 """How long a Prometheus scrape of natlb takes (no root needed).
 
-Run: .venv/bin/python -m bench.scrape [SERVICES] [BACKENDS_PER_SERVICE]
+Run: .venv/bin/python -m bench.scrape [SERVICES] [BACKENDS_PER_SERVICE] [ROUNDS]
 
 A Core and a Pool with SERVICES x BACKENDS published tables and traffic in
 their counters; the collector natlb serves, timed both as the exposition
@@ -41,7 +41,7 @@ def timed(fn, rounds: int = ROUNDS) -> str:
             f"CPU median {statistics.median(cpu):.1f} ms (min {min(cpu):.1f}) over {rounds}")
 
 
-def main(n_services: int = 250, n_backends: int = 3) -> int:
+def main(n_services: int = 250, n_backends: int = 3, rounds: int = ROUNDS) -> int:
     config = parse(many_services(n_services, n_backends))
     core = Core(CoreConfig(max_flows=1 << 16))
     pool = Pool(config, core)
@@ -53,12 +53,12 @@ def main(n_services: int = 250, n_backends: int = 3) -> int:
     registry.register(NatlbCollector(pool, config.lb))
     text = generate_latest(registry)
     samples = sum(1 for line in text.splitlines() if line and not line.startswith(b"#"))
-    text_time = timed(lambda: generate_latest(registry))
-    collect_time = timed(lambda: list(registry.collect()))
+    text_time = timed(lambda: generate_latest(registry), rounds)
+    collect_time = timed(lambda: list(registry.collect()), rounds)
     # Port 0 (an ephemeral port) is not a valid lb.metrics; start the server directly.
     httpd, _ = start_http_server(0, "127.0.0.1", registry=registry)
     url = f"http://127.0.0.1:{httpd.server_address[1]}/metrics"
-    http_time = timed(lambda: urllib.request.urlopen(url).read())
+    http_time = timed(lambda: urllib.request.urlopen(url).read(), rounds)
     httpd.shutdown()
     httpd.server_close()
     core.close()
@@ -71,4 +71,4 @@ def main(n_services: int = 250, n_backends: int = 3) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(*map(int, sys.argv[1:3])))
+    sys.exit(main(*map(int, sys.argv[1:4])))
