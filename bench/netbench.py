@@ -5,13 +5,18 @@ stream for UDP), measured in the same run on the same namespaces.
 
 The router runs one of: natlb (every packet queued), natlb with the kernel
 fast path for established TCP flows (lb.fastpath), an nftables DNAT table,
-HAProxy (TCP mode, one thread) plus nginx stream (one worker) for UDP.  Load comes from wrk,
+a stateless nftables rewrite (notrack; a jhash of the client's address and
+port picks the backend; replies get the VIP back by their source; no queue,
+no conntrack), HAProxy (TCP mode, one thread) plus nginx stream (one worker)
+for UDP.  nfqlb (an NFQUEUE balancer) is not among them: it is not packaged
+in Debian and this machine has no internet to build it.  Load comes from wrk,
 dnsperf and iperf3 in the client namespace.  Results are medians over
 repetitions, printed as a table with natlb's ratio to each peer and written
 as Markdown, JSON and a PNG chart.
 
 ``--family 6`` runs the same load over IPv6 (the testbed is dual stack)
-against the kernel's ip6 DNAT; HAProxy/nginx stream are IPv4 only here.
+against the kernel's ip6 DNAT and the stateless ip6 rewrite; HAProxy/nginx
+stream are IPv4 only here.
 ``--family 4,6`` measures both families in every repetition, interleaved,
 so that their ratios to the kernel compare under the same load.
 

@@ -28,9 +28,9 @@ if TYPE_CHECKING:  # `natlb status --rate` renders here: keep the CLI's start li
 
 INTERVAL_S = 2.0
 WEIGHT = 0.25
-# The share of one core the sampling may take: past it (a read of 65,536
-# backends' counters costs about a tenth of a second), samples come further
-# apart, each moving the average as far as the missed ticks would have.
+# The share of one core the sampling may take: past it (65,536 backends cost
+# about 70 ms a sample, seconds with the fast path's kernel counters), samples
+# come further apart, each moving the average as far as the missed ticks would.
 BUDGET = 0.02
 # (rate name, Counters field): connections, packets and bytes per second.
 RATES = (("cps", "new_flows"), ("inpps", "packets_in"), ("outpps", "packets_out"),
@@ -45,7 +45,7 @@ Key = tuple[str, int]  # ("service" | "backend", id)
 class RateEstimator:
     def __init__(self, weight: float = WEIGHT) -> None:
         self.weight = weight
-        self.interval_s = INTERVAL_S     # between the last two samples' starts, as planned
+        self.interval_s = INTERVAL_S     # the wait after the last sample
         self._last: dict[Key, tuple[float, tuple[int, ...]]] = {}
         # Only counters that moved: an idle one's average decays to nothing
         # shown and is dropped, so that idle backends cost one comparison.
