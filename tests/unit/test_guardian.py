@@ -79,6 +79,9 @@ def test_guardian_leaves_a_socket_bound_after_its_own(tmp_path):
         if os.path.exists(sock):
             break
         time.sleep(0.01)
+    # The guardian knows its file just after binding it; replacing the file
+    # in that gap would make the test's socket the guardian's own.
+    time.sleep(0.3)
     os.unlink(sock)
     other = socket.socket(socket.AF_UNIX)
     other.bind(sock)
