@@ -15,7 +15,8 @@
 /* The mark natlb's C core gives a packet to install (natlb.h NL_MARK_*):
  * NL_MARK_FORWARD | NL_MARK_FAST | backend id. */
 #define NL_FP_MARK_BASE 0x6e000000
-#define NL_FP_MARK_KIND 0xfff00000 /* the bits that say "forward mark"       */
+#define NL_FP_MARK_KIND 0xff700000 /* the bits that say "forward mark" (all
+                                      above the id but the fast bit)         */
 #define NL_FP_MARK_FAST 0x00800000
 #define NL_FP_MARK_ID 0x000fffff
 
