@@ -150,3 +150,17 @@ def test_the_kernel_forgets_fast_flows_when_a_udp_backend_stops_being_alive(fast
     assert forgot == [1]
     pool.report(dns, dns.backends[0], True, "ok")             # back: nothing to forget
     assert forgot == [1]
+
+
+def test_a_fast_path_that_cannot_load_is_one_clear_error(tmp_path):
+    """No root needed: the object is refused before any BPF system call."""
+    from natlb.core import CoreError, FastPath
+
+    missing = tmp_path / "missing.bpf.o"
+    with pytest.raises(CoreError) as e:
+        FastPath(16, 64, 1000, 1000, path=missing)
+    assert str(missing) in str(e.value) and "\n" not in str(e.value)
+    junk = tmp_path / "junk.bpf.o"
+    junk.write_bytes(b"not an ELF object")
+    with pytest.raises(CoreError, match="junk.bpf.o"):
+        FastPath(16, 64, 1000, 1000, path=junk)
