@@ -1,6 +1,6 @@
 """The tc fast path's control plane (lb.fastpath): loads the BPF object
-(natlb.core.FastPath over csrc/tcfast.c), attaches it to every interface of
-this namespace but loopback, keeps its backend slots in step with what is
+(natlb.core.FastPath over csrc/tcfast.c), attaches it to every Ethernet
+interface of this namespace, keeps its backend slots in step with what is
 published, empties its flows when natlb resets or moves flows, and reads
 what it carried.  The programs themselves: csrc/bpf/fastpath.bpf.c.
 
@@ -28,6 +28,7 @@ log = logging.getLogger("natlb.fastpath")
 # predecessor's by them): "nlb" and "nl".
 HANDLE = 0x6E6C62
 PRIORITY = 0x6E6C
+ARPHRD_ETHER = 1
 PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
 Slot = tuple[str, int, str, int, int]        # vip, vport, address, port, protocol
 
@@ -42,11 +43,12 @@ def _undo_filter(entry: dict[str, Any]) -> None:
 
 
 def _interfaces() -> list[tuple[int, str, bool]]:
-    """(ifindex, name, has a clsact qdisc) of every interface but loopback."""
+    """(ifindex, name, has a clsact qdisc) of every Ethernet interface (the
+    programs read an Ethernet header; loopback and tunnels are not)."""
     with IPRoute() as ipr:
         clsact = {q["index"] for q in ipr.get_qdiscs() if q.get_attr("TCA_KIND") == "clsact"}
         return [(link["index"], link.get_attr("IFLA_IFNAME"), link["index"] in clsact)
-                for link in ipr.get_links() if link.get_attr("IFLA_IFNAME") != "lo"]
+                for link in ipr.get_links() if link["ifi_type"] == ARPHRD_ETHER]
 
 
 class TcFastPath:
@@ -64,7 +66,7 @@ class TcFastPath:
         self._n_slots = 0     # read by counts() on the loop thread: one int, no dict
 
     def attach(self, journal: Journal) -> list[str]:
-        """On every interface but loopback; the names attached to."""
+        """On every Ethernet interface; the names attached to."""
         names = []
         for ifindex, name, has_clsact in _interfaces():
             if not journal.has("tc_filter", ifindex=ifindex):

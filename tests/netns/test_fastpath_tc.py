@@ -17,7 +17,7 @@ FAST = "fastpath = true"
 def interfaces(tb) -> list[str]:
     links = tb.router_cmd("ip", "-o", "link", "show").stdout
     return [line.split(":")[1].strip().split("@")[0] for line in links.splitlines()
-            if line.split(":")[1].strip() != "lo"]
+            if "link/ether" in line]
 
 
 def filters(tb, dev: str, where: str) -> str:
