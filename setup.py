@@ -1,4 +1,22 @@
+from pathlib import Path
+
 from setuptools import find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+
+class BuildWithBpf(build_ext):
+    """The C core (cffi), then the tc fast path's BPF object next to it."""
+
+    def run(self) -> None:
+        super().run()
+        import importlib.util
+        spec = importlib.util.spec_from_file_location("natlb_build", "natlb/_build.py")
+        build = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(build)
+        out = Path(self.get_ext_fullpath("natlb._natlb_core")).parent
+        out.mkdir(parents=True, exist_ok=True)
+        build.build_bpf(out)
+
 
 setup(
     name="natlb",
@@ -12,5 +30,6 @@ setup(
         "test": ["pytest", "pytest-benchmark", "scapy", "netfilterqueue", "hypothesis", "ruff"],
     },
     cffi_modules=["natlb/_build.py:ffibuilder"],
+    cmdclass={"build_ext": BuildWithBpf},
     entry_points={"console_scripts": ["natlb = natlb.cli:main"]},
 )

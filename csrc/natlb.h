@@ -371,3 +371,43 @@ int nl_ct_store(struct nl_lb *lb, const char *path, uint64_t now_ms,
 int nl_ct_readopt(struct nl_lb *lb, uint64_t now_ms, struct nl_store_report *out);
 /* Identifies the table layout this build reads and writes. */
 uint32_t nl_ct_layout(void);
+
+/* ---- the tc fast path (tcfast.c over csrc/bpf/fastpath.bpf.c) ---------- */
+/* One loaded BPF object: its programs and maps.  The kernel carries
+ * established flows with it; natlb fills its backend slots, attaches it to
+ * interfaces, empties its flows and reads its counters.  Addresses and ports
+ * here are in network order (IPv4 addresses as the 4 packet bytes read as a
+ * uint32_t).  Functions returning int give 0 or -errno. */
+struct nl_fastpath;
+/* Loads the object at path, its maps sized for max_backends backend ids and
+ * max_flows flows (both directions of each), learned entries living the
+ * given fixed times.  NULL with a one-line reason in err. */
+struct nl_fastpath *nl_fp_open(const char *path, uint32_t max_backends, uint32_t max_flows,
+                               uint64_t tcp_lifetime_ns, uint64_t udp_lifetime_ns,
+                               char *err, uint32_t errlen);
+/* Frees the object; filters attached keep their programs until detached. */
+void nl_fp_close(struct nl_fastpath *fp);
+/* Attaches carry (ingress) and learn (egress) on ifindex with that tc handle
+ * and priority, replacing filters there with the same ones.  Creates the
+ * clsact qdisc if none (*created_qdisc = 1). */
+int nl_fp_attach(struct nl_fastpath *fp, uint32_t ifindex, uint32_t handle, uint32_t priority,
+                 int *created_qdisc);
+/* Removes those filters, and the clsact qdisc if destroy_qdisc.  Needs no
+ * loaded object (the guardian calls it); gone already is not an error. */
+int nl_fp_detach(uint32_t ifindex, uint32_t handle, uint32_t priority, int destroy_qdisc);
+/* Backend id's slot: its service's VIP and port and protocol, its own
+ * address and port (proto 0: no such backend; packets marked for it are not
+ * learned). */
+int nl_fp_set_backend(struct nl_fastpath *fp, uint32_t id, uint32_t vip, uint16_t vport,
+                      uint32_t addr, uint16_t port, uint8_t proto);
+/* Forgets every carried flow: each one's next packet goes to natlb.
+ * Returns the entries removed, or -errno. */
+int64_t nl_fp_flush(struct nl_fastpath *fp);
+/* Entries (one per flow and direction) held now. */
+int64_t nl_fp_flow_count(struct nl_fastpath *fp);
+/* 1 if a packet with this 5-tuple would find an entry, else 0. */
+int nl_fp_has_flow(struct nl_fastpath *fp, uint32_t saddr, uint32_t daddr, uint16_t sport,
+                   uint16_t dport, uint8_t proto);
+/* What the kernel carried for backend ids 0..n_backends-1, summed over
+ * CPUs: out[id * 4 + 0..3] = packets in, bytes in, packets out, bytes out. */
+int nl_fp_read_counters(struct nl_fastpath *fp, uint64_t *out, uint32_t n_backends);

@@ -4,8 +4,13 @@ The cdef is csrc/natlb.h itself, so the API is declared in exactly one place,
 followed by csrc/natlb_test.h, the hooks only tests and fuzzers call.
 ``make_builder`` lets the sanitizer build (tests/sanitize) compile the same
 module with other flags into another directory.
+
+``build_bpf`` compiles the tc fast path (csrc/bpf/fastpath.bpf.c) into the
+package as _fastpath.bpf.o, which natlb.core loads when lb.fastpath is on.
+setup.py runs it after the C core (build_ext).
 """
 
+import subprocess
 from pathlib import Path
 
 from cffi import FFI
@@ -25,12 +30,29 @@ def make_builder(cflags: list[str] = CFLAGS, ldflags: list[str] | None = None) -
         include_dirs=[str(CSRC)],
         extra_compile_args=cflags,
         extra_link_args=ldflags or [],
-        libraries=["pthread"],
+        libraries=["pthread", "bpf"],
     )
     return builder
+
+
+BPF_SOURCE = CSRC / "bpf" / "fastpath.bpf.c"
+BPF_OBJECT = "_fastpath.bpf.o"
+
+
+def build_bpf(package_dir: Path) -> Path:
+    """clang -target bpf: the kernel's headers (linux-libc-dev) and libbpf's
+    (libbpf-dev).  Debian keeps asm/ under the multiarch directory."""
+    out = package_dir / BPF_OBJECT
+    multiarch = subprocess.run(["gcc", "-print-multiarch"], capture_output=True,
+                               text=True).stdout.strip() or "x86_64-linux-gnu"
+    subprocess.run(["clang", "-O2", "-g", "-Wall", "-Werror", "-target", "bpf",
+                    f"-I/usr/include/{multiarch}", f"-I{BPF_SOURCE.parent}",
+                    "-c", str(BPF_SOURCE), "-o", str(out)], check=True)
+    return out
 
 
 ffibuilder = make_builder()
 
 if __name__ == "__main__":
     ffibuilder.compile(verbose=False)
+    build_bpf(Path(__file__).resolve().parent)

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import enum
 import ipaddress
+import os
 import socket
 import struct
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from natlb._natlb_core import ffi, lib
 from natlb.config import MAX_BACKENDS, MAX_SERVICES, MAX_WORKERS, LBConfig
@@ -604,3 +606,110 @@ class Core:
         if self.running:
             lib.nl_stop(self._lb)
             self.running = False
+
+
+# -- the tc fast path (csrc/tcfast.c) ---------------------------------------
+
+FASTPATH_OBJECT = Path(__file__).resolve().parent / "_fastpath.bpf.o"
+
+
+def _v4(a: str) -> int:
+    """IPv4 text as the uint32_t whose bytes are the packet's."""
+    return struct.unpack("=I", socket.inet_aton(a))[0]
+
+
+@dataclass(frozen=True)
+class ProgRun:
+    """One BPF_PROG_TEST_RUN of a fast-path program."""
+
+    retval: int          # TC_ACT_*
+    packet: bytes        # the frame after the program
+    mark: int            # skb->mark after it
+
+
+class FastPath:
+    """The loaded BPF object of the tc fast path: attach it to interfaces,
+    fill its backend slots, empty its flows, read its counters."""
+
+    def __init__(self, max_backends: int, max_flows: int, tcp_lifetime_ms: int,
+                 udp_lifetime_ms: int, path: Path = FASTPATH_OBJECT) -> None:
+        err = ffi.new("char[]", 256)
+        fp = lib.nl_fp_open(str(path).encode(), max_backends, max_flows,
+                            tcp_lifetime_ms * 1_000_000, udp_lifetime_ms * 1_000_000, err, 256)
+        if fp == ffi.NULL:
+            raise CoreError(f"fast path: {ffi.string(err).decode()}")
+        self._fp = ffi.gc(fp, lib.nl_fp_close)
+        self.max_backends = max_backends
+
+    def close(self) -> None:
+        if self._fp is not None:
+            fp, self._fp = self._fp, None
+            ffi.gc(fp, None)
+            lib.nl_fp_close(fp)
+
+    def attach(self, ifindex: int, handle: int, priority: int) -> bool:
+        """Our filters on ifindex's ingress and egress; True if we created
+        its clsact qdisc."""
+        created = ffi.new("int *")
+        rc = lib.nl_fp_attach(self._fp, ifindex, handle, priority, created)
+        if rc:
+            raise CoreError(f"fast path: attaching to ifindex {ifindex}: "
+                            f"{os.strerror(-rc)}")
+        return bool(created[0])
+
+    @staticmethod
+    def detach(ifindex: int, handle: int, priority: int, destroy_qdisc: bool) -> None:
+        rc = lib.nl_fp_detach(ifindex, handle, priority, int(destroy_qdisc))
+        if rc:
+            raise CoreError(f"fast path: detaching from ifindex {ifindex}: "
+                            f"{os.strerror(-rc)}")
+
+    def set_backend(self, id: int, vip: str, vport: int, addr: str, port: int,
+                    protocol: int) -> None:
+        rc = lib.nl_fp_set_backend(self._fp, id, _v4(vip), _port(vport), _v4(addr),
+                                   _port(port), protocol)
+        if rc:
+            raise CoreError(f"fast path: backend slot {id}: {os.strerror(-rc)}")
+
+    def clear_backend(self, id: int) -> None:
+        rc = lib.nl_fp_set_backend(self._fp, id, 0, 0, 0, 0, 0)
+        if rc:
+            raise CoreError(f"fast path: backend slot {id}: {os.strerror(-rc)}")
+
+    def flush(self) -> int:
+        n = lib.nl_fp_flush(self._fp)
+        if n < 0:
+            raise CoreError(f"fast path: emptying the flows: {os.strerror(-n)}")
+        return n
+
+    def flow_count(self) -> int:
+        return lib.nl_fp_flow_count(self._fp)
+
+    def has_flow(self, saddr: str, daddr: str, sport: int, dport: int, protocol: int) -> bool:
+        return bool(lib.nl_fp_has_flow(self._fp, _v4(saddr), _v4(daddr), _port(sport),
+                                       _port(dport), protocol))
+
+    def counters(self, n_backends: int | None = None) -> dict[int, tuple[int, int, int, int]]:
+        """Backend id -> (packets in, bytes in, packets out, bytes out)
+        carried, those with any."""
+        n = self.max_backends if n_backends is None else min(n_backends, self.max_backends)
+        out = ffi.new("uint64_t[]", 4 * n)
+        rc = lib.nl_fp_read_counters(self._fp, out, n)
+        if rc:
+            raise CoreError(f"fast path: reading counters: {os.strerror(-rc)}")
+        return {i: (out[4 * i], out[4 * i + 1], out[4 * i + 2], out[4 * i + 3])
+                for i in range(n) if out[4 * i] or out[4 * i + 2]}
+
+    def test_run(self, egress: bool, frame: bytes, mark: int = 0, ifindex: int = 0,
+                 ingress_ifindex: int = 0) -> ProgRun:
+        """Tests: run learn (egress) or carry on one Ethernet frame."""
+        cap = len(frame) + 256
+        out = ffi.new("uint8_t[]", cap)
+        out_len = ffi.new("uint32_t *", cap)
+        retval = ffi.new("uint32_t *")
+        mark_out = ffi.new("uint32_t *")
+        rc = lib.nl_fp_test_run(self._fp, int(egress), frame, len(frame), out, out_len, mark,
+                                ifindex, ingress_ifindex, retval, mark_out)
+        if rc:
+            raise CoreError(f"fast path test run: {os.strerror(-rc)}")
+        return ProgRun(retval[0], bytes(ffi.buffer(out, out_len[0])), mark_out[0])

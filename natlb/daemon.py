@@ -44,6 +44,7 @@ from natlb.core import (
     monotonic_ms,
 )
 from natlb.errors import ConfigError, NatlbError, RequestError
+from natlb.fastpath import TcFastPath
 from natlb.handover import (
     Channel,
     HandoverError,
@@ -92,9 +93,13 @@ class Daemon:
         self.core = Core(CoreConfig.from_lb(config.lb))
         self.pool = Pool(config, self.core)
         self.steering = Steering(config.lb.table)
-        if config.lb.fastpath:
-            self.pool.publisher.forget_fast = self.steering.flush_fast
-            self.pool.kernel_counts = self.steering.fast_counts
+        # Loaded before anything on the host changes: a kernel that refuses
+        # it stops natlb with one clear error.
+        self.fast = TcFastPath(config.lb) if config.lb.fastpath else None
+        if self.fast:
+            self.pool.publisher.forget_fast = self.fast.flush
+            self.pool.publisher.on_publish = self.fast.publish
+            self.pool.kernel_counts = self.fast.counts
         self.journal: Journal | None = None
         self.monitor: Monitor | None = None
         # Served in the status JSON: how the last SIGHUP went.
@@ -146,14 +151,7 @@ class Daemon:
                                                 reply=MARK_REPLY, fast=MARK_FAST),
                             rewrite=lb.rewrite, ingress=ingress,
                             fragments=lb.max_fragments > 0,
-                            fastpath=lb.fastpath,
-                            fast_timeout_ms=max(1, int(lb.timeouts_s["tcp_established"] * 500)),
-                            fast_udp_timeout_ms=max(1, int(lb.timeouts_s["udp"] * 500)),
-                            fast_size=lb.max_flows, fast_counts=self._fast_counts())
-
-    def _fast_counts(self) -> dict[int, tuple[int, int, int, int]]:
-        """What the kernel's fast path carried, per backend id ({} without it)."""
-        return self.steering.fast_counts() if self.config.lb.fastpath else {}
+                            fastpath=lb.fastpath)
 
     def _install_table(self) -> None:
         spec = self._ruleset()
@@ -178,6 +176,11 @@ class Daemon:
         self._install_table()
         if after_rules:
             after_rules()
+        if self.fast:
+            # After the rules (which keep the fast marks for it); a
+            # predecessor's filters carry on until these replace them.
+            names = self.fast.attach(self.journal)
+            log.info("fast path: tc programs on %s", ", ".join(names) or "no interface")
         netsetup.apply(lb, self._vips_at_start(), self.journal, ipv6=_has_ipv6(self.config))
         if lb.announce == "healthy":
             self.announcer = Announcer(lb.interface, self.journal)
@@ -496,6 +499,8 @@ class Daemon:
                     log.error("cleanup: %s", e)
                 self.core.stop()
             self.core.close()
+            if self.fast:
+                self.fast.close()
             if self.handed_over:
                 log.info("left the host to the successor; bye")
             elif self.serving:

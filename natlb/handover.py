@@ -41,7 +41,7 @@ from typing import Any
 
 from natlb.core import Counters
 from natlb.pool import Pool
-from natlb.status import queue_stats
+from natlb.status import queue_stats, read_counters
 
 
 class HandoverError(RuntimeError):
@@ -112,11 +112,9 @@ TRAFFIC = ("packets_in", "bytes_in", "packets_out", "bytes_out", "new_flows")
 
 
 def traffic(pool: Pool) -> dict[str, dict[str, dict[str, int]]]:
-    """The traffic counters of every service and backend, by name and key."""
-    core = pool.core
-    svc = core.service_counters(max((s.id for s in pool.services), default=0) + 1)
-    be = core.backend_counters(max((b.id for s in pool.services for b in s.backends),
-                                   default=0) + 1)
+    """The traffic counters of every service and backend, by name and key,
+    with what the kernel's fast path carried (the successor's starts at 0)."""
+    svc, be = read_counters(pool, pool.services)
     return {
         "services": {s.cfg.name: {k: getattr(svc[s.id], k) for k in TRAFFIC}
                      for s in pool.services},

@@ -65,6 +65,8 @@ class Publisher:
         # and after one that took a UDP backend's "alive" away, so its flows'
         # next packets come to natlb, which moves them.
         self.forget_fast: Callable[[], None] | None = None
+        # The kernel's fast path learns the published backends (their slots).
+        self.on_publish: Callable[[list[ServiceTable]], None] | None = None
         self._udp_alive: set[int] = set()
 
     # -- requests (loop thread) ---------------------------------------------
@@ -125,8 +127,11 @@ class Publisher:
         for sid in set(self._current) - set(job.order):
             del self._current[sid]
             self._tables.pop(sid, None)
-        self.core.publish([self._current[sid] for sid in job.order])
+        tables = [self._current[sid] for sid in job.order]
+        self.core.publish(tables)
         self.publishes += 1
+        if self.on_publish is not None:
+            self.on_publish(tables)
         udp_alive = {b.id for t in self._current.values() if t.protocol == "udp"
                      for b in t.backends if b.alive}
         lost, self._udp_alive = self._udp_alive - udp_alive, udp_alive

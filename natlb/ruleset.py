@@ -47,31 +47,16 @@ set` on a fragment would write into its payload on older kernels.
 
 The fast path (mark mode, ``fastpath``).  natlb's C core or's NL_MARK_FAST
 into the verdict mark of an established TCP flow's packet that changes no
-state (or a UDP flow's once its backend answered); the rewrite chain then
-adds the flow to two maps, keyed by the 4-tuple as it arrives in each
-direction (fast_fwd_udp and fast_rev_udp for UDP: the key has no protocol):
+state (or a UDP flow's once its backend answered).  The rewrite chain
+rewrites such a packet as any other but keeps its mark and accepts it:
 
-    rewrite:  meta mark & FAST  -> mark cleared,
-              add @fast_fwd { saddr . sport . daddr . dport timeout T : mark },
-              the packet rewritten,
-              add @fast_rev { daddr . dport . saddr . sport timeout T :
-                              mark & 0xfffff ^ MARK_REPLY_OF_BACKEND }
-              SYN, FIN or RST with a forward (reply) mark -> delete it from
-              fast_fwd (fast_rev)
-    prerouting, first:
-      tcp flags & (syn|fin|rst) == 0, 4-tuple in @fast_fwd  -> its mark, count, notrack,
-      ... a reply from the backend side, 4-tuple in @fast_rev -> the same        accept
-    and the rewrite chain rewrites it on that mark, as it does a queued packet.
-    fast_rev's marks name the backend (MARK_REPLY_OF_BACKEND | id): the service
-    maps have them too, and the object map fast_counters gives each backend
-    and direction its own counter (in_<id>, out_<id>), since natlb no longer
-    sees these packets;
+    rewrite:  meta mark & FAST  -> daddr, dport from mark & ~FAST (the maps
+              above), mark kept, accept
 
-so only what changes a flow's state (handshake, FIN, RST, ICMP errors) and
-what matches no entry is queued.  Entries are never refreshed by the packets
-they carry: T is half of natlb's tcp_established, so an entry always expires
-before natlb's own flow does, the next packet is queued again, natlb renews
-its flow and re-installs the entry.  natlb's flow table stays the authority.
+The tc program natlb attaches to the router's interfaces (csrc/bpf/
+fastpath.bpf.c) reads the mark as the packet leaves, installs the flow in
+both directions and clears it; the flow's later packets are carried by tc
+ingress and never reach this table.  nft keeps no per-flow state.
 
 Replies, RSTs and ICMP errors are believed to come from a backend only when
 they arrive on an interface the backend's address is routed through (the
@@ -87,17 +72,15 @@ import dataclasses
 import socket
 import struct
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from pyroute2.netlink import NLM_F_APPEND, NLM_F_CREATE
 from pyroute2.netlink.nfnetlink.nftsocket import (
     NFT_MSG_DELRULE,
     NFT_MSG_DELSET,
-    NFT_MSG_DELSETELEM,
     NFT_MSG_DELTABLE,
     NFT_MSG_NEWCHAIN,
-    NFT_MSG_NEWOBJ,
     NFT_MSG_NEWRULE,
     NFT_MSG_NEWSET,
     NFT_MSG_NEWSETELEM,
@@ -117,9 +100,6 @@ NFT_CMP_NEQ = 1
 IP_MF_OFFSET = 0x3fff    # frag-off bits: more fragments, fragment offset
 IP_OFFSET = 0x1fff
 NF_ACCEPT = 1
-TCP_FLAGS_OFFSET = 13
-TCP_SYN_FIN_RST = 0x07
-DYNSET_ADD, DYNSET_DELETE = 0, 2
 # Registers: NFT_REG_1 holds 16 bytes and overlaps the 32-bit NFT_REG32_00..03,
 # which is how concatenated keys are laid out (each part padded to 4 bytes).
 REG_1, REG32_01, REG32_02, REG32_03 = 1, 9, 10, 11
@@ -141,15 +121,7 @@ PROTOCOL_NAMES = {socket.IPPROTO_TCP: "tcp", socket.IPPROTO_UDP: "udp"}
 ELEMENTS_PER_MESSAGE = 256
 
 # Message kinds, named for the pyroute2 class steering encodes each with.
-TABLE, CHAIN, SET, SETELEM, RULE, OBJ = "table", "chain", "set", "setelem", "rule", "obj"
-NFT_OBJECT_COUNTER = 1
-# The fast path's maps per protocol: the 4-tuple key has no protocol in it.
-FAST_MAPS = {socket.IPPROTO_TCP: ("fast_fwd", "fast_rev"),
-             socket.IPPROTO_UDP: ("fast_fwd_udp", "fast_rev_udp")}
-# fast_rev's data: the reply of backend id's flow (a mark only nft sees; the
-# rewrite maps give it the service's VIP and port, the counter map the
-# backend's "out" counter).
-MARK_REPLY_OF_BACKEND = 0x6E200000
+TABLE, CHAIN, SET, SETELEM, RULE = "table", "chain", "set", "setelem", "rule"
 
 
 @dataclass(frozen=True)
@@ -189,13 +161,7 @@ class Spec:
     ingress: Mapping[str, tuple[int, ...]]
     native_queue: bool = False                    # nft `queue` instead of xt NFQUEUE
     fragments: bool = True                        # queue fragments (fragment tracking on)
-    fastpath: bool = False                        # mark mode: kernel carries established TCP
-    fast_timeout_ms: int = 450_000                # an entry's fixed lifetime (see above)
-    fast_udp_timeout_ms: int = 150_000            # the same for UDP flows
-    fast_size: int = 1 << 20                      # entries per fast-path map
-    # Backend id -> (packets, bytes) in and out carried by the fast path so
-    # far: the counter objects start there, so a reload loses no count.
-    fast_counts: Mapping[int, tuple[int, int, int, int]] = field(default_factory=dict)
+    fastpath: bool = False                        # mark mode: fast marks kept for tc
 
 
 @dataclass(frozen=True)
@@ -393,17 +359,6 @@ def _frag_off_nonzero(mask: int) -> list[dict[str, Any]]:
     ]
 
 
-def _not_fragment() -> list[dict[str, Any]]:
-    """``ip frag-off & 0x3fff == 0``: natlb must see every fragment (its
-    fragment tracking learns a datagram from the first)."""
-    return [
-        _load(PAYLOAD_NETWORK, 6, 2),
-        expr("bitwise", sreg=REG_1, dreg=REG_1, len=2,
-             mask=_value(struct.pack("!H", IP_MF_OFFSET)), xor=_value(b"\0\0")),
-        _cmp_eq(b"\0\0"),
-    ]
-
-
 def _fragment_rewrite_exprs(field: str, addr_map: str, f: _Family = V4) -> list[dict[str, Any]]:
     """Mark mode, a later fragment: only the address (and IPv4's header
     checksum; the L4 checksum is in the first fragment), and the mark
@@ -468,8 +423,6 @@ class _Set:
     elements: list[tuple[bytes, bytes | None]]
     data_type: int | None = None
     data_len: int = 0
-    dynamic_size: int = 0          # > 0: filled by the packet path, with timeouts
-    counter_map: bool = False      # data: names of counter objects
 
 
 def _services(spec: Spec, f: _Family) -> tuple[Service, ...]:
@@ -527,131 +480,32 @@ def _sets(spec: Spec, f: _Family = V4) -> list[_Set]:
                  [(_mark(m.reply | s.id), struct.pack("!H", s.port)) for s in services],
                  TYPE_INET_SERVICE, 2),
         ]
-        if spec.fastpath and f is V4:
-            rb = MARK_REPLY_OF_BACKEND
-            service_of = {b.id: s for s in services for b in s.backends}
-            for s_ in out:
-                if s_.name == "service_addr":
-                    s_.elements.extend((_mark(rb | i), addr(service_of[i].vip)) for i in ids)
-                elif s_.name == "service_port":
-                    s_.elements.extend((_mark(rb | i), struct.pack("!H", service_of[i].port))
-                                       for i in ids)
-            tuple4 = _concat_type(TYPE_IPADDR, TYPE_INET_SERVICE, TYPE_IPADDR, TYPE_INET_SERVICE)
-            out += [
-                _Set("fast_counters", TYPE_MARK, 4,
-                     [(_mark(m.forward | i), f"in_{i}".encode()) for i in ids] +
-                     [(_mark(rb | i), f"out_{i}".encode()) for i in ids], None, 0,
-                     counter_map=True),
-            ]
-            # Both protocols' maps always (flush_fast names them all); empty
-            # ones cost nothing.
-            out += [_Set(name, tuple4, 16, [], TYPE_MARK, 4, spec.fast_size)
-                    for maps in FAST_MAPS.values() for name in maps]
     return out
 
 
 # -- the fast path ----------------------------------------------------------
 
-def _tcp_flags(mask: int, op: int) -> list[dict[str, Any]]:
-    """TCP with (flags & mask) op 0; op 0 is ==, 1 is !=."""
-    return [_meta(NFT_META_L4PROTO), _cmp_eq(bytes([socket.IPPROTO_TCP])),
-            _load(PAYLOAD_TRANSPORT, TCP_FLAGS_OFFSET, 1),
-            expr("bitwise", sreg=REG_1, dreg=REG_1, len=1,
-                 mask=_value(bytes([mask])), xor=_value(b"\0")),
-            expr("cmp", sreg=REG_1, op=op, data=_value(b"\0"))]
-
-
-def _four_tuple() -> list[dict[str, Any]]:
-    """saddr . sport . daddr . dport as the packet is now, a concatenated key
-    (REG_1 is REG32_00 seen whole; nft list expects a key to start there)."""
-    return [_load(PAYLOAD_NETWORK, 12, 4), _load(PAYLOAD_TRANSPORT, 0, 2, REG32_01),
-            _load(PAYLOAD_NETWORK, 16, 4, REG32_02), _load(PAYLOAD_TRANSPORT, 2, 2, REG32_03)]
-
-
-def _dynset(name: str, op: int, data_reg: int, timeout_ms: int = 0) -> dict[str, Any]:
-    attrs: dict[str, Any] = {"set_name": name, "op": op, "sreg_key": REG_1,
-                             "sreg_data": data_reg}
-    if timeout_ms:
-        attrs["timeout"] = timeout_ms
-    return expr("dynset", **attrs)
-
-
-def _fast_carry(map_name: str, protocol: int,
-                check: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """prerouting: a packet of an installed flow that changes no state takes
-    the mark natlb gave its flow and is never queued; the rewrite chain
-    rewrites it as it does a queued one.  The kernel's conntrack never sees it."""
-    state = (_tcp_flags(TCP_SYN_FIN_RST, 0) if protocol == socket.IPPROTO_TCP else
-             [_meta(NFT_META_L4PROTO), _cmp_eq(bytes([protocol]))])
-    return [*_not_fragment(), *state, *check, *_four_tuple(),
-            expr("lookup", set=map_name, sreg=REG_1, dreg=REG_1),
-            expr("meta", sreg=REG_1, key=NFT_META_MARK),
-            # natlb no longer sees these packets: the kernel counts them per backend.
-            _meta(NFT_META_MARK), expr("objref", set_sreg=REG_1, set_name="fast_counters"),
-            expr("notrack"), _verdict(NF_ACCEPT)]
-
-
-def _lookup_reg(name: str, reg: int) -> dict[str, Any]:
-    return expr("lookup", set=name, sreg=reg)
-
-
-def _reply_key() -> list[dict[str, Any]]:
-    """daddr . dport . saddr . sport: how the replies to this (rewritten)
-    packet arrive.  From the packet's own bytes only: `nft list` cannot print
-    a key built from map lookups (it asserts)."""
-    return [_load(PAYLOAD_NETWORK, 16, 4), _load(PAYLOAD_TRANSPORT, 2, 2, REG32_01),
-            _load(PAYLOAD_NETWORK, 12, 4, REG32_02), _load(PAYLOAD_TRANSPORT, 0, 2, REG32_03)]
-
-
-def _fast_rules(spec: Spec) -> list[tuple[str, list[dict[str, Any]]]]:
-    """The rewrite chain's fast-path rules, run before the rewrite itself."""
-    fast = spec.marks.fast
-    mark = _meta(NFT_META_MARK, REG32_04)
-
-    def install(protocol: int, timeout: int) -> list[dict[str, Any]]:
-        """Adds the client's side as the packet arrives, rewrites it (the
-        rewrite rules then pass it by: its mark is cleared) and adds the
-        backend's side from the rewritten bytes."""
-        fwd, rev = FAST_MAPS[protocol]
-        rewrite = _rewrite_exprs("daddr", protocol, "backend_addr", "backend_port")
-        return [
-            _meta(NFT_META_MARK),
-            expr("bitwise", sreg=REG_1, dreg=REG_1, len=4, mask=_value(_mark(fast)),
-                 xor=_value(_mark(0))),
-            _cmp_eq(_mark(fast)),
-            _meta(NFT_META_L4PROTO), _cmp_eq(bytes([protocol])),
-            mark,
-            expr("bitwise", sreg=REG32_04, dreg=REG32_04, len=4,
-                 mask=_value(_mark(0xFFFFFFFF & ~fast)), xor=_value(_mark(0))),
-            expr("meta", sreg=REG32_04, key=NFT_META_MARK),   # the rewrite reads it
-            # The backend's replies take MARK_REPLY_OF_BACKEND | its id.
-            _meta(NFT_META_MARK, REG32_05),
-            expr("bitwise", sreg=REG32_05, dreg=REG32_05, len=4, mask=_value(_mark(0xFFFFF)),
-                 xor=_value(_mark(MARK_REPLY_OF_BACKEND))),
-            *_four_tuple(), _dynset(fwd, DYNSET_ADD, REG32_04, timeout),
-            *rewrite[:-2],
-            *_reply_key(), _dynset(rev, DYNSET_ADD, REG32_05, timeout),
-            *rewrite[-2:],
-        ]
-
-    state = _tcp_flags(TCP_SYN_FIN_RST, 1)
-    # UDP has no state to forget: its entries expire, or go with flush_fast.
-    udp = ([("fast path install, udp", install(socket.IPPROTO_UDP, spec.fast_udp_timeout_ms))]
-           if any(s.protocol == socket.IPPROTO_UDP for s in spec.services) else [])
-    # Each side forgets its own entry, keyed as its packets arrive: a normal
-    # close has a FIN each way; after an RST the other side's entry carries
-    # what is still in flight until the next SYN on the 4-tuple (which
-    # forgets the client's side; its SYN-ACK, the backend's) or the timeout.
-    # The data register only satisfies the kernel (a map's dynset names one).
+def _fast_rewrite(protocol: int, fast_bit: int) -> list[dict[str, Any]]:
+    """A packet natlb marked fast: rewritten as any other packet to a
+    backend (the maps are keyed by the mark without the fast bit), but its
+    mark is kept for the tc program that learns the flow as it leaves
+    (csrc/bpf/fastpath.bpf.c), and the rules after this one pass it by."""
+    fast = _mark(fast_bit)
+    key = REG32_04
     return [
-        *udp,
-        ("fast path install", install(socket.IPPROTO_TCP, spec.fast_timeout_ms)),
-        ("fast path forget, client side", [*state, mark, _lookup_reg("backend_addr", REG32_04),
-                                           *_four_tuple(),
-                                           _dynset("fast_fwd", DYNSET_DELETE, REG32_04)]),
-        ("fast path forget, backend side", [*state, mark, _lookup_reg("service_addr", REG32_04),
-                                            *_four_tuple(),
-                                            _dynset("fast_rev", DYNSET_DELETE, REG32_04)]),
+        _meta(NFT_META_MARK),
+        expr("bitwise", sreg=REG_1, dreg=REG_1, len=4, mask=_value(fast), xor=_value(_mark(0))),
+        _cmp_eq(fast),
+        _meta(NFT_META_L4PROTO), _cmp_eq(bytes([protocol])),
+        _meta(NFT_META_MARK, key),
+        expr("bitwise", sreg=key, dreg=key, len=4, mask=_value(_mark(0xFFFFFFFF & ~fast_bit)),
+             xor=_value(_mark(0))),
+        expr("lookup", set="backend_addr", sreg=key, dreg=REG_1),
+        _write_address(V4, True, pseudo_header=True),
+        expr("lookup", set="backend_port", sreg=key, dreg=REG_1),
+        expr("payload", sreg=REG_1, base=PAYLOAD_TRANSPORT, offset=2, len=2,
+             csum_type=1, csum_offset=L4_CSUM_OFFSET[protocol]),
+        _verdict(NF_ACCEPT),
     ]
 
 
@@ -699,32 +553,13 @@ def _build_table(spec: Spec, f: _Family, in_place: bool, first_set_id: int) -> l
                 Message(TABLE, NFT_MSG_NEWTABLE, name, NLM_F_CREATE, f"table {t}")]
 
     fastpath = spec.fastpath and f is V4     # IPv6 never takes the fast path (yet)
-    if fastpath and spec.rewrite == "mark":
-        for bid in sorted({b.id for s in services for b in s.backends}):
-            pi, bi, po, bo = spec.fast_counts.get(bid, (0, 0, 0, 0))
-            for name, packets, nbytes in ((f"in_{bid}", pi, bi), (f"out_{bid}", po, bo)):
-                out.append(Message(OBJ, NFT_MSG_NEWOBJ, [
-                    ("NFTA_OBJ_TABLE", t), ("NFTA_OBJ_NAME", name),
-                    ("NFTA_OBJ_TYPE", NFT_OBJECT_COUNTER),
-                    ("NFTA_OBJ_DATA", {"attrs": [("NFTA_COUNTER_BYTES", nbytes),
-                                                 ("NFTA_COUNTER_PACKETS", packets)]}),
-                ], NLM_F_CREATE, f"counter {name}"))
-
     for set_id, s in enumerate(_sets(spec, f), first_set_id):
         flags: tuple[str, ...] = ("NFT_SET_MAP",) if s.data_type else ()
-        if s.counter_map:
-            flags = ("NFT_SET_OBJECT",)
-        if s.dynamic_size:
-            flags += ("NFT_SET_TIMEOUT", "NFT_SET_EVAL")
         attrs: list[Any] = [("NFTA_SET_TABLE", t), ("NFTA_SET_NAME", s.name),
                             ("NFTA_SET_FLAGS", flags),
                             ("NFTA_SET_KEY_TYPE", s.key_type), ("NFTA_SET_KEY_LEN", s.key_len)]
         if s.data_type:
             attrs += [("NFTA_SET_DATA_TYPE", s.data_type), ("NFTA_SET_DATA_LEN", s.data_len)]
-        if s.counter_map:
-            attrs.append(("NFTA_SET_OBJ_TYPE", NFT_OBJECT_COUNTER))
-        if s.dynamic_size:
-            attrs.append(("NFTA_SET_DESC", {"attrs": [("NFTA_SET_DESC_SIZE", s.dynamic_size)]}))
         attrs.append(("NFTA_SET_ID", set_id))
         if s.key_type == TYPE_MARK:
             # Marks are host-order numbers: tells `nft list` how to print them.
@@ -735,9 +570,7 @@ def _build_table(spec: Spec, f: _Family, in_place: bool, first_set_id: int) -> l
             elements = []
             for key, data in s.elements[i:i + ELEMENTS_PER_MESSAGE]:
                 e: list[Any] = [("NFTA_SET_ELEM_KEY", _value(key))]
-                if data is not None and s.counter_map:
-                    e.append(("NFTA_SET_ELEM_OBJREF", data.decode()))
-                elif data is not None:
+                if data is not None:
                     e.append(("NFTA_SET_ELEM_DATA", _value(data)))
                 elements.append({"attrs": e})
             out.append(Message(SETELEM, NFT_MSG_NEWSETELEM, [
@@ -761,13 +594,6 @@ def _build_table(spec: Spec, f: _Family, in_place: bool, first_set_id: int) -> l
 
     drop = [expr("counter"), _verdict(NF_DROP)]
     chain("prerouting", NF_INET_PRE_ROUTING, PRIORITY_RAW)
-    if fastpath:
-        for proto in sorted({s.protocol for s in services}):
-            fwd, rev = FAST_MAPS[proto]
-            pname = "" if proto == socket.IPPROTO_TCP else f", {PROTOCOL_NAMES[proto]}"
-            rule("prerouting", f"fast path to a service{pname}", _fast_carry(fwd, proto, []))
-            rule("prerouting", f"fast path reply from a backend{pname}",
-                 _fast_carry(rev, proto, [*_tuple_key(True, True), _lookup("replies")]))
     # notrack before the queue verdict: the verdict resumes at the next hook
     # and the kernel's conntrack (priority -200) must never see the flow.
     rule("prerouting", "to a service",
@@ -831,25 +657,16 @@ def _build_table(spec: Spec, f: _Family, in_place: bool, first_set_id: int) -> l
                  _fragment_rewrite_exprs("daddr", f"backend_addr{x}", f))
             rule("rewrite", "later fragment from a service",
                  _fragment_rewrite_exprs("saddr", f"service_addr{x}", f))
-        if fastpath:
-            for what, exprs in _fast_rules(spec):
-                rule("rewrite", what, exprs)
         for proto in protocols:
             pname = PROTOCOL_NAMES[proto]
+            if fastpath:
+                rule("rewrite", f"fast path: {pname} to a backend, mark kept for tc",
+                     _fast_rewrite(proto, spec.marks.fast))
             rule("rewrite", f"{pname} to a backend",
                  _rewrite_exprs("daddr", proto, f"backend_addr{x}", f"backend_port{x}", f))
             rule("rewrite", f"{pname} reply from a service",
                  _rewrite_exprs("saddr", proto, f"service_addr{x}", f"service_port{x}", f))
     return out
-
-
-def flush_fast(table: str) -> list[Message]:
-    """Empty both fast-path maps: every flow's next packet is queued again,
-    and natlb re-installs the flows it still carries (a reset backend's are
-    gone from its table, so they are not)."""
-    return [Message(SETELEM, NFT_MSG_DELSETELEM, [
-        ("NFTA_SET_ELEM_LIST_TABLE", table), ("NFTA_SET_ELEM_LIST_SET", name)],
-        0, f"elements of set {name}") for maps in FAST_MAPS.values() for name in maps]
 
 
 def delete(table: str, family: int = NFPROTO_IPV4) -> list[Message]:

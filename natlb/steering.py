@@ -16,7 +16,7 @@ import socket
 import struct
 from typing import Any
 
-from pyroute2.netlink import NLM_F_ACK, NLM_F_DUMP, NLM_F_REQUEST, nla
+from pyroute2.netlink import NLM_F_ACK, NLM_F_REQUEST
 from pyroute2.netlink.nfnetlink import NFNL_SUBSYS_NFTABLES, nfgen_msg
 from pyroute2.netlink.nfnetlink.nftsocket import (
     nft_chain_msg,
@@ -36,36 +36,9 @@ NFNL_MSG_BATCH_BEGIN = 0x10
 NFNL_MSG_BATCH_END = 0x11
 NETLINK_NETFILTER = 12
 NLMSG_ERROR = 2
-NFT_MSG_GETOBJ = 19
-
-
-class nft_obj_msg(nfgen_msg):
-    """A stateful object (natlb's are counters); pyroute2 has no class for it."""
-
-    prefix = "NFTA_OBJ_"
-    nla_map = (
-        ("NFTA_OBJ_UNSPEC", "none"),
-        ("NFTA_OBJ_TABLE", "asciiz"),
-        ("NFTA_OBJ_NAME", "asciiz"),
-        ("NFTA_OBJ_TYPE", "be32"),
-        ("NFTA_OBJ_DATA", "counter"),
-        ("NFTA_OBJ_USE", "be32"),
-        ("NFTA_OBJ_HANDLE", "be64"),
-        ("NFTA_OBJ_PAD", "hex"),
-        ("NFTA_OBJ_USERDATA", "hex"),
-    )
-
-    class counter(nla):
-        nla_map = (
-            ("NFTA_COUNTER_UNSPEC", "none"),
-            ("NFTA_COUNTER_BYTES", "be64"),
-            ("NFTA_COUNTER_PACKETS", "be64"),
-            ("NFTA_COUNTER_PAD", "hex"),
-        )
 
 
 MESSAGE_CLASSES: dict[str, type] = {
-    ruleset.OBJ: nft_obj_msg,
     ruleset.TABLE: nft_table_msg, ruleset.CHAIN: nft_chain_msg, ruleset.SET: nft_set_msg,
     ruleset.SETELEM: nft_set_elem_list_msg, ruleset.RULE: nft_rule_msg,
 }
@@ -159,29 +132,6 @@ def send(messages: list[ruleset.Message]) -> None:
             raise SteeringError(f"nftables refused {name}: {os.strerror(err)}", err)
 
 
-def read_counters(table: str) -> dict[str, tuple[int, int]]:
-    """name -> (packets, bytes) of every counter object in the table."""
-    m = nft_obj_msg()
-    m["nfgen_family"] = NFPROTO_IPV4
-    m["attrs"] = [("NFTA_OBJ_TABLE", table), ("NFTA_OBJ_TYPE", ruleset.NFT_OBJECT_COUNTER)]
-    m["header"]["type"] = (NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETOBJ
-    m["header"]["flags"] = NLM_F_REQUEST | NLM_F_DUMP
-    m["header"]["sequence_number"] = 1
-    m.encode()
-    out: dict[str, tuple[int, int]] = {}
-    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as s:
-        s.bind((0, 0))
-        s.settimeout(5.0)
-        s.send(m.data)
-        while True:
-            objects, done = nftwire.counter_objects(s.recv(1 << 20))
-            for t, name, packets, nbytes in objects:
-                if t == table:
-                    out[name] = (packets, nbytes)
-            if done:
-                return out
-
-
 class Steering:
     """Installs and removes natlb's nftables table in the current netns."""
 
@@ -224,27 +174,6 @@ class Steering:
             self.installed = True
             self.ipv6 = ipv6
             return
-
-    def fast_counts(self) -> dict[int, tuple[int, int, int, int]]:
-        """Backend id -> (packets in, bytes in, packets out, bytes out) the
-        kernel's fast path carried, natlb never having seen them."""
-        if not self.installed:
-            return {}
-        raw = read_counters(self.table)
-        out: dict[int, tuple[int, int, int, int]] = {}
-        for name, (packets, nbytes) in raw.items():
-            way, _, bid = name.partition("_")
-            if way not in ("in", "out") or not bid.isdigit():
-                continue
-            pi, bi, po, bo = out.get(int(bid), (0, 0, 0, 0))
-            out[int(bid)] = ((pi + packets, bi + nbytes, po, bo) if way == "in"
-                             else (pi, bi, po + packets, bo + nbytes))
-        return out
-
-    def flush_fast(self) -> None:
-        """Forget every flow the kernel carries alone (fast path)."""
-        if self.installed:
-            send(ruleset.flush_fast(self.table))
 
     def remove(self) -> None:
         if not self.installed:

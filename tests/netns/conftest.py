@@ -43,9 +43,22 @@ def router_state(tb: Testbed) -> str:
     for cmd in (["nft", "list", "ruleset"], ["ip", "-4", "addr"], ["ip", "route"],
                 ["ip", "-6", "addr"], ["ip", "-6", "route"]):
         out.append(tb.router_cmd(*cmd).stdout)
+    out.append(tc_state(tb))
     for path in ("ipv4/ip_forward", "ipv4/conf/all/accept_local", "ipv4/conf/all/rp_filter",
                  "ipv6/conf/all/forwarding"):
         out.append(path + "=" + tb.router_cmd("cat", f"/proc/sys/net/{path}").stdout)
+    return "\n".join(out)
+
+
+def tc_state(tb: Testbed) -> str:
+    """The router's qdiscs and tc filters (the fast path's programs)."""
+    out = [tb.router_cmd("tc", "qdisc", "show").stdout]
+    links = tb.router_cmd("ip", "-o", "link", "show").stdout
+    for line in links.splitlines():
+        dev = line.split(":")[1].strip().split("@")[0]
+        for where in ("ingress", "egress"):
+            out.append(f"{dev} {where}: " +
+                       tb.router_cmd("tc", "filter", "show", "dev", dev, where).stdout)
     return "\n".join(out)
 
 

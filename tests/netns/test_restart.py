@@ -57,6 +57,10 @@ def wait_gone(pid, timeout=10.0):
 @pytest.mark.parametrize("old_lb,new_lb,store", [
     ("max_flows = 4096", "max_flows = 8192", "copied into max_flows 8192"),
     ('rewrite = "copy"', 'rewrite = "mark"', "adopted into"),
+    # The tc fast path: the successor replaces the filters (flows are learned
+    # again from their next queued packet).
+    ("fastpath = false", "fastpath = true", "adopted into"),
+    ("fastpath = true", "fastpath = true\nmax_flows = 8192", "copied into max_flows 8192"),
 ])
 def test_restart_hands_over_flows_with_an_lb_change(testbed, natlb, old_lb, new_lb, store):
     before = router_state(testbed)

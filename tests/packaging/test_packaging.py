@@ -83,6 +83,9 @@ def test_install_into_a_root(installed, tmp_path):
     v = subprocess.run([str(natlb_bin), "--version"], capture_output=True, text=True)
     assert v.returncode == 0 and v.stdout.startswith("natlb ")
     assert filecmp.cmp(root / "etc/natlb/natlb.toml", EXAMPLE, shallow=False)
+    # The tc fast path's BPF object is built with the package, beside the C core.
+    (bpf,) = (root / "opt/natlb/lib").glob("python3*/site-packages/natlb/_fastpath.bpf.o")
+    assert bpf.read_bytes()[:4] == b"\x7fELF"
     assert filecmp.cmp(root / "usr/local/lib/systemd/system/natlb.service", UNIT, shallow=False)
     assert not any(".old." in p or ".new." in p for p in tree(root))
     if shutil.which("systemd-analyze"):

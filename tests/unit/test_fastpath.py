@@ -104,22 +104,29 @@ def test_a_udp_flow_is_fast_once_its_backend_answered(fast_core):
     assert not mark & MARK_FAST and BACKENDS[(mark & 0xFFF) - 5 * 16] != backend
 
 
-def test_udp_maps_and_rules_only_where_udp_is():
+def test_fast_marks_are_kept_for_tc_per_protocol_in_use():
+    """The rewrite chain rewrites a fast-marked packet, keeps its mark for
+    the tc program (csrc/bpf/fastpath.bpf.c) and accepts it; nft holds no
+    per-flow state any more."""
     from natlb import ruleset
 
     from .test_ruleset import spec
 
     both = ruleset.build(spec("mark", fastpath=True))
     whats = [m.what for m in both]
-    assert "rule prerouting fast path to a service, udp" in whats
-    assert "rule rewrite fast path install, udp" in whats
+    assert [w for w in whats if "fast" in w] == [
+        "rule rewrite fast path: tcp to a backend, mark kept for tc",
+        "rule rewrite fast path: udp to a backend, mark kept for tc"]
+    rule = next(m for m in both if m.what.endswith("tcp to a backend, mark kept for tc"))
+    exprs = dict(rule.attrs)["NFTA_RULE_EXPRESSIONS"]
+    names = [dict(e["attrs"])["NFTA_EXPR_NAME"] for e in exprs]
+    assert names[-1] == "immediate" and "meta" not in names[names.index("lookup"):]
     tcp_only = ruleset.Spec(**{**vars(spec("mark", fastpath=True)),
                                "services": spec().services[:1]})
     whats = [m.what for m in ruleset.build(tcp_only)]
-    assert not [w for w in whats if w.startswith("rule") and w.endswith(", udp")]
-    assert "set fast_fwd_udp" in whats          # flush_fast names every map
-    assert {dict(m.attrs)["NFTA_SET_ELEM_LIST_SET"] for m in ruleset.flush_fast("t")} == {
-        "fast_fwd", "fast_rev", "fast_fwd_udp", "fast_rev_udp"}
+    assert [w for w in whats if "fast" in w] == [
+        "rule rewrite fast path: tcp to a backend, mark kept for tc"]
+    assert not [w for w in whats if w.startswith("set fast") or w.startswith("counter")]
 
 
 def test_the_kernel_forgets_fast_flows_when_a_udp_backend_stops_being_alive(fast_core):
@@ -143,3 +150,17 @@ def test_the_kernel_forgets_fast_flows_when_a_udp_backend_stops_being_alive(fast
     assert forgot == [1]
     pool.report(dns, dns.backends[0], True, "ok")             # back: nothing to forget
     assert forgot == [1]
+
+
+def test_a_fast_path_that_cannot_load_is_one_clear_error(tmp_path):
+    """No root needed: the object is refused before any BPF system call."""
+    from natlb.core import CoreError, FastPath
+
+    missing = tmp_path / "missing.bpf.o"
+    with pytest.raises(CoreError) as e:
+        FastPath(16, 64, 1000, 1000, path=missing)
+    assert str(missing) in str(e.value) and "\n" not in str(e.value)
+    junk = tmp_path / "junk.bpf.o"
+    junk.write_bytes(b"not an ELF object")
+    with pytest.raises(CoreError, match="junk.bpf.o"):
+        FastPath(16, 64, 1000, 1000, path=junk)

@@ -72,18 +72,14 @@ def test_a_config_at_the_limits_publishes_and_encodes():
             elements[name] = elements.get(name, 0) + len(a["NFTA_SET_ELEM_LIST_ELEMENTS"])
     assert elements["vips"] == N_SERVICES
     assert elements["backend_addr"] == N_SERVICES * PER_SERVICE
-    # service_addr holds the reply marks of services and of backends (fast path):
-    # distinct keys, so the id ranges never overlap.
-    assert elements["service_addr"] == N_SERVICES + N_SERVICES * PER_SERVICE
-    assert len([m for m in msgs if m.kind == ruleset.OBJ]) == 2 * N_SERVICES * PER_SERVICE
+    assert elements["service_addr"] == N_SERVICES
 
 
 def test_marks_keep_the_largest_ids_apart():
     top_b, top_s = MAX_BACKENDS - 1, MAX_SERVICES - 1
-    marks = {MARK_FORWARD | top_b, MARK_FORWARD | top_b | MARK_FAST, MARK_REPLY | top_s,
-             ruleset.MARK_REPLY_OF_BACKEND | top_b}
-    bases = {MARK_FORWARD, MARK_FORWARD | MARK_FAST, MARK_REPLY, ruleset.MARK_REPLY_OF_BACKEND}
-    assert {m & ~0xFFFFF for m in marks} == bases and len(bases) == 4
+    marks = {MARK_FORWARD | top_b, MARK_FORWARD | top_b | MARK_FAST, MARK_REPLY | top_s}
+    bases = {MARK_FORWARD, MARK_FORWARD | MARK_FAST, MARK_REPLY}
+    assert {m & ~0xFFFFF for m in marks} == bases and len(bases) == 3
     assert not (top_b | top_s) & MARK_FAST
 
 

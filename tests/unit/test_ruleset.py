@@ -27,7 +27,7 @@ def spec(rewrite: str = "mark", fastpath: bool = False) -> ruleset.Spec:
     # 203.0.113.6 is routed over two interfaces (multipath): both are believed.
     return ruleset.Spec(table="natlb", services=(web, dns), queues=(4, 5), marks=MARKS,
                         rewrite=rewrite, ingress={"203.0.113.2": (3,), "203.0.113.6": (3, 7)},
-                        fastpath=fastpath, fast_timeout_ms=450_000, fast_size=4096)
+                        fastpath=fastpath)
 
 
 @pytest.mark.parametrize("rewrite", ["mark", "copy", "fastpath"])

@@ -1,0 +1,218 @@
+/*
+ * fastpath.bpf.c -- natlb's fast path for established flows, as two tc
+ * programs on the router's interfaces (README "The fast path").
+ *
+ * learn (tc egress): a packet natlb marked NL_MARK_FAST has been rewritten
+ *   by the nft rewrite chain and is leaving towards its backend.  Its mark
+ *   names the backend; the backends map gives the VIP.  Both directions'
+ *   entries go into the flows map, with a fixed deadline: never refreshed,
+ *   so natlb's own flow table stays the authority.
+ * carry (tc ingress): an IPv4 TCP (no SYN/FIN/RST) or UDP packet, not a
+ *   fragment, without IP options, arriving where its entry says, before the
+ *   deadline, with TTL > 1 and within the out device's MTU: rewritten, TTL
+ *   decremented, counted and sent with bpf_redirect_neigh, skipping
+ *   netfilter and the forwarding path.  Everything else: TC_ACT_OK, the
+ *   normal path (nft, NFQUEUE, natlb).  A SYN, FIN or RST that matches
+ *   deletes its own side's entry first.
+ *
+ * Every header read is bounds-checked against data_end.
+ */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/pkt_cls.h>
+#include <linux/tcp.h>
+#include <linux/udp.h>
+#include <bpf/bpf_endian.h>
+#include <bpf/bpf_helpers.h>
+
+#include "fastpath.h"
+
+#define IP_MF_OFFSET 0x3fff        /* more fragments, fragment offset */
+#define IP_CSUM_OFF (ETH_HLEN + 10)
+#define IP_TTL_OFF (ETH_HLEN + 8)
+#define IP_SADDR_OFF (ETH_HLEN + 12)
+#define IP_DADDR_OFF (ETH_HLEN + 16)
+#define L4_OFF (ETH_HLEN + 20)     /* ihl == 5 only */
+#define TCP_CSUM_OFF (L4_OFF + 16)
+#define UDP_CSUM_OFF (L4_OFF + 6)
+
+/* Sizes are set by the loader before it loads the object. */
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, struct nl_fp_backend);
+} backends SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_LRU_HASH);
+    __uint(max_entries, 2);
+    __type(key, struct nl_fp_key);
+    __type(value, struct nl_fp_flow);
+} flows SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, 2);
+    __type(key, __u32);
+    __type(value, struct nl_fp_count);
+} counters SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, struct nl_fp_config);
+} config SEC(".maps");
+
+/* The IPv4 header of a packet with an Ethernet header, bounds-checked. */
+static __always_inline struct iphdr *ipv4_header(struct __sk_buff *skb)
+{
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    struct ethhdr *eth = data;
+    struct iphdr *ip = data + ETH_HLEN;
+
+    if ((void *)(ip + 1) > data_end)
+        return 0;
+    if (eth->h_proto != bpf_htons(ETH_P_IP))
+        return 0;
+    return ip;
+}
+
+SEC("tc")
+int learn(struct __sk_buff *skb)
+{
+    __u32 mark = skb->mark;
+
+    if ((mark & NL_FP_MARK_KIND) != NL_FP_MARK_BASE || !(mark & NL_FP_MARK_FAST))
+        return TC_ACT_OK;
+    /* The mark was for nft and for us: nobody downstream reads it. */
+    skb->mark = 0;
+
+    struct iphdr *ip = ipv4_header(skb);
+    if (!ip || ip->ihl != 5 || (ip->frag_off & bpf_htons(IP_MF_OFFSET)))
+        return TC_ACT_OK;
+    void *data_end = (void *)(long)skb->data_end;
+    __be16 *ports = (void *)(ip + 1);
+    if ((void *)(ports + 2) > data_end)
+        return TC_ACT_OK;
+
+    __u32 bid = mark & NL_FP_MARK_ID;
+    struct nl_fp_backend *b = bpf_map_lookup_elem(&backends, &bid);
+    __u32 zero = 0;
+    struct nl_fp_config *cfg = bpf_map_lookup_elem(&config, &zero);
+    if (!b || !cfg || !b->proto || b->proto != ip->protocol || b->addr != ip->daddr ||
+        b->port != ports[1])
+        return TC_ACT_OK;      /* a stale mark (a publish in between): skip */
+
+    __u64 deadline = bpf_ktime_get_ns() +
+        (b->proto == IPPROTO_TCP ? cfg->tcp_lifetime_ns : cfg->udp_lifetime_ns);
+    struct nl_fp_key fk = {.saddr = ip->saddr, .daddr = b->vip, .sport = ports[0],
+                           .dport = b->vport, .proto = b->proto};
+    struct nl_fp_flow fv = {.addr = b->addr, .port = b->port, .dir = NL_FP_IN,
+                            .backend_id = bid, .out_ifindex = skb->ifindex,
+                            .in_ifindex = skb->ingress_ifindex, .deadline_ns = deadline};
+    struct nl_fp_key rk = {.saddr = b->addr, .daddr = ip->saddr, .sport = b->port,
+                           .dport = ports[0], .proto = b->proto};
+    struct nl_fp_flow rv = {.addr = b->vip, .port = b->vport, .dir = NL_FP_OUT,
+                            .backend_id = bid, .out_ifindex = skb->ingress_ifindex,
+                            .in_ifindex = skb->ifindex, .deadline_ns = deadline};
+    if (!skb->ingress_ifindex)
+        return TC_ACT_OK;      /* not forwarded: nothing to carry back */
+    bpf_map_update_elem(&flows, &rk, &rv, BPF_ANY);
+    bpf_map_update_elem(&flows, &fk, &fv, BPF_ANY);
+    return TC_ACT_OK;
+}
+
+SEC("tc")
+int carry(struct __sk_buff *skb)
+{
+    struct iphdr *ip = ipv4_header(skb);
+    if (!ip || ip->ihl != 5 || (ip->frag_off & bpf_htons(IP_MF_OFFSET)))
+        return TC_ACT_OK;
+    void *data_end = (void *)(long)skb->data_end;
+    struct nl_fp_key k = {.saddr = ip->saddr, .daddr = ip->daddr, .proto = ip->protocol};
+    __u32 csum_off, csum_flags = BPF_F_PSEUDO_HDR;
+    int state_change = 0;
+
+    if (ip->protocol == IPPROTO_TCP) {
+        struct tcphdr *th = (void *)(ip + 1);
+        if ((void *)(th + 1) > data_end)
+            return TC_ACT_OK;
+        k.sport = th->source;
+        k.dport = th->dest;
+        state_change = th->syn | th->fin | th->rst;
+        csum_off = TCP_CSUM_OFF;
+    } else if (ip->protocol == IPPROTO_UDP) {
+        struct udphdr *uh = (void *)(ip + 1);
+        if ((void *)(uh + 1) > data_end)
+            return TC_ACT_OK;
+        k.sport = uh->source;
+        k.dport = uh->dest;
+        csum_off = UDP_CSUM_OFF;
+        csum_flags |= BPF_F_MARK_MANGLED_0;   /* a zero UDP checksum stays zero */
+    } else {
+        return TC_ACT_OK;
+    }
+
+    struct nl_fp_flow *f = bpf_map_lookup_elem(&flows, &k);
+    if (!f)
+        return TC_ACT_OK;
+    if (state_change || bpf_ktime_get_ns() > f->deadline_ns) {
+        /* natlb must see this one, and the flow's next packets until it
+         * marks one fast again. */
+        bpf_map_delete_elem(&flows, &k);
+        return TC_ACT_OK;
+    }
+    if (f->in_ifindex != skb->ingress_ifindex || ip->ttl <= 1)
+        return TC_ACT_OK;      /* spoofed, or natlb's ICMP to send */
+
+    /* Copies: the helpers below invalidate every packet pointer. */
+    struct nl_fp_flow flow = *f;
+    __u8 ttl = ip->ttl, proto = ip->protocol;
+    __u32 mtu_len = 0;
+    if (bpf_check_mtu(skb, flow.out_ifindex, &mtu_len, 0, 0) != BPF_MTU_CHK_RET_SUCCESS)
+        return TC_ACT_OK;      /* too big: natlb and the kernel do PMTU */
+
+    __be32 old_addr;
+    __be16 old_port;
+    __u32 addr_off, port_off;
+    if (flow.dir == NL_FP_IN) {
+        old_addr = k.daddr;
+        old_port = k.dport;
+        addr_off = IP_DADDR_OFF;
+        port_off = L4_OFF + 2;
+    } else {
+        old_addr = k.saddr;
+        old_port = k.sport;
+        addr_off = IP_SADDR_OFF;
+        port_off = L4_OFF;
+    }
+    if (bpf_l4_csum_replace(skb, csum_off, old_addr, flow.addr, csum_flags | 4) ||
+        bpf_l4_csum_replace(skb, csum_off, old_port, flow.port,
+                            (csum_flags & BPF_F_MARK_MANGLED_0) | 2) ||
+        bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_addr, flow.addr, 4) ||
+        bpf_skb_store_bytes(skb, addr_off, &flow.addr, 4, 0) ||
+        bpf_skb_store_bytes(skb, port_off, &flow.port, 2, 0))
+        return TC_ACT_SHOT;    /* half rewritten: never send it on */
+    /* TTL shares a 16-bit checksum word with the protocol. */
+    __be16 old_word = bpf_htons(((__u16)ttl << 8) | proto);
+    __be16 new_word = bpf_htons(((__u16)(ttl - 1) << 8) | proto);
+    __u8 new_ttl = ttl - 1;
+    if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_word, new_word, 2) ||
+        bpf_skb_store_bytes(skb, IP_TTL_OFF, &new_ttl, 1, 0))
+        return TC_ACT_SHOT;
+
+    __u32 slot = flow.backend_id * 2 + flow.dir;
+    struct nl_fp_count *c = bpf_map_lookup_elem(&counters, &slot);
+    if (c) {
+        c->packets++;
+        c->bytes += skb->len;
+    }
+    return bpf_redirect_neigh(flow.out_ifindex, 0, 0, 0);
+}
+
+char LICENSE[] SEC("license") = "GPL";

@@ -1,0 +1,69 @@
+/*
+ * fastpath.h -- the maps the tc fast path (fastpath.bpf.c) shares with its
+ * loader (csrc/tcfast.c).  The one place their layout is written; both
+ * sides include it.  Addresses and ports in NETWORK order, as in the packet.
+ */
+#ifndef NATLB_BPF_FASTPATH_H
+#define NATLB_BPF_FASTPATH_H
+
+#include <linux/types.h>
+
+/* Direction of a carried packet: the counter slot is backend id * 2 + it. */
+#define NL_FP_IN 0                 /* client -> VIP, rewritten to the backend */
+#define NL_FP_OUT 1                /* backend -> client, rewritten to the VIP */
+
+/* The mark natlb's C core gives a packet to install (natlb.h NL_MARK_*):
+ * NL_MARK_FORWARD | NL_MARK_FAST | backend id. */
+#define NL_FP_MARK_BASE 0x6e000000
+#define NL_FP_MARK_KIND 0xff700000 /* the bits that say "forward mark" (all
+                                      above the id but the fast bit)         */
+#define NL_FP_MARK_FAST 0x00800000
+#define NL_FP_MARK_ID 0x000fffff
+
+/* backends map (array, index = backend id): what natlb published. */
+struct nl_fp_backend {
+    __be32 vip;                    /* the service's VIP                       */
+    __be32 addr;                   /* the backend's address                   */
+    __be16 vport;                  /* the service's port                      */
+    __be16 port;                   /* the backend's port                      */
+    __u8 proto;                    /* IPPROTO_TCP or IPPROTO_UDP; 0: no backend */
+    __u8 pad[3];                   /* zero                                    */
+};
+
+/* flows map key: a packet's 5-tuple as it arrives on ingress. */
+struct nl_fp_key {
+    __be32 saddr;                  /* source address                          */
+    __be32 daddr;                  /* destination address                     */
+    __be16 sport;                  /* source port                             */
+    __be16 dport;                  /* destination port                        */
+    __u8 proto;                    /* IPPROTO_TCP or IPPROTO_UDP              */
+    __u8 pad[3];                   /* zero: hashed with the rest              */
+};
+
+/* flows map value: how to carry a packet with that key. */
+struct nl_fp_flow {
+    __be32 addr;                   /* new daddr (IN) or new saddr (OUT)       */
+    __be16 port;                   /* new dport (IN) or new sport (OUT)       */
+    __u8 dir;                      /* NL_FP_IN or NL_FP_OUT                   */
+    __u8 pad;                      /* zero                                    */
+    __u32 backend_id;              /* counter slot, and what a flush is about */
+    __u32 out_ifindex;             /* bpf_redirect_neigh to this device       */
+    __u32 in_ifindex;              /* only packets arriving here are carried
+                                      (the anti-spoof check of `replies`)     */
+    __u64 deadline_ns;             /* bpf_ktime_get_ns() after which the entry
+                                      is dead: natlb renews its flow first    */
+};
+
+/* counters map (per-CPU array, index = backend id * 2 + direction). */
+struct nl_fp_count {
+    __u64 packets;                 /* packets carried                         */
+    __u64 bytes;                   /* their length as they arrived (skb->len) */
+};
+
+/* config map (array, one entry), set by the loader. */
+struct nl_fp_config {
+    __u64 tcp_lifetime_ns;         /* a learned TCP entry's fixed lifetime    */
+    __u64 udp_lifetime_ns;         /* the same for UDP                        */
+};
+
+#endif

@@ -1,0 +1,253 @@
+/*
+ * tcfast.c -- the I/O layer of the tc fast path: loads csrc/bpf's object
+ * (built into the package as natlb/_fastpath.bpf.o), attaches its two
+ * programs to interfaces, and reads and writes its maps.  Nothing here runs
+ * per packet: the kernel carries the packets (see fastpath.bpf.c).
+ */
+#include <errno.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <net/if.h>
+#include <bpf/bpf.h>
+#include <bpf/libbpf.h>
+
+#include "internal.h"
+#include "bpf/fastpath.h"
+
+struct nl_fastpath {
+    struct bpf_object *obj;
+    int learn_fd, carry_fd;        /* the programs */
+    int backends_fd, flows_fd, counters_fd;
+    uint32_t max_backends;
+    int n_cpus;
+};
+
+static int fail(char *err, uint32_t errlen, const char *what, int code)
+{
+    snprintf(err, errlen, "%s: %s", what, strerror(code > 0 ? code : -code));
+    return code > 0 ? -code : code;
+}
+
+static int silent(enum libbpf_print_level level, const char *fmt, va_list args)
+{
+    /* libbpf's own log would go to natlb's stderr line by line; the caller
+     * gets one error instead.  NATLB_BPF_DEBUG shows it. */
+    if (getenv("NATLB_BPF_DEBUG"))
+        return vfprintf(stderr, fmt, args);
+    (void)level;
+    return 0;
+}
+
+struct nl_fastpath *nl_fp_open(const char *path, uint32_t max_backends, uint32_t max_flows,
+                               uint64_t tcp_lifetime_ns, uint64_t udp_lifetime_ns,
+                               char *err, uint32_t errlen)
+{
+    libbpf_set_print(silent);
+    struct nl_fastpath *fp = calloc(1, sizeof *fp);
+    if (!fp) {
+        fail(err, errlen, "fast path", ENOMEM);
+        return NULL;
+    }
+    fp->obj = bpf_object__open_file(path, NULL);
+    int rc = libbpf_get_error(fp->obj);
+    if (rc) {
+        fp->obj = NULL;
+        fail(err, errlen, path, rc);
+        goto out;
+    }
+    struct bpf_map *backends = bpf_object__find_map_by_name(fp->obj, "backends");
+    struct bpf_map *flows = bpf_object__find_map_by_name(fp->obj, "flows");
+    struct bpf_map *counters = bpf_object__find_map_by_name(fp->obj, "counters");
+    struct bpf_map *config = bpf_object__find_map_by_name(fp->obj, "config");
+    struct bpf_program *learn = bpf_object__find_program_by_name(fp->obj, "learn");
+    struct bpf_program *carry = bpf_object__find_program_by_name(fp->obj, "carry");
+    if (!backends || !flows || !counters || !config || !learn || !carry) {
+        fail(err, errlen, "fast path object lacks a map or program", ENOENT);
+        goto out;
+    }
+    /* Both directions of each flow natlb may hold. */
+    uint64_t n_flows = (uint64_t)max_flows * 2;
+    if ((rc = bpf_map__set_max_entries(backends, max_backends)) ||
+        (rc = bpf_map__set_max_entries(flows, n_flows > 1u << 30 ? 1u << 30 : n_flows)) ||
+        (rc = bpf_map__set_max_entries(counters, max_backends * 2))) {
+        fail(err, errlen, "sizing the fast path's maps", rc);
+        goto out;
+    }
+    if ((rc = bpf_object__load(fp->obj))) {
+        fail(err, errlen, "loading the fast path (BPF)", rc);
+        goto out;
+    }
+    fp->learn_fd = bpf_program__fd(learn);
+    fp->carry_fd = bpf_program__fd(carry);
+    fp->backends_fd = bpf_map__fd(backends);
+    fp->flows_fd = bpf_map__fd(flows);
+    fp->counters_fd = bpf_map__fd(counters);
+    fp->max_backends = max_backends;
+    fp->n_cpus = libbpf_num_possible_cpus();
+    if (fp->n_cpus <= 0) {
+        fail(err, errlen, "counting CPUs", fp->n_cpus);
+        goto out;
+    }
+    struct nl_fp_config c = {.tcp_lifetime_ns = tcp_lifetime_ns,
+                             .udp_lifetime_ns = udp_lifetime_ns};
+    uint32_t zero = 0;
+    if ((rc = bpf_map_update_elem(bpf_map__fd(config), &zero, &c, BPF_ANY))) {
+        fail(err, errlen, "configuring the fast path", rc);
+        goto out;
+    }
+    return fp;
+out:
+    nl_fp_close(fp);
+    return NULL;
+}
+
+void nl_fp_close(struct nl_fastpath *fp)
+{
+    if (!fp)
+        return;
+    bpf_object__close(fp->obj);     /* the attached filters keep their programs */
+    free(fp);
+}
+
+static void hook_of(struct bpf_tc_hook *h, uint32_t ifindex, enum bpf_tc_attach_point where)
+{
+    memset(h, 0, sizeof *h);
+    h->sz = sizeof *h;
+    h->ifindex = (int)ifindex;
+    h->attach_point = where;
+}
+
+int nl_fp_attach(struct nl_fastpath *fp, uint32_t ifindex, uint32_t handle, uint32_t priority,
+                 int *created_qdisc)
+{
+    struct bpf_tc_hook hook;
+    hook_of(&hook, ifindex, BPF_TC_INGRESS);
+    int rc = bpf_tc_hook_create(&hook);     /* the clsact qdisc */
+    *created_qdisc = rc == 0;
+    if (rc && rc != -EEXIST)
+        return rc;
+    const struct { enum bpf_tc_attach_point where; int fd; } both[] = {
+        {BPF_TC_INGRESS, fp->carry_fd}, {BPF_TC_EGRESS, fp->learn_fd}};
+    for (int i = 0; i < 2; i++) {
+        hook_of(&hook, ifindex, both[i].where);
+        /* REPLACE: a predecessor's filters (natlb restart, a crash) become ours. */
+        LIBBPF_OPTS(bpf_tc_opts, opts, .handle = handle, .priority = priority,
+                    .prog_fd = both[i].fd, .flags = BPF_TC_F_REPLACE);
+        if ((rc = bpf_tc_attach(&hook, &opts)))
+            return rc;
+    }
+    return 0;
+}
+
+int nl_fp_detach(uint32_t ifindex, uint32_t handle, uint32_t priority, int destroy_qdisc)
+{
+    struct bpf_tc_hook hook;
+    int first = 0;
+    const enum bpf_tc_attach_point where[] = {BPF_TC_INGRESS, BPF_TC_EGRESS};
+    for (int i = 0; i < 2; i++) {
+        hook_of(&hook, ifindex, where[i]);
+        LIBBPF_OPTS(bpf_tc_opts, opts, .handle = handle, .priority = priority);
+        int rc = bpf_tc_detach(&hook, &opts);
+        /* Gone already (the device, the qdisc, the filter) is fine. */
+        if (rc && rc != -ENOENT && rc != -ENODEV && rc != -EINVAL && !first)
+            first = rc;
+    }
+    if (destroy_qdisc) {
+        hook_of(&hook, ifindex, BPF_TC_INGRESS | BPF_TC_EGRESS);
+        int rc = bpf_tc_hook_destroy(&hook);
+        if (rc && rc != -ENOENT && rc != -ENODEV && rc != -EINVAL && !first)
+            first = rc;
+    }
+    return first;
+}
+
+int nl_fp_set_backend(struct nl_fastpath *fp, uint32_t id, uint32_t vip, uint16_t vport,
+                      uint32_t addr, uint16_t port, uint8_t proto)
+{
+    if (id >= fp->max_backends)
+        return -ERANGE;
+    struct nl_fp_backend b = {.vip = vip, .addr = addr, .vport = vport, .port = port,
+                              .proto = proto};
+    return bpf_map_update_elem(fp->backends_fd, &id, &b, BPF_ANY);
+}
+
+int64_t nl_fp_flush(struct nl_fastpath *fp)
+{
+    struct nl_fp_key key;
+    int64_t n = 0;
+    /* Always from the first key: deleting while walking would skip some. */
+    while (bpf_map_get_next_key(fp->flows_fd, NULL, &key) == 0) {
+        int rc = bpf_map_delete_elem(fp->flows_fd, &key);
+        if (rc && rc != -ENOENT)
+            return rc;
+        n++;
+    }
+    return n;
+}
+
+int64_t nl_fp_flow_count(struct nl_fastpath *fp)
+{
+    struct nl_fp_key key, next;
+    int64_t n = 0;
+    void *prev = NULL;
+    while (bpf_map_get_next_key(fp->flows_fd, prev, &next) == 0) {
+        key = next;
+        prev = &key;
+        n++;
+    }
+    return n;
+}
+
+int nl_fp_has_flow(struct nl_fastpath *fp, uint32_t saddr, uint32_t daddr, uint16_t sport,
+                   uint16_t dport, uint8_t proto)
+{
+    struct nl_fp_key k = {.saddr = saddr, .daddr = daddr, .sport = sport, .dport = dport,
+                          .proto = proto};
+    struct nl_fp_flow f;
+    return bpf_map_lookup_elem(fp->flows_fd, &k, &f) == 0;
+}
+
+int nl_fp_read_counters(struct nl_fastpath *fp, uint64_t *out, uint32_t n_backends)
+{
+    struct nl_fp_count *per_cpu = calloc((size_t)fp->n_cpus, sizeof *per_cpu);
+    if (!per_cpu)
+        return -ENOMEM;
+    if (n_backends > fp->max_backends)
+        n_backends = fp->max_backends;
+    int rc = 0;
+    for (uint32_t slot = 0; slot < n_backends * 2; slot++) {
+        if ((rc = bpf_map_lookup_elem(fp->counters_fd, &slot, per_cpu)))
+            break;
+        uint64_t packets = 0, bytes = 0;
+        for (int cpu = 0; cpu < fp->n_cpus; cpu++) {
+            packets += per_cpu[cpu].packets;
+            bytes += per_cpu[cpu].bytes;
+        }
+        /* out[id * 4 ..]: packets in, bytes in, packets out, bytes out */
+        out[slot * 2] = packets;
+        out[slot * 2 + 1] = bytes;
+    }
+    free(per_cpu);
+    return rc;
+}
+
+int nl_fp_test_run(struct nl_fastpath *fp, int egress, const uint8_t *pkt, uint32_t len,
+                   uint8_t *out, uint32_t *out_len, uint32_t mark, uint32_t ifindex,
+                   uint32_t ingress_ifindex, uint32_t *retval, uint32_t *mark_out)
+{
+    struct __sk_buff ctx = {.mark = mark, .ifindex = ifindex,
+                            .ingress_ifindex = ingress_ifindex};
+    struct __sk_buff ctx_out;
+    memset(&ctx_out, 0, sizeof ctx_out);
+    LIBBPF_OPTS(bpf_test_run_opts, opts, .data_in = pkt, .data_size_in = len, .data_out = out,
+                .data_size_out = *out_len, .ctx_in = &ctx, .ctx_size_in = sizeof ctx,
+                .ctx_out = &ctx_out, .ctx_size_out = sizeof ctx_out, .repeat = 1);
+    int rc = bpf_prog_test_run_opts(egress ? fp->learn_fd : fp->carry_fd, &opts);
+    if (rc)
+        return rc;
+    *out_len = opts.data_size_out;
+    *retval = opts.retval;
+    *mark_out = ctx_out.mark;
+    return 0;
+}

@@ -1,0 +1,113 @@
+"""The tc fast path's control plane (lb.fastpath): loads the BPF object
+(natlb.core.FastPath over csrc/tcfast.c), attaches it to every Ethernet
+interface of this namespace, keeps its backend slots in step with what is
+published, empties its flows when natlb resets or moves flows, and reads
+what it carried.  The programs themselves: csrc/bpf/fastpath.bpf.c.
+
+Host changes go through the undo journal first (kind "tc_filter", reverted
+here): natlb's two filters on an interface, and its clsact qdisc when natlb
+created it (a qdisc that was there before is left in place)."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from collections.abc import Iterable
+from typing import Any
+
+from pyroute2 import IPRoute
+
+from natlb.config import LBConfig, family
+from natlb.core import CoreError, FastPath, ServiceTable
+from natlb.errors import HostError
+from natlb.undo import Journal, reverter
+
+log = logging.getLogger("natlb.fastpath")
+
+# natlb's filters, the same in every natlb (a successor replaces its
+# predecessor's by them): "nlb" and "nl".
+HANDLE = 0x6E6C62
+PRIORITY = 0x6E6C
+ARPHRD_ETHER = 1
+PROTOCOLS = {"tcp": socket.IPPROTO_TCP, "udp": socket.IPPROTO_UDP}
+Slot = tuple[str, int, str, int, int]        # vip, vport, address, port, protocol
+
+
+class FastPathError(HostError):
+    """The kernel refused the fast path's BPF programs or filters."""
+
+
+@reverter("tc_filter")
+def _undo_filter(entry: dict[str, Any]) -> None:
+    FastPath.detach(entry["ifindex"], entry["handle"], entry["priority"], entry["qdisc"])
+
+
+def _interfaces() -> list[tuple[int, str, bool]]:
+    """(ifindex, name, has a clsact qdisc) of every Ethernet interface (the
+    programs read an Ethernet header; loopback and tunnels are not)."""
+    with IPRoute() as ipr:
+        clsact = {q["index"] for q in ipr.get_qdiscs() if q.get_attr("TCA_KIND") == "clsact"}
+        return [(link["index"], link.get_attr("IFLA_IFNAME"), link["index"] in clsact)
+                for link in ipr.get_links() if link["ifi_type"] == ARPHRD_ETHER]
+
+
+class TcFastPath:
+    def __init__(self, lb: LBConfig) -> None:
+        half = {k: max(1, int(lb.timeouts_s[k] * 500)) for k in ("tcp_established", "udp")}
+        try:
+            # An entry lives half of natlb's own timeout and is never
+            # refreshed: it always expires before natlb's flow does, whose
+            # next packet is queued and renews it (README "The fast path").
+            self.fp = FastPath(lb.max_backends, lb.max_flows, half["tcp_established"],
+                               half["udp"])
+        except CoreError as e:
+            raise FastPathError(f"lb.fastpath = true, but {e}") from None
+        self._slots: dict[int, Slot] = {}
+        self._n_slots = 0     # read by counts() on the loop thread: one int, no dict
+
+    def attach(self, journal: Journal) -> list[str]:
+        """On every Ethernet interface; the names attached to."""
+        names = []
+        for ifindex, name, has_clsact in _interfaces():
+            if not journal.has("tc_filter", ifindex=ifindex):
+                journal.record("tc_filter", ifindex=ifindex, ifname=name, handle=HANDLE,
+                               priority=PRIORITY, qdisc=not has_clsact)
+            try:
+                self.fp.attach(ifindex, HANDLE, PRIORITY)
+            except CoreError as e:
+                raise FastPathError(f"{name}: {e}") from None
+            names.append(name)
+        return names
+
+    def publish(self, tables: Iterable[ServiceTable]) -> None:
+        """Backend slots as published: only the changed ones are written.
+        IPv6 services take no slot (the C core never marks them fast)."""
+        want: dict[int, Slot] = {}
+        for t in tables:
+            if family(t.vip) != 4:
+                continue
+            for b in t.backends:
+                want[b.id] = (t.vip, t.port, b.address, b.port, PROTOCOLS[t.protocol])
+        for bid in set(self._slots) - set(want):
+            self.fp.clear_backend(bid)
+            del self._slots[bid]
+        for bid, slot in want.items():
+            if self._slots.get(bid) != slot:
+                self.fp.set_backend(bid, *slot)
+                self._slots[bid] = slot
+        self._n_slots = max(self._slots, default=-1) + 1
+
+    def flush(self) -> None:
+        n = self.fp.flush()
+        log.debug("fast path: forgot %d flow entries", n)
+
+    def counts(self) -> dict[int, tuple[int, int, int, int]]:
+        """Backend id -> (packets in, bytes in, packets out, bytes out)
+        carried by the kernel alone."""
+        n = self._n_slots
+        return self.fp.counters(n) if n else {}
+
+    def close(self) -> None:
+        """The filters stay until the journal removes them (or a successor
+        replaces them); they keep the programs and maps alive."""
+        self.fp.close()

@@ -1,0 +1,216 @@
+"""The tc fast path's two programs (csrc/bpf/fastpath.bpf.c) run on
+scapy-built frames with BPF_PROG_TEST_RUN: what learn installs from a
+packet natlb marked, and what carry does with each kind of packet.  The
+programs run in a namespace of this test's own (bpf_check_mtu and the test
+run need real interface indexes), from one thread that entered it."""
+
+import ctypes
+import os
+import socket
+import subprocess
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_NOP
+from scapy.layers.l2 import Ether
+
+from natlb.core import MARK_FAST, MARK_FORWARD, FastPath
+
+TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
+CLIENT, VIP, BACKEND = "198.51.100.2", "192.0.2.100", "203.0.113.6"
+CPORT, VPORT, BPORT = 40000, 80, 8080
+BID = 3
+CLONE_NEWNET = 0x40000000
+
+
+@pytest.fixture(scope="module")
+def ns():
+    """A namespace with two interfaces (a veth pair): the client's and the
+    backend's, with a smaller MTU."""
+    name = f"nlbpf{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "add", "cl0", "type", "veth", "peer", "name",
+                        "be0"], check=True)
+        for dev, mtu in (("cl0", "1500"), ("be0", "1400")):
+            subprocess.run(["ip", "-n", name, "link", "set", dev, "mtu", mtu, "up"], check=True)
+        idx = {}
+        for dev in ("cl0", "be0"):
+            out = subprocess.run(["ip", "-n", name, "-o", "link", "show", dev], check=True,
+                                 capture_output=True, text=True).stdout
+            idx[dev] = int(out.split(":")[0])
+        yield name, idx
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.fixture(scope="module")
+def inside(ns):
+    """Runs functions in a thread that lives in the test namespace."""
+    name, _ = ns
+
+    def enter() -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
+        try:
+            if libc.setns(fd, CLONE_NEWNET) != 0:
+                raise OSError(ctypes.get_errno(), "setns")
+        finally:
+            os.close(fd)
+
+    with ThreadPoolExecutor(1, initializer=enter) as ex:
+        yield lambda fn, *a, **kw: ex.submit(fn, *a, **kw).result()
+
+
+def open_fastpath(inside, tcp_ms: int = 60_000) -> FastPath:
+    fp = inside(FastPath, max_backends=16, max_flows=64, tcp_lifetime_ms=tcp_ms,
+                udp_lifetime_ms=30_000)
+    fp.set_backend(BID, VIP, VPORT, BACKEND, BPORT, socket.IPPROTO_TCP)
+    fp.set_backend(BID + 1, VIP, 53, BACKEND, 5353, socket.IPPROTO_UDP)
+    return fp
+
+
+@pytest.fixture
+def fp(inside):
+    f = open_fastpath(inside)
+    yield f
+    f.close()
+
+
+def frame(ip) -> bytes:
+    return bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / ip)
+
+
+def tcp(src, dst, sport, dport, flags="A", ttl=64, payload=b"x" * 20, **ip_kw):
+    return frame(IP(src=src, dst=dst, ttl=ttl, **ip_kw) /
+                 TCP(sport=sport, dport=dport, flags=flags, seq=1000, ack=2000) / payload)
+
+
+def learn(inside, fp, ns, packet=None, bid=BID):
+    """natlb's marked client packet, rewritten by nft, leaving via be0."""
+    _, idx = ns
+    packet = packet or tcp(CLIENT, BACKEND, CPORT, BPORT)
+    return inside(fp.test_run, True, packet, mark=MARK_FORWARD | MARK_FAST | bid,
+                  ifindex=idx["be0"], ingress_ifindex=idx["cl0"])
+
+
+def carry(inside, fp, packet, ifindex):
+    return inside(fp.test_run, False, packet, ifindex=ifindex, ingress_ifindex=ifindex)
+
+
+def checksums_ok(ip: IP) -> bool:
+    """scapy recomputes what it is told to forget; equal means right."""
+    fresh = ip.copy()
+    del fresh.chksum
+    del fresh.payload.chksum
+    return bytes(IP(bytes(fresh))) == bytes(ip)
+
+
+def test_learn_installs_both_directions_and_clears_the_mark(inside, fp, ns):
+    r = learn(inside, fp, ns)
+    assert (r.retval, r.mark) == (TC_ACT_OK, 0)
+    assert fp.has_flow(CLIENT, VIP, CPORT, VPORT, socket.IPPROTO_TCP)
+    assert fp.has_flow(BACKEND, CLIENT, BPORT, CPORT, socket.IPPROTO_TCP)
+    assert fp.flow_count() == 2
+
+
+def test_learn_ignores_other_marks_and_stale_ones(inside, fp, ns):
+    _, idx = ns
+    for mark in (MARK_FORWARD | BID, 0x6E617461, MARK_FORWARD | MARK_FAST | 9):
+        r = inside(fp.test_run, True, tcp(CLIENT, BACKEND, CPORT, BPORT), mark=mark,
+                   ifindex=idx["be0"], ingress_ifindex=idx["cl0"])
+        assert r.retval == TC_ACT_OK
+    # The slot names another address: a publish moved the backend.
+    learn(inside, fp, ns, tcp(CLIENT, "203.0.113.7", CPORT, BPORT))
+    assert fp.flow_count() == 0
+
+
+def test_carry_rewrites_both_ways_with_right_checksums_ttl_and_counters(inside, fp, ns):
+    _, idx = ns
+    learn(inside, fp, ns)
+    fwd = tcp(CLIENT, VIP, CPORT, VPORT, ttl=64)
+    r = carry(inside, fp, fwd, idx["cl0"])
+    assert r.retval == TC_ACT_REDIRECT
+    ip = Ether(r.packet)[IP]
+    assert (ip.src, ip.dst, ip[TCP].sport, ip[TCP].dport, ip.ttl) == (
+        CLIENT, BACKEND, CPORT, BPORT, 63)
+    assert checksums_ok(ip) and bytes(ip[TCP].payload) == b"x" * 20
+    rev = tcp(BACKEND, CLIENT, BPORT, CPORT, ttl=2, payload=b"y" * 100)
+    r = carry(inside, fp, rev, idx["be0"])
+    ip = Ether(r.packet)[IP]
+    assert r.retval == TC_ACT_REDIRECT
+    assert (ip.src, ip.dst, ip[TCP].sport, ip[TCP].dport, ip.ttl) == (
+        VIP, CLIENT, VPORT, CPORT, 1)
+    assert checksums_ok(ip)
+    assert fp.counters()[BID] == (1, len(fwd), 1, len(rev))
+
+
+def test_udp_is_carried_and_a_zero_checksum_stays_zero(inside, fp, ns):
+    _, idx = ns
+    learn(inside, fp, ns, frame(IP(src=CLIENT, dst=BACKEND) / UDP(sport=5000, dport=5353) / b"q"),
+          bid=BID + 1)
+    r = carry(inside, fp, frame(IP(src=CLIENT, dst=VIP) / UDP(sport=5000, dport=53) / b"q"),
+              idx["cl0"])
+    ip = Ether(r.packet)[IP]
+    assert r.retval == TC_ACT_REDIRECT and (ip.dst, ip[UDP].dport) == (BACKEND, 5353)
+    assert checksums_ok(ip)
+    zero = IP(src=BACKEND, dst=CLIENT) / UDP(sport=5353, dport=5000, chksum=0) / b"a"
+    r = carry(inside, fp, frame(zero), idx["be0"])
+    ip = Ether(r.packet)[IP]
+    assert r.retval == TC_ACT_REDIRECT and (ip.src, ip[UDP].sport) == (VIP, 53)
+    assert ip[UDP].chksum == 0
+
+
+@pytest.mark.parametrize("packet", [
+    tcp(CLIENT, VIP, CPORT, VPORT, flags="S"),
+    tcp(CLIENT, VIP, CPORT, VPORT, flags="FA"),
+    tcp(CLIENT, VIP, CPORT, VPORT, flags="R"),
+], ids=["syn", "fin", "rst"])
+def test_a_state_change_passes_and_deletes_its_own_side(inside, fp, ns, packet):
+    _, idx = ns
+    learn(inside, fp, ns)
+    r = carry(inside, fp, packet, idx["cl0"])
+    assert (r.retval, r.packet) == (TC_ACT_OK, packet)
+    assert not fp.has_flow(CLIENT, VIP, CPORT, VPORT, socket.IPPROTO_TCP)
+    assert fp.has_flow(BACKEND, CLIENT, BPORT, CPORT, socket.IPPROTO_TCP)
+
+
+@pytest.mark.parametrize("packet,where", [
+    (frame(IP(src=CLIENT, dst=VIP, flags="MF") / TCP(sport=CPORT, dport=VPORT, flags="A")
+           / (b"x" * 16)), "cl0"),
+    (frame(IP(src=CLIENT, dst=VIP, frag=3, proto=6) / (b"x" * 16)), "cl0"),  # a later one
+    (tcp(CLIENT, VIP, CPORT, VPORT, options=[IPOption_NOP()] * 4), "cl0"),        # IP options
+    (tcp(CLIENT, VIP, CPORT, VPORT, ttl=1), "cl0"),
+    (tcp(CLIENT, VIP, CPORT, VPORT), "be0"),                                   # wrong ingress
+    (tcp(BACKEND, CLIENT, BPORT, CPORT), "cl0"),                               # spoofed reply
+    (tcp(CLIENT, VIP, CPORT + 1, VPORT), "cl0"),                               # no entry
+    (frame(IP(src=CLIENT, dst=VIP) / ICMP()), "cl0"),
+    (tcp(CLIENT, VIP, CPORT, VPORT, payload=b"z" * 1420), "cl0"),              # > be0's MTU
+], ids=["first-fragment", "later-fragment", "options", "ttl", "wrong-ingress", "spoofed",
+        "unknown", "icmp", "too-big"])
+def test_what_is_not_carried_passes_untouched(inside, fp, ns, packet, where):
+    _, idx = ns
+    learn(inside, fp, ns)
+    r = carry(inside, fp, packet, idx[where])
+    assert (r.retval, r.packet) == (TC_ACT_OK, packet)
+    assert fp.counters() == {}
+
+
+def test_an_expired_entry_passes_and_goes(inside, ns):
+    _, idx = ns
+    fp = open_fastpath(inside, tcp_ms=0)
+    try:
+        learn(inside, fp, ns)
+        packet = tcp(CLIENT, VIP, CPORT, VPORT)
+        assert carry(inside, fp, packet, idx["cl0"]).retval == TC_ACT_OK
+        assert not fp.has_flow(CLIENT, VIP, CPORT, VPORT, socket.IPPROTO_TCP)
+    finally:
+        fp.close()
+
+
+def test_flush_forgets_every_flow(inside, fp, ns):
+    learn(inside, fp, ns)
+    learn(inside, fp, ns, tcp(CLIENT, BACKEND, CPORT + 1, BPORT))
+    assert fp.flow_count() == 4
+    assert fp.flush() == 4 and fp.flow_count() == 0
