@@ -3,8 +3,8 @@
 Run (root): .venv/bin/python -m bench.rates_cost [SERVICES] [BACKENDS_PER_SERVICE] [SECONDS]
 
 Starts a real natlb in a namespace with SERVICES x BACKENDS (no health
-checks, no traffic), once with the fast path off and once on (its kernel
-counter objects are read too), and reports the CPU the idle daemon used
+checks, no traffic), once with the fast path off and once on (the tc
+program's per-CPU counters are read too), and reports the CPU the idle daemon used
 over SECONDS as a share of one core: with nothing else to do, that is the
 estimator's sampling every 2 s.
 """

@@ -2,12 +2,10 @@
 
 Run (root): .venv/bin/python -m bench.status_scale [SERVICES] [BACKENDS_PER_SERVICE]
 
-Starts a real natlb (fast path on, so the kernel's counter objects are read
-too) in a namespace with SERVICES x BACKENDS and times, each as a median
+Starts a real natlb (fast path on, so the tc program's per-CPU counters are
+read too) in a namespace with SERVICES x BACKENDS and times, each as a median
 over ROUNDS:
 
-- the kernel's counters alone (an nft dump of the table's counter objects,
-  from a helper process in the router's namespace);
 - the control request round trip (the daemon collects, encodes and sends;
   this process receives and decodes);
 - decoding the reply and rendering the table here;
@@ -34,16 +32,6 @@ from natlb_testbed.testbed import VIP, Testbed, backend_addr
 ROUNDS = 7
 CLI_ROUNDS = 5
 
-NFT_DUMP = """
-import statistics, sys, time
-from natlb.steering import Steering
-s = Steering(sys.argv[1]); s.installed = True
-times, n = [], 0
-for _ in range(int(sys.argv[2])):
-    t0 = time.perf_counter(); n = len(s.fast_counts())
-    times.append((time.perf_counter() - t0) * 1000)
-print(statistics.median(times), n)
-"""
 
 
 def config(tb: Testbed, n_services: int, n_backends: int, fastpath: bool = True) -> str:
@@ -113,10 +101,6 @@ def main(n_services: int = 4096, n_backends: int = 3) -> int:
         assert len(st["services"]) == n_services
         print(f"  status reply: {len(raw) / 1e6:.1f} MB of JSON; rates sampled every "
               f"{st.get('rate_interval_s', 2.0):.1f} s")
-        dump = subprocess.run(["ip", "netns", "exec", tb.router, sys.executable, "-c", NFT_DUMP,
-                               "natlb", str(ROUNDS)], capture_output=True, text=True, check=True)
-        ms, n = dump.stdout.split()
-        print(f"  kernel counters alone (nft dump, {n} backends): wall median {float(ms):.0f} ms")
         print("  control request round trip (CPU: the daemon's and ours): "
               + timed(lambda: request(sock, {"cmd": "status"}, timeout=60),
                     daemon=natlb.pid))

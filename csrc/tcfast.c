@@ -208,27 +208,47 @@ int nl_fp_has_flow(struct nl_fastpath *fp, uint32_t saddr, uint32_t daddr, uint1
     return bpf_map_lookup_elem(fp->flows_fd, &k, &f) == 0;
 }
 
+/* Slots read per batch: 1,024 x 2 CPUs x 16 bytes fits a page or eight. */
+#define NL_FP_READ_CHUNK 1024
+
 int nl_fp_read_counters(struct nl_fastpath *fp, uint64_t *out, uint32_t n_backends)
 {
-    struct nl_fp_count *per_cpu = calloc((size_t)fp->n_cpus, sizeof *per_cpu);
-    if (!per_cpu)
-        return -ENOMEM;
     if (n_backends > fp->max_backends)
         n_backends = fp->max_backends;
-    int rc = 0;
-    for (uint32_t slot = 0; slot < n_backends * 2; slot++) {
-        if ((rc = bpf_map_lookup_elem(fp->counters_fd, &slot, per_cpu)))
+    uint32_t total = n_backends * 2, done = 0, next = 0;
+    uint32_t *keys = calloc(NL_FP_READ_CHUNK, sizeof *keys);
+    struct nl_fp_count *vals = calloc((size_t)NL_FP_READ_CHUNK * (size_t)fp->n_cpus,
+                                      sizeof *vals);
+    int rc = (keys && vals) ? 0 : -ENOMEM;
+    /* One system call per chunk, not one per slot: at 65,536 backends the
+     * slot-by-slot reading took about 0.2 s of every status and rate sample. */
+    while (!rc && done < total) {
+        uint32_t count = total - done < NL_FP_READ_CHUNK ? total - done : NL_FP_READ_CHUNK;
+        rc = bpf_map_lookup_batch(fp->counters_fd, done ? &next : NULL, &next, keys, vals,
+                                  &count, NULL);
+        if (rc == -ENOENT)      /* the map's end: count holds what was read */
+            rc = 0;
+        else if (rc)
             break;
-        uint64_t packets = 0, bytes = 0;
-        for (int cpu = 0; cpu < fp->n_cpus; cpu++) {
-            packets += per_cpu[cpu].packets;
-            bytes += per_cpu[cpu].bytes;
+        for (uint32_t i = 0; i < count; i++) {
+            uint32_t slot = keys[i];
+            if (slot >= total)
+                continue;
+            uint64_t packets = 0, bytes = 0;
+            for (int cpu = 0; cpu < fp->n_cpus; cpu++) {
+                packets += vals[(size_t)i * (size_t)fp->n_cpus + (size_t)cpu].packets;
+                bytes += vals[(size_t)i * (size_t)fp->n_cpus + (size_t)cpu].bytes;
+            }
+            /* out[id * 4 ..]: packets in, bytes in, packets out, bytes out */
+            out[slot * 2] = packets;
+            out[slot * 2 + 1] = bytes;
         }
-        /* out[id * 4 ..]: packets in, bytes in, packets out, bytes out */
-        out[slot * 2] = packets;
-        out[slot * 2 + 1] = bytes;
+        if (!count)
+            break;
+        done += count;
     }
-    free(per_cpu);
+    free(keys);
+    free(vals);
     return rc;
 }
 
