@@ -619,6 +619,9 @@ void nl_ext_enter(struct nl_lb *lb);
 void nl_ext_exit(struct nl_lb *lb);
 /* The per-packet path for worker threads, inside their epoch (no locking
  * of their own); mark NULL: copy mode. */
+/* nl_observe's work, for a caller already inside an epoch (lb.c). */
+int nl_observed(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
+                uint32_t pkt_flags, uint64_t now_ms);
 int nl_packet(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
               uint32_t pkt_flags, uint64_t now_ms, uint32_t packet_id, uint32_t *mark);
 /* nl_failover_tick for worker threads, inside their epoch. */

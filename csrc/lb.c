@@ -465,3 +465,43 @@ int nl_packet(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
     }
     return process(lb, worker, pkt, len, pkt_flags, now_ms, packet_id, mark);
 }
+
+/* A FIN or RST the kernel carried alone, applied as the queued packet would
+ * have been (mark mode: the same decisions, the mark and verdict unused).
+ * Only to a flow natlb holds: an observed packet never creates one, even
+ * for a cluster service that would adopt it.
+ *
+ * Checksums: a record holding the whole packet is checked like a queued
+ * one, and a bad sum is not believed (counted).  A record holding only the
+ * head (a FIN with more data than the fast path copies) cannot be checked,
+ * and is believed as the queued path believes a head-only copy: the kernel
+ * forwards without checking L4 sums, so natlb's flow follows what was
+ * forwarded.  What a forged FIN could do is bounded anyway: the fast path
+ * already cut its entries to the closing timeout, natlb's flow gets the
+ * same, and a forged RST carries no data (it always fits the head whole). */
+int nl_observed(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
+                uint32_t pkt_flags, uint64_t now_ms)
+{
+    struct nl_pkt p;
+    int r = nl_parse(pkt, len, &p, (pkt_flags & NL_PKT_HEAD_ONLY) != 0);
+    if (r >= 0 || p.proto != NL_IPPROTO_TCP || p.frag ||
+        !(p.tcp_flags & (NL_TCP_FIN | NL_TCP_RST)) || (p.tcp_flags & NL_TCP_SYN))
+        return 0;
+    if (nl_check_csum(&p, pkt_flags) == NL_CSUM_BAD) {
+        nl_counters_of(lb, worker)->reasons[NL_R_BAD_CHECKSUM]++;
+        return 0;
+    }
+    const struct nl_snapshot *snap = __atomic_load_n(&lb->snap, __ATOMIC_ACQUIRE);
+    int fwd = nl_find_service(snap, &p.daddr, p.dport, p.proto) != NULL;
+    struct nl_ct_key k = { .client_addr = fwd ? &p.saddr : &p.daddr,
+                           .client_port = fwd ? p.sport : p.dport, .proto = p.proto,
+                           .reply = !fwd, .other_addr = fwd ? &p.daddr : &p.saddr,
+                           .other_port = fwd ? p.dport : p.sport };
+    pthread_spinlock_t *lock;
+    if (!find_locked(lb, &k, (uint32_t)now_ms, &lock))
+        return 0;
+    pthread_spin_unlock(lock);
+    uint32_t mark;
+    process(lb, worker, pkt, len, pkt_flags, now_ms, NL_NO_PACKET_ID, &mark);
+    return 1;
+}

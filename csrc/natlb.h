@@ -381,10 +381,11 @@ uint32_t nl_ct_layout(void);
 struct nl_fastpath;
 /* Loads the object at path, its maps sized for max_backends backend ids and
  * max_flows flows (both directions of each), learned entries living the
- * given fixed times.  NULL with a one-line reason in err. */
+ * given fixed times, and a carried FIN cutting them to tcp_closing_ns.
+ * NULL with a one-line reason in err. */
 struct nl_fastpath *nl_fp_open(const char *path, uint32_t max_backends, uint32_t max_flows,
                                uint64_t tcp_lifetime_ns, uint64_t udp_lifetime_ns,
-                               char *err, uint32_t errlen);
+                               uint64_t tcp_closing_ns, char *err, uint32_t errlen);
 /* Frees the object; filters attached keep their programs until detached. */
 void nl_fp_close(struct nl_fastpath *fp);
 /* Attaches carry (ingress) and learn (egress) on ifindex with that tc handle
@@ -411,3 +412,30 @@ int nl_fp_has_flow(struct nl_fastpath *fp, uint32_t saddr, uint32_t daddr, uint1
 /* What the kernel carried for backend ids 0..n_backends-1, summed over
  * CPUs: out[id * 4 + 0..3] = packets in, bytes in, packets out, bytes out. */
 int nl_fp_read_counters(struct nl_fastpath *fp, uint64_t *out, uint32_t n_backends);
+/* The kernel tells natlb of every FIN and RST it carries (a ring buffer):
+ * a thread of the fast path's applies each to lb with nl_observe, until
+ * nl_fp_observe_stop (before lb is destroyed; nl_fp_close stops it too). */
+int nl_fp_observe_start(struct nl_fastpath *fp, struct nl_lb *lb);
+void nl_fp_observe_stop(struct nl_fastpath *fp);
+/* Records applied to a flow, and records that changed nothing. */
+void nl_fp_observe_counts(struct nl_fastpath *fp, uint64_t *observed, uint64_t *ignored);
+/* One record of the ring, as tests read it. */
+struct nl_fp_record {
+    uint32_t ifindex;               /* the device it arrived on            */
+    uint16_t len;                   /* bytes of head that hold the packet  */
+    uint16_t tot_len;               /* the IP packet's whole length        */
+    uint8_t head[128];              /* the IP packet as it arrived         */
+};
+/* Tests (no observer running): takes up to max waiting records; how many,
+ * or -errno. */
+int nl_fp_read_events(struct nl_fastpath *fp, struct nl_fp_record *out, uint32_t max);
+
+/* ---- packets the kernel carried, told afterwards ----------------------- */
+/* Applies one TCP FIN or RST the kernel carried alone (the fast path) to
+ * its flow as nl_decide would have (state, timeouts, gauges, counters),
+ * with no verdict, mark or packet sent.  pkt is the IP packet as it
+ * arrived, or its head (NL_PKT_HEAD_ONLY).  1 if applied to a flow; 0 if
+ * it changed nothing: no FIN or RST, a SYN, no flow, or a bad checksum (the
+ * last counted as NL_R_BAD_CHECKSUM). */
+int nl_observe(struct nl_lb *lb, uint8_t *pkt, uint32_t len, uint32_t pkt_flags,
+               uint64_t now_ms);

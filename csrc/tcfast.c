@@ -5,9 +5,11 @@
  * per packet: the kernel carries the packets (see fastpath.bpf.c).
  */
 #include <errno.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 #include <net/if.h>
 #include <bpf/bpf.h>
 #include <bpf/libbpf.h>
@@ -15,12 +17,21 @@
 #include "internal.h"
 #include "bpf/fastpath.h"
 
+_Static_assert(sizeof(((struct nl_fp_record *)0)->head) == NL_FP_HEAD,
+               "natlb.h's nl_fp_record holds a whole event head");
+
 struct nl_fastpath {
     struct bpf_object *obj;
     int learn_fd, carry_fd;        /* the programs */
     int backends_fd, flows_fd, counters_fd;
     uint32_t max_backends;
     int n_cpus;
+    int events_fd;                 /* the ring of carried FINs and RSTs */
+    struct ring_buffer *rb;        /* its reader, while an observer runs */
+    struct nl_lb *lb;              /* where the observer applies them   */
+    pthread_t observer;
+    volatile int stop;
+    uint64_t observed, ignored;    /* records applied, records that were not */
 };
 
 static int fail(char *err, uint32_t errlen, const char *what, int code)
@@ -41,7 +52,7 @@ static int silent(enum libbpf_print_level level, const char *fmt, va_list args)
 
 struct nl_fastpath *nl_fp_open(const char *path, uint32_t max_backends, uint32_t max_flows,
                                uint64_t tcp_lifetime_ns, uint64_t udp_lifetime_ns,
-                               char *err, uint32_t errlen)
+                               uint64_t tcp_closing_ns, char *err, uint32_t errlen)
 {
     libbpf_set_print(silent);
     struct nl_fastpath *fp = calloc(1, sizeof *fp);
@@ -60,9 +71,10 @@ struct nl_fastpath *nl_fp_open(const char *path, uint32_t max_backends, uint32_t
     struct bpf_map *flows = bpf_object__find_map_by_name(fp->obj, "flows");
     struct bpf_map *counters = bpf_object__find_map_by_name(fp->obj, "counters");
     struct bpf_map *config = bpf_object__find_map_by_name(fp->obj, "config");
+    struct bpf_map *events = bpf_object__find_map_by_name(fp->obj, "events");
     struct bpf_program *learn = bpf_object__find_program_by_name(fp->obj, "learn");
     struct bpf_program *carry = bpf_object__find_program_by_name(fp->obj, "carry");
-    if (!backends || !flows || !counters || !config || !learn || !carry) {
+    if (!backends || !flows || !counters || !config || !events || !learn || !carry) {
         fail(err, errlen, "fast path object lacks a map or program", ENOENT);
         goto out;
     }
@@ -83,6 +95,7 @@ struct nl_fastpath *nl_fp_open(const char *path, uint32_t max_backends, uint32_t
     fp->backends_fd = bpf_map__fd(backends);
     fp->flows_fd = bpf_map__fd(flows);
     fp->counters_fd = bpf_map__fd(counters);
+    fp->events_fd = bpf_map__fd(events);
     fp->max_backends = max_backends;
     fp->n_cpus = libbpf_num_possible_cpus();
     if (fp->n_cpus <= 0) {
@@ -90,7 +103,8 @@ struct nl_fastpath *nl_fp_open(const char *path, uint32_t max_backends, uint32_t
         goto out;
     }
     struct nl_fp_config c = {.tcp_lifetime_ns = tcp_lifetime_ns,
-                             .udp_lifetime_ns = udp_lifetime_ns};
+                             .udp_lifetime_ns = udp_lifetime_ns,
+                             .tcp_closing_ns = tcp_closing_ns};
     uint32_t zero = 0;
     if ((rc = bpf_map_update_elem(bpf_map__fd(config), &zero, &c, BPF_ANY))) {
         fail(err, errlen, "configuring the fast path", rc);
@@ -106,6 +120,7 @@ void nl_fp_close(struct nl_fastpath *fp)
 {
     if (!fp)
         return;
+    nl_fp_observe_stop(fp);
     bpf_object__close(fp->obj);     /* the attached filters keep their programs */
     free(fp);
 }
@@ -270,4 +285,106 @@ int nl_fp_test_run(struct nl_fastpath *fp, int egress, const uint8_t *pkt, uint3
     *retval = opts.retval;
     *mark_out = ctx_out.mark;
     return 0;
+}
+
+/* ---- the observer: carried FINs and RSTs applied to natlb's flows ------ */
+
+static uint64_t now_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
+
+static int apply_event(void *ctx, void *data, size_t size)
+{
+    struct nl_fastpath *fp = ctx;
+    const struct nl_fp_event *ev = data;
+    if (size < sizeof *ev || ev->len > NL_FP_HEAD) {
+        __atomic_fetch_add(&fp->ignored, 1, __ATOMIC_RELAXED);
+        return 0;
+    }
+    uint8_t pkt[NL_FP_HEAD];
+    memcpy(pkt, ev->head, ev->len);
+    uint32_t flags = ev->len < ev->tot_len ? NL_PKT_HEAD_ONLY : 0;
+    int applied = nl_observe(fp->lb, pkt, ev->len, flags, now_ms());
+    __atomic_fetch_add(applied ? &fp->observed : &fp->ignored, 1, __ATOMIC_RELAXED);
+    return 0;
+}
+
+static void *observe_loop(void *arg)
+{
+    struct nl_fastpath *fp = arg;
+    /* The timeout bounds how long nl_fp_observe_stop waits. */
+    while (!fp->stop)
+        ring_buffer__poll(fp->rb, 100);
+    ring_buffer__consume(fp->rb);
+    return NULL;
+}
+
+int nl_fp_observe_start(struct nl_fastpath *fp, struct nl_lb *lb)
+{
+    if (fp->rb)
+        return -EALREADY;
+    fp->rb = ring_buffer__new(fp->events_fd, apply_event, fp, NULL);
+    if (!fp->rb)
+        return -errno;
+    fp->lb = lb;
+    fp->stop = 0;
+    int rc = pthread_create(&fp->observer, NULL, observe_loop, fp);
+    if (rc) {
+        ring_buffer__free(fp->rb);
+        fp->rb = NULL;
+        return -rc;
+    }
+    return 0;
+}
+
+void nl_fp_observe_stop(struct nl_fastpath *fp)
+{
+    if (!fp->rb)
+        return;
+    fp->stop = 1;
+    pthread_join(fp->observer, NULL);
+    ring_buffer__free(fp->rb);
+    fp->rb = NULL;
+    fp->lb = NULL;
+}
+
+void nl_fp_observe_counts(struct nl_fastpath *fp, uint64_t *observed, uint64_t *ignored)
+{
+    *observed = __atomic_load_n(&fp->observed, __ATOMIC_RELAXED);
+    *ignored = __atomic_load_n(&fp->ignored, __ATOMIC_RELAXED);
+}
+
+/* Tests: the records waiting, copied out whole (at most max). */
+struct drain { struct nl_fp_record *out; uint32_t max, n; };
+
+static int copy_event(void *ctx, void *data, size_t size)
+{
+    struct drain *d = ctx;
+    const struct nl_fp_event *ev = data;
+    if (d->n >= d->max)
+        return 1;              /* stops the consume; the rest stay */
+    if (size >= sizeof *ev) {
+        struct nl_fp_record *r = &d->out[d->n++];
+        r->ifindex = ev->ifindex;
+        r->len = ev->len;
+        r->tot_len = ev->tot_len;
+        memcpy(r->head, ev->head, sizeof r->head);
+    }
+    return 0;
+}
+
+int nl_fp_read_events(struct nl_fastpath *fp, struct nl_fp_record *out, uint32_t max)
+{
+    if (fp->rb)
+        return -EBUSY;         /* the observer owns the ring */
+    struct drain d = {out, max, 0};
+    struct ring_buffer *rb = ring_buffer__new(fp->events_fd, copy_event, &d, NULL);
+    if (!rb)
+        return -errno;
+    int rc = ring_buffer__consume(rb);
+    ring_buffer__free(rb);
+    return rc < 0 && rc != -1 ? rc : (int)d.n;
 }

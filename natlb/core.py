@@ -404,6 +404,12 @@ class Core:
         v = lib.nl_decide_id(self._lb, self.workers, buf, len(packet), flags, now_ms, pid, mark)
         return Verdict(v), mark[0]
 
+    def observe(self, packet: bytes, now_ms: int, flags: int = 0) -> bool:
+        """A FIN or RST the kernel carried alone: applied to its flow as
+        decide would, nothing sent.  True if it was applied to a flow."""
+        buf = self._buffer(packet)
+        return bool(lib.nl_observe(self._lb, buf, len(packet), flags, now_ms))
+
     def process_many(self, packets: list[bytes], now_ms: int, flags: int = 0) -> Batch:
         """Prepare a batch for process_batch (the buffers are reused)."""
         return Batch(packets, now_ms, flags)
@@ -632,20 +638,53 @@ class FastPath:
     fill its backend slots, empty its flows, read its counters."""
 
     def __init__(self, max_backends: int, max_flows: int, tcp_lifetime_ms: int,
-                 udp_lifetime_ms: int, path: Path = FASTPATH_OBJECT) -> None:
+                 udp_lifetime_ms: int, tcp_closing_ms: int | None = None,
+                 path: Path = FASTPATH_OBJECT) -> None:
         err = ffi.new("char[]", 256)
+        closing = tcp_lifetime_ms if tcp_closing_ms is None else tcp_closing_ms
         fp = lib.nl_fp_open(str(path).encode(), max_backends, max_flows,
-                            tcp_lifetime_ms * 1_000_000, udp_lifetime_ms * 1_000_000, err, 256)
+                            tcp_lifetime_ms * 1_000_000, udp_lifetime_ms * 1_000_000,
+                            closing * 1_000_000, err, 256)
         if fp == ffi.NULL:
             raise CoreError(f"fast path: {ffi.string(err).decode()}")
         self._fp = ffi.gc(fp, lib.nl_fp_close)
         self.max_backends = max_backends
+        self._observed: Core | None = None
 
     def close(self) -> None:
         if self._fp is not None:
             fp, self._fp = self._fp, None
             ffi.gc(fp, None)
             lib.nl_fp_close(fp)
+
+    def observe(self, core: Core) -> None:
+        """Applies every FIN and RST the kernel carries to core's flows, from
+        a C thread, until stop_observing (before core closes)."""
+        rc = lib.nl_fp_observe_start(self._fp, core._lb)
+        if rc:
+            raise CoreError(f"fast path: reading its events: {os.strerror(-rc)}")
+        self._observed = core      # core outlives the thread that uses it
+
+    def stop_observing(self) -> None:
+        if self._fp is not None:
+            lib.nl_fp_observe_stop(self._fp)
+        self._observed = None
+
+    def observe_counts(self) -> tuple[int, int]:
+        """(records applied to a flow, records that changed nothing)."""
+        applied, ignored = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+        lib.nl_fp_observe_counts(self._fp, applied, ignored)
+        return applied[0], ignored[0]
+
+    def read_events(self, max_records: int = 4096) -> list[tuple[int, bytes, int]]:
+        """Tests (no observer): the waiting records as (ifindex, head,
+        the IP packet's whole length)."""
+        out = ffi.new("struct nl_fp_record[]", max_records)
+        n = lib.nl_fp_read_events(self._fp, out, max_records)
+        if n < 0:
+            raise CoreError(f"fast path: reading its events: {os.strerror(-n)}")
+        return [(out[i].ifindex, bytes(ffi.buffer(out[i].head, out[i].len)), out[i].tot_len)
+                for i in range(n)]
 
     def attach(self, ifindex: int, handle: int, priority: int) -> bool:
         """Our filters on ifindex's ingress and egress; True if we created

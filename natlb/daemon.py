@@ -177,6 +177,10 @@ class Daemon:
         if after_rules:
             after_rules()
         if self.fast:
+            # Before the filters, after the flow table found its home
+            # (_open_store): every FIN or RST ours carry reaches the flows.
+            self.fast.observe(self.core)
+        if self.fast:
             # After the rules (which keep the fast marks for it); a
             # predecessor's filters carry on until these replace them.
             names = self.fast.attach(self.journal)
@@ -326,6 +330,10 @@ class Daemon:
                 await self.monitor.stop()
             await loop.run_in_executor(None, self.core.forward_to, queues)
             forwarding = True
+            if self.fast:
+                # The successor applies what its own programs carry; ours
+                # must not touch the flows it is adopting.
+                self.fast.stop_observing()
             final = traffic(self.pool)
             ch.send(released=True, traffic=final)
             served = await loop.run_in_executor(None, ch.expect, "serving", 30)
@@ -334,6 +342,8 @@ class Daemon:
                 # The successor may have re-identified our flows already.
                 self.core.readopt()
                 self.core.forward_to([])
+                if self.fast:
+                    self.fast.observe(self.core)
                 self._install_table()
             if self.monitor:
                 self.monitor.start()
@@ -487,6 +497,8 @@ class Daemon:
                 self.serving = True
             asyncio.run(self.serve())
         finally:
+            if self.fast:
+                self.fast.stop_observing()     # before the core it applies to
             if self.announcer:
                 self.announcer.close()
             if self.journal and (self.handed_over or not self.serving):

@@ -18,7 +18,7 @@ from typing import Any
 from pyroute2 import IPRoute
 
 from natlb.config import LBConfig, family
-from natlb.core import CoreError, FastPath, ServiceTable
+from natlb.core import Core, CoreError, FastPath, ServiceTable
 from natlb.errors import HostError
 from natlb.undo import Journal, reverter
 
@@ -58,8 +58,10 @@ class TcFastPath:
             # An entry lives half of natlb's own timeout and is never
             # refreshed: it always expires before natlb's flow does, whose
             # next packet is queued and renews it (README "The fast path").
+            # A carried FIN cuts both entries to natlb's own closing
+            # timeout, which its flow gets when natlb applies the FIN.
             self.fp = FastPath(lb.max_backends, lb.max_flows, half["tcp_established"],
-                               half["udp"])
+                               half["udp"], max(1, int(lb.timeouts_s["tcp_fin"] * 1000)))
         except CoreError as e:
             raise FastPathError(f"lb.fastpath = true, but {e}") from None
         self._slots: dict[int, Slot] = {}
@@ -106,6 +108,15 @@ class TcFastPath:
         carried by the kernel alone."""
         n = self._n_slots
         return self.fp.counters(n) if n else {}
+
+    def observe(self, core: Core) -> None:
+        """From now on the FINs and RSTs the kernel carries reach core's
+        flows (before the filters are attached: none is missed)."""
+        self.fp.observe(core)
+
+    def stop_observing(self) -> None:
+        """Before core closes."""
+        self.fp.stop_observing()
 
     def close(self) -> None:
         """The filters stay until the journal removes them (or a successor

@@ -7,13 +7,19 @@
  *   names the backend; the backends map gives the VIP.  Both directions'
  *   entries go into the flows map, with a fixed deadline: never refreshed,
  *   so natlb's own flow table stays the authority.
- * carry (tc ingress): an IPv4 TCP (no SYN/FIN/RST) or UDP packet, not a
+ * carry (tc ingress): an IPv4 TCP (no SYN) or UDP packet, not a
  *   fragment, without IP options, arriving where its entry says, before the
  *   deadline, with TTL > 1 and within the out device's MTU: rewritten, TTL
  *   decremented, counted and sent with bpf_redirect_neigh, skipping
  *   netfilter and the forwarding path.  Everything else: TC_ACT_OK, the
- *   normal path (nft, NFQUEUE, natlb).  A SYN, FIN or RST that matches
- *   deletes its own side's entry first.
+ *   normal path (nft, NFQUEUE, natlb).  A SYN that matches deletes both
+ *   sides' entries (a new connection on the tuple is natlb's to place).
+ *   A FIN cuts both sides' deadlines to natlb's closing timeout, an RST
+ *   deletes both sides' entries; either is carried only if its head (as it
+ *   arrived) and ingress device fit in the events ring buffer, where
+ *   natlb's observer (csrc/tcfast.c) reads it and moves its own flow as a
+ *   queued one would: natlb never misses a state change.  Those two are
+ *   not counted here (natlb counts them when it applies them).
  *
  * Every header read is bounds-checked against data_end.
  */
@@ -66,6 +72,44 @@ struct {
     __type(key, __u32);
     __type(value, struct nl_fp_config);
 } config SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_RINGBUF);
+    __uint(max_entries, NL_FP_RING_BYTES);
+} events SEC(".maps");
+
+/* The other side's key of a flow entry f found under k. */
+static __always_inline struct nl_fp_key other_side(const struct nl_fp_key *k,
+                                                   const struct nl_fp_flow *f)
+{
+    struct nl_fp_key r = {.proto = k->proto};
+    if (f->dir == NL_FP_IN) {
+        r.saddr = f->addr;
+        r.daddr = k->saddr;
+        r.sport = f->port;
+        r.dport = k->sport;
+    } else {
+        r.saddr = k->daddr;
+        r.daddr = f->addr;
+        r.sport = k->dport;
+        r.dport = f->port;
+    }
+    return r;
+}
+
+/* A FIN: neither entry outlives natlb's flow, which gets its closing
+ * timeout when natlb applies the FIN (later than now). */
+static __always_inline void cut_deadline(const struct nl_fp_key *k)
+{
+    __u32 zero = 0;
+    struct nl_fp_config *cfg = bpf_map_lookup_elem(&config, &zero);
+    struct nl_fp_flow *f = bpf_map_lookup_elem(&flows, k);
+    if (!cfg || !f)
+        return;
+    __u64 closing = bpf_ktime_get_ns() + cfg->tcp_closing_ns;
+    if (closing < f->deadline_ns)
+        f->deadline_ns = closing;
+}
 
 /* The IPv4 header of a packet with an Ethernet header, bounds-checked. */
 static __always_inline struct iphdr *ipv4_header(struct __sk_buff *skb)
@@ -136,7 +180,8 @@ int carry(struct __sk_buff *skb)
     void *data_end = (void *)(long)skb->data_end;
     struct nl_fp_key k = {.saddr = ip->saddr, .daddr = ip->daddr, .proto = ip->protocol};
     __u32 csum_off, csum_flags = BPF_F_PSEUDO_HDR;
-    int state_change = 0;
+    int syn = 0, fin = 0, rst = 0;
+    __u16 tot_len = bpf_ntohs(ip->tot_len);
 
     if (ip->protocol == IPPROTO_TCP) {
         struct tcphdr *th = (void *)(ip + 1);
@@ -144,7 +189,9 @@ int carry(struct __sk_buff *skb)
             return TC_ACT_OK;
         k.sport = th->source;
         k.dport = th->dest;
-        state_change = th->syn | th->fin | th->rst;
+        syn = th->syn;
+        fin = th->fin;
+        rst = th->rst;
         csum_off = TCP_CSUM_OFF;
     } else if (ip->protocol == IPPROTO_UDP) {
         struct udphdr *uh = (void *)(ip + 1);
@@ -161,21 +208,59 @@ int carry(struct __sk_buff *skb)
     struct nl_fp_flow *f = bpf_map_lookup_elem(&flows, &k);
     if (!f)
         return TC_ACT_OK;
-    if (state_change || bpf_ktime_get_ns() > f->deadline_ns) {
+    /* Copies: the helpers below invalidate every packet pointer. */
+    struct nl_fp_flow flow = *f;
+    struct nl_fp_key rk = other_side(&k, &flow);
+    if (syn) {
+        /* A new connection on an old tuple: natlb places it. */
+        bpf_map_delete_elem(&flows, &k);
+        bpf_map_delete_elem(&flows, &rk);
+        return TC_ACT_OK;
+    }
+    if (bpf_ktime_get_ns() > flow.deadline_ns) {
         /* natlb must see this one, and the flow's next packets until it
          * marks one fast again. */
         bpf_map_delete_elem(&flows, &k);
         return TC_ACT_OK;
     }
-    if (f->in_ifindex != skb->ingress_ifindex || ip->ttl <= 1)
-        return TC_ACT_OK;      /* spoofed, or natlb's ICMP to send */
+    if (flow.in_ifindex != skb->ingress_ifindex)
+        return TC_ACT_OK;      /* spoofed: changes nothing here */
+    if (rst) {
+        /* Carried or queued, natlb closes its flow on it: neither side may
+         * be carried after it. */
+        bpf_map_delete_elem(&flows, &k);
+        bpf_map_delete_elem(&flows, &rk);
+    } else if (fin) {
+        cut_deadline(&k);
+        cut_deadline(&rk);
+    }
+    if (ip->ttl <= 1)
+        return TC_ACT_OK;      /* natlb's ICMP to send */
 
-    /* Copies: the helpers below invalidate every packet pointer. */
-    struct nl_fp_flow flow = *f;
     __u8 ttl = ip->ttl, proto = ip->protocol;
     __u32 mtu_len = 0;
     if (bpf_check_mtu(skb, flow.out_ifindex, &mtu_len, 0, 0) != BPF_MTU_CHK_RET_SUCCESS)
         return TC_ACT_OK;      /* too big: natlb and the kernel do PMTU */
+
+    struct nl_fp_event *ev = 0;
+    if (fin || rst) {
+        ev = bpf_ringbuf_reserve(&events, sizeof(*ev), 0);
+        if (!ev)
+            return TC_ACT_OK;  /* no room to tell natlb: it sees the packet */
+        __u32 n = skb->len - ETH_HLEN;
+        if (n > tot_len)
+            n = tot_len;       /* never the Ethernet padding */
+        if (n > NL_FP_HEAD)
+            n = NL_FP_HEAD;
+        if (n < sizeof(struct iphdr) + sizeof(struct tcphdr) ||
+            bpf_skb_load_bytes(skb, ETH_HLEN, ev->head, n)) {
+            bpf_ringbuf_discard(ev, 0);
+            return TC_ACT_OK;
+        }
+        ev->ifindex = skb->ingress_ifindex;
+        ev->len = n;
+        ev->tot_len = tot_len;
+    }
 
     __be32 old_addr;
     __be16 old_port;
@@ -197,22 +282,30 @@ int carry(struct __sk_buff *skb)
         bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_addr, flow.addr, 4) ||
         bpf_skb_store_bytes(skb, addr_off, &flow.addr, 4, 0) ||
         bpf_skb_store_bytes(skb, port_off, &flow.port, 2, 0))
-        return TC_ACT_SHOT;    /* half rewritten: never send it on */
+        goto shot;             /* half rewritten: never send it on */
     /* TTL shares a 16-bit checksum word with the protocol. */
     __be16 old_word = bpf_htons(((__u16)ttl << 8) | proto);
     __be16 new_word = bpf_htons(((__u16)(ttl - 1) << 8) | proto);
     __u8 new_ttl = ttl - 1;
     if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_word, new_word, 2) ||
         bpf_skb_store_bytes(skb, IP_TTL_OFF, &new_ttl, 1, 0))
-        return TC_ACT_SHOT;
+        goto shot;
 
-    __u32 slot = flow.backend_id * 2 + flow.dir;
-    struct nl_fp_count *c = bpf_map_lookup_elem(&counters, &slot);
-    if (c) {
-        c->packets++;
-        c->bytes += skb->len;
+    if (ev) {
+        bpf_ringbuf_submit(ev, 0);
+    } else {
+        __u32 slot = flow.backend_id * 2 + flow.dir;
+        struct nl_fp_count *c = bpf_map_lookup_elem(&counters, &slot);
+        if (c) {
+            c->packets++;
+            c->bytes += skb->len;
+        }
     }
     return bpf_redirect_neigh(flow.out_ifindex, 0, 0, 0);
+shot:
+    if (ev)
+        bpf_ringbuf_discard(ev, 0);
+    return TC_ACT_SHOT;
 }
 
 char LICENSE[] SEC("license") = "GPL";

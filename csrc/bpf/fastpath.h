@@ -64,6 +64,21 @@ struct nl_fp_count {
 struct nl_fp_config {
     __u64 tcp_lifetime_ns;         /* a learned TCP entry's fixed lifetime    */
     __u64 udp_lifetime_ns;         /* the same for UDP                        */
+    __u64 tcp_closing_ns;          /* natlb's timeout after a FIN (tcp_fin): a
+                                      carried FIN cuts both entries to it     */
+};
+
+/* events ring buffer: one record per FIN or RST carried, so natlb applies
+ * it to its own flow (csrc/tcfast.c's observer, nl_observe). */
+#define NL_FP_HEAD 128             /* IP + TCP header (<= 80) and some data   */
+#define NL_FP_RING_BYTES (256 * 1024)
+struct nl_fp_event {
+    __u32 ifindex;                 /* where it arrived                        */
+    __u16 len;                     /* bytes of head[] that hold the packet    */
+    __u16 tot_len;                 /* the IP packet's length (len < tot_len:
+                                      head[] is only its head)                */
+    __u8 head[NL_FP_HEAD];         /* the IP packet as it arrived, before the
+                                      rewrite                                 */
 };
 
 #endif
