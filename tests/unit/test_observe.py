@@ -1,0 +1,139 @@
+"""nl_observe: a FIN or RST the kernel carried alone (the tc fast path)
+reaches natlb's flow afterwards, as the queued packet would have, with
+nothing sent and nothing created."""
+
+import pytest
+from scapy.layers.inet import IP, TCP
+
+from natlb.core import PKT_HEAD_ONLY, Core, CoreConfig, Verdict
+
+from .services import BACKENDS, CLIENT, VIP, make_service
+
+CPORT = 40000
+
+
+def established(core: Core) -> str:
+    """A client's connection through the handshake; its backend."""
+    core.publish([make_service()])
+    v, mark = core.decide(bytes(IP(src=CLIENT, dst=VIP) / TCP(sport=CPORT, dport=80,
+                                                               flags="S", seq=100)), 1)
+    assert v == Verdict.MARK
+    backend = BACKENDS[mark & 0xFFF]
+    core.decide(bytes(IP(src=backend, dst=CLIENT) / TCP(sport=8080, dport=CPORT, flags="SA",
+                                                        seq=500, ack=101)), 2)
+    core.decide(bytes(IP(src=CLIENT, dst=VIP) / TCP(sport=CPORT, dport=80, flags="A",
+                                                    seq=101, ack=501)), 3)
+    return backend
+
+
+def client(flags: str, payload: bytes = b"") -> bytes:
+    return bytes(IP(src=CLIENT, dst=VIP) / TCP(sport=CPORT, dport=80, flags=flags, seq=101,
+                                               ack=501) / payload)
+
+
+def server(backend: str, flags: str) -> bytes:
+    return bytes(IP(src=backend, dst=CLIENT) / TCP(sport=8080, dport=CPORT, flags=flags,
+                                                   seq=501, ack=102))
+
+
+def gauges(core: Core) -> tuple[int, int]:
+    """(active, inactive) flows over all backends."""
+    bs = core.backend_counters(16)
+    return sum(b.active_flows for b in bs), sum(b.inactive_flows for b in bs)
+
+
+@pytest.fixture
+def twin():
+    """A second core, to decide as queued what the first one observes."""
+    c = Core(CoreConfig(max_flows=1024, workers=1, fastpath=False))
+    yield c
+    c.check_table()
+    c.close()
+
+
+@pytest.mark.parametrize("side", ["client", "server"])
+@pytest.mark.parametrize("flags", ["FA", "RA", "R"])
+def test_an_observed_fin_or_rst_moves_the_flow_as_a_queued_one(core, twin, side, flags):
+    be, be_twin = established(core), established(twin)
+    assert be == be_twin and gauges(core) == (1, 0)
+    pkt = client(flags) if side == "client" else server(be, flags)
+    assert core.observe(pkt, 10) is True
+    assert twin.decide(pkt, 10)[0] == Verdict.MARK
+    assert gauges(core) == gauges(twin) == (0, 1)
+    assert core.service_counters(1) == twin.service_counters(1)
+    assert core.backend_counters(16) == twin.backend_counters(16)
+    assert core.reasons() == twin.reasons()
+    # Closed as the queued packet closes it: the port's next SYN is a new flow.
+    syn = bytes(IP(src=CLIENT, dst=VIP) / TCP(sport=CPORT, dport=80, flags="S", seq=9000))
+    for c in (core, twin):
+        c.decide(syn, 20)
+    assert core.service_counters(1)[0].new_flows == twin.service_counters(1)[0].new_flows == 2
+
+
+def test_an_rst_observed_after_a_fin_closes(core):
+    established(core)
+    assert core.observe(client("FA"), 10)
+    assert core.observe(client("RA"), 11)
+    assert gauges(core) == (0, 1)
+    assert core.flow_count() == 1
+
+
+def test_an_unknown_flow_changes_nothing(core):
+    established(core)
+    before = (core.service_counters(1), core.backend_counters(16), core.reasons(),
+              core.flow_count())
+    stray = bytes(IP(src=CLIENT, dst=VIP) / TCP(sport=CPORT + 1, dport=80, flags="FA"))
+    stray_reply = bytes(IP(src=BACKENDS[0], dst=CLIENT) / TCP(sport=8080, dport=CPORT + 1,
+                                                             flags="R"))
+    not_ours = bytes(IP(src=CLIENT, dst="192.0.2.200") / TCP(sport=CPORT, dport=80, flags="R"))
+    for pkt in (stray, stray_reply, not_ours):
+        assert core.observe(pkt, 10) is False
+    after = (core.service_counters(1), core.backend_counters(16), core.reasons(),
+             core.flow_count())
+    assert after == before
+
+
+def test_only_fin_and_rst_are_observed_and_never_create_a_flow(core):
+    established(core)
+    before = core.service_counters(1)
+    for flags in ("A", "PA", "S", "SA", "SF"):
+        assert core.observe(client(flags, b"data"), 10) is False
+    assert core.service_counters(1) == before and gauges(core) == (1, 0)
+    core.publish([make_service(port=81)])
+    syn = bytes(IP(src=CLIENT, dst=VIP) / TCP(sport=5, dport=81, flags="S"))
+    assert core.observe(syn, 10) is False and core.flow_count() == 1
+
+
+def test_a_whole_packet_with_a_bad_checksum_is_not_believed(core):
+    established(core)
+    bad = IP(client("R"))
+    bad[TCP].chksum ^= 0x1234
+    assert core.observe(bytes(bad), 10) is False
+    assert core.reasons()["bad_checksum"] == 1 and gauges(core) == (1, 0)
+    bad_ip = IP(client("FA"))
+    bad_ip.chksum ^= 0x1234
+    assert core.observe(bytes(bad_ip), 10) is False
+    assert core.reasons()["bad_checksum"] == 2 and gauges(core) == (1, 0)
+
+
+def test_a_head_is_believed_as_far_as_the_kernel_carried_it(core):
+    """A FIN with more data than the record holds: its L4 sum cannot be
+    checked, and the kernel forwarded it (no router checks it): natlb's
+    flow follows, as the queued path follows a head-only copy.  Its IP
+    header is whole, and is still checked."""
+    established(core)
+    fin = IP(client("FA", b"z" * 400))
+    fin[TCP].chksum ^= 0x1234            # unknowable from the head
+    head = bytes(fin)[:128]
+    assert core.observe(head, 10, PKT_HEAD_ONLY) is True
+    assert gauges(core) == (0, 1)
+    svc = core.service_counters(1)[0]
+    assert (svc.packets_in, svc.bytes_in) == (3, 40 + 40 + len(fin))   # from IP total length
+
+
+def test_a_head_with_a_bad_ip_header_is_not_believed(core):
+    established(core)
+    fin = IP(client("FA", b"z" * 400))
+    fin.chksum ^= 0x1234
+    assert core.observe(bytes(fin)[:128], 10, PKT_HEAD_ONLY) is False
+    assert core.reasons()["bad_checksum"] == 1 and gauges(core) == (1, 0)
