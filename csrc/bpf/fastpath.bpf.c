@@ -247,7 +247,9 @@ int carry(struct __sk_buff *skb)
         ev = bpf_ringbuf_reserve(&events, sizeof(*ev), 0);
         if (!ev)
             return TC_ACT_OK;  /* no room to tell natlb: it sees the packet */
-        __u32 n = skb->len - ETH_HLEN;
+        /* 64-bit all along: the verifier then knows 40 <= n <= 128. */
+        __u64 n = skb->len;
+        n = n > ETH_HLEN ? n - ETH_HLEN : 0;
         if (n > tot_len)
             n = tot_len;       /* never the Ethernet padding */
         if (n > NL_FP_HEAD)

@@ -63,9 +63,9 @@ def inside(ns):
         yield lambda fn, *a, **kw: ex.submit(fn, *a, **kw).result()
 
 
-def open_fastpath(inside, tcp_ms: int = 60_000) -> FastPath:
+def open_fastpath(inside, tcp_ms: int = 60_000, closing_ms: int = 60_000) -> FastPath:
     fp = inside(FastPath, max_backends=16, max_flows=64, tcp_lifetime_ms=tcp_ms,
-                udp_lifetime_ms=30_000)
+                udp_lifetime_ms=30_000, tcp_closing_ms=closing_ms)
     fp.set_backend(BID, VIP, VPORT, BACKEND, BPORT, socket.IPPROTO_TCP)
     fp.set_backend(BID + 1, VIP, 53, BACKEND, 5353, socket.IPPROTO_UDP)
     return fp
@@ -162,18 +162,113 @@ def test_udp_is_carried_and_a_zero_checksum_stays_zero(inside, fp, ns):
     assert ip[UDP].chksum == 0
 
 
-@pytest.mark.parametrize("packet", [
-    tcp(CLIENT, VIP, CPORT, VPORT, flags="S"),
-    tcp(CLIENT, VIP, CPORT, VPORT, flags="FA"),
-    tcp(CLIENT, VIP, CPORT, VPORT, flags="R"),
-], ids=["syn", "fin", "rst"])
-def test_a_state_change_passes_and_deletes_its_own_side(inside, fp, ns, packet):
+def both_sides(fp) -> tuple[bool, bool]:
+    return (fp.has_flow(CLIENT, VIP, CPORT, VPORT, socket.IPPROTO_TCP),
+            fp.has_flow(BACKEND, CLIENT, BPORT, CPORT, socket.IPPROTO_TCP))
+
+
+@pytest.mark.parametrize("side", ["client", "server"])
+def test_a_syn_passes_and_deletes_both_sides(inside, fp, ns, side):
     _, idx = ns
     learn(inside, fp, ns)
-    r = carry(inside, fp, packet, idx["cl0"])
+    packet, dev = ((tcp(CLIENT, VIP, CPORT, VPORT, flags="S"), "cl0") if side == "client"
+                   else (tcp(BACKEND, CLIENT, BPORT, CPORT, flags="SA"), "be0"))
+    r = carry(inside, fp, packet, idx[dev])
     assert (r.retval, r.packet) == (TC_ACT_OK, packet)
-    assert not fp.has_flow(CLIENT, VIP, CPORT, VPORT, socket.IPPROTO_TCP)
-    assert fp.has_flow(BACKEND, CLIENT, BPORT, CPORT, socket.IPPROTO_TCP)
+    assert both_sides(fp) == (False, False)
+    assert fp.read_events() == [] and fp.counters() == {}
+
+
+SIDES = {"client": (CLIENT, VIP, CPORT, VPORT, "cl0", BACKEND, BPORT),
+         "server": (BACKEND, CLIENT, BPORT, CPORT, "be0", VIP, VPORT)}
+
+
+def carried_and_told(inside, fp, ns, side, flags, payload=b""):
+    """Sends one packet with flags from side: it must be carried, rewritten,
+    uncounted, and its head as it arrived be in the ring."""
+    _, idx = ns
+    src, dst, sport, dport, dev, new_addr, new_port = SIDES[side]
+    packet = tcp(src, dst, sport, dport, flags=flags, payload=payload)
+    r = carry(inside, fp, packet, idx[dev])
+    assert r.retval == TC_ACT_REDIRECT
+    ip = Ether(r.packet)[IP]
+    got = (ip.dst, ip[TCP].dport) if side == "client" else (ip.src, ip[TCP].sport)
+    assert got == (new_addr, new_port) and checksums_ok(ip)
+    assert fp.counters() == {}            # natlb counts it when it applies it
+    [(ifindex, head, tot_len)] = fp.read_events()
+    assert ifindex == idx[dev] and tot_len == len(packet) - 14
+    assert head == packet[14:14 + 128]
+    return packet
+
+
+@pytest.mark.parametrize("side", ["client", "server"])
+def test_a_fin_is_carried_told_and_keeps_both_entries(inside, fp, ns, side):
+    learn(inside, fp, ns)
+    carried_and_told(inside, fp, ns, side, "FA")
+    assert both_sides(fp) == (True, True)
+    # The final ACKs are carried too, and counted as any.
+    _, idx = ns
+    assert carry(inside, fp, tcp(CLIENT, VIP, CPORT, VPORT), idx["cl0"]).retval == \
+        TC_ACT_REDIRECT
+    assert fp.counters()[BID][0] == 1
+
+
+def test_a_fin_with_data_is_told_by_its_head(inside, fp, ns):
+    learn(inside, fp, ns)
+    carried_and_told(inside, fp, ns, "server", "FPA", payload=b"d" * 600)
+
+
+def test_a_fin_cuts_both_deadlines_to_the_closing_timeout(inside, ns):
+    """Closing timeout 0: the entries die at the FIN, so neither side's
+    next packet is carried (a 60 s lifetime would have carried it)."""
+    _, idx = ns
+    fp = open_fastpath(inside, tcp_ms=60_000, closing_ms=0)
+    try:
+        learn(inside, fp, ns)
+        assert both_sides(fp) == (True, True)
+        carried_and_told(inside, fp, ns, "client", "FA")
+        for packet, dev in ((tcp(CLIENT, VIP, CPORT, VPORT), "cl0"),
+                            (tcp(BACKEND, CLIENT, BPORT, CPORT), "be0")):
+            assert carry(inside, fp, packet, idx[dev]).retval == TC_ACT_OK
+        assert both_sides(fp) == (False, False)
+    finally:
+        fp.close()
+
+
+@pytest.mark.parametrize("side", ["client", "server"])
+@pytest.mark.parametrize("flags", ["R", "RA"])
+def test_an_rst_is_carried_told_and_deletes_both_sides(inside, fp, ns, side, flags):
+    learn(inside, fp, ns)
+    carried_and_told(inside, fp, ns, side, flags)
+    assert both_sides(fp) == (False, False)
+
+
+@pytest.mark.parametrize("flags", ["FA", "R"])
+def test_a_spoofed_fin_or_rst_changes_nothing(inside, fp, ns, flags):
+    _, idx = ns
+    learn(inside, fp, ns)
+    packet = tcp(CLIENT, VIP, CPORT, VPORT, flags=flags)
+    r = carry(inside, fp, packet, idx["be0"])           # the client is not there
+    assert (r.retval, r.packet) == (TC_ACT_OK, packet)
+    assert both_sides(fp) == (True, True) and fp.read_events() == []
+
+
+def test_no_room_in_the_ring_means_the_queued_path(inside, fp, ns):
+    """Nobody reads the ring: once it is full a FIN is not carried (natlb
+    sees it queued) and nothing is lost; read, it has room again."""
+    _, idx = ns
+    learn(inside, fp, ns)
+    fin = tcp(CLIENT, VIP, CPORT, VPORT, flags="FA")
+    carried = 0
+    for _ in range(4096):                   # the ring holds about 1800
+        r = carry(inside, fp, fin, idx["cl0"])
+        if r.retval == TC_ACT_OK:
+            break
+        assert r.retval == TC_ACT_REDIRECT
+        carried += 1
+    assert (r.retval, r.packet) == (TC_ACT_OK, fin) and carried > 100
+    assert len(fp.read_events(8192)) == carried     # one record per carried FIN
+    assert carry(inside, fp, fin, idx["cl0"]).retval == TC_ACT_REDIRECT
 
 
 @pytest.mark.parametrize("packet,where", [
