@@ -208,6 +208,10 @@ int nl_parse(uint8_t *buf, uint32_t len, struct nl_pkt *p, int head_only);
  * packet is in the buffer and the kernel has not vouched for it
  * (pkt_flags).  An IPv6 UDP datagram without a checksum is always BAD. */
 int nl_check_csum(const struct nl_pkt *p, uint32_t pkt_flags);
+/* 1 if the L4 checksum field holds only the pseudo-header's sum, as a
+ * packet does whose sum a device is still to finish (CHECKSUM_PARTIAL),
+ * and its IPv4 header's sum is right. */
+int nl_csum_partial_form(const struct nl_pkt *p);
 /* The same for an ICMP or ICMPv6 message (outer: nl_parse's view, with l4
  * at the message). */
 int nl_check_icmp_csum(const struct nl_pkt *outer, uint32_t pkt_flags);

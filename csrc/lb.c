@@ -487,9 +487,19 @@ int nl_observed(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
     if (r >= 0 || p.proto != NL_IPPROTO_TCP || p.frag ||
         !(p.tcp_flags & (NL_TCP_FIN | NL_TCP_RST)) || (p.tcp_flags & NL_TCP_SYN))
         return 0;
+    /* tc sees a packet from a local or virtual sender (a veth peer, a VM)
+     * before its L4 sum is finished: CHECKSUM_PARTIAL, the field holding
+     * the pseudo-header's sum alone, and the fast path cannot say so.  That
+     * form is believed with the IP header checked; any other wrong sum is
+     * not (on a wire, the partial form is a bad sum: believing it at worst
+     * moves natlb's flow to closing early, and the queued path still
+     * carries its packets). */
     if (nl_check_csum(&p, pkt_flags) == NL_CSUM_BAD) {
-        nl_counters_of(lb, worker)->reasons[NL_R_BAD_CHECKSUM]++;
-        return 0;
+        if (!nl_csum_partial_form(&p)) {
+            nl_counters_of(lb, worker)->reasons[NL_R_BAD_CHECKSUM]++;
+            return 0;
+        }
+        pkt_flags |= NL_PKT_CSUM_PARTIAL;
     }
     const struct nl_snapshot *snap = __atomic_load_n(&lb->snap, __ATOMIC_ACQUIRE);
     int fwd = nl_find_service(snap, &p.daddr, p.dport, p.proto) != NULL;

@@ -336,6 +336,13 @@ int nl_check_csum(const struct nl_pkt *p, uint32_t pkt_flags)
     return csum_fold(l4_sum(p, len)) == 0xffff ? NL_CSUM_OK : NL_CSUM_BAD;
 }
 
+int nl_csum_partial_form(const struct nl_pkt *p)
+{
+    uint32_t off = p->proto == NL_IPPROTO_TCP ? NL_OFF_TCP_CSUM : NL_OFF_UDP_CSUM;
+    return (p->family != 4 || ip_header_ok(p->ip)) &&
+           ld16(p->l4 + off) == csum_fold(pseudo_sum(p));
+}
+
 int nl_check_icmp_csum(const struct nl_pkt *outer, uint32_t pkt_flags)
 {
     if (pkt_flags & (NL_PKT_CSUM_VERIFIED | NL_PKT_CSUM_PARTIAL))

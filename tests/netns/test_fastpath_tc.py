@@ -6,10 +6,12 @@ there before natlb is left in place."""
 import json
 import signal
 import time
+import uuid
 
 from natlb_testbed.testbed import VIP, basic_config
 
 from .conftest import natlb_cli, router_state, tc_state
+from .test_traffic import queued_packets
 
 FAST = "fastpath = true"
 
@@ -73,3 +75,49 @@ def test_a_clsact_qdisc_that_was_there_stays(testbed, natlb):
         assert after == before and "clsact" in after
     finally:
         testbed.router_cmd("tc", "qdisc", "del", "dev", dev, "clsact")
+
+
+def client_counters(tb, table: str) -> tuple[int, int]:
+    """Packets the client sent to the VIP's port 80 and got from it."""
+    out = tb.client_cmd("nft", "-j", "list", "table", "ip", table).stdout
+    counts = [r["counter"]["packets"] for item in json.loads(out)["nftables"]
+              if "rule" in item for r in item["rule"]["expr"] if "counter" in r]
+    return counts[0], counts[1]
+
+
+def test_short_connections_end_closed_in_natlb_counted_exactly_with_few_queued(testbed, natlb):
+    """Connection: close, one after another: each one's FINs and last ACKs
+    are carried by the kernel, and natlb learns of the FINs from the ring
+    buffer: every flow ends closing, the counts equal what the client sent
+    and got, and fewer than 4 packets per connection were queued."""
+    natlb(basic_config(testbed, lb_extra=FAST))
+    table = f"nlfin{uuid.uuid4().hex[:6]}"
+    for rule in (f"add table ip {table}",
+                 f"add chain ip {table} out {{ type filter hook output priority 0; }}",
+                 f"add chain ip {table} in {{ type filter hook input priority 0; }}",
+                 f"add rule ip {table} out ip daddr {VIP} tcp dport 80 counter",
+                 f"add rule ip {table} in ip saddr {VIP} tcp sport 80 counter"):
+        testbed.client_cmd("nft", rule)
+    try:
+        before, queued_before = status(testbed)["services"][0], queued_packets(testbed)
+        n = 100
+        res = testbed.client_run("http-stream", "--host", VIP, "--port", "80", "--count",
+                                 str(n), "--interval-ms", "10", "--timeout", "5")
+        assert len(res) == n and all(r["ok"] for r in res), [r for r in res if not r["ok"]]
+        # natlb applies the carried FINs shortly after they pass.
+        deadline = time.monotonic() + 10
+        while True:
+            web, (sent, got) = status(testbed)["services"][0], client_counters(testbed, table)
+            counted = (web["packets_in"] - before["packets_in"],
+                       web["packets_out"] - before["packets_out"])
+            if (web["active_flows"] == 0 and counted == (sent, got)) or \
+                    time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert web["active_flows"] == 0 and web["inactive_flows"] == n, web
+        assert web["new_flows"] - before["new_flows"] == n
+        assert counted == (sent, got)
+        per_connection = (queued_packets(testbed) - queued_before) / n
+        assert per_connection < 4, per_connection
+    finally:
+        testbed.client_cmd("nft", "delete", "table", "ip", table)

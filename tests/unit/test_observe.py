@@ -137,3 +137,18 @@ def test_a_head_with_a_bad_ip_header_is_not_believed(core):
     fin.chksum ^= 0x1234
     assert core.observe(bytes(fin)[:128], 10, PKT_HEAD_ONLY) is False
     assert core.reasons()["bad_checksum"] == 1 and gauges(core) == (1, 0)
+
+
+def test_a_sum_a_device_is_still_to_finish_is_believed(core):
+    """tc sees a veth peer's packet before its L4 sum is finished
+    (CHECKSUM_PARTIAL): the field holds the pseudo-header's sum alone."""
+    established(core)
+    fin = IP(client("FA"))
+    raw = bytearray(bytes(fin))
+    pseudo = raw[12:20] + bytes([0, 6]) + (len(raw) - 20).to_bytes(2, "big")
+    s = sum(int.from_bytes(pseudo[i:i + 2], "big") for i in range(0, len(pseudo), 2))
+    while s >> 16:
+        s = (s & 0xFFFF) + (s >> 16)
+    raw[36:38] = s.to_bytes(2, "big")
+    assert core.observe(bytes(raw), 10) is True
+    assert gauges(core) == (0, 1) and core.reasons()["bad_checksum"] == 0
