@@ -97,8 +97,9 @@ IO_CALLS = {"read", "write", "send", "sendto", "sendmsg", "recv", "recvmsg", "re
             "socket", "bind", "setsockopt", "eventfd", "close", "pthread_create",
             "open", "mmap", "munmap", "ftruncate", "rename", "unlink"}
 # The I/O layer: NFQUEUE workers, their sockets and the eventfd; the flow
-# table's file (mapped once at start, never touched per packet).
-IO_FILES = {"nfqueue.c", "ctstore.c"}
+# table's file (mapped once at start, never touched per packet); the tc fast
+# path's loader and the thread that reads its ring buffer of carried FINs/RSTs.
+IO_FILES = {"nfqueue.c", "ctstore.c", "tcfast.c"}
 
 
 def test_only_the_io_layer_does_io(objects):
