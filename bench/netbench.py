@@ -425,7 +425,16 @@ class Bench:
             r: dict[str, float] = {}
             ours = path.startswith("natlb")
             cpu0 = self.natlb_cpu() if ours else None
-            r["conn_s"] = self._rate(self.wrk("-H", "Connection: close"))
+            busy_c = self.system_busy()
+            close = self.wrk("-H", "Connection: close")
+            r["conn_s"] = self._rate(close)
+            m = re.search(r"(\d+) requests in", close)
+            conns = int(m.group(1)) if m else 1
+            # The same per short connection (one request each): the packets
+            # natlb still queues for a handshake and close.
+            r["cpu_us_per_conn"] = (self.system_busy() - busy_c) / conns * 1e6
+            if ours:
+                r["packets_per_conn"] = (self.natlb_cpu()[1] - cpu0[1]) / conns
             busy0 = self.system_busy()
             pk0 = self.natlb_cpu()[1] if ours else 0
             keepalive = self.wrk()

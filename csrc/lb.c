@@ -508,9 +508,16 @@ int nl_observed(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
                            .reply = !fwd, .other_addr = fwd ? &p.daddr : &p.saddr,
                            .other_port = fwd ? p.dport : p.sport };
     pthread_spinlock_t *lock;
-    if (!find_locked(lb, &k, (uint32_t)now_ms, &lock))
+    struct nl_flow *f = find_locked(lb, &k, (uint32_t)now_ms, &lock);
+    if (!f)
         return 0;
+    /* A flow natlb is resetting (probe ACKs out) answers packets with
+     * RSTs; one carried before the kernel's entries were emptied must not
+     * make it send anything. */
+    int probed = (f->flags & (NL_FL_PROBE_CLIENT | NL_FL_PROBE_SERVER)) != 0;
     pthread_spin_unlock(lock);
+    if (probed)
+        return 0;
     uint32_t mark;
     process(lb, worker, pkt, len, pkt_flags, now_ms, NL_NO_PACKET_ID, &mark);
     return 1;

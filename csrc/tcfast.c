@@ -27,6 +27,8 @@ struct nl_fastpath {
     uint32_t max_backends;
     int n_cpus;
     int events_fd;                 /* the ring of carried FINs and RSTs */
+    int config_fd;
+    struct nl_fp_config config;    /* as last written                   */
     struct ring_buffer *rb;        /* its reader, while an observer runs */
     struct nl_lb *lb;              /* where the observer applies them   */
     pthread_t observer;
@@ -96,17 +98,18 @@ struct nl_fastpath *nl_fp_open(const char *path, uint32_t max_backends, uint32_t
     fp->flows_fd = bpf_map__fd(flows);
     fp->counters_fd = bpf_map__fd(counters);
     fp->events_fd = bpf_map__fd(events);
+    fp->config_fd = bpf_map__fd(config);
     fp->max_backends = max_backends;
     fp->n_cpus = libbpf_num_possible_cpus();
     if (fp->n_cpus <= 0) {
         fail(err, errlen, "counting CPUs", fp->n_cpus);
         goto out;
     }
-    struct nl_fp_config c = {.tcp_lifetime_ns = tcp_lifetime_ns,
-                             .udp_lifetime_ns = udp_lifetime_ns,
-                             .tcp_closing_ns = tcp_closing_ns};
+    fp->config = (struct nl_fp_config){.tcp_lifetime_ns = tcp_lifetime_ns,
+                                       .udp_lifetime_ns = udp_lifetime_ns,
+                                       .tcp_closing_ns = tcp_closing_ns};
     uint32_t zero = 0;
-    if ((rc = bpf_map_update_elem(bpf_map__fd(config), &zero, &c, BPF_ANY))) {
+    if ((rc = bpf_map_update_elem(fp->config_fd, &zero, &fp->config, BPF_ANY))) {
         fail(err, errlen, "configuring the fast path", rc);
         goto out;
     }
@@ -312,13 +315,46 @@ static int apply_event(void *ctx, void *data, size_t size)
     return 0;
 }
 
+#define POLL_NS 1000000           /* busy: the ring is read every 1 ms      */
+#define IDLE_POLLS 100             /* ... until 100 reads in a row find nothing */
+
+static void set_polling(struct nl_fastpath *fp, uint32_t on)
+{
+    uint32_t zero = 0;
+    fp->config.observer_polling = on;
+    bpf_map_update_elem(fp->config_fd, &zero, &fp->config, BPF_ANY);
+}
+
+/* Idle, the thread sleeps until the kernel wakes it (the first record).
+ * Busy, it reads the ring on a timer and the kernel wakes nobody per record
+ * (fastpath.bpf.c): one context switch per millisecond, not per FIN.  A
+ * record is applied at most about 1 ms after its packet passed. */
 static void *observe_loop(void *arg)
 {
     struct nl_fastpath *fp = arg;
-    /* The timeout bounds how long nl_fp_observe_stop waits. */
-    while (!fp->stop)
-        ring_buffer__poll(fp->rb, 100);
+    uint32_t idle = 0;
+    while (!fp->stop) {
+        if (!fp->config.observer_polling) {
+            /* The timeout bounds how long nl_fp_observe_stop waits. */
+            if (ring_buffer__poll(fp->rb, 100) > 0) {
+                set_polling(fp, 1);
+                idle = 0;
+            }
+            continue;
+        }
+        struct timespec ts = {0, POLL_NS};
+        nanosleep(&ts, NULL);
+        if (ring_buffer__consume(fp->rb) > 0) {
+            idle = 0;
+        } else if (++idle >= IDLE_POLLS) {
+            set_polling(fp, 0);
+            /* What came with no wakeup before the kernel saw the change. */
+            ring_buffer__consume(fp->rb);
+        }
+    }
     ring_buffer__consume(fp->rb);
+    if (fp->config.observer_polling)
+        set_polling(fp, 0);
     return NULL;
 }
 

@@ -294,7 +294,16 @@ int carry(struct __sk_buff *skb)
         goto shot;
 
     if (ev) {
-        bpf_ringbuf_submit(ev, 0);
+        /* A wakeup per record would cost natlb a context switch per FIN;
+         * while its observer polls (busy) it needs none, unless the ring
+         * fills up. */
+        __u32 zero = 0;
+        struct nl_fp_config *cfg = bpf_map_lookup_elem(&config, &zero);
+        __u64 wake = 0;
+        if (cfg && cfg->observer_polling)
+            wake = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) > NL_FP_RING_BYTES / 4
+                   ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+        bpf_ringbuf_submit(ev, wake);
     } else {
         __u32 slot = flow.backend_id * 2 + flow.dir;
         struct nl_fp_count *c = bpf_map_lookup_elem(&counters, &slot);

@@ -66,6 +66,9 @@ struct nl_fp_config {
     __u64 udp_lifetime_ns;         /* the same for UDP                        */
     __u64 tcp_closing_ns;          /* natlb's timeout after a FIN (tcp_fin): a
                                       carried FIN cuts both entries to it     */
+    __u32 observer_polling;        /* 1: natlb's observer reads the ring on a
+                                      timer, no wakeup needed per record      */
+    __u32 pad;                     /* zero                                    */
 };
 
 /* events ring buffer: one record per FIN or RST carried, so natlb applies
