@@ -426,8 +426,8 @@ struct nl_fp_record {
     uint16_t tot_len;               /* the IP packet's whole length        */
     uint8_t head[128];              /* the IP packet as it arrived         */
 };
-/* Tests (no observer running): takes up to max waiting records; how many,
- * or -errno. */
+/* Tests (no observer running): takes the waiting records, copying the
+ * first max (any beyond are consumed and lost); how many copied, or -errno. */
 int nl_fp_read_events(struct nl_fastpath *fp, struct nl_fp_record *out, uint32_t max);
 
 /* ---- packets the kernel carried, told afterwards ----------------------- */

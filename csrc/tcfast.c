@@ -401,7 +401,7 @@ static int copy_event(void *ctx, void *data, size_t size)
     struct drain *d = ctx;
     const struct nl_fp_event *ev = data;
     if (d->n >= d->max)
-        return 1;              /* stops the consume; the rest stay */
+        return 0;              /* consumed, not copied (natlb.h says so) */
     if (size >= sizeof *ev) {
         struct nl_fp_record *r = &d->out[d->n++];
         r->ifindex = ev->ifindex;
