@@ -161,7 +161,8 @@ class LBConfig:
     rewrite: str = "mark"             # mark: nft rewrites on natlb's mark; copy: natlb does
     announce: str = "always"          # healthy: a VIP is on `interface` only while it has
                                       # a backend up (what BIRD's direct protocol exports)
-    fastpath: bool = False            # mark mode: established flows carried by nft alone
+    fastpath: bool = True             # mark mode: established flows carried by the kernel
+                                      # (tc fast path); off by default in copy mode
     # Id bounds: services and backends a process may know over its lifetime
     # (ids are not reused across reloads); they size the C counters (README).
     max_services: int = 4096
@@ -493,10 +494,12 @@ def _lb(raw: Any) -> LBConfig:
     gso = raw.get("gso", d.gso)
     if not isinstance(gso, bool):
         raise _fail("lb.gso", gso, "must be true or false")
-    fastpath = raw.get("fastpath", d.fastpath)
+    rewrite = _str(raw, "rewrite", "lb", d.rewrite, ("copy", "mark"))
+    # On by default where it can work: the tc program carries what mark mode's
+    # rewrite chain would have rewritten; copy mode rewrites in natlb itself.
+    fastpath = raw.get("fastpath", rewrite == "mark")
     if not isinstance(fastpath, bool):
         raise _fail("lb.fastpath", fastpath, "must be true or false")
-    rewrite = _str(raw, "rewrite", "lb", d.rewrite, ("copy", "mark"))
     if fastpath and rewrite != "mark":
         raise _fail("lb.fastpath", fastpath, 'needs rewrite = "mark"')
     table = _str(raw, "table", "lb", d.table)

@@ -135,6 +135,7 @@ def test_cli_check_reports_toml_syntax(tmp_path):
     assert r.returncode == 2 and r.stderr.count("\n") == 1 and "TOML syntax" in r.stderr
 
 
-def test_fastpath_is_off_unless_asked_for():
-    assert parse(MINIMAL).lb.fastpath is False
-    assert parse(with_(("lb",), {"fastpath": True})).lb.fastpath is True
+def test_fastpath_is_on_in_mark_mode_unless_turned_off():
+    assert parse(MINIMAL).lb.fastpath is True
+    assert parse(with_(("lb",), {"fastpath": False})).lb.fastpath is False
+    assert parse(with_(("lb",), {"rewrite": "copy"})).lb.fastpath is False

@@ -12,7 +12,9 @@ TIMEOUTS = {"tcp_syn": 5_000, "tcp_established": 60_000, "tcp_fin": 3_000,
 
 
 def new_core(path, max_flows=64, services=None):
-    c = Core(CoreConfig(max_flows=max_flows, workers=1, timeouts_ms=TIMEOUTS))
+    # Every packet queued: a reset then closes a flow at once (with the fast
+    # path it waits for the probe's answer, see README).
+    c = Core(CoreConfig(max_flows=max_flows, workers=1, timeouts_ms=TIMEOUTS, fastpath=False))
     c.publish(services or [make_service()])
     return c, c.store(str(path))
 
