@@ -63,6 +63,10 @@ class Lb:
         cfg.max_flows = max_flows
         cfg.n_workers = 1
         cfg.resteer_tries = 1
+        fields = dict(ffi.typeof("struct nl_config").fields)
+        if "max_services" in fields:    # id bounds, since the limits change: natlb's defaults
+            cfg.max_services = 4096
+            cfg.max_backends = 65536
         for i, t in enumerate(TIMEOUTS):
             cfg.timeout_ms[i] = t
         self.lb = lib.nl_create(cfg)
