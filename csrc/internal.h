@@ -621,6 +621,20 @@ void nl_ext_exit(struct nl_lb *lb);
  * of their own); mark NULL: copy mode. */
 int nl_packet(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
               uint32_t pkt_flags, uint64_t now_ms, uint32_t packet_id, uint32_t *mark);
+/* One packet of a batch for nl_packets: what nl_packet takes, and what it
+ * returned (verdict) and set (mark). */
+struct nl_batch_pkt {
+    uint8_t *pkt;
+    uint32_t len;
+    uint32_t pkt_flags;
+    uint32_t packet_id;
+    uint32_t mark;
+    int verdict;
+};
+/* nl_packet over n packets in turn (mark_mode: each gets its mark), with
+ * the flow table's memory fetched a few packets ahead. */
+void nl_packets(struct nl_lb *lb, uint32_t worker, struct nl_batch_pkt *b, uint32_t n,
+                uint64_t now_ms, int mark_mode);
 /* nl_failover_tick for worker threads, inside their epoch. */
 void nl_failover_due(struct nl_lb *lb, uint64_t now_ms);
 /* Drops f's held SYN, if it still has one (caller holds f's stripe). */

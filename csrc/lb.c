@@ -72,15 +72,26 @@ static void track_tcp(struct nl_lb *lb, struct nl_flow *f, int is_reply, uint8_t
     }
 }
 
+/* The conntrack key of a packet: a forward one's client is its source, a
+ * reply's its destination. */
+static inline struct nl_ct_key key_of(const struct nl_pkt *p, int reply)
+{
+    if (reply)
+        return (struct nl_ct_key){ .client_addr = &p->daddr, .client_port = p->dport,
+                                   .proto = p->proto, .reply = 1, .other_addr = &p->saddr,
+                                   .other_port = p->sport };
+    return (struct nl_ct_key){ .client_addr = &p->saddr, .client_port = p->sport,
+                               .proto = p->proto, .other_addr = &p->daddr,
+                               .other_port = p->dport };
+}
+
 static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
                    const struct nl_snapshot *snap, const struct nl_service *svc,
-                   struct nl_pkt *p, uint32_t pkt_flags, int csum, uint32_t now,
+                   struct nl_pkt *p, uint32_t b, uint32_t pkt_flags, int csum, uint32_t now,
                    uint32_t *mark)
 {
     struct nl_ct *ct = &lb->ct;
-    struct nl_ct_key k = { .client_addr = &p->saddr, .client_port = p->sport,
-                           .proto = p->proto, .other_addr = &p->daddr, .other_port = p->dport };
-    uint32_t b = nl_ct_bucket(ct, &k);
+    struct nl_ct_key k = key_of(p, 0);
     pthread_spinlock_t *lock = nl_ct_stripe(ct, b);
     int is_syn = p->proto == NL_IPPROTO_TCP &&
                  (p->tcp_flags & (NL_TCP_SYN | NL_TCP_ACK)) == NL_TCP_SYN;
@@ -223,13 +234,15 @@ static int late_synack(struct nl_lb *lb, const struct nl_pkt *p, int csum, uint3
 }
 
 static int reply(struct nl_lb *lb, struct nl_worker_counters *wc,
-                 const struct nl_snapshot *snap, struct nl_pkt *p, uint32_t pkt_flags,
-                 int csum, uint32_t now, uint32_t *mark)
+                 const struct nl_snapshot *snap, struct nl_pkt *p, uint32_t b,
+                 uint32_t pkt_flags, int csum, uint32_t now, uint32_t *mark)
 {
-    pthread_spinlock_t *lock;
-    struct nl_ct_key k = { .client_addr = &p->daddr, .client_port = p->dport, .proto = p->proto,
-                           .reply = 1, .other_addr = &p->saddr, .other_port = p->sport };
-    struct nl_flow *f = find_locked(lb, &k, now, &lock);
+    struct nl_ct_key k = key_of(p, 1);
+    pthread_spinlock_t *lock = nl_ct_stripe(&lb->ct, b);
+    pthread_spin_lock(lock);
+    struct nl_flow *f = nl_ct_find(&lb->ct, b, &k, now);
+    if (!f)
+        pthread_spin_unlock(lock);
     int full = 0;
     if (!f)
         f = nl_cluster_adopt_reply(lb, snap, p, now, &lock, &full);
@@ -419,49 +432,155 @@ static inline int followable(const struct nl_pkt *p)
            (p->family == 6 && p->frag_nh == NL_IPPROTO_DSTOPTS);
 }
 
-static int process(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
-                   uint32_t pkt_flags, uint64_t now_ms, uint32_t packet_id, uint32_t *mark)
+/* A packet parsed and classified, between the two halves of the path
+ * (classify, then flow_packet or other_packet). */
+struct classified {
+    struct nl_pkt p;
+    int r;                           /* nl_parse's answer                  */
+    int csum;                        /* NL_CSUM_*                          */
+    uint32_t pkt_flags;
+    const struct nl_snapshot *snap;
+    const struct nl_service *svc;    /* forward: its service; NULL: a reply */
+    uint32_t bucket;                 /* of its flow's chain                */
+};
+
+/* The first half, which reads nothing but the packet and the snapshot: 1 if
+ * the packet is a whole TCP/UDP header with good checksums (c->bucket says
+ * where its flow would be), 0 for other_packet. */
+static int classify(struct nl_lb *lb, uint8_t *pkt, uint32_t len, uint32_t pkt_flags,
+                    struct classified *c)
+{
+    c->r = nl_parse(pkt, len, &c->p, (pkt_flags & NL_PKT_HEAD_ONLY) != 0);
+    c->pkt_flags = pkt_flags;
+    if (NL_UNLIKELY(c->r >= 0))
+        return 0;
+    c->csum = nl_check_csum(&c->p, pkt_flags);
+    if (NL_UNLIKELY(c->csum == NL_CSUM_BAD))
+        return 0;
+    /* A first fragment's checksum covers the whole datagram, which we do
+     * not have: only an incremental update is right (and the kernel never
+     * hands over a fragment with its checksum unfinished). */
+    if (NL_UNLIKELY(c->p.frag))
+        c->pkt_flags &= ~(uint32_t)(NL_PKT_CSUM_PARTIAL | NL_PKT_GSO);
+    c->snap = __atomic_load_n(&lb->snap, __ATOMIC_ACQUIRE);
+    c->svc = nl_find_service(c->snap, &c->p.daddr, c->p.dport, c->p.proto);
+    struct nl_ct_key k = key_of(&c->p, c->svc == NULL);
+    c->bucket = nl_ct_bucket(&lb->ct, &k);
+    return 1;
+}
+
+/* The second half for a packet classify took: its flow, and the rewrite. */
+static int flow_packet(struct nl_lb *lb, struct nl_worker_counters *wc, struct classified *c,
+                       uint64_t now_ms, uint32_t *mark)
+{
+    struct nl_pkt *p = &c->p;
+    int v = c->svc ? forward(lb, wc, c->snap, c->svc, p, c->bucket, c->pkt_flags, c->csum,
+                             (uint32_t)now_ms, mark)
+                   : reply(lb, wc, c->snap, p, c->bucket, c->pkt_flags, c->csum,
+                           (uint32_t)now_ms, mark);
+    if (NL_UNLIKELY(p->frag))
+        first_fragment(lb, p, c->svc != NULL, v, now_ms);
+    return v;
+}
+
+/* The second half for the others: ICMP errors, later fragments, packets
+ * natlb refuses. */
+static int other_packet(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
+                        struct classified *c, uint64_t now_ms, uint32_t packet_id,
+                        uint32_t *mark)
 {
     struct nl_worker_counters *wc = nl_counters_of(lb, worker);
-    struct nl_pkt p;
-    int r = nl_parse(pkt, len, &p, (pkt_flags & NL_PKT_HEAD_ONLY) != 0);
+    struct nl_pkt *p = &c->p;
+    int r = c->r;
     if (r == NL_R_UNSUPPORTED &&
-        p.proto == (p.family == 6 ? NL_IPPROTO_ICMPV6 : NL_IPPROTO_ICMP))
-        return icmp_error(lb, wc, &p, pkt_flags, (uint32_t)now_ms);
-    if (NL_UNLIKELY(r == NL_R_FRAGMENT) && followable(&p))
-        return later_fragment(lb, worker, pkt, len, &p, now_ms, packet_id, mark);
+        p->proto == (p->family == 6 ? NL_IPPROTO_ICMPV6 : NL_IPPROTO_ICMP))
+        return icmp_error(lb, wc, p, c->pkt_flags, (uint32_t)now_ms);
+    if (r == NL_R_FRAGMENT && followable(p))
+        return later_fragment(lb, worker, pkt, len, p, now_ms, packet_id, mark);
     if (r >= 0) {
         wc->reasons[r]++;
         return r == NL_R_UNSUPPORTED ? NL_VERDICT_ACCEPT : NL_VERDICT_DROP;
     }
-    int csum = nl_check_csum(&p, pkt_flags);
-    if (csum == NL_CSUM_BAD) {
-        wc->reasons[NL_R_BAD_CHECKSUM]++;
-        return NL_VERDICT_DROP;
+    wc->reasons[NL_R_BAD_CHECKSUM]++;       /* classify refused it for nothing else */
+    return NL_VERDICT_DROP;
+}
+
+/* Before the packet's own path: what only copy mode refuses. */
+static inline int refused(struct nl_lb *lb, uint32_t worker, uint32_t pkt_flags,
+                          uint32_t *mark)
+{
+    if (mark) {
+        *mark = 0;
+        return 0;
     }
-    /* A first fragment's checksum covers the whole datagram, which we do
-     * not have: only an incremental update is right (and the kernel never
-     * hands over a fragment with its checksum unfinished). */
-    if (NL_UNLIKELY(p.frag))
-        pkt_flags &= ~(uint32_t)(NL_PKT_CSUM_PARTIAL | NL_PKT_GSO);
-    const struct nl_snapshot *snap = __atomic_load_n(&lb->snap, __ATOMIC_ACQUIRE);
-    const struct nl_service *svc = nl_find_service(snap, &p.daddr, p.dport, p.proto);
-    int v = svc ? forward(lb, wc, snap, svc, &p, pkt_flags, csum, (uint32_t)now_ms, mark)
-                : reply(lb, wc, snap, &p, pkt_flags, csum, (uint32_t)now_ms, mark);
-    if (NL_UNLIKELY(p.frag))
-        first_fragment(lb, &p, svc != NULL, v, now_ms);
-    return v;
+    if (pkt_flags & NL_PKT_HEAD_ONLY) {
+        /* Rewriting needs the whole packet: its checksums cover all of it. */
+        nl_counters_of(lb, worker)->reasons[NL_R_TRUNCATED]++;
+        return 1;
+    }
+    return 0;
 }
 
 int nl_packet(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
               uint32_t pkt_flags, uint64_t now_ms, uint32_t packet_id, uint32_t *mark)
 {
-    if (mark) {
-        *mark = 0;
-    } else if (pkt_flags & NL_PKT_HEAD_ONLY) {
-        /* Rewriting needs the whole packet: its checksums cover all of it. */
-        nl_counters_of(lb, worker)->reasons[NL_R_TRUNCATED]++;
+    if (refused(lb, worker, pkt_flags, mark))
         return NL_VERDICT_DROP;
+    struct classified c;
+    if (classify(lb, pkt, len, pkt_flags, &c))
+        return flow_packet(lb, nl_counters_of(lb, worker), &c, now_ms, mark);
+    return other_packet(lb, worker, pkt, len, &c, now_ms, packet_id, mark);
+}
+
+/* Packets in flight in nl_packets: classified PIPE_AHEAD packets before
+ * their turn, their flow's entry fetched PIPE_AHEAD / 2 before. */
+#define PIPE_SLOTS 8
+#define PIPE_AHEAD 6
+
+/* A batch: while one packet waits on its flow's bucket and entry (a cache
+ * miss each in a big table), the next ones are parsed and their buckets
+ * fetched.  Only reads run ahead (parse, checksums, snapshot, prefetches);
+ * every packet's flow is found, changed and written in turn, under its
+ * stripe lock, exactly as nl_packet would. */
+void nl_packets(struct nl_lb *lb, uint32_t worker, struct nl_batch_pkt *b, uint32_t n,
+                uint64_t now_ms, int mark_mode)
+{
+    struct nl_ct *ct = &lb->ct;
+    struct nl_worker_counters *wc = nl_counters_of(lb, worker);
+    struct classified ring[PIPE_SLOTS];
+    uint8_t ours[PIPE_SLOTS];
+    for (uint32_t i = 0; i < n + PIPE_AHEAD; i++) {
+        if (i < n) {
+            struct nl_batch_pkt *q = &b[i];
+            uint32_t s = i % PIPE_SLOTS;
+            uint32_t *mark = mark_mode ? &q->mark : NULL;
+            ours[s] = 0;
+            if (refused(lb, worker, q->pkt_flags, mark))
+                q->verdict = NL_VERDICT_DROP;
+            else if ((ours[s] = (uint8_t)classify(lb, q->pkt, q->len, q->pkt_flags, &ring[s])))
+                __builtin_prefetch(&ct->buckets[ring[s].bucket]);
+            else
+                q->verdict = -1;            /* other_packet, in turn */
+        }
+        uint32_t j = i - PIPE_AHEAD / 2;
+        if (i >= PIPE_AHEAD / 2 && j < n && ours[j % PIPE_SLOTS]) {
+            uint32_t head = __atomic_load_n(&ct->buckets[ring[j % PIPE_SLOTS].bucket],
+                                            __ATOMIC_RELAXED);
+            if (head < ct->max_flows) {
+                const char *f = (const char *)&ct->flows[head];
+                __builtin_prefetch(f, 1);
+                __builtin_prefetch(f + sizeof(struct nl_flow) - 1, 1);
+            }
+        }
+        uint32_t k = i - PIPE_AHEAD;
+        if (i < PIPE_AHEAD || k >= n)
+            continue;
+        struct nl_batch_pkt *q = &b[k];
+        struct classified *c = &ring[k % PIPE_SLOTS];
+        uint32_t *mark = mark_mode ? &q->mark : NULL;
+        if (ours[k % PIPE_SLOTS])
+            q->verdict = flow_packet(lb, wc, c, now_ms, mark);
+        else if (q->verdict == -1)
+            q->verdict = other_packet(lb, worker, q->pkt, q->len, c, now_ms, q->packet_id, mark);
     }
-    return process(lb, worker, pkt, len, pkt_flags, now_ms, packet_id, mark);
 }
