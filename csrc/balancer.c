@@ -118,10 +118,10 @@ uint32_t nl_process_many(struct nl_lb *lb, uint32_t worker, uint8_t *bufs, uint3
                          uint32_t pkt_flags, uint64_t now_ms)
 {
     uint32_t rewritten = 0;
-    struct nl_batch_pkt chunk[64];
+    struct nl_batch_pkt chunk[256];
     nl_ext_enter(lb);
-    for (uint32_t i = 0; i < n; i += 64) {
-        uint32_t m = n - i < 64 ? n - i : 64;
+    for (uint32_t i = 0; i < n; i += 256) {
+        uint32_t m = n - i < 256 ? n - i : 256;
         for (uint32_t j = 0; j < m; j++)
             chunk[j] = (struct nl_batch_pkt){ .pkt = bufs + (size_t)(i + j) * stride,
                                               .len = lens[i + j], .pkt_flags = pkt_flags,
