@@ -80,13 +80,6 @@ void nl_ct_fini(struct nl_ct *ct)
     ct->buckets = NULL;
 }
 
-uint32_t nl_ct_bucket(const struct nl_ct *ct, const struct nl_ct_key *k)
-{
-    uint32_t h = nl_addr_hash(k->client_addr, ct->seed);
-    h = nl_mix32(h ^ ((uint32_t)k->client_port << 8) ^ k->proto);
-    return h & (ct->n_buckets - 1);
-}
-
 struct nl_flow *nl_ct_find(struct nl_ct *ct, uint32_t bucket,
                            const struct nl_ct_key *k, uint32_t now)
 {

@@ -207,7 +207,15 @@ int nl_parse(uint8_t *buf, uint32_t len, struct nl_pkt *p, int head_only);
 /* Checks the IPv4 header checksum, and the TCP/UDP one when the whole
  * packet is in the buffer and the kernel has not vouched for it
  * (pkt_flags).  An IPv6 UDP datagram without a checksum is always BAD. */
-int nl_check_csum(const struct nl_pkt *p, uint32_t pkt_flags);
+int nl_check_csum_bytes(const struct nl_pkt *p, uint32_t pkt_flags);
+static inline int nl_check_csum(const struct nl_pkt *p, uint32_t pkt_flags)
+{
+    /* The usual case, inline: the kernel vouches for an IPv4 packet's sums
+     * (an IPv6 UDP datagram may still lack one: packet.c). */
+    if ((pkt_flags & (NL_PKT_CSUM_VERIFIED | NL_PKT_CSUM_PARTIAL)) && p->family == 4)
+        return NL_CSUM_OK;
+    return nl_check_csum_bytes(p, pkt_flags);
+}
 /* The same for an ICMP or ICMPv6 message (outer: nl_parse's view, with l4
  * at the message). */
 int nl_check_icmp_csum(const struct nl_pkt *outer, uint32_t pkt_flags);
@@ -362,7 +370,13 @@ void nl_ct_fini(struct nl_ct *ct);
 /* Unmaps a table nl_ct_store put in a file; the file stays (ctstore.c).
  * After nl_ct_fini, which leaves such a table alone. */
 void nl_ct_store_unmap(struct nl_ct *ct);
-uint32_t nl_ct_bucket(const struct nl_ct *ct, const struct nl_ct_key *k);
+/* Inline: every packet computes one, a few packets before its turn (lb.c). */
+static inline uint32_t nl_ct_bucket(const struct nl_ct *ct, const struct nl_ct_key *k)
+{
+    uint32_t h = nl_addr_hash(k->client_addr, ct->seed);
+    h = nl_mix32(h ^ ((uint32_t)k->client_port << 8) ^ k->proto);
+    return h & (ct->n_buckets - 1);
+}
 /* Caller holds the stripe lock of the key's bucket for these three. */
 struct nl_flow *nl_ct_find(struct nl_ct *ct, uint32_t bucket,
                            const struct nl_ct_key *k, uint32_t now);

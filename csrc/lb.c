@@ -87,18 +87,17 @@ static inline struct nl_ct_key key_of(const struct nl_pkt *p, int reply)
 
 static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
                    const struct nl_snapshot *snap, const struct nl_service *svc,
-                   struct nl_pkt *p, uint32_t b, uint32_t pkt_flags, int csum, uint32_t now,
-                   uint32_t *mark)
+                   struct nl_pkt *p, const struct nl_ct_key *k, uint32_t b, uint32_t pkt_flags,
+                   int csum, uint32_t now, uint32_t *mark)
 {
     struct nl_ct *ct = &lb->ct;
-    struct nl_ct_key k = key_of(p, 0);
     pthread_spinlock_t *lock = nl_ct_stripe(ct, b);
     int is_syn = p->proto == NL_IPPROTO_TCP &&
                  (p->tcp_flags & (NL_TCP_SYN | NL_TCP_ACK)) == NL_TCP_SYN;
     int cluster = nl_svc_cluster(svc);
 
     pthread_spin_lock(lock);
-    struct nl_flow *f = nl_ct_find(ct, b, &k, now);
+    struct nl_flow *f = nl_ct_find(ct, b, k, now);
     if (f && (f->flags & NL_FL_PROBE_CLIENT) && p->proto == NL_IPPROTO_TCP &&
         !(p->tcp_flags & (NL_TCP_SYN | NL_TCP_RST))) {
         nl_reset_probed(lb, f, p, 0);
@@ -234,13 +233,12 @@ static int late_synack(struct nl_lb *lb, const struct nl_pkt *p, int csum, uint3
 }
 
 static int reply(struct nl_lb *lb, struct nl_worker_counters *wc,
-                 const struct nl_snapshot *snap, struct nl_pkt *p, uint32_t b,
-                 uint32_t pkt_flags, int csum, uint32_t now, uint32_t *mark)
+                 const struct nl_snapshot *snap, struct nl_pkt *p, const struct nl_ct_key *k,
+                 uint32_t b, uint32_t pkt_flags, int csum, uint32_t now, uint32_t *mark)
 {
-    struct nl_ct_key k = key_of(p, 1);
     pthread_spinlock_t *lock = nl_ct_stripe(&lb->ct, b);
     pthread_spin_lock(lock);
-    struct nl_flow *f = nl_ct_find(&lb->ct, b, &k, now);
+    struct nl_flow *f = nl_ct_find(&lb->ct, b, k, now);
     if (!f)
         pthread_spin_unlock(lock);
     int full = 0;
@@ -441,6 +439,7 @@ struct classified {
     uint32_t pkt_flags;
     const struct nl_snapshot *snap;
     const struct nl_service *svc;    /* forward: its service; NULL: a reply */
+    struct nl_ct_key key;            /* its flow's, pointing into p         */
     uint32_t bucket;                 /* of its flow's chain                */
 };
 
@@ -464,8 +463,8 @@ static int classify(struct nl_lb *lb, uint8_t *pkt, uint32_t len, uint32_t pkt_f
         c->pkt_flags &= ~(uint32_t)(NL_PKT_CSUM_PARTIAL | NL_PKT_GSO);
     c->snap = __atomic_load_n(&lb->snap, __ATOMIC_ACQUIRE);
     c->svc = nl_find_service(c->snap, &c->p.daddr, c->p.dport, c->p.proto);
-    struct nl_ct_key k = key_of(&c->p, c->svc == NULL);
-    c->bucket = nl_ct_bucket(&lb->ct, &k);
+    c->key = key_of(&c->p, c->svc == NULL);
+    c->bucket = nl_ct_bucket(&lb->ct, &c->key);
     return 1;
 }
 
@@ -474,9 +473,9 @@ static int flow_packet(struct nl_lb *lb, struct nl_worker_counters *wc, struct c
                        uint64_t now_ms, uint32_t *mark)
 {
     struct nl_pkt *p = &c->p;
-    int v = c->svc ? forward(lb, wc, c->snap, c->svc, p, c->bucket, c->pkt_flags, c->csum,
-                             (uint32_t)now_ms, mark)
-                   : reply(lb, wc, c->snap, p, c->bucket, c->pkt_flags, c->csum,
+    int v = c->svc ? forward(lb, wc, c->snap, c->svc, p, &c->key, c->bucket, c->pkt_flags,
+                             c->csum, (uint32_t)now_ms, mark)
+                   : reply(lb, wc, c->snap, p, &c->key, c->bucket, c->pkt_flags, c->csum,
                            (uint32_t)now_ms, mark);
     if (NL_UNLIKELY(p->frag))
         first_fragment(lb, p, c->svc != NULL, v, now_ms);

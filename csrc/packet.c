@@ -313,7 +313,7 @@ static inline int udp6_without_sum(const struct nl_pkt *p, uint32_t pkt_flags)
            ld16(p->l4 + NL_OFF_UDP_CSUM) == 0;
 }
 
-int nl_check_csum(const struct nl_pkt *p, uint32_t pkt_flags)
+int nl_check_csum_bytes(const struct nl_pkt *p, uint32_t pkt_flags)
 {
     /* The kernel vouches for the L4 sum, and its ip_rcv has verified every
      * IP header before prerouting: nothing left to check. */
