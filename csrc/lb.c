@@ -535,7 +535,7 @@ int nl_packet(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
  * packets before it is classified, and it is classified (its bucket
  * fetched) PIPE_AHEAD packets before its turn, its flow's entry
  * PIPE_AHEAD / 2 before.  8 hid the misses of a 1,000,000-flow table as
- * well as 16 or 24 did (bench/abcore); 6 did a little worse. */
+ * well as 16 did (bench/abcore); 6 did a little worse, 24 and 40 worse. */
 #define PIPE_SLOTS 16
 #define PIPE_AHEAD 8
 _Static_assert(PIPE_AHEAD < PIPE_SLOTS, "a slot is reused only after its packet's turn");
