@@ -376,6 +376,14 @@ void nl_rewrite_addr(uint8_t *ip, int dst, const struct nl_addr *addr)
     write_addr(ip, dst, addr, old);
 }
 
+/* ~fold of a 64-bit ones' complement sum (at most 2^48: a few 32-bit terms). */
+static inline uint16_t csum_fold64_not(uint64_t sum)
+{
+    sum = (sum & 0xffffffffu) + (sum >> 32);
+    sum = (sum & 0xffffffffu) + (sum >> 32);
+    return (uint16_t)~csum_fold((uint32_t)sum);
+}
+
 void nl_rewrite(struct nl_pkt *p, int dst, const struct nl_addr *addr, uint16_t port,
                 uint32_t pkt_flags)
 {
@@ -383,11 +391,28 @@ void nl_rewrite(struct nl_pkt *p, int dst, const struct nl_addr *addr, uint16_t 
     uint16_t old_port = ld16(port_field);
     uint8_t *csum_field = p->l4 + (p->proto == NL_IPPROTO_TCP ? NL_OFF_TCP_CSUM : NL_OFF_UDP_CSUM);
     uint16_t check = ld16(csum_field);
+    int udp = p->proto == NL_IPPROTO_UDP;
+    if (NL_LIKELY(p->family == 4 && !(pkt_flags & NL_PKT_CSUM_PARTIAL))) {
+        /* The usual case: IPv4, the L4 sum complete.  The address's change
+         * (RFC 1624 eqn. 3), summed once, serves both checksums, each
+         * folded once. */
+        uint8_t *field = p->ip + (dst ? NL_OFF_IP_DADDR : NL_OFF_IP_SADDR);
+        uint8_t *ip_csum = p->ip + NL_OFF_IP_CSUM;
+        uint32_t from = ld32(field), to = addr->w[3];
+        uint64_t delta = (uint64_t)(uint32_t)~from + to;
+        st32(field, to);
+        st16(ip_csum, csum_fold64_not(delta + (uint16_t)~ld16(ip_csum)));
+        st16(port_field, port);
+        if (udp && check == 0)
+            return;                     /* IPv4 UDP without checksum stays so */
+        check = csum_fold64_not(delta + (uint16_t)~check + (uint16_t)~old_port + port);
+        st16(csum_field, udp && check == 0 ? 0xffff : check);
+        return;
+    }
     uint32_t old[4];
     int words = write_addr(p->ip, dst, addr, old);
     st16(port_field, port);
 
-    int udp = p->proto == NL_IPPROTO_UDP;
     if (!(pkt_flags & NL_PKT_CSUM_PARTIAL) && !(udp && check == 0)) {
         check = words == 1 ? csum_replace4(check, old[0], addr->w[3])
                            : csum_replace_addr(check, old, addr->w, 4);
