@@ -402,6 +402,16 @@ static inline pthread_spinlock_t *nl_ct_stripe(struct nl_ct *ct, uint32_t bucket
 {
     return &ct->stripes[bucket & (NL_CT_STRIPES - 1)];
 }
+/* How long a TCP flow in state s lives without a packet. */
+static inline uint32_t nl_ct_tcp_timeout(const struct nl_ct *ct, uint8_t s)
+{
+    switch (s) {
+    case NL_FS_ESTABLISHED: return ct->timeout_ms[NL_T_TCP_ESTABLISHED];
+    case NL_FS_FIN: return ct->timeout_ms[NL_T_TCP_FIN];
+    case NL_FS_CLOSE: return ct->timeout_ms[NL_T_TCP_CLOSE];
+    default: return ct->timeout_ms[NL_T_TCP_SYN];
+    }
+}
 /* Apply the TCP state machine for one packet; updates the expiry. */
 void nl_ct_tcp_update(struct nl_ct *ct, struct nl_flow *f, int reply,
                       uint8_t tcp_flags, uint32_t now);
@@ -502,15 +512,17 @@ static inline struct nl_worker_counters *nl_counters_of(struct nl_lb *lb, uint32
 static inline void nl_count_packet(struct nl_worker_counters *wc, uint16_t sid, uint16_t bid,
                                    uint32_t bytes, int is_reply)
 {
-    struct nl_counters *c[2] = { &wc->services[sid], &wc->backends[bid] };
-    for (int i = 0; i < 2; i++) {
-        if (is_reply) {
-            c[i]->packets_out++;
-            c[i]->bytes_out += bytes;
-        } else {
-            c[i]->packets_in++;
-            c[i]->bytes_in += bytes;
-        }
+    struct nl_counters *s = &wc->services[sid], *b = &wc->backends[bid];
+    if (is_reply) {
+        s->packets_out++;
+        s->bytes_out += bytes;
+        b->packets_out++;
+        b->bytes_out += bytes;
+    } else {
+        s->packets_in++;
+        s->bytes_in += bytes;
+        b->packets_in++;
+        b->bytes_in += bytes;
     }
 }
 

@@ -63,6 +63,13 @@ static void track_tcp(struct nl_lb *lb, struct nl_flow *f, int is_reply, uint8_t
                       uint32_t now)
 {
     uint8_t before = f->state;
+    if (NL_LIKELY(!(flags & (NL_TCP_SYN | NL_TCP_FIN | NL_TCP_RST)) &&
+                  before != NL_FS_SYN_RECV)) {
+        /* Most segments: no flag the state machine reads in a state an
+         * ACK would leave, so only the expiry moves (nl_ct_tcp_update). */
+        f->expires_ms = now + nl_ct_tcp_timeout(&lb->ct, before);
+        return;
+    }
     if (flags & NL_TCP_FIN)
         f->flags |= is_reply ? NL_FL_FIN_SERVER : NL_FL_FIN_CLIENT;
     nl_ct_tcp_update(&lb->ct, f, is_reply, flags, now);
