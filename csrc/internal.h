@@ -120,9 +120,18 @@ static inline int nl_addr_is_v4(const struct nl_addr *a)
     return nl_addr_hi(a) == 0 && a->w[2] == nl_mapped_word();
 }
 
+/* Written as two 64-bit halves, as nl_addr_hi/lo read it: a 64-bit load
+ * of a half written by two 32-bit stores cannot be forwarded from them and
+ * waits until they reach the cache (every packet's hash and compares read
+ * the addresses its parse just wrote). */
 static inline struct nl_addr nl_addr_v4(uint32_t v4)
 {
-    struct nl_addr a = { { 0, 0, nl_mapped_word(), v4 } };
+    const uint32_t low[2] = { nl_mapped_word(), v4 };
+    uint64_t hi = 0, lo;
+    __builtin_memcpy(&lo, low, 8);
+    struct nl_addr a;
+    __builtin_memcpy(&a.w[0], &hi, 8);
+    __builtin_memcpy(&a.w[2], &lo, 8);
     return a;
 }
 
