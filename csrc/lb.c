@@ -450,11 +450,38 @@ struct classified {
     uint32_t bucket;                 /* of its flow's chain                */
 };
 
+/* The last service lookup of a batch and its answer: a batch's packets
+ * mostly go to one VIP (or come back from backends: no service), and a few
+ * compares cost less than the hash and the index.  Keyed by the snapshot
+ * too: it lives for one nl_packets call, inside the caller's epoch, so a
+ * snapshot it names cannot be freed and its address reused meanwhile. */
+struct svc_memo {
+    const struct nl_snapshot *snap;  /* NULL: nothing remembered            */
+    uint64_t hi, lo;                 /* the destination address's halves   */
+    uint16_t port;
+    uint8_t proto;
+    const struct nl_service *svc;
+};
+
+static inline const struct nl_service *find_service(struct svc_memo *m,
+                                                    const struct nl_snapshot *snap,
+                                                    const struct nl_pkt *p)
+{
+    uint64_t hi = nl_addr_hi(&p->daddr), lo = nl_addr_lo(&p->daddr);
+    if (m->snap == snap && m->lo == lo && m->hi == hi && m->port == p->dport &&
+        m->proto == p->proto)
+        return m->svc;
+    *m = (struct svc_memo){ .snap = snap, .hi = hi, .lo = lo, .port = p->dport,
+                            .proto = p->proto,
+                            .svc = nl_find_service(snap, &p->daddr, p->dport, p->proto) };
+    return m->svc;
+}
+
 /* The first half, which reads nothing but the packet and the snapshot: 1 if
  * the packet is a whole TCP/UDP header with good checksums (c->bucket says
  * where its flow would be), 0 for other_packet. */
 static int classify(struct nl_lb *lb, uint8_t *pkt, uint32_t len, uint32_t pkt_flags,
-                    struct classified *c)
+                    struct classified *c, struct svc_memo *memo)
 {
     c->r = nl_parse(pkt, len, &c->p, (pkt_flags & NL_PKT_HEAD_ONLY) != 0);
     c->pkt_flags = pkt_flags;
@@ -469,7 +496,7 @@ static int classify(struct nl_lb *lb, uint8_t *pkt, uint32_t len, uint32_t pkt_f
     if (NL_UNLIKELY(c->p.frag))
         c->pkt_flags &= ~(uint32_t)(NL_PKT_CSUM_PARTIAL | NL_PKT_GSO);
     c->snap = __atomic_load_n(&lb->snap, __ATOMIC_ACQUIRE);
-    c->svc = nl_find_service(c->snap, &c->p.daddr, c->p.dport, c->p.proto);
+    c->svc = find_service(memo, c->snap, &c->p);
     c->key = key_of(&c->p, c->svc == NULL);
     c->bucket = nl_ct_bucket(&lb->ct, &c->key);
     return 1;
@@ -533,7 +560,8 @@ int nl_packet(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
     if (refused(lb, worker, pkt_flags, mark))
         return NL_VERDICT_DROP;
     struct classified c;
-    if (classify(lb, pkt, len, pkt_flags, &c))
+    struct svc_memo memo = { .snap = NULL };
+    if (classify(lb, pkt, len, pkt_flags, &c, &memo))
         return flow_packet(lb, nl_counters_of(lb, worker), &c, now_ms, mark);
     return other_packet(lb, worker, pkt, len, &c, now_ms, packet_id, mark);
 }
@@ -559,6 +587,7 @@ void nl_packets(struct nl_lb *lb, uint32_t worker, struct nl_batch_pkt *b, uint3
     struct nl_worker_counters *wc = nl_counters_of(lb, worker);
     struct classified ring[PIPE_SLOTS];
     uint8_t ours[PIPE_SLOTS];
+    struct svc_memo memo = { .snap = NULL };
     for (uint32_t i = 0; i < n + PIPE_AHEAD; i++) {
         if (i + PIPE_AHEAD < n)
             __builtin_prefetch(b[i + PIPE_AHEAD].pkt, 1);
@@ -569,7 +598,8 @@ void nl_packets(struct nl_lb *lb, uint32_t worker, struct nl_batch_pkt *b, uint3
             ours[s] = 0;
             if (refused(lb, worker, q->pkt_flags, mark))
                 q->verdict = NL_VERDICT_DROP;
-            else if ((ours[s] = (uint8_t)classify(lb, q->pkt, q->len, q->pkt_flags, &ring[s])))
+            else if ((ours[s] = (uint8_t)classify(lb, q->pkt, q->len, q->pkt_flags, &ring[s],
+                                                        &memo)))
                 __builtin_prefetch(&ct->buckets[ring[s].bucket]);
             else
                 q->verdict = -1;            /* other_packet, in turn */
