@@ -79,19 +79,6 @@ static void track_tcp(struct nl_lb *lb, struct nl_flow *f, int is_reply, uint8_t
     }
 }
 
-/* The conntrack key of a packet: a forward one's client is its source, a
- * reply's its destination. */
-static inline struct nl_ct_key key_of(const struct nl_pkt *p, int reply)
-{
-    if (reply)
-        return (struct nl_ct_key){ .client_addr = &p->daddr, .client_port = p->dport,
-                                   .proto = p->proto, .reply = 1, .other_addr = &p->saddr,
-                                   .other_port = p->sport };
-    return (struct nl_ct_key){ .client_addr = &p->saddr, .client_port = p->sport,
-                               .proto = p->proto, .other_addr = &p->daddr,
-                               .other_port = p->dport };
-}
-
 static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
                    const struct nl_snapshot *snap, const struct nl_service *svc,
                    struct nl_pkt *p, const struct nl_ct_key *k, uint32_t b, uint32_t pkt_flags,
@@ -471,9 +458,12 @@ static inline const struct nl_service *find_service(struct svc_memo *m,
     if (m->snap == snap && m->lo == lo && m->hi == hi && m->port == p->dport &&
         m->proto == p->proto)
         return m->svc;
-    *m = (struct svc_memo){ .snap = snap, .hi = hi, .lo = lo, .port = p->dport,
-                            .proto = p->proto,
-                            .svc = nl_find_service(snap, &p->daddr, p->dport, p->proto) };
+    m->snap = snap;             /* field by field: see classify */
+    m->hi = hi;
+    m->lo = lo;
+    m->port = p->dport;
+    m->proto = p->proto;
+    m->svc = nl_find_service(snap, &p->daddr, p->dport, p->proto);
     return m->svc;
 }
 
@@ -497,7 +487,18 @@ static int classify(struct nl_lb *lb, uint8_t *pkt, uint32_t len, uint32_t pkt_f
         c->pkt_flags &= ~(uint32_t)(NL_PKT_CSUM_PARTIAL | NL_PKT_GSO);
     c->snap = __atomic_load_n(&lb->snap, __ATOMIC_ACQUIRE);
     c->svc = find_service(memo, c->snap, &c->p);
-    c->key = key_of(&c->p, c->svc == NULL);
+    /* The conntrack key: a forward packet's client is its source, a
+     * reply's its destination.  Field by field: a struct assignment is built on the stack by narrow
+     * stores and copied by 16-byte loads, which cannot be forwarded from
+     * them and wait for the cache (the hash reads the key right after). */
+    const struct nl_pkt *p = &c->p;
+    int reply = c->svc == NULL;
+    c->key.client_addr = reply ? &p->daddr : &p->saddr;
+    c->key.other_addr = reply ? &p->saddr : &p->daddr;
+    c->key.client_port = reply ? p->dport : p->sport;
+    c->key.other_port = reply ? p->sport : p->dport;
+    c->key.proto = p->proto;
+    c->key.reply = (uint8_t)reply;
     c->bucket = nl_ct_bucket(&lb->ct, &c->key);
     return 1;
 }
