@@ -220,16 +220,8 @@ static inline uint16_t csum_fold(uint32_t sum)
     return (uint16_t)sum;
 }
 
-/* RFC 1624 eqn. 3 for a complemented checksum: HC' = ~(~HC + ~m + m'),
- * with m a 32-bit quantity (two 16-bit words) in network order. */
-static inline uint16_t csum_replace4(uint16_t check, uint32_t from, uint32_t to)
-{
-    uint32_t sum = (uint16_t)~check;
-    sum = csum_add(sum, ~from);
-    sum = csum_add(sum, to);
-    return (uint16_t)~csum_fold(sum);
-}
-
+/* RFC 1624 eqn. 3 for a complemented checksum, HC' = ~(~HC + ~m + m'), with m a
+ * 16-bit field in network order. */
 static inline uint16_t csum_replace2(uint16_t check, uint16_t from, uint16_t to)
 {
     uint32_t sum = (uint16_t)~check;
