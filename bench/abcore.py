@@ -8,7 +8,9 @@ nl_process_many call over a batch (no Python per packet).  No root.
         natlb/_natlb_core.*.so [--rounds 15] [--million] [--ipv6]
 
 With --ipv6 the new build also runs the same measurements over IPv6 packets
-in the same rounds, and a second table gives IPv6 against its IPv4.
+in the same rounds, and a second table gives IPv6 against its IPv4; if the
+old build has IPv6 too, it runs them as well and a third table compares the
+two builds over IPv6.
 
 Works across the IPv6 change of the API (struct nl_addr vs 32-bit addresses):
 the builds are driven through their own cffi modules, loaded side by side.
@@ -40,9 +42,14 @@ def load(tag: str, path: str) -> ModuleType:
     return m
 
 
+def has_ipv6(m: ModuleType) -> bool:
+    """Whether the build's addresses are struct nl_addr (IPv4 and IPv6)."""
+    return m.ffi.typeof("struct nl_service_spec").fields[0][1].type.kind == "struct"
+
+
 def addr(m: ModuleType, raw4: bytes):
     """An IPv4 address as the build's struct field wants it."""
-    if m.ffi.typeof("struct nl_service_spec").fields[0][1].type.kind == "struct":
+    if has_ipv6(m):
         return {"w": list(struct.unpack("=4I", MAPPED + raw4))}
     return struct.unpack("=I", raw4)[0]
 
@@ -63,6 +70,10 @@ class Lb:
         cfg.max_flows = max_flows
         cfg.n_workers = 1
         cfg.resteer_tries = 1
+        fields = dict(ffi.typeof("struct nl_config").fields)
+        if "max_services" in fields:    # id bounds, since the limits change: natlb's defaults
+            cfg.max_services = 4096
+            cfg.max_backends = 65536
         for i, t in enumerate(TIMEOUTS):
             cfg.timeout_ms[i] = t
         self.lb = lib.nl_create(cfg)
@@ -160,19 +171,21 @@ def main() -> None:
             big[who] = (lb, lb.batch(pkts[::50]))
     whos = list(mods)
     pk6: dict[str, list[bytes]] = {}
+    old6 = a.ipv6 and has_ipv6(mods["old"])
     if a.ipv6:
         from bench.test_micro import v6_packets
-        whos.append("ipv6")
-        mods["ipv6"] = mods["new"]
         pk6 = {"syn": v6_packets(n), "ack": v6_packets(n, flags=0x10)}
-        lb = Lb(mods["new"], 1 << 17, v6=True)
-        assert lb.run(lb.batch(pk6["syn"]), now=1)[1] == n
-        est["ipv6"] = (lb, lb.batch(pk6["ack"]))
-        if a.million:
-            pkts = v6_packets(1_000_000, proto=17)
-            lb = Lb(mods["new"], 1_000_000, proto=17, v6=True)
-            assert lb.run(lb.batch(pkts), now=1)[1] == len(pkts)
-            big["ipv6"] = (lb, lb.batch(pkts[::50]))
+        pkts = v6_packets(1_000_000, proto=17) if a.million else []
+        for who, m in [("ipv6", mods["new"])] + ([("ipv6-old", mods["old"])] if old6 else []):
+            whos.append(who)
+            mods[who] = m
+            lb = Lb(m, 1 << 17, v6=True)
+            assert lb.run(lb.batch(pk6["syn"]), now=1)[1] == n
+            est[who] = (lb, lb.batch(pk6["ack"]))
+            if a.million:
+                lb = Lb(m, 1_000_000, proto=17, v6=True)
+                assert lb.run(lb.batch(pkts), now=1)[1] == len(pkts)
+                big[who] = (lb, lb.batch(pkts[::50]))
     for rnd in range(a.rounds):
         order = whos if rnd % 2 == 0 else whos[::-1]
         for who in order:
@@ -184,24 +197,30 @@ def main() -> None:
                 record("lookup, 1,000,000 flows", who, lb.run(bt)[0])
         for sched in ("rr", "sh", "maglev"):
             for who in order:
-                lb = Lb(mods[who], 1 << 16, scheduler=sched, n_backends=10, v6=who == "ipv6")
-                ns, r = lb.run(lb.batch(pk6["syn"] if who == "ipv6" else syns), now=1)
+                v6 = who.startswith("ipv6")
+                lb = Lb(mods[who], 1 << 16, scheduler=sched, n_backends=10, v6=v6)
+                ns, r = lb.run(lb.batch(pk6["syn"] if v6 else syns), now=1)
                 assert r == n
                 record(f"new flow, {sched}", who, ns)
                 lb.close()
     table(res, "old", "new", "IPv4, ns per packet (median)")
     if a.ipv6:
         table(res, "new", "ipv6", "new build: IPv4 vs IPv6")
+    if old6:
+        table(res, "ipv6-old", "ipv6", "IPv6, ns per packet (median)")
     print(f"{a.rounds} rounds of {n} packets, alternating")
 
 
 def table(res: dict[str, dict[str, list[float]]], a: str, b: str, title: str) -> None:
-    print(f"{title:<38} {a:>7} {b:>7} {b + '/' + a:>9}  per-round ratio: median [quartiles]")
+    w = max(7, len(a), len(b))
+    print(f"{title:<38} {a:>{w}} {b:>{w}} {'ratio':>9}  per-round ratio: median [quartiles]")
     for name, d in res.items():
+        if a not in d or b not in d:
+            continue
         x, y = statistics.median(d[a]), statistics.median(d[b])
         ratios = sorted(q / p for p, q in zip(d[a], d[b], strict=True))
         q1, q3 = ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]
-        print(f"{name:<38} {x:7.1f} {y:7.1f} {y / x:9.2f}"
+        print(f"{name:<38} {x:{w}.1f} {y:{w}.1f} {y / x:9.2f}"
               f"  {statistics.median(ratios):.2f} [{q1:.2f}-{q3:.2f}]")
 
 

@@ -128,12 +128,19 @@ uint32_t nl_process_many(struct nl_lb *lb, uint32_t worker, uint8_t *bufs, uint3
                          uint32_t pkt_flags, uint64_t now_ms)
 {
     uint32_t rewritten = 0;
+    struct nl_batch_pkt chunk[256];
     nl_ext_enter(lb);
-    for (uint32_t i = 0; i < n; i++) {
-        int v = nl_packet(lb, worker, bufs + (size_t)i * stride, lens[i], pkt_flags, now_ms,
-                          NL_NO_PACKET_ID, NULL);
-        verdicts[i] = (uint8_t)v;
-        rewritten += v == NL_VERDICT_REWRITE;
+    for (uint32_t i = 0; i < n; i += 256) {
+        uint32_t m = n - i < 256 ? n - i : 256;
+        for (uint32_t j = 0; j < m; j++)
+            chunk[j] = (struct nl_batch_pkt){ .pkt = bufs + (size_t)(i + j) * stride,
+                                              .len = lens[i + j], .pkt_flags = pkt_flags,
+                                              .packet_id = NL_NO_PACKET_ID };
+        nl_packets(lb, worker, chunk, m, now_ms, 0);
+        for (uint32_t j = 0; j < m; j++) {
+            verdicts[i + j] = (uint8_t)chunk[j].verdict;
+            rewritten += chunk[j].verdict == NL_VERDICT_REWRITE;
+        }
     }
     nl_ext_exit(lb);
     nl_event_signal(lb);

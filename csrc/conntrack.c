@@ -80,13 +80,6 @@ void nl_ct_fini(struct nl_ct *ct)
     ct->buckets = NULL;
 }
 
-uint32_t nl_ct_bucket(const struct nl_ct *ct, const struct nl_ct_key *k)
-{
-    uint32_t h = nl_addr_hash(k->client_addr, ct->seed);
-    h = nl_mix32(h ^ ((uint32_t)k->client_port << 8) ^ k->proto);
-    return h & (ct->n_buckets - 1);
-}
-
 struct nl_flow *nl_ct_find(struct nl_ct *ct, uint32_t bucket,
                            const struct nl_ct_key *k, uint32_t now)
 {
@@ -178,14 +171,7 @@ void nl_ct_tcp_update(struct nl_ct *ct, struct nl_flow *f, int reply,
     else if ((fl & NL_TCP_ACK) && !(fl & NL_TCP_SYN) && s == NL_FS_SYN_RECV && !reply)
         s = NL_FS_ESTABLISHED;
     f->state = s;
-    uint32_t t;
-    switch (s) {
-    case NL_FS_ESTABLISHED: t = ct->timeout_ms[NL_T_TCP_ESTABLISHED]; break;
-    case NL_FS_FIN: t = ct->timeout_ms[NL_T_TCP_FIN]; break;
-    case NL_FS_CLOSE: t = ct->timeout_ms[NL_T_TCP_CLOSE]; break;
-    default: t = ct->timeout_ms[NL_T_TCP_SYN]; break;
-    }
-    f->expires_ms = now + t;
+    f->expires_ms = now + nl_ct_tcp_timeout(ct, s);
 }
 
 /* An embryonic flow that could be evicted, noted while scanning. */

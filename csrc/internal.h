@@ -120,9 +120,18 @@ static inline int nl_addr_is_v4(const struct nl_addr *a)
     return nl_addr_hi(a) == 0 && a->w[2] == nl_mapped_word();
 }
 
+/* Written as two 64-bit halves, as nl_addr_hi/lo read it: a 64-bit load
+ * of a half written by two 32-bit stores cannot be forwarded from them and
+ * waits until they reach the cache (every packet's hash and compares read
+ * the addresses its parse just wrote). */
 static inline struct nl_addr nl_addr_v4(uint32_t v4)
 {
-    struct nl_addr a = { { 0, 0, nl_mapped_word(), v4 } };
+    const uint32_t low[2] = { nl_mapped_word(), v4 };
+    uint64_t hi = 0, lo;
+    __builtin_memcpy(&lo, low, 8);
+    struct nl_addr a;
+    __builtin_memcpy(&a.w[0], &hi, 8);
+    __builtin_memcpy(&a.w[2], &lo, 8);
     return a;
 }
 
@@ -207,7 +216,15 @@ int nl_parse(uint8_t *buf, uint32_t len, struct nl_pkt *p, int head_only);
 /* Checks the IPv4 header checksum, and the TCP/UDP one when the whole
  * packet is in the buffer and the kernel has not vouched for it
  * (pkt_flags).  An IPv6 UDP datagram without a checksum is always BAD. */
-int nl_check_csum(const struct nl_pkt *p, uint32_t pkt_flags);
+int nl_check_csum_bytes(const struct nl_pkt *p, uint32_t pkt_flags);
+static inline int nl_check_csum(const struct nl_pkt *p, uint32_t pkt_flags)
+{
+    /* The usual case, inline: the kernel vouches for an IPv4 packet's sums
+     * (an IPv6 UDP datagram may still lack one: packet.c). */
+    if ((pkt_flags & (NL_PKT_CSUM_VERIFIED | NL_PKT_CSUM_PARTIAL)) && p->family == 4)
+        return NL_CSUM_OK;
+    return nl_check_csum_bytes(p, pkt_flags);
+}
 /* 1 if the L4 checksum field holds only the pseudo-header's sum, as a
  * packet does whose sum a device is still to finish (CHECKSUM_PARTIAL),
  * and its IPv4 header's sum is right. */
@@ -366,7 +383,13 @@ void nl_ct_fini(struct nl_ct *ct);
 /* Unmaps a table nl_ct_store put in a file; the file stays (ctstore.c).
  * After nl_ct_fini, which leaves such a table alone. */
 void nl_ct_store_unmap(struct nl_ct *ct);
-uint32_t nl_ct_bucket(const struct nl_ct *ct, const struct nl_ct_key *k);
+/* Inline: every packet computes one, a few packets before its turn (lb.c). */
+static inline uint32_t nl_ct_bucket(const struct nl_ct *ct, const struct nl_ct_key *k)
+{
+    uint32_t h = nl_addr_hash(k->client_addr, ct->seed);
+    h = nl_mix32(h ^ ((uint32_t)k->client_port << 8) ^ k->proto);
+    return h & (ct->n_buckets - 1);
+}
 /* Caller holds the stripe lock of the key's bucket for these three. */
 struct nl_flow *nl_ct_find(struct nl_ct *ct, uint32_t bucket,
                            const struct nl_ct_key *k, uint32_t now);
@@ -391,6 +414,16 @@ uint32_t nl_ct_flow_bucket(const struct nl_ct *ct, const struct nl_flow *f);
 static inline pthread_spinlock_t *nl_ct_stripe(struct nl_ct *ct, uint32_t bucket)
 {
     return &ct->stripes[bucket & (NL_CT_STRIPES - 1)];
+}
+/* How long a TCP flow in state s lives without a packet. */
+static inline uint32_t nl_ct_tcp_timeout(const struct nl_ct *ct, uint8_t s)
+{
+    switch (s) {
+    case NL_FS_ESTABLISHED: return ct->timeout_ms[NL_T_TCP_ESTABLISHED];
+    case NL_FS_FIN: return ct->timeout_ms[NL_T_TCP_FIN];
+    case NL_FS_CLOSE: return ct->timeout_ms[NL_T_TCP_CLOSE];
+    default: return ct->timeout_ms[NL_T_TCP_SYN];
+    }
 }
 /* Apply the TCP state machine for one packet; updates the expiry. */
 void nl_ct_tcp_update(struct nl_ct *ct, struct nl_flow *f, int reply,
@@ -492,15 +525,17 @@ static inline struct nl_worker_counters *nl_counters_of(struct nl_lb *lb, uint32
 static inline void nl_count_packet(struct nl_worker_counters *wc, uint16_t sid, uint16_t bid,
                                    uint32_t bytes, int is_reply)
 {
-    struct nl_counters *c[2] = { &wc->services[sid], &wc->backends[bid] };
-    for (int i = 0; i < 2; i++) {
-        if (is_reply) {
-            c[i]->packets_out++;
-            c[i]->bytes_out += bytes;
-        } else {
-            c[i]->packets_in++;
-            c[i]->bytes_in += bytes;
-        }
+    struct nl_counters *s = &wc->services[sid], *b = &wc->backends[bid];
+    if (is_reply) {
+        s->packets_out++;
+        s->bytes_out += bytes;
+        b->packets_out++;
+        b->bytes_out += bytes;
+    } else {
+        s->packets_in++;
+        s->bytes_in += bytes;
+        b->packets_in++;
+        b->bytes_in += bytes;
     }
 }
 
@@ -628,6 +663,20 @@ int nl_observed(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
                 uint32_t pkt_flags, uint64_t now_ms);
 int nl_packet(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
               uint32_t pkt_flags, uint64_t now_ms, uint32_t packet_id, uint32_t *mark);
+/* One packet of a batch for nl_packets: what nl_packet takes, and what it
+ * returned (verdict) and set (mark). */
+struct nl_batch_pkt {
+    uint8_t *pkt;
+    uint32_t len;
+    uint32_t pkt_flags;
+    uint32_t packet_id;
+    uint32_t mark;
+    int verdict;
+};
+/* nl_packet over n packets in turn (mark_mode: each gets its mark), with
+ * the flow table's memory fetched a few packets ahead. */
+void nl_packets(struct nl_lb *lb, uint32_t worker, struct nl_batch_pkt *b, uint32_t n,
+                uint64_t now_ms, int mark_mode);
 /* nl_failover_tick for worker threads, inside their epoch. */
 void nl_failover_due(struct nl_lb *lb, uint64_t now_ms);
 /* Drops f's held SYN, if it still has one (caller holds f's stripe). */

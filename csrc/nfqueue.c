@@ -39,6 +39,8 @@
 #include "natlb_test.h"
 
 #define BATCH 64
+/* Queued packets decided together (nl_packets), then answered in order. */
+#define CHUNK 64
 /* One slot holds a whole GSO super-packet plus its netlink headers. */
 #define SLOT (65536 + 4096)
 #define RCVBUF (32 << 20)
@@ -82,6 +84,18 @@ struct nl_worker {
     uint64_t loops;              /* loop iterations, for nl_forward's wait  */
     uint64_t beat_ms;            /* now_ms() at the top of the last iteration:
                                     the watchdog's proof the loop turns    */
+    /* The chunk being gathered: every queued packet in arrival order (pend),
+     * and those the core decides (todo; pend[i].todo indexes it, or -1). */
+    struct pending {
+        uint32_t id;             /* network order                          */
+        uint32_t payload_len;
+        uint8_t *pkt;
+        int verdict;             /* when not the core's to decide          */
+        int forward_to;          /* >= 0: handover to that queue           */
+        int todo;
+    } pend[CHUNK];
+    struct nl_batch_pkt todo[CHUNK];
+    uint32_t n_pend, n_todo;
 };
 
 /* What the I/O layer owns: the threads and every file descriptor. */
@@ -418,56 +432,61 @@ int nl_nfq_parse(const uint8_t *msg, uint32_t len, struct nl_nfq_packet *out)
     return 0;
 }
 
-/* Decides one queued packet (pkt NULL: the message had no payload):
- * NL_VERDICT_*, with *mark set in mark mode; NL_VERDICT_HOLD: no verdict
- * now (answer_released gives it later). */
-static int decide(struct nl_worker *w, const struct nl_nfq_packet *q, uint8_t *pkt,
-                  uint64_t now, uint32_t *mark)
+/* One NFQNL_MSG_PACKET joins the chunk: parsed (nl_nfq_parse), and its
+ * verdict settled here when the core has no say (a handover, a missing or
+ * cut payload in copy mode). */
+static void gather(struct nl_worker *w, struct nlmsghdr *nlh, uint32_t n_fwd)
 {
+    struct nl_nfq_packet q;
+    if (nl_nfq_parse((const uint8_t *)nlh, nlh->nlmsg_len, &q) < 0)
+        return;
     struct nl_worker_counters *wc = &w->lb->counters[w->index];
-    if (!pkt) {
+    struct pending *e = &w->pend[w->n_pend++];
+    *e = (struct pending){ .id = q.packet_id, .payload_len = q.payload_len,
+                           .pkt = q.has_payload ? (uint8_t *)nlh + q.payload_off : NULL,
+                           .forward_to = -1, .todo = -1 };
+    wc->io_packets++;
+    if (n_fwd) {
+        /* Handover: the successor decides; the kernel moves the packet to
+         * its queue, at the same hook position. */
+        e->forward_to = w->lb->io->fwd_queue[w->index % n_fwd];
+        e->verdict = NL_VERDICT_ACCEPT;
+    } else if (!e->pkt) {
         wc->reasons[NL_R_TRUNCATED]++;
-        return NL_VERDICT_DROP;
-    }
-    if (w->mark_mode)
-        return nl_packet(w->lb, w->index, pkt, q->payload_len, q->pkt_flags, now,
-                         ntohl(q->packet_id), mark);
-    if (q->pkt_flags & NL_PKT_HEAD_ONLY) {
+        e->verdict = NL_VERDICT_DROP;
+    } else if (!w->mark_mode && (q.pkt_flags & NL_PKT_HEAD_ONLY)) {
         /* We only have part of the packet; returning it would truncate it.
          * (With GSO, the kernel copies at most 65,531 bytes: a GRO packet
          * of 65,532-65,535 bytes lands here; TCP resends it in smaller
          * pieces.  Mark mode never needs the whole packet.) */
         wc->reasons[NL_R_TRUNCATED]++;
-        return NL_VERDICT_DROP;
+        e->verdict = NL_VERDICT_DROP;
+    } else {
+        e->todo = (int)w->n_todo;
+        w->todo[w->n_todo++] = (struct nl_batch_pkt){
+            .pkt = e->pkt, .len = q.payload_len, .pkt_flags = q.pkt_flags,
+            .packet_id = ntohl(q.packet_id) };
     }
-    return nl_packet(w->lb, w->index, pkt, q->payload_len, q->pkt_flags, now,
-                     ntohl(q->packet_id), NULL);
 }
 
-/* One NFQNL_MSG_PACKET: parse (nl_nfq_parse), decide, encode the verdict
- * (add_verdict). */
-static void handle_packet(struct nl_worker *w, struct nlmsghdr *nlh, uint64_t now,
-                          uint32_t n_fwd, size_t *nv, size_t *niov)
+/* Decides the chunk and encodes its verdicts (add_verdict), in arrival
+ * order; a held packet (NL_VERDICT_HOLD) gets its verdict later
+ * (answer_released). */
+static void answer_chunk(struct nl_worker *w, uint64_t now, size_t *nv, size_t *niov)
 {
-    struct nl_nfq_packet q;
-    if (nl_nfq_parse((const uint8_t *)nlh, nlh->nlmsg_len, &q) < 0)
-        return;
-    uint8_t *pkt = q.has_payload ? (uint8_t *)nlh + q.payload_off : NULL;
-    uint32_t mark = 0;
-    int verdict, forward_to = -1;
-    w->lb->counters[w->index].io_packets++;
-    if (n_fwd) {
-        /* Handover: the successor decides; the kernel moves the packet to
-         * its queue, at the same hook position. */
-        forward_to = w->lb->io->fwd_queue[w->index % n_fwd];
-        verdict = NL_VERDICT_ACCEPT;
-    } else {
-        verdict = decide(w, &q, pkt, now, &mark);
+    if (w->n_todo)
+        nl_packets(w->lb, w->index, w->todo, w->n_todo, now, w->mark_mode);
+    for (uint32_t i = 0; i < w->n_pend; i++) {
+        const struct pending *e = &w->pend[i];
+        const struct nl_batch_pkt *t = e->todo >= 0 ? &w->todo[e->todo] : NULL;
+        int verdict = t ? t->verdict : e->verdict;
+        if (verdict == NL_VERDICT_HOLD)
+            continue;
+        add_verdict(w, e->id, verdict, t ? t->mark : 0, e->pkt,
+                    verdict == NL_VERDICT_REWRITE ? e->payload_len : 0, nv, niov,
+                    e->forward_to);
     }
-    if (verdict == NL_VERDICT_HOLD)
-        return;         /* its verdict comes later (answer_released) */
-    add_verdict(w, q.packet_id, verdict, mark, pkt,
-                verdict == NL_VERDICT_REWRITE ? q.payload_len : 0, nv, niov, forward_to);
+    w->n_pend = w->n_todo = 0;
 }
 
 static void send_verdicts(struct nl_worker *w, size_t nv, size_t niov)
@@ -585,13 +604,21 @@ static void *worker_main(void *arg)
                      nlh = NLMSG_NEXT(nlh, left)) {
                     if (nlh->nlmsg_type != ((NFNL_SUBSYS_QUEUE << 8) | NFQNL_MSG_PACKET))
                         continue;
-                    if (nv == max_v) {
-                        send_verdicts(w, nv, niov);
-                        nv = niov = 0;
+                    if (w->n_pend == CHUNK) {
+                        if (nv + CHUNK > max_v) {
+                            send_verdicts(w, nv, niov);
+                            nv = niov = 0;
+                        }
+                        answer_chunk(w, now, &nv, &niov);
                     }
-                    handle_packet(w, nlh, now, n_fwd, &nv, &niov);
+                    gather(w, nlh, n_fwd);
                 }
             }
+            if (nv + w->n_pend > max_v) {
+                send_verdicts(w, nv, niov);
+                nv = niov = 0;
+            }
+            answer_chunk(w, now, &nv, &niov);
             send_verdicts(w, nv, niov);
         }
         if (n_fwd)

@@ -220,16 +220,8 @@ static inline uint16_t csum_fold(uint32_t sum)
     return (uint16_t)sum;
 }
 
-/* RFC 1624 eqn. 3 for a complemented checksum: HC' = ~(~HC + ~m + m'),
- * with m a 32-bit quantity (two 16-bit words) in network order. */
-static inline uint16_t csum_replace4(uint16_t check, uint32_t from, uint32_t to)
-{
-    uint32_t sum = (uint16_t)~check;
-    sum = csum_add(sum, ~from);
-    sum = csum_add(sum, to);
-    return (uint16_t)~csum_fold(sum);
-}
-
+/* RFC 1624 eqn. 3 for a complemented checksum, HC' = ~(~HC + ~m + m'), with m a
+ * 16-bit field in network order. */
 static inline uint16_t csum_replace2(uint16_t check, uint16_t from, uint16_t to)
 {
     uint32_t sum = (uint16_t)~check;
@@ -313,7 +305,7 @@ static inline int udp6_without_sum(const struct nl_pkt *p, uint32_t pkt_flags)
            ld16(p->l4 + NL_OFF_UDP_CSUM) == 0;
 }
 
-int nl_check_csum(const struct nl_pkt *p, uint32_t pkt_flags)
+int nl_check_csum_bytes(const struct nl_pkt *p, uint32_t pkt_flags)
 {
     /* The kernel vouches for the L4 sum, and its ip_rcv has verified every
      * IP header before prerouting: nothing left to check. */
@@ -362,25 +354,37 @@ int nl_check_icmp_csum(const struct nl_pkt *outer, uint32_t pkt_flags)
  * header at ip (the IPv4 header checksum follows; IPv6 has none), and puts
  * the old address in old[] (1 word for IPv4, 4 for IPv6).  Returns the
  * number of words. */
-static inline int write_addr(uint8_t *ip, int dst, const struct nl_addr *addr, uint32_t *old)
+/* ~fold of a 64-bit ones' complement sum (at most 2^48: a few 32-bit terms). */
+static inline uint16_t csum_fold64_not(uint64_t sum)
+{
+    sum = (sum & 0xffffffffu) + (sum >> 32);
+    sum = (sum & 0xffffffffu) + (sum >> 32);
+    return (uint16_t)~csum_fold((uint32_t)sum);
+}
+
+/* Writes the source (or destination) address, and the IPv4 header checksum;
+ * returns the change as a ones' complement sum of ~old + new over the
+ * address's words (RFC 1624 eqn. 3), for the L4 checksum to reuse. */
+static inline uint64_t write_addr(uint8_t *ip, int dst, const struct nl_addr *addr)
 {
     if (nl_ip_version(ip) == 6) {
         uint8_t *field = ip + (dst ? NL_OFF_IP6_DADDR : NL_OFF_IP6_SADDR);
-        memcpy(old, field, 16);
+        uint64_t delta = 0;
+        for (int i = 0; i < 4; i++)
+            delta += (uint64_t)(uint32_t)~ld32(field + 4 * i) + addr->w[i];
         memcpy(field, addr->w, 16);
-        return 4;
+        return delta;
     }
     uint8_t *field = ip + (dst ? NL_OFF_IP_DADDR : NL_OFF_IP_SADDR);
-    old[0] = ld32(field);
+    uint64_t delta = (uint64_t)(uint32_t)~ld32(field) + addr->w[3];
     st32(field, addr->w[3]);
-    st16(ip + NL_OFF_IP_CSUM, csum_replace4(ld16(ip + NL_OFF_IP_CSUM), old[0], addr->w[3]));
-    return 1;
+    st16(ip + NL_OFF_IP_CSUM, csum_fold64_not(delta + (uint16_t)~ld16(ip + NL_OFF_IP_CSUM)));
+    return delta;
 }
 
 void nl_rewrite_addr(uint8_t *ip, int dst, const struct nl_addr *addr)
 {
-    uint32_t old[4];
-    write_addr(ip, dst, addr, old);
+    write_addr(ip, dst, addr);
 }
 
 void nl_rewrite(struct nl_pkt *p, int dst, const struct nl_addr *addr, uint16_t port,
@@ -390,15 +394,14 @@ void nl_rewrite(struct nl_pkt *p, int dst, const struct nl_addr *addr, uint16_t 
     uint16_t old_port = ld16(port_field);
     uint8_t *csum_field = p->l4 + (p->proto == NL_IPPROTO_TCP ? NL_OFF_TCP_CSUM : NL_OFF_UDP_CSUM);
     uint16_t check = ld16(csum_field);
-    uint32_t old[4];
-    int words = write_addr(p->ip, dst, addr, old);
+    int udp = p->proto == NL_IPPROTO_UDP;
+    uint64_t delta = write_addr(p->ip, dst, addr);
     st16(port_field, port);
 
-    int udp = p->proto == NL_IPPROTO_UDP;
-    if (!(pkt_flags & NL_PKT_CSUM_PARTIAL) && !(udp && check == 0)) {
-        check = words == 1 ? csum_replace4(check, old[0], addr->w[3])
-                           : csum_replace_addr(check, old, addr->w, 4);
-        check = csum_replace2(check, old_port, port);
+    if (NL_LIKELY(!(pkt_flags & NL_PKT_CSUM_PARTIAL) && !(udp && check == 0))) {
+        /* The usual case: the address's change, summed once, serves the IP
+         * and the L4 checksum, each folded once. */
+        check = csum_fold64_not(delta + (uint16_t)~check + (uint16_t)~old_port + port);
         if (udp && check == 0)
             check = 0xffff;
     } else if (!(pkt_flags & NL_PKT_CSUM_PARTIAL)) {
