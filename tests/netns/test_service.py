@@ -212,6 +212,21 @@ def _subreaper(on: bool) -> None:
     assert libc.prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0
 
 
+def stop_successor(pid: int) -> int:
+    """SIGTERM to a `natlb restart` successor we adopted as subreaper, reaped
+    by us as systemd's would be by it; its exit code."""
+    os.kill(pid, signal.SIGTERM)
+    _, status = os.waitpid(pid, 0)
+    return os.waitstatus_to_exitcode(status)
+
+
+def kill_successor(pid: int) -> None:
+    """Clean-up after a failure: the successor must not outlive the test."""
+    os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(ChildProcessError):
+        os.waitpid(pid, 0)
+
+
 def _ppid(pid: int) -> int:
     stat = open(f"/proc/{pid}/stat").read()
     return int(stat.rsplit(")", 1)[1].split()[1])
@@ -243,16 +258,12 @@ def test_restart_successor_is_the_service_managers_child_when_ready(testbed):
         out, err = cli.communicate(timeout=30)
         assert cli.returncode == 0, err
         assert p.wait(timeout=10) == 0
-        os.kill(successor, signal.SIGTERM)
-        _, status = os.waitpid(successor, 0)   # ours to reap, as systemd's would be
-        successor = 0
-        assert os.waitstatus_to_exitcode(status) == 0
+        code, successor = stop_successor(successor), 0
+        assert code == 0
         assert router_state(testbed) == before
     finally:
         if successor:
-            os.kill(successor, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(successor, 0)
+            kill_successor(successor)
         _subreaper(False)
         stop(testbed, p)
         notify.close()

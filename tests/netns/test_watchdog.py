@@ -3,7 +3,6 @@ WATCHDOG_PID set to the pid it starts, SIGABRT once the pings stop, a
 restart) around a natlb whose worker 0 it can make hang
 (natlb_testbed/stallable.py)."""
 
-import contextlib
 import os
 import signal
 import socket
@@ -15,7 +14,7 @@ import time
 from natlb_testbed.testbed import VIP, basic_config
 
 from .conftest import router_state
-from .test_service import _subreaper, stop, wait_ready
+from .test_service import _subreaper, kill_successor, stop, stop_successor, wait_ready
 
 INTERVAL_MS = 2000       # pings every 1 s; a worker is stuck after 1 s
 BOUND_S = 1.0
@@ -144,16 +143,12 @@ def test_restart_successor_takes_over_the_pings(testbed):
         senders = {pid for _, pid in got[gone:]}
         assert len(got) - gone >= 2 and len(senders) == 1 and p.pid not in senders, got
         successor = senders.pop()
-        os.kill(successor, signal.SIGTERM)
-        _, status = os.waitpid(successor, 0)
-        successor = 0
-        assert os.waitstatus_to_exitcode(status) == 0
+        code, successor = stop_successor(successor), 0
+        assert code == 0
         assert router_state(testbed) == before
     finally:
         if successor:
-            os.kill(successor, signal.SIGKILL)
-            with contextlib.suppress(ChildProcessError):
-                os.waitpid(successor, 0)
+            kill_successor(successor)
         _subreaper(False)
         stop(testbed, p)
         notify.close()
