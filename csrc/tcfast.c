@@ -192,14 +192,20 @@ int nl_fp_set_backend(struct nl_fastpath *fp, uint32_t id, uint32_t vip, uint16_
 
 int64_t nl_fp_flush(struct nl_fastpath *fp)
 {
-    struct nl_fp_key key;
+    struct nl_fp_key key, next;
     int64_t n = 0;
-    /* Always from the first key: deleting while walking would skip some. */
-    while (bpf_map_get_next_key(fp->flows_fd, NULL, &key) == 0) {
+    /* The next key is fetched before the current one goes, so the walk is
+     * linear (asking for the first key each time rescans the emptied
+     * buckets: quadratic, minutes for a full 2M-entry map).  A key that
+     * vanished meanwhile (LRU) makes the kernel start again from the first. */
+    int more = bpf_map_get_next_key(fp->flows_fd, NULL, &key) == 0;
+    while (more) {
+        more = bpf_map_get_next_key(fp->flows_fd, &key, &next) == 0;
         int rc = bpf_map_delete_elem(fp->flows_fd, &key);
         if (rc && rc != -ENOENT)
             return rc;
-        n++;
+        n += rc == 0;
+        key = next;
     }
     return n;
 }
@@ -336,7 +342,15 @@ static void *observe_loop(void *arg)
     while (!fp->stop) {
         if (!fp->config.observer_polling) {
             /* The timeout bounds how long nl_fp_observe_stop waits. */
-            if (ring_buffer__poll(fp->rb, 100) > 0) {
+            int got = ring_buffer__poll(fp->rb, 100);
+            /* A timeout reads the ring too: a record submitted without a
+             * wakeup just as polling stopped (or while a failed map update
+             * left the kernel believing we poll) would otherwise sit at the
+             * read position, and the kernel wakes the reader only for the
+             * record there: every later record would wait behind it. */
+            if (got == 0)
+                got = ring_buffer__consume(fp->rb);
+            if (got > 0) {
                 set_polling(fp, 1);
                 idle = 0;
             }

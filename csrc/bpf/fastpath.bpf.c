@@ -18,7 +18,8 @@
  *   deletes both sides' entries; either is carried only if its head (as it
  *   arrived) and ingress device fit in the events ring buffer, where
  *   natlb's observer (csrc/tcfast.c) reads it and moves its own flow as a
- *   queued one would: natlb never misses a state change.  Those two are
+ *   queued one would: natlb misses no state change (but a packet whose
+ *   rewrite fails halfway, dropped untold).  Those two are
  *   not counted here (natlb counts them when it applies them).
  *
  * Every header read is bounds-checked against data_end.
@@ -211,6 +212,8 @@ int carry(struct __sk_buff *skb)
     /* Copies: the helpers below invalidate every packet pointer. */
     struct nl_fp_flow flow = *f;
     struct nl_fp_key rk = other_side(&k, &flow);
+    if (flow.in_ifindex != skb->ingress_ifindex)
+        return TC_ACT_OK;      /* spoofed: changes nothing here, SYN or not */
     if (syn) {
         /* A new connection on an old tuple: natlb places it. */
         bpf_map_delete_elem(&flows, &k);
@@ -223,8 +226,6 @@ int carry(struct __sk_buff *skb)
         bpf_map_delete_elem(&flows, &k);
         return TC_ACT_OK;
     }
-    if (flow.in_ifindex != skb->ingress_ifindex)
-        return TC_ACT_OK;      /* spoofed: changes nothing here */
     if (rst) {
         /* Carried or queued, natlb closes its flow on it: neither side may
          * be carried after it. */
@@ -309,7 +310,7 @@ int carry(struct __sk_buff *skb)
         struct nl_fp_count *c = bpf_map_lookup_elem(&counters, &slot);
         if (c) {
             c->packets++;
-            c->bytes += skb->len;
+            c->bytes += skb->len - ETH_HLEN;   /* IP length, as natlb counts */
         }
     }
     return bpf_redirect_neigh(flow.out_ifindex, 0, 0, 0);

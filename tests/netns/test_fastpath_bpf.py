@@ -143,7 +143,8 @@ def test_carry_rewrites_both_ways_with_right_checksums_ttl_and_counters(inside, 
     assert (ip.src, ip.dst, ip[TCP].sport, ip[TCP].dport, ip.ttl) == (
         VIP, CLIENT, VPORT, CPORT, 1)
     assert checksums_ok(ip)
-    assert fp.counters()[BID] == (1, len(fwd), 1, len(rev))
+    # Bytes as natlb counts them: the IP packet, without the Ethernet header.
+    assert fp.counters()[BID] == (1, len(fwd) - 14, 1, len(rev) - 14)
 
 
 def test_udp_is_carried_and_a_zero_checksum_stays_zero(inside, fp, ns):
@@ -243,8 +244,8 @@ def test_an_rst_is_carried_told_and_deletes_both_sides(inside, fp, ns, side, fla
     assert both_sides(fp) == (False, False)
 
 
-@pytest.mark.parametrize("flags", ["FA", "R"])
-def test_a_spoofed_fin_or_rst_changes_nothing(inside, fp, ns, flags):
+@pytest.mark.parametrize("flags", ["FA", "R", "S"])
+def test_a_spoofed_fin_rst_or_syn_changes_nothing(inside, fp, ns, flags):
     _, idx = ns
     learn(inside, fp, ns)
     packet = tcp(CLIENT, VIP, CPORT, VPORT, flags=flags)
@@ -309,3 +310,8 @@ def test_flush_forgets_every_flow(inside, fp, ns):
     learn(inside, fp, ns, tcp(CLIENT, BACKEND, CPORT + 1, BPORT))
     assert fp.flow_count() == 4
     assert fp.flush() == 4 and fp.flow_count() == 0
+    # Many: the walk must reach every bucket, not only the first ones.
+    for port in range(2000, 2030):
+        learn(inside, fp, ns, tcp(CLIENT, BACKEND, port, BPORT))
+    assert fp.flow_count() == 60
+    assert fp.flush() == 60 and fp.flow_count() == 0
