@@ -161,8 +161,10 @@ class LBConfig:
     rewrite: str = "mark"             # mark: nft rewrites on natlb's mark; copy: natlb does
     announce: str = "always"          # healthy: a VIP is on `interface` only while it has
                                       # a backend up (what BIRD's direct protocol exports)
-    fastpath: bool = True             # mark mode: established flows carried by the kernel
-                                      # (tc fast path); off by default in copy mode
+    # Established flows carried by the kernel (tc fast path): needs mark
+    # mode; None (not given) means on in mark mode, off in copy mode, here
+    # and nowhere else (__post_init__), so LBConfig(rewrite="copy") is off.
+    fastpath: bool | None = None
     # Id bounds: services and backends a process may know over its lifetime
     # (ids are not reused across reloads); they size the C counters (README).
     max_services: int = 4096
@@ -172,6 +174,17 @@ class LBConfig:
         "tcp_close": 10.0, "udp": 300.0, "fragment": 1.0,
     })
     routes: tuple[RouteConfig, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.fastpath is None:
+            # On by default where it can work: the tc program carries what
+            # mark mode's rewrite chain would have rewritten; copy mode
+            # rewrites in natlb itself.
+            object.__setattr__(self, "fastpath", self.rewrite == "mark")
+        elif not isinstance(self.fastpath, bool):
+            raise _fail("lb.fastpath", self.fastpath, "must be true or false")
+        elif self.fastpath and self.rewrite != "mark":
+            raise _fail("lb.fastpath", self.fastpath, 'needs rewrite = "mark"')
 
     @property
     def queues(self) -> list[int]:
@@ -495,13 +508,8 @@ def _lb(raw: Any) -> LBConfig:
     if not isinstance(gso, bool):
         raise _fail("lb.gso", gso, "must be true or false")
     rewrite = _str(raw, "rewrite", "lb", d.rewrite, ("copy", "mark"))
-    # On by default where it can work: the tc program carries what mark mode's
-    # rewrite chain would have rewritten; copy mode rewrites in natlb itself.
-    fastpath = raw.get("fastpath", rewrite == "mark")
-    if not isinstance(fastpath, bool):
-        raise _fail("lb.fastpath", fastpath, "must be true or false")
-    if fastpath and rewrite != "mark":
-        raise _fail("lb.fastpath", fastpath, 'needs rewrite = "mark"')
+    # Not given: LBConfig decides (by rewrite), and checks what is given.
+    fastpath = raw.get("fastpath")
     table = _str(raw, "table", "lb", d.table)
     if not table.replace("_", "").isalnum() or len(table) > 32:
         raise _fail("lb.table", table, "letters, digits and _ only, at most 32")

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from natlb.config import ConfigError, load, parse
+from natlb.config import ConfigError, LBConfig, load, parse
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "natlb.toml"
 
@@ -139,3 +139,17 @@ def test_fastpath_is_on_in_mark_mode_unless_turned_off():
     assert parse(MINIMAL).lb.fastpath is True
     assert parse(with_(("lb",), {"fastpath": False})).lb.fastpath is False
     assert parse(with_(("lb",), {"rewrite": "copy"})).lb.fastpath is False
+
+
+@pytest.mark.parametrize("given", [{}, {"fastpath": False}, {"fastpath": True},
+                                   {"rewrite": "copy"}, {"rewrite": "copy", "fastpath": False},
+                                   {"rewrite": "mark"}])
+def test_lbconfig_built_directly_agrees_with_the_parser(given):
+    """One place decides the fast path's default: LBConfig itself."""
+    assert LBConfig(**given) == parse(with_(("lb",), dict(given))).lb
+
+
+def test_lbconfig_built_directly_refuses_the_fast_path_in_copy_mode():
+    assert LBConfig(rewrite="copy").fastpath is False
+    with pytest.raises(ConfigError, match=r'^lb.fastpath = true: needs rewrite = "mark"$'):
+        LBConfig(rewrite="copy", fastpath=True)
