@@ -1,11 +1,7 @@
 """natlb under a service manager's conditions: readiness notification,
 Prometheus metrics agreeing with real traffic, rates."""
 
-import contextlib
-import ctypes
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,48 +11,19 @@ from prometheus_client.parser import text_string_to_metric_families
 from natlb_testbed.testbed import VIP, backend_addr, basic_config
 
 from .conftest import natlb_cli, router_state
+from .systemd import PlaysSystemd
 
 METRICS = "127.0.0.1:9100"
 
 
-def notify_socket(testbed) -> socket.socket:
-    """A datagram socket the test owns, as systemd's NOTIFY_SOCKET would be.
-    A path (not the abstract namespace) so that natlb reaches it from the
-    router's network namespace."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    s.bind(str(testbed.workdir / f"notify-{os.urandom(3).hex()}"))
-    return s
-
-
-def run_natlb(testbed, config_text: str, notify: socket.socket, name: str = "natlb.toml"):
+def run_natlb(testbed, config_text: str, sd: PlaysSystemd, name: str = "natlb.toml"):
+    """natlb as a unit of sd's (NOTIFY_SOCKET), stopped when sd is left."""
     path = testbed.workdir / name
     path.write_text(config_text)
     log = open(testbed.workdir / f"{name}.log", "w")  # noqa: SIM115 -- lives with the process
-    return testbed.python(testbed.router, "natlb", "run", "-c", str(path),
-                          env={**os.environ, "NOTIFY_SOCKET": notify.getsockname()},
-                          stdout=log, stderr=subprocess.STDOUT)
-
-
-def wait_ready(notify: socket.socket, proc, timeout: float = 30.0) -> list[str]:
-    """Datagrams up to and including the first READY=1."""
-    got = []
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        notify.settimeout(0.2)
-        try:
-            msg = notify.recv(4096).decode()
-        except TimeoutError:
-            assert proc.poll() is None, f"natlb exited {proc.returncode} before READY=1"
-            continue
-        got.append(msg)
-        if "READY=1" in msg.split("\n"):
-            return got
-    raise AssertionError(f"no READY=1 within {timeout}s: {got}")
-
-
-def stop(testbed, proc):
-    testbed.stop(proc)
-    testbed.procs.remove(proc)
+    return sd.track(testbed.python(testbed.router, "natlb", "run", "-c", str(path),
+                                   env={**os.environ, "NOTIFY_SOCKET": sd.notify.getsockname()},
+                                   stdout=log, stderr=subprocess.STDOUT))
 
 
 # Started before natlb, it connects through the VIP the moment it reads a
@@ -74,13 +41,12 @@ except OSError as e:
 
 
 def test_ready_only_once_the_vip_answers(testbed):
-    notify = notify_socket(testbed)
     before = router_state(testbed)
     probe = testbed.spawn(testbed.client, [sys.executable, "-c", PROBE], stdin=subprocess.PIPE,
                           stdout=subprocess.PIPE, text=True)
-    p = run_natlb(testbed, basic_config(testbed), notify)
-    try:
-        got = wait_ready(notify, p)
+    with PlaysSystemd(testbed) as sd:
+        p = run_natlb(testbed, basic_config(testbed), sd)
+        got = sd.wait_ready(p)
         # At the moment READY=1 arrives, a connection through the VIP works.
         out, _ = probe.communicate("go\n", timeout=10)
         assert out.split()[1:2] == ["200"], out
@@ -88,48 +54,37 @@ def test_ready_only_once_the_vip_answers(testbed):
         queues = testbed.router_cmd("cat", "/proc/net/netfilter/nfnetlink_queue").stdout
         assert queues.split()[0] == "0"   # queue 0 bound
         p.send_signal(15)
-        notify.settimeout(10)
-        assert notify.recv(4096).startswith(b"STOPPING=1")
+        sd.notify.settimeout(10)
+        assert sd.notify.recv(4096).startswith(b"STOPPING=1")
         assert p.wait(timeout=20) == 0
         assert router_state(testbed) == before
-    finally:
-        stop(testbed, p)
-        notify.close()
 
 
 def test_reload_notifies_reloading_then_ready(testbed):
-    notify = notify_socket(testbed)
-    p = run_natlb(testbed, basic_config(testbed), notify)
-    try:
-        wait_ready(notify, p)
+    with PlaysSystemd(testbed) as sd:
+        p = run_natlb(testbed, basic_config(testbed), sd)
+        sd.wait_ready(p)
         (testbed.workdir / "natlb.toml").write_text(basic_config(testbed, backends=[1, 2]))
         p.send_signal(1)
-        got = wait_ready(notify, p)
+        got = sd.wait_ready(p)
         assert got[0].startswith("RELOADING=1\nMONOTONIC_USEC=") and len(got) == 2
-    finally:
-        stop(testbed, p)
-        notify.close()
 
 
 def test_no_ready_when_the_queue_cannot_be_bound(testbed, natlb):
     natlb(basic_config(testbed))   # holds queue 0
-    notify = notify_socket(testbed)
     second = basic_config(testbed).replace(testbed.control_socket,
                                            str(testbed.workdir / "second.sock"))
     second = second.replace("[lb]", '[lb]\ntable = "natlb_second"')
-    p = run_natlb(testbed, second, notify, "second.toml")
-    try:
+    with PlaysSystemd(testbed) as sd:
+        p = run_natlb(testbed, second, sd, "second.toml")
         assert p.wait(timeout=30) == 1
-        notify.settimeout(0.5)
+        sd.notify.settimeout(0.5)
         try:
-            msg = notify.recv(4096)
+            msg = sd.notify.recv(4096)
         except TimeoutError:
             msg = None
         assert msg is None, msg
         assert "natlb_second" not in testbed.router_cmd("nft", "list", "tables").stdout
-    finally:
-        stop(testbed, p)
-        notify.close()
 
 
 def scrape(testbed) -> dict[tuple[str, tuple], float]:
@@ -206,27 +161,6 @@ def test_metrics_address_taken_exits_2_and_touches_nothing(testbed):
         testbed.procs.remove(holder)
 
 
-def _subreaper(on: bool) -> None:
-    PR_SET_CHILD_SUBREAPER = 36
-    libc = ctypes.CDLL(None, use_errno=True)
-    assert libc.prctl(PR_SET_CHILD_SUBREAPER, int(on), 0, 0, 0) == 0
-
-
-def stop_successor(pid: int) -> int:
-    """SIGTERM to a `natlb restart` successor we adopted as subreaper, reaped
-    by us as systemd's would be by it; its exit code."""
-    os.kill(pid, signal.SIGTERM)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
-
-
-def kill_successor(pid: int) -> None:
-    """Clean-up after a failure: the successor must not outlive the test."""
-    os.kill(pid, signal.SIGKILL)
-    with contextlib.suppress(ChildProcessError):
-        os.waitpid(pid, 0)
-
-
 def _ppid(pid: int) -> int:
     stat = open(f"/proc/{pid}/stat").read()
     return int(stat.rsplit(")", 1)[1].split()[1])
@@ -237,33 +171,24 @@ def test_restart_successor_is_the_service_managers_child_when_ready(testbed):
     child at that moment; otherwise `systemctl stop` SIGKILLs it without
     waiting for its clean-up.  The test plays systemd: a subreaper owning
     NOTIFY_SOCKET."""
-    notify = notify_socket(testbed)
     before = router_state(testbed)
-    _subreaper(True)
-    successor = 0
-    try:
-        p = run_natlb(testbed, basic_config(testbed), notify)
-        wait_ready(notify, p)
+    with PlaysSystemd(testbed, subreaper=True) as sd:
+        p = run_natlb(testbed, basic_config(testbed), sd)
+        sd.wait_ready(p)
         cli = subprocess.Popen([sys.executable, "-m", "natlb", "restart", "-c",
                                 str(testbed.workdir / "natlb.toml")],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        notify.settimeout(30)
-        while not successor:
-            fields = dict(f.split("=", 1) for f in notify.recv(4096).decode().split("\n") if f)
+        sd.notify.settimeout(30)
+        while not sd.successor:
+            fields = dict(f.split("=", 1) for f in sd.notify.recv(4096).decode().split("\n")
+                          if f)
             if "READY" in fields and int(fields["MAINPID"]) != p.pid:
-                successor = int(fields["MAINPID"])
+                sd.adopt(int(fields["MAINPID"]))
                 # Read at once: the predecessor is still draining its queues.
-                parent = _ppid(successor)
+                parent = _ppid(sd.successor)
         assert parent == os.getpid(), (parent, p.pid)
         out, err = cli.communicate(timeout=30)
         assert cli.returncode == 0, err
         assert p.wait(timeout=10) == 0
-        code, successor = stop_successor(successor), 0
-        assert code == 0
+        assert sd.stop_successor() == 0
         assert router_state(testbed) == before
-    finally:
-        if successor:
-            kill_successor(successor)
-        _subreaper(False)
-        stop(testbed, p)
-        notify.close()

@@ -14,18 +14,10 @@ import time
 from natlb_testbed.testbed import VIP, basic_config
 
 from .conftest import router_state
-from .test_service import _subreaper, kill_successor, stop, stop_successor, wait_ready
+from .systemd import PlaysSystemd
 
 INTERVAL_MS = 2000       # pings every 1 s; a worker is stuck after 1 s
 BOUND_S = 1.0
-
-
-def manager_socket(testbed) -> socket.socket:
-    """NOTIFY_SOCKET, receiving the sender's pid as systemd does."""
-    s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
-    s.bind(str(testbed.workdir / f"notify-{os.urandom(3).hex()}"))
-    return s
 
 
 def receive(s: socket.socket, timeout: float) -> tuple[str, int] | None:
@@ -51,38 +43,36 @@ def pings(s: socket.socket, seconds: float) -> list[tuple[float, int]]:
     return out
 
 
-def start(testbed, config: str, notify: socket.socket, name: str) -> subprocess.Popen:
+def start(testbed, config: str, sd: PlaysSystemd, name: str) -> subprocess.Popen:
     """As systemd starts a unit with WatchdogSec=: WATCHDOG_PID is the pid
     that execs natlb (sh's $$; `ip netns exec` and sh exec in place)."""
     path = testbed.workdir / f"{name}.toml"
     path.write_text(config)
     log = open(testbed.workdir / f"{name}.log", "w")  # noqa: SIM115 -- lives with the process
-    env = {**os.environ, "NOTIFY_SOCKET": notify.getsockname(),
+    env = {**os.environ, "NOTIFY_SOCKET": sd.notify.getsockname(),
            "WATCHDOG_USEC": str(INTERVAL_MS * 1000)}
-    return testbed.spawn(testbed.router, [
+    return sd.track(testbed.spawn(testbed.router, [
         "sh", "-c", 'WATCHDOG_PID=$$ exec "$@"', "sh",
         sys.executable, "-m", "natlb_testbed.stallable", "run", "-c", str(path)],
-        env=env, stdout=log, stderr=subprocess.STDOUT)
+        env=env, stdout=log, stderr=subprocess.STDOUT))
 
 
 def test_pings_while_serving_stop_for_a_stuck_worker_and_the_restart_adopts(testbed):
-    notify = manager_socket(testbed)
     before = router_state(testbed)
     config = basic_config(testbed, lb_extra="workers = 2")
-    p = start(testbed, config, notify, "watchdog")
-    successor = None
-    try:
-        wait_ready(notify, p)
+    with PlaysSystemd(testbed) as sd:
+        p = start(testbed, config, sd, "watchdog")
+        sd.wait_ready(p)
         res = testbed.client_run("http-stream", "--host", VIP, "--port", "80", "--count", "20",
                                  "--interval-ms", "50")
         assert all(r["ok"] for r in res), res
-        alive = pings(notify, 3.5)
+        alive = pings(sd.notify, 3.5)
         assert len(alive) >= 2 and {pid for _, pid in alive} == {p.pid}, alive
 
         # Worker 0 hangs; worker 1 and the event loop go on.
         p.send_signal(signal.SIGUSR2)
         hung_at = time.monotonic()
-        after = pings(notify, 3 * INTERVAL_MS / 1000)
+        after = pings(sd.notify, 3 * INTERVAL_MS / 1000)
         # The last ping may come at a check up to the bound after the hang
         # (the worker's stamp was fresh enough then), none after the next one
         # (half a second of slack for a loaded host).
@@ -96,9 +86,9 @@ def test_pings_while_serving_stop_for_a_stuck_worker_and_the_restart_adopts(test
         # systemd: SIGABRT, then a restart that adopts what the guardian kept.
         p.send_signal(signal.SIGABRT)
         assert p.wait(timeout=10) == -signal.SIGABRT
-        successor = start(testbed, config, notify, "watchdog-restarted")
-        wait_ready(notify, successor)
-        assert len(pings(notify, 2.5)) >= 1
+        successor = start(testbed, config, sd, "watchdog-restarted")
+        sd.wait_ready(successor)
+        assert len(pings(sd.notify, 2.5)) >= 1
         res = testbed.client_run("http-stream", "--host", VIP, "--port", "80", "--count", "5",
                                  "--interval-ms", "50")
         assert all(r["ok"] for r in res), res
@@ -106,35 +96,27 @@ def test_pings_while_serving_stop_for_a_stuck_worker_and_the_restart_adopts(test
         successor.send_signal(signal.SIGTERM)
         assert successor.wait(timeout=20) == 0
         assert router_state(testbed) == before
-    finally:
-        if successor:
-            stop(testbed, successor)
-        stop(testbed, p)
-        notify.close()
 
 
 def test_restart_successor_takes_over_the_pings(testbed):
     """After `natlb restart` systemd's WATCHDOG_PID names the predecessor;
     the successor, the unit's main process now, must ping in its place."""
-    notify = manager_socket(testbed)
     before = router_state(testbed)
-    _subreaper(True)
-    successor = 0
-    p = start(testbed, basic_config(testbed), notify, "watchdog-handover")
-    try:
-        wait_ready(notify, p)
+    with PlaysSystemd(testbed, subreaper=True) as sd:
+        p = start(testbed, basic_config(testbed), sd, "watchdog-handover")
+        sd.wait_ready(p)
         cli = subprocess.Popen([sys.executable, "-m", "natlb", "restart", "-c",
                                 str(testbed.workdir / "watchdog-handover.toml")],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         got = []
         deadline = time.monotonic() + 60
         while (cli.poll() is None or p.poll() is None) and time.monotonic() < deadline:
-            got += pings(notify, 0.2)
+            got += pings(sd.notify, 0.2)
         _, err = cli.communicate(timeout=5)
         assert cli.returncode == 0, err
         assert p.wait(timeout=1) == 0
         gone = len(got)
-        got += pings(notify, 2.5 * INTERVAL_MS / 1000)
+        got += pings(sd.notify, 2.5 * INTERVAL_MS / 1000)
         # What systemd checks: never an interval without a ping, across the handover.
         times = [t for t, _ in got]
         gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
@@ -142,14 +124,6 @@ def test_restart_successor_takes_over_the_pings(testbed):
         # The predecessor is gone: every ping from now on is the successor's.
         senders = {pid for _, pid in got[gone:]}
         assert len(got) - gone >= 2 and len(senders) == 1 and p.pid not in senders, got
-        successor = senders.pop()
-        code, successor = stop_successor(successor), 0
-        assert code == 0
+        sd.adopt(senders.pop())
+        assert sd.stop_successor() == 0
         assert router_state(testbed) == before
-    finally:
-        if successor:
-            kill_successor(successor)
-        _subreaper(False)
-        stop(testbed, p)
-        notify.close()
-
