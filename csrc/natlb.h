@@ -404,6 +404,10 @@ int nl_fp_set_backend(struct nl_fastpath *fp, uint32_t id, uint32_t vip, uint16_
 /* Forgets every carried flow: each one's next packet goes to natlb.
  * Returns the entries removed, or -errno. */
 int64_t nl_fp_flush(struct nl_fastpath *fp);
+/* Forgets the flows carried in from or out to ifindex (a device that is
+ * gone: its index must not send a later device's packets anywhere).
+ * Returns the entries removed, or -errno. */
+int64_t nl_fp_flush_ifindex(struct nl_fastpath *fp, uint32_t ifindex);
 /* Entries (one per flow and direction) held now. */
 int64_t nl_fp_flow_count(struct nl_fastpath *fp);
 /* 1 if a packet with this 5-tuple would find an entry, else 0. */

@@ -190,9 +190,12 @@ int nl_fp_set_backend(struct nl_fastpath *fp, uint32_t id, uint32_t vip, uint16_
     return bpf_map_update_elem(fp->backends_fd, &id, &b, BPF_ANY);
 }
 
-int64_t nl_fp_flush(struct nl_fastpath *fp)
+/* Deletes the entries that match (every one if ifindex is 0; else those
+ * carrying in from or out to ifindex); how many, or -errno. */
+static int64_t flush_where(struct nl_fastpath *fp, uint32_t ifindex)
 {
     struct nl_fp_key key, next;
+    struct nl_fp_flow flow;
     int64_t n = 0;
     /* The next key is fetched before the current one goes, so the walk is
      * linear (asking for the first key each time rescans the emptied
@@ -201,13 +204,26 @@ int64_t nl_fp_flush(struct nl_fastpath *fp)
     int more = bpf_map_get_next_key(fp->flows_fd, NULL, &key) == 0;
     while (more) {
         more = bpf_map_get_next_key(fp->flows_fd, &key, &next) == 0;
-        int rc = bpf_map_delete_elem(fp->flows_fd, &key);
-        if (rc && rc != -ENOENT)
-            return rc;
-        n += rc == 0;
+        if (!ifindex || (bpf_map_lookup_elem(fp->flows_fd, &key, &flow) == 0 &&
+                         (flow.in_ifindex == ifindex || flow.out_ifindex == ifindex))) {
+            int rc = bpf_map_delete_elem(fp->flows_fd, &key);
+            if (rc && rc != -ENOENT)
+                return rc;
+            n += rc == 0;
+        }
         key = next;
     }
     return n;
+}
+
+int64_t nl_fp_flush(struct nl_fastpath *fp)
+{
+    return flush_where(fp, 0);
+}
+
+int64_t nl_fp_flush_ifindex(struct nl_fastpath *fp, uint32_t ifindex)
+{
+    return ifindex ? flush_where(fp, ifindex) : 0;
 }
 
 int64_t nl_fp_flow_count(struct nl_fastpath *fp)

@@ -721,6 +721,14 @@ class FastPath:
             raise CoreError(f"fast path: emptying the flows: {os.strerror(-n)}")
         return n
 
+    def flush_interface(self, ifindex: int) -> int:
+        """Forgets the flows carried in from or out to ifindex."""
+        n = lib.nl_fp_flush_ifindex(self._fp, ifindex)
+        if n < 0:
+            raise CoreError(f"fast path: forgetting ifindex {ifindex}'s flows: "
+                            f"{os.strerror(-n)}")
+        return n
+
     def flow_count(self) -> int:
         return lib.nl_fp_flow_count(self._fp)
 

@@ -315,3 +315,31 @@ def test_flush_forgets_every_flow(inside, fp, ns):
         learn(inside, fp, ns, tcp(CLIENT, BACKEND, port, BPORT))
     assert fp.flow_count() == 60
     assert fp.flush() == 60 and fp.flow_count() == 0
+
+
+def test_flush_interface_forgets_both_entries_of_the_flows_through_it_only(inside, fp, ns):
+    """A device that is gone (natlb/fastpath.py on RTM_DELLINK): the flows
+    in from it or out to it are forgotten, the others kept."""
+    _, idx = ns
+    gone = 9999          # no device: the test run takes an ingress_ifindex as given
+
+    def learned(cport: int, ingress: int) -> None:
+        inside(fp.test_run, True, tcp(CLIENT, BACKEND, cport, BPORT),
+               mark=MARK_FORWARD | MARK_FAST | BID, ifindex=idx["be0"], ingress_ifindex=ingress)
+
+    def entries(cport: int) -> tuple[bool, bool]:
+        return (fp.has_flow(CLIENT, VIP, cport, VPORT, socket.IPPROTO_TCP),
+                fp.has_flow(BACKEND, CLIENT, BPORT, cport, socket.IPPROTO_TCP))
+
+    learned(CPORT, idx["cl0"])
+    learned(CPORT + 1, gone)
+    assert fp.flow_count() == 4
+    assert fp.flush_interface(0) == 0 and fp.flow_count() == 4
+    # gone: the second flow's forward entry comes in from it, its reply
+    # entry goes out to it.
+    assert fp.flush_interface(gone) == 2
+    assert entries(CPORT) == (True, True) and entries(CPORT + 1) == (False, False)
+    assert fp.flush_interface(gone) == 0
+    learned(CPORT + 1, gone)
+    # be0 is on one side of each flow.
+    assert fp.flush_interface(idx["be0"]) == 4 and fp.flow_count() == 0
