@@ -56,6 +56,7 @@ from natlb.handover import (
     wait_drained,
 )
 from natlb.health import Monitor
+from natlb.linkwatch import Link, LinkWatch
 from natlb.metrics import MetricsServer
 from natlb.pool import Pool, PoolError
 from natlb.rates import RateEstimator, live_counters
@@ -101,6 +102,8 @@ class Daemon:
             self.pool.publisher.on_publish = self.fast.publish
             self.pool.kernel_counts = self.fast.counts
         self.journal: Journal | None = None
+        self.links: LinkWatch | None = None
+        self._known_links: set[int] = set()  # rp_filter seen to (the link watch's thread)
         self.monitor: Monitor | None = None
         # Served in the status JSON: how the last SIGHUP went.
         self.reloads: dict[str, Any] = {"count": 0, "at": None, "ok": None, "error": None}
@@ -180,12 +183,17 @@ class Daemon:
             # Before the filters, after the flow table found its home
             # (_open_store): every FIN or RST ours carry reaches the flows.
             self.fast.observe(self.core)
+        # Before the interfaces are listed (filters, rp_filter): no link
+        # that comes or goes from now on is missed.
+        self._open_link_watch()
         if self.fast:
             # After the rules (which keep the fast marks for it); a
             # predecessor's filters carry on until these replace them.
             names = self.fast.attach(self.journal)
             log.info("fast path: tc programs on %s", ", ".join(names) or "no interface")
         netsetup.apply(lb, self._vips_at_start(), self.journal, ipv6=_has_ipv6(self.config))
+        assert self.links is not None
+        self.links.start()
         if lb.announce == "healthy":
             self.announcer = Announcer(lb.interface, self.journal)
             self.pool.listeners.append(self._announce)
@@ -195,6 +203,47 @@ class Daemon:
                  "nft" if self.steering.native_queue else "xt NFQUEUE",
                  "nft on natlb's mark" if lb.rewrite == "mark" else "natlb", self.queues)
         self._log_services()
+
+    # -- interfaces that come and go (natlb/linkwatch.py's thread) -----------
+    def _open_link_watch(self) -> None:
+        self.links = LinkWatch(self._link_added, self._link_gone, self._links_lost)
+        self.links.open()
+        self._known_links = {i for i, _ in socket.if_nameindex()}
+
+    def _close_link_watch(self) -> None:
+        """Returns once no link change will touch the host or the journal."""
+        if self.links:
+            self.links.close()
+            self.links = None
+
+    def _link_added(self, link: Link) -> None:
+        assert self.journal is not None
+        if link.index not in self._known_links:
+            self._known_links.add(link.index)
+            netsetup.interface_added(link.name, self.journal)
+        if self.fast:
+            self.fast.added(link)
+
+    def _link_gone(self, link: Link) -> None:
+        assert self.journal is not None
+        self._known_links.discard(link.index)
+        netsetup.interface_gone(link.name, self.journal)
+        if self.fast:
+            self.fast.gone(link)
+
+    def _links_lost(self) -> None:
+        """The kernel dropped link notifications: list the links again."""
+        log.warning("link notifications lost (too many at once); looking at every link again")
+        assert self.journal is not None
+        now = dict(socket.if_nameindex())
+        for index in self._known_links - set(now):
+            self._known_links.discard(index)
+        for index, name in now.items():
+            if index not in self._known_links:
+                self._known_links.add(index)
+                netsetup.interface_added(name, self.journal)
+        if self.fast:
+            self.fast.attach(self.journal)
 
     def _open_store(self) -> None:
         lb = self.config.lb
@@ -320,6 +369,10 @@ class Daemon:
         theirs.close()
         ch = Channel(mine)
         forwarding = False
+        # The successor watches links from before it lists them; ours must
+        # change nothing once the journal is sent (nor attach our programs
+        # over its own).
+        self._close_link_watch()
         try:
             assert self.journal is not None
             ch.send(journal=self.journal.entries, queues=self.queues,
@@ -349,6 +402,7 @@ class Daemon:
                 self.monitor.start()
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)   # init (or the subreaper) reaps it
+            self._rewatch_links()
             raise
         finally:
             ch.close()
@@ -357,6 +411,19 @@ class Daemon:
                  pid, left)
         return {"pid": pid, "queues": {"old": self.queues, "new": queues},
                 "counters": final["services"], **served}
+
+    def _rewatch_links(self) -> None:
+        """A failed handover: watch links again, and our programs on every
+        interface again (the successor may have replaced them)."""
+        try:
+            self._open_link_watch()
+            if self.fast:
+                assert self.journal is not None
+                self.fast.attach(self.journal)
+            assert self.links is not None
+            self.links.start()
+        except (NatlbError, OSError) as e:
+            log.error("restart failed, and so did watching links again: %s", e)
 
     # -- natlb restart: the new process's side -------------------------------
     def _take_over(self) -> None:
@@ -414,7 +481,9 @@ class Daemon:
         control = ControlServer(lb.control_socket, self.pool,
                                 lambda: {**collect(self.pool, self.queues, started, lb.max_flows,
                                                    self.rates),
-                                         "reloads": self.reloads},
+                                         "reloads": self.reloads,
+                                         **({"fastpath": self.fast.status()}
+                                            if self.fast else {})},
                                 restart=self.restart)
         # After a handover the predecessor gives the socket up as it exits.
         await control.start(wait_s=10.0)
@@ -497,6 +566,7 @@ class Daemon:
                 self.serving = True
             asyncio.run(self.serve())
         finally:
+            self._close_link_watch()           # before the journal is undone
             if self.fast:
                 self.fast.stop_observing()     # before the core it applies to
             if self.announcer:

@@ -1,12 +1,15 @@
 """The tc fast path's control plane (lb.fastpath): loads the BPF object
 (natlb.core.FastPath over csrc/tcfast.c), attaches it to every Ethernet
-interface of this namespace, keeps its backend slots in step with what is
-published, empties its flows when natlb resets or moves flows, and reads
-what it carried.  The programs themselves: csrc/bpf/fastpath.bpf.c.
+interface of this namespace, at start and whenever one appears
+(natlb/linkwatch.py), keeps its backend slots in step with what is
+published, empties its flows when natlb resets or moves flows or an
+interface goes, and reads what it carried.  The programs themselves:
+csrc/bpf/fastpath.bpf.c.
 
 Host changes go through the undo journal first (kind "tc_filter", reverted
 here): natlb's two filters on an interface, and its clsact qdisc when natlb
-created it (a qdisc that was there before is left in place)."""
+created it (a qdisc that was there before is left in place).  An interface
+that goes takes them with it: its entry is forgotten, not undone."""
 
 from __future__ import annotations
 
@@ -16,10 +19,12 @@ from collections.abc import Iterable
 from typing import Any
 
 from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
 from natlb.config import LBConfig, family
 from natlb.core import Core, CoreError, FastPath, ServiceTable
 from natlb.errors import HostError
+from natlb.linkwatch import Link
 from natlb.undo import Journal, reverter
 
 log = logging.getLogger("natlb.fastpath")
@@ -44,11 +49,27 @@ def _undo_filter(entry: dict[str, Any]) -> None:
 
 def _interfaces() -> list[tuple[int, str, bool]]:
     """(ifindex, name, has a clsact qdisc) of every Ethernet interface (the
-    programs read an Ethernet header; loopback and tunnels are not)."""
+    programs read an Ethernet header; loopback and L3 tunnels have none).
+    VLAN devices, bridges, bonds, macvlans and VXLANs are Ethernet too: each
+    sees its own frames untagged at its own hook (README "The fast path")."""
     with IPRoute() as ipr:
         clsact = {q["index"] for q in ipr.get_qdiscs() if q.get_attr("TCA_KIND") == "clsact"}
         return [(link["index"], link.get_attr("IFLA_IFNAME"), link["index"] in clsact)
                 for link in ipr.get_links() if link["ifi_type"] == ARPHRD_ETHER]
+
+
+def _has_clsact(ifindex: int) -> bool:
+    with IPRoute() as ipr:
+        return any(q.get_attr("TCA_KIND") == "clsact" for q in ipr.get_qdiscs(index=ifindex))
+
+
+def _exists(ifindex: int) -> bool:
+    with IPRoute() as ipr:
+        try:
+            ipr.link("get", index=ifindex)
+        except NetlinkError:
+            return False
+    return True
 
 
 class TcFastPath:
@@ -66,20 +87,79 @@ class TcFastPath:
             raise FastPathError(f"lb.fastpath = true, but {e}") from None
         self._slots: dict[int, Slot] = {}
         self._n_slots = 0     # read by counts() on the loop thread: one int, no dict
+        # ifindex -> name of the interfaces carrying our filters; changed by
+        # the link watch's thread, read (copied) by status.
+        self.interfaces: dict[int, str] = {}
+        self.forgotten = 0    # flow entries forgotten with their interface
+        self._journal: Journal | None = None
 
     def attach(self, journal: Journal) -> list[str]:
-        """On every Ethernet interface; the names attached to."""
-        names = []
-        for ifindex, name, has_clsact in _interfaces():
-            if not journal.has("tc_filter", ifindex=ifindex):
-                journal.record("tc_filter", ifindex=ifindex, ifname=name, handle=HANDLE,
-                               priority=PRIORITY, qdisc=not has_clsact)
-            try:
-                self.fp.attach(ifindex, HANDLE, PRIORITY)
-            except CoreError as e:
-                raise FastPathError(f"{name}: {e}") from None
-            names.append(name)
-        return names
+        """On every Ethernet interface (an interface that vanishes meanwhile
+        is skipped); the names attached to.  Again after a lost link
+        notification: what came is attached, what went is forgotten."""
+        self._journal = journal
+        listed = _interfaces()
+        for ifindex in set(self.interfaces) - {i for i, _, _ in listed}:
+            self.gone(Link(ifindex, self.interfaces[ifindex], True))
+        # A predecessor's (natlb restart, a crash) on an interface gone since.
+        present = {i for i, _, _ in listed}
+        for e in list(journal.entries):
+            if e["kind"] == "tc_filter" and e["ifindex"] not in present:
+                journal.forget("tc_filter", ifindex=e["ifindex"])
+        for ifindex, name, has_clsact in listed:
+            self._attach(ifindex, name, has_clsact)
+        return sorted(self.interfaces.values())
+
+    def added(self, link: Link) -> None:
+        """A link appeared, or changed (a rename, up, down)."""
+        if not link.ether:
+            return
+        if link.index in self.interfaces:
+            self.interfaces[link.index] = link.name
+            return
+        try:
+            if self._attach(link.index, link.name, _has_clsact(link.index)):
+                log.info("fast path: tc programs on %s, which appeared", link.name)
+        except FastPathError as e:
+            log.error("fast path: not on %s (its flows are queued): %s", link.name, e)
+
+    def gone(self, link: Link) -> None:
+        """A link went (deleted, or moved to another namespace): our filters
+        went with it.  Its flows' entries go too, as if the ifindex had
+        never been: a later device given the same index must not receive
+        them (a dead one makes carry pass packets on: bpf_check_mtu fails)."""
+        assert self._journal is not None
+        name = self.interfaces.pop(link.index, None)
+        if name is not None:
+            self._journal.forget("tc_filter", ifindex=link.index)
+        n = self.fp.flush_interface(link.index)
+        self.forgotten += n
+        if name is not None or n:
+            log.info("fast path: %s is gone; forgot its %d flow entries", link.name or name, n)
+
+    def _attach(self, ifindex: int, name: str, has_clsact: bool) -> bool:
+        """Journaled first; False if the interface is gone meanwhile."""
+        journal = self._journal
+        assert journal is not None
+        if not journal.has("tc_filter", ifindex=ifindex):
+            journal.record("tc_filter", ifindex=ifindex, ifname=name, handle=HANDLE,
+                           priority=PRIORITY, qdisc=not has_clsact)
+        try:
+            self.fp.attach(ifindex, HANDLE, PRIORITY)
+        except CoreError as e:
+            if not _exists(ifindex):
+                journal.forget("tc_filter", ifindex=ifindex)
+                log.info("fast path: %s went away as natlb attached to it", name)
+                return False
+            raise FastPathError(f"{name}: {e}") from None
+        self.interfaces[ifindex] = name
+        return True
+
+    def status(self) -> dict[str, Any]:
+        """For natlb status: where the programs are, what went with
+        interfaces that were deleted."""
+        return {"interfaces": sorted(list(self.interfaces.values())),
+                "entries_forgotten": self.forgotten}
 
     def publish(self, tables: Iterable[ServiceTable]) -> None:
         """Backend slots as published: only the changed ones are written.

@@ -100,20 +100,42 @@ def runtime_dir(control_socket: str, journal: Journal) -> None:
 
 @reverter("sysctl")
 def _undo_sysctl(entry: dict[str, Any]) -> None:
-    with open(entry["path"], "w") as f:
-        f.write(entry["old"])
+    try:
+        with open(entry["path"], "w") as f:
+            f.write(entry["old"])
+    except FileNotFoundError:  # an interface's, gone with it
+        log.debug("sysctl undo: %s is gone", entry["path"])
 
 
 def _set_sysctl(path: str, value: str, journal: Journal) -> None:
-    if not os.path.exists(path):
+    try:
+        with open(path) as f:
+            old = f.read().strip()
+    except FileNotFoundError:  # no such module, or an interface gone meanwhile
         return
-    with open(path) as f:
-        old = f.read().strip()
     if old == value:
         return
     journal.record("sysctl", path=path, old=old)
-    with open(path, "w") as f:
-        f.write(value)
+    try:
+        with open(path, "w") as f:
+            f.write(value)
+    except FileNotFoundError:  # the interface went just now: nothing to undo
+        journal.forget("sysctl", path=path)
+
+
+def rp_filter_path(ifname: str) -> str:
+    return f"/proc/sys/net/ipv4/conf/{ifname}/rp_filter"
+
+
+def interface_added(ifname: str, journal: Journal) -> None:
+    """An interface that appeared while natlb runs: reverse-path filtering
+    off on it too (as apply() does on every interface at start)."""
+    _set_sysctl(rp_filter_path(ifname), "0", journal)
+
+
+def interface_gone(ifname: str, journal: Journal) -> None:
+    """Its sysctls went with it: nothing to restore."""
+    journal.forget("sysctl", path=rp_filter_path(ifname))
 
 
 def vip_prefixlen(vip: str) -> int:
@@ -202,7 +224,7 @@ def _apply(lb: LBConfig, vips: Iterable[str], journal: Journal, ipv6: bool) -> N
     # The effective rp_filter is the larger of "all" and the interface's own.
     for conf in sorted(os.listdir("/proc/sys/net/ipv4/conf")):
         if conf not in ("all", "default"):
-            _set_sysctl(f"/proc/sys/net/ipv4/conf/{conf}/rp_filter", "0", journal)
+            _set_sysctl(rp_filter_path(conf), "0", journal)
 
 
 def _oifs(route: Any) -> set[int]:

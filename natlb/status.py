@@ -140,6 +140,9 @@ def render(st: dict[str, Any]) -> str:
     frags = {k: v for k, v in st.get("fragments", {}).items() if v}
     if frags:
         lines.append("  fragments: " + ", ".join(f"{k}={v}" for k, v in frags.items()))
+    fast = st.get("fastpath")
+    if fast:
+        lines.append("  fast path on: " + (", ".join(fast["interfaces"]) or "no interface"))
     for q in st["queues"]:
         if q["queue_dropped"] or q["user_dropped"]:
             lines.append(f"  queue {q['queue']}: kernel dropped {q['queue_dropped']}, "

@@ -10,6 +10,8 @@ successor before it undoes them: a natlb started in that time claims the
 journal through the guardian's Unix socket (``claim``), adopts the host as
 it is (nftables table, VIPs, the flow table file) and becomes its owner.
 Undo steps are idempotent: each tolerates the thing already being gone.
+A change that went away by itself (its interface was deleted) is forgotten:
+taken out of the journal and the guardian's copy, never undone.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -66,6 +69,10 @@ def _remove_flow_table(entry: dict[str, Any]) -> None:
         pass
 
 
+def _matches(entry: dict[str, Any], match: dict[str, Any]) -> bool:
+    return all(entry.get(k) == v for k, v in match.items())
+
+
 def undo_all(entries: list[dict[str, Any]]) -> list[str]:
     """Revert entries newest first; return the errors (never raises)."""
     errors = []
@@ -81,6 +88,9 @@ class Journal:
     def __init__(self, guardian: bool = True, grace_ms: int = 0,
                  socket_path: str | None = None, inherited: Iterable[dict[str, Any]] = ()) -> None:
         self.entries: list[dict[str, Any]] = []
+        # Changes are recorded from several threads (the event loop, the
+        # executor, natlb/linkwatch.py's): one line at a time to the guardian.
+        self._lock = threading.Lock()
         self._guardian: subprocess.Popen[str] | None = None
         if guardian:
             argv = [sys.executable, "-m", "natlb.undo", "--grace-ms", str(grace_ms)]
@@ -93,9 +103,13 @@ class Journal:
             self._append(dict(entry))
 
     def _append(self, entry: dict[str, Any]) -> None:
-        self.entries.append(entry)
+        with self._lock:
+            self.entries.append(entry)
+            self._tell(entry)
+
+    def _tell(self, line: dict[str, Any]) -> None:
         if self._guardian and self._guardian.stdin:
-            self._guardian.stdin.write(json.dumps(entry) + "\n")
+            self._guardian.stdin.write(json.dumps(line) + "\n")
             self._guardian.stdin.flush()
 
     def record(self, kind: str, **fields: Any) -> None:
@@ -104,10 +118,27 @@ class Journal:
         self._append({"kind": kind, "module": _REVERTERS[kind].__module__, **fields})
 
     def has(self, kind: str, **fields: Any) -> bool:
-        return any(e["kind"] == kind and all(e.get(k) == v for k, v in fields.items())
-                   for e in self.entries)
+        match = {"kind": kind, **fields}
+        return any(_matches(e, match) for e in list(self.entries))
+
+    def forget(self, kind: str, **fields: Any) -> int:
+        """Changes that undid themselves (a deleted interface's filters and
+        sysctls): out of the journal and the guardian's copy, never undone.
+        How many matched."""
+        match = {"kind": kind, **fields}
+        with self._lock:
+            keep = [e for e in self.entries if not _matches(e, match)]
+            n = len(self.entries) - len(keep)
+            if n:
+                self.entries[:] = keep
+                self._tell({"kind": "forget", "match": match})
+        return n
 
     def _finish(self, word: str) -> None:
+        with self._lock:
+            self._finish_locked(word)
+
+    def _finish_locked(self, word: str) -> None:
         if self._guardian and self._guardian.stdin:
             self._guardian.stdin.write(json.dumps({"kind": word}) + "\n")
             self._guardian.stdin.close()
@@ -241,6 +272,9 @@ def guardian(fd: int, grace_ms: int, socket_path: str | None) -> int:
                 if entry["kind"] in ("done", "handover"):
                     close_listener()
                     return 0
+                if entry["kind"] == "forget":
+                    entries = [e for e in entries if not _matches(e, entry["match"])]
+                    continue
                 entries.append(entry)
     close_listener()
     if socket_path and _serving(socket_path.removesuffix(".guardian")):

@@ -175,12 +175,15 @@ class Testbed:
     def control_socket(self) -> str:
         return str(self.workdir / "natlb.sock")
 
-    def start_natlb(self, config: Path, wait: float = 20.0) -> subprocess.Popen:
-        """Start natlb; return once its control socket answers (the table
+    def start_natlb(self, config: Path, wait: float = 20.0, module: str = "natlb",
+                    env: dict[str, str] | None = None) -> subprocess.Popen:
+        """Start natlb (or a test wrapper module taking natlb's arguments,
+        with env added); return once its control socket answers (the table
         is installed by then)."""
         log = open(self.workdir / "natlb.log", "w")  # noqa: SIM115 -- lives with the process
-        p = self.python(self.router, "natlb", "run", "-c", str(config),
-                        stdout=log, stderr=subprocess.STDOUT)
+        p = self.python(self.router, module, "run", "-c", str(config),
+                        stdout=log, stderr=subprocess.STDOUT,
+                        env={**os.environ, **env} if env else None)
         deadline = time.monotonic() + wait
         while time.monotonic() < deadline:
             if p.poll() is not None:

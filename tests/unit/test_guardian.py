@@ -90,3 +90,20 @@ def test_guardian_leaves_a_socket_bound_after_its_own(tmp_path):
         assert os.path.exists(sock)
     finally:
         other.close()
+
+
+def test_a_forgotten_change_is_not_undone_by_the_guardian_nor_handed_on(tmp_path):
+    """A change that went away by itself (a deleted interface's filters):
+    forgotten, it leaves natlb's journal and the guardian's copy."""
+    sock = str(tmp_path / "natlb.sock.guardian")
+    gone, kept = tmp_path / "gone.flows", tmp_path / "kept.flows"
+    j = Journal(guardian=True, grace_ms=5000, socket_path=sock)
+    j.record("flow_table", path=str(gone))
+    j.record("flow_table", path=str(kept))
+    assert j.forget("flow_table", path=str(gone)) == 1
+    assert j.forget("flow_table", path=str(gone)) == 0
+    assert not j.has("flow_table", path=str(gone)) and j.has("flow_table", path=str(kept))
+    g = died(j)
+    entries = claim(sock)
+    assert entries == [{"kind": "flow_table", "module": "natlb.undo", "path": str(kept)}]
+    assert g.wait(timeout=5) == 0
