@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from natlb_testbed.testbed import VIP, basic_config
+from natlb_testbed.testbed import CLIENT_ADDR, VIP, basic_config
 
 from .conftest import natlb_cli, router_state
 from .test_restart import wait_gone
@@ -318,3 +318,70 @@ def test_a_deleted_interface_leaves_the_journal_and_the_guardians_copy(
     assert len(filters) >= 4 and index not in filters, entries
     assert not [e for e in entries if s.dev in e.get("path", "")], entries
     assert router_state(testbed) == before
+
+
+# In a namespace: every frame on eth0 whose IPv4 id is 4242, tagged or not,
+# for the seconds given, as JSON lines; "ready" first.
+CAPTURE = """
+import json, select, socket, struct, sys, time
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+s.bind(("eth0", 0))
+s.setsockopt(263, 8, 1)                       # SOL_PACKET, PACKET_AUXDATA
+print("ready", flush=True)
+end = time.monotonic() + float(sys.argv[1])
+while (left := end - time.monotonic()) > 0:
+    if not select.select([s], [], [], left)[0]:
+        break
+    data, anc, _, _ = s.recvmsg(65535, socket.CMSG_SPACE(20))
+    status = tci = 0
+    for level, kind, d in anc:
+        if (level, kind) == (263, 8):
+            status, _, _, _, _, tci = struct.unpack_from("=IIIHHH", d)
+    inline = data[12:14] == b"\\x81\\x00"
+    ip = data[18:] if inline else data[14:]
+    if data[12:14] in (b"\\x08\\x00", b"\\x81\\x00") and ip[4:6] == (4242).to_bytes(2, "big"):
+        print(json.dumps({"tagged": inline or bool(status & 0x10),
+                          "vid": (int.from_bytes(data[14:16], "big") if inline else tci) & 0xfff}),
+              flush=True)
+"""
+
+# In the client's namespace: one TCP ACK with data on a connection's tuple,
+# IPv4 id 4242, to the router's MAC, with an 802.1Q tag of VLAN vid.
+SEND_TAGGED = """
+import sys
+from scapy.all import IP, TCP, Dot1Q, Ether, get_if_hwaddr, sendp
+sport, mac, vid = int(sys.argv[1]), sys.argv[2], int(sys.argv[3])
+ip = IP(src=sys.argv[4], dst=sys.argv[5], id=4242) / TCP(sport=sport, dport=80, flags="A")
+sendp(Ether(dst=mac, src=get_if_hwaddr("eth0")) / Dot1Q(vlan=vid) / ip / b"tagged",
+      iface="eth0", verbose=False)
+"""
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "csrc/bpf/fastpath.bpf.c's carry ignores skb->vlan_present: a frame tagged on the "
+    "wire of an interface without that VLAN (dropped by the kernel, or a VID 0 priority "
+    "tag the kernel strips) is carried, and leaves the backend's interface still tagged"))
+@pytest.mark.parametrize("vid", [100, 0])
+def test_a_tagged_frame_on_an_untagged_interface_is_not_carried_tagged(testbed, natlb, vid):
+    """What the kernel does without the fast path: a frame of VLAN 100 on an
+    interface with no VLAN 100 device is not the router's (dropped); a VID 0
+    (priority) tag is stripped.  Never is a tagged frame sent on to a backend."""
+    natlb(basic_config(testbed, health="none", backends=[1]))
+    h = testbed.hold(VIP)
+    try:
+        ss = testbed.client_cmd("ss", "-tnH", "state", "established", "dst", VIP).stdout
+        sport = ss.split()[2].rsplit(":", 1)[1]
+        mac = testbed.router_cmd("cat", "/sys/class/net/cl0/address").stdout.strip()
+        cap = testbed.spawn(testbed.backend(1), [sys.executable, "-c", CAPTURE, "5"],
+                            stdout=subprocess.PIPE, text=True)
+        assert cap.stdout.readline().strip() == "ready"
+        r = testbed.client_cmd(sys.executable, "-c", SEND_TAGGED, sport, mac, str(vid),
+                               CLIENT_ADDR, VIP)
+        assert r.returncode == 0, r.stderr
+        out, _ = cap.communicate(timeout=30)
+        testbed.procs.remove(cap)
+        seen = [json.loads(line) for line in out.splitlines()]
+        assert not [f for f in seen if f["tagged"]], seen
+    finally:
+        testbed.stop(h.proc)
+        testbed.procs.remove(h.proc)
