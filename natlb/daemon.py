@@ -397,12 +397,13 @@ class Daemon:
                 self.core.forward_to([])
                 if self.fast:
                     self.fast.observe(self.core)
-                self._install_table()
+                # pyroute2 (the routes it reads) cannot run in our loop.
+                await loop.run_in_executor(None, self._install_table)
             if self.monitor:
                 self.monitor.start()
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)   # init (or the subreaper) reaps it
-            self._rewatch_links()
+            await loop.run_in_executor(None, self._rewatch_links)
             raise
         finally:
             ch.close()
@@ -414,7 +415,8 @@ class Daemon:
 
     def _rewatch_links(self) -> None:
         """A failed handover: watch links again, and our programs on every
-        interface again (the successor may have replaced them)."""
+        interface again (the successor may have replaced them).  Not in the
+        event loop: pyroute2 runs one of its own."""
         try:
             self._open_link_watch()
             if self.fast:
@@ -422,7 +424,7 @@ class Daemon:
                 self.fast.attach(self.journal)
             assert self.links is not None
             self.links.start()
-        except (NatlbError, OSError) as e:
+        except Exception as e:  # the handover's own error is the one raised
             log.error("restart failed, and so did watching links again: %s", e)
 
     # -- natlb restart: the new process's side -------------------------------

@@ -385,3 +385,17 @@ def test_a_tagged_frame_on_an_untagged_interface_is_not_carried_tagged(testbed, 
     finally:
         testbed.stop(h.proc)
         testbed.procs.remove(h.proc)
+
+
+def test_a_failed_restart_goes_on_watching_links(testbed, natlb):
+    """natlb stops watching links while it hands over; if the successor
+    fails, it watches them again (and its programs are on every interface)."""
+    p = natlb(basic_config(testbed))
+    # Valid as a file, but the successor's preflight fails on this host.
+    bad = testbed.write_config(basic_config(testbed, lb_extra='interface = "nosuchif0"'))
+    r = natlb_cli(testbed, "restart", "-c", str(bad))
+    assert r.returncode == 1 and "restart failed" in r.stderr, r.stderr
+    assert p.poll() is None
+    with side(testbed, "lf", "plain", 5) as s:
+        wait_for("filters on the new interface", lambda: carried(testbed, s.dev))
+        assert_carried(testbed, lambda: download(testbed, s.ns))
