@@ -22,9 +22,24 @@
  *  - Outbox: packets natlb itself originates (re-sent SYNs, RSTs) are queued
  *    here.  The workers send them through a raw socket; in tests they stay
  *    for inspection, which keeps this file sans-IO.
+ *  - The tc fast path (lb.fastpath) may carry a new flow's handshake
+ *    (lb.c marks the first SYN fast; csrc/bpf/fastpath.bpf.c).  A flow
+ *    natlb moves to another backend (NL_FL_FAST) must not be carried to
+ *    the old one any more, nor a late SYN-ACK from it to the client: its
+ *    kernel entries go on the forget queue, which the fast path's observer
+ *    (tcfast.c, woken through the I/O layer's eventfd) empties into the
+ *    kernel's map at once.  And the held-SYN timer must not move a flow
+ *    whose SYN-ACK the kernel carried but the observer has not applied yet
+ *    (it applies records about 1 ms late): such a due flow is forgotten
+ *    by the kernel first, then waits (the sync list) until the observer has
+ *    applied every record written before that (nl_fp_sync_*), and is
+ *    re-steered only if it is still SYN_SENT then.  The kernel carries no
+ *    SYN-ACK later than a margin before natlb's deadline (synack_window), so
+ *    none can slip in after that point.  Sans-IO: the core only queues keys
+ *    and counts requests; the I/O layers do the system calls.
  *
- * Lock order: a conntrack stripe, then the held or outbox or event lock,
- * never the reverse.
+ * Lock order: a conntrack stripe, then the held or outbox or event or
+ * forget lock, never the reverse.
  */
 #define _GNU_SOURCE
 #include <time.h>
@@ -37,6 +52,8 @@
 #define PKT_MAX NL_PKT_OUT_MAX   /* bigger SYNs (with data) are not held   */
 #define OUTBOX_SLOTS 4096
 #define EVENT_SLOTS 1024
+#define FORGET_SLOTS 1024        /* keys the fast path is to forget        */
+#define SYNC_SLOTS 256           /* due flows waiting for the observer     */
 
 struct held {
     uint32_t flow;
@@ -54,6 +71,16 @@ struct out_pkt {
     uint8_t bytes[PKT_MAX];
 };
 
+/* A due held SYN whose flow the kernel may have carried a SYN-ACK of:
+ * re-examined once the observer answered sync request `req`. */
+struct sync_wait {
+    uint64_t req;
+    struct nl_addr client_addr;
+    uint32_t flow, slot;
+    uint16_t client_port;
+    uint8_t proto, attempt;
+};
+
 struct nl_failover {
     pthread_spinlock_t held_lock;
     uint64_t held_head, held_tail;
@@ -66,6 +93,16 @@ struct nl_failover {
     struct nl_event ev[EVENT_SLOTS];
     int ev_pending;              /* pushed since nl_events_unsignalled     */
     uint64_t counters[NL_F_MAX];
+    pthread_spinlock_t forget_lock;   /* the forget queue and the sync list */
+    uint64_t forget_head, forget_tail;
+    struct nl_fp_forget forget[FORGET_SLOTS];
+    int forget_overflow;         /* keys were lost: forget every flow      */
+    uint32_t n_sync;
+    struct sync_wait sync[SYNC_SLOTS];
+    uint64_t sync_req, sync_done;     /* atomic: asked of the observer, and
+                                         the last it answered            */
+    int observing;               /* atomic: an observer applies records    */
+    int fp_pending;              /* atomic: keys or a request to signal    */
 };
 
 int nl_failover_init(struct nl_lb *lb)
@@ -76,6 +113,7 @@ int nl_failover_init(struct nl_lb *lb)
     pthread_spin_init(&fo->held_lock, PTHREAD_PROCESS_PRIVATE);
     pthread_spin_init(&fo->out_lock, PTHREAD_PROCESS_PRIVATE);
     pthread_spin_init(&fo->ev_lock, PTHREAD_PROCESS_PRIVATE);
+    pthread_spin_init(&fo->forget_lock, PTHREAD_PROCESS_PRIVATE);
     lb->fo = fo;
     return 0;
 }
@@ -175,6 +213,103 @@ uint32_t nl_outbox_take(struct nl_lb *lb, uint8_t *buf, uint32_t cap)
     return len;
 }
 
+/* ---- the fast path: keys to forget, and syncing with its observer ------- */
+
+void nl_fp_forget_flow(struct nl_lb *lb, struct nl_flow *f)
+{
+    struct nl_failover *fo = lb->fo;
+    if (!(f->flags & NL_FL_FAST))
+        return;
+    f->flags &= (uint8_t)~NL_FL_FAST;
+    if (!nl_addr_is_v4(&f->client_addr))
+        return;                  /* never carried: lb.c marks IPv4 only */
+    struct nl_fp_forget k = { .client_addr = f->client_addr.w[3],
+                              .vip_addr = f->vip_addr.w[3],
+                              .backend_addr = f->backend_addr.w[3],
+                              .client_port = f->client_port, .vip_port = f->vip_port,
+                              .backend_port = f->backend_port, .proto = f->proto };
+    pthread_spin_lock(&fo->forget_lock);
+    if (fo->forget_head - fo->forget_tail >= FORGET_SLOTS)
+        fo->forget_overflow = 1;
+    else
+        fo->forget[fo->forget_head++ % FORGET_SLOTS] = k;
+    pthread_spin_unlock(&fo->forget_lock);
+    __atomic_store_n(&fo->fp_pending, 1, __ATOMIC_RELEASE);
+}
+
+uint32_t nl_fp_forget_take(struct nl_lb *lb, struct nl_fp_forget *out, uint32_t max,
+                           int *overflow)
+{
+    struct nl_failover *fo = lb->fo;
+    uint32_t n = 0;
+    pthread_spin_lock(&fo->forget_lock);
+    while (n < max && fo->forget_tail != fo->forget_head)
+        out[n++] = fo->forget[fo->forget_tail++ % FORGET_SLOTS];
+    *overflow = fo->forget_overflow;
+    fo->forget_overflow = 0;
+    pthread_spin_unlock(&fo->forget_lock);
+    return n;
+}
+
+void nl_fp_observing(struct nl_lb *lb, int on)
+{
+    struct nl_failover *fo = lb->fo;
+    __atomic_store_n(&fo->observing, on, __ATOMIC_RELEASE);
+    if (!on)   /* nobody will answer: what waits is answered now */
+        __atomic_store_n(&fo->sync_done, __atomic_load_n(&fo->sync_req, __ATOMIC_ACQUIRE),
+                         __ATOMIC_RELEASE);
+}
+
+uint64_t nl_fp_sync_wanted(struct nl_lb *lb)
+{
+    return __atomic_load_n(&lb->fo->sync_req, __ATOMIC_ACQUIRE);
+}
+
+void nl_fp_sync_done(struct nl_lb *lb, uint64_t req)
+{
+    struct nl_failover *fo = lb->fo;
+    uint64_t done = __atomic_load_n(&fo->sync_done, __ATOMIC_ACQUIRE);
+    while (done < req &&
+           !__atomic_compare_exchange_n(&fo->sync_done, &done, req, 0, __ATOMIC_ACQ_REL,
+                                        __ATOMIC_ACQUIRE)) {
+    }
+}
+
+int nl_fp_unsignalled(struct nl_lb *lb)
+{
+    struct nl_failover *fo = lb->fo;
+    return __atomic_load_n(&fo->fp_pending, __ATOMIC_ACQUIRE) &&
+           __atomic_exchange_n(&fo->fp_pending, 0, __ATOMIC_ACQ_REL);
+}
+
+/* A due flow whose SYN-ACK the kernel may have carried: the kernel forgets
+ * it now, and it waits for the observer (caller holds f's stripe).  0 if it
+ * does not need to (or cannot: the list is full, and it is re-steered as
+ * without the fast path). */
+static int sync_first(struct nl_lb *lb, struct nl_flow *f, uint32_t slot)
+{
+    struct nl_failover *fo = lb->fo;
+    if (!(f->flags & NL_FL_FAST) || !__atomic_load_n(&fo->observing, __ATOMIC_ACQUIRE))
+        return 0;
+    struct sync_wait w = { .client_addr = f->client_addr, .flow = (uint32_t)(f - lb->ct.flows),
+                           .slot = slot, .client_port = f->client_port, .proto = f->proto,
+                           .attempt = f->tries };
+    /* The keys first, the request after: an observer that sees the request
+     * sees the keys, and forgets them before it reads the ring. */
+    nl_fp_forget_flow(lb, f);
+    int queued = 0;
+    pthread_spin_lock(&fo->forget_lock);
+    if (fo->n_sync < SYNC_SLOTS) {
+        w.req = __atomic_add_fetch(&fo->sync_req, 1, __ATOMIC_ACQ_REL);
+        fo->sync[fo->n_sync++] = w;
+        queued = 1;
+    }
+    pthread_spin_unlock(&fo->forget_lock);
+    if (queued)
+        __atomic_store_n(&fo->fp_pending, 1, __ATOMIC_RELEASE);
+    return queued;
+}
+
 /* ---- held SYNs ----------------------------------------------------------- */
 
 /* Whether ring entry h is f's held SYN (any attempt). */
@@ -247,6 +382,7 @@ static uint32_t held_copy(struct nl_lb *lb, const struct nl_flow *f, uint8_t *bu
 
 static void move_to(struct nl_lb *lb, struct nl_flow *f, const struct nl_backend_spec *be)
 {
+    nl_fp_forget_flow(lb, f);
     nl_flow_gauge(lb, f, f->state, -1);
     f->backend_addr = be->addr;
     f->backend_port = be->port;
@@ -302,20 +438,65 @@ uint32_t nl_syn_deadline_next(struct nl_lb *lb, uint32_t now)
         wait = nl_time_before(now, d) ? d - now : 0;
     }
     pthread_spin_unlock(&fo->held_lock);
+    /* Flows waiting for the observer: look again in a millisecond. */
+    if (wait > 1 && __atomic_load_n(&fo->n_sync, __ATOMIC_RELAXED))
+        wait = 1;
     return wait;
+}
+
+/* A held SYN's deadline passed: if its flow is still waiting for a SYN-ACK
+ * from the same attempt, re-steer it (or first sync with the fast path's
+ * observer, when `may_wait` and the kernel may have carried its SYN-ACK). */
+static void due_flow(struct nl_lb *lb, const struct sync_wait *d, uint64_t now_ms, int may_wait)
+{
+    struct nl_ct_key k = { .client_addr = &d->client_addr, .client_port = d->client_port,
+                           .proto = d->proto };
+    uint32_t b = nl_ct_bucket(&lb->ct, &k);
+    pthread_spinlock_t *lock = nl_ct_stripe(&lb->ct, b);
+    pthread_spin_lock(lock);
+    /* The entry may have been freed and reused by a flow of another
+     * stripe: read it only if it is in this bucket's chain. */
+    struct nl_flow *f = &lb->ct.flows[d->flow];
+    if (nl_ct_link_of(&lb->ct, b, d->flow) && f->state == NL_FS_SYN_SENT &&
+        f->held == d->slot && nl_addr_eq(&f->client_addr, &d->client_addr) &&
+        f->client_port == d->client_port && f->tries == d->attempt &&
+        !(may_wait && sync_first(lb, f, d->slot))) {
+        nl_emit(lb, NL_EV_SYN_TIMEOUT, f->service_id, f->backend_id, &f->client_addr, now_ms);
+        nl_resteer_held(lb, f, (uint32_t)now_ms);
+    }
+    pthread_spin_unlock(lock);
+}
+
+/* The flows the observer has caught up for: due again, without waiting. */
+static void synced(struct nl_lb *lb, uint64_t now_ms)
+{
+    struct nl_failover *fo = lb->fo;
+    if (!__atomic_load_n(&fo->n_sync, __ATOMIC_RELAXED))
+        return;
+    uint64_t done = __atomic_load_n(&fo->sync_done, __ATOMIC_ACQUIRE);
+    struct sync_wait ready[SYNC_SLOTS];
+    uint32_t n = 0;
+    pthread_spin_lock(&fo->forget_lock);
+    for (uint32_t i = 0; i < fo->n_sync;) {
+        if (fo->sync[i].req <= done) {
+            ready[n++] = fo->sync[i];
+            fo->sync[i] = fo->sync[--fo->n_sync];
+        } else {
+            i++;
+        }
+    }
+    pthread_spin_unlock(&fo->forget_lock);
+    for (uint32_t i = 0; i < n; i++)
+        due_flow(lb, &ready[i], now_ms, 0);
 }
 
 void nl_failover_due(struct nl_lb *lb, uint64_t now_ms)
 {
     struct nl_failover *fo = lb->fo;
     uint32_t now = (uint32_t)now_ms;
+    synced(lb, now_ms);
     for (;;) {
-        struct {
-            struct nl_addr client_addr;
-            uint32_t flow, slot;
-            uint16_t client_port;
-            uint8_t proto, attempt;
-        } due[32];
+        struct sync_wait due[32];
         uint32_t n = 0;
         pthread_spin_lock(&fo->held_lock);
         while (n < 32 && fo->held_tail != fo->held_head) {
@@ -327,37 +508,15 @@ void nl_failover_due(struct nl_lb *lb, uint64_t now_ms)
             if (h->flow == NL_NIL)
                 continue;           /* its flow is gone */
             /* The bytes stay in the ring for nl_resteer_held to copy. */
-            due[n].flow = h->flow;
-            due[n].client_addr = h->client_addr;
-            due[n].client_port = h->client_port;
-            due[n].proto = h->proto;
-            due[n].attempt = h->attempt;
-            due[n].slot = slot;
-            n++;
+            due[n++] = (struct sync_wait){ .flow = h->flow, .client_addr = h->client_addr,
+                                           .client_port = h->client_port, .proto = h->proto,
+                                           .attempt = h->attempt, .slot = slot };
         }
         pthread_spin_unlock(&fo->held_lock);
         if (!n)
             return;
-        for (uint32_t i = 0; i < n; i++) {
-            struct nl_ct_key k = { .client_addr = &due[i].client_addr,
-                                   .client_port = due[i].client_port, .proto = due[i].proto };
-            uint32_t b = nl_ct_bucket(&lb->ct, &k);
-            pthread_spinlock_t *lock = nl_ct_stripe(&lb->ct, b);
-            pthread_spin_lock(lock);
-            /* The entry may have been freed and reused by a flow of another
-             * stripe: read it only if it is in this bucket's chain. */
-            struct nl_flow *f = &lb->ct.flows[due[i].flow];
-            if (nl_ct_link_of(&lb->ct, b, due[i].flow) && f->state == NL_FS_SYN_SENT &&
-                f->held == due[i].slot &&
-                nl_addr_eq(&f->client_addr, &due[i].client_addr) &&
-                f->client_port == due[i].client_port &&
-                f->tries == due[i].attempt) {
-                nl_emit(lb, NL_EV_SYN_TIMEOUT, f->service_id, f->backend_id, &f->client_addr,
-                        now_ms);
-                nl_resteer_held(lb, f, now);
-            }
-            pthread_spin_unlock(lock);
-        }
+        for (uint32_t i = 0; i < n; i++)
+            due_flow(lb, &due[i], now_ms, 1);
     }
 }
 

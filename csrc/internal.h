@@ -329,6 +329,10 @@ struct nl_flow {
 #define NL_FL_PROBE_CLIENT 16   /* reset with the fast path on: the client's */
 #define NL_FL_PROBE_SERVER 32   /* / backend's answer to a probe gives the
                                    exact sequence number for its RST         */
+#define NL_FL_FAST 64           /* marked fast from its first packet: the
+                                   kernel may carry its handshake, so moving
+                                   it must make the kernel forget it
+                                   (nl_fp_forget_flow)                       */
 _Static_assert(sizeof(struct nl_flow) == 84, "conntrack entry: 84 bytes, as documented");
 _Static_assert(sizeof(struct nl_flow) <= 128, "conntrack entry: at most 128 bytes (issue 14)");
 
@@ -608,6 +612,14 @@ uint32_t nl_outbox_push(struct nl_lb *lb, const uint8_t *pkt, uint32_t len);
  * sequence numbers make exact.  Caller holds the flow's stripe. */
 void nl_reset_probed(struct nl_lb *lb, struct nl_flow *f, const struct nl_pkt *p, int reply);
 
+/* A flow marked fast from its first packet (NL_FL_FAST) that natlb moves:
+ * queues its kernel entries to be forgotten and clears the flag (caller
+ * holds its stripe; nothing for another flow). */
+void nl_fp_forget_flow(struct nl_lb *lb, struct nl_flow *f);
+/* 1 if keys or a sync request were queued since the last call (then the
+ * I/O layer wakes the fast path's observer), else 0. */
+int nl_fp_unsignalled(struct nl_lb *lb);
+
 /* ---- IP fragments (fragtrack.c) ---------------------------------------- */
 /* One datagram's identity, the same in all its fragments: IPv4 (16-bit
  * ids) and IPv6 (32-bit ids) share the table. */
@@ -701,5 +713,8 @@ void nl_event_signal(struct nl_lb *lb);
 uint32_t nl_io_flush(struct nl_lb *lb);
 /* 1 if workers run and read their queues (not paused for a handover). */
 int nl_io_reading(struct nl_lb *lb);
+/* Readable when the fast path's observer has work from the core (keys to
+ * forget, a sync request); it reads it to clear it (tcfast.c). */
+int nl_fp_wake_fd(struct nl_lb *lb);
 
 #endif

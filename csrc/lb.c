@@ -79,6 +79,59 @@ static void track_tcp(struct nl_lb *lb, struct nl_flow *f, int is_reply, uint8_t
     }
 }
 
+/* What a client packet does to its flow, found or just made (caller holds
+ * its stripe): the queued path and the observer (nl_observed) alike. */
+static void forward_track(struct nl_lb *lb, struct nl_flow *f, const struct nl_pkt *p,
+                          int cluster, uint32_t now)
+{
+    if (p->proto == NL_IPPROTO_TCP) {
+        if (cluster)
+            nl_cluster_track(f, 0, p->tcp_flags);
+        track_tcp(lb, f, 0, p->tcp_flags, now);
+        f->client_seq_next = p->seq + p->seq_len;
+    } else {
+        f->expires_ms = now + lb->ct.timeout_ms[NL_T_UDP];
+    }
+}
+
+/* What a backend's packet does to its flow (caller holds its stripe; it
+ * stays held): the queued path and the observer alike.  NL_VERDICT_DROP if
+ * natlb keeps the packet from the client (an RST to the SYN it does not
+ * believe, or one it answers by re-steering the SYN), else -1. */
+static int reply_track(struct nl_lb *lb, struct nl_worker_counters *wc,
+                       const struct nl_snapshot *snap, struct nl_flow *f,
+                       const struct nl_pkt *p, int csum, uint32_t now)
+{
+    if (p->proto == NL_IPPROTO_TCP && (p->tcp_flags & NL_TCP_RST) && f->state == NL_FS_SYN_SENT) {
+        /* RFC 793, SYN-SENT: an RST is acceptable only with an ACK of the
+         * SYN (a SYN with data may be acked whole).  The client would drop
+         * any other; so does natlb, and believes nothing of it. */
+        if (!(p->tcp_flags & NL_TCP_ACK) ||
+            (p->ack != f->syn_seq + 1 && p->ack != f->client_seq_next)) {
+            wc->reasons[NL_R_UNMATCHED]++;
+            return NL_VERDICT_DROP;
+        }
+        /* The backend refused the connection: try the SYN elsewhere and
+         * keep the RST from the client.  Unchecked bytes (either packet
+         * longer than the copied head) only pass through. */
+        if ((f->flags & NL_FL_SYN_CHECKED) && csum == NL_CSUM_OK) {
+            nl_emit(lb, NL_EV_SYN_RST, f->service_id, f->backend_id, &f->client_addr, now);
+            if (nl_resteer_held(lb, f, now) == 0)
+                return NL_VERDICT_DROP;
+        }
+    }
+    f->flags |= NL_FL_REPLIED;
+    if (p->proto == NL_IPPROTO_TCP) {
+        if (snap && nl_svc_cluster(snap->by_id[f->service_id]))
+            nl_cluster_track(f, 1, p->tcp_flags);
+        track_tcp(lb, f, 1, p->tcp_flags, now);
+        f->server_seq_next = p->seq + p->seq_len;
+    } else {
+        f->expires_ms = now + lb->ct.timeout_ms[NL_T_UDP];
+    }
+    return -1;
+}
+
 static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
                    const struct nl_snapshot *snap, const struct nl_service *svc,
                    struct nl_pkt *p, const struct nl_ct_key *k, uint32_t b, uint32_t pkt_flags,
@@ -92,6 +145,7 @@ static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
 
     pthread_spin_lock(lock);
     struct nl_flow *f = nl_ct_find(ct, b, k, now);
+    int created = 0;
     if (f && (f->flags & NL_FL_PROBE_CLIENT) && p->proto == NL_IPPROTO_TCP &&
         !(p->tcp_flags & (NL_TCP_SYN | NL_TCP_RST))) {
         nl_reset_probed(lb, f, p, 0);
@@ -130,6 +184,7 @@ static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
         f->state = p->proto == NL_IPPROTO_TCP ? NL_FS_FREE : NL_FS_UDP;
         f->tries = 1;
         f->held = NL_HELD_NONE;
+        created = 1;
         if (cluster)
             nl_cluster_flow_start(lb, f, p);
         nl_flow_gauge(lb, f, f->state, 1);
@@ -150,25 +205,31 @@ static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
             }
         }
     }
-    if (p->proto == NL_IPPROTO_TCP) {
-        if (cluster)
-            nl_cluster_track(f, 0, p->tcp_flags);
-        track_tcp(lb, f, 0, p->tcp_flags, now);
-        f->client_seq_next = p->seq + p->seq_len;
-    } else {
-        f->expires_ms = now + ct->timeout_ms[NL_T_UDP];
-    }
+    forward_track(lb, f, p, cluster, now);
     struct nl_addr baddr = f->backend_addr;
     uint16_t bport = f->backend_port, bid = f->backend_id;
-    /* natlb decides which flows the kernel may carry alone: established
-     * TCP to a live backend, never a packet that changes the flow's state;
-     * UDP once the backend has answered (a dead backend's UDP flows move on
-     * their next packet: the control plane empties the kernel's maps when a
-     * backend stops being alive).  IPv4 only: the ruleset's fast-path maps are. */
+    /* natlb decides which flows the kernel may carry alone, to a live
+     * backend: a new flow from its first packet (the client's SYN, a UDP
+     * flow's first datagram), the kernel telling natlb of each packet that
+     * moves the flow's state (the SYN-ACK, the handshake's last ACK, FIN,
+     * RST, the first UDP answer) and keeping from the client whatever natlb
+     * must act on (an RST or anything but the SYN-ACK from the backend,
+     * SYNs again: fastpath.bpf.c); an established TCP flow's packet that
+     * changes no state; UDP once the backend has answered.  Not a cluster
+     * service's first packet (its replies may come through another node),
+     * nor a re-steered or repeated SYN (natlb follows those itself).  A dead
+     * backend's UDP flows move on their next packet: the control plane
+     * empties the kernel's maps when a backend stops being alive.  IPv4
+     * only: the ruleset's fast-path maps are. */
+    int first = created && !cluster && !p->frag &&
+                (p->proto == NL_IPPROTO_UDP || is_syn);
     int fast = lb->cfg.fastpath && p->family == 4 && snap->alive[f->backend_id] &&
-               ((p->proto == NL_IPPROTO_TCP && f->state == NL_FS_ESTABLISHED &&
+               (first ||
+                (p->proto == NL_IPPROTO_TCP && f->state == NL_FS_ESTABLISHED &&
                  !(p->tcp_flags & (NL_TCP_SYN | NL_TCP_FIN | NL_TCP_RST))) ||
                 (p->proto == NL_IPPROTO_UDP && (f->flags & NL_FL_REPLIED)));
+    if (fast && first)
+        f->flags |= NL_FL_FAST;   /* moving it must make the kernel forget it */
     pthread_spin_unlock(lock);
     if (NL_UNLIKELY(p->frag)) {
         p->nat_addr = baddr;
@@ -251,35 +312,10 @@ static int reply(struct nl_lb *lb, struct nl_worker_counters *wc,
         pthread_spin_unlock(lock);
         return NL_VERDICT_DROP;
     }
-    if (p->proto == NL_IPPROTO_TCP && (p->tcp_flags & NL_TCP_RST) && f->state == NL_FS_SYN_SENT) {
-        /* RFC 793, SYN-SENT: an RST is acceptable only with an ACK of the
-         * SYN (a SYN with data may be acked whole).  The client would drop
-         * any other; so does natlb, and believes nothing of it. */
-        if (!(p->tcp_flags & NL_TCP_ACK) ||
-            (p->ack != f->syn_seq + 1 && p->ack != f->client_seq_next)) {
-            pthread_spin_unlock(lock);
-            wc->reasons[NL_R_UNMATCHED]++;
-            return NL_VERDICT_DROP;
-        }
-        /* The backend refused the connection: try the SYN elsewhere and
-         * keep the RST from the client.  Unchecked bytes (either packet
-         * longer than the copied head) only pass through. */
-        if ((f->flags & NL_FL_SYN_CHECKED) && csum == NL_CSUM_OK) {
-            nl_emit(lb, NL_EV_SYN_RST, f->service_id, f->backend_id, &f->client_addr, now);
-            if (nl_resteer_held(lb, f, now) == 0) {
-                pthread_spin_unlock(lock);
-                return NL_VERDICT_DROP;
-            }
-        }
-    }
-    f->flags |= NL_FL_REPLIED;
-    if (p->proto == NL_IPPROTO_TCP) {
-        if (snap && nl_svc_cluster(snap->by_id[f->service_id]))
-            nl_cluster_track(f, 1, p->tcp_flags);
-        track_tcp(lb, f, 1, p->tcp_flags, now);
-        f->server_seq_next = p->seq + p->seq_len;
-    } else {
-        f->expires_ms = now + lb->ct.timeout_ms[NL_T_UDP];
+    int v = reply_track(lb, wc, snap, f, p, csum, now);
+    if (v >= 0) {
+        pthread_spin_unlock(lock);
+        return v;
     }
     struct nl_addr vip = f->vip_addr;
     uint16_t vport = f->vip_port, sid = f->service_id, bid = f->backend_id;
@@ -628,59 +664,73 @@ void nl_packets(struct nl_lb *lb, uint32_t worker, struct nl_batch_pkt *b, uint3
     }
 }
 
-/* A FIN or RST the kernel carried alone, applied as the queued packet would
- * have been (mark mode: the same decisions, the mark and verdict unused).
- * Only to a flow natlb holds: an observed packet never creates one, even
- * for a cluster service that would adopt it.
+/* A packet the kernel carried alone and told natlb of (a FIN, an RST, the
+ * handshake's SYN-ACK and last ACK, a UDP flow's first answer), applied as
+ * the queued packet would have been in mark mode: the same decisions
+ * (forward_track, reply_track: state, flags, passive detection, gauges),
+ * the same counters, no verdict or mark.  One pass under the flow's stripe
+ * lock, and only to a flow natlb holds: an observed packet never creates
+ * one, even for a cluster service that would adopt it, nor moves one (a
+ * client's SYN is never carried).
  *
  * Checksums: a record holding the whole packet is checked like a queued
  * one, and a bad sum is not believed (counted).  A record holding only the
- * head (a FIN with more data than the fast path copies) cannot be checked,
- * and is believed as the queued path believes a head-only copy: the kernel
- * forwards without checking L4 sums, so natlb's flow follows what was
- * forwarded.  What a forged FIN could do is bounded anyway: the fast path
- * already cut its entries to the closing timeout, natlb's flow gets the
- * same, and a forged RST carries no data (it always fits the head whole). */
+ * head (a packet with more data than the fast path copies) cannot be
+ * checked, and is believed as the queued path believes a head-only copy:
+ * the kernel forwards without checking L4 sums, so natlb's flow follows
+ * what was forwarded.  What a forged one could do is bounded anyway: the
+ * fast path already carried it and changed its own entries alike, and a
+ * forged RST carries no data (it always fits the head whole). */
 int nl_observed(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
                 uint32_t pkt_flags, uint64_t now_ms)
 {
     struct nl_pkt p;
     int r = nl_parse(pkt, len, &p, (pkt_flags & NL_PKT_HEAD_ONLY) != 0);
-    if (r >= 0 || p.proto != NL_IPPROTO_TCP || p.frag ||
-        !(p.tcp_flags & (NL_TCP_FIN | NL_TCP_RST)) || (p.tcp_flags & NL_TCP_SYN))
+    if (r >= 0 || p.frag ||
+        (p.proto == NL_IPPROTO_TCP && (p.tcp_flags & (NL_TCP_SYN | NL_TCP_ACK)) == NL_TCP_SYN))
         return 0;
+    struct nl_worker_counters *wc = nl_counters_of(lb, worker);
     /* tc sees a packet from a local or virtual sender (a veth peer, a VM)
      * before its L4 sum is finished: CHECKSUM_PARTIAL, the field holding
      * the pseudo-header's sum alone, and the fast path cannot say so.  That
      * form is believed with the IP header checked; any other wrong sum is
      * not (on a wire, the partial form is a bad sum: believing it at worst
-     * moves natlb's flow to closing early, and the queued path still
-     * carries its packets). */
-    if (nl_check_csum(&p, pkt_flags) == NL_CSUM_BAD) {
+     * moves natlb's flow a step early, and the kernel carried it anyway). */
+    int csum = nl_check_csum(&p, pkt_flags);
+    if (csum == NL_CSUM_BAD) {
         if (!nl_csum_partial_form(&p)) {
-            nl_counters_of(lb, worker)->reasons[NL_R_BAD_CHECKSUM]++;
+            wc->reasons[NL_R_BAD_CHECKSUM]++;
             return 0;
         }
-        pkt_flags |= NL_PKT_CSUM_PARTIAL;
+        csum = NL_CSUM_OK;
     }
+    uint32_t now = (uint32_t)now_ms;
     const struct nl_snapshot *snap = __atomic_load_n(&lb->snap, __ATOMIC_ACQUIRE);
-    int fwd = nl_find_service(snap, &p.daddr, p.dport, p.proto) != NULL;
+    const struct nl_service *svc = nl_find_service(snap, &p.daddr, p.dport, p.proto);
+    int fwd = svc != NULL;
+    if (fwd && p.proto == NL_IPPROTO_TCP && (p.tcp_flags & NL_TCP_SYN))
+        return 0;               /* a SYN-ACK from the client: never carried */
     struct nl_ct_key k = { .client_addr = fwd ? &p.saddr : &p.daddr,
                            .client_port = fwd ? p.sport : p.dport, .proto = p.proto,
                            .reply = !fwd, .other_addr = fwd ? &p.daddr : &p.saddr,
                            .other_port = fwd ? p.dport : p.sport };
     pthread_spinlock_t *lock;
-    struct nl_flow *f = find_locked(lb, &k, (uint32_t)now_ms, &lock);
+    struct nl_flow *f = find_locked(lb, &k, now, &lock);
     if (!f)
         return 0;
     /* A flow natlb is resetting (probe ACKs out) answers packets with
      * RSTs; one carried before the kernel's entries were emptied must not
      * make it send anything. */
-    int probed = (f->flags & (NL_FL_PROBE_CLIENT | NL_FL_PROBE_SERVER)) != 0;
-    pthread_spin_unlock(lock);
-    if (probed)
+    if (f->flags & (NL_FL_PROBE_CLIENT | NL_FL_PROBE_SERVER)) {
+        pthread_spin_unlock(lock);
         return 0;
-    uint32_t mark;
-    nl_packet(lb, worker, pkt, len, pkt_flags, now_ms, NL_NO_PACKET_ID, &mark);
+    }
+    uint16_t sid = f->service_id, bid = f->backend_id;
+    if (fwd)
+        forward_track(lb, f, &p, nl_svc_cluster(svc), now);
+    else
+        reply_track(lb, wc, snap, f, &p, csum, now);
+    pthread_spin_unlock(lock);
+    nl_count_packet(wc, sid, bid, nl_pkt_len(&p), !fwd);
     return 1;
 }

@@ -381,11 +381,14 @@ uint32_t nl_ct_layout(void);
 struct nl_fastpath;
 /* Loads the object at path, its maps sized for max_backends backend ids and
  * max_flows flows (both directions of each), learned entries living the
- * given fixed times, and a carried FIN cutting them to tcp_closing_ns.
- * NULL with a one-line reason in err. */
+ * given fixed times (syn_lifetime_ns: learned from a SYN, until the
+ * handshake's last ACK is carried), a carried FIN cutting them to
+ * tcp_closing_ns, and a SYN-ACK carried only within synack_window_ns of its
+ * SYN.  NULL with a one-line reason in err. */
 struct nl_fastpath *nl_fp_open(const char *path, uint32_t max_backends, uint32_t max_flows,
                                uint64_t tcp_lifetime_ns, uint64_t udp_lifetime_ns,
-                               uint64_t tcp_closing_ns, char *err, uint32_t errlen);
+                               uint64_t tcp_closing_ns, uint64_t syn_lifetime_ns,
+                               uint64_t synack_window_ns, char *err, uint32_t errlen);
 /* Frees the object; filters attached keep their programs until detached. */
 void nl_fp_close(struct nl_fastpath *fp);
 /* Attaches carry (ingress) and learn (egress) on ifindex with that tc handle
@@ -416,13 +419,19 @@ int nl_fp_has_flow(struct nl_fastpath *fp, uint32_t saddr, uint32_t daddr, uint1
 /* What the kernel carried for backend ids 0..n_backends-1, summed over
  * CPUs: out[id * 4 + 0..3] = packets in, bytes in, packets out, bytes out. */
 int nl_fp_read_counters(struct nl_fastpath *fp, uint64_t *out, uint32_t n_backends);
-/* The kernel tells natlb of every FIN and RST it carries (a ring buffer):
- * a thread of the fast path's applies each to lb with nl_observe, until
- * nl_fp_observe_stop (before lb is destroyed; nl_fp_close stops it too). */
+/* The kernel tells natlb of every packet it carries that moves a flow's
+ * state (a ring buffer): a thread of the fast path's applies each to lb as
+ * nl_observe does, forgets the flows lb moved (nl_fp_forget_take) and
+ * answers lb's sync requests, until nl_fp_observe_stop (before lb is
+ * destroyed; nl_fp_close stops it too). */
 int nl_fp_observe_start(struct nl_fastpath *fp, struct nl_lb *lb);
 void nl_fp_observe_stop(struct nl_fastpath *fp);
-/* Records applied to a flow, and records that changed nothing. */
+/* Records applied to a flow, and records that changed nothing (no flow,
+ * a bad checksum, a kind natlb does not take). */
 void nl_fp_observe_counts(struct nl_fastpath *fp, uint64_t *observed, uint64_t *ignored);
+/* Packets the kernel queued to natlb instead of carrying them because the
+ * ring had no room for their record, summed over CPUs; or -errno. */
+int64_t nl_fp_ring_full(struct nl_fastpath *fp);
 /* One record of the ring, as tests read it. */
 struct nl_fp_record {
     uint32_t ifindex;               /* the device it arrived on            */
@@ -434,12 +443,41 @@ struct nl_fp_record {
  * first max (any beyond are consumed and lost); how many copied, or -errno. */
 int nl_fp_read_events(struct nl_fastpath *fp, struct nl_fp_record *out, uint32_t max);
 
+/* ---- the core's side of the fast path (failover.c; sans-IO) ------------ */
+/* A flow's kernel entries, as the C core asks the fast path to forget them
+ * (IPv4 addresses and ports in network order, as nl_fp_has_flow takes). */
+struct nl_fp_forget {
+    uint32_t client_addr;
+    uint32_t vip_addr;
+    uint32_t backend_addr;
+    uint16_t client_port;
+    uint16_t vip_port;
+    uint16_t backend_port;
+    uint8_t proto;
+    uint8_t pad;
+};
+/* Takes up to max keys of flows natlb moved to another backend (their
+ * kernel entries must go before anything more is carried); *overflow = 1
+ * if some were lost (then every entry must go). */
+uint32_t nl_fp_forget_take(struct nl_lb *lb, struct nl_fp_forget *out, uint32_t max,
+                           int *overflow);
+/* Whether an observer applies the kernel's records now (0: the held-SYN
+ * timer waits for none). */
+void nl_fp_observing(struct nl_lb *lb, int on);
+/* The latest sync request of the held-SYN timer; the observer answers it
+ * with nl_fp_sync_done once it has forgotten the keys queued and applied
+ * every record written until it read the request. */
+uint64_t nl_fp_sync_wanted(struct nl_lb *lb);
+void nl_fp_sync_done(struct nl_lb *lb, uint64_t req);
+
 /* ---- packets the kernel carried, told afterwards ----------------------- */
-/* Applies one TCP FIN or RST the kernel carried alone (the fast path) to
- * its flow as nl_decide would have (state, timeouts, gauges, counters),
- * with no verdict, mark or packet sent.  pkt is the IP packet as it
- * arrived, or its head (NL_PKT_HEAD_ONLY).  1 if applied to a flow; 0 if
- * it changed nothing: no FIN or RST, a SYN, no flow, or a bad checksum (the
- * last counted as NL_R_BAD_CHECKSUM). */
+/* Applies one packet the kernel carried alone and told natlb of (the fast
+ * path: a FIN, an RST, the handshake's SYN-ACK and last ACK, a UDP flow's
+ * first answer) to its flow as nl_decide would have (state, timeouts,
+ * flags, passive detection, gauges, counters), with no verdict or mark.
+ * pkt is the IP packet as it arrived, or its head (NL_PKT_HEAD_ONLY).  1 if
+ * applied to a flow; 0 if it changed nothing: a client's SYN, no flow, a
+ * flow being reset, or a bad checksum (the last counted as
+ * NL_R_BAD_CHECKSUM). */
 int nl_observe(struct nl_lb *lb, uint8_t *pkt, uint32_t len, uint32_t pkt_flags,
                uint64_t now_ms);

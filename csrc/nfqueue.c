@@ -107,6 +107,8 @@ struct nl_io {
     int raw6_fd;                 /* the same for IPv6 (-1 also when the host
                                     has no IPv6)                          */
     int evfd;                    /* readable when events wait (nl_event_fd) */
+    int fpfd;                    /* readable when the fast path's observer
+                                    has work from the core (nl_fp_wake_fd) */
     int paused;                  /* workers bound but not reading (handover) */
     uint32_t n_fwd;              /* >0: pass every packet on to fwd_queue  */
     uint16_t fwd_queue[NL_MAX_WORKERS];
@@ -120,7 +122,12 @@ int nl_io_init(struct nl_lb *lb)
     io->raw_fd = -1;
     io->raw6_fd = -1;
     io->evfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
-    if (io->evfd < 0) {
+    io->fpfd = eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC);
+    if (io->evfd < 0 || io->fpfd < 0) {
+        if (io->evfd >= 0)
+            close(io->evfd);
+        if (io->fpfd >= 0)
+            close(io->fpfd);
         free(io);
         return -1;
     }
@@ -132,6 +139,7 @@ void nl_io_fini(struct nl_lb *lb)
 {
     if (lb->io) {
         close(lb->io->evfd);
+        close(lb->io->fpfd);
         free(lb->io);
         lb->io = NULL;
     }
@@ -143,18 +151,31 @@ static uint64_t stall_until_ms;
 
 /* ---- events: the eventfd over failover.c's ring ------------------------ */
 
-static void wake(struct nl_io *io)
+static void wake_fd(int fd)
 {
     uint64_t one = 1;
-    if (write(io->evfd, &one, sizeof(one)) < 0) {
+    if (write(fd, &one, sizeof(one)) < 0) {
         /* EAGAIN: the counter is saturated, the reader is already due. */
     }
+}
+
+static void wake(struct nl_io *io)
+{
+    wake_fd(io->evfd);
 }
 
 void nl_event_signal(struct nl_lb *lb)
 {
     if (nl_events_unsignalled(lb))
         wake(lb->io);
+    /* The fast path's observer forgets the keys of moved flows at once. */
+    if (nl_fp_unsignalled(lb))
+        wake_fd(lb->io->fpfd);
+}
+
+int nl_fp_wake_fd(struct nl_lb *lb)
+{
+    return lb->io->fpfd;
 }
 
 int nl_event_fd(struct nl_lb *lb)

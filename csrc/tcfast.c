@@ -6,6 +6,8 @@
  */
 #include <errno.h>
 #include <pthread.h>
+#include <unistd.h>
+#include <sys/epoll.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -23,7 +25,7 @@ _Static_assert(sizeof(((struct nl_fp_record *)0)->head) == NL_FP_HEAD,
 struct nl_fastpath {
     struct bpf_object *obj;
     int learn_fd, carry_fd;        /* the programs */
-    int backends_fd, flows_fd, counters_fd;
+    int backends_fd, flows_fd, counters_fd, stats_fd;
     uint32_t max_backends;
     int n_cpus;
     int events_fd;                 /* the ring of carried FINs and RSTs */
@@ -32,6 +34,7 @@ struct nl_fastpath {
     struct ring_buffer *rb;        /* its reader, while an observer runs */
     struct nl_lb *lb;              /* where the observer applies them   */
     pthread_t observer;
+    int epfd;                      /* the ring and the core's wake fd    */
     volatile int stop;
     uint64_t observed, ignored;    /* records applied, records that were not */
 };
@@ -54,7 +57,8 @@ static int silent(enum libbpf_print_level level, const char *fmt, va_list args)
 
 struct nl_fastpath *nl_fp_open(const char *path, uint32_t max_backends, uint32_t max_flows,
                                uint64_t tcp_lifetime_ns, uint64_t udp_lifetime_ns,
-                               uint64_t tcp_closing_ns, char *err, uint32_t errlen)
+                               uint64_t tcp_closing_ns, uint64_t syn_lifetime_ns,
+                               uint64_t synack_window_ns, char *err, uint32_t errlen)
 {
     libbpf_set_print(silent);
     struct nl_fastpath *fp = calloc(1, sizeof *fp);
@@ -74,9 +78,11 @@ struct nl_fastpath *nl_fp_open(const char *path, uint32_t max_backends, uint32_t
     struct bpf_map *counters = bpf_object__find_map_by_name(fp->obj, "counters");
     struct bpf_map *config = bpf_object__find_map_by_name(fp->obj, "config");
     struct bpf_map *events = bpf_object__find_map_by_name(fp->obj, "events");
+    struct bpf_map *stats = bpf_object__find_map_by_name(fp->obj, "stats");
     struct bpf_program *learn = bpf_object__find_program_by_name(fp->obj, "learn");
     struct bpf_program *carry = bpf_object__find_program_by_name(fp->obj, "carry");
-    if (!backends || !flows || !counters || !config || !events || !learn || !carry) {
+    if (!backends || !flows || !counters || !config || !events || !stats || !learn ||
+        !carry) {
         fail(err, errlen, "fast path object lacks a map or program", ENOENT);
         goto out;
     }
@@ -98,6 +104,7 @@ struct nl_fastpath *nl_fp_open(const char *path, uint32_t max_backends, uint32_t
     fp->flows_fd = bpf_map__fd(flows);
     fp->counters_fd = bpf_map__fd(counters);
     fp->events_fd = bpf_map__fd(events);
+    fp->stats_fd = bpf_map__fd(stats);
     fp->config_fd = bpf_map__fd(config);
     fp->max_backends = max_backends;
     fp->n_cpus = libbpf_num_possible_cpus();
@@ -107,7 +114,9 @@ struct nl_fastpath *nl_fp_open(const char *path, uint32_t max_backends, uint32_t
     }
     fp->config = (struct nl_fp_config){.tcp_lifetime_ns = tcp_lifetime_ns,
                                        .udp_lifetime_ns = udp_lifetime_ns,
-                                       .tcp_closing_ns = tcp_closing_ns};
+                                       .tcp_closing_ns = tcp_closing_ns,
+                                       .syn_lifetime_ns = syn_lifetime_ns,
+                                       .synack_window_ns = synack_window_ns};
     uint32_t zero = 0;
     if ((rc = bpf_map_update_elem(fp->config_fd, &zero, &fp->config, BPF_ANY))) {
         fail(err, errlen, "configuring the fast path", rc);
@@ -312,7 +321,7 @@ int nl_fp_test_run(struct nl_fastpath *fp, int egress, const uint8_t *pkt, uint3
     return 0;
 }
 
-/* ---- the observer: carried FINs and RSTs applied to natlb's flows ------ */
+/* ---- the observer: what the kernel carried, applied to natlb's flows ---- */
 
 static uint64_t now_ms(void)
 {
@@ -321,6 +330,7 @@ static uint64_t now_ms(void)
     return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
 }
 
+/* Called by ring_buffer__consume inside the external epoch (observe_round). */
 static int apply_event(void *ctx, void *data, size_t size)
 {
     struct nl_fastpath *fp = ctx;
@@ -332,13 +342,55 @@ static int apply_event(void *ctx, void *data, size_t size)
     uint8_t pkt[NL_FP_HEAD];
     memcpy(pkt, ev->head, ev->len);
     uint32_t flags = ev->len < ev->tot_len ? NL_PKT_HEAD_ONLY : 0;
-    int applied = nl_observe(fp->lb, pkt, ev->len, flags, now_ms());
+    int applied = nl_observed(fp->lb, fp->lb->cfg.n_workers, pkt, ev->len, flags, now_ms());
     __atomic_fetch_add(applied ? &fp->observed : &fp->ignored, 1, __ATOMIC_RELAXED);
     return 0;
 }
 
-#define POLL_NS 1000000           /* busy: the ring is read every 1 ms      */
+/* Both directions' entries of a flow natlb moved. */
+static void forget(struct nl_fastpath *fp, const struct nl_fp_forget *f)
+{
+    struct nl_fp_key in = {.saddr = f->client_addr, .daddr = f->vip_addr,
+                           .sport = f->client_port, .dport = f->vip_port, .proto = f->proto};
+    struct nl_fp_key out = {.saddr = f->backend_addr, .daddr = f->client_addr,
+                            .sport = f->backend_port, .dport = f->client_port,
+                            .proto = f->proto};
+    bpf_map_delete_elem(fp->flows_fd, &in);
+    bpf_map_delete_elem(fp->flows_fd, &out);
+}
+
+/* One round: the core's keys forgotten, then every record waiting applied
+ * (one epoch, one hold of the external mutex for them all), then the sync
+ * request read before the keys answered: every record the kernel wrote
+ * before it was applied, and no moved flow is carried any more. */
+static int observe_round(struct nl_fastpath *fp)
+{
+    struct nl_lb *lb = fp->lb;
+    uint64_t want = nl_fp_sync_wanted(lb);
+    struct nl_fp_forget keys[64];
+    int overflow = 0;
+    uint32_t n;
+    do {
+        int lost;
+        n = nl_fp_forget_take(lb, keys, 64, &lost);
+        overflow |= lost;
+        for (uint32_t i = 0; i < n; i++)
+            forget(fp, &keys[i]);
+    } while (n == 64);
+    if (overflow)
+        nl_fp_flush(fp);       /* keys were lost: forget them all */
+    nl_ext_enter(lb);
+    int got = ring_buffer__consume(fp->rb);
+    nl_ext_exit(lb);
+    nl_event_signal(lb);       /* what applying them emitted (passive reports) */
+    if (want)
+        nl_fp_sync_done(lb, want);
+    return got;
+}
+
+#define POLL_MS 1                  /* busy: the ring is read every 1 ms      */
 #define IDLE_POLLS 100             /* ... until 100 reads in a row find nothing */
+#define IDLE_WAIT_MS 100           /* idle: bounds how long stopping waits    */
 
 static void set_polling(struct nl_fastpath *fp, uint32_t on)
 {
@@ -347,42 +399,45 @@ static void set_polling(struct nl_fastpath *fp, uint32_t on)
     bpf_map_update_elem(fp->config_fd, &zero, &fp->config, BPF_ANY);
 }
 
-/* Idle, the thread sleeps until the kernel wakes it (the first record).
- * Busy, it reads the ring on a timer and the kernel wakes nobody per record
- * (fastpath.bpf.c): one context switch per millisecond, not per FIN.  A
- * record is applied at most about 1 ms after its packet passed. */
+/* Idle, the thread sleeps until the kernel wakes it (the first record) or
+ * the core does (keys to forget, a sync request: nl_fp_wake_fd).  Busy, it
+ * reads the ring every millisecond and the kernel wakes nobody per record
+ * (fastpath.bpf.c) unless the ring is a quarter full, which ends the wait
+ * early: one context switch per millisecond, not per record.  A record is
+ * applied at most about 1 ms after its packet passed.  Every wait also
+ * reads the ring when it times out: a record submitted without a wakeup
+ * just as polling stopped (or while a failed map update left the kernel
+ * believing we poll) would otherwise sit at the read position, and the
+ * kernel wakes the reader only for the record there. */
 static void *observe_loop(void *arg)
 {
     struct nl_fastpath *fp = arg;
+    int wake_fd = nl_fp_wake_fd(fp->lb);
     uint32_t idle = 0;
     while (!fp->stop) {
-        if (!fp->config.observer_polling) {
-            /* The timeout bounds how long nl_fp_observe_stop waits. */
-            int got = ring_buffer__poll(fp->rb, 100);
-            /* A timeout reads the ring too: a record submitted without a
-             * wakeup just as polling stopped (or while a failed map update
-             * left the kernel believing we poll) would otherwise sit at the
-             * read position, and the kernel wakes the reader only for the
-             * record there: every later record would wait behind it. */
-            if (got == 0)
-                got = ring_buffer__consume(fp->rb);
-            if (got > 0) {
-                set_polling(fp, 1);
-                idle = 0;
+        struct epoll_event evs[2];
+        int polling = fp->config.observer_polling;
+        int n = epoll_wait(fp->epfd, evs, 2, polling ? POLL_MS : IDLE_WAIT_MS);
+        for (int i = 0; i < n; i++) {
+            if (evs[i].data.fd == wake_fd) {
+                uint64_t v;
+                if (read(wake_fd, &v, sizeof v) < 0) {
+                    /* EAGAIN: another round already took it */
+                }
             }
-            continue;
         }
-        struct timespec ts = {0, POLL_NS};
-        nanosleep(&ts, NULL);
-        if (ring_buffer__consume(fp->rb) > 0) {
+        int got = observe_round(fp);
+        if (got > 0) {
             idle = 0;
-        } else if (++idle >= IDLE_POLLS) {
+            if (!polling)
+                set_polling(fp, 1);
+        } else if (polling && ++idle >= IDLE_POLLS) {
             set_polling(fp, 0);
             /* What came with no wakeup before the kernel saw the change. */
-            ring_buffer__consume(fp->rb);
+            observe_round(fp);
         }
     }
-    ring_buffer__consume(fp->rb);
+    observe_round(fp);
     if (fp->config.observer_polling)
         set_polling(fp, 0);
     return NULL;
@@ -395,15 +450,30 @@ int nl_fp_observe_start(struct nl_fastpath *fp, struct nl_lb *lb)
     fp->rb = ring_buffer__new(fp->events_fd, apply_event, fp, NULL);
     if (!fp->rb)
         return -errno;
+    int rc = 0;
+    fp->epfd = epoll_create1(EPOLL_CLOEXEC);
+    struct epoll_event ring = {.events = EPOLLIN, .data.fd = ring_buffer__epoll_fd(fp->rb)};
+    struct epoll_event core = {.events = EPOLLIN, .data.fd = nl_fp_wake_fd(lb)};
+    if (fp->epfd < 0 ||
+        epoll_ctl(fp->epfd, EPOLL_CTL_ADD, ring.data.fd, &ring) ||
+        epoll_ctl(fp->epfd, EPOLL_CTL_ADD, core.data.fd, &core))
+        rc = -errno;
     fp->lb = lb;
     fp->stop = 0;
-    int rc = pthread_create(&fp->observer, NULL, observe_loop, fp);
+    if (!rc) {
+        nl_fp_observing(lb, 1);
+        rc = -pthread_create(&fp->observer, NULL, observe_loop, fp);
+        if (rc)
+            nl_fp_observing(lb, 0);
+    }
     if (rc) {
+        if (fp->epfd >= 0)
+            close(fp->epfd);
         ring_buffer__free(fp->rb);
         fp->rb = NULL;
-        return -rc;
+        fp->lb = NULL;
     }
-    return 0;
+    return rc;
 }
 
 void nl_fp_observe_stop(struct nl_fastpath *fp)
@@ -412,6 +482,8 @@ void nl_fp_observe_stop(struct nl_fastpath *fp)
         return;
     fp->stop = 1;
     pthread_join(fp->observer, NULL);
+    nl_fp_observing(fp->lb, 0);
+    close(fp->epfd);
     ring_buffer__free(fp->rb);
     fp->rb = NULL;
     fp->lb = NULL;
@@ -421,6 +493,20 @@ void nl_fp_observe_counts(struct nl_fastpath *fp, uint64_t *observed, uint64_t *
 {
     *observed = __atomic_load_n(&fp->observed, __ATOMIC_RELAXED);
     *ignored = __atomic_load_n(&fp->ignored, __ATOMIC_RELAXED);
+}
+
+int64_t nl_fp_ring_full(struct nl_fastpath *fp)
+{
+    uint32_t key = NL_FP_STAT_RING_FULL;
+    uint64_t *vals = calloc((size_t)fp->n_cpus, sizeof *vals);
+    if (!vals)
+        return -ENOMEM;
+    int rc = bpf_map_lookup_elem(fp->stats_fd, &key, vals);
+    int64_t sum = 0;
+    for (int cpu = 0; !rc && cpu < fp->n_cpus; cpu++)
+        sum += (int64_t)vals[cpu];
+    free(vals);
+    return rc ? rc : sum;
 }
 
 /* Tests: the records waiting, copied out whole (at most max). */

@@ -258,6 +258,24 @@ def _port(p: int) -> int:
     return socket.htons(p)
 
 
+def _v4_str(a: int) -> str:
+    """The uint32_t whose bytes are an IPv4 packet's address, as text."""
+    return socket.inet_ntoa(struct.pack("=I", a))
+
+
+@dataclass(frozen=True)
+class ForgetKey:
+    """A flow whose fast-path entries natlb wants gone (ports host order)."""
+
+    client: str
+    client_port: int
+    vip: str
+    vip_port: int
+    backend: str
+    backend_port: int
+    protocol: int
+
+
 class Batch:
     """Packets laid out for nl_process_many."""
 
@@ -542,6 +560,29 @@ class Core:
         n = lib.nl_outbox_take(self._lb, buf, 256)
         return bytes(ffi.buffer(buf, n)) if n else None
 
+    # -- the core's side of the fast path (the observer thread, or tests) --
+
+    def fp_forget_take(self, max_keys: int = 64) -> tuple[list[ForgetKey], bool]:
+        """Flows natlb moved whose kernel entries must go, and whether
+        some were lost (then every entry must go)."""
+        out = ffi.new("struct nl_fp_forget[]", max_keys)
+        overflow = ffi.new("int *")
+        n = lib.nl_fp_forget_take(self._lb, out, max_keys, overflow)
+        keys = [ForgetKey(_v4_str(k.client_addr), _port(k.client_port), _v4_str(k.vip_addr),
+                          _port(k.vip_port), _v4_str(k.backend_addr), _port(k.backend_port),
+                          k.proto)
+                for k in out[0:n]]
+        return keys, bool(overflow[0])
+
+    def fp_observing(self, on: bool) -> None:
+        lib.nl_fp_observing(self._lb, int(on))
+
+    def fp_sync_wanted(self) -> int:
+        return lib.nl_fp_sync_wanted(self._lb)
+
+    def fp_sync_done(self, req: int) -> None:
+        lib.nl_fp_sync_done(self._lb, req)
+
     def failover_counters(self) -> dict[str, int]:
         out = ffi.new("uint64_t[]", lib.NL_F_MAX)
         lib.nl_read_failover(self._lb, out)
@@ -639,12 +680,14 @@ class FastPath:
 
     def __init__(self, max_backends: int, max_flows: int, tcp_lifetime_ms: int,
                  udp_lifetime_ms: int, tcp_closing_ms: int | None = None,
-                 path: Path = FASTPATH_OBJECT) -> None:
+                 path: Path = FASTPATH_OBJECT, syn_lifetime_ms: int = 5_000,
+                 synack_window_ms: int = 75) -> None:
         err = ffi.new("char[]", 256)
         closing = tcp_lifetime_ms if tcp_closing_ms is None else tcp_closing_ms
         fp = lib.nl_fp_open(str(path).encode(), max_backends, max_flows,
                             tcp_lifetime_ms * 1_000_000, udp_lifetime_ms * 1_000_000,
-                            closing * 1_000_000, err, 256)
+                            closing * 1_000_000, syn_lifetime_ms * 1_000_000,
+                            synack_window_ms * 1_000_000, err, 256)
         if fp == ffi.NULL:
             raise CoreError(f"fast path: {ffi.string(err).decode()}")
         self._fp = ffi.gc(fp, lib.nl_fp_close)
@@ -675,6 +718,14 @@ class FastPath:
         applied, ignored = ffi.new("uint64_t *"), ffi.new("uint64_t *")
         lib.nl_fp_observe_counts(self._fp, applied, ignored)
         return applied[0], ignored[0]
+
+    def ring_full(self) -> int:
+        """Packets the kernel queued instead of carrying them: no room in
+        the ring for their record."""
+        n = lib.nl_fp_ring_full(self._fp)
+        if n < 0:
+            raise CoreError(f"fast path: reading its stats: {os.strerror(-n)}")
+        return n
 
     def read_events(self, max_records: int = 4096) -> list[tuple[int, bytes, int]]:
         """Tests (no observer): the waiting records as (ifindex, head,

@@ -74,15 +74,24 @@ def _exists(ifindex: int) -> bool:
 
 class TcFastPath:
     def __init__(self, lb: LBConfig) -> None:
-        half = {k: max(1, int(lb.timeouts_s[k] * 500)) for k in ("tcp_established", "udp")}
+        half = {k: max(1, int(lb.timeouts_s[k] * 500))
+                for k in ("tcp_established", "udp", "tcp_syn")}
         try:
             # An entry lives half of natlb's own timeout and is never
             # refreshed: it always expires before natlb's flow does, whose
             # next packet is queued and renews it (README "The fast path").
             # A carried FIN cuts both entries to natlb's own closing
             # timeout, which its flow gets when natlb applies the FIN.
+            # Learned from a SYN, they live half of tcp_syn until the
+            # handshake's last ACK is carried; and a SYN-ACK is carried only
+            # within three quarters of syn_timeout_ms of its SYN: a later
+            # one is natlb's (its held-SYN timer may move the flow, and then
+            # drops that SYN-ACK: README "Failover").
             self.fp = FastPath(lb.max_backends, lb.max_flows, half["tcp_established"],
-                               half["udp"], max(1, int(lb.timeouts_s["tcp_fin"] * 1000)))
+                               half["udp"], max(1, int(lb.timeouts_s["tcp_fin"] * 1000)),
+                               syn_lifetime_ms=half["tcp_syn"],
+                               synack_window_ms=(lb.syn_timeout_ms * 3 // 4
+                                                 if lb.syn_timeout_ms else half["tcp_syn"]))
         except CoreError as e:
             raise FastPathError(f"lb.fastpath = true, but {e}") from None
         self._slots: dict[int, Slot] = {}
@@ -190,9 +199,16 @@ class TcFastPath:
         return self.fp.counters(n) if n else {}
 
     def observe(self, core: Core) -> None:
-        """From now on the FINs and RSTs the kernel carries reach core's
-        flows (before the filters are attached: none is missed)."""
+        """From now on what the kernel carries and tells (FIN, RST, the
+        handshake, a UDP flow's first answer) reaches core's flows (before
+        the filters are attached: none is missed)."""
         self.fp.observe(core)
+
+    def observer_counts(self) -> dict[str, int]:
+        """The observer's records: applied to a flow, not believed (changed
+        nothing), and packets queued instead for want of room in the ring."""
+        applied, ignored = self.fp.observe_counts()
+        return {"applied": applied, "ignored": ignored, "ring_full": self.fp.ring_full()}
 
     def stop_observing(self) -> None:
         """Before core closes."""

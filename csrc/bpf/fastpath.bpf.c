@@ -75,6 +75,13 @@ struct {
 } config SEC(".maps");
 
 struct {
+    __uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+    __uint(max_entries, NL_FP_STAT_MAX);
+    __type(key, __u32);
+    __type(value, __u64);
+} stats SEC(".maps");
+
+struct {
     __uint(type, BPF_MAP_TYPE_RINGBUF);
     __uint(max_entries, NL_FP_RING_BYTES);
 } events SEC(".maps");
@@ -112,6 +119,30 @@ static __always_inline void cut_deadline(const struct nl_fp_key *k)
         f->deadline_ns = closing;
 }
 
+static __always_inline void count_stat(__u32 which)
+{
+    __u64 *v = bpf_map_lookup_elem(&stats, &which);
+    if (v)
+        (*v)++;
+}
+
+/* The handshake's last ACK was carried: natlb's flow is ESTABLISHED (once
+ * it applies the record), so both entries live as an established flow's. */
+static __always_inline void handshake_done(struct nl_fp_flow *f, const struct nl_fp_key *rk,
+                                           int fin)
+{
+    __u32 zero = 0;
+    struct nl_fp_config *cfg = bpf_map_lookup_elem(&config, &zero);
+    f->flags &= ~NL_FP_F_HANDSHAKE;
+    if (!cfg || fin)
+        return;                /* a FIN already cut both deadlines */
+    __u64 deadline = bpf_ktime_get_ns() + cfg->tcp_lifetime_ns;
+    f->deadline_ns = deadline;
+    struct nl_fp_flow *r = bpf_map_lookup_elem(&flows, rk);
+    if (r)
+        r->deadline_ns = deadline;
+}
+
 /* The IPv4 header of a packet with an Ethernet header, bounds-checked. */
 static __always_inline struct iphdr *ipv4_header(struct __sk_buff *skb)
 {
@@ -144,6 +175,17 @@ int learn(struct __sk_buff *skb)
     __be16 *ports = (void *)(ip + 1);
     if ((void *)(ports + 2) > data_end)
         return TC_ACT_OK;
+    /* A client's SYN (natlb marks only a new flow's first): the handshake
+     * is carried, each step told to natlb (carry). */
+    int syn = 0;
+    __be32 synack_ack = 0;
+    if (ip->protocol == IPPROTO_TCP) {
+        struct tcphdr *th = (void *)(ip + 1);
+        if ((void *)(th + 1) > data_end)
+            return TC_ACT_OK;
+        syn = th->syn && !th->ack;
+        synack_ack = bpf_htonl(bpf_ntohl(th->seq) + 1);
+    }
 
     __u32 bid = mark & NL_FP_MARK_ID;
     struct nl_fp_backend *b = bpf_map_lookup_elem(&backends, &bid);
@@ -153,18 +195,27 @@ int learn(struct __sk_buff *skb)
         b->port != ports[1])
         return TC_ACT_OK;      /* a stale mark (a publish in between): skip */
 
-    __u64 deadline = bpf_ktime_get_ns() +
-        (b->proto == IPPROTO_TCP ? cfg->tcp_lifetime_ns : cfg->udp_lifetime_ns);
+    __u64 now = bpf_ktime_get_ns();
+    __u64 deadline = now + (syn ? cfg->syn_lifetime_ns
+                            : b->proto == IPPROTO_TCP ? cfg->tcp_lifetime_ns
+                            : cfg->udp_lifetime_ns);
+    __u8 in_flags = syn ? NL_FP_F_HANDSHAKE : 0;
+    __u8 out_flags = syn ? NL_FP_F_HANDSHAKE
+                   : b->proto == IPPROTO_UDP ? NL_FP_F_UNREPLIED : 0;
     struct nl_fp_key fk = {.saddr = ip->saddr, .daddr = b->vip, .sport = ports[0],
                            .dport = b->vport, .proto = b->proto};
     struct nl_fp_flow fv = {.addr = b->addr, .port = b->port, .dir = NL_FP_IN,
-                            .backend_id = bid, .out_ifindex = skb->ifindex,
+                            .flags = in_flags, .backend_id = bid,
+                            .out_ifindex = skb->ifindex,
                             .in_ifindex = skb->ingress_ifindex, .deadline_ns = deadline};
     struct nl_fp_key rk = {.saddr = b->addr, .daddr = ip->saddr, .sport = b->port,
                            .dport = ports[0], .proto = b->proto};
     struct nl_fp_flow rv = {.addr = b->vip, .port = b->vport, .dir = NL_FP_OUT,
-                            .backend_id = bid, .out_ifindex = skb->ingress_ifindex,
-                            .in_ifindex = skb->ifindex, .deadline_ns = deadline};
+                            .flags = out_flags, .backend_id = bid,
+                            .out_ifindex = skb->ingress_ifindex,
+                            .in_ifindex = skb->ifindex, .deadline_ns = deadline,
+                            .synack_by_ns = syn ? now + cfg->synack_window_ns : 0,
+                            .synack_ack = syn ? synack_ack : 0};
     if (!skb->ingress_ifindex)
         return TC_ACT_OK;      /* not forwarded: nothing to carry back */
     bpf_map_update_elem(&flows, &rk, &rv, BPF_ANY);
@@ -181,7 +232,8 @@ int carry(struct __sk_buff *skb)
     void *data_end = (void *)(long)skb->data_end;
     struct nl_fp_key k = {.saddr = ip->saddr, .daddr = ip->daddr, .proto = ip->protocol};
     __u32 csum_off, csum_flags = BPF_F_PSEUDO_HDR;
-    int syn = 0, fin = 0, rst = 0;
+    int syn = 0, fin = 0, rst = 0, ack = 0;
+    __be32 ack_seq = 0;
     __u16 tot_len = bpf_ntohs(ip->tot_len);
 
     if (ip->protocol == IPPROTO_TCP) {
@@ -193,6 +245,8 @@ int carry(struct __sk_buff *skb)
         syn = th->syn;
         fin = th->fin;
         rst = th->rst;
+        ack = th->ack;
+        ack_seq = th->ack_seq;
         csum_off = TCP_CSUM_OFF;
     } else if (ip->protocol == IPPROTO_UDP) {
         struct udphdr *uh = (void *)(ip + 1);
@@ -214,18 +268,43 @@ int carry(struct __sk_buff *skb)
     struct nl_fp_key rk = other_side(&k, &flow);
     if (flow.in_ifindex != skb->ingress_ifindex)
         return TC_ACT_OK;      /* spoofed: changes nothing here, SYN or not */
-    if (syn) {
-        /* A new connection on an old tuple: natlb places it. */
+    __u64 now = bpf_ktime_get_ns();
+    int handshake = flow.flags & NL_FP_F_HANDSHAKE;
+    /* The backend's answer to the SYN natlb placed: carried (and told) only
+     * if it is the SYN-ACK that SYN asks for, in time. */
+    int synack = handshake && flow.dir == NL_FP_OUT && syn && ack && !rst && !fin &&
+                 ack_seq == flow.synack_ack && now <= flow.synack_by_ns;
+    if ((syn && !synack) || (handshake && flow.dir == NL_FP_OUT && rst)) {
+        /* A new connection on an old tuple, a SYN again (natlb counts its
+         * tries and may move the flow), or the backend refusing the SYN
+         * (natlb re-steers it; the client must never see that RST): natlb
+         * places it, and neither side is carried until it marks one again. */
         bpf_map_delete_elem(&flows, &k);
         bpf_map_delete_elem(&flows, &rk);
         return TC_ACT_OK;
     }
-    if (bpf_ktime_get_ns() > flow.deadline_ns) {
+    if (now > flow.deadline_ns) {
         /* natlb must see this one, and the flow's next packets until it
          * marks one fast again. */
         bpf_map_delete_elem(&flows, &k);
         return TC_ACT_OK;
     }
+    int record = fin || rst || synack;
+    int hs_ack = 0;
+    if (handshake && !synack) {
+        if (flow.dir == NL_FP_OUT)
+            return TC_ACT_OK;  /* the backend, before its SYN-ACK: natlb's */
+        /* The client: carried once the SYN-ACK was (natlb then holds its flow
+         * in SYN_RECV, or will when it applies that record, which the ring
+         * gives it first), with a record. */
+        struct nl_fp_flow *r = bpf_map_lookup_elem(&flows, &rk);
+        if (!r || (r->flags & NL_FP_F_HANDSHAKE))
+            return TC_ACT_OK;
+        record = 1;
+        hs_ack = !rst;
+    }
+    int unreplied = flow.dir == NL_FP_OUT && (flow.flags & NL_FP_F_UNREPLIED);
+    record |= unreplied;
     if (rst) {
         /* Carried or queued, natlb closes its flow on it: neither side may
          * be carried after it. */
@@ -244,18 +323,20 @@ int carry(struct __sk_buff *skb)
         return TC_ACT_OK;      /* too big: natlb and the kernel do PMTU */
 
     struct nl_fp_event *ev = 0;
-    if (fin || rst) {
+    if (record) {
         ev = bpf_ringbuf_reserve(&events, sizeof(*ev), 0);
-        if (!ev)
+        if (!ev) {
+            count_stat(NL_FP_STAT_RING_FULL);
             return TC_ACT_OK;  /* no room to tell natlb: it sees the packet */
-        /* 64-bit all along: the verifier then knows 40 <= n <= 128. */
+        }
+        /* 64-bit all along: the verifier then knows 28 <= n <= 128. */
         __u64 n = skb->len;
         n = n > ETH_HLEN ? n - ETH_HLEN : 0;
         if (n > tot_len)
             n = tot_len;       /* never the Ethernet padding */
         if (n > NL_FP_HEAD)
             n = NL_FP_HEAD;
-        if (n < sizeof(struct iphdr) + sizeof(struct tcphdr) ||
+        if (n < sizeof(struct iphdr) + sizeof(struct udphdr) ||
             bpf_skb_load_bytes(skb, ETH_HLEN, ev->head, n)) {
             bpf_ringbuf_discard(ev, 0);
             return TC_ACT_OK;
@@ -295,9 +376,16 @@ int carry(struct __sk_buff *skb)
         goto shot;
 
     if (ev) {
+        /* What the record tells natlb needs telling only once: the flag goes
+         * with the packet that carried it (f is the map's value; an entry
+         * deleted meanwhile is not reused while we hold it). */
+        if (synack || unreplied)
+            f->flags &= ~(NL_FP_F_HANDSHAKE | NL_FP_F_UNREPLIED);
+        else if (hs_ack)
+            handshake_done(f, &rk, fin);
         /* A wakeup per record would cost natlb a context switch per FIN;
          * while its observer polls (busy) it needs none, unless the ring
-         * fills up. */
+         * fills up: then the wakeup ends the observer's 1 ms wait early. */
         __u32 zero = 0;
         struct nl_fp_config *cfg = bpf_map_lookup_elem(&config, &zero);
         __u64 wake = 0;

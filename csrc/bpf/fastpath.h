@@ -40,18 +40,34 @@ struct nl_fp_key {
     __u8 pad[3];                   /* zero: hashed with the rest              */
 };
 
+/* nl_fp_flow.flags: what natlb has not seen yet of a flow it placed with
+ * its first packet (the client's SYN, a UDP flow's first datagram). */
+#define NL_FP_F_HANDSHAKE 1        /* TCP, learned from the SYN: OUT carries
+                                      only a SYN-ACK answering it, IN only
+                                      once that was carried; each of the two
+                                      with a record (natlb's SYN_RECV, then
+                                      ESTABLISHED), which clears the flag    */
+#define NL_FP_F_UNREPLIED 2        /* UDP, OUT: the backend's first answer
+                                      goes with a record (natlb's REPLIED)  */
+
 /* flows map value: how to carry a packet with that key. */
 struct nl_fp_flow {
     __be32 addr;                   /* new daddr (IN) or new saddr (OUT)       */
     __be16 port;                   /* new dport (IN) or new sport (OUT)       */
     __u8 dir;                      /* NL_FP_IN or NL_FP_OUT                   */
-    __u8 pad;                      /* zero                                    */
+    __u8 flags;                    /* NL_FP_F_*                               */
     __u32 backend_id;              /* counter slot, and what a flush is about */
     __u32 out_ifindex;             /* bpf_redirect_neigh to this device       */
     __u32 in_ifindex;              /* only packets arriving here are carried
                                       (the anti-spoof check of `replies`)     */
     __u64 deadline_ns;             /* bpf_ktime_get_ns() after which the entry
                                       is dead: natlb renews its flow first    */
+    __u64 synack_by_ns;            /* OUT in handshake: a SYN-ACK after this is
+                                      natlb's (its held-SYN timer may move the
+                                      flow: late_synack drops it)             */
+    __be32 synack_ack;             /* OUT in handshake: the ack a SYN-ACK must
+                                      carry (the SYN's seq + 1)               */
+    __u32 pad;                     /* zero                                    */
 };
 
 /* counters map (per-CPU array, index = backend id * 2 + direction). */
@@ -69,10 +85,22 @@ struct nl_fp_config {
     __u32 observer_polling;        /* 1: natlb's observer reads the ring on a
                                       timer, no wakeup needed per record      */
     __u32 pad;                     /* zero                                    */
+    __u64 syn_lifetime_ns;         /* entries learned from a SYN, until the
+                                      handshake's last ACK is carried (then
+                                      tcp_lifetime_ns)                        */
+    __u64 synack_window_ns;        /* a SYN-ACK is carried only this long
+                                      after its SYN (before natlb's held-SYN
+                                      timer fires)                            */
 };
 
-/* events ring buffer: one record per FIN or RST carried, so natlb applies
- * it to its own flow (csrc/tcfast.c's observer, nl_observe). */
+/* stats map (per-CPU array): what the programs did that nothing else counts. */
+#define NL_FP_STAT_RING_FULL 0     /* packets queued (not carried) because the
+                                      ring had no room for their record       */
+#define NL_FP_STAT_MAX 1
+
+/* events ring buffer: one record per packet carried that moves natlb's
+ * flow (FIN, RST, the handshake's SYN-ACK and last ACK, a UDP flow's first
+ * answer), so natlb applies it to its own flow (csrc/tcfast.c's observer). */
 #define NL_FP_HEAD 128             /* IP + TCP header (<= 80) and some data   */
 #define NL_FP_RING_BYTES (256 * 1024)
 struct nl_fp_event {

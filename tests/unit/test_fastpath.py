@@ -4,10 +4,12 @@ never saw."""
 
 from __future__ import annotations
 
-import pytest
-from scapy.layers.inet import IP, TCP, UDP
+from dataclasses import replace
 
-from natlb.core import MARK_FAST, MARK_FORWARD, Core, CoreConfig, Verdict
+import pytest
+from scapy.layers.inet import ICMP, IP, TCP, UDP
+
+from natlb.core import MARK_FAST, MARK_FORWARD, Core, CoreConfig, ForgetKey, Verdict
 
 from .services import BACKENDS, CLIENT, VIP, make_service
 
@@ -32,11 +34,13 @@ def handshake(core: Core, sport: int = 40000) -> tuple[str, int]:
     return backend, mark
 
 
-def test_only_established_packets_that_change_no_state_are_fast(fast_core):
+def test_a_new_flows_syn_and_established_packets_that_change_no_state_are_fast(fast_core):
     fast_core.publish([make_service(sid=5)])
     syn = IP(src=CLIENT, dst=VIP) / TCP(sport=40000, dport=80, flags="S", seq=1000)
     _, mark = fast_core.decide(bytes(syn), 1)
-    assert mark & ~0xFFF == MARK_FORWARD                     # a SYN: no
+    assert mark & MARK_FAST                                  # the first SYN: the kernel
+    _, mark = fast_core.decide(bytes(syn), 2)                # carries its handshake
+    assert not mark & MARK_FAST                              # the SYN again: natlb's
     _, mark = handshake(fast_core, 40001)
     assert mark & MARK_FAST and mark & ~(0xFFF | MARK_FAST) == MARK_FORWARD
     fin = IP(src=CLIENT, dst=VIP) / TCP(sport=40001, dport=80, flags="FA", seq=1001, ack=5001)
@@ -44,6 +48,16 @@ def test_only_established_packets_that_change_no_state_are_fast(fast_core):
     assert not mark & MARK_FAST                              # a FIN: no, nor after it
     ack = IP(src=CLIENT, dst=VIP) / TCP(sport=40001, dport=80, flags="A", seq=1002, ack=5001)
     assert not fast_core.decide(bytes(ack), 5)[1] & MARK_FAST
+
+
+def test_a_cluster_services_first_packet_is_not_fast():
+    c = Core(CoreConfig(max_flows=1024, workers=1, fastpath=True))
+    try:
+        c.publish([replace(make_service("maglev", sid=5), cluster=True)])
+        syn = IP(src=CLIENT, dst=VIP) / TCP(sport=40001, dport=80, flags="S", seq=1000)
+        assert not c.decide(bytes(syn), 2)[1] & MARK_FAST    # replies may take another node
+    finally:
+        c.close()
 
 
 def test_without_fastpath_no_mark_is_fast(core):
@@ -87,21 +101,123 @@ def udp(src: str, dst: str, sport: int, dport: int) -> bytes:
     return bytes(IP(src=src, dst=dst) / UDP(sport=sport, dport=dport) / b"q")
 
 
-def test_a_udp_flow_is_fast_once_its_backend_answered(fast_core):
+def test_a_udp_flows_first_datagram_is_fast_then_only_once_its_backend_answered(fast_core):
     fast_core.publish([make_service(sid=5, protocol="udp", port=53, backend_port=53)])
     _, mark = fast_core.decide(udp(CLIENT, VIP, 5000, 53), 1)
-    assert mark & ~0xFFF == MARK_FORWARD                     # the first: no
-    backend = BACKENDS[(mark & 0xFFF) - 5 * 16]
-    assert not fast_core.decide(udp(CLIENT, VIP, 5000, 53), 2)[1] & MARK_FAST  # no answer yet
+    assert mark & MARK_FAST                                  # the first: the kernel
+    backend = BACKENDS[(mark & 0xFFF) - 5 * 16]              # carries its answer, told
+    assert not fast_core.decide(udp(CLIENT, VIP, 5000, 53), 2)[1] & MARK_FAST  # none yet
     v, reply = fast_core.decide(udp(backend, CLIENT, 53, 5000), 3)
     assert v == Verdict.MARK and not reply & MARK_FAST
     _, mark = fast_core.decide(udp(CLIENT, VIP, 5000, 53), 4)
     assert mark & MARK_FAST and BACKENDS[(mark & 0xFFF) - 5 * 16] == backend
-    # Its backend no longer alive: the flow's next packet moves, and is not fast.
+    # Its backend no longer alive: the flow's next packet moves, is not fast,
+    # and the kernel is told to forget the old backend's entries.
+    assert fast_core.fp_forget_take() == ([], False)
     fast_core.publish([make_service(sid=5, protocol="udp", port=53, backend_port=53,
                                     down=(backend,))])
     _, mark = fast_core.decide(udp(CLIENT, VIP, 5000, 53), 5)
     assert not mark & MARK_FAST and BACKENDS[(mark & 0xFFF) - 5 * 16] != backend
+    keys, lost = fast_core.fp_forget_take()
+    assert not lost and keys == [ForgetKey(CLIENT, 5000, VIP, 53, backend, 53, 17)]
+
+
+# ---- a handshake the kernel carries: re-steering forgets, the timer syncs ----
+
+def fast_syn(core: Core, sport: int = 40000) -> str:
+    """The first SYN of a connection, marked fast; its backend."""
+    syn = IP(src=CLIENT, dst=VIP) / TCP(sport=sport, dport=80, flags="S", seq=1000,
+                                        options=[("MSS", 1460)])
+    v, mark = core.decide(bytes(syn), 100)
+    assert v == Verdict.MARK and mark & MARK_FAST
+    return BACKENDS[mark & 0xFFF]
+
+
+@pytest.fixture
+def held_core():
+    c = Core(CoreConfig(max_flows=1024, workers=1, fastpath=True, syn_timeout_ms=50,
+                        resteer_tries=3))
+    c.publish([make_service()])
+    yield c
+    c.close()
+
+
+def test_an_rst_to_a_fast_syn_resteers_it_and_the_kernel_forgets_the_old_backend(held_core):
+    b1 = fast_syn(held_core)
+    rst = IP(src=b1, dst=CLIENT) / TCP(sport=8080, dport=40000, flags="RA", ack=1001)
+    assert held_core.decide(bytes(rst), 101)[0] == Verdict.DROP   # never to the client
+    resent = IP(held_core.outbox_take())
+    assert resent[TCP].flags == "S" and resent.dst != b1
+    keys, _ = held_core.fp_forget_take()
+    assert keys == [ForgetKey(CLIENT, 40000, VIP, 80, b1, 8080, 6)]
+    # Once: the flow is not the kernel's any more (its handshake is queued).
+    rst2 = IP(src=resent.dst, dst=CLIENT) / TCP(sport=8080, dport=40000, flags="RA", ack=1001)
+    held_core.decide(bytes(rst2), 102)
+    assert held_core.fp_forget_take() == ([], False)
+
+
+def test_an_icmp_error_to_a_fast_syn_resteers_it_and_the_kernel_forgets(held_core):
+    b1 = fast_syn(held_core)
+    quoted = IP(src=CLIENT, dst=b1) / TCP(sport=40000, dport=8080, flags="S", seq=1000)
+    icmp = IP(src=b1, dst=CLIENT) / ICMP(type=3, code=1) / bytes(quoted)[:28]
+    assert held_core.decide(bytes(icmp), 101)[0] == Verdict.DROP
+    assert IP(held_core.outbox_take()).dst != b1
+    assert held_core.fp_forget_take()[0] == [ForgetKey(CLIENT, 40000, VIP, 80, b1, 8080, 6)]
+
+
+def test_without_an_observer_the_timer_resteers_a_fast_syn_at_once(held_core):
+    b1 = fast_syn(held_core)
+    held_core.failover_tick(150)
+    assert IP(held_core.outbox_take()).dst != b1
+    assert held_core.fp_forget_take()[0] == [ForgetKey(CLIENT, 40000, VIP, 80, b1, 8080, 6)]
+
+
+def test_the_timer_waits_for_the_observer_before_resteering_a_fast_syn(held_core):
+    """The kernel may have carried the SYN-ACK just before the deadline and
+    the observer not applied it yet: the kernel forgets the flow first (no
+    SYN-ACK carried after that), and the flow moves only if it is still
+    unanswered once the observer applied everything written before."""
+    held_core.fp_observing(True)
+    b1 = fast_syn(held_core)
+    held_core.failover_tick(150)
+    assert held_core.outbox_take() is None and held_core.read_events() == []
+    assert held_core.fp_forget_take()[0] == [ForgetKey(CLIENT, 40000, VIP, 80, b1, 8080, 6)]
+    want = held_core.fp_sync_wanted()
+    assert want > 0
+    held_core.failover_tick(151)
+    assert held_core.outbox_take() is None            # not answered yet
+    held_core.fp_sync_done(want)
+    held_core.failover_tick(152)
+    assert IP(held_core.outbox_take()).dst != b1
+    assert [e.kind for e in held_core.read_events()] == ["syn_timeout"]
+
+
+def test_a_synack_the_observer_applies_meanwhile_keeps_the_flow(held_core):
+    held_core.fp_observing(True)
+    b1 = fast_syn(held_core)
+    held_core.failover_tick(150)
+    synack = IP(src=b1, dst=CLIENT) / TCP(sport=8080, dport=40000, flags="SA", seq=5000,
+                                           ack=1001)
+    assert held_core.observe(bytes(synack), 150)
+    held_core.fp_sync_done(held_core.fp_sync_wanted())
+    held_core.failover_tick(151)
+    assert held_core.outbox_take() is None and held_core.read_events() == []
+    ack = IP(src=CLIENT, dst=VIP) / TCP(sport=40000, dport=80, flags="A", seq=1001, ack=5001)
+    assert held_core.observe(bytes(ack), 152)
+    # ESTABLISHED: the client's next packet is marked fast again.
+    data = IP(src=CLIENT, dst=VIP) / TCP(sport=40000, dport=80, flags="PA", seq=1001,
+                                         ack=5001) / b"x"
+    _, mark = held_core.decide(bytes(data), 153)
+    assert mark & MARK_FAST and BACKENDS[mark & 0xFFF] == b1
+
+
+def test_an_observer_that_stops_answers_every_wait(held_core):
+    held_core.fp_observing(True)
+    b1 = fast_syn(held_core)
+    held_core.failover_tick(150)
+    held_core.fp_observing(False)
+    held_core.failover_tick(151)
+    assert IP(held_core.outbox_take()).dst != b1
 
 
 def test_fast_marks_are_kept_for_tc_per_protocol_in_use():

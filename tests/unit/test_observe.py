@@ -1,11 +1,12 @@
-"""nl_observe: a FIN or RST the kernel carried alone (the tc fast path)
-reaches natlb's flow afterwards, as the queued packet would have, with
-nothing sent and nothing created."""
+"""nl_observe: a packet the kernel carried alone and told natlb of (the tc
+fast path: FIN, RST, the handshake's SYN-ACK and last ACK, a UDP flow's
+first answer) reaches natlb's flow afterwards, as the queued packet would
+have, with nothing sent and nothing created."""
 
 import pytest
-from scapy.layers.inet import IP, TCP
+from scapy.layers.inet import IP, TCP, UDP
 
-from natlb.core import PKT_HEAD_ONLY, Core, CoreConfig, Verdict
+from natlb.core import MARK_FAST, PKT_HEAD_ONLY, Core, CoreConfig, Verdict
 
 from .services import BACKENDS, CLIENT, VIP, make_service
 
@@ -93,15 +94,61 @@ def test_an_unknown_flow_changes_nothing(core):
     assert after == before
 
 
-def test_only_fin_and_rst_are_observed_and_never_create_a_flow(core):
+def test_a_client_syn_is_never_observed_and_nothing_creates_a_flow(core):
     established(core)
     before = core.service_counters(1)
-    for flags in ("A", "PA", "S", "SA", "SF"):
+    for flags in ("S", "SA", "SF"):
         assert core.observe(client(flags, b"data"), 10) is False
     assert core.service_counters(1) == before and gauges(core) == (1, 0)
     core.publish([make_service(port=81)])
     syn = bytes(IP(src=CLIENT, dst=VIP) / TCP(sport=5, dport=81, flags="S"))
     assert core.observe(syn, 10) is False and core.flow_count() == 1
+    core.publish([make_service(protocol="udp", port=53, backend_port=53)])
+    dgram = bytes(IP(src=CLIENT, dst=VIP) / UDP(sport=5, dport=53) / b"q")
+    answer = bytes(IP(src=BACKENDS[0], dst=CLIENT) / UDP(sport=53, dport=5) / b"a")
+    assert core.observe(dgram, 10) is False and core.observe(answer, 10) is False
+    assert core.flow_count() == 1
+
+
+def test_an_observed_handshake_moves_the_flow_as_a_queued_one(core, twin):
+    """The SYN queued, its SYN-ACK and the client's last ACK carried and
+    told: natlb's flow is where the queued handshake leaves it."""
+    syn = bytes(IP(src=CLIENT, dst=VIP) / TCP(sport=CPORT, dport=80, flags="S", seq=100))
+    for c in (core, twin):
+        c.publish([make_service()])
+    be = BACKENDS[core.decide(syn, 1)[1] & 0xFFF]
+    assert BACKENDS[twin.decide(syn, 1)[1] & 0xFFF] == be
+    synack = bytes(IP(src=be, dst=CLIENT) / TCP(sport=8080, dport=CPORT, flags="SA", seq=500,
+                                                ack=101))
+    ack = bytes(IP(src=CLIENT, dst=VIP) / TCP(sport=CPORT, dport=80, flags="A", seq=101,
+                                              ack=501))
+    assert core.observe(synack, 2) and core.observe(ack, 3)
+    twin.decide(synack, 2)
+    twin.decide(ack, 3)
+    assert gauges(core) == gauges(twin) == (1, 0)
+    assert core.backend_counters(16) == twin.backend_counters(16)
+    assert core.reasons() == twin.reasons()
+    # ESTABLISHED in both (no longer embryonic): the same answers to a FIN.
+    fin = client("FA")
+    assert core.observe(fin, 4) and twin.decide(fin, 4)[0] == Verdict.MARK
+    assert gauges(core) == gauges(twin) == (0, 1)
+
+
+def test_an_observed_udp_answer_marks_the_flow_answered():
+    core = Core(CoreConfig(max_flows=1024, workers=1, fastpath=True))
+    try:
+        core.publish([make_service(protocol="udp", port=53, backend_port=53)])
+        dgram = bytes(IP(src=CLIENT, dst=VIP) / UDP(sport=5000, dport=53) / b"q")
+        _, mark = core.decide(dgram, 1)
+        be = BACKENDS[mark & 0xFFF]
+        assert not core.decide(dgram, 2)[1] & MARK_FAST      # no answer yet
+        answer = bytes(IP(src=be, dst=CLIENT) / UDP(sport=53, dport=5000) / b"a")
+        assert core.observe(answer, 3)
+        svc = core.service_counters(1)[0]
+        assert (svc.packets_in, svc.packets_out) == (2, 1)
+        assert core.decide(dgram, 4)[1] & MARK_FAST          # answered
+    finally:
+        core.close()
 
 
 def test_a_whole_packet_with_a_bad_checksum_is_not_believed(core):
