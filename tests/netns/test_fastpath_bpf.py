@@ -63,9 +63,11 @@ def inside(ns):
         yield lambda fn, *a, **kw: ex.submit(fn, *a, **kw).result()
 
 
-def open_fastpath(inside, tcp_ms: int = 60_000, closing_ms: int = 60_000) -> FastPath:
+def open_fastpath(inside, tcp_ms: int = 60_000, closing_ms: int = 60_000,
+                  synack_window_ms: int = 60_000) -> FastPath:
     fp = inside(FastPath, max_backends=16, max_flows=64, tcp_lifetime_ms=tcp_ms,
-                udp_lifetime_ms=30_000, tcp_closing_ms=closing_ms)
+                udp_lifetime_ms=30_000, tcp_closing_ms=closing_ms, syn_lifetime_ms=30_000,
+                synack_window_ms=synack_window_ms)
     fp.set_backend(BID, VIP, VPORT, BACKEND, BPORT, socket.IPPROTO_TCP)
     fp.set_backend(BID + 1, VIP, 53, BACKEND, 5353, socket.IPPROTO_UDP)
     return fp
@@ -269,6 +271,7 @@ def test_no_room_in_the_ring_means_the_queued_path(inside, fp, ns):
         carried += 1
     assert (r.retval, r.packet) == (TC_ACT_OK, fin) and carried > 100
     assert len(fp.read_events(8192)) == carried     # one record per carried FIN
+    assert fp.ring_full() == 1                      # counted, for status and metrics
     assert carry(inside, fp, fin, idx["cl0"]).retval == TC_ACT_REDIRECT
 
 
@@ -343,3 +346,106 @@ def test_flush_interface_forgets_both_entries_of_the_flows_through_it_only(insid
     learned(CPORT + 1, gone)
     # be0 is on one side of each flow.
     assert fp.flush_interface(idx["be0"]) == 4 and fp.flow_count() == 0
+
+
+# ---- a new connection's handshake, learned from natlb's fast SYN ----------
+
+def learn_syn(inside, fp, ns):
+    """natlb marked the client's first SYN (seq 1000) fast."""
+    learn(inside, fp, ns, tcp(CLIENT, BACKEND, CPORT, BPORT, flags="S", payload=b""))
+    assert both_sides(fp) == (True, True)
+
+
+def hs(side: str, flags: str, ack: int = 2000) -> bytes:
+    src, dst, sport, dport, *_ = SIDES[side]
+    return frame(IP(src=src, dst=dst) / TCP(sport=sport, dport=dport, flags=flags, seq=1000,
+                                            ack=ack))
+
+
+def test_the_handshake_is_carried_each_step_told_then_only_counted(inside, fp, ns):
+    _, idx = ns
+    learn_syn(inside, fp, ns)
+    # The client's ACK before any SYN-ACK was carried: natlb's to see.
+    early = hs("client", "A", ack=5001)
+    assert carry(inside, fp, early, idx["cl0"]).retval == TC_ACT_OK
+    # The SYN-ACK answering the SYN: carried, told (natlb: SYN_RECV).
+    synack = hs("server", "SA", ack=1001)
+    r = carry(inside, fp, synack, idx["be0"])
+    assert r.retval == TC_ACT_REDIRECT and Ether(r.packet)[IP].src == VIP
+    [(_, head, _)] = fp.read_events()
+    assert head == synack[14:]
+    # The client's last ACK: carried, told (natlb: ESTABLISHED).
+    ack = hs("client", "A", ack=5001)
+    assert carry(inside, fp, ack, idx["cl0"]).retval == TC_ACT_REDIRECT
+    [(_, head, _)] = fp.read_events()
+    assert head == ack[14:]
+    # From then on both ways are carried and counted, untold.
+    for packet, dev in ((tcp(CLIENT, VIP, CPORT, VPORT), "cl0"),
+                        (tcp(BACKEND, CLIENT, BPORT, CPORT), "be0")):
+        assert carry(inside, fp, packet, idx[dev]).retval == TC_ACT_REDIRECT
+    assert fp.read_events() == []
+    assert fp.counters()[BID][0] == 1 and fp.counters()[BID][2] == 1
+
+
+@pytest.mark.parametrize("flags", ["R", "RA"])
+def test_a_backends_rst_to_the_syn_is_never_carried_and_deletes_both(inside, fp, ns, flags):
+    """natlb re-steers the held SYN on it: the client must never see it."""
+    _, idx = ns
+    learn_syn(inside, fp, ns)
+    rst = hs("server", flags, ack=1001)
+    r = carry(inside, fp, rst, idx["be0"])
+    assert (r.retval, r.packet) == (TC_ACT_OK, rst)
+    assert both_sides(fp) == (False, False) and fp.read_events() == []
+
+
+@pytest.mark.parametrize("packet", [hs("server", "SA", ack=77), hs("server", "S"),
+                                    hs("server", "SAF", ack=1001)],
+                         ids=["wrong-ack", "syn", "syn-fin"])
+def test_anything_but_the_synack_the_syn_asks_for_is_natlbs(inside, fp, ns, packet):
+    _, idx = ns
+    learn_syn(inside, fp, ns)
+    r = carry(inside, fp, packet, idx["be0"])
+    assert (r.retval, r.packet) == (TC_ACT_OK, packet)
+    assert both_sides(fp) == (False, False) and fp.read_events() == []
+
+
+def test_the_backend_before_its_synack_is_natlbs(inside, fp, ns):
+    _, idx = ns
+    learn_syn(inside, fp, ns)
+    data = hs("server", "PA", ack=1001)
+    assert carry(inside, fp, data, idx["be0"]).retval == TC_ACT_OK
+    assert both_sides(fp) == (True, True) and fp.read_events() == []
+
+
+def test_a_late_synack_is_natlbs(inside, ns):
+    """After the window (before natlb's held-SYN deadline) the SYN-ACK goes
+    to natlb, which may have moved the flow and then drops it."""
+    _, idx = ns
+    fp = open_fastpath(inside, synack_window_ms=0)
+    try:
+        learn_syn(inside, fp, ns)
+        synack = hs("server", "SA", ack=1001)
+        assert carry(inside, fp, synack, idx["be0"]).retval == TC_ACT_OK
+        assert fp.read_events() == []
+    finally:
+        fp.close()
+
+
+def test_the_client_repeating_its_syn_is_natlbs(inside, fp, ns):
+    _, idx = ns
+    learn_syn(inside, fp, ns)
+    syn = hs("client", "S")
+    assert carry(inside, fp, syn, idx["cl0"]).retval == TC_ACT_OK
+    assert both_sides(fp) == (False, False)
+
+
+def test_a_udp_flows_first_answer_is_told_the_next_only_counted(inside, fp, ns):
+    _, idx = ns
+    learn(inside, fp, ns, frame(IP(src=CLIENT, dst=BACKEND) / UDP(sport=5000, dport=5353) / b"q"),
+          bid=BID + 1)
+    answer = frame(IP(src=BACKEND, dst=CLIENT) / UDP(sport=5353, dport=5000) / b"a")
+    assert carry(inside, fp, answer, idx["be0"]).retval == TC_ACT_REDIRECT
+    [(_, head, tot_len)] = fp.read_events()
+    assert head == answer[14:] and tot_len == len(answer) - 14
+    assert carry(inside, fp, answer, idx["be0"]).retval == TC_ACT_REDIRECT
+    assert fp.read_events() == [] and fp.counters()[BID + 1][2] == 1
