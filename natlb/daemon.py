@@ -101,6 +101,7 @@ class Daemon:
             self.pool.publisher.forget_fast = self.fast.flush
             self.pool.publisher.on_publish = self.fast.publish
             self.pool.kernel_counts = self.fast.counts
+            self.pool.observer_counts = self.fast.observer_counts
         self.journal: Journal | None = None
         self.links: LinkWatch | None = None
         self._known_links: set[int] = set()  # rp_filter seen to (the link watch's thread)

@@ -166,9 +166,9 @@ class TcFastPath:
 
     def status(self) -> dict[str, Any]:
         """For natlb status: where the programs are, what went with
-        interfaces that were deleted."""
+        interfaces that were deleted, what the observer applied."""
         return {"interfaces": sorted(list(self.interfaces.values())),
-                "entries_forgotten": self.forgotten}
+                "entries_forgotten": self.forgotten, "observer": self.observer_counts()}
 
     def publish(self, tables: Iterable[ServiceTable]) -> None:
         """Backend slots as published: only the changed ones are written.

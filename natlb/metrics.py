@@ -125,7 +125,21 @@ class NatlbCollector(Collector):
         capacity.add_metric([], self.lb.max_flows)
         info = gauge("build_info", "natlb's version", ["version"])
         info.add_metric([natlb_version()], 1)
-        return [*out, dropped, failover, checks, qdrop, flows, capacity, info]
+        fast: list[Metric] = []
+        observer = pool.observer_counts()
+        if observer is not None:
+            records = counter("fastpath_records_total",
+                              "Packets the kernel's fast path carried and told natlb of, "
+                              "by what natlb made of them (applied to a flow, or not "
+                              "believed: no flow, a bad checksum)", ["result"])
+            records.add_metric(["applied"], observer["applied"])
+            records.add_metric(["ignored"], observer["ignored"])
+            full = counter("fastpath_ring_full_total",
+                           "Packets the fast path queued to natlb instead of carrying "
+                           "them: no room in its ring for their record", [])
+            full.add_metric([], observer["ring_full"])
+            fast = [records, full]
+        return [*out, dropped, failover, checks, qdrop, flows, capacity, info, *fast]
 
 
 class MetricsServer:

@@ -56,6 +56,10 @@ class Pool:
         # kernel carried without natlb (the fast path), read when counters
         # are (status, metrics, rates); the daemon sets it.
         self.kernel_counts: Callable[[], dict[int, tuple[int, int, int, int]]] = dict
+        # The fast path's observer: records applied, records that changed
+        # nothing, packets queued for want of room in its ring (None: no
+        # fast path); the daemon sets it.
+        self.observer_counts: Callable[[], dict[str, int] | None] = lambda: None
 
     @property
     def services(self) -> list[Service]:

@@ -143,6 +143,11 @@ def render(st: dict[str, Any]) -> str:
     fast = st.get("fastpath")
     if fast:
         lines.append("  fast path on: " + (", ".join(fast["interfaces"]) or "no interface"))
+        observer = fast.get("observer")
+        if observer:
+            lines.append(f"  fast path: records applied={observer['applied']}, "
+                         f"not believed={observer['ignored']}, "
+                         f"queued for a full ring={observer['ring_full']}")
     for q in st["queues"]:
         if q["queue_dropped"] or q["user_dropped"]:
             lines.append(f"  queue {q['queue']}: kernel dropped {q['queue_dropped']}, "
