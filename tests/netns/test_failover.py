@@ -33,8 +33,9 @@ def stream(testbed, count, on_index, interval_ms=10):
 
 @pytest.mark.parametrize("kind,lb_extra", [
     ("kill", 'rewrite = "copy"'), ("link", 'rewrite = "copy"'), ("blackhole", 'rewrite = "copy"'),
-    ("kill", QUEUED), ("kill", FAST)],
-    ids=["kill-copy", "link-copy", "blackhole-copy", "kill-mark", "kill-fastpath"])
+    ("kill", QUEUED), ("kill", FAST), ("blackhole", FAST)],
+    ids=["kill-copy", "link-copy", "blackhole-copy", "kill-mark", "kill-fastpath",
+         "blackhole-fastpath"])
 def test_no_new_connection_fails_when_a_backend_dies(testbed, natlb, kind, lb_extra):
     # A silent backend's SYNs move on after 30 ms.  On a loaded machine a
     # healthy backend's SYN-ACK may come later than that: the connection
