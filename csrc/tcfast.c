@@ -330,6 +330,35 @@ static uint64_t now_ms(void)
     return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
 }
 
+/* A record natlb did not take (no flow: expired or evicted meanwhile, a bad
+ * checksum, a flow being reset): the kernel must not go on carrying what
+ * natlb does not follow, so both of its entries go (the flow's next packet
+ * is natlb's).  The record is an IPv4 packet with a 20-byte header and its
+ * ports after it, as the fast path takes them. */
+static void forget_record(struct nl_fastpath *fp, const uint8_t *pkt, uint32_t len)
+{
+    if (len < 24 || pkt[0] != 0x45)
+        return;
+    struct nl_fp_key k = {.proto = pkt[9]};
+    memcpy(&k.saddr, pkt + 12, 4);
+    memcpy(&k.daddr, pkt + 16, 4);
+    memcpy(&k.sport, pkt + 20, 2);
+    memcpy(&k.dport, pkt + 22, 2);
+    struct nl_fp_flow f;
+    if (bpf_map_lookup_elem(fp->flows_fd, &k, &f))
+        return;
+    struct nl_fp_key r;
+    if (f.dir == NL_FP_IN) {
+        r = (struct nl_fp_key){.saddr = f.addr, .daddr = k.saddr, .sport = f.port,
+                               .dport = k.sport, .proto = k.proto};
+    } else {
+        r = (struct nl_fp_key){.saddr = k.daddr, .daddr = f.addr, .sport = k.dport,
+                               .dport = f.port, .proto = k.proto};
+    }
+    bpf_map_delete_elem(fp->flows_fd, &k);
+    bpf_map_delete_elem(fp->flows_fd, &r);
+}
+
 /* Called by ring_buffer__consume inside the external epoch (observe_round). */
 static int apply_event(void *ctx, void *data, size_t size)
 {
@@ -344,6 +373,8 @@ static int apply_event(void *ctx, void *data, size_t size)
     uint32_t flags = ev->len < ev->tot_len ? NL_PKT_HEAD_ONLY : 0;
     int applied = nl_observed(fp->lb, fp->lb->cfg.n_workers, pkt, ev->len, flags, now_ms());
     __atomic_fetch_add(applied ? &fp->observed : &fp->ignored, 1, __ATOMIC_RELAXED);
+    if (!applied)
+        forget_record(fp, pkt, ev->len);
     return 0;
 }
 

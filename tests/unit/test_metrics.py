@@ -90,6 +90,22 @@ def test_fast_path_packets_count_in_metrics_rates_and_status(served):
     assert st["services"][0]["backends"][0]["bytes_out"] == 5_000
 
 
+def test_the_fast_path_observers_counts_show_in_metrics_and_status(served):
+    from natlb.status import collect, render
+
+    server, _ = served
+    pool = server.collector.pool
+    assert value(server, "natlb_fastpath_records_total", result="applied") is None
+    assert "fastpath" not in collect(pool, [], 0.0, 1024)         # no fast path
+    pool.observer_counts = lambda: {"applied": 40, "ignored": 2, "ring_full": 3}
+    assert value(server, "natlb_fastpath_records_total", result="applied") == 40
+    assert value(server, "natlb_fastpath_records_total", result="ignored") == 2
+    assert value(server, "natlb_fastpath_ring_full_total") == 3
+    st = collect(pool, [], 0.0, 1024)
+    assert st["fastpath"]["observer"] == {"applied": 40, "ignored": 2, "ring_full": 3}
+    assert "records applied=40, not believed=2, queued for a full ring=3" in render(st)
+
+
 def test_backend_state_and_checks_show(served):
     server, config = served
     pool = server.collector.pool
