@@ -97,7 +97,8 @@ struct nl_failover {
     uint64_t forget_head, forget_tail;
     struct nl_fp_forget forget[FORGET_SLOTS];
     int forget_overflow;         /* keys were lost: forget every flow      */
-    uint32_t n_sync;
+    uint32_t n_sync;             /* written under forget_lock, read without
+                                    it as a hint (atomic)                 */
     struct sync_wait sync[SYNC_SLOTS];
     uint64_t sync_req, sync_done;     /* atomic: asked of the observer, and
                                          the last it answered            */
@@ -301,7 +302,8 @@ static int sync_first(struct nl_lb *lb, struct nl_flow *f, uint32_t slot)
     pthread_spin_lock(&fo->forget_lock);
     if (fo->n_sync < SYNC_SLOTS) {
         w.req = __atomic_add_fetch(&fo->sync_req, 1, __ATOMIC_ACQ_REL);
-        fo->sync[fo->n_sync++] = w;
+        fo->sync[fo->n_sync] = w;
+        __atomic_store_n(&fo->n_sync, fo->n_sync + 1, __ATOMIC_RELAXED);
         queued = 1;
     }
     pthread_spin_unlock(&fo->forget_lock);
@@ -480,7 +482,8 @@ static void synced(struct nl_lb *lb, uint64_t now_ms)
     for (uint32_t i = 0; i < fo->n_sync;) {
         if (fo->sync[i].req <= done) {
             ready[n++] = fo->sync[i];
-            fo->sync[i] = fo->sync[--fo->n_sync];
+            __atomic_store_n(&fo->n_sync, fo->n_sync - 1, __ATOMIC_RELAXED);
+            fo->sync[i] = fo->sync[fo->n_sync];
         } else {
             i++;
         }
