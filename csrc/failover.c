@@ -222,11 +222,8 @@ void nl_fp_forget_flow(struct nl_lb *lb, struct nl_flow *f)
     if (!(f->flags & NL_FL_FAST))
         return;
     f->flags &= (uint8_t)~NL_FL_FAST;
-    if (!nl_addr_is_v4(&f->client_addr))
-        return;                  /* never carried: lb.c marks IPv4 only */
-    struct nl_fp_forget k = { .client_addr = f->client_addr.w[3],
-                              .vip_addr = f->vip_addr.w[3],
-                              .backend_addr = f->backend_addr.w[3],
+    struct nl_fp_forget k = { .client_addr = f->client_addr, .vip_addr = f->vip_addr,
+                              .backend_addr = f->backend_addr,
                               .client_port = f->client_port, .vip_port = f->vip_port,
                               .backend_port = f->backend_port, .proto = f->proto };
     pthread_spin_lock(&fo->forget_lock);
@@ -611,8 +608,8 @@ uint32_t nl_reset_buckets(struct nl_lb *lb, uint32_t backend_id, uint32_t first,
                                                      f->client_port, f->backend_port,
                                                      f->client_seq_next));
                 nl_count_failover(lb, NL_F_RESETS_SENT, 1);
-                if (lb->cfg.fastpath && nl_addr_is_v4(&f->client_addr)) {
-                    probe(lb, f);     /* only IPv4 flows take the fast path */
+                if (lb->cfg.fastpath) {
+                    probe(lb, f);
                     link = &f->next;
                     reset++;
                     continue;

@@ -219,11 +219,12 @@ static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
      * service's first packet (its replies may come through another node),
      * nor a re-steered or repeated SYN (natlb follows those itself).  A dead
      * backend's UDP flows move on their next packet: the control plane
-     * empties the kernel's maps when a backend stops being alive.  IPv4
-     * only: the ruleset's fast-path maps are. */
+     * empties the kernel's maps when a backend stops being alive.  Either
+     * family: the kernel carries IPv6 alike (but a packet with extension
+     * headers, which it leaves to natlb). */
     int first = created && !cluster && !p->frag &&
                 (p->proto == NL_IPPROTO_UDP || is_syn);
-    int fast = lb->cfg.fastpath && p->family == 4 && snap->alive[f->backend_id] &&
+    int fast = lb->cfg.fastpath && snap->alive[f->backend_id] &&
                (first ||
                 (p->proto == NL_IPPROTO_TCP && f->state == NL_FS_ESTABLISHED &&
                  !(p->tcp_flags & (NL_TCP_SYN | NL_TCP_FIN | NL_TCP_RST))) ||

@@ -52,10 +52,10 @@
 /* ---- marks that ask the nftables rewrite chain to rewrite a packet ----- */
 #define NL_MARK_FORWARD 1845493760   /* 0x6e000000 | backend id: dst = backend */
 #define NL_MARK_REPLY 1846542336     /* 0x6e100000 | service id: src = VIP     */
-/* Or'ed into a forward mark (config fastpath) when the packet belongs to an
- * established TCP flow, or a UDP flow its backend has answered: nft then
- * installs the flow in its fast-path maps.  Never set on an IPv6 packet (the
- * fast path is IPv4 only). */
+/* Or'ed into a forward mark (config fastpath) when the kernel may carry the
+ * packet's flow (lb.c: a new flow's first packet, an established TCP flow's
+ * packet that changes no state, a UDP flow's once its backend answered), in
+ * either family: the tc fast path then installs the flow. */
 #define NL_MARK_FAST 8388608         /* 0x00800000                             */
 
 /* ---- schedulers -------------------------------------------------------- */
@@ -124,7 +124,7 @@ struct nl_config {
                                        (0: fragments are dropped)          */
     uint32_t fragment_timeout_ms;   /* a datagram's fragments must all pass
                                        within this; held ones are dropped  */
-    uint32_t fastpath;              /* 1: mark IPv4 flows NL_MARK_FAST (see there) */
+    uint32_t fastpath;              /* 1: mark flows NL_MARK_FAST (see there) */
     uint32_t max_services;          /* id bound, 1..NL_MAX_SERVICES: sizes the
                                        counters (per worker) and id tables */
     uint32_t max_backends;          /* id bound, 1..NL_MAX_BACKENDS         */
@@ -375,9 +375,9 @@ uint32_t nl_ct_layout(void);
 /* ---- the tc fast path (tcfast.c over csrc/bpf/fastpath.bpf.c) ---------- */
 /* One loaded BPF object: its programs and maps.  The kernel carries
  * established flows with it; natlb fills its backend slots, attaches it to
- * interfaces, empties its flows and reads its counters.  Addresses and ports
- * here are in network order (IPv4 addresses as the 4 packet bytes read as a
- * uint32_t).  Functions returning int give 0 or -errno. */
+ * interfaces, empties its flows and reads its counters.  Addresses of either
+ * family as struct nl_addr, ports in network order.  Functions returning int
+ * give 0 or -errno. */
 struct nl_fastpath;
 /* Loads the object at path, its maps sized for max_backends backend ids and
  * max_flows flows (both directions of each), learned entries living the
@@ -400,10 +400,10 @@ int nl_fp_attach(struct nl_fastpath *fp, uint32_t ifindex, uint32_t handle, uint
  * loaded object (the guardian calls it); gone already is not an error. */
 int nl_fp_detach(uint32_t ifindex, uint32_t handle, uint32_t priority, int destroy_qdisc);
 /* Backend id's slot: its service's VIP and port and protocol, its own
- * address and port (proto 0: no such backend; packets marked for it are not
- * learned). */
-int nl_fp_set_backend(struct nl_fastpath *fp, uint32_t id, uint32_t vip, uint16_t vport,
-                      uint32_t addr, uint16_t port, uint8_t proto);
+ * address (the VIP's family) and port (proto 0: no such backend, the
+ * addresses unread and may be NULL; packets marked for it are not learned). */
+int nl_fp_set_backend(struct nl_fastpath *fp, uint32_t id, const struct nl_addr *vip,
+                      uint16_t vport, const struct nl_addr *addr, uint16_t port, uint8_t proto);
 /* Forgets every carried flow: each one's next packet goes to natlb.
  * Returns the entries removed, or -errno. */
 int64_t nl_fp_flush(struct nl_fastpath *fp);
@@ -414,8 +414,8 @@ int64_t nl_fp_flush_ifindex(struct nl_fastpath *fp, uint32_t ifindex);
 /* Entries (one per flow and direction) held now. */
 int64_t nl_fp_flow_count(struct nl_fastpath *fp);
 /* 1 if a packet with this 5-tuple would find an entry, else 0. */
-int nl_fp_has_flow(struct nl_fastpath *fp, uint32_t saddr, uint32_t daddr, uint16_t sport,
-                   uint16_t dport, uint8_t proto);
+int nl_fp_has_flow(struct nl_fastpath *fp, const struct nl_addr *saddr,
+                   const struct nl_addr *daddr, uint16_t sport, uint16_t dport, uint8_t proto);
 /* What the kernel carried for backend ids 0..n_backends-1, summed over
  * CPUs: out[id * 4 + 0..3] = packets in, bytes in, packets out, bytes out. */
 int nl_fp_read_counters(struct nl_fastpath *fp, uint64_t *out, uint32_t n_backends);
@@ -445,11 +445,11 @@ int nl_fp_read_events(struct nl_fastpath *fp, struct nl_fp_record *out, uint32_t
 
 /* ---- the core's side of the fast path (failover.c; sans-IO) ------------ */
 /* A flow's kernel entries, as the C core asks the fast path to forget them
- * (IPv4 addresses and ports in network order, as nl_fp_has_flow takes). */
+ * (ports in network order, as nl_fp_has_flow takes them). */
 struct nl_fp_forget {
-    uint32_t client_addr;
-    uint32_t vip_addr;
-    uint32_t backend_addr;
+    struct nl_addr client_addr;
+    struct nl_addr vip_addr;
+    struct nl_addr backend_addr;
     uint16_t client_port;
     uint16_t vip_port;
     uint16_t backend_port;

@@ -189,13 +189,30 @@ int nl_fp_detach(uint32_t ifindex, uint32_t handle, uint32_t priority, int destr
     return first;
 }
 
-int nl_fp_set_backend(struct nl_fastpath *fp, uint32_t id, uint32_t vip, uint16_t vport,
-                      uint32_t addr, uint16_t port, uint8_t proto)
+/* The key of a 5-tuple of natlb's (an IPv4 address is mapped in nl_addr as
+ * in the key). */
+static struct nl_fp_key key_of(const struct nl_addr *saddr, const struct nl_addr *daddr,
+                               uint16_t sport, uint16_t dport, uint8_t proto)
+{
+    struct nl_fp_key k = {.sport = sport, .dport = dport, .proto = proto,
+                          .family = nl_addr_is_v4(saddr) ? 4 : 6};
+    memcpy(k.saddr, saddr->w, sizeof k.saddr);
+    memcpy(k.daddr, daddr->w, sizeof k.daddr);
+    return k;
+}
+
+int nl_fp_set_backend(struct nl_fastpath *fp, uint32_t id, const struct nl_addr *vip,
+                      uint16_t vport, const struct nl_addr *addr, uint16_t port, uint8_t proto)
 {
     if (id >= fp->max_backends)
         return -ERANGE;
-    struct nl_fp_backend b = {.vip = vip, .addr = addr, .vport = vport, .port = port,
-                              .proto = proto};
+    struct nl_fp_backend b = {0};
+    if (proto) {
+        b = (struct nl_fp_backend){.vport = vport, .port = port, .proto = proto,
+                                   .family = nl_addr_is_v4(vip) ? 4 : 6};
+        memcpy(b.vip, vip->w, sizeof b.vip);
+        memcpy(b.addr, addr->w, sizeof b.addr);
+    }
     return bpf_map_update_elem(fp->backends_fd, &id, &b, BPF_ANY);
 }
 
@@ -248,11 +265,10 @@ int64_t nl_fp_flow_count(struct nl_fastpath *fp)
     return n;
 }
 
-int nl_fp_has_flow(struct nl_fastpath *fp, uint32_t saddr, uint32_t daddr, uint16_t sport,
-                   uint16_t dport, uint8_t proto)
+int nl_fp_has_flow(struct nl_fastpath *fp, const struct nl_addr *saddr,
+                   const struct nl_addr *daddr, uint16_t sport, uint16_t dport, uint8_t proto)
 {
-    struct nl_fp_key k = {.saddr = saddr, .daddr = daddr, .sport = sport, .dport = dport,
-                          .proto = proto};
+    struct nl_fp_key k = key_of(saddr, daddr, sport, dport, proto);
     struct nl_fp_flow f;
     return bpf_map_lookup_elem(fp->flows_fd, &k, &f) == 0;
 }
@@ -330,33 +346,45 @@ static uint64_t now_ms(void)
     return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
 }
 
+/* Both entries of the flow whose entry k is (if any). */
+static void forget_both(struct nl_fastpath *fp, const struct nl_fp_key *k)
+{
+    struct nl_fp_flow f;
+    if (bpf_map_lookup_elem(fp->flows_fd, k, &f))
+        return;
+    struct nl_fp_key r;
+    nl_fp_other_side(k, &f, &r);
+    bpf_map_delete_elem(fp->flows_fd, k);
+    bpf_map_delete_elem(fp->flows_fd, &r);
+}
+
 /* A record natlb did not take (no flow: expired or evicted meanwhile, a bad
  * checksum, a flow being reset): the kernel must not go on carrying what
  * natlb does not follow, so both of its entries go (the flow's next packet
- * is natlb's).  The record is an IPv4 packet with a 20-byte header and its
- * ports after it, as the fast path takes them. */
+ * is natlb's).  The record is a packet as the fast path takes them: IPv4
+ * with a 20-byte header or IPv6 without extension headers, its ports right
+ * after. */
 static void forget_record(struct nl_fastpath *fp, const uint8_t *pkt, uint32_t len)
 {
-    if (len < 24 || pkt[0] != 0x45)
-        return;
-    struct nl_fp_key k = {.proto = pkt[9]};
-    memcpy(&k.saddr, pkt + 12, 4);
-    memcpy(&k.daddr, pkt + 16, 4);
-    memcpy(&k.sport, pkt + 20, 2);
-    memcpy(&k.dport, pkt + 22, 2);
-    struct nl_fp_flow f;
-    if (bpf_map_lookup_elem(fp->flows_fd, &k, &f))
-        return;
-    struct nl_fp_key r;
-    if (f.dir == NL_FP_IN) {
-        r = (struct nl_fp_key){.saddr = f.addr, .daddr = k.saddr, .sport = f.port,
-                               .dport = k.sport, .proto = k.proto};
+    struct nl_addr s, d;
+    uint32_t l4, v4[2];
+    if (len >= 24 && pkt[0] == 0x45) {
+        memcpy(v4, pkt + 12, 8);
+        s = nl_addr_v4(v4[0]);
+        d = nl_addr_v4(v4[1]);
+        l4 = 20;
+    } else if (len >= 44 && pkt[0] >> 4 == 6) {
+        memcpy(s.w, pkt + 8, 16);
+        memcpy(d.w, pkt + 24, 16);
+        l4 = 40;
     } else {
-        r = (struct nl_fp_key){.saddr = k.daddr, .daddr = f.addr, .sport = k.dport,
-                               .dport = f.port, .proto = k.proto};
+        return;
     }
-    bpf_map_delete_elem(fp->flows_fd, &k);
-    bpf_map_delete_elem(fp->flows_fd, &r);
+    uint16_t sport, dport;
+    memcpy(&sport, pkt + l4, 2);
+    memcpy(&dport, pkt + l4 + 2, 2);
+    struct nl_fp_key k = key_of(&s, &d, sport, dport, pkt[l4 == 20 ? 9 : 6]);
+    forget_both(fp, &k);
 }
 
 /* Called by ring_buffer__consume inside the external epoch (observe_round). */
@@ -381,11 +409,10 @@ static int apply_event(void *ctx, void *data, size_t size)
 /* Both directions' entries of a flow natlb moved. */
 static void forget(struct nl_fastpath *fp, const struct nl_fp_forget *f)
 {
-    struct nl_fp_key in = {.saddr = f->client_addr, .daddr = f->vip_addr,
-                           .sport = f->client_port, .dport = f->vip_port, .proto = f->proto};
-    struct nl_fp_key out = {.saddr = f->backend_addr, .daddr = f->client_addr,
-                            .sport = f->backend_port, .dport = f->client_port,
-                            .proto = f->proto};
+    struct nl_fp_key in = key_of(&f->client_addr, &f->vip_addr, f->client_port, f->vip_port,
+                                 f->proto);
+    struct nl_fp_key out = key_of(&f->backend_addr, &f->client_addr, f->backend_port,
+                                  f->client_port, f->proto);
     bpf_map_delete_elem(fp->flows_fd, &in);
     bpf_map_delete_elem(fp->flows_fd, &out);
 }

@@ -258,11 +258,6 @@ def _port(p: int) -> int:
     return socket.htons(p)
 
 
-def _v4_str(a: int) -> str:
-    """The uint32_t whose bytes are an IPv4 packet's address, as text."""
-    return socket.inet_ntoa(struct.pack("=I", a))
-
-
 @dataclass(frozen=True)
 class ForgetKey:
     """A flow whose fast-path entries natlb wants gone (ports host order)."""
@@ -568,8 +563,8 @@ class Core:
         out = ffi.new("struct nl_fp_forget[]", max_keys)
         overflow = ffi.new("int *")
         n = lib.nl_fp_forget_take(self._lb, out, max_keys, overflow)
-        keys = [ForgetKey(_v4_str(k.client_addr), _port(k.client_port), _v4_str(k.vip_addr),
-                          _port(k.vip_port), _v4_str(k.backend_addr), _port(k.backend_port),
+        keys = [ForgetKey(_unaddr(k.client_addr), _port(k.client_port), _unaddr(k.vip_addr),
+                          _port(k.vip_port), _unaddr(k.backend_addr), _port(k.backend_port),
                           k.proto)
                 for k in out[0:n]]
         return keys, bool(overflow[0])
@@ -658,11 +653,6 @@ class Core:
 # -- the tc fast path (csrc/tcfast.c) ---------------------------------------
 
 FASTPATH_OBJECT = Path(__file__).resolve().parent / "_fastpath.bpf.o"
-
-
-def _v4(a: str) -> int:
-    """IPv4 text as the uint32_t whose bytes are the packet's."""
-    return struct.unpack("=I", socket.inet_aton(a))[0]
 
 
 @dataclass(frozen=True)
@@ -756,13 +746,14 @@ class FastPath:
 
     def set_backend(self, id: int, vip: str, vport: int, addr: str, port: int,
                     protocol: int) -> None:
-        rc = lib.nl_fp_set_backend(self._fp, id, _v4(vip), _port(vport), _v4(addr),
+        rc = lib.nl_fp_set_backend(self._fp, id, ffi.new("struct nl_addr *", _addr(vip)),
+                                   _port(vport), ffi.new("struct nl_addr *", _addr(addr)),
                                    _port(port), protocol)
         if rc:
             raise CoreError(f"fast path: backend slot {id}: {os.strerror(-rc)}")
 
     def clear_backend(self, id: int) -> None:
-        rc = lib.nl_fp_set_backend(self._fp, id, 0, 0, 0, 0, 0)
+        rc = lib.nl_fp_set_backend(self._fp, id, ffi.NULL, 0, ffi.NULL, 0, 0)
         if rc:
             raise CoreError(f"fast path: backend slot {id}: {os.strerror(-rc)}")
 
@@ -784,7 +775,8 @@ class FastPath:
         return lib.nl_fp_flow_count(self._fp)
 
     def has_flow(self, saddr: str, daddr: str, sport: int, dport: int, protocol: int) -> bool:
-        return bool(lib.nl_fp_has_flow(self._fp, _v4(saddr), _v4(daddr), _port(sport),
+        return bool(lib.nl_fp_has_flow(self._fp, ffi.new("struct nl_addr *", _addr(saddr)),
+                                       ffi.new("struct nl_addr *", _addr(daddr)), _port(sport),
                                        _port(dport), protocol))
 
     def counters(self, n_backends: int | None = None) -> dict[int, tuple[int, int, int, int]]:

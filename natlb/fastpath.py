@@ -21,7 +21,7 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
-from natlb.config import LBConfig, family
+from natlb.config import LBConfig
 from natlb.core import Core, CoreError, FastPath, ServiceTable
 from natlb.errors import HostError
 from natlb.linkwatch import Link
@@ -171,12 +171,10 @@ class TcFastPath:
                 "entries_forgotten": self.forgotten, "observer": self.observer_counts()}
 
     def publish(self, tables: Iterable[ServiceTable]) -> None:
-        """Backend slots as published: only the changed ones are written.
-        IPv6 services take no slot (the C core never marks them fast)."""
+        """Backend slots as published (either family): only the changed
+        ones are written."""
         want: dict[int, Slot] = {}
         for t in tables:
-            if family(t.vip) != 4:
-                continue
             for b in t.backends:
                 want[b.id] = (t.vip, t.port, b.address, b.port, PROTOCOLS[t.protocol])
         for bid in set(self._slots) - set(want):

@@ -35,8 +35,8 @@ core's marks name a backend or service whatever its family.  ICMPv6 types 1
 (destination unreachable) and 2 (packet too big) are queued where IPv4's
 ICMP type 3 is (`icmpv6 type 1-2`); neighbour discovery and every other
 ICMPv6 type never is.  Fragments are those with a fragment header
-(`exthdr frag exists`), later ones `frag frag-off != 0`.  No fast path:
-the C core never asks for it on an IPv6 flow.
+(`exthdr frag exists`), later ones `frag frag-off != 0`.  The fast path's
+rule too, over backend_addr6.
 
 IP fragments (with fragment tracking on): only a datagram's first fragment
 has ports, so the port rules never match the others.  Every TCP/UDP
@@ -485,7 +485,7 @@ def _sets(spec: Spec, f: _Family = V4) -> list[_Set]:
 
 # -- the fast path ----------------------------------------------------------
 
-def _fast_rewrite(protocol: int, fast_bit: int) -> list[dict[str, Any]]:
+def _fast_rewrite(protocol: int, fast_bit: int, f: _Family) -> list[dict[str, Any]]:
     """A packet natlb marked fast: rewritten as any other packet to a
     backend (the maps are keyed by the mark without the fast bit), but its
     mark is kept for the tc program that learns the flow as it leaves
@@ -500,9 +500,9 @@ def _fast_rewrite(protocol: int, fast_bit: int) -> list[dict[str, Any]]:
         _meta(NFT_META_MARK, key),
         expr("bitwise", sreg=key, dreg=key, len=4, mask=_value(_mark(0xFFFFFFFF & ~fast_bit)),
              xor=_value(_mark(0))),
-        expr("lookup", set="backend_addr", sreg=key, dreg=REG_1),
-        _write_address(V4, True, pseudo_header=True),
-        expr("lookup", set="backend_port", sreg=key, dreg=REG_1),
+        expr("lookup", set=f"backend_addr{f.suffix}", sreg=key, dreg=REG_1),
+        _write_address(f, True, pseudo_header=True),
+        expr("lookup", set=f"backend_port{f.suffix}", sreg=key, dreg=REG_1),
         expr("payload", sreg=REG_1, base=PAYLOAD_TRANSPORT, offset=2, len=2,
              csum_type=1, csum_offset=L4_CSUM_OFFSET[protocol]),
         _verdict(NF_ACCEPT),
@@ -552,7 +552,6 @@ def _build_table(spec: Spec, f: _Family, in_place: bool, first_set_id: int) -> l
                 Message(TABLE, NFT_MSG_DELTABLE, name, 0, f"table {t}"),
                 Message(TABLE, NFT_MSG_NEWTABLE, name, NLM_F_CREATE, f"table {t}")]
 
-    fastpath = spec.fastpath and f is V4     # IPv6 never takes the fast path (yet)
     for set_id, s in enumerate(_sets(spec, f), first_set_id):
         flags: tuple[str, ...] = ("NFT_SET_MAP",) if s.data_type else ()
         attrs: list[Any] = [("NFTA_SET_TABLE", t), ("NFTA_SET_NAME", s.name),
@@ -659,9 +658,9 @@ def _build_table(spec: Spec, f: _Family, in_place: bool, first_set_id: int) -> l
                  _fragment_rewrite_exprs("saddr", f"service_addr{x}", f))
         for proto in protocols:
             pname = PROTOCOL_NAMES[proto]
-            if fastpath:
+            if spec.fastpath:
                 rule("rewrite", f"fast path: {pname} to a backend, mark kept for tc",
-                     _fast_rewrite(proto, spec.marks.fast))
+                     _fast_rewrite(proto, spec.marks.fast, f))
             rule("rewrite", f"{pname} to a backend",
                  _rewrite_exprs("daddr", proto, f"backend_addr{x}", f"backend_port{x}", f))
             rule("rewrite", f"{pname} reply from a service",

@@ -7,11 +7,12 @@
  *   names the backend; the backends map gives the VIP.  Both directions'
  *   entries go into the flows map, with a fixed deadline: never refreshed,
  *   so natlb's own flow table stays the authority.
- * carry (tc ingress): an IPv4 TCP (no SYN) or UDP packet, not a
- *   fragment, without IP options, arriving where its entry says, before the
- *   deadline, with TTL > 1 and within the out device's MTU: rewritten, TTL
- *   decremented, counted and sent with bpf_redirect_neigh, skipping
- *   netfilter and the forwarding path.  Everything else: TC_ACT_OK, the
+ * carry (tc ingress): a TCP (no SYN) or UDP packet, IPv4 not a fragment
+ *   and without IP options or IPv6 with TCP or UDP right after its fixed
+ *   header (no extension header; a UDP checksum), arriving where its entry
+ *   says, before the deadline, with TTL (hop limit) > 1 and within the out
+ *   device's MTU: rewritten, TTL decremented, counted and sent with
+ *   bpf_redirect_neigh, skipping netfilter and the forwarding path.  Everything else: TC_ACT_OK, the
  *   normal path (nft, NFQUEUE, natlb).  A SYN that matches deletes both
  *   sides' entries (a new connection on the tuple is natlb's to place).
  *   A FIN cuts both sides' deadlines to natlb's closing timeout, an RST
@@ -22,12 +23,18 @@
  *   rewrite fails halfway, dropped untold).  Those two are
  *   not counted here (natlb counts them when it applies them).
  *
+ * Both families run the same code: the functions taking `v6` are always
+ * inlined with a constant, so each family's program text is straight, with
+ * only its own header's offsets and checksums (IPv6 has no header checksum;
+ * its L4 pseudo-header changes with the 128-bit address).
+ *
  * Every header read is bounds-checked against data_end.
  */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
 #include <linux/ip.h>
+#include <linux/ipv6.h>
 #include <linux/pkt_cls.h>
 #include <linux/tcp.h>
 #include <linux/udp.h>
@@ -37,13 +44,26 @@
 #include "fastpath.h"
 
 #define IP_MF_OFFSET 0x3fff        /* more fragments, fragment offset */
+#define IPV4_PLAIN 0x45            /* version 4, a 20-byte header: no options */
 #define IP_CSUM_OFF (ETH_HLEN + 10)
 #define IP_TTL_OFF (ETH_HLEN + 8)
-#define IP_SADDR_OFF (ETH_HLEN + 12)
-#define IP_DADDR_OFF (ETH_HLEN + 16)
-#define L4_OFF (ETH_HLEN + 20)     /* ihl == 5 only */
-#define TCP_CSUM_OFF (L4_OFF + 16)
-#define UDP_CSUM_OFF (L4_OFF + 6)
+#define IP6_HOP_OFF (ETH_HLEN + 7)
+
+/* Where each family keeps what the programs read and write. */
+static __always_inline __u32 l3_len(int v6)
+{
+    return v6 ? sizeof(struct ipv6hdr) : sizeof(struct iphdr);
+}
+
+static __always_inline __u32 saddr_off(int v6)
+{
+    return ETH_HLEN + (v6 ? offsetof(struct ipv6hdr, saddr) : offsetof(struct iphdr, saddr));
+}
+
+static __always_inline __u32 daddr_off(int v6)
+{
+    return ETH_HLEN + (v6 ? offsetof(struct ipv6hdr, daddr) : offsetof(struct iphdr, daddr));
+}
 
 /* Sizes are set by the loader before it loads the object. */
 struct {
@@ -86,25 +106,6 @@ struct {
     __uint(max_entries, NL_FP_RING_BYTES);
 } events SEC(".maps");
 
-/* The other side's key of a flow entry f found under k. */
-static __always_inline struct nl_fp_key other_side(const struct nl_fp_key *k,
-                                                   const struct nl_fp_flow *f)
-{
-    struct nl_fp_key r = {.proto = k->proto};
-    if (f->dir == NL_FP_IN) {
-        r.saddr = f->addr;
-        r.daddr = k->saddr;
-        r.sport = f->port;
-        r.dport = k->sport;
-    } else {
-        r.saddr = k->daddr;
-        r.daddr = f->addr;
-        r.sport = k->dport;
-        r.dport = f->port;
-    }
-    return r;
-}
-
 /* A FIN: neither entry outlives natlb's flow, which gets its closing
  * timeout when natlb applies the FIN (later than now). */
 static __always_inline void cut_deadline(const struct nl_fp_key *k)
@@ -143,19 +144,130 @@ static __always_inline void handshake_done(struct nl_fp_flow *f, const struct nl
         r->deadline_ns = deadline;
 }
 
-/* The IPv4 header of a packet with an Ethernet header, bounds-checked. */
-static __always_inline struct iphdr *ipv4_header(struct __sk_buff *skb)
+/* The EtherType of a frame, or 0 if it has no whole Ethernet header. */
+static __always_inline __be16 eth_proto(struct __sk_buff *skb)
 {
     void *data = (void *)(long)skb->data;
     void *data_end = (void *)(long)skb->data_end;
     struct ethhdr *eth = data;
-    struct iphdr *ip = data + ETH_HLEN;
 
-    if ((void *)(ip + 1) > data_end)
+    if ((void *)(eth + 1) > data_end)
         return 0;
-    if (eth->h_proto != bpf_htons(ETH_P_IP))
-        return 0;
-    return ip;
+    return eth->h_proto;
+}
+
+/* An IPv4 address as natlb's core holds it: ::ffff:a.b.c.d */
+static __always_inline void map_v4(__be32 *a, __be32 v4)
+{
+    a[0] = 0;
+    a[1] = 0;
+    a[2] = bpf_htonl(0xffff);
+    a[3] = v4;
+}
+
+/* The IP header of a frame of family v6, bounds-checked, if the fast path
+ * takes the packet: IPv4 without options and not a fragment, IPv6 without
+ * extension headers, TCP or UDP.  Its addresses, protocol and family go into
+ * k (ports not yet), its IP length into *tot_len and its TTL (hop limit)
+ * into *ttl.  0 if taken. */
+static __always_inline int ip_header(struct __sk_buff *skb, int v6, struct nl_fp_key *k,
+                                     __u32 *tot_len, __u8 *ttl)
+{
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+
+    if (v6) {
+        struct ipv6hdr *ip6 = data + ETH_HLEN;
+        if ((void *)(ip6 + 1) > data_end || ip6->version != 6)
+            return -1;
+        __builtin_memcpy(k->saddr, &ip6->saddr, sizeof k->saddr);
+        __builtin_memcpy(k->daddr, &ip6->daddr, sizeof k->daddr);
+        /* Extension headers (fragment, hop-by-hop, routing...): natlb's. */
+        k->proto = ip6->nexthdr;
+        *tot_len = sizeof(*ip6) + bpf_ntohs(ip6->payload_len);
+        *ttl = ip6->hop_limit;
+    } else {
+        struct iphdr *ip = data + ETH_HLEN;
+        if ((void *)(ip + 1) > data_end || *(__u8 *)ip != IPV4_PLAIN ||
+            (ip->frag_off & bpf_htons(IP_MF_OFFSET)))
+            return -1;
+        map_v4(k->saddr, ip->saddr);
+        map_v4(k->daddr, ip->daddr);
+        k->proto = ip->protocol;
+        *tot_len = bpf_ntohs(ip->tot_len);
+        *ttl = ip->ttl;
+    }
+    k->family = v6 ? 6 : 4;
+    return k->proto == IPPROTO_TCP || k->proto == IPPROTO_UDP ? 0 : -1;
+}
+
+static __always_inline int same_addr(int v6, const __be32 *a, const __be32 *b)
+{
+    if (!v6)
+        return a[3] == b[3];   /* the family is compared apart */
+    return ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3])) == 0;
+}
+
+static __always_inline int learn_ip(struct __sk_buff *skb, int v6)
+{
+    /* The packet as it leaves: client -> backend. */
+    struct nl_fp_key pk = {};
+    __u32 tot_len;
+    __u8 ttl;
+    if (ip_header(skb, v6, &pk, &tot_len, &ttl))
+        return TC_ACT_OK;
+    void *data_end = (void *)(long)skb->data_end;
+    __be16 *ports = (void *)(long)skb->data + ETH_HLEN + l3_len(v6);
+    if ((void *)(ports + 2) > data_end)
+        return TC_ACT_OK;
+    /* A client's SYN (natlb marks only a new flow's first): the handshake
+     * is carried, each step told to natlb (carry). */
+    int syn = 0;
+    __be32 synack_ack = 0;
+    if (pk.proto == IPPROTO_TCP) {
+        struct tcphdr *th = (void *)ports;
+        if ((void *)(th + 1) > data_end)
+            return TC_ACT_OK;
+        syn = th->syn && !th->ack;
+        synack_ack = bpf_htonl(bpf_ntohl(th->seq) + 1);
+    }
+
+    __u32 bid = skb->mark & NL_FP_MARK_ID;
+    struct nl_fp_backend *b = bpf_map_lookup_elem(&backends, &bid);
+    __u32 zero = 0;
+    struct nl_fp_config *cfg = bpf_map_lookup_elem(&config, &zero);
+    if (!b || !cfg || !b->proto || b->proto != pk.proto || b->family != pk.family ||
+        !same_addr(v6, b->addr, pk.daddr) || b->port != ports[1])
+        return TC_ACT_OK;      /* a stale mark (a publish in between): skip */
+    if (!skb->ingress_ifindex)
+        return TC_ACT_OK;      /* not forwarded: nothing to carry back */
+
+    __u64 now = bpf_ktime_get_ns();
+    __u64 deadline = now + (syn ? cfg->syn_lifetime_ns
+                            : b->proto == IPPROTO_TCP ? cfg->tcp_lifetime_ns
+                            : cfg->udp_lifetime_ns);
+    struct nl_fp_key fk = {.sport = ports[0], .dport = b->vport, .proto = b->proto,
+                           .family = pk.family};
+    __builtin_memcpy(fk.saddr, pk.saddr, sizeof fk.saddr);
+    __builtin_memcpy(fk.daddr, b->vip, sizeof fk.daddr);
+    struct nl_fp_flow fv = {.port = b->port, .dir = NL_FP_IN,
+                            .flags = syn ? NL_FP_F_HANDSHAKE : 0, .backend_id = bid,
+                            .out_ifindex = skb->ifindex,
+                            .in_ifindex = skb->ingress_ifindex, .deadline_ns = deadline};
+    __builtin_memcpy(fv.addr, b->addr, sizeof fv.addr);
+    struct nl_fp_key rk;
+    nl_fp_other_side(&fk, &fv, &rk);
+    struct nl_fp_flow rv = {.port = b->vport, .dir = NL_FP_OUT,
+                            .flags = syn ? NL_FP_F_HANDSHAKE
+                                   : b->proto == IPPROTO_UDP ? NL_FP_F_UNREPLIED : 0,
+                            .backend_id = bid, .out_ifindex = skb->ingress_ifindex,
+                            .in_ifindex = skb->ifindex, .deadline_ns = deadline,
+                            .synack_by_ns = syn ? now + cfg->synack_window_ns : 0,
+                            .synack_ack = syn ? synack_ack : 0};
+    __builtin_memcpy(rv.addr, b->vip, sizeof rv.addr);
+    bpf_map_update_elem(&flows, &rk, &rv, BPF_ANY);
+    bpf_map_update_elem(&flows, &fk, &fv, BPF_ANY);
+    return TC_ACT_OK;
 }
 
 SEC("tc")
@@ -167,77 +279,67 @@ int learn(struct __sk_buff *skb)
         return TC_ACT_OK;
     /* The mark was for nft and for us: nobody downstream reads it. */
     skb->mark = 0;
-
-    struct iphdr *ip = ipv4_header(skb);
-    if (!ip || ip->ihl != 5 || (ip->frag_off & bpf_htons(IP_MF_OFFSET)))
-        return TC_ACT_OK;
-    void *data_end = (void *)(long)skb->data_end;
-    __be16 *ports = (void *)(ip + 1);
-    if ((void *)(ports + 2) > data_end)
-        return TC_ACT_OK;
-    /* A client's SYN (natlb marks only a new flow's first): the handshake
-     * is carried, each step told to natlb (carry). */
-    int syn = 0;
-    __be32 synack_ack = 0;
-    if (ip->protocol == IPPROTO_TCP) {
-        struct tcphdr *th = (void *)(ip + 1);
-        if ((void *)(th + 1) > data_end)
-            return TC_ACT_OK;
-        syn = th->syn && !th->ack;
-        synack_ack = bpf_htonl(bpf_ntohl(th->seq) + 1);
-    }
-
-    __u32 bid = mark & NL_FP_MARK_ID;
-    struct nl_fp_backend *b = bpf_map_lookup_elem(&backends, &bid);
-    __u32 zero = 0;
-    struct nl_fp_config *cfg = bpf_map_lookup_elem(&config, &zero);
-    if (!b || !cfg || !b->proto || b->proto != ip->protocol || b->addr != ip->daddr ||
-        b->port != ports[1])
-        return TC_ACT_OK;      /* a stale mark (a publish in between): skip */
-
-    __u64 now = bpf_ktime_get_ns();
-    __u64 deadline = now + (syn ? cfg->syn_lifetime_ns
-                            : b->proto == IPPROTO_TCP ? cfg->tcp_lifetime_ns
-                            : cfg->udp_lifetime_ns);
-    __u8 in_flags = syn ? NL_FP_F_HANDSHAKE : 0;
-    __u8 out_flags = syn ? NL_FP_F_HANDSHAKE
-                   : b->proto == IPPROTO_UDP ? NL_FP_F_UNREPLIED : 0;
-    struct nl_fp_key fk = {.saddr = ip->saddr, .daddr = b->vip, .sport = ports[0],
-                           .dport = b->vport, .proto = b->proto};
-    struct nl_fp_flow fv = {.addr = b->addr, .port = b->port, .dir = NL_FP_IN,
-                            .flags = in_flags, .backend_id = bid,
-                            .out_ifindex = skb->ifindex,
-                            .in_ifindex = skb->ingress_ifindex, .deadline_ns = deadline};
-    struct nl_fp_key rk = {.saddr = b->addr, .daddr = ip->saddr, .sport = b->port,
-                           .dport = ports[0], .proto = b->proto};
-    struct nl_fp_flow rv = {.addr = b->vip, .port = b->vport, .dir = NL_FP_OUT,
-                            .flags = out_flags, .backend_id = bid,
-                            .out_ifindex = skb->ingress_ifindex,
-                            .in_ifindex = skb->ifindex, .deadline_ns = deadline,
-                            .synack_by_ns = syn ? now + cfg->synack_window_ns : 0,
-                            .synack_ack = syn ? synack_ack : 0};
-    if (!skb->ingress_ifindex)
-        return TC_ACT_OK;      /* not forwarded: nothing to carry back */
-    bpf_map_update_elem(&flows, &rk, &rv, BPF_ANY);
-    bpf_map_update_elem(&flows, &fk, &fv, BPF_ANY);
+    __be16 proto = eth_proto(skb);
+    if (proto == bpf_htons(ETH_P_IP))
+        return learn_ip(skb, 0);
+    if (proto == bpf_htons(ETH_P_IPV6))
+        return learn_ip(skb, 1);
     return TC_ACT_OK;
 }
 
-SEC("tc")
-int carry(struct __sk_buff *skb)
+/* The rewrite of a carried packet found under k: its address and port to
+ * flow's, the checksums after them, TTL (hop limit) decremented.  Nonzero if
+ * a helper failed: the packet is then half rewritten. */
+static __always_inline int rewrite(struct __sk_buff *skb, int v6, const struct nl_fp_key *k,
+                                   const struct nl_fp_flow *flow, __u32 csum_off,
+                                   __u32 csum_flags, __u8 ttl)
 {
-    struct iphdr *ip = ipv4_header(skb);
-    if (!ip || ip->ihl != 5 || (ip->frag_off & bpf_htons(IP_MF_OFFSET)))
+    int in = flow->dir == NL_FP_IN;
+    const __be32 *old_addr = in ? k->daddr : k->saddr;
+    __be16 old_port = in ? k->dport : k->sport;
+    __u32 addr_off = in ? daddr_off(v6) : saddr_off(v6);
+    __u32 port_off = ETH_HLEN + l3_len(v6) + (in ? 2 : 0);
+    __u32 port_flags = (csum_flags & BPF_F_MARK_MANGLED_0) | 2;
+    __u8 new_ttl = ttl - 1;
+
+    if (v6) {
+        /* No header checksum; the L4 one takes the 128-bit change of its
+         * pseudo-header as one difference.  The hop limit is in neither. */
+        __s64 diff = bpf_csum_diff((__be32 *)old_addr, 16, (__be32 *)flow->addr, 16, 0);
+        return diff < 0 ||
+               bpf_l4_csum_replace(skb, csum_off, 0, diff, csum_flags) ||
+               bpf_l4_csum_replace(skb, csum_off, old_port, flow->port, port_flags) ||
+               bpf_skb_store_bytes(skb, addr_off, flow->addr, 16, 0) ||
+               bpf_skb_store_bytes(skb, port_off, &flow->port, 2, 0) ||
+               bpf_skb_store_bytes(skb, IP6_HOP_OFF, &new_ttl, 1, 0);
+    }
+    /* TTL shares a 16-bit checksum word with the protocol. */
+    __be16 old_word = bpf_htons(((__u16)ttl << 8) | k->proto);
+    __be16 new_word = bpf_htons(((__u16)new_ttl << 8) | k->proto);
+    return bpf_l4_csum_replace(skb, csum_off, old_addr[3], flow->addr[3], csum_flags | 4) ||
+           bpf_l4_csum_replace(skb, csum_off, old_port, flow->port, port_flags) ||
+           bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_addr[3], flow->addr[3], 4) ||
+           bpf_skb_store_bytes(skb, addr_off, &flow->addr[3], 4, 0) ||
+           bpf_skb_store_bytes(skb, port_off, &flow->port, 2, 0) ||
+           bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_word, new_word, 2) ||
+           bpf_skb_store_bytes(skb, IP_TTL_OFF, &new_ttl, 1, 0);
+}
+
+static __always_inline int carry_ip(struct __sk_buff *skb, int v6)
+{
+    struct nl_fp_key k = {};
+    __u32 tot_len;
+    __u8 ttl;
+    if (ip_header(skb, v6, &k, &tot_len, &ttl))
         return TC_ACT_OK;
     void *data_end = (void *)(long)skb->data_end;
-    struct nl_fp_key k = {.saddr = ip->saddr, .daddr = ip->daddr, .proto = ip->protocol};
+    void *l4 = (void *)(long)skb->data + ETH_HLEN + l3_len(v6);
     __u32 csum_off, csum_flags = BPF_F_PSEUDO_HDR;
     int syn = 0, fin = 0, rst = 0, ack = 0;
     __be32 ack_seq = 0;
-    __u16 tot_len = bpf_ntohs(ip->tot_len);
 
-    if (ip->protocol == IPPROTO_TCP) {
-        struct tcphdr *th = (void *)(ip + 1);
+    if (k.proto == IPPROTO_TCP) {
+        struct tcphdr *th = l4;
         if ((void *)(th + 1) > data_end)
             return TC_ACT_OK;
         k.sport = th->source;
@@ -247,17 +349,18 @@ int carry(struct __sk_buff *skb)
         rst = th->rst;
         ack = th->ack;
         ack_seq = th->ack_seq;
-        csum_off = TCP_CSUM_OFF;
-    } else if (ip->protocol == IPPROTO_UDP) {
-        struct udphdr *uh = (void *)(ip + 1);
+        csum_off = ETH_HLEN + l3_len(v6) + offsetof(struct tcphdr, check);
+    } else {
+        struct udphdr *uh = l4;
         if ((void *)(uh + 1) > data_end)
+            return TC_ACT_OK;
+        /* RFC 8200 8.1: over IPv6 no checksum is a bad one, natlb's to drop. */
+        if (v6 && !uh->check)
             return TC_ACT_OK;
         k.sport = uh->source;
         k.dport = uh->dest;
-        csum_off = UDP_CSUM_OFF;
-        csum_flags |= BPF_F_MARK_MANGLED_0;   /* a zero UDP checksum stays zero */
-    } else {
-        return TC_ACT_OK;
+        csum_off = ETH_HLEN + l3_len(v6) + offsetof(struct udphdr, check);
+        csum_flags |= BPF_F_MARK_MANGLED_0;   /* an IPv4 zero stays zero */
     }
 
     struct nl_fp_flow *f = bpf_map_lookup_elem(&flows, &k);
@@ -265,7 +368,8 @@ int carry(struct __sk_buff *skb)
         return TC_ACT_OK;
     /* Copies: the helpers below invalidate every packet pointer. */
     struct nl_fp_flow flow = *f;
-    struct nl_fp_key rk = other_side(&k, &flow);
+    struct nl_fp_key rk;
+    nl_fp_other_side(&k, &flow, &rk);
     if (flow.in_ifindex != skb->ingress_ifindex)
         return TC_ACT_OK;      /* spoofed: changes nothing here, SYN or not */
     __u64 now = bpf_ktime_get_ns();
@@ -314,10 +418,9 @@ int carry(struct __sk_buff *skb)
         cut_deadline(&k);
         cut_deadline(&rk);
     }
-    if (ip->ttl <= 1)
-        return TC_ACT_OK;      /* natlb's ICMP to send */
+    if (ttl <= 1)
+        return TC_ACT_OK;      /* natlb's (the kernel's) ICMP to send */
 
-    __u8 ttl = ip->ttl, proto = ip->protocol;
     __u32 mtu_len = 0;
     if (bpf_check_mtu(skb, flow.out_ifindex, &mtu_len, 0, 0) != BPF_MTU_CHK_RET_SUCCESS)
         return TC_ACT_OK;      /* too big: natlb and the kernel do PMTU */
@@ -329,51 +432,26 @@ int carry(struct __sk_buff *skb)
             count_stat(NL_FP_STAT_RING_FULL);
             return TC_ACT_OK;  /* no room to tell natlb: it sees the packet */
         }
-        /* 64-bit all along: the verifier then knows 28 <= n <= 128. */
+        /* 64-bit all along: the verifier then knows n <= 128. */
         __u64 n = skb->len;
         n = n > ETH_HLEN ? n - ETH_HLEN : 0;
         if (n > tot_len)
             n = tot_len;       /* never the Ethernet padding */
         if (n > NL_FP_HEAD)
             n = NL_FP_HEAD;
-        if (n < sizeof(struct iphdr) + sizeof(struct udphdr) ||
+        if (n < l3_len(v6) + sizeof(struct udphdr) ||
             bpf_skb_load_bytes(skb, ETH_HLEN, ev->head, n)) {
             bpf_ringbuf_discard(ev, 0);
             return TC_ACT_OK;
         }
         ev->ifindex = skb->ingress_ifindex;
         ev->len = n;
-        ev->tot_len = tot_len;
+        /* An IPv6 packet may be 65,575 bytes: longer than the head all the same. */
+        ev->tot_len = tot_len > 0xffff ? 0xffff : tot_len;
     }
 
-    __be32 old_addr;
-    __be16 old_port;
-    __u32 addr_off, port_off;
-    if (flow.dir == NL_FP_IN) {
-        old_addr = k.daddr;
-        old_port = k.dport;
-        addr_off = IP_DADDR_OFF;
-        port_off = L4_OFF + 2;
-    } else {
-        old_addr = k.saddr;
-        old_port = k.sport;
-        addr_off = IP_SADDR_OFF;
-        port_off = L4_OFF;
-    }
-    if (bpf_l4_csum_replace(skb, csum_off, old_addr, flow.addr, csum_flags | 4) ||
-        bpf_l4_csum_replace(skb, csum_off, old_port, flow.port,
-                            (csum_flags & BPF_F_MARK_MANGLED_0) | 2) ||
-        bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_addr, flow.addr, 4) ||
-        bpf_skb_store_bytes(skb, addr_off, &flow.addr, 4, 0) ||
-        bpf_skb_store_bytes(skb, port_off, &flow.port, 2, 0))
+    if (rewrite(skb, v6, &k, &flow, csum_off, csum_flags, ttl))
         goto shot;             /* half rewritten: never send it on */
-    /* TTL shares a 16-bit checksum word with the protocol. */
-    __be16 old_word = bpf_htons(((__u16)ttl << 8) | proto);
-    __be16 new_word = bpf_htons(((__u16)(ttl - 1) << 8) | proto);
-    __u8 new_ttl = ttl - 1;
-    if (bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_word, new_word, 2) ||
-        bpf_skb_store_bytes(skb, IP_TTL_OFF, &new_ttl, 1, 0))
-        goto shot;
 
     if (ev) {
         /* What the record tells natlb needs telling only once: the flag goes
@@ -406,6 +484,17 @@ shot:
     if (ev)
         bpf_ringbuf_discard(ev, 0);
     return TC_ACT_SHOT;
+}
+
+SEC("tc")
+int carry(struct __sk_buff *skb)
+{
+    __be16 proto = eth_proto(skb);
+    if (proto == bpf_htons(ETH_P_IP))
+        return carry_ip(skb, 0);
+    if (proto == bpf_htons(ETH_P_IPV6))
+        return carry_ip(skb, 1);
+    return TC_ACT_OK;
 }
 
 char LICENSE[] SEC("license") = "GPL";

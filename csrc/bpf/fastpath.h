@@ -20,24 +20,31 @@
 #define NL_FP_MARK_FAST 0x00800000
 #define NL_FP_MARK_ID 0x000fffff
 
+/* Addresses of either family are held as natlb's C core holds them (natlb.h
+ * struct nl_addr): 16 bytes in network order, an IPv4 address mapped
+ * (::ffff:a.b.c.d), so one map and one program serve both families. */
+
 /* backends map (array, index = backend id): what natlb published. */
 struct nl_fp_backend {
-    __be32 vip;                    /* the service's VIP                       */
-    __be32 addr;                   /* the backend's address                   */
+    __be32 vip[4];                 /* the service's VIP                       */
+    __be32 addr[4];                /* the backend's address (same family)     */
     __be16 vport;                  /* the service's port                      */
     __be16 port;                   /* the backend's port                      */
     __u8 proto;                    /* IPPROTO_TCP or IPPROTO_UDP; 0: no backend */
-    __u8 pad[3];                   /* zero                                    */
+    __u8 family;                   /* 4 or 6                                  */
+    __u8 pad[2];                   /* zero                                    */
 };
 
 /* flows map key: a packet's 5-tuple as it arrives on ingress. */
 struct nl_fp_key {
-    __be32 saddr;                  /* source address                          */
-    __be32 daddr;                  /* destination address                     */
+    __be32 saddr[4];               /* source address                          */
+    __be32 daddr[4];               /* destination address                     */
     __be16 sport;                  /* source port                             */
     __be16 dport;                  /* destination port                        */
     __u8 proto;                    /* IPPROTO_TCP or IPPROTO_UDP              */
-    __u8 pad[3];                   /* zero: hashed with the rest              */
+    __u8 family;                   /* 4 or 6: an IPv6 packet quoting mapped
+                                      addresses never finds an IPv4 flow     */
+    __u8 pad[2];                   /* zero: hashed with the rest              */
 };
 
 /* nl_fp_flow.flags: what natlb has not seen yet of a flow it placed with
@@ -52,7 +59,7 @@ struct nl_fp_key {
 
 /* flows map value: how to carry a packet with that key. */
 struct nl_fp_flow {
-    __be32 addr;                   /* new daddr (IN) or new saddr (OUT)       */
+    __be32 addr[4];                /* new daddr (IN) or new saddr (OUT)       */
     __be16 port;                   /* new dport (IN) or new sport (OUT)       */
     __u8 dir;                      /* NL_FP_IN or NL_FP_OUT                   */
     __u8 flags;                    /* NL_FP_F_*                               */
@@ -101,15 +108,35 @@ struct nl_fp_config {
 /* events ring buffer: one record per packet carried that moves natlb's
  * flow (FIN, RST, the handshake's SYN-ACK and last ACK, a UDP flow's first
  * answer), so natlb applies it to its own flow (csrc/tcfast.c's observer). */
-#define NL_FP_HEAD 128             /* IP + TCP header (<= 80) and some data   */
+#define NL_FP_HEAD 128             /* IP + TCP header (<= 80 over IPv4, <= 100
+                                      over IPv6) and some data               */
 #define NL_FP_RING_BYTES (256 * 1024)
 struct nl_fp_event {
     __u32 ifindex;                 /* where it arrived                        */
     __u16 len;                     /* bytes of head[] that hold the packet    */
     __u16 tot_len;                 /* the IP packet's length (len < tot_len:
-                                      head[] is only its head)                */
+                                      head[] is only its head; at most 65535) */
     __u8 head[NL_FP_HEAD];         /* the IP packet as it arrived, before the
                                       rewrite                                 */
 };
+
+/* The key of the other direction of a flow whose entry f was found under
+ * k: for the programs and for the observer that forgets a flow. */
+static inline __attribute__((always_inline)) void
+nl_fp_other_side(const struct nl_fp_key *k, const struct nl_fp_flow *f, struct nl_fp_key *r)
+{
+    *r = (struct nl_fp_key){.proto = k->proto, .family = k->family};
+    if (f->dir == NL_FP_IN) {
+        __builtin_memcpy(r->saddr, f->addr, sizeof r->saddr);
+        __builtin_memcpy(r->daddr, k->saddr, sizeof r->daddr);
+        r->sport = f->port;
+        r->dport = k->sport;
+    } else {
+        __builtin_memcpy(r->saddr, k->daddr, sizeof r->saddr);
+        __builtin_memcpy(r->daddr, f->addr, sizeof r->daddr);
+        r->sport = k->dport;
+        r->dport = f->port;
+    }
+}
 
 #endif

@@ -2,6 +2,8 @@ import pytest
 
 from natlb.core import Core, CoreConfig
 
+from .services import FAMILIES, Family
+
 
 @pytest.fixture
 def core():
@@ -10,3 +12,9 @@ def core():
     yield c
     c.check_table()   # whatever the test did, the conntrack is still consistent
     c.close()
+
+
+@pytest.fixture(params=sorted(FAMILIES))
+def fam(request) -> Family:
+    """Each address family in turn, for promises both keep alike."""
+    return FAMILIES[request.param]

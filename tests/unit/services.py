@@ -1,15 +1,24 @@
 """Service tables shared by the unit tests."""
 
+from dataclasses import dataclass
+from typing import Any
+
+from scapy.layers.inet import IP
+from scapy.layers.inet6 import IPv6
+
 from natlb.core import BackendEntry, ServiceTable
 from natlb.schedulers import Candidate, build_table
 
 VIP = "192.0.2.100"
 CLIENT = "198.51.100.7"
 BACKENDS = ["203.0.113.10", "203.0.113.11", "203.0.113.12"]
+VIP6 = "2001:db8::100"
+CLIENT6 = "2001:db8:1::7"
+BACKENDS6 = ["2001:db8:113::10", "2001:db8:113::11", "2001:db8:113::12"]
 
 
 def make_service(scheduler="rr", port=80, backend_port=8080, protocol="tcp", sid=0,
-                 addrs=BACKENDS, weights=None, down=(), draining=()):
+                 addrs=BACKENDS, weights=None, down=(), draining=(), vip=VIP):
     """down: neither new flows nor alive; draining: alive, but no new flows."""
     weights = weights or [1] * len(addrs)
     entries = tuple(
@@ -18,8 +27,26 @@ def make_service(scheduler="rr", port=80, backend_port=8080, protocol="tcp", sid
         for i, (a, w) in enumerate(zip(addrs, weights, strict=True))
     )
     cands = [Candidate(f"{b.address}:{b.port}", b.weight, b.eligible) for b in entries]
-    return ServiceTable(VIP, port, protocol, scheduler, sid, entries,
+    return ServiceTable(vip, port, protocol, scheduler, sid, entries,
                         tuple(build_table(scheduler, cands)))
+
+
+@dataclass(frozen=True)
+class Family:
+    """One address family's client, VIP, backends and IP header: the tests
+    that promise the same of both run over each."""
+
+    ip: Any                  # scapy's IP or IPv6
+    client: str
+    vip: str
+    backends: list[str]
+
+    def service(self, **kw: Any) -> ServiceTable:
+        return make_service(addrs=self.backends, vip=self.vip, **kw)
+
+
+FAMILIES = {"ipv4": Family(IP, CLIENT, VIP, BACKENDS),
+            "ipv6": Family(IPv6, CLIENT6, VIP6, BACKENDS6)}
 
 
 

@@ -1,6 +1,6 @@
 """The C side of the fast path (lb.fastpath): which packets natlb hands to
 the kernel (NL_MARK_FAST), and how it resets flows whose later packets it
-never saw."""
+never saw; over both families (the `fam` fixture) where they promise alike."""
 
 from __future__ import annotations
 
@@ -8,10 +8,11 @@ from dataclasses import replace
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
+from scapy.layers.inet6 import ICMPv6DestUnreach
 
 from natlb.core import MARK_FAST, MARK_FORWARD, Core, CoreConfig, ForgetKey, Verdict
 
-from .services import BACKENDS, CLIENT, VIP, make_service
+from .services import BACKENDS, CLIENT, FAMILIES, VIP, Family, make_service
 
 
 @pytest.fixture
@@ -21,32 +22,34 @@ def fast_core():
     c.close()
 
 
-def handshake(core: Core, sport: int = 40000) -> tuple[str, int]:
+def handshake(core: Core, fam: Family, sport: int = 40000) -> tuple[str, int]:
     """SYN, SYN-ACK, ACK; returns the backend and the ACK's mark."""
-    _, mark = core.decide(bytes(IP(src=CLIENT, dst=VIP) / TCP(sport=sport, dport=80, flags="S",
-                                                               seq=1000)), 1)
-    backend = BACKENDS[(mark & 0xFFF) - 5 * 16]
-    v, reply = core.decide(bytes(IP(src=backend, dst=CLIENT) /
+    _, mark = core.decide(bytes(fam.ip(src=fam.client, dst=fam.vip) /
+                                TCP(sport=sport, dport=80, flags="S", seq=1000)), 1)
+    backend = fam.backends[(mark & 0xFFF) - 5 * 16]
+    v, reply = core.decide(bytes(fam.ip(src=backend, dst=fam.client) /
                                  TCP(sport=8080, dport=sport, flags="SA", seq=5000, ack=1001)), 2)
     assert v == Verdict.MARK and not reply & MARK_FAST
-    _, mark = core.decide(bytes(IP(src=CLIENT, dst=VIP) / TCP(sport=sport, dport=80, flags="A",
-                                                              seq=1001, ack=5001)), 3)
+    _, mark = core.decide(bytes(fam.ip(src=fam.client, dst=fam.vip) /
+                                TCP(sport=sport, dport=80, flags="A", seq=1001, ack=5001)), 3)
     return backend, mark
 
 
-def test_a_new_flows_syn_and_established_packets_that_change_no_state_are_fast(fast_core):
-    fast_core.publish([make_service(sid=5)])
-    syn = IP(src=CLIENT, dst=VIP) / TCP(sport=40000, dport=80, flags="S", seq=1000)
+def test_a_new_flows_syn_and_established_packets_that_change_no_state_are_fast(fast_core, fam):
+    fast_core.publish([fam.service(sid=5)])
+    syn = fam.ip(src=fam.client, dst=fam.vip) / TCP(sport=40000, dport=80, flags="S", seq=1000)
     _, mark = fast_core.decide(bytes(syn), 1)
     assert mark & MARK_FAST                                  # the first SYN: the kernel
     _, mark = fast_core.decide(bytes(syn), 2)                # carries its handshake
     assert not mark & MARK_FAST                              # the SYN again: natlb's
-    _, mark = handshake(fast_core, 40001)
+    _, mark = handshake(fast_core, fam, 40001)
     assert mark & MARK_FAST and mark & ~(0xFFF | MARK_FAST) == MARK_FORWARD
-    fin = IP(src=CLIENT, dst=VIP) / TCP(sport=40001, dport=80, flags="FA", seq=1001, ack=5001)
+    fin = fam.ip(src=fam.client, dst=fam.vip) / TCP(sport=40001, dport=80, flags="FA", seq=1001,
+                                                    ack=5001)
     _, mark = fast_core.decide(bytes(fin), 4)
     assert not mark & MARK_FAST                              # a FIN: no, nor after it
-    ack = IP(src=CLIENT, dst=VIP) / TCP(sport=40001, dport=80, flags="A", seq=1002, ack=5001)
+    ack = fam.ip(src=fam.client, dst=fam.vip) / TCP(sport=40001, dport=80, flags="A", seq=1002,
+                                                    ack=5001)
     assert not fast_core.decide(bytes(ack), 5)[1] & MARK_FAST
 
 
@@ -62,162 +65,171 @@ def test_a_cluster_services_first_packet_is_not_fast():
 
 def test_without_fastpath_no_mark_is_fast(core):
     core.publish([make_service(sid=5)])
-    _, mark = handshake(core)
+    _, mark = handshake(core, FAMILIES["ipv4"])
     assert mark & ~0xFFF == MARK_FORWARD and not mark & MARK_FAST
 
 
-def test_reset_probes_both_ends_then_resets_with_their_exact_numbers(fast_core):
-    fast_core.publish([make_service(sid=5)])
-    backend, _ = handshake(fast_core)
-    bid = [b for b in range(3) if BACKENDS[b] == backend][0] + 5 * 16
+def test_reset_probes_both_ends_then_resets_with_their_exact_numbers(fast_core, fam):
+    fast_core.publish([fam.service(sid=5)])
+    backend, _ = handshake(fast_core, fam)
+    bid = fam.backends.index(backend) + 5 * 16
     assert fast_core.reset_backend(bid) == 1
     sent = []
     while (p := fast_core.outbox_take()) is not None:
-        sent.append(IP(p))
+        sent.append(fam.ip(p))
     rsts = [p for p in sent if p[TCP].flags == "R"]
     probes = [p for p in sent if p[TCP].flags == "A"]
     assert len(rsts) == 2 and len(probes) == 2       # stale RSTs, then the probes
-    to_client = next(p for p in probes if p.dst == CLIENT)
-    assert to_client.src == VIP and to_client[TCP].seq == 5000   # just behind the window
+    to_client = next(p for p in probes if p.dst == fam.client)
+    assert to_client.src == fam.vip and to_client[TCP].seq == 5000   # just behind the window
     # The kernel carried 1 MB each way meanwhile: the client's answer says
     # where both ends are now.
-    answer = IP(src=CLIENT, dst=VIP) / TCP(sport=40000, dport=80, flags="A",
-                                           seq=1001 + 10**6, ack=5001 + 10**6)
+    answer = fam.ip(src=fam.client, dst=fam.vip) / TCP(sport=40000, dport=80, flags="A",
+                                                       seq=1001 + 10**6, ack=5001 + 10**6)
     assert fast_core.decide(bytes(answer), 10)[0] == Verdict.DROP
-    exact = [IP(fast_core.outbox_take()) for _ in range(2)]
-    assert {(p.dst, p[TCP].seq) for p in exact} == {(CLIENT, 5001 + 10**6),
+    exact = [fam.ip(fast_core.outbox_take()) for _ in range(2)]
+    assert {(p.dst, p[TCP].seq) for p in exact} == {(fam.client, 5001 + 10**6),
                                                    (backend, 1001 + 10**6)}
     assert all(p[TCP].flags == "R" for p in exact)
     # The backend's answer: its own exact RST only (the client's is sent).
-    answer = IP(src=backend, dst=CLIENT) / TCP(sport=8080, dport=40000, flags="A",
-                                               seq=5001 + 10**6, ack=1001 + 2 * 10**6)
+    answer = fam.ip(src=backend, dst=fam.client) / TCP(sport=8080, dport=40000, flags="A",
+                                                       seq=5001 + 10**6, ack=1001 + 2 * 10**6)
     assert fast_core.decide(bytes(answer), 11)[0] == Verdict.DROP
-    last = IP(fast_core.outbox_take())
+    last = fam.ip(fast_core.outbox_take())
     assert (last.dst, last[TCP].seq, last[TCP].flags) == (backend, 1001 + 2 * 10**6, "R")
     assert fast_core.outbox_take() is None
 
 
-def udp(src: str, dst: str, sport: int, dport: int) -> bytes:
-    return bytes(IP(src=src, dst=dst) / UDP(sport=sport, dport=dport) / b"q")
+def test_a_udp_flows_first_datagram_is_fast_then_only_once_its_backend_answered(fast_core, fam):
+    def udp(src: str, dst: str, sport: int, dport: int) -> bytes:
+        return bytes(fam.ip(src=src, dst=dst) / UDP(sport=sport, dport=dport) / b"q")
 
-
-def test_a_udp_flows_first_datagram_is_fast_then_only_once_its_backend_answered(fast_core):
-    fast_core.publish([make_service(sid=5, protocol="udp", port=53, backend_port=53)])
-    _, mark = fast_core.decide(udp(CLIENT, VIP, 5000, 53), 1)
+    client, vip = fam.client, fam.vip
+    fast_core.publish([fam.service(sid=5, protocol="udp", port=53, backend_port=53)])
+    _, mark = fast_core.decide(udp(client, vip, 5000, 53), 1)
     assert mark & MARK_FAST                                  # the first: the kernel
-    backend = BACKENDS[(mark & 0xFFF) - 5 * 16]              # carries its answer, told
-    assert not fast_core.decide(udp(CLIENT, VIP, 5000, 53), 2)[1] & MARK_FAST  # none yet
-    v, reply = fast_core.decide(udp(backend, CLIENT, 53, 5000), 3)
+    backend = fam.backends[(mark & 0xFFF) - 5 * 16]          # carries its answer, told
+    assert not fast_core.decide(udp(client, vip, 5000, 53), 2)[1] & MARK_FAST  # none yet
+    v, reply = fast_core.decide(udp(backend, client, 53, 5000), 3)
     assert v == Verdict.MARK and not reply & MARK_FAST
-    _, mark = fast_core.decide(udp(CLIENT, VIP, 5000, 53), 4)
-    assert mark & MARK_FAST and BACKENDS[(mark & 0xFFF) - 5 * 16] == backend
+    _, mark = fast_core.decide(udp(client, vip, 5000, 53), 4)
+    assert mark & MARK_FAST and fam.backends[(mark & 0xFFF) - 5 * 16] == backend
     # Its backend no longer alive: the flow's next packet moves, is not fast,
     # and the kernel is told to forget the old backend's entries.
     assert fast_core.fp_forget_take() == ([], False)
-    fast_core.publish([make_service(sid=5, protocol="udp", port=53, backend_port=53,
-                                    down=(backend,))])
-    _, mark = fast_core.decide(udp(CLIENT, VIP, 5000, 53), 5)
-    assert not mark & MARK_FAST and BACKENDS[(mark & 0xFFF) - 5 * 16] != backend
+    fast_core.publish([fam.service(sid=5, protocol="udp", port=53, backend_port=53,
+                                   down=(backend,))])
+    _, mark = fast_core.decide(udp(client, vip, 5000, 53), 5)
+    assert not mark & MARK_FAST and fam.backends[(mark & 0xFFF) - 5 * 16] != backend
     keys, lost = fast_core.fp_forget_take()
-    assert not lost and keys == [ForgetKey(CLIENT, 5000, VIP, 53, backend, 53, 17)]
+    assert not lost and keys == [ForgetKey(client, 5000, vip, 53, backend, 53, 17)]
 
 
 # ---- a handshake the kernel carries: re-steering forgets, the timer syncs ----
 
-def fast_syn(core: Core, sport: int = 40000) -> str:
+def fast_syn(core: Core, fam: Family = FAMILIES["ipv4"], sport: int = 40000) -> str:
     """The first SYN of a connection, marked fast; its backend."""
-    syn = IP(src=CLIENT, dst=VIP) / TCP(sport=sport, dport=80, flags="S", seq=1000,
-                                        options=[("MSS", 1460)])
+    syn = fam.ip(src=fam.client, dst=fam.vip) / TCP(sport=sport, dport=80, flags="S", seq=1000,
+                                                    options=[("MSS", 1460)])
     v, mark = core.decide(bytes(syn), 100)
     assert v == Verdict.MARK and mark & MARK_FAST
-    return BACKENDS[mark & 0xFFF]
+    return fam.backends[mark & 0xFFF]
 
 
 @pytest.fixture
-def held_core():
+def held_core(fam):
     c = Core(CoreConfig(max_flows=1024, workers=1, fastpath=True, syn_timeout_ms=50,
                         resteer_tries=3))
-    c.publish([make_service()])
+    c.publish([fam.service()])
     yield c
     c.close()
 
 
-def test_an_rst_to_a_fast_syn_resteers_it_and_the_kernel_forgets_the_old_backend(held_core):
-    b1 = fast_syn(held_core)
-    rst = IP(src=b1, dst=CLIENT) / TCP(sport=8080, dport=40000, flags="RA", ack=1001)
+def test_an_rst_to_a_fast_syn_resteers_it_and_the_kernel_forgets_the_old_backend(held_core,
+                                                                                  fam):
+    b1 = fast_syn(held_core, fam)
+    rst = fam.ip(src=b1, dst=fam.client) / TCP(sport=8080, dport=40000, flags="RA", ack=1001)
     assert held_core.decide(bytes(rst), 101)[0] == Verdict.DROP   # never to the client
-    resent = IP(held_core.outbox_take())
+    resent = fam.ip(held_core.outbox_take())
     assert resent[TCP].flags == "S" and resent.dst != b1
     keys, _ = held_core.fp_forget_take()
-    assert keys == [ForgetKey(CLIENT, 40000, VIP, 80, b1, 8080, 6)]
+    assert keys == [ForgetKey(fam.client, 40000, fam.vip, 80, b1, 8080, 6)]
     # Once: the flow is not the kernel's any more (its handshake is queued).
-    rst2 = IP(src=resent.dst, dst=CLIENT) / TCP(sport=8080, dport=40000, flags="RA", ack=1001)
+    rst2 = fam.ip(src=resent.dst, dst=fam.client) / TCP(sport=8080, dport=40000, flags="RA",
+                                                        ack=1001)
     held_core.decide(bytes(rst2), 102)
     assert held_core.fp_forget_take() == ([], False)
 
 
-def test_an_icmp_error_to_a_fast_syn_resteers_it_and_the_kernel_forgets(held_core):
-    b1 = fast_syn(held_core)
-    quoted = IP(src=CLIENT, dst=b1) / TCP(sport=40000, dport=8080, flags="S", seq=1000)
-    icmp = IP(src=b1, dst=CLIENT) / ICMP(type=3, code=1) / bytes(quoted)[:28]
-    assert held_core.decide(bytes(icmp), 101)[0] == Verdict.DROP
-    assert IP(held_core.outbox_take()).dst != b1
-    assert held_core.fp_forget_take()[0] == [ForgetKey(CLIENT, 40000, VIP, 80, b1, 8080, 6)]
+def test_an_icmp_error_to_a_fast_syn_resteers_it_and_the_kernel_forgets(held_core, fam):
+    b1 = fast_syn(held_core, fam)
+    quoted = bytes(fam.ip(src=fam.client, dst=b1) / TCP(sport=40000, dport=8080, flags="S",
+                                                        seq=1000))
+    error = (ICMP(type=3, code=1) / quoted[:28] if fam.ip is IP
+             else ICMPv6DestUnreach(code=3) / quoted)
+    assert held_core.decide(bytes(fam.ip(src=b1, dst=fam.client) / error), 101)[0] == \
+        Verdict.DROP
+    assert fam.ip(held_core.outbox_take()).dst != b1
+    assert held_core.fp_forget_take()[0] == [ForgetKey(fam.client, 40000, fam.vip, 80, b1,
+                                                       8080, 6)]
 
 
-def test_without_an_observer_the_timer_resteers_a_fast_syn_at_once(held_core):
-    b1 = fast_syn(held_core)
+def test_without_an_observer_the_timer_resteers_a_fast_syn_at_once(held_core, fam):
+    b1 = fast_syn(held_core, fam)
     held_core.failover_tick(150)
-    assert IP(held_core.outbox_take()).dst != b1
-    assert held_core.fp_forget_take()[0] == [ForgetKey(CLIENT, 40000, VIP, 80, b1, 8080, 6)]
+    assert fam.ip(held_core.outbox_take()).dst != b1
+    assert held_core.fp_forget_take()[0] == [ForgetKey(fam.client, 40000, fam.vip, 80, b1,
+                                                       8080, 6)]
 
 
-def test_the_timer_waits_for_the_observer_before_resteering_a_fast_syn(held_core):
+def test_the_timer_waits_for_the_observer_before_resteering_a_fast_syn(held_core, fam):
     """The kernel may have carried the SYN-ACK just before the deadline and
     the observer not applied it yet: the kernel forgets the flow first (no
     SYN-ACK carried after that), and the flow moves only if it is still
     unanswered once the observer applied everything written before."""
     held_core.fp_observing(True)
-    b1 = fast_syn(held_core)
+    b1 = fast_syn(held_core, fam)
     held_core.failover_tick(150)
     assert held_core.outbox_take() is None and held_core.read_events() == []
-    assert held_core.fp_forget_take()[0] == [ForgetKey(CLIENT, 40000, VIP, 80, b1, 8080, 6)]
+    assert held_core.fp_forget_take()[0] == [ForgetKey(fam.client, 40000, fam.vip, 80, b1,
+                                                       8080, 6)]
     want = held_core.fp_sync_wanted()
     assert want > 0
     held_core.failover_tick(151)
     assert held_core.outbox_take() is None            # not answered yet
     held_core.fp_sync_done(want)
     held_core.failover_tick(152)
-    assert IP(held_core.outbox_take()).dst != b1
+    assert fam.ip(held_core.outbox_take()).dst != b1
     assert [e.kind for e in held_core.read_events()] == ["syn_timeout"]
 
 
-def test_a_synack_the_observer_applies_meanwhile_keeps_the_flow(held_core):
+def test_a_synack_the_observer_applies_meanwhile_keeps_the_flow(held_core, fam):
     held_core.fp_observing(True)
-    b1 = fast_syn(held_core)
+    b1 = fast_syn(held_core, fam)
     held_core.failover_tick(150)
-    synack = IP(src=b1, dst=CLIENT) / TCP(sport=8080, dport=40000, flags="SA", seq=5000,
-                                           ack=1001)
+    synack = fam.ip(src=b1, dst=fam.client) / TCP(sport=8080, dport=40000, flags="SA",
+                                                   seq=5000, ack=1001)
     assert held_core.observe(bytes(synack), 150)
     held_core.fp_sync_done(held_core.fp_sync_wanted())
     held_core.failover_tick(151)
     assert held_core.outbox_take() is None and held_core.read_events() == []
-    ack = IP(src=CLIENT, dst=VIP) / TCP(sport=40000, dport=80, flags="A", seq=1001, ack=5001)
+    ack = fam.ip(src=fam.client, dst=fam.vip) / TCP(sport=40000, dport=80, flags="A", seq=1001,
+                                                    ack=5001)
     assert held_core.observe(bytes(ack), 152)
     # ESTABLISHED: the client's next packet is marked fast again.
-    data = IP(src=CLIENT, dst=VIP) / TCP(sport=40000, dport=80, flags="PA", seq=1001,
-                                         ack=5001) / b"x"
+    data = fam.ip(src=fam.client, dst=fam.vip) / TCP(sport=40000, dport=80, flags="PA",
+                                                     seq=1001, ack=5001) / b"x"
     _, mark = held_core.decide(bytes(data), 153)
-    assert mark & MARK_FAST and BACKENDS[mark & 0xFFF] == b1
+    assert mark & MARK_FAST and fam.backends[mark & 0xFFF] == b1
 
 
-def test_an_observer_that_stops_answers_every_wait(held_core):
+def test_an_observer_that_stops_answers_every_wait(held_core, fam):
     held_core.fp_observing(True)
-    b1 = fast_syn(held_core)
+    b1 = fast_syn(held_core, fam)
     held_core.failover_tick(150)
     held_core.fp_observing(False)
     held_core.failover_tick(151)
-    assert IP(held_core.outbox_take()).dst != b1
+    assert fam.ip(held_core.outbox_take()).dst != b1
 
 
 def test_fast_marks_are_kept_for_tc_per_protocol_in_use():

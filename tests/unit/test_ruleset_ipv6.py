@@ -31,9 +31,10 @@ def v6_only(messages: list[ruleset.Message]) -> list[ruleset.Message]:
     return [m for m in messages if m.family == V6]
 
 
-@pytest.mark.parametrize("rewrite", ["mark", "copy"])
+@pytest.mark.parametrize("rewrite", ["mark", "copy", "fastpath"])
 def test_golden(rewrite: str) -> None:
-    text = ruleset.render(ruleset.build(dual(rewrite)))
+    s = dual("mark", fastpath=True) if rewrite == "fastpath" else dual(rewrite)
+    text = ruleset.render(ruleset.build(s))
     path = GOLDEN / f"ruleset_ipv6_{rewrite}.txt"
     if os.environ.get("NATLB_GOLDEN") == "write":
         path.write_text(text)
@@ -66,8 +67,22 @@ def test_ipv6_sets_and_marks() -> None:
                                                 for i in (2, 3)]
     assert _elements(msgs, "backend_addr") == [(MARKS.forward | i).to_bytes(4, "little")
                                                for i in (0, 1, 2)]
-    assert not [m for m in v6_only(ruleset.build(dual(fastpath=True)))
-                if "fast" in m.what]   # IPv4 only (contract)
+
+
+def test_the_fast_path_rule_rewrites_ipv6_from_the_ip6_maps() -> None:
+    """The ip6 table keeps fast marks for tc as the ip table does, writing
+    the 16-byte destination (offset 24) with the L4 pseudo-header sum and
+    no header checksum, from backend_addr6/backend_port6."""
+    rules = _rules(v6_only(ruleset.build(dual(fastpath=True))))
+    fast = [r for r in rules if "fast" in r.what]
+    assert [r.what for r in fast] == [
+        "rule rewrite fast path: tcp to a backend, mark kept for tc",
+        "rule rewrite fast path: udp to a backend, mark kept for tc"]
+    for r in fast:
+        text = ruleset.render([r])
+        assert "set=backend_addr6" in text and "set=backend_port6" in text
+        assert ("payload_offset=24, payload_len=16, payload_csum_type=0, payload_csum_offset=0, "
+                "payload_csum_flags=(NFT_PAYLOAD_L4CSUM_PSEUDOHDR)") in text
 
 
 def _icmpv6_matches(rule: ruleset.Message) -> list[tuple[int, int]]:
