@@ -208,7 +208,7 @@ static __always_inline int same_addr(int v6, const __be32 *a, const __be32 *b)
     return ((a[0] ^ b[0]) | (a[1] ^ b[1]) | (a[2] ^ b[2]) | (a[3] ^ b[3])) == 0;
 }
 
-static __always_inline int learn_ip(struct __sk_buff *skb, int v6)
+static __always_inline int learn_ip(struct __sk_buff *skb, int v6, __u32 bid)
 {
     /* The packet as it leaves: client -> backend. */
     struct nl_fp_key pk = {};
@@ -232,7 +232,6 @@ static __always_inline int learn_ip(struct __sk_buff *skb, int v6)
         synack_ack = bpf_htonl(bpf_ntohl(th->seq) + 1);
     }
 
-    __u32 bid = skb->mark & NL_FP_MARK_ID;
     struct nl_fp_backend *b = bpf_map_lookup_elem(&backends, &bid);
     __u32 zero = 0;
     struct nl_fp_config *cfg = bpf_map_lookup_elem(&config, &zero);
@@ -281,9 +280,9 @@ int learn(struct __sk_buff *skb)
     skb->mark = 0;
     __be16 proto = eth_proto(skb);
     if (proto == bpf_htons(ETH_P_IP))
-        return learn_ip(skb, 0);
+        return learn_ip(skb, 0, mark & NL_FP_MARK_ID);
     if (proto == bpf_htons(ETH_P_IPV6))
-        return learn_ip(skb, 1);
+        return learn_ip(skb, 1, mark & NL_FP_MARK_ID);
     return TC_ACT_OK;
 }
 

@@ -1,6 +1,7 @@
 """The tc fast path's two programs (csrc/bpf/fastpath.bpf.c) run on
 scapy-built frames with BPF_PROG_TEST_RUN: what learn installs from a
-packet natlb marked, and what carry does with each kind of packet.  The
+packet natlb marked, and what carry does with each kind of packet, over
+IPv4 and IPv6 alike (the `fam` fixture; IPv6's own cases at the end).  The
 programs run in a namespace of this test's own (bpf_check_mtu and the test
 run need real interface indexes), from one thread that entered it."""
 
@@ -10,18 +11,58 @@ import socket
 import subprocess
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP, IPOption_NOP
+from scapy.layers.inet6 import (
+    ICMPv6EchoRequest,
+    IPv6,
+    IPv6ExtHdrDestOpt,
+    IPv6ExtHdrFragment,
+    IPv6ExtHdrHopByHop,
+    IPv6ExtHdrRouting,
+)
 from scapy.layers.l2 import Ether
 
 from natlb.core import MARK_FAST, MARK_FORWARD, FastPath
 
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
-CLIENT, VIP, BACKEND = "198.51.100.2", "192.0.2.100", "203.0.113.6"
 CPORT, VPORT, BPORT = 40000, 80, 8080
 BID = 3
 CLONE_NEWNET = 0x40000000
+
+
+@dataclass(frozen=True)
+class Fam:
+    """One family's addresses and IP header."""
+
+    v6: bool
+    client: str
+    vip: str
+    backend: str
+    moved: str                     # another backend address (a stale slot)
+
+    def ip(self, src: str, dst: str, ttl: int = 64, **kw: Any):
+        return (IPv6(src=src, dst=dst, hlim=ttl, **kw) if self.v6
+                else IP(src=src, dst=dst, ttl=ttl, **kw))
+
+    @property
+    def layer(self):
+        return IPv6 if self.v6 else IP
+
+    def ttl(self, ip) -> int:
+        return ip.hlim if self.v6 else ip.ttl
+
+
+V4 = Fam(False, "198.51.100.2", "192.0.2.100", "203.0.113.6", "203.0.113.7")
+V6 = Fam(True, "2001:db8:1::2", "2001:db8::100", "2001:db8:113::6", "2001:db8:113::7")
+
+
+@pytest.fixture(params=[V4, V6], ids=["ipv4", "ipv6"])
+def fam(request) -> Fam:
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -63,19 +104,19 @@ def inside(ns):
         yield lambda fn, *a, **kw: ex.submit(fn, *a, **kw).result()
 
 
-def open_fastpath(inside, tcp_ms: int = 60_000, closing_ms: int = 60_000,
+def open_fastpath(inside, fam: Fam, tcp_ms: int = 60_000, closing_ms: int = 60_000,
                   synack_window_ms: int = 60_000) -> FastPath:
     fp = inside(FastPath, max_backends=16, max_flows=64, tcp_lifetime_ms=tcp_ms,
                 udp_lifetime_ms=30_000, tcp_closing_ms=closing_ms, syn_lifetime_ms=30_000,
                 synack_window_ms=synack_window_ms)
-    fp.set_backend(BID, VIP, VPORT, BACKEND, BPORT, socket.IPPROTO_TCP)
-    fp.set_backend(BID + 1, VIP, 53, BACKEND, 5353, socket.IPPROTO_UDP)
+    fp.set_backend(BID, fam.vip, VPORT, fam.backend, BPORT, socket.IPPROTO_TCP)
+    fp.set_backend(BID + 1, fam.vip, 53, fam.backend, 5353, socket.IPPROTO_UDP)
     return fp
 
 
 @pytest.fixture
-def fp(inside):
-    f = open_fastpath(inside)
+def fp(inside, fam):
+    f = open_fastpath(inside, fam)
     yield f
     f.close()
 
@@ -84,15 +125,15 @@ def frame(ip) -> bytes:
     return bytes(Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02") / ip)
 
 
-def tcp(src, dst, sport, dport, flags="A", ttl=64, payload=b"x" * 20, **ip_kw):
-    return frame(IP(src=src, dst=dst, ttl=ttl, **ip_kw) /
+def tcp(fam, src, dst, sport, dport, flags="A", ttl=64, payload=b"x" * 20, **ip_kw):
+    return frame(fam.ip(src, dst, ttl=ttl, **ip_kw) /
                  TCP(sport=sport, dport=dport, flags=flags, seq=1000, ack=2000) / payload)
 
 
-def learn(inside, fp, ns, packet=None, bid=BID):
+def learn(inside, fp, ns, fam, packet=None, bid=BID):
     """natlb's marked client packet, rewritten by nft, leaving via be0."""
     _, idx = ns
-    packet = packet or tcp(CLIENT, BACKEND, CPORT, BPORT)
+    packet = packet or tcp(fam, fam.client, fam.backend, CPORT, BPORT)
     return inside(fp.test_run, True, packet, mark=MARK_FORWARD | MARK_FAST | bid,
                   ifindex=idx["be0"], ingress_ifindex=idx["cl0"])
 
@@ -101,100 +142,125 @@ def carry(inside, fp, packet, ifindex):
     return inside(fp.test_run, False, packet, ifindex=ifindex, ingress_ifindex=ifindex)
 
 
-def checksums_ok(ip: IP) -> bool:
-    """scapy recomputes what it is told to forget; equal means right."""
+def checksums_ok(ip) -> bool:
+    """scapy recomputes what it is told to forget; equal means right (IPv6
+    has no header checksum, its L4 one sums the pseudo-header)."""
     fresh = ip.copy()
-    del fresh.chksum
+    if not isinstance(ip, IPv6):
+        del fresh.chksum
     del fresh.payload.chksum
-    return bytes(IP(bytes(fresh))) == bytes(ip)
+    return bytes(type(ip)(bytes(fresh))) == bytes(ip)
 
 
-def test_learn_installs_both_directions_and_clears_the_mark(inside, fp, ns):
-    r = learn(inside, fp, ns)
+def test_learn_installs_both_directions_and_clears_the_mark(inside, fp, ns, fam):
+    r = learn(inside, fp, ns, fam)
     assert (r.retval, r.mark) == (TC_ACT_OK, 0)
-    assert fp.has_flow(CLIENT, VIP, CPORT, VPORT, socket.IPPROTO_TCP)
-    assert fp.has_flow(BACKEND, CLIENT, BPORT, CPORT, socket.IPPROTO_TCP)
+    assert fp.has_flow(fam.client, fam.vip, CPORT, VPORT, socket.IPPROTO_TCP)
+    assert fp.has_flow(fam.backend, fam.client, BPORT, CPORT, socket.IPPROTO_TCP)
     assert fp.flow_count() == 2
 
 
-def test_learn_ignores_other_marks_and_stale_ones(inside, fp, ns):
+def test_learn_ignores_other_marks_and_stale_ones(inside, fp, ns, fam):
     _, idx = ns
     for mark in (MARK_FORWARD | BID, 0x6E617461, MARK_FORWARD | MARK_FAST | 9):
-        r = inside(fp.test_run, True, tcp(CLIENT, BACKEND, CPORT, BPORT), mark=mark,
-                   ifindex=idx["be0"], ingress_ifindex=idx["cl0"])
+        r = inside(fp.test_run, True, tcp(fam, fam.client, fam.backend, CPORT, BPORT),
+                   mark=mark, ifindex=idx["be0"], ingress_ifindex=idx["cl0"])
         assert r.retval == TC_ACT_OK
     # The slot names another address: a publish moved the backend.
-    learn(inside, fp, ns, tcp(CLIENT, "203.0.113.7", CPORT, BPORT))
+    learn(inside, fp, ns, fam, tcp(fam, fam.client, fam.moved, CPORT, BPORT))
+    # Or the other family's (a slot reused by a service of that family).
+    other = V4 if fam.v6 else V6
+    learn(inside, fp, ns, fam, tcp(other, other.client, other.backend, CPORT, BPORT))
     assert fp.flow_count() == 0
 
 
-def test_carry_rewrites_both_ways_with_right_checksums_ttl_and_counters(inside, fp, ns):
+def test_carry_rewrites_both_ways_with_right_checksums_ttl_and_counters(inside, fp, ns, fam):
     _, idx = ns
-    learn(inside, fp, ns)
-    fwd = tcp(CLIENT, VIP, CPORT, VPORT, ttl=64)
+    learn(inside, fp, ns, fam)
+    fwd = tcp(fam, fam.client, fam.vip, CPORT, VPORT, ttl=64)
     r = carry(inside, fp, fwd, idx["cl0"])
     assert r.retval == TC_ACT_REDIRECT
-    ip = Ether(r.packet)[IP]
-    assert (ip.src, ip.dst, ip[TCP].sport, ip[TCP].dport, ip.ttl) == (
-        CLIENT, BACKEND, CPORT, BPORT, 63)
+    ip = Ether(r.packet)[fam.layer]
+    assert (ip.src, ip.dst, ip[TCP].sport, ip[TCP].dport, fam.ttl(ip)) == (
+        fam.client, fam.backend, CPORT, BPORT, 63)
     assert checksums_ok(ip) and bytes(ip[TCP].payload) == b"x" * 20
-    rev = tcp(BACKEND, CLIENT, BPORT, CPORT, ttl=2, payload=b"y" * 100)
+    rev = tcp(fam, fam.backend, fam.client, BPORT, CPORT, ttl=2, payload=b"y" * 100)
     r = carry(inside, fp, rev, idx["be0"])
-    ip = Ether(r.packet)[IP]
+    ip = Ether(r.packet)[fam.layer]
     assert r.retval == TC_ACT_REDIRECT
-    assert (ip.src, ip.dst, ip[TCP].sport, ip[TCP].dport, ip.ttl) == (
-        VIP, CLIENT, VPORT, CPORT, 1)
+    assert (ip.src, ip.dst, ip[TCP].sport, ip[TCP].dport, fam.ttl(ip)) == (
+        fam.vip, fam.client, VPORT, CPORT, 1)
     assert checksums_ok(ip)
     # Bytes as natlb counts them: the IP packet, without the Ethernet header.
     assert fp.counters()[BID] == (1, len(fwd) - 14, 1, len(rev) - 14)
 
 
-def test_udp_is_carried_and_a_zero_checksum_stays_zero(inside, fp, ns):
+def test_udp_is_carried_with_right_checksums(inside, fp, ns, fam):
     _, idx = ns
-    learn(inside, fp, ns, frame(IP(src=CLIENT, dst=BACKEND) / UDP(sport=5000, dport=5353) / b"q"),
+    learn(inside, fp, ns, fam,
+          frame(fam.ip(fam.client, fam.backend) / UDP(sport=5000, dport=5353) / b"q"),
           bid=BID + 1)
-    r = carry(inside, fp, frame(IP(src=CLIENT, dst=VIP) / UDP(sport=5000, dport=53) / b"q"),
+    r = carry(inside, fp, frame(fam.ip(fam.client, fam.vip) / UDP(sport=5000, dport=53) / b"q"),
               idx["cl0"])
-    ip = Ether(r.packet)[IP]
-    assert r.retval == TC_ACT_REDIRECT and (ip.dst, ip[UDP].dport) == (BACKEND, 5353)
+    ip = Ether(r.packet)[fam.layer]
+    assert r.retval == TC_ACT_REDIRECT and (ip.dst, ip[UDP].dport) == (fam.backend, 5353)
     assert checksums_ok(ip)
-    zero = IP(src=BACKEND, dst=CLIENT) / UDP(sport=5353, dport=5000, chksum=0) / b"a"
-    r = carry(inside, fp, frame(zero), idx["be0"])
-    ip = Ether(r.packet)[IP]
-    assert r.retval == TC_ACT_REDIRECT and (ip.src, ip[UDP].sport) == (VIP, 53)
-    assert ip[UDP].chksum == 0
+    r = carry(inside, fp, frame(fam.ip(fam.backend, fam.client) / UDP(sport=5353, dport=5000)
+                                / b"a"), idx["be0"])
+    ip = Ether(r.packet)[fam.layer]
+    assert r.retval == TC_ACT_REDIRECT and (ip.src, ip[UDP].sport) == (fam.vip, 53)
+    assert checksums_ok(ip)
 
 
-def both_sides(fp) -> tuple[bool, bool]:
-    return (fp.has_flow(CLIENT, VIP, CPORT, VPORT, socket.IPPROTO_TCP),
-            fp.has_flow(BACKEND, CLIENT, BPORT, CPORT, socket.IPPROTO_TCP))
+def test_a_zero_udp_checksum_stays_zero_over_ipv4_and_is_natlbs_over_ipv6(inside, fp, ns, fam):
+    """IPv4: no checksum, carried so.  IPv6 (RFC 8200 8.1): a bad one,
+    which natlb drops and counts; the kernel leaves it to natlb."""
+    _, idx = ns
+    learn(inside, fp, ns, fam,
+          frame(fam.ip(fam.client, fam.backend) / UDP(sport=5000, dport=5353) / b"q"),
+          bid=BID + 1)
+    zero = frame(fam.ip(fam.backend, fam.client) / UDP(sport=5353, dport=5000, chksum=0) / b"a")
+    r = carry(inside, fp, zero, idx["be0"])
+    if fam.v6:
+        assert (r.retval, r.packet) == (TC_ACT_OK, zero) and fp.read_events() == []
+    else:
+        ip = Ether(r.packet)[IP]
+        assert r.retval == TC_ACT_REDIRECT and (ip.src, ip[UDP].sport) == (fam.vip, 53)
+        assert ip[UDP].chksum == 0
+
+
+def both_sides(fp, fam) -> tuple[bool, bool]:
+    return (fp.has_flow(fam.client, fam.vip, CPORT, VPORT, socket.IPPROTO_TCP),
+            fp.has_flow(fam.backend, fam.client, BPORT, CPORT, socket.IPPROTO_TCP))
 
 
 @pytest.mark.parametrize("side", ["client", "server"])
-def test_a_syn_passes_and_deletes_both_sides(inside, fp, ns, side):
+def test_a_syn_passes_and_deletes_both_sides(inside, fp, ns, fam, side):
     _, idx = ns
-    learn(inside, fp, ns)
-    packet, dev = ((tcp(CLIENT, VIP, CPORT, VPORT, flags="S"), "cl0") if side == "client"
-                   else (tcp(BACKEND, CLIENT, BPORT, CPORT, flags="SA"), "be0"))
+    learn(inside, fp, ns, fam)
+    packet, dev = ((tcp(fam, fam.client, fam.vip, CPORT, VPORT, flags="S"), "cl0")
+                   if side == "client"
+                   else (tcp(fam, fam.backend, fam.client, BPORT, CPORT, flags="SA"), "be0"))
     r = carry(inside, fp, packet, idx[dev])
     assert (r.retval, r.packet) == (TC_ACT_OK, packet)
-    assert both_sides(fp) == (False, False)
+    assert both_sides(fp, fam) == (False, False)
     assert fp.read_events() == [] and fp.counters() == {}
 
 
-SIDES = {"client": (CLIENT, VIP, CPORT, VPORT, "cl0", BACKEND, BPORT),
-         "server": (BACKEND, CLIENT, BPORT, CPORT, "be0", VIP, VPORT)}
+def sides(fam: Fam) -> dict[str, tuple]:
+    return {"client": (fam.client, fam.vip, CPORT, VPORT, "cl0", fam.backend, BPORT),
+            "server": (fam.backend, fam.client, BPORT, CPORT, "be0", fam.vip, VPORT)}
 
 
-def carried_and_told(inside, fp, ns, side, flags, payload=b""):
+def carried_and_told(inside, fp, ns, fam, side, flags, payload=b""):
     """Sends one packet with flags from side: it must be carried, rewritten,
     uncounted, and its head as it arrived be in the ring."""
     _, idx = ns
-    src, dst, sport, dport, dev, new_addr, new_port = SIDES[side]
-    packet = tcp(src, dst, sport, dport, flags=flags, payload=payload)
+    src, dst, sport, dport, dev, new_addr, new_port = sides(fam)[side]
+    packet = tcp(fam, src, dst, sport, dport, flags=flags, payload=payload)
     r = carry(inside, fp, packet, idx[dev])
     assert r.retval == TC_ACT_REDIRECT
-    ip = Ether(r.packet)[IP]
+    ip = Ether(r.packet)[fam.layer]
     got = (ip.dst, ip[TCP].dport) if side == "client" else (ip.src, ip[TCP].sport)
     assert got == (new_addr, new_port) and checksums_ok(ip)
     assert fp.counters() == {}            # natlb counts it when it applies it
@@ -205,63 +271,63 @@ def carried_and_told(inside, fp, ns, side, flags, payload=b""):
 
 
 @pytest.mark.parametrize("side", ["client", "server"])
-def test_a_fin_is_carried_told_and_keeps_both_entries(inside, fp, ns, side):
-    learn(inside, fp, ns)
-    carried_and_told(inside, fp, ns, side, "FA")
-    assert both_sides(fp) == (True, True)
+def test_a_fin_is_carried_told_and_keeps_both_entries(inside, fp, ns, fam, side):
+    learn(inside, fp, ns, fam)
+    carried_and_told(inside, fp, ns, fam, side, "FA")
+    assert both_sides(fp, fam) == (True, True)
     # The final ACKs are carried too, and counted as any.
     _, idx = ns
-    assert carry(inside, fp, tcp(CLIENT, VIP, CPORT, VPORT), idx["cl0"]).retval == \
+    assert carry(inside, fp, tcp(fam, fam.client, fam.vip, CPORT, VPORT), idx["cl0"]).retval == \
         TC_ACT_REDIRECT
     assert fp.counters()[BID][0] == 1
 
 
-def test_a_fin_with_data_is_told_by_its_head(inside, fp, ns):
-    learn(inside, fp, ns)
-    carried_and_told(inside, fp, ns, "server", "FPA", payload=b"d" * 600)
+def test_a_fin_with_data_is_told_by_its_head(inside, fp, ns, fam):
+    learn(inside, fp, ns, fam)
+    carried_and_told(inside, fp, ns, fam, "server", "FPA", payload=b"d" * 600)
 
 
-def test_a_fin_cuts_both_deadlines_to_the_closing_timeout(inside, ns):
+def test_a_fin_cuts_both_deadlines_to_the_closing_timeout(inside, ns, fam):
     """Closing timeout 0: the entries die at the FIN, so neither side's
     next packet is carried (a 60 s lifetime would have carried it)."""
     _, idx = ns
-    fp = open_fastpath(inside, tcp_ms=60_000, closing_ms=0)
+    fp = open_fastpath(inside, fam, tcp_ms=60_000, closing_ms=0)
     try:
-        learn(inside, fp, ns)
-        assert both_sides(fp) == (True, True)
-        carried_and_told(inside, fp, ns, "client", "FA")
-        for packet, dev in ((tcp(CLIENT, VIP, CPORT, VPORT), "cl0"),
-                            (tcp(BACKEND, CLIENT, BPORT, CPORT), "be0")):
+        learn(inside, fp, ns, fam)
+        assert both_sides(fp, fam) == (True, True)
+        carried_and_told(inside, fp, ns, fam, "client", "FA")
+        for packet, dev in ((tcp(fam, fam.client, fam.vip, CPORT, VPORT), "cl0"),
+                            (tcp(fam, fam.backend, fam.client, BPORT, CPORT), "be0")):
             assert carry(inside, fp, packet, idx[dev]).retval == TC_ACT_OK
-        assert both_sides(fp) == (False, False)
+        assert both_sides(fp, fam) == (False, False)
     finally:
         fp.close()
 
 
 @pytest.mark.parametrize("side", ["client", "server"])
 @pytest.mark.parametrize("flags", ["R", "RA"])
-def test_an_rst_is_carried_told_and_deletes_both_sides(inside, fp, ns, side, flags):
-    learn(inside, fp, ns)
-    carried_and_told(inside, fp, ns, side, flags)
-    assert both_sides(fp) == (False, False)
+def test_an_rst_is_carried_told_and_deletes_both_sides(inside, fp, ns, fam, side, flags):
+    learn(inside, fp, ns, fam)
+    carried_and_told(inside, fp, ns, fam, side, flags)
+    assert both_sides(fp, fam) == (False, False)
 
 
 @pytest.mark.parametrize("flags", ["FA", "R", "S"])
-def test_a_spoofed_fin_rst_or_syn_changes_nothing(inside, fp, ns, flags):
+def test_a_spoofed_fin_rst_or_syn_changes_nothing(inside, fp, ns, fam, flags):
     _, idx = ns
-    learn(inside, fp, ns)
-    packet = tcp(CLIENT, VIP, CPORT, VPORT, flags=flags)
+    learn(inside, fp, ns, fam)
+    packet = tcp(fam, fam.client, fam.vip, CPORT, VPORT, flags=flags)
     r = carry(inside, fp, packet, idx["be0"])           # the client is not there
     assert (r.retval, r.packet) == (TC_ACT_OK, packet)
-    assert both_sides(fp) == (True, True) and fp.read_events() == []
+    assert both_sides(fp, fam) == (True, True) and fp.read_events() == []
 
 
-def test_no_room_in_the_ring_means_the_queued_path(inside, fp, ns):
+def test_no_room_in_the_ring_means_the_queued_path(inside, fp, ns, fam):
     """Nobody reads the ring: once it is full a FIN is not carried (natlb
     sees it queued) and nothing is lost; read, it has room again."""
     _, idx = ns
-    learn(inside, fp, ns)
-    fin = tcp(CLIENT, VIP, CPORT, VPORT, flags="FA")
+    learn(inside, fp, ns, fam)
+    fin = tcp(fam, fam.client, fam.vip, CPORT, VPORT, flags="FA")
     carried = 0
     for _ in range(4096):                   # the ring holds about 1800
         r = carry(inside, fp, fin, idx["cl0"])
@@ -275,47 +341,65 @@ def test_no_room_in_the_ring_means_the_queued_path(inside, fp, ns):
     assert carry(inside, fp, fin, idx["cl0"]).retval == TC_ACT_REDIRECT
 
 
-@pytest.mark.parametrize("packet,where", [
-    (frame(IP(src=CLIENT, dst=VIP, flags="MF") / TCP(sport=CPORT, dport=VPORT, flags="A")
-           / (b"x" * 16)), "cl0"),
-    (frame(IP(src=CLIENT, dst=VIP, frag=3, proto=6) / (b"x" * 16)), "cl0"),  # a later one
-    (tcp(CLIENT, VIP, CPORT, VPORT, options=[IPOption_NOP()] * 4), "cl0"),        # IP options
-    (tcp(CLIENT, VIP, CPORT, VPORT, ttl=1), "cl0"),
-    (tcp(CLIENT, VIP, CPORT, VPORT), "be0"),                                   # wrong ingress
-    (tcp(BACKEND, CLIENT, BPORT, CPORT), "cl0"),                               # spoofed reply
-    (tcp(CLIENT, VIP, CPORT + 1, VPORT), "cl0"),                               # no entry
-    (frame(IP(src=CLIENT, dst=VIP) / ICMP()), "cl0"),
-    (tcp(CLIENT, VIP, CPORT, VPORT, payload=b"z" * 1420), "cl0"),              # > be0's MTU
-], ids=["first-fragment", "later-fragment", "options", "ttl", "wrong-ingress", "spoofed",
-        "unknown", "icmp", "too-big"])
-def test_what_is_not_carried_passes_untouched(inside, fp, ns, packet, where):
+def not_carried(fam: Fam, kind: str) -> tuple[bytes, str]:
+    """A packet of the learned flow's (or like it) that carry must pass
+    untouched, and where it arrives."""
+    c, v, b = fam.client, fam.vip, fam.backend
+    seg = TCP(sport=CPORT, dport=VPORT, flags="A") / (b"x" * 16)
+    if kind == "first-fragment":
+        ip = (fam.ip(c, v) / IPv6ExtHdrFragment(m=1, id=7) if fam.v6
+              else fam.ip(c, v, flags="MF"))
+        return frame(ip / seg), "cl0"
+    if kind == "later-fragment":
+        ip = (fam.ip(c, v) / IPv6ExtHdrFragment(offset=3, id=7, nh=6) if fam.v6
+              else fam.ip(c, v, frag=3, proto=6))
+        return frame(ip / (b"x" * 16)), "cl0"
+    if kind == "options":                    # IPv6: an extension header
+        ip = (fam.ip(c, v) / IPv6ExtHdrDestOpt() if fam.v6
+              else fam.ip(c, v, options=[IPOption_NOP()] * 4))
+        return frame(ip / seg), "cl0"
+    if kind == "icmp":
+        return frame(fam.ip(c, v) / (ICMPv6EchoRequest() if fam.v6 else ICMP())), "cl0"
+    return {
+        "ttl": (tcp(fam, c, v, CPORT, VPORT, ttl=1), "cl0"),
+        "wrong-ingress": (tcp(fam, c, v, CPORT, VPORT), "be0"),
+        "spoofed": (tcp(fam, b, c, BPORT, CPORT), "cl0"),                   # a reply
+        "unknown": (tcp(fam, c, v, CPORT + 1, VPORT), "cl0"),
+        "too-big": (tcp(fam, c, v, CPORT, VPORT, payload=b"z" * 1420), "cl0"),  # > be0's MTU
+    }[kind]
+
+
+@pytest.mark.parametrize("kind", ["first-fragment", "later-fragment", "options", "ttl",
+                                  "wrong-ingress", "spoofed", "unknown", "icmp", "too-big"])
+def test_what_is_not_carried_passes_untouched(inside, fp, ns, fam, kind):
     _, idx = ns
-    learn(inside, fp, ns)
+    learn(inside, fp, ns, fam)
+    packet, where = not_carried(fam, kind)
     r = carry(inside, fp, packet, idx[where])
     assert (r.retval, r.packet) == (TC_ACT_OK, packet)
     assert fp.counters() == {}
 
 
-def test_an_expired_entry_passes_and_goes(inside, ns):
+def test_an_expired_entry_passes_and_goes(inside, ns, fam):
     _, idx = ns
-    fp = open_fastpath(inside, tcp_ms=0)
+    fp = open_fastpath(inside, fam, tcp_ms=0)
     try:
-        learn(inside, fp, ns)
-        packet = tcp(CLIENT, VIP, CPORT, VPORT)
+        learn(inside, fp, ns, fam)
+        packet = tcp(fam, fam.client, fam.vip, CPORT, VPORT)
         assert carry(inside, fp, packet, idx["cl0"]).retval == TC_ACT_OK
-        assert not fp.has_flow(CLIENT, VIP, CPORT, VPORT, socket.IPPROTO_TCP)
+        assert not fp.has_flow(fam.client, fam.vip, CPORT, VPORT, socket.IPPROTO_TCP)
     finally:
         fp.close()
 
 
-def test_flush_forgets_every_flow(inside, fp, ns):
-    learn(inside, fp, ns)
-    learn(inside, fp, ns, tcp(CLIENT, BACKEND, CPORT + 1, BPORT))
+def test_flush_forgets_every_flow(inside, fp, ns, fam):
+    learn(inside, fp, ns, fam)
+    learn(inside, fp, ns, fam, tcp(fam, fam.client, fam.backend, CPORT + 1, BPORT))
     assert fp.flow_count() == 4
     assert fp.flush() == 4 and fp.flow_count() == 0
     # Many: the walk must reach every bucket, not only the first ones.
     for port in range(2000, 2030):
-        learn(inside, fp, ns, tcp(CLIENT, BACKEND, port, BPORT))
+        learn(inside, fp, ns, fam, tcp(fam, fam.client, fam.backend, port, BPORT))
     assert fp.flow_count() == 60
     assert fp.flush() == 60 and fp.flow_count() == 0
 
@@ -350,102 +434,173 @@ def test_flush_interface_forgets_both_entries_of_the_flows_through_it_only(insid
 
 # ---- a new connection's handshake, learned from natlb's fast SYN ----------
 
-def learn_syn(inside, fp, ns):
+def learn_syn(inside, fp, ns, fam):
     """natlb marked the client's first SYN (seq 1000) fast."""
-    learn(inside, fp, ns, tcp(CLIENT, BACKEND, CPORT, BPORT, flags="S", payload=b""))
-    assert both_sides(fp) == (True, True)
+    learn(inside, fp, ns, fam,
+          tcp(fam, fam.client, fam.backend, CPORT, BPORT, flags="S", payload=b""))
+    assert both_sides(fp, fam) == (True, True)
 
 
-def hs(side: str, flags: str, ack: int = 2000) -> bytes:
-    src, dst, sport, dport, *_ = SIDES[side]
-    return frame(IP(src=src, dst=dst) / TCP(sport=sport, dport=dport, flags=flags, seq=1000,
-                                            ack=ack))
+def hs(fam: Fam, side: str, flags: str, ack: int = 2000) -> bytes:
+    src, dst, sport, dport, *_ = sides(fam)[side]
+    return frame(fam.ip(src, dst) / TCP(sport=sport, dport=dport, flags=flags, seq=1000,
+                                        ack=ack))
 
 
-def test_the_handshake_is_carried_each_step_told_then_only_counted(inside, fp, ns):
+def test_the_handshake_is_carried_each_step_told_then_only_counted(inside, fp, ns, fam):
     _, idx = ns
-    learn_syn(inside, fp, ns)
+    learn_syn(inside, fp, ns, fam)
     # The client's ACK before any SYN-ACK was carried: natlb's to see.
-    early = hs("client", "A", ack=5001)
+    early = hs(fam, "client", "A", ack=5001)
     assert carry(inside, fp, early, idx["cl0"]).retval == TC_ACT_OK
     # The SYN-ACK answering the SYN: carried, told (natlb: SYN_RECV).
-    synack = hs("server", "SA", ack=1001)
+    synack = hs(fam, "server", "SA", ack=1001)
     r = carry(inside, fp, synack, idx["be0"])
-    assert r.retval == TC_ACT_REDIRECT and Ether(r.packet)[IP].src == VIP
+    assert r.retval == TC_ACT_REDIRECT and Ether(r.packet)[fam.layer].src == fam.vip
     [(_, head, _)] = fp.read_events()
     assert head == synack[14:]
     # The client's last ACK: carried, told (natlb: ESTABLISHED).
-    ack = hs("client", "A", ack=5001)
+    ack = hs(fam, "client", "A", ack=5001)
     assert carry(inside, fp, ack, idx["cl0"]).retval == TC_ACT_REDIRECT
     [(_, head, _)] = fp.read_events()
     assert head == ack[14:]
     # From then on both ways are carried and counted, untold.
-    for packet, dev in ((tcp(CLIENT, VIP, CPORT, VPORT), "cl0"),
-                        (tcp(BACKEND, CLIENT, BPORT, CPORT), "be0")):
+    for packet, dev in ((tcp(fam, fam.client, fam.vip, CPORT, VPORT), "cl0"),
+                        (tcp(fam, fam.backend, fam.client, BPORT, CPORT), "be0")):
         assert carry(inside, fp, packet, idx[dev]).retval == TC_ACT_REDIRECT
     assert fp.read_events() == []
     assert fp.counters()[BID][0] == 1 and fp.counters()[BID][2] == 1
 
 
 @pytest.mark.parametrize("flags", ["R", "RA"])
-def test_a_backends_rst_to_the_syn_is_never_carried_and_deletes_both(inside, fp, ns, flags):
+def test_a_backends_rst_to_the_syn_is_never_carried_and_deletes_both(inside, fp, ns, fam,
+                                                                      flags):
     """natlb re-steers the held SYN on it: the client must never see it."""
     _, idx = ns
-    learn_syn(inside, fp, ns)
-    rst = hs("server", flags, ack=1001)
+    learn_syn(inside, fp, ns, fam)
+    rst = hs(fam, "server", flags, ack=1001)
     r = carry(inside, fp, rst, idx["be0"])
     assert (r.retval, r.packet) == (TC_ACT_OK, rst)
-    assert both_sides(fp) == (False, False) and fp.read_events() == []
+    assert both_sides(fp, fam) == (False, False) and fp.read_events() == []
 
 
-@pytest.mark.parametrize("packet", [hs("server", "SA", ack=77), hs("server", "S"),
-                                    hs("server", "SAF", ack=1001)],
+@pytest.mark.parametrize("flags,ack", [("SA", 77), ("S", 2000), ("SAF", 1001)],
                          ids=["wrong-ack", "syn", "syn-fin"])
-def test_anything_but_the_synack_the_syn_asks_for_is_natlbs(inside, fp, ns, packet):
+def test_anything_but_the_synack_the_syn_asks_for_is_natlbs(inside, fp, ns, fam, flags, ack):
     _, idx = ns
-    learn_syn(inside, fp, ns)
+    learn_syn(inside, fp, ns, fam)
+    packet = hs(fam, "server", flags, ack=ack)
     r = carry(inside, fp, packet, idx["be0"])
     assert (r.retval, r.packet) == (TC_ACT_OK, packet)
-    assert both_sides(fp) == (False, False) and fp.read_events() == []
+    assert both_sides(fp, fam) == (False, False) and fp.read_events() == []
 
 
-def test_the_backend_before_its_synack_is_natlbs(inside, fp, ns):
+def test_the_backend_before_its_synack_is_natlbs(inside, fp, ns, fam):
     _, idx = ns
-    learn_syn(inside, fp, ns)
-    data = hs("server", "PA", ack=1001)
+    learn_syn(inside, fp, ns, fam)
+    data = hs(fam, "server", "PA", ack=1001)
     assert carry(inside, fp, data, idx["be0"]).retval == TC_ACT_OK
-    assert both_sides(fp) == (True, True) and fp.read_events() == []
+    assert both_sides(fp, fam) == (True, True) and fp.read_events() == []
 
 
-def test_a_late_synack_is_natlbs(inside, ns):
+def test_a_late_synack_is_natlbs(inside, ns, fam):
     """After the window (before natlb's held-SYN deadline) the SYN-ACK goes
     to natlb, which may have moved the flow and then drops it."""
     _, idx = ns
-    fp = open_fastpath(inside, synack_window_ms=0)
+    fp = open_fastpath(inside, fam, synack_window_ms=0)
     try:
-        learn_syn(inside, fp, ns)
-        synack = hs("server", "SA", ack=1001)
+        learn_syn(inside, fp, ns, fam)
+        synack = hs(fam, "server", "SA", ack=1001)
         assert carry(inside, fp, synack, idx["be0"]).retval == TC_ACT_OK
         assert fp.read_events() == []
     finally:
         fp.close()
 
 
-def test_the_client_repeating_its_syn_is_natlbs(inside, fp, ns):
+def test_the_client_repeating_its_syn_is_natlbs(inside, fp, ns, fam):
     _, idx = ns
-    learn_syn(inside, fp, ns)
-    syn = hs("client", "S")
+    learn_syn(inside, fp, ns, fam)
+    syn = hs(fam, "client", "S")
     assert carry(inside, fp, syn, idx["cl0"]).retval == TC_ACT_OK
-    assert both_sides(fp) == (False, False)
+    assert both_sides(fp, fam) == (False, False)
 
 
-def test_a_udp_flows_first_answer_is_told_the_next_only_counted(inside, fp, ns):
+def test_a_udp_flows_first_answer_is_told_the_next_only_counted(inside, fp, ns, fam):
     _, idx = ns
-    learn(inside, fp, ns, frame(IP(src=CLIENT, dst=BACKEND) / UDP(sport=5000, dport=5353) / b"q"),
+    learn(inside, fp, ns, fam,
+          frame(fam.ip(fam.client, fam.backend) / UDP(sport=5000, dport=5353) / b"q"),
           bid=BID + 1)
-    answer = frame(IP(src=BACKEND, dst=CLIENT) / UDP(sport=5353, dport=5000) / b"a")
+    answer = frame(fam.ip(fam.backend, fam.client) / UDP(sport=5353, dport=5000) / b"a")
     assert carry(inside, fp, answer, idx["be0"]).retval == TC_ACT_REDIRECT
     [(_, head, tot_len)] = fp.read_events()
     assert head == answer[14:] and tot_len == len(answer) - 14
     assert carry(inside, fp, answer, idx["be0"]).retval == TC_ACT_REDIRECT
     assert fp.read_events() == [] and fp.counters()[BID + 1][2] == 1
+
+
+# ---- IPv6's own cases -------------------------------------------------------
+
+@pytest.mark.parametrize("ext", [IPv6ExtHdrHopByHop(), IPv6ExtHdrDestOpt(),
+                                 IPv6ExtHdrRouting(addresses=[]),
+                                 IPv6ExtHdrFragment(offset=0, m=0, id=9)],
+                         ids=["hop-by-hop", "destination-options", "routing", "atomic-fragment"])
+@pytest.mark.parametrize("flags", ["A", "FA", "R"])
+def test_an_ipv6_packet_with_an_extension_header_is_natlbs_and_changes_nothing(
+        inside, ns, ext, flags):
+    """Whatever comes between the IPv6 header and TCP, the packet goes to
+    natlb (which walks extension headers) untouched, unrecorded, and a FIN
+    or an RST behind one moves neither entry."""
+    _, idx = ns
+    fp = open_fastpath(inside, V6)
+    try:
+        learn(inside, fp, ns, V6)
+        for packet, dev in (
+                (frame(V6.ip(V6.client, V6.vip) / ext / TCP(sport=CPORT, dport=VPORT,
+                                                            flags=flags)), "cl0"),
+                (frame(V6.ip(V6.backend, V6.client) / ext / TCP(sport=BPORT, dport=CPORT,
+                                                                flags=flags)), "be0")):
+            r = carry(inside, fp, packet, idx[dev])
+            assert (r.retval, r.packet) == (TC_ACT_OK, packet)
+        assert both_sides(fp, V6) == (True, True)
+        assert fp.read_events() == [] and fp.counters() == {}
+        # Learned from one neither: natlb marked it, the kernel skips it.
+        fp.flush()
+        learn(inside, fp, ns, V6, frame(V6.ip(V6.client, V6.backend) / ext /
+                                        TCP(sport=CPORT, dport=BPORT, flags="A")))
+        assert fp.flow_count() == 0
+    finally:
+        fp.close()
+
+
+def test_an_ipv6_packet_quoting_an_ipv4_flows_mapped_addresses_is_not_carried(inside, ns):
+    """natlb holds IPv4 addresses IPv4-mapped, as the kernel's entries do;
+    an IPv6 packet from ::ffff:client to ::ffff:VIP (never on a real wire)
+    must not find the IPv4 flow."""
+    _, idx = ns
+    fp = open_fastpath(inside, V4)
+    try:
+        learn(inside, fp, ns, V4)
+        mapped = Fam(True, f"::ffff:{V4.client}", f"::ffff:{V4.vip}", "", "")
+        packet = tcp(mapped, mapped.client, mapped.vip, CPORT, VPORT)
+        r = carry(inside, fp, packet, idx["cl0"])
+        assert (r.retval, r.packet) == (TC_ACT_OK, packet) and fp.counters() == {}
+    finally:
+        fp.close()
+
+
+def test_both_families_share_the_maps(inside, ns):
+    """One map holds both families' flows and one flush empties it."""
+    _, idx = ns
+    fp = open_fastpath(inside, V4)
+    try:
+        fp.set_backend(BID + 2, V6.vip, VPORT, V6.backend, BPORT, socket.IPPROTO_TCP)
+        learn(inside, fp, ns, V4)
+        learn(inside, fp, ns, V6, bid=BID + 2)
+        assert both_sides(fp, V4) == (True, True) and both_sides(fp, V6) == (True, True)
+        for f, dev in ((V4, "cl0"), (V6, "cl0")):
+            assert carry(inside, fp, tcp(f, f.client, f.vip, CPORT, VPORT),
+                         idx[dev]).retval == TC_ACT_REDIRECT
+        assert fp.counters() == {BID: (1, 60, 0, 0), BID + 2: (1, 80, 0, 0)}
+        assert fp.flush() == 4
+    finally:
+        fp.close()
