@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from natlb_testbed.testbed import VIP, backend_addr, basic_config, udp_service
+from natlb_testbed.testbed import VIP, backend_addr, basic_config, family_addresses, udp_service
 
 from .conftest import natlb_cli
 
@@ -99,13 +99,18 @@ def test_drain_keeps_old_flows_and_takes_no_new_ones(testbed, natlb, lb_extra):
     assert b["admin"] == "draining"
 
 
-@LB_MODES
+@pytest.mark.parametrize("lb_extra,family", [(QUEUED, 4), (FAST, 4), (FAST, 6)],
+                         ids=["mark", "fastpath", "fastpath-ipv6"])
 @pytest.mark.parametrize("policy", ["reset", "keep"])
-def test_established_flows_of_a_disabled_backend(testbed, natlb, policy, lb_extra):
-    natlb(basic_config(testbed, lb_extra=lb_extra,
+def test_established_flows_of_a_disabled_backend(testbed, natlb, policy, lb_extra, family):
+    """With the fast path the kernel carried the flows: it must forget them
+    at once, so that natlb's probes and RSTs (reset) see the answers they
+    provoke, and kept flows go on (keep)."""
+    natlb(basic_config(testbed, lb_extra=lb_extra, family=family,
                        service_extra=f'[service.failover]\non_backend_down = "{policy}"'))
-    holds = testbed.hold_each_backend(VIP, {"b1", "b2", "b3"})
-    r = natlb_cli(testbed, "backend", "disable", "web", backend_addr(VICTIM), "-s",
+    vip, addr = family_addresses(family)
+    holds = testbed.hold_each_backend(vip, {"b1", "b2", "b3"})
+    r = natlb_cli(testbed, "backend", "disable", "web", addr(VICTIM), "-s",
                   testbed.control_socket)
     assert r.returncode == 0, r.stderr
     victims = [h for h in holds if h.backend == "b2"]
@@ -117,7 +122,7 @@ def test_established_flows_of_a_disabled_backend(testbed, natlb, policy, lb_extr
         assert [h.survived() for h in victims] == [True] * len(victims)
     others = [h for h in holds if h.backend != "b2"]
     assert [h.survived() for h in others] == [True] * len(others)
-    natlb_cli(testbed, "backend", "enable", "web", backend_addr(VICTIM), "-s",
+    natlb_cli(testbed, "backend", "enable", "web", addr(VICTIM), "-s",
               testbed.control_socket)
 
 

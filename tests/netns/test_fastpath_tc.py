@@ -1,19 +1,22 @@
 """The tc fast path on the host: natlb's filters on every interface of the
-router while it runs, carrying traffic; nothing of it left after SIGTERM,
-nor after SIGKILL once the guardian's grace is over; a clsact qdisc that was
-there before natlb is left in place."""
+router while it runs, carrying traffic of both families; nothing of it left
+after SIGTERM, nor after SIGKILL once the guardian's grace is over; a clsact
+qdisc that was there before natlb is left in place."""
 
 import json
 import signal
 import time
 import uuid
 
-from natlb_testbed.testbed import VIP, basic_config
+import pytest
+
+from natlb_testbed.testbed import basic_config, family_addresses
 
 from .conftest import natlb_cli, router_state, tc_state
 from .test_traffic import queued_packets
 
 FAST = "fastpath = true"
+FAMILIES = pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
 
 
 def interfaces(tb) -> list[str]:
@@ -30,15 +33,17 @@ def status(tb) -> dict:
     return json.loads(natlb_cli(tb, "status", "--json", "-s", tb.control_socket).stdout)
 
 
-def test_filters_on_every_interface_and_gone_after_sigterm(testbed, natlb):
+@FAMILIES
+def test_filters_on_every_interface_and_gone_after_sigterm(testbed, natlb, family):
     before = router_state(testbed)
-    p = natlb(basic_config(testbed, lb_extra=FAST))
+    p = natlb(basic_config(testbed, lb_extra=FAST, family=family))
     devs = interfaces(testbed)
     assert len(devs) >= 2
     for dev in devs:
         for where, prog in (("ingress", "carry"), ("egress", "learn")):
             assert prog in filters(testbed, dev, where), (dev, where)
-    r = testbed.client_run("blob", "--host", VIP, "--port", "80", "--size", str(4 << 20),
+    vip, _ = family_addresses(family)
+    r = testbed.client_run("blob", "--host", vip, "--port", "80", "--size", str(4 << 20),
                            "--seed", "3", "--timeout", "30")[0]
     assert r["ok"], r
     st = status(testbed)
@@ -77,38 +82,43 @@ def test_a_clsact_qdisc_that_was_there_stays(testbed, natlb):
         testbed.router_cmd("tc", "qdisc", "del", "dev", dev, "clsact")
 
 
-def client_counters(tb, table: str) -> tuple[int, int]:
+def client_counters(tb, nft_family: str, table: str) -> tuple[int, int]:
     """Packets the client sent to the VIP's port 80 and got from it."""
-    out = tb.client_cmd("nft", "-j", "list", "table", "ip", table).stdout
+    out = tb.client_cmd("nft", "-j", "list", "table", nft_family, table).stdout
     counts = [r["counter"]["packets"] for item in json.loads(out)["nftables"]
               if "rule" in item for r in item["rule"]["expr"] if "counter" in r]
     return counts[0], counts[1]
 
 
-def test_short_connections_queue_only_their_syn_and_end_closed_counted_exactly(testbed, natlb):
+@FAMILIES
+def test_short_connections_queue_only_their_syn_and_end_closed_counted_exactly(testbed, natlb,
+                                                                               family):
     """Connection: close, one after another: each one's SYN is queued and
     marked fast; the kernel carries everything after it (the SYN-ACK and the
     handshake's last ACK told to natlb through the ring buffer, as the FINs
     are): every flow ends closing in natlb, the counts equal what the client
     sent and got, and one packet per connection was queued."""
-    natlb(basic_config(testbed, lb_extra=FAST))
+    natlb(basic_config(testbed, lb_extra=FAST, family=family))
+    vip, _ = family_addresses(family)
     table = f"nlfin{uuid.uuid4().hex[:6]}"
-    for rule in (f"add table ip {table}",
-                 f"add chain ip {table} out {{ type filter hook output priority 0; }}",
-                 f"add chain ip {table} in {{ type filter hook input priority 0; }}",
-                 f"add rule ip {table} out ip daddr {VIP} tcp dport 80 counter",
-                 f"add rule ip {table} in ip saddr {VIP} tcp sport 80 counter"):
-        testbed.client_cmd("nft", rule)
+    nf, ip = ("ip6", "ip6") if family == 6 else ("ip", "ip")
+    for rule in (f"add table {nf} {table}",
+                 f"add chain {nf} {table} out {{ type filter hook output priority 0; }}",
+                 f"add chain {nf} {table} in {{ type filter hook input priority 0; }}",
+                 f"add rule {nf} {table} out {ip} daddr {vip} tcp dport 80 counter",
+                 f"add rule {nf} {table} in {ip} saddr {vip} tcp sport 80 counter"):
+        assert testbed.client_cmd("nft", rule).returncode == 0, rule
     try:
         before, queued_before = status(testbed)["services"][0], queued_packets(testbed)
         n = 100
-        res = testbed.client_run("http-stream", "--host", VIP, "--port", "80", "--count",
+        res = testbed.client_run("http-stream", "--host", vip, "--port", "80", "--count",
                                  str(n), "--interval-ms", "10", "--timeout", "5")
         assert len(res) == n and all(r["ok"] for r in res), [r for r in res if not r["ok"]]
         # natlb applies the carried FINs shortly after they pass.
         deadline = time.monotonic() + 10
         while True:
-            web, (sent, got) = status(testbed)["services"][0], client_counters(testbed, table)
+            web = status(testbed)["services"][0]
+            sent, got = client_counters(testbed, nf, table)
             counted = (web["packets_in"] - before["packets_in"],
                        web["packets_out"] - before["packets_out"])
             if (web["active_flows"] == 0 and counted == (sent, got)) or \
@@ -123,4 +133,4 @@ def test_short_connections_queue_only_their_syn_and_end_closed_counted_exactly(t
         observer = status(testbed)["fastpath"]["observer"]
         assert observer["applied"] >= 4 * n and observer["ring_full"] == 0, observer
     finally:
-        testbed.client_cmd("nft", "delete", "table", "ip", table)
+        testbed.client_cmd("nft", "delete", "table", nf, table)

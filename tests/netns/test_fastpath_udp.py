@@ -1,29 +1,36 @@
-"""The fast path for UDP: a flow's datagrams after its backend's first
-answer are carried by the kernel alone, counted, and moved off a backend
-that dies."""
+"""The fast path for UDP, over both families: a flow's datagrams after its
+backend's first answer are carried by the kernel alone, counted, and moved
+off a backend that dies."""
 
-from natlb_testbed.testbed import VIP, backend_addr, basic_config, udp_service
+import pytest
+
+from natlb_testbed.hosts import host_port
+from natlb_testbed.testbed import basic_config, family_addresses, udp_service
 
 from .test_traffic import queued_packets
 
 FAST = "fastpath = true"
+FAMILIES = pytest.mark.parametrize("family", [4, 6], ids=["ipv4", "ipv6"])
 
 
-def dns_config(tb) -> str:
+def dns_config(tb, family: int) -> str:
     # "keep": the kernel must forget the flows because the backend is no
     # longer alive, not because its flows are reset.
-    return basic_config(tb, lb_extra=FAST, extra_services=udp_service(
-        "dns", [1, 2, 3], interval_ms=100, timeout_ms=200)
+    return basic_config(tb, lb_extra=FAST, family=family, extra_services=udp_service(
+        "dns", [1, 2, 3], interval_ms=100, timeout_ms=200, family=family)
         + '[service.failover]\non_backend_down = "keep"\n')
 
 
-def test_one_udp_flow_is_carried_by_the_kernel_and_counted(testbed, natlb):
-    natlb(dns_config(testbed))
+@FAMILIES
+def test_one_udp_flow_is_carried_by_the_kernel_and_counted(testbed, natlb, family):
+    natlb(dns_config(testbed, family))
+    vip, _ = family_addresses(family)
     before, kernel_before = testbed.status(), queued_packets(testbed)
-    res = testbed.client_run("udp-stream", "--host", VIP, "--port", "53", "--count", "200",
+    res = testbed.client_run("udp-stream", "--host", vip, "--port", "53", "--count", "200",
                              "--same-socket")
     assert all(r["ok"] for r in res), [r for r in res if not r["ok"]]
-    assert {r["peer"] for r in res} == {f"{VIP}:53"} and len({r["backend"] for r in res}) == 1
+    assert {r["peer"] for r in res} == {host_port(vip, 53)}
+    assert len({r["backend"] for r in res}) == 1
     after, kernel_after = testbed.status(), queued_packets(testbed)
     # The first query and its answer; then, at most, the datagram that
     # raced the map entry's install.
@@ -35,9 +42,11 @@ def test_one_udp_flow_is_carried_by_the_kernel_and_counted(testbed, natlb):
     assert dns["packets_out"] - was["packets_out"] == 200
 
 
-def test_a_carried_udp_flow_moves_off_a_dead_backend(testbed, natlb):
-    natlb(dns_config(testbed))
-    proc, results = testbed.client_stream("udp-stream", "--host", VIP, "--port", "53",
+@FAMILIES
+def test_a_carried_udp_flow_moves_off_a_dead_backend(testbed, natlb, family):
+    natlb(dns_config(testbed, family))
+    vip, addr = family_addresses(family)
+    proc, results = testbed.client_stream("udp-stream", "--host", vip, "--port", "53",
                                           "--count", "150", "--interval-ms", "20",
                                           "--timeout", "0.2", "--same-socket")
     seen, victim = [], None
@@ -48,7 +57,7 @@ def test_a_carried_udp_flow_moves_off_a_dead_backend(testbed, natlb):
                 victim = int(r["backend"][1:])
                 testbed.fail_backend(victim, "kill")
         proc.wait()
-        testbed.wait_state(f"{backend_addr(victim)}:53", lambda b: b["health"] == "down",
+        testbed.wait_state(host_port(addr(victim), 53), lambda b: b["health"] == "down",
                            "down")
     finally:
         if victim is not None:
