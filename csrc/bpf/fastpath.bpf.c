@@ -165,16 +165,24 @@ static __always_inline void map_v4(__be32 *a, __be32 v4)
     a[3] = v4;
 }
 
-/* The IP header of a frame of family v6, bounds-checked, if the fast path
- * takes the packet: IPv4 without options and not a fragment, IPv6 without
- * extension headers, TCP or UDP.  Its addresses, protocol and family go into
- * k (ports not yet), its IP length into *tot_len and its TTL (hop limit)
- * into *ttl.  0 if taken. */
-static __always_inline int ip_header(struct __sk_buff *skb, int v6, struct nl_fp_key *k,
-                                     __u32 *tot_len, __u8 *ttl)
+/* What the programs read of a packet they may take. */
+struct parsed {
+    struct nl_fp_key k;            /* its 5-tuple and family, as it arrived */
+    __u32 tot_len;                 /* its IP length                         */
+    __be32 seq, ack_seq;           /* TCP                                   */
+    __u8 ttl;                      /* TTL or hop limit                      */
+    __u8 syn, fin, rst, ack;       /* TCP flags                             */
+};
+
+/* A frame of family v6, every header read bounds-checked, if the fast path
+ * takes its packet: IPv4 without options and not a fragment, or IPv6
+ * without extension headers; TCP, or UDP (over IPv6 with a checksum: none
+ * is a bad one, RFC 8200 8.1, natlb's to drop).  0 if taken. */
+static __always_inline int parse(struct __sk_buff *skb, int v6, struct parsed *p)
 {
     void *data = (void *)(long)skb->data;
     void *data_end = (void *)(long)skb->data_end;
+    struct nl_fp_key *k = &p->k;
 
     if (v6) {
         struct ipv6hdr *ip6 = data + ETH_HLEN;
@@ -184,8 +192,8 @@ static __always_inline int ip_header(struct __sk_buff *skb, int v6, struct nl_fp
         __builtin_memcpy(k->daddr, &ip6->daddr, sizeof k->daddr);
         /* Extension headers (fragment, hop-by-hop, routing...): natlb's. */
         k->proto = ip6->nexthdr;
-        *tot_len = sizeof(*ip6) + bpf_ntohs(ip6->payload_len);
-        *ttl = ip6->hop_limit;
+        p->tot_len = sizeof(*ip6) + bpf_ntohs(ip6->payload_len);
+        p->ttl = ip6->hop_limit;
     } else {
         struct iphdr *ip = data + ETH_HLEN;
         if ((void *)(ip + 1) > data_end || *(__u8 *)ip != IPV4_PLAIN ||
@@ -194,11 +202,34 @@ static __always_inline int ip_header(struct __sk_buff *skb, int v6, struct nl_fp
         map_v4(k->saddr, ip->saddr);
         map_v4(k->daddr, ip->daddr);
         k->proto = ip->protocol;
-        *tot_len = bpf_ntohs(ip->tot_len);
-        *ttl = ip->ttl;
+        p->tot_len = bpf_ntohs(ip->tot_len);
+        p->ttl = ip->ttl;
     }
     k->family = v6 ? 6 : 4;
-    return k->proto == IPPROTO_TCP || k->proto == IPPROTO_UDP ? 0 : -1;
+    void *l4 = data + ETH_HLEN + l3_len(v6);
+    if (k->proto == IPPROTO_TCP) {
+        struct tcphdr *th = l4;
+        if ((void *)(th + 1) > data_end)
+            return -1;
+        k->sport = th->source;
+        k->dport = th->dest;
+        p->seq = th->seq;
+        p->ack_seq = th->ack_seq;
+        p->syn = th->syn;
+        p->fin = th->fin;
+        p->rst = th->rst;
+        p->ack = th->ack;
+        return 0;
+    }
+    if (k->proto == IPPROTO_UDP) {
+        struct udphdr *uh = l4;
+        if ((void *)(uh + 1) > data_end || (v6 && !uh->check))
+            return -1;
+        k->sport = uh->source;
+        k->dport = uh->dest;
+        return 0;
+    }
+    return -1;
 }
 
 static __always_inline int same_addr(int v6, const __be32 *a, const __be32 *b)
@@ -211,32 +242,19 @@ static __always_inline int same_addr(int v6, const __be32 *a, const __be32 *b)
 static __always_inline int learn_ip(struct __sk_buff *skb, int v6, __u32 bid)
 {
     /* The packet as it leaves: client -> backend. */
-    struct nl_fp_key pk = {};
-    __u32 tot_len;
-    __u8 ttl;
-    if (ip_header(skb, v6, &pk, &tot_len, &ttl))
-        return TC_ACT_OK;
-    void *data_end = (void *)(long)skb->data_end;
-    __be16 *ports = (void *)(long)skb->data + ETH_HLEN + l3_len(v6);
-    if ((void *)(ports + 2) > data_end)
+    struct parsed p = {};
+    if (parse(skb, v6, &p))
         return TC_ACT_OK;
     /* A client's SYN (natlb marks only a new flow's first): the handshake
      * is carried, each step told to natlb (carry). */
-    int syn = 0;
-    __be32 synack_ack = 0;
-    if (pk.proto == IPPROTO_TCP) {
-        struct tcphdr *th = (void *)ports;
-        if ((void *)(th + 1) > data_end)
-            return TC_ACT_OK;
-        syn = th->syn && !th->ack;
-        synack_ack = bpf_htonl(bpf_ntohl(th->seq) + 1);
-    }
+    int syn = p.syn && !p.ack;
+    __be32 synack_ack = bpf_htonl(bpf_ntohl(p.seq) + 1);
 
     struct nl_fp_backend *b = bpf_map_lookup_elem(&backends, &bid);
     __u32 zero = 0;
     struct nl_fp_config *cfg = bpf_map_lookup_elem(&config, &zero);
-    if (!b || !cfg || !b->proto || b->proto != pk.proto || b->family != pk.family ||
-        !same_addr(v6, b->addr, pk.daddr) || b->port != ports[1])
+    if (!b || !cfg || !b->proto || b->proto != p.k.proto || b->family != p.k.family ||
+        !same_addr(v6, b->addr, p.k.daddr) || b->port != p.k.dport)
         return TC_ACT_OK;      /* a stale mark (a publish in between): skip */
     if (!skb->ingress_ifindex)
         return TC_ACT_OK;      /* not forwarded: nothing to carry back */
@@ -245,9 +263,9 @@ static __always_inline int learn_ip(struct __sk_buff *skb, int v6, __u32 bid)
     __u64 deadline = now + (syn ? cfg->syn_lifetime_ns
                             : b->proto == IPPROTO_TCP ? cfg->tcp_lifetime_ns
                             : cfg->udp_lifetime_ns);
-    struct nl_fp_key fk = {.sport = ports[0], .dport = b->vport, .proto = b->proto,
-                           .family = pk.family};
-    __builtin_memcpy(fk.saddr, pk.saddr, sizeof fk.saddr);
+    struct nl_fp_key fk = {.sport = p.k.sport, .dport = b->vport, .proto = b->proto,
+                           .family = p.k.family};
+    __builtin_memcpy(fk.saddr, p.k.saddr, sizeof fk.saddr);
     __builtin_memcpy(fk.daddr, b->vip, sizeof fk.daddr);
     struct nl_fp_flow fv = {.port = b->port, .dir = NL_FP_IN,
                             .flags = syn ? NL_FP_F_HANDSHAKE : 0, .backend_id = bid,
@@ -326,70 +344,48 @@ static __always_inline int rewrite(struct __sk_buff *skb, int v6, const struct n
 
 static __always_inline int carry_ip(struct __sk_buff *skb, int v6)
 {
-    struct nl_fp_key k = {};
-    __u32 tot_len;
-    __u8 ttl;
-    if (ip_header(skb, v6, &k, &tot_len, &ttl))
+    struct parsed p = {};
+    if (parse(skb, v6, &p))
         return TC_ACT_OK;
-    void *data_end = (void *)(long)skb->data_end;
-    void *l4 = (void *)(long)skb->data + ETH_HLEN + l3_len(v6);
-    __u32 csum_off, csum_flags = BPF_F_PSEUDO_HDR;
-    int syn = 0, fin = 0, rst = 0, ack = 0;
-    __be32 ack_seq = 0;
-
-    if (k.proto == IPPROTO_TCP) {
-        struct tcphdr *th = l4;
-        if ((void *)(th + 1) > data_end)
-            return TC_ACT_OK;
-        k.sport = th->source;
-        k.dport = th->dest;
-        syn = th->syn;
-        fin = th->fin;
-        rst = th->rst;
-        ack = th->ack;
-        ack_seq = th->ack_seq;
-        csum_off = ETH_HLEN + l3_len(v6) + offsetof(struct tcphdr, check);
+    struct nl_fp_key *k = &p.k;
+    int syn = p.syn, fin = p.fin, rst = p.rst;
+    __u32 csum_off = ETH_HLEN + l3_len(v6);
+    __u32 csum_flags = BPF_F_PSEUDO_HDR;
+    if (k->proto == IPPROTO_TCP) {
+        csum_off += offsetof(struct tcphdr, check);
     } else {
-        struct udphdr *uh = l4;
-        if ((void *)(uh + 1) > data_end)
-            return TC_ACT_OK;
-        /* RFC 8200 8.1: over IPv6 no checksum is a bad one, natlb's to drop. */
-        if (v6 && !uh->check)
-            return TC_ACT_OK;
-        k.sport = uh->source;
-        k.dport = uh->dest;
-        csum_off = ETH_HLEN + l3_len(v6) + offsetof(struct udphdr, check);
+        csum_off += offsetof(struct udphdr, check);
         csum_flags |= BPF_F_MARK_MANGLED_0;   /* an IPv4 zero stays zero */
     }
 
-    struct nl_fp_flow *f = bpf_map_lookup_elem(&flows, &k);
+    struct nl_fp_flow *f = bpf_map_lookup_elem(&flows, k);
     if (!f)
         return TC_ACT_OK;
     /* Copies: the helpers below invalidate every packet pointer. */
     struct nl_fp_flow flow = *f;
     struct nl_fp_key rk;
-    nl_fp_other_side(&k, &flow, &rk);
+    nl_fp_other_side(k, &flow, &rk);
     if (flow.in_ifindex != skb->ingress_ifindex)
         return TC_ACT_OK;      /* spoofed: changes nothing here, SYN or not */
     __u64 now = bpf_ktime_get_ns();
     int handshake = flow.flags & NL_FP_F_HANDSHAKE;
     /* The backend's answer to the SYN natlb placed: carried (and told) only
      * if it is the SYN-ACK that SYN asks for, in time. */
-    int synack = handshake && flow.dir == NL_FP_OUT && syn && ack && !rst && !fin &&
-                 ack_seq == flow.synack_ack && now <= flow.synack_by_ns;
+    int synack = handshake && flow.dir == NL_FP_OUT && syn && p.ack && !rst && !fin &&
+                 p.ack_seq == flow.synack_ack && now <= flow.synack_by_ns;
     if ((syn && !synack) || (handshake && flow.dir == NL_FP_OUT && rst)) {
         /* A new connection on an old tuple, a SYN again (natlb counts its
          * tries and may move the flow), or the backend refusing the SYN
          * (natlb re-steers it; the client must never see that RST): natlb
          * places it, and neither side is carried until it marks one again. */
-        bpf_map_delete_elem(&flows, &k);
+        bpf_map_delete_elem(&flows, k);
         bpf_map_delete_elem(&flows, &rk);
         return TC_ACT_OK;
     }
     if (now > flow.deadline_ns) {
         /* natlb must see this one, and the flow's next packets until it
          * marks one fast again. */
-        bpf_map_delete_elem(&flows, &k);
+        bpf_map_delete_elem(&flows, k);
         return TC_ACT_OK;
     }
     int record = fin || rst || synack;
@@ -411,13 +407,13 @@ static __always_inline int carry_ip(struct __sk_buff *skb, int v6)
     if (rst) {
         /* Carried or queued, natlb closes its flow on it: neither side may
          * be carried after it. */
-        bpf_map_delete_elem(&flows, &k);
+        bpf_map_delete_elem(&flows, k);
         bpf_map_delete_elem(&flows, &rk);
     } else if (fin) {
-        cut_deadline(&k);
+        cut_deadline(k);
         cut_deadline(&rk);
     }
-    if (ttl <= 1)
+    if (p.ttl <= 1)
         return TC_ACT_OK;      /* natlb's (the kernel's) ICMP to send */
 
     __u32 mtu_len = 0;
@@ -434,8 +430,8 @@ static __always_inline int carry_ip(struct __sk_buff *skb, int v6)
         /* 64-bit all along: the verifier then knows n <= 128. */
         __u64 n = skb->len;
         n = n > ETH_HLEN ? n - ETH_HLEN : 0;
-        if (n > tot_len)
-            n = tot_len;       /* never the Ethernet padding */
+        if (n > p.tot_len)
+            n = p.tot_len;     /* never the Ethernet padding */
         if (n > NL_FP_HEAD)
             n = NL_FP_HEAD;
         if (n < l3_len(v6) + sizeof(struct udphdr) ||
@@ -446,10 +442,10 @@ static __always_inline int carry_ip(struct __sk_buff *skb, int v6)
         ev->ifindex = skb->ingress_ifindex;
         ev->len = n;
         /* An IPv6 packet may be 65,575 bytes: longer than the head all the same. */
-        ev->tot_len = tot_len > 0xffff ? 0xffff : tot_len;
+        ev->tot_len = p.tot_len > 0xffff ? 0xffff : p.tot_len;
     }
 
-    if (rewrite(skb, v6, &k, &flow, csum_off, csum_flags, ttl))
+    if (rewrite(skb, v6, k, &flow, csum_off, csum_flags, p.ttl))
         goto shot;             /* half rewritten: never send it on */
 
     if (ev) {
