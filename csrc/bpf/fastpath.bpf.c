@@ -363,8 +363,7 @@ static __always_inline int carry_ip(struct __sk_buff *skb, int v6)
         return TC_ACT_OK;
     /* Copies: the helpers below invalidate every packet pointer. */
     struct nl_fp_flow flow = *f;
-    struct nl_fp_key rk;
-    nl_fp_other_side(k, &flow, &rk);
+    struct nl_fp_key rk;       /* the other side's, made where it is needed */
     if (flow.in_ifindex != skb->ingress_ifindex)
         return TC_ACT_OK;      /* spoofed: changes nothing here, SYN or not */
     __u64 now = bpf_ktime_get_ns();
@@ -378,6 +377,7 @@ static __always_inline int carry_ip(struct __sk_buff *skb, int v6)
          * tries and may move the flow), or the backend refusing the SYN
          * (natlb re-steers it; the client must never see that RST): natlb
          * places it, and neither side is carried until it marks one again. */
+        nl_fp_other_side(k, &flow, &rk);
         bpf_map_delete_elem(&flows, k);
         bpf_map_delete_elem(&flows, &rk);
         return TC_ACT_OK;
@@ -396,6 +396,7 @@ static __always_inline int carry_ip(struct __sk_buff *skb, int v6)
         /* The client: carried once the SYN-ACK was (natlb then holds its flow
          * in SYN_RECV, or will when it applies that record, which the ring
          * gives it first), with a record. */
+        nl_fp_other_side(k, &flow, &rk);
         struct nl_fp_flow *r = bpf_map_lookup_elem(&flows, &rk);
         if (!r || (r->flags & NL_FP_F_HANDSHAKE))
             return TC_ACT_OK;
@@ -404,6 +405,8 @@ static __always_inline int carry_ip(struct __sk_buff *skb, int v6)
     }
     int unreplied = flow.dir == NL_FP_OUT && (flow.flags & NL_FP_F_UNREPLIED);
     record |= unreplied;
+    if (rst || fin)
+        nl_fp_other_side(k, &flow, &rk);
     if (rst) {
         /* Carried or queued, natlb closes its flow on it: neither side may
          * be carried after it. */
