@@ -45,24 +45,11 @@
 
 #define IP_MF_OFFSET 0x3fff        /* more fragments, fragment offset */
 #define IPV4_PLAIN 0x45            /* version 4, a 20-byte header: no options */
-#define IP_CSUM_OFF (ETH_HLEN + 10)
-#define IP_TTL_OFF (ETH_HLEN + 8)
-#define IP6_HOP_OFF (ETH_HLEN + 7)
 
 /* Where each family keeps what the programs read and write. */
 static __always_inline __u32 l3_len(int v6)
 {
     return v6 ? sizeof(struct ipv6hdr) : sizeof(struct iphdr);
-}
-
-static __always_inline __u32 saddr_off(int v6)
-{
-    return ETH_HLEN + (v6 ? offsetof(struct ipv6hdr, saddr) : offsetof(struct iphdr, saddr));
-}
-
-static __always_inline __u32 daddr_off(int v6)
-{
-    return ETH_HLEN + (v6 ? offsetof(struct ipv6hdr, daddr) : offsetof(struct iphdr, daddr));
 }
 
 /* Sizes are set by the loader before it loads the object. */
@@ -304,9 +291,19 @@ int learn(struct __sk_buff *skb)
     return TC_ACT_OK;
 }
 
+/* A 32-bit sum of 16-bit words, folded to 16 bits (one's complement). */
+static __always_inline __u16 fold(__u32 s)
+{
+    s = (s & 0xffff) + (s >> 16);
+    return s + (s >> 16);
+}
+
 /* The rewrite of a carried packet found under k: its address and port to
- * flow's, the checksums after them, TTL (hop limit) decremented.  Nonzero if
- * a helper failed: the packet is then half rewritten. */
+ * flow's, the checksums after them, TTL (hop limit) decremented.  The L4
+ * checksum goes through the kernel's helpers (they know CHECKSUM_PARTIAL and
+ * GSO packets); the headers, all in the linear part (parse read them there),
+ * are written directly, and IPv4's header checksum updated here (RFC 1624).
+ * Nonzero if a helper failed (the L4 sum may be half updated). */
 static __always_inline int rewrite(struct __sk_buff *skb, int v6, const struct nl_fp_key *k,
                                    const struct nl_fp_flow *flow, __u32 csum_off,
                                    __u32 csum_flags, __u8 ttl)
@@ -314,32 +311,58 @@ static __always_inline int rewrite(struct __sk_buff *skb, int v6, const struct n
     int in = flow->dir == NL_FP_IN;
     const __be32 *old_addr = in ? k->daddr : k->saddr;
     __be16 old_port = in ? k->dport : k->sport;
-    __u32 addr_off = in ? daddr_off(v6) : saddr_off(v6);
-    __u32 port_off = ETH_HLEN + l3_len(v6) + (in ? 2 : 0);
     __u32 port_flags = (csum_flags & BPF_F_MARK_MANGLED_0) | 2;
-    __u8 new_ttl = ttl - 1;
+    __s64 diff = 0;
 
     if (v6) {
-        /* No header checksum; the L4 one takes the 128-bit change of its
-         * pseudo-header as one difference.  The hop limit is in neither. */
-        __s64 diff = bpf_csum_diff((__be32 *)old_addr, 16, (__be32 *)flow->addr, 16, 0);
-        return diff < 0 ||
-               bpf_l4_csum_replace(skb, csum_off, 0, diff, csum_flags) ||
-               bpf_l4_csum_replace(skb, csum_off, old_port, flow->port, port_flags) ||
-               bpf_skb_store_bytes(skb, addr_off, flow->addr, 16, 0) ||
-               bpf_skb_store_bytes(skb, port_off, &flow->port, 2, 0) ||
-               bpf_skb_store_bytes(skb, IP6_HOP_OFF, &new_ttl, 1, 0);
+        /* The L4 sum takes the 128-bit change of its pseudo-header as one
+         * difference. */
+        diff = bpf_csum_diff((__be32 *)old_addr, 16, (__be32 *)flow->addr, 16, 0);
+        if (diff < 0 || bpf_l4_csum_replace(skb, csum_off, 0, diff, csum_flags))
+            return -1;
+    } else if (bpf_l4_csum_replace(skb, csum_off, old_addr[3], flow->addr[3], csum_flags | 4)) {
+        return -1;
     }
-    /* TTL shares a 16-bit checksum word with the protocol. */
-    __be16 old_word = bpf_htons(((__u16)ttl << 8) | k->proto);
-    __be16 new_word = bpf_htons(((__u16)new_ttl << 8) | k->proto);
-    return bpf_l4_csum_replace(skb, csum_off, old_addr[3], flow->addr[3], csum_flags | 4) ||
-           bpf_l4_csum_replace(skb, csum_off, old_port, flow->port, port_flags) ||
-           bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_addr[3], flow->addr[3], 4) ||
-           bpf_skb_store_bytes(skb, addr_off, &flow->addr[3], 4, 0) ||
-           bpf_skb_store_bytes(skb, port_off, &flow->port, 2, 0) ||
-           bpf_l3_csum_replace(skb, IP_CSUM_OFF, old_word, new_word, 2) ||
-           bpf_skb_store_bytes(skb, IP_TTL_OFF, &new_ttl, 1, 0);
+    if (bpf_l4_csum_replace(skb, csum_off, old_port, flow->port, port_flags))
+        return -1;
+
+    /* The helpers may have moved the packet: its headers again. */
+    void *data = (void *)(long)skb->data;
+    void *data_end = (void *)(long)skb->data_end;
+    __be16 *ports = data + ETH_HLEN + l3_len(v6);
+    if ((void *)(ports + 2) > data_end)
+        return -1;
+    ports[in ? 1 : 0] = flow->port;
+    if (v6) {
+        struct ipv6hdr *ip6 = data + ETH_HLEN;
+        __be16 old_word = *(__be16 *)&ip6->nexthdr;
+        __builtin_memcpy(in ? ip6->daddr.in6_u.u6_addr32 : ip6->saddr.in6_u.u6_addr32,
+                         flow->addr, 16);
+        ip6->hop_limit = ttl - 1;
+        /* No header checksum: what a device summed (CHECKSUM_COMPLETE, which
+         * covers the header here) takes the address's and hop limit's
+         * change, as IPv4's header checksum does.  A no-op otherwise. */
+        __u32 d = (__u32)diff, h = (__u16)~old_word + *(__u16 *)&ip6->nexthdr;
+        d += h;
+        bpf_csum_update(skb, d + (d < h));
+        return 0;
+    }
+    struct iphdr *ip = data + ETH_HLEN;
+    /* The address, and TTL (which shares a 16-bit word with the protocol). */
+    __be16 old_word = *(__be16 *)&ip->ttl;
+    if (in)
+        ip->daddr = flow->addr[3];
+    else
+        ip->saddr = flow->addr[3];
+    ip->ttl = ttl - 1;
+    __be16 new_word = *(__be16 *)&ip->ttl;
+    /* One's complement sums of the 16-bit words as they lie in memory: the
+     * result does not depend on byte order. */
+    __be32 o = old_addr[3], n = flow->addr[3];
+    __u32 s = (__u16)~ip->check + (__u16)~(o & 0xffff) + (__u16)~(o >> 16) +
+              (n & 0xffff) + (n >> 16) + (__u16)~old_word + new_word;
+    ip->check = ~fold(s);
+    return 0;
 }
 
 static __always_inline int carry_ip(struct __sk_buff *skb, int v6)
@@ -449,7 +472,7 @@ static __always_inline int carry_ip(struct __sk_buff *skb, int v6)
     }
 
     if (rewrite(skb, v6, k, &flow, csum_off, csum_flags, p.ttl))
-        goto shot;             /* half rewritten: never send it on */
+        goto shot;             /* a half-done sum: never send it on */
 
     if (ev) {
         /* What the record tells natlb needs telling only once: the flag goes

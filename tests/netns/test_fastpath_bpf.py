@@ -195,6 +195,37 @@ def test_carry_rewrites_both_ways_with_right_checksums_ttl_and_counters(inside, 
     assert fp.counters()[BID] == (1, len(fwd) - 14, 1, len(rev) - 14)
 
 
+def test_checksums_are_right_whatever_the_addresses_ports_and_ttl(inside, fp, ns, fam):
+    """The IPv4 header checksum is updated by the program itself (RFC 1624)
+    and the L4 one by the kernel's helpers: many addresses, ports and TTLs,
+    both directions, checked against scapy's own sums."""
+    import random
+
+    _, idx = ns
+    rnd = random.Random(6)
+    for i in range(40):
+        if fam.v6:
+            client = f"2001:db8:1::{rnd.randrange(1, 0xFFFF):x}"
+            backend = f"2001:db8:113:{rnd.randrange(0x10000):x}::{rnd.randrange(1, 0xFFFF):x}"
+        else:
+            client = f"198.51.100.{rnd.randrange(1, 255)}"
+            backend = f"203.0.113.{rnd.randrange(1, 255)}"
+        cport, bport = rnd.randrange(1024, 65536), rnd.randrange(1, 65536)
+        ttl = rnd.randrange(2, 256)
+        fp.set_backend(BID, fam.vip, VPORT, backend, bport, socket.IPPROTO_TCP)
+        learn(inside, fp, ns, fam, tcp(fam, client, backend, cport, bport))
+        for packet, dev, want in (
+                (tcp(fam, client, fam.vip, cport, VPORT, ttl=ttl, payload=bytes([i]) * i), "cl0",
+                 (client, backend, cport, bport)),
+                (tcp(fam, backend, client, bport, cport, ttl=ttl, payload=bytes([i]) * i), "be0",
+                 (fam.vip, client, VPORT, cport))):
+            r = carry(inside, fp, packet, idx[dev])
+            ip = Ether(r.packet)[fam.layer]
+            assert r.retval == TC_ACT_REDIRECT, (i, dev)
+            assert (ip.src, ip.dst, ip[TCP].sport, ip[TCP].dport) == want
+            assert fam.ttl(ip) == ttl - 1 and checksums_ok(ip), (i, dev, ttl)
+
+
 def test_udp_is_carried_with_right_checksums(inside, fp, ns, fam):
     _, idx = ns
     learn(inside, fp, ns, fam,
