@@ -9,6 +9,7 @@ import ctypes
 import os
 import socket
 import subprocess
+import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from scapy.layers.inet6 import (
 )
 from scapy.layers.l2 import Ether
 
-from natlb.core import MARK_FAST, MARK_FORWARD, FastPath
+from natlb.core import MARK_FAST, MARK_FORWARD, Core, CoreConfig, FastPath
 
 TC_ACT_OK, TC_ACT_SHOT, TC_ACT_REDIRECT = 0, 2, 7
 CPORT, VPORT, BPORT = 40000, 80, 8080
@@ -351,6 +352,28 @@ def test_a_spoofed_fin_rst_or_syn_changes_nothing(inside, fp, ns, fam, flags):
     r = carry(inside, fp, packet, idx["be0"])           # the client is not there
     assert (r.retval, r.packet) == (TC_ACT_OK, packet)
     assert both_sides(fp, fam) == (True, True) and fp.read_events() == []
+
+
+def test_a_record_natlb_does_not_take_makes_the_kernel_forget_the_flow(inside, fp, ns, fam):
+    """The observer applies a carried FIN to a core that holds no such flow
+    (expired or evicted there): the kernel must not go on carrying what
+    natlb does not follow, so both entries go (csrc/tcfast.c parses the
+    record's addresses and ports, in either family)."""
+    _, idx = ns
+    core = Core(CoreConfig(max_flows=64, workers=1, fastpath=True))
+    try:
+        fp.observe(core)
+        learn(inside, fp, ns, fam)
+        fin = tcp(fam, fam.client, fam.vip, CPORT, VPORT, flags="FA")
+        assert carry(inside, fp, fin, idx["cl0"]).retval == TC_ACT_REDIRECT
+        deadline = time.monotonic() + 10
+        while both_sides(fp, fam) != (False, False):
+            assert time.monotonic() < deadline, both_sides(fp, fam)
+            time.sleep(0.01)
+        assert fp.observe_counts() == (0, 1)             # applied to nothing, not believed
+    finally:
+        fp.stop_observing()
+        core.close()
 
 
 def test_no_room_in_the_ring_means_the_queued_path(inside, fp, ns, fam):
