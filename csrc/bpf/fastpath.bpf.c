@@ -12,8 +12,8 @@
  *   header (no extension header; a UDP checksum), arriving where its entry
  *   says, before the deadline, with TTL (hop limit) > 1 and within the out
  *   device's MTU: rewritten, TTL decremented, counted and sent with
- *   bpf_redirect_neigh, skipping netfilter and the forwarding path.  Everything else: TC_ACT_OK, the
- *   normal path (nft, NFQUEUE, natlb).  A SYN that matches deletes both
+ *   bpf_redirect_neigh, skipping netfilter and the forwarding path.
+ *   Everything else: TC_ACT_OK, the normal path (nft, NFQUEUE, natlb).  A SYN that matches deletes both
  *   sides' entries (a new connection on the tuple is natlb's to place).
  *   A FIN cuts both sides' deadlines to natlb's closing timeout, an RST
  *   deletes both sides' entries; either is carried only if its head (as it
@@ -26,7 +26,10 @@
  * Both families run the same code: the functions taking `v6` are always
  * inlined with a constant, so each family's program text is straight, with
  * only its own header's offsets and checksums (IPv6 has no header checksum;
- * its L4 pseudo-header changes with the 128-bit address).
+ * its L4 pseudo-header changes with the 128-bit address).  Headers are
+ * written directly, not through a helper call each (rewrite()): the
+ * verifier then makes the kernel unclone a cloned packet before the
+ * program runs.
  *
  * Every header read is bounds-checked against data_end.
  */
