@@ -458,19 +458,19 @@ def test_flush_forgets_every_flow(inside, fp, ns, fam):
     assert fp.flush() == 60 and fp.flow_count() == 0
 
 
-def test_flush_interface_forgets_both_entries_of_the_flows_through_it_only(inside, fp, ns):
+def test_flush_interface_forgets_both_entries_of_the_flows_through_it_only(inside, fp, ns, fam):
     """A device that is gone (natlb/fastpath.py on RTM_DELLINK): the flows
     in from it or out to it are forgotten, the others kept."""
     _, idx = ns
     gone = 9999          # no device: the test run takes an ingress_ifindex as given
 
     def learned(cport: int, ingress: int) -> None:
-        inside(fp.test_run, True, tcp(CLIENT, BACKEND, cport, BPORT),
+        inside(fp.test_run, True, tcp(fam, fam.client, fam.backend, cport, BPORT),
                mark=MARK_FORWARD | MARK_FAST | BID, ifindex=idx["be0"], ingress_ifindex=ingress)
 
     def entries(cport: int) -> tuple[bool, bool]:
-        return (fp.has_flow(CLIENT, VIP, cport, VPORT, socket.IPPROTO_TCP),
-                fp.has_flow(BACKEND, CLIENT, BPORT, cport, socket.IPPROTO_TCP))
+        return (fp.has_flow(fam.client, fam.vip, cport, VPORT, socket.IPPROTO_TCP),
+                fp.has_flow(fam.backend, fam.client, BPORT, cport, socket.IPPROTO_TCP))
 
     learned(CPORT, idx["cl0"])
     learned(CPORT + 1, gone)
