@@ -513,6 +513,13 @@ shot:
 SEC("tc")
 int carry(struct __sk_buff *skb)
 {
+    /* A tag the kernel took off on receive (hardware or veth offload) is
+     * still the frame's: carried, it would leave tagged on the backend's
+     * side, where the kernel drops a VLAN this interface has not, or strips
+     * a VID 0 priority tag.  The kernel decides those; a VLAN device's own
+     * hook sees its frames untagged and carries them. */
+    if (skb->vlan_present)
+        return TC_ACT_OK;
     __be16 proto = eth_proto(skb);
     if (proto == bpf_htons(ETH_P_IP))
         return carry_ip(skb, 0);

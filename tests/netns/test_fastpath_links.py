@@ -357,10 +357,6 @@ sendp(Ether(dst=mac, src=get_if_hwaddr("eth0")) / Dot1Q(vlan=vid) / ip / b"tagge
 """
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "csrc/bpf/fastpath.bpf.c's carry ignores skb->vlan_present: a frame tagged on the "
-    "wire of an interface without that VLAN (dropped by the kernel, or a VID 0 priority "
-    "tag the kernel strips) is carried, and leaves the backend's interface still tagged"))
 @pytest.mark.parametrize("vid", [100, 0])
 def test_a_tagged_frame_on_an_untagged_interface_is_not_carried_tagged(testbed, natlb, vid):
     """What the kernel does without the fast path: a frame of VLAN 100 on an
