@@ -10,9 +10,16 @@ port picks the backend; replies get the VIP back by their source; no queue,
 no conntrack), HAProxy (TCP mode, one thread) plus nginx stream (one worker)
 for UDP.  nfqlb (an NFQUEUE balancer) is not among them: it is not packaged
 in Debian and this machine has no internet to build it.  Load comes from wrk,
-dnsperf and iperf3 in the client namespace.  Results are medians over
-repetitions, printed as a table with natlb's ratio to each peer and written
-as Markdown, JSON and a PNG chart.
+dnsperf and iperf3 in the client namespace.
+
+Interleaved: each repetition runs every test (--tests) on every path, the
+path started afresh for each test, so that two paths' figures for a test
+are measured seconds apart; the paths' order rotates with each repetition.
+Printed and written (Markdown, JSON, a PNG chart): each figure's median
+over the repetitions with its min-max, and each pair's ratio as the median
+of the repetitions' own ratios with their min-max.  The 1-minute load
+average is recorded at each test's start and reported: the machine is
+shared.
 
 ``--family 6`` runs the same load over IPv6 (the testbed is dual stack)
 against the kernel's ip6 DNAT and the stateless ip6 rewrite; HAProxy/nginx
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import statistics
 import subprocess
@@ -44,15 +52,32 @@ PATHS = ("natlb", "natlb-fast", "kernel", "stateless", "haproxy")
 NAMES = {"natlb": "natlb", "natlb-fast": "natlb fastpath = true", "kernel": "kernel nft DNAT",
          "stateless": "stateless nft rewrite (notrack, jhash)",
          "haproxy": "HAProxy TCP 1 thread (UDP: nginx stream 1 worker)"}
-METRICS = {
+# Each repetition runs these tests in this order; for each test every path
+# is started afresh, in an order that rotates with the repetition.
+TESTS = ("conn", "req", "dns", "bulk", "streams", "latency")
+# Every figure a test gives, as the tables show it.
+FIGURES = {
     "conn_s": "new conn/s",
     "req_s": "keep-alive req/s",
     "dns_qps": "DNS q/s (UDP)",
-    "bulk_mbit": "bulk Mbit/s",
+    "bulk_mbit": "bulk Mbit/s, 1 stream",
+    "streams_mbit": "bulk Mbit/s, {streams} streams",
     "p50_us": "1-conn p50 us",
     "p99_us": "1-conn p99 us",
+    "p999_us": "1-conn p99.9 us",
+    "cpu_us_per_conn": "busy CPU per new connection, us",
+    "cpu_us_per_req": "busy CPU per keep-alive request, us",
+    "bulk_cpu_ms_per_gb": "busy CPU per GB, 1 stream, ms",
+    "streams_cpu_ms_per_gb": "busy CPU per GB, {streams} streams, ms",
+    "bulk_retrans": "bulk retransmitted segments, 1 stream",
+    "streams_retrans": "bulk retransmitted segments, {streams} streams",
+    "packets_per_conn": "packets queued per new connection",
+    "packets_per_req": "packets queued per keep-alive request",
+    "natlb_us_per_packet": "natlb's own CPU per queued packet, us",
 }
+CHART = ("conn_s", "req_s", "dns_qps", "bulk_mbit", "streams_mbit", "p50_us", "p99_us")
 
+SETTLE_S = 1.0        # after a path starts, before its test
 BASE_SERVICES = 3     # NATLB_CONFIG's own
 
 
@@ -220,8 +245,12 @@ address = "{b1}"
 
 class Bench:
     def __init__(self, seconds: int, workers: int, gso: bool, poll_us: int = 0,
-                 rewrite: str = "copy", family: int = 4) -> None:
+                 rewrite: str = "copy", family: int = 4, streams: int = 4,
+                 latency_seconds: int = 0) -> None:
         self.poll_us = poll_us
+        self.streams = streams
+        self.latency_seconds = latency_seconds or seconds
+        self.natlb: subprocess.Popen | None = None    # while a natlb path runs
         self.rewrite = rewrite
         self.seconds = seconds
         self.workers = workers
@@ -305,7 +334,8 @@ class Bench:
                 gso="true" if self.gso else "false", web=web, **fmt)
             text += extra_services(self.services - BASE_SERVICES, list(self.addrs.values()))
             cfg = self.tb.write_config(text)
-            return [self.tb.start_natlb(cfg)]
+            self.natlb = self.tb.start_natlb(cfg)
+            return [self.natlb]
         self.router(["sysctl", "-qw", "net.ipv6.conf.all.forwarding=1" if self.family == 6
                      else "net.ipv4.ip_forward=1"])
         if path == "stateless":
@@ -338,6 +368,7 @@ class Bench:
         return procs
 
     def stop(self, path: str, procs: list[subprocess.Popen]) -> None:
+        self.natlb = None
         for p in procs:
             self.tb.stop(p)
             self.tb.procs.remove(p)
@@ -362,9 +393,12 @@ class Bench:
                                f"not all of {sorted(self.addrs)}")
 
     # -- measurements ------------------------------------------------------
-    def wrk(self, *extra: str, conns: int = 32) -> str:
-        return self.client(["wrk", "-t1", f"-c{conns}", f"-d{self.seconds}s", "--latency",
-                            *extra, f"http://{self.host}/"]).stdout
+    # Each returns its figures; natlb's own counters (CPU, queued packets)
+    # when the path is natlb's.
+    def wrk(self, *extra: str, conns: int = 32, seconds: int | None = None) -> str:
+        return self.client(["wrk", "-t1", f"-c{conns}", f"-d{seconds or self.seconds}s",
+                            "--latency", *extra, f"http://{self.host}/"],
+                           timeout=(seconds or self.seconds) + 30).stdout
 
     @staticmethod
     def _rate(out: str) -> float:
@@ -376,11 +410,9 @@ class Bench:
         return float(m.group(1)) if m else 0.0
 
     @staticmethod
-    def _latency_us(out: str, pct: str) -> float:
-        m = re.search(rf"^\s+{pct}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M)
-        if not m:
-            return 0.0
-        return float(m.group(1)) * {"us": 1, "ms": 1000, "s": 1e6}[m.group(2)]
+    def _requests(out: str) -> int:
+        m = re.search(r"(\d+) requests in", out)
+        return int(m.group(1)) if m else 1
 
     def dns(self) -> float:
         out = self.client(["dnsperf", "-s", self.vip, "-d", str(self.dir / "queries"), "-l",
@@ -392,13 +424,36 @@ class Bench:
             print(f"    dnsperf lost {lost.group(1)} queries", flush=True)
         return float(m.group(1)) if m else 0.0
 
-    def bulk(self) -> float:
-        out = self.client(["iperf3", "-c", self.vip, "-p", "5201", "-t", str(self.seconds), "-J"],
-                          check=False).stdout
+    def bulk(self, streams: int) -> dict[str, float]:
+        """iperf3 through the VIP (one backend), `streams` TCP flows; the
+        sender's retransmissions too (on these veths they are reordering,
+        not loss: the data of one flow is sent from both CPUs)."""
+        busy0 = self.system_busy()
+        out = self.client(["iperf3", "-c", self.vip, "-p", "5201", "-t", str(self.seconds),
+                           "-P", str(streams), "-J"], check=False).stdout
+        busy = self.system_busy() - busy0
         try:
-            return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e6
+            end = json.loads(out)["end"]
+            mbit = end["sum_received"]["bits_per_second"] / 1e6
+            gbytes = end["sum_received"]["bytes"] / 1e9
+            retrans = float(end["sum_sent"].get("retransmits", 0))
         except (ValueError, KeyError):
-            return 0.0
+            return {"mbit": 0.0, "cpu_ms_per_gb": 0.0, "retrans": 0.0}
+        return {"mbit": mbit, "cpu_ms_per_gb": busy / gbytes * 1e3 if gbytes else 0.0,
+                "retrans": retrans}
+
+    def latency(self) -> dict[str, float]:
+        """One connection, one request at a time, for latency_seconds:
+        wrk's own histogram, read exactly (its --latency text rounds)."""
+        script = self.dir / "latency.lua"
+        script.write_text(LATENCY_LUA)
+        out = self.wrk("-s", str(script), conns=1, seconds=self.latency_seconds)
+        m = re.search(r"^LATENCY (.*)$", out, re.M)
+        if not m:
+            return {k: 0.0 for k in ("p50_us", "p99_us", "p999_us", "latency_samples")}
+        got = dict(kv.split("=") for kv in m.group(1).split())
+        return {"p50_us": float(got["p50"]), "p99_us": float(got["p99"]),
+                "p999_us": float(got["p999"]), "latency_samples": float(got["n"])}
 
     @staticmethod
     def system_busy() -> float:
@@ -409,51 +464,48 @@ class Bench:
         return (sum(v[:8]) - idle) / 100.0
 
     def natlb_cpu(self) -> tuple[float, int]:
-        """CPU seconds used by natlb's process and packets it handled."""
-        pid = next(int(x) for x in self.router(["pgrep", "-f", "natlb run"]).stdout.split())
-        with open(f"/proc/{pid}/stat") as f:
+        """CPU seconds used by this bench's natlb and the packets it queued.
+        By its pid (`ip netns exec` execs natlb): other natlbs may run on
+        the machine, in other namespaces."""
+        assert self.natlb is not None
+        with open(f"/proc/{self.natlb.pid}/stat") as f:
             fields = f.read().rsplit(")", 1)[1].split()
         ticks = int(fields[11]) + int(fields[12])
-        status = json.loads(subprocess.run(
-            [sys.executable, "-m", "natlb", "status", "--json", "-s", self.tb.control_socket],
-            capture_output=True, text=True).stdout)
-        return ticks / 100.0, status["queued_packets"]
+        return ticks / 100.0, int(self.tb.status()["queued_packets"])
 
-    def measure(self, path: str) -> dict[str, float]:
+    def run_test(self, test: str, path: str) -> dict[str, float]:
+        """Start `path`, run one test, stop it: every test of every path
+        starts from the same state, and the paths alternate test by test."""
         procs = self.start(path)
         try:
-            r: dict[str, float] = {}
+            # The same pause for every path: a natlb just started still
+            # runs its first health checks.
+            time.sleep(SETTLE_S)
             ours = path.startswith("natlb")
-            cpu0 = self.natlb_cpu() if ours else None
-            busy_c = self.system_busy()
-            close = self.wrk("-H", "Connection: close")
-            r["conn_s"] = self._rate(close)
-            m = re.search(r"(\d+) requests in", close)
-            conns = int(m.group(1)) if m else 1
-            # The same per short connection (one request each): the packets
-            # natlb still queues for a handshake and close.
-            r["cpu_us_per_conn"] = (self.system_busy() - busy_c) / conns * 1e6
-            if ours:
-                r["packets_per_conn"] = (self.natlb_cpu()[1] - cpu0[1]) / conns
+            cpu0 = self.natlb_cpu() if ours else (0.0, 0)
             busy0 = self.system_busy()
-            pk0 = self.natlb_cpu()[1] if ours else 0
-            keepalive = self.wrk()
-            r["req_s"] = self._rate(keepalive)
-            m = re.search(r"(\d+) requests in", keepalive)
-            requests = int(m.group(1)) if m else 1
-            # Machine-wide CPU per request: client, router and backends alike.
-            r["cpu_us_per_req"] = (self.system_busy() - busy0) / requests * 1e6
-            if ours:
-                r["packets_per_req"] = (self.natlb_cpu()[1] - pk0) / requests
-            r["dns_qps"] = self.dns()
-            r["bulk_mbit"] = self.bulk()
-            one = self.wrk(conns=1)
-            r["p50_us"] = self._latency_us(one, "50")
-            r["p99_us"] = self._latency_us(one, "99")
-            if cpu0:
-                cpu1 = self.natlb_cpu()
-                r["natlb_us_per_packet"] = (cpu1[0] - cpu0[0]) / max(1, cpu1[1] - cpu0[1]) * 1e6
-                r["natlb_packets"] = cpu1[1] - cpu0[1]
+            r: dict[str, float] = {}
+            if test in ("conn", "req"):
+                out = self.wrk("-H", "Connection: close") if test == "conn" else self.wrk()
+                n = self._requests(out)
+                # Machine-wide busy CPU per connection (one request each) or
+                # per keep-alive request: client, router and backends alike.
+                r[f"{test}_s"] = self._rate(out)
+                r[f"cpu_us_per_{test}"] = (self.system_busy() - busy0) / n * 1e6
+                if ours:
+                    cpu1 = self.natlb_cpu()
+                    r[f"packets_per_{test}"] = (cpu1[1] - cpu0[1]) / n
+                    r[f"natlb_cpu_s_{test}"] = cpu1[0] - cpu0[0]
+                    r[f"natlb_packets_{test}"] = cpu1[1] - cpu0[1]
+            elif test == "dns":
+                r["dns_qps"] = self.dns()
+            elif test in ("bulk", "streams"):
+                got = self.bulk(1 if test == "bulk" else self.streams)
+                r.update({f"{test}_{k}": v for k, v in got.items()})
+                if ours:
+                    r[f"packets_per_{test}"] = float(self.natlb_cpu()[1] - cpu0[1])
+            else:
+                r.update(self.latency())
             return r
         finally:
             self.stop(path, procs)
@@ -473,11 +525,40 @@ class Bench:
         self.tb.close()
 
 
-def median_table(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
-    out: dict[str, dict[str, float]] = {}
-    for path in runs[0]:
-        keys = runs[0][path].keys()
-        out[path] = {k: statistics.median(r[path][k] for r in runs) for k in keys}
+# wrk's done() hook: its latency histogram's percentiles in microseconds.
+LATENCY_LUA = """
+done = function(summary, latency, requests)
+  io.write(string.format("LATENCY n=%d p50=%d p99=%d p999=%d\\n", summary.requests,
+    latency:percentile(50), latency:percentile(99), latency:percentile(99.9)))
+end
+"""
+
+
+def _spread(values: list[float]) -> tuple[float, float, float]:
+    return statistics.median(values), min(values), max(values)
+
+
+def summarize(runs: list[dict[str, dict[str, float]]]) -> dict[str, dict[str, list[float]]]:
+    """Per path and figure: [median, min, max] over the repetitions that
+    measured it."""
+    out: dict[str, dict[str, list[float]]] = {}
+    for key in runs[0]:
+        figs = {k for r in runs for k in r.get(key, {})}
+        out[key] = {k: list(_spread([r[key][k] for r in runs if k in r.get(key, {})]))
+                    for k in sorted(figs)}
+    return out
+
+
+def ratios(runs: list[dict[str, dict[str, float]]], ours: str,
+           peer: str) -> dict[str, list[float]]:
+    """Per figure: [median, min, max] of the repetitions' own ratios (each
+    from the two paths measured next to each other)."""
+    out = {}
+    for k in FIGURES:
+        each = [r[ours][k] / r[peer][k] for r in runs
+                if ours in r and peer in r and r[ours].get(k) and r[peer].get(k)]
+        if each:
+            out[k] = list(_spread(each))
     return out
 
 
@@ -487,41 +568,64 @@ def _name(key: str) -> str:
     return NAMES[path] + (" (IPv6)" if family == "6" else "")
 
 
-def markdown(med: dict[str, dict[str, float]], meta: dict) -> str:
-    head = "| path | " + " | ".join(METRICS.values()) + " |"
-    lines = [head, "|" + "---|" * (len(METRICS) + 1)]
-    for path in med:
-        lines.append(f"| {_name(path)} | " + " | ".join(f"{med[path][k]:,.0f}" for k in METRICS)
-                     + " |")
-    pairs = [(o, p) for o in ("natlb", "natlb-fast") for p in ("kernel", "stateless", "haproxy")]
-    pairs += [(f"{o}@6", p) for o in ("natlb", "natlb-fast") for p in ("kernel@6", "stateless@6")]
+def _fmt(v: float) -> str:
+    return f"{v:,.0f}" if abs(v) >= 100 else f"{v:,.1f}" if abs(v) >= 10 else f"{v:.2f}"
+
+
+def ratio_pairs(keys: list[str]) -> list[tuple[str, str]]:
+    pairs = [(o, p) for o in ("natlb-fast", "natlb") for p in ("kernel", "stateless", "haproxy")]
+    pairs += [("natlb-fast", "natlb")]
+    pairs += [(f"{o}@6", p) for o in ("natlb-fast", "natlb") for p in ("kernel@6", "stateless@6")]
     # With no natlb path measured: the stateless rewrite against the kernel's DNAT.
     pairs += [("stateless", "kernel"), ("stateless@6", "kernel@6")]
-    for ours, peer in pairs:
-        if ours not in med or peer not in med:
-            continue
+    return [(o, p) for o, p in pairs if o in keys and p in keys]
+
+
+def markdown(runs: list[dict[str, dict[str, float]]], meta: dict) -> str:
+    summ = summarize(runs)
+    keys = list(summ)
+    figs = [k for k in FIGURES if any(k in summ[p] for p in keys)]
+    label = {k: FIGURES[k].format(streams=meta["streams"]) for k in figs}
+    lines = ["Medians of the repetitions (min-max):", "",
+             "| figure | " + " | ".join(_name(p) for p in keys) + " |",
+             "|---|" + "---|" * len(keys)]
+    for k in figs:
         cells = []
-        for k in METRICS:
-            a, b = med[ours][k], med[peer][k]
-            cells.append(f"{a / b:.2f}x" if b else "n/a")
-        lines.append(f"| {ours} / {peer} | " + " | ".join(cells) + " |")
-    if "natlb" not in med or "kernel" not in med or "haproxy" not in med:
-        return "\n".join(lines)
+        for p in keys:
+            if k in summ[p]:
+                med, lo, hi = summ[p][k]
+                cells.append(f"{_fmt(med)} ({_fmt(lo)}-{_fmt(hi)})")
+            else:
+                cells.append("")
+        lines.append(f"| {label[k]} | " + " | ".join(cells) + " |")
+    pairs = ratio_pairs(keys)
+    if pairs:
+        lines += ["", "Ratios: median of the repetitions' own ratios (min-max); for "
+                  "latency and CPU lower is better:", "",
+                  "| figure | " + " | ".join(f"{o} / {p}" for o, p in pairs) + " |",
+                  "|---|" + "---|" * len(pairs)]
+        rat = {pair: ratios(runs, *pair) for pair in pairs}
+        for k in figs:
+            if not any(k in rat[pair] for pair in pairs):
+                continue
+            cells = [(lambda m: f"{m[0]:.2f}x ({m[1]:.2f}-{m[2]:.2f})" if m else "")(
+                rat[pair].get(k)) for pair in pairs]
+            lines.append(f"| {label[k]} | " + " | ".join(cells) + " |")
     lines.append("")
-    extra = med["natlb"]["cpu_us_per_req"] - med["kernel"]["cpu_us_per_req"]
-    per_pkt = extra / med["natlb"]["packets_per_req"]
+    if all(k in summ and "cpu_us_per_req" in summ[k] and "packets_per_req" in summ.get(
+            "natlb", {}) for k in ("natlb", "kernel")):
+        extra = summ["natlb"]["cpu_us_per_req"][0] - summ["kernel"]["cpu_us_per_req"][0]
+        per_pkt = extra / max(summ["natlb"]["packets_per_req"][0], 1e-9)
+        lines.append(f"Machine-wide busy CPU per queued packet (natlb, every packet queued, "
+                     f"against the kernel's DNAT, from the medians): {per_pkt:.2f} us.")
+    load = meta["load_avg_1min"]
     lines.append(
-        f"Router CPU per queued packet: {per_pkt:.2f} us more than the kernel's DNAT "
-        f"(machine-wide busy CPU per keep-alive request: natlb "
-        f"{med['natlb']['cpu_us_per_req']:.1f} us, kernel {med['kernel']['cpu_us_per_req']:.1f}"
-        f" us, HAProxy {med['haproxy']['cpu_us_per_req']:.1f} us; "
-        f"{med['natlb']['packets_per_req']:.2f} queued packets per request). "
-        f"natlb's own thread: {med['natlb']['natlb_us_per_packet']:.2f} us per packet, most of it "
-        f"kernel forwarding done in its verdict syscalls.")
-    lines.append(f"Medians of {meta['repetitions']} repetitions, {meta['seconds']} s per test, "
-                 f"natlb workers={meta['workers']} gso={meta['gso']} poll_us={meta['poll_us']} "
-                 f"rewrite={meta['rewrite']} IPv{meta.get('family', 4)}; "
-                 f"latency ratios: lower is better.")
+        f"{meta['repetitions']} repetitions, {meta['seconds']} s per test "
+        f"({meta['latency_seconds']} s for latency), paths started afresh for each test in an "
+        f"order rotating with each repetition; natlb workers={meta['workers']} "
+        f"gso={meta['gso']} poll_us={meta['poll_us']} rewrite={meta['rewrite']}; "
+        f"IPv{meta.get('family', 4)}; load average (1 min) at the tests' starts "
+        f"{load[1]:.2f}-{load[2]:.2f} (median {load[0]:.2f}); {meta['date']}.")
     return "\n".join(lines)
 
 
@@ -532,20 +636,22 @@ def services_markdown(path: str, runs: list[dict[int, dict[str, float]]]) -> str
     small, big = counts[0], counts[-1]
     lines = [f"| {NAMES[path]}, services configured | new conn/s | keep-alive req/s |",
              "|---|---|---|"]
-    med = {n: {k: statistics.median(r[n][k] for r in runs) for k in ("conn_s", "req_s")}
-           for n in counts}
     for n in counts:
-        lines.append(f"| {n} | {med[n]['conn_s']:,.0f} | {med[n]['req_s']:,.0f} |")
+        cells = []
+        for k in ("conn_s", "req_s"):
+            med, lo, hi = _spread([r[n][k] for r in runs])
+            cells.append(f"{med:,.0f} ({lo:,.0f}-{hi:,.0f})")
+        lines.append(f"| {n} | " + " | ".join(cells) + " |")
     cells = []
     for k in ("conn_s", "req_s"):
-        each = sorted(r[big][k] / r[small][k] for r in runs if r[small][k])
-        spread = f" (repetitions {each[0]:.2f}-{each[-1]:.2f})" if each else ""
-        cells.append(f"{med[big][k] / med[small][k]:.2f}x{spread}" if med[small][k] else "n/a")
-    lines.append(f"| {big} / {small} | " + " | ".join(cells) + " |")
+        each = [r[big][k] / r[small][k] for r in runs if r[small][k]]
+        cells.append(f"{statistics.median(each):.2f}x ({min(each):.2f}-{max(each):.2f})"
+                     if each else "n/a")
+    lines.append(f"| {big} / {small}, the repetitions' own ratios | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
-def chart(med: dict[str, dict[str, float]], path: Path) -> None:
+def chart(summ: dict[str, dict[str, list[float]]], path: Path) -> None:
     try:
         import matplotlib
 
@@ -554,22 +660,35 @@ def chart(med: dict[str, dict[str, float]], path: Path) -> None:
     except ImportError:
         print("(matplotlib missing: no chart)")
         return
-    fig, axes = plt.subplots(1, len(METRICS), figsize=(3 * len(METRICS), 3.2))
-    paths = list(med)
-    for ax, (k, label) in zip(axes, METRICS.items(), strict=True):
-        vals = [med[p][k] for p in paths]
-        ax.bar(paths, vals, color=["#2a7", "#5c9", "#888", "#69c", "#c63"][:len(paths)])
-        ax.set_title(label, fontsize=9)
+    figs = [k for k in CHART if any(k in summ[p] for p in summ)]
+    fig, axes = plt.subplots(1, len(figs), figsize=(3 * len(figs), 3.2))
+    paths = list(summ)
+    for ax, k in zip(axes if len(figs) > 1 else [axes], figs, strict=True):
+        got = [summ[p].get(k, [0.0, 0.0, 0.0]) for p in paths]
+        med = [g[0] for g in got]
+        err = [[g[0] - g[1] for g in got], [g[2] - g[0] for g in got]]
+        ax.bar(paths, med, yerr=err, capsize=3,
+               color=["#2a7", "#5c9", "#888", "#69c", "#c63"][:len(paths)])
+        ax.set_title(FIGURES[k].format(streams="N"), fontsize=9)
         ax.tick_params(axis="x", labelsize=8, rotation=30)
-    fig.suptitle("natlb vs kernel DNAT vs stateless nft vs HAProxy (medians)")
+    fig.suptitle("natlb vs kernel DNAT vs stateless nft vs HAProxy (medians, min-max)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
+
+
+def rotated(items: list, k: int) -> list:
+    k %= len(items)
+    return items[k:] + items[:k]
 
 
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repetitions", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=5)
+    ap.add_argument("--latency-seconds", type=int, default=0,
+                    help="length of the 1-connection latency test (default: 2 x --seconds)")
+    ap.add_argument("--streams", type=int, default=4,
+                    help="parallel iperf3 flows in the 'streams' test")
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--no-gso", action="store_true")
     ap.add_argument("--poll-us", type=int, default=0)
@@ -579,6 +698,8 @@ def main() -> int:
     ap.add_argument("--out", default="bench-results")
     ap.add_argument("--paths", default=",".join(PATHS),
                     help=f"comma-separated subset of {','.join(PATHS)}")
+    ap.add_argument("--tests", default=",".join(TESTS),
+                    help=f"comma-separated subset of {','.join(TESTS)}")
     ap.add_argument("--services", default="5,250",
                     help="service counts to compare through natlb (the first natlb path); "
                          "'' to skip")
@@ -586,6 +707,9 @@ def main() -> int:
     paths = [p for p in a.paths.split(",") if p]
     if any(p not in PATHS for p in paths):
         ap.error(f"--paths: one of {', '.join(PATHS)}")
+    tests = [t for t in a.tests.split(",") if t]
+    if not tests or any(t not in TESTS for t in tests):
+        ap.error(f"--tests: one or more of {', '.join(TESTS)}")
     families = [int(f) for f in a.family.split(",")]
     if a.family == "6" and "haproxy" in paths:
         if a.paths != ",".join(PATHS):
@@ -600,42 +724,57 @@ def main() -> int:
     if any(n < BASE_SERVICES for n in counts):
         ap.error(f"--services: at least {BASE_SERVICES} each")
     svc_path = next((p for p in paths if p.startswith("natlb")), "natlb")
-    b = Bench(a.seconds, a.workers, not a.no_gso, a.poll_us, a.rewrite, families[0])
-    runs = []
+    b = Bench(a.seconds, a.workers, not a.no_gso, a.poll_us, a.rewrite, families[0],
+              streams=a.streams, latency_seconds=a.latency_seconds or 2 * a.seconds)
+    runs: list[dict[str, dict[str, float]]] = []
+    loads: list[float] = []
     svc_runs: list[dict[int, dict[str, float]]] = []
     try:
         b.setup()
         for rep in range(a.repetitions):
-            run = {}
-            for family, path, key in runs_of:
-                print(f"repetition {rep + 1}/{a.repetitions}: {key}", flush=True)
-                b.use_family(family)
-                run[key] = b.measure(path)
-                print("   ", {k: round(v, 2) for k, v in run[key].items()}, flush=True)
+            run: dict[str, dict[str, float]] = {key: {} for _, _, key in runs_of}
+            for test in tests:
+                for family, path, key in rotated(runs_of, rep):
+                    b.use_family(family)
+                    loads.append(os.getloadavg()[0])
+                    got = b.run_test(test, path)
+                    run[key].update(got)
+                    print(f"repetition {rep + 1}/{a.repetitions} {test:<8} {key:<12} "
+                          f"load {loads[-1]:.2f}: "
+                          + ", ".join(f"{k} {v:.4g}" for k, v in got.items()), flush=True)
+            for r in run.values():
+                cpu = sum(r.get(f"natlb_cpu_s_{t}", 0.0) for t in ("conn", "req"))
+                pk = sum(r.get(f"natlb_packets_{t}", 0.0) for t in ("conn", "req"))
+                if pk:
+                    r["natlb_us_per_packet"] = cpu / pk * 1e6
             runs.append(run)
             if counts:
                 svc: dict[int, dict[str, float]] = {}
                 b.use_family(4)    # the extra services are IPv4
                 for n in counts if rep % 2 == 0 else counts[::-1]:
-                    print(f"repetition {rep + 1}/{a.repetitions}: {svc_path}, {n} services",
-                          flush=True)
                     svc[n] = b.measure_services(svc_path, n)
-                    print("   ", {k: round(v, 2) for k, v in svc[n].items()}, flush=True)
+                    print(f"repetition {rep + 1}/{a.repetitions}: {svc_path}, {n} services: ",
+                          {k: round(v, 2) for k, v in svc[n].items()}, flush=True)
                 svc_runs.append(svc)
     finally:
         b.close()
-    med = median_table(runs)
-    meta = {"repetitions": a.repetitions, "seconds": a.seconds, "workers": a.workers,
-            "gso": not a.no_gso, "poll_us": a.poll_us, "rewrite": a.rewrite,
-            "family": a.family,
+    meta = {"repetitions": a.repetitions, "seconds": a.seconds,
+            "latency_seconds": b.latency_seconds, "streams": a.streams, "tests": tests,
+            "workers": a.workers, "gso": not a.no_gso, "poll_us": a.poll_us,
+            "rewrite": a.rewrite, "family": a.family, "command": " ".join(sys.argv[1:]),
+            "load_avg_1min": list(_spread(loads)),
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    md = markdown(med, meta)
+    md = markdown(runs, meta)
     if svc_runs:
         md += "\n\n" + services_markdown(svc_path, svc_runs)
+    summ = summarize(runs)
+    pairs = ratio_pairs(list(summ))
     (out / "bench.md").write_text(md + "\n")
-    (out / "bench.json").write_text(json.dumps({"meta": meta, "median": med, "runs": runs,
-                                                "services": svc_runs}, indent=2))
-    chart(med, out / "bench.png")
+    (out / "bench.json").write_text(json.dumps(
+        {"meta": meta, "summary": summ,
+         "ratios": {f"{o} / {p}": ratios(runs, o, p) for o, p in pairs},
+         "runs": runs, "services": svc_runs}, indent=2))
+    chart(summ, out / "bench.png")
     print()
     print(md)
     print(f"\nwritten: {out}/bench.md, bench.json, bench.png")
