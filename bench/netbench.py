@@ -74,6 +74,8 @@ FIGURES = {
     "packets_per_conn": "packets queued per new connection",
     "packets_per_req": "packets queued per keep-alive request",
     "natlb_us_per_packet": "natlb's own CPU per queued packet, us",
+    "natlb_wakeups_per_s": "natlb's thread wakeups per second, latency test",
+    "natlb_cpu_ms_per_s": "natlb's own CPU, latency test, ms per second",
 }
 CHART = ("conn_s", "req_s", "dns_qps", "bulk_mbit", "streams_mbit", "p50_us", "p99_us")
 
@@ -473,6 +475,19 @@ class Bench:
         ticks = int(fields[11]) + int(fields[12])
         return ticks / 100.0, int(self.tb.status()["queued_packets"])
 
+    def natlb_switches(self) -> int:
+        """Context switches of all natlb's threads so far: each is a wakeup
+        that may take a CPU from the client or a backend."""
+        assert self.natlb is not None
+        n = 0
+        for task in Path(f"/proc/{self.natlb.pid}/task").iterdir():
+            try:
+                text = (task / "status").read_text()
+            except FileNotFoundError:
+                continue        # a thread that ended meanwhile
+            n += sum(int(x) for x in re.findall(r"ctxt_switches:\s+(\d+)", text))
+        return n
+
     def run_test(self, test: str, path: str) -> dict[str, float]:
         """Start `path`, run one test, stop it: every test of every path
         starts from the same state, and the paths alternate test by test."""
@@ -505,7 +520,15 @@ class Bench:
                 if ours:
                     r[f"packets_per_{test}"] = float(self.natlb_cpu()[1] - cpu0[1])
             else:
+                sw0 = self.natlb_switches() if ours else 0
+                t0 = time.monotonic()
                 r.update(self.latency())
+                if ours:
+                    # What natlb itself did meanwhile: p99 is the slowest 1%,
+                    # so a cause there must touch 1% of the requests.
+                    dt = time.monotonic() - t0
+                    r["natlb_wakeups_per_s"] = (self.natlb_switches() - sw0) / dt
+                    r["natlb_cpu_ms_per_s"] = (self.natlb_cpu()[0] - cpu0[0]) / dt * 1e3
             return r
         finally:
             self.stop(path, procs)

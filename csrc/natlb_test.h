@@ -90,9 +90,11 @@ void nl_test_stall(uint32_t worker, uint32_t ms);
 
 /* ---- the tc fast path's programs, run on a packet (BPF_PROG_TEST_RUN) ---- */
 /* Runs learn (egress != 0) or carry on an Ethernet frame with that skb mark,
- * ifindex and ingress ifindex; the frame after it goes to out (*out_len:
+ * ifindex and ingress ifindex (and, gso_size != 0, as a GSO packet of
+ * segments of that payload size); the frame after it goes to out (*out_len:
  * its capacity in, its length out), with the program's return code and the
  * skb's mark after it.  Needs root. */
 int nl_fp_test_run(struct nl_fastpath *fp, int egress, const uint8_t *pkt, uint32_t len,
                    uint8_t *out, uint32_t *out_len, uint32_t mark, uint32_t ifindex,
-                   uint32_t ingress_ifindex, uint32_t *retval, uint32_t *mark_out);
+                   uint32_t ingress_ifindex, uint32_t gso_size, uint32_t *retval,
+                   uint32_t *mark_out);

@@ -319,10 +319,13 @@ int nl_fp_read_counters(struct nl_fastpath *fp, uint64_t *out, uint32_t n_backen
 
 int nl_fp_test_run(struct nl_fastpath *fp, int egress, const uint8_t *pkt, uint32_t len,
                    uint8_t *out, uint32_t *out_len, uint32_t mark, uint32_t ifindex,
-                   uint32_t ingress_ifindex, uint32_t *retval, uint32_t *mark_out)
+                   uint32_t ingress_ifindex, uint32_t gso_size, uint32_t *retval,
+                   uint32_t *mark_out)
 {
+    /* gso_size != 0: the frame stands for a GSO packet, segments of that
+     * much payload (as TCP's TSO or GRO would hand it over). */
     struct __sk_buff ctx = {.mark = mark, .ifindex = ifindex,
-                            .ingress_ifindex = ingress_ifindex};
+                            .ingress_ifindex = ingress_ifindex, .gso_size = gso_size};
     struct __sk_buff ctx_out;
     memset(&ctx_out, 0, sizeof ctx_out);
     LIBBPF_OPTS(bpf_test_run_opts, opts, .data_in = pkt, .data_size_in = len, .data_out = out,

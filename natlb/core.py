@@ -791,15 +791,16 @@ class FastPath:
                 for i in range(n) if out[4 * i] or out[4 * i + 2]}
 
     def test_run(self, egress: bool, frame: bytes, mark: int = 0, ifindex: int = 0,
-                 ingress_ifindex: int = 0) -> ProgRun:
-        """Tests: run learn (egress) or carry on one Ethernet frame."""
+                 ingress_ifindex: int = 0, gso_size: int = 0) -> ProgRun:
+        """Tests: run learn (egress) or carry on one Ethernet frame; with
+        gso_size, as a GSO packet of segments of that payload size."""
         cap = len(frame) + 256
         out = ffi.new("uint8_t[]", cap)
         out_len = ffi.new("uint32_t *", cap)
         retval = ffi.new("uint32_t *")
         mark_out = ffi.new("uint32_t *")
         rc = lib.nl_fp_test_run(self._fp, int(egress), frame, len(frame), out, out_len, mark,
-                                ifindex, ingress_ifindex, retval, mark_out)
+                                ifindex, ingress_ifindex, gso_size, retval, mark_out)
         if rc:
             raise CoreError(f"fast path test run: {os.strerror(-rc)}")
         return ProgRun(retval[0], bytes(ffi.buffer(out, out_len[0])), mark_out[0])

@@ -460,15 +460,28 @@ def blob(host: str, port: int, size: int, seed: int, timeout: float) -> int:
     t0 = time.monotonic()
     c = http.client.HTTPConnection(host, port, timeout=timeout)
     c.request("GET", f"/blob/{size}/{seed}")
+    sock = c.sock
     r = c.getresponse()
-    got, n = hashlib.sha256(), 0
+    got, n, mss = hashlib.sha256(), 0, 0
     while chunk := r.read(CHUNK):
         got.update(chunk)
         n += len(chunk)
+        mss = max(mss, rcv_mss(sock))
     secs = time.monotonic() - t0
     _emit(ok=got.hexdigest() == want and n == size, bytes=n, sha256=got.hexdigest(),
-          expected=want, seconds=round(secs, 3))
+          expected=want, seconds=round(secs, 3), rcv_mss=mss)
     return 0
+
+
+def rcv_mss(sock: socket.socket) -> int:
+    """The largest segment payload this socket has received so far (the
+    kernel's tcpi_rcv_mss: GSO packets count by their segments), 0 once
+    the socket is gone."""
+    try:
+        info = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 24)
+    except OSError:
+        return 0
+    return struct.unpack_from("I", info, 20)[0]
 
 
 def upload(host: str, port: int, size: int, seed: int, timeout: float) -> int:

@@ -11,7 +11,7 @@
  *   and without IP options or IPv6 with TCP or UDP right after its fixed
  *   header (no extension header; a UDP checksum), arriving where its entry
  *   says, before the deadline, with TTL (hop limit) > 1 and within the out
- *   device's MTU: rewritten, TTL decremented, counted and sent with
+ *   device's MTU (a GSO packet: each of its segments): rewritten, TTL decremented, counted and sent with
  *   bpf_redirect_neigh, skipping netfilter and the forwarding path.
  *   Everything else: TC_ACT_OK, the normal path (nft, NFQUEUE, natlb).  A SYN that matches deletes both
  *   sides' entries (a new connection on the tuple is natlb's to place).
@@ -446,7 +446,11 @@ static __always_inline int carry_ip(struct __sk_buff *skb, int v6)
         return TC_ACT_OK;      /* natlb's (the kernel's) ICMP to send */
 
     __u32 mtu_len = 0;
-    if (bpf_check_mtu(skb, flow.out_ifindex, &mtu_len, 0, 0) != BPF_MTU_CHK_RET_SUCCESS)
+    /* A GSO packet (TSO, GRO) passes without BPF_MTU_CHK_SEGS whatever
+     * its segments' size; with it, each segment must fit, as the kernel's
+     * forwarding checks (ip_exceeds_mtu). */
+    if (bpf_check_mtu(skb, flow.out_ifindex, &mtu_len, 0, BPF_MTU_CHK_SEGS) !=
+        BPF_MTU_CHK_RET_SUCCESS)
         return TC_ACT_OK;      /* too big: natlb and the kernel do PMTU */
 
     struct nl_fp_event *ev = 0;

@@ -55,6 +55,25 @@ def test_filters_on_every_interface_and_gone_after_sigterm(testbed, natlb, famil
     assert router_state(testbed) == before
 
 
+def test_gso_packets_whose_segments_fit_are_carried(testbed, natlb):
+    """The backend's TCP hands its veth GSO packets (TSO): several
+    segments each, every one within the links' MTU.  The fast path carries
+    them (bpf_check_mtu checks each segment, not the whole packet)."""
+    natlb(basic_config(testbed, lb_extra=FAST))
+    size = 32 << 20
+    before, queued_before = status(testbed)["services"][0], queued_packets(testbed)
+    r = testbed.client_run("blob", "--host", VIP, "--port", "80", "--size", str(size),
+                           "--seed", "5", "--timeout", "60")[0]
+    assert r["ok"], r
+    web = status(testbed)["services"][0]
+    packets = web["packets_out"] - before["packets_out"]
+    assert web["bytes_out"] - before["bytes_out"] > size
+    # Fewer packets than a third of the segments: most were GSO packets.
+    assert packets < size / 1448 / 3, packets
+    # ...and nearly none of them went through natlb's queue.
+    assert queued_packets(testbed) - queued_before < 64
+
+
 def test_sigkill_leaves_filters_for_a_successor_then_the_guardian_removes_them(testbed, natlb):
     before = router_state(testbed)
     p = natlb(basic_config(testbed, lb_extra=f"{FAST}\nrestart_grace_ms = 1500"))

@@ -194,6 +194,9 @@ def test_path_mtu_discovery_works_through_natlb(testbed, natlb):
     finally:
         testbed.router_cmd("ip", "link", "set", "cl0", "mtu", "1500")
     assert r["ok"], r
+    # No segment bigger than the link reached the client, GSO packets
+    # included: the fast path carries those only when each segment fits.
+    assert 0 < r["rcv_mss"] <= 1400 - 40, r
     status = json.loads(natlb_cli(testbed, "status", "--json", "-s",
                                   testbed.control_socket).stdout)
     assert status["failover"]["pmtu_relayed"] >= 1
