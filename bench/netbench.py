@@ -73,6 +73,8 @@ FIGURES = {
     "streams_retrans": "bulk retransmitted segments, {streams} streams",
     "packets_per_conn": "packets queued per new connection",
     "packets_per_req": "packets queued per keep-alive request",
+    "packets_per_bulk": "packets queued in the bulk test, 1 stream",
+    "packets_per_streams": "packets queued in the bulk test, {streams} streams",
     "natlb_us_per_packet": "natlb's own CPU per queued packet, us",
     "natlb_wakeups_per_s": "natlb's thread wakeups per second, latency test",
     "natlb_cpu_ms_per_s": "natlb's own CPU, latency test, ms per second",
