@@ -10,7 +10,7 @@ import uuid
 
 import pytest
 
-from natlb_testbed.testbed import basic_config, family_addresses
+from natlb_testbed.testbed import VIP, basic_config, family_addresses
 
 from .conftest import natlb_cli, router_state, tc_state
 from .test_traffic import queued_packets
