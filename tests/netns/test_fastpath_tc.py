@@ -150,9 +150,10 @@ def test_short_connections_queue_only_their_syn_and_end_closed_counted_exactly(t
     sends again when natlb's verdict on the first came after its 1 s
     retransmission timeout.  natlb sees that SYN again, the kernel forgets
     the flow, and that connection's handshake is queued (its SYN-ACK, its
-    ACKs up to the one natlb marks fast again).  Counted on the client, each
-    such SYN allows its few packets; without one, not a single packet but
-    the SYNs is queued."""
+    ACKs up to the one natlb marks fast again: 3 packets each, seen with
+    natlb's threads starved under SCHED_IDLE).  Counted on the client, each
+    such SYN allows at most 5; without one, not a single packet but the SYNs
+    is queued."""
     natlb(basic_config(testbed, lb_extra=FAST, family=family))
     vip, _ = family_addresses(family)
     table = f"nlfin{uuid.uuid4().hex[:6]}"
