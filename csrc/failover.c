@@ -546,10 +546,7 @@ static void probe(struct nl_lb *lb, struct nl_flow *f)
         nl_flow_gauge(lb, f, f->state, 1);
     }
     f->flags |= NL_FL_PROBE_CLIENT | NL_FL_PROBE_SERVER;
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    f->expires_ms = (uint32_t)((uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000) +
-                    lb->ct.timeout_ms[NL_T_TCP_CLOSE];
+    f->expires_ms = (uint32_t)nl_monotonic_ms() + lb->ct.timeout_ms[NL_T_TCP_CLOSE];
 }
 
 void nl_reset_probed(struct nl_lb *lb, struct nl_flow *f, const struct nl_pkt *p, int reply)

@@ -5,12 +5,22 @@
 #include <stdint.h>
 #include <stddef.h>
 #include <pthread.h>
+#include <time.h>
 #include "natlb.h"
 
 #define NL_LIKELY(x) __builtin_expect(!!(x), 1)
 #define NL_UNLIKELY(x) __builtin_expect(!!(x), 0)
 #define NL_NIL 0xffffffffu
 #define NL_HELD_NONE 0xffff          /* nl_flow.held: no SYN held          */
+
+/* CLOCK_MONOTONIC in milliseconds: the clock of every flow deadline.  The
+ * I/O layer reads it and hands the core its `now`. */
+static inline uint64_t nl_monotonic_ms(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
+}
 
 /* A 32-bit finalizer (MurmurHash3's fmix32): every input bit affects every
  * output bit, so seeded hashes of addresses and ports spread evenly. */

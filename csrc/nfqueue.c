@@ -82,7 +82,7 @@ struct nl_worker {
     int mark_mode;               /* NL_START_MARK: decide, let nft rewrite  */
     uint8_t *release_buf;        /* copy mode: a released fragment's bytes  */
     uint64_t loops;              /* loop iterations, for nl_forward's wait  */
-    uint64_t beat_ms;            /* now_ms() at the top of the last iteration:
+    uint64_t beat_ms;            /* nl_monotonic_ms() at the top of the last iteration:
                                     the watchdog's proof the loop turns    */
     /* The chunk being gathered: every queued packet in arrival order (pend),
      * and those the core decides (todo; pend[i].todo indexes it, or -1). */
@@ -225,13 +225,6 @@ uint32_t nl_io_flush(struct nl_lb *lb)
             sent++;
     }
     return sent;
-}
-
-static uint64_t now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
 }
 
 static void put_attr(uint8_t *buf, size_t *off, uint16_t type, const void *data, uint16_t len)
@@ -578,7 +571,7 @@ static void set_timeout(struct nl_worker *w, uint32_t wait_ms)
 void nl_test_stall(uint32_t worker, uint32_t ms)
 {
     __atomic_store_n(&stall_worker, worker, __ATOMIC_RELAXED);
-    __atomic_store_n(&stall_until_ms, ms ? now_ms() + ms : 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&stall_until_ms, ms ? nl_monotonic_ms() + ms : 0, __ATOMIC_RELAXED);
 }
 
 /* The test hook's effect: sleep (waking for nl_stop) until the stall ends. */
@@ -586,7 +579,7 @@ static void stall(struct nl_worker *w)
 {
     if (w->index != __atomic_load_n(&stall_worker, __ATOMIC_RELAXED))
         return;
-    while (now_ms() < __atomic_load_n(&stall_until_ms, __ATOMIC_RELAXED) &&
+    while (nl_monotonic_ms() < __atomic_load_n(&stall_until_ms, __ATOMIC_RELAXED) &&
            !__atomic_load_n(&w->lb->io->stop, __ATOMIC_RELAXED))
         usleep(10000);
 }
@@ -597,10 +590,10 @@ static void *worker_main(void *arg)
     struct nl_lb *lb = w->lb;
     struct nl_io *io = lb->io;
     const size_t max_v = sizeof(w->verdicts) / sizeof(w->verdicts[0]);
-    w->last_sweep_ms = now_ms();
+    w->last_sweep_ms = nl_monotonic_ms();
     while (!__atomic_load_n(&io->stop, __ATOMIC_RELAXED)) {
         __atomic_add_fetch(&w->loops, 1, __ATOMIC_SEQ_CST);
-        __atomic_store_n(&w->beat_ms, now_ms(), __ATOMIC_RELAXED);
+        __atomic_store_n(&w->beat_ms, nl_monotonic_ms(), __ATOMIC_RELAXED);
         if (__atomic_load_n(&stall_until_ms, __ATOMIC_RELAXED))
             stall(w);
         if (__atomic_load_n(&io->paused, __ATOMIC_ACQUIRE)) {
@@ -611,7 +604,7 @@ static void *worker_main(void *arg)
         uint32_t n_fwd = __atomic_load_n(&io->n_fwd, __ATOMIC_SEQ_CST);
         nl_worker_quiescent(lb, w->index);
         int n = receive(w);
-        uint64_t now = now_ms();
+        uint64_t now = nl_monotonic_ms();
         if (n > 0) {
             nl_worker_enter(lb, w->index);
             lb->counters[w->index].io_batches++;
@@ -714,7 +707,7 @@ int nl_start(struct nl_lb *lb, const uint16_t *queues, uint32_t n, uint32_t flag
         ws[i].index = i;
         ws[i].queue = queues[i];
         ws[i].poll_ns = (uint64_t)lb->cfg.poll_us * 1000;
-        ws[i].beat_ms = now_ms();    /* not stuck before its first loop */
+        ws[i].beat_ms = nl_monotonic_ms();    /* not stuck before its first loop */
         if (open_queue(&ws[i], flags, err, errlen) < 0)
             goto fail;
     }
@@ -827,10 +820,10 @@ int nl_forward(struct nl_lb *lb, const uint16_t *queues, uint32_t n, uint32_t wa
     __atomic_store_n(&io->n_fwd, n, __ATOMIC_SEQ_CST);
     /* A worker whose counter moved twice has finished the batch it was in
      * and read the new setting at the top of the next loop. */
-    uint64_t deadline = now_ms() + wait_ms;
+    uint64_t deadline = nl_monotonic_ms() + wait_ms;
     for (uint32_t i = 0; i < io->n_running; i++) {
         while (__atomic_load_n(&io->workers[i].loops, __ATOMIC_SEQ_CST) < seen[i] + 2) {
-            if (now_ms() > deadline)
+            if (nl_monotonic_ms() > deadline)
                 return -1;
             usleep(200);
         }

@@ -342,13 +342,6 @@ int nl_fp_test_run(struct nl_fastpath *fp, int egress, const uint8_t *pkt, uint3
 
 /* ---- the observer: what the kernel carried, applied to natlb's flows ---- */
 
-static uint64_t now_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
-}
-
 /* Both entries of the flow whose entry k is (if any). */
 static void forget_both(struct nl_fastpath *fp, const struct nl_fp_key *k)
 {
@@ -402,7 +395,7 @@ static int apply_event(void *ctx, void *data, size_t size)
     uint8_t pkt[NL_FP_HEAD];
     memcpy(pkt, ev->head, ev->len);
     uint32_t flags = ev->len < ev->tot_len ? NL_PKT_HEAD_ONLY : 0;
-    int applied = nl_observed(fp->lb, fp->lb->cfg.n_workers, pkt, ev->len, flags, now_ms());
+    int applied = nl_observed(fp->lb, fp->lb->cfg.n_workers, pkt, ev->len, flags, nl_monotonic_ms());
     __atomic_fetch_add(applied ? &fp->observed : &fp->ignored, 1, __ATOMIC_RELAXED);
     if (!applied)
         forget_record(fp, pkt, ev->len);
