@@ -123,6 +123,17 @@ int nl_observe(struct nl_lb *lb, uint8_t *pkt, uint32_t len, uint32_t pkt_flags,
     return applied;
 }
 
+int nl_observe_new(struct nl_lb *lb, uint8_t *pkt, uint32_t len, uint32_t pkt_flags,
+                   uint32_t backend_id, uint64_t now_ms)
+{
+    nl_ext_enter(lb);
+    int applied = nl_observed_new(lb, lb->cfg.n_workers, pkt, len, pkt_flags, backend_id,
+                                  now_ms);
+    nl_ext_exit(lb);
+    nl_event_signal(lb);
+    return applied;
+}
+
 uint32_t nl_process_many(struct nl_lb *lb, uint32_t worker, uint8_t *bufs, uint32_t stride,
                          const uint32_t *lens, uint8_t *verdicts, uint32_t n,
                          uint32_t pkt_flags, uint64_t now_ms)

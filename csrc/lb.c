@@ -135,7 +135,7 @@ static int reply_track(struct nl_lb *lb, struct nl_worker_counters *wc,
 static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
                    const struct nl_snapshot *snap, const struct nl_service *svc,
                    struct nl_pkt *p, const struct nl_ct_key *k, uint32_t b, uint32_t pkt_flags,
-                   int csum, uint32_t now, uint32_t *mark)
+                   int csum, uint32_t now, uint32_t *mark, int chosen)
 {
     struct nl_ct *ct = &lb->ct;
     pthread_spinlock_t *lock = nl_ct_stripe(ct, b);
@@ -157,11 +157,17 @@ static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
         nl_ct_remove(ct, b, f);
         f = NULL;
     }
+    if (f && chosen >= 0 && f->backend_id != svc->backends[chosen].id) {
+        /* The kernel placed a packet of a flow natlb holds elsewhere. */
+        pthread_spin_unlock(lock);
+        *mark = 0;
+        return NL_VERDICT_DROP;
+    }
     if (!f) {
         int reason = -1, idx = -1;
         if (p->proto == NL_IPPROTO_TCP && !is_syn && !cluster)
             reason = NL_R_NO_FLOW;
-        else if ((idx = nl_schedule(lb, svc, p)) < 0)
+        else if ((idx = chosen >= 0 ? chosen : nl_schedule(lb, svc, p)) < 0)
             reason = NL_R_NO_BACKEND;
         else if (!(f = nl_ct_insert(ct, b)) &&
                  !(nl_ct_make_room(ct, b, now) && (f = nl_ct_insert(ct, b))))
@@ -546,7 +552,7 @@ static int flow_packet(struct nl_lb *lb, struct nl_worker_counters *wc, struct c
 {
     struct nl_pkt *p = &c->p;
     int v = c->svc ? forward(lb, wc, c->snap, c->svc, p, &c->key, c->bucket, c->pkt_flags,
-                             c->csum, (uint32_t)now_ms, mark)
+                             c->csum, (uint32_t)now_ms, mark, -1)
                    : reply(lb, wc, c->snap, p, &c->key, c->bucket, c->pkt_flags, c->csum,
                            (uint32_t)now_ms, mark);
     if (NL_UNLIKELY(p->frag))
@@ -734,4 +740,52 @@ int nl_observed(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
     pthread_spin_unlock(lock);
     nl_count_packet(wc, sid, bid, nl_pkt_len(&p), !fwd);
     return 1;
+}
+
+/* A new flow's first packet the kernel placed on backend_id (fastpath.bpf.c
+ * decide), applied as forward() would have applied it queued with that
+ * choice (mark mode): the same flow, flags, held SYN, gauges and counters.
+ * The packet already went there, so natlb follows it even to a backend no
+ * longer eligible or alive (the held SYN re-steers it; a UDP flow moves on
+ * its next packet): only whether the kernel may go on carrying it is
+ * natlb's to say, as its mark would. */
+int nl_observed_new(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
+                    uint32_t pkt_flags, uint32_t backend_id, uint64_t now_ms)
+{
+    struct nl_pkt p;
+    int r = nl_parse(pkt, len, &p, (pkt_flags & NL_PKT_HEAD_ONLY) != 0);
+    if (r >= 0 || p.frag ||
+        (p.proto == NL_IPPROTO_TCP &&
+         (p.tcp_flags & (NL_TCP_SYN | NL_TCP_ACK | NL_TCP_RST | NL_TCP_FIN)) != NL_TCP_SYN))
+        return 0;
+    struct nl_worker_counters *wc = nl_counters_of(lb, worker);
+    /* As nl_observed: a veth peer's partial sum is the kernel's to finish
+     * (a held SYN is re-sent with its sum computed in full). */
+    int csum = nl_check_csum(&p, pkt_flags);
+    if (csum == NL_CSUM_BAD) {
+        if (!nl_csum_partial_form(&p)) {
+            wc->reasons[NL_R_BAD_CHECKSUM]++;
+            return 0;
+        }
+        csum = NL_CSUM_OK;
+    }
+    const struct nl_snapshot *snap = __atomic_load_n(&lb->snap, __ATOMIC_ACQUIRE);
+    const struct nl_service *svc = nl_find_service(snap, &p.daddr, p.dport, p.proto);
+    if (!svc || nl_svc_cluster(svc))
+        return 0;
+    int chosen = -1;
+    for (uint32_t i = 0; i < svc->n_backends; i++)
+        if (svc->backends[i].id == backend_id) {
+            chosen = (int)i;
+            break;
+        }
+    if (chosen < 0)
+        return 0;
+    struct nl_ct_key k = { .client_addr = &p.saddr, .client_port = p.sport, .proto = p.proto,
+                           .reply = 0, .other_addr = &p.daddr, .other_port = p.dport };
+    uint32_t mark = 0;
+    int v = forward(lb, wc, snap, svc, &p, &k, nl_ct_bucket(&lb->ct, &k), pkt_flags, csum,
+                    (uint32_t)now_ms, &mark, chosen);
+    return v == NL_VERDICT_MARK && (mark & NL_MARK_FAST) &&
+           (uint16_t)mark == backend_id;   /* ids fit 16 bits */
 }

@@ -388,7 +388,8 @@ struct nl_fastpath;
 struct nl_fastpath *nl_fp_open(const char *path, uint32_t max_backends, uint32_t max_flows,
                                uint64_t tcp_lifetime_ns, uint64_t udp_lifetime_ns,
                                uint64_t tcp_closing_ns, uint64_t syn_lifetime_ns,
-                               uint64_t synack_window_ns, char *err, uint32_t errlen);
+                               uint64_t synack_window_ns, uint32_t max_services,
+                               uint32_t decide_slots, char *err, uint32_t errlen);
 /* Frees the object; filters attached keep their programs until detached. */
 void nl_fp_close(struct nl_fastpath *fp);
 /* Attaches carry (ingress) and learn (egress) on ifindex with that tc handle
@@ -413,7 +414,25 @@ int64_t nl_fp_flush(struct nl_fastpath *fp);
 int64_t nl_fp_flush_ifindex(struct nl_fastpath *fp, uint32_t ifindex);
 /* Entries (one per flow and direction) held now. */
 int64_t nl_fp_flow_count(struct nl_fastpath *fp);
-/* 1 if a packet with this 5-tuple would find an entry, else 0. */
+/* Kernel decisions (lb.fastpath_decide): on, the carry program places a
+ * new flow's first packet (a client's SYN, a UDP datagram) to a service
+ * published by nl_fp_publish itself and tells natlb (the observer applies
+ * it with nl_observed_new); off, it is queued to natlb. */
+void nl_fp_set_decide(struct nl_fastpath *fp, int on);
+/* Copies lb's published services that the kernel may decide (rr, wrr, sh,
+ * maglev, not cluster: a pure table lookup) with their tables into the
+ * kernel's maps, without the program ever reading half a table; the others
+ * are removed there.  *placed: services decided by the kernel; *too_big:
+ * those whose table found no room (their first packets stay queued). */
+int nl_fp_publish(struct nl_fastpath *fp, struct nl_lb *lb, uint32_t *placed,
+                  uint32_t *too_big);
+/* The programs' own counters (fastpath.h NL_FP_STAT_*), summed over CPUs:
+ * out[0..n-1]. */
+int nl_fp_stats(struct nl_fastpath *fp, uint64_t *out, uint32_t n);
+/* New flows the kernel placed: applied by the observer, and refused (their
+ * entries forgotten). */
+void nl_fp_placed_counts(struct nl_fastpath *fp, uint64_t *applied, uint64_t *refused);
+/* 1 if a packet with this 5-tuple would find a live entry, else 0. */
 int nl_fp_has_flow(struct nl_fastpath *fp, const struct nl_addr *saddr,
                    const struct nl_addr *daddr, uint16_t sport, uint16_t dport, uint8_t proto);
 /* What the kernel carried for backend ids 0..n_backends-1, summed over
@@ -438,6 +457,8 @@ struct nl_fp_record {
     uint16_t len;                   /* bytes of head that hold the packet  */
     uint16_t tot_len;               /* the IP packet's whole length        */
     uint8_t head[128];              /* the IP packet as it arrived         */
+    uint32_t new_backend;           /* 0xffffffff: carried; else a first
+                                       packet the kernel placed there      */
 };
 /* Tests (no observer running): takes the waiting records, copying the
  * first max (any beyond are consumed and lost); how many copied, or -errno. */
@@ -481,3 +502,11 @@ void nl_fp_sync_done(struct nl_lb *lb, uint64_t req);
  * NL_R_BAD_CHECKSUM). */
 int nl_observe(struct nl_lb *lb, uint8_t *pkt, uint32_t len, uint32_t pkt_flags,
                uint64_t now_ms);
+/* A new flow's first packet (a client's SYN, a UDP datagram) that the
+ * fast path placed on backend_id itself: natlb's flow made as if it had
+ * queued that packet and chosen that backend (a flow the kernel may carry,
+ * held SYN, counters, gauges).  1 if natlb took it; 0 if not (no such
+ * service or backend, not one the kernel may decide, a table full, a flow
+ * on the tuple going elsewhere): the kernel must then forget the flow. */
+int nl_observe_new(struct nl_lb *lb, uint8_t *pkt, uint32_t len, uint32_t pkt_flags,
+                   uint32_t backend_id, uint64_t now_ms);

@@ -8,6 +8,7 @@
 #include <pthread.h>
 #include <unistd.h>
 #include <sys/epoll.h>
+#include <sys/mman.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -37,6 +38,17 @@ struct nl_fastpath {
     int epfd;                      /* the ring and the core's wake fd    */
     volatile int stop;
     uint64_t observed, ignored;    /* records applied, records that were not */
+    uint64_t placed, refused;      /* new flows the kernel placed: applied,
+                                      and refused by natlb (forgotten)      */
+    /* What the kernel decides (publish): the services map, and the tables
+     * array mapped here, used by halves: a publish writes the half no
+     * service points at, then swaps each service's entry to it. */
+    int svcs_fd, tables_fd;
+    uint32_t max_services;
+    uint32_t *tables;              /* n_slots backend ids                  */
+    size_t tables_bytes;
+    uint32_t n_slots, half;        /* the half the last publish wrote      */
+    uint32_t decide;               /* as configured (nl_fp_set_decide)     */
 };
 
 static int fail(char *err, uint32_t errlen, const char *what, int code)
@@ -58,7 +70,8 @@ static int silent(enum libbpf_print_level level, const char *fmt, va_list args)
 struct nl_fastpath *nl_fp_open(const char *path, uint32_t max_backends, uint32_t max_flows,
                                uint64_t tcp_lifetime_ns, uint64_t udp_lifetime_ns,
                                uint64_t tcp_closing_ns, uint64_t syn_lifetime_ns,
-                               uint64_t synack_window_ns, char *err, uint32_t errlen)
+                               uint64_t synack_window_ns, uint32_t max_services,
+                               uint32_t decide_slots, char *err, uint32_t errlen)
 {
     libbpf_set_print(silent);
     struct nl_fastpath *fp = calloc(1, sizeof *fp);
@@ -79,10 +92,12 @@ struct nl_fastpath *nl_fp_open(const char *path, uint32_t max_backends, uint32_t
     struct bpf_map *config = bpf_object__find_map_by_name(fp->obj, "config");
     struct bpf_map *events = bpf_object__find_map_by_name(fp->obj, "events");
     struct bpf_map *stats = bpf_object__find_map_by_name(fp->obj, "stats");
+    struct bpf_map *svcs = bpf_object__find_map_by_name(fp->obj, "svcs");
+    struct bpf_map *tables = bpf_object__find_map_by_name(fp->obj, "tables");
     struct bpf_program *learn = bpf_object__find_program_by_name(fp->obj, "learn");
     struct bpf_program *carry = bpf_object__find_program_by_name(fp->obj, "carry");
     if (!backends || !flows || !counters || !config || !events || !stats || !learn ||
-        !carry) {
+        !carry || !svcs || !tables) {
         fail(err, errlen, "fast path object lacks a map or program", ENOENT);
         goto out;
     }
@@ -90,7 +105,9 @@ struct nl_fastpath *nl_fp_open(const char *path, uint32_t max_backends, uint32_t
     uint64_t n_flows = (uint64_t)max_flows * 2;
     if ((rc = bpf_map__set_max_entries(backends, max_backends)) ||
         (rc = bpf_map__set_max_entries(flows, n_flows > 1u << 30 ? 1u << 30 : n_flows)) ||
-        (rc = bpf_map__set_max_entries(counters, max_backends * 2))) {
+        (rc = bpf_map__set_max_entries(counters, max_backends * 2)) ||
+        (rc = bpf_map__set_max_entries(svcs, max_services ? max_services : 1)) ||
+        (rc = bpf_map__set_max_entries(tables, decide_slots >= 2 ? decide_slots : 2))) {
         fail(err, errlen, "sizing the fast path's maps", rc);
         goto out;
     }
@@ -106,6 +123,18 @@ struct nl_fastpath *nl_fp_open(const char *path, uint32_t max_backends, uint32_t
     fp->events_fd = bpf_map__fd(events);
     fp->stats_fd = bpf_map__fd(stats);
     fp->config_fd = bpf_map__fd(config);
+    fp->svcs_fd = bpf_map__fd(svcs);
+    fp->tables_fd = bpf_map__fd(tables);
+    fp->max_services = max_services;
+    fp->n_slots = decide_slots >= 2 ? decide_slots : 2;
+    long page = sysconf(_SC_PAGESIZE);
+    fp->tables_bytes = ((size_t)fp->n_slots * 4 + (size_t)page - 1) / (size_t)page * (size_t)page;
+    fp->tables = mmap(NULL, fp->tables_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fp->tables_fd, 0);
+    if (fp->tables == MAP_FAILED) {
+        fp->tables = NULL;
+        fail(err, errlen, "mapping the fast path's scheduler tables", errno);
+        goto out;
+    }
     fp->max_backends = max_backends;
     fp->n_cpus = libbpf_num_possible_cpus();
     if (fp->n_cpus <= 0) {
@@ -133,6 +162,8 @@ void nl_fp_close(struct nl_fastpath *fp)
     if (!fp)
         return;
     nl_fp_observe_stop(fp);
+    if (fp->tables)
+        munmap(fp->tables, fp->tables_bytes);
     bpf_object__close(fp->obj);     /* the attached filters keep their programs */
     free(fp);
 }
@@ -189,6 +220,14 @@ int nl_fp_detach(uint32_t ifindex, uint32_t handle, uint32_t priority, int destr
     return first;
 }
 
+/* bpf_ktime_get_ns()'s clock. */
+static uint64_t now_ns(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
 /* The key of a 5-tuple of natlb's (an IPv4 address is mapped in nl_addr as
  * in the key). */
 static struct nl_fp_key key_of(const struct nl_addr *saddr, const struct nl_addr *daddr,
@@ -214,6 +253,124 @@ int nl_fp_set_backend(struct nl_fastpath *fp, uint32_t id, const struct nl_addr 
         memcpy(b.addr, addr->w, sizeof b.addr);
     }
     return bpf_map_update_elem(fp->backends_fd, &id, &b, BPF_ANY);
+}
+
+/* ---- what the kernel decides: services and their scheduler tables ---- */
+
+static void write_config(struct nl_fastpath *fp)
+{
+    uint32_t zero = 0;
+    bpf_map_update_elem(fp->config_fd, &zero, &fp->config, BPF_ANY);
+}
+
+void nl_fp_set_decide(struct nl_fastpath *fp, int on)
+{
+    fp->decide = on != 0;
+    fp->config.decide = fp->decide;
+    write_config(fp);
+}
+
+struct placed_svc { struct nl_fp_svc_key k; struct nl_fp_svc v; };
+
+static int svc_key_cmp(const void *a, const void *b)
+{
+    return memcmp(a, b, sizeof(struct nl_fp_svc_key));
+}
+
+/* Services whose backend is a pure lookup in the table natlb publishes: rr,
+ * wrr, sh, maglev, not a cluster's (its replies may come through another
+ * node).  lc reads live flow counts: queued. */
+static int decidable(const struct nl_service *svc)
+{
+    uint8_t s = svc->spec.scheduler;
+    return !nl_svc_cluster(svc) && svc->table_len > 0 &&
+           (s == NL_SCHED_RR || s == NL_SCHED_WRR || s == NL_SCHED_SH || s == NL_SCHED_MAGLEV);
+}
+
+int nl_fp_publish(struct nl_fastpath *fp, struct nl_lb *lb, uint32_t *placed,
+                  uint32_t *too_big)
+{
+    *placed = *too_big = 0;
+    uint32_t half = fp->n_slots / 2, base = (fp->half ^ 1) * half, used = 0, n = 0;
+    struct placed_svc *want = NULL;
+    nl_ext_enter(lb);
+    const struct nl_snapshot *snap = __atomic_load_n(&lb->snap, __ATOMIC_ACQUIRE);
+    uint32_t n_services = snap ? snap->n_services : 0;
+    want = calloc(n_services ? n_services : 1, sizeof *want);
+    for (uint32_t i = 0; want && i < n_services; i++) {
+        const struct nl_service *svc = &snap->services[i];
+        if (!decidable(svc))
+            continue;
+        if (svc->table_len > half - used) {
+            (*too_big)++;       /* its first packets stay queued */
+            continue;
+        }
+        for (uint32_t j = 0; j < svc->table_len; j++)
+            fp->tables[base + used + j] = svc->backends[svc->table[j]].id;
+        struct placed_svc *w = &want[n++];
+        w->k.port = svc->spec.port;
+        w->k.proto = svc->spec.proto;
+        w->k.family = nl_addr_is_v4(&svc->spec.vip) ? 4 : 6;
+        memcpy(w->k.vip, svc->spec.vip.w, sizeof w->k.vip);
+        w->v = (struct nl_fp_svc){.table_off = base + used, .table_len = svc->table_len,
+                                  .service_id = (uint16_t)svc->spec.id,
+                                  .scheduler = svc->spec.scheduler};
+        used += svc->table_len;
+    }
+    nl_ext_exit(lb);
+    if (!want)
+        return -ENOMEM;
+    /* The tables are written before any entry points at them. */
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    fp->half ^= 1;
+    if (fp->config.sched_seed != lb->sched_seed) {
+        fp->config.sched_seed = lb->sched_seed;
+        write_config(fp);
+    }
+    int rc = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        struct nl_fp_svc old;
+        if (bpf_map_lookup_elem(fp->svcs_fd, &want[i].k, &old) == 0)
+            want[i].v.cursor = old.cursor;   /* rr goes on where it was */
+        int r = bpf_map_update_elem(fp->svcs_fd, &want[i].k, &want[i].v, BPF_ANY);
+        if (r && !rc)
+            rc = r;
+        *placed += r == 0;
+    }
+    /* Services no longer decided here (gone, lc now, too big): queued. */
+    qsort(want, n, sizeof *want, svc_key_cmp);
+    struct nl_fp_svc_key key, next;
+    int more = bpf_map_get_next_key(fp->svcs_fd, NULL, &key) == 0;
+    while (more) {
+        more = bpf_map_get_next_key(fp->svcs_fd, &key, &next) == 0;
+        if (!bsearch(&key, want, n, sizeof *want, svc_key_cmp))
+            bpf_map_delete_elem(fp->svcs_fd, &key);
+        key = next;
+    }
+    free(want);
+    return rc;
+}
+
+int nl_fp_stats(struct nl_fastpath *fp, uint64_t *out, uint32_t n)
+{
+    uint64_t *vals = calloc((size_t)fp->n_cpus, sizeof *vals);
+    if (!vals)
+        return -ENOMEM;
+    int rc = 0;
+    for (uint32_t key = 0; key < n && key < NL_FP_STAT_MAX && !rc; key++) {
+        rc = bpf_map_lookup_elem(fp->stats_fd, &key, vals);
+        out[key] = 0;
+        for (int cpu = 0; !rc && cpu < fp->n_cpus; cpu++)
+            out[key] += vals[cpu];
+    }
+    free(vals);
+    return rc;
+}
+
+void nl_fp_placed_counts(struct nl_fastpath *fp, uint64_t *applied, uint64_t *refused)
+{
+    *applied = __atomic_load_n(&fp->placed, __ATOMIC_RELAXED);
+    *refused = __atomic_load_n(&fp->refused, __ATOMIC_RELAXED);
 }
 
 /* Deletes the entries that match (every one if ifindex is 0; else those
@@ -255,12 +412,15 @@ int64_t nl_fp_flush_ifindex(struct nl_fastpath *fp, uint32_t ifindex)
 int64_t nl_fp_flow_count(struct nl_fastpath *fp)
 {
     struct nl_fp_key key, next;
+    struct nl_fp_flow f;
     int64_t n = 0;
     void *prev = NULL;
+    uint64_t now = now_ns();
+    /* Live entries: not the dead client sides kept (bury). */
     while (bpf_map_get_next_key(fp->flows_fd, prev, &next) == 0) {
         key = next;
         prev = &key;
-        n++;
+        n += bpf_map_lookup_elem(fp->flows_fd, &key, &f) == 0 && f.deadline_ns > now;
     }
     return n;
 }
@@ -270,7 +430,7 @@ int nl_fp_has_flow(struct nl_fastpath *fp, const struct nl_addr *saddr,
 {
     struct nl_fp_key k = key_of(saddr, daddr, sport, dport, proto);
     struct nl_fp_flow f;
-    return bpf_map_lookup_elem(fp->flows_fd, &k, &f) == 0;
+    return bpf_map_lookup_elem(fp->flows_fd, &k, &f) == 0 && f.deadline_ns > now_ns();
 }
 
 /* Slots read per batch: 1,024 x 2 CPUs x 16 bytes fits a page or eight. */
@@ -342,7 +502,19 @@ int nl_fp_test_run(struct nl_fastpath *fp, int egress, const uint8_t *pkt, uint3
 
 /* ---- the observer: what the kernel carried, applied to natlb's flows ---- */
 
-/* Both entries of the flow whose entry k is (if any). */
+/* The client's side of a flow kept dead (deadline 0), as the programs
+ * keep it (fastpath.bpf.c bury): its next first packet goes to natlb. */
+static void bury(struct nl_fastpath *fp, const struct nl_fp_key *in)
+{
+    struct nl_fp_flow f;
+    if (bpf_map_lookup_elem(fp->flows_fd, in, &f) == 0 && f.deadline_ns) {
+        f.deadline_ns = 0;
+        bpf_map_update_elem(fp->flows_fd, in, &f, BPF_EXIST);
+    }
+}
+
+/* Both entries of the flow whose entry k is (if any): the backend's side
+ * deleted, the client's buried. */
 static void forget_both(struct nl_fastpath *fp, const struct nl_fp_key *k)
 {
     struct nl_fp_flow f;
@@ -350,8 +522,8 @@ static void forget_both(struct nl_fastpath *fp, const struct nl_fp_key *k)
         return;
     struct nl_fp_key r;
     nl_fp_other_side(k, &f, &r);
-    bpf_map_delete_elem(fp->flows_fd, k);
-    bpf_map_delete_elem(fp->flows_fd, &r);
+    bury(fp, f.dir == NL_FP_IN ? k : &r);
+    bpf_map_delete_elem(fp->flows_fd, f.dir == NL_FP_IN ? &r : k);
 }
 
 /* A record natlb did not take (no flow: expired or evicted meanwhile, a bad
@@ -395,8 +567,17 @@ static int apply_event(void *ctx, void *data, size_t size)
     uint8_t pkt[NL_FP_HEAD];
     memcpy(pkt, ev->head, ev->len);
     uint32_t flags = ev->len < ev->tot_len ? NL_PKT_HEAD_ONLY : 0;
-    int applied = nl_observed(fp->lb, fp->lb->cfg.n_workers, pkt, ev->len, flags, nl_monotonic_ms());
-    __atomic_fetch_add(applied ? &fp->observed : &fp->ignored, 1, __ATOMIC_RELAXED);
+    int applied;
+    if (ev->new_backend != NL_FP_CARRIED) {
+        /* A first packet the kernel placed: natlb's flow as if queued. */
+        applied = nl_observed_new(fp->lb, fp->lb->cfg.n_workers, pkt, ev->len, flags,
+                                  ev->new_backend, nl_monotonic_ms());
+        __atomic_fetch_add(applied ? &fp->placed : &fp->refused, 1, __ATOMIC_RELAXED);
+    } else {
+        applied = nl_observed(fp->lb, fp->lb->cfg.n_workers, pkt, ev->len, flags,
+                              nl_monotonic_ms());
+        __atomic_fetch_add(applied ? &fp->observed : &fp->ignored, 1, __ATOMIC_RELAXED);
+    }
     if (!applied)
         forget_record(fp, pkt, ev->len);
     return 0;
@@ -409,7 +590,7 @@ static void forget(struct nl_fastpath *fp, const struct nl_fp_forget *f)
                                  f->proto);
     struct nl_fp_key out = key_of(&f->backend_addr, &f->client_addr, f->backend_port,
                                   f->client_port, f->proto);
-    bpf_map_delete_elem(fp->flows_fd, &in);
+    bury(fp, &in);
     bpf_map_delete_elem(fp->flows_fd, &out);
 }
 
@@ -448,9 +629,8 @@ static int observe_round(struct nl_fastpath *fp)
 
 static void set_polling(struct nl_fastpath *fp, uint32_t on)
 {
-    uint32_t zero = 0;
     fp->config.observer_polling = on;
-    bpf_map_update_elem(fp->config_fd, &zero, &fp->config, BPF_ANY);
+    write_config(fp);
 }
 
 /* Idle, the thread sleeps until the kernel wakes it (the first record) or
@@ -578,6 +758,7 @@ static int copy_event(void *ctx, void *data, size_t size)
         r->len = ev->len;
         r->tot_len = ev->tot_len;
         memcpy(r->head, ev->head, sizeof r->head);
+        r->new_backend = ev->new_backend;
     }
     return 0;
 }

@@ -417,6 +417,13 @@ class Core:
         v = lib.nl_decide_id(self._lb, self.workers, buf, len(packet), flags, now_ms, pid, mark)
         return Verdict(v), mark[0]
 
+    def observe_new(self, packet: bytes, backend_id: int, now_ms: int, flags: int = 0) -> bool:
+        """A new flow's first packet the kernel placed on backend_id: natlb's
+        flow made as if it had queued it and chosen that.  True if natlb
+        took it (the kernel may carry the flow)."""
+        buf = self._buffer(packet)
+        return bool(lib.nl_observe_new(self._lb, buf, len(packet), flags, backend_id, now_ms))
+
     def observe(self, packet: bytes, now_ms: int, flags: int = 0) -> bool:
         """A FIN or RST the kernel carried alone: applied to its flow as
         decide would, nothing sent.  True if it was applied to a flow."""
@@ -653,6 +660,9 @@ class Core:
 # -- the tc fast path (csrc/tcfast.c) ---------------------------------------
 
 FASTPATH_OBJECT = Path(__file__).resolve().parent / "_fastpath.bpf.o"
+# fastpath.h NL_FP_STAT_*, in order.
+FP_STATS = ("ring_full", "decided", "fallback_ring", "fallback_map", "fallback_route",
+            "fallback_packet")
 
 
 @dataclass(frozen=True)
@@ -671,13 +681,15 @@ class FastPath:
     def __init__(self, max_backends: int, max_flows: int, tcp_lifetime_ms: int,
                  udp_lifetime_ms: int, tcp_closing_ms: int | None = None,
                  path: Path = FASTPATH_OBJECT, syn_lifetime_ms: int = 5_000,
-                 synack_window_ms: int = 75) -> None:
+                 synack_window_ms: int = 75, max_services: int = 4096,
+                 decide_slots: int = 1 << 20) -> None:
         err = ffi.new("char[]", 256)
         closing = tcp_lifetime_ms if tcp_closing_ms is None else tcp_closing_ms
         fp = lib.nl_fp_open(str(path).encode(), max_backends, max_flows,
                             tcp_lifetime_ms * 1_000_000, udp_lifetime_ms * 1_000_000,
                             closing * 1_000_000, syn_lifetime_ms * 1_000_000,
-                            synack_window_ms * 1_000_000, err, 256)
+                            synack_window_ms * 1_000_000, max_services, decide_slots,
+                            err, 256)
         if fp == ffi.NULL:
             raise CoreError(f"fast path: {ffi.string(err).decode()}")
         self._fp = ffi.gc(fp, lib.nl_fp_close)
@@ -702,6 +714,48 @@ class FastPath:
         if self._fp is not None:
             lib.nl_fp_observe_stop(self._fp)
         self._observed = None
+
+    def set_decide(self, on: bool) -> None:
+        """The kernel places new flows' first packets itself (on), or
+        queues them to natlb (off)."""
+        lib.nl_fp_set_decide(self._fp, int(on))
+
+    def publish(self, core: Core) -> tuple[int, int]:
+        """core's published services the kernel may decide, with their
+        tables, into its maps: (services placed, services whose table
+        found no room)."""
+        placed, too_big = ffi.new("uint32_t *"), ffi.new("uint32_t *")
+        rc = lib.nl_fp_publish(self._fp, core._lb, placed, too_big)
+        if rc:
+            raise CoreError(f"fast path: publishing its services: {os.strerror(-rc)}")
+        return placed[0], too_big[0]
+
+    def stats(self) -> dict[str, int]:
+        """The programs' own counters: first packets placed, and those
+        queued instead by reason."""
+        out = ffi.new("uint64_t[]", len(FP_STATS))
+        rc = lib.nl_fp_stats(self._fp, out, len(FP_STATS))
+        if rc:
+            raise CoreError(f"fast path: reading its stats: {os.strerror(-rc)}")
+        return dict(zip(FP_STATS, out, strict=True))
+
+    def placed_counts(self) -> tuple[int, int]:
+        """(first packets the kernel placed that natlb applied, those it
+        refused: their entries forgotten)."""
+        applied, refused = ffi.new("uint64_t *"), ffi.new("uint64_t *")
+        lib.nl_fp_placed_counts(self._fp, applied, refused)
+        return applied[0], refused[0]
+
+    def read_records(self, max_records: int = 4096) -> list[tuple[int, bytes, int, int | None]]:
+        """Tests (no observer): as read_events, and the backend id a
+        record of a first packet the kernel placed names (else None)."""
+        out = ffi.new("struct nl_fp_record[]", max_records)
+        n = lib.nl_fp_read_events(self._fp, out, max_records)
+        if n < 0:
+            raise CoreError(f"fast path: reading its events: {os.strerror(-n)}")
+        return [(out[i].ifindex, bytes(ffi.buffer(out[i].head, out[i].len)), out[i].tot_len,
+                 None if out[i].new_backend == 0xFFFFFFFF else out[i].new_backend)
+                for i in range(n)]
 
     def observe_counts(self) -> tuple[int, int]:
         """(records applied to a flow, records that changed nothing)."""

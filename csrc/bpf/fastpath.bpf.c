@@ -91,6 +91,24 @@ struct {
     __type(value, __u64);
 } stats SEC(".maps");
 
+/* What natlb lets the kernel decide (a new flow's first packet): the
+ * services, and their scheduler tables (backend ids), which the loader
+ * writes through a mapping of the array. */
+struct {
+    __uint(type, BPF_MAP_TYPE_HASH);
+    __uint(max_entries, 1);
+    __type(key, struct nl_fp_svc_key);
+    __type(value, struct nl_fp_svc);
+} svcs SEC(".maps");
+
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, 1);
+    __uint(map_flags, BPF_F_MMAPABLE);
+    __type(key, __u32);
+    __type(value, __u32);
+} tables SEC(".maps");
+
 struct {
     __uint(type, BPF_MAP_TYPE_RINGBUF);
     __uint(max_entries, NL_FP_RING_BYTES);
@@ -108,6 +126,17 @@ static __always_inline void cut_deadline(const struct nl_fp_key *k)
     __u64 closing = bpf_ktime_get_ns() + cfg->tcp_closing_ns;
     if (closing < f->deadline_ns)
         f->deadline_ns = closing;
+}
+
+/* The client's side of a flow natlb places again (its SYN again, the
+ * backend refusing it) is kept dead rather than deleted, as an expired one
+ * is: the tuple's next first packet then goes to natlb, which may still
+ * hold the flow, instead of being placed anew by decide (an rr service
+ * would move it).  learn's next entry for it replaces it; the LRU evicts
+ * it otherwise. */
+static __always_inline void bury(struct nl_fp_flow *f)
+{
+    f->deadline_ns = 0;
 }
 
 static __always_inline void count_stat(__u32 which)
@@ -368,6 +397,175 @@ static __always_inline int rewrite(struct __sk_buff *skb, int v6, const struct n
     return 0;
 }
 
+/* natlb's nl_mix32 and nl_addr_hash (csrc/internal.h), bit for bit: a
+ * flow's sh or maglev backend is the same whoever places its first packet. */
+static __always_inline __u32 mix32(__u32 h)
+{
+    h ^= h >> 16;
+    h *= 0x85ebca6bu;
+    h ^= h >> 13;
+    h *= 0xc2b2ae35u;
+    h ^= h >> 16;
+    return h;
+}
+
+static __always_inline __u32 addr_hash(int v6, const __be32 *a, __u32 seed)
+{
+    __u32 h = mix32(a[3] ^ seed);
+    if (!v6)
+        return h;
+    return mix32(mix32(mix32(h ^ a[0]) ^ a[1]) ^ a[2]);
+}
+
+/* The table slot natlb's first_slot (csrc/scheduler.c) would take. */
+static __always_inline __u32 first_slot(int v6, const struct nl_fp_key *k, struct nl_fp_svc *s,
+                                        __u32 seed)
+{
+    __u32 len = s->table_len;
+    if (s->scheduler == NL_FP_SCHED_SH)
+        return addr_hash(v6, k->saddr, seed) % len;
+    if (s->scheduler == NL_FP_SCHED_MAGLEV)
+        return mix32(addr_hash(v6, k->saddr, seed) ^ ((__u32)k->sport << 8) ^ k->proto) % len;
+    /* clang 14's BPF target (v1) has no fetching atomic add: the add is
+     * atomic, its read after it is not (two CPUs may take one slot). */
+    __sync_fetch_and_add(&s->cursor, 1);
+    return (s->cursor - 1) % len;
+}
+
+/* A new flow's first packet (a client's SYN, a UDP datagram) that no entry
+ * knows, to a service natlb published for the kernel to decide: placed
+ * here as natlb would (its table, its hash), both entries installed as
+ * learn installs them, and natlb told with a record that holds the packet
+ * as it arrived (the SYN whole, which natlb keeps for re-steering) and the
+ * backend.  The record is reserved first: whatever fails, the packet goes
+ * on to natlb untouched and nothing is left behind that natlb will not
+ * hear of. */
+static __always_inline int decide(struct __sk_buff *skb, int v6, struct parsed *p,
+                                  __u32 csum_off, __u32 csum_flags)
+{
+    struct nl_fp_key *k = &p->k;
+    int syn = k->proto == IPPROTO_TCP;
+    if (syn && !(p->syn && !p->ack && !p->rst && !p->fin))
+        return TC_ACT_OK;
+    struct nl_fp_svc_key sk = {.port = k->dport, .proto = k->proto, .family = k->family};
+    __builtin_memcpy(sk.vip, k->daddr, sizeof sk.vip);
+    struct nl_fp_svc *s = bpf_map_lookup_elem(&svcs, &sk);
+    if (!s)
+        return TC_ACT_OK;
+    __u32 zero = 0;
+    struct nl_fp_config *cfg = bpf_map_lookup_elem(&config, &zero);
+    if (!cfg || !cfg->decide || !s->table_len)
+        return TC_ACT_OK;
+    /* 64-bit all along: the verifier then knows n <= 128. */
+    __u64 n = skb->len;
+    n = n > ETH_HLEN ? n - ETH_HLEN : 0;
+    if (n > p->tot_len)
+        n = p->tot_len;
+    if (p->ttl <= 1 || (syn && n < p->tot_len) || (syn && p->tot_len > NL_FP_HEAD)) {
+        count_stat(NL_FP_STAT_DECIDE_PACKET);
+        return TC_ACT_OK;
+    }
+    if (n > NL_FP_HEAD)
+        n = NL_FP_HEAD;        /* UDP: natlb needs only the head */
+    struct nl_fp_event *ev = bpf_ringbuf_reserve(&events, sizeof(*ev), 0);
+    if (!ev) {
+        count_stat(NL_FP_STAT_DECIDE_RING);
+        return TC_ACT_OK;
+    }
+    if (n < l3_len(v6) + sizeof(struct udphdr) ||
+        bpf_skb_load_bytes(skb, ETH_HLEN, ev->head, n))
+        goto packet;
+    ev->ifindex = skb->ingress_ifindex;
+    ev->len = n;
+    ev->tot_len = p->tot_len > 0xffff ? 0xffff : p->tot_len;
+
+    __u32 slot = s->table_off + first_slot(v6, k, s, cfg->sched_seed);
+    __u32 *bidp = bpf_map_lookup_elem(&tables, &slot);
+    if (!bidp)
+        goto packet;
+    __u32 bid = *bidp;
+    struct nl_fp_backend *b = bpf_map_lookup_elem(&backends, &bid);
+    /* A slot of a table being replaced may name a backend of another
+     * service: only this service's are taken. */
+    if (!b || b->proto != k->proto || b->family != k->family || b->vport != k->dport ||
+        !same_addr(v6, b->vip, k->daddr))
+        goto packet;
+
+    struct bpf_fib_lookup fib = {.family = v6 ? 10 : 2, .l4_protocol = k->proto,
+                                 .sport = k->sport, .dport = b->port,
+                                 .ifindex = skb->ingress_ifindex};
+    if (v6) {
+        __builtin_memcpy(fib.ipv6_src, k->saddr, 16);
+        __builtin_memcpy(fib.ipv6_dst, b->addr, 16);
+    } else {
+        fib.ipv4_src = k->saddr[3];
+        fib.ipv4_dst = b->addr[3];
+    }
+    int rc = bpf_fib_lookup(skb, &fib, sizeof fib, BPF_FIB_LOOKUP_SKIP_NEIGH);
+    if (rc != BPF_FIB_LKUP_RET_SUCCESS && rc != BPF_FIB_LKUP_RET_NO_NEIGH) {
+        count_stat(NL_FP_STAT_DECIDE_ROUTE);
+        bpf_ringbuf_discard(ev, 0);
+        return TC_ACT_OK;
+    }
+    __u32 out_ifindex = fib.ifindex, mtu_len = 0;
+    if (bpf_check_mtu(skb, out_ifindex, &mtu_len, 0, BPF_MTU_CHK_SEGS) !=
+        BPF_MTU_CHK_RET_SUCCESS) {
+        count_stat(NL_FP_STAT_DECIDE_ROUTE);
+        bpf_ringbuf_discard(ev, 0);
+        return TC_ACT_OK;
+    }
+
+    /* The entries, as learn makes them from the packet it would have seen. */
+    __u64 now = bpf_ktime_get_ns();
+    __u64 deadline = now + (syn ? cfg->syn_lifetime_ns : cfg->udp_lifetime_ns);
+    struct nl_fp_flow fv = {.port = b->port, .dir = NL_FP_IN,
+                            .flags = syn ? NL_FP_F_HANDSHAKE : 0, .backend_id = bid,
+                            .out_ifindex = out_ifindex,
+                            .in_ifindex = skb->ingress_ifindex, .deadline_ns = deadline};
+    __builtin_memcpy(fv.addr, b->addr, sizeof fv.addr);
+    struct nl_fp_key rk;
+    nl_fp_other_side(k, &fv, &rk);
+    struct nl_fp_flow rv = {.port = k->dport, .dir = NL_FP_OUT,
+                            .flags = syn ? NL_FP_F_HANDSHAKE : NL_FP_F_UNREPLIED,
+                            .backend_id = bid, .out_ifindex = skb->ingress_ifindex,
+                            .in_ifindex = out_ifindex, .deadline_ns = deadline,
+                            .synack_by_ns = syn ? now + cfg->synack_window_ns : 0,
+                            .synack_ack = syn ? bpf_htonl(bpf_ntohl(p->seq) + 1) : 0};
+    __builtin_memcpy(rv.addr, k->daddr, sizeof rv.addr);
+    /* The client's side first, only if still unknown: a tuple another CPU
+     * is placing (a SYN sent twice at once) is left to it. */
+    if (bpf_map_update_elem(&flows, k, &fv, BPF_NOEXIST)) {
+        count_stat(NL_FP_STAT_DECIDE_MAP);
+        bpf_ringbuf_discard(ev, 0);
+        return TC_ACT_OK;
+    }
+    if (bpf_map_update_elem(&flows, &rk, &rv, BPF_ANY)) {
+        bpf_map_delete_elem(&flows, k);
+        count_stat(NL_FP_STAT_DECIDE_MAP);
+        bpf_ringbuf_discard(ev, 0);
+        return TC_ACT_OK;
+    }
+    ev->new_backend = bid;
+    if (rewrite(skb, v6, k, &fv, csum_off, csum_flags, p->ttl)) {
+        /* Never sent: nothing of it may stay. */
+        bpf_map_delete_elem(&flows, k);
+        bpf_map_delete_elem(&flows, &rk);
+        bpf_ringbuf_discard(ev, 0);
+        return TC_ACT_SHOT;
+    }
+    count_stat(NL_FP_STAT_DECIDED);
+    __u64 wake = 0;
+    if (cfg->observer_polling)
+        wake = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) > NL_FP_RING_BYTES / 4
+               ? BPF_RB_FORCE_WAKEUP : BPF_RB_NO_WAKEUP;
+    bpf_ringbuf_submit(ev, wake);
+    return bpf_redirect_neigh(out_ifindex, 0, 0, 0);
+packet:
+    count_stat(NL_FP_STAT_DECIDE_PACKET);
+    bpf_ringbuf_discard(ev, 0);
+    return TC_ACT_OK;
+}
+
 static __always_inline int carry_ip(struct __sk_buff *skb, int v6)
 {
     struct parsed p = {};
@@ -386,7 +584,7 @@ static __always_inline int carry_ip(struct __sk_buff *skb, int v6)
 
     struct nl_fp_flow *f = bpf_map_lookup_elem(&flows, k);
     if (!f)
-        return TC_ACT_OK;
+        return decide(skb, v6, &p, csum_off, csum_flags);
     /* Copies: the helpers below invalidate every packet pointer. */
     struct nl_fp_flow flow = *f;
     struct nl_fp_key rk;       /* the other side's, made where it is needed */
@@ -404,14 +602,22 @@ static __always_inline int carry_ip(struct __sk_buff *skb, int v6)
          * (natlb re-steers it; the client must never see that RST): natlb
          * places it, and neither side is carried until it marks one again. */
         nl_fp_other_side(k, &flow, &rk);
-        bpf_map_delete_elem(&flows, k);
-        bpf_map_delete_elem(&flows, &rk);
+        if (flow.dir == NL_FP_IN) {
+            bury(f);
+            bpf_map_delete_elem(&flows, &rk);
+        } else {
+            struct nl_fp_flow *in = bpf_map_lookup_elem(&flows, &rk);
+            if (in)
+                bury(in);
+            bpf_map_delete_elem(&flows, k);
+        }
         return TC_ACT_OK;
     }
     if (now > flow.deadline_ns) {
         /* natlb must see this one, and the flow's next packets until it
-         * marks one fast again. */
-        bpf_map_delete_elem(&flows, k);
+         * marks one fast again; the client's side stays, dead (bury). */
+        if (flow.dir == NL_FP_OUT)
+            bpf_map_delete_elem(&flows, k);
         return TC_ACT_OK;
     }
     int record = fin || rst || synack;
@@ -474,6 +680,7 @@ static __always_inline int carry_ip(struct __sk_buff *skb, int v6)
         }
         ev->ifindex = skb->ingress_ifindex;
         ev->len = n;
+        ev->new_backend = NL_FP_CARRIED;
         /* An IPv6 packet may be 65,575 bytes: longer than the head all the same. */
         ev->tot_len = p.tot_len > 0xffff ? 0xffff : p.tot_len;
     }

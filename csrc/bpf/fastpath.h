@@ -98,12 +98,51 @@ struct nl_fp_config {
     __u64 synack_window_ns;        /* a SYN-ACK is carried only this long
                                       after its SYN (before natlb's held-SYN
                                       timer fires)                            */
+    __u32 decide;                  /* 1: a new flow's first packet to a
+                                      service in the svcs map is placed here
+                                      (0: queued to natlb, as in a handover) */
+    __u32 sched_seed;              /* natlb's lb->sched_seed (sh, maglev)     */
+};
+
+/* svcs map key: a service natlb lets the kernel place new flows of. */
+struct nl_fp_svc_key {
+    __be32 vip[4];                 /* as nl_fp_key's addresses                */
+    __be16 port;
+    __u8 proto;
+    __u8 family;                   /* 4 or 6                                  */
+};
+
+/* svcs map value: where its scheduler table lies in the tables map.  A
+ * publish writes a service's new table where no entry points, then swaps
+ * this value (one map update): the program never reads half a table. */
+struct nl_fp_svc {
+    __u32 table_off;               /* first slot in the tables map            */
+    __u32 table_len;               /* > 0                                     */
+    __u32 cursor;                  /* rr, wrr: advanced atomically            */
+    __u16 service_id;
+    __u8 scheduler;                /* NL_SCHED_RR, _WRR, _SH, _MAGLEV         */
+    __u8 pad;
 };
 
 /* stats map (per-CPU array): what the programs did that nothing else counts. */
 #define NL_FP_STAT_RING_FULL 0     /* packets queued (not carried) because the
                                       ring had no room for their record       */
-#define NL_FP_STAT_MAX 1
+#define NL_FP_STAT_DECIDED 1       /* first packets placed by the kernel      */
+#define NL_FP_STAT_DECIDE_RING 2   /* ... queued instead: no room in the ring */
+#define NL_FP_STAT_DECIDE_MAP 3    /* ... the flows map refused an entry, or
+                                      the tuple was being placed meanwhile    */
+#define NL_FP_STAT_DECIDE_ROUTE 4  /* ... no route to the backend (fib), or
+                                      the packet too big for its device       */
+#define NL_FP_STAT_DECIDE_PACKET 5 /* ... TTL <= 1, a SYN longer than a record,
+                                      a table slot naming another service's
+                                      backend (a publish in between)          */
+#define NL_FP_STAT_MAX 6
+
+/* The schedulers the kernel decides (natlb.h NL_SCHED_*). */
+#define NL_FP_SCHED_RR 0
+#define NL_FP_SCHED_WRR 1
+#define NL_FP_SCHED_SH 3
+#define NL_FP_SCHED_MAGLEV 4
 
 /* events ring buffer: one record per packet carried that moves natlb's
  * flow (FIN, RST, the handshake's SYN-ACK and last ACK, a UDP flow's first
@@ -118,7 +157,12 @@ struct nl_fp_event {
                                       head[] is only its head; at most 65535) */
     __u8 head[NL_FP_HEAD];         /* the IP packet as it arrived, before the
                                       rewrite                                 */
+    __u32 new_backend;             /* NL_FP_CARRIED; or a new flow's first
+                                      packet the kernel placed on this
+                                      backend (its whole head for TCP: the
+                                      SYN natlb holds for re-steering)        */
 };
+#define NL_FP_CARRIED 0xffffffffu
 
 /* The key of the other direction of a flow whose entry f was found under
  * k: for the programs and for the observer that forgets a flow. */
