@@ -101,13 +101,14 @@ struct nl_fastpath *nl_fp_open(const char *path, uint32_t max_backends, uint32_t
         fail(err, errlen, "fast path object lacks a map or program", ENOENT);
         goto out;
     }
+    uint32_t n_slots = decide_slots >= 2 ? decide_slots & ~1u : 2;
     /* Both directions of each flow natlb may hold. */
     uint64_t n_flows = (uint64_t)max_flows * 2;
     if ((rc = bpf_map__set_max_entries(backends, max_backends)) ||
         (rc = bpf_map__set_max_entries(flows, n_flows > 1u << 30 ? 1u << 30 : n_flows)) ||
         (rc = bpf_map__set_max_entries(counters, max_backends * 2)) ||
         (rc = bpf_map__set_max_entries(svcs, max_services ? max_services : 1)) ||
-        (rc = bpf_map__set_max_entries(tables, decide_slots >= 2 ? decide_slots : 2))) {
+        (rc = bpf_map__set_max_entries(tables, (n_slots + 1) / 2))) {
         fail(err, errlen, "sizing the fast path's maps", rc);
         goto out;
     }
@@ -126,7 +127,7 @@ struct nl_fastpath *nl_fp_open(const char *path, uint32_t max_backends, uint32_t
     fp->svcs_fd = bpf_map__fd(svcs);
     fp->tables_fd = bpf_map__fd(tables);
     fp->max_services = max_services;
-    fp->n_slots = decide_slots >= 2 ? decide_slots : 2;
+    fp->n_slots = n_slots;
     long page = sysconf(_SC_PAGESIZE);
     fp->tables_bytes = ((size_t)fp->n_slots * 4 + (size_t)page - 1) / (size_t)page * (size_t)page;
     fp->tables = mmap(NULL, fp->tables_bytes, PROT_READ | PROT_WRITE, MAP_SHARED, fp->tables_fd, 0);

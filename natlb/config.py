@@ -165,6 +165,12 @@ class LBConfig:
     # mode; None (not given) means on in mark mode, off in copy mode, here
     # and nowhere else (__post_init__), so LBConfig(rewrite="copy") is off.
     fastpath: bool | None = None
+    # The kernel places new flows' first packets itself (rr, wrr, sh,
+    # maglev services): None means on with the fast path, off without.
+    fastpath_decide: bool | None = None
+    # Slots of the kernel's scheduler tables (4 bytes each), used by halves:
+    # a service whose table finds no room has its first packets queued.
+    fastpath_decide_slots: int = 1 << 20
     # Id bounds: services and backends a process may know over its lifetime
     # (ids are not reused across reloads); they size the C counters (README).
     max_services: int = 4096
@@ -185,6 +191,12 @@ class LBConfig:
             raise _fail("lb.fastpath", self.fastpath, "must be true or false")
         elif self.fastpath and self.rewrite != "mark":
             raise _fail("lb.fastpath", self.fastpath, 'needs rewrite = "mark"')
+        if self.fastpath_decide is None:
+            object.__setattr__(self, "fastpath_decide", bool(self.fastpath))
+        elif not isinstance(self.fastpath_decide, bool):
+            raise _fail("lb.fastpath_decide", self.fastpath_decide, "must be true or false")
+        elif self.fastpath_decide and not self.fastpath:
+            raise _fail("lb.fastpath_decide", self.fastpath_decide, "needs lb.fastpath = true")
 
     @property
     def queues(self) -> list[int]:
@@ -493,7 +505,8 @@ def _lb(raw: Any) -> LBConfig:
     _known(raw, "lb", {"queue", "workers", "max_flows", "max_fragments", "interface", "table",
                        "control_socket", "gso", "poll_us", "syn_timeout_ms", "resteer_tries",
                        "restart_grace_ms", "rewrite", "fastpath", "timeouts", "route", "metrics",
-                       "announce", "max_services", "max_backends"})
+                       "announce", "max_services", "max_backends", "fastpath_decide",
+                       "fastpath_decide_slots"})
     d = LBConfig()
     timeouts = dict(d.timeouts_s)
     t_raw = _table(raw.get("timeouts", {}), "lb.timeouts")
@@ -534,6 +547,9 @@ def _lb(raw: Any) -> LBConfig:
         restart_grace_ms=_int(raw, "restart_grace_ms", "lb", d.restart_grace_ms, 0, 600_000),
         rewrite=rewrite,
         fastpath=fastpath,
+        fastpath_decide=raw.get("fastpath_decide"),
+        fastpath_decide_slots=_int(raw, "fastpath_decide_slots", "lb", d.fastpath_decide_slots,
+                                   2, 1 << 26),
         announce=_str(raw, "announce", "lb", d.announce, ("always", "healthy")),
         timeouts_s=timeouts,
         routes=tuple(_route(r, f"lb.route[{i}]") for i, r in enumerate(routes_raw)),

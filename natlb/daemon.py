@@ -102,6 +102,7 @@ class Daemon:
             self.pool.publisher.on_publish = self.fast.publish
             self.pool.kernel_counts = self.fast.counts
             self.pool.observer_counts = self.fast.observer_counts
+            self.pool.decision_counts = self.fast.decisions
         self.journal: Journal | None = None
         self.links: LinkWatch | None = None
         self._known_links: set[int] = set()  # rp_filter seen to (the link watch's thread)

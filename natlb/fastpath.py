@@ -91,7 +91,9 @@ class TcFastPath:
                                half["udp"], max(1, int(lb.timeouts_s["tcp_fin"] * 1000)),
                                syn_lifetime_ms=half["tcp_syn"],
                                synack_window_ms=(lb.syn_timeout_ms * 3 // 4
-                                                 if lb.syn_timeout_ms else half["tcp_syn"]))
+                                                 if lb.syn_timeout_ms else half["tcp_syn"]),
+                               max_services=lb.max_services,
+                               decide_slots=lb.fastpath_decide_slots)
         except CoreError as e:
             raise FastPathError(f"lb.fastpath = true, but {e}") from None
         self._slots: dict[int, Slot] = {}
@@ -101,6 +103,12 @@ class TcFastPath:
         self.interfaces: dict[int, str] = {}
         self.forgotten = 0    # flow entries forgotten with their interface
         self._journal: Journal | None = None
+        # Kernel decisions (lb.fastpath_decide): on only while our observer
+        # applies their records (observe .. stop_observing).
+        self.decide = bool(lb.fastpath_decide)
+        self._core: Core | None = None
+        self._too_big = 0     # services last logged as left queued
+        self.services_decided = 0
 
     def attach(self, journal: Journal) -> list[str]:
         """On every Ethernet interface (an interface that vanishes meanwhile
@@ -168,7 +176,8 @@ class TcFastPath:
         """For natlb status: where the programs are, what went with
         interfaces that were deleted, what the observer applied."""
         return {"interfaces": sorted(list(self.interfaces.values())),
-                "entries_forgotten": self.forgotten, "observer": self.observer_counts()}
+                "entries_forgotten": self.forgotten, "observer": self.observer_counts(),
+                "decisions": self.decisions()}
 
     def publish(self, tables: Iterable[ServiceTable]) -> None:
         """Backend slots as published (either family): only the changed
@@ -185,7 +194,21 @@ class TcFastPath:
                 self.fp.set_backend(bid, *slot)
                 self._slots[bid] = slot
         self._n_slots = max(self._slots, default=-1) + 1
+        self._publish_decisions()
 
+    def _publish_decisions(self) -> None:
+        """The services the kernel may decide, with their tables, as the
+        core has just published them (published before the programs may
+        read them; off, none is decided but they are kept in step)."""
+        if self._core is None:
+            return
+        placed, too_big = self.fp.publish(self._core)
+        self.services_decided = placed
+        if too_big != self._too_big:
+            if too_big:
+                log.warning("fast path: %d services' tables find no room in the kernel's "
+                            "(lb.fastpath_decide_slots): their new flows are queued", too_big)
+            self._too_big = too_big
     def flush(self) -> None:
         n = self.fp.flush()
         log.debug("fast path: forgot %d flow entries", n)
@@ -201,6 +224,9 @@ class TcFastPath:
         handshake, a UDP flow's first answer) reaches core's flows (before
         the filters are attached: none is missed)."""
         self.fp.observe(core)
+        self._core = core
+        self._publish_decisions()
+        self.fp.set_decide(self.decide)
 
     def observer_counts(self) -> dict[str, int]:
         """The observer's records: applied to a flow, not believed (changed
@@ -209,8 +235,23 @@ class TcFastPath:
         return {"applied": applied, "ignored": ignored, "ring_full": self.fp.ring_full()}
 
     def stop_observing(self) -> None:
-        """Before core closes."""
+        """Before core closes, and when a successor takes over: the kernel
+        stops placing first packets (they are queued: to the successor in a
+        handover) before the observer applies its last records, so no entry
+        is left that no natlb hears of."""
+        self.fp.set_decide(False)
         self.fp.stop_observing()
+        self._core = None
+
+    def decisions(self) -> dict[str, int]:
+        """New flows' first packets placed by the kernel (applied by
+        natlb, refused and forgotten), and queued instead by reason."""
+        applied, refused = self.fp.placed_counts()
+        st = self.fp.stats()
+        return {"on": int(self.decide and self._core is not None),
+                "services": self.services_decided, "services_no_room": self._too_big,
+                "placed": applied, "refused": refused,
+                **{k: v for k, v in st.items() if k.startswith("fallback_")}}
 
     def close(self) -> None:
         """The filters stay until the journal removes them (or a successor

@@ -139,6 +139,21 @@ class NatlbCollector(Collector):
                            "them: no room in its ring for their record", [])
             full.add_metric([], observer["ring_full"])
             fast = [records, full]
+        decisions = pool.decision_counts()
+        if decisions is not None:
+            placed = counter("fastpath_decisions_total",
+                             "New flows' first packets the kernel placed itself "
+                             "(lb.fastpath_decide), by what natlb made of their record "
+                             "(applied, or refused: the kernel forgot the flow)", ["result"])
+            placed.add_metric(["applied"], decisions["placed"])
+            placed.add_metric(["refused"], decisions["refused"])
+            fallback = counter("fastpath_decide_fallbacks_total",
+                               "New flows' first packets the kernel queued to natlb instead "
+                               "of placing them, by reason", ["reason"])
+            for k, v in decisions.items():
+                if k.startswith("fallback_"):
+                    fallback.add_metric([k.removeprefix("fallback_")], v)
+            fast += [placed, fallback]
         return [*out, dropped, failover, checks, qdrop, flows, capacity, info, *fast]
 
 

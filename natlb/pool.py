@@ -60,6 +60,8 @@ class Pool:
         # nothing, packets queued for want of room in its ring (None: no
         # fast path); the daemon sets it.
         self.observer_counts: Callable[[], dict[str, int] | None] = lambda: None
+        # The fast path's kernel decisions (TcFastPath.decisions), if any.
+        self.decision_counts: Callable[[], dict[str, int] | None] = lambda: None
 
     @property
     def services(self) -> list[Service]:

@@ -148,6 +148,13 @@ def render(st: dict[str, Any]) -> str:
             lines.append(f"  fast path: records applied={observer['applied']}, "
                          f"not believed={observer['ignored']}, "
                          f"queued for a full ring={observer['ring_full']}")
+        dec = fast.get("decisions")
+        if dec:
+            why = ", ".join(f"{k.removeprefix('fallback_')}={v}" for k, v in dec.items()
+                            if k.startswith("fallback_"))
+            lines.append(f"  fast path decides new flows: {'on' if dec['on'] else 'off'}, "
+                         f"services={dec['services']} (no room={dec['services_no_room']}), "
+                         f"placed={dec['placed']}, refused={dec['refused']}, queued: {why}")
     for q in st["queues"]:
         if q["queue_dropped"] or q["user_dropped"]:
             lines.append(f"  queue {q['queue']}: kernel dropped {q['queue_dropped']}, "

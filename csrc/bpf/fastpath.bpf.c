@@ -106,7 +106,7 @@ struct {
     __uint(max_entries, 1);
     __uint(map_flags, BPF_F_MMAPABLE);
     __type(key, __u32);
-    __type(value, __u32);
+    __type(value, struct nl_fp_slots);
 } tables SEC(".maps");
 
 struct {
@@ -480,10 +480,11 @@ static __always_inline int decide(struct __sk_buff *skb, int v6, struct parsed *
     ev->tot_len = p->tot_len > 0xffff ? 0xffff : p->tot_len;
 
     __u32 slot = s->table_off + first_slot(v6, k, s, cfg->sched_seed);
-    __u32 *bidp = bpf_map_lookup_elem(&tables, &slot);
-    if (!bidp)
+    __u32 pair = slot / 2;
+    struct nl_fp_slots *two = bpf_map_lookup_elem(&tables, &pair);
+    if (!two)
         goto packet;
-    __u32 bid = *bidp;
+    __u32 bid = two->id[slot & 1];
     struct nl_fp_backend *b = bpf_map_lookup_elem(&backends, &bid);
     /* A slot of a table being replaced may name a backend of another
      * service: only this service's are taken. */

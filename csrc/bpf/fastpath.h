@@ -104,6 +104,12 @@ struct nl_fp_config {
     __u32 sched_seed;              /* natlb's lb->sched_seed (sh, maglev)     */
 };
 
+/* tables map value: two slots (an array's values are 8-byte aligned: the
+ * loader's mapping of it is then one dense array of backend ids). */
+struct nl_fp_slots {
+    __u32 id[2];                   /* backend ids                             */
+};
+
 /* svcs map key: a service natlb lets the kernel place new flows of. */
 struct nl_fp_svc_key {
     __be32 vip[4];                 /* as nl_fp_key's addresses                */

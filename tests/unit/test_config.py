@@ -81,6 +81,10 @@ def test_defaults():
     (("lb",), {"table": "nat lb"}, 'lb.table = "nat lb": letters, digits and _ only, at most 32'),
     (("lb",), {"fastpath": "yes"}, 'lb.fastpath = "yes": must be true or false'),
     (("lb",), {"fastpath": True, "rewrite": "copy"}, 'lb.fastpath = true: needs rewrite = "mark"'),
+    (("lb",), {"fastpath_decide": "on"}, 'lb.fastpath_decide = "on": must be true or false'),
+    (("lb",), {"fastpath_decide": True, "fastpath": False},
+     "lb.fastpath_decide = true: needs lb.fastpath = true"),
+    (("lb",), {"fastpath_decide_slots": 1}, "lb.fastpath_decide_slots = 1: must be 2..67108864"),
 ])
 def test_errors_name_key_and_value(path, value, message):
     with pytest.raises(ConfigError) as e:
@@ -139,6 +143,12 @@ def test_fastpath_is_on_in_mark_mode_unless_turned_off():
     assert parse(MINIMAL).lb.fastpath is True
     assert parse(with_(("lb",), {"fastpath": False})).lb.fastpath is False
     assert parse(with_(("lb",), {"rewrite": "copy"})).lb.fastpath is False
+
+
+def test_kernel_decisions_follow_the_fast_path_unless_turned_off():
+    assert parse(MINIMAL).lb.fastpath_decide is True
+    assert parse(with_(("lb",), {"fastpath_decide": False})).lb.fastpath_decide is False
+    assert parse(with_(("lb",), {"fastpath": False})).lb.fastpath_decide is False
 
 
 @pytest.mark.parametrize("given", [{}, {"fastpath": False}, {"fastpath": True},
