@@ -138,8 +138,13 @@ def count_queued_by_kind(tb, vip: str, table: str) -> None:
 
 
 @FAMILIES
+@pytest.mark.parametrize("decide", [
+    pytest.param(("rr", True), id="kernel-decides"),
+    pytest.param(("rr", False), id="queued-syn"),
+    pytest.param(("lc", True), id="lc-queued-syn"),
+])
 def test_short_connections_queue_only_their_syn_and_end_closed_counted_exactly(testbed, natlb,
-                                                                               family):
+                                                                               family, decide):
     """Connection: close, one after another: each one's SYN is queued and
     marked fast; the kernel carries everything after it (the SYN-ACK and the
     handshake's last ACK told to natlb through the ring buffer, as the FINs
@@ -153,8 +158,17 @@ def test_short_connections_queue_only_their_syn_and_end_closed_counted_exactly(t
     ACKs up to the one natlb marks fast again: 3 packets each, seen with
     natlb's threads starved under SCHED_IDLE).  Counted on the client, each
     such SYN allows at most 5; without one, not a single packet but the SYNs
-    is queued."""
-    natlb(basic_config(testbed, lb_extra=FAST, family=family))
+    is queued.
+
+    With kernel decisions (lb.fastpath_decide, an rr service) not even the
+    SYN is queued: the kernel places it and tells natlb, and a connection
+    queues nothing (but a SYN the client sends again, and what follows it
+    as above).  An lc service's SYN is still queued (natlb's live counts
+    decide), whatever the setting."""
+    scheduler, on = decide
+    natlb(basic_config(testbed, scheduler=scheduler, family=family,
+                       lb_extra=f"{FAST}\nfastpath_decide = {str(on).lower()}"))
+    placed = on and scheduler != "lc"
     vip, _ = family_addresses(family)
     table = f"nlfin{uuid.uuid4().hex[:6]}"
     queued_table = f"nlq{uuid.uuid4().hex[:6]}"
@@ -192,13 +206,24 @@ def test_short_connections_queue_only_their_syn_and_end_closed_counted_exactly(t
         assert web["new_flows"] - before["new_flows"] == n, why
         assert counted == (sent, got), why
         queued = queued_packets(testbed) - queued_before
-        # Every queued packet is one the router counted by kind, every SYN
-        # the client sent was queued (none carried), and nothing else was...
-        assert sum(kinds.values()) == queued, why
-        assert kinds["client syn"] == syns and syns >= n, why
+        decisions = status(testbed)["fastpath"]["decisions"]
+        why = (*why, decisions)
         resent = syns - n
-        others = queued - syns
-        # ...but the handshakes of the connections whose SYN was sent again.
+        assert syns >= n, why
+        # Every queued packet is one the router counted by kind...
+        assert sum(kinds.values()) == queued, why
+        if placed:
+            # ...every first SYN placed by the kernel, none queued, but
+            # those the client sent again...
+            assert decisions["placed"] == n and decisions["refused"] == 0, why
+            assert kinds["client syn"] == resent, why
+        else:
+            # ...every SYN the client sent was queued (none carried)...
+            assert decisions["placed"] == 0, why
+            assert kinds["client syn"] == syns, why
+        others = queued - kinds["client syn"]
+        # ...and nothing else but the handshakes of the connections whose
+        # SYN was sent again.
         assert others == 0 if resent == 0 else others <= 5 * resent, why
         assert observer["applied"] >= 4 * (n - resent) and observer["ring_full"] == 0, why
     finally:
