@@ -157,11 +157,13 @@ static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
         nl_ct_remove(ct, b, f);
         f = NULL;
     }
-    if (f && chosen >= 0 && f->backend_id != svc->backends[chosen].id) {
-        /* The kernel placed a packet of a flow natlb holds elsewhere. */
-        pthread_spin_unlock(lock);
-        *mark = 0;
-        return NL_VERDICT_DROP;
+    if (f && chosen >= 0 && (is_syn || f->backend_id != svc->backends[chosen].id)) {
+        /* The kernel placed a first packet on a tuple natlb still holds (a
+         * port reused before natlb saw the old connection close, a flow
+         * whose kernel entries were emptied): it went where the kernel
+         * chose, so that is where the flow is now, as a new one. */
+        nl_ct_remove(ct, b, f);
+        f = NULL;
     }
     if (!f) {
         int reason = -1, idx = -1;

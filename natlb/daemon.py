@@ -371,6 +371,12 @@ class Daemon:
         theirs.close()
         ch = Channel(mine)
         forwarding = False
+        if self.fast:
+            # First packets queued from now on (to us, then to the
+            # successor): the handshakes the kernel placed before complete,
+            # told to our observer, while the successor starts; none is
+            # placed where no natlb will hear of it.
+            self.fast.pause_decisions()
         # The successor watches links from before it lists them; ours must
         # change nothing once the journal is sent (nor attach our programs
         # over its own).
@@ -393,6 +399,8 @@ class Daemon:
             ch.send(released=True, traffic=final)
             served = await loop.run_in_executor(None, ch.expect, "serving", 30)
         except BaseException:
+            if self.fast:
+                self.fast.resume_decisions()
             if forwarding:
                 # The successor may have re-identified our flows already.
                 self.core.readopt()

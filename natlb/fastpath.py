@@ -243,6 +243,16 @@ class TcFastPath:
         self.fp.stop_observing()
         self._core = None
 
+    def pause_decisions(self) -> None:
+        """A handover begins: first packets are queued."""
+        self.fp.set_decide(False)
+
+    def resume_decisions(self) -> None:
+        """A handover failed: decisions as configured again (observe() sets
+        them too, after a stop)."""
+        if self._core is not None:
+            self.fp.set_decide(self.decide)
+
     def decisions(self) -> dict[str, int]:
         """New flows' first packets placed by the kernel (applied by
         natlb, refused and forgotten), and queued instead by reason."""
