@@ -50,6 +50,16 @@
 
 #define HELD_SLOTS 8192          /* power of two, < 0xffff                 */
 #define PKT_MAX NL_PKT_OUT_MAX   /* bigger SYNs (with data) are not held   */
+#define DEFER_SLOTS 64           /* ICMP errors waiting for the observer    */
+
+/* An ICMP error that quotes a flow natlb does not hold yet, while the fast
+ * path's observer runs: the kernel may have placed that flow and the
+ * observer not applied its record yet.  Tried again after its next round. */
+struct deferred {
+    uint16_t len;
+    uint32_t pkt_flags;
+    uint8_t bytes[PKT_MAX];
+};
 #define OUTBOX_SLOTS 4096
 #define EVENT_SLOTS 1024
 #define FORGET_SLOTS 1024        /* keys the fast path is to forget        */
@@ -104,7 +114,47 @@ struct nl_failover {
                                          the last it answered            */
     int observing;               /* atomic: an observer applies records    */
     int fp_pending;              /* atomic: keys or a request to signal    */
+    pthread_spinlock_t defer_lock;    /* ICMP errors waiting for the observer */
+    uint32_t n_defer;
+    struct deferred defer[DEFER_SLOTS];
 };
+
+/* ---- ICMP errors about flows the kernel placed ------------------------- */
+
+int nl_defer_icmp(struct nl_lb *lb, const uint8_t *pkt, uint32_t len, uint32_t pkt_flags)
+{
+    struct nl_failover *fo = lb->fo;
+    if (len > PKT_MAX || !__atomic_load_n(&fo->observing, __ATOMIC_ACQUIRE))
+        return 0;
+    int queued = 0;
+    pthread_spin_lock(&fo->defer_lock);
+    if (fo->n_defer < DEFER_SLOTS) {
+        struct deferred *d = &fo->defer[fo->n_defer++];
+        d->len = (uint16_t)len;
+        d->pkt_flags = pkt_flags;
+        memcpy(d->bytes, pkt, len);
+        queued = 1;
+    }
+    pthread_spin_unlock(&fo->defer_lock);
+    if (queued)
+        __atomic_store_n(&fo->fp_pending, 1, __ATOMIC_RELEASE);
+    return queued;
+}
+
+uint32_t nl_deferred_take(struct nl_lb *lb, uint8_t *buf, uint32_t cap, uint32_t *pkt_flags)
+{
+    struct nl_failover *fo = lb->fo;
+    uint32_t len = 0;
+    pthread_spin_lock(&fo->defer_lock);
+    if (fo->n_defer) {
+        struct deferred *d = &fo->defer[--fo->n_defer];
+        len = d->len <= cap ? d->len : 0;
+        memcpy(buf, d->bytes, len);
+        *pkt_flags = d->pkt_flags;
+    }
+    pthread_spin_unlock(&fo->defer_lock);
+    return len;
+}
 
 int nl_failover_init(struct nl_lb *lb)
 {
@@ -115,6 +165,7 @@ int nl_failover_init(struct nl_lb *lb)
     pthread_spin_init(&fo->out_lock, PTHREAD_PROCESS_PRIVATE);
     pthread_spin_init(&fo->ev_lock, PTHREAD_PROCESS_PRIVATE);
     pthread_spin_init(&fo->forget_lock, PTHREAD_PROCESS_PRIVATE);
+    pthread_spin_init(&fo->defer_lock, PTHREAD_PROCESS_PRIVATE);
     lb->fo = fo;
     return 0;
 }

@@ -415,6 +415,10 @@ static int icmp_error(struct nl_lb *lb, struct nl_worker_counters *wc, const str
                            .other_port = in->dport };
     pthread_spinlock_t *lock;
     struct nl_flow *f = find_locked(lb, &k, now, &lock);
+    if (!f && !(pkt_flags & NL_PKT_DEFERRED) &&
+        nl_defer_icmp(lb, p->ip, nl_pkt_len(p) < p->caplen ? nl_pkt_len(p) : p->caplen,
+                      pkt_flags))
+        return NL_VERDICT_DROP;     /* a flow the kernel placed, perhaps: later */
     if (!f) {
         wc->reasons[NL_R_NOT_OURS]++;
         return NL_VERDICT_ACCEPT;
@@ -790,4 +794,16 @@ int nl_observed_new(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t le
                     (uint32_t)now_ms, &mark, chosen);
     return v == NL_VERDICT_MARK && (mark & NL_MARK_FAST) &&
            (uint16_t)mark == backend_id;   /* ids fit 16 bits */
+}
+
+void nl_icmp_retry(struct nl_lb *lb, uint64_t now_ms)
+{
+    uint8_t buf[NL_PKT_OUT_MAX];
+    uint32_t flags, len;
+    /* Bounded: a packet tried again is never kept again. */
+    while ((len = nl_deferred_take(lb, buf, sizeof buf, &flags))) {
+        uint32_t mark;
+        nl_packet(lb, lb->cfg.n_workers, buf, len, flags | NL_PKT_DEFERRED, now_ms,
+                  NL_NO_PACKET_ID, &mark);
+    }
 }
