@@ -52,8 +52,8 @@
 #define PKT_MAX NL_PKT_OUT_MAX   /* bigger SYNs (with data) are not held   */
 #define DEFER_SLOTS 64           /* ICMP errors waiting for the observer    */
 
-/* An ICMP error that quotes a flow natlb does not hold yet, while the fast
- * path's observer runs: the kernel may have placed that flow and the
+/* An ICMP error that quotes a flow natlb does not hold yet, or a backend's
+ * RST to one, while the fast path's observer runs: the kernel may have placed that flow and the
  * observer not applied its record yet.  Tried again after its next round. */
 struct deferred {
     uint16_t len;
@@ -119,9 +119,9 @@ struct nl_failover {
     struct deferred defer[DEFER_SLOTS];
 };
 
-/* ---- ICMP errors about flows the kernel placed ------------------------- */
+/* ---- packets about flows the kernel placed, before natlb holds them ------------------------- */
 
-int nl_defer_icmp(struct nl_lb *lb, const uint8_t *pkt, uint32_t len, uint32_t pkt_flags)
+int nl_defer_packet(struct nl_lb *lb, const uint8_t *pkt, uint32_t len, uint32_t pkt_flags)
 {
     struct nl_failover *fo = lb->fo;
     if (len > PKT_MAX || !__atomic_load_n(&fo->observing, __ATOMIC_ACQUIRE))

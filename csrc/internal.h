@@ -629,16 +629,16 @@ void nl_fp_forget_flow(struct nl_lb *lb, struct nl_flow *f);
 /* 1 if keys or a sync request were queued since the last call (then the
  * I/O layer wakes the fast path's observer), else 0. */
 int nl_fp_unsignalled(struct nl_lb *lb);
-/* An ICMP error quoting a flow natlb does not hold while the fast path's
- * observer runs: kept (1) to be tried again by nl_icmp_retry once the
+/* An ICMP error quoting a flow natlb does not hold, or a backend's RST to
+ * one, while the fast path's observer runs: kept (1) to be tried again by nl_deferred_retry once the
  * observer has applied what the kernel placed; 0 if not (no observer, no
  * room).  Caller: a worker, or the observer in its epoch. */
 #define NL_PKT_DEFERRED (1u << 30)   /* pkt_flags: tried again, never kept */
-int nl_defer_icmp(struct nl_lb *lb, const uint8_t *pkt, uint32_t len, uint32_t pkt_flags);
-/* One kept ICMP error into buf (its length; 0: none). */
+int nl_defer_packet(struct nl_lb *lb, const uint8_t *pkt, uint32_t len, uint32_t pkt_flags);
+/* One kept packet into buf (its length; 0: none). */
 uint32_t nl_deferred_take(struct nl_lb *lb, uint8_t *buf, uint32_t cap, uint32_t *pkt_flags);
-/* The kept ICMP errors, each through the per-packet path again (lb.c). */
-void nl_icmp_retry(struct nl_lb *lb, uint64_t now_ms);
+/* The kept packets, each through the per-packet path again (lb.c). */
+void nl_deferred_retry(struct nl_lb *lb, uint64_t now_ms);
 
 /* ---- IP fragments (fragtrack.c) ---------------------------------------- */
 /* One datagram's identity, the same in all its fragments: IPv4 (16-bit

@@ -312,6 +312,13 @@ static int reply(struct nl_lb *lb, struct nl_worker_counters *wc,
         /* A cluster reply we cannot track must not leak the backend. */
         if (!full && late_synack(lb, p, csum, now))
             return NL_VERDICT_DROP;
+        /* A backend refusing a SYN the kernel placed, before the observer
+         * applied that flow's record: natlb re-steers it once it has. */
+        if (!full && p->proto == NL_IPPROTO_TCP && (p->tcp_flags & NL_TCP_RST) &&
+            !(pkt_flags & NL_PKT_DEFERRED) &&
+            nl_defer_packet(lb, p->ip, nl_pkt_len(p) < p->caplen ? nl_pkt_len(p) : p->caplen,
+                            pkt_flags))
+            return NL_VERDICT_DROP;
         wc->reasons[full ? NL_R_TABLE_FULL : NL_R_NOT_OURS]++;
         return full ? NL_VERDICT_DROP : NL_VERDICT_ACCEPT;
     }
@@ -416,7 +423,7 @@ static int icmp_error(struct nl_lb *lb, struct nl_worker_counters *wc, const str
     pthread_spinlock_t *lock;
     struct nl_flow *f = find_locked(lb, &k, now, &lock);
     if (!f && !(pkt_flags & NL_PKT_DEFERRED) &&
-        nl_defer_icmp(lb, p->ip, nl_pkt_len(p) < p->caplen ? nl_pkt_len(p) : p->caplen,
+        nl_defer_packet(lb, p->ip, nl_pkt_len(p) < p->caplen ? nl_pkt_len(p) : p->caplen,
                       pkt_flags))
         return NL_VERDICT_DROP;     /* a flow the kernel placed, perhaps: later */
     if (!f) {
@@ -796,7 +803,7 @@ int nl_observed_new(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t le
            (uint16_t)mark == backend_id;   /* ids fit 16 bits */
 }
 
-void nl_icmp_retry(struct nl_lb *lb, uint64_t now_ms)
+void nl_deferred_retry(struct nl_lb *lb, uint64_t now_ms)
 {
     uint8_t buf[NL_PKT_OUT_MAX];
     uint32_t flags, len;

@@ -617,9 +617,9 @@ static int observe_round(struct nl_fastpath *fp)
         nl_fp_flush(fp);       /* keys were lost: forget them all */
     nl_ext_enter(lb);
     int got = ring_buffer__consume(fp->rb);
-    /* ICMP errors about flows natlb did not hold yet: the kernel's records
-     * of the flows they quote came before them, and are applied now. */
-    nl_icmp_retry(lb, nl_monotonic_ms());
+    /* ICMP errors and RSTs about flows natlb did not hold yet: the kernel's
+     * records of those flows came before them, and are applied now. */
+    nl_deferred_retry(lb, nl_monotonic_ms());
     nl_ext_exit(lb);
     nl_event_signal(lb);       /* what applying them emitted (passive reports) */
     if (want)
