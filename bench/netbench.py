@@ -48,8 +48,11 @@ from pathlib import Path
 from natlb_testbed.testbed import VIP, Testbed, backend_addr, backend_addr6, family_addresses
 
 N_BACKENDS = 3
-PATHS = ("natlb", "natlb-fast", "kernel", "stateless", "haproxy")
-NAMES = {"natlb": "natlb", "natlb-fast": "natlb fastpath = true", "kernel": "kernel nft DNAT",
+PATHS = ("natlb", "natlb-fast", "natlb-fast-queued", "kernel", "stateless", "haproxy")
+NAMES = {"natlb": "natlb", "natlb-fast": "natlb fastpath = true",
+         "natlb-fast-queued": "natlb fastpath = true, fastpath_decide = false (first packets "
+                              "queued)",
+         "kernel": "kernel nft DNAT",
          "stateless": "stateless nft rewrite (notrack, jhash)",
          "haproxy": "HAProxy TCP 1 thread (UDP: nginx stream 1 worker)"}
 # Each repetition runs these tests in this order; for each test every path
@@ -217,6 +220,7 @@ gso = {gso}
 poll_us = {poll_us}
 rewrite = "{rewrite}"
 fastpath = {fastpath}
+{decide}
 [[service]]
 name = "web"
 vip = "{vip}"
@@ -334,7 +338,8 @@ class Bench:
             text = NATLB_CONFIG.format(
                 sock=self.tb.control_socket, workers=self.workers, poll_us=self.poll_us,
                 rewrite=self.rewrite,
-                fastpath="true" if path == "natlb-fast" else "false",
+                fastpath="true" if path.startswith("natlb-fast") else "false",
+                decide="fastpath_decide = false" if path == "natlb-fast-queued" else "",
                 gso="true" if self.gso else "false", web=web, **fmt)
             text += extra_services(self.services - BASE_SERVICES, list(self.addrs.values()))
             cfg = self.tb.write_config(text)
@@ -599,6 +604,7 @@ def _fmt(v: float) -> str:
 
 def ratio_pairs(keys: list[str]) -> list[tuple[str, str]]:
     pairs = [(o, p) for o in ("natlb-fast", "natlb") for p in ("kernel", "stateless", "haproxy")]
+    pairs += [("natlb-fast-queued", "kernel"), ("natlb-fast", "natlb-fast-queued")]
     pairs += [("natlb-fast", "natlb")]
     pairs += [(f"{o}@6", p) for o in ("natlb-fast", "natlb") for p in ("kernel@6", "stateless@6")]
     # With no natlb path measured: the stateless rewrite against the kernel's DNAT.
