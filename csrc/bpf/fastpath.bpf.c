@@ -126,6 +126,7 @@ static __always_inline void cut_deadline(const struct nl_fp_key *k)
     __u64 closing = bpf_ktime_get_ns() + cfg->tcp_closing_ns;
     if (closing < f->deadline_ns)
         f->deadline_ns = closing;
+    f->flags |= NL_FP_F_CLOSING;
 }
 
 /* The client's side of a flow natlb places again (its SYN again, the
@@ -584,6 +585,16 @@ static __always_inline int carry_ip(struct __sk_buff *skb, int v6)
     }
 
     struct nl_fp_flow *f = bpf_map_lookup_elem(&flows, k);
+    if (f && p.syn && !p.ack && f->dir == NL_FP_IN && (f->flags & NL_FP_F_CLOSING)) {
+        /* The client reusing a closed connection's port (natlb makes a new
+         * flow of that SYN too): the old entries go, and it is placed as
+         * any first packet. */
+        struct nl_fp_key old;
+        nl_fp_other_side(k, f, &old);
+        bpf_map_delete_elem(&flows, &old);
+        bpf_map_delete_elem(&flows, k);
+        f = 0;
+    }
     if (!f)
         return decide(skb, v6, &p, csum_off, csum_flags);
     /* Copies: the helpers below invalidate every packet pointer. */

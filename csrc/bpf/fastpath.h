@@ -56,6 +56,9 @@ struct nl_fp_key {
                                       ESTABLISHED), which clears the flag    */
 #define NL_FP_F_UNREPLIED 2        /* UDP, OUT: the backend's first answer
                                       goes with a record (natlb's REPLIED)  */
+#define NL_FP_F_CLOSING 4          /* a FIN was carried: natlb's flow is
+                                      closing, and a client's SYN on the
+                                      tuple is a new connection (decide)    */
 
 /* flows map value: how to carry a packet with that key. */
 struct nl_fp_flow {

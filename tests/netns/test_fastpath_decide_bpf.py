@@ -22,6 +22,8 @@ from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
 from natlb.core import (
+    MARK_FAST,
+    MARK_FORWARD,
     BackendEntry,
     Core,
     CoreConfig,
@@ -293,3 +295,30 @@ def test_a_refused_record_makes_the_kernel_forget_the_flow(inside, fp, core, ns,
     assert fp.has_flow(client_of(fam, 6), fam.vip, 44001, VPORT, socket.IPPROTO_TCP)
     # Kept dead: the client's SYN again is natlb's (queued), not placed anew.
     assert place(inside, fp, ns, syn(fam, client, 44000)).retval == TC_ACT_OK
+
+
+def test_a_syn_on_a_closed_connections_port_is_placed_anew(inside, fp, core, ns, fam):
+    """A client reusing the port of a connection that carried its FIN: the
+    old entries go and the SYN is placed as any first packet (natlb makes a
+    new flow of it too)."""
+    publish(core, fp, [service(fam, "rr")])
+    client = client_of(fam, 8)
+    f = syn(fam, client, 45000)
+    first = place(inside, fp, ns, f)
+    assert first.retval == TC_ACT_REDIRECT
+    ip = IPv6 if fam.v6 else IP
+    fin = bytes(ETH / ip(src=client, dst=fam.vip) / TCP(sport=45000, dport=VPORT, flags="FA"))
+    # Established (natlb's fast mark on a later packet: learn), so the FIN
+    # is carried and told.
+    _, idx = ns
+    backend = chosen(fam, first.packet)
+    bid = next(b.id for b in service(fam, "rr").backends if b.address == backend)
+    inside(fp.test_run, True, bytes(ETH / ip(src=client, dst=backend) /
+                                    TCP(sport=45000, dport=BPORT, flags="A")),
+           mark=MARK_FORWARD | MARK_FAST | bid, ifindex=idx["be0"], ingress_ifindex=idx["cl0"])
+    assert place(inside, fp, ns, fin).retval == TC_ACT_REDIRECT
+    second = place(inside, fp, ns, syn(fam, client, 45000))
+    assert second.retval == TC_ACT_REDIRECT
+    assert chosen(fam, second.packet) != chosen(fam, first.packet)      # rr: the next one
+    assert [r[3] is not None for r in fp.read_records(8)] == [True, False, True]
+
