@@ -322,3 +322,26 @@ def test_a_syn_on_a_closed_connections_port_is_placed_anew(inside, fp, core, ns,
     assert chosen(fam, second.packet) != chosen(fam, first.packet)      # rr: the next one
     assert [r[3] is not None for r in fp.read_records(8)] == [True, False, True]
 
+
+
+def test_a_publish_takes_effect_in_the_kernels_next_decision(inside, fp, core, ns, fam):
+    """A drained backend gets no new flow from the next packet on, a weight
+    change reorders the table at once, and rr goes on from its cursor."""
+    publish(core, fp, [service(fam, "rr")])
+    first = [chosen(fam, place(inside, fp, ns, syn(fam, client_of(fam, 20), 46000 + i)).packet)
+             for i in range(2)]
+    drained = service(fam, "rr", eligible=(True, False, True, True))
+    publish(core, fp, [drained])
+    after = [chosen(fam, place(inside, fp, ns, syn(fam, client_of(fam, 21), 46100 + i)).packet)
+             for i in range(6)]
+    assert backends_of(fam)[1] not in after
+    # The cursor was at 2 of the old table: it goes on from there in the new one.
+    table = [drained.backends[i].address for i in drained.table]
+    assert after == [table[(2 + i) % 3] for i in range(6)] and first == backends_of(fam)[:2]
+    heavy = service(fam, "wrr", weights=(1, 1, 1, 5))
+    publish(core, fp, [heavy])
+    got = [chosen(fam, place(inside, fp, ns, syn(fam, client_of(fam, 22), 46200 + i)).packet)
+           for i in range(len(heavy.table))]
+    assert sorted(got) == sorted(heavy.backends[i].address for i in heavy.table)
+    assert got.count(backends_of(fam)[3]) == 5
+    fp.read_records(64)
