@@ -1,0 +1,93 @@
+"""Review of kernel decisions (lb.fastpath_decide), with the carry program
+run by BPF_PROG_TEST_RUN as tests/netns/test_fastpath_decide_bpf.py runs it.
+
+natlb's flow of a first packet the kernel placed exists only once the
+observer applies its record: busy, up to about 1 ms after the packet
+(tcfast.c POLL_MS), and later while the ring is full.  A backend's answer
+that the kernel does not carry in that time is queued to natlb, whose
+worker finds no flow: queued first packets never had that window.  RSTs
+and ICMP errors are deferred (nl_defer_packet); any other answer is
+accepted as "not ours" and leaves un-NATed, the backend's address shown
+to the client.  Each test replays one such order of events."""
+
+import socket
+
+from scapy.layers.inet import IP, TCP, UDP
+from scapy.layers.inet6 import IPv6
+from scapy.layers.l2 import Ether
+
+from natlb.core import Verdict
+
+from . import test_fastpath_decide_bpf as base
+from .test_fastpath_decide_bpf import (
+    BPORT,
+    ETH,
+    TC_ACT_OK,
+    TC_ACT_REDIRECT,
+    VPORT,
+    chosen,
+    client_of,
+    place,
+    publish,
+    service,
+)
+
+# Its namespace, programs and core, for these tests too.
+ns, inside, fp, core, fam = base.ns, base.inside, base.fp, base.core, base.fam
+
+
+def reply_frame(fam, src: str, dst: str, l4) -> bytes:
+    ip = IPv6(src=src, dst=dst) if fam.v6 else IP(src=src, dst=dst)
+    return bytes(Ether(src="02:00:00:00:00:02", dst="02:00:00:00:00:01") / ip / l4)
+
+
+def from_backend(inside, fp, ns, frame: bytes):
+    _, idx = ns
+    return inside(fp.test_run, False, frame, ifindex=idx["be0"], ingress_ifindex=idx["be0"])
+
+
+def test_a_udp_answer_queued_before_its_flows_record_is_applied_is_not_passed_unnatted(
+        inside, fp, core, ns, fam):
+    """A loaded observer: the ring fills behind the first datagram's record,
+    so the backend's answer is queued (no room for its own record)."""
+    publish(core, fp, [service(fam, "rr", protocol="udp")])
+    ip = IPv6 if fam.v6 else IP
+    client = client_of(fam, 1)
+    first = place(inside, fp, ns, bytes(ETH / ip(src=client, dst=fam.vip) /
+                                        UDP(sport=30000, dport=53) / b"q"))
+    assert first.retval == TC_ACT_REDIRECT
+    backend = chosen(fam, first.packet)
+    for i in range(4096):                    # other clients' first datagrams
+        r = place(inside, fp, ns, bytes(ETH / ip(src=client_of(fam, 2 + i % 500), dst=fam.vip)
+                                        / UDP(sport=1024 + i, dport=53) / b"q"))
+        if r.retval == TC_ACT_OK:
+            break
+    answer = reply_frame(fam, backend, client, UDP(sport=BPORT, dport=30000) / b"a")
+    assert from_backend(inside, fp, ns, answer).retval == TC_ACT_OK      # queued
+    # natlb's worker takes it before the observer reached the record.
+    v, mark = core.decide(answer[14:], 5)
+    assert v != Verdict.ACCEPT, "the backend's answer leaves with the backend's address"
+
+
+def test_a_synack_acking_the_syns_data_before_its_record_is_applied_is_not_passed_unnatted(
+        inside, fp, core, ns, fam):
+    """A SYN with data (TCP Fast Open): the backend acks it whole, so its
+    SYN-ACK is not the one the kernel carries (seq + 1) and is queued."""
+    publish(core, fp, [service(fam, "rr")])
+    ip = IPv6 if fam.v6 else IP
+    client = client_of(fam, 3)
+    syn = bytes(ETH / ip(src=client, dst=fam.vip) /
+                TCP(sport=31000, dport=VPORT, flags="S", seq=7000) / b"GET / HTTP")
+    r = place(inside, fp, ns, syn)
+    assert r.retval == TC_ACT_REDIRECT
+    backend = chosen(fam, r.packet)
+    synack = reply_frame(fam, backend, client,
+                         TCP(sport=BPORT, dport=31000, flags="SA", seq=1, ack=7000 + 1 + 10))
+    assert from_backend(inside, fp, ns, synack).retval == TC_ACT_OK     # queued
+    v, _ = core.decide(synack[14:], 5)
+    assert v != Verdict.ACCEPT, "the backend's SYN-ACK leaves with the backend's address"
+    # Once natlb holds the flow, the same SYN-ACK is its to rewrite.
+    [(_, head, _, bid)] = fp.read_records(8)
+    assert core.observe_new(head, bid, 5) is True
+    assert core.decide(synack[14:], 6)[0] == Verdict.MARK
+    assert not fp.has_flow(backend, client, BPORT, 31000, socket.IPPROTO_TCP)
