@@ -16,7 +16,7 @@ from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
 from scapy.layers.l2 import Ether
 
-from natlb.core import Verdict
+from natlb.core import MARK_FAST, Verdict
 
 from . import test_fastpath_decide_bpf as base
 from .test_fastpath_decide_bpf import (
@@ -91,3 +91,44 @@ def test_a_synack_acking_the_syns_data_before_its_record_is_applied_is_not_passe
     assert core.observe_new(head, bid, 5) is True
     assert core.decide(synack[14:], 6)[0] == Verdict.MARK
     assert not fp.has_flow(backend, client, BPORT, 31000, socket.IPPROTO_TCP)
+
+
+def test_a_syn_sent_twice_before_its_record_is_applied_gets_one_backend(inside, fp, core, ns,
+                                                                         fam):
+    """The client's SYN twice within the observer's lag (a duplicate on the
+    way): the second finds the kernel's entries and is queued, natlb (no
+    flow yet) places it itself, rr on its own cursor, and learn installs
+    that; then the observer applies the first's record and moves natlb's
+    flow to the kernel's backend.  Both backends got the SYN; the kernel
+    carries one's SYN-ACK to the client and natlb forwards the other's."""
+    t = service(fam, "rr")
+    publish(core, fp, [t])
+    ip = IPv6 if fam.v6 else IP
+    # natlb placed a queued first packet before (a fallback): the two rr
+    # cursors differ by one, as they do in any mixed run.
+    assert core.decide(bytes(ip(src=client_of(fam, 9), dst=fam.vip) /
+                             TCP(sport=1, dport=VPORT, flags="S")), 1)[0] == Verdict.MARK
+    client = client_of(fam, 4)
+    syn = bytes(ETH / ip(src=client, dst=fam.vip) / TCP(sport=32000, dport=VPORT, flags="S",
+                                                        seq=7000))
+    first = place(inside, fp, ns, syn)
+    assert first.retval == TC_ACT_REDIRECT
+    kernels = chosen(fam, first.packet)
+    assert place(inside, fp, ns, syn).retval == TC_ACT_OK               # queued
+    v, mark = core.decide(syn[14:], 2)
+    assert v == Verdict.MARK and mark & MARK_FAST
+    natlbs = {b.id: b.address for b in t.backends}[mark & 0xFFFF]
+    assert natlbs != kernels
+    _, idx = ns
+    inside(fp.test_run, True, bytes(ETH / ip(src=client, dst=natlbs) /
+                                    TCP(sport=32000, dport=BPORT, flags="S", seq=7000)),
+           mark=mark, ifindex=idx["be0"], ingress_ifindex=idx["cl0"])
+    [(_, head, _, bid)] = fp.read_records(8)
+    core.observe_new(head, bid, 3)
+    # Each backend answers the SYN it got.
+    carried = from_backend(inside, fp, ns, reply_frame(
+        fam, natlbs, client, TCP(sport=BPORT, dport=32000, flags="SA", seq=100, ack=7001)))
+    v_k, _ = core.decide(reply_frame(fam, kernels, client, TCP(
+        sport=BPORT, dport=32000, flags="SA", seq=900, ack=7001))[14:], 4)
+    to_client = [natlbs] * (carried.retval == TC_ACT_REDIRECT) + [kernels] * (v_k == Verdict.MARK)
+    assert len(to_client) <= 1, f"the client gets SYN-ACKs from {to_client}"
