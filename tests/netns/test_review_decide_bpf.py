@@ -11,6 +11,7 @@ accepted as "not ours" and leaves un-NATed, the backend's address shown
 to the client.  Each test replays one such order of events."""
 
 import socket
+from dataclasses import replace
 
 from scapy.layers.inet import IP, TCP, UDP
 from scapy.layers.inet6 import IPv6
@@ -132,3 +133,37 @@ def test_a_syn_sent_twice_before_its_record_is_applied_gets_one_backend(inside, 
         sport=BPORT, dport=32000, flags="SA", seq=900, ack=7001))[14:], 4)
     to_client = [natlbs] * (carried.retval == TC_ACT_REDIRECT) + [kernels] * (v_k == Verdict.MARK)
     assert len(to_client) <= 1, f"the client gets SYN-ACKs from {to_client}"
+
+
+def test_a_udp_session_stays_on_its_backend_when_the_kernels_entries_are_emptied(
+        inside, fp, core, ns, fam):
+    """Another UDP backend stops being alive: the publisher empties every
+    kernel entry (publisher.py forget_fast -> nl_fp_flush, which deletes
+    them).  A live session's next datagram then finds no entry and the
+    kernel places it anew (rr: the next backend), and nl_observed_new moves
+    natlb's flow there.  Queued, natlb kept the session on its backend."""
+    t = service(fam, "rr", protocol="udp")
+    publish(core, fp, [t])
+    ip = IPv6 if fam.v6 else IP
+    client = client_of(fam, 5)
+    datagram = bytes(ETH / ip(src=client, dst=fam.vip) / UDP(sport=33000, dport=53) / b"q")
+    first = place(inside, fp, ns, datagram)
+    assert first.retval == TC_ACT_REDIRECT
+    backend = chosen(fam, first.packet)
+    answer = reply_frame(fam, backend, client, UDP(sport=BPORT, dport=33000) / b"a")
+    assert from_backend(inside, fp, ns, answer).retval == TC_ACT_REDIRECT
+    (_, new, _, bid), (_, replied, _, none) = fp.read_records(8)
+    assert none is None and core.observe_new(new, bid, 1) and core.observe(replied, 1)
+    # The last backend goes down (it had no session): tables again, entries emptied.
+    gone = t.backends[3]
+    down = replace(t, backends=tuple(replace(b, eligible=False, alive=False) if b is gone else b
+                                     for b in t.backends),
+                   table=tuple(i for i in t.table if t.backends[i] is not gone))
+    publish(core, fp, [down])
+    fp.flush()
+    again = place(inside, fp, ns, datagram)
+    to = chosen(fam, again.packet) if again.retval == TC_ACT_REDIRECT else None
+    if again.retval == TC_ACT_OK:       # queued: natlb's flow decides
+        v, mark = core.decide(datagram[14:], 2)
+        to = {b.id: b.address for b in t.backends}[mark & 0xFFFF]
+    assert to == backend, f"the session moved from {backend} to {to}"
