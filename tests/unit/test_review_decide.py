@@ -13,7 +13,7 @@ another backend."""
 
 import ipaddress
 
-from scapy.layers.inet import IP, TCP
+from scapy.layers.inet import ICMP, IP, TCP, UDP
 
 from natlb.core import Core, CoreConfig, Verdict
 
@@ -81,3 +81,24 @@ def test_a_placed_forged_syn_makes_no_passive_failure_and_no_repaired_resend(fam
         assert events == [] and resent is None, (events, resent and fam.ip(resent).summary())
     finally:
         c.close()
+
+
+def test_an_icmp_error_about_traffic_natlb_never_carried_is_passed_on_while_observing():
+    """nl_defer_packet keeps every ICMP error quoting a flow natlb does not
+    hold while the fast path's observer runs (lb.fastpath, decide on or
+    off), and drops it after the retry.  A client's UDP probe sent straight
+    to a backend host's own address (no VIP, no service) gets its port
+    unreachable passed on without the fast path; with it, never."""
+    fam = Family(IP, "198.51.100.7", "192.0.2.100", ["203.0.113.10"])
+    probe = bytes(IP(src=fam.client, dst=fam.backends[0], ttl=63) /
+                  UDP(sport=33434, dport=33434) / b"x")
+    error = bytes(IP(src=fam.backends[0], dst=fam.client) / ICMP(type=3, code=3) / probe[:28])
+    verdicts = []
+    for observing in (False, True):
+        c = fresh(fam)
+        try:
+            c.fp_observing(observing)
+            verdicts.append(c.decide(error, 100)[0])
+        finally:
+            c.close()
+    assert verdicts == [Verdict.ACCEPT, Verdict.ACCEPT]
