@@ -50,11 +50,15 @@
 
 #define HELD_SLOTS 8192          /* power of two, < 0xffff                 */
 #define PKT_MAX NL_PKT_OUT_MAX   /* bigger SYNs (with data) are not held   */
-#define DEFER_SLOTS 64           /* ICMP errors waiting for the observer    */
+/* Backends' answers waiting for the observer: as many as the ring holds
+ * records (256 KiB of about 150 bytes each), so a full ring's flows'
+ * answers all find room; 2048 x 136 bytes, about 280 KiB per natlb. */
+#define DEFER_SLOTS 2048
 
-/* An ICMP error that quotes a flow natlb does not hold yet, or a backend's
- * RST to one, while the fast path's observer runs: the kernel may have placed that flow and the
- * observer not applied its record yet.  Tried again after its next round. */
+/* A published backend's answer (any packet, or an ICMP error quoting what
+ * went to it) that finds no flow while the kernel decides: the kernel may
+ * have placed that flow and the observer not applied its record yet.
+ * Tried again after its next round. */
 struct deferred {
     uint16_t len;
     uint32_t pkt_flags;
@@ -113,6 +117,7 @@ struct nl_failover {
     uint64_t sync_req, sync_done;     /* atomic: asked of the observer, and
                                          the last it answered            */
     int observing;               /* atomic: an observer applies records    */
+    int deciding;                /* atomic: the kernel places first packets */
     int fp_pending;              /* atomic: keys or a request to signal    */
     pthread_spinlock_t defer_lock;    /* ICMP errors waiting for the observer */
     uint32_t n_defer;
@@ -298,6 +303,16 @@ uint32_t nl_fp_forget_take(struct nl_lb *lb, struct nl_fp_forget *out, uint32_t 
     fo->forget_overflow = 0;
     pthread_spin_unlock(&fo->forget_lock);
     return n;
+}
+
+void nl_fp_deciding(struct nl_lb *lb, int on)
+{
+    __atomic_store_n(&lb->fo->deciding, on != 0, __ATOMIC_RELEASE);
+}
+
+int nl_fp_is_deciding(struct nl_lb *lb)
+{
+    return __atomic_load_n(&lb->fo->deciding, __ATOMIC_ACQUIRE);
 }
 
 void nl_fp_observing(struct nl_lb *lb, int on)

@@ -239,6 +239,12 @@ static inline int nl_check_csum(const struct nl_pkt *p, uint32_t pkt_flags)
  * packet does whose sum a device is still to finish (CHECKSUM_PARTIAL),
  * and its IPv4 header's sum is right. */
 int nl_csum_partial_form(const struct nl_pkt *p);
+/* Whether `field` (a checksum field as the kernel sent it on, after
+ * rewriting p's destination to daddr) is the partial form of that
+ * rewritten header: the kernel held the packet as CHECKSUM_PARTIAL and
+ * finishes the sum; otherwise p's partial form was a wrong sum on a wire. */
+int nl_csum_partial_form_to(const struct nl_pkt *p, const struct nl_addr *daddr,
+                            uint16_t field);
 /* The same for an ICMP or ICMPv6 message (outer: nl_parse's view, with l4
  * at the message). */
 int nl_check_icmp_csum(const struct nl_pkt *outer, uint32_t pkt_flags);
@@ -629,16 +635,22 @@ void nl_fp_forget_flow(struct nl_lb *lb, struct nl_flow *f);
 /* 1 if keys or a sync request were queued since the last call (then the
  * I/O layer wakes the fast path's observer), else 0. */
 int nl_fp_unsignalled(struct nl_lb *lb);
-/* An ICMP error quoting a flow natlb does not hold, or a backend's RST to
- * one, while the fast path's observer runs: kept (1) to be tried again by nl_deferred_retry once the
- * observer has applied what the kernel placed; 0 if not (no observer, no
- * room).  Caller: a worker, or the observer in its epoch. */
+/* Whether the kernel places new flows' first packets (lb.fastpath_decide,
+ * as the fast path last published it to this lb): a published backend's
+ * answer that finds no flow may then belong to a flow natlb hears of late. */
+void nl_fp_deciding(struct nl_lb *lb, int on);
+int nl_fp_is_deciding(struct nl_lb *lb);
+/* A published backend's answer (or an ICMP error about what went to one)
+ * that finds no flow while the kernel decides: kept (1) to be tried again
+ * by nl_deferred_retry once the observer has applied what the kernel
+ * placed; 0 if not (no observer, no room, too long: the caller drops it).
+ * Caller: a worker, or the observer in its epoch. */
 #define NL_PKT_DEFERRED (1u << 30)   /* pkt_flags: tried again, never kept */
 int nl_defer_packet(struct nl_lb *lb, const uint8_t *pkt, uint32_t len, uint32_t pkt_flags);
 /* One kept packet into buf (its length; 0: none). */
 uint32_t nl_deferred_take(struct nl_lb *lb, uint8_t *buf, uint32_t cap, uint32_t *pkt_flags);
 /* The kept packets, each through the per-packet path again (lb.c). */
-void nl_deferred_retry(struct nl_lb *lb, uint64_t now_ms);
+uint32_t nl_deferred_retry(struct nl_lb *lb, uint64_t now_ms);
 
 /* ---- IP fragments (fragtrack.c) ---------------------------------------- */
 /* One datagram's identity, the same in all its fragments: IPv4 (16-bit
@@ -694,7 +706,8 @@ void nl_ext_exit(struct nl_lb *lb);
 int nl_observed(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
                 uint32_t pkt_flags, uint64_t now_ms);
 int nl_observed_new(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
-                    uint32_t pkt_flags, uint32_t backend_id, uint64_t now_ms);
+                    uint32_t pkt_flags, uint32_t backend_id, uint32_t sent_csum,
+                    uint64_t now_ms);
 int nl_packet(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
               uint32_t pkt_flags, uint64_t now_ms, uint32_t packet_id, uint32_t *mark);
 /* One packet of a batch for nl_packets: what nl_packet takes, and what it

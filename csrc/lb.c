@@ -132,6 +132,21 @@ static int reply_track(struct nl_lb *lb, struct nl_worker_counters *wc,
     return -1;
 }
 
+/* A flow natlb holds that a first packet the kernel placed anew must not
+ * move, as the packet queued would not have moved it: a UDP session on a
+ * live backend (its kernel entries emptied or evicted), a connection past
+ * its SYN, or still at the SYN that this one repeats (same ISN: a
+ * duplicate within the observer's lag, whose first copy natlb placed). */
+static int kept_from_kernel(const struct nl_snapshot *snap, const struct nl_flow *f,
+                            const struct nl_pkt *p)
+{
+    if (p->proto == NL_IPPROTO_UDP)
+        return snap->alive[f->backend_id] != 0;
+    if (f->state == NL_FS_SYN_SENT)
+        return (f->flags & NL_FL_SYN_CHECKED) && f->syn_seq == p->seq;
+    return f->state == NL_FS_SYN_RECV || f->state == NL_FS_ESTABLISHED;
+}
+
 static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
                    const struct nl_snapshot *snap, const struct nl_service *svc,
                    struct nl_pkt *p, const struct nl_ct_key *k, uint32_t b, uint32_t pkt_flags,
@@ -156,6 +171,13 @@ static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
         /* The client reuses a closed connection's port: a new flow. */
         nl_ct_remove(ct, b, f);
         f = NULL;
+    }
+    if (f && chosen >= 0 && (is_syn || f->backend_id != svc->backends[chosen].id) &&
+        kept_from_kernel(snap, f, p)) {
+        /* natlb's flow stays where it is: the kernel forgets what it
+         * placed (nl_observed_new refuses its record). */
+        pthread_spin_unlock(lock);
+        return NL_VERDICT_ACCEPT;
     }
     if (f && chosen >= 0 && (is_syn || f->backend_id != svc->backends[chosen].id)) {
         /* The kernel placed a first packet on a tuple natlb still holds (a
@@ -296,6 +318,45 @@ static int late_synack(struct nl_lb *lb, const struct nl_pkt *p, int csum, uint3
     return 1;
 }
 
+/* Whether addr:port is a backend of a service natlb publishes (cluster
+ * services adopt their replies elsewhere): only such a source's answer may
+ * belong to a flow the kernel placed and natlb hears of late.  A scan of
+ * the services' backends, done only for packets that found no flow while
+ * the kernel decides. */
+static int published_backend(const struct nl_snapshot *snap, const struct nl_addr *addr,
+                             uint16_t port, uint8_t proto)
+{
+    for (uint32_t i = 0; snap && i < snap->n_services; i++) {
+        const struct nl_service *svc = &snap->services[i];
+        if (svc->spec.proto != proto || nl_svc_cluster(svc))
+            continue;
+        for (uint32_t j = 0; j < svc->n_backends; j++)
+            if (svc->backends[j].port == port && nl_addr_eq(&svc->backends[j].addr, addr))
+                return 1;
+    }
+    return 0;
+}
+
+/* A published backend's answer (or an ICMP error about what went to one)
+ * that finds no flow while the kernel decides: the flow may be one the
+ * kernel placed whose record the observer has not applied yet (ring full,
+ * a SYN-ACK the kernel does not carry, an answer on another interface).
+ * Passed on, it would show the client the backend's address: it is kept
+ * for the observer's next round (nl_deferred_retry, which sends it on
+ * rewritten if a flow then takes it), and dropped if it cannot be kept or
+ * still finds none.  1: natlb's to drop now. */
+static int hold_back(struct nl_lb *lb, const struct nl_snapshot *snap, const struct nl_pkt *p,
+                     const struct nl_addr *baddr, uint16_t bport, uint8_t proto,
+                     uint32_t pkt_flags)
+{
+    if (!nl_fp_is_deciding(lb) || !published_backend(snap, baddr, bport, proto))
+        return 0;
+    if (!(pkt_flags & NL_PKT_DEFERRED))
+        nl_defer_packet(lb, p->ip, nl_pkt_len(p) < p->caplen ? nl_pkt_len(p) : p->caplen,
+                        pkt_flags);
+    return 1;
+}
+
 static int reply(struct nl_lb *lb, struct nl_worker_counters *wc,
                  const struct nl_snapshot *snap, struct nl_pkt *p, const struct nl_ct_key *k,
                  uint32_t b, uint32_t pkt_flags, int csum, uint32_t now, uint32_t *mark)
@@ -312,15 +373,11 @@ static int reply(struct nl_lb *lb, struct nl_worker_counters *wc,
         /* A cluster reply we cannot track must not leak the backend. */
         if (!full && late_synack(lb, p, csum, now))
             return NL_VERDICT_DROP;
-        /* A backend refusing a SYN the kernel placed, before the observer
-         * applied that flow's record: natlb re-steers it once it has. */
-        if (!full && p->proto == NL_IPPROTO_TCP && (p->tcp_flags & NL_TCP_RST) &&
-            !(pkt_flags & NL_PKT_DEFERRED) &&
-            nl_defer_packet(lb, p->ip, nl_pkt_len(p) < p->caplen ? nl_pkt_len(p) : p->caplen,
-                            pkt_flags))
-            return NL_VERDICT_DROP;
+        /* An answer to a flow the kernel placed, before the observer applied
+         * its record (a backend refusing the SYN: natlb re-steers it then). */
+        int held = !full && hold_back(lb, snap, p, &p->saddr, p->sport, p->proto, pkt_flags);
         wc->reasons[full ? NL_R_TABLE_FULL : NL_R_NOT_OURS]++;
-        return full ? NL_VERDICT_DROP : NL_VERDICT_ACCEPT;
+        return full || held ? NL_VERDICT_DROP : NL_VERDICT_ACCEPT;
     }
     if ((f->flags & NL_FL_PROBE_SERVER) && p->proto == NL_IPPROTO_TCP &&
         !(p->tcp_flags & (NL_TCP_SYN | NL_TCP_RST))) {
@@ -422,10 +479,11 @@ static int icmp_error(struct nl_lb *lb, struct nl_worker_counters *wc, const str
                            .other_port = in->dport };
     pthread_spinlock_t *lock;
     struct nl_flow *f = find_locked(lb, &k, now, &lock);
-    if (!f && !(pkt_flags & NL_PKT_DEFERRED) &&
-        nl_defer_packet(lb, p->ip, nl_pkt_len(p) < p->caplen ? nl_pkt_len(p) : p->caplen,
-                      pkt_flags))
+    if (!f && hold_back(lb, __atomic_load_n(&lb->snap, __ATOMIC_ACQUIRE), p, &in->daddr,
+                        in->dport, in->proto, pkt_flags)) {
+        wc->reasons[NL_R_NOT_OURS]++;
         return NL_VERDICT_DROP;     /* a flow the kernel placed, perhaps: later */
+    }
     if (!f) {
         wc->reasons[NL_R_NOT_OURS]++;
         return NL_VERDICT_ACCEPT;
@@ -763,7 +821,8 @@ int nl_observed(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
  * its next packet): only whether the kernel may go on carrying it is
  * natlb's to say, as its mark would. */
 int nl_observed_new(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
-                    uint32_t pkt_flags, uint32_t backend_id, uint64_t now_ms)
+                    uint32_t pkt_flags, uint32_t backend_id, uint32_t sent_csum,
+                    uint64_t now_ms)
 {
     struct nl_pkt p;
     int r = nl_parse(pkt, len, &p, (pkt_flags & NL_PKT_HEAD_ONLY) != 0);
@@ -772,16 +831,7 @@ int nl_observed_new(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t le
          (p.tcp_flags & (NL_TCP_SYN | NL_TCP_ACK | NL_TCP_RST | NL_TCP_FIN)) != NL_TCP_SYN))
         return 0;
     struct nl_worker_counters *wc = nl_counters_of(lb, worker);
-    /* As nl_observed: a veth peer's partial sum is the kernel's to finish
-     * (a held SYN is re-sent with its sum computed in full). */
     int csum = nl_check_csum(&p, pkt_flags);
-    if (csum == NL_CSUM_BAD) {
-        if (!nl_csum_partial_form(&p)) {
-            wc->reasons[NL_R_BAD_CHECKSUM]++;
-            return 0;
-        }
-        csum = NL_CSUM_OK;
-    }
     const struct nl_snapshot *snap = __atomic_load_n(&lb->snap, __ATOMIC_ACQUIRE);
     const struct nl_service *svc = nl_find_service(snap, &p.daddr, p.dport, p.proto);
     if (!svc || nl_svc_cluster(svc))
@@ -794,6 +844,22 @@ int nl_observed_new(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t le
         }
     if (chosen < 0)
         return 0;
+    /* A veth peer's packet is CHECKSUM_PARTIAL in tc (the field holds the
+     * pseudo-header's sum; the kernel finishes it on the way out): the
+     * kernel then rewrote that field into the partial form of the header
+     * it sent, and says what it sent.  The same form from a wire is a wrong
+     * sum that the kernel rewrote as a full one, which the backend drops:
+     * believed, a client could make natlb report backends silent at will.
+     * Refused as the queued packet would be (a held SYN is re-sent with its
+     * sum computed in full). */
+    if (csum == NL_CSUM_BAD) {
+        if (!nl_csum_partial_form(&p) || sent_csum > 0xffff ||
+            !nl_csum_partial_form_to(&p, &svc->backends[chosen].addr, (uint16_t)sent_csum)) {
+            wc->reasons[NL_R_BAD_CHECKSUM]++;
+            return 0;
+        }
+        csum = NL_CSUM_OK;
+    }
     struct nl_ct_key k = { .client_addr = &p.saddr, .client_port = p.sport, .proto = p.proto,
                            .reply = 0, .other_addr = &p.daddr, .other_port = p.dport };
     uint32_t mark = 0;
@@ -803,14 +869,21 @@ int nl_observed_new(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t le
            (uint16_t)mark == backend_id;   /* ids fit 16 bits */
 }
 
-void nl_deferred_retry(struct nl_lb *lb, uint64_t now_ms)
+/* Each kept packet decided again, rewritten in place (no mark: its queued
+ * copy is gone) and its verdict honoured: one rewritten (a flow took it) is
+ * sent on through the outbox as natlb sends what it originates; any other
+ * is dropped (a re-steered SYN's RST, an ICMP error applied, still no
+ * flow).  Bounded: a packet tried again is never kept again.  Returns the
+ * number sent on. */
+uint32_t nl_deferred_retry(struct nl_lb *lb, uint64_t now_ms)
 {
     uint8_t buf[NL_PKT_OUT_MAX];
-    uint32_t flags, len;
-    /* Bounded: a packet tried again is never kept again. */
+    uint32_t flags, len, sent = 0;
     while ((len = nl_deferred_take(lb, buf, sizeof buf, &flags))) {
-        uint32_t mark;
-        nl_packet(lb, lb->cfg.n_workers, buf, len, flags | NL_PKT_DEFERRED, now_ms,
-                  NL_NO_PACKET_ID, &mark);
+        int v = nl_packet(lb, lb->cfg.n_workers, buf, len, flags | NL_PKT_DEFERRED, now_ms,
+                          NL_NO_PACKET_ID, NULL);
+        if (v == NL_VERDICT_REWRITE)
+            sent += nl_outbox_push(lb, buf, len) != 0;
     }
+    return sent;
 }

@@ -507,6 +507,10 @@ int nl_observe(struct nl_lb *lb, uint8_t *pkt, uint32_t len, uint32_t pkt_flags,
  * queued that packet and chosen that backend (a flow the kernel may carry,
  * held SYN, counters, gauges).  1 if natlb took it; 0 if not (no such
  * service or backend, not one the kernel may decide, a table full, a flow
- * on the tuple going elsewhere): the kernel must then forget the flow. */
+ * on the tuple going elsewhere, a flow natlb holds that the packet queued
+ * would not have moved, a bad checksum): the kernel must then forget what
+ * it installed.  sent_csum: the L4 checksum field as the kernel sent the
+ * packet on (> 0xffff: not known), which says whether a partial-form field
+ * was the kernel's CHECKSUM_PARTIAL or a wrong sum from a wire. */
 int nl_observe_new(struct nl_lb *lb, uint8_t *pkt, uint32_t len, uint32_t pkt_flags,
-                   uint32_t backend_id, uint64_t now_ms);
+                   uint32_t backend_id, uint32_t sent_csum, uint64_t now_ms);

@@ -335,6 +335,21 @@ int nl_csum_partial_form(const struct nl_pkt *p)
            ld16(p->l4 + off) == csum_fold(pseudo_sum(p));
 }
 
+int nl_csum_partial_form_to(const struct nl_pkt *p, const struct nl_addr *daddr,
+                            uint16_t field)
+{
+    uint8_t ip[40];
+    uint32_t hlen = p->family == 6 ? 40 : 20;
+    memcpy(ip, p->ip, hlen);
+    if (p->family == 6)
+        memcpy(ip + NL_OFF_IP6_DADDR, daddr->w, 16);
+    else
+        memcpy(ip + NL_OFF_IP_DADDR, &daddr->w[3], 4);
+    uint16_t want = csum_fold(pseudo_sum_of(ip, p->proto, p->l4len));
+    /* 0 and 0xffff are the same ones' complement number. */
+    return field == want || ((field == 0 || field == 0xffff) && (want == 0 || want == 0xffff));
+}
+
 int nl_check_icmp_csum(const struct nl_pkt *outer, uint32_t pkt_flags)
 {
     if (pkt_flags & (NL_PKT_CSUM_VERIFIED | NL_PKT_CSUM_PARTIAL))

@@ -49,7 +49,15 @@ struct nl_fastpath {
     size_t tables_bytes;
     uint32_t n_slots, half;        /* the half the last publish wrote      */
     uint32_t decide;               /* as configured (nl_fp_set_decide)     */
+    struct nl_lb *pub_lb;          /* the core last published: told whether
+                                      the kernel decides (its held answers) */
+    pthread_mutex_t config_lock;   /* one writer of the config at a time:
+                                      the observer's heartbeat, set_decide */
 };
+
+/* Three idle waits and more: a stuck or killed observer's kernel queues
+ * first packets instead of placing them. */
+#define HEARTBEAT_STALE_MS 200
 
 static int fail(char *err, uint32_t errlen, const char *what, int code)
 {
@@ -79,6 +87,7 @@ struct nl_fastpath *nl_fp_open(const char *path, uint32_t max_backends, uint32_t
         fail(err, errlen, "fast path", ENOMEM);
         return NULL;
     }
+    pthread_mutex_init(&fp->config_lock, NULL);
     fp->obj = bpf_object__open_file(path, NULL);
     int rc = libbpf_get_error(fp->obj);
     if (rc) {
@@ -146,7 +155,8 @@ struct nl_fastpath *nl_fp_open(const char *path, uint32_t max_backends, uint32_t
                                        .udp_lifetime_ns = udp_lifetime_ns,
                                        .tcp_closing_ns = tcp_closing_ns,
                                        .syn_lifetime_ns = syn_lifetime_ns,
-                                       .synack_window_ns = synack_window_ns};
+                                       .synack_window_ns = synack_window_ns,
+                                       .stale_ns = HEARTBEAT_STALE_MS * 1000000ull};
     uint32_t zero = 0;
     if ((rc = bpf_map_update_elem(fp->config_fd, &zero, &fp->config, BPF_ANY))) {
         fail(err, errlen, "configuring the fast path", rc);
@@ -258,10 +268,14 @@ int nl_fp_set_backend(struct nl_fastpath *fp, uint32_t id, const struct nl_addr 
 
 /* ---- what the kernel decides: services and their scheduler tables ---- */
 
+/* Each writer changes its fields of fp->config, then writes it whole: the
+ * lock makes the last write the one that copied every change before it. */
 static void write_config(struct nl_fastpath *fp)
 {
     uint32_t zero = 0;
+    pthread_mutex_lock(&fp->config_lock);
     bpf_map_update_elem(fp->config_fd, &zero, &fp->config, BPF_ANY);
+    pthread_mutex_unlock(&fp->config_lock);
 }
 
 void nl_fp_set_decide(struct nl_fastpath *fp, int on)
@@ -269,6 +283,8 @@ void nl_fp_set_decide(struct nl_fastpath *fp, int on)
     fp->decide = on != 0;
     fp->config.decide = fp->decide;
     write_config(fp);
+    if (fp->pub_lb)
+        nl_fp_deciding(fp->pub_lb, fp->decide);
 }
 
 struct placed_svc { struct nl_fp_svc_key k; struct nl_fp_svc v; };
@@ -321,6 +337,8 @@ int nl_fp_publish(struct nl_fastpath *fp, struct nl_lb *lb, uint32_t *placed,
     nl_ext_exit(lb);
     if (!want)
         return -ENOMEM;
+    fp->pub_lb = lb;
+    nl_fp_deciding(lb, fp->decide);
     /* The tables are written before any entry points at them. */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     fp->half ^= 1;
@@ -388,8 +406,17 @@ static int64_t flush_where(struct nl_fastpath *fp, uint32_t ifindex)
     int more = bpf_map_get_next_key(fp->flows_fd, NULL, &key) == 0;
     while (more) {
         more = bpf_map_get_next_key(fp->flows_fd, &key, &next) == 0;
-        if (!ifindex || (bpf_map_lookup_elem(fp->flows_fd, &key, &flow) == 0 &&
-                         (flow.in_ifindex == ifindex || flow.out_ifindex == ifindex))) {
+        int found = bpf_map_lookup_elem(fp->flows_fd, &key, &flow) == 0;
+        if (!ifindex && found && flow.dir == NL_FP_IN) {
+            /* The client's side kept dead, as forget keeps it: the flow's
+             * next packet goes to natlb, which keeps it where it is, not
+             * placed anew by the kernel (an rr UDP session would move). */
+            if (flow.deadline_ns) {
+                flow.deadline_ns = 0;
+                n += bpf_map_update_elem(fp->flows_fd, &key, &flow, BPF_EXIST) == 0;
+            }
+        } else if (!ifindex || (found &&
+                                (flow.in_ifindex == ifindex || flow.out_ifindex == ifindex))) {
             int rc = bpf_map_delete_elem(fp->flows_fd, &key);
             if (rc && rc != -ENOENT)
                 return rc;
@@ -527,13 +554,10 @@ static void forget_both(struct nl_fastpath *fp, const struct nl_fp_key *k)
     bpf_map_delete_elem(fp->flows_fd, f.dir == NL_FP_IN ? &r : k);
 }
 
-/* A record natlb did not take (no flow: expired or evicted meanwhile, a bad
- * checksum, a flow being reset): the kernel must not go on carrying what
- * natlb does not follow, so both of its entries go (the flow's next packet
- * is natlb's).  The record is a packet as the fast path takes them: IPv4
- * with a 20-byte header or IPv6 without extension headers, its ports right
- * after. */
-static void forget_record(struct nl_fastpath *fp, const uint8_t *pkt, uint32_t len)
+/* The tuple of a record's packet, as the fast path takes them: IPv4 with a
+ * 20-byte header or IPv6 without extension headers, its ports right after.
+ * 0 if it is neither. */
+static int record_key(const uint8_t *pkt, uint32_t len, struct nl_fp_key *k)
 {
     struct nl_addr s, d;
     uint32_t l4, v4[2];
@@ -547,13 +571,52 @@ static void forget_record(struct nl_fastpath *fp, const uint8_t *pkt, uint32_t l
         memcpy(d.w, pkt + 24, 16);
         l4 = 40;
     } else {
-        return;
+        return 0;
     }
     uint16_t sport, dport;
     memcpy(&sport, pkt + l4, 2);
     memcpy(&dport, pkt + l4 + 2, 2);
-    struct nl_fp_key k = key_of(&s, &d, sport, dport, pkt[l4 == 20 ? 9 : 6]);
-    forget_both(fp, &k);
+    *k = key_of(&s, &d, sport, dport, pkt[l4 == 20 ? 9 : 6]);
+    return 1;
+}
+
+/* A record natlb did not take (no flow: expired or evicted meanwhile, a bad
+ * checksum, a flow being reset): the kernel must not go on carrying what
+ * natlb does not follow, so both of its entries go (the flow's next packet
+ * is natlb's).  The record is a packet as the fast path takes them: IPv4
+ * with a 20-byte header or IPv6 without extension headers, its ports right
+ * after. */
+static void forget_record(struct nl_fastpath *fp, const uint8_t *pkt, uint32_t len)
+{
+    struct nl_fp_key k;
+    if (record_key(pkt, len, &k))
+        forget_both(fp, &k);
+}
+
+/* A first packet's record natlb refused: what the kernel installed for it
+ * goes (its backend's side; the client's side, buried, only if it still
+ * names that backend: natlb may have placed a copy of the packet itself
+ * meanwhile, a SYN sent twice, and its entries stay). */
+static void forget_placed(struct nl_fastpath *fp, const uint8_t *pkt, uint32_t len,
+                          uint32_t backend_id)
+{
+    struct nl_fp_flow f;
+    struct nl_fp_backend b;
+    struct nl_fp_key k;
+    if (!record_key(pkt, len, &k))
+        return;
+    if (bpf_map_lookup_elem(fp->flows_fd, &k, &f) == 0 && f.backend_id == backend_id) {
+        forget_both(fp, &k);
+        return;
+    }
+    if (bpf_map_lookup_elem(fp->backends_fd, &backend_id, &b) == 0) {
+        struct nl_fp_key out = {.sport = b.port, .dport = k.sport, .proto = k.proto,
+                                .family = k.family};
+        memcpy(out.saddr, b.addr, sizeof out.saddr);
+        memcpy(out.daddr, k.saddr, sizeof out.daddr);
+        if (bpf_map_lookup_elem(fp->flows_fd, &out, &f) == 0 && f.backend_id == backend_id)
+            bpf_map_delete_elem(fp->flows_fd, &out);
+    }
 }
 
 /* Called by ring_buffer__consume inside the external epoch (observe_round). */
@@ -572,14 +635,16 @@ static int apply_event(void *ctx, void *data, size_t size)
     if (ev->new_backend != NL_FP_CARRIED) {
         /* A first packet the kernel placed: natlb's flow as if queued. */
         applied = nl_observed_new(fp->lb, fp->lb->cfg.n_workers, pkt, ev->len, flags,
-                                  ev->new_backend, nl_monotonic_ms());
+                                  ev->new_backend, ev->sent_csum, nl_monotonic_ms());
         __atomic_fetch_add(applied ? &fp->placed : &fp->refused, 1, __ATOMIC_RELAXED);
     } else {
         applied = nl_observed(fp->lb, fp->lb->cfg.n_workers, pkt, ev->len, flags,
                               nl_monotonic_ms());
         __atomic_fetch_add(applied ? &fp->observed : &fp->ignored, 1, __ATOMIC_RELAXED);
     }
-    if (!applied)
+    if (!applied && ev->new_backend != NL_FP_CARRIED)
+        forget_placed(fp, pkt, ev->len, ev->new_backend);
+    else if (!applied)
         forget_record(fp, pkt, ev->len);
     return 0;
 }
@@ -619,8 +684,10 @@ static int observe_round(struct nl_fastpath *fp)
     int got = ring_buffer__consume(fp->rb);
     /* ICMP errors and RSTs about flows natlb did not hold yet: the kernel's
      * records of those flows came before them, and are applied now. */
-    nl_deferred_retry(lb, nl_monotonic_ms());
+    uint32_t sent = nl_deferred_retry(lb, nl_monotonic_ms());
     nl_ext_exit(lb);
+    if (sent)
+        nl_io_flush(lb);       /* the held answers a flow took, on their way */
     nl_event_signal(lb);       /* what applying them emitted (passive reports) */
     if (want)
         nl_fp_sync_done(lb, want);
@@ -629,7 +696,23 @@ static int observe_round(struct nl_fastpath *fp)
 
 #define POLL_MS 1                  /* busy: the ring is read every 1 ms      */
 #define IDLE_POLLS 100             /* ... until 100 reads in a row find nothing */
-#define IDLE_WAIT_MS 100           /* idle: bounds how long stopping waits    */
+#define IDLE_WAIT_MS 50            /* idle: bounds how long stopping waits,
+                                      and the heartbeat's period              */
+#define HEARTBEAT_MS 20            /* busy: the heartbeat written at most so often */
+
+/* The kernel places first packets only while this beats (config
+ * heartbeat_ns, fastpath.bpf.c decide): natlb killed, they are queued (to
+ * its successor) after HEARTBEAT_STALE_MS. */
+static void heartbeat(struct nl_fastpath *fp)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    uint64_t now = (uint64_t)ts.tv_sec * 1000000000ull + (uint64_t)ts.tv_nsec;
+    if (now - fp->config.heartbeat_ns < HEARTBEAT_MS * 1000000ull)
+        return;
+    fp->config.heartbeat_ns = now;
+    write_config(fp);
+}
 
 static void set_polling(struct nl_fastpath *fp, uint32_t on)
 {
@@ -665,6 +748,7 @@ static void *observe_loop(void *arg)
             }
         }
         int got = observe_round(fp);
+        heartbeat(fp);
         if (got > 0) {
             idle = 0;
             if (!polling)

@@ -417,12 +417,16 @@ class Core:
         v = lib.nl_decide_id(self._lb, self.workers, buf, len(packet), flags, now_ms, pid, mark)
         return Verdict(v), mark[0]
 
-    def observe_new(self, packet: bytes, backend_id: int, now_ms: int, flags: int = 0) -> bool:
+    def observe_new(self, packet: bytes, backend_id: int, now_ms: int, flags: int = 0,
+                    sent_csum: int | None = None) -> bool:
         """A new flow's first packet the kernel placed on backend_id: natlb's
         flow made as if it had queued it and chosen that.  True if natlb
-        took it (the kernel may carry the flow)."""
+        took it (the kernel may carry the flow).  sent_csum: the L4
+        checksum field the kernel sent it on with (its record says)."""
         buf = self._buffer(packet)
-        return bool(lib.nl_observe_new(self._lb, buf, len(packet), flags, backend_id, now_ms))
+        sent = 0xFFFFFFFF if sent_csum is None else sent_csum
+        return bool(lib.nl_observe_new(self._lb, buf, len(packet), flags, backend_id, sent,
+                                       now_ms))
 
     def observe(self, packet: bytes, now_ms: int, flags: int = 0) -> bool:
         """A FIN or RST the kernel carried alone: applied to its flow as
@@ -662,7 +666,7 @@ class Core:
 FASTPATH_OBJECT = Path(__file__).resolve().parent / "_fastpath.bpf.o"
 # fastpath.h NL_FP_STAT_*, in order.
 FP_STATS = ("ring_full", "decided", "fallback_ring", "fallback_map", "fallback_route",
-            "fallback_packet")
+            "fallback_packet", "fallback_stale")
 
 
 @dataclass(frozen=True)

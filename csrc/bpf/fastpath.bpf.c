@@ -457,6 +457,14 @@ static __always_inline int decide(struct __sk_buff *skb, int v6, struct parsed *
     struct nl_fp_config *cfg = bpf_map_lookup_elem(&config, &zero);
     if (!cfg || !cfg->decide || !s->table_len)
         return TC_ACT_OK;
+    /* Placed here, a flow lives only if an observer applies its record: not
+     * once natlb is gone (killed: its filters stay for a successor, which
+     * brings new maps) or stuck.  The observer beats each round. */
+    __u64 now = bpf_ktime_get_ns();
+    if (cfg->heartbeat_ns && now - cfg->heartbeat_ns > cfg->stale_ns) {
+        count_stat(NL_FP_STAT_DECIDE_STALE);
+        return TC_ACT_OK;
+    }
     /* 64-bit all along: the verifier then knows n <= 128. */
     __u64 n = skb->len;
     n = n > ETH_HLEN ? n - ETH_HLEN : 0;
@@ -518,7 +526,6 @@ static __always_inline int decide(struct __sk_buff *skb, int v6, struct parsed *
     }
 
     /* The entries, as learn makes them from the packet it would have seen. */
-    __u64 now = bpf_ktime_get_ns();
     __u64 deadline = now + (syn ? cfg->syn_lifetime_ns : cfg->udp_lifetime_ns);
     struct nl_fp_flow fv = {.port = b->port, .dir = NL_FP_IN,
                             .flags = syn ? NL_FP_F_HANDSHAKE : 0, .backend_id = bid,
@@ -555,6 +562,13 @@ static __always_inline int decide(struct __sk_buff *skb, int v6, struct parsed *
         bpf_ringbuf_discard(ev, 0);
         return TC_ACT_SHOT;
     }
+    /* What the kernel made of the checksum field (a CHECKSUM_PARTIAL
+     * packet's stays a partial form): natlb believes a partial form only
+     * if it is that of the header sent. */
+    __u16 sent = 0;
+    bpf_skb_load_bytes(skb, csum_off, &sent, sizeof sent);
+    ev->sent_csum = sent;
+    ev->pad = 0;
     count_stat(NL_FP_STAT_DECIDED);
     __u64 wake = 0;
     if (cfg->observer_polling)
@@ -693,6 +707,8 @@ static __always_inline int carry_ip(struct __sk_buff *skb, int v6)
         ev->ifindex = skb->ingress_ifindex;
         ev->len = n;
         ev->new_backend = NL_FP_CARRIED;
+        ev->sent_csum = 0;
+        ev->pad = 0;
         /* An IPv6 packet may be 65,575 bytes: longer than the head all the same. */
         ev->tot_len = p.tot_len > 0xffff ? 0xffff : p.tot_len;
     }

@@ -105,6 +105,11 @@ struct nl_fp_config {
                                       service in the svcs map is placed here
                                       (0: queued to natlb, as in a handover) */
     __u32 sched_seed;              /* natlb's lb->sched_seed (sh, maglev)     */
+    __u64 heartbeat_ns;            /* CLOCK_MONOTONIC (bpf_ktime_get_ns) of the
+                                      observer's last round; 0: none yet      */
+    __u64 stale_ns;                /* decide queues first packets instead once
+                                      the heartbeat is this old: no natlb
+                                      would hear of them (killed, stuck)      */
 };
 
 /* tables map value: two slots (an array's values are 8-byte aligned: the
@@ -145,7 +150,9 @@ struct nl_fp_svc {
 #define NL_FP_STAT_DECIDE_PACKET 5 /* ... TTL <= 1, a SYN longer than a record,
                                       a table slot naming another service's
                                       backend (a publish in between)          */
-#define NL_FP_STAT_MAX 6
+#define NL_FP_STAT_DECIDE_STALE 6  /* ... the observer's heartbeat is stale
+                                      (natlb killed or stuck)                 */
+#define NL_FP_STAT_MAX 7
 
 /* The schedulers the kernel decides (natlb.h NL_SCHED_*). */
 #define NL_FP_SCHED_RR 0
@@ -170,6 +177,11 @@ struct nl_fp_event {
                                       packet the kernel placed on this
                                       backend (its whole head for TCP: the
                                       SYN natlb holds for re-steering)        */
+    __u16 sent_csum;               /* a placed packet: its L4 checksum field as
+                                      sent on (rewritten): natlb tells a
+                                      CHECKSUM_PARTIAL packet's field from a
+                                      wrong sum (lb.c nl_observed_new)        */
+    __u16 pad;                     /* zero                                    */
 };
 #define NL_FP_CARRIED 0xffffffffu
 
