@@ -35,10 +35,10 @@ def pair(fam):
         c.close()
 
 
-def syn(fam: Family, sport: int = CPORT) -> bytes:
+def syn(fam: Family, sport: int = CPORT, seq: int = 1000) -> bytes:
     # TCP options: the held copy is the whole SYN.
     return bytes(fam.ip(src=fam.client, dst=fam.vip) /
-                 TCP(sport=sport, dport=80, flags="S", seq=1000,
+                 TCP(sport=sport, dport=80, flags="S", seq=seq,
                      options=[("MSS", 1400), ("SAckOK", b""), ("WScale", 7)]))
 
 
@@ -115,10 +115,12 @@ def test_a_placed_syn_to_a_backend_natlb_no_longer_places_on_is_followed_not_car
         c.close()
 
 
-def test_a_placed_syn_on_a_tuple_natlb_holds_is_a_new_flow_where_the_kernel_sent_it(fam):
+def test_a_placed_syn_on_a_connection_natlb_holds_established_does_not_move_it(fam):
     """A port the client reuses before natlb saw the old connection close
-    (established here), or a SYN again after the kernel's entries were
-    emptied: the SYN went where the kernel chose, and the flow is there."""
+    (established here), the kernel's entries emptied or evicted: queued,
+    that SYN would have gone to the connection's backend, so natlb keeps
+    its flow there and refuses the record (the kernel forgets what it
+    installed; the client's SYN again is natlb's)."""
     c = fast_core()
     c.publish([fam.service()])
     try:
@@ -129,17 +131,43 @@ def test_a_placed_syn_on_a_tuple_natlb_holds_is_a_new_flow_where_the_kernel_sent
         c.decide(bytes(fam.ip(src=fam.client, dst=fam.vip) /
                        TCP(sport=CPORT, dport=80, flags="A", seq=1001, ack=6)), 100)
         new = (old + 1) % 3
-        assert c.observe_new(syn(fam), new, 101) is True
+        assert c.observe_new(syn(fam, seq=50_000), new, 101) is False
         assert c.flow_count() == 1
-        assert c.backend_counters(16)[new].new_flows == 1
-        # The new backend's SYN-ACK is the flow's; the old one's is not.
-        nb = fam.backends[new]
-        assert c.decide(bytes(fam.ip(src=nb, dst=fam.client) /
-                              TCP(sport=8080, dport=CPORT, flags="SA", seq=9, ack=1001)),
-                        102)[0] == Verdict.MARK
+        assert c.backend_counters(16)[new].new_flows == 0
+        # The connection's backend is still the flow's; the other one's SYN-ACK is not.
         assert c.decide(bytes(fam.ip(src=b, dst=fam.client) /
                               TCP(sport=8080, dport=CPORT, flags="A", seq=6, ack=1001)),
-                        102)[0] == Verdict.ACCEPT
+                        102)[0] == Verdict.MARK
+        nb = fam.backends[new]
+        assert c.decide(bytes(fam.ip(src=nb, dst=fam.client) /
+                              TCP(sport=8080, dport=CPORT, flags="SA", seq=9, ack=50_001)),
+                        102)[0] != Verdict.MARK
+    finally:
+        c.close()
+
+
+def test_a_placed_syn_on_a_closed_connections_tuple_is_a_new_flow_where_the_kernel_sent_it(fam):
+    """The client reusing a port after natlb saw the connection close (its
+    RST): the kernel places the SYN and the flow is where it went."""
+    c = fast_core()
+    c.publish([fam.service()])
+    try:
+        old = c.decide(syn(fam), 100)[1] & 0xFFF
+        b = fam.backends[old]
+        c.decide(bytes(fam.ip(src=b, dst=fam.client) /
+                       TCP(sport=8080, dport=CPORT, flags="SA", seq=5, ack=1001)), 100)
+        c.decide(bytes(fam.ip(src=fam.client, dst=fam.vip) /
+                       TCP(sport=CPORT, dport=80, flags="A", seq=1001, ack=6)), 100)
+        c.decide(bytes(fam.ip(src=fam.client, dst=fam.vip) /
+                       TCP(sport=CPORT, dport=80, flags="R", seq=1001)), 100)
+        new = (old + 1) % 3
+        assert c.observe_new(syn(fam, seq=50_000), new, 101) is True
+        assert c.flow_count() == 1
+        assert c.backend_counters(16)[new].new_flows == 1
+        nb = fam.backends[new]
+        assert c.decide(bytes(fam.ip(src=nb, dst=fam.client) /
+                              TCP(sport=8080, dport=CPORT, flags="SA", seq=9, ack=50_001)),
+                        102)[0] == Verdict.MARK
     finally:
         c.close()
 
