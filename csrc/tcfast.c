@@ -9,6 +9,7 @@
 #include <unistd.h>
 #include <sys/epoll.h>
 #include <sys/mman.h>
+#include <sys/socket.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -51,6 +52,9 @@ struct nl_fastpath {
     uint32_t decide;               /* as configured (nl_fp_set_decide)     */
     struct nl_lb *pub_lb;          /* the core last published: told whether
                                       the kernel decides (its held answers) */
+    int observer_fd;               /* the observer map (a sockmap)         */
+    int alive[2];                  /* while observing: a socket pair, one
+                                      end in that map (closed with us)     */
     pthread_mutex_t config_lock;   /* one writer of the config at a time:
                                       the observer's heartbeat, set_decide */
 };
@@ -103,10 +107,11 @@ struct nl_fastpath *nl_fp_open(const char *path, uint32_t max_backends, uint32_t
     struct bpf_map *stats = bpf_object__find_map_by_name(fp->obj, "stats");
     struct bpf_map *svcs = bpf_object__find_map_by_name(fp->obj, "svcs");
     struct bpf_map *tables = bpf_object__find_map_by_name(fp->obj, "tables");
+    struct bpf_map *observer = bpf_object__find_map_by_name(fp->obj, "observer");
     struct bpf_program *learn = bpf_object__find_program_by_name(fp->obj, "learn");
     struct bpf_program *carry = bpf_object__find_program_by_name(fp->obj, "carry");
     if (!backends || !flows || !counters || !config || !events || !stats || !learn ||
-        !carry || !svcs || !tables) {
+        !carry || !svcs || !tables || !observer) {
         fail(err, errlen, "fast path object lacks a map or program", ENOENT);
         goto out;
     }
@@ -135,6 +140,8 @@ struct nl_fastpath *nl_fp_open(const char *path, uint32_t max_backends, uint32_t
     fp->config_fd = bpf_map__fd(config);
     fp->svcs_fd = bpf_map__fd(svcs);
     fp->tables_fd = bpf_map__fd(tables);
+    fp->observer_fd = bpf_map__fd(observer);
+    fp->alive[0] = fp->alive[1] = -1;
     fp->max_services = max_services;
     fp->n_slots = n_slots;
     long page = sysconf(_SC_PAGESIZE);
@@ -765,6 +772,39 @@ static void *observe_loop(void *arg)
     return NULL;
 }
 
+static void unwatch_alive(struct nl_fastpath *fp)
+{
+    uint32_t zero = 0;
+    if (fp->config.observer_alive) {
+        fp->config.observer_alive = 0;
+        write_config(fp);
+        bpf_map_delete_elem(fp->observer_fd, &zero);
+    }
+    for (int i = 0; i < 2; i++)
+        if (fp->alive[i] >= 0)
+            close(fp->alive[i]);
+    fp->alive[0] = fp->alive[1] = -1;
+}
+
+/* The kernel decides only while an observer will apply its records: a
+ * socket of ours in the observer map says so until our process ends (the
+ * kernel closes it then, SIGKILL included, and takes it out of the map),
+ * at once, where the heartbeat would take HEARTBEAT_STALE_MS.  A kernel
+ * that refuses the socket leaves the heartbeat alone to say it. */
+static void watch_alive(struct nl_fastpath *fp)
+{
+    uint32_t zero = 0;
+    if (socketpair(AF_UNIX, SOCK_DGRAM | SOCK_CLOEXEC, 0, fp->alive))
+        fp->alive[0] = fp->alive[1] = -1;
+    uint64_t fd = (uint64_t)fp->alive[0];
+    if (fp->alive[0] < 0 || bpf_map_update_elem(fp->observer_fd, &zero, &fd, BPF_ANY)) {
+        unwatch_alive(fp);
+        return;
+    }
+    fp->config.observer_alive = 1;
+    write_config(fp);
+}
+
 int nl_fp_observe_start(struct nl_fastpath *fp, struct nl_lb *lb)
 {
     if (fp->rb)
@@ -782,6 +822,8 @@ int nl_fp_observe_start(struct nl_fastpath *fp, struct nl_lb *lb)
         rc = -errno;
     fp->lb = lb;
     fp->stop = 0;
+    if (!rc)
+        watch_alive(fp);
     if (!rc) {
         nl_fp_observing(lb, 1);
         rc = -pthread_create(&fp->observer, NULL, observe_loop, fp);
@@ -804,6 +846,7 @@ void nl_fp_observe_stop(struct nl_fastpath *fp)
         return;
     fp->stop = 1;
     pthread_join(fp->observer, NULL);
+    unwatch_alive(fp);
     nl_fp_observing(fp->lb, 0);
     close(fp->epfd);
     ring_buffer__free(fp->rb);

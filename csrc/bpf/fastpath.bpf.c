@@ -114,6 +114,15 @@ struct {
     __uint(max_entries, NL_FP_RING_BYTES);
 } events SEC(".maps");
 
+/* A socket of natlb's observer: the kernel removes it from here when it
+ * closes, natlb killed or not (config.observer_alive says one is due). */
+struct {
+    __uint(type, BPF_MAP_TYPE_SOCKMAP);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, __u64);
+} observer SEC(".maps");
+
 /* A FIN: neither entry outlives natlb's flow, which gets its closing
  * timeout when natlb applies the FIN (later than now). */
 static __always_inline void cut_deadline(const struct nl_fp_key *k)
@@ -464,6 +473,14 @@ static __always_inline int decide(struct __sk_buff *skb, int v6, struct parsed *
     if (cfg->heartbeat_ns && now - cfg->heartbeat_ns > cfg->stale_ns) {
         count_stat(NL_FP_STAT_DECIDE_STALE);
         return TC_ACT_OK;
+    }
+    if (cfg->observer_alive) {
+        struct bpf_sock *sk = bpf_map_lookup_elem(&observer, &zero);
+        if (!sk) {
+            count_stat(NL_FP_STAT_DECIDE_STALE);   /* natlb is gone: at once */
+            return TC_ACT_OK;
+        }
+        bpf_sk_release(sk);
     }
     /* 64-bit all along: the verifier then knows n <= 128. */
     __u64 n = skb->len;

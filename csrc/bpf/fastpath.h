@@ -110,6 +110,10 @@ struct nl_fp_config {
     __u64 stale_ns;                /* decide queues first packets instead once
                                       the heartbeat is this old: no natlb
                                       would hear of them (killed, stuck)      */
+    __u32 observer_alive;          /* 1: decide only while the observer's
+                                      socket is in the observer map (closed
+                                      with natlb's process, SIGKILL too)      */
+    __u32 pad2;                    /* zero                                    */
 };
 
 /* tables map value: two slots (an array's values are 8-byte aligned: the
