@@ -635,9 +635,10 @@ void nl_fp_forget_flow(struct nl_lb *lb, struct nl_flow *f);
 /* 1 if keys or a sync request were queued since the last call (then the
  * I/O layer wakes the fast path's observer), else 0. */
 int nl_fp_unsignalled(struct nl_lb *lb);
-/* Whether the kernel places new flows' first packets (lb.fastpath_decide,
- * as the fast path last published it to this lb): a published backend's
- * answer that finds no flow may then belong to a flow natlb hears of late. */
+/* Whether the kernel places (or has placed) new flows' first packets for
+ * this lb (lb.fastpath_decide on; a pause leaves it set): a published
+ * backend's answer that finds no flow may then belong to a flow natlb
+ * hears of late. */
 void nl_fp_deciding(struct nl_lb *lb, int on);
 int nl_fp_is_deciding(struct nl_lb *lb);
 /* A published backend's answer (or an ICMP error about what went to one)

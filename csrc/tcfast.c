@@ -290,8 +290,10 @@ void nl_fp_set_decide(struct nl_fastpath *fp, int on)
     fp->decide = on != 0;
     fp->config.decide = fp->decide;
     write_config(fp);
-    if (fp->pub_lb)
-        nl_fp_deciding(fp->pub_lb, fp->decide);
+    /* Never cleared here: records of flows placed before a pause may still
+     * be on their way, and their answers must be held, not passed. */
+    if (fp->pub_lb && fp->decide)
+        nl_fp_deciding(fp->pub_lb, 1);
 }
 
 struct placed_svc { struct nl_fp_svc_key k; struct nl_fp_svc v; };
@@ -345,7 +347,8 @@ int nl_fp_publish(struct nl_fastpath *fp, struct nl_lb *lb, uint32_t *placed,
     if (!want)
         return -ENOMEM;
     fp->pub_lb = lb;
-    nl_fp_deciding(lb, fp->decide);
+    if (fp->decide)
+        nl_fp_deciding(lb, 1);
     /* The tables are written before any entry points at them. */
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
     fp->half ^= 1;

@@ -288,9 +288,16 @@ class Daemon:
             changed = [k for k in vars(new.lb) if getattr(new.lb, k) != getattr(self.config.lb, k)]
             raise ConfigError(f"lb.{changed[0]} changed; restart natlb to apply it "
                               f"(natlb restart -c FILE keeps the flows)")
+        # The kernel places no first packet of a new service before its
+        # rules are in place (a packet the kernel leaves to natlb must reach
+        # its queue): decisions pause until _reinstall is done.
+        if self.fast:
+            self.fast.pause_decisions()
         try:
             self.pool.reconfigure(new)
         except PoolError as e:
+            if self.fast:
+                self.fast.resume_decisions()
             raise RequestError(str(e)) from None
         old_vips = {s.vip for s in self.config.services}
         self.config = new
@@ -299,7 +306,11 @@ class Daemon:
         loop = asyncio.get_running_loop()
         # Rules first: a VIP must never be local without them.  Routes may
         # have changed too: the ruleset reads them in the executor.
-        await self._reinstall()
+        try:
+            await self._reinstall()
+        finally:
+            if self.fast:
+                self.fast.resume_decisions()
         if new_vips or first_ipv6:
             assert self.journal is not None
             journal = self.journal
