@@ -124,11 +124,12 @@ int nl_observe(struct nl_lb *lb, uint8_t *pkt, uint32_t len, uint32_t pkt_flags,
 }
 
 int nl_observe_new(struct nl_lb *lb, uint8_t *pkt, uint32_t len, uint32_t pkt_flags,
-                   uint32_t backend_id, uint32_t sent_csum, uint64_t now_ms)
+                   uint32_t backend_id, uint32_t sent_csum, uint64_t placed_ms,
+                   uint64_t now_ms)
 {
     nl_ext_enter(lb);
     int applied = nl_observed_new(lb, lb->cfg.n_workers, pkt, len, pkt_flags, backend_id,
-                                  sent_csum, now_ms);
+                                  sent_csum, placed_ms, now_ms);
     nl_ext_exit(lb);
     nl_event_signal(lb);
     return applied;

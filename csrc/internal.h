@@ -708,7 +708,7 @@ int nl_observed(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
                 uint32_t pkt_flags, uint64_t now_ms);
 int nl_observed_new(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
                     uint32_t pkt_flags, uint32_t backend_id, uint32_t sent_csum,
-                    uint64_t now_ms);
+                    uint64_t placed_ms, uint64_t now_ms);
 int nl_packet(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
               uint32_t pkt_flags, uint64_t now_ms, uint32_t packet_id, uint32_t *mark);
 /* One packet of a batch for nl_packets: what nl_packet takes, and what it

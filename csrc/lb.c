@@ -137,20 +137,27 @@ static int reply_track(struct nl_lb *lb, struct nl_worker_counters *wc,
  * live backend (its kernel entries emptied or evicted), a connection past
  * its SYN, or still at the SYN that this one repeats (same ISN: a
  * duplicate within the observer's lag, whose first copy natlb placed). */
-static int kept_from_kernel(const struct nl_snapshot *snap, const struct nl_flow *f,
-                            const struct nl_pkt *p)
+static int kept_from_kernel(const struct nl_ct *ct, const struct nl_snapshot *snap,
+                            const struct nl_flow *f, const struct nl_pkt *p, uint32_t placed)
 {
     if (p->proto == NL_IPPROTO_UDP)
         return snap->alive[f->backend_id] != 0;
-    if (f->state == NL_FS_SYN_SENT)
-        return (f->flags & NL_FL_SYN_CHECKED) && f->syn_seq == p->seq;
+    if (f->state == NL_FS_SYN_SENT) {
+        /* The same SYN natlb noted no earlier than the kernel placed it
+         * (1 ms of rounding): the copy natlb placed meanwhile.  Noted
+         * before: the kernel's is a retransmission (natlb's copy may have
+         * been lost, in a handover), and the flow follows it, as before. */
+        uint32_t noted = f->expires_ms - nl_ct_tcp_timeout(ct, NL_FS_SYN_SENT);
+        return (f->flags & NL_FL_SYN_CHECKED) && f->syn_seq == p->seq &&
+               (!placed || !nl_time_before(noted + 1, placed));
+    }
     return f->state == NL_FS_SYN_RECV || f->state == NL_FS_ESTABLISHED;
 }
 
 static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
                    const struct nl_snapshot *snap, const struct nl_service *svc,
                    struct nl_pkt *p, const struct nl_ct_key *k, uint32_t b, uint32_t pkt_flags,
-                   int csum, uint32_t now, uint32_t *mark, int chosen)
+                   int csum, uint32_t now, uint32_t *mark, int chosen, uint32_t placed)
 {
     struct nl_ct *ct = &lb->ct;
     pthread_spinlock_t *lock = nl_ct_stripe(ct, b);
@@ -173,7 +180,7 @@ static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
         f = NULL;
     }
     if (f && chosen >= 0 && (is_syn || f->backend_id != svc->backends[chosen].id) &&
-        kept_from_kernel(snap, f, p)) {
+        kept_from_kernel(ct, snap, f, p, placed)) {
         /* natlb's flow stays where it is: the kernel forgets what it
          * placed (nl_observed_new refuses its record). */
         pthread_spin_unlock(lock);
@@ -623,7 +630,7 @@ static int flow_packet(struct nl_lb *lb, struct nl_worker_counters *wc, struct c
 {
     struct nl_pkt *p = &c->p;
     int v = c->svc ? forward(lb, wc, c->snap, c->svc, p, &c->key, c->bucket, c->pkt_flags,
-                             c->csum, (uint32_t)now_ms, mark, -1)
+                             c->csum, (uint32_t)now_ms, mark, -1, 0)
                    : reply(lb, wc, c->snap, p, &c->key, c->bucket, c->pkt_flags, c->csum,
                            (uint32_t)now_ms, mark);
     if (NL_UNLIKELY(p->frag))
@@ -822,7 +829,7 @@ int nl_observed(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
  * natlb's to say, as its mark would. */
 int nl_observed_new(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
                     uint32_t pkt_flags, uint32_t backend_id, uint32_t sent_csum,
-                    uint64_t now_ms)
+                    uint64_t placed_ms, uint64_t now_ms)
 {
     struct nl_pkt p;
     int r = nl_parse(pkt, len, &p, (pkt_flags & NL_PKT_HEAD_ONLY) != 0);
@@ -864,7 +871,7 @@ int nl_observed_new(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t le
                            .reply = 0, .other_addr = &p.daddr, .other_port = p.dport };
     uint32_t mark = 0;
     int v = forward(lb, wc, snap, svc, &p, &k, nl_ct_bucket(&lb->ct, &k), pkt_flags, csum,
-                    (uint32_t)now_ms, &mark, chosen);
+                    (uint32_t)now_ms, &mark, chosen, (uint32_t)placed_ms);
     return v == NL_VERDICT_MARK && (mark & NL_MARK_FAST) &&
            (uint16_t)mark == backend_id;   /* ids fit 16 bits */
 }

@@ -511,6 +511,11 @@ int nl_observe(struct nl_lb *lb, uint8_t *pkt, uint32_t len, uint32_t pkt_flags,
  * would not have moved, a bad checksum): the kernel must then forget what
  * it installed.  sent_csum: the L4 checksum field as the kernel sent the
  * packet on (> 0xffff: not known), which says whether a partial-form field
- * was the kernel's CHECKSUM_PARTIAL or a wrong sum from a wire. */
+ * was the kernel's CHECKSUM_PARTIAL or a wrong sum from a wire.  placed_ms:
+ * when the kernel placed it (monotonic ms, as now_ms; 0: not known), which
+ * says whether natlb's SYN_SENT flow on the tuple came after it (a copy of
+ * the same SYN natlb placed meanwhile: kept) or before (the kernel's is a
+ * retransmission natlb did not see: the flow follows it). */
 int nl_observe_new(struct nl_lb *lb, uint8_t *pkt, uint32_t len, uint32_t pkt_flags,
-                   uint32_t backend_id, uint32_t sent_csum, uint64_t now_ms);
+                   uint32_t backend_id, uint32_t sent_csum, uint64_t placed_ms,
+                   uint64_t now_ms);

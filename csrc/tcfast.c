@@ -645,7 +645,9 @@ static int apply_event(void *ctx, void *data, size_t size)
     if (ev->new_backend != NL_FP_CARRIED) {
         /* A first packet the kernel placed: natlb's flow as if queued. */
         applied = nl_observed_new(fp->lb, fp->lb->cfg.n_workers, pkt, ev->len, flags,
-                                  ev->new_backend, ev->sent_csum, nl_monotonic_ms());
+                                  ev->new_backend, ev->sent_csum,
+                                  ev->placed_ns / 1000000 ? ev->placed_ns / 1000000 : 1,
+                                  nl_monotonic_ms());
         __atomic_fetch_add(applied ? &fp->placed : &fp->refused, 1, __ATOMIC_RELAXED);
     } else {
         applied = nl_observed(fp->lb, fp->lb->cfg.n_workers, pkt, ev->len, flags,
@@ -830,8 +832,10 @@ int nl_fp_observe_start(struct nl_fastpath *fp, struct nl_lb *lb)
     if (!rc) {
         nl_fp_observing(lb, 1);
         rc = -pthread_create(&fp->observer, NULL, observe_loop, fp);
-        if (rc)
+        if (rc) {
             nl_fp_observing(lb, 0);
+            unwatch_alive(fp);
+        }
     }
     if (rc) {
         if (fp->epfd >= 0)

@@ -418,15 +418,16 @@ class Core:
         return Verdict(v), mark[0]
 
     def observe_new(self, packet: bytes, backend_id: int, now_ms: int, flags: int = 0,
-                    sent_csum: int | None = None) -> bool:
+                    sent_csum: int | None = None, placed_ms: int = 0) -> bool:
         """A new flow's first packet the kernel placed on backend_id: natlb's
         flow made as if it had queued it and chosen that.  True if natlb
         took it (the kernel may carry the flow).  sent_csum: the L4
-        checksum field the kernel sent it on with (its record says)."""
+        checksum field the kernel sent it on with, placed_ms when (its
+        record says; 0: not known)."""
         buf = self._buffer(packet)
         sent = 0xFFFFFFFF if sent_csum is None else sent_csum
         return bool(lib.nl_observe_new(self._lb, buf, len(packet), flags, backend_id, sent,
-                                       now_ms))
+                                       placed_ms, now_ms))
 
     def observe(self, packet: bytes, now_ms: int, flags: int = 0) -> bool:
         """A FIN or RST the kernel carried alone: applied to its flow as

@@ -586,6 +586,7 @@ static __always_inline int decide(struct __sk_buff *skb, int v6, struct parsed *
     bpf_skb_load_bytes(skb, csum_off, &sent, sizeof sent);
     ev->sent_csum = sent;
     ev->pad = 0;
+    ev->placed_ns = now;
     count_stat(NL_FP_STAT_DECIDED);
     __u64 wake = 0;
     if (cfg->observer_polling)
@@ -726,6 +727,7 @@ static __always_inline int carry_ip(struct __sk_buff *skb, int v6)
         ev->new_backend = NL_FP_CARRIED;
         ev->sent_csum = 0;
         ev->pad = 0;
+        ev->placed_ns = 0;
         /* An IPv6 packet may be 65,575 bytes: longer than the head all the same. */
         ev->tot_len = p.tot_len > 0xffff ? 0xffff : p.tot_len;
     }

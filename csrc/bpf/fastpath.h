@@ -186,6 +186,8 @@ struct nl_fp_event {
                                       CHECKSUM_PARTIAL packet's field from a
                                       wrong sum (lb.c nl_observed_new)        */
     __u16 pad;                     /* zero                                    */
+    __u64 placed_ns;               /* a placed packet: when (bpf_ktime_get_ns,
+                                      CLOCK_MONOTONIC); 0 for others          */
 };
 #define NL_FP_CARRIED 0xffffffffu
 

@@ -204,3 +204,24 @@ def test_what_natlb_cannot_take_is_refused(fam, case):
         assert c.flow_count() == before
     finally:
         c.close()
+
+
+def test_a_repeated_syn_follows_the_kernel_only_if_it_placed_it_after_natlb_did(fam):
+    """The same SYN (ISN) natlb holds in SYN_SENT: placed by the kernel
+    before natlb noted its own copy (a duplicate within the observer's lag)
+    natlb's flow stays; placed a second later (a retransmission natlb never
+    saw queued, its own copy lost in a handover) the flow follows it."""
+    for placed, kept in ((1000, True), (2000, False)):
+        c = fast_core()
+        c.publish([fam.service()])
+        try:
+            mine = c.decide(syn(fam), 1000)[1] & 0xFFF
+            other = (mine + 1) % 3
+            assert c.observe_new(syn(fam), other, 1001, placed_ms=placed) is not kept
+            assert c.flow_count() == 1
+            _, mark = c.decide(bytes(fam.ip(src=fam.backends[mine], dst=fam.client) /
+                                     TCP(sport=8080, dport=CPORT, flags="SA", seq=5,
+                                         ack=1001)), 2001)
+            assert bool(mark) is kept
+        finally:
+            c.close()
