@@ -134,8 +134,8 @@ static int reply_track(struct nl_lb *lb, struct nl_worker_counters *wc,
 
 /* A flow natlb holds that a first packet the kernel placed anew must not
  * move, as the packet queued would not have moved it: a UDP session on a
- * live backend (its kernel entries emptied or evicted), a connection past
- * its SYN, or still at the SYN that this one repeats (same ISN: a
+ * live backend (its kernel entries emptied or evicted), an established
+ * connection, or one still at the SYN that this one repeats (same ISN: a
  * duplicate within the observer's lag, whose first copy natlb placed). */
 static int kept_from_kernel(const struct nl_ct *ct, const struct nl_snapshot *snap,
                             const struct nl_flow *f, const struct nl_pkt *p, uint32_t placed)
@@ -151,7 +151,7 @@ static int kept_from_kernel(const struct nl_ct *ct, const struct nl_snapshot *sn
         return (f->flags & NL_FL_SYN_CHECKED) && f->syn_seq == p->seq &&
                (!placed || !nl_time_before(noted + 1, placed));
     }
-    return f->state == NL_FS_SYN_RECV || f->state == NL_FS_ESTABLISHED;
+    return f->state == NL_FS_ESTABLISHED;
 }
 
 static int forward(struct nl_lb *lb, struct nl_worker_counters *wc,
