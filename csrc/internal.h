@@ -7,6 +7,7 @@
 #include <pthread.h>
 #include <time.h>
 #include "natlb.h"
+#include "mix32.h"
 
 #define NL_LIKELY(x) __builtin_expect(!!(x), 1)
 #define NL_UNLIKELY(x) __builtin_expect(!!(x), 0)
@@ -22,17 +23,6 @@ static inline uint64_t nl_monotonic_ms(void)
     return (uint64_t)ts.tv_sec * 1000 + (uint64_t)ts.tv_nsec / 1000000;
 }
 
-/* A 32-bit finalizer (MurmurHash3's fmix32): every input bit affects every
- * output bit, so seeded hashes of addresses and ports spread evenly. */
-static inline uint32_t nl_mix32(uint32_t h)
-{
-    h ^= h >> 16;
-    h *= 0x85ebca6bu;
-    h ^= h >> 13;
-    h *= 0xc2b2ae35u;
-    h ^= h >> 16;
-    return h;
-}
 
 /* ---- header fields (RFC 791, 793, 768, 792) ----------------------------- */
 /* Named once here; every C file reads and writes headers through these. */

@@ -45,6 +45,7 @@
 #include <bpf/bpf_helpers.h>
 
 #include "fastpath.h"
+#include "../mix32.h"
 
 #define IP_MF_OFFSET 0x3fff        /* more fragments, fragment offset */
 #define IPV4_PLAIN 0x45            /* version 4, a 20-byte header: no options */
@@ -407,24 +408,16 @@ static __always_inline int rewrite(struct __sk_buff *skb, int v6, const struct n
     return 0;
 }
 
-/* natlb's nl_mix32 and nl_addr_hash (csrc/internal.h), bit for bit: a
- * flow's sh or maglev backend is the same whoever places its first packet. */
-static __always_inline __u32 mix32(__u32 h)
-{
-    h ^= h >> 16;
-    h *= 0x85ebca6bu;
-    h ^= h >> 13;
-    h *= 0xc2b2ae35u;
-    h ^= h >> 16;
-    return h;
-}
+/* natlb's nl_addr_hash (csrc/internal.h), bit for bit, over the shared
+ * nl_mix32: a flow's sh or maglev backend is the same whoever places its
+ * first packet. */
 
 static __always_inline __u32 addr_hash(int v6, const __be32 *a, __u32 seed)
 {
-    __u32 h = mix32(a[3] ^ seed);
+    __u32 h = nl_mix32(a[3] ^ seed);
     if (!v6)
         return h;
-    return mix32(mix32(mix32(h ^ a[0]) ^ a[1]) ^ a[2]);
+    return nl_mix32(nl_mix32(nl_mix32(h ^ a[0]) ^ a[1]) ^ a[2]);
 }
 
 /* The table slot natlb's first_slot (csrc/scheduler.c) would take. */
@@ -435,7 +428,7 @@ static __always_inline __u32 first_slot(int v6, const struct nl_fp_key *k, struc
     if (s->scheduler == NL_FP_SCHED_SH)
         return addr_hash(v6, k->saddr, seed) % len;
     if (s->scheduler == NL_FP_SCHED_MAGLEV)
-        return mix32(addr_hash(v6, k->saddr, seed) ^ ((__u32)k->sport << 8) ^ k->proto) % len;
+        return nl_mix32(addr_hash(v6, k->saddr, seed) ^ ((__u32)k->sport << 8) ^ k->proto) % len;
     /* clang 14's BPF target (v1) has no fetching atomic add: the add is
      * atomic, its read after it is not (two CPUs may take one slot). */
     __sync_fetch_and_add(&s->cursor, 1);
