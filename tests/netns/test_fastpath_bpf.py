@@ -12,6 +12,7 @@ import subprocess
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -77,20 +78,25 @@ def ns():
                         "be0"], check=True)
         for dev, mtu in (("cl0", "1500"), ("be0", "1400")):
             subprocess.run(["ip", "-n", name, "link", "set", dev, "mtu", mtu, "up"], check=True)
-        idx = {}
-        for dev in ("cl0", "be0"):
-            out = subprocess.run(["ip", "-n", name, "-o", "link", "show", dev], check=True,
-                                 capture_output=True, text=True).stdout
-            idx[dev] = int(out.split(":")[0])
-        yield name, idx
+        yield name, ifindexes(name, ("cl0", "be0"))
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)
 
 
-@pytest.fixture(scope="module")
-def inside(ns):
-    """Runs functions in a thread that lives in the test namespace."""
-    name, _ = ns
+def ifindexes(name: str, devs: tuple[str, ...]) -> dict[str, int]:
+    """The interface indexes of `devs` in namespace `name`."""
+    idx = {}
+    for dev in devs:
+        out = subprocess.run(["ip", "-n", name, "-o", "link", "show", dev], check=True,
+                             capture_output=True, text=True).stdout
+        idx[dev] = int(out.split(":")[0])
+    return idx
+
+
+@contextmanager
+def runner_in(name: str):
+    """A function that runs functions in a thread living in namespace
+    `name`, where the programs attach to and redirect among its interfaces."""
 
     def enter() -> None:
         libc = ctypes.CDLL(None, use_errno=True)
@@ -103,6 +109,13 @@ def inside(ns):
 
     with ThreadPoolExecutor(1, initializer=enter) as ex:
         yield lambda fn, *a, **kw: ex.submit(fn, *a, **kw).result()
+
+
+@pytest.fixture(scope="module")
+def inside(ns):
+    """Runs functions in a thread that lives in the test namespace."""
+    with runner_in(ns[0]) as run:
+        yield run
 
 
 def open_fastpath(inside, fam: Fam, tcp_ms: int = 60_000, closing_ms: int = 60_000,

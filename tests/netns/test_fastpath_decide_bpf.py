@@ -7,14 +7,11 @@ that natlb applies as if it had queued the packet, and leaves to natlb
 (the packet untouched, no entry) whatever it cannot place; over IPv4 and
 IPv6 alike."""
 
-import ctypes
 import ipaddress
-import os
 import random
 import socket
 import subprocess
 import uuid
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from scapy.layers.inet import IP, TCP, UDP
@@ -33,10 +30,9 @@ from natlb.core import (
 )
 from natlb.schedulers import Candidate, build_table
 
-from .test_fastpath_bpf import V4, V6, Fam
+from .test_fastpath_bpf import V4, V6, Fam, ifindexes, runner_in
 
 TC_ACT_OK, TC_ACT_REDIRECT = 0, 7
-CLONE_NEWNET = 0x40000000
 VPORT, BPORT = 80, 8080
 ETH = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
 
@@ -81,31 +77,15 @@ def ns():
         ip("-6", "addr", "add", "2001:db8:113::1/64", "dev", "be0", "nodad")
         for key in ("net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"):
             subprocess.run(["ip", "netns", "exec", name, "sysctl", "-qw", key], check=True)
-        idx = {}
-        for dev in ("cl0", "be0"):
-            out = subprocess.run(["ip", "-n", name, "-o", "link", "show", dev], check=True,
-                                 capture_output=True, text=True).stdout
-            idx[dev] = int(out.split(":")[0])
-        yield name, idx
+        yield name, ifindexes(name, ("cl0", "be0"))
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)
 
 
 @pytest.fixture(scope="module")
 def inside(ns):
-    name, _ = ns
-
-    def enter() -> None:
-        libc = ctypes.CDLL(None, use_errno=True)
-        fd = os.open(f"/run/netns/{name}", os.O_RDONLY)
-        try:
-            if libc.setns(fd, CLONE_NEWNET) != 0:
-                raise OSError(ctypes.get_errno(), "setns")
-        finally:
-            os.close(fd)
-
-    with ThreadPoolExecutor(1, initializer=enter) as ex:
-        yield lambda fn, *a, **kw: ex.submit(fn, *a, **kw).result()
+    with runner_in(ns[0]) as run:
+        yield run
 
 
 @pytest.fixture

@@ -46,6 +46,17 @@ def state(c: Core) -> tuple:
     return (c.flow_count(), c.service_counters(1), c.backend_counters(16), c.reasons())
 
 
+def establish(c: Core, fam: Family) -> int:
+    """A connection natlb placed and saw established (SYN, SYN-ACK, ACK at
+    t=100, all queued); returns its backend's index."""
+    old = c.decide(syn(fam), 100)[1] & 0xFFF
+    c.decide(bytes(fam.ip(src=fam.backends[old], dst=fam.client) /
+                   TCP(sport=8080, dport=CPORT, flags="SA", seq=5, ack=1001)), 100)
+    c.decide(bytes(fam.ip(src=fam.client, dst=fam.vip) /
+                   TCP(sport=CPORT, dport=80, flags="A", seq=1001, ack=6)), 100)
+    return old
+
+
 def test_a_placed_syn_is_the_flow_queueing_it_would_make(pair, fam):
     queued, told = pair
     v, mark = queued.decide(syn(fam), 100)
@@ -124,12 +135,8 @@ def test_a_placed_syn_on_a_connection_natlb_holds_established_does_not_move_it(f
     c = fast_core()
     c.publish([fam.service()])
     try:
-        old = c.decide(syn(fam), 100)[1] & 0xFFF
+        old = establish(c, fam)
         b = fam.backends[old]
-        c.decide(bytes(fam.ip(src=b, dst=fam.client) /
-                       TCP(sport=8080, dport=CPORT, flags="SA", seq=5, ack=1001)), 100)
-        c.decide(bytes(fam.ip(src=fam.client, dst=fam.vip) /
-                       TCP(sport=CPORT, dport=80, flags="A", seq=1001, ack=6)), 100)
         new = (old + 1) % 3
         assert c.observe_new(syn(fam, seq=50_000), new, 101) is False
         assert c.flow_count() == 1
@@ -152,12 +159,7 @@ def test_a_placed_syn_on_a_closed_connections_tuple_is_a_new_flow_where_the_kern
     c = fast_core()
     c.publish([fam.service()])
     try:
-        old = c.decide(syn(fam), 100)[1] & 0xFFF
-        b = fam.backends[old]
-        c.decide(bytes(fam.ip(src=b, dst=fam.client) /
-                       TCP(sport=8080, dport=CPORT, flags="SA", seq=5, ack=1001)), 100)
-        c.decide(bytes(fam.ip(src=fam.client, dst=fam.vip) /
-                       TCP(sport=CPORT, dport=80, flags="A", seq=1001, ack=6)), 100)
+        old = establish(c, fam)
         c.decide(bytes(fam.ip(src=fam.client, dst=fam.vip) /
                        TCP(sport=CPORT, dport=80, flags="R", seq=1001)), 100)
         new = (old + 1) % 3
