@@ -46,6 +46,8 @@ def build_bpf(package_dir: Path) -> Path:
     multiarch = subprocess.run(["gcc", "-print-multiarch"], capture_output=True,
                                text=True).stdout.strip() or "x86_64-linux-gnu"
     subprocess.run(["clang", "-O2", "-g", "-Wall", "-Werror", "-target", "bpf",
+                    # v3: fetching atomics (rr's cursor); Linux >= 5.12 loads it.
+                    "-mcpu=v3",
                     f"-I/usr/include/{multiarch}", f"-I{BPF_SOURCE.parent}",
                     "-c", str(BPF_SOURCE), "-o", str(out)], check=True)
     return out

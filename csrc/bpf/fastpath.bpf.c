@@ -429,10 +429,8 @@ static __always_inline __u32 first_slot(int v6, const struct nl_fp_key *k, struc
         return addr_hash(v6, k->saddr, seed) % len;
     if (s->scheduler == NL_FP_SCHED_MAGLEV)
         return nl_mix32(addr_hash(v6, k->saddr, seed) ^ ((__u32)k->sport << 8) ^ k->proto) % len;
-    /* clang 14's BPF target (v1) has no fetching atomic add: the add is
-     * atomic, its read after it is not (two CPUs may take one slot). */
-    __sync_fetch_and_add(&s->cursor, 1);
-    return (s->cursor - 1) % len;
+    /* A fetching add (BPF v3): two CPUs never take the same slot. */
+    return __sync_fetch_and_add(&s->cursor, 1) % len;
 }
 
 /* A new flow's first packet (a client's SYN, a UDP datagram) that no entry
