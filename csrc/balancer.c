@@ -135,6 +135,15 @@ int nl_observe_new(struct nl_lb *lb, uint8_t *pkt, uint32_t len, uint32_t pkt_fl
     return applied;
 }
 
+uint32_t nl_retry_deferred(struct nl_lb *lb, uint64_t now_ms)
+{
+    nl_ext_enter(lb);
+    uint32_t sent = nl_deferred_retry(lb, now_ms);
+    nl_ext_exit(lb);
+    nl_event_signal(lb);
+    return sent;
+}
+
 uint32_t nl_process_many(struct nl_lb *lb, uint32_t worker, uint8_t *bufs, uint32_t stride,
                          const uint32_t *lens, uint8_t *verdicts, uint32_t n,
                          uint32_t pkt_flags, uint64_t now_ms)

@@ -293,8 +293,13 @@ static inline int seq_before(uint32_t a, uint32_t b)
  * not dead.  Passed on, it would show the client a backend's address and
  * leave that backend a half-open connection; so it is dropped and the
  * backend gets the RST the client would have sent (seq = its ack, RFC 793).
- * Believed only if it acknowledges the flow's SYN and its checksum is right. */
-static int late_synack(struct nl_lb *lb, const struct nl_pkt *p, int csum, uint32_t now)
+ * Believed only if it acknowledges the flow's SYN and its checksum is right,
+ * and if that SYN went to more than one backend: natlb moved the flow
+ * (tries), or the SYN came twice within the observer's lag and the kernel
+ * and natlb each placed one (a held answer tried again after the round that
+ * applied the kernel's record, NL_PKT_DEFERRED: still no flow of its own). */
+static int late_synack(struct nl_lb *lb, const struct nl_pkt *p, int csum, uint32_t now,
+                       uint32_t pkt_flags)
 {
     if (p->proto != NL_IPPROTO_TCP ||
         (p->tcp_flags & (NL_TCP_SYN | NL_TCP_ACK | NL_TCP_RST)) != (NL_TCP_SYN | NL_TCP_ACK) ||
@@ -310,7 +315,8 @@ static int late_synack(struct nl_lb *lb, const struct nl_pkt *p, int csum, uint3
         const struct nl_flow *f = &lb->ct.flows[i];
         if (nl_addr_eq(&f->client_addr, &p->daddr) && f->client_port == p->dport &&
             f->proto == NL_IPPROTO_TCP &&
-            f->tries > 1 && (f->flags & NL_FL_SYN_CHECKED) && p->ack == f->syn_seq + 1 &&
+            (f->tries > 1 || (pkt_flags & NL_PKT_DEFERRED)) &&
+            (f->flags & NL_FL_SYN_CHECKED) && p->ack == f->syn_seq + 1 &&
             !nl_time_before(f->expires_ms, now)) {
             late = 1;
             break;
@@ -378,7 +384,7 @@ static int reply(struct nl_lb *lb, struct nl_worker_counters *wc,
         f = nl_cluster_adopt_reply(lb, snap, p, now, &lock, &full);
     if (!f) {
         /* A cluster reply we cannot track must not leak the backend. */
-        if (!full && late_synack(lb, p, csum, now))
+        if (!full && late_synack(lb, p, csum, now, pkt_flags))
             return NL_VERDICT_DROP;
         /* An answer to a flow the kernel placed, before the observer applied
          * its record (a backend refusing the SYN: natlb re-steers it then). */

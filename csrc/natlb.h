@@ -519,3 +519,10 @@ int nl_observe(struct nl_lb *lb, uint8_t *pkt, uint32_t len, uint32_t pkt_flags,
 int nl_observe_new(struct nl_lb *lb, uint8_t *pkt, uint32_t len, uint32_t pkt_flags,
                    uint32_t backend_id, uint32_t sent_csum, uint64_t placed_ms,
                    uint64_t now_ms);
+/* The observer's round ends with this, once the kernel's records are
+ * applied: each answer held back while the kernel decides (a published
+ * backend's, which found no flow) goes through the per-packet path again,
+ * sent on rewritten through the outbox if a flow takes it now, else dropped
+ * (a late SYN-ACK's backend gets its RST through the outbox too).  Returns
+ * the number sent on.  Exposed so tests drive the round's steps. */
+uint32_t nl_retry_deferred(struct nl_lb *lb, uint64_t now_ms);

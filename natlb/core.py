@@ -429,6 +429,11 @@ class Core:
         return bool(lib.nl_observe_new(self._lb, buf, len(packet), flags, backend_id, sent,
                                        placed_ms, now_ms))
 
+    def deferred_retry(self, now_ms: int) -> int:
+        """The observer round's last step: the answers held back while the
+        kernel decides, each decided again; how many were sent on."""
+        return int(lib.nl_retry_deferred(self._lb, now_ms))
+
     def observe(self, packet: bytes, now_ms: int, flags: int = 0) -> bool:
         """A FIN or RST the kernel carried alone: applied to its flow as
         decide would, nothing sent.  True if it was applied to a flow."""

@@ -101,7 +101,8 @@ def test_a_syn_sent_twice_before_its_record_is_applied_gets_one_backend(inside, 
     flow yet) places it itself, rr on its own cursor, and learn installs
     that; then the observer applies the first's record and moves natlb's
     flow to the kernel's backend.  Both backends got the SYN; the kernel
-    carries one's SYN-ACK to the client and natlb forwards the other's."""
+    carries one's SYN-ACK to the client, at most one reaches it, and the
+    other backend is reset rather than left half-open."""
     t = service(fam, "rr")
     publish(core, fp, [t])
     ip = IPv6 if fam.v6 else IP
@@ -126,6 +127,7 @@ def test_a_syn_sent_twice_before_its_record_is_applied_gets_one_backend(inside, 
            mark=mark, ifindex=idx["be0"], ingress_ifindex=idx["cl0"])
     [(_, head, _, bid)] = fp.read_records(8)
     core.observe_new(head, bid, 3)
+    core.fp_observing(True)     # as natlb's observer does: it keeps held answers
     # Each backend answers the SYN it got.
     carried = from_backend(inside, fp, ns, reply_frame(
         fam, natlbs, client, TCP(sport=BPORT, dport=32000, flags="SA", seq=100, ack=7001)))
@@ -133,6 +135,17 @@ def test_a_syn_sent_twice_before_its_record_is_applied_gets_one_backend(inside, 
         sport=BPORT, dport=32000, flags="SA", seq=900, ack=7001))[14:], 4)
     to_client = [natlbs] * (carried.retval == TC_ACT_REDIRECT) + [kernels] * (v_k == Verdict.MARK)
     assert len(to_client) <= 1, f"the client gets SYN-ACKs from {to_client}"
+    # The observer's next round: the held SYN-ACK still finds no flow, and
+    # its backend gets the RST the client would have sent, not a half-open
+    # connection until its SYN-ACK retries run out.
+    assert core.deferred_retry(5) == 0
+    rst = core.outbox_take()
+    assert rst is not None, "the backend whose SYN-ACK was dropped is left half-open"
+    r = ip(rst)
+    assert (r.src, r.dst, r[TCP].sport, r[TCP].dport, str(r[TCP].flags), r[TCP].seq) == (
+        client, kernels, 32000, BPORT, "R", 7001)
+    assert core.failover_counters()["late_synacks"] == 1
+    assert core.outbox_take() is None
 
 
 def test_a_udp_session_stays_on_its_backend_when_the_kernels_entries_are_emptied(
