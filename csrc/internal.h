@@ -241,6 +241,11 @@ int nl_check_icmp_csum(const struct nl_pkt *outer, uint32_t pkt_flags);
 /* Replace only the source (or destination) address (and the IPv4 header
  * checksum): a later fragment, whose L4 checksum lives in the first. */
 void nl_rewrite_addr(uint8_t *ip, int dst, const struct nl_addr *addr);
+/* A packet natlb sends on through its raw socket as the kernel would have
+ * forwarded it (a held answer that no flow took): the hop counted (IPv4
+ * TTL, its header checksum; IPv6 hop limit) and an L4 sum left partial by
+ * its sender completed.  0 (nothing changed): its hops ran out. */
+int nl_forward_hop(uint8_t *ip, uint32_t len, uint32_t pkt_flags);
 /* Replace the source (or destination) address and port, fixing the IPv4
  * checksum and the L4 checksum according to pkt_flags (NL_PKT_*).  The
  * address is of the packet's family.  The bytes change; p keeps describing

@@ -356,17 +356,24 @@ static int published_backend(const struct nl_snapshot *snap, const struct nl_add
  * a SYN-ACK the kernel does not carry, an answer on another interface).
  * Passed on, it would show the client the backend's address: it is kept
  * for the observer's next round (nl_deferred_retry, which sends it on
- * rewritten if a flow then takes it), and dropped if it cannot be kept or
- * still finds none.  1: natlb's to drop now. */
+ * rewritten if a flow then takes it, or as it came if still none does: by
+ * then any record of the kernel's placing that flow is applied, so it is
+ * not natlb's, e.g. a client's connection straight to the backend's own
+ * address), and dropped if there is no room to keep it.  Longer than a
+ * slot, it is passed on now: what natlb must not leak before the record is
+ * applied is short (a SYN-ACK, an RST, an ICMP error, or a UDP answer
+ * whose own record found the ring full).  1: natlb's to drop now. */
 static int hold_back(struct nl_lb *lb, const struct nl_snapshot *snap, const struct nl_pkt *p,
                      const struct nl_addr *baddr, uint16_t bport, uint8_t proto,
                      uint32_t pkt_flags)
 {
-    if (!nl_fp_is_deciding(lb) || !published_backend(snap, baddr, bport, proto))
+    if ((pkt_flags & NL_PKT_DEFERRED) || !nl_fp_is_deciding(lb) ||
+        !published_backend(snap, baddr, bport, proto))
         return 0;
-    if (!(pkt_flags & NL_PKT_DEFERRED))
-        nl_defer_packet(lb, p->ip, nl_pkt_len(p) < p->caplen ? nl_pkt_len(p) : p->caplen,
-                        pkt_flags);
+    uint32_t len = nl_pkt_len(p) < p->caplen ? nl_pkt_len(p) : p->caplen;
+    if (len > NL_PKT_OUT_MAX)
+        return 0;
+    nl_defer_packet(lb, p->ip, len, pkt_flags);
     return 1;
 }
 
@@ -387,8 +394,13 @@ static int reply(struct nl_lb *lb, struct nl_worker_counters *wc,
         if (!full && late_synack(lb, p, csum, now, pkt_flags))
             return NL_VERDICT_DROP;
         /* An answer to a flow the kernel placed, before the observer applied
-         * its record (a backend refusing the SYN: natlb re-steers it then). */
-        int held = !full && hold_back(lb, snap, p, &p->saddr, p->sport, p->proto, pkt_flags);
+         * its record (a backend refusing the SYN: natlb re-steers it then).
+         * Of TCP only a SYN-ACK or an RST can be: the kernel carries the
+         * rest of a flow it placed. */
+        int first_answer = p->proto != NL_IPPROTO_TCP ||
+                           (p->tcp_flags & (NL_TCP_SYN | NL_TCP_RST));
+        int held = !full && first_answer &&
+                   hold_back(lb, snap, p, &p->saddr, p->sport, p->proto, pkt_flags);
         wc->reasons[full ? NL_R_TABLE_FULL : NL_R_NOT_OURS]++;
         return full || held ? NL_VERDICT_DROP : NL_VERDICT_ACCEPT;
     }
@@ -883,11 +895,11 @@ int nl_observed_new(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t le
 }
 
 /* Each kept packet decided again, rewritten in place (no mark: its queued
- * copy is gone) and its verdict honoured: one rewritten (a flow took it) is
- * sent on through the outbox as natlb sends what it originates; any other
- * is dropped (a re-steered SYN's RST, an ICMP error applied, still no
- * flow).  Bounded: a packet tried again is never kept again.  Returns the
- * number sent on. */
+ * copy is gone) and its verdict honoured: one rewritten (a flow took it) or
+ * accepted (no flow: not natlb's) is sent on through the outbox as the
+ * kernel would have forwarded it; any other is dropped (a re-steered SYN's
+ * RST, an ICMP error applied, a late SYN-ACK).  Bounded: a packet tried
+ * again is never kept again.  Returns the number sent on. */
 uint32_t nl_deferred_retry(struct nl_lb *lb, uint64_t now_ms)
 {
     uint8_t buf[NL_PKT_OUT_MAX];
@@ -895,7 +907,8 @@ uint32_t nl_deferred_retry(struct nl_lb *lb, uint64_t now_ms)
     while ((len = nl_deferred_take(lb, buf, sizeof buf, &flags))) {
         int v = nl_packet(lb, lb->cfg.n_workers, buf, len, flags | NL_PKT_DEFERRED, now_ms,
                           NL_NO_PACKET_ID, NULL);
-        if (v == NL_VERDICT_REWRITE)
+        if ((v == NL_VERDICT_REWRITE || v == NL_VERDICT_ACCEPT) &&
+            nl_forward_hop(buf, len, v == NL_VERDICT_ACCEPT ? flags : 0))
             sent += nl_outbox_push(lb, buf, len) != 0;
     }
     return sent;

@@ -441,6 +441,30 @@ void nl_rewrite(struct nl_pkt *p, int dst, const struct nl_addr *addr, uint16_t 
     st16(csum_field, check);
 }
 
+int nl_forward_hop(uint8_t *ip, uint32_t len, uint32_t pkt_flags)
+{
+    int v6 = len >= 1 && nl_ip_version(ip) == 6;
+    if (len < (v6 ? 40u : 20u))
+        return 0;
+    uint8_t *hops = ip + (v6 ? NL_OFF_IP6_HOPS : NL_OFF_IP_TTL);
+    if (*hops <= 1)
+        return 0;               /* the kernel would have answered it, not sent it */
+    /* The TTL is the high byte of its 16-bit word (IPv6 has no header sum). */
+    uint16_t word = ld16(ip + NL_OFF_IP_TTL);
+    (*hops)--;
+    if (!v6)
+        st16(ip + NL_OFF_IP_CSUM,
+             csum_replace2(ld16(ip + NL_OFF_IP_CSUM), word, ld16(ip + NL_OFF_IP_TTL)));
+    /* Left to the device by its sender, the L4 sum must be whole before a
+     * raw socket sends the packet: the same address and port written back
+     * completes it. */
+    struct nl_pkt p;
+    if ((pkt_flags & NL_PKT_CSUM_PARTIAL) && nl_parse(ip, len, &p, 0) < 0 && !p.frag &&
+        (p.proto == NL_IPPROTO_TCP || p.proto == NL_IPPROTO_UDP))
+        nl_rewrite(&p, 0, &p.saddr, p.sport, pkt_flags & ~NL_PKT_GSO);
+    return 1;
+}
+
 uint32_t nl_build_tcp(uint8_t *buf, const struct nl_addr *saddr, const struct nl_addr *daddr,
                       uint16_t sport, uint16_t dport, uint32_t seq, uint32_t ack, uint8_t flags)
 {
