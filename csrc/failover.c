@@ -64,6 +64,19 @@ struct deferred {
     uint32_t pkt_flags;
     uint8_t bytes[PKT_MAX];
 };
+/* SYNs the kernel placed that natlb refused (its table full, the service
+ * or backend gone since the publish): the backend got the SYN all the
+ * same, and its SYN-ACK is the client's to refuse.  Refusals are rare;
+ * one is looked for only by a held SYN-ACK that still finds no flow. */
+#define REFUSED_SLOTS 64
+#define REFUSED_MS 3000          /* a SYN-ACK and its first retransmissions */
+struct refused {
+    struct nl_addr client_addr;
+    uint32_t ack;                /* the SYN's seq + 1: what its SYN-ACK acks */
+    uint32_t at_ms;
+    uint16_t client_port;
+    uint8_t used;
+};
 #define OUTBOX_SLOTS 4096
 #define EVENT_SLOTS 1024
 #define FORGET_SLOTS 1024        /* keys the fast path is to forget        */
@@ -122,6 +135,8 @@ struct nl_failover {
     pthread_spinlock_t defer_lock;    /* ICMP errors waiting for the observer */
     uint32_t n_defer;
     struct deferred defer[DEFER_SLOTS];
+    uint32_t refused_next;       /* under defer_lock, as refused[] */
+    struct refused refused[REFUSED_SLOTS];
 };
 
 /* ---- packets about flows the kernel placed, before natlb holds them ------------------------- */
@@ -144,6 +159,33 @@ int nl_defer_packet(struct nl_lb *lb, const uint8_t *pkt, uint32_t len, uint32_t
     if (queued)
         __atomic_store_n(&fo->fp_pending, 1, __ATOMIC_RELEASE);
     return queued;
+}
+
+void nl_refused_note(struct nl_lb *lb, const struct nl_addr *client, uint16_t port,
+                     uint32_t isn, uint32_t now_ms)
+{
+    struct nl_failover *fo = lb->fo;
+    pthread_spin_lock(&fo->defer_lock);
+    struct refused *r = &fo->refused[fo->refused_next++ % REFUSED_SLOTS];
+    *r = (struct refused){ .client_addr = *client, .ack = isn + 1, .at_ms = now_ms,
+                           .client_port = port, .used = 1 };
+    pthread_spin_unlock(&fo->defer_lock);
+}
+
+int nl_refused_take(struct nl_lb *lb, const struct nl_addr *client, uint16_t port,
+                    uint32_t ack, uint32_t now_ms)
+{
+    struct nl_failover *fo = lb->fo;
+    int found = 0;
+    pthread_spin_lock(&fo->defer_lock);
+    for (uint32_t i = 0; i < REFUSED_SLOTS && !found; i++) {
+        const struct refused *r = &fo->refused[i];
+        if (r->used && r->client_port == port && r->ack == ack &&
+            now_ms - r->at_ms <= REFUSED_MS && nl_addr_eq(&r->client_addr, client))
+            found = 1;           /* kept: a retransmission (our RST lost) too */
+    }
+    pthread_spin_unlock(&fo->defer_lock);
+    return found;
 }
 
 uint32_t nl_deferred_take(struct nl_lb *lb, uint8_t *buf, uint32_t cap, uint32_t *pkt_flags)

@@ -643,6 +643,15 @@ int nl_fp_is_deciding(struct nl_lb *lb);
  * Caller: a worker, or the observer in its epoch. */
 #define NL_PKT_DEFERRED (1u << 30)   /* pkt_flags: tried again, never kept */
 int nl_defer_packet(struct nl_lb *lb, const uint8_t *pkt, uint32_t len, uint32_t pkt_flags);
+/* A TCP SYN the kernel placed that natlb refused (nl_observed_new): noted
+ * for a while, so that the backend's SYN-ACK, held and still finding no
+ * flow, is dropped and the backend reset (late_synack), not sent on with
+ * the backend's address.  _take: whether a SYN-ACK acking `ack` to
+ * client:port answers one noted in the last 3 s. */
+void nl_refused_note(struct nl_lb *lb, const struct nl_addr *client, uint16_t port,
+                     uint32_t isn, uint32_t now_ms);
+int nl_refused_take(struct nl_lb *lb, const struct nl_addr *client, uint16_t port,
+                    uint32_t ack, uint32_t now_ms);
 /* One kept packet into buf (its length; 0: none). */
 uint32_t nl_deferred_take(struct nl_lb *lb, uint8_t *buf, uint32_t cap, uint32_t *pkt_flags);
 /* The kept packets, each through the per-packet path again (lb.c). */

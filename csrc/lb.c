@@ -323,6 +323,8 @@ static int late_synack(struct nl_lb *lb, const struct nl_pkt *p, int csum, uint3
         }
     }
     pthread_spin_unlock(lock);
+    if (!late && (pkt_flags & NL_PKT_DEFERRED))
+        late = nl_refused_take(lb, &p->daddr, p->dport, p->ack, now);
     if (!late)
         return 0;
     uint8_t rst[NL_TCP_PKT_MAX];
@@ -845,6 +847,10 @@ int nl_observed(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
  * longer eligible or alive (the held SYN re-steers it; a UDP flow moves on
  * its next packet): only whether the kernel may go on carrying it is
  * natlb's to say, as its mark would. */
+static int observed_new(struct nl_lb *lb, uint32_t worker, struct nl_pkt *pp,
+                        uint32_t pkt_flags, uint32_t backend_id, uint32_t sent_csum,
+                        uint64_t placed_ms, uint64_t now_ms);
+
 int nl_observed_new(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t len,
                     uint32_t pkt_flags, uint32_t backend_id, uint32_t sent_csum,
                     uint64_t placed_ms, uint64_t now_ms)
@@ -855,6 +861,20 @@ int nl_observed_new(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t le
         (p.proto == NL_IPPROTO_TCP &&
          (p.tcp_flags & (NL_TCP_SYN | NL_TCP_ACK | NL_TCP_RST | NL_TCP_FIN)) != NL_TCP_SYN))
         return 0;
+    int took = observed_new(lb, worker, &p, pkt_flags, backend_id, sent_csum, placed_ms, now_ms);
+    /* The SYN reached its backend all the same: its SYN-ACK is to be
+     * refused as the client would (a flow natlb placed elsewhere meanwhile
+     * makes it late_synack's anyway). */
+    if (!took && p.proto == NL_IPPROTO_TCP)
+        nl_refused_note(lb, &p.saddr, p.sport, p.seq, (uint32_t)now_ms);
+    return took;
+}
+
+static int observed_new(struct nl_lb *lb, uint32_t worker, struct nl_pkt *pp,
+                        uint32_t pkt_flags, uint32_t backend_id, uint32_t sent_csum,
+                        uint64_t placed_ms, uint64_t now_ms)
+{
+    struct nl_pkt p = *pp;
     struct nl_worker_counters *wc = nl_counters_of(lb, worker);
     int csum = nl_check_csum(&p, pkt_flags);
     const struct nl_snapshot *snap = __atomic_load_n(&lb->snap, __ATOMIC_ACQUIRE);

@@ -238,3 +238,38 @@ def test_a_backends_data_or_long_answer_with_no_flow_is_passed_at_once(inside, f
     assert core.decide(short_udp, 5)[0] == Verdict.DROP
     assert core.deferred_retry(6) == 1
     assert ip(core.outbox_take())[UDP].dport == 33003
+
+
+def test_a_synack_to_a_placed_syn_natlb_refused_is_dropped_and_its_backend_reset(
+        inside, fp, core, ns, fam):
+    """natlb refuses a SYN the kernel placed (its table full, the backend
+    gone since the publish: here an id it does not know), and the kernel
+    forgets its entries; but the SYN reached the backend.  Its SYN-ACK,
+    held and still finding no flow, is not traffic straight to the backend:
+    it is dropped, and the backend gets the RST the client would send."""
+    t = service(fam, "rr")
+    publish(core, fp, [t])
+    core.fp_observing(True)
+    ip = IPv6 if fam.v6 else IP
+    client = client_of(fam, 7)
+    syn = bytes(ip(src=client, dst=fam.vip) / TCP(sport=34000, dport=VPORT, flags="S",
+                                                   seq=7000))
+    assert core.observe_new(syn, 999, 5) is False
+    backend = t.backends[1].address
+    synack = bytes(ip(src=backend, dst=client) / TCP(sport=BPORT, dport=34000, flags="SA",
+                                                      seq=300, ack=7001))
+    assert core.decide(synack, 6)[0] == Verdict.DROP
+    assert core.deferred_retry(7) == 0, "the backend's address shown to the client"
+    r = ip(core.outbox_take())
+    assert (r.src, r.dst, r[TCP].sport, r[TCP].dport, str(r[TCP].flags), r[TCP].seq) == (
+        client, backend, 34000, BPORT, "R", 7001)
+    assert core.failover_counters()["late_synacks"] == 1
+    # Its retransmission (the RST lost on the way) gets one too; a SYN-ACK
+    # acking another SYN is no answer to the refused one: sent on.
+    assert core.decide(synack, 1006)[0] == Verdict.DROP
+    assert core.deferred_retry(1007) == 0 and core.outbox_take() is not None
+    other = bytes(ip(src=backend, dst=client) / TCP(sport=BPORT, dport=34000, flags="SA",
+                                                     seq=300, ack=8001))
+    assert core.decide(other, 1008)[0] == Verdict.DROP
+    assert core.deferred_retry(1009) == 1
+    assert core.failover_counters()["late_synacks"] == 2
