@@ -64,10 +64,11 @@ struct deferred {
     uint32_t pkt_flags;
     uint8_t bytes[PKT_MAX];
 };
-/* SYNs the kernel placed that natlb refused (its table full, the service
- * or backend gone since the publish): the backend got the SYN all the
- * same, and its SYN-ACK is the client's to refuse.  Refusals are rare;
- * one is looked for only by a held SYN-ACK that still finds no flow. */
+/* First packets the kernel placed that natlb refused (its table full, the
+ * service or backend gone since the publish, a session kept elsewhere):
+ * the backend got the packet all the same, and its answer is not to be
+ * sent on.  Refusals are rare; one is looked for only by a published
+ * backend's answer that finds no flow while the kernel decides. */
 #define REFUSED_SLOTS 64
 #define REFUSED_MS 3000          /* a SYN-ACK and its first retransmissions */
 struct refused {
@@ -75,6 +76,7 @@ struct refused {
     uint32_t ack;                /* the SYN's seq + 1: what its SYN-ACK acks */
     uint32_t at_ms;
     uint16_t client_port;
+    uint8_t proto;
     uint8_t used;
 };
 #define OUTBOX_SLOTS 4096
@@ -137,6 +139,12 @@ struct nl_failover {
     struct deferred defer[DEFER_SLOTS];
     uint32_t refused_next;       /* under defer_lock, as refused[] */
     struct refused refused[REFUSED_SLOTS];
+    /* The kernel's flows map, asked whether it placed a flow natlb has no
+     * record of yet (nl_fp_placed).  The fd is natlb's own copy (atomic, -1:
+     * none): the map outlives the fast path's object while a worker asks. */
+    nl_placed_fn placed_fn;
+    nl_placed_release_fn placed_release;
+    int placed_fd;
 };
 
 /* ---- packets about flows the kernel placed, before natlb holds them ------------------------- */
@@ -162,27 +170,28 @@ int nl_defer_packet(struct nl_lb *lb, const uint8_t *pkt, uint32_t len, uint32_t
 }
 
 void nl_refused_note(struct nl_lb *lb, const struct nl_addr *client, uint16_t port,
-                     uint32_t isn, uint32_t now_ms)
+                     uint8_t proto, uint32_t isn, uint32_t now_ms)
 {
     struct nl_failover *fo = lb->fo;
     pthread_spin_lock(&fo->defer_lock);
     struct refused *r = &fo->refused[fo->refused_next++ % REFUSED_SLOTS];
     *r = (struct refused){ .client_addr = *client, .ack = isn + 1, .at_ms = now_ms,
-                           .client_port = port, .used = 1 };
+                           .client_port = port, .proto = proto, .used = 1 };
     pthread_spin_unlock(&fo->defer_lock);
 }
 
-int nl_refused_take(struct nl_lb *lb, const struct nl_addr *client, uint16_t port,
-                    uint32_t ack, uint32_t now_ms)
+int nl_refused_find(struct nl_lb *lb, const struct nl_addr *client, uint16_t port,
+                    uint8_t proto, const uint32_t *ack, uint32_t now_ms)
 {
     struct nl_failover *fo = lb->fo;
     int found = 0;
     pthread_spin_lock(&fo->defer_lock);
+    /* Kept when found: a retransmission (our RST lost) is answered too. */
     for (uint32_t i = 0; i < REFUSED_SLOTS && !found; i++) {
         const struct refused *r = &fo->refused[i];
-        if (r->used && r->client_port == port && r->ack == ack &&
-            now_ms - r->at_ms <= REFUSED_MS && nl_addr_eq(&r->client_addr, client))
-            found = 1;           /* kept: a retransmission (our RST lost) too */
+        found = r->used && r->client_port == port && r->proto == proto &&
+                (!ack || r->ack == *ack) && now_ms - r->at_ms <= REFUSED_MS &&
+                nl_addr_eq(&r->client_addr, client);
     }
     pthread_spin_unlock(&fo->defer_lock);
     return found;
@@ -213,6 +222,7 @@ int nl_failover_init(struct nl_lb *lb)
     pthread_spin_init(&fo->ev_lock, PTHREAD_PROCESS_PRIVATE);
     pthread_spin_init(&fo->forget_lock, PTHREAD_PROCESS_PRIVATE);
     pthread_spin_init(&fo->defer_lock, PTHREAD_PROCESS_PRIVATE);
+    fo->placed_fd = -1;
     lb->fo = fo;
     return 0;
 }
@@ -220,6 +230,8 @@ int nl_failover_init(struct nl_lb *lb)
 void nl_failover_fini(struct nl_lb *lb)
 {
     if (lb->fo) {
+        if (lb->fo->placed_fd >= 0 && lb->fo->placed_release)
+            lb->fo->placed_release(lb->fo->placed_fd);
         free(lb->fo);
         lb->fo = NULL;
     }
@@ -345,6 +357,31 @@ uint32_t nl_fp_forget_take(struct nl_lb *lb, struct nl_fp_forget *out, uint32_t 
     fo->forget_overflow = 0;
     pthread_spin_unlock(&fo->forget_lock);
     return n;
+}
+
+void nl_fp_placed_source(struct nl_lb *lb, nl_placed_fn fn, nl_placed_release_fn release,
+                         int fd)
+{
+    struct nl_failover *fo = lb->fo;
+    __atomic_store_n(&fo->placed_fn, fn, __ATOMIC_RELEASE);
+    nl_placed_release_fn old_release = fo->placed_release;
+    fo->placed_release = release;
+    int old = __atomic_exchange_n(&fo->placed_fd, fd, __ATOMIC_ACQ_REL);
+    /* Another fast path for this lb (tests; a daemon opens one): a worker
+     * still asking the old copy gets an error, which holds the packet. */
+    if (old >= 0 && old != fd && old_release)
+        old_release(old);
+}
+
+int nl_fp_placed(struct nl_lb *lb, const struct nl_addr *saddr, const struct nl_addr *daddr,
+                 uint16_t sport, uint16_t dport, uint8_t proto)
+{
+    struct nl_failover *fo = lb->fo;
+    int fd = __atomic_load_n(&fo->placed_fd, __ATOMIC_ACQUIRE);
+    nl_placed_fn fn = __atomic_load_n(&fo->placed_fn, __ATOMIC_ACQUIRE);
+    if (fd < 0 || !fn)
+        return 1;               /* nobody to ask: held, as every such answer was */
+    return fn(fd, saddr, daddr, sport, dport, proto);
 }
 
 void nl_fp_deciding(struct nl_lb *lb, int on)

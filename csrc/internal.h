@@ -242,10 +242,10 @@ int nl_check_icmp_csum(const struct nl_pkt *outer, uint32_t pkt_flags);
  * checksum): a later fragment, whose L4 checksum lives in the first. */
 void nl_rewrite_addr(uint8_t *ip, int dst, const struct nl_addr *addr);
 /* A packet natlb sends on through its raw socket as the kernel would have
- * forwarded it (a held answer that no flow took): the hop counted (IPv4
- * TTL, its header checksum; IPv6 hop limit) and an L4 sum left partial by
- * its sender completed.  0 (nothing changed): its hops ran out. */
-int nl_forward_hop(uint8_t *ip, uint32_t len, uint32_t pkt_flags);
+ * forwarded it (a held answer a flow took, rewritten): the hop counted
+ * (IPv4 TTL and its header checksum; IPv6 hop limit).  0 (nothing
+ * changed): its hops ran out. */
+int nl_forward_hop(uint8_t *ip, uint32_t len);
 /* Replace the source (or destination) address and port, fixing the IPv4
  * checksum and the L4 checksum according to pkt_flags (NL_PKT_*).  The
  * address is of the packet's family.  The bytes change; p keeps describing
@@ -636,6 +636,18 @@ int nl_fp_unsignalled(struct nl_lb *lb);
  * hears of late. */
 void nl_fp_deciding(struct nl_lb *lb, int on);
 int nl_fp_is_deciding(struct nl_lb *lb);
+/* Whether the kernel placed the flow whose backend side is this tuple (the
+ * packet as the backend sent it: its entry in the fast path's flows map,
+ * alive or dead): 1 yes, or not known (an error, no fast path), 0 no.
+ * The fast path (tcfast.c) gives the core its map, the way to ask it and
+ * the way to let it go (with the core, or when another replaces it). */
+typedef int (*nl_placed_fn)(int fd, const struct nl_addr *saddr, const struct nl_addr *daddr,
+                            uint16_t sport, uint16_t dport, uint8_t proto);
+typedef void (*nl_placed_release_fn)(int fd);
+void nl_fp_placed_source(struct nl_lb *lb, nl_placed_fn fn, nl_placed_release_fn release,
+                         int fd);
+int nl_fp_placed(struct nl_lb *lb, const struct nl_addr *saddr, const struct nl_addr *daddr,
+                 uint16_t sport, uint16_t dport, uint8_t proto);
 /* A published backend's answer (or an ICMP error about what went to one)
  * that finds no flow while the kernel decides: kept (1) to be tried again
  * by nl_deferred_retry once the observer has applied what the kernel
@@ -643,15 +655,17 @@ int nl_fp_is_deciding(struct nl_lb *lb);
  * Caller: a worker, or the observer in its epoch. */
 #define NL_PKT_DEFERRED (1u << 30)   /* pkt_flags: tried again, never kept */
 int nl_defer_packet(struct nl_lb *lb, const uint8_t *pkt, uint32_t len, uint32_t pkt_flags);
-/* A TCP SYN the kernel placed that natlb refused (nl_observed_new): noted
- * for a while, so that the backend's SYN-ACK, held and still finding no
- * flow, is dropped and the backend reset (late_synack), not sent on with
- * the backend's address.  _take: whether a SYN-ACK acking `ack` to
- * client:port answers one noted in the last 3 s. */
+/* A first packet the kernel placed that natlb refused (nl_observed_new):
+ * noted for 3 s (64 at most), since it reached its backend all the same.
+ * Its backend's answer, which finds no flow and which the kernel no longer
+ * has an entry for, is then held and dropped, never sent on with the
+ * backend's address; a SYN-ACK gets the client's RST (late_synack).
+ * _find: whether one from client:port (proto) was noted, and with ack
+ * (TCP) whether its SYN is the one a SYN-ACK acking *ack answers. */
 void nl_refused_note(struct nl_lb *lb, const struct nl_addr *client, uint16_t port,
-                     uint32_t isn, uint32_t now_ms);
-int nl_refused_take(struct nl_lb *lb, const struct nl_addr *client, uint16_t port,
-                    uint32_t ack, uint32_t now_ms);
+                     uint8_t proto, uint32_t isn, uint32_t now_ms);
+int nl_refused_find(struct nl_lb *lb, const struct nl_addr *client, uint16_t port,
+                    uint8_t proto, const uint32_t *ack, uint32_t now_ms);
 /* One kept packet into buf (its length; 0: none). */
 uint32_t nl_deferred_take(struct nl_lb *lb, uint8_t *buf, uint32_t cap, uint32_t *pkt_flags);
 /* The kept packets, each through the per-packet path again (lb.c). */

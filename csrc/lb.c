@@ -324,7 +324,7 @@ static int late_synack(struct nl_lb *lb, const struct nl_pkt *p, int csum, uint3
     }
     pthread_spin_unlock(lock);
     if (!late && (pkt_flags & NL_PKT_DEFERRED))
-        late = nl_refused_take(lb, &p->daddr, p->dport, p->ack, now);
+        late = nl_refused_find(lb, &p->daddr, p->dport, NL_IPPROTO_TCP, &p->ack, now);
     if (!late)
         return 0;
     uint8_t rst[NL_TCP_PKT_MAX];
@@ -356,27 +356,29 @@ static int published_backend(const struct nl_snapshot *snap, const struct nl_add
  * that finds no flow while the kernel decides: the flow may be one the
  * kernel placed whose record the observer has not applied yet (ring full,
  * a SYN-ACK the kernel does not carry, an answer on another interface).
- * Passed on, it would show the client the backend's address: it is kept
- * for the observer's next round (nl_deferred_retry, which sends it on
- * rewritten if a flow then takes it, or as it came if still none does: by
- * then any record of the kernel's placing that flow is applied, so it is
- * not natlb's, e.g. a client's connection straight to the backend's own
- * address), and dropped if there is no room to keep it.  Longer than a
- * slot, it is passed on now: what natlb must not leak before the record is
- * applied is short (a SYN-ACK, an RST, an ICMP error, or a UDP answer
- * whose own record found the ring full).  1: natlb's to drop now. */
+ * Passed on, it would show the client the backend's address: if the
+ * kernel holds an entry for it (or placed a first packet natlb refused) it
+ * is kept for the observer's next round (nl_deferred_retry, which sends it
+ * on rewritten if a flow then takes it), and dropped if it cannot be kept
+ * or still finds none.  With no such entry it is not natlb's (a client's
+ * connection straight to the backend's own address): passed on at once,
+ * to the kernel's own forwarding and filters.  The reason to count: 0
+ * (not held: the caller's), NL_R_HELD (kept) or NL_R_HELD_LOST (dropped);
+ * either of the last two is natlb's to drop now. */
 static int hold_back(struct nl_lb *lb, const struct nl_snapshot *snap, const struct nl_pkt *p,
-                     const struct nl_addr *baddr, uint16_t bport, uint8_t proto,
-                     uint32_t pkt_flags)
+                     const struct nl_addr *baddr, uint16_t bport, const struct nl_addr *client,
+                     uint16_t cport, uint8_t proto, uint32_t pkt_flags, uint32_t now)
 {
-    if ((pkt_flags & NL_PKT_DEFERRED) || !nl_fp_is_deciding(lb) ||
-        !published_backend(snap, baddr, bport, proto))
+    if (!nl_fp_is_deciding(lb) || !published_backend(snap, baddr, bport, proto))
         return 0;
-    uint32_t len = nl_pkt_len(p) < p->caplen ? nl_pkt_len(p) : p->caplen;
-    if (len > NL_PKT_OUT_MAX)
+    if (!nl_fp_placed(lb, baddr, client, bport, cport, proto) &&
+        !nl_refused_find(lb, client, cport, proto, NULL, now))
         return 0;
-    nl_defer_packet(lb, p->ip, len, pkt_flags);
-    return 1;
+    if (!(pkt_flags & NL_PKT_DEFERRED) &&
+        nl_defer_packet(lb, p->ip, nl_pkt_len(p) < p->caplen ? nl_pkt_len(p) : p->caplen,
+                        pkt_flags))
+        return NL_R_HELD;
+    return NL_R_HELD_LOST;
 }
 
 static int reply(struct nl_lb *lb, struct nl_worker_counters *wc,
@@ -396,14 +398,10 @@ static int reply(struct nl_lb *lb, struct nl_worker_counters *wc,
         if (!full && late_synack(lb, p, csum, now, pkt_flags))
             return NL_VERDICT_DROP;
         /* An answer to a flow the kernel placed, before the observer applied
-         * its record (a backend refusing the SYN: natlb re-steers it then).
-         * Of TCP only a SYN-ACK or an RST can be: the kernel carries the
-         * rest of a flow it placed. */
-        int first_answer = p->proto != NL_IPPROTO_TCP ||
-                           (p->tcp_flags & (NL_TCP_SYN | NL_TCP_RST));
-        int held = !full && first_answer &&
-                   hold_back(lb, snap, p, &p->saddr, p->sport, p->proto, pkt_flags);
-        wc->reasons[full ? NL_R_TABLE_FULL : NL_R_NOT_OURS]++;
+         * its record (a backend refusing the SYN: natlb re-steers it then). */
+        int held = full ? 0 : hold_back(lb, snap, p, &p->saddr, p->sport, &p->daddr,
+                                        p->dport, p->proto, pkt_flags, now);
+        wc->reasons[full ? NL_R_TABLE_FULL : held ? held : NL_R_NOT_OURS]++;
         return full || held ? NL_VERDICT_DROP : NL_VERDICT_ACCEPT;
     }
     if ((f->flags & NL_FL_PROBE_SERVER) && p->proto == NL_IPPROTO_TCP &&
@@ -506,10 +504,12 @@ static int icmp_error(struct nl_lb *lb, struct nl_worker_counters *wc, const str
                            .other_port = in->dport };
     pthread_spinlock_t *lock;
     struct nl_flow *f = find_locked(lb, &k, now, &lock);
-    if (!f && hold_back(lb, __atomic_load_n(&lb->snap, __ATOMIC_ACQUIRE), p, &in->daddr,
-                        in->dport, in->proto, pkt_flags)) {
-        wc->reasons[NL_R_NOT_OURS]++;
-        return NL_VERDICT_DROP;     /* a flow the kernel placed, perhaps: later */
+    int held = f ? 0 : hold_back(lb, __atomic_load_n(&lb->snap, __ATOMIC_ACQUIRE), p,
+                                 &in->daddr, in->dport, &in->saddr, in->sport, in->proto,
+                                 pkt_flags, now);
+    if (held) {
+        wc->reasons[held]++;
+        return NL_VERDICT_DROP;     /* a flow the kernel placed: later, or lost */
     }
     if (!f) {
         wc->reasons[NL_R_NOT_OURS]++;
@@ -862,11 +862,11 @@ int nl_observed_new(struct nl_lb *lb, uint32_t worker, uint8_t *pkt, uint32_t le
          (p.tcp_flags & (NL_TCP_SYN | NL_TCP_ACK | NL_TCP_RST | NL_TCP_FIN)) != NL_TCP_SYN))
         return 0;
     int took = observed_new(lb, worker, &p, pkt_flags, backend_id, sent_csum, placed_ms, now_ms);
-    /* The SYN reached its backend all the same: its SYN-ACK is to be
-     * refused as the client would (a flow natlb placed elsewhere meanwhile
-     * makes it late_synack's anyway). */
-    if (!took && p.proto == NL_IPPROTO_TCP)
-        nl_refused_note(lb, &p.saddr, p.sport, p.seq, (uint32_t)now_ms);
+    /* The packet reached its backend all the same: the answer is to be
+     * held and dropped, a SYN-ACK refused as the client would (a flow natlb
+     * placed elsewhere meanwhile makes it late_synack's anyway). */
+    if (!took)
+        nl_refused_note(lb, &p.saddr, p.sport, p.proto, p.seq, (uint32_t)now_ms);
     return took;
 }
 
@@ -915,10 +915,10 @@ static int observed_new(struct nl_lb *lb, uint32_t worker, struct nl_pkt *pp,
 }
 
 /* Each kept packet decided again, rewritten in place (no mark: its queued
- * copy is gone) and its verdict honoured: one rewritten (a flow took it) or
- * accepted (no flow: not natlb's) is sent on through the outbox as the
- * kernel would have forwarded it; any other is dropped (a re-steered SYN's
- * RST, an ICMP error applied, a late SYN-ACK).  Bounded: a packet tried
+ * copy is gone) and its verdict honoured: one rewritten (a flow took it)
+ * is sent on through the outbox as the kernel would have forwarded it (its
+ * hop counted); any other is dropped (a re-steered SYN's RST, an ICMP
+ * error applied, a late SYN-ACK, still no flow).  Bounded: a packet tried
  * again is never kept again.  Returns the number sent on. */
 uint32_t nl_deferred_retry(struct nl_lb *lb, uint64_t now_ms)
 {
@@ -927,8 +927,7 @@ uint32_t nl_deferred_retry(struct nl_lb *lb, uint64_t now_ms)
     while ((len = nl_deferred_take(lb, buf, sizeof buf, &flags))) {
         int v = nl_packet(lb, lb->cfg.n_workers, buf, len, flags | NL_PKT_DEFERRED, now_ms,
                           NL_NO_PACKET_ID, NULL);
-        if ((v == NL_VERDICT_REWRITE || v == NL_VERDICT_ACCEPT) &&
-            nl_forward_hop(buf, len, v == NL_VERDICT_ACCEPT ? flags : 0))
+        if (v == NL_VERDICT_REWRITE && nl_forward_hop(buf, len))
             sent += nl_outbox_push(lb, buf, len) != 0;
     }
     return sent;

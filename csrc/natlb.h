@@ -103,7 +103,12 @@
 #define NL_R_UNMATCHED 10        /* RST or ICMP error about a flow that does not
                                     match what natlb sent, or that could not
                                     be verified: dropped, not believed     */
-#define NL_R_MAX 11
+#define NL_R_HELD 11             /* a backend's answer (or an ICMP error) to a
+                                    flow the kernel placed, before natlb held
+                                    it: kept for the observer's next round  */
+#define NL_R_HELD_LOST 12        /* the same, dropped: no room to keep it, or
+                                    still no flow after that round          */
+#define NL_R_MAX 13
 
 /* One IPv4 (mapped) or IPv6 address. */
 struct nl_addr {

@@ -441,7 +441,7 @@ void nl_rewrite(struct nl_pkt *p, int dst, const struct nl_addr *addr, uint16_t 
     st16(csum_field, check);
 }
 
-int nl_forward_hop(uint8_t *ip, uint32_t len, uint32_t pkt_flags)
+int nl_forward_hop(uint8_t *ip, uint32_t len)
 {
     int v6 = len >= 1 && nl_ip_version(ip) == 6;
     if (len < (v6 ? 40u : 20u))
@@ -455,13 +455,6 @@ int nl_forward_hop(uint8_t *ip, uint32_t len, uint32_t pkt_flags)
     if (!v6)
         st16(ip + NL_OFF_IP_CSUM,
              csum_replace2(ld16(ip + NL_OFF_IP_CSUM), word, ld16(ip + NL_OFF_IP_TTL)));
-    /* Left to the device by its sender, the L4 sum must be whole before a
-     * raw socket sends the packet: the same address and port written back
-     * completes it. */
-    struct nl_pkt p;
-    if ((pkt_flags & NL_PKT_CSUM_PARTIAL) && nl_parse(ip, len, &p, 0) < 0 && !p.frag &&
-        (p.proto == NL_IPPROTO_TCP || p.proto == NL_IPPROTO_UDP))
-        nl_rewrite(&p, 0, &p.saddr, p.sport, pkt_flags & ~NL_PKT_GSO);
     return 1;
 }
 

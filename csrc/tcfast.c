@@ -5,6 +5,7 @@
  * per packet: the kernel carries the packets (see fastpath.bpf.c).
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <pthread.h>
 #include <unistd.h>
 #include <sys/epoll.h>
@@ -258,6 +259,22 @@ static struct nl_fp_key key_of(const struct nl_addr *saddr, const struct nl_addr
     return k;
 }
 
+/* nl_placed_fn: any entry, alive or dead (a dead backend side is a placed
+ * handshake's refusal, or an expired entry); an error other than "none"
+ * says "placed" (natlb holds the packet, as it did every such one). */
+static int placed_in(int fd, const struct nl_addr *saddr, const struct nl_addr *daddr,
+                     uint16_t sport, uint16_t dport, uint8_t proto)
+{
+    struct nl_fp_key k = key_of(saddr, daddr, sport, dport, proto);
+    struct nl_fp_flow f;
+    return bpf_map_lookup_elem(fd, &k, &f) == 0 || errno != ENOENT;
+}
+
+static void placed_release(int fd)
+{
+    close(fd);
+}
+
 int nl_fp_set_backend(struct nl_fastpath *fp, uint32_t id, const struct nl_addr *vip,
                       uint16_t vport, const struct nl_addr *addr, uint16_t port, uint8_t proto)
 {
@@ -346,6 +363,11 @@ int nl_fp_publish(struct nl_fastpath *fp, struct nl_lb *lb, uint32_t *placed,
     nl_ext_exit(lb);
     if (!want)
         return -ENOMEM;
+    if (fp->pub_lb != lb) {
+        int fd = fcntl(fp->flows_fd, F_DUPFD_CLOEXEC, 0);
+        if (fd >= 0)
+            nl_fp_placed_source(lb, placed_in, placed_release, fd);
+    }
     fp->pub_lb = lb;
     if (fp->decide)
         nl_fp_deciding(lb, 1);

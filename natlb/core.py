@@ -50,6 +50,8 @@ REASONS = {
     "verdict_error": lib.NL_R_VERDICT_ERROR,
     "bad_checksum": lib.NL_R_BAD_CHECKSUM,
     "unmatched": lib.NL_R_UNMATCHED,
+    "held": lib.NL_R_HELD,
+    "held_lost": lib.NL_R_HELD_LOST,
 }
 FAILOVER_COUNTERS = {
     "resteered": lib.NL_F_RESTEERED,

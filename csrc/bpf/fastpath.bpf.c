@@ -641,18 +641,22 @@ static __always_inline int carry_ip(struct __sk_buff *skb, int v6)
             bury(f);
             bpf_map_delete_elem(&flows, &rk);
         } else {
+            /* The backend's side stays too, dead: natlb, not holding the
+             * flow yet, tells by it that this RST is a placed flow's answer
+             * to hold (nl_fp_placed), not traffic straight to the backend. */
             struct nl_fp_flow *in = bpf_map_lookup_elem(&flows, &rk);
             if (in)
                 bury(in);
-            bpf_map_delete_elem(&flows, k);
+            bury(f);
         }
         return TC_ACT_OK;
     }
     if (now > flow.deadline_ns) {
         /* natlb must see this one, and the flow's next packets until it
-         * marks one fast again; the client's side stays, dead (bury). */
-        if (flow.dir == NL_FP_OUT)
-            bpf_map_delete_elem(&flows, k);
+         * marks one fast again.  Both sides stay, dead, until natlb marks
+         * the flow again or the LRU needs the room: the backend's side
+         * tells natlb, before it holds the flow, that an answer is a placed
+         * flow's (nl_fp_placed), not traffic straight to the backend. */
         return TC_ACT_OK;
     }
     int record = fin || rst || synack;
