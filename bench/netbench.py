@@ -8,9 +8,12 @@ fast path for established TCP flows (lb.fastpath), an nftables DNAT table,
 a stateless nftables rewrite (notrack; a jhash of the client's address and
 port picks the backend; replies get the VIP back by their source; no queue,
 no conntrack), HAProxy (TCP mode, one thread) plus nginx stream (one worker)
-for UDP.  nfqlb (an NFQUEUE balancer) is not among them: it is not packaged
-in Debian and this machine has no internet to build it.  Load comes from wrk,
-dnsperf and iperf3 in the client namespace.
+for UDP, and nfqlb (Nordix nfqueue-loadbalancer, `nfqlb lb`) SYN-only: only a
+flow's first packet is queued to it, it marks a backend, nftables DNATs by the
+mark and conntrack carries the rest (bench/nfqlb_path.py).  nfqlb is no Debian
+package: its path runs where a binary is found (--nfqlb PATH, `nfqlb` on PATH or
+/opt/nfqlb/bin/nfqlb) and is otherwise left out with one printed line.  Load
+comes from wrk, dnsperf and iperf3 in the client namespace.
 
 Interleaved: each repetition runs every test (--tests) on every path, the
 path started afresh for each test, so that two paths' figures for a test
@@ -45,16 +48,19 @@ import sys
 import time
 from pathlib import Path
 
+from bench import nfqlb_path
 from natlb_testbed.testbed import VIP, Testbed, backend_addr, backend_addr6, family_addresses
 
 N_BACKENDS = 3
-PATHS = ("natlb", "natlb-fast", "natlb-fast-queued", "kernel", "stateless", "haproxy")
+PATHS = ("natlb", "natlb-fast", "natlb-fast-queued", "kernel", "stateless", "haproxy",
+         "nfqlb")
 NAMES = {"natlb": "natlb", "natlb-fast": "natlb fastpath = true",
          "natlb-fast-queued": "natlb fastpath = true, fastpath_decide = false (first packets "
                               "queued)",
          "kernel": "kernel nft DNAT",
          "stateless": "stateless nft rewrite (notrack, jhash)",
-         "haproxy": "HAProxy TCP 1 thread (UDP: nginx stream 1 worker)"}
+         "haproxy": "HAProxy TCP 1 thread (UDP: nginx stream 1 worker)",
+         "nfqlb": "nfqlb lb, SYN-only (first packet queued, conntrack DNAT by its mark)"}
 # Each repetition runs these tests in this order; for each test every path
 # is started afresh, in an order that rotates with the repetition.
 TESTS = ("conn", "req", "dns", "bulk", "streams", "latency")
@@ -254,8 +260,12 @@ address = "{b1}"
 class Bench:
     def __init__(self, seconds: int, workers: int, gso: bool, poll_us: int = 0,
                  rewrite: str = "copy", family: int = 4, streams: int = 4,
-                 latency_seconds: int = 0) -> None:
+                 latency_seconds: int = 0, nfqlb: str | None = None) -> None:
         self.poll_us = poll_us
+        self.nfqlb = nfqlb                # the nfqlb binary, when its path is measured
+        self.nfqlb_shm: list[str] = []    # its shared memory while its path runs
+        self.nfqlb_queue = ""             # its iptables queue rules: "" none, else what
+        #                                   to do with iptables' mangle table at stop
         self.streams = streams
         self.latency_seconds = latency_seconds or seconds
         self.natlb: subprocess.Popen | None = None    # while a natlb path runs
@@ -355,6 +365,8 @@ class Bench:
             self.router(["nft", "-f", str(self.dir / "stateless.nft")], check=True)
             self._check_stateless()
             return []
+        if path == "nfqlb":
+            return self._start_nfqlb(fmt)
         if self.family == 6:
             self.router(["ip", "addr", "add", f"{self.vip}/128", "dev", "lo", "nodad"])
         else:
@@ -381,12 +393,60 @@ class Bench:
         for p in procs:
             self.tb.stop(p)
             self.tb.procs.remove(p)
-        table = {"kernel": "natlb_bench_dnat", "stateless": "natlb_bench_stateless"}.get(path)
+        table = {"kernel": "natlb_bench_dnat", "stateless": "natlb_bench_stateless",
+                 "nfqlb": nfqlb_path.TABLE}.get(path)
         if table:
             self.router(["nft", "delete", "table", "ip6" if self.family == 6 else "ip", table])
         if path in ("kernel", "haproxy"):
             prefix = 128 if self.family == 6 else 32
             self.router(["ip", "addr", "del", f"{self.vip}/{prefix}", "dev", "lo"])
+        if self.nfqlb_queue:
+            for cmd in nfqlb_path.queue_teardown(self.family, self.vip,
+                                                 self.nfqlb_queue == "drop-table"):
+                self.router(cmd)
+            self.nfqlb_queue = ""
+        nfqlb_path.remove_shm(self.nfqlb_shm)
+        self.nfqlb_shm = []
+
+    def _start_nfqlb(self, fmt: dict[str, str]) -> list[subprocess.Popen]:
+        """Two `nfqlb lb`s (web over all backends, bulk to b1), each bound to its
+        queue before the nft table sends it anything, then the sanity check."""
+        assert self.nfqlb
+        names = nfqlb_path.shm_names(self.tb.prefix)
+        self.nfqlb_shm = list(names.values())
+        marks = {"web": [nfqlb_path.mark(k) for k in range(1, N_BACKENDS + 1)],
+                 "bulk": [nfqlb_path.mark(1)]}
+        procs: list[subprocess.Popen] = []
+        try:
+            for svc, svc_marks in marks.items():
+                shm = f"--shm={names[f'target-{svc}']}"
+                self.router([self.nfqlb, "init", shm], check=True)
+                self.router([self.nfqlb, "activate", shm, *map(str, svc_marks)], check=True)
+                log = self.dir / f"nfqlb-{svc}.log"
+                with open(log, "w") as f:
+                    procs.append(self.tb.spawn(
+                        self.tb.router, nfqlb_path.lb_argv(self.nfqlb, svc, names),
+                        stdout=f, stderr=subprocess.STDOUT))
+                nfqlb_path.wait_ready(procs[-1], log)
+            (self.dir / "nfqlb.nft").write_text(
+                nfqlb_path.ruleset(fmt["nft"], self.vip, self.addrs))
+            self.router(["nft", "-f", str(self.dir / "nfqlb.nft")], check=True)
+            had = self.router(["nft", "list", "table", *nfqlb_path.mangle_table(self.family)])
+            self.nfqlb_queue = "drop-table" if had.returncode else "keep-table"
+            for cmd in nfqlb_path.queue_setup(self.family, self.vip):
+                self.router(cmd, check=True)
+            probe = json.loads(self.client([sys.executable, "-c", nfqlb_path.PROBE,
+                                            self.vip]).stdout)
+            nfqlb_path.check(probe, self.nfqlb_queued(), list(self.addrs))
+        except BaseException:
+            self.stop("nfqlb", procs)
+            raise
+        return procs
+
+    def nfqlb_queued(self) -> dict[str, int]:
+        """Packets the nfqlb path's queue rules queued so far, per rule."""
+        return nfqlb_path.queued(self.router(nfqlb_path.queue_listing(self.family),
+                                             check=True).stdout)
 
     def _check_stateless(self) -> None:
         """Before measuring: every backend answers through the rewrite (a
@@ -505,6 +565,7 @@ class Bench:
             time.sleep(SETTLE_S)
             ours = path.startswith("natlb")
             cpu0 = self.natlb_cpu() if ours else (0.0, 0)
+            nfq0 = self.nfqlb_queued() if path == "nfqlb" else {}
             busy0 = self.system_busy()
             r: dict[str, float] = {}
             if test in ("conn", "req"):
@@ -519,6 +580,8 @@ class Bench:
                     r[f"packets_per_{test}"] = (cpu1[1] - cpu0[1]) / n
                     r[f"natlb_cpu_s_{test}"] = cpu1[0] - cpu0[0]
                     r[f"natlb_packets_{test}"] = cpu1[1] - cpu0[1]
+                elif nfq0:
+                    r[f"packets_per_{test}"] = (self.nfqlb_queued()["tcp80"] - nfq0["tcp80"]) / n
             elif test == "dns":
                 r["dns_qps"] = self.dns()
             elif test in ("bulk", "streams"):
@@ -526,6 +589,9 @@ class Bench:
                 r.update({f"{test}_{k}": v for k, v in got.items()})
                 if ours:
                     r[f"packets_per_{test}"] = float(self.natlb_cpu()[1] - cpu0[1])
+                elif nfq0:
+                    r[f"packets_per_{test}"] = float(self.nfqlb_queued()["tcp5201"]
+                                                     - nfq0["tcp5201"])
             else:
                 sw0 = self.natlb_switches() if ours else 0
                 t0 = time.monotonic()
@@ -553,6 +619,7 @@ class Bench:
 
     def close(self) -> None:
         self.tb.close()
+        nfqlb_path.remove_shm(self.nfqlb_shm)
 
 
 # wrk's done() hook: its latency histogram's percentiles in microseconds.
@@ -606,7 +673,10 @@ def ratio_pairs(keys: list[str]) -> list[tuple[str, str]]:
     pairs = [(o, p) for o in ("natlb-fast", "natlb") for p in ("kernel", "stateless", "haproxy")]
     pairs += [("natlb-fast-queued", "kernel"), ("natlb-fast", "natlb-fast-queued")]
     pairs += [("natlb-fast", "natlb")]
+    pairs += [(o, "nfqlb") for o in ("natlb-fast", "natlb-fast-queued", "natlb")]
+    pairs += [("nfqlb", "kernel")]
     pairs += [(f"{o}@6", p) for o in ("natlb-fast", "natlb") for p in ("kernel@6", "stateless@6")]
+    pairs += [("natlb-fast@6", "nfqlb@6"), ("nfqlb@6", "kernel@6")]
     # With no natlb path measured: the stateless rewrite against the kernel's DNAT.
     pairs += [("stateless", "kernel"), ("stateless@6", "kernel@6")]
     return [(o, p) for o, p in pairs if o in keys and p in keys]
@@ -699,10 +769,10 @@ def chart(summ: dict[str, dict[str, list[float]]], path: Path) -> None:
         med = [g[0] for g in got]
         err = [[g[0] - g[1] for g in got], [g[2] - g[0] for g in got]]
         ax.bar(paths, med, yerr=err, capsize=3,
-               color=["#2a7", "#5c9", "#888", "#69c", "#c63"][:len(paths)])
+               color=["#2a7", "#5c9", "#888", "#69c", "#c63", "#a6c", "#cb3"][:len(paths)])
         ax.set_title(FIGURES[k].format(streams="N"), fontsize=9)
         ax.tick_params(axis="x", labelsize=8, rotation=30)
-    fig.suptitle("natlb vs kernel DNAT vs stateless nft vs HAProxy (medians, min-max)")
+    fig.suptitle("natlb and its references (medians, min-max)")
     fig.tight_layout()
     fig.savefig(path, dpi=100)
 
@@ -712,7 +782,24 @@ def rotated(items: list, k: int) -> list:
     return items[k:] + items[:k]
 
 
-def main() -> int:
+def select_paths(requested: str | None, nfqlb: str | None) -> tuple[list[str], str | None]:
+    """The paths to measure, and a line to print about one left out.  By default
+    every path, nfqlb only where its binary is usable; a path named in --paths
+    that cannot run is an error (ValueError, its message the line to print)."""
+    have_nfqlb = nfqlb_path.usable(nfqlb)
+    if requested is None:
+        if have_nfqlb:
+            return list(PATHS), None
+        return [p for p in PATHS if p != "nfqlb"], nfqlb_path.NO_BINARY
+    paths = [p for p in requested.split(",") if p]
+    if not paths or any(p not in PATHS for p in paths):
+        raise ValueError(f"--paths: one or more of {', '.join(PATHS)}")
+    if "nfqlb" in paths and not have_nfqlb:
+        raise ValueError(nfqlb_path.NO_BINARY)
+    return paths, None
+
+
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repetitions", type=int, default=3)
     ap.add_argument("--seconds", type=int, default=5)
@@ -727,23 +814,31 @@ def main() -> int:
     ap.add_argument("--family", default="4", choices=["4", "6", "4,6"],
                     help="4, 6, or 4,6: both, interleaved in each repetition")
     ap.add_argument("--out", default="bench-results")
-    ap.add_argument("--paths", default=",".join(PATHS),
-                    help=f"comma-separated subset of {','.join(PATHS)}")
+    ap.add_argument("--paths", default=None,
+                    help=f"comma-separated subset of {','.join(PATHS)} (default: all; nfqlb "
+                         "only where its binary is found)")
+    ap.add_argument("--nfqlb", default=nfqlb_path.find_binary(),
+                    help="the nfqlb binary for the nfqlb path (default: nfqlb on PATH, else "
+                         f"{nfqlb_path.DEFAULT_BINARY} if present)")
     ap.add_argument("--tests", default=",".join(TESTS),
                     help=f"comma-separated subset of {','.join(TESTS)}")
     ap.add_argument("--services", default="5,250",
                     help="service counts to compare through natlb (the first natlb path); "
                          "'' to skip")
-    a = ap.parse_args()
-    paths = [p for p in a.paths.split(",") if p]
-    if any(p not in PATHS for p in paths):
-        ap.error(f"--paths: one of {', '.join(PATHS)}")
+    a = ap.parse_args(argv)
+    try:
+        paths, note = select_paths(a.paths, a.nfqlb)
+    except ValueError as e:
+        print(e, file=sys.stderr)
+        return 2
+    if note:
+        print(note, flush=True)
     tests = [t for t in a.tests.split(",") if t]
     if not tests or any(t not in TESTS for t in tests):
         ap.error(f"--tests: one or more of {', '.join(TESTS)}")
     families = [int(f) for f in a.family.split(",")]
     if a.family == "6" and "haproxy" in paths:
-        if a.paths != ",".join(PATHS):
+        if a.paths is not None:
             ap.error("--family 6: haproxy is measured over IPv4 only")
         paths.remove("haproxy")
     # Results keys: the path, with @6 when measured over IPv6 next to IPv4.
@@ -756,7 +851,8 @@ def main() -> int:
         ap.error(f"--services: at least {BASE_SERVICES} each")
     svc_path = next((p for p in paths if p.startswith("natlb")), "natlb")
     b = Bench(a.seconds, a.workers, not a.no_gso, a.poll_us, a.rewrite, families[0],
-              streams=a.streams, latency_seconds=a.latency_seconds or 2 * a.seconds)
+              streams=a.streams, latency_seconds=a.latency_seconds or 2 * a.seconds,
+              nfqlb=a.nfqlb if "nfqlb" in paths else None)
     runs: list[dict[str, dict[str, float]]] = []
     loads: list[float] = []
     svc_runs: list[dict[int, dict[str, float]]] = []
@@ -793,6 +889,7 @@ def main() -> int:
             "latency_seconds": b.latency_seconds, "streams": a.streams, "tests": tests,
             "workers": a.workers, "gso": not a.no_gso, "poll_us": a.poll_us,
             "rewrite": a.rewrite, "family": a.family, "command": " ".join(sys.argv[1:]),
+            "nfqlb": a.nfqlb if "nfqlb" in paths else None,
             "load_avg_1min": list(_spread(loads)),
             "date": time.strftime("%Y-%m-%d %H:%M:%S")}
     md = markdown(runs, meta)
