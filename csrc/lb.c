@@ -362,23 +362,25 @@ static int published_backend(const struct nl_snapshot *snap, const struct nl_add
  * on rewritten if a flow then takes it), and dropped if it cannot be kept
  * or still finds none.  With no such entry it is not natlb's (a client's
  * connection straight to the backend's own address): passed on at once,
- * to the kernel's own forwarding and filters.  The reason to count: 0
- * (not held: the caller's), NL_R_HELD (kept) or NL_R_HELD_LOST (dropped);
- * either of the last two is natlb's to drop now. */
+ * to the kernel's own forwarding and filters.  HOLD_NONE: not held (the
+ * caller's to pass); HOLD_KEPT, HOLD_DROPPED: natlb's to drop now. */
+enum { HOLD_NONE, HOLD_KEPT, HOLD_DROPPED };
 static int hold_back(struct nl_lb *lb, const struct nl_snapshot *snap, const struct nl_pkt *p,
                      const struct nl_addr *baddr, uint16_t bport, const struct nl_addr *client,
                      uint16_t cport, uint8_t proto, uint32_t pkt_flags, uint32_t now)
 {
+    if (pkt_flags & NL_PKT_DEFERRED)
+        return HOLD_DROPPED;    /* held once, and the round brought no flow */
     if (!nl_fp_is_deciding(lb) || !published_backend(snap, baddr, bport, proto))
-        return 0;
+        return HOLD_NONE;
     if (!nl_fp_placed(lb, baddr, client, bport, cport, proto) &&
         !nl_refused_find(lb, client, cport, proto, NULL, now))
-        return 0;
-    if (!(pkt_flags & NL_PKT_DEFERRED) &&
-        nl_defer_packet(lb, p->ip, nl_pkt_len(p) < p->caplen ? nl_pkt_len(p) : p->caplen,
-                        pkt_flags))
-        return NL_R_HELD;
-    return NL_R_HELD_LOST;
+        return HOLD_NONE;
+    if (!nl_defer_packet(lb, p->ip, nl_pkt_len(p) < p->caplen ? nl_pkt_len(p) : p->caplen,
+                         pkt_flags))
+        return HOLD_DROPPED;
+    nl_count_failover(lb, NL_F_ANSWERS_HELD, 1);
+    return HOLD_KEPT;
 }
 
 static int reply(struct nl_lb *lb, struct nl_worker_counters *wc,
@@ -399,9 +401,11 @@ static int reply(struct nl_lb *lb, struct nl_worker_counters *wc,
             return NL_VERDICT_DROP;
         /* An answer to a flow the kernel placed, before the observer applied
          * its record (a backend refusing the SYN: natlb re-steers it then). */
-        int held = full ? 0 : hold_back(lb, snap, p, &p->saddr, p->sport, &p->daddr,
-                                        p->dport, p->proto, pkt_flags, now);
-        wc->reasons[full ? NL_R_TABLE_FULL : held ? held : NL_R_NOT_OURS]++;
+        int held = full ? HOLD_NONE : hold_back(lb, snap, p, &p->saddr, p->sport, &p->daddr,
+                                                p->dport, p->proto, pkt_flags, now);
+        if (full || held != HOLD_KEPT)
+            wc->reasons[full ? NL_R_TABLE_FULL
+                             : held == HOLD_DROPPED ? NL_R_ANSWER_DROPPED : NL_R_NOT_OURS]++;
         return full || held ? NL_VERDICT_DROP : NL_VERDICT_ACCEPT;
     }
     if ((f->flags & NL_FL_PROBE_SERVER) && p->proto == NL_IPPROTO_TCP &&
@@ -504,11 +508,12 @@ static int icmp_error(struct nl_lb *lb, struct nl_worker_counters *wc, const str
                            .other_port = in->dport };
     pthread_spinlock_t *lock;
     struct nl_flow *f = find_locked(lb, &k, now, &lock);
-    int held = f ? 0 : hold_back(lb, __atomic_load_n(&lb->snap, __ATOMIC_ACQUIRE), p,
-                                 &in->daddr, in->dport, &in->saddr, in->sport, in->proto,
-                                 pkt_flags, now);
+    int held = f ? HOLD_NONE
+                 : hold_back(lb, __atomic_load_n(&lb->snap, __ATOMIC_ACQUIRE), p, &in->daddr,
+                             in->dport, &in->saddr, in->sport, in->proto, pkt_flags, now);
     if (held) {
-        wc->reasons[held]++;
+        if (held == HOLD_DROPPED)
+            wc->reasons[NL_R_ANSWER_DROPPED]++;
         return NL_VERDICT_DROP;     /* a flow the kernel placed: later, or lost */
     }
     if (!f) {

@@ -103,12 +103,12 @@
 #define NL_R_UNMATCHED 10        /* RST or ICMP error about a flow that does not
                                     match what natlb sent, or that could not
                                     be verified: dropped, not believed     */
-#define NL_R_HELD 11             /* a backend's answer (or an ICMP error) to a
+#define NL_R_ANSWER_DROPPED 11   /* a backend's answer (or an ICMP error) to a
                                     flow the kernel placed, before natlb held
-                                    it: kept for the observer's next round  */
-#define NL_R_HELD_LOST 12        /* the same, dropped: no room to keep it, or
-                                    still no flow after that round          */
-#define NL_R_MAX 13
+                                    that flow: no room to keep it for the
+                                    observer's next round, or still no flow
+                                    after it: dropped                       */
+#define NL_R_MAX 12
 
 /* One IPv4 (mapped) or IPv6 address. */
 struct nl_addr {
@@ -274,7 +274,10 @@ struct nl_event {
 #define NL_F_REPLY_ADOPTED 9     /* cluster: replies mapped back statelessly */
 #define NL_F_LATE_SYNACKS 10     /* SYN-ACKs from a backend a re-steered SYN had
                                     left: dropped, that backend sent an RST */
-#define NL_F_MAX 11
+#define NL_F_ANSWERS_HELD 11     /* such answers kept for the observer's next
+                                    round (then rewritten, or dropped as
+                                    answer_dropped)                        */
+#define NL_F_MAX 12
 
 /* Readable when events are waiting (an eventfd); never blocks the workers.
  * The ring keeps the newest events: when full, the oldest is dropped and

@@ -259,15 +259,23 @@ static struct nl_fp_key key_of(const struct nl_addr *saddr, const struct nl_addr
     return k;
 }
 
-/* nl_placed_fn: any entry, alive or dead (a dead backend side is a placed
- * handshake's refusal, or an expired entry); an error other than "none"
- * says "placed" (natlb holds the packet, as it did every such one). */
+/* How long a backend side that died (buried, forgotten, flushed, expired)
+ * still says "placed": past the observer's lag by far (a millisecond; a
+ * stuck observer stops decisions within 200 ms), short enough that traffic
+ * straight to the backend on a tuple a VIP flow once used is not held. */
+#define PLACED_GRACE_NS 1000000000ull
+
+/* nl_placed_fn: an entry alive or dead less than PLACED_GRACE_NS ago (a
+ * placed handshake's refusal, a flow forgotten or flushed meanwhile); an
+ * error other than "none" says "placed" (natlb holds the packet). */
 static int placed_in(int fd, const struct nl_addr *saddr, const struct nl_addr *daddr,
                      uint16_t sport, uint16_t dport, uint8_t proto)
 {
     struct nl_fp_key k = key_of(saddr, daddr, sport, dport, proto);
     struct nl_fp_flow f;
-    return bpf_map_lookup_elem(fd, &k, &f) == 0 || errno != ENOENT;
+    if (bpf_map_lookup_elem(fd, &k, &f))
+        return errno != ENOENT;
+    return now_ns() < f.deadline_ns + PLACED_GRACE_NS;
 }
 
 static void placed_release(int fd)
@@ -447,6 +455,15 @@ static int64_t flush_where(struct nl_fastpath *fp, uint32_t ifindex)
                 flow.deadline_ns = 0;
                 n += bpf_map_update_elem(fp->flows_fd, &key, &flow, BPF_EXIST) == 0;
             }
+        } else if (!ifindex && found) {
+            /* The backend's side kept, dead from now: an answer of a flow
+             * placed just before, whose record is still on its way, is held,
+             * not taken for traffic straight to the backend. */
+            uint64_t now = now_ns();
+            if (flow.deadline_ns > now) {
+                flow.deadline_ns = now - 1;
+                n += bpf_map_update_elem(fp->flows_fd, &key, &flow, BPF_EXIST) == 0;
+            }
         } else if (!ifindex || (found &&
                                 (flow.in_ifindex == ifindex || flow.out_ifindex == ifindex))) {
             int rc = bpf_map_delete_elem(fp->flows_fd, &key);
@@ -573,8 +590,9 @@ static void bury(struct nl_fastpath *fp, const struct nl_fp_key *in)
     }
 }
 
-/* Both entries of the flow whose entry k is (if any): the backend's side
- * deleted, the client's buried. */
+/* Both entries of the flow whose entry k is (if any): the client's buried,
+ * the backend's dead from now (its answers a moment later are held, not
+ * taken for traffic straight to the backend: nl_fp_placed). */
 static void forget_both(struct nl_fastpath *fp, const struct nl_fp_key *k)
 {
     struct nl_fp_flow f;
@@ -582,8 +600,12 @@ static void forget_both(struct nl_fastpath *fp, const struct nl_fp_key *k)
         return;
     struct nl_fp_key r;
     nl_fp_other_side(k, &f, &r);
+    const struct nl_fp_key *out = f.dir == NL_FP_IN ? &r : k;
     bury(fp, f.dir == NL_FP_IN ? k : &r);
-    bpf_map_delete_elem(fp->flows_fd, f.dir == NL_FP_IN ? &r : k);
+    if (bpf_map_lookup_elem(fp->flows_fd, out, &f) == 0 && f.deadline_ns > now_ns()) {
+        f.deadline_ns = now_ns() - 1;
+        bpf_map_update_elem(fp->flows_fd, out, &f, BPF_EXIST);
+    }
 }
 
 /* The tuple of a record's packet, as the fast path takes them: IPv4 with a

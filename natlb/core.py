@@ -50,8 +50,7 @@ REASONS = {
     "verdict_error": lib.NL_R_VERDICT_ERROR,
     "bad_checksum": lib.NL_R_BAD_CHECKSUM,
     "unmatched": lib.NL_R_UNMATCHED,
-    "held": lib.NL_R_HELD,
-    "held_lost": lib.NL_R_HELD_LOST,
+    "answer_dropped": lib.NL_R_ANSWER_DROPPED,
 }
 FAILOVER_COUNTERS = {
     "resteered": lib.NL_F_RESTEERED,
@@ -65,6 +64,7 @@ FAILOVER_COUNTERS = {
     "adopted": lib.NL_F_ADOPTED,
     "reply_adopted": lib.NL_F_REPLY_ADOPTED,
     "late_synacks": lib.NL_F_LATE_SYNACKS,
+    "answers_held": lib.NL_F_ANSWERS_HELD,
 }
 CONNTRACK_COUNTERS = {
     "reclaimed": lib.NL_C_RECLAIMED,

@@ -147,7 +147,9 @@ static __always_inline void cut_deadline(const struct nl_fp_key *k)
  * it otherwise. */
 static __always_inline void bury(struct nl_fp_flow *f)
 {
-    f->deadline_ns = 0;
+    /* Dead from now on, and dead since when: natlb takes a backend side
+     * that died moments ago for a placed flow's (nl_fp_placed). */
+    f->deadline_ns = bpf_ktime_get_ns() - 1;
 }
 
 static __always_inline void count_stat(__u32 which)
@@ -638,8 +640,12 @@ static __always_inline int carry_ip(struct __sk_buff *skb, int v6)
          * places it, and neither side is carried until it marks one again. */
         nl_fp_other_side(k, &flow, &rk);
         if (flow.dir == NL_FP_IN) {
+            /* Both sides kept, dead: the backend's answer to the SYN it got
+             * is then told (nl_fp_placed) from traffic straight to it. */
+            struct nl_fp_flow *out = bpf_map_lookup_elem(&flows, &rk);
+            if (out)
+                bury(out);
             bury(f);
-            bpf_map_delete_elem(&flows, &rk);
         } else {
             /* The backend's side stays too, dead: natlb, not holding the
              * flow yet, tells by it that this RST is a placed flow's answer
@@ -654,9 +660,8 @@ static __always_inline int carry_ip(struct __sk_buff *skb, int v6)
     if (now > flow.deadline_ns) {
         /* natlb must see this one, and the flow's next packets until it
          * marks one fast again.  Both sides stay, dead, until natlb marks
-         * the flow again or the LRU needs the room: the backend's side
-         * tells natlb, before it holds the flow, that an answer is a placed
-         * flow's (nl_fp_placed), not traffic straight to the backend. */
+         * the flow again or the LRU needs the room (the backend's side, dead
+         * a moment ago, says the answer is a placed flow's: nl_fp_placed). */
         return TC_ACT_OK;
     }
     int record = fin || rst || synack;

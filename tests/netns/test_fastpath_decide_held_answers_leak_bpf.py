@@ -250,4 +250,5 @@ def test_a_held_packet_passed_on_counts_once(inside, fp, core, ns, fam):
     assert core.decide(answer, 5)[0] == Verdict.ACCEPT          # not a placed flow's
     assert core.deferred_retry(6) == 0
     reasons = core.reasons()
-    assert (reasons["not_ours"], reasons["held"], reasons["held_lost"]) == (1, 0, 0), reasons
+    assert (reasons["not_ours"], reasons["answer_dropped"]) == (1, 0), reasons
+    assert core.failover_counters()["answers_held"] == 0
