@@ -451,7 +451,7 @@ static int64_t flush_where(struct nl_fastpath *fp, uint32_t ifindex)
             /* The client's side kept dead, as forget keeps it: the flow's
              * next packet goes to natlb, which keeps it where it is, not
              * placed anew by the kernel (an rr UDP session would move). */
-            if (flow.deadline_ns) {
+            if (flow.deadline_ns > now_ns()) {
                 flow.deadline_ns = 0;
                 n += bpf_map_update_elem(fp->flows_fd, &key, &flow, BPF_EXIST) == 0;
             }
@@ -469,7 +469,7 @@ static int64_t flush_where(struct nl_fastpath *fp, uint32_t ifindex)
             int rc = bpf_map_delete_elem(fp->flows_fd, &key);
             if (rc && rc != -ENOENT)
                 return rc;
-            n += rc == 0;
+            n += rc == 0 && found && flow.deadline_ns > now_ns();   /* live ones */
         }
         key = next;
     }
@@ -584,7 +584,7 @@ int nl_fp_test_run(struct nl_fastpath *fp, int egress, const uint8_t *pkt, uint3
 static void bury(struct nl_fastpath *fp, const struct nl_fp_key *in)
 {
     struct nl_fp_flow f;
-    if (bpf_map_lookup_elem(fp->flows_fd, in, &f) == 0 && f.deadline_ns) {
+    if (bpf_map_lookup_elem(fp->flows_fd, in, &f) == 0 && f.deadline_ns > now_ns()) {
         f.deadline_ns = 0;
         bpf_map_update_elem(fp->flows_fd, in, &f, BPF_EXIST);
     }
@@ -713,7 +713,13 @@ static void forget(struct nl_fastpath *fp, const struct nl_fp_forget *f)
     struct nl_fp_key out = key_of(&f->backend_addr, &f->client_addr, f->backend_port,
                                   f->client_port, f->proto);
     bury(fp, &in);
-    bpf_map_delete_elem(fp->flows_fd, &out);
+    /* The backend's side dead from now, not deleted: its answers a moment
+     * later are held, not taken for traffic straight to it (nl_fp_placed). */
+    struct nl_fp_flow o;
+    if (bpf_map_lookup_elem(fp->flows_fd, &out, &o) == 0 && o.deadline_ns > now_ns()) {
+        o.deadline_ns = now_ns() - 1;
+        bpf_map_update_elem(fp->flows_fd, &out, &o, BPF_EXIST);
+    }
 }
 
 /* One round: the core's keys forgotten, then every record waiting applied

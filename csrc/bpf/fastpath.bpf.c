@@ -148,8 +148,12 @@ static __always_inline void cut_deadline(const struct nl_fp_key *k)
 static __always_inline void bury(struct nl_fp_flow *f)
 {
     /* Dead from now on, and dead since when: natlb takes a backend side
-     * that died moments ago for a placed flow's (nl_fp_placed). */
-    f->deadline_ns = bpf_ktime_get_ns() - 1;
+     * that died moments ago for a placed flow's (nl_fp_placed).  One dead
+     * already keeps its time of death: a packet on a long-dead tuple (a
+     * client reusing a port straight to the backend) must not revive it. */
+    __u64 now = bpf_ktime_get_ns();
+    if (f->deadline_ns >= now)
+        f->deadline_ns = now - 1;
 }
 
 static __always_inline void count_stat(__u32 which)
@@ -685,9 +689,13 @@ static __always_inline int carry_ip(struct __sk_buff *skb, int v6)
         nl_fp_other_side(k, &flow, &rk);
     if (rst) {
         /* Carried or queued, natlb closes its flow on it: neither side may
-         * be carried after it. */
-        bpf_map_delete_elem(&flows, k);
-        bpf_map_delete_elem(&flows, &rk);
+         * be carried after it.  Both kept, dead from now: should this RST
+         * (or an answer crossing it) reach natlb before the flow's record,
+         * the backend's side says it is a placed flow's (nl_fp_placed). */
+        bury(f);
+        struct nl_fp_flow *other = bpf_map_lookup_elem(&flows, &rk);
+        if (other)
+            bury(other);
     } else if (fin) {
         cut_deadline(k);
         cut_deadline(&rk);
