@@ -131,6 +131,11 @@ def chosen(fam: Fam, out: bytes) -> str:
     return Ether(out)[IPv6 if fam.v6 else IP].dst
 
 
+def ip_of(fam: Fam):
+    """The scapy IP layer of the family."""
+    return IPv6 if fam.v6 else IP
+
+
 def client_of(fam: Fam, i: int) -> str:
     return str(ipaddress.ip_address(fam.client) + i * 7919)
 

@@ -10,8 +10,7 @@ paragraphs say what each catches."""
 
 import time
 
-from scapy.layers.inet import IP, TCP
-from scapy.layers.inet6 import IPv6
+from scapy.layers.inet import TCP
 
 from natlb.core import FastPath, Verdict
 
@@ -23,6 +22,7 @@ from .test_fastpath_decide_bpf import (
     TC_ACT_REDIRECT,
     chosen,
     client_of,
+    ip_of,
     place,
     publish,
     service,
@@ -32,10 +32,6 @@ from .test_fastpath_decide_observer_lag_bpf import from_backend, reply_frame
 
 # Its namespace, programs and core, for these tests too.
 ns, inside, fp, core, fam = base.ns, base.inside, base.fp, base.core, base.fam
-
-
-def ip_of(fam):
-    return IPv6 if fam.v6 else IP
 
 
 def test_a_backends_synack_straight_to_a_client_does_not_make_a_long_dead_entry_say_placed(

@@ -16,8 +16,8 @@ paragraphs below say what each caught there."""
 import ipaddress
 import socket
 
-from scapy.layers.inet import ICMP, IP, TCP, UDP
-from scapy.layers.inet6 import ICMPv6DestUnreach, IPv6
+from scapy.layers.inet import ICMP, TCP, UDP
+from scapy.layers.inet6 import ICMPv6DestUnreach
 
 from natlb.core import Verdict
 
@@ -30,6 +30,7 @@ from .test_fastpath_decide_bpf import (
     VPORT,
     chosen,
     client_of,
+    ip_of,
     place,
     publish,
     service,
@@ -39,10 +40,6 @@ from .test_fastpath_decide_observer_lag_bpf import from_backend, reply_frame
 
 # Its namespace, programs and core, for these tests too.
 ns, inside, fp, core, fam = base.ns, base.inside, base.fp, base.core, base.fam
-
-
-def ip_of(fam):
-    return IPv6 if fam.v6 else IP
 
 
 def leaked(fam, sent: bytes | None, backend: str) -> bool:

@@ -13,8 +13,7 @@ paragraphs say what each catches."""
 
 import time
 
-from scapy.layers.inet import IP, TCP, UDP
-from scapy.layers.inet6 import IPv6
+from scapy.layers.inet import TCP, UDP
 
 from natlb.core import MARK_FAST, FastPath, Verdict
 
@@ -27,6 +26,7 @@ from .test_fastpath_decide_bpf import (
     VPORT,
     chosen,
     client_of,
+    ip_of,
     place,
     publish,
     service,
@@ -35,10 +35,6 @@ from .test_fastpath_decide_observer_lag_bpf import from_backend, reply_frame
 
 # Its namespace, programs and core, for these tests too.
 ns, inside, fp, core, fam = base.ns, base.inside, base.fp, base.core, base.fam
-
-
-def ip_of(fam):
-    return IPv6 if fam.v6 else IP
 
 
 def test_a_long_gone_vip_flows_dead_entry_does_not_blackhole_traffic_straight_to_its_backend(
