@@ -96,6 +96,33 @@ def test_a_synack_acking_the_syns_data_before_its_record_is_applied_is_not_passe
     assert not fp.has_flow(backend, client, BPORT, 31000, socket.IPPROTO_TCP)
 
 
+def place_twice(inside, fp, core, ns, fam, t, client: str, sport: int) -> tuple[str, str]:
+    """The client's SYN (seq 7000) twice within the observer's lag: the
+    kernel places the first; the second finds its entries and is queued,
+    and natlb (no flow yet) places it itself, rr on its own cursor, one
+    ahead (a queued first packet before it: as in any mixed run), and learn
+    installs that.  Returns the kernel's backend and natlb's (they differ);
+    the first's record is still in the ring."""
+    ip = IPv6 if fam.v6 else IP
+    assert core.decide(bytes(ip(src=client_of(fam, 9), dst=fam.vip) /
+                             TCP(sport=1, dport=VPORT, flags="S")), 1)[0] == Verdict.MARK
+    syn = bytes(ETH / ip(src=client, dst=fam.vip) / TCP(sport=sport, dport=VPORT, flags="S",
+                                                        seq=7000))
+    first = place(inside, fp, ns, syn)
+    assert first.retval == TC_ACT_REDIRECT
+    kernels = chosen(fam, first.packet)
+    assert place(inside, fp, ns, syn).retval == TC_ACT_OK               # queued
+    v, mark = core.decide(syn[14:], 2)
+    assert v == Verdict.MARK and mark & MARK_FAST
+    natlbs = {b.id: b.address for b in t.backends}[mark & 0xFFFF]
+    assert natlbs != kernels
+    _, idx = ns
+    inside(fp.test_run, True, bytes(ETH / ip(src=client, dst=natlbs) /
+                                    TCP(sport=sport, dport=BPORT, flags="S", seq=7000)),
+           mark=mark, ifindex=idx["be0"], ingress_ifindex=idx["cl0"])
+    return kernels, natlbs
+
+
 def test_a_syn_sent_twice_before_its_record_is_applied_gets_one_backend(inside, fp, core, ns,
                                                                          fam):
     """The client's SYN twice within the observer's lag (a duplicate on the
@@ -108,25 +135,8 @@ def test_a_syn_sent_twice_before_its_record_is_applied_gets_one_backend(inside, 
     t = service(fam, "rr")
     publish(core, fp, [t])
     ip = IPv6 if fam.v6 else IP
-    # natlb placed a queued first packet before (a fallback): the two rr
-    # cursors differ by one, as they do in any mixed run.
-    assert core.decide(bytes(ip(src=client_of(fam, 9), dst=fam.vip) /
-                             TCP(sport=1, dport=VPORT, flags="S")), 1)[0] == Verdict.MARK
     client = client_of(fam, 4)
-    syn = bytes(ETH / ip(src=client, dst=fam.vip) / TCP(sport=32000, dport=VPORT, flags="S",
-                                                        seq=7000))
-    first = place(inside, fp, ns, syn)
-    assert first.retval == TC_ACT_REDIRECT
-    kernels = chosen(fam, first.packet)
-    assert place(inside, fp, ns, syn).retval == TC_ACT_OK               # queued
-    v, mark = core.decide(syn[14:], 2)
-    assert v == Verdict.MARK and mark & MARK_FAST
-    natlbs = {b.id: b.address for b in t.backends}[mark & 0xFFFF]
-    assert natlbs != kernels
-    _, idx = ns
-    inside(fp.test_run, True, bytes(ETH / ip(src=client, dst=natlbs) /
-                                    TCP(sport=32000, dport=BPORT, flags="S", seq=7000)),
-           mark=mark, ifindex=idx["be0"], ingress_ifindex=idx["cl0"])
+    kernels, natlbs = place_twice(inside, fp, core, ns, fam, t, client, 32000)
     [(_, head, _, bid)] = fp.read_records(8)
     core.observe_new(head, bid, 3)
     core.fp_observing(True)     # as natlb's observer does: it keeps held answers

@@ -15,7 +15,7 @@ import time
 
 from scapy.layers.inet import TCP, UDP
 
-from natlb.core import MARK_FAST, FastPath, Verdict
+from natlb.core import FastPath, Verdict
 
 from . import test_fastpath_decide_bpf as base
 from .test_fastpath_decide_bpf import (
@@ -23,7 +23,6 @@ from .test_fastpath_decide_bpf import (
     ETH,
     TC_ACT_OK,
     TC_ACT_REDIRECT,
-    VPORT,
     chosen,
     client_of,
     ip_of,
@@ -31,7 +30,7 @@ from .test_fastpath_decide_bpf import (
     publish,
     service,
 )
-from .test_fastpath_decide_observer_lag_bpf import from_backend, reply_frame
+from .test_fastpath_decide_observer_lag_bpf import from_backend, place_twice, reply_frame
 
 # Its namespace, programs and core, for these tests too.
 ns, inside, fp, core, fam = base.ns, base.inside, base.fp, base.core, base.fam
@@ -105,25 +104,8 @@ def test_a_synack_from_the_kernels_backend_after_a_duplicate_syn_is_not_passed_u
     t = service(fam, "rr")
     publish(core, fp, [t])
     core.fp_observing(True)
-    ip = ip_of(fam)
-    # natlb placed a queued first packet before: the two rr cursors differ.
-    assert core.decide(bytes(ip(src=client_of(fam, 9), dst=fam.vip) /
-                             TCP(sport=1, dport=VPORT, flags="S")), 1)[0] == Verdict.MARK
     client = client_of(fam, 41)
-    syn = bytes(ETH / ip(src=client, dst=fam.vip) /
-                TCP(sport=32100, dport=VPORT, flags="S", seq=7000))
-    first = place(inside, fp, ns, syn)
-    assert first.retval == TC_ACT_REDIRECT
-    kernels = chosen(fam, first.packet)
-    assert place(inside, fp, ns, syn).retval == TC_ACT_OK               # queued
-    v, mark = core.decide(syn[14:], 2)
-    assert v == Verdict.MARK and mark & MARK_FAST
-    natlbs = {b.id: b.address for b in t.backends}[mark & 0xFFFF]
-    assert natlbs != kernels
-    _, idx = ns
-    inside(fp.test_run, True, bytes(ETH / ip(src=client, dst=natlbs) /
-                                    TCP(sport=32100, dport=BPORT, flags="S", seq=7000)),
-           mark=mark, ifindex=idx["be0"], ingress_ifindex=idx["cl0"])
+    kernels, _ = place_twice(inside, fp, core, ns, fam, t, client, 32100)
     # The kernel's backend answers before the observer's round.
     synack = reply_frame(fam, kernels, client,
                          TCP(sport=BPORT, dport=32100, flags="SA", seq=900, ack=7001))
