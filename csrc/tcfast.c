@@ -590,9 +590,21 @@ static void bury(struct nl_fastpath *fp, const struct nl_fp_key *in)
     }
 }
 
+/* The backend's side of a flow, if alive, dead from now rather than
+ * deleted: its answers a moment later are held, not taken for traffic
+ * straight to the backend (nl_fp_placed). */
+static void kill_backend_side(struct nl_fastpath *fp, const struct nl_fp_key *out)
+{
+    struct nl_fp_flow f;
+    uint64_t now = now_ns();
+    if (bpf_map_lookup_elem(fp->flows_fd, out, &f) == 0 && f.deadline_ns > now) {
+        f.deadline_ns = now - 1;
+        bpf_map_update_elem(fp->flows_fd, out, &f, BPF_EXIST);
+    }
+}
+
 /* Both entries of the flow whose entry k is (if any): the client's buried,
- * the backend's dead from now (its answers a moment later are held, not
- * taken for traffic straight to the backend: nl_fp_placed). */
+ * the backend's dead from now. */
 static void forget_both(struct nl_fastpath *fp, const struct nl_fp_key *k)
 {
     struct nl_fp_flow f;
@@ -600,12 +612,8 @@ static void forget_both(struct nl_fastpath *fp, const struct nl_fp_key *k)
         return;
     struct nl_fp_key r;
     nl_fp_other_side(k, &f, &r);
-    const struct nl_fp_key *out = f.dir == NL_FP_IN ? &r : k;
     bury(fp, f.dir == NL_FP_IN ? k : &r);
-    if (bpf_map_lookup_elem(fp->flows_fd, out, &f) == 0 && f.deadline_ns > now_ns()) {
-        f.deadline_ns = now_ns() - 1;
-        bpf_map_update_elem(fp->flows_fd, out, &f, BPF_EXIST);
-    }
+    kill_backend_side(fp, f.dir == NL_FP_IN ? &r : k);
 }
 
 /* The tuple of a record's packet, as the fast path takes them: IPv4 with a
@@ -713,13 +721,7 @@ static void forget(struct nl_fastpath *fp, const struct nl_fp_forget *f)
     struct nl_fp_key out = key_of(&f->backend_addr, &f->client_addr, f->backend_port,
                                   f->client_port, f->proto);
     bury(fp, &in);
-    /* The backend's side dead from now, not deleted: its answers a moment
-     * later are held, not taken for traffic straight to it (nl_fp_placed). */
-    struct nl_fp_flow o;
-    if (bpf_map_lookup_elem(fp->flows_fd, &out, &o) == 0 && o.deadline_ns > now_ns()) {
-        o.deadline_ns = now_ns() - 1;
-        bpf_map_update_elem(fp->flows_fd, &out, &o, BPF_EXIST);
-    }
+    kill_backend_side(fp, &out);
 }
 
 /* One round: the core's keys forgotten, then every record waiting applied
