@@ -5,9 +5,7 @@ config dataclass to a factory taking the event loop) and offers:
 
     start(address, port, hc, done)   begin one check; done(ok, detail, error)
                                       is called exactly once, by the timeout
-                                      at the latest
-    expire(now)                       end checks whose timeout has passed
-                                      (loop.time() clock)
+                                      at the latest (the checker's own timer)
     close()                           drop every check still running
 
 `error` is set only when the checker itself failed (an exception other than
@@ -47,8 +45,6 @@ class Done(Protocol):
 
 class Checker(Protocol):
     def start(self, address: str, port: int, hc: HealthConfig, done: Done) -> None: ...
-
-    def expire(self, now: float) -> None: ...
 
     def close(self) -> None: ...
 
@@ -98,9 +94,6 @@ class TaskChecker:
 
         task.add_done_callback(finished)
 
-    def expire(self, now: float) -> None:
-        pass  # wait_for ends them
-
     def close(self) -> None:
         for t in self.tasks:
             t.cancel()
@@ -121,7 +114,7 @@ class TcpProber:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.pending: dict[int, tuple[socket.socket, Done, float, int]] = {}
+        self.pending: dict[int, tuple[socket.socket, Done, asyncio.TimerHandle]] = {}
 
     def start(self, address: str, port: int, hc: HealthConfig, done: Done) -> None:
         af = socket.AF_INET6 if family(address) == 6 else socket.AF_INET
@@ -138,11 +131,16 @@ class TcpProber:
             done(False, os.strerror(err))
             return
         fd = s.fileno()
-        self.pending[fd] = (s, done, self.loop.time() + hc.timeout_ms / 1000, hc.timeout_ms)
+        # A timer per check, not a sweep: the loop wakes for a timeout only
+        # when one is reached.
+        timer = self.loop.call_later(hc.timeout_ms / 1000, self._finish, fd, False,
+                                     f"timeout after {hc.timeout_ms} ms")
+        self.pending[fd] = (s, done, timer)
         self.loop.add_writer(fd, self._ready, fd)
 
     def _finish(self, fd: int, ok: bool, detail: str) -> None:
-        s, done, _, _ = self.pending.pop(fd)
+        s, done, timer = self.pending.pop(fd)
+        timer.cancel()
         self.loop.remove_writer(fd)
         s.close()
         done(ok, detail)
@@ -152,13 +150,10 @@ class TcpProber:
         err = s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         self._finish(fd, err == 0, "connected" if err == 0 else os.strerror(err))
 
-    def expire(self, now: float) -> None:
-        for fd in [fd for fd, (_, _, deadline, _) in self.pending.items() if deadline <= now]:
-            self._finish(fd, False, f"timeout after {self.pending[fd][3]} ms")
-
     def close(self) -> None:
         for fd in list(self.pending):
-            s, _, _, _ = self.pending.pop(fd)
+            s, _, timer = self.pending.pop(fd)
+            timer.cancel()
             self.loop.remove_writer(fd)
             s.close()
 
@@ -293,9 +288,6 @@ async def check_once(address: str, port: int, hc: HealthConfig,
 
     checker.start(address, port, hc, done)
     try:
-        while not result.done():  # the prober's timeouts are driven from outside
-            await asyncio.wait([result], timeout=hc.timeout_ms / 4000)
-            checker.expire(loop.time())
-        return result.result()
+        return await result
     finally:
         checker.close()

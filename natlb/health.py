@@ -2,9 +2,15 @@
 verdicts go.  How a kind checks lives in natlb.checkers; what a verdict
 means for the backend lives in natlb.pool_state.
 
-One scheduling task per service wakes a few times per interval and starts
-the checks that are due; backends are spread evenly over the interval so
-checks do not come in bursts.  The pool may ask for a check at once
+One scheduling task per service sleeps until the next thing it has to do
+(a backend's check due, a check to write off), brought forward when a
+check ends or the pool asks for one; backends are spread evenly over the
+interval so checks do not come in bursts.  It does not poll: on a router
+every wakeup of natlb's event loop is CPU taken from the traffic, and the
+former tick of a tenth of the interval cost 10 wakeups a second for a
+service checked every second, whatever was due.  Rounds stay at least a
+tenth of the interval apart, so a service of many backends still starts
+its checks in batches.  The pool may ask for a check at once
 (check_now: a passive failure made the backend suspect).  A backend has at
 most one check in flight.  Whatever a checker does (raise, hang, answer
 twice), the check ends by its timeout plus a grace period at the latest, is
@@ -26,6 +32,8 @@ log = logging.getLogger("natlb.health")
 
 # A check the checker never ends is written off this long after its timeout.
 GRACE_S = 1.0
+# Rounds of one service at most this many times per interval.
+TICKS_PER_INTERVAL = 10
 
 
 @dataclass
@@ -35,9 +43,53 @@ class _InFlight:
     started: float           # time.monotonic(), as the pool's clock
 
 
-class Monitor:
-    TICKS_PER_INTERVAL = 10
+class _Alarm:
+    """A sleep until a loop time, which callbacks may bring forward.  Rounds
+    are at least `tick` apart: with many backends sharing an interval, one
+    round starts every check due by then, where waking for each check (and
+    scanning the service each time) would cost more than the checks."""
 
+    def __init__(self, loop: asyncio.AbstractEventLoop, tick: float) -> None:
+        self.loop = loop
+        self.tick = tick
+        self.floor = 0.0                     # the next round not before this
+        self.when = float("inf")             # the planned round, while asleep
+        self._waiting: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+
+    def round_starts(self, now: float) -> None:
+        self.floor = now + self.tick
+
+    async def sleep_until(self, when: float) -> None:
+        self._waiting = self.loop.create_future()
+        self._set(when)
+        try:
+            await self._waiting
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._waiting = self._timer = None
+            self.when = float("inf")
+
+    def advance(self, when: float) -> None:
+        """Something needs the service's attention at `when`."""
+        if self._waiting is not None and max(when, self.floor) < self.when:
+            assert self._timer is not None
+            self._timer.cancel()
+            self._set(when)
+
+    def _set(self, when: float) -> None:
+        assert self._waiting is not None
+        self.when = max(when, self.floor)
+        self._timer = self.loop.call_at(self.when, _wake, self._waiting)
+
+
+def _wake(waiting: asyncio.Future[None]) -> None:
+    if not waiting.done():
+        waiting.set_result(None)
+
+
+class Monitor:
     def __init__(self, pool: Pool,
                  checkers: dict[type[HealthConfig], CheckerFactory] = CHECKERS) -> None:
         self.pool = pool
@@ -47,8 +99,9 @@ class Monitor:
         self.in_flight: dict[int, _InFlight] = {}
         self.due: dict[int, float] = {}
         self.completed = 0               # checks whose verdict reached the pool
+        self.wakeups = 0                 # scheduling rounds, all services
+        self.alarms: dict[str, _Alarm] = {}
         self._tokens = 0
-        self._next_write_off = 0.0
         self._logged: set[tuple[int, type[BaseException]]] = set()
 
     def start(self) -> None:
@@ -71,6 +124,13 @@ class Monitor:
         loop = asyncio.get_running_loop()
         self._start_check(svc, b, loop.time())
         self.due[b.id] = loop.time() + svc.cfg.health.interval_ms / 1000
+        flight = self.in_flight.get(b.id)
+        self._needs(svc, flight.deadline if flight else self.due[b.id])
+
+    def _needs(self, svc: Service, when: float) -> None:
+        alarm = self.alarms.get(svc.cfg.name)
+        if alarm is not None:
+            alarm.advance(when)
 
     def _start_check(self, svc: Service, b: Backend, now: float) -> None:
         hc = svc.cfg.health
@@ -86,6 +146,9 @@ class Monitor:
                 return  # written off already, or a second answer
             del self.in_flight[b.id]
             self._verdict(svc, b, ok, detail, error, flight.started)
+            # Asleep until this check's write-off, the service may owe the
+            # backend its next check sooner.
+            self._needs(svc, self.due[b.id])
 
         try:
             checker.start(b.cfg.address, hc.port or b.cfg.port, hc, done)
@@ -105,39 +168,47 @@ class Monitor:
         self.completed += 1
         self.pool.report(svc, b, ok, detail, started)
 
-    def _write_off(self, now: float) -> None:
-        if now < self._next_write_off:
-            return
-        self._next_write_off = now + GRACE_S / 4
-        for bid, flight in list(self.in_flight.items()):
-            if flight.deadline <= now:
-                svc, b = self.pool.by_backend_id[bid]
-                del self.in_flight[bid]
+    def _run_due(self, svc: Service, now: float) -> float:
+        """Start what is due and write off what never ended; the loop time
+        of the next thing to do."""
+        interval = svc.cfg.health.interval_ms / 1000
+        next_at = now + interval
+        for b in svc.backends:
+            flight = self.in_flight.get(b.id)
+            if flight is not None and flight.deadline <= now:
+                del self.in_flight[b.id]
                 self._verdict(svc, b, False, "check did not finish", None, flight.started)
+                flight = None
+            if flight is not None:
+                # A check still running is not started twice; its end wakes
+                # us, or its write-off does.
+                next_at = min(next_at, flight.deadline)
+                continue
+            if self.due[b.id] <= now:
+                self._start_check(svc, b, now)
+                self.due[b.id] += interval
+                if self.due[b.id] <= now:  # fell behind: do not burst to catch up
+                    self.due[b.id] = now + interval
+                flight = self.in_flight.get(b.id)
+                if flight is not None:
+                    next_at = min(next_at, flight.deadline)
+                    continue
+            next_at = min(next_at, self.due[b.id])
+        return next_at
 
     async def _schedule(self, svc: Service) -> None:
-        hc = svc.cfg.health
         loop = asyncio.get_running_loop()
-        checker = self.checkers[type(hc)]
-        interval = hc.interval_ms / 1000
+        interval = svc.cfg.health.interval_ms / 1000
         n = len(svc.backends)
         now = loop.time()
         for i, b in enumerate(svc.backends):
             self.due[b.id] = now + interval * i / n
-        tick = interval / self.TICKS_PER_INTERVAL
+        alarm = self.alarms[svc.cfg.name] = _Alarm(loop, interval / TICKS_PER_INTERVAL)
         while True:
+            self.wakeups += 1
             now = loop.time()
-            checker.expire(now)
-            self._write_off(now)
-            for b in svc.backends:
-                # A check still running is not started twice; it is counted
-                # when its timeout ends it.
-                if self.due[b.id] <= now and b.id not in self.in_flight:
-                    self._start_check(svc, b, now)
-                    self.due[b.id] += interval
-                    if self.due[b.id] <= now:  # fell behind: do not burst to catch up
-                        self.due[b.id] = now + interval
-            await asyncio.sleep(tick)
+            alarm.round_starts(now)
+            await alarm.sleep_until(self._run_due(svc, now))
 
     async def stop(self) -> None:
         if self.pool.check_now == self.check_now:
@@ -146,6 +217,7 @@ class Monitor:
             t.cancel()
         await asyncio.gather(*self.tasks, return_exceptions=True)
         self.tasks.clear()
+        self.alarms.clear()
         for c in self.checkers.values():
             c.close()
         self.checkers.clear()

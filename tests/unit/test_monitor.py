@@ -61,9 +61,6 @@ def test_a_checker_whose_start_raises_is_checked_again(pool, caplog):
         def start(self, address, port, hc, done):
             raise RuntimeError("no start")
 
-        def expire(self, now):
-            pass
-
         def close(self):
             pass
 
@@ -80,9 +77,6 @@ def test_a_check_that_never_ends_is_written_off(pool, monkeypatch):
     class Silent:
         def start(self, address, port, hc, done):
             starts.append(done)
-
-        def expire(self, now):
-            pass
 
         def close(self):
             pass
@@ -103,9 +97,6 @@ def test_a_passive_failure_checks_at_once(pool):
             starts.append(asyncio.get_running_loop().time())
             done(True, "connected")
 
-        def expire(self, now):
-            pass
-
         def close(self):
             pass
 
@@ -122,3 +113,21 @@ def test_a_passive_failure_checks_at_once(pool):
         await monitor.stop()
 
     asyncio.run(run())
+
+
+def test_the_schedule_wakes_for_checks_not_on_a_tick(pool):
+    """Every wakeup of natlb's event loop is CPU taken from the traffic on
+    the router: the monitor sleeps until a check is due or one ends, where
+    it used to wake ten times per interval whatever happened."""
+    class Instant:
+        def start(self, address, port, hc, done):
+            asyncio.get_running_loop().call_soon(done, True, "connected")
+
+        def close(self):
+            pass
+
+    monitor = run_monitor(pool, lambda loop: Instant(), lambda m: m.completed >= 25)
+    assert monitor.completed >= 25
+    # One round to start a check, one when it ends; a tick of a tenth of
+    # the 20 ms interval would have made about ten per check.
+    assert monitor.wakeups <= 2 * monitor.completed + 3, (monitor.wakeups, monitor.completed)
