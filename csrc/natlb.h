@@ -414,8 +414,12 @@ int nl_fp_detach(uint32_t ifindex, uint32_t handle, uint32_t priority, int destr
 int nl_fp_set_backend(struct nl_fastpath *fp, uint32_t id, const struct nl_addr *vip,
                       uint16_t vport, const struct nl_addr *addr, uint16_t port, uint8_t proto);
 /* Forgets every carried flow: each one's next packet goes to natlb.
- * Returns the entries removed, or -errno. */
+ * Returns the live entries it made dead, or -errno. */
 int64_t nl_fp_flush(struct nl_fastpath *fp);
+/* Forgets the flows of these n backend ids (a reset, a UDP backend lost):
+ * only their next packets go to natlb.  Returns the live entries it made
+ * dead, or -errno. */
+int64_t nl_fp_flush_backends(struct nl_fastpath *fp, const uint32_t *ids, uint32_t n);
 /* Forgets the flows carried in from or out to ifindex (a device that is
  * gone: its index must not send a later device's packets anywhere).
  * Returns the entries removed, or -errno. */

@@ -432,58 +432,150 @@ void nl_fp_placed_counts(struct nl_fastpath *fp, uint64_t *applied, uint64_t *re
     *refused = __atomic_load_n(&fp->refused, __ATOMIC_RELAXED);
 }
 
-/* Deletes the entries that match (every one if ifindex is 0; else those
- * carrying in from or out to ifindex); how many, or -errno. */
-static int64_t flush_where(struct nl_fastpath *fp, uint32_t ifindex)
+/* Which entries a walk of the flow map forgets: those carrying in from or
+ * out to ifindex (deleted: a later device may get the index), else those
+ * of the backends listed (sorted), else every one. */
+struct flush_filter {
+    uint32_t ifindex;
+    const uint32_t *backends;
+    uint32_t n_backends;
+};
+
+static int id_cmp(const void *a, const void *b)
 {
-    struct nl_fp_key key, next;
-    struct nl_fp_flow flow;
-    int64_t n = 0;
-    /* The next key is fetched before the current one goes, so the walk is
-     * linear (asking for the first key each time rescans the emptied
-     * buckets: quadratic, minutes for a full 2M-entry map).  A key that
-     * vanished meanwhile (LRU) makes the kernel start again from the first. */
-    int more = bpf_map_get_next_key(fp->flows_fd, NULL, &key) == 0;
-    while (more) {
-        more = bpf_map_get_next_key(fp->flows_fd, &key, &next) == 0;
-        int found = bpf_map_lookup_elem(fp->flows_fd, &key, &flow) == 0;
-        if (!ifindex && found && flow.dir == NL_FP_IN) {
-            /* The client's side kept dead, as forget keeps it: the flow's
-             * next packet goes to natlb, which keeps it where it is, not
-             * placed anew by the kernel (an rr UDP session would move). */
-            if (flow.deadline_ns > now_ns()) {
-                flow.deadline_ns = 0;
-                n += bpf_map_update_elem(fp->flows_fd, &key, &flow, BPF_EXIST) == 0;
-            }
-        } else if (!ifindex && found) {
-            /* The backend's side kept, dead from now: an answer of a flow
-             * placed just before, whose record is still on its way, is held,
-             * not taken for traffic straight to the backend. */
-            uint64_t now = now_ns();
-            if (flow.deadline_ns > now) {
-                flow.deadline_ns = now - 1;
-                n += bpf_map_update_elem(fp->flows_fd, &key, &flow, BPF_EXIST) == 0;
-            }
-        } else if (!ifindex || (found &&
-                                (flow.in_ifindex == ifindex || flow.out_ifindex == ifindex))) {
-            int rc = bpf_map_delete_elem(fp->flows_fd, &key);
-            if (rc && rc != -ENOENT)
-                return rc;
-            n += rc == 0 && found && flow.deadline_ns > now_ns();   /* live ones */
-        }
-        key = next;
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+/* Entries read per system call; grown if one bucket holds more. */
+#define WALK_BATCH 4096
+#define WALK_BATCH_MAX (1u << 20)
+
+/* Writes vals[0..n) over their keys, only where the entries still exist
+ * (one the LRU took meanwhile stays gone: written anew it could push out a
+ * live one), one call each: the batch update takes no BPF_EXIST.  How many
+ * were written, or -errno. */
+static int64_t write_back(struct nl_fastpath *fp, const struct nl_fp_key *keys,
+                          const struct nl_fp_flow *vals, uint32_t n)
+{
+    int64_t written = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        int rc = bpf_map_update_elem(fp->flows_fd, &keys[i], &vals[i], BPF_EXIST);
+        if (rc && rc != -ENOENT)
+            return rc;
+        written += rc == 0;
     }
-    return n;
+    return written;
+}
+
+/* How many live entries it made dead (or deleted), or -errno.  The map is
+ * read a batch of buckets per system call, and only the entries that
+ * change are written: entry by entry (two or three calls each, for every
+ * entry) the walk took seconds at a million flows, while the dead
+ * backend's flows were still carried to it. */
+static int64_t flush_where(struct nl_fastpath *fp, const struct flush_filter *want)
+{
+    uint32_t cap = WALK_BATCH;
+    struct nl_fp_key *keys = malloc(cap * sizeof *keys);
+    struct nl_fp_flow *vals = malloc(cap * sizeof *vals);
+    int64_t n = 0;
+    int rc = keys && vals ? 0 : -ENOMEM;
+    uint32_t token = 0;
+    int first = 1, end = 0;
+    while (!rc && !end) {
+        uint32_t count = cap;
+        rc = bpf_map_lookup_batch(fp->flows_fd, first ? NULL : &token, &token, keys, vals,
+                                  &count, NULL);
+        if (rc == -ENOSPC && cap < WALK_BATCH_MAX) {
+            /* One bucket holds more than a batch: read it into a bigger one. */
+            cap *= 2;
+            struct nl_fp_key *k2 = realloc(keys, cap * sizeof *keys);
+            if (k2)
+                keys = k2;
+            struct nl_fp_flow *v2 = realloc(vals, cap * sizeof *vals);
+            if (v2)
+                vals = v2;
+            rc = k2 && v2 ? 0 : -ENOMEM;
+            continue;
+        }
+        if (rc == -ENOENT) {   /* the map's end: count holds what was read */
+            rc = 0;
+            end = 1;
+        } else if (rc) {
+            break;
+        }
+        first = 0;
+        uint64_t now = now_ns();
+        uint32_t m = 0;        /* the entries to write back, moved to the front */
+        for (uint32_t i = 0; i < count && !rc; i++) {
+            struct nl_fp_flow *f = &vals[i];
+            if (want->ifindex) {
+                if (f->in_ifindex != want->ifindex && f->out_ifindex != want->ifindex)
+                    continue;
+                int d = bpf_map_delete_elem(fp->flows_fd, &keys[i]);
+                if (d && d != -ENOENT)
+                    rc = d;
+                n += d == 0 && f->deadline_ns > now;           /* live ones */
+                continue;
+            }
+            if (want->backends && !bsearch(&f->backend_id, want->backends, want->n_backends,
+                                           sizeof *want->backends, id_cmp))
+                continue;
+            if (f->deadline_ns <= now)
+                continue;      /* dead already, and keeps its time of death */
+            /* The client's side dead: the flow's next packet goes to natlb,
+             * which keeps it where it is, not placed anew by the kernel (an
+             * rr UDP session would move).  The backend's side dead from now:
+             * an answer of a flow placed just before, whose record is still
+             * on its way, is held, not taken for traffic straight to the
+             * backend (nl_fp_placed). */
+            f->deadline_ns = f->dir == NL_FP_IN ? 0 : now - 1;
+            if (m != i) {
+                keys[m] = keys[i];
+                vals[m] = *f;
+            }
+            m++;
+        }
+        if (!rc && m) {
+            int64_t w = write_back(fp, keys, vals, m);
+            if (w < 0)
+                rc = (int)w;
+            else
+                n += w;
+        }
+        if (!count && !end)
+            break;
+    }
+    free(keys);
+    free(vals);
+    return rc ? rc : n;
 }
 
 int64_t nl_fp_flush(struct nl_fastpath *fp)
 {
-    return flush_where(fp, 0);
+    struct flush_filter all = {0};
+    return flush_where(fp, &all);
+}
+
+int64_t nl_fp_flush_backends(struct nl_fastpath *fp, const uint32_t *ids, uint32_t n)
+{
+    if (!n)
+        return 0;
+    uint32_t *sorted = malloc(n * sizeof *sorted);
+    if (!sorted)
+        return -ENOMEM;
+    memcpy(sorted, ids, n * sizeof *sorted);
+    qsort(sorted, n, sizeof *sorted, id_cmp);
+    struct flush_filter some = {.backends = sorted, .n_backends = n};
+    int64_t r = flush_where(fp, &some);
+    free(sorted);
+    return r;
 }
 
 int64_t nl_fp_flush_ifindex(struct nl_fastpath *fp, uint32_t ifindex)
 {
-    return ifindex ? flush_where(fp, ifindex) : 0;
+    struct flush_filter dev = {.ifindex = ifindex};
+    return ifindex ? flush_where(fp, &dev) : 0;
 }
 
 int64_t nl_fp_flow_count(struct nl_fastpath *fp)

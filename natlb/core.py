@@ -12,6 +12,7 @@ import os
 import socket
 import struct
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -827,6 +828,15 @@ class FastPath:
         n = lib.nl_fp_flush(self._fp)
         if n < 0:
             raise CoreError(f"fast path: emptying the flows: {os.strerror(-n)}")
+        return n
+
+    def flush_backends(self, ids: Iterable[int]) -> int:
+        """Forgets the flows of these backends; the live entries made dead."""
+        want = sorted(set(ids))
+        n = lib.nl_fp_flush_backends(self._fp, ffi.new("uint32_t[]", want), len(want))
+        if n < 0:
+            raise CoreError(f"fast path: forgetting backends {want}'s flows: "
+                            f"{os.strerror(-n)}")
         return n
 
     def flush_interface(self, ifindex: int) -> int:

@@ -98,7 +98,7 @@ class Daemon:
         # it stops natlb with one clear error.
         self.fast = TcFastPath(config.lb) if config.lb.fastpath else None
         if self.fast:
-            self.pool.publisher.forget_fast = self.fast.flush
+            self.pool.publisher.forget_fast = self.fast.forget
             self.pool.publisher.on_publish = self.fast.publish
             self.pool.kernel_counts = self.fast.counts
             self.pool.observer_counts = self.fast.observer_counts

@@ -209,8 +209,11 @@ class TcFastPath:
                 log.warning("fast path: %d services' tables find no room in the kernel's "
                             "(lb.fastpath_decide_slots): their new flows are queued", too_big)
             self._too_big = too_big
-    def flush(self) -> None:
-        n = self.fp.flush()
+
+    def forget(self, backend_ids: Iterable[int]) -> None:
+        """The kernel stops carrying these backends' flows: their next
+        packets go to natlb.  The other backends' flows stay carried."""
+        n = self.fp.flush_backends(backend_ids)
         log.debug("fast path: forgot %d flow entries", n)
 
     def counts(self) -> dict[int, tuple[int, int, int, int]]:

@@ -59,12 +59,15 @@ class Publisher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor: ThreadPoolExecutor | None = None
         self._running: asyncio.Future[None] | None = None
-        # The kernel's fast path forgets every flow.  Runs after the publish
-        # that took a backend out and before its flows are reset, so the
-        # packets natlb's reset provokes come to natlb (see nl_reset_backend);
-        # and after one that took a UDP backend's "alive" away, so its flows'
-        # next packets come to natlb, which moves them.
-        self.forget_fast: Callable[[], None] | None = None
+        # The kernel's fast path forgets these backends' flows.  Runs after
+        # the publish that took a backend out and before its flows are
+        # reset, so the packets natlb's reset provokes come to natlb (see
+        # nl_reset_backend); and after one that took a UDP backend's "alive"
+        # away, so its flows' next packets come to natlb, which moves them.
+        # Only theirs: the other backends' flows stay in the kernel, where
+        # forgetting all of them sent every carried flow's next packet
+        # through the queue at once.
+        self.forget_fast: Callable[[set[int]], None] | None = None
         # The kernel's fast path learns the published backends (their slots).
         self.on_publish: Callable[[list[ServiceTable]], None] | None = None
         self._udp_alive: set[int] = set()
@@ -136,7 +139,7 @@ class Publisher:
                      for b in t.backends if b.alive}
         lost, self._udp_alive = self._udp_alive - udp_alive, udp_alive
         if (job.resets or lost) and self.forget_fast is not None:
-            self.forget_fast()
+            self.forget_fast({r.backend_id for r in job.resets} | lost)
         for r in job.resets:
             n = self.core.reset_backend(r.backend_id)
             if n:

@@ -9,6 +9,7 @@ import pytest
 from natlb_testbed.testbed import VIP, backend_addr, basic_config, family_addresses, udp_service
 
 from .conftest import natlb_cli
+from .test_traffic import queued_packets
 
 VICTIM = 2
 VICTIM_KEY = f"{backend_addr(VICTIM)}:80"
@@ -105,7 +106,10 @@ def test_drain_keeps_old_flows_and_takes_no_new_ones(testbed, natlb, lb_extra):
 def test_established_flows_of_a_disabled_backend(testbed, natlb, policy, lb_extra, family):
     """With the fast path the kernel carried the flows: it must forget them
     at once, so that natlb's probes and RSTs (reset) see the answers they
-    provoke, and kept flows go on (keep)."""
+    provoke, and kept flows go on (keep).  Only the victim's: the other
+    backends' flows stay carried by the kernel, none of their packets
+    queued (forgetting every flow sent each one's next packet through the
+    queue at once)."""
     natlb(basic_config(testbed, lb_extra=lb_extra, family=family,
                        service_extra=f'[service.failover]\non_backend_down = "{policy}"'))
     vip, addr = family_addresses(family)
@@ -121,9 +125,27 @@ def test_established_flows_of_a_disabled_backend(testbed, natlb, policy, lb_extr
     else:
         assert [h.survived() for h in victims] == [True] * len(victims)
     others = [h for h in holds if h.backend != "b2"]
+    queued = settled_queue(testbed)
     assert [h.survived() for h in others] == [True] * len(others)
+    if lb_extra == FAST:
+        assert queued_packets(testbed) == queued, "a surviving flow's packets were queued"
     natlb_cli(testbed, "backend", "enable", "web", addr(VICTIM), "-s",
               testbed.control_socket)
+
+
+def settled_queue(testbed, quiet_s: float = 0.3, limit_s: float = 10.0) -> int:
+    """Packets queued so far, once none came for quiet_s (the reset's own
+    exchanges with the victim, queued by design, are over)."""
+    last, since = queued_packets(testbed), time.monotonic()
+    deadline = since + limit_s
+    while time.monotonic() < deadline:
+        time.sleep(0.05)
+        now = queued_packets(testbed)
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            break
+    return last
 
 
 UDP_ONLY = '[lb]\ncontrol_socket = "{sock}"\n' + udp_service("dns", [1, 2, 3], 1000, 500)

@@ -486,6 +486,40 @@ def test_flush_forgets_every_flow(inside, fp, ns, fam):
     assert fp.flush() == 60 and fp.flow_count() == 0
 
 
+def test_flush_backends_forgets_their_flows_only(inside, ns, fam):
+    """A reset backend (or a UDP one no longer alive): the kernel forgets
+    its flows, both sides, and carries every other backend's on.  Enough
+    flows that the walk reads the map in several batches."""
+    other = BID + 2
+    fp = inside(FastPath, max_backends=16, max_flows=8192, tcp_lifetime_ms=60_000,
+                udp_lifetime_ms=30_000)
+    try:
+        fp.set_backend(BID, fam.vip, VPORT, fam.backend, BPORT, socket.IPPROTO_TCP)
+        fp.set_backend(other, fam.vip, VPORT, fam.moved, BPORT, socket.IPPROTO_TCP)
+        ports = range(10000, 13000)
+        for port in ports:
+            bid = BID if port % 2 else other
+            dst = fam.backend if bid == BID else fam.moved
+            assert learn(inside, fp, ns, fam, tcp(fam, fam.client, dst, port, BPORT),
+                         bid=bid).retval == TC_ACT_OK
+        assert fp.flow_count() == 2 * len(ports)
+
+        def carried(port: int) -> tuple[bool, bool]:
+            dst = fam.backend if port % 2 else fam.moved
+            return (fp.has_flow(fam.client, fam.vip, port, VPORT, socket.IPPROTO_TCP),
+                    fp.has_flow(dst, fam.client, BPORT, port, socket.IPPROTO_TCP))
+
+        assert fp.flush_backends([BID]) == len(ports)       # both sides of half the flows
+        assert fp.flow_count() == len(ports)
+        assert {carried(p) for p in ports if p % 2} == {(False, False)}
+        assert {carried(p) for p in ports if not p % 2} == {(True, True)}
+        assert fp.flush_backends([BID, 15]) == 0             # dead already; 15 has none
+        assert fp.flush_backends([]) == 0
+        assert fp.flush() == len(ports) and fp.flow_count() == 0
+    finally:
+        fp.close()
+
+
 def test_flush_interface_forgets_both_entries_of_the_flows_through_it_only(inside, fp, ns, fam):
     """A device that is gone (natlb/fastpath.py on RTM_DELLINK): the flows
     in from it or out to it are forgotten, the others kept."""

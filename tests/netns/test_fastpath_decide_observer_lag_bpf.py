@@ -162,9 +162,9 @@ def test_a_syn_sent_twice_before_its_record_is_applied_gets_one_backend(inside, 
 
 def test_a_udp_session_stays_on_its_backend_when_the_kernels_entries_are_emptied(
         inside, fp, core, ns, fam):
-    """Another UDP backend stops being alive: the publisher empties every
-    kernel entry (publisher.py forget_fast -> nl_fp_flush, which deletes
-    them).  A live session's next datagram then finds no entry and the
+    """The kernel's entries are all emptied (nl_fp_flush: the observer lost
+    keys it had to forget; once also the publisher's, when another UDP
+    backend stopped being alive).  A live session's next datagram then finds no entry and the
     kernel places it anew (rr: the next backend), and nl_observed_new moves
     natlb's flow there.  Queued, natlb kept the session on its backend."""
     t = service(fam, "rr", protocol="udp")

@@ -118,10 +118,11 @@ def test_a_synack_from_the_kernels_backend_after_a_duplicate_syn_is_not_passed_u
 
 def test_an_answer_to_a_placed_flow_is_not_passed_unnatted_when_natlb_empties_the_kernels_flows(
         inside, fp, core, ns, fam):
-    """Defect: natlb empties the kernel's flows (nl_fp_flush: the publisher's
-    forget_fast when any UDP backend stops being alive or on a `reset`, and
-    observe_round when more than 1,024 keys are to be forgotten, just before
-    it consumes the ring): flush_where deletes every backend's side.  A flow
+    """Defect: natlb empties the kernel's flows (nl_fp_flush: observe_round
+    when more than 1,024 keys are to be forgotten, just before it consumes
+    the ring; the publisher's forget_fast, when a UDP backend stops being
+    alive or on a `reset`, walks the same way over that backend's flows):
+    flush_where deleted every backend's side.  A flow
     the kernel placed whose record is still in the ring loses the entry that
     says so, and its backend's answer, which the kernel then no longer
     carries, finds in natlb no flow, no entry and no refusal: passed on at

@@ -269,15 +269,15 @@ def test_the_kernel_forgets_fast_flows_when_a_udp_backend_stops_being_alive(fast
 
     pool = Pool(parse({"service": [svc("web", 80, "tcp"), svc("dns", 53, "udp")]}), fast_core)
     forgot = []
-    pool.publisher.forget_fast = lambda: forgot.append(1)
+    pool.publisher.forget_fast = forgot.append
     pool.publish()
     web, dns = pool.services
     pool.report(web, web.backends[0], False, "refused")       # TCP kept: no
     assert forgot == []
     pool.report(dns, dns.backends[0], False, "refused")
-    assert forgot == [1]
+    assert forgot == [{dns.backends[0].id}]                   # its flows only
     pool.report(dns, dns.backends[0], True, "ok")             # back: nothing to forget
-    assert forgot == [1]
+    assert forgot == [{dns.backends[0].id}]
 
 
 def test_a_fast_path_that_cannot_load_is_one_clear_error(tmp_path):
