@@ -454,17 +454,14 @@ static int id_cmp(const void *a, const void *b)
 /* Writes vals[0..n) over their keys, only where the entries still exist
  * (one the LRU took meanwhile stays gone: written anew it could push out a
  * live one), one call each: the batch update takes no BPF_EXIST.  How many
- * were written, or -errno. */
+ * were written.  One that fails (ENOMEM: the LRU found no node) is skipped,
+ * not the end of the walk: the backend's other flows must still go. */
 static int64_t write_back(struct nl_fastpath *fp, const struct nl_fp_key *keys,
                           const struct nl_fp_flow *vals, uint32_t n)
 {
     int64_t written = 0;
-    for (uint32_t i = 0; i < n; i++) {
-        int rc = bpf_map_update_elem(fp->flows_fd, &keys[i], &vals[i], BPF_EXIST);
-        if (rc && rc != -ENOENT)
-            return rc;
-        written += rc == 0;
-    }
+    for (uint32_t i = 0; i < n; i++)
+        written += bpf_map_update_elem(fp->flows_fd, &keys[i], &vals[i], BPF_EXIST) == 0;
     return written;
 }
 
@@ -536,13 +533,8 @@ static int64_t flush_where(struct nl_fastpath *fp, const struct flush_filter *wa
             }
             m++;
         }
-        if (!rc && m) {
-            int64_t w = write_back(fp, keys, vals, m);
-            if (w < 0)
-                rc = (int)w;
-            else
-                n += w;
-        }
+        if (!rc && m)
+            n += write_back(fp, keys, vals, m);
         if (!count && !end)
             break;
     }

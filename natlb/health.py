@@ -105,6 +105,8 @@ class Monitor:
         self._logged: set[tuple[int, type[BaseException]]] = set()
 
     def start(self) -> None:
+        if self.tasks:
+            return  # running: a second schedule per service would check twice
         loop = asyncio.get_running_loop()
         for svc in self.pool.services:
             hc = svc.cfg.health

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
-from natlb.core import BackendEntry, Core, ServiceTable
+from natlb.core import BackendEntry, Core, CoreError, ServiceTable
 from natlb.pool_state import PoolState, ResetFlows
 from natlb.schedulers import Candidate, build_table
 
@@ -139,7 +139,13 @@ class Publisher:
                      for b in t.backends if b.alive}
         lost, self._udp_alive = self._udp_alive - udp_alive, udp_alive
         if (job.resets or lost) and self.forget_fast is not None:
-            self.forget_fast({r.backend_id for r in job.resets} | lost)
+            try:
+                self.forget_fast({r.backend_id for r in job.resets} | lost)
+            except CoreError as e:
+                # The resets still go out: natlb's RSTs reach the flows the
+                # kernel forgot, and the others' next packets are queued
+                # once their entries die.
+                log.error("%s", e)
         for r in job.resets:
             n = self.core.reset_backend(r.backend_id)
             if n:

@@ -280,6 +280,33 @@ def test_the_kernel_forgets_fast_flows_when_a_udp_backend_stops_being_alive(fast
     assert forgot == [{dns.backends[0].id}]
 
 
+def test_a_failed_forgetting_of_kernel_flows_still_resets_the_backend(fast_core, caplog):
+    """The kernel's entries could not all be walked: the error is logged and
+    natlb's resets still go out (they used to be skipped with it)."""
+    from natlb.config import parse
+    from natlb.core import CoreError
+    from natlb.pool import Pool
+
+    pool = Pool(parse({"service": [{
+        "name": "web", "vip": VIP, "port": 80,
+        "health": {"kind": "tcp", "fall": 1, "rise": 1},
+        "failover": {"on_backend_down": "reset"},
+        "backend": [{"address": a, "port": 80} for a in BACKENDS]}]}), fast_core)
+
+    def broken(ids: set[int]) -> None:
+        raise CoreError("fast path: forgetting backends: Cannot allocate memory")
+
+    pool.publisher.forget_fast = broken
+    pool.publish()
+    reset = []
+    real = fast_core.reset_backend
+    fast_core.reset_backend = lambda bid: reset.append(bid) or real(bid)
+    web = pool.services[0]
+    pool.report(web, web.backends[0], False, "refused")
+    assert reset == [web.backends[0].id]
+    assert "Cannot allocate memory" in caplog.text
+
+
 def test_a_fast_path_that_cannot_load_is_one_clear_error(tmp_path):
     """No root needed: the object is refused before any BPF system call."""
     from natlb.core import CoreError, FastPath

@@ -131,3 +131,30 @@ def test_the_schedule_wakes_for_checks_not_on_a_tick(pool):
     # One round to start a check, one when it ends; a tick of a tenth of
     # the 20 ms interval would have made about ten per check.
     assert monitor.wakeups <= 2 * monitor.completed + 3, (monitor.wakeups, monitor.completed)
+
+
+def test_a_monitor_started_twice_checks_each_backend_once_per_interval(pool):
+    """A failed `natlb restart` starts the monitor again, stopped or not
+    (daemon._hand_over): a second schedule per service checked every
+    backend twice per interval."""
+    starts = []
+
+    class Recording:
+        def start(self, address, port, hc, done):
+            starts.append(asyncio.get_running_loop().time())
+            done(True, "connected")
+
+        def close(self):
+            pass
+
+    async def run():
+        monitor = Monitor(pool, {TcpCheck: lambda loop: Recording()})
+        monitor.start()
+        monitor.start()
+        assert len(monitor.tasks) == 1
+        await asyncio.sleep(0.5)            # the interval is 20 ms: about 25 checks
+        await monitor.stop()
+
+    asyncio.run(run())
+    # Two schedules made about 50; a loaded machine makes fewer, never more.
+    assert len(starts) <= 0.5 / 0.020 + 3, len(starts)
