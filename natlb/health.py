@@ -8,9 +8,9 @@ check ends or the pool asks for one; backends are spread evenly over the
 interval so checks do not come in bursts.  It does not poll: on a router
 every wakeup of natlb's event loop is CPU taken from the traffic, and the
 former tick of a tenth of the interval cost 10 wakeups a second for a
-service checked every second, whatever was due.  Rounds stay at least a
-tenth of the interval apart, so a service of many backends still starts
-its checks in batches.  The pool may ask for a check at once
+service checked every second, whatever was due.  A round starts at least
+a tenth of the interval after the last one ended, so a service of many
+backends still starts its checks in batches.  The pool may ask for a check at once
 (check_now: a passive failure made the backend suspect).  A backend has at
 most one check in flight.  Whatever a checker does (raise, hang, answer
 twice), the check ends by its timeout plus a grace period at the latest, is
@@ -44,10 +44,11 @@ class _InFlight:
 
 
 class _Alarm:
-    """A sleep until a loop time, which callbacks may bring forward.  Rounds
-    are at least `tick` apart: with many backends sharing an interval, one
-    round starts every check due by then, where waking for each check (and
-    scanning the service each time) would cost more than the checks."""
+    """A sleep until a loop time, which callbacks may bring forward.  A round
+    starts at least `tick` after the last one ended: with many backends
+    sharing an interval, one round starts every check due by then, where
+    waking for each check (and scanning the service each time) would cost
+    more than the checks."""
 
     def __init__(self, loop: asyncio.AbstractEventLoop, tick: float) -> None:
         self.loop = loop
@@ -57,7 +58,9 @@ class _Alarm:
         self._waiting: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
 
-    def round_starts(self, now: float) -> None:
+    def round_ended(self, now: float) -> None:
+        # From the round's end, not its start: a round longer than a tick
+        # (thousands of backends) still leaves the loop a tick for the rest.
         self.floor = now + self.tick
 
     async def sleep_until(self, when: float) -> None:
@@ -208,9 +211,9 @@ class Monitor:
         alarm = self.alarms[svc.cfg.name] = _Alarm(loop, interval / TICKS_PER_INTERVAL)
         while True:
             self.wakeups += 1
-            now = loop.time()
-            alarm.round_starts(now)
-            await alarm.sleep_until(self._run_due(svc, now))
+            next_at = self._run_due(svc, loop.time())
+            alarm.round_ended(loop.time())
+            await alarm.sleep_until(next_at)
 
     async def stop(self) -> None:
         if self.pool.check_now == self.check_now:
