@@ -98,3 +98,9 @@ int nl_fp_test_run(struct nl_fastpath *fp, int egress, const uint8_t *pkt, uint3
                    uint8_t *out, uint32_t *out_len, uint32_t mark, uint32_t ifindex,
                    uint32_t ingress_ifindex, uint32_t gso_size, uint32_t *retval,
                    uint32_t *mark_out);
+/* The ring of records (a BPF ringbuf map's fd, for epoll: readable only when
+ * the kernel woke its readers), and the config's observer_polling as the
+ * observer sets it while busy (records then wake nobody until the ring is a
+ * quarter full).  For a fast path that is not observing. */
+int nl_fp_test_ring_fd(struct nl_fastpath *fp);
+void nl_fp_test_polling(struct nl_fastpath *fp, uint32_t on);

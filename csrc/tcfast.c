@@ -868,6 +868,16 @@ static void set_polling(struct nl_fastpath *fp, uint32_t on)
     write_config(fp);
 }
 
+int nl_fp_test_ring_fd(struct nl_fastpath *fp)
+{
+    return fp->events_fd;
+}
+
+void nl_fp_test_polling(struct nl_fastpath *fp, uint32_t on)
+{
+    set_polling(fp, on);
+}
+
 /* Idle, the thread sleeps until the kernel wakes it (the first record) or
  * the core does (keys to forget, a sync request: nl_fp_wake_fd).  Busy, it
  * reads the ring every millisecond and the kernel wakes nobody per record

@@ -880,3 +880,11 @@ class FastPath:
         if rc:
             raise CoreError(f"fast path test run: {os.strerror(-rc)}")
         return ProgRun(retval[0], bytes(ffi.buffer(out, out_len[0])), mark_out[0])
+
+    def test_ring_fd(self) -> int:
+        """Tests: the records' ring, to watch with epoll for the kernel's wakeups."""
+        return lib.nl_fp_test_ring_fd(self._fp)
+
+    def test_polling(self, on: bool) -> None:
+        """Tests: say the observer polls (busy), as its loop does."""
+        lib.nl_fp_test_polling(self._fp, int(on))

@@ -7,6 +7,7 @@ run need real interface indexes), from one thread that entered it."""
 
 import ctypes
 import os
+import select
 import socket
 import subprocess
 import time
@@ -406,6 +407,41 @@ def test_no_room_in_the_ring_means_the_queued_path(inside, fp, ns, fam):
     assert len(fp.read_events(8192)) == carried     # one record per carried FIN
     assert fp.ring_full() == 1                      # counted, for status and metrics
     assert carry(inside, fp, fin, idx["cl0"]).retval == TC_ACT_REDIRECT
+
+
+def test_a_busy_observer_is_woken_only_when_the_ring_is_a_quarter_full(inside, fp, ns, fam):
+    """While the observer polls (busy: it reads the ring every millisecond)
+    a record wakes nobody, so a FIN costs natlb no context switch, until
+    the ring is a quarter full: then the kernel wakes it early, before the
+    ring fills and FINs are queued.  Idle, the first record wakes it.  The
+    wakeups are seen as a reader sees them: epoll on the ring, which reports
+    it readable only when the kernel woke its waiters."""
+    _, idx = ns
+    learn(inside, fp, ns, fam)
+    fin = tcp(fam, fam.client, fam.vip, CPORT, VPORT, flags="FA")
+    ep = select.epoll()
+    try:
+        ep.register(fp.test_ring_fd(), select.EPOLLIN)
+        fp.test_polling(True)
+        carried = 0
+        while carried < 1500 and not ep.poll(0):
+            assert carry(inside, fp, fin, idx["cl0"]).retval == TC_ACT_REDIRECT
+            carried += 1
+        records = fp.read_events(8192)
+        assert len(records) == carried
+        # The ring holds about 1,800: a quarter is about 450, and the wakeup
+        # came with the record that passed it, not before, not never.
+        assert 300 < carried < 600, carried
+        fp.test_polling(False)
+        ep.unregister(fp.test_ring_fd())
+        ep.register(fp.test_ring_fd(), select.EPOLLIN)      # empty, nothing pending
+        assert not ep.poll(0)
+        assert carry(inside, fp, fin, idx["cl0"]).retval == TC_ACT_REDIRECT
+        assert ep.poll(0), "an idle observer was not woken by the first record"
+        assert len(fp.read_events(8192)) == 1
+    finally:
+        fp.test_polling(False)
+        ep.close()
 
 
 def not_carried(fam: Fam, kind: str) -> tuple[bytes, str]:
