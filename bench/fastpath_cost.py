@@ -34,6 +34,7 @@ import sys
 import tempfile
 import uuid
 from pathlib import Path
+from typing import Any
 
 CPORT, PORT = 40000, 80
 BID = 1
@@ -108,6 +109,28 @@ def measure(families: list[int], rounds: int) -> dict[int, list[float]]:
     return out
 
 
+def run_in_veth_namespace(prefix: str, module: str, argv: list[str]) -> tuple[int, Any]:
+    """Runs `python -m module --inside argv` in a namespace of its own with a
+    veth pair cl0/be0 up (bpf_check_mtu and the test runs need real
+    interfaces), deleted afterwards: its exit code, and the JSON it printed
+    (its stderr passed on when it failed)."""
+    name = f"{prefix}{uuid.uuid4().hex[:8]}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        subprocess.run(["ip", "-n", name, "link", "add", "cl0", "type", "veth", "peer",
+                        "name", "be0"], check=True)
+        for dev in ("cl0", "be0"):
+            subprocess.run(["ip", "-n", name, "link", "set", dev, "up"], check=True)
+        r = subprocess.run(["ip", "netns", "exec", name, sys.executable, "-m", module,
+                            "--inside", *argv], capture_output=True, text=True)
+        if r.returncode:
+            sys.stderr.write(r.stderr)
+            return r.returncode, None
+        return 0, json.loads(r.stdout)
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--families", default="4,6")
@@ -118,22 +141,10 @@ def main() -> int:
     if a.inside:
         print(json.dumps(measure(families, a.rounds)))
         return 0
-    name = f"nlcost{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "add", "cl0", "type", "veth", "peer",
-                        "name", "be0"], check=True)
-        for dev in ("cl0", "be0"):
-            subprocess.run(["ip", "-n", name, "link", "set", dev, "up"], check=True)
-        r = subprocess.run(["ip", "netns", "exec", name, sys.executable, "-m",
-                            "bench.fastpath_cost", "--inside", "--families", a.families,
-                            "--rounds", str(a.rounds)], capture_output=True, text=True)
-        if r.returncode:
-            sys.stderr.write(r.stderr)
-            return r.returncode
-        got = json.loads(r.stdout)
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
+    rc, got = run_in_veth_namespace("nlcost", "bench.fastpath_cost",
+                                    ["--families", a.families, "--rounds", str(a.rounds)])
+    if rc:
+        return rc
     print(f"carry, ns per carried TCP packet ({a.rounds} rounds of {REPEAT} runs; "
           "median [quartiles]):")
     for family, ns in got.items():

@@ -21,10 +21,10 @@ import argparse
 import json
 import socket
 import statistics
-import subprocess
 import sys
 import time
-import uuid
+
+from bench.fastpath_cost import run_in_veth_namespace
 
 VPORT, BPORT = 80, 8080
 CLIENT_NET = "198.51.100."
@@ -101,23 +101,11 @@ def main() -> int:
     if a.inside:
         print(json.dumps(measure(flows, a.backends, a.rounds)))
         return 0
-    name = f"nlflush{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        subprocess.run(["ip", "-n", name, "link", "add", "cl0", "type", "veth", "peer",
-                        "name", "be0"], check=True)
-        for dev in ("cl0", "be0"):
-            subprocess.run(["ip", "-n", name, "link", "set", dev, "up"], check=True)
-        r = subprocess.run(["ip", "netns", "exec", name, sys.executable, "-m",
-                            "bench.flush_cost", "--inside", "--flows", a.flows,
-                            "--backends", str(a.backends), "--rounds", str(a.rounds)],
-                           capture_output=True, text=True)
-        if r.returncode:
-            sys.stderr.write(r.stderr)
-            return r.returncode
-        got = json.loads(r.stdout)
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
+    rc, got = run_in_veth_namespace("nlflush", "bench.flush_cost",
+                                    ["--flows", a.flows, "--backends", str(a.backends),
+                                     "--rounds", str(a.rounds)])
+    if rc:
+        return rc
     print(f"forgetting the kernel's flow entries, {a.backends} backends "
           f"({a.rounds} rounds; median [range], ms):")
     for what, ms in got.items():
