@@ -89,19 +89,25 @@ def test_a_check_that_never_ends_is_written_off(pool, monkeypatch):
     assert monitor.completed == before
 
 
+class Recording:
+    """Passes every check at once, noting when each started (loop time)."""
+
+    def __init__(self, starts: list[float]) -> None:
+        self.starts = starts
+
+    def start(self, address, port, hc, done):
+        self.starts.append(asyncio.get_running_loop().time())
+        done(True, "connected")
+
+    def close(self):
+        pass
+
+
 def test_a_passive_failure_checks_at_once(pool):
     starts = []
 
-    class Recording:
-        def start(self, address, port, hc, done):
-            starts.append(asyncio.get_running_loop().time())
-            done(True, "connected")
-
-        def close(self):
-            pass
-
     async def run():
-        monitor = Monitor(pool, {TcpCheck: lambda loop: Recording()})
+        monitor = Monitor(pool, {TcpCheck: lambda loop: Recording(starts)})
         monitor.start()
         await asyncio.sleep(0.005)
         n = len(starts)
@@ -139,16 +145,8 @@ def test_a_monitor_started_twice_checks_each_backend_once_per_interval(pool):
     backend twice per interval."""
     starts = []
 
-    class Recording:
-        def start(self, address, port, hc, done):
-            starts.append(asyncio.get_running_loop().time())
-            done(True, "connected")
-
-        def close(self):
-            pass
-
     async def run():
-        monitor = Monitor(pool, {TcpCheck: lambda loop: Recording()})
+        monitor = Monitor(pool, {TcpCheck: lambda loop: Recording(starts)})
         monitor.start()
         monitor.start()
         assert len(monitor.tasks) == 1
