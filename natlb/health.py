@@ -10,8 +10,8 @@ every wakeup of natlb's event loop is CPU taken from the traffic, and the
 former tick of a tenth of the interval cost 10 wakeups a second for a
 service checked every second, whatever was due.  A round starts at least
 a tenth of the interval after the last one ended, so a service of many
-backends still starts its checks in batches.  The pool may ask for a check at once
-(check_now: a passive failure made the backend suspect).  A backend has at
+backends still starts its checks in batches.  The pool may ask for a
+check at once (check_now: a passive failure made the backend suspect).  A backend has at
 most one check in flight.  Whatever a checker does (raise, hang, answer
 twice), the check ends by its timeout plus a grace period at the latest, is
 counted once, and the backend is checked again on its next interval.
@@ -129,8 +129,7 @@ class Monitor:
         loop = asyncio.get_running_loop()
         self._start_check(svc, b, loop.time())
         self.due[b.id] = loop.time() + svc.cfg.health.interval_ms / 1000
-        flight = self.in_flight.get(b.id)
-        self._needs(svc, flight.deadline if flight else self.due[b.id])
+        self._needs(svc, self._next_for(b))
 
     def _needs(self, svc: Service, when: float) -> None:
         alarm = self.alarms.get(svc.cfg.name)
@@ -184,22 +183,21 @@ class Monitor:
                 del self.in_flight[b.id]
                 self._verdict(svc, b, False, "check did not finish", None, flight.started)
                 flight = None
-            if flight is not None:
-                # A check still running is not started twice; its end wakes
-                # us, or its write-off does.
-                next_at = min(next_at, flight.deadline)
-                continue
-            if self.due[b.id] <= now:
+            # A check still running is not started twice; its end wakes us,
+            # or its write-off does.
+            if flight is None and self.due[b.id] <= now:
                 self._start_check(svc, b, now)
                 self.due[b.id] += interval
                 if self.due[b.id] <= now:  # fell behind: do not burst to catch up
                     self.due[b.id] = now + interval
-                flight = self.in_flight.get(b.id)
-                if flight is not None:
-                    next_at = min(next_at, flight.deadline)
-                    continue
-            next_at = min(next_at, self.due[b.id])
+            next_at = min(next_at, self._next_for(b))
         return next_at
+
+    def _next_for(self, b: Backend) -> float:
+        """When the backend next needs its service's task: its check's
+        write-off while one runs, else its next check."""
+        flight = self.in_flight.get(b.id)
+        return flight.deadline if flight is not None else self.due[b.id]
 
     async def _schedule(self, svc: Service) -> None:
         loop = asyncio.get_running_loop()
