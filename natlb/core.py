@@ -832,10 +832,10 @@ class FastPath:
 
     def flush_backends(self, ids: Iterable[int]) -> int:
         """Forgets the flows of these backends; the live entries made dead."""
-        want = sorted(set(ids))
+        want = list(set(ids))    # nl_fp_flush_backends sorts them for its search
         n = lib.nl_fp_flush_backends(self._fp, ffi.new("uint32_t[]", want), len(want))
         if n < 0:
-            raise CoreError(f"fast path: forgetting backends {want}'s flows: "
+            raise CoreError(f"fast path: forgetting backends {sorted(want)}'s flows: "
                             f"{os.strerror(-n)}")
         return n
 
