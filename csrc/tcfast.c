@@ -16,6 +16,7 @@
 #include <string.h>
 #include <time.h>
 #include <net/if.h>
+#include <linux/if_ether.h>
 #include <bpf/bpf.h>
 #include <bpf/libbpf.h>
 
@@ -58,6 +59,8 @@ struct nl_fastpath {
                                       end in that map (closed with us)     */
     pthread_mutex_t config_lock;   /* one writer of the config at a time:
                                       the observer's heartbeat, set_decide */
+    int forget_fd, doomed_fd;      /* the flush's program and its bitmap */
+    pthread_mutex_t forget_lock;   /* one flush at a time owns the bitmap */
 };
 
 /* Three idle waits and more: a stuck or killed observer's kernel queues
@@ -93,6 +96,7 @@ struct nl_fastpath *nl_fp_open(const char *path, uint32_t max_backends, uint32_t
         return NULL;
     }
     pthread_mutex_init(&fp->config_lock, NULL);
+    pthread_mutex_init(&fp->forget_lock, NULL);
     fp->obj = bpf_object__open_file(path, NULL);
     int rc = libbpf_get_error(fp->obj);
     if (rc) {
@@ -109,10 +113,13 @@ struct nl_fastpath *nl_fp_open(const char *path, uint32_t max_backends, uint32_t
     struct bpf_map *svcs = bpf_object__find_map_by_name(fp->obj, "svcs");
     struct bpf_map *tables = bpf_object__find_map_by_name(fp->obj, "tables");
     struct bpf_map *observer = bpf_object__find_map_by_name(fp->obj, "observer");
+    struct bpf_map *doomed = bpf_object__find_map_by_name(fp->obj, "doomed");
     struct bpf_program *learn = bpf_object__find_program_by_name(fp->obj, "learn");
     struct bpf_program *carry = bpf_object__find_program_by_name(fp->obj, "carry");
+    struct bpf_program *forget_flows = bpf_object__find_program_by_name(fp->obj,
+                                                                       "forget_flows");
     if (!backends || !flows || !counters || !config || !events || !stats || !learn ||
-        !carry || !svcs || !tables || !observer) {
+        !carry || !svcs || !tables || !observer || !doomed || !forget_flows) {
         fail(err, errlen, "fast path object lacks a map or program", ENOENT);
         goto out;
     }
@@ -122,6 +129,7 @@ struct nl_fastpath *nl_fp_open(const char *path, uint32_t max_backends, uint32_t
     if ((rc = bpf_map__set_max_entries(backends, max_backends)) ||
         (rc = bpf_map__set_max_entries(flows, n_flows > 1u << 30 ? 1u << 30 : n_flows)) ||
         (rc = bpf_map__set_max_entries(counters, max_backends * 2)) ||
+        (rc = bpf_map__set_max_entries(doomed, (max_backends + 63) / 64)) ||
         (rc = bpf_map__set_max_entries(svcs, max_services ? max_services : 1)) ||
         (rc = bpf_map__set_max_entries(tables, (n_slots + 1) / 2))) {
         fail(err, errlen, "sizing the fast path's maps", rc);
@@ -133,6 +141,8 @@ struct nl_fastpath *nl_fp_open(const char *path, uint32_t max_backends, uint32_t
     }
     fp->learn_fd = bpf_program__fd(learn);
     fp->carry_fd = bpf_program__fd(carry);
+    fp->forget_fd = bpf_program__fd(forget_flows);
+    fp->doomed_fd = bpf_map__fd(doomed);
     fp->backends_fd = bpf_map__fd(backends);
     fp->flows_fd = bpf_map__fd(flows);
     fp->counters_fd = bpf_map__fd(counters);
@@ -432,46 +442,16 @@ void nl_fp_placed_counts(struct nl_fastpath *fp, uint64_t *applied, uint64_t *re
     *refused = __atomic_load_n(&fp->refused, __ATOMIC_RELAXED);
 }
 
-/* Which entries a walk of the flow map forgets: those carrying in from or
- * out to ifindex (deleted: a later device may get the index), else those
- * of the backends listed (sorted), else every one. */
-struct flush_filter {
-    uint32_t ifindex;
-    const uint32_t *backends;
-    uint32_t n_backends;
-};
-
-static int id_cmp(const void *a, const void *b)
-{
-    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
-    return x < y ? -1 : x > y;
-}
-
-/* Entries read per system call; grown if one bucket holds more. */
+/* Deletes the entries carrying in from or out to ifindex (a later device
+ * may get the index), reading the map a batch of buckets per system call.
+ * How many live ones it deleted, or -errno. */
 #define WALK_BATCH 4096
 #define WALK_BATCH_MAX (1u << 20)
 
-/* Writes vals[0..n) over their keys, only where the entries still exist
- * (one the LRU took meanwhile stays gone: written anew it could push out a
- * live one), one call each: the batch update takes no BPF_EXIST.  How many
- * were written.  One that fails (ENOMEM: the LRU found no node) is skipped,
- * not the end of the walk: the backend's other flows must still go. */
-static int64_t write_back(struct nl_fastpath *fp, const struct nl_fp_key *keys,
-                          const struct nl_fp_flow *vals, uint32_t n)
+int64_t nl_fp_flush_ifindex(struct nl_fastpath *fp, uint32_t ifindex)
 {
-    int64_t written = 0;
-    for (uint32_t i = 0; i < n; i++)
-        written += bpf_map_update_elem(fp->flows_fd, &keys[i], &vals[i], BPF_EXIST) == 0;
-    return written;
-}
-
-/* How many live entries it made dead (or deleted), or -errno.  The map is
- * read a batch of buckets per system call, and only the entries that
- * change are written: entry by entry (two or three calls each, for every
- * entry) the walk took seconds at a million flows, while the dead
- * backend's flows were still carried to it. */
-static int64_t flush_where(struct nl_fastpath *fp, const struct flush_filter *want)
-{
+    if (!ifindex)
+        return 0;
     uint32_t cap = WALK_BATCH;
     struct nl_fp_key *keys = malloc(cap * sizeof *keys);
     struct nl_fp_flow *vals = malloc(cap * sizeof *vals);
@@ -503,38 +483,15 @@ static int64_t flush_where(struct nl_fastpath *fp, const struct flush_filter *wa
         }
         first = 0;
         uint64_t now = now_ns();
-        uint32_t m = 0;        /* the entries to write back, moved to the front */
         for (uint32_t i = 0; i < count && !rc; i++) {
             struct nl_fp_flow *f = &vals[i];
-            if (want->ifindex) {
-                if (f->in_ifindex != want->ifindex && f->out_ifindex != want->ifindex)
-                    continue;
-                int d = bpf_map_delete_elem(fp->flows_fd, &keys[i]);
-                if (d && d != -ENOENT)
-                    rc = d;
-                n += d == 0 && f->deadline_ns > now;           /* live ones */
+            if (f->in_ifindex != ifindex && f->out_ifindex != ifindex)
                 continue;
-            }
-            if (want->backends && !bsearch(&f->backend_id, want->backends, want->n_backends,
-                                           sizeof *want->backends, id_cmp))
-                continue;
-            if (f->deadline_ns <= now)
-                continue;      /* dead already, and keeps its time of death */
-            /* The client's side dead: the flow's next packet goes to natlb,
-             * which keeps it where it is, not placed anew by the kernel (an
-             * rr UDP session would move).  The backend's side dead from now:
-             * an answer of a flow placed just before, whose record is still
-             * on its way, is held, not taken for traffic straight to the
-             * backend (nl_fp_placed). */
-            f->deadline_ns = f->dir == NL_FP_IN ? 0 : now - 1;
-            if (m != i) {
-                keys[m] = keys[i];
-                vals[m] = *f;
-            }
-            m++;
+            int d = bpf_map_delete_elem(fp->flows_fd, &keys[i]);
+            if (d && d != -ENOENT)
+                rc = d;
+            n += d == 0 && f->deadline_ns > now;           /* live ones */
         }
-        if (!rc && m)
-            n += write_back(fp, keys, vals, m);
         if (!count && !end)
             break;
     }
@@ -543,31 +500,53 @@ static int64_t flush_where(struct nl_fastpath *fp, const struct flush_filter *wa
     return rc ? rc : n;
 }
 
+/* Runs the forget_flows program once (it is never attached): the kernel
+ * walks the flow map and makes dead, in place, the live entries of every
+ * backend (all) or of the doomed ones.  How many, or -errno. */
+static int64_t run_forget(struct nl_fastpath *fp, int all)
+{
+    uint8_t frame[ETH_HLEN] = {0};     /* the least a tc program runs on */
+    struct __sk_buff ctx = {.mark = all ? 1 : 0};
+    LIBBPF_OPTS(bpf_test_run_opts, o, .data_in = frame, .data_size_in = sizeof frame,
+                .ctx_in = &ctx, .ctx_size_in = sizeof ctx, .repeat = 1);
+    int rc = bpf_prog_test_run_opts(fp->forget_fd, &o);
+    return rc ? rc : (int64_t)o.retval;
+}
+
 int64_t nl_fp_flush(struct nl_fastpath *fp)
 {
-    struct flush_filter all = {0};
-    return flush_where(fp, &all);
+    pthread_mutex_lock(&fp->forget_lock);
+    int64_t n = run_forget(fp, 1);
+    pthread_mutex_unlock(&fp->forget_lock);
+    return n;
 }
 
 int64_t nl_fp_flush_backends(struct nl_fastpath *fp, const uint32_t *ids, uint32_t n)
 {
     if (!n)
         return 0;
-    uint32_t *sorted = malloc(n * sizeof *sorted);
-    if (!sorted)
+    uint32_t n_words = (fp->max_backends + 63) / 64;
+    uint64_t *bits = calloc(n_words, sizeof *bits);
+    if (!bits)
         return -ENOMEM;
-    memcpy(sorted, ids, n * sizeof *sorted);
-    qsort(sorted, n, sizeof *sorted, id_cmp);
-    struct flush_filter some = {.backends = sorted, .n_backends = n};
-    int64_t r = flush_where(fp, &some);
-    free(sorted);
+    for (uint32_t i = 0; i < n; i++)
+        if (ids[i] < fp->max_backends)
+            bits[ids[i] / 64] |= 1ull << (ids[i] % 64);
+    /* One flush at a time owns the doomed map: set, walk, cleared again. */
+    pthread_mutex_lock(&fp->forget_lock);
+    int64_t r = 0;
+    for (uint32_t w = 0; w < n_words && !r; w++)
+        if (bits[w])
+            r = bpf_map_update_elem(fp->doomed_fd, &w, &bits[w], BPF_ANY);
+    if (!r)
+        r = run_forget(fp, 0);
+    uint64_t zero = 0;
+    for (uint32_t w = 0; w < n_words; w++)
+        if (bits[w])
+            bpf_map_update_elem(fp->doomed_fd, &w, &zero, BPF_ANY);
+    pthread_mutex_unlock(&fp->forget_lock);
+    free(bits);
     return r;
-}
-
-int64_t nl_fp_flush_ifindex(struct nl_fastpath *fp, uint32_t ifindex)
-{
-    struct flush_filter dev = {.ifindex = ifindex};
-    return ifindex ? flush_where(fp, &dev) : 0;
 }
 
 int64_t nl_fp_flow_count(struct nl_fastpath *fp)

@@ -23,6 +23,10 @@
  *   rewrite fails halfway, dropped untold).  Those two are
  *   not counted here (natlb counts them when it applies them).
  *
+ * forget_flows (never attached): run by natlb (BPF_PROG_TEST_RUN) when a
+ *   backend's flows must go (`reset`, a UDP backend lost): one pass of the
+ *   kernel over the flows map, making that backend's entries dead in place.
+ *
  * Both families run the same code: the functions taking `v6` are always
  * inlined with a constant, so each family's program text is straight, with
  * only its own header's offsets and checksums (IPv6 has no header checksum;
@@ -114,6 +118,15 @@ struct {
     __uint(type, BPF_MAP_TYPE_RINGBUF);
     __uint(max_entries, NL_FP_RING_BYTES);
 } events SEC(".maps");
+
+/* The backends whose flows a walk of `forget_flows` makes dead: one bit per
+ * backend id (the loader sizes it to max_backends). */
+struct {
+    __uint(type, BPF_MAP_TYPE_ARRAY);
+    __uint(max_entries, 1);
+    __type(key, __u32);
+    __type(value, __u64);
+} doomed SEC(".maps");
 
 /* A socket of natlb's observer: the kernel removes it from here when it
  * closes, natlb killed or not (config.observer_alive says one is due). */
@@ -792,6 +805,46 @@ int carry(struct __sk_buff *skb)
     if (proto == bpf_htons(ETH_P_IPV6))
         return carry_ip(skb, 1);
     return TC_ACT_OK;
+}
+
+struct forget_walk {
+    __u64 now;
+    __u32 all;                 /* every backend's flows, not the doomed ones */
+    __u32 n;                   /* live entries made dead */
+};
+
+static long forget_one(void *map, struct nl_fp_key *k, struct nl_fp_flow *f,
+                       struct forget_walk *w)
+{
+    if (!w->all) {
+        __u32 word = f->backend_id / 64;
+        __u64 *bits = bpf_map_lookup_elem(&doomed, &word);
+        if (!bits || !(*bits & (1ull << (f->backend_id % 64))))
+            return 0;
+    }
+    if (f->deadline_ns <= w->now)
+        return 0;              /* dead already, and keeps its time of death */
+    /* The client's side dead: the flow's next packet goes to natlb, which
+     * keeps it where it is, not placed anew by the kernel (an rr UDP
+     * session would move).  The backend's side dead from now: an answer of
+     * a flow placed just before, whose record is still on its way, is held,
+     * not taken for traffic straight to the backend (nl_fp_placed). */
+    f->deadline_ns = f->dir == NL_FP_IN ? 0 : w->now - 1;
+    w->n++;
+    return 0;
+}
+
+/* Never attached: natlb runs it once per flush (BPF_PROG_TEST_RUN, a dummy
+ * frame; mark 1: every flow) to make a backend's flows dead in place, in
+ * one pass of the kernel over the map.  From user space every changed
+ * entry was a new LRU node written by a system call (1.5 us each).
+ * Returns how many it made dead. */
+SEC("tc")
+int forget_flows(struct __sk_buff *skb)
+{
+    struct forget_walk w = {.now = bpf_ktime_get_ns(), .all = skb->mark == 1};
+    bpf_for_each_map_elem(&flows, forget_one, &w, 0);
+    return w.n;
 }
 
 char LICENSE[] SEC("license") = "GPL";

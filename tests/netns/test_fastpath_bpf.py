@@ -524,10 +524,10 @@ def test_flush_forgets_every_flow(inside, fp, ns, fam):
 
 def test_flush_backends_forgets_their_flows_only(inside, ns, fam):
     """A reset backend (or a UDP one no longer alive): the kernel forgets
-    its flows, both sides, and carries every other backend's on.  Enough
-    flows that the walk reads the map in several batches."""
-    other = BID + 2
-    fp = inside(FastPath, max_backends=16, max_flows=8192, tcp_lifetime_ms=60_000,
+    its flows, both sides, and carries every other backend's on; a later
+    flush of another backend leaves the first one's new flows alone."""
+    other = BID + 99           # another word of the kernel's bitmap of backends
+    fp = inside(FastPath, max_backends=128, max_flows=8192, tcp_lifetime_ms=60_000,
                 udp_lifetime_ms=30_000)
     try:
         fp.set_backend(BID, fam.vip, VPORT, fam.backend, BPORT, socket.IPPROTO_TCP)
@@ -549,9 +549,15 @@ def test_flush_backends_forgets_their_flows_only(inside, ns, fam):
         assert fp.flow_count() == len(ports)
         assert {carried(p) for p in ports if p % 2} == {(False, False)}
         assert {carried(p) for p in ports if not p % 2} == {(True, True)}
-        assert fp.flush_backends([BID, 15]) == 0             # dead already; 15 has none
+        assert fp.flush_backends([BID, 127]) == 0            # dead already; 127 has none
         assert fp.flush_backends([]) == 0
-        assert fp.flush() == len(ports) and fp.flow_count() == 0
+        again = [p for p in ports if p % 2][:10]             # BID's clients come back
+        for port in again:
+            assert learn(inside, fp, ns, fam, tcp(fam, fam.client, fam.backend, port, BPORT),
+                         bid=BID).retval == TC_ACT_OK
+        assert fp.flush_backends([other]) == len(ports)     # BID no longer named
+        assert {carried(p) for p in again} == {(True, True)}
+        assert fp.flush() == 2 * len(again) and fp.flow_count() == 0
     finally:
         fp.close()
 
