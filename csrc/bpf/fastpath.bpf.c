@@ -186,10 +186,13 @@ static __always_inline void handshake_done(struct nl_fp_flow *f, const struct nl
     f->flags &= ~NL_FP_F_HANDSHAKE;
     if (!cfg || fin)
         return;                /* a FIN already cut both deadlines */
-    __u64 deadline = bpf_ktime_get_ns() + cfg->tcp_lifetime_ns;
-    f->deadline_ns = deadline;
+    /* An entry made dead meanwhile (forget_flows on another CPU, a reset)
+     * stays dead: only a live one gets the established lifetime. */
+    __u64 now = bpf_ktime_get_ns(), deadline = now + cfg->tcp_lifetime_ns;
+    if (f->deadline_ns > now)
+        f->deadline_ns = deadline;
     struct nl_fp_flow *r = bpf_map_lookup_elem(&flows, rk);
-    if (r)
+    if (r && r->deadline_ns > now)
         r->deadline_ns = deadline;
 }
 
@@ -830,6 +833,11 @@ static long forget_one(void *map, struct nl_fp_key *k, struct nl_fp_flow *f,
      * a flow placed just before, whose record is still on its way, is held,
      * not taken for traffic straight to the backend (nl_fp_placed). */
     f->deadline_ns = f->dir == NL_FP_IN ? 0 : w->now - 1;
+    /* carry writes deadlines in place too, but only over a live entry (a
+     * FIN's cut, the handshake's end): one that read this entry alive in
+     * the few instructions before this write can still undo it, for that
+     * flow (the user-space walk, replacing entries, had the opposite race:
+     * its stale copy undid the packet's write). */
     w->n++;
     return 0;
 }
