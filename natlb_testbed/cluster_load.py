@@ -51,11 +51,12 @@ def one_new(host: str, port: int, timeout: float, out: list, start: float) -> No
 
 
 def run(host: str, port: int, conns: int, interval_ms: float, seconds: float,
-        timeout: float) -> dict:
+        timeout: float, pause_ms: float = 100) -> dict:
     start = time.monotonic()
     stop = start + seconds
     ka = [{"ok": False, "requests": 0, "max_ms": 0.0} for _ in range(conns)]
-    threads = [threading.Thread(target=keepalive, args=(host, port, stop, 0.1, timeout, k),
+    pause = pause_ms / 1000
+    threads = [threading.Thread(target=keepalive, args=(host, port, stop, pause, timeout, k),
                                 daemon=True) for k in ka]
     for t in threads:
         t.start()
@@ -99,8 +100,11 @@ def main() -> int:
     ap.add_argument("--interval-ms", type=float, default=15)
     ap.add_argument("--seconds", type=float, default=8)
     ap.add_argument("--timeout", type=float, default=8)
+    ap.add_argument("--pause-ms", type=float, default=100,
+                    help="between a keep-alive connection's requests")
     a = ap.parse_args()
-    print(json.dumps(run(a.host, a.port, a.conns, a.interval_ms, a.seconds, a.timeout)),
+    print(json.dumps(run(a.host, a.port, a.conns, a.interval_ms, a.seconds, a.timeout,
+                          a.pause_ms)),
           flush=True)
     return 0
 

@@ -1,0 +1,130 @@
+"""The kernel's fast path on cluster nodes (natlb_testbed/cluster.py, the
+configs of examples/cluster/, fast path on as by default): an established
+connection of a cluster service is carried by the kernel on the nodes it
+crosses, whichever direction each sees, counted per backend all the same;
+and connections that a dying node carried are adopted mid-way by the
+others, which carry them in turn, none lost."""
+
+import json
+import shutil
+import time
+
+import pytest
+
+from natlb_testbed.cluster import ClusterNet
+
+if not shutil.which("bird") or not shutil.which("nginx"):
+    pytest.skip("needs bird2 and nginx (scripts/setup --test installs them)",
+                allow_module_level=True)
+
+NODES = (1, 2, 3)
+# Per connection, what a node may queue besides what the kernel carries:
+# the handshake (a cluster service's SYN is queued, so its SYN-ACK and the
+# client's ACK are too), the first packet of each direction a node adopts,
+# and the close (FINs and their ACKs, which the kernel tells natlb of but
+# may also leave to it once the entries' deadlines are cut).
+PER_CONN = 12
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    net = ClusterNet(n_nodes=3).build()
+    try:
+        net.start_backends()
+        net.start_bird()
+        for i in NODES:
+            net.start_natlb(i)
+        net.wait_paths(3)
+        yield net
+    finally:
+        net.close()
+
+
+def counts(net: ClusterNet, nodes: tuple[int, ...]) -> dict[str, int]:
+    """Summed over the nodes: what natlb queued, what its counters (its own
+    plus the kernel's, read from the fast path's per-backend map) hold, and
+    the flows adopted mid-way (client side, reply side)."""
+    total = {"queued": 0, "packets": 0, "bytes_in": 0, "bytes_out": 0, "adopted": 0,
+             "reply_adopted": 0}
+    for i in nodes:
+        st = net.natlb_status(i)
+        total["queued"] += st["queued_packets"]
+        total["adopted"] += st["failover"]["adopted"]
+        total["reply_adopted"] += st["failover"]["reply_adopted"]
+        for b in st["services"][0]["backends"]:
+            total["packets"] += b["packets_in"] + b["packets_out"]
+            total["bytes_in"] += b["bytes_in"]
+            total["bytes_out"] += b["bytes_out"]
+    return total
+
+
+def delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
+    return {k: after[k] - before[k] for k in after}
+
+
+def keepalive_load(net: ClusterNet, conns: int, seconds: float, pause_ms: float):
+    """Keep-alive connections only (one new connection besides, at the start):
+    each sends request after request on its one connection."""
+    return net.load(conns=conns, interval_ms=seconds * 1000, seconds=seconds, timeout=8,
+                    pause_ms=pause_ms)
+
+
+def finish(load) -> dict:
+    out, _ = load.communicate(timeout=120)
+    return json.loads(out)
+
+
+def test_established_connections_are_carried_by_the_kernel_on_each_node(cluster):
+    """Seven connections over three nodes: the routers hash each direction
+    apart, so most connections' replies cross another node than their
+    requests (reply_adopted counts those).  Thousands of requests go
+    through while the nodes together queue only a few packets per
+    connection; the per-backend counters still hold every packet and byte."""
+    conns = 6
+    before = counts(cluster, NODES)
+    r = finish(keepalive_load(cluster, conns, seconds=3, pause_ms=2))
+    time.sleep(0.3)                 # the observers apply the closing FINs
+    d = delta(counts(cluster, NODES), before)
+    requests = r["keepalive_requests"]
+    assert r["established_lost"] == 0 and r["new_failed"] == 0, r
+    assert requests > conns * 100, r
+    assert d["reply_adopted"] > 0, d     # some replies crossed a node of their own
+    assert d["queued"] <= (conns + 1) * PER_CONN, (d, requests)
+    # Each request and each answer is at least one packet, an answer at
+    # least its status line and headers (and nginx's "bN\n").
+    assert d["packets"] >= 2 * requests, (d, requests)
+    assert d["bytes_out"] >= requests * 150 and d["bytes_in"] >= requests * 60, (d, requests)
+    print(f"\n{requests} requests on {conns} connections, {d['queued']} packets queued "
+          f"on the three nodes together, {d['packets']} counted")
+
+
+def test_a_dying_nodes_carried_connections_are_adopted_and_carried_by_the_others(cluster):
+    """Keep-alive connections busy while node 3 dies the hard way: the
+    routers move what it carried (either direction) to nodes 1 and 2, which
+    adopt each connection mid-way from its first packet there (not having
+    seen its handshake, maybe seeing only its replies) and carry it from
+    then on: no request fails, and once the routers settled the survivors
+    queue next to nothing of the requests that follow."""
+    conns = 12
+    survivors = (1, 2)
+    load = keepalive_load(cluster, conns, seconds=7, pause_ms=20)
+    time.sleep(2.0)
+    start = counts(cluster, survivors)
+    cluster.kill_node(3)
+    cluster.wait_paths(2, timeout=10)
+    time.sleep(0.5)                 # each moved flow's first packet at its new node
+    settled = counts(cluster, survivors)
+    r = finish(load)
+    time.sleep(0.3)
+    end = counts(cluster, survivors)
+    assert (r["established_lost"], r["new_failed"]) == (0, 0), r
+    adopted = delta(settled, start)
+    assert adopted["adopted"] + adopted["reply_adopted"] > 0, adopted
+    after = delta(end, settled)
+    # Thousands of packets after the routers settled, the kernel's: natlb
+    # queued at most the closes (and a straggler's adoption).
+    assert after["packets"] > conns * 100, after
+    assert after["queued"] <= conns * PER_CONN, after
+    print(f"\nnode 3 died: {adopted['adopted']} flows adopted by their requests, "
+          f"{adopted['reply_adopted']} by their replies; after: {after['packets']} packets "
+          f"counted, {after['queued']} queued")
