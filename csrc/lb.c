@@ -421,6 +421,16 @@ static int reply(struct nl_lb *lb, struct nl_worker_counters *wc,
     }
     struct nl_addr vip = f->vip_addr;
     uint16_t vport = f->vip_port, sid = f->service_id, bid = f->backend_id;
+    /* A cluster service's reply may cross a node that never sees the
+     * client's packets (the routers hash each direction apart): marked
+     * fast as a client packet would be, so the kernel carries the flow
+     * from its replies too.  An ordinary service's replies need not be:
+     * the client's packet installs both directions. */
+    int fast = lb->cfg.fastpath && !p->frag && snap && nl_svc_cluster(snap->by_id[sid]) &&
+               snap->alive[bid] &&
+               ((p->proto == NL_IPPROTO_TCP && f->state == NL_FS_ESTABLISHED &&
+                 !(p->tcp_flags & (NL_TCP_SYN | NL_TCP_FIN | NL_TCP_RST))) ||
+                (p->proto == NL_IPPROTO_UDP && (f->flags & NL_FL_REPLIED)));
     pthread_spin_unlock(lock);
     if (NL_UNLIKELY(p->frag)) {
         p->nat_addr = vip;
@@ -429,7 +439,7 @@ static int reply(struct nl_lb *lb, struct nl_worker_counters *wc,
     }
 
     if (mark)
-        *mark = NL_MARK_REPLY | sid;
+        *mark = NL_MARK_REPLY | (fast ? NL_MARK_FAST | bid : sid);
     else
         nl_rewrite(p, 0, &vip, vport, pkt_flags);
     nl_count_packet(wc, sid, bid, nl_pkt_len(p), 1);

@@ -55,7 +55,10 @@
 /* Or'ed into a forward mark (config fastpath) when the kernel may carry the
  * packet's flow (lb.c: a new flow's first packet, an established TCP flow's
  * packet that changes no state, a UDP flow's once its backend answered), in
- * either family: the tc fast path then installs the flow. */
+ * either family: the tc fast path then installs the flow.  A cluster
+ * service's reply that may be carried alike is marked NL_MARK_REPLY |
+ * NL_MARK_FAST | backend id (not service id): the tc program installs the
+ * flow from it, the rewrite chain maps it to the VIP. */
 #define NL_MARK_FAST 8388608         /* 0x00800000                             */
 
 /* ---- schedulers -------------------------------------------------------- */

@@ -138,6 +138,7 @@ class Service:
     port: int
     protocol: int                     # IPPROTO_*
     backends: tuple[Backend, ...]
+    cluster: bool = False             # replies may be marked fast (fast path)
 
 
 @dataclass(frozen=True)
@@ -224,7 +225,8 @@ def services_from_pool(services: Iterable[_PoolService],
     for s in [*services, *retired]:
         cfg, backends = merged.setdefault(s.id, (s.cfg, []))
         backends += [Backend(b.id, b.cfg.address, b.cfg.port) for b in s.backends]
-    return tuple(Service(sid, cfg.vip, cfg.port, protocols[cfg.protocol], tuple(backends))
+    return tuple(Service(sid, cfg.vip, cfg.port, protocols[cfg.protocol], tuple(backends),
+                         cfg.cluster)
                  for sid, (cfg, backends) in merged.items())
 
 
@@ -465,6 +467,10 @@ def _sets(spec: Spec, f: _Family = V4) -> list[_Set]:
         # marks are family-independent); each table maps only its own.
         m = spec.marks
         backends = {b.id: b for s in services for b in s.backends}
+        # A cluster service's reply marked fast names its backend (the tc
+        # program learns the flow from it): its VIP by that mark too.
+        fast_replies = [(s, b) for s in _fast_reply_services(spec, services)
+                        for b in s.backends]
         ids = sorted(backends)
         out += [
             _Set(f"backend_addr{x}", TYPE_MARK, 4,
@@ -474,16 +480,46 @@ def _sets(spec: Spec, f: _Family = V4) -> list[_Set]:
                  [(_mark(m.forward | i), struct.pack("!H", backends[i].port)) for i in ids],
                  TYPE_INET_SERVICE, 2),
             _Set(f"service_addr{x}", TYPE_MARK, 4,
-                 [(_mark(m.reply | s.id), addr(s.vip)) for s in services],
+                 [(_mark(m.reply | s.id), addr(s.vip)) for s in services] +
+                 [(_mark(m.reply | m.fast | b.id), addr(s.vip)) for s, b in fast_replies],
                  f.addr_type, n),
             _Set(f"service_port{x}", TYPE_MARK, 4,
-                 [(_mark(m.reply | s.id), struct.pack("!H", s.port)) for s in services],
+                 [(_mark(m.reply | s.id), struct.pack("!H", s.port)) for s in services] +
+                 [(_mark(m.reply | m.fast | b.id), struct.pack("!H", s.port))
+                  for s, b in fast_replies],
                  TYPE_INET_SERVICE, 2),
         ]
     return out
 
 
 # -- the fast path ----------------------------------------------------------
+
+def _fast_reply_services(spec: Spec, services: Iterable[Service]) -> list[Service]:
+    """The services whose replies natlb may mark fast: cluster services, with
+    the fast path on (a node may see only their replies)."""
+    if spec.rewrite != "mark" or not spec.fastpath:
+        return []
+    return [s for s in services if s.cluster]
+
+
+def _fast_reply_rewrite(protocol: int, fast_bit: int, f: _Family) -> list[dict[str, Any]]:
+    """A cluster service's reply natlb marked fast (reply | fast | backend
+    id): rewritten to the VIP as any reply, its mark kept for the tc
+    program that learns the flow from it, and the rules after pass it by."""
+    fast = _mark(fast_bit)
+    return [
+        _meta(NFT_META_MARK),
+        expr("bitwise", sreg=REG_1, dreg=REG_1, len=4, mask=_value(fast), xor=_value(_mark(0))),
+        _cmp_eq(fast),
+        _meta(NFT_META_L4PROTO), _cmp_eq(bytes([protocol])),
+        _meta(NFT_META_MARK), _lookup(f"service_addr{f.suffix}", dreg=REG_1),
+        _write_address(f, False, pseudo_header=True),
+        _meta(NFT_META_MARK), _lookup(f"service_port{f.suffix}", dreg=REG_1),
+        expr("payload", sreg=REG_1, base=PAYLOAD_TRANSPORT, offset=0, len=2,
+             csum_type=1, csum_offset=L4_CSUM_OFFSET[protocol]),
+        _verdict(NF_ACCEPT),
+    ]
+
 
 def _fast_rewrite(protocol: int, fast_bit: int, f: _Family) -> list[dict[str, Any]]:
     """A packet natlb marked fast: rewritten as any other packet to a
@@ -661,6 +697,9 @@ def _build_table(spec: Spec, f: _Family, in_place: bool, first_set_id: int) -> l
             if spec.fastpath:
                 rule("rewrite", f"fast path: {pname} to a backend, mark kept for tc",
                      _fast_rewrite(proto, spec.marks.fast, f))
+            if any(s.protocol == proto for s in _fast_reply_services(spec, services)):
+                rule("rewrite", f"fast path: {pname} reply from a cluster service, mark kept",
+                     _fast_reply_rewrite(proto, spec.marks.fast, f))
             rule("rewrite", f"{pname} to a backend",
                  _rewrite_exprs("daddr", proto, f"backend_addr{x}", f"backend_port{x}", f))
             rule("rewrite", f"{pname} reply from a service",

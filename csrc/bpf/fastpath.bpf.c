@@ -3,8 +3,9 @@
  * programs on the router's interfaces (README "The fast path").
  *
  * learn (tc egress): a packet natlb marked NL_MARK_FAST has been rewritten
- *   by the nft rewrite chain and is leaving towards its backend.  Its mark
- *   names the backend; the backends map gives the VIP.  Both directions'
+ *   by the nft rewrite chain and is leaving towards its backend (or, a
+ *   cluster service's reply, towards its client).  Its mark names the
+ *   backend; the backends map gives the VIP.  Both directions'
  *   entries go into the flows map, with a fixed deadline: never refreshed,
  *   so natlb's own flow table stays the authority.
  * carry (tc ingress): a TCP (no SYN) or UDP packet, IPv4 not a fragment
@@ -339,20 +340,65 @@ static __always_inline int learn_ip(struct __sk_buff *skb, int v6, __u32 bid)
     return TC_ACT_OK;
 }
 
+/* A cluster service's established reply natlb marked fast, leaving towards
+ * the client (VIP -> client, rewritten): both directions installed as
+ * learn_ip installs them from the client's side, mirrored.  The node may
+ * never see the client's packets (the routers hash each direction apart);
+ * if it does, they are carried back where this reply came from.  Never
+ * from a handshake: natlb marks only an established flow's replies. */
+static __always_inline int learn_reply_ip(struct __sk_buff *skb, int v6, __u32 bid)
+{
+    struct parsed p = {};
+    if (parse(skb, v6, &p))
+        return TC_ACT_OK;
+    struct nl_fp_backend *b = bpf_map_lookup_elem(&backends, &bid);
+    __u32 zero = 0;
+    struct nl_fp_config *cfg = bpf_map_lookup_elem(&config, &zero);
+    if (!b || !cfg || !b->proto || b->proto != p.k.proto || b->family != p.k.family ||
+        !same_addr(v6, b->vip, p.k.saddr) || b->vport != p.k.sport || p.syn)
+        return TC_ACT_OK;      /* a stale mark (a publish in between): skip */
+    if (!skb->ingress_ifindex)
+        return TC_ACT_OK;
+
+    __u64 deadline = bpf_ktime_get_ns() + (b->proto == IPPROTO_TCP ? cfg->tcp_lifetime_ns
+                                                                   : cfg->udp_lifetime_ns);
+    struct nl_fp_key rk = {.sport = b->port, .dport = p.k.dport, .proto = b->proto,
+                           .family = p.k.family};
+    __builtin_memcpy(rk.saddr, b->addr, sizeof rk.saddr);
+    __builtin_memcpy(rk.daddr, p.k.daddr, sizeof rk.daddr);
+    struct nl_fp_flow rv = {.port = b->vport, .dir = NL_FP_OUT, .backend_id = bid,
+                            .out_ifindex = skb->ifindex, .in_ifindex = skb->ingress_ifindex,
+                            .deadline_ns = deadline};
+    __builtin_memcpy(rv.addr, b->vip, sizeof rv.addr);
+    struct nl_fp_key fk;
+    nl_fp_other_side(&rk, &rv, &fk);
+    struct nl_fp_flow fv = {.port = b->port, .dir = NL_FP_IN, .backend_id = bid,
+                            .out_ifindex = skb->ingress_ifindex, .in_ifindex = skb->ifindex,
+                            .deadline_ns = deadline};
+    __builtin_memcpy(fv.addr, b->addr, sizeof fv.addr);
+    bpf_map_update_elem(&flows, &fk, &fv, BPF_ANY);
+    bpf_map_update_elem(&flows, &rk, &rv, BPF_ANY);
+    return TC_ACT_OK;
+}
+
 SEC("tc")
 int learn(struct __sk_buff *skb)
 {
     __u32 mark = skb->mark;
+    __u32 kind = mark & NL_FP_MARK_KIND;
 
-    if ((mark & NL_FP_MARK_KIND) != NL_FP_MARK_BASE || !(mark & NL_FP_MARK_FAST))
+    if ((kind != NL_FP_MARK_BASE && kind != NL_FP_MARK_REPLY) || !(mark & NL_FP_MARK_FAST))
         return TC_ACT_OK;
     /* The mark was for nft and for us: nobody downstream reads it. */
     skb->mark = 0;
+    int reply = kind == NL_FP_MARK_REPLY;
     __be16 proto = eth_proto(skb);
     if (proto == bpf_htons(ETH_P_IP))
-        return learn_ip(skb, 0, mark & NL_FP_MARK_ID);
+        return reply ? learn_reply_ip(skb, 0, mark & NL_FP_MARK_ID)
+                     : learn_ip(skb, 0, mark & NL_FP_MARK_ID);
     if (proto == bpf_htons(ETH_P_IPV6))
-        return learn_ip(skb, 1, mark & NL_FP_MARK_ID);
+        return reply ? learn_reply_ip(skb, 1, mark & NL_FP_MARK_ID)
+                     : learn_ip(skb, 1, mark & NL_FP_MARK_ID);
     return TC_ACT_OK;
 }
 

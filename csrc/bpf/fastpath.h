@@ -15,6 +15,9 @@
 /* The mark natlb's C core gives a packet to install (natlb.h NL_MARK_*):
  * NL_MARK_FORWARD | NL_MARK_FAST | backend id. */
 #define NL_FP_MARK_BASE 0x6e000000
+/* A cluster service's reply natlb marked fast (natlb.h): NL_MARK_REPLY |
+ * NL_MARK_FAST | backend id.  Its node may never see the client's side. */
+#define NL_FP_MARK_REPLY 0x6e100000
 #define NL_FP_MARK_KIND 0xff700000 /* the bits that say "forward mark" (all
                                       above the id but the fast bit)         */
 #define NL_FP_MARK_FAST 0x00800000
