@@ -10,7 +10,7 @@ import pytest
 from scapy.layers.inet import ICMP, IP, TCP, UDP
 from scapy.layers.inet6 import ICMPv6DestUnreach
 
-from natlb.core import MARK_FAST, MARK_FORWARD, Core, CoreConfig, ForgetKey, Verdict
+from natlb.core import MARK_FAST, MARK_FORWARD, MARK_REPLY, Core, CoreConfig, ForgetKey, Verdict
 
 from .services import BACKENDS, CLIENT, FAMILIES, VIP, Family, make_service
 
@@ -59,6 +59,50 @@ def test_a_cluster_services_first_packet_is_not_fast():
         c.publish([replace(make_service("maglev", sid=5), cluster=True)])
         syn = IP(src=CLIENT, dst=VIP) / TCP(sport=40001, dport=80, flags="S", seq=1000)
         assert not c.decide(bytes(syn), 2)[1] & MARK_FAST    # replies may take another node
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("cluster", [True, False], ids=["cluster", "ordinary"])
+def test_a_cluster_services_established_reply_is_fast_naming_its_backend(fam, cluster):
+    """A node may see only a cluster connection's replies (the routers hash
+    each direction apart): its established replies that change no state are
+    marked fast, and name the backend (the tc program learns the flow from
+    it; nft maps that mark to the VIP).  An ordinary service's replies never
+    are: its client's packets install both directions."""
+    c = Core(CoreConfig(max_flows=1024, workers=1, fastpath=True))
+    try:
+        c.publish([replace(fam.service(scheduler="maglev", sid=5), cluster=cluster)])
+        backend = fam.backends[1]
+        bid = 5 * 16 + 1
+
+        def reply(flags: str, seq: int, now: int, sport: int = 40000) -> int:
+            pkt = fam.ip(src=backend, dst=fam.client) / TCP(sport=8080, dport=sport, flags=flags,
+                                                           seq=seq, ack=1001)
+            v, mark = c.decide(bytes(pkt), now)
+            assert v == Verdict.MARK
+            return mark
+
+        if cluster:   # the SYN-ACK, adopted: a handshake is natlb's
+            assert reply("SA", 5000, 2) == MARK_REPLY | 5
+        else:
+            backend = fam.backends[(handshake(c, fam, 40000)[1] & 0xFFF) - 5 * 16]
+            bid = fam.backends.index(backend) + 5 * 16
+        fast = MARK_REPLY | MARK_FAST | bid
+        assert reply("PA", 5001, 3) == (fast if cluster else MARK_REPLY | 5)
+        assert reply("FA", 5101, 4) == MARK_REPLY | 5        # a FIN: natlb's
+        assert reply("A", 5102, 5) == MARK_REPLY | 5         # and after it
+    finally:
+        c.close()
+
+
+def test_a_cluster_reply_is_not_fast_without_the_fast_path():
+    c = Core(CoreConfig(max_flows=1024, workers=1, fastpath=False))
+    try:
+        c.publish([replace(make_service("maglev", sid=5), cluster=True)])
+        pkt = IP(src=BACKENDS[0], dst=CLIENT) / TCP(sport=8080, dport=40000, flags="PA",
+                                                    seq=5000, ack=1001)
+        assert c.decide(bytes(pkt), 1) == (Verdict.MARK, MARK_REPLY | 5)
     finally:
         c.close()
 

@@ -5,8 +5,10 @@ with NATLB_GOLDEN=write and read the diff."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -117,6 +119,27 @@ def test_large_table_encodes_within_netlink_limits() -> None:
         off += (length + 3) & ~3
     assert len(what) == len(msgs)
     assert len(_elements(msgs, "backend_services")) == 4096
+
+
+def test_cluster_replies_get_a_fast_rewrite_with_the_fast_path_only() -> None:
+    """A cluster service's reply marked fast names its backend: the VIP and
+    port by that mark (reply | fast | backend id), in a rule of its own that
+    keeps the mark for tc.  Without a cluster service, or without the fast
+    path, the table is what it was (the golden files)."""
+    def cluster_spec(fastpath: bool) -> ruleset.Spec:
+        s = spec("mark", fastpath=fastpath)
+        web = dataclasses.replace(s.services[0], cluster=True)
+        return dataclasses.replace(s, services=(web, s.services[1]))
+
+    msgs = ruleset.build(cluster_spec(True))
+    fast = [MARKS.reply | MARKS.fast | b for b in (0, 1)]
+    assert _elements(msgs, "service_addr") == [
+        m.to_bytes(4, sys.byteorder) for m in (MARKS.reply | 0, MARKS.reply | 1, *fast)]
+    rules = [m.what for m in _rules(msgs)]
+    assert "rule rewrite fast path: tcp reply from a cluster service, mark kept" in rules
+    assert not any("udp reply from a cluster" in r for r in rules)   # dns is not one
+    plain = ruleset.build(cluster_spec(False))
+    assert ruleset.render(plain) == ruleset.render(ruleset.build(spec("mark")))
 
 
 def test_copy_mode_has_no_rewrite_chain() -> None:
