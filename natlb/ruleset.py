@@ -53,6 +53,13 @@ rewrites such a packet as any other but keeps its mark and accepts it:
     rewrite:  meta mark & FAST  -> daddr, dport from mark & ~FAST (the maps
               above), mark kept, accept
 
+A cluster service's reply natlb marked fast (a node may see only its
+replies) names its backend, reply | fast | backend id: the service_addr and
+service_port maps hold those marks too, and a rule of its own keeps the mark:
+
+    rewrite:  meta mark & FAST  -> saddr, sport from mark (cluster services'
+              backends only), mark kept, accept
+
 The tc program natlb attaches to the router's interfaces (csrc/bpf/
 fastpath.bpf.c) reads the mark as the packet leaves, installs the flow in
 both directions and clears it; the flow's later packets are carried by tc
