@@ -15,6 +15,7 @@ and deletes exactly the namespaces made here.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -22,11 +23,13 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from natlb.control import request
+from natlb_testbed.testbed import Hold
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "cluster"
@@ -235,6 +238,22 @@ class ClusterNet:
         args = [a for k, v in kw.items() for a in (f"--{k.replace('_', '-')}", str(v))]
         return self.spawn("cl", [sys.executable, "-m", "natlb_testbed.cluster_load", VIP, *args],
                           stdout=subprocess.PIPE, text=True)
+
+    def hold(self) -> Hold:
+        """An idle keep-alive connection from the client to the VIP, after
+        one request, waiting for a probe (60 s at most): see hosts.hold."""
+        p = self.spawn("cl", [sys.executable, "-m", "natlb_testbed.hosts", "hold", "--host", VIP,
+                              "--port", "80", "--timeout", "60", "--probe"],
+                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+
+        def lines() -> Iterator[dict]:
+            assert p.stdout
+            for line in p.stdout:
+                if line.strip():
+                    yield json.loads(line)
+
+        out = lines()
+        return Hold(p, out, next(out)["backend"])
 
     def freeze_node(self, i: int, resume: bool = False) -> None:
         """Every process of node i stopped (SIGSTOP), as a paused VM: natlb

@@ -99,6 +99,41 @@ def test_established_connections_are_carried_by_the_kernel_on_each_node(cluster)
           f"on the three nodes together, {d['packets']} counted")
 
 
+def test_a_disabled_backends_carried_connections_are_reset_and_the_others_go_on(cluster):
+    """Idle keep-alive connections, each carried by the kernel on the nodes
+    it crosses after its first request.  Backend b2 disabled on every node
+    (on_backend_down = "reset", the default): natlb's RSTs need sequence
+    numbers the kernel moved without it, and a node that saw one direction
+    never had the other's, so each node probes both ends and resets them with
+    the numbers they answer, wherever the answer comes through.  Every b2
+    connection ends reset; every other one still answers, from its backend."""
+    victim = "203.0.113.10"              # b2
+    holds = []
+    while len(holds) < 30 and ({"b1", "b2", "b3"} - {h.backend for h in holds} or
+                               sum(h.backend == "b2" for h in holds) < 3):
+        holds += [cluster.hold() for _ in range(6)]
+    assert {h.backend for h in holds} == {"b1", "b2", "b3"}, [h.backend for h in holds]
+    try:
+        for i in NODES:
+            r = cluster.natlb_cli(i, "backend", "disable", "web", victim)
+            assert r.returncode == 0, r.stderr
+        victims = [h for h in holds if h.backend == "b2"]
+        outcomes = [h.end() for h in victims]
+        # Without an RST the client would say "open" after 60 s.
+        assert [o["outcome"] for o in outcomes] == ["reset"] * len(victims), outcomes
+        others = [h for h in holds if h.backend != "b2"]
+        assert [h.survived() for h in others] == [True] * len(others)
+    finally:
+        for i in NODES:
+            cluster.natlb_cli(i, "backend", "enable", "web", victim)
+        for h in holds:
+            if h.proc.poll() is None:
+                h.proc.kill()
+                h.proc.wait()
+    print(f"\nreset: {len(victims)} connections of b2 reset within "
+          f"{max(o['after'] for o in outcomes)} s, {len(others)} others answered")
+
+
 def test_a_dying_nodes_carried_connections_are_adopted_and_carried_by_the_others(cluster):
     """Keep-alive connections busy while node 3 dies the hard way: the
     routers move what it carried (either direction) to nodes 1 and 2, which
