@@ -82,7 +82,9 @@ class Pool:
     def reconfigure(self, config: Config) -> None:
         """Apply a reloaded config: unchanged backends keep their state; the
         flows of removed ones stay in conntrack until they end (as a drain)."""
-        self._carry_out(self.state.reconfigure(config))
+        # Read before the publish that clears the removed backends' slots:
+        # what the kernel carried for them stays in their service's counters.
+        self._carry_out(self.state.reconfigure(config, self.kernel_counts()))
 
     def apply(self, event: Event) -> list[Effect]:
         effects = self.state.apply(event)

@@ -44,7 +44,7 @@ from __future__ import annotations
 import enum
 import ipaddress
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from functools import cache
 
@@ -270,6 +270,11 @@ class Service:
     cfg: ServiceConfig
     id: int
     backends: list[Backend]
+    # What the kernel's fast path carried for backends a reload took out of
+    # this service (packets in, bytes in, packets out, bytes out): its
+    # counters add it, so that they never go back.  On the Service, not
+    # beside it, so a reader sees the backends and it swapped together.
+    departed: tuple[int, int, int, int] = (0, 0, 0, 0)
 
 
 class PoolError(ValueError):
@@ -295,10 +300,14 @@ class PoolState:
         self.reconfigure(config)
 
     # -- reloads --------------------------------------------------------------
-    def reconfigure(self, config: Config) -> list[Effect]:
+    def reconfigure(self, config: Config,
+                    kernel: Mapping[int, tuple[int, int, int, int]] | None = None,
+                    ) -> list[Effect]:
         """Adopt a (re)loaded config: a backend that stays (same service
         name, VIP, port, protocol and backend address:port) keeps its state
-        and id.  Nothing changes if ids would run out."""
+        and id.  Nothing changes if ids would run out.  kernel: what the
+        fast path carried per backend id, kept in Service.departed for the
+        backends that leave a service that stays."""
         old_services = {s.cfg.name: s for s in self.services}
         old_backends = {(s.cfg.name, b.cfg.key): b for s in self.services for b in s.backends}
         n_sid, n_bid = self.next_service_id, self.next_backend_id
@@ -318,21 +327,30 @@ class PoolState:
                     b = Backend(bcfg, n_bid, bcfg.weight, last_change=self.wall_clock())
                     n_bid += 1
                 backends.append(b)
-            services.append((scfg, sid, backends))
+            services.append((scfg, sid, backends, prev if same else None))
         if n_sid > self.max_ids[0] or n_bid > self.max_ids[1]:
             raise PoolError(f"ids exhausted ({n_sid} services, {n_bid} backends ever): "
                             f"restart natlb")
-        kept = {b.id for _, _, backends in services for b in backends}
+        kept = {b.id for _, _, backends, _ in services for b in backends}
         retired = [Service(s.cfg, s.id, [b for b in s.backends if b.id not in kept])
                    for s in self.services + self.retired]
         self.retired = [s for s in retired if s.backends]
-        self.services = []
-        for scfg, sid, backends in services:
+        # Built whole, then swapped in: scrapes read self.services from
+        # their own thread.
+        swapped = []
+        for scfg, sid, backends, prev in services:
             for b, bcfg in zip(backends, scfg.backends, strict=True):
                 if b.cfg.weight != bcfg.weight:  # a config change overrides `natlb backend weight`
                     b.weight = bcfg.weight
                 b.cfg = bcfg
-            self.services.append(Service(scfg, sid, backends))
+            departed = prev.departed if prev else (0, 0, 0, 0)
+            for b in prev.backends if prev and kernel else ():
+                k = kernel.get(b.id) if kernel and b.id not in kept else None
+                if k:
+                    departed = (departed[0] + k[0], departed[1] + k[1], departed[2] + k[2],
+                                departed[3] + k[3])
+            swapped.append(Service(scfg, sid, backends, departed))
+        self.services = swapped
         self.next_service_id, self.next_backend_id = n_sid, n_bid
         self.by_backend_id = {b.id: (s, b) for s in self.services for b in s.backends}
         return [Publish(frozenset(s.id for s in self.services))]

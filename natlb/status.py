@@ -35,6 +35,9 @@ def read_counters(pool: Pool, services: list[Service]) -> tuple[list[Counters], 
     n_services = max((s.id for s in services), default=-1) + 1
     n_backends = max((b.id for s in services for b in s.backends), default=-1) + 1
     svc, be = pool.core.service_counters(n_services), pool.core.backend_counters(n_backends)
+    for s in services:
+        if s.departed != (0, 0, 0, 0):   # the kernel's share of backends a reload removed
+            svc[s.id] = _plus(svc[s.id], s.departed)
     kernel = pool.kernel_counts()
     if kernel:
         for s in services:

@@ -183,3 +183,28 @@ def test_cli_check_malformed_metrics_exits_2(tmp_path):
     assert r.returncode == 2
     assert r.stderr == ('natlb: config: lb.metrics = "127.0.0.1": must be ADDR:PORT '
                         '(192.0.2.1:9100, [2001:db8::1]:9100), port 1..65535\n')
+
+
+def test_a_reload_removing_a_backend_takes_nothing_from_its_services_counters(served):
+    """What the fast path carried for a backend a reload removes stays in its
+    service's counters (metrics, status, rates): a counter never goes back."""
+    import dataclasses
+
+    from natlb.config import Config
+    from natlb.rates import live_counters
+    from natlb.status import collect
+
+    server, config = served
+    pool = server.collector.pool
+    b0 = pool.services[0].backends[0]
+    pool.kernel_counts = lambda: {b0.id: (100, 10_000, 50, 5_000)}
+    before = value(server, "natlb_incoming_packets_total", **WEB)
+    svc0 = dataclasses.replace(config.services[0], backends=config.services[0].backends[1:])
+    pool.reconfigure(Config(config.lb, (svc0, *config.services[1:])))
+    assert b0.id not in pool.by_backend_id
+    for _reload in range(2):   # kept across the next reload too
+        assert value(server, "natlb_incoming_packets_total", **WEB) == before == 107
+        assert value(server, "natlb_outgoing_bytes_total", **WEB) == 5_000
+        assert collect(pool, [], 0.0, 1024)["services"][0]["bytes_in"] >= 10_000
+        assert live_counters(pool)[("service", pool.services[0].id)].packets_out == 50
+        pool.reconfigure(Config(config.lb, (svc0, *config.services[1:])))
