@@ -109,12 +109,16 @@ class Daemon:
         self.monitor: Monitor | None = None
         # Served in the status JSON: how the last SIGHUP went.
         self.reloads: dict[str, Any] = {"count": 0, "at": None, "ok": None, "error": None}
-        self.metrics = MetricsServer(self.pool, config.lb) if config.lb.metrics else None
+        # The queues read are the other bank's after a `natlb restart`.
+        self.metrics = (MetricsServer(self.pool, config.lb, lambda: self.queues)
+                        if config.lb.metrics else None)
         self.rates = RateEstimator()
         self.announcer: Announcer | None = None
         self.queues = config.lb.queues
         # A predecessor handing over to us (natlb restart), or None.
         self.predecessor = Channel(socket.socket(fileno=handover_fd)) if handover_fd else None
+        # Still true once the handover is done (self.predecessor is None then).
+        self.successor_of_restart = self.predecessor is not None
         if self.predecessor:
             # The socketpair's peer is the predecessor, whatever its version.
             peer, _, _ = struct.unpack("3i", self.predecessor.sock.getsockopt(
@@ -527,7 +531,7 @@ class Daemon:
             self.monitor.start()
             log.info("natlb running; control socket %s%s", lb.control_socket,
                      f", metrics on http://{lb.metrics}/metrics" if lb.metrics else "")
-            if self.predecessor and self.metrics:
+            if self.successor_of_restart and self.metrics:
                 # The predecessor lets the address go as it exits.
                 loop.run_in_executor(None, self.metrics.start_when_free, 10.0)
             # Queues bound, table loaded, VIPs up, control socket open.

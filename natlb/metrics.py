@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -44,9 +44,13 @@ TRAFFIC = [
 class NatlbCollector(Collector):
     """Builds every natlb metric from live state at scrape time."""
 
-    def __init__(self, pool: Pool, lb: LBConfig) -> None:
+    def __init__(self, pool: Pool, lb: LBConfig,
+                 queues: Callable[[], list[int]] | None = None) -> None:
         self.pool = pool
         self.lb = lb
+        # The queues natlb reads: lb.queues, or after a `natlb restart` the
+        # other bank (LBConfig.other_queues).
+        self.queues = queues or (lambda: lb.queues)
         # Scrapes run on the HTTP server's threads; the lock keeps a scrape
         # from reading a core that close() is freeing.
         self.lock = threading.Lock()
@@ -117,7 +121,7 @@ class NatlbCollector(Collector):
         qdrop = counter("queue_dropped_packets_total",
                         "Packets the kernel dropped at natlb's NFQUEUE (queue full or "
                         "socket overrun)", ["queue"])
-        for q in queue_stats(self.lb.queues):
+        for q in queue_stats(self.queues()):
             qdrop.add_metric([str(q["queue"])], q["queue_dropped"] + q["user_dropped"])
         flows = gauge("flows", "Flows in the connection table")
         flows.add_metric([], core.flow_count())
@@ -161,9 +165,10 @@ class MetricsServer:
     """The HTTP endpoint; bound in start() so that a taken address is found
     before natlb changes anything on the host."""
 
-    def __init__(self, pool: Pool, lb: LBConfig) -> None:
+    def __init__(self, pool: Pool, lb: LBConfig,
+                 queues: Callable[[], list[int]] | None = None) -> None:
         self.lb = lb
-        self.collector = NatlbCollector(pool, lb)
+        self.collector = NatlbCollector(pool, lb, queues)
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.collector)
         self.server: WSGIServer | None = None

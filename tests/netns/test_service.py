@@ -192,3 +192,59 @@ def test_restart_successor_is_the_service_managers_child_when_ready(testbed):
         assert p.wait(timeout=10) == 0
         assert sd.stop_successor() == 0
         assert router_state(testbed) == before
+
+
+def test_metrics_carry_on_across_a_reload_and_a_restart(testbed, natlb):
+    """A reload that removes a backend and a `natlb restart` are no counter
+    resets: the service's counters never go back (the kernel fast path's
+    share of the removed backend included), and the successor serves the
+    metrics, of the queues it reads."""
+    import json
+    import signal
+
+    config = basic_config(testbed, lb_extra=f'metrics = "{METRICS}"')
+    p = natlb(config)
+    res = testbed.client_run("http-stream", "--host", VIP, "--port", "80", "--count", "24",
+                             "--interval-ms", "5")
+    assert all(r["ok"] for r in res), res
+    svc = {"service": "web", "vip": VIP, "port": "80", "protocol": "tcp"}
+    names = [f"natlb_{d}_{u}_total" for d in ("incoming", "outgoing")
+             for u in ("packets", "bytes")] + ["natlb_connections_total"]
+    before = {n: series(scrape(testbed), n, **svc) for n in names}
+
+    testbed.write_config(basic_config(testbed, lb_extra=f'metrics = "{METRICS}"',
+                                      backends=[1, 2]))
+    count = testbed.status()["reloads"]["count"]
+    p.send_signal(signal.SIGHUP)
+    deadline = time.monotonic() + 10
+    while testbed.status()["reloads"]["count"] == count:
+        assert time.monotonic() < deadline, testbed.natlb_log()
+        time.sleep(0.05)
+    assert testbed.status()["reloads"]["ok"], testbed.natlb_log()
+    reloaded = {n: series(scrape(testbed), n, **svc) for n in names}
+    assert reloaded == before
+
+    r = natlb_cli(testbed, "restart", "-c", str(testbed.workdir / "natlb.toml"))
+    assert r.returncode == 0, r.stderr + testbed.natlb_log()
+    successor = int(r.stdout.split()[2])
+    try:
+        queues = json.loads(natlb_cli(testbed, "status", "--json", "-s",
+                                      testbed.control_socket).stdout)["queues"]
+        deadline = time.monotonic() + 15
+        while True:
+            code = testbed.router_cmd(sys.executable, "-c", (
+                "import urllib.request; urllib.request.urlopen("
+                f"'http://{METRICS}/metrics', timeout=2)")).returncode
+            if code == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        m = scrape(testbed)
+        assert {n: series(m, n, **svc) for n in names} == before
+        served = sorted(dict(lab)["queue"] for (n, lab) in m
+                        if n == "natlb_queue_dropped_packets_total")
+        assert served == sorted(str(q["queue"]) for q in queues) == ["16"]
+    finally:
+        os.kill(successor, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while os.path.exists(f"/proc/{successor}") and time.monotonic() < deadline:
+            time.sleep(0.1)
