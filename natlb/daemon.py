@@ -27,6 +27,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from pyroute2.netlink.exceptions import NetlinkError
+
 from natlb import netsetup, ruleset, sdnotify, watchdog
 from natlb.announce import Announcer
 from natlb.config import Config, host_port, load
@@ -330,6 +332,20 @@ class Daemon:
         async with self._ruleset_lock:
             self.steering.install(await loop.run_in_executor(None, self._ruleset))
 
+    async def _withdraw_vips(self) -> None:
+        """VIPs no service needs any more (not even a removed one's lingering
+        flows) leave lb.interface.  With announce = "healthy" the announcer
+        withdraws them itself."""
+        if self.announcer or self.journal is None:
+            return
+        keep = {s.cfg.vip for s in [*self.pool.services, *self.pool.state.retired]}
+        journal, interface = self.journal, self.config.lb.interface
+        try:
+            await asyncio.get_running_loop().run_in_executor(
+                None, lambda: netsetup.withdraw_vips(interface, keep, journal))
+        except (OSError, NetlinkError) as e:  # the VIP stays until exit
+            log.error("removing VIPs no service has: %s", e)
+
     async def prune_retired(self, every_s: float = RETIRED_CHECK_S) -> None:
         """Drop backends a reload removed from the ruleset once their flows
         have ended (until then their packets must still be rewritten)."""
@@ -342,6 +358,9 @@ class Daemon:
                 max(b.id for s in retired for b in s.backends) + 1)]
             if self.pool.state.prune_retired(flows.__getitem__):
                 try:
+                    # The VIP first, then its rules: the host never answers
+                    # for a VIP whose rules are gone.
+                    await self._withdraw_vips()
                     await self._reinstall()
                 except NatlbError as e:  # the old table stays: more rules, no harm
                     log.error("ruleset without retired backends not installed: %s", e)

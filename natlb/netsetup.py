@@ -150,6 +150,21 @@ def add_vip(ipr: IPRoute, ifindex: int, vip: str) -> None:
     ipr.addr("add", index=ifindex, address=vip, prefixlen=vip_prefixlen(vip), **extra)
 
 
+def withdraw_vips(interface: str, keep: Iterable[str], journal: Journal) -> list[str]:
+    """VIPs natlb added on `interface` that are not in `keep` (a reload
+    removed their services, whose flows have ended): removed, then out of the
+    journal (a crash between the two leaves an undo that finds it gone).
+    Addresses that were there before natlb were never journaled: untouched."""
+    keep = set(keep)
+    gone = sorted({e["address"] for e in list(journal.entries)
+                   if e["kind"] == "address" and e["ifname"] == interface} - keep)
+    for vip in gone:
+        _undo_address({"ifname": interface, "address": vip, "prefixlen": vip_prefixlen(vip)})
+        journal.forget("address", ifname=interface, address=vip)
+        log.info("VIP %s removed from %s: no service has it any more", vip, interface)
+    return gone
+
+
 def local_addresses(ipr: IPRoute, ifindex: int) -> set[str]:
     """Both families' addresses on the interface, in canonical text."""
     return {str(ipaddress.ip_address(a.get_attr("IFA_ADDRESS")))

@@ -73,3 +73,42 @@ def test_bad_reload_keeps_running_config(testbed, natlb):
     assert (r["ok"], r["error"]) == (False, "lb.workers changed; restart natlb to apply it "
                                             "(natlb restart -c FILE keeps the flows)")
     assert spread(testbed, 9) == {"b1": 3, "b2": 3, "b3": 3}
+
+
+def lo_addresses(testbed) -> set[str]:
+    out = testbed.router_cmd("ip", "-o", "addr", "show", "dev", "lo").stdout
+    return {line.split()[3].split("/")[0] for line in out.splitlines()}
+
+
+def test_a_vip_a_reload_removed_leaves_the_interface(testbed, natlb):
+    """The host stops answering for a VIP no service has any more (ARP, its
+    own ports) once the removed service's flows are gone; the other stays."""
+    from .conftest import router_state
+
+    before = router_state(testbed)
+    other = """
+[[service]]
+name = "other"
+vip = "192.0.2.101"
+port = 80
+[service.health]
+kind = "none"
+[[service.backend]]
+address = "203.0.113.6"
+"""
+    p = natlb(basic_config(testbed, extra_services=other))
+    assert {VIP, "192.0.2.101"} <= lo_addresses(testbed)
+    testbed.write_config(basic_config(testbed))
+    assert hup_and_wait(testbed, p)["ok"]
+    deadline = time.monotonic() + 15
+    while "192.0.2.101" in lo_addresses(testbed):
+        assert time.monotonic() < deadline, testbed.natlb_log()
+        time.sleep(0.2)
+    assert VIP in lo_addresses(testbed)
+    assert spread(testbed, 3) == {"b1": 1, "b2": 1, "b3": 1}
+    # Added again by the next reload that has it, and removed on exit.
+    testbed.write_config(basic_config(testbed, extra_services=other))
+    assert hup_and_wait(testbed, p)["ok"]
+    assert "192.0.2.101" in lo_addresses(testbed)
+    testbed.stop(p)
+    assert router_state(testbed) == before
