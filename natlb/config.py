@@ -315,6 +315,9 @@ def _host_port(raw: dict[str, Any], key: str, path: str) -> str:
     return f"{addr}:{int(port)}"
 
 
+_LIMITED_BROADCAST = ipaddress.IPv4Address("255.255.255.255")
+
+
 def _ip(raw: dict[str, Any], key: str, path: str, link_local: bool = False) -> str:
     """An IPv4 or IPv6 address, in its canonical text (2001:db8::1, never
     2001:0db8:0:0::1: the marks' maps, status and the ruleset compare text).
@@ -333,9 +336,19 @@ def _ip(raw: dict[str, Any], key: str, path: str, link_local: bool = False) -> s
                          (addr.is_link_local and not link_local,
                           "link-local (fe80::/10): not supported"),
                          (addr.is_multicast, "multicast"),
-                         (addr.is_unspecified, "unspecified (::)")):
+                         (addr.is_unspecified, "unspecified (::)"),
+                         (addr.is_loopback, "loopback (::1)")):
             if bad:
                 raise _fail(f"{path}.{key}", v, f"an IPv6 address that is {why}")
+    else:
+        # No packet is forwarded to or from these (the kernel drops them as
+        # martians, or they are no one host's).
+        for bad, why in ((addr.is_unspecified, "unspecified (0.0.0.0)"),
+                         (addr.is_loopback, "loopback (127.0.0.0/8)"),
+                         (addr.is_multicast, "multicast"),
+                         (addr == _LIMITED_BROADCAST, "the limited broadcast address")):
+            if bad:
+                raise _fail(f"{path}.{key}", v, f"an IPv4 address that is {why}")
     return str(addr)
 
 
@@ -571,6 +584,21 @@ def _cluster_backends_unique(services: tuple[ServiceConfig, ...]) -> None:
                             f"needs backends of its own")
 
 
+def _backends_not_vips(services: tuple[ServiceConfig, ...]) -> None:
+    """natlb forwards: a backend at a VIP is this host, to which it would
+    send the packets it steers (its health checks of it go through natlb to
+    other backends, whose SYNs then time out as passive failures)."""
+    vips: dict[str, int] = {}
+    for i, s in enumerate(services):
+        vips.setdefault(s.vip, i)
+    for i, s in enumerate(services):
+        for j, b in enumerate(s.backends):
+            if b.address in vips:
+                raise _fail(f"service[{i}].backend[{j}].address", b.address,
+                            f"the VIP of service[{vips[b.address]}]; a backend must be "
+                            "another host")
+
+
 def parse(raw: dict[str, Any]) -> Config:
     _known(raw, "", {"lb", "service"})
     lb = _lb(raw.get("lb", {}))
@@ -593,6 +621,7 @@ def parse(raw: dict[str, Any]) -> Config:
             raise _fail(f"service[{i}].name", s.name, "duplicate service name")
         names.add(s.name)
     _cluster_backends_unique(services)
+    _backends_not_vips(services)
     n_backends = sum(len(s.backends) for s in services)
     if n_backends > lb.max_backends:
         raise _fail("service", f"{n_backends} backends",

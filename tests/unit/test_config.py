@@ -163,3 +163,53 @@ def test_lbconfig_built_directly_refuses_the_fast_path_in_copy_mode():
     assert LBConfig(rewrite="copy").fastpath is False
     with pytest.raises(ConfigError, match=r'^lb.fastpath = true: needs rewrite = "mark"$'):
         LBConfig(rewrite="copy", fastpath=True)
+
+
+@pytest.mark.parametrize("path,value,why", [
+    (("service", 0, "vip"), "0.0.0.0", "an IPv4 address that is unspecified (0.0.0.0)"),
+    (("service", 0, "vip"), "127.0.0.2", "an IPv4 address that is loopback (127.0.0.0/8)"),
+    (("service", 0, "vip"), "224.0.0.1", "an IPv4 address that is multicast"),
+    (("service", 0, "vip"), "255.255.255.255",
+     "an IPv4 address that is the limited broadcast address"),
+    (("service", 0, "backend", 0, "address"), "0.0.0.0",
+     "an IPv4 address that is unspecified (0.0.0.0)"),
+    (("service", 0, "backend", 0, "address"), "127.0.0.1",
+     "an IPv4 address that is loopback (127.0.0.0/8)"),
+])
+def test_addresses_no_host_forwards_to_are_refused(path, value, why):
+    """As for IPv6 (test_config_ipv6): natlb forwards, and no packet is
+    forwarded to or from these."""
+    with pytest.raises(ConfigError) as e:
+        parse(with_(path, value))
+    key = ".".join(str(p) for p in path).replace("service.0", "service[0]").replace(
+        "backend.0", "backend[0]")
+    assert str(e.value) == f'{key} = "{value}": {why}'
+
+
+def test_ipv6_loopback_is_refused():
+    raw = {"service": [{"name": "w", "vip": "2001:db8::1", "port": 80,
+                        "backend": [{"address": "::1"}]}]}
+    with pytest.raises(ConfigError) as e:
+        parse(raw)
+    assert str(e.value) == ('service[0].backend[0].address = "::1": an IPv6 address that is '
+                            "loopback (::1)")
+
+
+@pytest.mark.parametrize("vip2", ["192.0.2.100", "203.0.113.10"])
+def test_a_backend_that_is_a_vip_is_refused(vip2):
+    """natlb would send the packets to itself: health checks of the VIP go
+    through natlb to other backends, and the SYNs it forwards to itself
+    time out as passive failures of healthy backends."""
+    import copy
+
+    raw = copy.deepcopy(MINIMAL)
+    raw["service"].append({"name": "other", "vip": vip2, "port": 8080,
+                           "backend": [{"address": "192.0.2.100"}, {"address": "203.0.113.11"}]})
+    with pytest.raises(ConfigError) as e:
+        parse(raw)
+    first = 0 if vip2 == "203.0.113.10" else 1
+    assert str(e.value) == {
+        0: 'service[0].backend[0].address = "203.0.113.10": the VIP of service[1]; '
+           "a backend must be another host",
+        1: 'service[1].backend[0].address = "192.0.2.100": the VIP of service[0]; '
+           "a backend must be another host"}[first]
