@@ -24,6 +24,8 @@ from natlb.errors import ConfigError
 MAX_SERVICES = 65536
 MAX_BACKENDS = 65536
 MAX_WORKERS = 16
+# sun_path holds 108 bytes, the last one the terminating NUL.
+MAX_UNIX_PATH = 107
 
 SCHEDULERS = ("rr", "wrr", "lc", "sh", "maglev")
 # rr, wrr and lc depend on a node's own history; sh is a pure function of the
@@ -539,6 +541,13 @@ def _lb(raw: Any) -> LBConfig:
     table = _str(raw, "table", "lb", d.table)
     if not table.replace("_", "").isalnum() or len(table) > 32:
         raise _fail("lb.table", table, "letters, digits and _ only, at most 32")
+    control_socket = _str(raw, "control_socket", "lb", d.control_socket)
+    # The guardian's socket is the longest path beside it (LBConfig.guardian_socket).
+    longest = len(os.fsencode(os.path.abspath(control_socket) + ".guardian"))
+    if longest > MAX_UNIX_PATH:
+        raise _fail("lb.control_socket", control_socket,
+                    f'too long for a Unix socket ({longest} bytes with ".guardian"; '
+                    f"at most {MAX_UNIX_PATH})")
     routes_raw = raw.get("route", [])
     if not isinstance(routes_raw, list):
         raise _fail("lb.route", routes_raw, "must be an array of tables ([[lb.route]])")
@@ -551,7 +560,7 @@ def _lb(raw: Any) -> LBConfig:
         max_backends=_int(raw, "max_backends", "lb", d.max_backends, 1, MAX_BACKENDS),
         interface=_str(raw, "interface", "lb", d.interface),
         table=table,
-        control_socket=_str(raw, "control_socket", "lb", d.control_socket),
+        control_socket=control_socket,
         metrics=_host_port(raw, "metrics", "lb") if "metrics" in raw else d.metrics,
         gso=gso,
         poll_us=_int(raw, "poll_us", "lb", d.poll_us, 0, 10_000),

@@ -213,3 +213,15 @@ def test_a_backend_that_is_a_vip_is_refused(vip2):
            "a backend must be another host",
         1: 'service[1].backend[0].address = "192.0.2.100": the VIP of service[0]; '
            "a backend must be another host"}[first]
+
+
+def test_a_control_socket_path_too_long_for_unix_sockets_is_a_config_error():
+    """It was found only once natlb had set the host up: a traceback, exit 1.
+    The guardian's socket beside it is 9 bytes longer."""
+    ok = "/run/" + "d" * (107 - len("/run/") - len("/s.guardian")) + "/s"
+    assert parse(with_(("lb",), {"control_socket": ok})).lb.control_socket == ok
+    long = ok.replace("/s", "/ss")
+    with pytest.raises(ConfigError) as e:
+        parse(with_(("lb",), {"control_socket": long}))
+    assert str(e.value) == (f'lb.control_socket = "{long}": too long for a Unix socket '
+                            f'({len(long) + 9} bytes with ".guardian"; at most 107)')
