@@ -387,7 +387,8 @@ class Daemon:
             summary = await self._hand_over(path)
         except (HandoverError, CoreError, OSError) as e:
             log.error("restart failed, this natlb carries on: %s", e)
-            return {"ok": False, "error": f"restart failed: {e}"}
+            return {"ok": False, "error": f"restart failed: {e}",
+                    "exit": getattr(e, "exit_code", 1)}
         finally:
             self._restarting = False
         self.handed_over = True
@@ -571,6 +572,18 @@ class Daemon:
             await self.pool.publisher.close()
 
     def run(self) -> int:
+        try:
+            return self._run_checked()
+        except NatlbError as e:
+            if self.predecessor:
+                # Still handing over: `natlb restart` reports why, with our
+                # exit code, rather than a connection reset.
+                why = f"config: {e}" if isinstance(e, ConfigError) else str(e)
+                with contextlib.suppress(OSError):
+                    self.predecessor.send(error=why, exit=e.exit_code)
+            raise
+
+    def _run_checked(self) -> int:
         lb = self.config.lb
         netsetup.preflight(lb)
         if self.metrics and not self.predecessor:

@@ -45,7 +45,11 @@ from natlb.status import queue_stats, read_counters
 
 
 class HandoverError(RuntimeError):
-    pass
+    # The successor's own refusal carries its exit code (2: a config error
+    # only it could see, e.g. a missing interface); anything else is 1.
+    def __init__(self, message: str, exit_code: int = 1) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
 
 
 class Channel:
@@ -68,7 +72,7 @@ class Channel:
             raise HandoverError(f"the other side exited before {what}")
         msg = json.loads(line)
         if "error" in msg:
-            raise HandoverError(msg["error"])
+            raise HandoverError(msg["error"], int(msg.get("exit", 1)))
         return msg
 
     def expect(self, key: str, timeout: float) -> Any:
