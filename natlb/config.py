@@ -638,6 +638,32 @@ def parse(raw: dict[str, Any]) -> Config:
     return Config(lb, services)
 
 
+def _fmt_route(r: RouteConfig | None) -> str:
+    if r is None:
+        return "none"
+    return "{" + ", ".join(f"{f.name} = {_fmt(getattr(r, f.name))}" for f in fields(r)
+                           if getattr(r, f.name) is not None) + "}"
+
+
+def lb_change(running: LBConfig, new: LBConfig) -> str | None:
+    """The first [lb] setting that differs, as the config writes it, with
+    both values (a reload cannot apply it); None if none does."""
+    for f in fields(LBConfig):
+        was, now = getattr(running, f.name), getattr(new, f.name)
+        if was == now:
+            continue
+        if f.name == "timeouts_s":
+            k = next(k for k in now if now[k] != was.get(k))
+            return f"lb.timeouts.{k} = {_fmt(now[k])} (running: {_fmt(was.get(k))})"
+        if f.name == "routes":
+            i = next(i for i in range(max(len(was), len(now)))
+                     if was[i:i + 1] != now[i:i + 1])
+            return (f"lb.route[{i}] = {_fmt_route(now[i] if i < len(now) else None)} "
+                    f"(running: {_fmt_route(was[i] if i < len(was) else None)})")
+        return f"lb.{f.name} = {_fmt(now)} (running: {_fmt(was)})"
+    return None
+
+
 def load(path: str | Path) -> Config:
     try:
         text = Path(path).read_text()

@@ -31,7 +31,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from natlb import netsetup, ruleset, sdnotify, watchdog
 from natlb.announce import Announcer
-from natlb.config import Config, host_port, load
+from natlb.config import Config, host_port, lb_change, load
 from natlb.config import family as config_family
 from natlb.control import ControlServer
 from natlb.core import (
@@ -290,10 +290,10 @@ class Daemon:
 
     async def _reload(self, path: str) -> None:
         new = load(path)
-        if new.lb != self.config.lb:
-            changed = [k for k in vars(new.lb) if getattr(new.lb, k) != getattr(self.config.lb, k)]
-            raise ConfigError(f"lb.{changed[0]} changed; restart natlb to apply it "
-                              f"(natlb restart -c FILE keeps the flows)")
+        changed = lb_change(self.config.lb, new.lb)
+        if changed:
+            raise ConfigError(f"{changed}: a reload cannot change [lb]; restart natlb to "
+                              f"apply it (natlb restart -c FILE keeps the flows)")
         # The kernel places no first packet of a new service before its
         # rules are in place (a packet the kernel leaves to natlb must reach
         # its queue): decisions pause until _reinstall is done.

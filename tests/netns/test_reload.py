@@ -70,7 +70,8 @@ def test_bad_reload_keeps_running_config(testbed, natlb):
     assert (r["ok"], r["error"]) == (False, "service[0].port = 0: must be 1..65535")
     path.write_text(config(testbed, [1], lb_extra="workers = 2"))
     r = hup_and_wait(testbed, p)
-    assert (r["ok"], r["error"]) == (False, "lb.workers changed; restart natlb to apply it "
+    assert (r["ok"], r["error"]) == (False, "lb.workers = 2 (running: 1): a reload cannot "
+                                            "change [lb]; restart natlb to apply it "
                                             "(natlb restart -c FILE keeps the flows)")
     assert spread(testbed, 9) == {"b1": 3, "b2": 3, "b3": 3}
 

@@ -225,3 +225,20 @@ def test_a_control_socket_path_too_long_for_unix_sockets_is_a_config_error():
         parse(with_(("lb",), {"control_socket": long}))
     assert str(e.value) == (f'lb.control_socket = "{long}": too long for a Unix socket '
                             f'({len(long) + 9} bytes with ".guardian"; at most 107)')
+
+
+@pytest.mark.parametrize("lb,named", [
+    ({"workers": 2}, "lb.workers = 2 (running: 1)"),
+    ({"timeouts": {"tcp_fin": 2}}, "lb.timeouts.tcp_fin = 2.0 (running: 120.0)"),
+    ({"route": [{"destination": "203.0.113.0/24", "device": "lo"}]},
+     'lb.route[0] = {destination = "203.0.113.0/24", device = "lo"} (running: none)'),
+    ({"metrics": "127.0.0.1:9100"}, 'lb.metrics = "127.0.0.1:9100" (running: "")'),
+])
+def test_an_lb_change_a_reload_refuses_names_the_config_key_and_value(lb, named):
+    """A reload refuses [lb] changes; the error names the key as written in
+    the config (not the field: timeouts_s, routes) and the value."""
+    from natlb.config import lb_change
+
+    old = parse(MINIMAL).lb
+    assert lb_change(old, old) is None
+    assert lb_change(old, parse(with_(("lb",), lb)).lb) == named
