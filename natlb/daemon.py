@@ -332,19 +332,22 @@ class Daemon:
         async with self._ruleset_lock:
             self.steering.install(await loop.run_in_executor(None, self._ruleset))
 
-    async def _withdraw_vips(self) -> None:
+    def _withdraw_vips_now(self) -> None:
         """VIPs no service needs any more (not even a removed one's lingering
-        flows) leave lb.interface.  With announce = "healthy" the announcer
-        withdraws them itself."""
-        if self.announcer or self.journal is None:
+        flows) leave lb.interface: after a reload once those flows are gone,
+        and at start for VIPs a predecessor or a crashed natlb added.  With
+        announce = "healthy" the announcer withdraws them itself.  Not in
+        the event loop: pyroute2 runs one of its own."""
+        if self.config.lb.announce == "healthy" or self.journal is None:
             return
         keep = {s.cfg.vip for s in [*self.pool.services, *self.pool.state.retired]}
-        journal, interface = self.journal, self.config.lb.interface
         try:
-            await asyncio.get_running_loop().run_in_executor(
-                None, lambda: netsetup.withdraw_vips(interface, keep, journal))
+            netsetup.withdraw_vips(self.config.lb.interface, keep, self.journal)
         except (OSError, NetlinkError) as e:  # the VIP stays until exit
             log.error("removing VIPs no service has: %s", e)
+
+    async def _withdraw_vips(self) -> None:
+        await asyncio.get_running_loop().run_in_executor(None, self._withdraw_vips_now)
 
     async def prune_retired(self, every_s: float = RETIRED_CHECK_S) -> None:
         """Drop backends a reload removed from the ruleset once their flows
@@ -493,6 +496,7 @@ class Daemon:
         self._open_store()
         self._own_store()
         self.setup_host(self.core.resume)
+        self._withdraw_vips_now()
         r = self.store_report
         assert r is not None
         ch.send(serving={"flows": r.adopted, "flows_dropped": r.dropped, "store": r.result,
@@ -622,6 +626,7 @@ class Daemon:
                                         socket=os.path.abspath(lb.control_socket))
                 self._own_store()
                 self.setup_host()
+                self._withdraw_vips_now()   # a crashed natlb's, of services now gone
                 self.serving = True
             asyncio.run(self.serve())
         finally:

@@ -165,3 +165,33 @@ def test_failed_successor_leaves_the_running_natlb_serving(testbed, natlb):
     assert p.poll() is None
     res = testbed.client_run("http-stream", "--host", VIP, "--port", "80", "--count", "6")
     assert all(x["ok"] for x in res), res
+
+
+def test_a_vip_the_new_config_has_not_leaves_the_interface_at_restart(testbed, natlb):
+    """The successor adopts its predecessor's host changes: a VIP the new
+    config no longer has leaves lb.interface (its flows are dropped on
+    adoption anyway), and the kept one stays."""
+    other = """
+[[service]]
+name = "other"
+vip = "192.0.2.101"
+port = 80
+[service.health]
+kind = "none"
+[[service.backend]]
+address = "203.0.113.6"
+"""
+    natlb(config(testbed) + other)
+
+    def lo():
+        return testbed.router_cmd("ip", "-o", "addr", "show", "dev", "lo").stdout
+
+    assert "192.0.2.101/32" in lo()
+    r = natlb_cli(testbed, "restart", "-c", str(testbed.write_config(config(testbed))))
+    assert r.returncode == 0, r.stderr + testbed.natlb_log()
+    pid = int(r.stdout.split()[2])
+    try:
+        assert "192.0.2.101/32" not in lo() and f"{VIP}/32" in lo(), lo()
+    finally:
+        os.kill(pid, signal.SIGTERM)
+        wait_gone(pid)
