@@ -390,7 +390,7 @@ def test_a_failed_restart_goes_on_watching_links(testbed, natlb):
     # Valid as a file, but the successor's preflight fails on this host.
     bad = testbed.write_config(basic_config(testbed, lb_extra='interface = "nosuchif0"'))
     r = natlb_cli(testbed, "restart", "-c", str(bad))
-    assert r.returncode == 1 and "restart failed" in r.stderr, r.stderr
+    assert r.returncode == 2 and "restart failed: config: lb.interface" in r.stderr, r.stderr
     assert p.poll() is None
     with side(testbed, "lf", "plain", 5) as s:
         wait_for("filters on the new interface", lambda: carried(testbed, s.dev))
