@@ -8,14 +8,19 @@
  *   backend; the backends map gives the VIP.  Both directions'
  *   entries go into the flows map, with a fixed deadline: never refreshed,
  *   so natlb's own flow table stays the authority.
- * carry (tc ingress): a TCP (no SYN) or UDP packet, IPv4 not a fragment
- *   and without IP options or IPv6 with TCP or UDP right after its fixed
- *   header (no extension header; a UDP checksum), arriving where its entry
+ * carry (tc ingress): a TCP (no SYN) or UDP packet, IPv4 not a fragment,
+ *   without IP options and with a right header checksum, or IPv6 with TCP
+ *   or UDP right after its fixed header (no extension header; a UDP
+ *   checksum), whose IP length lies within the frame and holds its L4
+ *   header (a TCP data offset of 5 words or more, a UDP length of 8 bytes
+ *   or more, neither past the IP length), arriving where its entry
  *   says, before the deadline, with TTL (hop limit) > 1 and within the out
  *   device's MTU (a GSO packet: each of its segments): rewritten, TTL decremented, counted and sent with
- *   bpf_redirect_neigh, skipping netfilter and the forwarding path.
+ *   bpf_redirect_neigh, skipping netfilter and the forwarding path
+ *   (counted by its IP length, not a frame's padding).
  *   Everything else: TC_ACT_OK, the normal path (nft, NFQUEUE, natlb).  A SYN that matches deletes both
  *   sides' entries (a new connection on the tuple is natlb's to place).
+ *   A SYN arriving elsewhere than its entry says changes nothing.
  *   A FIN cuts both sides' deadlines to natlb's closing timeout, an RST
  *   deletes both sides' entries; either is carried only if its head (as it
  *   arrived) and ingress device fit in the events ring buffer, where
@@ -227,10 +232,33 @@ struct parsed {
     __u8 syn, fin, rst, ack;       /* TCP flags                             */
 };
 
+/* A 32-bit sum of 16-bit words, folded to 16 bits (one's complement). */
+static __always_inline __u16 fold(__u32 s)
+{
+    s = (s & 0xffff) + (s >> 16);
+    return s + (s >> 16);
+}
+
+/* An IPv4 header (without options) whose checksum is right: the kernel
+ * drops the others on receive (ip_rcv), before natlb could see them. */
+static __always_inline int ip4_sum_ok(const struct iphdr *ip)
+{
+    const __u16 *w = (const __u16 *)ip;
+    __u32 s = 0;
+    for (int i = 0; i < (int)(sizeof(*ip) / 2); i++)
+        s += w[i];
+    return fold(s) == 0xffff;
+}
+
 /* A frame of family v6, every header read bounds-checked, if the fast path
- * takes its packet: IPv4 without options and not a fragment, or IPv6
- * without extension headers; TCP, or UDP (over IPv6 with a checksum: none
- * is a bad one, RFC 8200 8.1, natlb's to drop).  0 if taken. */
+ * takes its packet: IPv4 without options, not a fragment, with a right
+ * header checksum, or IPv6 without extension headers; TCP, or UDP (over
+ * IPv6 with a checksum: none is a bad one, RFC 8200 8.1, natlb's to drop).
+ * Its IP length must lie within the frame and hold the L4 header (a TCP
+ * data offset of at least 5 words, a UDP length of at least 8 bytes, no
+ * more than the packet has): what the kernel would drop on receive, or
+ * natlb as malformed, is theirs (a rewrite would touch bytes past the
+ * packet, or pass on one that lies about its length).  0 if taken. */
 static __always_inline int parse(struct __sk_buff *skb, int v6, struct parsed *p)
 {
     void *data = (void *)(long)skb->data;
@@ -250,7 +278,7 @@ static __always_inline int parse(struct __sk_buff *skb, int v6, struct parsed *p
     } else {
         struct iphdr *ip = data + ETH_HLEN;
         if ((void *)(ip + 1) > data_end || *(__u8 *)ip != IPV4_PLAIN ||
-            (ip->frag_off & bpf_htons(IP_MF_OFFSET)))
+            (ip->frag_off & bpf_htons(IP_MF_OFFSET)) || !ip4_sum_ok(ip))
             return -1;
         map_v4(k->saddr, ip->saddr);
         map_v4(k->daddr, ip->daddr);
@@ -258,11 +286,17 @@ static __always_inline int parse(struct __sk_buff *skb, int v6, struct parsed *p
         p->tot_len = bpf_ntohs(ip->tot_len);
         p->ttl = ip->ttl;
     }
+    /* skb->len holds the whole IP header (read above): no underflow.  A
+     * GSO packet's IP length is its whole (GRO writes it so); a BIG TCP
+     * one's 0: queued. */
+    if (p->tot_len > skb->len - ETH_HLEN || p->tot_len < l3_len(v6))
+        return -1;
+    __u32 l4_len = p->tot_len - l3_len(v6);
     k->family = v6 ? 6 : 4;
     void *l4 = data + ETH_HLEN + l3_len(v6);
     if (k->proto == IPPROTO_TCP) {
         struct tcphdr *th = l4;
-        if ((void *)(th + 1) > data_end)
+        if ((void *)(th + 1) > data_end || th->doff < 5 || th->doff * 4u > l4_len)
             return -1;
         k->sport = th->source;
         k->dport = th->dest;
@@ -276,7 +310,8 @@ static __always_inline int parse(struct __sk_buff *skb, int v6, struct parsed *p
     }
     if (k->proto == IPPROTO_UDP) {
         struct udphdr *uh = l4;
-        if ((void *)(uh + 1) > data_end || (v6 && !uh->check))
+        if ((void *)(uh + 1) > data_end || (v6 && !uh->check) ||
+            bpf_ntohs(uh->len) < sizeof(*uh) || bpf_ntohs(uh->len) > l4_len)
             return -1;
         k->sport = uh->source;
         k->dport = uh->dest;
@@ -402,13 +437,6 @@ int learn(struct __sk_buff *skb)
     return TC_ACT_OK;
 }
 
-/* A 32-bit sum of 16-bit words, folded to 16 bits (one's complement). */
-static __always_inline __u16 fold(__u32 s)
-{
-    s = (s & 0xffff) + (s >> 16);
-    return s + (s >> 16);
-}
-
 /* The rewrite of a carried packet found under k: its address and port to
  * flow's, the checksums after them, TTL (hop limit) decremented.  The L4
  * checksum goes through the kernel's helpers (they know CHECKSUM_PARTIAL and
@@ -508,7 +536,10 @@ static __always_inline __u32 first_slot(int v6, const struct nl_fp_key *k, struc
  * as it arrived (the SYN whole, which natlb keeps for re-steering) and the
  * backend.  The record is reserved first: whatever fails, the packet goes
  * on to natlb untouched and nothing is left behind that natlb will not
- * hear of. */
+ * hear of.  The route lookup refuses an IPv6 source that is multicast,
+ * link-local or loopback (never forwarded: queued, as no route); it checks
+ * no IPv4 source (one the kernel's routing calls martian is placed, and
+ * the backend's kernel drops it). */
 static __always_inline int decide(struct __sk_buff *skb, int v6, struct parsed *p,
                                   __u32 csum_off, __u32 csum_flags)
 {
@@ -676,10 +707,12 @@ static __always_inline int carry_ip(struct __sk_buff *skb, int v6)
     }
 
     struct nl_fp_flow *f = bpf_map_lookup_elem(&flows, k);
-    if (f && p.syn && !p.ack && f->dir == NL_FP_IN && (f->flags & NL_FP_F_CLOSING)) {
+    if (f && p.syn && !p.ack && f->dir == NL_FP_IN && (f->flags & NL_FP_F_CLOSING) &&
+        f->in_ifindex == skb->ingress_ifindex) {
         /* The client reusing a closed connection's port (natlb makes a new
          * flow of that SYN too): the old entries go, and it is placed as
-         * any first packet. */
+         * any first packet.  Only from where the client's packets arrive: a
+         * spoofed one changes nothing (below). */
         struct nl_fp_key old;
         nl_fp_other_side(k, f, &old);
         bpf_map_delete_elem(&flows, &old);
@@ -828,7 +861,7 @@ static __always_inline int carry_ip(struct __sk_buff *skb, int v6)
         struct nl_fp_count *c = bpf_map_lookup_elem(&counters, &slot);
         if (c) {
             c->packets++;
-            c->bytes += skb->len - ETH_HLEN;   /* IP length, as natlb counts */
+            c->bytes += p.tot_len;   /* IP length, as natlb counts: not a frame's padding */
         }
     }
     return bpf_redirect_neigh(flow.out_ifindex, 0, 0, 0);
