@@ -39,6 +39,7 @@ class Taken:
     dport: int
     ttl: int
     tcp_flags: int             # 0 for UDP
+    ack_seq: int               # TCP's acknowledgment number; 0 for UDP
 
     @property
     def key(self) -> tuple:
@@ -83,18 +84,18 @@ def taken(frame: bytes) -> Taken | None:
     if not l3 + (20 if proto == IPPROTO_TCP else 8) <= tot <= len(ip):
         return None
     l4 = ip[l3:tot]
-    flags = 0
+    flags = ack_seq = 0
     if proto == IPPROTO_TCP:
         doff = l4[12] >> 4
         if doff < 5 or 4 * doff > len(l4):
             return None
-        flags = l4[13]
+        flags, ack_seq = l4[13], int.from_bytes(l4[8:12], "big")
     else:
         ulen = int.from_bytes(l4[4:6], "big")
         if not 8 <= ulen <= len(l4) or (v6 and l4[6:8] == b"\0\0"):
             return None
     return Taken(v6, l3, tot, proto, bytes(src), bytes(dst), int.from_bytes(l4[0:2], "big"),
-                 int.from_bytes(l4[2:4], "big"), ttl, flags)
+                 int.from_bytes(l4[2:4], "big"), ttl, flags, ack_seq)
 
 
 def l4_residue(ip: bytes, t: Taken) -> int:

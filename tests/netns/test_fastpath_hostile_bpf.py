@@ -1,5 +1,6 @@
 """Hostile packets against the tc fast path's carry program, as a
-differential test: learned flows of both families (TCP and UDP), then
+differential test: learned flows of both families (TCP and UDP; one TCP
+flow each learned from its SYN, in handshake until its SYN-ACK), then
 thousands of seeded variants of their packets (bit flips, truncation at
 every length, IP options and lengths, fragments, extension headers, TTL,
 TCP data offset and flags, UDP length, checksums, VLAN tags, other
@@ -103,8 +104,11 @@ class Flow:
     cport: int
     vport: int
     bport: int
+    from_syn: bool = False     # learned from the client's SYN: in handshake then
     alive: bool = False
     unreplied: bool = False    # UDP: the backend's first answer goes with a record
+    hs_in: bool = False        # handshake: the client's side waits for the SYN-ACK
+    hs_out: bool = False       # handshake: the backend's side carries only the SYN-ACK
 
 
 @dataclass
@@ -127,16 +131,20 @@ class Side:
         return (fam.v6, packed(fam.backend), packed(fam.client), f.bport, f.cport, f.proto)
 
 
-def l4(proto: int, sport: int, dport: int, flags: str = "A", tcp_options=(), payload=b""):
+SYN_SEQ = 1000                 # what every SYN here sends: its SYN-ACK acks 1001
+
+
+def l4(proto: int, sport: int, dport: int, flags: str = "A", tcp_options=(), payload=b"",
+       ack: int = 2000):
     if proto == IPPROTO_TCP:
-        return TCP(sport=sport, dport=dport, flags=flags, seq=1000, ack=2000,
+        return TCP(sport=sport, dport=dport, flags=flags, seq=SYN_SEQ, ack=ack,
                    options=list(tcp_options)) / payload
     return UDP(sport=sport, dport=dport) / payload
 
 
-def make_sides(fam: Fam, proto: int, bid: int, cport: int) -> list[Side]:
+def make_sides(fam: Fam, proto: int, bid: int, cport: int, from_syn: bool) -> list[Side]:
     vport, bport = (80, 8080) if proto == IPPROTO_TCP else (53, 5353)
-    flow = Flow(fam, proto, bid, cport, vport, bport)
+    flow = Flow(fam, proto, bid, cport, vport, bport, from_syn)
     sides = [Side(flow, True, "cl0", "be0", packed(fam.backend), bport),
              Side(flow, False, "be0", "cl0", packed(fam.vip), vport)]
     ends = {True: (fam.client, fam.vip, cport, vport), False: (fam.backend, fam.client, bport,
@@ -154,6 +162,9 @@ def make_sides(fam: Fam, proto: int, bid: int, cport: int) -> list[Side]:
         if proto == IPPROTO_TCP:
             s.bases += [bytes(ETH / ip_of(fam, src, dst) / l4(proto, sport, dport, "FA")),
                         bytes(ETH / ip_of(fam, src, dst) / l4(proto, sport, dport, "R"))]
+        if from_syn and not s.inbound:
+            s.bases += [bytes(ETH / ip_of(fam, src, dst) /
+                              l4(proto, sport, dport, "SA", [("MSS", 1400)], ack=SYN_SEQ + 1))] * 3
     return sides
 
 
@@ -169,12 +180,12 @@ class CarryModel:
         self.counters: dict[int, list[int]] = {}
         self.seen = {"carried": 0, "records": 0, "passed": 0, "dead": 0, "unrunnable": 0}
         for fam, first in ((V4, 3), (V6, 5)):
-            for proto, bid, cports in ((IPPROTO_TCP, first, (40000, 40001)),
+            for proto, bid, cports in ((IPPROTO_TCP, first, (40000, 40001, 41000)),
                                        (IPPROTO_UDP, first + 1, (5000,))):
                 vport, bport = (80, 8080) if proto == IPPROTO_TCP else (53, 5353)
                 fp.set_backend(bid, fam.vip, vport, fam.backend, bport, proto)
                 for cport in cports:
-                    for s in make_sides(fam, proto, bid, cport):
+                    for s in make_sides(fam, proto, bid, cport, from_syn=cport == 41000):
                         self.sides[s.key] = s
         self.flows = [s.flow for s in self.sides.values() if s.inbound]
         for f in self.flows:
@@ -183,11 +194,13 @@ class CarryModel:
     def learn(self, flow: Flow) -> None:
         fam = flow.fam
         r = self.fp.test_run(True, bytes(ETH / ip_of(fam, fam.client, fam.backend) /
-                                         l4(flow.proto, flow.cport, flow.bport)),
+                                         l4(flow.proto, flow.cport, flow.bport,
+                                            "S" if flow.from_syn else "A")),
                              mark=MARK_FORWARD | MARK_FAST | flow.bid, ifindex=self.idx["be0"],
                              ingress_ifindex=self.idx["cl0"])
         assert r.retval == TC_ACT_OK
         flow.alive, flow.unreplied = True, flow.proto == IPPROTO_UDP
+        flow.hs_in = flow.hs_out = flow.from_syn
 
     def expect(self, frame: bytes, t: Taken | None, dev: str) -> tuple[Side | None, bool]:
         """The side that must carry frame (None: it must pass), and whether
@@ -195,19 +208,28 @@ class CarryModel:
         side = self.sides.get(t.key) if t else None
         if side is None or side.dev != dev:
             return None, False     # unknown, or spoofed: changes nothing
-        flow = side.flow
+        flow, syn, rst = side.flow, t.flag(TCP_SYN), t.flag(TCP_RST)
         if not flow.alive:
             return None, False     # natlb's until it marks the flow again
-        if t.flag(TCP_SYN):
-            flow.alive = False     # a new connection on the tuple: natlb's
+        handshake = flow.hs_in if side.inbound else flow.hs_out
+        synack = (handshake and not side.inbound and syn and t.flag(TCP_ACK) and not rst and
+                  not t.flag(TCP_FIN) and t.ack_seq == SYN_SEQ + 1)
+        if (syn and not synack) or (handshake and not side.inbound and rst):
+            flow.alive = False     # a new connection, a SYN again, the backend refusing: natlb's
             return None, False
-        record = t.flag(TCP_FIN) or t.flag(TCP_RST) or (not side.inbound and flow.unreplied)
-        if t.flag(TCP_RST):
+        record = t.flag(TCP_FIN) or rst or synack or (not side.inbound and flow.unreplied)
+        if handshake and not synack:
+            if not side.inbound or flow.hs_out:
+                return None, False  # before the SYN-ACK was carried: natlb's
+            record = True          # the handshake's last ACK (or what stands for it)
+        if rst:
             flow.alive = False     # natlb closes its flow on it, carried or not
         if t.ttl <= 1 or len(frame) - ETH_HLEN > MTU[side.out]:
             return None, False
         if not side.inbound:
-            flow.unreplied = False
+            flow.unreplied = flow.hs_out = False
+        elif not rst:
+            flow.hs_in = False
         return side, record
 
     def run(self, frame: bytes, dev: str, what: str) -> None:
@@ -282,11 +304,12 @@ def hostile(model: CarryModel, seed: int, n: int) -> None:
         model.run(frame, dev, f"#{i} (seed {seed}) {what}")
 
 
-def test_hostile_packets_on_established_flows(inside, carry_model):
-    """Both families' flows in one map, 2,400 variants of their packets."""
-    inside(hostile, carry_model, 1, 2400)
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_hostile_packets_on_learned_flows(inside, carry_model, seed):
+    """Both families' flows in one map (established ones, and one in its
+    handshake each), 3,000 variants of their packets."""
+    inside(hostile, carry_model, seed, 3000)
     seen = carry_model.seen
-    print(seen)
     # What the run went through (else it proved little): many of each.
     assert seen["carried"] > 300 and seen["passed"] > 1000, seen
     assert seen["records"] > 50 and seen["dead"] > 20, seen
@@ -296,14 +319,18 @@ def test_hostile_packets_on_established_flows(inside, carry_model):
 def every_truncation(model: CarryModel) -> None:
     for side in sorted(model.sides.values(), key=lambda s: s.key):
         tcp = side.flow.proto == IPPROTO_TCP
-        for base in (side.bases[1], side.bases[4] if tcp else side.bases[0]):
+        bases = [side.bases[1], side.bases[4] if tcp else side.bases[0]]
+        if side.flow.from_syn and not side.inbound:
+            bases.append(side.bases[-1])                  # the SYN-ACK
+        for base in bases:
             for n in range(ETH_HLEN + 1, len(base) + 1):   # a test run needs more
                 model.run(base[:n], side.dev, f"truncated to {n}")
 
 
 def test_every_truncation_of_a_flows_packets(inside, carry_model):
     inside(every_truncation, carry_model)
-    assert carry_model.seen["carried"] >= 2 * len(carry_model.sides)
+    established = [s for s in carry_model.sides.values() if not s.flow.from_syn]
+    assert carry_model.seen["carried"] >= 2 * len(established) + 2     # + SYN-ACKs
 
 
 # ---- first packets the program places (lb.fastpath_decide) ----
@@ -422,16 +449,16 @@ def hostile_first_packets(model: DecideModel, seed: int, n: int) -> None:
         model.run(frame, f"#{i} (seed {seed}) {what}")
 
 
-def test_hostile_first_packets_are_placed_right_or_passed(inside, ns):
+@pytest.mark.parametrize("seed", [1, 2])
+def test_hostile_first_packets_are_placed_right_or_passed(inside, ns, seed):
     core = Core(CoreConfig(max_flows=4096, workers=1, fastpath=True, syn_timeout_ms=1000))
     fp = inside(FastPath, max_backends=64, max_flows=8192, tcp_lifetime_ms=600_000,
                 udp_lifetime_ms=600_000, syn_lifetime_ms=600_000, synack_window_ms=600_000,
                 max_services=16, decide_slots=1 << 16)
     try:
         model = inside(DecideModel, fp, core, ns[1])
-        inside(hostile_first_packets, model, 2, 1200)
+        inside(hostile_first_packets, model, 100 + seed, 2000)
         seen = model.seen
-        print(seen, model.stats)
         assert seen["placed"] > 150 and seen["passed"] > 500, seen
         assert model.stats["fallback_packet"] > 5 and model.stats["fallback_route"] > 0, \
             model.stats
