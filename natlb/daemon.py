@@ -300,12 +300,13 @@ class Daemon:
         if self.fast:
             self.fast.pause_decisions()
         try:
-            self.pool.reconfigure(new)
+            before = self.pool.reconfigure(new)
         except PoolError as e:
             if self.fast:
                 self.fast.resume_decisions()
             raise RequestError(str(e)) from None
-        old_vips = {s.vip for s in self.config.services}
+        old = self.config
+        old_vips = {s.vip for s in old.services}
         self.config = new
         new_vips = set() if self.announcer else {s.vip for s in new.services} - old_vips
         first_ipv6 = _has_ipv6(new) and not any(config_family(v) == 6 for v in old_vips)
@@ -314,6 +315,18 @@ class Daemon:
         # have changed too: the ruleset reads them in the executor.
         try:
             await self._reinstall()
+        except NatlbError:
+            # Refused: nothing changes.  Only the real install can tell (the
+            # host may refuse at commit: memory, limits, a kernel without a
+            # feature), so the pool is rolled back rather than the ruleset
+            # tried first.  nft applies a batch whole or not at all: the old
+            # table is still in place, and Steering only notes an install
+            # that succeeded, so the old rules need no reinstall.  The old
+            # tables go back before the kernel decides again.
+            self.pool.restore(before)
+            self.config = old
+            await self.pool.publisher.idle()
+            raise
         finally:
             if self.fast:
                 self.fast.resume_decisions()

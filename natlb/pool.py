@@ -32,6 +32,7 @@ from natlb.pool_state import (
     Service,
     SetAdmin,
     SetWeight,
+    Snapshot,
     Transition,
 )
 from natlb.publisher import Publisher
@@ -79,12 +80,19 @@ class Pool:
         """Publish every service (at startup; changes publish themselves)."""
         self.publisher.request(s.id for s in self.services)
 
-    def reconfigure(self, config: Config) -> None:
+    def reconfigure(self, config: Config) -> Snapshot:
         """Apply a reloaded config: unchanged backends keep their state; the
-        flows of removed ones stay in conntrack until they end (as a drain)."""
+        flows of removed ones stay in conntrack until they end (as a drain).
+        Returns what restore() needs to undo it."""
+        before = self.state.snapshot()
         # Read before the publish that clears the removed backends' slots:
         # what the kernel carried for them stays in their service's counters.
         self._carry_out(self.state.reconfigure(config, self.kernel_counts()))
+        return before
+
+    def restore(self, before: Snapshot) -> None:
+        """Back to the pool reconfigure() changed (its tables published again)."""
+        self._carry_out(self.state.restore(before))
 
     def apply(self, event: Event) -> list[Effect]:
         effects = self.state.apply(event)

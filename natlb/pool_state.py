@@ -277,6 +277,17 @@ class Service:
     departed: tuple[int, int, int, int] = (0, 0, 0, 0)
 
 
+@dataclass(frozen=True)
+class Snapshot:
+    """What a reload changes in a PoolState, to put back if the host refuses
+    the new config's rules (PoolState.restore)."""
+
+    services: list[Service]
+    retired: list[tuple[Service, list[Backend]]]
+    by_backend_id: dict[int, tuple[Service, Backend]]
+    backends: list[tuple[Backend, int, BackendConfig]]   # weight and cfg a reload rewrites
+
+
 class PoolError(ValueError):
     """An operator request named something that does not exist, or a reload
     cannot be applied."""
@@ -353,6 +364,31 @@ class PoolState:
         self.services = swapped
         self.next_service_id, self.next_backend_id = n_sid, n_bid
         self.by_backend_id = {b.id: (s, b) for s in self.services for b in s.backends}
+        return [Publish(frozenset(s.id for s in self.services))]
+
+    def snapshot(self) -> Snapshot:
+        return Snapshot(list(self.services), [(s, list(s.backends)) for s in self.retired],
+                        self.by_backend_id,
+                        [(b, b.weight, b.cfg) for s in self.services for b in s.backends])
+
+    def restore(self, snap: Snapshot) -> list[Effect]:
+        """Undo the reloads since `snap` was taken.  The id counters stay
+        where they are: the refused config's tables may have placed a flow
+        on an id of its own, which must never count against a newcomer."""
+        for b, weight, cfg in snap.backends:
+            b.weight, b.cfg = weight, cfg
+        for s, backends in snap.retired:
+            s.backends = backends
+        # What the refused config's publish cleared from the kernel's slots
+        # of the backends it removed is in its services' departed: kept, so
+        # that the service counters never go back.
+        refused = {s.id: s for s in self.services}
+        for s in snap.services:
+            if s.id in refused:
+                s.departed = refused[s.id].departed
+        self.retired = [s for s, _ in snap.retired]
+        self.services = snap.services
+        self.by_backend_id = snap.by_backend_id
         return [Publish(frozenset(s.id for s in self.services))]
 
     def prune_retired(self, flows: Callable[[int], int]) -> bool:

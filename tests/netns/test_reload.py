@@ -76,6 +76,43 @@ def test_bad_reload_keeps_running_config(testbed, natlb):
     assert spread(testbed, 9) == {"b1": 3, "b2": 3, "b3": 3}
 
 
+@pytest.mark.parametrize("fastpath", [False, True])
+def test_a_reload_the_host_refuses_changes_nothing(testbed, fastpath):
+    """The nftables install of the new config's rules fails: the running
+    config, pool and rules stay, and the refusal is reported.  The refusal is
+    made at natlb's own boundary (natlb_testbed/refusing.py: the kernel
+    installs these rules fine, and its real refusals, out of memory or a
+    missing feature, cannot be had on demand)."""
+    lb_extra = f"fastpath = {str(fastpath).lower()}"
+    p = testbed.start_natlb(testbed.write_config(config(testbed, [1, 2], lb_extra)),
+                            module="natlb_testbed.refusing",
+                            env={"NATLB_TEST_REFUSE_BACKEND": backend_addr(3)})
+    try:
+        holds = testbed.hold_each_backend(VIP, {"b1", "b2"})
+        rules = backend_services(testbed)
+        path = testbed.workdir / "natlb.toml"
+        path.write_text(config(testbed, [2, 3], lb_extra))
+        r = hup_and_wait(testbed, p)
+        assert (r["ok"], r["error"]) == (
+            False, "nftables refused rule: Cannot allocate memory"), r
+        assert ("reload refused, keeping the running config: nftables refused rule: "
+                "Cannot allocate memory") in testbed.natlb_log()
+        backends = [b["address"] for s in testbed.status()["services"] for b in s["backends"]]
+        assert backends == [backend_addr(1), backend_addr(2)]
+        assert backend_services(testbed) == rules
+        # The old services work as before: new connections go where the old
+        # config sends them (b3 would take some under the refused one), and
+        # those made before still answer from the same backend.
+        assert spread(testbed) == {"b1": 6, "b2": 6}
+        assert [(h.backend, h.survived()) for h in holds] == [(h.backend, True) for h in holds]
+        # The host takes the same config at the next SIGHUP: applied whole.
+        assert hup_and_wait(testbed, p)["ok"]
+        assert spread(testbed) == {"b2": 6, "b3": 6}
+    finally:
+        testbed.stop(p)
+        testbed.procs.remove(p)
+
+
 def lo_addresses(testbed) -> set[str]:
     out = testbed.router_cmd("ip", "-o", "addr", "show", "dev", "lo").stdout
     return {line.split()[3].split("/")[0] for line in out.splitlines()}

@@ -2,6 +2,8 @@
 admin states, thresholds, passive policies and reloads.  Pure Python: no
 core, no loop, no clock."""
 
+from dataclasses import replace
+
 import pytest
 
 from natlb.config import parse
@@ -275,6 +277,29 @@ def test_reconfigure_refuses_when_ids_run_out_and_changes_nothing():
     with pytest.raises(PoolError, match="ids exhausted"):
         pool.reconfigure(config(backends=3, vip="192.0.2.101"))
     assert [(s.id, [b.id for b in s.backends]) for s in pool.services] == before
+
+
+def test_restore_undoes_a_reload_but_never_gives_ids_back():
+    pool = PoolState(config(backends=3))
+    b0, b1, b2 = pool.services[0].backends
+    b1.weight = 7                           # `natlb backend weight`, kept
+    pool.reconfigure(config(backends=3))    # a retired backend from before: none
+    snap = pool.snapshot()
+    c = config(backends=2)
+    s0 = c.services[0]  # the refused config changes a weight too
+    c = replace(c, services=type(c.services)([replace(s0, backends=type(s0.backends)(
+        [replace(s0.backends[0], weight=5), s0.backends[1]]))]))
+    pool.reconfigure(c, {2: (4, 400, 4, 400)})
+    assert (pool.retired[0].backends, b0.weight) == ([b2], 5)
+    assert pool.services[0].departed == (4, 400, 4, 400)
+    assert pool.restore(snap) == [Publish(frozenset({0}))]
+    assert pool.services[0].backends == [b0, b1, b2] and pool.retired == []
+    assert (b0.weight, b1.weight, b0.cfg.weight) == (1, 7, 1)
+    assert pool.by_backend_id[2] == (pool.services[0], b2)
+    # What the refused publish cleared from the kernel's slots stays counted.
+    assert pool.services[0].departed == (4, 400, 4, 400)
+    pool.reconfigure(config(backends=4))
+    assert [b.id for b in pool.services[0].backends] == [0, 1, 2, 3]
 
 
 def test_find():
