@@ -435,7 +435,8 @@ class Daemon:
         try:
             assert self.journal is not None
             ch.send(journal=self.journal.entries, queues=self.queues,
-                    pool=pool_state(self.pool))
+                    pool=pool_state(self.pool),
+                    metrics=self.metrics.address if self.metrics else None)
             queues = await loop.run_in_executor(None, ch.expect, "bound", 30)
             log.info("restart: successor pid %d bound queues %s", pid, queues)
             if self.monitor:
@@ -496,6 +497,11 @@ class Daemon:
         assert ch is not None
         lb = self.config.lb
         first = ch.receive(30)
+        if self.metrics and "metrics" in first and first["metrics"] != self.metrics.wanted:
+            # An address the predecessor does not serve is bound now, before
+            # anything is taken over: taken, the restart fails as for any
+            # config error (the predecessor's own is bound once it exits).
+            self.metrics.start()
         restored = restore_pool(self.pool, first["pool"])
         self.pool.publish()
         # Everything slow happens before or after the pause, not in it.
@@ -568,7 +574,7 @@ class Daemon:
             self.monitor.start()
             log.info("natlb running; control socket %s%s", lb.control_socket,
                      f", metrics on http://{lb.metrics}/metrics" if lb.metrics else "")
-            if self.successor_of_restart and self.metrics:
+            if self.successor_of_restart and self.metrics and not self.metrics.serving:
                 # The predecessor lets the address go as it exits.
                 loop.run_in_executor(None, self.metrics.start_when_free, 10.0)
             # Queues bound, table loaded, VIPs up, control socket open.

@@ -13,6 +13,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
+from typing import Any
 from wsgiref.simple_server import WSGIServer
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -172,6 +173,20 @@ class MetricsServer:
         self.registry = CollectorRegistry(auto_describe=False)
         self.registry.register(self.collector)
         self.server: WSGIServer | None = None
+
+    @property
+    def wanted(self) -> list[Any]:
+        """The address to serve on, as `address` reports it (JSON-able)."""
+        return list(self.lb.metrics_address)
+
+    @property
+    def address(self) -> list[Any] | None:
+        """The address served on, or None (not started, or not bound)."""
+        return self.wanted if self.server is not None else None
+
+    @property
+    def serving(self) -> bool:
+        return self.server is not None
 
     def start(self) -> None:
         host, port = self.lb.metrics_address

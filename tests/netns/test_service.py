@@ -1,7 +1,9 @@
 """natlb under a service manager's conditions: readiness notification,
 Prometheus metrics agreeing with real traffic, rates."""
 
+import contextlib
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -138,27 +140,54 @@ def test_metrics_agree_with_traffic_through_the_vip(testbed, natlb):
     assert row[:3] == ["TCP", f"{VIP}:80", "(web)"] and float(row[3]) > 0, r.stdout
 
 
-def test_metrics_address_taken_exits_2_and_touches_nothing(testbed):
-    # Another port than the other tests', whose scrapes may leave TIME_WAIT on theirs;
-    # SO_REUSEADDR as natlb's own server has it: only a listener makes the port taken.
-    taken = "127.0.0.1:9101"
+@contextlib.contextmanager
+def address_held(testbed, port: int):
+    """Another program listening on 127.0.0.1:port in the router namespace
+    (SO_REUSEADDR as natlb's own server has it: only a listener makes the
+    port taken)."""
     holder = testbed.spawn(testbed.router, [
         sys.executable, "-c",
         "import socket, time; s = socket.socket(); "
-        "s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('127.0.0.1', 9101)); "
+        f"s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1); s.bind(('127.0.0.1', {port})); "
         "s.listen(); print('bound', flush=True); time.sleep(60)"], stdout=subprocess.PIPE,
         text=True)
     try:
         assert holder.stdout.readline().strip() == "bound"
+        yield f"127.0.0.1:{port}"
+    finally:
+        testbed.stop(holder)
+        testbed.procs.remove(holder)
+
+
+def test_metrics_address_taken_exits_2_and_touches_nothing(testbed):
+    # Another port than the other tests', whose scrapes may leave TIME_WAIT on theirs.
+    with address_held(testbed, 9101) as taken:
         before = router_state(testbed)
         path = testbed.write_config(basic_config(testbed, lb_extra=f'metrics = "{taken}"'))
         r = natlb_cli(testbed, "run", "-c", str(path))
         assert (r.returncode, r.stderr) == (
             2, f'natlb: config: lb.metrics = "{taken}": address already in use\n')
         assert router_state(testbed) == before
-    finally:
-        testbed.stop(holder)
-        testbed.procs.remove(holder)
+
+
+def test_restart_to_a_metrics_address_taken_exits_2_and_keeps_serving(testbed, natlb):
+    """The successor binds an address its predecessor does not serve before
+    it takes anything over: taken, `natlb restart` fails as for any config
+    error, and the running natlb serves on (its metrics too)."""
+    p = natlb(basic_config(testbed, lb_extra=f'metrics = "{METRICS}"'))
+    with address_held(testbed, 9102) as taken:
+        path = testbed.write_config(basic_config(testbed, lb_extra=f'metrics = "{taken}"'))
+        r = natlb_cli(testbed, "restart", "-c", str(path))
+        if r.returncode == 0:  # a successor serves: ours to stop
+            os.kill(int(r.stdout.split()[2]), signal.SIGTERM)
+            time.sleep(3)
+        assert (r.returncode, r.stderr) == (
+            2, f'natlb: restart failed: config: lb.metrics = "{taken}": '
+               f"address already in use\n"), r.stderr + testbed.natlb_log()
+    assert p.poll() is None
+    res = testbed.client_run("http-stream", "--host", VIP, "--port", "80", "--count", "6")
+    assert all(r["ok"] for r in res), res
+    assert series(scrape(testbed), "natlb_connections_total", service="web") == [6]
 
 
 def _ppid(pid: int) -> int:
