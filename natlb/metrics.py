@@ -128,6 +128,30 @@ class NatlbCollector(Collector):
         flows.add_metric([], core.flow_count())
         capacity = gauge("flow_capacity", "Size of the connection table (lb.max_flows)")
         capacity.add_metric([], self.lb.max_flows)
+        ct = core.conntrack_counters()
+        reclaimed = counter("flows_reclaimed", "Expired flows freed early for a new flow", [])
+        reclaimed.add_metric([], ct["reclaimed"])
+        evicted = counter("flows_evicted", "Flows evicted from a full table for a new one "
+                          "(embryonic TCP, unanswered UDP)", ["protocol"])
+        evicted.add_metric(["tcp"], ct["evicted_tcp"])
+        evicted.add_metric(["udp"], ct["evicted_udp"])
+        fr = core.fragment_counters()
+        datagrams = counter("fragment_datagrams", "Fragmented datagrams: tracked, timed out "
+                            "before all their fragments passed (incomplete), or evicted or "
+                            "not tracked for want of room (overflow)", ["kind"])
+        fragments = counter("fragments", "Later IP fragments: given their first's verdict "
+                            "(followed), held before their first, released by it, dropped "
+                            "held (timeouts), not held for want of room (hold_full), of no "
+                            "tracked datagram (untracked)", ["kind"])
+        for kind, key in (("tracked", "datagrams"), ("incomplete", "incomplete"),
+                          ("overflow", "overflow")):
+            datagrams.add_metric([kind], fr[key])
+        for kind in ("followed", "held", "released", "timeouts", "hold_full", "untracked"):
+            fragments.add_metric([kind], fr[kind])
+        tracking = gauge("fragment_datagrams", "Fragmented datagrams tracked now")
+        tracking.add_metric([], core.fragments_tracked())
+        held = gauge("fragments_held", "Fragments held now, waiting for their first")
+        held.add_metric([], core.fragments_held())
         info = gauge("build_info", "natlb's version", ["version"])
         info.add_metric([natlb_version()], 1)
         fast: list[Metric] = []
@@ -159,7 +183,8 @@ class NatlbCollector(Collector):
                 if k.startswith("fallback_"):
                     fallback.add_metric([k.removeprefix("fallback_")], v)
             fast += [placed, fallback]
-        return [*out, dropped, failover, checks, qdrop, flows, capacity, info, *fast]
+        return [*out, dropped, failover, checks, qdrop, flows, capacity, reclaimed, evicted,
+                datagrams, fragments, tracking, held, info, *fast]
 
 
 class MetricsServer:

@@ -208,3 +208,59 @@ def test_a_reload_removing_a_backend_takes_nothing_from_its_services_counters(se
         assert collect(pool, [], 0.0, 1024)["services"][0]["bytes_in"] >= 10_000
         assert live_counters(pool)[("service", pool.services[0].id)].packets_out == 50
         pool.reconfigure(Config(config.lb, (svc0, *config.services[1:])))
+
+
+def test_conntrack_and_fragment_counters_show_as_status_shows_them():
+    """A full table (flows reclaimed and evicted) and a fragmented datagram
+    whose later fragment came first (held, then released by its first): the
+    series move as the counters `status` shows do."""
+    from scapy.layers.inet import UDP, fragment
+
+    from natlb.status import collect
+
+    config = parse({"service": [
+        {"name": "web", "vip": "192.0.2.1", "port": 80, "protocol": "tcp",
+         "backend": [{"address": "203.0.113.10"}]},
+        {"name": "dns", "vip": "192.0.2.1", "port": 53, "protocol": "udp",
+         "backend": [{"address": "203.0.113.11"}]}]})
+    core = Core(CoreConfig(max_flows=4, workers=1, max_fragments=64))
+    pool = Pool(config, core)
+    pool.publish()
+    server = MetricsServer(pool, config.lb)
+    try:
+        syn_timeout = CoreConfig().timeouts_ms["tcp_syn"]
+        for t, sport in ((1, 1), (1, 2), (1, 3), (1, 4), (2, 5)):   # the fifth evicts one
+            core.process(bytes(IP(src=CLIENT, dst="192.0.2.1") /
+                               TCP(sport=40000 + sport, dport=80, flags="S")), t)
+        # Expired, all four: a new flow takes the place of one.
+        core.process(bytes(IP(src=CLIENT, dst="192.0.2.1") /
+                           TCP(sport=40010, dport=80, flags="S")), syn_timeout + 10)
+        pkt = IP(src=CLIENT, dst="192.0.2.1", id=7) / UDP(sport=5000, dport=53) / (b"x" * 3000)
+        first, *later = [bytes(f) for f in fragment(pkt, fragsize=1480)]
+        t = syn_timeout + 20
+        for i, f in enumerate(later):
+            core.process(f, t, packet_id=i + 1)
+        held_now = value(server, "natlb_fragments_held")
+        tracked_now = value(server, "natlb_fragment_datagrams")
+        core.process(first, t)
+        assert len(core.take_released()) == 2   # the workers' part, here
+        status = collect(pool, [], 0.0, 4)
+        ct, fr = status["conntrack"], status["fragments"]
+        assert ct["evicted_tcp"] == 1 and ct["reclaimed"] > 0, ct
+        assert value(server, "natlb_flows_evicted_total", protocol="tcp") == 1
+        assert value(server, "natlb_flows_evicted_total", protocol="udp") == 0
+        assert value(server, "natlb_flows_reclaimed_total") == ct["reclaimed"]
+        assert (fr["datagrams"], fr["held"], fr["released"]) == (1, 2, 2), fr
+        assert (held_now, value(server, "natlb_fragments_held")) == (2, core.fragments_held())
+        assert core.fragments_held() == 0
+        assert (tracked_now, value(server, "natlb_fragment_datagrams")) == (1, 0)
+        datagrams = {k: value(server, "natlb_fragment_datagrams_total", kind=k)
+                     for k in ("tracked", "incomplete", "overflow")}
+        assert datagrams == {"tracked": 1, "incomplete": 0, "overflow": 0}
+        fragments = {k: value(server, "natlb_fragments_total", kind=k)
+                     for k in ("followed", "held", "released", "timeouts", "hold_full",
+                               "untracked")}
+        assert fragments == {k: fr[k] for k in fragments} and fragments["released"] == 2
+    finally:
+        server.stop()
+        core.close()
