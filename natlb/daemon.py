@@ -448,7 +448,10 @@ class Daemon:
                 # must not touch the flows it is adopting.
                 self.fast.stop_observing()
             final = traffic(self.pool)
-            ch.send(released=True, traffic=final)
+            # Counters the successor goes on with (Prometheus sees no reset):
+            # the checks stopped above, the observer just now.
+            ch.send(released=True, traffic=final, health_checks=self.pool.health_checks,
+                    fastpath=self.fast.counters() if self.fast else {})
             served = await loop.run_in_executor(None, ch.expect, "serving", 30)
         except BaseException:
             if self.fast:
@@ -512,6 +515,11 @@ class Daemon:
         released = ch.receive(30, "'released'")
         # The pause: packets wait in the kernel queues until resume().
         seed_traffic(self.pool, released["traffic"])
+        for result, n in released.get("health_checks", {}).items():
+            if result in self.pool.health_checks:
+                self.pool.health_checks[result] += n
+        if self.fast:
+            self.fast.carry_on(released.get("fastpath", {}))
         self._open_store()
         self._own_store()
         self.setup_host(self.core.resume)

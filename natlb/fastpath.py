@@ -102,6 +102,9 @@ class TcFastPath:
         # the link watch's thread, read (copied) by status.
         self.interfaces: dict[int, str] = {}
         self.forgotten = 0    # flow entries forgotten with their interface
+        # What a predecessor's programs counted (natlb restart): ours count
+        # from 0, the counters natlb shows carry on (carry_on).
+        self._carried: dict[str, int] = {}
         self._journal: Journal | None = None
         # Kernel decisions (lb.fastpath_decide): on only while our observer
         # applies their records (observe .. stop_observing).
@@ -235,7 +238,25 @@ class TcFastPath:
         """The observer's records: applied to a flow, not believed (changed
         nothing), and packets queued instead for want of room in the ring."""
         applied, ignored = self.fp.observe_counts()
-        return {"applied": applied, "ignored": ignored, "ring_full": self.fp.ring_full()}
+        return self._plus_carried({"applied": applied, "ignored": ignored,
+                                   "ring_full": self.fp.ring_full()})
+
+    # Of decisions(): states, not counts, so nothing to carry on.
+    GAUGES = frozenset({"on", "services", "services_no_room"})
+
+    def counters(self) -> dict[str, int]:
+        """The counters a successor carries on (natlb restart), by name."""
+        return {**self.observer_counts(),
+                **{k: v for k, v in self.decisions().items() if k not in self.GAUGES}}
+
+    def carry_on(self, counted: dict[str, int]) -> None:
+        """A successor: add what the predecessor counted (counters())."""
+        for k, v in counted.items():
+            self._carried[k] = self._carried.get(k, 0) + int(v)
+
+    def _plus_carried(self, counts: dict[str, int]) -> dict[str, int]:
+        return {k: v + self._carried.get(k, 0) if k not in self.GAUGES else v
+                for k, v in counts.items()}
 
     def stop_observing(self) -> None:
         """Before core closes, and when a successor takes over: the kernel
@@ -261,10 +282,11 @@ class TcFastPath:
         natlb, refused and forgotten), and queued instead by reason."""
         applied, refused = self.fp.placed_counts()
         st = self.fp.stats()
-        return {"on": int(self.decide and self._core is not None),
-                "services": self.services_decided, "services_no_room": self._too_big,
-                "placed": applied, "refused": refused,
-                **{k: v for k, v in st.items() if k.startswith("fallback_")}}
+        return self._plus_carried({
+            "on": int(self.decide and self._core is not None),
+            "services": self.services_decided, "services_no_room": self._too_big,
+            "placed": applied, "refused": refused,
+            **{k: v for k, v in st.items() if k.startswith("fallback_")}})
 
     def close(self) -> None:
         """The filters stay until the journal removes them (or a successor

@@ -277,3 +277,50 @@ def test_metrics_carry_on_across_a_reload_and_a_restart(testbed, natlb):
         deadline = time.monotonic() + 15
         while os.path.exists(f"/proc/{successor}") and time.monotonic() < deadline:
             time.sleep(0.1)
+
+
+def test_health_and_fast_path_counters_carry_on_across_a_restart(testbed, natlb):
+    """The health checks, the fast path's observer and its decisions are
+    counted on by the successor of `natlb restart`, as the traffic is: no
+    counter reset for Prometheus."""
+    config = basic_config(testbed, lb_extra=f'metrics = "{METRICS}"\nfastpath = true')
+    p = natlb(config)
+    res = testbed.client_run("http-stream", "--host", VIP, "--port", "80", "--count", "24",
+                             "--interval-ms", "5")
+    assert all(r["ok"] for r in res), res
+    watched = [("natlb_health_checks_total", {"result": "ok"}),
+               ("natlb_fastpath_records_total", {"result": "applied"}),
+               ("natlb_fastpath_decisions_total", {"result": "applied"})]
+
+    def read(m):
+        return [series(m, name, **labels) for name, labels in watched]
+
+    # Checks many times more than the successor makes before it is scraped
+    # (3 backends every 100 ms): a count from 0 would be seen.
+    deadline = time.monotonic() + 30
+    while (before := read(scrape(testbed)))[0][0] < 150 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert all(v and v[0] > 0 for v in before) and before[0][0] >= 150, before
+    r = natlb_cli(testbed, "restart", "-c", str(testbed.workdir / "natlb.toml"))
+    assert r.returncode == 0, r.stderr + testbed.natlb_log()
+    successor = int(r.stdout.split()[2])
+    try:
+        assert p.wait(timeout=15) == 0   # it served the metrics until it exited
+        deadline = time.monotonic() + 15
+        while True:
+            code = testbed.router_cmd(sys.executable, "-c", (
+                "import urllib.request; urllib.request.urlopen("
+                f"'http://{METRICS}/metrics', timeout=2)")).returncode
+            if code == 0 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        after = read(scrape(testbed))
+        assert all(a[0] >= b[0] for a, b in zip(after, before, strict=True)), (before, after)
+        status = testbed.status()["fastpath"]
+        assert status["observer"]["applied"] >= before[1][0], status
+        assert status["decisions"]["placed"] >= before[2][0], status
+    finally:
+        os.kill(successor, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while os.path.exists(f"/proc/{successor}") and time.monotonic() < deadline:
+            time.sleep(0.1)
