@@ -28,12 +28,17 @@ def _socket_path(args: argparse.Namespace) -> str:
     return LBConfig().control_socket
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def cmd_check(args: argparse.Namespace) -> int:
     from natlb.config import load
 
     cfg = load(args.config)
     n = sum(len(s.backends) for s in cfg.services)
-    print(f"{args.config}: ok ({len(cfg.services)} services, {n} backends)")
+    print(f"{args.config}: ok ({_count(len(cfg.services), 'service')}, "
+          f"{_count(n, 'backend')})")
     return 0
 
 

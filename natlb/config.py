@@ -12,6 +12,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import tomllib
+import unicodedata
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, ClassVar
@@ -249,15 +250,29 @@ def host_port(address: str, port: int) -> str:
     return f"[{address}]:{port}" if family(address) == 6 else f"{address}:{port}"
 
 
+_ESCAPES = {"\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}
+
+
+def _is_control(c: str) -> bool:
+    # Cc: C0, DEL and C1; Zl, Zp: the Unicode line and paragraph separators.
+    return unicodedata.category(c) in ("Cc", "Zl", "Zp")
+
+
+def _escaped(text: str) -> str:
+    """Control characters as TOML escapes: an error stays one line."""
+    return "".join(_ESCAPES.get(c, f"\\u{ord(c):04x}") if _is_control(c) else c
+                   for c in text)
+
+
 def _fmt(v: Any) -> str:
     """As the value is written in TOML."""
     if isinstance(v, bool):
         return "true" if v else "false"
-    return f'"{v}"' if isinstance(v, str) else repr(v)
+    return f'"{_escaped(v)}"' if isinstance(v, str) else _escaped(repr(v))
 
 
 def _fail(path: str, value: Any, why: str) -> ConfigError:
-    return ConfigError(f"{path} = {_fmt(value)}: {why}")
+    return ConfigError(f"{_escaped(path)} = {_fmt(value)}: {why}")
 
 
 def _table(raw: Any, path: str) -> dict[str, Any]:
@@ -287,7 +302,10 @@ def _int(raw: dict[str, Any], key: str, path: str, default: int | None,
 
 
 def _str(raw: dict[str, Any], key: str, path: str, default: str | None,
-         choices: tuple[str, ...] | None = None) -> str:
+         choices: tuple[str, ...] | None = None, payload: bool = False) -> str:
+    """payload: bytes for the wire (a check's probe, a reply it expects),
+    which may hold control characters; every other string is a name that
+    natlb logs and shows in one line."""
     if key not in raw:
         if default is None:
             raise ConfigError(f"{path}.{key}: missing (required)")
@@ -295,6 +313,8 @@ def _str(raw: dict[str, Any], key: str, path: str, default: str | None,
     v = raw[key]
     if not isinstance(v, str) or not v:
         raise _fail(f"{path}.{key}", v, "must be a non-empty string")
+    if not payload and any(_is_control(c) for c in v):
+        raise _fail(f"{path}.{key}", v, "must not hold control characters")
     if choices and v not in choices:
         raise _fail(f"{path}.{key}", v, f"must be one of {', '.join(choices)}")
     return v
@@ -367,12 +387,13 @@ def _check_http(raw: dict[str, Any], path: str) -> dict[str, Any]:
         raise _fail(f"{path}.path", url, "must start with /")
     return {"path": url,
             "expect_status": _int(raw, "expect_status", path, d.expect_status, 100, 599),
-            "expect_body": _str(raw, "expect_body", path, "") if "expect_body" in raw else None}
+            "expect_body": (_str(raw, "expect_body", path, "", payload=True)
+                            if "expect_body" in raw else None)}
 
 
 def _check_udp(raw: dict[str, Any], path: str) -> dict[str, Any]:
-    return {"payload": _str(raw, "payload", path, UdpCheck().payload),
-            "expect": _str(raw, "expect", path, "") if "expect" in raw else None}
+    return {"payload": _str(raw, "payload", path, UdpCheck().payload, payload=True),
+            "expect": _str(raw, "expect", path, "", payload=True) if "expect" in raw else None}
 
 
 def _check_dns(raw: dict[str, Any], path: str) -> dict[str, Any]:

@@ -586,7 +586,8 @@ class Daemon:
                 # The predecessor lets the address go as it exits.
                 loop.run_in_executor(None, self.metrics.start_when_free, 10.0)
             # Queues bound, table loaded, VIPs up, control socket open.
-            sdnotify.ready(f"running: {len(self.config.services)} services")
+            n = len(self.config.services)
+            sdnotify.ready(f"running: {n} service{'' if n == 1 else 's'}")
             await stop.wait()
             log.info("handed over; exiting" if self.handed_over else "stopping")
             if not self.handed_over:   # the successor is the unit's main process now

@@ -242,3 +242,48 @@ def test_an_lb_change_a_reload_refuses_names_the_config_key_and_value(lb, named)
     old = parse(MINIMAL).lb
     assert lb_change(old, old) is None
     assert lb_change(old, parse(with_(("lb",), lb)).lb) == named
+
+
+@pytest.mark.parametrize(("path", "value", "shown"), [
+    (("service", 0, "name"), "web\nmail", r'"web\nmail"'),
+    (("service", 0, "name"), "web\r", r'"web\r"'),
+    (("service", 0, "name"), "w\x1b[2Jeb", r'"w\u001b[2Jeb"'),
+    (("service", 0, "name"), "w\x7feb\u2028", r'"w\u007feb\u2028"'),
+    (("service", 0, "health"), {"kind": "http", "path": "/\tx"}, r'"/\tx"'),
+    (("lb",), {"table": "nat\nlb"}, r'"nat\nlb"'),
+    (("lb",), {"interface": "eth\x000"}, r'"eth\u00000"'),
+])
+def test_control_characters_in_names_are_refused_in_one_line(path, value, shown):
+    """A name is logged and shown in errors: a newline or an escape
+    sequence in it would forge or garble log lines."""
+    key = {"name": "service[0].name", "health": "service[0].health.path",
+           "lb": f"lb.{next(iter(value))}" if isinstance(value, dict) else ""}[path[-1]]
+    with pytest.raises(ConfigError) as e:
+        parse(with_(path, value))
+    assert str(e.value) == f"{key} = {shown}: must not hold control characters"
+    assert "\n" not in str(e.value) and "\x1b" not in str(e.value)
+
+
+def test_a_check_payload_may_hold_control_characters():
+    """Payloads and expected replies are bytes on the wire, not names."""
+    raw = with_(("service", 0, "health"),
+                {"kind": "udp", "payload": "PING\r\n\x00", "expect": "PONG\r\n"})
+    raw["service"][0]["protocol"] = "udp"
+    assert parse(raw).services[0].health.payload == "PING\r\n\x00"
+
+
+def test_an_unknown_key_with_a_newline_is_one_line():
+    with pytest.raises(ConfigError) as e:
+        parse(with_(("service", 0, "na\nme"), "web"))
+    assert str(e.value) == r'service[0].na\nme = "web": unknown key'
+
+
+def test_cli_check_counts_in_the_right_number(tmp_path):
+    one = tmp_path / "one.toml"
+    one.write_text('[[service]]\nname="w"\nvip="192.0.2.1"\nport=80\n'
+                   '[[service.backend]]\naddress="203.0.113.1"\n')
+    r = run_cli("check", "-c", str(one))
+    assert (r.returncode, r.stdout) == (0, f"{one}: ok (1 service, 1 backend)\n")
+    n = sum(len(s.backends) for s in load(EXAMPLE).services)
+    r = run_cli("check", "-c", str(EXAMPLE))
+    assert (r.returncode, r.stdout) == (0, f"{EXAMPLE}: ok (2 services, {n} backends)\n")
