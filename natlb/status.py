@@ -94,8 +94,10 @@ def collect(pool: Pool, queues: list[int], started: float, max_flows: int,
         "queued_packets": packets, "receive_batches": batches,
         "reasons": core.reasons(), "failover": core.failover_counters(),
         "conntrack": core.conntrack_counters(),
-        "fragments": {"tracked": core.fragments_tracked(), "held": core.fragments_held(),
-                      **core.fragment_counters()},
+        # "held" is the counter (fragments ever held); what is held now is
+        # "held_now", beside the datagrams "tracked" now.
+        "fragments": {**core.fragment_counters(), "tracked": core.fragments_tracked(),
+                      "held_now": core.fragments_held()},
         "queues": queue_stats(queues),
         "services": services,
     }

@@ -242,6 +242,9 @@ def test_conntrack_and_fragment_counters_show_as_status_shows_them():
             core.process(f, t, packet_id=i + 1)
         held_now = value(server, "natlb_fragments_held")
         tracked_now = value(server, "natlb_fragment_datagrams")
+        now = collect(pool, [], 0.0, 4)["fragments"]
+        # The gauges beside the counters: one must not hide the other.
+        assert (now["tracked"], now["held_now"], now["held"]) == (1, 2, 2), now
         core.process(first, t)
         assert len(core.take_released()) == 2   # the workers' part, here
         status = collect(pool, [], 0.0, 4)
