@@ -223,6 +223,15 @@ static __always_inline void map_v4(__be32 *a, __be32 v4)
     a[3] = v4;
 }
 
+/* An IPv4 source the kernel's routing never forwards from (ip_route_input:
+ * martian): 0/8, 127/8, multicast, the limited broadcast. */
+static __always_inline int martian_v4(__be32 a)
+{
+    __u32 h = bpf_ntohl(a);
+    __u32 top = h >> 24;
+    return top == 0 || top == 127 || (top & 0xf0) == 0xe0 || h == 0xffffffff;
+}
+
 /* What the programs read of a packet they may take. */
 struct parsed {
     struct nl_fp_key k;            /* its 5-tuple and family, as it arrived */
@@ -537,9 +546,8 @@ static __always_inline __u32 first_slot(int v6, const struct nl_fp_key *k, struc
  * backend.  The record is reserved first: whatever fails, the packet goes
  * on to natlb untouched and nothing is left behind that natlb will not
  * hear of.  The route lookup refuses an IPv6 source that is multicast,
- * link-local or loopback (never forwarded: queued, as no route); it checks
- * no IPv4 source (one the kernel's routing calls martian is placed, and
- * the backend's kernel drops it). */
+ * link-local or loopback (never forwarded: queued, as no route); an IPv4
+ * source the kernel's routing calls martian is refused alike (martian_v4). */
 static __always_inline int decide(struct __sk_buff *skb, int v6, struct parsed *p,
                                   __u32 csum_off, __u32 csum_flags)
 {
@@ -580,6 +588,10 @@ static __always_inline int decide(struct __sk_buff *skb, int v6, struct parsed *
     if (p->ttl <= 1 || (syn && n < p->tot_len) || (syn && p->tot_len > NL_FP_HEAD)) {
         count_stat(NL_FP_STAT_DECIDE_PACKET);
         return TC_ACT_OK;
+    }
+    if (!v6 && martian_v4(k->saddr[3])) {
+        count_stat(NL_FP_STAT_DECIDE_ROUTE);
+        return TC_ACT_OK;      /* the kernel's routing drops it, not a backend */
     }
     if (n > NL_FP_HEAD)
         n = NL_FP_HEAD;        /* UDP: natlb needs only the head */

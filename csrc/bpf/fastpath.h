@@ -152,7 +152,8 @@ struct nl_fp_svc {
 #define NL_FP_STAT_DECIDE_RING 2   /* ... queued instead: no room in the ring */
 #define NL_FP_STAT_DECIDE_MAP 3    /* ... the flows map refused an entry, or
                                       the tuple was being placed meanwhile    */
-#define NL_FP_STAT_DECIDE_ROUTE 4  /* ... no route to the backend (fib), or
+#define NL_FP_STAT_DECIDE_ROUTE 4  /* ... no route to the backend (fib), a
+                                      martian IPv4 source, or
                                       the packet too big for its device       */
 #define NL_FP_STAT_DECIDE_PACKET 5 /* ... TTL <= 1, a SYN longer than a record,
                                       a table slot naming another service's

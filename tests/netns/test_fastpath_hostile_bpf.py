@@ -369,6 +369,9 @@ class DecideModel:
         if t.v6 and (t.src[0] == 0xFF or t.src[0] == 0xFE and t.src[1] & 0xC0 == 0x80
                      or t.src == bytes(15) + b"\x01"):
             return None, "fallback_route"  # a source never forwarded from (fib: RFC 4291)
+        if not t.v6 and (t.src[0] in (0, 127) or t.src[0] & 0xF0 == 0xE0
+                         or t.src == b"\xff" * 4):
+            return None, "fallback_route"  # martian: the kernel's routing drops it
         if len(frame) - ETH_HLEN > MTU["be0"]:
             return None, "fallback_route"
         return backends, None
@@ -564,3 +567,29 @@ def test_a_spoofed_syn_leaves_a_closing_flow_alone(inside, carry_model, fam):
     assert m.fp.has_flow(fam.client, fam.vip, f.cport, f.vport, IPPROTO_TCP)
     assert inside(m.fp.test_run, False, side.bases[0], ifindex=cl0,
                   ingress_ifindex=cl0).retval == TC_ACT_REDIRECT
+
+
+@pytest.mark.parametrize("source", ["0.0.0.1", "127.0.0.1", "224.0.0.5", "239.1.2.3",
+                                    "255.255.255.255"])
+def test_a_first_packet_from_a_martian_ipv4_source_is_not_placed(inside, ns, source):
+    """The kernel's routing never forwards from these sources (ip_route_input:
+    martian); placed, the SYN would reach the backend's host.  Passed, it goes
+    the normal way, where the router drops it."""
+    core = Core(CoreConfig(max_flows=64, workers=1, fastpath=True, syn_timeout_ms=1000))
+    fp = inside(FastPath, max_backends=64, max_flows=256, tcp_lifetime_ms=600_000,
+                udp_lifetime_ms=600_000, syn_lifetime_ms=600_000, synack_window_ms=600_000,
+                max_services=16, decide_slots=1 << 16)
+    try:
+        model = inside(DecideModel, fp, core, ns[1])
+        syn = first_packets(V4)[0]
+        inside(model.run, as_client(syn, V4, 7, 2000), "an ordinary client")
+        f = bytearray(as_client(syn, V4, 8, 2001))
+        f[ETH_HLEN + 12:ETH_HLEN + 16] = ipaddress.ip_address(source).packed
+        fix_ip4(f)
+        fix_l4(f)
+        inside(model.run, bytes(f), f"from {source}")
+        assert model.seen == {"placed": 1, "passed": 1, "skipped": 0}
+        assert model.stats["fallback_route"] == 1, model.stats
+    finally:
+        fp.close()
+        core.close()
