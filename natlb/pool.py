@@ -92,7 +92,7 @@ class Pool:
 
     def restore(self, before: Snapshot) -> None:
         """Back to the pool reconfigure() changed (its tables published again)."""
-        self._carry_out(self.state.restore(before))
+        self._carry_out(self.state.restore(before, self.kernel_counts()))
 
     def apply(self, event: Event) -> list[Effect]:
         effects = self.state.apply(event)

@@ -371,21 +371,32 @@ class PoolState:
                         self.by_backend_id,
                         [(b, b.weight, b.cfg) for s in self.services for b in s.backends])
 
-    def restore(self, snap: Snapshot) -> list[Effect]:
+    def restore(self, snap: Snapshot,
+                kernel: Mapping[int, tuple[int, int, int, int]] | None = None,
+                ) -> list[Effect]:
         """Undo the reloads since `snap` was taken.  The id counters stay
         where they are: the refused config's tables may have placed a flow
-        on an id of its own, which must never count against a newcomer."""
+        on an id of its own, which must never count against a newcomer.
+        kernel: what the fast path carried per backend id, as reconfigure."""
         for b, weight, cfg in snap.backends:
             b.weight, b.cfg = weight, cfg
         for s, backends in snap.retired:
             s.backends = backends
-        # What the refused config's publish cleared from the kernel's slots
-        # of the backends it removed is in its services' departed: kept, so
-        # that the service counters never go back.
+        # The kernel's counters are per backend id, never cleared: a backend
+        # the refused config removed is back and counts its own again, so
+        # each service keeps its departed as it was, plus the share of the
+        # backends only the refused config had (its counters never go back).
         refused = {s.id: s for s in self.services}
         for s in snap.services:
-            if s.id in refused:
-                s.departed = refused[s.id].departed
+            r = refused.get(s.id)
+            if r is None or not kernel:
+                continue
+            back = {b.id for b in s.backends}
+            for b in r.backends:
+                k = kernel.get(b.id) if b.id not in back else None
+                if k:
+                    s.departed = (s.departed[0] + k[0], s.departed[1] + k[1],
+                                  s.departed[2] + k[2], s.departed[3] + k[3])
         self.retired = [s for s, _ in snap.retired]
         self.services = snap.services
         self.by_backend_id = snap.by_backend_id

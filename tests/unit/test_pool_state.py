@@ -296,10 +296,40 @@ def test_restore_undoes_a_reload_but_never_gives_ids_back():
     assert pool.services[0].backends == [b0, b1, b2] and pool.retired == []
     assert (b0.weight, b1.weight, b0.cfg.weight) == (1, 7, 1)
     assert pool.by_backend_id[2] == (pool.services[0], b2)
-    # What the refused publish cleared from the kernel's slots stays counted.
-    assert pool.services[0].departed == (4, 400, 4, 400)
+    # b2 is back and its kernel counters were never cleared: they count it
+    # again, so the refused reload's departed share must not stay as well.
+    assert pool.services[0].departed == (0, 0, 0, 0)
     pool.reconfigure(config(backends=4))
     assert [b.id for b in pool.services[0].backends] == [0, 1, 2, 3]
+
+
+def kernel_share(pool, kernel):
+    """A service's counters as status reads them (status.read_counters):
+    its backends' kernel counts plus what departed backends carried."""
+    return {s.id: tuple(sum(v) for v in zip(s.departed, *(kernel.get(b.id, (0, 0, 0, 0))
+                                                          for b in s.backends), strict=True))
+            for s in pool.services}
+
+
+def test_a_refused_reload_never_moves_the_service_counters():
+    # The kernel's counters are per backend id and never cleared (a slot's
+    # clearing leaves them): a restored backend counts its own again, and a
+    # backend only the refused config had keeps its share in departed.
+    pool = PoolState(config(backends=3))
+    kernel = {0: (1, 100, 1, 100), 2: (4, 400, 4, 400)}
+    before = kernel_share(pool, kernel)
+    snap = pool.snapshot()
+    pool.reconfigure(config(backends=2), kernel)          # b2 leaves
+    assert kernel_share(pool, kernel) == before
+    pool.restore(snap, kernel)
+    assert kernel_share(pool, kernel) == before
+    # A refused config that adds a backend the kernel carried for meanwhile.
+    snap = pool.snapshot()
+    pool.reconfigure(config(backends=4), kernel)
+    kernel[3] = (2, 200, 2, 200)
+    during = kernel_share(pool, kernel)
+    pool.restore(snap, kernel)
+    assert kernel_share(pool, kernel) == during
 
 
 def test_find():
