@@ -148,7 +148,7 @@ class NatlbCollector(Collector):
             datagrams.add_metric([kind], fr[key])
         for kind in ("followed", "held", "released", "timeouts", "hold_full", "untracked"):
             fragments.add_metric([kind], fr[kind])
-        tracking = gauge("fragment_datagrams", "Fragmented datagrams tracked now")
+        tracking = gauge("fragment_datagrams_tracked", "Fragmented datagrams tracked now")
         tracking.add_metric([], core.fragments_tracked())
         held = gauge("fragments_held", "Fragments held now, waiting for their first")
         held.add_metric([], core.fragments_held())

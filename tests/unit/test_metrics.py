@@ -241,7 +241,7 @@ def test_conntrack_and_fragment_counters_show_as_status_shows_them():
         for i, f in enumerate(later):
             core.process(f, t, packet_id=i + 1)
         held_now = value(server, "natlb_fragments_held")
-        tracked_now = value(server, "natlb_fragment_datagrams")
+        tracked_now = value(server, "natlb_fragment_datagrams_tracked")
         now = collect(pool, [], 0.0, 4)["fragments"]
         # The gauges beside the counters: one must not hide the other.
         assert (now["tracked"], now["held_now"], now["held"]) == (1, 2, 2), now
@@ -256,7 +256,7 @@ def test_conntrack_and_fragment_counters_show_as_status_shows_them():
         assert (fr["datagrams"], fr["held"], fr["released"]) == (1, 2, 2), fr
         assert (held_now, value(server, "natlb_fragments_held")) == (2, core.fragments_held())
         assert core.fragments_held() == 0
-        assert (tracked_now, value(server, "natlb_fragment_datagrams")) == (1, 0)
+        assert (tracked_now, value(server, "natlb_fragment_datagrams_tracked")) == (1, 0)
         datagrams = {k: value(server, "natlb_fragment_datagrams_total", kind=k)
                      for k in ("tracked", "incomplete", "overflow")}
         assert datagrams == {"tracked": 1, "incomplete": 0, "overflow": 0}
@@ -267,3 +267,19 @@ def test_conntrack_and_fragment_counters_show_as_status_shows_them():
     finally:
         server.stop()
         core.close()
+
+
+def test_every_series_has_a_name_of_its_own_in_openmetrics(served):
+    """Prometheus asks for OpenMetrics first (the server gives it what it
+    asks for): there a counter's family is named without _total, and two
+    families of one name are an invalid exposition (a strict parser refuses
+    the whole scrape)."""
+    from prometheus_client.openmetrics.exposition import generate_latest as openmetrics
+    from prometheus_client.openmetrics.parser import text_string_to_metric_families
+
+    server, _ = served
+    text = openmetrics(server.registry).decode()
+    names = [f.name for f in text_string_to_metric_families(text)]
+    assert len(names) == len(set(names))
+    assert {"natlb_fragment_datagrams", "natlb_fragment_datagrams_tracked",
+            "natlb_fragments_held"} <= set(names)
