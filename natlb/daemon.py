@@ -135,6 +135,9 @@ class Daemon:
         # from the pool in an executor: one at a time, so the last installed
         # is built from the latest pool.
         self._ruleset_lock = asyncio.Lock()
+        # A reload is between its new pool and its rules: the pool it shows
+        # may still be put back (_reload), so nothing is pruned meanwhile.
+        self._reloading = False
 
     def _vips_at_start(self) -> list[str]:
         """VIPs netsetup adds for good; with announce = "healthy" the
@@ -299,6 +302,17 @@ class Daemon:
         # its queue): decisions pause until _reinstall is done.
         if self.fast:
             self.fast.pause_decisions()
+        self._reloading = True
+        try:
+            await self._reconfigure(new)
+        finally:
+            self._reloading = False
+        if self.monitor:
+            await self.monitor.stop()
+            self.monitor.start()
+
+    async def _reconfigure(self, new: Config) -> None:
+        """_reload's pool, rules and VIPs (decisions paused by the caller)."""
         try:
             before = self.pool.reconfigure(new)
         except PoolError as e:
@@ -336,9 +350,6 @@ class Daemon:
             # pyroute2's synchronous API runs its own event loop: not in ours.
             await loop.run_in_executor(None, lambda: netsetup.apply(new.lb, new_vips, journal,
                                                                     ipv6=first_ipv6))
-        if self.monitor:
-            await self.monitor.stop()
-            self.monitor.start()
 
     async def _reinstall(self) -> None:
         loop = asyncio.get_running_loop()
@@ -368,7 +379,7 @@ class Daemon:
         while True:
             await asyncio.sleep(every_s)
             retired = self.pool.state.retired
-            if not retired:
+            if not retired or self._reloading:
                 continue
             flows = [c.active_flows + c.inactive_flows for c in self.core.backend_counters(
                 max(b.id for s in retired for b in s.backends) + 1)]

@@ -150,3 +150,38 @@ address = "203.0.113.6"
     assert "192.0.2.101" in lo_addresses(testbed)
     testbed.stop(p)
     assert router_state(testbed) == before
+
+
+def test_a_refused_reload_keeps_the_vips_of_the_services_it_removed(testbed):
+    """The refused config had no service at 192.0.2.101; its flows-less
+    backend was pruned while the refused rules were built (the pruning runs
+    on the event loop meanwhile), and the VIP went with it.  After the
+    refusal the service is back: its VIP must be too."""
+    other = """
+[[service]]
+name = "other"
+vip = "192.0.2.101"
+port = 80
+[service.health]
+kind = "none"
+[[service.backend]]
+address = "203.0.113.6"
+"""
+    third = other.replace('"other"', '"third"').replace("192.0.2.101", "192.0.2.102") \
+        .replace("203.0.113.6", "203.0.113.7")
+    p = testbed.start_natlb(testbed.write_config(basic_config(testbed, extra_services=other)),
+                            module="natlb_testbed.refusing",
+                            env={"NATLB_TEST_REFUSE_BACKEND": "203.0.113.7",
+                                 # beyond the pruning's period (RETIRED_CHECK_S)
+                                 "NATLB_TEST_REFUSE_SLOW_S": "4"})
+    try:
+        assert "192.0.2.101" in lo_addresses(testbed)
+        testbed.write_config(basic_config(testbed, extra_services=third))
+        r = hup_and_wait(testbed, p)
+        assert r["ok"] is False, r
+        assert [s["name"] for s in testbed.status()["services"]] == ["web", "other"]
+        time.sleep(2.5)    # a pruning after the refusal changes nothing either
+        assert "192.0.2.101" in lo_addresses(testbed), testbed.natlb_log()
+    finally:
+        testbed.stop(p)
+        testbed.procs.remove(p)
