@@ -511,10 +511,12 @@ class Daemon:
         assert ch is not None
         lb = self.config.lb
         first = ch.receive(30)
-        if self.metrics and "metrics" in first and first["metrics"] != self.metrics.wanted:
-            # An address the predecessor does not serve is bound now, before
-            # anything is taken over: taken, the restart fails as for any
-            # config error (the predecessor's own is bound once it exits).
+        if (self.metrics and "metrics" in first
+                and not self.metrics.shares_port_with(first["metrics"])):
+            # An address the predecessor's server cannot clash with is bound
+            # now, before anything is taken over: taken, the restart fails
+            # as for any config error.  One on its port (the same address, or
+            # a wildcard on either side) is bound once it exits.
             self.metrics.start()
         restored = restore_pool(self.pool, first["pool"])
         self.pool.publish()

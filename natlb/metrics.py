@@ -213,6 +213,18 @@ class MetricsServer:
     def serving(self) -> bool:
         return self.server is not None
 
+    def shares_port_with(self, other: list[Any] | None) -> bool:
+        """Whether binding `wanted` could clash with a server on `other` (a
+        predecessor's): the same port, and the same host or a wildcard on
+        either side (the kernel refuses 127.0.0.1:P while 0.0.0.0:P
+        listens, SO_REUSEADDR or not)."""
+        if not other:
+            return False
+        (host, port), (other_host, other_port) = self.wanted, other
+        wildcard = ("", "0.0.0.0", "::")
+        return port == other_port and (host == other_host or host in wildcard
+                                       or other_host in wildcard)
+
     def start(self) -> None:
         host, port = self.lb.metrics_address
         try:

@@ -190,6 +190,33 @@ def test_restart_to_a_metrics_address_taken_exits_2_and_keeps_serving(testbed, n
     assert series(scrape(testbed), "natlb_connections_total", service="web") == [6]
 
 
+def test_restart_from_a_wildcard_metrics_address_to_one_on_its_port(testbed, natlb):
+    """0.0.0.0:P to 127.0.0.1:P: only the predecessor holds the port, so the
+    restart goes through and the successor serves once the predecessor has
+    let the port go (the kernel refuses the narrower bind while the wildcard
+    listens, SO_REUSEADDR or not)."""
+    port = 9104
+    natlb(basic_config(testbed, lb_extra=f'metrics = "0.0.0.0:{port}"'))
+    path = testbed.write_config(basic_config(testbed, lb_extra=f'metrics = "127.0.0.1:{port}"'))
+    r = natlb_cli(testbed, "restart", "-c", str(path))
+    assert (r.returncode, r.stderr) == (0, ""), r.stderr + testbed.natlb_log()
+    successor = int(r.stdout.split()[2])
+    try:
+        code = (f"import urllib.request, time\n"
+                f"for _ in range(150):\n"
+                f"    try: urllib.request.urlopen('http://127.0.0.1:{port}/metrics', timeout=2)"
+                f".read(); print('served'); break\n"
+                f"    except OSError: time.sleep(0.1)\n")
+        got = testbed.router_cmd(sys.executable, "-c", code)
+        assert got.stdout.strip() == "served", got.stderr + testbed.natlb_log()
+        assert os.path.exists(f"/proc/{successor}")
+    finally:
+        os.kill(successor, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while os.path.exists(f"/proc/{successor}") and time.monotonic() < deadline:
+            time.sleep(0.1)
+
+
 def _ppid(pid: int) -> int:
     stat = open(f"/proc/{pid}/stat").read()
     return int(stat.rsplit(")", 1)[1].split()[1])
