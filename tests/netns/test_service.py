@@ -10,6 +10,7 @@ import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from natlb.control import ControlError
 from natlb_testbed.testbed import VIP, backend_addr, basic_config
 
 from .conftest import natlb_cli, router_state
@@ -196,12 +197,13 @@ def test_restart_from_a_wildcard_metrics_address_to_one_on_its_port(testbed, nat
     let the port go (the kernel refuses the narrower bind while the wildcard
     listens, SO_REUSEADDR or not)."""
     port = 9104
-    natlb(basic_config(testbed, lb_extra=f'metrics = "0.0.0.0:{port}"'))
+    p = natlb(basic_config(testbed, lb_extra=f'metrics = "0.0.0.0:{port}"'))
     path = testbed.write_config(basic_config(testbed, lb_extra=f'metrics = "127.0.0.1:{port}"'))
     r = natlb_cli(testbed, "restart", "-c", str(path))
     assert (r.returncode, r.stderr) == (0, ""), r.stderr + testbed.natlb_log()
     successor = int(r.stdout.split()[2])
     try:
+        assert p.wait(timeout=15) == 0   # its wildcard answered 127.0.0.1 until now
         code = (f"import urllib.request, time\n"
                 f"for _ in range(150):\n"
                 f"    try: urllib.request.urlopen('http://127.0.0.1:{port}/metrics', timeout=2)"
@@ -255,7 +257,6 @@ def test_metrics_carry_on_across_a_reload_and_a_restart(testbed, natlb):
     resets: the service's counters never go back (the kernel fast path's
     share of the removed backend included), and the successor serves the
     metrics, of the queues it reads."""
-    import json
     import signal
 
     config = basic_config(testbed, lb_extra=f'metrics = "{METRICS}"')
@@ -284,8 +285,11 @@ def test_metrics_carry_on_across_a_reload_and_a_restart(testbed, natlb):
     assert r.returncode == 0, r.stderr + testbed.natlb_log()
     successor = int(r.stdout.split()[2])
     try:
-        queues = json.loads(natlb_cli(testbed, "status", "--json", "-s",
-                                      testbed.control_socket).stdout)["queues"]
+        # The predecessor serves the metrics and the control socket until it
+        # exits: only then is an answer the successor's (and a scrape never
+        # caught as it exits).
+        assert p.wait(timeout=15) == 0
+        queues = successor_status(testbed)["queues"]
         deadline = time.monotonic() + 15
         while True:
             code = testbed.router_cmd(sys.executable, "-c", (
@@ -304,6 +308,19 @@ def test_metrics_carry_on_across_a_reload_and_a_restart(testbed, natlb):
         deadline = time.monotonic() + 15
         while os.path.exists(f"/proc/{successor}") and time.monotonic() < deadline:
             time.sleep(0.1)
+
+
+def successor_status(testbed) -> dict:
+    """Status from natlb restart's successor, once its predecessor exited:
+    the successor binds the control socket's path after the predecessor
+    removed it, and status fails in between."""
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            return testbed.status()
+        except ControlError:
+            assert time.monotonic() < deadline, testbed.natlb_log()
+            time.sleep(0.05)
 
 
 def test_health_and_fast_path_counters_carry_on_across_a_restart(testbed, natlb):
@@ -343,7 +360,7 @@ def test_health_and_fast_path_counters_carry_on_across_a_restart(testbed, natlb)
             time.sleep(0.2)
         after = read(scrape(testbed))
         assert all(a[0] >= b[0] for a, b in zip(after, before, strict=True)), (before, after)
-        status = testbed.status()["fastpath"]
+        status = successor_status(testbed)["fastpath"]
         assert status["observer"]["applied"] >= before[1][0], status
         assert status["decisions"]["placed"] >= before[2][0], status
     finally:
