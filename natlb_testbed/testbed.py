@@ -478,6 +478,21 @@ timeout_ms = 1000
 """
 
 
+def unchecked_service(name: str, vip: str) -> str:
+    """A [[service]] block on a VIP of its own (TCP port 80), no health
+    checks, one backend (b1): a service a test adds and takes away."""
+    return f"""
+[[service]]
+name = "{name}"
+vip = "{vip}"
+port = 80
+[service.health]
+kind = "none"
+[[service.backend]]
+address = "{backend_addr(1)}"
+"""
+
+
 def udp_service(name: str, backends: list[int], interval_ms: int = 200,
                 timeout_ms: int = 1000, family: int = 4) -> str:
     """A [[service]] block: UDP port 53 on the VIP, udp health checks.  The

@@ -6,7 +6,7 @@ from collections import Counter
 
 import pytest
 
-from natlb_testbed.testbed import VIP, backend_addr, basic_config
+from natlb_testbed.testbed import VIP, backend_addr, basic_config, unchecked_service
 
 
 def config(testbed, backends, lb_extra=""):
@@ -124,16 +124,7 @@ def test_a_vip_a_reload_removed_leaves_the_interface(testbed, natlb):
     from .conftest import router_state
 
     before = router_state(testbed)
-    other = """
-[[service]]
-name = "other"
-vip = "192.0.2.101"
-port = 80
-[service.health]
-kind = "none"
-[[service.backend]]
-address = "203.0.113.6"
-"""
+    other = unchecked_service("other", "192.0.2.101")
     p = natlb(basic_config(testbed, extra_services=other))
     assert {VIP, "192.0.2.101"} <= lo_addresses(testbed)
     testbed.write_config(basic_config(testbed))
@@ -157,16 +148,7 @@ def test_a_refused_reload_keeps_the_vips_of_the_services_it_removed(testbed):
     backend was pruned while the refused rules were built (the pruning runs
     on the event loop meanwhile), and the VIP went with it.  After the
     refusal the service is back: its VIP must be too."""
-    other = """
-[[service]]
-name = "other"
-vip = "192.0.2.101"
-port = 80
-[service.health]
-kind = "none"
-[[service.backend]]
-address = "203.0.113.6"
-"""
+    other = unchecked_service("other", "192.0.2.101")
     third = other.replace('"other"', '"third"').replace("192.0.2.101", "192.0.2.102") \
         .replace("203.0.113.6", "203.0.113.7")
     p = testbed.start_natlb(testbed.write_config(basic_config(testbed, extra_services=other)),

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from natlb_testbed.testbed import VIP, basic_config
+from natlb_testbed.testbed import VIP, basic_config, unchecked_service
 
 from .conftest import natlb_cli, router_state
 
@@ -171,16 +171,7 @@ def test_a_vip_the_new_config_has_not_leaves_the_interface_at_restart(testbed, n
     """The successor adopts its predecessor's host changes: a VIP the new
     config no longer has leaves lb.interface (its flows are dropped on
     adoption anyway), and the kept one stays."""
-    other = """
-[[service]]
-name = "other"
-vip = "192.0.2.101"
-port = 80
-[service.health]
-kind = "none"
-[[service.backend]]
-address = "203.0.113.6"
-"""
+    other = unchecked_service("other", "192.0.2.101")
     natlb(config(testbed) + other)
 
     def lo():
