@@ -252,6 +252,31 @@ def test_restart_successor_is_the_service_managers_child_when_ready(testbed):
         assert router_state(testbed) == before
 
 
+def scrape_when_served(testbed) -> dict[tuple[str, tuple], float]:
+    """A scrape of the successor of `natlb restart`, which binds the metrics
+    address once its predecessor has let it go."""
+    deadline = time.monotonic() + 15
+    while testbed.router_cmd(sys.executable, "-c", (
+            "import urllib.request; urllib.request.urlopen("
+            f"'http://{METRICS}/metrics', timeout=2)")).returncode:
+        assert time.monotonic() < deadline, testbed.natlb_log()
+        time.sleep(0.2)
+    return scrape(testbed)
+
+
+def successor_status(testbed) -> dict:
+    """Status from natlb restart's successor, once its predecessor exited:
+    the successor binds the control socket's path after the predecessor
+    removed it, and status fails in between."""
+    deadline = time.monotonic() + 15
+    while True:
+        try:
+            return testbed.status()
+        except ControlError:
+            assert time.monotonic() < deadline, testbed.natlb_log()
+            time.sleep(0.05)
+
+
 def test_metrics_carry_on_across_a_reload_and_a_restart(testbed, natlb):
     """A reload that removes a backend and a `natlb restart` are no counter
     resets: the service's counters never go back (the kernel fast path's
@@ -290,15 +315,7 @@ def test_metrics_carry_on_across_a_reload_and_a_restart(testbed, natlb):
         # caught as it exits).
         assert p.wait(timeout=15) == 0
         queues = successor_status(testbed)["queues"]
-        deadline = time.monotonic() + 15
-        while True:
-            code = testbed.router_cmd(sys.executable, "-c", (
-                "import urllib.request; urllib.request.urlopen("
-                f"'http://{METRICS}/metrics', timeout=2)")).returncode
-            if code == 0 or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        m = scrape(testbed)
+        m = scrape_when_served(testbed)
         assert {n: series(m, n, **svc) for n in names} == before
         served = sorted(dict(lab)["queue"] for (n, lab) in m
                         if n == "natlb_queue_dropped_packets_total")
@@ -308,19 +325,6 @@ def test_metrics_carry_on_across_a_reload_and_a_restart(testbed, natlb):
         deadline = time.monotonic() + 15
         while os.path.exists(f"/proc/{successor}") and time.monotonic() < deadline:
             time.sleep(0.1)
-
-
-def successor_status(testbed) -> dict:
-    """Status from natlb restart's successor, once its predecessor exited:
-    the successor binds the control socket's path after the predecessor
-    removed it, and status fails in between."""
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            return testbed.status()
-        except ControlError:
-            assert time.monotonic() < deadline, testbed.natlb_log()
-            time.sleep(0.05)
 
 
 def test_health_and_fast_path_counters_carry_on_across_a_restart(testbed, natlb):
@@ -350,15 +354,7 @@ def test_health_and_fast_path_counters_carry_on_across_a_restart(testbed, natlb)
     successor = int(r.stdout.split()[2])
     try:
         assert p.wait(timeout=15) == 0   # it served the metrics until it exited
-        deadline = time.monotonic() + 15
-        while True:
-            code = testbed.router_cmd(sys.executable, "-c", (
-                "import urllib.request; urllib.request.urlopen("
-                f"'http://{METRICS}/metrics', timeout=2)")).returncode
-            if code == 0 or time.monotonic() > deadline:
-                break
-            time.sleep(0.2)
-        after = read(scrape(testbed))
+        after = read(scrape_when_served(testbed))
         assert all(a[0] >= b[0] for a, b in zip(after, before, strict=True)), (before, after)
         status = successor_status(testbed)["fastpath"]
         assert status["observer"]["applied"] >= before[1][0], status
