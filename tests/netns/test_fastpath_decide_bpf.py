@@ -7,6 +7,7 @@ that natlb applies as if it had queued the packet, and leaves to natlb
 (the packet untouched, no entry) whatever it cannot place; over IPv4 and
 IPv6 alike."""
 
+import contextlib
 import ipaddress
 import random
 import socket
@@ -59,18 +60,19 @@ def fam(request) -> Fam:
     return request.param
 
 
-@pytest.fixture(scope="module")
-def ns():
-    """A router namespace: the clients' interface and the backends', with
-    addresses (the backends' subnet is routed out of be0) and forwarding."""
-    name = f"nlbdec{uuid.uuid4().hex[:8]}"
+@contextlib.contextmanager
+def routed_namespace(prefix: str, mtu: dict[str, int] | None = None):
+    """A router namespace: the clients' interface cl0 and the backends' be0
+    (with the MTUs given), addressed (the backends' subnet routed out of
+    be0) and forwarding; (name, ifindexes), deleted on leaving."""
+    name = f"{prefix}{uuid.uuid4().hex[:8]}"
     subprocess.run(["ip", "netns", "add", name], check=True)
     try:
         def ip(*a: str) -> None:
             subprocess.run(["ip", "-n", name, *a], check=True)
         ip("link", "add", "cl0", "type", "veth", "peer", "name", "be0")
         for dev in ("cl0", "be0"):
-            ip("link", "set", dev, "up")
+            ip("link", "set", dev, *(("mtu", str(mtu[dev])) if mtu else ()), "up")
         ip("addr", "add", "198.51.100.1/24", "dev", "cl0")
         ip("addr", "add", "203.0.113.1/24", "dev", "be0")
         ip("-6", "addr", "add", "2001:db8:1::1/64", "dev", "cl0", "nodad")
@@ -80,6 +82,12 @@ def ns():
         yield name, ifindexes(name, ("cl0", "be0"))
     finally:
         subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+@pytest.fixture(scope="module")
+def ns():
+    with routed_namespace("nlbdec") as made:
+        yield made
 
 
 @pytest.fixture(scope="module")

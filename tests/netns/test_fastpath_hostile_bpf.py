@@ -14,8 +14,6 @@ Deterministic (fixed seeds) and bounded in count."""
 
 import ipaddress
 import random
-import subprocess
-import uuid
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -40,8 +38,8 @@ from .fastpath_rules import (
     taken,
 )
 from .packet_mutations import fix_ip4, fix_l4, mutate
-from .test_fastpath_bpf import V4, V6, Fam, ifindexes, runner_in
-from .test_fastpath_decide_bpf import BPORT, publish, service
+from .test_fastpath_bpf import V4, V6, Fam, runner_in
+from .test_fastpath_decide_bpf import BPORT, publish, routed_namespace, service
 
 TC_ACT_OK, TC_ACT_REDIRECT = 0, 7
 MTU = {"cl0": 1500, "be0": 1400}
@@ -52,23 +50,8 @@ ETH = Ether(src="02:00:00:00:00:01", dst="02:00:00:00:00:02")
 def ns():
     """A router: the clients' interface and the backends' (a smaller MTU),
     addressed and routed, so a first packet the program places has a route."""
-    name = f"nlbhos{uuid.uuid4().hex[:8]}"
-    subprocess.run(["ip", "netns", "add", name], check=True)
-    try:
-        def ip(*a: str) -> None:
-            subprocess.run(["ip", "-n", name, *a], check=True)
-        ip("link", "add", "cl0", "type", "veth", "peer", "name", "be0")
-        for dev, mtu in MTU.items():
-            ip("link", "set", dev, "mtu", str(mtu), "up")
-        ip("addr", "add", "198.51.100.1/24", "dev", "cl0")
-        ip("addr", "add", "203.0.113.1/24", "dev", "be0")
-        ip("-6", "addr", "add", "2001:db8:1::1/64", "dev", "cl0", "nodad")
-        ip("-6", "addr", "add", "2001:db8:113::1/64", "dev", "be0", "nodad")
-        for key in ("net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"):
-            subprocess.run(["ip", "netns", "exec", name, "sysctl", "-qw", key], check=True)
-        yield name, ifindexes(name, tuple(MTU))
-    finally:
-        subprocess.run(["ip", "netns", "del", name], check=False)
+    with routed_namespace("nlbhos", MTU) as made:
+        yield made
 
 
 @pytest.fixture(scope="module")
