@@ -412,6 +412,10 @@ def _check_exec(raw: dict[str, Any], path: str) -> dict[str, Any]:
     if (not isinstance(command, list) or not command
             or not all(isinstance(c, str) and c for c in command)):
         raise _fail(f"{path}.command", command, "must be a non-empty list of strings")
+    # Any other byte may be an argument (a script for sh -c has newlines);
+    # a NUL cannot be one: exec refuses it at every check.
+    if any("\0" in c for c in command):
+        raise _fail(f"{path}.command", command, "an argument holds a NUL character")
     return {"command": tuple(command)}
 
 

@@ -264,6 +264,18 @@ def test_control_characters_in_names_are_refused_in_one_line(path, value, shown)
     assert "\n" not in str(e.value) and "\x1b" not in str(e.value)
 
 
+def test_an_exec_check_argument_may_hold_a_newline_but_not_a_nul():
+    """A script for sh -c is lines; a NUL cannot be passed to exec, and
+    every check would fail with a Python error instead of a result."""
+    raw = with_(("service", 0, "health"), {"kind": "exec", "command": ["sh", "-c", "a\nb"]})
+    assert parse(raw).services[0].health.command == ("sh", "-c", "a\nb")
+    with pytest.raises(ConfigError) as e:
+        parse(with_(("service", 0, "health"), {"kind": "exec", "command": ["sh", "a\0b"]}))
+    assert str(e.value).startswith("service[0].health.command = ")
+    assert str(e.value).endswith(": an argument holds a NUL character")
+    assert "\0" not in str(e.value) and "\n" not in str(e.value)
+
+
 def test_a_check_payload_may_hold_control_characters():
     """Payloads and expected replies are bytes on the wire, not names."""
     raw = with_(("service", 0, "health"),
