@@ -14,13 +14,14 @@ import contextlib
 import json
 import os
 import socket
+import sys
 import time
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 from natlb.errors import HostError
 from natlb.gcpause import gc_paused
-from natlb.ownfile import identity, unlink_if_mine
+from natlb.ownfile import Identity, identity, unlink_if_mine
 from natlb.pool_state import DISABLED, DRAINING, ENABLED, PoolError
 
 if TYPE_CHECKING:  # the CLI imports this module too: keep its start light
@@ -42,7 +43,7 @@ class ControlServer:
         self.status = status
         self.restart = restart
         self.server: asyncio.AbstractServer | None = None
-        self._mine = (-1, -1, -1)
+        self._mine: Identity | None = None
 
     @staticmethod
     def check_free(path: str) -> bool:
@@ -63,9 +64,63 @@ class ControlServer:
         finally:
             probe.close()
 
+    async def _listen(self, **where: Any) -> asyncio.AbstractServer:
+        # Python 3.13 removes the path when the server closes, unless told
+        # not to: the path is removed here (stop) only while it is ours, and
+        # never by a predecessor that passed its socket on.
+        if sys.version_info >= (3, 13):
+            where["cleanup_socket"] = False
+        return await asyncio.start_unix_server(self._serve, **where)
+
+    def fileno(self) -> int:
+        """The listening socket's descriptor, for `natlb restart` to pass on."""
+        assert self.server is not None
+        return self.server.sockets[0].fileno()
+
+    @staticmethod
+    def inherited(fd: int, path: str) -> socket.socket | None:
+        """The predecessor's listening socket, passed at `natlb restart`, if
+        `fd` is one: a Unix stream socket bound to `path` (the config cannot
+        change it across a restart, so another path means another socket)."""
+        try:
+            sock = socket.socket(fileno=fd)
+        except OSError:
+            return None
+        try:
+            if (sock.family == socket.AF_UNIX and sock.type == socket.SOCK_STREAM
+                    and sock.getsockname() in (path, os.path.abspath(path))
+                    and sock.getsockopt(socket.SOL_SOCKET, socket.SO_ACCEPTCONN)):
+                sock.set_inheritable(False)   # our own children get none of it
+                return sock
+        except OSError:
+            pass
+        sock.detach()    # not ours to close: whatever it is, leave it be
+        return None
+
+    async def adopt(self, sock: socket.socket) -> None:
+        """Serve the predecessor's listening socket: the path never stops
+        answering across `natlb restart` (connections made meanwhile wait
+        in its backlog until this loop accepts them)."""
+        self.server = await self._listen(sock=sock)
+        self._mine = identity(self.path)
+
+    def give_away(self) -> None:
+        """After `natlb restart`: the successor accepts on our listening
+        socket from now on, and we stop accepting on it.  Not by closing our
+        server: a connection accepted in this loop's last round would then
+        be dropped unanswered (asyncio attaches it to the server later, and
+        a closed one refuses it).  The server closes at stop(), without
+        removing the path, which is the successor's now."""
+        self._mine = None
+        if self.server:
+            loop = asyncio.get_running_loop()
+            for sock in self.server.sockets:
+                loop.remove_reader(sock.fileno())
+
     async def start(self, wait_s: float = 0.0) -> None:
         """Bind; with wait_s, wait that long for a running natlb to let go
-        of the path (it does as it exits after handing over to us)."""
+        of the path (a predecessor that could not pass its socket on lets
+        it go as it exits after handing over to us)."""
         deadline = time.monotonic() + wait_s
         while True:
             try:
@@ -77,7 +132,7 @@ class ControlServer:
                 await asyncio.sleep(0.02)
         old = os.umask(0o077)
         try:
-            self.server = await asyncio.start_unix_server(self._serve, self.path)
+            self.server = await self._listen(path=self.path)
         finally:
             os.umask(old)
         os.chmod(self.path, 0o600)

@@ -127,6 +127,9 @@ class Daemon:
                 socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i")))
             watchdog.inherit_pid(os.environ, peer, os.getpid())
         self.store_report: StoreReport | None = None
+        self.control: ControlServer | None = None
+        # A successor: the predecessor's listening control socket, until served.
+        self.inherited_control: socket.socket | None = None
         self.handed_over = False
         self._stop: asyncio.Event | None = None
         self._restarting = False
@@ -429,7 +432,11 @@ class Daemon:
         mine, theirs = socket.socketpair()
         argv = [sys.executable, "-m", "natlb", "run", "-c", os.path.abspath(path),
                 "--handover-fd", str(theirs.fileno())]
-        pid = spawn_orphan(argv, theirs.fileno())
+        # Our control socket's listening socket goes too: the successor
+        # accepts on it once it serves, and the path never stops answering.
+        assert self.control is not None
+        control_fd = self.control.fileno()
+        pid = spawn_orphan(argv, (theirs.fileno(), control_fd))
         theirs.close()
         ch = Channel(mine)
         forwarding = False
@@ -447,7 +454,8 @@ class Daemon:
             assert self.journal is not None
             ch.send(journal=self.journal.entries, queues=self.queues,
                     pool=pool_state(self.pool),
-                    metrics=self.metrics.address if self.metrics else None)
+                    metrics=self.metrics.address if self.metrics else None,
+                    control_fd=control_fd)
             queues = await loop.run_in_executor(None, ch.expect, "bound", 30)
             log.info("restart: successor pid %d bound queues %s", pid, queues)
             if self.monitor:
@@ -464,6 +472,9 @@ class Daemon:
             ch.send(released=True, traffic=final, health_checks=self.pool.health_checks,
                     fastpath=self.fast.counters() if self.fast else {})
             served = await loop.run_in_executor(None, ch.expect, "serving", 30)
+            if served.pop("control", False):
+                # From now on `natlb status` is the successor's to answer.
+                self.control.give_away()
         except BaseException:
             if self.fast:
                 self.fast.resume_decisions()
@@ -511,6 +522,9 @@ class Daemon:
         assert ch is not None
         lb = self.config.lb
         first = ch.receive(30)
+        fd = first.get("control_fd")
+        if isinstance(fd, int):
+            self.inherited_control = ControlServer.inherited(fd, lb.control_socket)
         if (self.metrics and "metrics" in first
                 and not self.metrics.shares_port_with(first["metrics"])):
             # An address the predecessor's server cannot clash with is bound
@@ -541,7 +555,8 @@ class Daemon:
         assert r is not None
         ch.send(serving={"flows": r.adopted, "flows_dropped": r.dropped, "store": r.result,
                          "max_flows": lb.max_flows, "backends": restored,
-                         "backends_total": sum(len(s.backends) for s in self.pool.services)})
+                         "backends_total": sum(len(s.backends) for s in self.pool.services),
+                         "control": self.inherited_control is not None})
         self.serving = True
         ch.close()
         self.predecessor = None
@@ -569,15 +584,20 @@ class Daemon:
 
         loop.add_signal_handler(signal.SIGHUP, on_hup)
         self.pool.publisher.start(loop)  # table builds and flow resets leave the loop
-        control = ControlServer(lb.control_socket, self.pool,
-                                lambda: {**collect(self.pool, self.queues, started, lb.max_flows,
-                                                   self.rates),
-                                         "reloads": self.reloads,
-                                         **({"fastpath": self.fast.status()}
-                                            if self.fast else {})},
-                                restart=self.restart)
-        # After a handover the predecessor gives the socket up as it exits.
-        await control.start(wait_s=10.0)
+        control = self.control = ControlServer(
+            lb.control_socket, self.pool,
+            lambda: {"pid": os.getpid(),
+                     **collect(self.pool, self.queues, started, lb.max_flows, self.rates),
+                     "reloads": self.reloads,
+                     **({"fastpath": self.fast.status()} if self.fast else {})},
+            restart=self.restart)
+        if self.inherited_control:
+            await control.adopt(self.inherited_control)
+            self.inherited_control = None
+        else:
+            # A predecessor that did not pass its socket on (an older natlb)
+            # gives the path up as it exits.
+            await control.start(wait_s=10.0)
         self.monitor = Monitor(self.pool)
 
         def on_events() -> None:

@@ -5,8 +5,9 @@ the config re-read, and talks to it over a socketpair, one JSON object per
 line.  Only one process decides packets and writes the flow table at any
 moment:
 
-    A -> B  {"journal", "queues", "pool"}  host changes to own, A's queues,
-                                     health/admin/weight state
+    A -> B  {"journal", "queues", "pool", "control_fd"}  host changes to
+            own, A's queues, health/admin/weight state, and the number of
+            A's listening control socket, which B inherited
     B       publishes its tables, binds its own queues (the other bank),
             paused: the kernel holds what arrives there
     B -> A  {"bound": queues}
@@ -18,10 +19,13 @@ moment:
             changed), replaces the nftables rules with its own queue
             numbers in one batch (chains, hence queued packets, are kept),
             then starts reading
-    B -> A  {"serving": summary}
-    A       waits until its own queues are empty, answers `natlb restart`
-            with the summary, gives up the control socket and exits without
-            undoing anything: B's guardian holds the journal now.
+    B -> A  {"serving": summary}  with "control": whether B serves that
+            listening socket (an older B binds the path once A removed it)
+    A       stops accepting on the control socket (B, which inherited its
+            listening socket, accepts from now on: `natlb status` never
+            finds the path unanswered), waits until its own queues are
+            empty, answers `natlb restart` with the summary and exits
+            without undoing anything: B's guardian holds the journal now.
 
 If B fails before it serves, A takes its packets back and goes on.
 
@@ -152,15 +156,15 @@ def wait_drained(queues: list[int], timeout: float = 3.0) -> int:
     return sum(q["waiting"] for q in queue_stats(queues))
 
 
-def spawn_orphan(argv: list[str], fd: int) -> int:
-    """Starts argv in its own session (it outlives us), passing it `fd`,
+def spawn_orphan(argv: list[str], fds: tuple[int, ...]) -> int:
+    """Starts argv in its own session (it outlives us), passing it `fds`,
     with init or the nearest subreaper as its parent (what systemd checks
     when told a new MAINPID); returns its pid."""
     # sh forks the successor, prints its pid ($!) and exits at once, which
     # re-parents the successor.  Its stdout goes to our stderr (where its
     # logs go anyway), not into the pipe we read the pid from.
     sh = subprocess.Popen(["/bin/sh", "-c", '"$@" >&2 & echo $!', "natlb-restart", *argv],
-                          pass_fds=(fd,), stdout=subprocess.PIPE, start_new_session=True)
+                          pass_fds=fds, stdout=subprocess.PIPE, start_new_session=True)
     out, _ = sh.communicate(timeout=10)
     if sh.returncode != 0 or not out.strip().isdigit():
         raise HandoverError(f"could not start the successor ({argv[0]})")

@@ -186,3 +186,60 @@ def test_a_vip_the_new_config_has_not_leaves_the_interface_at_restart(testbed, n
     finally:
         os.kill(pid, signal.SIGTERM)
         wait_gone(pid)
+
+
+def test_the_control_socket_answers_all_through_restarts(testbed, natlb):
+    """`natlb status` never finds the control socket unanswered across
+    `natlb restart`, and once the command returns it is the successor that
+    answers: the predecessor passes its listening socket on.  Before, the
+    path was gone between the predecessor's exit and the successor's bind,
+    and the predecessor answered for a while after the restart returned."""
+    import threading
+
+    from natlb.control import ControlError
+
+    first = natlb(config(testbed))
+    replies: list[tuple[float, int | str]] = []    # (asked at, who answered)
+    stop = threading.Event()
+
+    def ask() -> None:
+        while not stop.is_set():
+            asked = time.monotonic()
+            try:
+                pid: int | str = testbed.status()["pid"]
+            except (ControlError, OSError, ValueError) as e:
+                pid = f"{type(e).__name__}: {e}"
+            replies.append((asked, pid))
+            time.sleep(0.002)
+
+    asker = threading.Thread(target=ask)
+    asker.start()
+    pids = [first.pid]
+    begun: list[float] = []
+    returned: list[float] = []
+    try:
+        for _ in range(3):
+            begun.append(time.monotonic())
+            r = natlb_cli(testbed, "restart", "-c", str(testbed.write_config(config(testbed))))
+            returned.append(time.monotonic())
+            assert r.returncode == 0, r.stderr + testbed.natlb_log()
+            pids.append(int(r.stdout.split()[2]))
+            time.sleep(0.3)
+    finally:
+        stop.set()
+        asker.join()
+        for pid in pids[1:-1]:
+            wait_gone(pid)
+    try:
+        failed = [(round(t - begun[0], 3), p) for t, p in replies if isinstance(p, str)]
+        assert not failed, (failed[:5], [round(t - begun[0], 3) for t in begun + returned],
+                            testbed.natlb_log()[-3000:])
+        assert len(replies) > 100
+        for k, at in enumerate(returned):
+            # Asked after the restart returned (and before the next began):
+            # the successor answers.
+            after = {p for t, p in replies if at < t < (begun + [float("inf")])[k + 1]}
+            assert after == {pids[k + 1]}, (k, after, pids)
+    finally:
+        os.kill(pids[-1], signal.SIGTERM)
+        wait_gone(pids[-1])

@@ -10,7 +10,6 @@ import time
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from natlb.control import ControlError
 from natlb_testbed.testbed import VIP, backend_addr, basic_config
 
 from .conftest import natlb_cli, router_state
@@ -264,19 +263,6 @@ def scrape_when_served(testbed) -> dict[tuple[str, tuple], float]:
     return scrape(testbed)
 
 
-def successor_status(testbed) -> dict:
-    """Status from natlb restart's successor, once its predecessor exited:
-    the successor binds the control socket's path after the predecessor
-    removed it, and status fails in between."""
-    deadline = time.monotonic() + 15
-    while True:
-        try:
-            return testbed.status()
-        except ControlError:
-            assert time.monotonic() < deadline, testbed.natlb_log()
-            time.sleep(0.05)
-
-
 def test_metrics_carry_on_across_a_reload_and_a_restart(testbed, natlb):
     """A reload that removes a backend and a `natlb restart` are no counter
     resets: the service's counters never go back (the kernel fast path's
@@ -310,11 +296,13 @@ def test_metrics_carry_on_across_a_reload_and_a_restart(testbed, natlb):
     assert r.returncode == 0, r.stderr + testbed.natlb_log()
     successor = int(r.stdout.split()[2])
     try:
-        # The predecessor serves the metrics and the control socket until it
-        # exits: only then is an answer the successor's (and a scrape never
-        # caught as it exits).
+        # The predecessor serves the metrics until it exits: only then is a
+        # scrape the successor's (and never caught as it exits).  The control
+        # socket is the successor's once the restart returned.
         assert p.wait(timeout=15) == 0
-        queues = successor_status(testbed)["queues"]
+        status = testbed.status()
+        assert status["pid"] == successor
+        queues = status["queues"]
         m = scrape_when_served(testbed)
         assert {n: series(m, n, **svc) for n in names} == before
         served = sorted(dict(lab)["queue"] for (n, lab) in m
@@ -356,7 +344,7 @@ def test_health_and_fast_path_counters_carry_on_across_a_restart(testbed, natlb)
         assert p.wait(timeout=15) == 0   # it served the metrics until it exited
         after = read(scrape_when_served(testbed))
         assert all(a[0] >= b[0] for a, b in zip(after, before, strict=True)), (before, after)
-        status = successor_status(testbed)["fastpath"]
+        status = testbed.status()["fastpath"]
         assert status["observer"]["applied"] >= before[1][0], status
         assert status["decisions"]["placed"] >= before[2][0], status
     finally:
