@@ -17,7 +17,9 @@ comes from wrk, dnsperf and iperf3 in the client namespace.
 
 Interleaved: each repetition runs every test (--tests) on every path, the
 path started afresh for each test, so that two paths' figures for a test
-are measured seconds apart; the paths' order rotates with each repetition.
+are measured seconds apart; the paths' order changes with each repetition
+so that each path runs at each place and after each other path equally
+often (balanced_orders).
 Printed and written (Markdown, JSON, a PNG chart): each figure's median
 over the repetitions with its min-max, and each pair's ratio as the median
 of the repetitions' own ratios with their min-max.  The 1-minute load
@@ -62,7 +64,7 @@ NAMES = {"natlb": "natlb", "natlb-fast": "natlb fastpath = true",
          "haproxy": "HAProxy TCP 1 thread (UDP: nginx stream 1 worker)",
          "nfqlb": "nfqlb lb, SYN-only (first packet queued, conntrack DNAT by its mark)"}
 # Each repetition runs these tests in this order; for each test every path
-# is started afresh, in an order that rotates with the repetition.
+# is started afresh, in an order that changes with the repetition (balanced_orders).
 TESTS = ("conn", "req", "dns", "bulk", "streams", "latency")
 # Every figure a test gives, as the tables show it.
 FIGURES = {
@@ -722,8 +724,9 @@ def markdown(runs: list[dict[str, dict[str, float]]], meta: dict) -> str:
     load = meta["load_avg_1min"]
     lines.append(
         f"{meta['repetitions']} repetitions, {meta['seconds']} s per test "
-        f"({meta['latency_seconds']} s for latency), paths started afresh for each test in an "
-        f"order rotating with each repetition; natlb workers={meta['workers']} "
+        f"({meta['latency_seconds']} s for latency), paths started afresh for each test in a "
+        f"balanced order (each at each place and after each other equally often); "
+        f"natlb workers={meta['workers']} "
         f"gso={meta['gso']} poll_us={meta['poll_us']} rewrite={meta['rewrite']}; "
         f"IPv{meta.get('family', 4)}; load average (1 min) at the tests' starts "
         f"{load[1]:.2f}-{load[2]:.2f} (median {load[0]:.2f}); {meta['date']}.")
@@ -777,9 +780,33 @@ def chart(summ: dict[str, dict[str, list[float]]], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
-def rotated(items: list, k: int) -> list:
-    k %= len(items)
-    return items[k:] + items[:k]
+def balanced_orders(n: int) -> list[list[int]]:
+    """Orders of n paths in which each path runs at each place and after
+    each other path equally often (a Williams design; for an odd n, each
+    order is followed by its reverse).  A plain rotation gives every path the
+    same predecessor in every repetition, so whatever a path leaves behind
+    (memory freed, caches) always lands on the same one: in run O the fast
+    path, always run after natlb with every packet queued, measured 0.99x
+    the kernel's bulk where the same programs run as natlb-fast-queued,
+    after it, measured 1.02x."""
+    base, lo, hi = [0], 1, n - 1
+    for j in range(1, n):
+        if j % 2:
+            base.append(lo)
+            lo += 1
+        else:
+            base.append(hi)
+            hi -= 1
+    rows = [[(x + i) % n for x in base] for i in range(n)]
+    if n % 2 == 0:
+        return rows
+    return [r for row in rows for r in (row, row[::-1])]
+
+
+def ordered(items: list, rep: int) -> list:
+    """The order of repetition `rep` (balanced_orders, one after another)."""
+    orders = balanced_orders(len(items))
+    return [items[i] for i in orders[rep % len(orders)]]
 
 
 def select_paths(requested: str | None, nfqlb: str | None) -> tuple[list[str], str | None]:
@@ -861,7 +888,7 @@ def main(argv: list[str] | None = None) -> int:
         for rep in range(a.repetitions):
             run: dict[str, dict[str, float]] = {key: {} for _, _, key in runs_of}
             for test in tests:
-                for family, path, key in rotated(runs_of, rep):
+                for family, path, key in ordered(runs_of, rep):
                     b.use_family(family)
                     loads.append(os.getloadavg()[0])
                     got = b.run_test(test, path)
