@@ -1,14 +1,19 @@
 """A disposable cluster in namespaces: a client, router R1, N natlb nodes,
 router R2, nginx backends.  R1, R2 and the nodes run BIRD 2 with the
 configs in examples/cluster/ (as shipped: the test is what proves them).
+Dual-stack: every link has an IPv4 and an IPv6 address.
 
-    client 198.51.100.2/28 -- R1 .1
+    client 198.51.100.2/28 -- R1 .1             2001:db8:1::2/64 -- R1 ::1
     R1 n<i> 198.51.100.(16i+1)/28 -- node i "r1" .(16i+2)
+                                                2001:db8:1:i::1/64 -- ::2
     node i "r2" 192.0.2.(16i+2)/28 -- R2 n<i> 192.0.2.(16i+1)
+                                                2001:db8:2:i::2/64 -- ::1
     R2 b<k> 203.0.113.(4k+1)/30 -- backend k 203.0.113.(4k+2) (nginx :80)
+                                                2001:db8:3:k::1/64 -- ::2
 
-R1 and R2 spread flows over the nodes with ECMP (BIRD merge paths, L4
-multipath hash); BFD (3 x 50 ms) withdraws a dead node.  Names carry a
+VIPs 192.0.2.100 and 2001:db8::100.  R1 and R2 spread flows over the nodes
+with ECMP (BIRD merge paths, L4 multipath hash, both families); BFD
+(3 x 50 ms) withdraws a dead node.  Names carry a
 per-run prefix; close() stops exactly the processes started here (by pid)
 and deletes exactly the namespaces made here.
 """
@@ -17,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -34,7 +40,9 @@ from natlb_testbed.testbed import Hold
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples" / "cluster"
 VIP = "192.0.2.100"
+VIP6 = "2001:db8::100"
 CLIENT = "198.51.100.2"
+CLIENT6 = "2001:db8:1::2"
 
 NGINX = """
 worker_processes 1;
@@ -45,7 +53,7 @@ http {{
   access_log off;
   keepalive_requests 1000000;
   keepalive_timeout 120s;
-  server {{ listen 80 reuseport; location / {{ return 200 "b{k}\\n"; }} }}
+  server {{ listen 80 reuseport; listen [::]:80 reuseport; location / {{ return 200 "b{k}\\n"; }} }}
 }}
 """
 
@@ -58,6 +66,10 @@ KILL_NODE = """table inet {table} {{
 
 def backend_addr(k: int) -> str:
     return f"203.0.113.{4 * k + 2}"
+
+
+def backend_addr6(k: int) -> str:
+    return f"2001:db8:3:{k}::2"
 
 
 def _run(*argv: str, input: str | None = None) -> subprocess.CompletedProcess:
@@ -90,14 +102,25 @@ class ClusterNet:
         _run("ip", "-n", ns, "link", "set", "lo", "up")
         return ns
 
-    def _link(self, a: str, if_a: str, addr_a: str, b: str, if_b: str, addr_b: str) -> None:
+    def _link(self, a: str, if_a: str, addr_a: str, b: str, if_b: str, addr_b: str,
+              addr6_a: str | None = None, addr6_b: str | None = None) -> None:
+        """A veth between namespaces a and b, each end renamed, addressed
+        (IPv6 without duplicate address detection: usable at once) and up."""
         tmp_a, tmp_b = f"{self.prefix}x", f"{self.prefix}y"
         _run("ip", "link", "add", tmp_a, "type", "veth", "peer", "name", tmp_b)
-        for tmp, ns, name, addr in ((tmp_a, a, if_a, addr_a), (tmp_b, b, if_b, addr_b)):
+        for tmp, ns, name, addr, addr6 in ((tmp_a, a, if_a, addr_a, addr6_a),
+                                           (tmp_b, b, if_b, addr_b, addr6_b)):
             _run("ip", "link", "set", tmp, "netns", self.ns(ns))
-            _run("ip", "-n", self.ns(ns), "link", "set", tmp, "name", name)
-            _run("ip", "-n", self.ns(ns), "addr", "add", addr, "dev", name)
-            _run("ip", "-n", self.ns(ns), "link", "set", "dev", name, "up")
+            v6 = f"addr add {addr6} dev {name} nodad\n" if addr6 else ""
+            _run("ip", "-n", self.ns(ns), "-batch", "-",
+                 input=f"link set {tmp} name {name}\naddr add {addr} dev {name}\n{v6}"
+                       f"link set dev {name} up\n")
+
+    def _routes(self, name: str, *routes: str) -> None:
+        """Static routes in one namespace, each "DST via GW" (the family is
+        the destination's: ::/0 for an IPv6 default)."""
+        _run("ip", "-n", self.ns(name), "-batch", "-",
+             input="".join(f"route add {r}\n" for r in routes))
 
     def exec(self, name: str, *argv: str, input: str | None = None) -> str:
         return _run("ip", "netns", "exec", self.ns(name), *argv, input=input).stdout
@@ -109,28 +132,33 @@ class ClusterNet:
         try:
             for name in ("cl", "r1", "r2"):
                 self._netns(name)
-            self._link("cl", "eth0", f"{CLIENT}/28", "r1", "cl", "198.51.100.1/28")
-            _run("ip", "-n", self.ns("cl"), "route", "add", "default", "via", "198.51.100.1")
+            self._link("cl", "eth0", f"{CLIENT}/28", "r1", "cl", "198.51.100.1/28",
+                       f"{CLIENT6}/64", "2001:db8:1::1/64")
+            self._routes("cl", "default via 198.51.100.1", "::/0 via 2001:db8:1::1")
             for i in range(1, self.n_nodes + 1):
                 self._netns(f"n{i}")
                 self._link("r1", f"n{i}", f"198.51.100.{16 * i + 1}/28",
-                           f"n{i}", "r1", f"198.51.100.{16 * i + 2}/28")
+                           f"n{i}", "r1", f"198.51.100.{16 * i + 2}/28",
+                           f"2001:db8:1:{i}::1/64", f"2001:db8:1:{i}::2/64")
                 self._link("r2", f"n{i}", f"192.0.2.{16 * i + 1}/28",
-                           f"n{i}", "r2", f"192.0.2.{16 * i + 2}/28")
-                node = self.ns(f"n{i}")
-                _run("ip", "-n", node, "route", "add", "default", "via", f"198.51.100.{16 * i + 1}")
-                _run("ip", "-n", node, "route", "add", "203.0.113.0/24", "via",
-                     f"192.0.2.{16 * i + 1}")
+                           f"n{i}", "r2", f"192.0.2.{16 * i + 2}/28",
+                           f"2001:db8:2:{i}::1/64", f"2001:db8:2:{i}::2/64")
+                self._routes(f"n{i}", f"default via 198.51.100.{16 * i + 1}",
+                             f"203.0.113.0/24 via 192.0.2.{16 * i + 1}",
+                             f"::/0 via 2001:db8:1:{i}::1",
+                             f"2001:db8:3::/48 via 2001:db8:2:{i}::1")
             for k in range(1, self.n_backends + 1):
                 self._netns(f"b{k}")
                 self._link("r2", f"b{k}", f"203.0.113.{4 * k + 1}/30",
-                           f"b{k}", "eth0", f"{backend_addr(k)}/30")
-                _run("ip", "-n", self.ns(f"b{k}"), "route", "add", "default", "via",
-                     f"203.0.113.{4 * k + 1}")
+                           f"b{k}", "eth0", f"{backend_addr(k)}/30",
+                           f"2001:db8:3:{k}::1/64", f"{backend_addr6(k)}/64")
+                self._routes(f"b{k}", f"default via 203.0.113.{4 * k + 1}",
+                             f"::/0 via 2001:db8:3:{k}::1")
             for r in ("r1", "r2"):
-                self.sysctl(r, "net.ipv4.ip_forward", "1")
-                self.sysctl(r, "net.ipv4.fib_multipath_hash_policy", "1")
-                self.sysctl(r, "net.ipv4.conf.all.rp_filter", "0")
+                _run("ip", "netns", "exec", self.ns(r), "sysctl", "-q", "-w",
+                     "net.ipv4.ip_forward=1", "net.ipv4.fib_multipath_hash_policy=1",
+                     "net.ipv4.conf.all.rp_filter=0", "net.ipv6.conf.all.forwarding=1",
+                     "net.ipv6.fib_multipath_hash_policy=1")
         except BaseException:
             self.close()
             raise
@@ -215,34 +243,45 @@ class ClusterNet:
                 p.wait()
 
     # -- routing state -----------------------------------------------------
-    def paths(self, router: str, dst: str) -> int:
-        """How many next hops `router`'s kernel has for `dst` ("default" or a prefix)."""
-        out = _run("ip", "-n", self.ns(router), "-4", "route", "show", dst).stdout
+    def paths(self, router: str, dst: str, family: int = 4) -> int:
+        """How many next hops `router`'s kernel has for `dst` ("default" or a
+        prefix) in `family` (4 or 6)."""
+        out = _run("ip", "-n", self.ns(router), f"-{family}", "route", "show", dst).stdout
         if not out.strip():
             return 0
         return max(1, out.count("nexthop"))
 
-    def wait_paths(self, n: int, down: int | None = None, timeout: float = 30.0) -> None:
-        """Until R1 has n paths to the VIP and R2 `down` (default n) default paths."""
+    def bird_routes(self, router: str, prefix: str) -> set[str]:
+        """The BGP sessions BIRD on `router` has a route for `prefix` from
+        (BIRD's own view, before the kernel's: `show route`)."""
+        return set(re.findall(r"\[(\w+) ", self.birdc(router, "show", "route", prefix)))
+
+    def wait_paths(self, n: int, down: int | None = None, timeout: float = 30.0,
+                   family: int = 4) -> None:
+        """Until R1 has n paths to the VIP of `family` and R2 `down` (default
+        n) default paths of that family."""
+        vip = VIP if family == 4 else VIP6
         deadline = time.monotonic() + timeout
         want = (n, n if down is None else down)
-        while (self.paths("r1", VIP), self.paths("r2", "default")) != want:
+        while (got := (self.paths("r1", vip, family),
+                       self.paths("r2", "default", family))) != want:
             if time.monotonic() > deadline:
                 raise AssertionError(
-                    f"expected {n} paths, R1 has {self.paths('r1', VIP)} to the VIP, R2 "
-                    f"{self.paths('r2', 'default')} default:\n{self.birdc('r1', 'show', 'proto')}")
+                    f"expected {want} paths, R1 has {got[0]} to {vip}, R2 {got[1]} "
+                    f"default:\n{self.birdc('r1', 'show', 'proto')}")
             time.sleep(0.1)
 
     # -- load and failures -------------------------------------------------
-    def load(self, **kw: float) -> subprocess.Popen:
+    def load(self, vip: str = VIP, **kw: float) -> subprocess.Popen:
+        """Client load on `vip` (natlb_testbed.cluster_load; kw: its options)."""
         args = [a for k, v in kw.items() for a in (f"--{k.replace('_', '-')}", str(v))]
-        return self.spawn("cl", [sys.executable, "-m", "natlb_testbed.cluster_load", VIP, *args],
+        return self.spawn("cl", [sys.executable, "-m", "natlb_testbed.cluster_load", vip, *args],
                           stdout=subprocess.PIPE, text=True)
 
-    def hold(self) -> Hold:
-        """An idle keep-alive connection from the client to the VIP, after
+    def hold(self, vip: str = VIP) -> Hold:
+        """An idle keep-alive connection from the client to `vip`, after
         one request, waiting for a probe (60 s at most): see hosts.hold."""
-        p = self.spawn("cl", [sys.executable, "-m", "natlb_testbed.hosts", "hold", "--host", VIP,
+        p = self.spawn("cl", [sys.executable, "-m", "natlb_testbed.hosts", "hold", "--host", vip,
                               "--port", "80", "--timeout", "60", "--probe"],
                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
 
