@@ -2,14 +2,13 @@
 configs from examples/cluster/): losing a node, by a hard death or a planned
 drain, loses no connection."""
 
-import json
 import shutil
 import signal
 import time
 
 import pytest
 
-from natlb_testbed.cluster import ClusterNet
+from .cluster_traffic import finish, running_cluster
 
 if not shutil.which("bird") or not shutil.which("nginx"):
     pytest.skip("needs bird2 and nginx (scripts/setup --test installs them)",
@@ -20,21 +19,8 @@ LOAD = {"conns": 20, "interval_ms": 15, "seconds": 7, "timeout": 8}
 
 @pytest.fixture(scope="module")
 def cluster():
-    net = ClusterNet(n_nodes=3).build()
-    try:
-        net.start_backends()
-        net.start_bird()
-        for i in range(1, net.n_nodes + 1):
-            net.start_natlb(i)
-        net.wait_paths(3)
+    with running_cluster() as net:
         yield net
-    finally:
-        net.close()
-
-
-def finish(load) -> dict:
-    out, _ = load.communicate(timeout=120)
-    return json.loads(out)
 
 
 def test_node_dies_the_hard_way_and_no_connection_is_lost(cluster):

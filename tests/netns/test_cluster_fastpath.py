@@ -5,73 +5,24 @@ crosses, whichever direction each sees, counted per backend all the same;
 and connections that a dying node carried are adopted mid-way by the
 others, which carry them in turn, none lost."""
 
-import json
 import shutil
 import time
 
 import pytest
 
-from natlb_testbed.cluster import ClusterNet
+from .cluster_traffic import PER_CONN, counts, delta, finish, keepalive_load, running_cluster
 
 if not shutil.which("bird") or not shutil.which("nginx"):
     pytest.skip("needs bird2 and nginx (scripts/setup --test installs them)",
                 allow_module_level=True)
 
 NODES = (1, 2, 3)
-# Per connection, what a node may queue besides what the kernel carries:
-# the handshake (a cluster service's SYN is queued, so its SYN-ACK and the
-# client's ACK are too), the first packet of each direction a node adopts,
-# and the close (FINs and their ACKs, which the kernel tells natlb of but
-# may also leave to it once the entries' deadlines are cut).
-PER_CONN = 12
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    net = ClusterNet(n_nodes=3).build()
-    try:
-        net.start_backends()
-        net.start_bird()
-        for i in NODES:
-            net.start_natlb(i)
-        net.wait_paths(3)
+    with running_cluster() as net:
         yield net
-    finally:
-        net.close()
-
-
-def counts(net: ClusterNet, nodes: tuple[int, ...]) -> dict[str, int]:
-    """Summed over the nodes: what natlb queued, what its counters (its own
-    plus the kernel's, read from the fast path's per-backend map) hold, and
-    the flows adopted mid-way (client side, reply side)."""
-    total = {"queued": 0, "packets": 0, "bytes_in": 0, "bytes_out": 0, "adopted": 0,
-             "reply_adopted": 0}
-    for i in nodes:
-        st = net.natlb_status(i)
-        total["queued"] += st["queued_packets"]
-        total["adopted"] += st["failover"]["adopted"]
-        total["reply_adopted"] += st["failover"]["reply_adopted"]
-        for b in st["services"][0]["backends"]:
-            total["packets"] += b["packets_in"] + b["packets_out"]
-            total["bytes_in"] += b["bytes_in"]
-            total["bytes_out"] += b["bytes_out"]
-    return total
-
-
-def delta(after: dict[str, int], before: dict[str, int]) -> dict[str, int]:
-    return {k: after[k] - before[k] for k in after}
-
-
-def keepalive_load(net: ClusterNet, conns: int, seconds: float, pause_ms: float):
-    """Keep-alive connections only (one new connection besides, at the start):
-    each sends request after request on its one connection."""
-    return net.load(conns=conns, interval_ms=seconds * 1000, seconds=seconds, timeout=8,
-                    pause_ms=pause_ms)
-
-
-def finish(load) -> dict:
-    out, _ = load.communicate(timeout=120)
-    return json.loads(out)
 
 
 def test_established_connections_are_carried_by_the_kernel_on_each_node(cluster):
