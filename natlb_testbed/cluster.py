@@ -303,9 +303,16 @@ class ClusterNet:
 
     def kill_node(self, i: int) -> None:
         """Hard death: every packet in or out of node i dropped, no carrier
-        change, no BGP goodbye."""
-        _run("ip", "netns", "exec", self.ns(f"n{i}"), "nft", "-f", "-",
+        change, no BGP goodbye.  nft drops what the stack sees; natlb's
+        fast path (tc, ahead of netfilter) would still carry established
+        flows, so the node's tc filters go too, as they would with its
+        power."""
+        node = self.ns(f"n{i}")
+        _run("ip", "netns", "exec", node, "nft", "-f", "-",
              input=KILL_NODE.format(table=f"{self.prefix}kill"))
+        qdiscs = json.loads(_run("tc", "-n", node, "-j", "qdisc", "show").stdout)
+        for dev in sorted({q["dev"] for q in qdiscs if q["kind"] == "clsact"}):
+            _run("tc", "-n", node, "qdisc", "del", "dev", dev, "clsact")
 
     # -- teardown ----------------------------------------------------------
     def close(self) -> None:
