@@ -293,7 +293,11 @@ static int open_queue(struct nl_worker *w, uint32_t flags, char *err, uint32_t e
     put_attr(attrs, &off, NFQA_CFG_CMD, &cmd, sizeof(cmd));
     int rc = config_msg(w->fd, w->queue, attrs, off);
     if (rc < 0) {
+        /* The kernel refuses a queue another socket bound with EPERM (EBUSY
+         * is this socket's own second bind): say so, not "not permitted". */
         snprintf(err, errlen, "bind NFQUEUE %u: %s%s", w->queue, strerror(-rc),
+                 rc == -EPERM ? " (another program owns this queue, or natlb lacks "
+                                "CAP_NET_ADMIN)" :
                  rc == -EBUSY ? " (another program owns this queue)" : "");
         return -1;
     }

@@ -672,20 +672,20 @@ class Daemon:
                 if inherited:
                     log.info("took over %d host changes from a crashed natlb's guardian",
                              len(inherited))
+                # From here on whatever fails leaves nothing behind: the
+                # journal (with a claimed predecessor's changes) is undone.
+                self.journal = self._journal(inherited)
                 # The flow table's file lives beside the control socket, so its
                 # directory (when natlb, not systemd, makes it) comes first.
                 run_dir = os.path.dirname(os.path.abspath(lb.control_socket))
-                made_dir = not os.path.isdir(run_dir)
-                if made_dir:
+                if not os.path.isdir(run_dir):
+                    self.journal.record("directory", path=run_dir,
+                                        socket=os.path.abspath(lb.control_socket))
                     os.mkdir(run_dir, 0o700)
                 self.pool.publish()
                 self._open_store()
-                self.core.start(self.queues, gso=lb.gso, mark=lb.rewrite == "mark")
-                self.journal = self._journal(inherited)
-                if made_dir:
-                    self.journal.record("directory", path=run_dir,
-                                        socket=os.path.abspath(lb.control_socket))
                 self._own_store()
+                self.core.start(self.queues, gso=lb.gso, mark=lb.rewrite == "mark")
                 self.setup_host()
                 self._withdraw_vips_now()   # a crashed natlb's, of services now gone
                 self.serving = True
@@ -696,9 +696,11 @@ class Daemon:
                 self.fast.stop_observing()     # before the core it applies to
             if self.announcer:
                 self.announcer.close()
-            if self.journal and (self.handed_over or not self.serving):
+            if self.journal and (self.handed_over
+                                 or (self.successor_of_restart and not self.serving)):
                 # Our successor owns the host now, or (a failed takeover) our
-                # predecessor still does.
+                # predecessor still does.  A start that failed undoes what
+                # it did (below), as a stop does.
                 self.core.stop()
                 self.journal.hand_over()
             elif self.journal:
