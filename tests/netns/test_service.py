@@ -72,21 +72,26 @@ def test_reload_notifies_reloading_then_ready(testbed):
         assert got[0].startswith("RELOADING=1\nMONOTONIC_USEC=") and len(got) == 2
 
 
-def test_no_ready_when_the_queue_cannot_be_bound(testbed, natlb):
-    natlb(basic_config(testbed))   # holds queue 0
-    second = basic_config(testbed).replace(testbed.control_socket,
-                                           str(testbed.workdir / "second.sock"))
-    second = second.replace("[lb]", '[lb]\ntable = "natlb_second"')
-    with PlaysSystemd(testbed) as sd:
-        p = run_natlb(testbed, second, sd, "second.toml")
-        assert p.wait(timeout=30) == 1
-        sd.notify.settimeout(0.5)
-        try:
-            msg = sd.notify.recv(4096)
-        except TimeoutError:
-            msg = None
-        assert msg is None, msg
-        assert "natlb_second" not in testbed.router_cmd("nft", "list", "tables").stdout
+def test_no_ready_when_the_queue_cannot_be_bound(testbed):
+    # Another program holds queue 0 (a second natlb is refused before it
+    # binds anything: one per network namespace).
+    holder = testbed.python(testbed.router, "natlb_testbed.queue_holder", "0",
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        with PlaysSystemd(testbed) as sd:
+            p = run_natlb(testbed, basic_config(testbed), sd)
+            assert p.wait(timeout=30) == 1
+            sd.notify.settimeout(0.5)
+            try:
+                msg = sd.notify.recv(4096)
+            except TimeoutError:
+                msg = None
+            assert msg is None, msg
+            assert "natlb" not in testbed.router_cmd("nft", "list", "tables").stdout
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=10)
 
 
 def scrape(testbed) -> dict[tuple[str, tuple], float]:
