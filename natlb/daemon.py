@@ -29,7 +29,7 @@ from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from natlb import netsetup, ruleset, sdnotify, watchdog
+from natlb import netsetup, ruleset, sdnotify, tableowner, watchdog
 from natlb.announce import Announcer
 from natlb.config import Config, host_port, lb_change, load
 from natlb.config import family as config_family
@@ -168,7 +168,8 @@ class Daemon:
                                                 reply=MARK_REPLY, fast=MARK_FAST),
                             rewrite=lb.rewrite, ingress=ingress,
                             fragments=lb.max_fragments > 0,
-                            fastpath=lb.fastpath)
+                            fastpath=lb.fastpath,
+                            comment=tableowner.mark(lb.control_socket))
 
     def _install_table(self) -> None:
         spec = self._ruleset()
@@ -651,6 +652,10 @@ class Daemon:
     def _run_checked(self) -> int:
         lb = self.config.lb
         netsetup.preflight(lb)
+        if not self.predecessor:
+            # Another natlb's table, or the operator's of that name, is not
+            # ours to replace (and delete on exit).
+            tableowner.check(lb.table, lb.control_socket)
         if self.metrics and not self.predecessor:
             self.metrics.start()  # a taken address is a config error, before any change
         try:

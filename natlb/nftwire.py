@@ -2,8 +2,9 @@
 elements (tens of thousands at 65,536 backends).  pyroute2's generic
 encoder takes about 1 ms a message, which made such a table take minutes
 to encode; these take microseconds and give the same
-bytes (tests/unit/test_nftwire.py compares them).  Every other message
-(tables, chains, sets, rules: a few dozen) stays with pyroute2."""
+bytes (tests/unit/test_nftwire.py compares them).  Also a table with a
+comment: pyroute2 has no encoder for a table's user data.  Every other
+message (tables, chains, sets, rules: a few dozen) stays with pyroute2."""
 
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ SET_ELEM_LIST = {"NFTA_SET_ELEM_LIST_TABLE": 1, "NFTA_SET_ELEM_LIST_SET": 2,
 NFTA_LIST_ELEM = 1      # the first of a list's entries
 SET_ELEM = {"NFTA_SET_ELEM_KEY": 1, "NFTA_SET_ELEM_DATA": 2}
 NFTA_DATA_VALUE = 1
+TABLE = {"NFTA_TABLE_NAME": 1, "NFTA_TABLE_USERDATA": 6}
 
 
 def _attr(kind: int, payload: bytes) -> bytes:
@@ -54,13 +56,22 @@ def _set_elements(attrs: list[Any]) -> bytes:
     return b"".join(out)
 
 
+def _table(attrs: list[Any]) -> bytes:
+    return b"".join(_string(TABLE[name], v) if name == "NFTA_TABLE_NAME"
+                    else _attr(TABLE[name], v) for name, v in attrs)
+
+
 def encode(msg: ruleset.Message, family: int, flags: int, seq: int) -> bytes | None:
     """The message's bytes, or None if it is not of a kind (or shape) done
     here: the caller then has pyroute2 encode it."""
-    if msg.kind != ruleset.SETELEM:
+    if msg.kind == ruleset.TABLE and any(k == "NFTA_TABLE_USERDATA" for k, _ in msg.attrs):
+        encode_attrs = _table
+    elif msg.kind == ruleset.SETELEM:
+        encode_attrs = _set_elements
+    else:
         return None
     try:
-        payload = struct.pack("=BBH", family, 0, 0) + _set_elements(msg.attrs)
+        payload = struct.pack("=BBH", family, 0, 0) + encode_attrs(msg.attrs)
     except (KeyError, TypeError, ValueError):
         return None
     mtype = NFNL_SUBSYS_NFTABLES << 8 | msg.mtype

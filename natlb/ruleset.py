@@ -170,6 +170,9 @@ class Spec:
     native_queue: bool = False                    # nft `queue` instead of xt NFQUEUE
     fragments: bool = True                        # queue fragments (fragment tracking on)
     fastpath: bool = False                        # mark mode: fast marks kept for tc
+    # The tables' comment (NFTA_TABLE_USERDATA, as nft writes one): natlb
+    # names its control socket there (natlb.tableowner); "" for none.
+    comment: str = ""
 
 
 @dataclass(frozen=True)
@@ -584,8 +587,11 @@ def _build_table(spec: Spec, f: _Family, in_place: bool, first_set_id: int) -> l
     queue = queue_expr(first, total, spec.native_queue)
     out: list[Message] = []
     name = [("NFTA_TABLE_NAME", t)]
+    # The comment is written when the table is made; a table kept in place
+    # keeps its own (the kernel updates only a table's flags).
+    new = name + ([("NFTA_TABLE_USERDATA", comment_udata(spec.comment))] if spec.comment else [])
     if in_place:
-        out += [Message(TABLE, NFT_MSG_NEWTABLE, name, NLM_F_CREATE, f"table {t}"),
+        out += [Message(TABLE, NFT_MSG_NEWTABLE, new, NLM_F_CREATE, f"table {t}"),
                 Message(RULE, NFT_MSG_DELRULE, [("NFTA_RULE_TABLE", t)], 0, f"rules of {t}")]
         out += [Message(SET, NFT_MSG_DELSET, [("NFTA_SET_TABLE", t), ("NFTA_SET_NAME", s.name)],
                         0, f"set {s.name}") for s in _sets(spec, f)]
@@ -593,7 +599,7 @@ def _build_table(spec: Spec, f: _Family, in_place: bool, first_set_id: int) -> l
         # add + delete + add replaces a stale table from a crashed run atomically.
         out += [Message(TABLE, NFT_MSG_NEWTABLE, name, NLM_F_CREATE, f"table {t}"),
                 Message(TABLE, NFT_MSG_DELTABLE, name, 0, f"table {t}"),
-                Message(TABLE, NFT_MSG_NEWTABLE, name, NLM_F_CREATE, f"table {t}")]
+                Message(TABLE, NFT_MSG_NEWTABLE, new, NLM_F_CREATE, f"table {t}")]
 
     for set_id, s in enumerate(_sets(spec, f), first_set_id):
         flags: tuple[str, ...] = ("NFT_SET_MAP",) if s.data_type else ()
@@ -712,6 +718,15 @@ def _build_table(spec: Spec, f: _Family, in_place: bool, first_set_id: int) -> l
             rule("rewrite", f"{pname} reply from a service",
                  _rewrite_exprs("saddr", proto, f"service_addr{x}", f"service_port{x}", f))
     return out
+
+
+def comment_udata(text: str) -> bytes:
+    """A table's comment as nft writes it: libnftnl's user data, type 0
+    (NFTNL_UDATA_TABLE_COMMENT), one length byte, the text and its NUL."""
+    value = text.encode() + b"\0"
+    if len(value) > 255:
+        raise ValueError(f"table comment too long: {text!r}")
+    return bytes([0, len(value)]) + value
 
 
 def delete(table: str, family: int = NFPROTO_IPV4) -> list[Message]:

@@ -1,0 +1,102 @@
+"""The host's nftables as natlb reads it (nfnetlink dumps, no nft binary):
+every table with its comment.  Also the
+attribute walker the table watch (natlb/tablewatch.py) reads
+notifications with."""
+
+from __future__ import annotations
+
+import os
+import socket
+import struct
+from typing import NamedTuple
+
+from natlb.errors import HostError
+
+NETLINK_NETFILTER = 12
+NFNL_SUBSYS_NFTABLES = 10
+NFT_MSG_NEWTABLE, NFT_MSG_GETTABLE = 0, 1
+NFTA_TABLE_NAME, NFTA_TABLE_USERDATA = 1, 6
+NLM_F_REQUEST, NLM_F_DUMP = 1, 0x300
+NLMSG_ERROR, NLMSG_DONE = 2, 3
+NLMSG_HDR = struct.Struct("=IHHII")       # len, type, flags, seq, pid
+NFGENMSG = struct.Struct("=BBH")          # family, version, res_id (big-endian)
+NLATTR = struct.Struct("=HH")             # len, type
+NLA_TYPE_MASK = 0x3FFF
+# libnftnl's user data: type (u8), length (u8), value; a table's comment is type 0.
+NFTNL_UDATA_TABLE_COMMENT = 0
+# nft's names of the families (NFPROTO_*).
+FAMILIES = {1: "inet", 2: "ip", 3: "arp", 5: "netdev", 7: "bridge", 10: "ip6"}
+
+
+class Table(NamedTuple):
+    family: int
+    name: str
+    comment: str          # "" when it has none
+
+
+def attrs(data: bytes, off: int, end: int) -> dict[int, bytes]:
+    """Netlink attributes from off to end, by type (the last of a type)."""
+    out = {}
+    while off + NLATTR.size <= end:
+        length, kind = NLATTR.unpack_from(data, off)
+        if length < NLATTR.size:
+            break
+        out[kind & NLA_TYPE_MASK] = data[off + NLATTR.size:off + length]
+        off += (length + 3) & ~3
+    return out
+
+
+def string(value: bytes) -> str:
+    return value.split(b"\0", 1)[0].decode(errors="replace")
+
+
+def comment_of(udata: bytes) -> str:
+    """The comment in a table's user data ("" if it holds none)."""
+    off = 0
+    while off + 2 <= len(udata):
+        kind, length = udata[off], udata[off + 1]
+        if kind == NFTNL_UDATA_TABLE_COMMENT:
+            return string(udata[off + 2:off + 2 + length])
+        off += 2 + length
+    return ""
+
+
+def _dump(request: int, reply: int) -> list[tuple[int, dict[int, bytes]]]:
+    """(family, attributes) of every object a GET dump of every family gives."""
+    seq = int.from_bytes(os.urandom(3), "big")
+    body = NFGENMSG.pack(0, 0, 0)    # NFPROTO_UNSPEC: every family
+    msg = NLMSG_HDR.pack(NLMSG_HDR.size + len(body), NFNL_SUBSYS_NFTABLES << 8 | request,
+                         NLM_F_REQUEST | NLM_F_DUMP, seq, 0) + body
+    out: list[tuple[int, dict[int, bytes]]] = []
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER) as s:
+        s.settimeout(5.0)
+        s.bind((0, 0))
+        s.send(msg)
+        while True:
+            data = s.recv(1 << 16)
+            off = 0
+            while off + NLMSG_HDR.size <= len(data):
+                length, kind, _, rseq, _ = NLMSG_HDR.unpack_from(data, off)
+                if length < NLMSG_HDR.size:
+                    break
+                if rseq == seq:
+                    if kind == NLMSG_DONE:
+                        return out
+                    if kind == NLMSG_ERROR:
+                        err = -struct.unpack_from("=i", data, off + NLMSG_HDR.size)[0]
+                        raise OSError(err, os.strerror(err))
+                    if kind == NFNL_SUBSYS_NFTABLES << 8 | reply:
+                        out.append((data[off + NLMSG_HDR.size],
+                                    attrs(data, off + NLMSG_HDR.size + NFGENMSG.size,
+                                          off + length)))
+                off += (length + 3) & ~3
+
+
+def tables() -> list[Table]:
+    """Every nftables table of this network namespace."""
+    try:
+        got = _dump(NFT_MSG_GETTABLE, NFT_MSG_NEWTABLE)
+    except OSError as e:
+        raise HostError(f"nftables: listing tables: {e.strerror or e}") from None
+    return [Table(family, string(a.get(NFTA_TABLE_NAME, b"")),
+                  comment_of(a.get(NFTA_TABLE_USERDATA, b""))) for family, a in got]
