@@ -1,9 +1,9 @@
 """natlb's mark on its nftables tables (the comment naming its control
-socket), as bytes: no root."""
+socket) and the notifications of a table's deletion, as bytes: no root."""
 
 import struct
 
-from natlb import nftlist, nftwire, ruleset, tableowner
+from natlb import nftlist, nftwire, ruleset, tableowner, tablewatch
 
 from .test_ruleset import spec
 
@@ -46,3 +46,27 @@ def test_a_commented_table_is_encoded_with_its_user_data():
     assert body[:4] == struct.pack("=HH", 10, 1) and body[4:10] == b"natlb\0"
     assert body[12:16] == struct.pack("=HH", 4 + len(udata), 6)
     assert body[16:16 + len(udata)] == udata
+
+
+def _msg(kind: int, family: int, attrs: bytes) -> bytes:
+    body = struct.pack("=BBH", family, 0, 0) + attrs
+    return struct.pack("=IHHII", 16 + len(body), 10 << 8 | kind, 0, 0, 0) + body
+
+
+def _attr(kind: int, value: bytes) -> bytes:
+    a = struct.pack("=HH", 4 + len(value), kind) + value
+    return a + b"\0" * (-len(a) % 4)
+
+
+def test_a_deletion_of_the_watched_table_and_who_made_it_are_read():
+    data = (_msg(2, 2, _attr(1, b"natlb\0")) + _msg(2, 10, _attr(1, b"other\0"))
+            + _msg(2, 10, _attr(1, b"natlb\0"))
+            + _msg(15, 0, _attr(1, struct.pack("!I", 9)) + _attr(2, struct.pack("!I", 1234))
+                   + _attr(3, b"nft\0")))
+    assert tablewatch.parse(data, "natlb") == [
+        ("deleted", 2, ""), ("deleted", 10, ""), ("generation", 1234, "nft")]
+
+
+def test_a_process_name_cannot_break_the_log_line():
+    data = _msg(15, 0, _attr(2, struct.pack("!I", 5)) + _attr(3, b"a\nb\0"))
+    assert tablewatch.parse(data, "natlb") == [("generation", 5, "a?b")]
