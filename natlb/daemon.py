@@ -64,6 +64,7 @@ from natlb.pool import Pool, PoolError
 from natlb.rates import RateEstimator, live_counters
 from natlb.status import collect
 from natlb.steering import Steering
+from natlb.tablewatch import TableWatch
 from natlb.undo import Journal, claim
 
 log = logging.getLogger("natlb")
@@ -141,6 +142,10 @@ class Daemon:
         # A reload is between its new pool and its rules: the pool it shows
         # may still be put back (_reload), so nothing is pruned meanwhile.
         self._reloading = False
+        # Another program deleting our nftables table (a firewall reload's
+        # `flush ruleset`): it is installed again (_restore_tables).
+        self.table_watch: TableWatch | None = None
+        self._restores: set[asyncio.Task[None]] = set()
 
     def _vips_at_start(self) -> list[str]:
         """VIPs netsetup adds for good; with announce = "healthy" the
@@ -449,8 +454,9 @@ class Daemon:
             self.fast.pause_decisions()
         # The successor watches links from before it lists them; ours must
         # change nothing once the journal is sent (nor attach our programs
-        # over its own).
+        # over its own).  Nor may we install our table over its.
         self._close_link_watch()
+        self._close_table_watch()
         try:
             assert self.journal is not None
             ch.send(journal=self.journal.entries, queues=self.queues,
@@ -492,6 +498,7 @@ class Daemon:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)   # init (or the subreaper) reaps it
             await loop.run_in_executor(None, self._rewatch_links)
+            self._open_table_watch()
             raise
         finally:
             ch.close()
@@ -500,6 +507,55 @@ class Daemon:
                  pid, left)
         return {"pid": pid, "queues": {"old": self.queues, "new": queues},
                 "counters": final["services"], **served}
+
+    # -- another program deleting our table (natlb/tablewatch.py's thread) ---
+    def _open_table_watch(self) -> None:
+        loop = asyncio.get_running_loop()
+
+        def deleted(who: str) -> None:
+            loop.call_soon_threadsafe(self._table_deleted, who)
+
+        watch = TableWatch(self.config.lb.table, deleted)
+        try:
+            watch.start()
+        except OSError as e:
+            log.error("nftables notifications: %s; a table another program deletes will "
+                      "not be installed again", e)
+            return
+        self.table_watch = watch
+
+    def _close_table_watch(self) -> None:
+        """Returns once no deletion will be reported."""
+        if self.table_watch:
+            self.table_watch.close()
+            self.table_watch = None
+
+    def _table_deleted(self, who: str) -> None:
+        task = asyncio.get_running_loop().create_task(self._restore_tables(who))
+        self._restores.add(task)
+        task.add_done_callback(self._restores.discard)
+
+    async def _restore_tables(self, who: str) -> None:
+        """Our table is gone (or notifications were lost, who = ""): without
+        it no packet reaches natlb and the host answers for the VIPs itself,
+        so it goes in again, whole."""
+        loop = asyncio.get_running_loop()
+        async with self._ruleset_lock:
+            if self._restarting or (self._stop and self._stop.is_set()):
+                return
+            try:
+                gone = await loop.run_in_executor(None, self.steering.missing)
+                if not gone:
+                    return
+                log.warning("nftables table %s deleted by %s (a firewall reload with "
+                            "'flush ruleset'?); installing it again", " and ".join(gone),
+                            who or "another program")
+                self.steering.install(await loop.run_in_executor(None, self._ruleset))
+            except NatlbError as e:
+                log.error("nftables table %s not installed again: %s",
+                          self.config.lb.table, e)
+                return
+            log.info("nftables table %s installed again", self.config.lb.table)
 
     def _rewatch_links(self) -> None:
         """A failed handover: watch links again, and our programs on every
@@ -612,6 +668,9 @@ class Daemon:
         dog = watchdog.from_environment(self.core.worker_beats, monotonic_ms,
                                         lambda: self.queues)
         pinger = loop.create_task(dog.run()) if dog else None
+        self._open_table_watch()
+        # Deleted since it went in, before the watch was open?
+        self._table_deleted("")
         try:
             self.monitor.start()
             log.info("natlb running; control socket %s%s", lb.control_socket,
@@ -627,6 +686,9 @@ class Daemon:
             if not self.handed_over:   # the successor is the unit's main process now
                 sdnotify.stopping()
         finally:
+            self._close_table_watch()   # before the table goes (the journal's undo)
+            for task in self._restores:
+                task.cancel()
             rates.cancel()
             pruner.cancel()
             if pinger:

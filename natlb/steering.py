@@ -26,7 +26,7 @@ from pyroute2.netlink.nfnetlink.nftsocket import (
     nft_table_msg,
 )
 
-from natlb import nftwire, ruleset
+from natlb import nftlist, nftwire, ruleset
 from natlb.errors import HostError
 from natlb.gcpause import gc_paused
 from natlb.undo import reverter
@@ -174,6 +174,18 @@ class Steering:
             self.installed = True
             self.ipv6 = ipv6
             return
+
+    def missing(self) -> list[str]:
+        """The tables natlb installed that the host no longer has (another
+        program deleted them), as nft names them: ["ip natlb"]."""
+        if not self.installed:
+            return []
+        families = [(ruleset.NFPROTO_IPV4, "ip")]
+        if self.ipv6:
+            families.append((ruleset.NFPROTO_IPV6, "ip6"))
+        there = {(t.family, t.name) for t in nftlist.tables()}
+        return [f"{fname} {self.table}" for family, fname in families
+                if (family, self.table) not in there]
 
     def remove(self) -> None:
         if not self.installed:
