@@ -46,6 +46,14 @@ SYSCTLS_IPV6 = {
     "/proc/sys/net/bridge/bridge-nf-call-ip6tables": "0",
 }
 IFA_F_NODAD = 0x02
+# Changes that reach beyond natlb: said once, as a warning, when made.
+SIDE_EFFECTS = {
+    "/proc/sys/net/bridge/bridge-nf-call-iptables":
+        "iptables and nftables rules no longer see the frames this host bridges "
+        "(a firewall over bridged traffic: Docker's, Kubernetes')",
+    "/proc/sys/net/bridge/bridge-nf-call-ip6tables":
+        "ip6tables and nftables rules no longer see the IPv6 frames this host bridges",
+}
 
 
 RUNTIME_DIR = os.path.dirname(LBConfig().control_socket)
@@ -121,6 +129,10 @@ def _set_sysctl(path: str, value: str, journal: Journal) -> None:
             f.write(value)
     except FileNotFoundError:  # the interface went just now: nothing to undo
         journal.forget("sysctl", path=path)
+        return
+    if path in SIDE_EFFECTS:
+        name = path.removeprefix("/proc/sys/").replace("/", ".")
+        log.warning("%s %s -> %s while natlb runs: %s", name, old, value, SIDE_EFFECTS[path])
 
 
 def rp_filter_path(ifname: str) -> str:
