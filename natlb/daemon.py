@@ -29,7 +29,7 @@ from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from natlb import netsetup, ruleset, sdnotify, tableowner, watchdog
+from natlb import fastpath, netsetup, ruleset, sdnotify, tableowner, watchdog
 from natlb.announce import Announcer
 from natlb.config import Config, host_port, lb_change, load
 from natlb.config import family as config_family
@@ -211,6 +211,7 @@ class Daemon:
             # predecessor's filters carry on until these replace them.
             names = self.fast.attach(self.journal)
             log.info("fast path: tc programs on %s", ", ".join(names) or "no interface")
+            fastpath.warn_skipped(lb)
         netsetup.apply(lb, self._vips_at_start(), self.journal, ipv6=_has_ipv6(self.config))
         assert self.links is not None
         self.links.start()

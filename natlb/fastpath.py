@@ -21,6 +21,7 @@ from typing import Any
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from natlb import nftlist
 from natlb.config import LBConfig
 from natlb.core import Core, CoreError, FastPath, ServiceTable
 from natlb.errors import HostError
@@ -40,6 +41,42 @@ Slot = tuple[str, int, str, int, int]        # vip, vport, address, port, protoc
 
 class FastPathError(HostError):
     """The kernel refused the fast path's BPF programs or filters."""
+
+
+# The netfilter hooks a carried packet never reaches: tc ingress redirects
+# it (bpf_redirect_neigh) before netdev ingress and the IP stack.  Egress
+# (netdev egress, tc egress) it still passes.
+NF_INET_PRE_ROUTING, NF_INET_FORWARD, NF_INET_POST_ROUTING, NF_NETDEV_INGRESS = 0, 2, 4, 0
+NFPROTO_INET, NFPROTO_IPV4, NFPROTO_NETDEV, NFPROTO_IPV6 = 1, 2, 5, 10
+SKIPPED_HOOKS = {
+    NFPROTO_INET: {NF_INET_PRE_ROUTING, NF_INET_FORWARD, NF_INET_POST_ROUTING},
+    NFPROTO_IPV4: {NF_INET_PRE_ROUTING, NF_INET_FORWARD, NF_INET_POST_ROUTING},
+    NFPROTO_IPV6: {NF_INET_PRE_ROUTING, NF_INET_FORWARD, NF_INET_POST_ROUTING},
+    NFPROTO_NETDEV: {NF_NETDEV_INGRESS},
+}
+
+
+def skipped_chains(chains: Iterable[nftlist.Chain], own_table: str) -> list[nftlist.Chain]:
+    """The host's base chains (not natlb's own) that carried packets skip."""
+    return [c for c in chains if c.hook in SKIPPED_HOOKS.get(c.family, ())
+            and not (c.table == own_table and c.family in (NFPROTO_IPV4, NFPROTO_IPV6))]
+
+
+def warn_skipped(lb: LBConfig) -> None:
+    """Say which of the host's nftables chains (iptables-nft's too) the
+    fast path's packets skip: an operator's firewall there does not see them."""
+    try:
+        chains = skipped_chains(nftlist.base_chains(), lb.table)
+    except HostError as e:
+        log.debug("%s", e)
+        return
+    if not chains:
+        return
+    what = ("no packet of an rr, wrr, sh or maglev service's flows (kernel decisions)"
+            if lb.fastpath_decide else "no packet it carries (a flow's packets after one "
+            "passed the queue)")
+    log.warning("fast path: %s meets these nftables chains: %s (README, \"Beside a host "
+                "firewall\")", what, ", ".join(map(str, chains)))
 
 
 @reverter("tc_filter")

@@ -1,5 +1,5 @@
 """The host's nftables as natlb reads it (nfnetlink dumps, no nft binary):
-every table with its comment.  Also the
+every table with its comment, every base chain with its hook.  Also the
 attribute walker the table watch (natlb/tablewatch.py) reads
 notifications with."""
 
@@ -14,8 +14,10 @@ from natlb.errors import HostError
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
-NFT_MSG_NEWTABLE, NFT_MSG_GETTABLE = 0, 1
+NFT_MSG_NEWTABLE, NFT_MSG_GETTABLE, NFT_MSG_NEWCHAIN, NFT_MSG_GETCHAIN = 0, 1, 3, 4
 NFTA_TABLE_NAME, NFTA_TABLE_USERDATA = 1, 6
+NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME, NFTA_CHAIN_HOOK = 1, 3, 4
+NFTA_HOOK_HOOKNUM, NFTA_HOOK_PRIORITY = 1, 2
 NLM_F_REQUEST, NLM_F_DUMP = 1, 0x300
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLMSG_HDR = struct.Struct("=IHHII")       # len, type, flags, seq, pid
@@ -32,6 +34,17 @@ class Table(NamedTuple):
     family: int
     name: str
     comment: str          # "" when it has none
+
+
+class Chain(NamedTuple):
+    family: int
+    table: str
+    name: str
+    hook: int             # NF_INET_* (NF_NETDEV_* in netdev)
+    priority: int
+
+    def __str__(self) -> str:
+        return f"{FAMILIES.get(self.family, self.family)} {self.table} {self.name}"
 
 
 def attrs(data: bytes, off: int, end: int) -> dict[int, bytes]:
@@ -100,3 +113,23 @@ def tables() -> list[Table]:
         raise HostError(f"nftables: listing tables: {e.strerror or e}") from None
     return [Table(family, string(a.get(NFTA_TABLE_NAME, b"")),
                   comment_of(a.get(NFTA_TABLE_USERDATA, b""))) for family, a in got]
+
+
+def base_chains() -> list[Chain]:
+    """Every chain of this network namespace that sits on a hook."""
+    try:
+        got = _dump(NFT_MSG_GETCHAIN, NFT_MSG_NEWCHAIN)
+    except OSError as e:
+        raise HostError(f"nftables: listing chains: {e.strerror or e}") from None
+    out = []
+    for family, a in got:
+        if NFTA_CHAIN_HOOK not in a:
+            continue
+        hook = attrs(a[NFTA_CHAIN_HOOK], 0, len(a[NFTA_CHAIN_HOOK]))
+        num, prio = hook.get(NFTA_HOOK_HOOKNUM), hook.get(NFTA_HOOK_PRIORITY)
+        if num is None or prio is None:
+            continue
+        out.append(Chain(family, string(a.get(NFTA_CHAIN_TABLE, b"")),
+                         string(a.get(NFTA_CHAIN_NAME, b"")), struct.unpack("!I", num)[0],
+                         struct.unpack("!i", prio)[0]))
+    return out
