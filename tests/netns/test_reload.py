@@ -167,3 +167,25 @@ def test_a_refused_reload_keeps_the_vips_of_the_services_it_removed(testbed):
     finally:
         testbed.stop(p)
         testbed.procs.remove(p)
+
+
+def test_natlb_reload_says_how_the_reload_went(testbed, natlb):
+    """What the unit's ExecReload runs: `systemctl reload` fails when natlb
+    refuses the config (kill -HUP passed whatever natlb made of it)."""
+    from .conftest import natlb_cli
+
+    natlb(config(testbed, [1, 2, 3]))
+    path = testbed.workdir / "natlb.toml"
+    path.write_text(config(testbed, [1, 2]))
+    r = natlb_cli(testbed, "reload", "-s", testbed.control_socket)
+    assert (r.returncode, r.stdout) == (0, f"reloaded {path} (1 service, 2 backends)\n"), r.stderr
+    path.write_text(config(testbed, [1]).replace("port = 80\nprotocol", "port = 0\nprotocol"))
+    r = natlb_cli(testbed, "reload", "-s", testbed.control_socket)
+    assert (r.returncode, r.stderr) == (
+        2, "natlb: reload refused, keeping the running config: config: service[0].port = 0: "
+           "must be 1..65535\n")
+    path.write_text(config(testbed, [1], lb_extra="workers = 2"))
+    r = natlb_cli(testbed, "reload", "-c", str(path))
+    assert r.returncode == 2 and "lb.workers = 2 (running: 1)" in r.stderr, r.stderr
+    assert testbed.status()["reloads"]["count"] == 3
+    assert spread(testbed, 4) == {"b1": 2, "b2": 2}
