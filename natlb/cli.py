@@ -78,6 +78,19 @@ def cmd_restart(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reload(args: argparse.Namespace) -> int:
+    from natlb.control import request
+
+    # As SIGHUP, but the outcome comes back: a refused reload exits 2 (the
+    # config, an [lb] change) or 1 (the host refused its rules).
+    reply = request(_socket_path(args), {"cmd": "reload"}, timeout=90)
+    if not reply.get("ok"):
+        return _die(reply.get("error", "refused"), int(reply.get("exit", 1)))
+    print(f"reloaded {reply['config']} ({_count(reply['services'], 'service')}, "
+          f"{_count(reply['backends'], 'backend')})")
+    return 0
+
+
 def cmd_status(args: argparse.Namespace) -> int:
     from natlb.control import request
     from natlb.gcpause import gc_paused
@@ -142,6 +155,11 @@ def parser() -> argparse.ArgumentParser:
     rs.add_argument("-c", "--config", required=True)
     rs.add_argument("-s", "--socket", help="control socket path of the running natlb")
     rs.set_defaults(fn=cmd_restart)
+    rl = sub.add_parser("reload", help="reload the running natlb's config file (as SIGHUP); "
+                                       "exit 0, or 2 (1: the host) if it refused it")
+    rl.add_argument("-c", "--config", help="read the control socket path from here")
+    rl.add_argument("-s", "--socket", help="control socket path")
+    rl.set_defaults(fn=cmd_reload)
     c = sub.add_parser("check", help="validate a config file (exit 0 or 2)")
     c.add_argument("-c", "--config", required=True)
     c.set_defaults(fn=cmd_check)

@@ -5,6 +5,7 @@ Requests: {"cmd": "status"}
           {"cmd": "backend", "action": "drain|enable|disable|weight",
            "service": NAME, "backend": "ADDR[:PORT]", "weight": N}
           {"cmd": "restart", "config": PATH}   (hand over to a new natlb)
+          {"cmd": "reload"}                    (as SIGHUP, and says how it went)
 """
 
 from __future__ import annotations
@@ -37,11 +38,13 @@ class ControlError(HostError):
 class ControlServer:
     def __init__(self, path: str, pool: Pool, status: Callable[[], dict[str, Any]],
                  restart: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = None,
+                 reload: Callable[[dict[str, Any]], Awaitable[dict[str, Any]]] | None = None,
                  ) -> None:
         self.path = path
         self.pool = pool
         self.status = status
         self.restart = restart
+        self.reload = reload
         self.server: asyncio.AbstractServer | None = None
         self._mine: Identity | None = None
 
@@ -173,6 +176,8 @@ class ControlServer:
                 req = json.loads(line)
                 if req.get("cmd") == "restart" and self.restart:
                     reply = await self.restart(req)
+                elif req.get("cmd") == "reload" and self.reload:
+                    reply = await self.reload(req)
                 else:
                     # A status of 4,096 services is 100,000s of small dicts.
                     with gc_paused():

@@ -283,23 +283,25 @@ class Daemon:
         return Journal(guardian=True, grace_ms=lb.restart_grace_ms,
                        socket_path=lb.guardian_socket, inherited=inherited)
 
-    async def reload(self) -> None:
-        """SIGHUP: apply a changed config without losing flows.  Services and
-        backends may change; [lb] settings need a restart.  A bad config is
-        reported (log and status JSON) and the running one kept."""
+    async def reload(self) -> NatlbError | None:
+        """SIGHUP or `natlb reload`: apply a changed config without losing
+        flows.  Services and backends may change; [lb] settings need a
+        restart.  A bad config is reported (log, status JSON, and the
+        returned error for `natlb reload`) and the running one kept."""
         if not self.path:
-            return
+            return None
         try:
             await self._reload(self.path)
         except NatlbError as e:
             log.error("reload refused, keeping the running config: %s", e)
             self.reloads = {"count": self.reloads["count"] + 1, "at": time.time(),
                             "ok": False, "error": str(e)}
-            return
+            return e
         self.reloads = {"count": self.reloads["count"] + 1, "at": time.time(), "ok": True,
                         "error": None}
         log.info("reloaded %s", self.path)
         self._log_services()
+        return None
 
     async def _reload(self, path: str) -> None:
         new = load(path)
@@ -628,12 +630,23 @@ class Daemon:
             loop.add_signal_handler(sig, stop.set)
         reload_tasks: set[asyncio.Task[None]] = set()
 
-        async def notified_reload() -> None:
+        async def notified_reload() -> NatlbError | None:
             sdnotify.reloading()
             try:
-                await self.reload()
+                return await self.reload()
             finally:
                 sdnotify.ready("running")
+
+        async def control_reload(req: dict[str, Any]) -> dict[str, Any]:
+            # `natlb reload` (the unit's ExecReload): the outcome comes back,
+            # so `systemctl reload` fails when the reload is refused.
+            refused = await notified_reload()
+            if refused is not None:
+                why = f"config: {refused}" if isinstance(refused, ConfigError) else str(refused)
+                return {"ok": False, "exit": refused.exit_code,
+                        "error": f"reload refused, keeping the running config: {why}"}
+            return {"ok": True, "config": self.path, "services": len(self.config.services),
+                    "backends": sum(len(s.backends) for s in self.config.services)}
 
         def on_hup() -> None:
             task = loop.create_task(notified_reload())
@@ -648,7 +661,7 @@ class Daemon:
                      **collect(self.pool, self.queues, started, lb.max_flows, self.rates),
                      "reloads": self.reloads,
                      **({"fastpath": self.fast.status()} if self.fast else {})},
-            restart=self.restart)
+            restart=self.restart, reload=control_reload)
         if self.inherited_control:
             await control.adopt(self.inherited_control)
             self.inherited_control = None
