@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 
 Identity = tuple[int, int, int]
 
@@ -23,3 +24,13 @@ def unlink_if_mine(path: str, mine: Identity | None) -> None:
     with contextlib.suppress(FileNotFoundError):
         if identity(path) == mine:
             os.unlink(path)
+
+
+def answers(path: str) -> bool:
+    """Whether a process accepts connections on the Unix socket at `path`."""
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+    return True

@@ -28,10 +28,10 @@ A refusal is a user error (exit 2) found before anything changes.
 from __future__ import annotations
 
 import os
-import socket
 
 from natlb.errors import ConfigError, UserError
 from natlb.nftlist import FAMILIES, tables
+from natlb.ownfile import answers
 
 PREFIX = "natlb control socket "
 
@@ -44,15 +44,6 @@ def mark(control_socket: str) -> str:
 def owner_of(comment: str) -> str | None:
     """The control socket a natlb wrote into a table's comment, or None."""
     return comment[len(PREFIX):] if comment.startswith(PREFIX) else None
-
-
-def _answers(path: str) -> bool:
-    with socket.socket(socket.AF_UNIX) as s:
-        try:
-            s.connect(path)
-        except OSError:
-            return False
-    return True
 
 
 def _shown(text: str) -> str:
@@ -70,8 +61,8 @@ def check(table: str, control_socket: str) -> None:
         owner = owner_of(comment)
         # A guardian waiting on our own socket's path is a crashed
         # predecessor's, whose host this natlb is about to claim.
-        if owner is not None and (_answers(owner) or (owner != mine
-                                                      and _answers(owner + ".guardian"))):
+        if owner is not None and (answers(owner) or (owner != mine
+                                                      and answers(owner + ".guardian"))):
             raise UserError(
                 f"another natlb runs in this network namespace (control socket "
                 f"{_shown(owner)}, table {FAMILIES.get(family, family)} {_shown(name)}); "
@@ -79,7 +70,7 @@ def check(table: str, control_socket: str) -> None:
                 f"the first to stop would undo them under the other: one natlb per "
                 f"network namespace")
         if (name == table and owner is None
-                and not _answers(mine + ".guardian")):
+                and not answers(mine + ".guardian")):
             # (this natlb's own guardian waiting: a crashed predecessor's
             # table, from a natlb that wrote no comment)
             fname = FAMILIES[family]

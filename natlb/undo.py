@@ -31,7 +31,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from natlb.ownfile import Identity, identity, unlink_if_mine
+from natlb.ownfile import Identity, answers, identity, unlink_if_mine
 
 log = logging.getLogger("natlb.undo")
 
@@ -179,16 +179,6 @@ def claim(socket_path: str, wait_s: float = 2.0) -> list[dict[str, Any]] | None:
         time.sleep(0.05)
 
 
-def _serving(control_socket: str) -> bool:
-    """Is a natlb answering on this control socket?"""
-    with socket.socket(socket.AF_UNIX) as s:
-        try:
-            s.connect(control_socket)
-        except OSError:
-            return False
-    return True
-
-
 def _give(conn: socket.socket, entries: list[dict[str, Any]]) -> bool:
     """Answers one claim; True if the claimer took the journal."""
     try:
@@ -277,7 +267,7 @@ def guardian(fd: int, grace_ms: int, socket_path: str | None) -> int:
                     continue
                 entries.append(entry)
     close_listener()
-    if socket_path and _serving(socket_path.removesuffix(".guardian")):
+    if socket_path and answers(socket_path.removesuffix(".guardian")):
         # A natlb started without claiming the journal: never tear the host
         # down under it.
         print("natlb guardian: another natlb is running; leaving the host to it",
