@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -69,3 +70,25 @@ def keepalive_load(net: ClusterNet, conns: int, seconds: float, pause_ms: float,
 def finish(load: subprocess.Popen) -> dict:
     out, _ = load.communicate(timeout=120)
     return json.loads(out)
+
+
+def assert_carried_by_the_kernel(net: ClusterNet, nodes: tuple[int, ...], service: str = "web",
+                                 vip: str = VIP, conns: int = 9) -> None:
+    """Thousands of keep-alive requests while the nodes queue a few packets
+    per connection, some replies crossing a node of their own, and the
+    per-backend counters hold every packet and byte."""
+    before = counts(net, nodes, service)
+    r = finish(keepalive_load(net, conns, seconds=3, pause_ms=2, vip=vip))
+    time.sleep(0.3)                 # the observers apply the closing FINs
+    d = delta(counts(net, nodes, service), before)
+    requests = r["keepalive_requests"]
+    assert r["established_lost"] == 0 and r["new_failed"] == 0, r
+    assert requests > conns * 100, r
+    assert d["reply_adopted"] > 0, d     # some replies crossed a node of their own
+    assert d["queued"] <= (conns + 1) * PER_CONN, (d, requests)
+    # Each request and each answer is at least one packet, an answer at
+    # least its status line and headers (and nginx's "bN\n").
+    assert d["packets"] >= 2 * requests, (d, requests)
+    assert d["bytes_out"] >= requests * 150 and d["bytes_in"] >= requests * 60, (d, requests)
+    print(f"\n{vip}: {requests} requests on {conns} connections, {d['queued']} packets "
+          f"queued on the three nodes together, {d['packets']} counted")

@@ -10,7 +10,15 @@ import time
 
 import pytest
 
-from .cluster_traffic import PER_CONN, counts, delta, finish, keepalive_load, running_cluster
+from .cluster_traffic import (
+    PER_CONN,
+    assert_carried_by_the_kernel,
+    counts,
+    delta,
+    finish,
+    keepalive_load,
+    running_cluster,
+)
 
 if not shutil.which("bird") or not shutil.which("nginx"):
     pytest.skip("needs bird2 and nginx (scripts/setup --test installs them)",
@@ -32,22 +40,7 @@ def test_established_connections_are_carried_by_the_kernel_on_each_node(cluster)
     3^-10).  Thousands of requests go
     through while the nodes together queue only a few packets per
     connection; the per-backend counters still hold every packet and byte."""
-    conns = 9
-    before = counts(cluster, NODES)
-    r = finish(keepalive_load(cluster, conns, seconds=3, pause_ms=2))
-    time.sleep(0.3)                 # the observers apply the closing FINs
-    d = delta(counts(cluster, NODES), before)
-    requests = r["keepalive_requests"]
-    assert r["established_lost"] == 0 and r["new_failed"] == 0, r
-    assert requests > conns * 100, r
-    assert d["reply_adopted"] > 0, d     # some replies crossed a node of their own
-    assert d["queued"] <= (conns + 1) * PER_CONN, (d, requests)
-    # Each request and each answer is at least one packet, an answer at
-    # least its status line and headers (and nginx's "bN\n").
-    assert d["packets"] >= 2 * requests, (d, requests)
-    assert d["bytes_out"] >= requests * 150 and d["bytes_in"] >= requests * 60, (d, requests)
-    print(f"\n{requests} requests on {conns} connections, {d['queued']} packets queued "
-          f"on the three nodes together, {d['packets']} counted")
+    assert_carried_by_the_kernel(cluster, NODES)
 
 
 def test_a_disabled_backends_carried_connections_are_reset_and_the_others_go_on(cluster):

@@ -13,7 +13,7 @@ import pytest
 
 from natlb_testbed.cluster import VIP, VIP6, backend_addr6
 
-from .cluster_traffic import PER_CONN, counts, delta, finish, keepalive_load, running_cluster
+from .cluster_traffic import assert_carried_by_the_kernel, counts, delta, finish, running_cluster
 
 if not shutil.which("bird") or not shutil.which("nginx"):
     pytest.skip("needs bird2 and nginx (scripts/setup --test installs them)",
@@ -60,20 +60,7 @@ def test_established_ipv6_connections_are_carried_by_the_kernel_on_each_node(clu
     nodes, most of whose replies cross another node than their requests;
     thousands of requests while the nodes queue a few packets per
     connection, and the per-backend counters hold every packet and byte."""
-    conns = 9
-    before = counts(cluster, NODES, "web6")
-    r = finish(keepalive_load(cluster, conns, seconds=3, pause_ms=2, vip=VIP6))
-    time.sleep(0.3)                 # the observers apply the closing FINs
-    d = delta(counts(cluster, NODES, "web6"), before)
-    requests = r["keepalive_requests"]
-    assert r["established_lost"] == 0 and r["new_failed"] == 0, r
-    assert requests > conns * 100, r
-    assert d["reply_adopted"] > 0, d     # some replies crossed a node of their own
-    assert d["queued"] <= (conns + 1) * PER_CONN, (d, requests)
-    assert d["packets"] >= 2 * requests, (d, requests)
-    assert d["bytes_out"] >= requests * 150 and d["bytes_in"] >= requests * 60, (d, requests)
-    print(f"\nIPv6: {requests} requests on {conns} connections, {d['queued']} packets queued "
-          f"on the three nodes together, {d['packets']} counted")
+    assert_carried_by_the_kernel(cluster, NODES, "web6", VIP6)
 
 
 def test_node_dies_the_hard_way_and_no_ipv6_connection_is_lost(cluster):
