@@ -167,7 +167,11 @@ def test_short_connections_queue_only_their_syn_and_end_closed_counted_exactly(t
     decide), whatever the setting."""
     scheduler, on = decide
     natlb(basic_config(testbed, scheduler=scheduler, family=family,
-                       lb_extra=f"{FAST}\nfastpath_decide = {str(on).lower()}"))
+                       lb_extra=f"{FAST}\nfastpath_decide = {str(on).lower()}\n"
+                       # A closed flow leaves the table after tcp_close (10 s):
+                       # on a loaded machine the first ones did before the
+                       # last connection ended (CI: 97 of 100 counted).
+                       "[lb.timeouts]\ntcp_fin = 600\ntcp_close = 600"))
     placed = on and scheduler != "lc"
     vip, _ = family_addresses(family)
     table = f"nlfin{uuid.uuid4().hex[:6]}"
