@@ -1,7 +1,5 @@
 """The host's nftables as natlb reads it (nfnetlink dumps, no nft binary):
-every table with its comment, every base chain with its hook.  Also the
-attribute walker the table watch (natlb/tablewatch.py) reads
-notifications with."""
+every table with its comment, every base chain with its hook."""
 
 from __future__ import annotations
 
@@ -11,6 +9,7 @@ import struct
 from typing import NamedTuple
 
 from natlb.errors import HostError
+from natlb.netlink import NLMSG_HDR, attrs, messages, string
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
@@ -20,10 +19,7 @@ NFTA_CHAIN_TABLE, NFTA_CHAIN_NAME, NFTA_CHAIN_HOOK = 1, 3, 4
 NFTA_HOOK_HOOKNUM, NFTA_HOOK_PRIORITY = 1, 2
 NLM_F_REQUEST, NLM_F_DUMP = 1, 0x300
 NLMSG_ERROR, NLMSG_DONE = 2, 3
-NLMSG_HDR = struct.Struct("=IHHII")       # len, type, flags, seq, pid
 NFGENMSG = struct.Struct("=BBH")          # family, version, res_id (big-endian)
-NLATTR = struct.Struct("=HH")             # len, type
-NLA_TYPE_MASK = 0x3FFF
 # libnftnl's user data: type (u8), length (u8), value; a table's comment is type 0.
 NFTNL_UDATA_TABLE_COMMENT = 0
 # nft's names of the families (NFPROTO_*).
@@ -45,22 +41,6 @@ class Chain(NamedTuple):
 
     def __str__(self) -> str:
         return f"{FAMILIES.get(self.family, self.family)} {self.table} {self.name}"
-
-
-def attrs(data: bytes, off: int, end: int) -> dict[int, bytes]:
-    """Netlink attributes from off to end, by type (the last of a type)."""
-    out = {}
-    while off + NLATTR.size <= end:
-        length, kind = NLATTR.unpack_from(data, off)
-        if length < NLATTR.size:
-            break
-        out[kind & NLA_TYPE_MASK] = data[off + NLATTR.size:off + length]
-        off += (length + 3) & ~3
-    return out
-
-
-def string(value: bytes) -> str:
-    return value.split(b"\0", 1)[0].decode(errors="replace")
 
 
 def comment_of(udata: bytes) -> str:
@@ -87,22 +67,16 @@ def _dump(request: int, reply: int) -> list[tuple[int, dict[int, bytes]]]:
         s.send(msg)
         while True:
             data = s.recv(1 << 16)
-            off = 0
-            while off + NLMSG_HDR.size <= len(data):
-                length, kind, _, rseq, _ = NLMSG_HDR.unpack_from(data, off)
-                if length < NLMSG_HDR.size:
-                    break
-                if rseq == seq:
-                    if kind == NLMSG_DONE:
-                        return out
-                    if kind == NLMSG_ERROR:
-                        err = -struct.unpack_from("=i", data, off + NLMSG_HDR.size)[0]
-                        raise OSError(err, os.strerror(err))
-                    if kind == NFNL_SUBSYS_NFTABLES << 8 | reply:
-                        out.append((data[off + NLMSG_HDR.size],
-                                    attrs(data, off + NLMSG_HDR.size + NFGENMSG.size,
-                                          off + length)))
-                off += (length + 3) & ~3
+            for kind, rseq, at, end in messages(data):
+                if rseq != seq:
+                    continue
+                if kind == NLMSG_DONE:
+                    return out
+                if kind == NLMSG_ERROR:
+                    err = -struct.unpack_from("=i", data, at)[0]
+                    raise OSError(err, os.strerror(err))
+                if kind == NFNL_SUBSYS_NFTABLES << 8 | reply:
+                    out.append((data[at], attrs(data, at + NFGENMSG.size, end)))
 
 
 def tables() -> list[Table]:

@@ -14,7 +14,7 @@ import uuid
 
 import pytest
 
-import natlb.linkwatch
+import natlb.netlink
 from natlb.linkwatch import Link, LinkWatch
 
 from .test_fastpath_bpf import runner_in
@@ -47,7 +47,7 @@ def wait_for(pred, seconds: float = 10.0) -> bool:
 def test_an_overflowed_link_watch_says_so_and_keeps_watching(ns, monkeypatch):
     # The kernel's floor for a receive buffer (a few KiB): two or three
     # link notifications, each with all its attributes, fill it.
-    monkeypatch.setattr(natlb.linkwatch, "RCVBUF", 1)
+    monkeypatch.setattr(natlb.netlink, "RCVBUF", 1)
     added: list[str] = []
     lost = threading.Event()
     watch = LinkWatch(lambda link: added.append(link.name), lambda link: None, lost.set)
