@@ -209,6 +209,7 @@ class LBConfig:
     def metrics_address(self) -> tuple[str, int]:
         host, _, port = self.metrics.rpartition(":")
         return host.strip("[]"), int(port)
+
     def other_queues(self, taken: list[int]) -> list[int]:
         """`natlb restart`: the successor's queues must not be its
         predecessor's; it takes the bank NL_MAX_WORKERS above (or below)."""
@@ -225,6 +226,12 @@ class LBConfig:
         the socket, not the table, because the socket is what no two natlb on
         one host can share (nodes in network namespaces share the filesystem)."""
         return os.path.abspath(self.control_socket) + ".flows"
+
+    @property
+    def run_state_path(self) -> str:
+        """Backends' admin state and weight set at run time, for a natlb
+        started after a crash (natlb/runstate.py)."""
+        return os.path.abspath(self.control_socket) + ".state"
 
     @property
     def guardian_socket(self) -> str:

@@ -29,7 +29,7 @@ from typing import Any
 
 from pyroute2.netlink.exceptions import NetlinkError
 
-from natlb import fastpath, netsetup, ruleset, sdnotify, tableowner, watchdog
+from natlb import fastpath, netsetup, ruleset, runstate, sdnotify, tableowner, watchdog
 from natlb.announce import Announcer
 from natlb.config import Config, host_port, lb_change, load
 from natlb.config import family as config_family
@@ -50,8 +50,6 @@ from natlb.fastpath import TcFastPath
 from natlb.handover import (
     Channel,
     HandoverError,
-    pool_state,
-    restore_pool,
     seed_traffic,
     spawn_orphan,
     traffic,
@@ -59,9 +57,10 @@ from natlb.handover import (
 )
 from natlb.health import Monitor
 from natlb.linkwatch import Link, LinkWatch
-from natlb.metrics import MetricsServer
+from natlb.metrics_http import MetricsServer
 from natlb.pool import Pool, PoolError
 from natlb.rates import RateEstimator, live_counters
+from natlb.runstate import pool_state, restore_pool
 from natlb.status import collect
 from natlb.steering import Steering
 from natlb.tablewatch import TableWatch
@@ -96,6 +95,7 @@ class Daemon:
         self.path = path
         self.core = Core(CoreConfig.from_lb(config.lb))
         self.pool = Pool(config, self.core)
+        self.pool.operator_changed = self._save_run_state
         self.steering = Steering(config.lb.table)
         # Loaded before anything on the host changes: a kernel that refuses
         # it stops natlb with one clear error.
@@ -278,6 +278,21 @@ class Daemon:
         if not self.journal.has("flow_table", path=path):
             self.journal.record("flow_table", path=path)
 
+    def _save_run_state(self) -> None:
+        """Backends' admin states and weights, for a natlb started after a
+        crash (natlb/runstate.py): at start, at every operator change and
+        reload."""
+        if self.journal is None:
+            return
+        path = self.config.lb.run_state_path
+        if not self.journal.has("run_state", path=path):
+            self.journal.record("run_state", path=path)
+        try:
+            runstate.save(path, self.pool)
+        except OSError as e:
+            log.warning("run-time state not saved to %s: %s (a crash restart would start "
+                        "every backend from the config)", path, e)
+
     def _journal(self, inherited: list[dict[str, Any]]) -> Journal:
         lb = self.config.lb
         return Journal(guardian=True, grace_ms=lb.restart_grace_ms,
@@ -300,6 +315,7 @@ class Daemon:
         self.reloads = {"count": self.reloads["count"] + 1, "at": time.time(), "ok": True,
                         "error": None}
         log.info("reloaded %s", self.path)
+        self._save_run_state()
         self._log_services()
         return None
 
@@ -448,7 +464,7 @@ class Daemon:
         pid = spawn_orphan(argv, (theirs.fileno(), control_fd))
         theirs.close()
         ch = Channel(mine)
-        forwarding = False
+        forwarding = handing_metrics = False
         if self.fast:
             # First packets queued from now on (to us, then to the
             # successor): the handshakes the kernel placed before complete,
@@ -462,11 +478,23 @@ class Daemon:
         self._close_table_watch()
         try:
             assert self.journal is not None
+            metrics = self.metrics if self.metrics and self.metrics.serving else None
             ch.send(journal=self.journal.entries, queues=self.queues,
                     pool=pool_state(self.pool),
-                    metrics=self.metrics.address if self.metrics else None,
-                    control_fd=control_fd)
-            queues = await loop.run_in_executor(None, ch.expect, "bound", 30)
+                    metrics=metrics.address if metrics else None,
+                    metrics_socket=metrics is not None, control_fd=control_fd)
+            reply = await loop.run_in_executor(None, ch.receive, 30, "'bound'")
+            if reply.get("want") == "metrics" and metrics and metrics.server:
+                ch.send_socket(metrics.server.socket, metrics_socket=True)
+                reply = await loop.run_in_executor(None, ch.receive, 30, "'bound'")
+            if "bound" not in reply:
+                raise HandoverError(f"expected 'bound', got {sorted(reply)}")
+            queues = reply["bound"]
+            # The successor serves our metrics socket: we stop accepting on
+            # it before our counters go to the successor, so that no scrape
+            # sees them go back (one of ours after one of its); scrapes
+            # wait in the socket's backlog until the successor serves.
+            handing_metrics = bool(reply.get("metrics")) and metrics is not None
             log.info("restart: successor pid %d bound queues %s", pid, queues)
             if self.monitor:
                 await self.monitor.stop()
@@ -476,6 +504,9 @@ class Daemon:
                 # The successor applies what its own programs carry; ours
                 # must not touch the flows it is adopting.
                 self.fast.stop_observing()
+            if handing_metrics:
+                assert metrics is not None
+                await loop.run_in_executor(None, metrics.give_away)
             final = traffic(self.pool)
             # Counters the successor goes on with (Prometheus sees no reset):
             # the checks stopped above, the observer just now.
@@ -488,6 +519,8 @@ class Daemon:
         except BaseException:
             if self.fast:
                 self.fast.resume_decisions()
+            if handing_metrics and metrics:
+                metrics.resume()
             if forwarding:
                 # The successor may have re-identified our flows already.
                 self.core.readopt()
@@ -585,7 +618,16 @@ class Daemon:
         fd = first.get("control_fd")
         if isinstance(fd, int):
             self.inherited_control = ControlServer.inherited(fd, lb.control_socket)
-        if (self.metrics and "metrics" in first
+        metrics_socket = None
+        if self.metrics and first.get("metrics_socket"):
+            # The predecessor's listening socket, served once we serve (a
+            # scrape before then would see counters not yet carried over).
+            ch.send(want="metrics")
+            metrics_socket = ch.receive_socket(30, "the metrics socket")
+            if metrics_socket is not None and not self.metrics.can_adopt(metrics_socket):
+                metrics_socket.close()
+                metrics_socket = None
+        if (self.metrics and metrics_socket is None and "metrics" in first
                 and not self.metrics.shares_port_with(first["metrics"])):
             # An address the predecessor's server cannot clash with is bound
             # now, before anything is taken over: taken, the restart fails
@@ -598,7 +640,7 @@ class Daemon:
         self.journal = self._journal(first["journal"])
         self.queues = lb.other_queues(first["queues"])
         self.core.start(self.queues, gso=lb.gso, mark=lb.rewrite == "mark", paused=True)
-        ch.send(bound=self.queues)
+        ch.send(bound=self.queues, metrics=metrics_socket is not None)
         released = ch.receive(30, "'released'")
         # The pause: packets wait in the kernel queues until resume().
         seed_traffic(self.pool, released["traffic"])
@@ -609,8 +651,12 @@ class Daemon:
             self.fast.carry_on(released.get("fastpath", {}))
         self._open_store()
         self._own_store()
+        self._save_run_state()
         self.setup_host(self.core.resume)
         self._withdraw_vips_now()
+        if metrics_socket is not None:
+            assert self.metrics is not None
+            self.metrics.adopt(metrics_socket)
         r = self.store_report
         assert r is not None
         ch.send(serving={"flows": r.adopted, "flows_dropped": r.dropped, "store": r.result,
@@ -763,9 +809,18 @@ class Daemon:
                     self.journal.record("directory", path=run_dir,
                                         socket=os.path.abspath(lb.control_socket))
                     os.mkdir(run_dir, 0o700)
+                if inherited:
+                    # What the operator had set, not the config's defaults:
+                    # a backend disabled for maintenance stays out.
+                    kept = runstate.load(lb.run_state_path)
+                    if kept:
+                        n = restore_pool(self.pool, kept, health=False)
+                        log.info("kept the admin state and weight of %d backends from the "
+                                 "crashed natlb", n)
                 self.pool.publish()
                 self._open_store()
                 self._own_store()
+                self._save_run_state()
                 self.core.start(self.queues, gso=lb.gso, mark=lb.rewrite == "mark")
                 self.setup_host()
                 self._withdraw_vips_now()   # a crashed natlb's, of services now gone

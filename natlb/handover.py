@@ -5,22 +5,29 @@ the config re-read, and talks to it over a socketpair, one JSON object per
 line.  Only one process decides packets and writes the flow table at any
 moment:
 
-    A -> B  {"journal", "queues", "pool", "control_fd"}  host changes to
-            own, A's queues, health/admin/weight state, and the number of
-            A's listening control socket, which B inherited
+    A -> B  {"journal", "queues", "pool", "control_fd", "metrics"}  host
+            changes to own, A's queues, health/admin/weight state, the
+            number of A's listening control socket, which B inherited, and
+            the address A serves metrics on
+   (B -> A  {"want": "metrics"}  if B serves metrics and A offered its
+            listening socket ("metrics_socket"); A -> B sends it
+            (SCM_RIGHTS, so that a B which never asks never holds it))
     B       publishes its tables, binds its own queues (the other bank),
             paused: the kernel holds what arrives there
-    B -> A  {"bound": queues}
+    B -> A  {"bound": queues, "metrics": whether B will serve A's socket}
     A       stops health checks, then forwards every packet it receives to
             B's queues undecided (an NF_QUEUE verdict) and stops touching
-            the flow table
+            the flow table; stops accepting on the metrics socket (scrapes
+            wait in its backlog for B: none sees a counter go back)
     A -> B  {"released": true, "traffic"}  and A's final counters
     B       adopts the flow table file (in place, or copied when max_flows
             changed), replaces the nftables rules with its own queue
             numbers in one batch (chains, hence queued packets, are kept),
             then starts reading
     B -> A  {"serving": summary}  with "control": whether B serves that
-            listening socket (an older B binds the path once A removed it)
+            listening socket (an older B binds the path once A removed it,
+            and the metrics address once A let it go); B serves the metrics
+            socket from now on
     A       stops accepting on the control socket (B, which inherited its
             listening socket, accepts from now on: `natlb status` never
             finds the path unanswered), waits until its own queues are
@@ -79,6 +86,28 @@ class Channel:
             raise HandoverError(msg["error"], int(msg.get("exit", 1)))
         return msg
 
+    def send_socket(self, sock: socket.socket, **msg: Any) -> None:
+        """One message with a descriptor of ours attached (SCM_RIGHTS).  Only
+        when the other side asked for it: it must read it with
+        receive_socket, with nothing of ours buffered before it."""
+        socket.send_fds(self.sock, [json.dumps(msg).encode() + b"\n"], [sock.fileno()])
+
+    def receive_socket(self, timeout: float, what: str) -> socket.socket | None:
+        """The socket sent with send_socket (None if none came with it)."""
+        self.sock.settimeout(timeout)
+        try:
+            data, fds, _, _ = socket.recv_fds(self.sock, 1 << 12, 1)
+            while data and not data.endswith(b"\n"):
+                more = self.sock.recv(1 << 12)
+                if not more:
+                    break
+                data += more
+        except TimeoutError:
+            raise HandoverError(f"no {what} within {timeout:.0f} s") from None
+        if not data:
+            raise HandoverError(f"the other side exited before {what}")
+        return socket.socket(fileno=fds[0]) if fds else None
+
     def expect(self, key: str, timeout: float) -> Any:
         msg = self.receive(timeout, repr(key))
         if key not in msg:
@@ -88,32 +117,6 @@ class Channel:
     def close(self) -> None:
         self.reader.close()
         self.sock.close()
-
-
-def pool_state(pool: Pool) -> list[dict[str, Any]]:
-    """What the successor keeps of each backend, by service name and key."""
-    return [{"service": s.cfg.name, "backend": b.cfg.key, "health": b.health,
-             "admin": b.admin, "weight": b.weight, "cfg_weight": b.cfg.weight}
-            for s in pool.services for b in s.backends]
-
-
-def restore_pool(pool: Pool, state: list[dict[str, Any]]) -> int:
-    """Give the successor's backends their predecessor's state; a weight
-    changed in the config wins over one set at run time (as on reload)."""
-    by_key = {(st["service"], st["backend"]): st for st in state}
-    n = 0
-    for s in pool.services:
-        for b in s.backends:
-            st = by_key.get((s.cfg.name, b.cfg.key))
-            if st is None:
-                continue
-            # type(...)(): the states may be str enums.
-            b.health = type(b.health)(st["health"])
-            b.admin = type(b.admin)(st["admin"])
-            if b.cfg.weight == st["cfg_weight"]:
-                b.weight = st["weight"]
-            n += 1
-    return n
 
 
 TRAFFIC = ("packets_in", "bytes_in", "packets_out", "bytes_out", "new_flows")

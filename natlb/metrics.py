@@ -1,5 +1,5 @@
-"""Prometheus metrics (``[lb] metrics = "ADDR:PORT"``), served from natlb's
-own process by prometheus-client's HTTP server thread.
+"""Prometheus metrics (``[lb] metrics = "ADDR:PORT"``): what natlb tells a
+scrape, served from natlb's own process (natlb/metrics_http.py).
 
 Nothing is counted for Prometheus: at each scrape a custom collector reads
 the C counters (the same readers ``natlb status`` uses) and the pool's
@@ -9,27 +9,22 @@ Names follow node_exporter's ipvs collector with a ``natlb_`` prefix.
 
 from __future__ import annotations
 
-import logging
 import threading
-import time
 from collections.abc import Callable, Iterator
-from typing import Any
-from wsgiref.simple_server import WSGIServer
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
-from prometheus_client.exposition import start_http_server
-from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.registry import Collector
 from prometheus_client.samples import Sample
 
-from natlb.config import ConfigError, LBConfig
+from natlb.config import LBConfig
 from natlb.pool import Pool
-from natlb.pool_state import UP
+from natlb.pool_state import DISABLED, DRAINING, ENABLED, UP
 from natlb.status import queue_stats, read_counters
 from natlb.version import natlb_version
 
-log = logging.getLogger("natlb.metrics")
-
 SERVICE_LABELS = ["service", "vip", "port", "protocol"]
+# natlb_backend_admin_state: how much of the traffic the operator lets in.
+ADMIN_LEVEL = {ENABLED: 2, DRAINING: 1, DISABLED: 0}
 BACKEND_LABELS = [*SERVICE_LABELS, "address", "backend_port"]
 
 # (metric name, help, Counters field) per service and per backend.
@@ -82,6 +77,9 @@ class NatlbCollector(Collector):
         be_traffic = [(counter(f"backend_{n}", d, BACKEND_LABELS), f) for n, d, f in TRAFFIC]
         up = gauge("backend_up", "1 while the backend's health state is up", BACKEND_LABELS)
         weight = gauge("backend_weight", "Weight for new flows", BACKEND_LABELS)
+        admin = gauge("backend_admin_state",
+                      "The operator's admin state: 2 enabled, 1 draining, 0 disabled",
+                      BACKEND_LABELS)
         active = gauge("backend_connections_active", "Flows in the table not closing",
                        BACKEND_LABELS)
         inactive = gauge("backend_connections_inactive",
@@ -102,12 +100,13 @@ class NatlbCollector(Collector):
                 c = be_ctr[b.id]
                 up.samples.append(Sample(up.name, bl, 1 if b.health == UP else 0))
                 weight.samples.append(Sample(weight.name, bl, b.weight))
+                admin.samples.append(Sample(admin.name, bl, ADMIN_LEVEL[b.admin]))
                 active.samples.append(Sample(active.name, bl, c.active_flows))
                 inactive.samples.append(Sample(inactive.name, bl, c.inactive_flows))
                 for samples, name, field in be_samples:
                     samples.append(Sample(name, bl, getattr(c, field)))
         out: list[Metric] = [f for f, _ in svc_traffic]
-        out += [up, weight, active, inactive, *(f for f, _ in be_traffic)]
+        out += [up, weight, admin, active, inactive, *(f for f, _ in be_traffic)]
 
         dropped = counter("dropped_packets_total", "Packets dropped or passed, by reason",
                           ["reason"])
@@ -185,71 +184,3 @@ class NatlbCollector(Collector):
             fast += [placed, fallback]
         return [*out, dropped, failover, checks, qdrop, flows, capacity, reclaimed, evicted,
                 datagrams, fragments, tracking, held, info, *fast]
-
-
-class MetricsServer:
-    """The HTTP endpoint; bound in start() so that a taken address is found
-    before natlb changes anything on the host."""
-
-    def __init__(self, pool: Pool, lb: LBConfig,
-                 queues: Callable[[], list[int]] | None = None) -> None:
-        self.lb = lb
-        self.collector = NatlbCollector(pool, lb, queues)
-        self.registry = CollectorRegistry(auto_describe=False)
-        self.registry.register(self.collector)
-        self.server: WSGIServer | None = None
-
-    @property
-    def wanted(self) -> list[Any]:
-        """The address to serve on, as `address` reports it (JSON-able)."""
-        return list(self.lb.metrics_address)
-
-    @property
-    def address(self) -> list[Any] | None:
-        """The address served on, or None (not started, or not bound)."""
-        return self.wanted if self.server is not None else None
-
-    @property
-    def serving(self) -> bool:
-        return self.server is not None
-
-    def shares_port_with(self, other: list[Any] | None) -> bool:
-        """Whether binding `wanted` could clash with a server on `other` (a
-        predecessor's): the same port, and the same host or a wildcard on
-        either side (the kernel refuses 127.0.0.1:P while 0.0.0.0:P
-        listens, SO_REUSEADDR or not)."""
-        if not other:
-            return False
-        (host, port), (other_host, other_port) = self.wanted, other
-        wildcard = ("", "0.0.0.0", "::")
-        return port == other_port and (host == other_host or host in wildcard
-                                       or other_host in wildcard)
-
-    def start(self) -> None:
-        host, port = self.lb.metrics_address
-        try:
-            self.server, _ = start_http_server(port, host, registry=self.registry)
-        except OSError as e:
-            raise ConfigError(f'lb.metrics = "{self.lb.metrics}": '
-                              f"{(e.strerror or str(e)).lower()}") from None
-
-    def start_when_free(self, wait_s: float) -> None:
-        """A successor (natlb restart) binds the address its predecessor
-        gives up as it exits; until then scrapes reach the predecessor."""
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                self.start()
-                return
-            except ConfigError as e:
-                if time.monotonic() > deadline:
-                    log.warning("metrics not served: %s", e)
-                    return
-                time.sleep(0.1)
-
-    def stop(self) -> None:
-        if self.server is not None:
-            self.server.shutdown()
-            self.server.server_close()
-            self.server = None
-        self.collector.close()

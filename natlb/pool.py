@@ -63,6 +63,9 @@ class Pool:
         self.observer_counts: Callable[[], dict[str, int] | None] = lambda: None
         # The fast path's kernel decisions (TcFastPath.decisions), if any.
         self.decision_counts: Callable[[], dict[str, int] | None] = lambda: None
+        # Called after an operator set a backend's admin state or weight
+        # (the daemon keeps them for a crash restart: natlb/runstate.py).
+        self.operator_changed: Callable[[], None] = lambda: None
 
     @property
     def services(self) -> list[Service]:
@@ -154,11 +157,13 @@ class Pool:
             raise PoolError(f"admin state must be one of {', '.join(ADMIN_STATES)}")
         _, b = self.state.find(service, backend)
         self.apply(SetAdmin(b.id, Admin(admin)))
+        self.operator_changed()
         return b
 
     def set_weight(self, service: str, backend: str, weight: int) -> Backend:
         _, b = self.state.find(service, backend)
         self.apply(SetWeight(b.id, weight))
+        self.operator_changed()
         return b
 
     def find(self, service: str, backend: str) -> tuple[Service, Backend]:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from natlb_testbed.testbed import VIP, basic_config, unchecked_service
+from natlb_testbed.testbed import VIP, backend_addr, basic_config, unchecked_service
 
 from .conftest import natlb_cli, router_state
 
@@ -122,6 +122,39 @@ def test_sigkill_then_start_loses_no_established_connection(testbed, natlb):
         if p.args[-3:] == ["run", "-c", str(testbed.workdir / "natlb.toml")]:
             testbed.stop(p)
     assert router_state(testbed) == before
+
+
+def test_a_crash_restart_keeps_what_the_operator_set_a_stop_does_not(testbed, natlb):
+    """A backend disabled for maintenance stays out after natlb crashes and
+    starts again (it took the flows and the host over; it takes the admin
+    states and weights too), and no new connection reaches it.  A stop and
+    start begins from the config, as documented, and leaves no file."""
+    cfg = config(testbed)
+    first = natlb(cfg)
+    sock = testbed.control_socket
+    for args in (("disable", "web", backend_addr(1)), ("weight", "web", backend_addr(2), "5")):
+        r = natlb_cli(testbed, "backend", *args, "-s", sock)
+        assert r.returncode == 0, r.stderr
+    state = Path(sock + ".state")
+    assert state.exists()
+    first.kill()
+    first.wait()
+    again = natlb(cfg)
+    assert "kept the admin state and weight of 3 backends" in testbed.natlb_log()
+
+    def backends():
+        return {b["address"]: b for b in testbed.status()["services"][0]["backends"]}
+
+    b = backends()
+    assert (b[backend_addr(1)]["admin"], b[backend_addr(2)]["weight"]) == ("disabled", 5), b
+    res = testbed.client_run("http-stream", "--host", VIP, "--port", "80", "--count", "12")
+    assert all(r["ok"] for r in res), res
+    assert {r["backend"] for r in res} == {"b2", "b3"}, res
+    testbed.stop(again, signal.SIGTERM)
+    assert not state.exists()
+    natlb(cfg)
+    b = backends()
+    assert {(x["admin"], x["weight"]) for x in b.values()} == {("enabled", 1)}, b
 
 
 def test_crash_without_successor_leaves_a_clean_host_after_the_grace(testbed, natlb):

@@ -2,6 +2,7 @@
 Prometheus metrics agreeing with real traffic, rates."""
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -256,18 +257,6 @@ def test_restart_successor_is_the_service_managers_child_when_ready(testbed):
         assert router_state(testbed) == before
 
 
-def scrape_when_served(testbed) -> dict[tuple[str, tuple], float]:
-    """A scrape of the successor of `natlb restart`, which binds the metrics
-    address once its predecessor has let it go."""
-    deadline = time.monotonic() + 15
-    while testbed.router_cmd(sys.executable, "-c", (
-            "import urllib.request; urllib.request.urlopen("
-            f"'http://{METRICS}/metrics', timeout=2)")).returncode:
-        assert time.monotonic() < deadline, testbed.natlb_log()
-        time.sleep(0.2)
-    return scrape(testbed)
-
-
 def test_metrics_carry_on_across_a_reload_and_a_restart(testbed, natlb):
     """A reload that removes a backend and a `natlb restart` are no counter
     resets: the service's counters never go back (the kernel fast path's
@@ -301,14 +290,13 @@ def test_metrics_carry_on_across_a_reload_and_a_restart(testbed, natlb):
     assert r.returncode == 0, r.stderr + testbed.natlb_log()
     successor = int(r.stdout.split()[2])
     try:
-        # The predecessor serves the metrics until it exits: only then is a
-        # scrape the successor's (and never caught as it exits).  The control
-        # socket is the successor's once the restart returned.
-        assert p.wait(timeout=15) == 0
+        # Once the restart returned, the control socket and the metrics
+        # port are the successor's (the predecessor passed both on).
         status = testbed.status()
         assert status["pid"] == successor
         queues = status["queues"]
-        m = scrape_when_served(testbed)
+        m = scrape(testbed)
+        assert p.wait(timeout=15) == 0
         assert {n: series(m, n, **svc) for n in names} == before
         served = sorted(dict(lab)["queue"] for (n, lab) in m
                         if n == "natlb_queue_dropped_packets_total")
@@ -318,6 +306,82 @@ def test_metrics_carry_on_across_a_reload_and_a_restart(testbed, natlb):
         deadline = time.monotonic() + 15
         while os.path.exists(f"/proc/{successor}") and time.monotonic() < deadline:
             time.sleep(0.1)
+
+
+SCRAPER = f"""
+import json, sys, time, urllib.request
+from prometheus_client.parser import text_string_to_metric_families
+end = time.monotonic() + float(sys.argv[1])
+while time.monotonic() < end:
+    asked = time.monotonic()
+    try:
+        text = urllib.request.urlopen('http://{METRICS}/metrics', timeout=5).read().decode()
+        got = {{"n": 0, "queues": []}}
+        for fam in text_string_to_metric_families(text):
+            for s in fam.samples:
+                if s.name == "natlb_connections_total" and s.labels["service"] == "web":
+                    got["n"] = s.value
+                if s.name == "natlb_incoming_packets_total" and s.labels["service"] == "web":
+                    got["p"] = s.value
+                if s.name == "natlb_queue_dropped_packets_total":
+                    got["queues"].append(int(s.labels["queue"]))
+    except Exception as e:
+        got = {{"error": repr(e)}}
+    print(json.dumps({{"t": asked, **got}}), flush=True)
+    time.sleep(0.003)
+"""
+
+
+def test_scrapes_are_answered_all_through_restarts(testbed, natlb):
+    """The metrics port never refuses nor drops a scrape across `natlb
+    restart` (the predecessor passes its listening socket on), its counters
+    never go back, and a scrape made after the restart returned is the
+    successor's (its queues).  Before, the successor bound the address only
+    once its predecessor had exited: scrapes in between were refused."""
+    config = basic_config(testbed, lb_extra=f'metrics = "{METRICS}"')
+    p = natlb(config)
+    res = testbed.client_run("http-stream", "--host", VIP, "--port", "80", "--count", "6")
+    assert all(r["ok"] for r in res), res
+    scraper = testbed.spawn(testbed.router, [sys.executable, "-c", SCRAPER, "40"],
+                            stdout=subprocess.PIPE, text=True)
+    pids, begun, returned, queues = [p.pid], [], [], []
+    load = testbed.python(testbed.client, "natlb_testbed.hosts", "churn", "--host", VIP,
+                          "--port", "80", "--keepalive", "2", "--interval-ms", "50",
+                          "--seconds", "5", "--timeout", "15", stdout=subprocess.PIPE, text=True)
+    try:
+        assert json.loads(scraper.stdout.readline()).get("n") >= 6
+        for _ in range(3):
+            begun.append(time.monotonic())
+            r = natlb_cli(testbed, "restart", "-c", str(testbed.workdir / "natlb.toml"))
+            returned.append(time.monotonic())
+            assert r.returncode == 0, r.stderr + testbed.natlb_log()
+            pids.append(int(r.stdout.split()[2]))
+            queues.append(sorted(q["queue"] for q in testbed.status()["queues"]))
+            time.sleep(0.5)
+        load.communicate(timeout=60)
+    finally:
+        scraper.terminate()
+        out, _ = scraper.communicate(timeout=10)
+        if len(pids) > 1:
+            os.kill(pids[-1], signal.SIGTERM)
+        for pid in pids[1:]:
+            deadline = time.monotonic() + 15
+            while os.path.exists(f"/proc/{pid}") and time.monotonic() < deadline:
+                time.sleep(0.1)
+    got = [json.loads(line) for line in out.splitlines()]
+    failed = [g for g in got if "error" in g]
+    assert not failed, (failed[:3], returned, testbed.natlb_log()[-2000:])
+    assert len(got) > 100
+    for counter in ("n", "p"):     # connections, packets: no reset seen
+        assert [g[counter] for g in got] == sorted(g[counter] for g in got), counter
+    assert got[-1]["n"] > got[0]["n"] and got[-1]["p"] > got[0]["p"]     # under traffic
+    assert len({tuple(q) for q in queues}) == 2      # the two banks, in turn
+    for k, at in enumerate(returned):
+        # Asked after the restart returned (and before the next began): the
+        # successor answers.
+        until = (begun + [float("inf")])[k + 1]
+        after = {tuple(sorted(g["queues"])) for g in got if at < g["t"] < until}
+        assert after == {tuple(queues[k])}, (k, after, queues)
 
 
 def test_health_and_fast_path_counters_carry_on_across_a_restart(testbed, natlb):
@@ -346,8 +410,8 @@ def test_health_and_fast_path_counters_carry_on_across_a_restart(testbed, natlb)
     assert r.returncode == 0, r.stderr + testbed.natlb_log()
     successor = int(r.stdout.split()[2])
     try:
-        assert p.wait(timeout=15) == 0   # it served the metrics until it exited
-        after = read(scrape_when_served(testbed))
+        after = read(scrape(testbed))      # the successor's, from the restart's return
+        assert p.wait(timeout=15) == 0
         assert all(a[0] >= b[0] for a, b in zip(after, before, strict=True)), (before, after)
         status = testbed.status()["fastpath"]
         assert status["observer"]["applied"] >= before[1][0], status

@@ -5,9 +5,10 @@ from scapy.layers.inet import IP, TCP
 
 from natlb.config import parse
 from natlb.core import Core, CoreConfig
-from natlb.handover import pool_state, restore_pool, seed_traffic, traffic
+from natlb.handover import seed_traffic, traffic
 from natlb.pool import Pool
 from natlb.pool_state import DOWN, DRAINING
+from natlb.runstate import pool_state, restore_pool
 
 
 def config(weights=(1, 1, 1), first=None):

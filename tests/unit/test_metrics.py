@@ -11,7 +11,7 @@ from scapy.layers.inet import IP, TCP
 
 from natlb.config import ConfigError, parse
 from natlb.core import Core, CoreConfig
-from natlb.metrics import MetricsServer
+from natlb.metrics_http import MetricsServer
 from natlb.pool import Pool
 
 from .services import CLIENT, many_services
@@ -117,6 +117,16 @@ def test_backend_state_and_checks_show(served):
     assert value(server, "natlb_backend_up", **backend_labels(config, 1)) == 0
     assert value(server, "natlb_backend_weight", **backend_labels(config, 2)) == 5
     assert value(server, "natlb_health_checks_total", result="fail") == 2
+
+
+def test_the_operators_admin_state_shows(served):
+    server, config = served
+    pool = server.collector.pool
+    keys = [b.cfg.key for b in pool.services[0].backends]
+    pool.set_admin("svc0", keys[0], "draining")
+    pool.set_admin("svc0", keys[1], "disabled")
+    assert [value(server, "natlb_backend_admin_state", **backend_labels(config, k))
+            for k in range(3)] == [1, 0, 2]
 
 
 def test_250_services_every_series_present():

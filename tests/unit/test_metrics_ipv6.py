@@ -11,7 +11,7 @@ from scapy.layers.inet6 import IPv6
 
 from natlb.config import parse
 from natlb.core import Core, CoreConfig
-from natlb.metrics import MetricsServer
+from natlb.metrics_http import MetricsServer
 from natlb.pool import Pool
 
 CONFIG = {"service": [
