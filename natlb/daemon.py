@@ -464,7 +464,8 @@ class Daemon:
         pid = spawn_orphan(argv, (theirs.fileno(), control_fd))
         theirs.close()
         ch = Channel(mine)
-        forwarding = handing_metrics = False
+        forwarding = False
+        metrics_given: asyncio.Future[None] | None = None
         if self.fast:
             # First packets queued from now on (to us, then to the
             # successor): the handshakes the kernel placed before complete,
@@ -494,7 +495,9 @@ class Daemon:
             # it before our counters go to the successor, so that no scrape
             # sees them go back (one of ours after one of its); scrapes
             # wait in the socket's backlog until the successor serves.
-            handing_metrics = bool(reply.get("metrics")) and metrics is not None
+            if reply.get("metrics") and metrics:
+                # (Under way while the checks stop: it takes up to POLL_S.)
+                metrics_given = loop.run_in_executor(None, metrics.give_away)
             log.info("restart: successor pid %d bound queues %s", pid, queues)
             if self.monitor:
                 await self.monitor.stop()
@@ -504,9 +507,8 @@ class Daemon:
                 # The successor applies what its own programs carry; ours
                 # must not touch the flows it is adopting.
                 self.fast.stop_observing()
-            if handing_metrics:
-                assert metrics is not None
-                await loop.run_in_executor(None, metrics.give_away)
+            if metrics_given:
+                await metrics_given
             final = traffic(self.pool)
             # Counters the successor goes on with (Prometheus sees no reset):
             # the checks stopped above, the observer just now.
@@ -519,7 +521,9 @@ class Daemon:
         except BaseException:
             if self.fast:
                 self.fast.resume_decisions()
-            if handing_metrics and metrics:
+            if metrics_given and metrics:
+                with contextlib.suppress(Exception):
+                    await metrics_given
                 metrics.resume()
             if forwarding:
                 # The successor may have re-identified our flows already.
