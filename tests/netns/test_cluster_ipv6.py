@@ -97,3 +97,23 @@ def test_natlb_killed_withdraws_both_ipv6_announcements(cluster):
     cluster.start_natlb(2)
     cluster.wait_paths(2, timeout=10, family=6)
     assert cluster.bird_routes("r1", PREFIX) == {"node1v6", "node2v6"}
+
+
+def test_planned_drain_of_an_ipv6_node_loses_and_delays_nothing(cluster):
+    """As test_cluster's IPv4 drain: node 1 withdraws its IPv6 routes, the
+    routers move its flows to node 2 (which adopts them mid-way), then its
+    natlb stops; no IPv6 connection is lost, fails or waits past 1 s.
+    (Node 3 is dead since the hard-way test: node 2 is left alone.)"""
+    cluster.wait_paths(2, timeout=10, family=6)
+    load = cluster.load(VIP6, conns=20, interval_ms=15, seconds=7, timeout=8)
+    time.sleep(2.5)
+    for session in ("upstream6", "downstream6"):
+        cluster.birdc("n1", "disable", session)
+    cluster.wait_paths(1, timeout=10, family=6)
+    assert cluster.bird_routes("r1", PREFIX) == {"node2v6"}
+    time.sleep(1.0)
+    cluster.stop(cluster.natlb[1])
+    r = finish(load)
+    assert r["new"] > 300 and r["keepalive_requests"] > 20 * 10
+    assert (r["established_lost"], r["new_failed"], r["new_delayed"]) == (0, 0, 0), r
+    assert cluster.natlb[1].returncode == 0
