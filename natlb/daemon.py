@@ -655,12 +655,12 @@ class Daemon:
             self.fast.carry_on(released.get("fastpath", {}))
         self._open_store()
         self._own_store()
-        self._save_run_state()
         self.setup_host(self.core.resume)
         self._withdraw_vips_now()
         if metrics_socket is not None:
             assert self.metrics is not None
             self.metrics.adopt(metrics_socket)
+        self._save_run_state()      # after the pause: not the packets' wait
         r = self.store_report
         assert r is not None
         ch.send(serving={"flows": r.adopted, "flows_dropped": r.dropped, "store": r.result,
@@ -813,9 +813,12 @@ class Daemon:
                     self.journal.record("directory", path=run_dir,
                                         socket=os.path.abspath(lb.control_socket))
                     os.mkdir(run_dir, 0o700)
-                if inherited:
+                if any(e.get("kind") == "run_state" and e.get("path") == lb.run_state_path
+                       for e in inherited):
                     # What the operator had set, not the config's defaults:
-                    # a backend disabled for maintenance stays out.
+                    # a backend disabled for maintenance stays out.  (Only
+                    # a file the crashed natlb's journal owned: another may
+                    # be a failed successor's, left behind.)
                     kept = runstate.load(lb.run_state_path)
                     if kept:
                         n = restore_pool(self.pool, kept, health=False)
@@ -847,6 +850,8 @@ class Daemon:
                 for e in self.journal.undo():
                     log.error("cleanup: %s", e)
                 self.core.stop()
+            if self.metrics:
+                self.metrics.stop()            # no scrape reads a closed core
             self.core.close()
             if self.fast:
                 self.fast.close()

@@ -14,11 +14,13 @@ config, as documented.
 
 from __future__ import annotations
 
+import glob
 import json
 import logging
 import os
 from typing import TYPE_CHECKING, Any
 
+from natlb.pool_state import ADMIN_STATES
 from natlb.undo import reverter
 
 if TYPE_CHECKING:      # the guardian imports this module: not the C core
@@ -56,10 +58,11 @@ def restore_pool(pool: Pool, state: list[dict[str, Any]], health: bool = True) -
 
 
 def save(path: str, pool: Pool) -> None:
-    tmp = f"{path}.tmp"
+    # Our own temporary name: at `natlb restart` both processes may write.
+    tmp = f"{path}.tmp{os.getpid()}"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
-        json.dump(pool_state(pool), f)
+        f.write(json.dumps(pool_state(pool)))
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
@@ -71,9 +74,7 @@ def load(path: str) -> list[dict[str, Any]] | None:
     try:
         with open(path) as f:
             state = json.load(f)
-        if not isinstance(state, list) or not all(
-                isinstance(st, dict) and {"service", "backend", "admin", "weight",
-                                          "cfg_weight"} <= st.keys() for st in state):
+        if not isinstance(state, list) or not all(map(_valid, state)):
             raise ValueError("not a list of backend states")
         return state
     except FileNotFoundError:
@@ -84,9 +85,19 @@ def load(path: str) -> list[dict[str, Any]] | None:
         return None
 
 
+def _valid(st: object) -> bool:
+    # What restore_pool would take: a file from another version of natlb
+    # (a downgrade) must not fail the start that keeps the flows.
+    return (isinstance(st, dict)
+            and isinstance(st.get("service"), str) and isinstance(st.get("backend"), str)
+            and st.get("admin") in ADMIN_STATES
+            and all(type(st.get(k)) is int and st[k] >= 0 for k in ("weight", "cfg_weight")))
+
+
 @reverter("run_state")
 def _remove(entry: dict[str, Any]) -> None:
-    for p in (entry["path"], f"{entry['path']}.tmp"):
+    path = entry["path"]
+    for p in [path, *glob.glob(glob.escape(path) + ".tmp*")]:
         try:
             os.unlink(p)
         except FileNotFoundError:

@@ -78,7 +78,7 @@ class TableWatch(netlink.NotificationWatch):
 
     def overflowed(self) -> None:
         self._deleted = False
-        self.on_deleted("")
+        self._tell("")
 
     def datagram(self, data: bytes) -> None:
         for event, pid, name in parse(data, self.table):
@@ -87,4 +87,11 @@ class TableWatch(netlink.NotificationWatch):
             elif self._deleted:
                 self._deleted = False
                 if pid != os.getpid():
-                    self.on_deleted(f"{name} (pid {pid})" if pid else "another program")
+                    self._tell(f"{name} (pid {pid})" if pid else "another program")
+
+    def _tell(self, who: str) -> None:
+        # A failure to reinstall must not skip the datagram's other events.
+        try:
+            self.on_deleted(who)
+        except Exception:
+            self.log.exception("handling the deletion of table %s", self.table)

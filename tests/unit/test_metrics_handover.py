@@ -83,7 +83,7 @@ def test_scrapes_wait_for_the_successor_and_never_see_a_counter_go_back(pair):
             asked = time.monotonic()
             try:
                 value: float | str = connections(port)
-            except OSError as e:
+            except Exception as e:      # any failure is the test's finding
                 value = repr(e)
             got.append((asked, time.monotonic(), value))
 

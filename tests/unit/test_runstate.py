@@ -53,18 +53,25 @@ def test_every_operator_change_is_told(tmp_path):
 def test_a_damaged_or_missing_file_is_the_config(tmp_path, caplog):
     path = tmp_path / "natlb.sock.state"
     assert runstate.load(str(path)) is None
-    for text in ("{not json", json.dumps({"a": 1}), json.dumps([{"service": "web"}])):
+    good = {"service": "web", "backend": "203.0.113.10:8080", "admin": "disabled",
+            "weight": 1, "cfg_weight": 1, "health": "up"}
+    for text in ("{not json", json.dumps({"a": 1}), json.dumps([{"service": "web"}]),
+                 # a newer natlb's state, a weight of another type
+                 json.dumps([{**good, "admin": "maintenance"}]),
+                 json.dumps([{**good, "weight": "5"}])):
         path.write_text(text)
         with caplog.at_level(logging.WARNING):
             assert runstate.load(str(path)) is None
         assert "backends start from the config" in caplog.text
         caplog.clear()
+    path.write_text(json.dumps([good]))
+    assert runstate.load(str(path)) == [good]
 
 
 def test_the_file_goes_with_the_other_host_changes(tmp_path):
     path = tmp_path / "natlb.sock.state"
     runstate.save(str(path), pool())
-    (tmp_path / "natlb.sock.state.tmp").write_text("left by a crash mid-write")
+    (tmp_path / "natlb.sock.state.tmp4321").write_text("left by a crash mid-write")
     _undo_one({"kind": "run_state", "module": "natlb.runstate", "path": str(path)})
     assert list(tmp_path.iterdir()) == []
     _undo_one({"kind": "run_state", "module": "natlb.runstate", "path": str(path)})  # twice
