@@ -3,12 +3,12 @@ the collector's scrape (natlb/metrics.py) through prometheus-client's WSGI
 app, on a listening socket natlb makes, or inherits at `natlb restart`.
 
 Across a restart the predecessor hands its listening socket to the
-successor (natlb/handover.py): connections keep arriving in the one
-backlog, whichever process accepts them, so a scrape never finds the port
-closed nor refused, and once the restart returned the successor answers.
-Both may accept for a moment; the socket is non-blocking so that the loser
-of a race for a connection goes back to waiting rather than blocking in
-accept().
+successor (natlb/handover.py): it stops accepting, and connections wait in
+the one backlog until the successor accepts, so a scrape never finds the
+port closed nor refused, and once the restart returned the successor
+answers.  The socket is non-blocking all the same: should two processes
+ever accept on it at once, the loser of a race for a connection goes back
+to waiting rather than blocking in accept() (and a stop behind it).
 """
 
 from __future__ import annotations
@@ -53,10 +53,16 @@ class _Server(ThreadingMixIn, WSGIServer):
     block_on_close = True
 
 
-def listen(host: str, port: int) -> socket.socket:
-    """A listening TCP socket on host:port (the family the address has)."""
+def _resolve(host: str, port: int) -> tuple[int, tuple[Any, ...]]:
+    """The family and socket address a server binds for host:port."""
     family, _, _, _, where = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
                                                 flags=socket.AI_PASSIVE)[0]
+    return family, where
+
+
+def listen(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on host:port (the family the address has)."""
+    family, where = _resolve(host, port)
     sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -70,8 +76,7 @@ def listen(host: str, port: int) -> socket.socket:
 
 def _same_address(bound: tuple[Any, ...], host: str, port: int) -> bool:
     try:
-        wanted = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM,
-                                    flags=socket.AI_PASSIVE)[0][4]
+        _, wanted = _resolve(host, port)
         return (ipaddress.ip_address(bound[0]) == ipaddress.ip_address(wanted[0])
                 and bound[1] == wanted[1])
     except (OSError, ValueError):
