@@ -784,11 +784,7 @@ class Daemon:
             tableowner.check(lb.table, lb.control_socket)
         if self.metrics and not self.predecessor:
             self.metrics.start()  # a taken address is a config error, before any change
-        try:
-            return self._run()
-        finally:
-            if self.metrics:
-                self.metrics.stop()
+        return self._run()     # its clean-up stops the metrics, before the core goes
 
     def _run(self) -> int:
         lb = self.config.lb
