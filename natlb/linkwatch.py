@@ -53,15 +53,13 @@ def parse(data: bytes) -> list[tuple[bool, Link]]:
 
 class LinkWatch(netlink.NotificationWatch):
     what = "link notifications"
+    thread_name = "natlb-links"
     log = logging.getLogger("natlb.links")
 
     def __init__(self, on_added: Callable[[Link], None], on_gone: Callable[[Link], None],
                  on_lost: Callable[[], None]) -> None:
         super().__init__(socket.NETLINK_ROUTE, groups=RTMGRP_LINK)
         self.on_added, self.on_gone, self.on_lost = on_added, on_gone, on_lost
-
-    def start(self, name: str = "natlb-links") -> None:
-        super().start(name)
 
     def overflowed(self) -> None:
         self.on_lost()

@@ -57,6 +57,11 @@ def string(value: bytes) -> str:
     return value.split(b"\0", 1)[0].decode(errors="replace")
 
 
+def printable(text: str) -> str:
+    """A name another program chose (a process, a table), safe in a log line."""
+    return "".join(c if c.isprintable() else "?" for c in text)
+
+
 class NotificationWatch:
     """A netlink socket subscribed to notifications, read by a thread of its
     own that calls datagram(data) for what it reads and overflowed() when
@@ -68,6 +73,7 @@ class NotificationWatch:
     misses no change)."""
 
     what = "netlink notifications"
+    thread_name = "natlb-netlink"
     log = logging.getLogger("natlb")
 
     def __init__(self, protocol: int, groups: int = 0, membership: int = 0) -> None:
@@ -98,11 +104,11 @@ class NotificationWatch:
             raise
         self._sock = s
 
-    def start(self, name: str) -> None:
+    def start(self) -> None:
         if self._sock is None:
             self.open()
         self._wake_r, self._wake_w = os.pipe()
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread = threading.Thread(target=self._run, name=self.thread_name, daemon=True)
         self._thread.start()
 
     def close(self) -> None:

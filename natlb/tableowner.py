@@ -30,6 +30,7 @@ from __future__ import annotations
 import os
 
 from natlb.errors import ConfigError, UserError
+from natlb.netlink import printable
 from natlb.nftlist import FAMILIES, tables
 from natlb.ownfile import answers
 
@@ -44,10 +45,6 @@ def mark(control_socket: str) -> str:
 def owner_of(comment: str) -> str | None:
     """The control socket a natlb wrote into a table's comment, or None."""
     return comment[len(PREFIX):] if comment.startswith(PREFIX) else None
-
-
-def _shown(text: str) -> str:
-    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 def check(table: str, control_socket: str) -> None:
@@ -65,7 +62,7 @@ def check(table: str, control_socket: str) -> None:
                                                       and answers(owner + ".guardian"))):
             raise UserError(
                 f"another natlb runs in this network namespace (control socket "
-                f"{_shown(owner)}, table {FAMILIES.get(family, family)} {_shown(name)}); "
+                f"{printable(owner)}, table {FAMILIES.get(family, family)} {printable(name)}); "
                 f"both would change the same sysctls, interfaces and tc filters, and "
                 f"the first to stop would undo them under the other: one natlb per "
                 f"network namespace")

@@ -52,9 +52,8 @@ def parse(data: bytes, table: str) -> list[tuple[str, int, str]]:
             raw_pid = attrs.get(NFTA_GEN_PROC_PID, b"")
             pid = struct.unpack("!I", raw_pid)[0] if len(raw_pid) == 4 else 0
             # A process names itself: nothing in it may break a log line.
-            shown = "".join(c if c.isprintable() else "?"
-                            for c in netlink.string(attrs.get(NFTA_GEN_PROC_NAME, b"")))
-            out.append(("generation", pid, shown))
+            out.append(("generation", pid,
+                        netlink.printable(netlink.string(attrs.get(NFTA_GEN_PROC_NAME, b"")))))
     return out
 
 
@@ -63,6 +62,7 @@ class TableWatch(netlink.NotificationWatch):
     deleted by another process ("nft (pid 1234)"), or on_deleted("") when
     notifications were lost (it may have been)."""
 
+    thread_name = "natlb-tables"
     log = logging.getLogger("natlb.tables")
 
     def __init__(self, table: str, on_deleted: Callable[[str], None]) -> None:
@@ -71,10 +71,6 @@ class TableWatch(netlink.NotificationWatch):
         self.what = f"the nftables notifications for table {table}"
         self.on_deleted = on_deleted
         self._deleted = False     # in the transaction being read
-
-    def start(self, name: str = "natlb-tables") -> None:
-        self._deleted = False
-        super().start(name)
 
     def overflowed(self) -> None:
         self._deleted = False

@@ -44,6 +44,7 @@ def test_attributes_by_type_and_an_overrunning_one_ignored():
 
 class Recorder(netlink.NotificationWatch):
     what = "test notifications"
+    thread_name = "test-watch"
 
     def __init__(self) -> None:
         super().__init__(0)
@@ -87,7 +88,7 @@ def test_the_thread_survives_a_failing_handler_and_reports_overflow_then_stops()
     a.setblocking(False)
     watch = Recorder()
     watch._sock = Overflowing(a)          # what open() would have made
-    watch.start("test-watch")
+    watch.start()
     try:
         for data in (b"one", b"boom", b"two"):
             b.send(data)
